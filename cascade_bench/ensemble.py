@@ -1,0 +1,134 @@
+"""Ensemble: an ordered list of stages that it validates; routing lives in ``routing.py``."""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Callable, Iterator, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .exits import ExitFunction
+from .llm import LLM, check_threshold
+
+
+class Ensemble(nn.Module):
+    """Ordered cascade stages. Stage 0 reads token ids; stage k>0 reads stage k-1's final hidden states.
+
+    Validates that consecutive stages agree on vocabulary size, hidden size, device and dtype.
+    Owns no embedding of its own.
+    """
+
+    def __init__(self, stages: Sequence[LLM] = ()):
+        super().__init__()
+        self.stages = nn.ModuleList()
+        for stage in stages:
+            self.add_llm(stage)
+
+    def __len__(self) -> int:
+        return len(self.stages)
+
+    def __iter__(self) -> Iterator[LLM]:
+        return iter(self.stages)
+
+    def __getitem__(self, index: int) -> LLM:
+        return self.stages[index]
+
+    # -- building -------------------------------------------------------------------------------
+    def add_llm(self, llm: "LLM | nn.Module", exit_fn: "str | Callable | ExitFunction | None" = None,
+                threshold: Optional[float] = None) -> LLM:
+        """Append a stage (an LLM, or a Hugging Face causal LM that gets wrapped) and return it.
+
+        ``exit_fn`` / ``threshold`` override the LLM's own; for a raw model they default to
+        ``"max_prob"`` and ``+inf``.
+        """
+        if not isinstance(llm, LLM):
+            llm = LLM(llm, exit_fn=exit_fn if exit_fn is not None else "max_prob",
+                      threshold=threshold if threshold is not None else math.inf)
+        else:
+            if exit_fn is not None:
+                llm = _with_exit_fn(llm, exit_fn)
+            if threshold is not None:
+                llm.threshold = check_threshold(threshold)
+        if len(self.stages):
+            _check_compatible(len(self.stages) - 1, self.stages[-1], llm)
+        self.stages.append(llm)
+        return llm
+
+    def extend(self, num_new_layers: int, exit_fn: "str | Callable | ExitFunction | None" = None) -> LLM:
+        """Append a freshly initialised stage of ``num_new_layers`` layers built from the last stage's config.
+
+        The new stage is on the last stage's device and dtype and inherits its exit function unless
+        ``exit_fn`` is given. Weights come from ``from_config`` (torch's current RNG).
+        """
+        if isinstance(num_new_layers, bool) or not isinstance(num_new_layers, int) or num_new_layers < 1:
+            raise ValueError(f"num_new_layers must be a positive int, got {num_new_layers!r}")
+        if not len(self.stages):
+            raise ValueError("extend needs at least one stage to copy the config from; use add_llm first")
+        last = self.stages[-1]
+        config = copy.deepcopy(last.config)
+        config.num_hidden_layers = num_new_layers
+        new = LLM.from_config(config, exit_fn=exit_fn if exit_fn is not None else last.exit_function)
+        new.to(device=last.device, dtype=last.dtype)
+        return self.add_llm(new)
+
+    # -- reading --------------------------------------------------------------------------------
+    @property
+    def thresholds(self) -> tuple[float, ...]:
+        """Per-stage thresholds (the last stage's is ignored: it always exits)."""
+        return tuple(stage.threshold for stage in self.stages)
+
+    def set_thresholds(self, thresholds: Sequence[float]) -> None:
+        """Set the thresholds of stages 0..S-2 (S-1 values) or of every stage (S values)."""
+        thresholds = list(thresholds)
+        if len(thresholds) not in (len(self) - 1, len(self)):
+            raise ValueError(f"expected {len(self) - 1} or {len(self)} thresholds for {len(self)} stages, "
+                             f"got {len(thresholds)}")
+        for stage, value in zip(self.stages, thresholds):
+            stage.threshold = check_threshold(value)
+
+    @property
+    def layers_per_stage(self) -> tuple[int, ...]:
+        return tuple(stage.num_layers for stage in self.stages)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.stages[0].vocab_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.stages[0].device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.stages[0].dtype
+
+    def validate(self) -> None:
+        """Check every pair of consecutive stages (raises ValueError naming both values)."""
+        if not len(self.stages):
+            raise ValueError("the Ensemble has no stages; add one with add_llm")
+        for k in range(1, len(self.stages)):
+            _check_compatible(k - 1, self.stages[k - 1], self.stages[k])
+
+
+def _with_exit_fn(llm: LLM, exit_fn) -> LLM:
+    from .exits import resolve_exit_function
+
+    llm.exit_function = resolve_exit_function(exit_fn)
+    return llm
+
+
+def _check_compatible(index: int, previous: LLM, new: LLM) -> None:
+    pairs = (
+        ("vocab size", previous.vocab_size, new.vocab_size),
+        ("hidden size", previous.hidden_size, new.hidden_size),
+        ("device", previous.device, new.device),
+        ("dtype", previous.dtype, new.dtype),
+    )
+    for what, before, after in pairs:
+        if before != after:
+            raise ValueError(
+                f"stage {index + 1} does not fit after stage {index}: {what} {after} != {before} "
+                f"(stage {index} has {what} {before}, the new stage has {after})"
+            )

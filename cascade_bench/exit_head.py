@@ -1,0 +1,76 @@
+"""Exit head: logits for the tokens that need them, in chunks, reduced at once to per-token numbers.
+
+Full (N, V) logits are the memory bottleneck of early exit, so by default they never exist:
+each chunk of tokens is projected by ``lm_head``, reduced to NLL, argmax and confidence in
+float32, and dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .exits import ExitFunction
+from .llm import LLM
+
+#: Default logits chunk: about 64 MiB of float32 logits at a time.
+LOGITS_CHUNK_ELEMENTS = 1 << 24
+
+
+@dataclass
+class HeadResult:
+    """Per-token results of one exit head over n tokens.
+
+    nll: (n,) float32 negative log-likelihood of the target (meaningless where target < 0).
+    correct: (n,) bool, argmax == target.
+    confidence: (n,) float32 or None when not asked for.
+    logits: (n, V) in the model dtype, only when asked for.
+    """
+
+    nll: Tensor
+    correct: Tensor
+    confidence: Optional[Tensor] = None
+    logits: Optional[Tensor] = None
+
+
+def run_exit_head(stage: LLM, stage_index: int, hidden: Tensor, targets: Tensor,
+                  exit_function: Optional[ExitFunction] = None, input_state: Optional[Tensor] = None,
+                  keep_logits: bool = False, chunk_tokens: Optional[int] = None) -> HeadResult:
+    """Project ``hidden`` (n, d) through the stage's lm_head and reduce per token.
+
+    targets: (n,) token ids, negative = not scored. If ``exit_function`` is given, its confidence
+    is computed on the same logits chunk (``input_state`` (n, d) passed through).
+    Raises ValueError if any logit row is not finite.
+    """
+    n = hidden.shape[0]
+    vocab = stage.vocab_size
+    if chunk_tokens is None:
+        chunk_tokens = max(1, LOGITS_CHUNK_ELEMENTS // vocab)
+    nll = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    correct = torch.empty(n, dtype=torch.bool, device=hidden.device)
+    confidence = torch.empty(n, dtype=torch.float32, device=hidden.device) if exit_function is not None else None
+    kept = [] if keep_logits else None
+    safe_targets = targets.clamp(min=0)
+    bad = torch.zeros((), dtype=torch.bool, device=hidden.device)
+    for start in range(0, n, chunk_tokens):
+        stop = min(start + chunk_tokens, n)
+        logits = stage.logits(hidden[start:stop])
+        logits32 = logits.float()  # no copy when the model already runs in float32
+        log_z = torch.logsumexp(logits32, dim=-1)
+        bad |= ~torch.isfinite(log_z).all()
+        target_logit = logits32.gather(1, safe_targets[start:stop, None]).squeeze(1)
+        nll[start:stop] = log_z - target_logit
+        correct[start:stop] = logits32.argmax(dim=-1) == targets[start:stop]
+        if exit_function is not None:
+            h_in = input_state[start:stop] if input_state is not None else None
+            confidence[start:stop] = exit_function(h_in, hidden[start:stop], logits32, log_normalizer=log_z)
+        if kept is not None:
+            kept.append(logits)
+    if n and bool(bad):
+        raise ValueError(f"stage {stage_index} produced non-finite logits (NaN or inf); refusing to report a "
+                         f"perplexity from them: check the model weights and dtype ({stage.dtype})")
+    return HeadResult(nll=nll, correct=correct, confidence=confidence,
+                      logits=torch.cat(kept) if kept else None)

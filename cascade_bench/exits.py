@@ -1,0 +1,136 @@
+"""Exit functions: per-token confidence, higher = easier (DESIGN.md section 1).
+
+Every exit function has the signature ``confidence = fn(h_in, h_out, logits)``:
+
+- ``h_in``  (N, d): hidden state entering the stage's last layer (CASCADE's
+  ``hidden_history[-2]``), or ``None`` when the function does not need it;
+- ``h_out`` (N, d): the stage's output hidden state (what its ``lm_head`` sees);
+- ``logits`` (N, V): the stage's logits, or ``None`` when the function needs none;
+- returns (N,) float32.
+
+All built-ins work in float32 and never materialise a softmax copy they don't
+need: ``max_prob`` and ``margin`` use ``exp(logit - logsumexp)`` on one or two
+values per token. The built-ins also accept a precomputed ``log_normalizer``
+(the logsumexp per token) so the router, which needs it for the NLL anyway,
+does not make a second pass over the (N, V) logits.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+
+def _log_normalizer(logits: Tensor, log_normalizer: Optional[Tensor]) -> Tensor:
+    if log_normalizer is not None:
+        return log_normalizer
+    return torch.logsumexp(logits.float(), dim=-1)
+
+
+def max_prob(h_in, h_out, logits: Tensor, log_normalizer: Optional[Tensor] = None) -> Tensor:
+    """Softmax maximum per token (LEGO / ASHEM): exp(max logit - logsumexp). (N,) float32."""
+    lse = _log_normalizer(logits, log_normalizer)
+    return torch.exp(logits.amax(dim=-1).float() - lse)
+
+
+def margin(h_in, h_out, logits: Tensor, log_normalizer: Optional[Tensor] = None) -> Tensor:
+    """Top-1 minus top-2 probability per token. (N,) float32."""
+    if logits.shape[-1] < 2:
+        raise ValueError(f"margin needs a vocabulary of at least 2 tokens, got logits of shape {tuple(logits.shape)}")
+    lse = _log_normalizer(logits, log_normalizer)
+    top2 = logits.topk(2, dim=-1).values.float()
+    return torch.exp(top2[:, 0] - lse) - torch.exp(top2[:, 1] - lse)
+
+
+def neg_entropy(h_in, h_out, logits: Tensor, log_normalizer: Optional[Tensor] = None) -> Tensor:
+    """Negative entropy of the next-token distribution, sum_v p_v log p_v (<= 0). (N,) float32."""
+    lse = _log_normalizer(logits, log_normalizer)
+    log_p = logits.float() - lse[:, None]
+    return (log_p.exp() * log_p).sum(dim=-1)
+
+
+def cos_sim(h_in: Tensor, h_out: Tensor, logits=None) -> Tensor:
+    """Cosine between the state entering the stage's last layer and the stage output (CASCADE, CALM
+    "state saturation"): a token the last layer changed little is easy. Needs no logits. (N,) float32."""
+    return torch.nn.functional.cosine_similarity(h_in.float(), h_out.float(), dim=-1)
+
+
+cos_sim.needs_logits = False  # type: ignore[attr-defined]
+
+BUILTIN_EXIT_FUNCTIONS: dict[str, Callable] = {
+    "max_prob": max_prob,
+    "cos_sim": cos_sim,
+    "margin": margin,
+    "neg_entropy": neg_entropy,
+}
+
+
+@dataclass(frozen=True)
+class ExitFunction:
+    """An exit function plus what it needs, resolved once (not per call).
+
+    ``needs_logits``: the stage must compute logits for every token that reaches it
+    before deciding; if False, logits are computed only for tokens that exit there.
+    ``needs_input_state``: the stage must capture the input of its last layer.
+    """
+
+    name: str
+    fn: Callable
+    needs_logits: bool
+    needs_input_state: bool
+    accepts_log_normalizer: bool
+
+    def __call__(self, h_in: Optional[Tensor], h_out: Tensor, logits: Optional[Tensor],
+                 log_normalizer: Optional[Tensor] = None) -> Tensor:
+        if self.accepts_log_normalizer:
+            confidence = self.fn(h_in, h_out, logits, log_normalizer=log_normalizer)
+        else:
+            confidence = self.fn(h_in, h_out, logits)
+        if not isinstance(confidence, Tensor) or confidence.shape != h_out.shape[:1]:
+            got = tuple(confidence.shape) if isinstance(confidence, Tensor) else type(confidence).__name__
+            raise ValueError(
+                f"exit function {self.name!r} must return one confidence per token, shape ({h_out.shape[0]},), got {got}"
+            )
+        return confidence.float()
+
+
+def resolve_exit_function(exit_fn: "str | Callable | ExitFunction") -> ExitFunction:
+    """Turn a built-in name, a callable ``fn(h_in, h_out, logits)`` or an ExitFunction into an ExitFunction.
+
+    A user callable is assumed to need logits and the input state unless it carries the attributes
+    ``needs_logits = False`` / ``needs_input_state = False``.
+    """
+    if isinstance(exit_fn, ExitFunction):
+        return exit_fn
+    if isinstance(exit_fn, str):
+        if exit_fn not in BUILTIN_EXIT_FUNCTIONS:
+            raise ValueError(
+                f"unknown exit function {exit_fn!r}; expected one of {sorted(BUILTIN_EXIT_FUNCTIONS)} or a callable"
+            )
+        fn = BUILTIN_EXIT_FUNCTIONS[exit_fn]
+        name = exit_fn
+    elif callable(exit_fn):
+        fn = exit_fn
+        name = getattr(exit_fn, "__name__", type(exit_fn).__name__)
+    else:
+        raise TypeError(
+            f"exit_fn must be a name in {sorted(BUILTIN_EXIT_FUNCTIONS)} or a callable "
+            f"fn(h_in, h_out, logits), got {type(exit_fn).__name__}"
+        )
+    needs_logits = bool(getattr(fn, "needs_logits", True))
+    if fn is cos_sim:
+        needs_input_state = True
+    elif fn in BUILTIN_EXIT_FUNCTIONS.values():
+        needs_input_state = False
+    else:
+        needs_input_state = bool(getattr(fn, "needs_input_state", True))
+    try:
+        accepts = "log_normalizer" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        accepts = False
+    return ExitFunction(name=name, fn=fn, needs_logits=needs_logits,
+                        needs_input_state=needs_input_state, accepts_log_normalizer=accepts)

@@ -1,0 +1,57 @@
+"""The one place that knows where each Hugging Face family keeps its parts.
+
+Everything else reads models through standard config names (``hidden_size``,
+``num_hidden_layers``, ``vocab_size``, ``max_position_embeddings``) and through
+this adapter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+# model_type -> (attribute of base_model holding the decoder layers, attribute of the final norm).
+# Families not listed are found by looking for the common names below.
+FAMILY_PARTS: dict[str, tuple[str, str]] = {
+    "gpt2": ("h", "ln_f"),
+    "llama": ("layers", "norm"),
+    "mistral": ("layers", "norm"),
+    "qwen2": ("layers", "norm"),
+    "gpt_neox": ("layers", "final_layer_norm"),
+}
+_LAYER_NAMES = ("layers", "h", "blocks")
+_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm")
+
+
+@dataclass(frozen=True)
+class FamilyParts:
+    """Handles into one causal LM: its base model, decoder layers and final norm (shared, not copied)."""
+
+    base_model: nn.Module
+    layers: nn.ModuleList
+    final_norm: nn.Module
+
+
+def family_parts(model: nn.Module) -> FamilyParts:
+    """Locate base model, decoder layers and final norm of a Hugging Face causal LM.
+
+    Raises ValueError naming the model type and what is missing if the family is not supported.
+    """
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    base = getattr(model, "base_model", None)
+    if base is None or base is model:
+        raise ValueError(f"model of type {type(model).__name__} has no base_model; expected a Hugging Face *ForCausalLM")
+    layer_names, norm_names = _LAYER_NAMES, _NORM_NAMES
+    if model_type in FAMILY_PARTS:
+        layer_names, norm_names = (FAMILY_PARTS[model_type][0],), (FAMILY_PARTS[model_type][1],)
+    layers = next((getattr(base, n) for n in layer_names if isinstance(getattr(base, n, None), nn.ModuleList)), None)
+    norm = next((getattr(base, n) for n in norm_names if isinstance(getattr(base, n, None), nn.Module)), None)
+    if layers is None or norm is None:
+        missing = [what for what, part in (("decoder layers", layers), ("final norm", norm)) if part is None]
+        raise ValueError(
+            f"unsupported model family {model_type!r}: could not find its {' and '.join(missing)} on "
+            f"{type(base).__name__} (looked for {layer_names} / {norm_names}); add it to "
+            f"cascade_bench.families.FAMILY_PARTS"
+        )
+    return FamilyParts(base_model=base, layers=layers, final_norm=norm)

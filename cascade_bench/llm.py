@@ -1,0 +1,143 @@
+"""LLM: one stage of a cascade, a Hugging Face causal LM wrapped by composition plus its exit rule.
+
+Inference only: training, timing and counting live in functions outside this class.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .exits import ExitFunction, resolve_exit_function
+from .families import family_parts
+
+
+@dataclass
+class StageOutput:
+    """What one stage returns for a (R, L) batch.
+
+    hidden: (R, L, d) final hidden states, after the final norm (``hidden_states[-1]``, what
+        ``lm_head`` sees and what the next stage reads as ``inputs_embeds``).
+    input_state: (R, L, d) input of the stage's last decoder layer, or None if not captured.
+    """
+
+    hidden: Tensor
+    input_state: Optional[Tensor] = None
+
+
+def check_threshold(threshold) -> float:
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+        raise TypeError(f"threshold must be a real number (use math.inf for 'nobody exits'), got {threshold!r}")
+    threshold = float(threshold)
+    if math.isnan(threshold):
+        raise ValueError("threshold must not be NaN; use math.inf (everyone continues) or -math.inf (everyone exits)")
+    return threshold
+
+
+class LLM(nn.Module):
+    """A cascade stage: any ``AutoModelForCausalLM`` model, an exit function and a threshold.
+
+    A token that reaches this stage exits here iff ``exit_fn(h_in, h_out, logits) >= threshold``
+    (the last stage of an Ensemble always exits). The wrapped model is put in eval mode.
+    """
+
+    def __init__(self, model: nn.Module, exit_fn: "str | Callable | ExitFunction" = "max_prob",
+                 threshold: float = math.inf):
+        super().__init__()
+        if not isinstance(model, nn.Module) or not hasattr(model, "get_output_embeddings"):
+            raise TypeError(f"LLM wraps a Hugging Face causal LM (PreTrainedModel), got {type(model).__name__}")
+        if model.get_output_embeddings() is None:
+            raise ValueError(f"{type(model).__name__} has no lm_head; expected a *ForCausalLM model")
+        self.model = model.eval()
+        self.parts = family_parts(model)
+        self.exit_function = resolve_exit_function(exit_fn)
+        self.threshold = check_threshold(threshold)
+
+    # -- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config, exit_fn="max_prob", threshold: float = math.inf, **model_kwargs) -> "LLM":
+        """Build a freshly initialised stage from a Hugging Face config (uses torch's current RNG)."""
+        from transformers import AutoModelForCausalLM
+
+        return cls(AutoModelForCausalLM.from_config(config, **model_kwargs), exit_fn=exit_fn, threshold=threshold)
+
+    @classmethod
+    def from_pretrained(cls, path, exit_fn="max_prob", threshold: float = math.inf, **model_kwargs) -> "LLM":
+        """Load a stage from a local folder saved with ``save_pretrained`` (or a hub name when online)."""
+        from transformers import AutoModelForCausalLM
+
+        return cls(AutoModelForCausalLM.from_pretrained(path, **model_kwargs), exit_fn=exit_fn, threshold=threshold)
+
+    # -- standard config names ------------------------------------------------------------------
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.config.hidden_size)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.get_output_embeddings().weight.shape[0])
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.config.num_hidden_layers)
+
+    @property
+    def max_positions(self) -> Optional[int]:
+        value = getattr(self.config, "max_position_embeddings", None)
+        return int(value) if value is not None else None
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_output_embeddings().weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.get_output_embeddings().weight.dtype
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.model.get_output_embeddings()
+
+    # -- inference ------------------------------------------------------------------------------
+    def forward(self, input_ids: Optional[Tensor] = None, inputs_embeds: Optional[Tensor] = None,
+                attention_mask: Optional[Tensor] = None, position_ids: Optional[Tensor] = None,
+                capture_input_state: bool = False) -> StageOutput:
+        """Run the stage on token ids (R, L) or hidden states (R, L, d).
+
+        attention_mask: (R, L), 1 = real token. position_ids: (R, L). Returns final hidden states
+        (R, L, d) and, if ``capture_input_state``, the input of the last decoder layer (R, L, d).
+        No logits are computed here: use :meth:`logits` on the positions that need them.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        captured: list[Tensor] = []
+        handle = None
+        if capture_input_state:
+            def grab(_module, args, kwargs):
+                captured.append(args[0] if args else kwargs["hidden_states"])
+
+            handle = self.parts.layers[-1].register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            out = self.parts.base_model(input_ids=input_ids, inputs_embeds=inputs_embeds,
+                                        attention_mask=attention_mask, position_ids=position_ids,
+                                        use_cache=False)
+        finally:
+            if handle is not None:
+                handle.remove()
+        return StageOutput(hidden=out.last_hidden_state, input_state=captured[0] if captured else None)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """Vocabulary logits (..., V) for the given final hidden states (..., d)."""
+        return self.lm_head(hidden)
+
+    def extra_repr(self) -> str:
+        return (f"family={self.config.model_type}, layers={self.num_layers}, hidden={self.hidden_size}, "
+                f"vocab={self.vocab_size}, exit_fn={self.exit_function.name}, threshold={self.threshold}")

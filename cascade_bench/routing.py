@@ -1,0 +1,315 @@
+"""Teacher-forced forward passes over an Ensemble: routed early exit and its baselines.
+
+Methods (``METHODS``), one API:
+
+- ``"routed"``: true early exit. After stage k every token that reached it is decided on;
+  the continuing tokens of each sequence are gathered (original order, compact positions by
+  default) into a smaller batch for stage k+1; exited tokens never touch a later stage.
+- ``"masked"``: the naive implementation. Every stage computes every token (full causal
+  context) and its exit head; each token takes the result of the first stage whose confidence
+  clears the threshold. Same cost as running everything, plus heads.
+- ``"full"``: no early exit. Stages chained on every token, ``lm_head`` only after the last of
+  the first ``num_stages`` stages (the full cascade, or a stage prefix alone).
+
+Attention inside a stage batch: continuing tokens are left-aligned in their row and padding
+only ever follows them, so a plain causal mask already keeps every real token from seeing a
+padding slot. The stage therefore gets an all-ones 2-D mask, which lets SDPA use its causal
+kernel; what padding slots compute is discarded and counted as waste.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .batch import TokenBatch, make_token_batch
+from .compaction import Layout, from_dense, plan_layouts, scatter_members, to_dense
+from .ensemble import Ensemble
+from .exit_head import HeadResult, run_exit_head
+from .llm import LLM, check_threshold
+
+METHODS = ("routed", "masked", "full")
+POSITION_MODES = ("compact", "original")
+
+
+@dataclass
+class RoutedOutput:
+    """Per-token and per-stage results of one forward pass over a (B, T) batch.
+
+    nll: (B, T) float32 NLL of each token's target at its exit stage, 0 where not scored.
+    correct: (B, T) bool, argmax at the exit stage == target.
+    exit_stage: (B, T) int64, the stage each token exited at, -1 for padding.
+    scored: (B, T) bool, token is real and has a target.
+    stage_nll: (S, B, T) float32, NLL at stage k for tokens whose stage-k head was computed, else NaN.
+    stage_confidence: (S, B, T) float32, exit confidence at stage k where computed, else NaN.
+    tokens_entered / tokens_exited: per stage, real tokens that reached / left the stage.
+    slots_computed: per stage, dense slots the stage computed (tokens + padding).
+    logits: (B, T, V) logits at each token's exit stage, only if asked for.
+    """
+
+    method: str
+    nll: Tensor
+    correct: Tensor
+    exit_stage: Tensor
+    scored: Tensor
+    stage_nll: Tensor
+    stage_confidence: Tensor
+    tokens_entered: tuple[int, ...]
+    tokens_exited: tuple[int, ...]
+    slots_computed: tuple[int, ...]
+    layers_per_stage: tuple[int, ...]
+    thresholds: tuple[float, ...]
+    logits: Optional[Tensor] = None
+
+    @property
+    def num_tokens(self) -> int:
+        """Real tokens in the batch (all of them enter stage 0)."""
+        return self.tokens_entered[0]
+
+    @property
+    def exit_ratios(self) -> tuple[float, ...]:
+        """Fraction of real tokens that exited at each stage (sums to 1)."""
+        return tuple(e / self.num_tokens for e in self.tokens_exited)
+
+    @property
+    def layer_cost(self) -> float:
+        """DESIGN.md section 3: sum_k tokens reaching k x layers_k / (tokens x all layers)."""
+        done = sum(n * layers for n, layers in zip(self.tokens_entered, self.layers_per_stage))
+        return done / (self.num_tokens * sum(self.layers_per_stage))
+
+    @property
+    def padding_waste(self) -> tuple[float, ...]:
+        """Per stage, fraction of computed slots that were padding."""
+        return tuple((s - n) / s if s else 0.0 for s, n in zip(self.slots_computed, self.tokens_entered))
+
+
+def resolve_thresholds(ensemble: Ensemble, thresholds: Optional[Sequence[float]], num_stages: int) -> tuple[float, ...]:
+    """Thresholds for the first ``num_stages`` stages (the last one's is unused)."""
+    if thresholds is None:
+        return ensemble.thresholds[:num_stages]
+    values = [check_threshold(t) for t in thresholds]
+    if len(values) == num_stages - 1:
+        values.append(math.inf)
+    if len(values) != num_stages:
+        raise ValueError(f"expected {num_stages - 1} (or {num_stages}) thresholds for {num_stages} stages, "
+                         f"got {len(values)}: {values}")
+    return tuple(values)
+
+
+def forward_cascade(ensemble: Ensemble, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
+                    targets: Optional[Tensor] = None, *, method: str = "routed", batching: str = "padded",
+                    positions: str = "compact", thresholds: Optional[Sequence[float]] = None,
+                    num_stages: Optional[int] = None, return_logits: bool = False,
+                    logits_chunk_tokens: Optional[int] = None) -> RoutedOutput:
+    """Run ``method`` over the batch. See the module docstring for the methods.
+
+    input_ids, attention_mask, targets: (B, T); targets are already shifted (the token to predict at
+    t), by default the next real token. batching: "padded" or "bucketed" (routed only).
+    positions: "compact" (0..n-1 over the tokens reaching a stage) or "original".
+    thresholds: per stage, overriding the stages' own. num_stages: use only the first stages.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if positions not in POSITION_MODES:
+        raise ValueError(f"positions must be one of {POSITION_MODES}, got {positions!r}")
+    ensemble.validate()
+    num_stages = len(ensemble) if num_stages is None else num_stages
+    if isinstance(num_stages, bool) or not isinstance(num_stages, int) or not 1 <= num_stages <= len(ensemble):
+        raise ValueError(f"num_stages must be an int in [1, {len(ensemble)}], got {num_stages!r}")
+    stages: list[LLM] = list(ensemble.stages)[:num_stages]
+    thresholds = resolve_thresholds(ensemble, thresholds, num_stages)
+    batch = make_token_batch(input_ids.to(ensemble.device), None if attention_mask is None else attention_mask.to(ensemble.device),
+                             None if targets is None else targets.to(ensemble.device), vocab_size=ensemble.vocab_size)
+    _check_lengths(stages, batch, positions)
+    return _Pass(stages, batch, method, batching, positions, thresholds, return_logits, logits_chunk_tokens).run()
+
+
+def routed_forward(ensemble: Ensemble, input_ids: Tensor, attention_mask: Optional[Tensor] = None, **kwargs) -> RoutedOutput:
+    """True early exit (``method="routed"``)."""
+    return forward_cascade(ensemble, input_ids, attention_mask, method="routed", **kwargs)
+
+
+def masked_forward(ensemble: Ensemble, input_ids: Tensor, attention_mask: Optional[Tensor] = None, **kwargs) -> RoutedOutput:
+    """Naive compute-then-mask early exit (``method="masked"``)."""
+    return forward_cascade(ensemble, input_ids, attention_mask, method="masked", **kwargs)
+
+
+def full_forward(ensemble: Ensemble, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
+                 num_stages: Optional[int] = None, **kwargs) -> RoutedOutput:
+    """No early exit: the full cascade, or the first ``num_stages`` stages alone (a prefix)."""
+    return forward_cascade(ensemble, input_ids, attention_mask, method="full", num_stages=num_stages, **kwargs)
+
+
+def _check_lengths(stages: list[LLM], batch: TokenBatch, positions: str) -> None:
+    # Compact positions never exceed T-1; original positions are at most T-1 too.
+    for k, stage in enumerate(stages):
+        if stage.max_positions is not None and batch.seq_len > stage.max_positions:
+            raise ValueError(f"sequence length {batch.seq_len} exceeds stage {k}'s max_position_embeddings "
+                             f"{stage.max_positions}; use shorter windows")
+
+
+@dataclass
+class _Pass:
+    """One forward pass; holds the per-token result buffers while stages run."""
+
+    stages: list[LLM]
+    batch: TokenBatch
+    method: str
+    batching: str
+    positions: str
+    thresholds: tuple[float, ...]
+    return_logits: bool
+    chunk_tokens: Optional[int]
+    entered: list[int] = field(default_factory=list)
+    exited: list[int] = field(default_factory=list)
+    slots: list[int] = field(default_factory=list)
+
+    def run(self) -> RoutedOutput:
+        batch, num_stages = self.batch, len(self.stages)
+        flat = batch.batch_size * batch.seq_len
+        device = batch.ids.device
+        self.nll = torch.zeros(flat, dtype=torch.float32, device=device)
+        self.correct = torch.zeros(flat, dtype=torch.bool, device=device)
+        self.exit_stage = torch.full((flat,), -1, dtype=torch.long, device=device)
+        self.stage_nll = torch.full((num_stages, flat), math.nan, dtype=torch.float32, device=device)
+        self.stage_conf = torch.full((num_stages, flat), math.nan, dtype=torch.float32, device=device)
+        self.logits = (torch.zeros(flat, self.stages[0].vocab_size, dtype=self.stages[0].dtype, device=device)
+                       if self.return_logits else None)
+
+        reach = batch.tokens  # flat indices of the tokens entering the current stage
+        state: Optional[Tensor] = None  # (len(reach), d) hidden states handed to the current stage
+        alive = torch.ones(reach.numel(), dtype=torch.bool, device=device)  # masked method only
+        layouts: Optional[list[Layout]] = None
+        for k, stage in enumerate(self.stages):
+            last = k == num_stages - 1
+            if reach.numel() == 0:  # everyone exited earlier: this stage does no work at all
+                for counts in (self.entered, self.exited, self.slots):
+                    counts.append(0)
+                continue
+            if layouts is None or self.method == "routed":
+                layouts = plan_layouts(reach, batch.seq_len, batch.batch_size,
+                                       self.batching if self.method == "routed" else "padded")
+            exit_fn = stage.exit_function
+            capture = (not last) and exit_fn.needs_input_state and self.method != "full"
+            hidden, input_state = self._run_stage(stage, k, reach, state, layouts, capture)
+            self.entered.append(reach.numel())
+            self.slots.append(sum(layout.slots for layout in layouts))
+            targets = batch.targets[reach]
+            if self.method == "full":
+                if last:
+                    self._record(k, reach, run_exit_head(stage, k, hidden, targets, keep_logits=self.return_logits,
+                                                         chunk_tokens=self.chunk_tokens))
+                self.exited.append(reach.numel() if last else 0)
+                state = hidden
+            elif self.method == "masked":
+                head = run_exit_head(stage, k, hidden, targets, None if last else exit_fn, input_state,
+                                     keep_logits=self.return_logits, chunk_tokens=self.chunk_tokens)
+                self.stage_nll[k, reach] = head.nll
+                exits = alive if last else alive & (head.confidence >= self.thresholds[k])
+                if not last:
+                    self.stage_conf[k, reach] = head.confidence
+                self._record(k, reach[exits], _select(head, exits))
+                self.exited.append(int(exits.sum()))
+                alive = alive & ~exits
+                state = hidden
+            else:
+                reach, state = self._route(stage, k, last, reach, hidden, input_state, targets)
+        return RoutedOutput(
+            method=self.method,
+            nll=self.nll.view(batch.batch_size, batch.seq_len),
+            correct=self.correct.view(batch.batch_size, batch.seq_len),
+            exit_stage=self.exit_stage.view(batch.batch_size, batch.seq_len),
+            scored=self._scored().view(batch.batch_size, batch.seq_len),
+            stage_nll=self.stage_nll.view(num_stages, batch.batch_size, batch.seq_len),
+            stage_confidence=self.stage_conf.view(num_stages, batch.batch_size, batch.seq_len),
+            tokens_entered=tuple(self.entered), tokens_exited=tuple(self.exited), slots_computed=tuple(self.slots),
+            layers_per_stage=tuple(s.num_layers for s in self.stages), thresholds=self.thresholds,
+            logits=None if self.logits is None else self.logits.view(batch.batch_size, batch.seq_len, -1),
+        )
+
+    def _route(self, stage: LLM, k: int, last: bool, reach: Tensor, hidden: Tensor,
+               input_state: Optional[Tensor], targets: Tensor) -> tuple[Tensor, Tensor]:
+        """Decide, record the exiting tokens, and return (flat indices, hidden) of the continuing ones."""
+        exit_fn = stage.exit_function
+        if last:
+            head = run_exit_head(stage, k, hidden, targets, keep_logits=self.return_logits, chunk_tokens=self.chunk_tokens)
+            self.stage_nll[k, reach] = head.nll
+            self._record(k, reach, head)
+            self.exited.append(reach.numel())
+            return reach[:0], hidden[:0]
+        if exit_fn.needs_logits:
+            head = run_exit_head(stage, k, hidden, targets, exit_fn, input_state,
+                                 keep_logits=self.return_logits, chunk_tokens=self.chunk_tokens)
+            confidence = head.confidence
+            self.stage_nll[k, reach] = head.nll
+            exits = confidence >= self.thresholds[k]
+            leaving = reach[exits]
+            self._record(k, leaving, _select(head, exits))
+        else:
+            # Confidence from hidden states alone: lm_head only for the tokens that exit here.
+            confidence = exit_fn(input_state, hidden, None)
+            exits = confidence >= self.thresholds[k]
+            leaving = reach[exits]
+            head = run_exit_head(stage, k, hidden[exits], targets[exits], keep_logits=self.return_logits,
+                                 chunk_tokens=self.chunk_tokens)
+            self.stage_nll[k, leaving] = head.nll
+            self._record(k, leaving, head)
+        self.stage_conf[k, reach] = confidence
+        self.exited.append(leaving.numel())
+        staying = ~exits
+        return reach[staying], hidden[staying]
+
+    def _run_stage(self, stage: LLM, k: int, reach: Tensor, state: Optional[Tensor], layouts: list[Layout],
+                   capture: bool) -> tuple[Tensor, Optional[Tensor]]:
+        """Run one stage over the tokens in ``reach``; return per-token hidden (and last-layer input)."""
+        ids = self.batch.ids[reach] if k == 0 else None
+        original = self.batch.positions[reach] if self.positions == "original" else None
+        hidden_parts, input_parts = [], []
+        for layout in layouts:
+            mask = torch.ones(layout.num_rows, layout.length, dtype=torch.long, device=reach.device)
+            if original is None:
+                position_ids = torch.arange(layout.length, device=reach.device).expand(layout.num_rows, -1)
+            else:
+                position_ids = to_dense(original, layout, fill=0)
+            out = stage(input_ids=to_dense(ids, layout) if ids is not None else None,
+                        inputs_embeds=to_dense(state, layout) if ids is None else None,
+                        attention_mask=mask, position_ids=position_ids, capture_input_state=capture)
+            hidden_parts.append(from_dense(out.hidden, layout))
+            input_parts.append(from_dense(out.input_state, layout) if capture else None)
+        if len(layouts) == 1 and layouts[0].members is None:
+            return hidden_parts[0], input_parts[0]
+        hidden = hidden_parts[0].new_empty(reach.numel(), stage.hidden_size)
+        input_state = hidden.new_empty(hidden.shape) if capture else None
+        for layout, h, h_in in zip(layouts, hidden_parts, input_parts):
+            scatter_members(hidden, layout, h)
+            if capture:
+                scatter_members(input_state, layout, h_in)
+        return hidden, input_state
+
+    def _record(self, k: int, flat_index: Tensor, head: HeadResult) -> None:
+        """Scatter: write exiting tokens' results back to their original positions."""
+        self.nll[flat_index] = head.nll
+        self.correct[flat_index] = head.correct
+        self.exit_stage[flat_index] = k
+        if self.method == "full":
+            self.stage_nll[k, flat_index] = head.nll
+        if self.logits is not None and head.logits is not None:
+            self.logits[flat_index] = head.logits
+
+    def _scored(self) -> Tensor:
+        scored = torch.zeros_like(self.correct)
+        scored[self.batch.tokens] = True
+        scored &= self.batch.targets >= 0
+        self.nll.masked_fill_(~scored, 0.0)
+        self.correct &= scored
+        return scored
+
+
+def _select(head: HeadResult, keep: Tensor) -> HeadResult:
+    return HeadResult(nll=head.nll[keep], correct=head.correct[keep],
+                      confidence=None if head.confidence is None else head.confidence[keep],
+                      logits=None if head.logits is None else head.logits[keep])
