@@ -80,3 +80,19 @@ def make_token_batch(input_ids: Tensor, attention_mask: Optional[Tensor] = None,
         targets = next_token_targets(input_ids, attention_mask)
     return TokenBatch(batch_size=batch_size, seq_len=seq_len, tokens=tokens, ids=input_ids.reshape(-1),
                       targets=targets.long().reshape(-1), positions=positions)
+
+
+def unpack_batch(item) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """(input_ids, attention_mask, targets) from a dataloader item: a (B, T) tensor, a tuple
+    (input_ids[, attention_mask[, targets]]) or a dict with those keys."""
+    if isinstance(item, Tensor):
+        return item, None, None
+    if isinstance(item, dict):
+        if "input_ids" not in item:
+            raise ValueError(f"a batch dict needs an 'input_ids' key, got keys {sorted(item)}")
+        return item["input_ids"], item.get("attention_mask"), item.get("targets")
+    if isinstance(item, (tuple, list)) and 1 <= len(item) <= 3:
+        padded = list(item) + [None] * (3 - len(item))
+        return padded[0], padded[1], padded[2]
+    raise TypeError(f"a batch must be a (B, T) tensor, a tuple (input_ids, attention_mask, targets) or a dict, "
+                    f"got {type(item).__name__}")

@@ -95,6 +95,10 @@ def _bucketed_layouts(seq: Tensor, rank: Tensor, counts: Tensor, max_buckets: in
         0, bucket.clamp(min=0), counts * (bucket >= 0), reduce="amax")
     bucket_of_token = bucket[seq]
     shapes = torch.stack([rows_per_bucket, length_per_bucket]).tolist()
+    if sum(1 for rows in shapes[0] if rows) == 1:  # one bucket holds everyone: same as padded, no member copy
+        only = next(b for b, rows in enumerate(shapes[0]) if rows)
+        return [Layout(members=None, rows=row_of_seq[seq], cols=rank, num_rows=shapes[0][only],
+                       length=shapes[1][only])]
     layouts = []
     for b in range(max_buckets):
         num_rows, length = shapes[0][b], shapes[1][b]

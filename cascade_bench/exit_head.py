@@ -16,8 +16,9 @@ from torch import Tensor
 from .exits import ExitFunction
 from .llm import LLM
 
-#: Default logits chunk: about 64 MiB of float32 logits at a time.
-LOGITS_CHUNK_ELEMENTS = 1 << 24
+#: Default logits chunk: about 8 MiB of float32 logits at a time. Small enough to stay in the
+#: allocator's heap (a fresh 64 MiB block per chunk costs more in page faults than its math).
+LOGITS_CHUNK_ELEMENTS = 1 << 21
 
 
 @dataclass
@@ -59,14 +60,17 @@ def run_exit_head(stage: LLM, stage_index: int, hidden: Tensor, targets: Tensor,
         stop = min(start + chunk_tokens, n)
         logits = stage.logits(hidden[start:stop])
         logits32 = logits.float()  # no copy when the model already runs in float32
-        log_z = torch.logsumexp(logits32, dim=-1)
+        # One max pass gives argmax and the logsumexp shift; one temporary for exp(logits - max).
+        max_logit, argmax = logits32.max(dim=-1)
+        log_z = (logits32 - max_logit[:, None]).exp_().sum(dim=-1).log_().add_(max_logit)
         bad |= ~torch.isfinite(log_z).all()
         target_logit = logits32.gather(1, safe_targets[start:stop, None]).squeeze(1)
         nll[start:stop] = log_z - target_logit
-        correct[start:stop] = logits32.argmax(dim=-1) == targets[start:stop]
+        correct[start:stop] = argmax == targets[start:stop]
         if exit_function is not None:
             h_in = input_state[start:stop] if input_state is not None else None
-            confidence[start:stop] = exit_function(h_in, hidden[start:stop], logits32, log_normalizer=log_z)
+            confidence[start:stop] = exit_function(h_in, hidden[start:stop], logits32,
+                                                   log_normalizer=log_z, max_logit=max_logit)
         if kept is not None:
             kept.append(logits)
     if n and bool(bad):

@@ -11,8 +11,8 @@ Every exit function has the signature ``confidence = fn(h_in, h_out, logits)``:
 All built-ins work in float32 and never materialise a softmax copy they don't
 need: ``max_prob`` and ``margin`` use ``exp(logit - logsumexp)`` on one or two
 values per token. The built-ins also accept a precomputed ``log_normalizer``
-(the logsumexp per token) so the router, which needs it for the NLL anyway,
-does not make a second pass over the (N, V) logits.
+(the logsumexp per token) and ``max_logit``, so the router, which needs both
+for the NLL and argmax anyway, does not make more passes over the (N, V) logits.
 """
 
 from __future__ import annotations
@@ -31,13 +31,15 @@ def _log_normalizer(logits: Tensor, log_normalizer: Optional[Tensor]) -> Tensor:
     return torch.logsumexp(logits.float(), dim=-1)
 
 
-def max_prob(h_in, h_out, logits: Tensor, log_normalizer: Optional[Tensor] = None) -> Tensor:
+def max_prob(h_in, h_out, logits: Tensor, log_normalizer: Optional[Tensor] = None,
+             max_logit: Optional[Tensor] = None) -> Tensor:
     """Softmax maximum per token (LEGO / ASHEM): exp(max logit - logsumexp). (N,) float32."""
     lse = _log_normalizer(logits, log_normalizer)
-    return torch.exp(logits.amax(dim=-1).float() - lse)
+    top = max_logit if max_logit is not None else logits.amax(dim=-1)
+    return torch.exp(top.float() - lse)
 
 
-def margin(h_in, h_out, logits: Tensor, log_normalizer: Optional[Tensor] = None) -> Tensor:
+def margin(h_in, h_out, logits: Tensor, log_normalizer: Optional[Tensor] = None, **_unused) -> Tensor:
     """Top-1 minus top-2 probability per token. (N,) float32."""
     if logits.shape[-1] < 2:
         raise ValueError(f"margin needs a vocabulary of at least 2 tokens, got logits of shape {tuple(logits.shape)}")
@@ -46,7 +48,7 @@ def margin(h_in, h_out, logits: Tensor, log_normalizer: Optional[Tensor] = None)
     return torch.exp(top2[:, 0] - lse) - torch.exp(top2[:, 1] - lse)
 
 
-def neg_entropy(h_in, h_out, logits: Tensor, log_normalizer: Optional[Tensor] = None) -> Tensor:
+def neg_entropy(h_in, h_out, logits: Tensor, log_normalizer: Optional[Tensor] = None, **_unused) -> Tensor:
     """Negative entropy of the next-token distribution, sum_v p_v log p_v (<= 0). (N,) float32."""
     lse = _log_normalizer(logits, log_normalizer)
     log_p = logits.float() - lse[:, None]
@@ -85,9 +87,9 @@ class ExitFunction:
     accepts_log_normalizer: bool
 
     def __call__(self, h_in: Optional[Tensor], h_out: Tensor, logits: Optional[Tensor],
-                 log_normalizer: Optional[Tensor] = None) -> Tensor:
+                 log_normalizer: Optional[Tensor] = None, max_logit: Optional[Tensor] = None) -> Tensor:
         if self.accepts_log_normalizer:
-            confidence = self.fn(h_in, h_out, logits, log_normalizer=log_normalizer)
+            confidence = self.fn(h_in, h_out, logits, log_normalizer=log_normalizer, max_logit=max_logit)
         else:
             confidence = self.fn(h_in, h_out, logits)
         if not isinstance(confidence, Tensor) or confidence.shape != h_out.shape[:1]:
@@ -129,7 +131,9 @@ def resolve_exit_function(exit_fn: "str | Callable | ExitFunction") -> ExitFunct
     else:
         needs_input_state = bool(getattr(fn, "needs_input_state", True))
     try:
-        accepts = "log_normalizer" in inspect.signature(fn).parameters
+        parameters = inspect.signature(fn).parameters
+        accepts = "log_normalizer" in parameters and ("max_logit" in parameters or any(
+            p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()))
     except (TypeError, ValueError):
         accepts = False
     return ExitFunction(name=name, fn=fn, needs_logits=needs_logits,

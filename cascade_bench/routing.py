@@ -104,13 +104,16 @@ def forward_cascade(ensemble: Ensemble, input_ids: Tensor, attention_mask: Optio
                     targets: Optional[Tensor] = None, *, method: str = "routed", batching: str = "padded",
                     positions: str = "compact", thresholds: Optional[Sequence[float]] = None,
                     num_stages: Optional[int] = None, return_logits: bool = False,
-                    logits_chunk_tokens: Optional[int] = None) -> RoutedOutput:
+                    logits_chunk_tokens: Optional[int] = None,
+                    confidence_at_last_stage: bool = False) -> RoutedOutput:
     """Run ``method`` over the batch. See the module docstring for the methods.
 
     input_ids, attention_mask, targets: (B, T); targets are already shifted (the token to predict at
     t), by default the next real token. batching: "padded" or "bucketed" (routed only).
     positions: "compact" (0..n-1 over the tokens reaching a stage) or "original".
     thresholds: per stage, overriding the stages' own. num_stages: use only the first stages.
+    confidence_at_last_stage: also compute the last stage's exit confidence (for calibration and
+    histograms; off by default because nobody needs it to route).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -125,7 +128,8 @@ def forward_cascade(ensemble: Ensemble, input_ids: Tensor, attention_mask: Optio
     batch = make_token_batch(input_ids.to(ensemble.device), None if attention_mask is None else attention_mask.to(ensemble.device),
                              None if targets is None else targets.to(ensemble.device), vocab_size=ensemble.vocab_size)
     _check_lengths(stages, batch, positions)
-    return _Pass(stages, batch, method, batching, positions, thresholds, return_logits, logits_chunk_tokens).run()
+    return _Pass(stages, batch, method, batching, positions, thresholds, return_logits, logits_chunk_tokens,
+                 confidence_at_last_stage).run()
 
 
 def routed_forward(ensemble: Ensemble, input_ids: Tensor, attention_mask: Optional[Tensor] = None, **kwargs) -> RoutedOutput:
@@ -164,6 +168,7 @@ class _Pass:
     thresholds: tuple[float, ...]
     return_logits: bool
     chunk_tokens: Optional[int]
+    last_confidence: bool
     entered: list[int] = field(default_factory=list)
     exited: list[int] = field(default_factory=list)
     slots: list[int] = field(default_factory=list)
@@ -194,7 +199,8 @@ class _Pass:
                 layouts = plan_layouts(reach, batch.seq_len, batch.batch_size,
                                        self.batching if self.method == "routed" else "padded")
             exit_fn = stage.exit_function
-            capture = (not last) and exit_fn.needs_input_state and self.method != "full"
+            decides = (not last or self.last_confidence) and self.method != "full"
+            capture = decides and exit_fn.needs_input_state
             hidden, input_state = self._run_stage(stage, k, reach, state, layouts, capture)
             self.entered.append(reach.numel())
             self.slots.append(sum(layout.slots for layout in layouts))
@@ -236,7 +242,12 @@ class _Pass:
         """Decide, record the exiting tokens, and return (flat indices, hidden) of the continuing ones."""
         exit_fn = stage.exit_function
         if last:
-            head = run_exit_head(stage, k, hidden, targets, keep_logits=self.return_logits, chunk_tokens=self.chunk_tokens)
+            scorer = exit_fn if self.last_confidence and exit_fn.needs_logits else None
+            head = run_exit_head(stage, k, hidden, targets, scorer, input_state, keep_logits=self.return_logits,
+                                 chunk_tokens=self.chunk_tokens)
+            if self.last_confidence:
+                scores = head.confidence if scorer is not None else exit_fn(input_state, hidden, None)
+                self.stage_conf[k, reach] = scores
             self.stage_nll[k, reach] = head.nll
             self._record(k, reach, head)
             self.exited.append(reach.numel())

@@ -1,0 +1,69 @@
+"""Calibration: per-stage thresholds such that a target fraction of tokens continues (DESIGN.md section 1)."""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+from .batch import unpack_batch
+from .ensemble import Ensemble
+from .routing import forward_cascade
+
+
+def _check_ratio(hard_ratio) -> float:
+    if isinstance(hard_ratio, bool) or not isinstance(hard_ratio, (int, float)) or not 0.0 <= hard_ratio <= 1.0:
+        raise ValueError(f"hard_ratio must be a number in [0, 1] (fraction of tokens that continue), got {hard_ratio!r}")
+    return float(hard_ratio)
+
+
+def threshold_for_hard_ratio(confidence: Tensor, hard_ratio: float) -> float:
+    """Threshold t over per-token confidences (N,) such that ceil(hard_ratio * N) tokens have
+    confidence < t (they continue) and the rest exit (confidence >= t).
+
+    This is the order statistic sorted[ceil(r N)] (+inf when r = 1): exact without ties; with ties
+    at t, the tied tokens exit, so at most ceil(r N) continue.
+    """
+    hard_ratio = _check_ratio(hard_ratio)
+    confidence = confidence.reshape(-1).float()
+    if confidence.numel() == 0:
+        raise ValueError("cannot calibrate a threshold on zero tokens")
+    if not bool(torch.isfinite(confidence).all()):
+        raise ValueError("confidences contain NaN or inf; cannot calibrate a threshold on them")
+    continuing = math.ceil(hard_ratio * confidence.numel())
+    if continuing >= confidence.numel():
+        return math.inf
+    return float(torch.kthvalue(confidence.cpu(), continuing + 1).values)
+
+
+def calibrate_thresholds(ensemble: Ensemble, batches: Iterable, hard_ratios: "float | Sequence[float]",
+                         **forward_kwargs) -> tuple[float, ...]:
+    """Set and return thresholds of stages 0..S-2, one stage at a time.
+
+    Stage k's threshold is calibrated on the confidences of the tokens that actually reach it
+    under the thresholds already set for stages < k, so ``hard_ratios[k]`` of them continue.
+    ``batches`` is iterated once per calibrated stage (pass a list or a re-iterable loader).
+    """
+    num_calibrated = len(ensemble) - 1
+    ratios = [hard_ratios] * num_calibrated if isinstance(hard_ratios, (int, float)) else list(hard_ratios)
+    if len(ratios) != num_calibrated:
+        raise ValueError(f"expected {num_calibrated} hard ratios for {len(ensemble)} stages, got {len(ratios)}")
+    ratios = [_check_ratio(r) for r in ratios]
+    thresholds = list(ensemble.thresholds)
+    for k in range(num_calibrated):
+        collected = []
+        with torch.inference_mode():
+            for item in batches:
+                input_ids, attention_mask, targets = unpack_batch(item)
+                out = forward_cascade(ensemble, input_ids, attention_mask, targets, method="routed",
+                                      thresholds=thresholds[:k] + [math.inf], num_stages=k + 1,
+                                      confidence_at_last_stage=True, **forward_kwargs)
+                confidence = out.stage_confidence[k]
+                collected.append(confidence[out.exit_stage == k])
+        if not collected:
+            raise ValueError("calibration got no batches")
+        thresholds[k] = threshold_for_hard_ratio(torch.cat(collected), ratios[k])
+        ensemble[k].threshold = thresholds[k]
+    return tuple(thresholds[:num_calibrated])

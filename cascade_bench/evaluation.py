@@ -1,0 +1,127 @@
+"""Evaluation over a dataloader: perplexity, accuracy, hard/easy PPL, exit ratios and layer cost."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+import torch
+
+from .batch import unpack_batch
+from .ensemble import Ensemble
+from .environment import environment_conditions
+from .routing import forward_cascade
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Quality and routing statistics of one method over a dataset (a typed record; reports format it).
+
+    Perplexities are exp(mean NLL) over scored tokens. Hard tokens are those that continued past
+    stage 0 (exit stage > 0), easy ones exited at stage 0. ``hard_ppl_stage0`` is the stage-0
+    perplexity of the hard tokens (NaN when stage 0's head was not computed for them, e.g. with
+    a logit-free exit rule). ``layer_cost`` is DESIGN.md section 3's ratio over real tokens.
+    """
+
+    method: str
+    thresholds: tuple[float, ...]
+    layers_per_stage: tuple[int, ...]
+    tokens: int
+    routed_tokens: int
+    nll_sum: float
+    ppl: float
+    accuracy: float
+    hard_tokens: int
+    hard_ppl: float
+    easy_ppl: float
+    hard_ppl_stage0: float
+    tokens_entered: tuple[int, ...]
+    tokens_exited: tuple[int, ...]
+    exit_ratios: tuple[float, ...]
+    layer_cost: float
+    padding_waste: tuple[float, ...]
+    conditions: dict = field(default_factory=dict)
+
+
+def _ppl(nll_sum: float, count: float) -> float:
+    return math.exp(nll_sum / count) if count else math.nan
+
+
+def evaluate(ensemble: Ensemble, batches: Iterable, method: str = "routed", conditions: Optional[dict] = None,
+             progress: bool = False, **forward_kwargs) -> EvalResult:
+    """Run ``method`` (see routing.METHODS) over every batch and aggregate.
+
+    Models are switched to eval mode and restored afterwards; runs under ``torch.inference_mode``.
+    ``conditions`` (dataset, split, window, stride, tokenizer, seed, ...) is merged with the
+    environment (device, dtype, threads, versions, git commit) into the record.
+    """
+    was_training = ensemble.training
+    ensemble.eval()
+    device = ensemble.device
+    # Sums kept on the device and read once at the end (no sync per batch).
+    sums = torch.zeros(8, dtype=torch.float64, device=device)
+    entered: Optional[list[int]] = None
+    exited: Optional[list[int]] = None
+    slots: Optional[list[int]] = None
+    shapes = set()
+    out = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc=f"evaluate {method}", unit="batch")
+    try:
+        with torch.inference_mode():
+            for item in batches:
+                input_ids, attention_mask, targets = unpack_batch(item)
+                shapes.add(tuple(input_ids.shape))
+                out = forward_cascade(ensemble, input_ids, attention_mask, targets, method=method, **forward_kwargs)
+                scored = out.scored
+                hard = scored & (out.exit_stage > 0)
+                easy = scored & (out.exit_stage == 0)
+                stage0 = out.stage_nll[0]
+                hard_has_stage0 = hard & ~torch.isnan(stage0)
+                sums += torch.stack([
+                    scored.sum(), out.nll.sum(), out.correct.sum(),
+                    hard.sum(), out.nll[hard].sum(), out.nll[easy].sum(),
+                    hard_has_stage0.sum(), stage0[hard_has_stage0].sum(),
+                ]).double()
+                entered = _add(entered, out.tokens_entered)
+                exited = _add(exited, out.tokens_exited)
+                slots = _add(slots, out.slots_computed)
+    finally:
+        ensemble.train(was_training)
+    if out is None:
+        raise ValueError("evaluate got no batches")
+    tokens, nll_sum, correct, hard_n, hard_sum, easy_sum, hard0_n, hard0_sum = sums.tolist()
+    routed = entered[0]
+    total_layers = sum(out.layers_per_stage)
+    record_conditions = {
+        **environment_conditions(device, ensemble.dtype),
+        "batch_shapes": sorted(shapes),
+        **(conditions or {}),
+    }
+    return EvalResult(
+        method=method,
+        thresholds=out.thresholds,
+        layers_per_stage=out.layers_per_stage,
+        tokens=int(tokens),
+        routed_tokens=routed,
+        nll_sum=nll_sum,
+        ppl=_ppl(nll_sum, tokens),
+        accuracy=correct / tokens if tokens else math.nan,
+        hard_tokens=int(hard_n),
+        hard_ppl=_ppl(hard_sum, hard_n),
+        easy_ppl=_ppl(easy_sum, tokens - hard_n),
+        hard_ppl_stage0=_ppl(hard0_sum, hard0_n) if hard0_n == hard_n else math.nan,
+        tokens_entered=tuple(entered),
+        tokens_exited=tuple(exited),
+        exit_ratios=tuple(e / routed for e in exited),
+        layer_cost=sum(n * l for n, l in zip(entered, out.layers_per_stage)) / (routed * total_layers),
+        padding_waste=tuple((s - n) / s if s else 0.0 for s, n in zip(slots, entered)),
+        conditions=record_conditions,
+    )
+
+
+def _add(total: Optional[list[int]], values: tuple[int, ...]) -> list[int]:
+    return list(values) if total is None else [a + b for a, b in zip(total, values)]

@@ -1,0 +1,65 @@
+"""Stage presets (plain dict, gpt-fast style) and builders for from_config cascades."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+from .ensemble import Ensemble
+from .llm import LLM
+
+#: Per-stage model configs, in standard Hugging Face config names (+ ``model_type``).
+STAGE_PRESETS: dict[str, dict] = {
+    # The CPU benchmark preset of the core issue: two of these make a 4+4-layer cascade.
+    "gpt2-cpu": dict(model_type="gpt2", hidden_size=256, num_attention_heads=4, num_hidden_layers=4,
+                     vocab_size=8192, max_position_embeddings=1024),
+    # GPT-2-small-like stages for GPU benchmarks (6+6 layers = GPT-2 small depth).
+    "gpt2-small": dict(model_type="gpt2", hidden_size=768, num_attention_heads=12, num_hidden_layers=6,
+                       vocab_size=50257, max_position_embeddings=1024),
+    # Tiny configs for tests, one per supported family.
+    "gpt2-tiny": dict(model_type="gpt2", hidden_size=32, num_attention_heads=2, num_hidden_layers=2,
+                      vocab_size=96, max_position_embeddings=128),
+    "llama-tiny": dict(model_type="llama", hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                       num_hidden_layers=2, intermediate_size=64, vocab_size=96, max_position_embeddings=128),
+    "gpt_neox-tiny": dict(model_type="gpt_neox", hidden_size=32, num_attention_heads=4, num_hidden_layers=2,
+                          intermediate_size=64, vocab_size=96, max_position_embeddings=128),
+}
+
+
+def stage_config(preset: str, **overrides):
+    """A Hugging Face config from a preset name, with overrides in standard config names."""
+    from transformers import AutoConfig
+
+    if preset not in STAGE_PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(STAGE_PRESETS)}")
+    values = {**STAGE_PRESETS[preset], **overrides}
+    model_type = values.pop("model_type")
+    special = values["vocab_size"] - 1  # keep bos/eos inside the vocabulary
+    values.setdefault("bos_token_id", special)
+    values.setdefault("eos_token_id", special)
+    values.setdefault("attn_implementation", "sdpa")
+    attn = values.pop("attn_implementation")
+    config = AutoConfig.for_model(model_type, **values)
+    config._attn_implementation = attn
+    return config
+
+
+def build_ensemble(preset: str, layers_per_stage: Sequence[int] = (4, 4), exit_fn="max_prob",
+                   seed: Optional[int] = 0, device: "str | torch.device" = "cpu",
+                   dtype: torch.dtype = torch.float32, **overrides) -> Ensemble:
+    """A freshly initialised cascade: one stage per entry of ``layers_per_stage``, all from ``preset``.
+
+    Thresholds start at +inf (nobody exits) until calibrated. ``seed`` seeds torch's RNG first.
+    """
+    if not layers_per_stage:
+        raise ValueError("layers_per_stage must name at least one stage, got an empty sequence")
+    if seed is not None:
+        torch.manual_seed(seed)
+    ensemble = Ensemble()
+    for layers in layers_per_stage:
+        config = stage_config(preset, **{**overrides, "num_hidden_layers": layers})
+        stage = LLM.from_config(config, exit_fn=exit_fn, threshold=math.inf)
+        ensemble.add_llm(stage.to(device=device, dtype=dtype))
+    return ensemble
