@@ -46,10 +46,19 @@ def next_token_targets(input_ids: Tensor, attention_mask: Optional[Tensor] = Non
 
 
 def make_token_batch(input_ids: Tensor, attention_mask: Optional[Tensor] = None,
-                     targets: Optional[Tensor] = None, vocab_size: Optional[int] = None) -> TokenBatch:
-    """Validate and flatten a batch. targets (B, T), if given, are already shifted (target of position t)."""
-    if not isinstance(input_ids, Tensor):
-        raise TypeError(f"input_ids must be a torch.Tensor of shape (B, T), got {type(input_ids).__name__}")
+                     targets: Optional[Tensor] = None, vocab_size: Optional[int] = None,
+                     device: "torch.device | str | None" = None) -> TokenBatch:
+    """Validate, move to ``device`` and flatten a batch.
+
+    targets (B, T), if given, are already shifted (target of position t).
+    """
+    for name, value in (("input_ids", input_ids), ("attention_mask", attention_mask), ("targets", targets)):
+        if value is not None and not isinstance(value, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor of shape (B, T), got {type(value).__name__}")
+    if device is not None:
+        input_ids = input_ids.to(device)
+        attention_mask = None if attention_mask is None else attention_mask.to(device)
+        targets = None if targets is None else targets.to(device)
     if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"input_ids must be an integer tensor of shape (B, T), got dtype {input_ids.dtype} "
                          f"and shape {tuple(input_ids.shape)}")

@@ -8,9 +8,10 @@ continuing tokens fill one row, left-aligned (right padding), in original order.
 Batching modes (``BATCHING_MODES``):
 
 - ``"padded"``: one batch, every row padded to the longest row (padding waste reported);
-- ``"bucketed"``: rows sorted by length and split into at most ``max_buckets`` groups whose
-  lengths are within ``bucket_tolerance`` of the group's longest row, each padded only to its
-  own longest row (waste bounded by the tolerance, one extra stage call per bucket).
+- ``"bucketed"``: rows grouped by length into at most ``max_buckets`` geometric length classes
+  (each spanning a factor of at least ``1 + bucket_tolerance``, wide enough that the classes
+  cover the shortest row), each padded only to its own longest row: little padding, one stage
+  call per non-empty bucket.
 
 No Python loop runs over tokens or sequences: planning costs one host sync per stage
 (to learn the dense shapes), gathers and scatters are single indexing ops.
@@ -18,7 +19,6 @@ No Python loop runs over tokens or sequences: planning costs one host sync per s
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -80,12 +80,15 @@ def plan_layouts(flat_index: Tensor, seq_len: int, batch_size: int, batching: st
 
 def _bucketed_layouts(seq: Tensor, rank: Tensor, counts: Tensor, max_buckets: int,
                       tolerance: float) -> list[Layout]:
-    # Length class of each sequence: how many factors (1 + tolerance) below the longest row it is.
-    # Rows of one class differ in length by at most that factor, so padding waste per bucket
-    # is bounded by tolerance (the last class collects everything shorter).
-    longest = counts.max().clamp(min=1).float()
+    # Length class of each sequence: how many factors `step` below the longest row it is, with
+    # step = max(1 + tolerance, (longest / shortest) ** (1 / max_buckets)) so that the classes
+    # span every length present. Rows of one class differ in length by at most `step`.
+    present = counts > 0
+    longest = counts.max().float()
+    shortest = torch.where(present, counts, counts.max()).min().float()
+    step = torch.clamp((longest / shortest) ** (1.0 / max_buckets) * (1 + 1e-6), min=1.0 + tolerance)
     ratio = longest / counts.clamp(min=1).float()
-    bucket = torch.floor(torch.log(ratio) / math.log1p(tolerance)).long().clamp(max=max_buckets - 1)
+    bucket = torch.floor(torch.log(ratio) / torch.log(step)).long().clamp(max=max_buckets - 1)
     bucket = torch.where(counts > 0, bucket, torch.full_like(bucket, -1))
     # Row of each sequence inside its bucket: rank among present sequences of the same bucket.
     one_hot = torch.nn.functional.one_hot(bucket.clamp(min=0), max_buckets) * (bucket >= 0)[:, None]

@@ -20,11 +20,11 @@ STAGE_PRESETS: dict[str, dict] = {
                        vocab_size=50257, max_position_embeddings=1024),
     # Tiny configs for tests, one per supported family.
     "gpt2-tiny": dict(model_type="gpt2", hidden_size=32, num_attention_heads=2, num_hidden_layers=2,
-                      vocab_size=96, max_position_embeddings=128),
+                      vocab_size=256, max_position_embeddings=128),
     "llama-tiny": dict(model_type="llama", hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
-                       num_hidden_layers=2, intermediate_size=64, vocab_size=96, max_position_embeddings=128),
+                       num_hidden_layers=2, intermediate_size=64, vocab_size=256, max_position_embeddings=128),
     "gpt_neox-tiny": dict(model_type="gpt_neox", hidden_size=32, num_attention_heads=4, num_hidden_layers=2,
-                          intermediate_size=64, vocab_size=96, max_position_embeddings=128),
+                          intermediate_size=64, vocab_size=256, max_position_embeddings=128),
 }
 
 

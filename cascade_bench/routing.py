@@ -125,8 +125,7 @@ def forward_cascade(ensemble: Ensemble, input_ids: Tensor, attention_mask: Optio
         raise ValueError(f"num_stages must be an int in [1, {len(ensemble)}], got {num_stages!r}")
     stages: list[LLM] = list(ensemble.stages)[:num_stages]
     thresholds = resolve_thresholds(ensemble, thresholds, num_stages)
-    batch = make_token_batch(input_ids.to(ensemble.device), None if attention_mask is None else attention_mask.to(ensemble.device),
-                             None if targets is None else targets.to(ensemble.device), vocab_size=ensemble.vocab_size)
+    batch = make_token_batch(input_ids, attention_mask, targets, vocab_size=ensemble.vocab_size, device=ensemble.device)
     _check_lengths(stages, batch, positions)
     return _Pass(stages, batch, method, batching, positions, thresholds, return_logits, logits_chunk_tokens,
                  confidence_at_last_stage).run()

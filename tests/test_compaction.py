@@ -1,0 +1,71 @@
+"""Gather/scatter layouts on hand-made routing decisions."""
+
+from __future__ import annotations
+
+import torch
+
+from cascade_bench.batch import IGNORE_INDEX, next_token_targets
+from cascade_bench.compaction import from_dense, plan_layouts, rank_in_sequence, scatter_members, to_dense
+
+# B=3 sequences of T=4: sequence 0 keeps t=0,1; sequence 1 keeps t=1; sequence 2 keeps all four.
+REACH = torch.tensor([0, 1, 5, 8, 9, 10, 11])
+
+
+def test_rank_and_counts():
+    seq, rank, counts = rank_in_sequence(REACH, seq_len=4, batch_size=3)
+    assert seq.tolist() == [0, 0, 1, 2, 2, 2, 2]
+    assert rank.tolist() == [0, 1, 0, 0, 1, 2, 3]
+    assert counts.tolist() == [2, 1, 4]
+
+
+def test_padded_layout_keeps_order_and_reports_padding():
+    (layout,) = plan_layouts(REACH, 4, 3, "padded")
+    assert (layout.num_rows, layout.length, layout.slots) == (3, 4, 12)
+    assert layout.rows.tolist() == [0, 0, 1, 2, 2, 2, 2]
+    assert layout.cols.tolist() == [0, 1, 0, 0, 1, 2, 3]
+    values = (REACH * 10).float()[:, None]
+    dense = to_dense(values, layout, fill=-1)
+    assert dense[..., 0].tolist() == [[0, 10, -1, -1], [50, -1, -1, -1], [80, 90, 100, 110]]
+    assert torch.equal(from_dense(dense, layout), values)
+
+
+def test_rows_without_tokens_are_dropped():
+    (layout,) = plan_layouts(torch.tensor([8, 10]), 4, 3, "padded")
+    assert (layout.num_rows, layout.length) == (1, 2)
+    assert layout.rows.tolist() == [0, 0] and layout.cols.tolist() == [0, 1]
+
+
+def test_bucketed_layout_groups_by_length_and_round_trips():
+    # lengths 2, 1, 4 with tolerance 0.15: each in its own length class (4 / 2 = 2 > 1.15)
+    layouts = plan_layouts(REACH, 4, 3, "bucketed", max_buckets=4, bucket_tolerance=0.15)
+    shapes = sorted((lay.num_rows, lay.length) for lay in layouts)
+    assert shapes == [(1, 1), (1, 2), (1, 4)]
+    assert sum(lay.slots for lay in layouts) == REACH.numel()  # no padding at all
+    values = torch.arange(7.0)[:, None] * torch.ones(1, 3)
+    rebuilt = torch.zeros_like(values)
+    for layout in layouts:
+        scatter_members(rebuilt, layout, from_dense(to_dense(values, layout), layout))
+    assert torch.equal(rebuilt, values)
+
+
+def test_bucketed_layout_merges_rows_within_tolerance():
+    # counts 10, 9, 3 with tolerance 0.15: 10/9 < 1.15 -> same bucket; 3 alone
+    reach = torch.cat([torch.arange(10), 16 + torch.arange(9), 32 + torch.arange(3)])
+    layouts = plan_layouts(reach, 16, 3, "bucketed", bucket_tolerance=0.15)
+    assert sorted((lay.num_rows, lay.length) for lay in layouts) == [(1, 3), (2, 10)]
+
+
+def test_dense_layout_is_a_reshape():
+    (layout,) = plan_layouts(torch.arange(12), 4, 3, "padded")
+    assert layout.is_dense
+    values = torch.randn(12, 2)
+    assert to_dense(values, layout).data_ptr() == values.data_ptr()
+
+
+def test_next_token_targets_with_padding_on_either_side():
+    ids = torch.tensor([[5, 6, 7, 0], [0, 0, 8, 9]])
+    mask = torch.tensor([[1, 1, 1, 0], [0, 0, 1, 1]])
+    targets = next_token_targets(ids, mask)
+    ignore = IGNORE_INDEX
+    assert targets.tolist() == [[6, 7, ignore, ignore], [ignore, ignore, 9, ignore]]
+    assert next_token_targets(ids).tolist() == [[6, 7, 0, ignore], [0, 8, 9, ignore]]

@@ -1,0 +1,188 @@
+"""DESIGN.md section 2, invariants 1-3, for GPT-2, Llama and GPT-NeoX tiny configs and both batching modes."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from cascade_bench import forward_cascade, full_forward, routed_forward
+from cascade_bench.flops import count_flops
+
+from conftest import BATCHING, FAMILIES, INF, scripted_exit, tiny_ensemble, token_batch
+
+ATOL = 1e-5
+
+
+def _reference_per_sequence(ensemble, input_ids, exits0, positions="compact"):
+    """Invariant 2 reference, written without the router: per sequence, stage 0 on the whole
+    sequence, then stage 1 alone on that sequence's continuing tokens only (batch of one).
+    Returns NLL (B, T) of the next token at each token's exit stage (last position: NaN)."""
+    batch_size, seq_len = input_ids.shape
+    nll = torch.full((batch_size, seq_len), math.nan)
+    with torch.inference_mode():
+        for b in range(batch_size):
+            ids = input_ids[b:b + 1]
+            hidden0 = ensemble[0](input_ids=ids).hidden[0]
+            logp0 = torch.log_softmax(ensemble[0].logits(hidden0).float(), dim=-1)
+            keep = (~exits0[b]).nonzero().squeeze(1)
+            logp1 = None
+            if keep.numel():
+                pos = keep[None] if positions == "original" else torch.arange(keep.numel())[None]
+                # An explicit all-ones mask: without it HF reads position gaps as packed sequences.
+                hidden1 = ensemble[1](inputs_embeds=hidden0[keep][None], position_ids=pos,
+                                      attention_mask=torch.ones_like(pos)).hidden[0]
+                logp1 = torch.log_softmax(ensemble[1].logits(hidden1).float(), dim=-1)
+            rank = torch.cumsum((~exits0[b]).long(), 0) - 1
+            for t in range(seq_len - 1):
+                target = input_ids[b, t + 1]
+                nll[b, t] = -(logp0[t, target] if exits0[b, t] else logp1[rank[t], target])
+    return nll
+
+
+@pytest.mark.parametrize("preset", FAMILIES)
+@pytest.mark.parametrize("batching", BATCHING)
+@pytest.mark.parametrize("exit_fn", ["max_prob", "cos_sim"])
+def test_invariant_1_extreme_thresholds(preset, batching, exit_fn, text):
+    ensemble = tiny_ensemble(preset, exit_fn=exit_fn)
+    ids = token_batch(text, 3, 24)
+    with torch.inference_mode():
+        stage0 = full_forward(ensemble, ids, num_stages=1)
+        cascade = full_forward(ensemble, ids)
+        nobody_continues = routed_forward(ensemble, ids, thresholds=[-INF], batching=batching)
+        everyone_continues = routed_forward(ensemble, ids, thresholds=[INF], batching=batching)
+    torch.testing.assert_close(nobody_continues.nll, stage0.nll, atol=ATOL, rtol=0)
+    torch.testing.assert_close(everyone_continues.nll, cascade.nll, atol=ATOL, rtol=0)
+    assert torch.equal(nobody_continues.correct, stage0.correct)
+    assert torch.equal(everyone_continues.correct, cascade.correct)
+    assert (nobody_continues.exit_stage == 0).all() and (everyone_continues.exit_stage == 1).all()
+    assert nobody_continues.tokens_entered == (72, 0)
+    assert everyone_continues.tokens_entered == (72, 72)
+
+
+@pytest.mark.parametrize("preset", FAMILIES)
+@pytest.mark.parametrize("batching", BATCHING)
+@pytest.mark.parametrize("positions", ["compact", "original"])
+def test_invariant_2_batched_equals_one_sequence_at_a_time(preset, batching, positions, text):
+    ensemble = tiny_ensemble(preset)
+    ids = token_batch(text, 5, 16, offset=1000)
+    # Ragged hard-token counts: sequence 0 none continue, sequence 1 all, the rest mixed.
+    exits = torch.rand(5, 16) < 0.5
+    exits[0], exits[1] = True, False
+    scripted, exits = scripted_exit(ensemble, ids, exits)
+    ensemble[0].exit_function = _resolve(scripted)
+    with torch.inference_mode():
+        out = routed_forward(ensemble, ids, thresholds=[0.5], batching=batching, positions=positions)
+    assert torch.equal(out.exit_stage, (~exits).long())
+    reference = _reference_per_sequence(ensemble, ids, exits, positions)
+    scored = out.scored
+    assert scored[:, :-1].all() and not scored[:, -1].any()
+    torch.testing.assert_close(out.nll[scored], reference[scored].float(), atol=ATOL, rtol=0)
+    assert out.tokens_entered == (80, int((~exits).sum()))
+
+
+@pytest.mark.parametrize("preset", FAMILIES)
+@pytest.mark.parametrize("batching", BATCHING)
+def test_invariant_2_padding_changes_nothing(preset, batching, text):
+    """Left- and right-padded ragged sequences give the results of each sequence run alone."""
+    ensemble = tiny_ensemble(preset)
+    lengths = [9, 16, 4]
+    rows = [token_batch(text, 1, n, offset=300 * i)[0] for i, n in enumerate(lengths)]
+    with torch.inference_mode():
+        probe = routed_forward(ensemble, token_batch(text, 1, 16), num_stages=1, confidence_at_last_stage=True)
+        threshold = float(probe.stage_confidence[0].median())
+        alone = [routed_forward(ensemble, r[None], thresholds=[threshold], batching=batching) for r in rows]
+        for side in ("right", "left"):
+            ids = torch.zeros(3, 16, dtype=torch.long)
+            mask = torch.zeros(3, 16, dtype=torch.long)
+            for i, r in enumerate(rows):
+                where = slice(0, len(r)) if side == "right" else slice(16 - len(r), 16)
+                ids[i, where], mask[i, where] = r, 1
+            out = routed_forward(ensemble, ids, mask, thresholds=[threshold], batching=batching)
+            for i, r in enumerate(rows):
+                where = slice(0, len(r)) if side == "right" else slice(16 - len(r), 16)
+                torch.testing.assert_close(out.nll[i, where], alone[i].nll[0], atol=ATOL, rtol=0)
+                assert torch.equal(out.exit_stage[i, where], alone[i].exit_stage[0])
+            assert (out.exit_stage[mask == 0] == -1).all() and not out.scored[mask == 0].any()
+
+
+class _Received:
+    """Forward pre-hooks that record what a stage's modules actually received."""
+
+    def __init__(self, stage):
+        self.layer_inputs, self.head_rows = [], 0
+        self.handles = [
+            stage.parts.layers[0].register_forward_pre_hook(self._layer, with_kwargs=True),
+            stage.lm_head.register_forward_pre_hook(self._head),
+        ]
+
+    def _layer(self, module, args, kwargs):
+        self.layer_inputs.append((args[0] if args else kwargs["hidden_states"]).detach().clone())
+
+    def _head(self, module, args):
+        self.head_rows += args[0].reshape(-1, args[0].shape[-1]).shape[0]
+
+    def close(self):
+        for handle in self.handles:
+            handle.remove()
+
+
+@pytest.mark.parametrize("preset", FAMILIES)
+@pytest.mark.parametrize("batching", BATCHING)
+def test_exited_tokens_never_reach_a_later_stage(preset, batching, text):
+    ensemble = tiny_ensemble(preset)
+    ids = token_batch(text, 4, 12, offset=50)
+    exits = torch.rand(4, 12) < 0.6
+    exits[2] = True  # one sequence sends nothing on
+    scripted, exits = scripted_exit(ensemble, ids, exits)
+    ensemble[0].exit_function = _resolve(scripted)
+    received = _Received(ensemble[1])
+    try:
+        with torch.inference_mode():
+            out = routed_forward(ensemble, ids, thresholds=[0.5], batching=batching)
+    finally:
+        received.close()
+    continuing = int((~exits).sum())
+    counts = (~exits).sum(1)
+    slots = sum(x.shape[0] * x.shape[1] for x in received.layer_inputs)
+    rows = sum(x.shape[0] for x in received.layer_inputs)
+    # Stage 1's first layer saw one row per sequence with continuing tokens, no more slots than
+    # rows x longest row, and its lm_head ran on exactly the continuing tokens.
+    assert rows == int((counts > 0).sum())
+    assert continuing <= slots <= rows * int(counts.max())
+    if batching == "padded":
+        assert slots == rows * int(counts.max())
+    assert received.head_rows == continuing
+    assert out.slots_computed[1] == slots and out.tokens_entered[1] == continuing
+
+
+@pytest.mark.parametrize("preset", FAMILIES)
+def test_invariant_3_counted_flops_follow_tokens_reaching_a_stage(preset, text):
+    """Stage 1's counted FLOPs inside the routed pass equal stage 1 run alone on a (B, m) batch
+    plus its lm_head on B*m tokens: they grow with the tokens that reach it, not with B*T."""
+    ensemble = tiny_ensemble(preset)
+    ids = token_batch(text, 4, 16, offset=700)
+    ids[:, 0] = torch.tensor([65, 66, 67, 68])  # distinct first tokens, so no two sequences share a state
+    d, vocab = ensemble[0].hidden_size, ensemble.vocab_size
+    with torch.inference_mode():
+        nobody, _ = count_flops(routed_forward, ensemble, ids, thresholds=[-INF])
+        for keep in (3, 8, 16):
+            exits = torch.ones(4, 16, dtype=torch.bool)
+            exits[:, :keep] = False  # every sequence sends exactly `keep` tokens on: no padding
+            scripted, scripted_exits = scripted_exit(ensemble, ids, exits)
+            assert torch.equal(scripted_exits, exits)  # distinct first tokens: no twin states
+            ensemble[0].exit_function = _resolve(scripted)
+            both, out = count_flops(routed_forward, ensemble, ids, thresholds=[0.5])
+            ensemble[0].exit_function = _resolve("max_prob")
+            alone, _ = count_flops(ensemble[1], inputs_embeds=torch.zeros(4, keep, d))
+            head1 = 2 * 4 * keep * d * vocab
+            head0_saved = 2 * 4 * keep * d * vocab  # stage-0 lm_head runs only on exiting tokens (logit-free rule)
+            assert both.flops - nobody.flops == alone.flops + head1 - head0_saved
+            assert out.tokens_entered[1] == 4 * keep
+
+
+def _resolve(fn):
+    from cascade_bench.exits import resolve_exit_function
+
+    return resolve_exit_function(fn)
