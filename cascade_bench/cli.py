@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=_positive_int, default=7)
     bench.add_argument("--threads", type=_positive_int, default=2)
     bench.add_argument("--seed", type=int, default=0)
-    bench.add_argument("--json", type=Path, default=None, help="also write rows, checks and conditions here")
+    bench.add_argument("--json", type=Path, default=Path("results/bench-routing.json"),
+                       help="where to write rows, checks and conditions (atomically); default %(default)s")
     return parser
 
 

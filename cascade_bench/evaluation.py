@@ -79,11 +79,12 @@ def evaluate(ensemble: Ensemble, batches: Iterable, method: str = "routed", cond
                 scored = out.scored
                 hard = scored & (out.exit_stage > 0)
                 easy = scored & (out.exit_stage == 0)
-                stage0 = out.stage_nll[0]
+                nll = out.nll.double()  # float64 sums: a long split must not lose digits
+                stage0 = out.stage_nll[0].double()
                 hard_has_stage0 = hard & ~torch.isnan(stage0)
                 sums += torch.stack([
-                    scored.sum(), out.nll.sum(), out.correct.sum(),
-                    hard.sum(), out.nll[hard].sum(), out.nll[easy].sum(),
+                    scored.sum(), nll.sum(), out.correct.sum(),
+                    hard.sum(), nll[hard].sum(), nll[easy].sum(),
                     hard_has_stage0.sum(), stage0[hard_has_stage0].sum(),
                 ]).double()
                 entered = _add(entered, out.tokens_entered)

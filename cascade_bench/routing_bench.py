@@ -125,11 +125,12 @@ def check_bars(rows: Sequence[BenchRow], wall_over_flop_max: float = 1.08) -> li
 
 def format_table(rows: Sequence[BenchRow]) -> str:
     """A Markdown table of the rows."""
-    header = ("| exit after stage 0 | method | median ms | IQR ms | tokens/s | wall ratio | FLOP ratio | "
+    header = ("| forced exit | method | exit at stage 0 | median ms | IQR ms | tokens/s | wall ratio | FLOP ratio | "
               "wall/FLOP | layer cost | padding | peak MiB | memory ratio |")
-    lines = [header, "|" + "|".join([" --- "] * 12) + "|"]
+    lines = [header, "|" + "|".join([" --- "] * 13) + "|"]
     for r in rows:
-        lines.append(f"| {r.exit_ratio:.1%} | {r.method} | {r.median_s * 1e3:.1f} | {r.iqr_s * 1e3:.1f} | "
+        lines.append(f"| {r.target_exit_ratio:.0%} | {r.method} | {r.exit_ratio:.1%} | {r.median_s * 1e3:.1f} | "
+                     f"{r.iqr_s * 1e3:.1f} | "
                      f"{r.tokens_per_s:,.0f} | {r.wall_ratio:.3f} | {r.flop_ratio:.3f} | {r.wall_over_flop:.3f} | "
                      f"{r.layer_cost:.3f} | {r.padding_waste:.1%} | {r.peak_bytes / 2**20:.1f} | {r.memory_ratio:.3f} |")
     return "\n".join(lines)
