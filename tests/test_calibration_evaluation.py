@@ -11,7 +11,7 @@ from cascade_bench import routed_forward
 from cascade_bench.calibration import calibrate_thresholds, threshold_for_hard_ratio
 from cascade_bench.evaluation import evaluate
 
-from conftest import tiny_ensemble, token_batch
+from tests.helpers import tiny_ensemble, token_batch
 
 
 def test_threshold_for_hard_ratio_by_hand():

@@ -10,7 +10,7 @@ import torch
 from cascade_bench import Ensemble, LLM, forward_cascade, full_forward, masked_forward, routed_forward
 from cascade_bench.presets import build_ensemble, stage_config
 
-from conftest import BATCHING, FAMILIES, INF, tiny_ensemble, token_batch
+from tests.helpers import BATCHING, FAMILIES, INF, tiny_ensemble, token_batch
 
 
 @pytest.mark.parametrize("preset", FAMILIES)

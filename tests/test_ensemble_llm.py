@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from cascade_bench import Ensemble, LLM, full_forward, routed_forward
 from cascade_bench.presets import build_ensemble, stage_config
 
-from conftest import FAMILIES, tiny_ensemble, token_batch
+from tests.helpers import FAMILIES, tiny_ensemble, token_batch
 
 
 @pytest.mark.parametrize("preset", FAMILIES)

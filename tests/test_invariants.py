@@ -10,7 +10,7 @@ import torch
 from cascade_bench import forward_cascade, full_forward, routed_forward
 from cascade_bench.flops import count_flops
 
-from conftest import BATCHING, FAMILIES, INF, scripted_exit, tiny_ensemble, token_batch
+from tests.helpers import BATCHING, FAMILIES, INF, scripted_exit, tiny_ensemble, token_batch
 
 ATOL = 1e-5
 

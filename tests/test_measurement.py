@@ -10,7 +10,7 @@ from cascade_bench.flops import count_flops
 from cascade_bench.memory import peak_memory_bytes
 from cascade_bench.timing import TimingStats, time_call
 
-from conftest import tiny_ensemble, token_batch
+from tests.helpers import tiny_ensemble, token_batch
 
 
 def _confidence(ensemble, ids):
