@@ -23,10 +23,12 @@ class StageOutput:
     hidden: (R, L, d) final hidden states, after the final norm (``hidden_states[-1]``, what
         ``lm_head`` sees and what the next stage reads as ``inputs_embeds``).
     input_state: (R, L, d) input of the stage's last decoder layer, or None if not captured.
+    logits: (n, V) logits at the positions asked for (``logits_at``), in row-major order, or None.
     """
 
     hidden: Tensor
     input_state: Optional[Tensor] = None
+    logits: Optional[Tensor] = None
 
 
 def check_threshold(threshold) -> float:
@@ -109,12 +111,12 @@ class LLM(nn.Module):
     # -- inference ------------------------------------------------------------------------------
     def forward(self, input_ids: Optional[Tensor] = None, inputs_embeds: Optional[Tensor] = None,
                 attention_mask: Optional[Tensor] = None, position_ids: Optional[Tensor] = None,
-                capture_input_state: bool = False) -> StageOutput:
+                capture_input_state: bool = False, logits_at: Optional[Tensor] = None) -> StageOutput:
         """Run the stage on token ids (R, L) or hidden states (R, L, d).
 
         attention_mask: (R, L), 1 = real token. position_ids: (R, L). Returns final hidden states
-        (R, L, d) and, if ``capture_input_state``, the input of the last decoder layer (R, L, d).
-        No logits are computed here: use :meth:`logits` on the positions that need them.
+        (R, L, d), if ``capture_input_state`` the input of the last decoder layer (R, L, d), and
+        logits only at the positions of the (R, L) bool mask ``logits_at`` (none by default).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -132,7 +134,14 @@ class LLM(nn.Module):
         finally:
             if handle is not None:
                 handle.remove()
-        return StageOutput(hidden=out.last_hidden_state, input_state=captured[0] if captured else None)
+        hidden = out.last_hidden_state
+        logits = None
+        if logits_at is not None:
+            if logits_at.dtype != torch.bool or tuple(logits_at.shape) != tuple(hidden.shape[:2]):
+                raise ValueError(f"logits_at must be a bool mask of shape {tuple(hidden.shape[:2])}, got "
+                                 f"{logits_at.dtype} {tuple(logits_at.shape)}")
+            logits = self.logits(hidden[logits_at])
+        return StageOutput(hidden=hidden, input_state=captured[0] if captured else None, logits=logits)
 
     def logits(self, hidden: Tensor) -> Tensor:
         """Vocabulary logits (..., V) for the given final hidden states (..., d)."""

@@ -21,11 +21,14 @@ def test_llm_forward_matches_the_hf_model(preset, text):
     ids = token_batch(text, 2, 12)
     with torch.inference_mode():
         reference = model(input_ids=ids, output_hidden_states=True)
-        out = stage(input_ids=ids, capture_input_state=True)
-        chosen = stage.logits(out.hidden[:, [3, 7]])
+        chosen = torch.zeros(2, 12, dtype=torch.bool)
+        chosen[:, [3, 7]] = True
+        out = stage(input_ids=ids, capture_input_state=True, logits_at=chosen)
     torch.testing.assert_close(out.hidden, reference.hidden_states[-1])
     torch.testing.assert_close(out.input_state, reference.hidden_states[-2])  # input of the last layer
-    torch.testing.assert_close(chosen, reference.logits[:, [3, 7]])
+    torch.testing.assert_close(out.logits, reference.logits[:, [3, 7]].reshape(4, -1))
+    with pytest.raises(ValueError, match="logits_at must be a bool mask of shape"):
+        stage(input_ids=ids, logits_at=chosen[:, :5])
     assert stage.model is model  # composition, not a copy
     assert (stage.num_layers, stage.hidden_size, stage.vocab_size) == (2, 32, 256)
 

@@ -111,11 +111,15 @@ class _Received:
     """Forward pre-hooks that record what a stage's modules actually received."""
 
     def __init__(self, stage):
-        self.layer_inputs, self.head_rows = [], 0
+        self.layer_inputs, self.embeds, self.head_rows = [], [], 0
         self.handles = [
+            stage.parts.base_model.register_forward_pre_hook(self._base, with_kwargs=True),
             stage.parts.layers[0].register_forward_pre_hook(self._layer, with_kwargs=True),
             stage.lm_head.register_forward_pre_hook(self._head),
         ]
+
+    def _base(self, module, args, kwargs):
+        self.embeds.append(kwargs["inputs_embeds"].detach().clone())
 
     def _layer(self, module, args, kwargs):
         self.layer_inputs.append((args[0] if args else kwargs["hidden_states"]).detach().clone())
@@ -155,6 +159,16 @@ def test_exited_tokens_never_reach_a_later_stage(preset, batching, text):
         assert slots == rows * int(counts.max())
     assert received.head_rows == continuing
     assert out.slots_computed[1] == slots and out.tokens_entered[1] == continuing
+    # The states stage 1 received are exactly stage 0's outputs at the continuing positions, in
+    # order per sequence; no exited token's state is among them.
+    with torch.inference_mode():
+        stage0 = ensemble[0](input_ids=ids).hidden
+    got = sorted((tuple(row[:n].flatten().tolist()) for x in received.embeds for row in x
+                  for n in [int((row.abs().sum(-1) > 0).sum())]))
+    want = sorted(tuple(stage0[b][~exits[b]].flatten().tolist()) for b in range(4) if (~exits[b]).any())
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(torch.tensor(g), torch.tensor(w), atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("preset", FAMILIES)
