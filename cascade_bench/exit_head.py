@@ -15,6 +15,7 @@ from torch import Tensor
 
 from .exits import ExitFunction
 from .llm import LLM
+from .probes import NO_PROBE, Probe
 
 #: Default logits chunk: about 8 MiB of float32 logits at a time. Small enough to stay in the
 #: allocator's heap (a fresh 64 MiB block per chunk costs more in page faults than its math).
@@ -39,13 +40,16 @@ class HeadResult:
 
 def run_exit_head(stage: LLM, stage_index: int, hidden: Tensor, targets: Tensor,
                   exit_function: Optional[ExitFunction] = None, input_state: Optional[Tensor] = None,
-                  keep_logits: bool = False, chunk_tokens: Optional[int] = None) -> HeadResult:
+                  keep_logits: bool = False, chunk_tokens: Optional[int] = None,
+                  probe: Probe = NO_PROBE) -> HeadResult:
     """Project ``hidden`` (n, d) through the stage's lm_head and reduce per token.
 
     targets: (n,) token ids, negative = not scored. If ``exit_function`` is given, its confidence
     is computed on the same logits chunk (``input_state`` (n, d) passed through).
-    Raises ValueError if any logit row is not finite.
+    Raises ValueError if any logit row is not finite. Spans: ``stage{k}.exit_head`` (logits, NLL,
+    argmax) and ``stage{k}.exit_fn`` (confidence), once per chunk.
     """
+    head_span, fn_span = f"stage{stage_index}.exit_head", f"stage{stage_index}.exit_fn"
     n = hidden.shape[0]
     vocab = stage.vocab_size
     if chunk_tokens is None:
@@ -58,19 +62,21 @@ def run_exit_head(stage: LLM, stage_index: int, hidden: Tensor, targets: Tensor,
     bad = torch.zeros((), dtype=torch.bool, device=hidden.device)
     for start in range(0, n, chunk_tokens):
         stop = min(start + chunk_tokens, n)
-        logits = stage.logits(hidden[start:stop])
-        logits32 = logits.float()  # no copy when the model already runs in float32
-        # One max pass gives argmax and the logsumexp shift; one temporary for exp(logits - max).
-        max_logit, argmax = logits32.max(dim=-1)
-        log_z = (logits32 - max_logit[:, None]).exp_().sum(dim=-1).log_().add_(max_logit)
-        bad |= ~torch.isfinite(log_z).all()
-        target_logit = logits32.gather(1, safe_targets[start:stop, None]).squeeze(1)
-        nll[start:stop] = log_z - target_logit
-        correct[start:stop] = argmax == targets[start:stop]
+        with probe.span(head_span):
+            logits = stage.logits(hidden[start:stop])
+            logits32 = logits.float()  # no copy when the model already runs in float32
+            # One max pass gives argmax and the logsumexp shift; one temporary for exp(logits - max).
+            max_logit, argmax = logits32.max(dim=-1)
+            log_z = (logits32 - max_logit[:, None]).exp_().sum(dim=-1).log_().add_(max_logit)
+            bad |= ~torch.isfinite(log_z).all()
+            target_logit = logits32.gather(1, safe_targets[start:stop, None]).squeeze(1)
+            nll[start:stop] = log_z - target_logit
+            correct[start:stop] = argmax == targets[start:stop]
         if exit_function is not None:
-            h_in = input_state[start:stop] if input_state is not None else None
-            confidence[start:stop] = exit_function(h_in, hidden[start:stop], logits32,
-                                                   log_normalizer=log_z, max_logit=max_logit)
+            with probe.span(fn_span):
+                h_in = input_state[start:stop] if input_state is not None else None
+                confidence[start:stop] = exit_function(h_in, hidden[start:stop], logits32,
+                                                       log_normalizer=log_z, max_logit=max_logit)
         if kept is not None:
             kept.append(logits)
     if n and bool(bad):

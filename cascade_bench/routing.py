@@ -31,6 +31,7 @@ from .compaction import Layout, from_dense, plan_layouts, scatter_members, to_de
 from .ensemble import Ensemble
 from .exit_head import HeadResult, run_exit_head
 from .llm import LLM, check_threshold
+from .probes import NO_PROBE, Probe
 
 METHODS = ("routed", "masked", "full")
 POSITION_MODES = ("compact", "original")
@@ -48,6 +49,8 @@ class RoutedOutput:
     stage_confidence: (S, B, T) float32, exit confidence at stage k where computed, else NaN.
     tokens_entered / tokens_exited: per stage, real tokens that reached / left the stage.
     slots_computed: per stage, dense slots the stage computed (tokens + padding).
+    stage_batch_shapes: per stage, the (rows, length) of every dense batch the stage ran.
+    head_tokens: per stage, tokens whose logits the stage's exit head computed.
     logits: (B, T, V) logits at each token's exit stage, only if asked for.
     """
 
@@ -63,6 +66,8 @@ class RoutedOutput:
     slots_computed: tuple[int, ...]
     layers_per_stage: tuple[int, ...]
     thresholds: tuple[float, ...]
+    stage_batch_shapes: tuple[tuple[tuple[int, int], ...], ...] = ()
+    head_tokens: tuple[int, ...] = ()
     logits: Optional[Tensor] = None
 
     @property
@@ -105,7 +110,7 @@ def forward_cascade(ensemble: Ensemble, input_ids: Tensor, attention_mask: Optio
                     positions: str = "compact", thresholds: Optional[Sequence[float]] = None,
                     num_stages: Optional[int] = None, return_logits: bool = False,
                     logits_chunk_tokens: Optional[int] = None,
-                    confidence_at_last_stage: bool = False) -> RoutedOutput:
+                    confidence_at_last_stage: bool = False, probe: Probe = NO_PROBE) -> RoutedOutput:
     """Run ``method`` over the batch. See the module docstring for the methods.
 
     input_ids, attention_mask, targets: (B, T); targets are already shifted (the token to predict at
@@ -114,6 +119,7 @@ def forward_cascade(ensemble: Ensemble, input_ids: Tensor, attention_mask: Optio
     thresholds: per stage, overriding the stages' own. num_stages: use only the first stages.
     confidence_at_last_stage: also compute the last stage's exit confidence (for calibration and
     histograms; off by default because nobody needs it to route).
+    probe: receives the pass's named spans (see ``probes``); the default does nothing.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -128,7 +134,7 @@ def forward_cascade(ensemble: Ensemble, input_ids: Tensor, attention_mask: Optio
     batch = make_token_batch(input_ids, attention_mask, targets, vocab_size=ensemble.vocab_size, device=ensemble.device)
     _check_lengths(stages, batch, positions)
     return _Pass(stages, batch, method, batching, positions, thresholds, return_logits, logits_chunk_tokens,
-                 confidence_at_last_stage).run()
+                 confidence_at_last_stage, probe).run()
 
 
 def routed_forward(ensemble: Ensemble, input_ids: Tensor, attention_mask: Optional[Tensor] = None, **kwargs) -> RoutedOutput:
@@ -168,9 +174,12 @@ class _Pass:
     return_logits: bool
     chunk_tokens: Optional[int]
     last_confidence: bool
+    probe: Probe = NO_PROBE
     entered: list[int] = field(default_factory=list)
     exited: list[int] = field(default_factory=list)
     slots: list[int] = field(default_factory=list)
+    shapes: list[tuple[tuple[int, int], ...]] = field(default_factory=list)
+    head_tokens: list[int] = field(default_factory=list)
 
     def run(self) -> RoutedOutput:
         batch, num_stages = self.batch, len(self.stages)
@@ -186,43 +195,27 @@ class _Pass:
 
         reach = batch.tokens  # flat indices of the tokens entering the current stage
         state: Optional[Tensor] = None  # (len(reach), d) hidden states handed to the current stage
-        alive = torch.ones(reach.numel(), dtype=torch.bool, device=device)  # masked method only
+        self.alive = torch.ones(reach.numel(), dtype=torch.bool, device=device)  # masked method only
         layouts: Optional[list[Layout]] = None
         for k, stage in enumerate(self.stages):
-            last = k == num_stages - 1
             if reach.numel() == 0:  # everyone exited earlier: this stage does no work at all
-                for counts in (self.entered, self.exited, self.slots):
+                for counts in (self.entered, self.exited, self.slots, self.head_tokens):
                     counts.append(0)
+                self.shapes.append(())
                 continue
-            if layouts is None or self.method == "routed":
-                layouts = plan_layouts(reach, batch.seq_len, batch.batch_size,
-                                       self.batching if self.method == "routed" else "padded")
-            exit_fn = stage.exit_function
-            decides = (not last or self.last_confidence) and self.method != "full"
-            capture = decides and exit_fn.needs_input_state
-            hidden, input_state = self._run_stage(stage, k, reach, state, layouts, capture)
-            self.entered.append(reach.numel())
-            self.slots.append(sum(layout.slots for layout in layouts))
-            targets = batch.targets[reach]
-            if self.method == "full":
-                if last:
-                    self._record(k, reach, run_exit_head(stage, k, hidden, targets, keep_logits=self.return_logits,
-                                                         chunk_tokens=self.chunk_tokens))
-                self.exited.append(reach.numel() if last else 0)
-                state = hidden
-            elif self.method == "masked":
-                head = run_exit_head(stage, k, hidden, targets, None if last else exit_fn, input_state,
-                                     keep_logits=self.return_logits, chunk_tokens=self.chunk_tokens)
-                self.stage_nll[k, reach] = head.nll
-                exits = alive if last else alive & (head.confidence >= self.thresholds[k])
-                if not last:
-                    self.stage_conf[k, reach] = head.confidence
-                self._record(k, reach[exits], _select(head, exits))
-                self.exited.append(int(exits.sum()))
-                alive = alive & ~exits
-                state = hidden
-            else:
-                reach, state = self._route(stage, k, last, reach, hidden, input_state, targets)
+            with self.probe.span(f"stage{k}"):
+                if layouts is None or self.method == "routed":
+                    with self.probe.span(f"stage{k}.gather"):
+                        layouts = plan_layouts(reach, batch.seq_len, batch.batch_size,
+                                               self.batching if self.method == "routed" else "padded")
+                last = k == num_stages - 1
+                decides = (not last or self.last_confidence) and self.method != "full"
+                capture = decides and stage.exit_function.needs_input_state
+                hidden, input_state = self._run_stage(stage, k, reach, state, layouts, capture)
+                self.entered.append(reach.numel())
+                self.slots.append(sum(layout.slots for layout in layouts))
+                self.shapes.append(tuple((layout.num_rows, layout.length) for layout in layouts))
+                reach, state = self._decide(stage, k, last, reach, hidden, input_state)
         return RoutedOutput(
             method=self.method,
             nll=self.nll.view(batch.batch_size, batch.seq_len),
@@ -233,72 +226,123 @@ class _Pass:
             stage_confidence=self.stage_conf.view(num_stages, batch.batch_size, batch.seq_len),
             tokens_entered=tuple(self.entered), tokens_exited=tuple(self.exited), slots_computed=tuple(self.slots),
             layers_per_stage=tuple(s.num_layers for s in self.stages), thresholds=self.thresholds,
+            stage_batch_shapes=tuple(self.shapes), head_tokens=tuple(self.head_tokens),
             logits=None if self.logits is None else self.logits.view(batch.batch_size, batch.seq_len, -1),
         )
+
+    def _head(self, stage: LLM, k: int, hidden: Tensor, targets: Tensor, exit_fn=None,
+              input_state: Optional[Tensor] = None) -> HeadResult:
+        self.head_tokens[-1] += hidden.shape[0]
+        return run_exit_head(stage, k, hidden, targets, exit_fn, input_state, keep_logits=self.return_logits,
+                             chunk_tokens=self.chunk_tokens, probe=self.probe)
+
+    def _decide(self, stage: LLM, k: int, last: bool, reach: Tensor, hidden: Tensor,
+                input_state: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
+        """Exit decision and scatter for one stage; returns (flat indices, hidden) of continuing tokens."""
+        self.head_tokens.append(0)
+        targets = self.batch.targets[reach]
+        exit_fn = stage.exit_function
+        if self.method == "full":
+            if last:
+                with self.probe.span(f"stage{k}.exit"):
+                    head = self._head(stage, k, hidden, targets)
+                with self.probe.span(f"stage{k}.scatter"):
+                    self._record(k, reach, head)
+            self.exited.append(reach.numel() if last else 0)
+            return reach, hidden
+        if self.method == "masked":
+            with self.probe.span(f"stage{k}.exit"):
+                head = self._head(stage, k, hidden, targets, None if last else exit_fn, input_state)
+                exits = self.alive if last else self.alive & (head.confidence >= self.thresholds[k])
+            with self.probe.span(f"stage{k}.scatter"):
+                self.stage_nll[k, reach] = head.nll
+                if not last:
+                    self.stage_conf[k, reach] = head.confidence
+                self._record(k, reach[exits], _select(head, exits))
+                self.exited.append(int(exits.sum()))
+                self.alive = self.alive & ~exits
+            return reach, hidden
+        return self._route(stage, k, last, reach, hidden, input_state, targets)
 
     def _route(self, stage: LLM, k: int, last: bool, reach: Tensor, hidden: Tensor,
                input_state: Optional[Tensor], targets: Tensor) -> tuple[Tensor, Tensor]:
         """Decide, record the exiting tokens, and return (flat indices, hidden) of the continuing ones."""
         exit_fn = stage.exit_function
         if last:
-            scorer = exit_fn if self.last_confidence and exit_fn.needs_logits else None
-            head = run_exit_head(stage, k, hidden, targets, scorer, input_state, keep_logits=self.return_logits,
-                                 chunk_tokens=self.chunk_tokens)
-            if self.last_confidence:
-                scores = head.confidence if scorer is not None else exit_fn(input_state, hidden, None)
-                self.stage_conf[k, reach] = scores
-            self.stage_nll[k, reach] = head.nll
-            self._record(k, reach, head)
-            self.exited.append(reach.numel())
+            with self.probe.span(f"stage{k}.exit"):
+                scorer = exit_fn if self.last_confidence and exit_fn.needs_logits else None
+                head = self._head(stage, k, hidden, targets, scorer, input_state)
+                scores = None
+                if self.last_confidence:
+                    scores = head.confidence if scorer is not None else self._confidence(k, exit_fn, input_state, hidden)
+            with self.probe.span(f"stage{k}.scatter"):
+                if scores is not None:
+                    self.stage_conf[k, reach] = scores
+                self.stage_nll[k, reach] = head.nll
+                self._record(k, reach, head)
+                self.exited.append(reach.numel())
             return reach[:0], hidden[:0]
         if exit_fn.needs_logits:
-            head = run_exit_head(stage, k, hidden, targets, exit_fn, input_state,
-                                 keep_logits=self.return_logits, chunk_tokens=self.chunk_tokens)
-            confidence = head.confidence
-            self.stage_nll[k, reach] = head.nll
-            exits = confidence >= self.thresholds[k]
-            leaving = reach[exits]
-            self._record(k, leaving, _select(head, exits))
+            with self.probe.span(f"stage{k}.exit"):
+                head = self._head(stage, k, hidden, targets, exit_fn, input_state)
+                confidence = head.confidence
+                exits = confidence >= self.thresholds[k]
+            with self.probe.span(f"stage{k}.scatter"):
+                self.stage_nll[k, reach] = head.nll
+                leaving = reach[exits]
+                self._record(k, leaving, _select(head, exits))
         else:
             # Confidence from hidden states alone: lm_head only for the tokens that exit here.
-            confidence = exit_fn(input_state, hidden, None)
-            exits = confidence >= self.thresholds[k]
-            leaving = reach[exits]
-            head = run_exit_head(stage, k, hidden[exits], targets[exits], keep_logits=self.return_logits,
-                                 chunk_tokens=self.chunk_tokens)
-            self.stage_nll[k, leaving] = head.nll
-            self._record(k, leaving, head)
-        self.stage_conf[k, reach] = confidence
-        self.exited.append(leaving.numel())
-        staying = ~exits
-        return reach[staying], hidden[staying]
+            with self.probe.span(f"stage{k}.exit"):
+                confidence = self._confidence(k, exit_fn, input_state, hidden)
+                exits = confidence >= self.thresholds[k]
+                head = self._head(stage, k, hidden[exits], targets[exits])
+            with self.probe.span(f"stage{k}.scatter"):
+                leaving = reach[exits]
+                self.stage_nll[k, leaving] = head.nll
+                self._record(k, leaving, head)
+        with self.probe.span(f"stage{k}.scatter"):
+            self.stage_conf[k, reach] = confidence
+            self.exited.append(leaving.numel())
+            staying = ~exits
+            return reach[staying], hidden[staying]
+
+    def _confidence(self, k: int, exit_fn, input_state: Optional[Tensor], hidden: Tensor) -> Tensor:
+        with self.probe.span(f"stage{k}.exit_fn"):
+            return exit_fn(input_state, hidden, None)
 
     def _run_stage(self, stage: LLM, k: int, reach: Tensor, state: Optional[Tensor], layouts: list[Layout],
                    capture: bool) -> tuple[Tensor, Optional[Tensor]]:
         """Run one stage over the tokens in ``reach``; return per-token hidden (and last-layer input)."""
-        ids = self.batch.ids[reach] if k == 0 else None
-        original = self.batch.positions[reach] if self.positions == "original" else None
-        hidden_parts, input_parts = [], []
-        for layout in layouts:
-            mask = torch.ones(layout.num_rows, layout.length, dtype=torch.long, device=reach.device)
-            if original is None:
-                position_ids = torch.arange(layout.length, device=reach.device).expand(layout.num_rows, -1)
-            else:
-                position_ids = to_dense(original, layout, fill=0)
-            out = stage(input_ids=to_dense(ids, layout) if ids is not None else None,
-                        inputs_embeds=to_dense(state, layout) if ids is None else None,
-                        attention_mask=mask, position_ids=position_ids, capture_input_state=capture)
-            hidden_parts.append(from_dense(out.hidden, layout))
-            input_parts.append(from_dense(out.input_state, layout) if capture else None)
-        if len(layouts) == 1 and layouts[0].members is None:
-            return hidden_parts[0], input_parts[0]
-        hidden = hidden_parts[0].new_empty(reach.numel(), stage.hidden_size)
-        input_state = hidden.new_empty(hidden.shape) if capture else None
-        for layout, h, h_in in zip(layouts, hidden_parts, input_parts):
-            scatter_members(hidden, layout, h)
-            if capture:
-                scatter_members(input_state, layout, h_in)
-        return hidden, input_state
+        with self.probe.span(f"stage{k}.gather"):
+            ids = self.batch.ids[reach] if k == 0 else None
+            original = self.batch.positions[reach] if self.positions == "original" else None
+            calls = []
+            for layout in layouts:
+                if original is None:
+                    position_ids = torch.arange(layout.length, device=reach.device).expand(layout.num_rows, -1)
+                else:
+                    position_ids = to_dense(original, layout, fill=0)
+                calls.append(dict(
+                    input_ids=to_dense(ids, layout) if ids is not None else None,
+                    inputs_embeds=to_dense(state, layout) if ids is None else None,
+                    attention_mask=torch.ones(layout.num_rows, layout.length, dtype=torch.long, device=reach.device),
+                    position_ids=position_ids, capture_input_state=capture))
+        with self.probe.span(f"stage{k}.layers"):
+            outs = [stage(**call) for call in calls]
+        del calls
+        with self.probe.span(f"stage{k}.scatter"):
+            if len(layouts) == 1 and layouts[0].members is None:
+                only = layouts[0]
+                return (from_dense(outs[0].hidden, only),
+                        from_dense(outs[0].input_state, only) if capture else None)
+            hidden = outs[0].hidden.new_empty(reach.numel(), stage.hidden_size)
+            input_state = hidden.new_empty(hidden.shape) if capture else None
+            for layout, out in zip(layouts, outs):
+                scatter_members(hidden, layout, from_dense(out.hidden, layout))
+                if capture:
+                    scatter_members(input_state, layout, from_dense(out.input_state, layout))
+            return hidden, input_state
 
     def _record(self, k: int, flat_index: Tensor, head: HeadResult) -> None:
         """Scatter: write exiting tokens' results back to their original positions."""
