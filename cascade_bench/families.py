@@ -55,3 +55,39 @@ def family_parts(model: nn.Module) -> FamilyParts:
             f"cascade_bench.families.FAMILY_PARTS"
         )
     return FamilyParts(base_model=base, layers=layers, final_norm=norm)
+
+
+# model_type -> number of d x intermediate matrices in the MLP (2: up/down, 3: gated gate/up/down)
+MLP_MATRICES: dict[str, int] = {"gpt2": 2, "gpt_neox": 2, "llama": 3, "mistral": 3, "qwen2": 3}
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """What a decoder layer's matrix products depend on, read from standard config names."""
+
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    mlp_matrices: int
+    vocab_size: int
+    num_layers: int
+
+
+def layer_shape(config) -> LayerShape:
+    """LayerShape of a Hugging Face config (GPT-2's ``n_inner=None`` means 4 x hidden)."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in MLP_MATRICES:
+        raise ValueError(f"no analytic cost model for model family {model_type!r}; supported: {sorted(MLP_MATRICES)}")
+    hidden = int(config.hidden_size)
+    heads = int(config.num_attention_heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
+    if model_type == "gpt2":
+        inner = config.n_inner if config.n_inner is not None else 4 * hidden
+    else:
+        inner = config.intermediate_size
+    return LayerShape(hidden_size=hidden, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
+                      intermediate_size=int(inner), mlp_matrices=MLP_MATRICES[model_type],
+                      vocab_size=int(config.vocab_size), num_layers=int(config.num_hidden_layers))

@@ -1,17 +1,21 @@
-"""Wall-clock timing around a whole call: warm-up, repeats, median and IQR.
+"""Timing: wall clock around a whole call, and spans inside a routed pass.
 
-CPU: ``time.perf_counter_ns`` with the thread count recorded by the caller's conditions.
-CUDA: the device is synchronised before every clock read.
+CPU: ``time.perf_counter_ns``, with the thread count recorded in the result's conditions.
+CUDA: the device is synchronised before every wall-clock read; spans use CUDA events.
+Warm-up runs are untimed; results are medians and IQRs over repeats.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+
+from .probes import Probe
 
 
 @dataclass(frozen=True)
@@ -54,3 +58,62 @@ def time_call(fn: Callable[[], object], warmup: int = 1, repeats: int = 5,
     for _ in range(warmup):
         fn()
     return TimingStats(tuple(wall_time_once(fn, device) for _ in range(repeats)))
+
+
+class SpanTimer(Probe):
+    """A probe that times every span of a pass: one API, two backends.
+
+    CPU: ``perf_counter_ns`` at span entry and exit. CUDA: a pair of
+    ``torch.cuda.Event(enable_timing=True)`` per span occurrence, read after one synchronise at
+    :meth:`results` (no sync inside the pass). Durations of a span name are summed over its
+    occurrences. Also usable as a plain wall timer around the whole pass via :meth:`total`.
+    """
+
+    def __init__(self, device: "torch.device | str" = "cpu"):
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self._cpu: dict[str, int] = {}
+        self._events: list[tuple[str, object, object]] = []
+
+    @contextmanager
+    def span(self, name: str):
+        if self.cuda:
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            try:
+                yield
+            finally:
+                stop.record()
+                self._events.append((name, start, stop))
+        else:
+            start = time.perf_counter_ns()
+            try:
+                yield
+            finally:
+                self._cpu[name] = self._cpu.get(name, 0) + time.perf_counter_ns() - start
+
+    def results(self) -> dict[str, float]:
+        """Seconds per span name (summed over occurrences); synchronises CUDA once."""
+        if not self.cuda:
+            return {name: ns / 1e9 for name, ns in self._cpu.items()}
+        torch.cuda.synchronize(self.device)
+        seconds: dict[str, float] = {}
+        for name, start, stop in self._events:
+            seconds[name] = seconds.get(name, 0.0) + start.elapsed_time(stop) / 1e3
+        return seconds
+
+
+def time_spans(fn: Callable[[Probe], object], device: "torch.device | str" = "cpu", warmup: int = 1,
+               repeats: int = 5) -> tuple[TimingStats, dict[str, TimingStats]]:
+    """Time ``fn(probe)`` (a pass that reports spans to ``probe``): wall time around the whole call
+    (synchronised) and every span, over ``repeats`` runs after ``warmup``."""
+    device = torch.device(device)
+    for _ in range(warmup):
+        fn(Probe())
+    walls, spans = [], {}
+    for _ in range(repeats):
+        timer = SpanTimer(device)
+        walls.append(wall_time_once(lambda: fn(timer), device))
+        for name, seconds in timer.results().items():
+            spans.setdefault(name, []).append(seconds)
+    return TimingStats(tuple(walls)), {name: TimingStats(tuple(v)) for name, v in spans.items()}

@@ -1,0 +1,91 @@
+"""Analytic cost model: FLOPs from the config and the shapes that ran (or would run).
+
+Same conventions as the counted FLOPs (``flops.py``), so the two agree exactly:
+2 FLOPs per multiply-add; per decoder layer and token the projections
+``d*(H*hd) + 2*d*(Hkv*hd) + (H*hd)*d`` and the MLP ``m*d*I`` MACs (m = 2 up/down or 3 gated);
+attention counted **full** (non-causal), ``2*H*hd*L*L`` MACs per layer for a row of length L
+padded or not; the exit head ``d*V`` per token whose logits are computed. Norms, activations,
+rotary embeddings, softmax and the exit confidence are elementwise and count 0, as in the
+counter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from .families import LayerShape, layer_shape
+
+
+def dense_macs_per_token(shape: LayerShape) -> int:
+    """Projection + MLP MACs of one layer for one token."""
+    d, q, kv = shape.hidden_size, shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
+    return d * q + 2 * d * kv + q * d + shape.mlp_matrices * d * shape.intermediate_size
+
+
+def attention_macs(shape: LayerShape, rows: int, length: int) -> int:
+    """QK^T and PV MACs of one layer over a (rows, length) batch, counted full."""
+    return 2 * rows * shape.num_heads * shape.head_dim * length * length
+
+
+@dataclass(frozen=True)
+class StageCost:
+    """Analytic FLOPs of one stage: layers (dense + attention) and exit head."""
+
+    dense: int
+    attention: int
+    exit_head: int
+
+    @property
+    def layers(self) -> int:
+        return self.dense + self.attention
+
+    @property
+    def total(self) -> int:
+        return self.layers + self.exit_head
+
+
+def stage_cost(config, batch_shapes: Sequence[tuple[int, int]], head_tokens: int) -> StageCost:
+    """FLOPs of one stage that ran dense batches of the given (rows, length) and computed logits
+    for ``head_tokens`` tokens."""
+    shape = layer_shape(config)
+    slots = sum(rows * length for rows, length in batch_shapes)
+    dense = shape.num_layers * dense_macs_per_token(shape) * slots
+    attention = shape.num_layers * sum(attention_macs(shape, rows, length) for rows, length in batch_shapes)
+    head = head_tokens * shape.hidden_size * shape.vocab_size
+    return StageCost(dense=2 * dense, attention=2 * attention, exit_head=2 * head)
+
+
+def routed_cost(configs: Sequence, stage_batch_shapes, head_tokens: Sequence[int]) -> tuple[StageCost, ...]:
+    """Per-stage analytic FLOPs of a pass, from RoutedOutput.stage_batch_shapes and .head_tokens."""
+    return tuple(stage_cost(c, shapes, n) for c, shapes, n in zip(configs, stage_batch_shapes, head_tokens))
+
+
+def padding_flops(config, batch_shapes: Sequence[tuple[int, int]], row_lengths: Sequence[int]) -> int:
+    """FLOPs a stage spent on padding: the batches that ran minus the same rows unpadded."""
+    unpadded = stage_cost(config, [(1, n) for n in row_lengths if n > 0], 0)
+    return stage_cost(config, batch_shapes, 0).layers - unpadded.layers
+
+
+def expected_cost(configs: Sequence, continue_ratios: Sequence[float], seq_len: int, batch_size: int = 1,
+                  heads_on_all_reaching: bool = True) -> tuple[StageCost, ...]:
+    """Expected per-stage FLOPs for a configuration too large to run: stage k is reached by a
+    fraction ``prod(continue_ratios[:k])`` of the tokens, spread evenly over the rows (no padding).
+
+    ``heads_on_all_reaching``: exit rules that need logits (max_prob, margin, neg_entropy) compute
+    the head for every token reaching a stage; logit-free rules (cos_sim) only for those exiting.
+    """
+    if len(continue_ratios) != len(configs) - 1:
+        raise ValueError(f"expected {len(configs) - 1} continue ratios for {len(configs)} stages, "
+                         f"got {len(continue_ratios)}")
+    reaching, costs = 1.0, []
+    for k, config in enumerate(configs):
+        length = round(reaching * seq_len)
+        last = k == len(configs) - 1
+        leaving = reaching if last else reaching * (1 - continue_ratios[k])
+        head_share = reaching if (heads_on_all_reaching or last) else leaving
+        costs.append(stage_cost(config, [(batch_size, length)] if length else [],
+                                round(head_share * seq_len * batch_size)))
+        if not last:
+            reaching *= continue_ratios[k]
+    return tuple(costs)

@@ -1,0 +1,204 @@
+"""The full cost breakdown of a method over a dataloader, in one record with its quality metrics.
+
+Every measurement runs in its own pass, so none disturbs another:
+
+1. quality (``evaluate``): PPL, accuracy, exit ratios, layer cost;
+2. wall time of the whole pass over the batches (no probe at all), warm-up + repeats;
+3. span times (``timing.SpanTimer``: perf_counter_ns on CPU, CUDA events on GPU);
+4. counted FLOPs per stage and component (``flops.FlopProbe``), its own pass, itself timed to
+   report the counting overhead;
+5. analytic FLOPs (``analytic``) and fvcore x2 (``fvcore_check``) from the shapes that ran;
+6. peak memory (CUDA max allocated / peak live tensor bytes on CPU; process peak RSS beside it);
+7. on CUDA, host-device synchronisations per forward (``torch.cuda.set_sync_debug_mode``).
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+import torch
+
+from .analytic import padding_flops, routed_cost
+from .batch import unpack_batch
+from .ensemble import Ensemble
+from .evaluation import EvalResult, evaluate
+from .flops import FlopBreakdown, count_pass_flops
+from .fvcore_check import FvcoreCounter
+from .memory import peak_memory_bytes
+from .probes import NO_PROBE, Probe
+from .routing import RoutedOutput, forward_cascade
+from .timing import time_call, time_spans
+
+
+@dataclass(frozen=True)
+class StageCostRecord:
+    """One stage's share of a pass over all batches. FLOPs are counted unless named analytic."""
+
+    stage: int
+    layers_in_stage: int
+    tokens_entered: int
+    slots_computed: int
+    head_tokens: int
+    flops: int
+    layers_flops: int
+    attention_flops: int
+    exit_head_flops: int
+    exit_fn_flops: int
+    other_flops: int
+    padding_flops: int
+    analytic_flops: int
+
+
+@dataclass(frozen=True)
+class CostRecord:
+    """Quality and cost of one method over a dataloader (see the module docstring for how).
+
+    FLOPs are 2 per multiply-add; ``flops_fvcore`` is fvcore x2 over every op it counts,
+    ``flops_fvcore_matmul`` the classes both tools count alike. Times are seconds for one pass
+    over all batches. ``counting_overhead`` = one counted pass / median uncounted pass.
+    """
+
+    method: str
+    quality: EvalResult
+    flops: int
+    macs: int
+    flops_analytic: int
+    flops_fvcore: Optional[int]
+    flops_fvcore_matmul: Optional[int]
+    fvcore_unsupported: dict
+    stages: tuple[StageCostRecord, ...]
+    flops_by_op: dict
+    time_median_s: float
+    time_iqr_s: float
+    tokens_per_s: float
+    spans_median_s: dict
+    spans_wall_median_s: float
+    counted_pass_s: float
+    counting_overhead: float
+    peak_memory_bytes: int
+    memory_measure: str
+    peak_rss_bytes: int
+    host_syncs_per_forward: Optional[float]
+    conditions: dict = field(default_factory=dict)
+
+
+def _prepared(batches: Iterable, device: torch.device) -> list[tuple]:
+    prepared = []
+    for item in batches:
+        ids, mask, targets = unpack_batch(item)
+        prepared.append(tuple(None if t is None else t.to(device) for t in (ids, mask, targets)))
+    if not prepared:
+        raise ValueError("measure_cost got no batches")
+    return prepared
+
+
+def _row_lengths(out: RoutedOutput, stage: int) -> list[int]:
+    """Per sequence, real tokens that the stage computed."""
+    reached = out.exit_stage >= (stage if out.method == "routed" else 0)
+    return reached.sum(dim=1).tolist()
+
+
+def _count_host_syncs(run, device: torch.device) -> Optional[int]:
+    if device.type != "cuda":
+        return None
+    previous = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run()
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def measure_cost(ensemble: Ensemble, batches: Iterable, method: str = "routed", *, warmup: int = 1,
+                 repeats: int = 5, fvcore: bool = True, conditions: Optional[dict] = None,
+                 **forward_kwargs) -> CostRecord:
+    """Quality and the full cost breakdown of ``method`` over ``batches`` (see module docstring).
+
+    ``batches`` items are (B, T) tensors, (input_ids, attention_mask, targets) tuples or dicts;
+    they are materialised once and moved to the ensemble's device. ``forward_kwargs`` go to
+    ``forward_cascade`` (batching, positions, thresholds, ...).
+    """
+    device = ensemble.device
+    data = _prepared(batches, device)
+    stages = list(ensemble.stages)
+    num_stages = forward_kwargs.get("num_stages") or len(stages)
+    quality = evaluate(ensemble, data, method=method, conditions=conditions, **forward_kwargs)
+    was_training = ensemble.training
+    ensemble.eval()
+
+    def one_pass(probe: Probe = NO_PROBE) -> list[RoutedOutput]:
+        return [forward_cascade(ensemble, ids, mask, targets, method=method, probe=probe, **forward_kwargs)
+                for ids, mask, targets in data]
+
+    try:
+        with torch.inference_mode():
+            wall = time_call(one_pass, warmup=warmup, repeats=repeats, device=device)
+            span_wall, spans = time_spans(one_pass, device=device, warmup=0, repeats=repeats)
+            start = time.perf_counter_ns()
+            counted: Optional[FlopBreakdown] = None
+            outputs: list[RoutedOutput] = []
+            for ids, mask, targets in data:
+                breakdown, out = count_pass_flops(
+                    lambda probe: forward_cascade(ensemble, ids, mask, targets, method=method, probe=probe,
+                                                  **forward_kwargs), num_stages)
+                counted = breakdown if counted is None else counted + breakdown
+                outputs.append(out)
+            counted_pass_s = (time.perf_counter_ns() - start) / 1e9
+            peak, how = 0, ""
+            for ids, mask, targets in data:
+                bytes_, how, _ = peak_memory_bytes(
+                    lambda: forward_cascade(ensemble, ids, mask, targets, method=method, **forward_kwargs), device)
+                peak = max(peak, bytes_)
+            syncs = _count_host_syncs(one_pass, device)
+    finally:
+        ensemble.train(was_training)
+
+    configs = [stage.config for stage in stages[:num_stages]]
+    fv = FvcoreCounter(stages[:num_stages]) if fvcore else None
+    fv_total = None
+    stage_records = []
+    analytic_total = 0
+    for k in range(num_stages):
+        analytic_k, padding_k = 0, 0
+        for out in outputs:
+            cost = routed_cost(configs, out.stage_batch_shapes, out.head_tokens)[k]
+            analytic_k += cost.total
+            padding_k += padding_flops(configs[k], out.stage_batch_shapes[k], _row_lengths(out, k))
+        analytic_total += analytic_k
+        c = counted.stages[k]
+        stage_records.append(StageCostRecord(
+            stage=k, layers_in_stage=stages[k].num_layers,
+            tokens_entered=sum(o.tokens_entered[k] for o in outputs),
+            slots_computed=sum(o.slots_computed[k] for o in outputs),
+            head_tokens=sum(o.head_tokens[k] for o in outputs),
+            flops=c.total, layers_flops=c.layers, attention_flops=c.attention, exit_head_flops=c.exit_head,
+            exit_fn_flops=c.exit_fn, other_flops=c.other, padding_flops=padding_k, analytic_flops=analytic_k))
+    if fv is not None:
+        from .fvcore_check import FvcoreCount
+
+        fv_total = FvcoreCount()
+        for out in outputs:
+            fv_total.add(fv.count(out.stage_batch_shapes, out.head_tokens))
+    tokens = quality.routed_tokens
+    return CostRecord(
+        method=method, quality=quality, flops=counted.total, macs=counted.macs, flops_analytic=analytic_total,
+        flops_fvcore=None if fv_total is None else fv_total.flops,
+        flops_fvcore_matmul=None if fv_total is None else fv_total.matmul_flops,
+        fvcore_unsupported={} if fv_total is None else dict(sorted(fv_total.unsupported.items())),
+        stages=tuple(stage_records), flops_by_op=counted.by_op,
+        time_median_s=wall.median, time_iqr_s=wall.iqr, tokens_per_s=tokens / wall.median,
+        spans_median_s={name: stats.median for name, stats in sorted(spans.items())},
+        spans_wall_median_s=span_wall.median, counted_pass_s=counted_pass_s,
+        counting_overhead=counted_pass_s / wall.median, peak_memory_bytes=peak, memory_measure=how,
+        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        host_syncs_per_forward=None if syncs is None else syncs / len(data),
+        conditions={**quality.conditions, "warmup": warmup, "repeats": repeats,
+                    "timer": "cuda_events" if device.type == "cuda" else "perf_counter_ns"},
+    )

@@ -1,0 +1,48 @@
+"""Text tables of a CostRecord (formatting only)."""
+
+from __future__ import annotations
+
+from .cost import CostRecord
+
+
+def _g(flops: float) -> str:
+    return f"{flops / 1e9:.4g}"
+
+
+def format_cost(record: CostRecord) -> str:
+    """Markdown: a summary, the per-stage FLOP breakdown, and the span times."""
+    q = record.quality
+    fv = "n/a" if record.flops_fvcore is None else f"{_g(record.flops_fvcore)} (matmul classes {_g(record.flops_fvcore_matmul)})"
+    syncs = "n/a on CPU" if record.host_syncs_per_forward is None else f"{record.host_syncs_per_forward:g}"
+    lines = [
+        f"method {record.method}: PPL {q.ppl:.3f}, accuracy {q.accuracy:.4f}, exit ratios "
+        f"{', '.join(f'{r:.3f}' for r in q.exit_ratios)}, layer cost {q.layer_cost:.4f}, {q.routed_tokens} tokens",
+        "",
+        "| measure | value |",
+        "| --- | --- |",
+        f"| GFLOPs counted (FlopCounterMode, 2/MAC) | {_g(record.flops)} |",
+        f"| GMACs counted | {record.macs / 1e9:,.3f} |",
+        f"| GFLOPs analytic | {_g(record.flops_analytic)} |",
+        f"| GFLOPs fvcore x2 | {fv} |",
+        f"| wall time, median (IQR) | {record.time_median_s * 1e3:.2f} ms ({record.time_iqr_s * 1e3:.2f}) |",
+        f"| tokens/s | {record.tokens_per_s:,.0f} |",
+        f"| wall time with span timers | {record.spans_wall_median_s * 1e3:.2f} ms |",
+        f"| one counted pass | {record.counted_pass_s * 1e3:.2f} ms ({record.counting_overhead:.2f}x uncounted) |",
+        f"| peak memory ({record.memory_measure}) | {record.peak_memory_bytes / 2**20:.2f} MiB |",
+        f"| process peak RSS | {record.peak_rss_bytes / 2**20:.1f} MiB |",
+        f"| host-device syncs per forward | {syncs} |",
+        "",
+        "| stage | layers | tokens in | slots | head tokens | GFLOPs | layers | of which attention | exit head | "
+        "exit fn | other | padding (analytic) | analytic |",
+        "|" + "|".join([" --- "] * 13) + "|",
+    ]
+    for s in record.stages:
+        lines.append(f"| {s.stage} | {s.layers_in_stage} | {s.tokens_entered} | {s.slots_computed} | {s.head_tokens} | "
+                     f"{_g(s.flops)} | {_g(s.layers_flops)} | {_g(s.attention_flops)} | {_g(s.exit_head_flops)} | "
+                     f"{_g(s.exit_fn_flops)} | {_g(s.other_flops)} | {_g(s.padding_flops)} | {_g(s.analytic_flops)} |")
+    lines += ["", "| span | median ms |", "| --- | --- |"]
+    for name, seconds in record.spans_median_s.items():
+        lines.append(f"| {name} | {seconds * 1e3:.3f} |")
+    if record.fvcore_unsupported:
+        lines += ["", "fvcore skipped: " + ", ".join(f"{op} x{n}" for op, n in record.fvcore_unsupported.items())]
+    return "\n".join(lines)
