@@ -24,9 +24,72 @@ def _ratio(text: str) -> float:
     return value
 
 
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+EXIT_FNS = ["max_prob", "cos_sim", "margin", "neg_entropy"]
+
+
+def _add_cascade_args(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--preset", default="gpt2-cpu", choices=sorted(STAGE_PRESETS),
+                         help="stage config preset (default %(default)s)")
+    command.add_argument("--layers", type=_positive_int, nargs="+", default=[4, 4], help="layers per preset stage")
+    command.add_argument("--stage", type=Path, action="append", default=None, metavar="FOLDER",
+                         help="a stage loaded with from_pretrained from a local folder; repeat in cascade order "
+                              "(replaces --preset/--layers)")
+    command.add_argument("--exit-fn", default="max_prob", choices=EXIT_FNS)
+    command.add_argument("--device", default="cpu")
+    command.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    command.add_argument("--threads", type=_positive_int, default=2)
+    command.add_argument("--seed", type=int, default=0)
+
+
+def _build_cascade(args: argparse.Namespace):
+    import torch
+
+    from .ensemble import Ensemble
+    from .llm import LLM
+    from .presets import build_ensemble
+
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, DTYPES[args.dtype])
+    if args.stage:
+        torch.manual_seed(args.seed)
+        ensemble = Ensemble([LLM.from_pretrained(folder, exit_fn=args.exit_fn).to(args.device, dtype)
+                             for folder in args.stage])
+        origin = [str(folder) for folder in args.stage]
+    else:
+        ensemble = build_ensemble(args.preset, args.layers, exit_fn=args.exit_fn, seed=args.seed,
+                                  device=args.device, dtype=dtype)
+        origin = f"preset {args.preset}, layers {'+'.join(map(str, args.layers))}, seed {args.seed}"
+    if len(ensemble) < 2:
+        raise ValueError(f"early exit needs at least two stages, got {len(ensemble)}")
+    if ensemble.vocab_size < 256:
+        raise ValueError(f"the embedded text is fed as byte ids 0..255; the cascade's vocab size "
+                         f"{ensemble.vocab_size} is smaller")
+    return ensemble.eval(), origin
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cascade-bench", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+    cost = commands.add_parser(
+        "cost", help="full cost breakdown of one method over batches of the embedded text",
+        description="Quality and cost of a cascade over batches of the embedded text (CPython documentation "
+                    "topics, UTF-8 bytes as token ids): counted FLOPs per stage and component, analytic and "
+                    "fvcore cross-checks, wall time and span times, peak memory, host syncs on CUDA.")
+    _add_cascade_args(cost)
+    cost.add_argument("--method", default="routed", choices=["routed", "masked", "full"])
+    cost.add_argument("--batching", default="padded", choices=["padded", "bucketed"])
+    cost.add_argument("--positions", default="compact", choices=["compact", "original"])
+    cost.add_argument("--hard-ratio", type=_ratio, default=0.5,
+                      help="fraction of tokens that continue past each stage, calibrated on separate batches")
+    cost.add_argument("--batch-size", type=_positive_int, default=8)
+    cost.add_argument("--seq-len", type=_positive_int, default=512)
+    cost.add_argument("--num-batches", type=_positive_int, default=2)
+    cost.add_argument("--warmup", type=int, default=1)
+    cost.add_argument("--repeats", type=_positive_int, default=5)
+    cost.add_argument("--no-fvcore", action="store_true", help="skip the fvcore cross-check")
+    cost.add_argument("--json", type=Path, default=Path("results/cost.json"),
+                      help="where to write the record (atomically); default %(default)s")
     bench = commands.add_parser(
         "bench-routing",
         help="time full cascade vs routed (padded, bucketed) vs masked early exit at forced exit ratios",
@@ -67,12 +130,45 @@ def _bench_routing(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cost(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from .calibration import calibrate_thresholds
+    from .corpus import byte_token_windows, embedded_documents
+    from .cost import measure_cost
+    from .cost_table import format_cost
+    from .storage import write_json_atomic
+
+    ensemble, origin = _build_cascade(args)
+    text = "\n\n".join(body for _, body in embedded_documents())
+    per_batch = args.batch_size * args.seq_len
+    windows = byte_token_windows(text, 2 * args.num_batches * args.batch_size, args.seq_len)
+    batches = list(windows[:args.num_batches * args.batch_size].split(args.batch_size))
+    calibration = list(windows[args.num_batches * args.batch_size:].split(args.batch_size))
+    thresholds = calibrate_thresholds(ensemble, calibration, args.hard_ratio)
+    conditions = {"dataset": "CPython pydoc_data topics (embedded)", "tokenizer": "UTF-8 bytes as ids",
+                  "split": f"first {args.num_batches * per_batch} bytes; calibration on the next "
+                           f"{args.num_batches * per_batch}", "window": args.seq_len, "stride": args.seq_len,
+                  "batch_size": args.batch_size, "seed": args.seed, "model": origin,
+                  "hard_ratio": args.hard_ratio, "calibrated_thresholds": list(thresholds)}
+    record = measure_cost(ensemble, batches, args.method, warmup=args.warmup, repeats=args.repeats,
+                          fvcore=not args.no_fvcore, conditions=conditions, batching=args.batching,
+                          positions=args.positions)
+    print(format_cost(record))
+    if args.json is not None:
+        write_json_atomic(args.json, asdict(record))
+        print(f"\nwrote {args.json}")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         if args.command == "bench-routing":
             return _bench_routing(args)
+        if args.command == "cost":
+            return _cost(args)
     except ValueError as error:
         print(f"cascade-bench: error: {error}", file=sys.stderr)
         return 2

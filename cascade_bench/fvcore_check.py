@@ -77,14 +77,14 @@ class FvcoreCount:
 
 
 def _analyse(module: nn.Module, inputs: tuple) -> FvcoreCount:
-    from fvcore.nn import FlopCountAnalysis
-
-    analysis = FlopCountAnalysis(module, inputs)
-    analysis.set_op_handle("aten::scaled_dot_product_attention", _sdpa_macs)
-    analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("ignore")  # jit tracer and deprecation chatter, not results
+        from fvcore.nn import FlopCountAnalysis
+
         logging.getLogger("fvcore").setLevel(logging.ERROR)
+        analysis = FlopCountAnalysis(module, inputs)
+        analysis.set_op_handle("aten::scaled_dot_product_attention", _sdpa_macs)
+        analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
         by_op = {op: 2 * int(n) for op, n in analysis.by_operator().items()}
         unsupported = dict(analysis.unsupported_ops())
     return FvcoreCount(flops=sum(by_op.values()), by_op=by_op, unsupported=unsupported)
