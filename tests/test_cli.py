@@ -27,4 +27,4 @@ def test_bench_routing_writes_rows_checks_and_conditions(tmp_path, capsys):
 
 def test_bench_routing_rejects_a_single_stage(capsys):
     assert main(["bench-routing", "--layers", "4"]) == 2
-    assert "--layers needs at least two stages" in capsys.readouterr().err
+    assert "early exit needs at least two stages, got 1" in capsys.readouterr().err
