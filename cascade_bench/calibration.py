@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -39,20 +39,22 @@ def threshold_for_hard_ratio(confidence: Tensor, hard_ratio: float) -> float:
 
 
 def calibrate_thresholds(ensemble: Ensemble, batches: Iterable, hard_ratios: "float | Sequence[float]",
-                         **forward_kwargs) -> tuple[float, ...]:
-    """Set and return thresholds of stages 0..S-2, one stage at a time.
+                         stages: Optional[Sequence[int]] = None, **forward_kwargs) -> tuple[float, ...]:
+    """Set and return the thresholds of ``stages`` (default: 0..S-2), in increasing order.
 
     Stage k's threshold is calibrated on the confidences of the tokens that actually reach it
-    under the thresholds already set for stages < k, so ``hard_ratios[k]`` of them continue.
+    under the thresholds already set for stages < k, so ``hard_ratios[i]`` of them continue.
     ``batches`` is iterated once per calibrated stage (pass a list or a re-iterable loader).
     """
-    num_calibrated = len(ensemble) - 1
-    ratios = [hard_ratios] * num_calibrated if isinstance(hard_ratios, (int, float)) else list(hard_ratios)
-    if len(ratios) != num_calibrated:
-        raise ValueError(f"expected {num_calibrated} hard ratios for {len(ensemble)} stages, got {len(ratios)}")
-    ratios = [_check_ratio(r) for r in ratios]
+    stages = list(range(len(ensemble) - 1)) if stages is None else sorted(stages)
+    if any(not 0 <= k < len(ensemble) - 1 for k in stages):
+        raise ValueError(f"can calibrate stages 0..{len(ensemble) - 2} (the last always exits), got {stages}")
+    ratios = [hard_ratios] * len(stages) if isinstance(hard_ratios, (int, float)) else list(hard_ratios)
+    if len(ratios) != len(stages):
+        raise ValueError(f"expected {len(stages)} hard ratios for stages {stages}, got {len(ratios)}")
+    ratios = dict(zip(stages, (_check_ratio(r) for r in ratios)))
     thresholds = list(ensemble.thresholds)
-    for k in range(num_calibrated):
+    for k in stages:
         collected = []
         with torch.inference_mode():
             for item in batches:
@@ -66,4 +68,4 @@ def calibrate_thresholds(ensemble: Ensemble, batches: Iterable, hard_ratios: "fl
             raise ValueError("calibration got no batches")
         thresholds[k] = threshold_for_hard_ratio(torch.cat(collected), ratios[k])
         ensemble[k].threshold = thresholds[k]
-    return tuple(thresholds[:num_calibrated])
+    return tuple(thresholds[k] for k in stages)

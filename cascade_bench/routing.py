@@ -51,6 +51,8 @@ class RoutedOutput:
     slots_computed: per stage, dense slots the stage computed (tokens + padding).
     stage_batch_shapes: per stage, the (rows, length) of every dense batch the stage ran.
     head_tokens: per stage, tokens whose logits the stage's exit head computed.
+    continuing_index, continuing_state: with ``open_end=True``, the flat indices (N,) and hidden
+        states (N, d) of the tokens that continue past the last stage run (exit_stage = S for them).
     logits: (B, T, V) logits at each token's exit stage, only if asked for.
     """
 
@@ -69,6 +71,8 @@ class RoutedOutput:
     stage_batch_shapes: tuple[tuple[tuple[int, int], ...], ...] = ()
     head_tokens: tuple[int, ...] = ()
     logits: Optional[Tensor] = None
+    continuing_index: Optional[Tensor] = None
+    continuing_state: Optional[Tensor] = None
 
     @property
     def num_tokens(self) -> int:
@@ -110,7 +114,8 @@ def forward_cascade(ensemble: Ensemble, input_ids: Tensor, attention_mask: Optio
                     positions: str = "compact", thresholds: Optional[Sequence[float]] = None,
                     num_stages: Optional[int] = None, return_logits: bool = False,
                     logits_chunk_tokens: Optional[int] = None,
-                    confidence_at_last_stage: bool = False, probe: Probe = NO_PROBE) -> RoutedOutput:
+                    confidence_at_last_stage: bool = False, probe: Probe = NO_PROBE,
+                    open_end: bool = False) -> RoutedOutput:
     """Run ``method`` over the batch. See the module docstring for the methods.
 
     input_ids, attention_mask, targets: (B, T); targets are already shifted (the token to predict at
@@ -120,7 +125,11 @@ def forward_cascade(ensemble: Ensemble, input_ids: Tensor, attention_mask: Optio
     confidence_at_last_stage: also compute the last stage's exit confidence (for calibration and
     histograms; off by default because nobody needs it to route).
     probe: receives the pass's named spans (see ``probes``); the default does nothing.
+    open_end: the last stage run decides like a middle one (routed only) and the continuing tokens'
+    states are returned: the input the next stage would get (used to collect hard tokens).
     """
+    if open_end and method != "routed":
+        raise ValueError(f"open_end needs method='routed', got {method!r}")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if positions not in POSITION_MODES:
@@ -134,7 +143,7 @@ def forward_cascade(ensemble: Ensemble, input_ids: Tensor, attention_mask: Optio
     batch = make_token_batch(input_ids, attention_mask, targets, vocab_size=ensemble.vocab_size, device=ensemble.device)
     _check_lengths(stages, batch, positions)
     return _Pass(stages, batch, method, batching, positions, thresholds, return_logits, logits_chunk_tokens,
-                 confidence_at_last_stage, probe).run()
+                 confidence_at_last_stage, probe, open_end).run()
 
 
 def routed_forward(ensemble: Ensemble, input_ids: Tensor, attention_mask: Optional[Tensor] = None, **kwargs) -> RoutedOutput:
@@ -175,6 +184,7 @@ class _Pass:
     chunk_tokens: Optional[int]
     last_confidence: bool
     probe: Probe = NO_PROBE
+    open_end: bool = False
     entered: list[int] = field(default_factory=list)
     exited: list[int] = field(default_factory=list)
     slots: list[int] = field(default_factory=list)
@@ -208,7 +218,7 @@ class _Pass:
                     with self.probe.span(f"stage{k}.gather"):
                         layouts = plan_layouts(reach, batch.seq_len, batch.batch_size,
                                                self.batching if self.method == "routed" else "padded")
-                last = k == num_stages - 1
+                last = k == num_stages - 1 and not self.open_end
                 decides = (not last or self.last_confidence) and self.method != "full"
                 capture = decides and stage.exit_function.needs_input_state
                 hidden, input_state = self._run_stage(stage, k, reach, state, layouts, capture)
@@ -216,6 +226,10 @@ class _Pass:
                 self.slots.append(sum(layout.slots for layout in layouts))
                 self.shapes.append(tuple((layout.num_rows, layout.length) for layout in layouts))
                 reach, state = self._decide(stage, k, last, reach, hidden, input_state)
+        continuing = None
+        if self.open_end:
+            self.exit_stage[reach] = num_stages
+            continuing = (reach, state if state is not None else torch.empty(0, self.stages[-1].hidden_size))
         return RoutedOutput(
             method=self.method,
             nll=self.nll.view(batch.batch_size, batch.seq_len),
@@ -228,6 +242,8 @@ class _Pass:
             layers_per_stage=tuple(s.num_layers for s in self.stages), thresholds=self.thresholds,
             stage_batch_shapes=tuple(self.shapes), head_tokens=tuple(self.head_tokens),
             logits=None if self.logits is None else self.logits.view(batch.batch_size, batch.seq_len, -1),
+            continuing_index=None if continuing is None else continuing[0],
+            continuing_state=None if continuing is None else continuing[1],
         )
 
     def _head(self, stage: LLM, k: int, hidden: Tensor, targets: Tensor, exit_fn=None,

@@ -1,0 +1,49 @@
+"""From a corpus to ready batches: tokenizer, token streams, training and evaluation windows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from .corpus import Corpus, load_corpus
+from .tokenization import load_tokenizer
+from .windows import encode_documents, sliding_windows, training_windows
+
+
+@dataclass
+class PreparedData:
+    """Batches per split (train: disjoint windows; validation/test: sliding windows), the
+    tokenizer, the corpus, and the conditions to record with every result."""
+
+    train: list
+    validation: list
+    test: list
+    tokenizer: object
+    corpus: Corpus
+    conditions: dict = field(default_factory=dict)
+
+
+def prepare_data(source: "str | Path | dict" = "embedded", tokenizer: str = "bpe:8192", seq_len: int = 128,
+                 batch_size: int = 16, eval_stride: Optional[int] = None, config: Optional[str] = None,
+                 cache_dir: "Path | str | None" = None, max_positions: Optional[int] = None) -> PreparedData:
+    """Load ``source`` (see ``corpus.load_corpus``), load or train the tokenizer (a BPE trains on the
+    train split only), and cut each split's EOS-joined token stream into windows.
+
+    eval_stride: sliding-window stride for validation/test (default ``seq_len``: disjoint windows).
+    max_positions: the model's limit, checked against ``seq_len``.
+    """
+    corpus = load_corpus(source, config=config)
+    tok = load_tokenizer(tokenizer, corpus.documents("train"), cache_dir=cache_dir)
+    stride = seq_len if eval_stride is None else eval_stride
+    streams = {split: encode_documents(tok, corpus.documents(split)) for split in ("train", "validation", "test")}
+    conditions = {
+        "dataset": corpus.name, "split_notes": list(corpus.notes), "tokenizer": tokenizer,
+        "tokenizer_vocab": len(tok), "window": seq_len, "stride": stride, "batch_size": batch_size,
+        "stream_tokens": {split: int(s.numel()) for split, s in streams.items()},
+    }
+    return PreparedData(
+        train=training_windows(streams["train"], seq_len, batch_size, max_positions),
+        validation=sliding_windows(streams["validation"], seq_len, stride, batch_size, max_positions),
+        test=sliding_windows(streams["test"], seq_len, stride, batch_size, max_positions),
+        tokenizer=tok, corpus=corpus, conditions=conditions)

@@ -1,0 +1,309 @@
+"""Training, outside the model classes: one stage (``train_llm``), hard tokens for the next stage
+(``collect_hard_tokens``), and whole cascades jointly (``train_jointly``: standard and deep
+supervision baselines). The staged protocols (ASHEM, LEGO) are in ``protocols.py``.
+
+Batches are dicts: ``input_ids`` (stage 0) or ``inputs_embeds`` (later stages), ``targets``
+(the token to predict at each position, -100 where not scored), and optionally
+``position_ids``. Rows are left-aligned with padding after them, as in routed evaluation, so a
+causal mask keeps real tokens from seeing padding and stages run with an all-ones mask.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .batch import IGNORE_INDEX, unpack_batch
+from .compaction import plan_layouts, to_dense
+from .ensemble import Ensemble
+from .llm import LLM
+from .routing import forward_cascade
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """AdamW training of one stage with early stopping on a validation perplexity.
+
+    patience: epochs without a new best validation PPL before stopping (the best state is
+    restored). max_steps_per_epoch: cap (None = full epoch), for quick runs.
+    """
+
+    lr: float = 1e-3
+    max_epochs: int = 10
+    patience: int = 1
+    weight_decay: float = 0.01
+    grad_clip: Optional[float] = 1.0
+    seed: int = 0
+    max_steps_per_epoch: Optional[int] = None
+
+    def __post_init__(self):
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        for name in ("max_epochs", "patience"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "max_epochs" else 0):
+                raise ValueError(f"{name} must be an int >= {1 if name == 'max_epochs' else 0}, got {value!r}")
+        if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
+            raise ValueError(f"max_steps_per_epoch must be None or >= 1, got {self.max_steps_per_epoch!r}")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ValueError(f"grad_clip must be None or positive, got {self.grad_clip!r}")
+
+
+@dataclass(frozen=True)
+class TrainHistory:
+    """Per epoch: mean training loss and validation PPL; the epoch restored; throughput."""
+
+    train_loss: tuple[float, ...]
+    val_ppl: tuple[float, ...]
+    best_epoch: int
+    best_val_ppl: float
+    steps: int
+    train_tokens: int
+    tokens_per_s: float
+
+
+def _stage_loss(stage: LLM, batch: dict) -> tuple[Tensor, int]:
+    """Mean cross-entropy over scored positions, and how many there were."""
+    ids, embeds = batch.get("input_ids"), batch.get("inputs_embeds")
+    reference = ids if ids is not None else embeds
+    mask = torch.ones(reference.shape[:2], dtype=torch.long, device=reference.device)
+    out = stage(input_ids=ids, inputs_embeds=embeds, attention_mask=mask, position_ids=batch.get("position_ids"))
+    logits = stage.logits(out.hidden).float()
+    targets = batch["targets"]
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                             ignore_index=IGNORE_INDEX)
+    return loss, int((targets != IGNORE_INDEX).sum())
+
+
+def _to(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+
+def fit(parameters: Sequence[torch.nn.Parameter], modules: Sequence[torch.nn.Module],
+        epoch_batches: Callable[[int], Iterable[dict]], loss_fn: Callable[[dict], tuple[Tensor, int]],
+        validate: Callable[[], float], config: TrainConfig, device: torch.device,
+        progress: bool = True, desc: str = "train") -> TrainHistory:
+    """The training loop shared by every protocol: AdamW, early stopping on ``validate()`` (a PPL,
+    lower is better) with patience, best state restored at the end. ``epoch_batches(epoch)``
+    gives that epoch's batches (already shuffled as the caller wants)."""
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(config.seed)
+    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+    best_ppl, best_epoch, best_state, bad = math.inf, -1, None, 0
+    losses, ppls, steps, tokens = [], [], 0, 0
+    elapsed = 0.0
+    for epoch in range(config.max_epochs):
+        for module in modules:
+            module.train()
+        total, count = 0.0, 0
+        start = time.perf_counter()
+        batches = list(epoch_batches(epoch))
+        if config.max_steps_per_epoch is not None:
+            batches = batches[:config.max_steps_per_epoch]
+        for batch in tqdm(batches, desc=f"{desc} epoch {epoch + 1}", disable=not progress, leave=False):
+            loss, scored = loss_fn(_to(batch, device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip)
+            optimizer.step()
+            total += float(loss.detach()) * scored
+            count += scored
+            steps += 1
+        elapsed += time.perf_counter() - start
+        tokens += count
+        for module in modules:
+            module.eval()
+        ppl = float(validate())
+        losses.append(total / max(count, 1))
+        ppls.append(ppl)
+        if progress:
+            print(f"{desc} epoch {epoch + 1}: train loss {losses[-1]:.4f}, validation PPL {ppl:.3f}", flush=True)
+        if ppl < best_ppl:
+            best_ppl, best_epoch, bad = ppl, epoch, 0
+            best_state = [copy.deepcopy(m.state_dict()) for m in modules]
+        else:
+            bad += 1
+            if bad > config.patience:
+                break
+    if best_state is not None:
+        for module, state in zip(modules, best_state):
+            module.load_state_dict(state)
+    for module in modules:
+        module.eval()
+    return TrainHistory(train_loss=tuple(losses), val_ppl=tuple(ppls), best_epoch=best_epoch, best_val_ppl=best_ppl,
+                        steps=steps, train_tokens=tokens, tokens_per_s=tokens / elapsed if elapsed else math.nan)
+
+
+def shuffled(batches: Sequence, seed: int) -> Callable[[int], list]:
+    """Per-epoch batch order, a deterministic permutation of ``batches`` for each epoch."""
+    def order(epoch: int) -> list:
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+    return order
+
+
+def train_llm(stage: LLM, train_batches: Sequence, validate: Callable[[], float], config: TrainConfig = TrainConfig(),
+              progress: bool = True, desc: str = "stage") -> TrainHistory:
+    """Train one stage on its batches (see module docstring) with AdamW and early stopping on
+    ``validate()``; only this stage's parameters that require grad are updated."""
+    if not len(train_batches):
+        raise ValueError("train_llm got no training batches")
+    parameters = [p for p in stage.parameters() if p.requires_grad]
+    if not parameters:
+        raise ValueError("the stage has no trainable parameters (all requires_grad=False)")
+    return fit(parameters, [stage], shuffled(list(train_batches), config.seed),
+               lambda batch: _stage_loss(stage, batch), validate, config, stage.device, progress, desc)
+
+
+def train_jointly(ensemble: Ensemble, train_batches: Sequence, validate: Callable[[], float],
+                  layer_weights: Sequence[float], config: TrainConfig = TrainConfig(), progress: bool = True,
+                  desc: str = "joint") -> TrainHistory:
+    """Train all stages together on every token, no routing: loss = sum_k w_k CE(stage k's exit).
+
+    ``layer_weights`` (one per stage, LASH style): (0, ..., 0, 1) is the standard last-layer
+    loss; several non-zero weights is deep supervision.
+    """
+    weights = [float(w) for w in layer_weights]
+    if len(weights) != len(ensemble) or any(w < 0 for w in weights) or not any(weights):
+        raise ValueError(f"layer_weights must be {len(ensemble)} non-negative numbers, not all 0; got {weights}")
+
+    def loss_fn(batch: dict) -> tuple[Tensor, int]:
+        targets = batch["targets"].reshape(-1)
+        hidden, total = None, 0.0
+        for stage, weight in zip(ensemble, weights):
+            mask = torch.ones(batch["input_ids"].shape, dtype=torch.long, device=targets.device)
+            out = stage(input_ids=batch["input_ids"] if hidden is None else None, inputs_embeds=hidden,
+                        attention_mask=mask)
+            hidden = out.hidden
+            if weight:
+                logits = stage.logits(hidden).float()
+                total = total + weight * torch.nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]), targets, ignore_index=IGNORE_INDEX)
+        return total / sum(weights), int((targets != IGNORE_INDEX).sum())
+
+    parameters = [p for p in ensemble.parameters() if p.requires_grad]
+    return fit(parameters, list(ensemble), shuffled(list(train_batches), config.seed), loss_fn, validate, config,
+               ensemble.device, progress, desc)
+
+
+class HardTokens:
+    """Training data for stage k: per source batch, the compacted sequences of the tokens that
+    continued past stage k-1, with their hidden states as inputs (R, L, d) and their original next
+    tokens as targets (R, L) (padding -100). Kept in memory up to ``memory_budget_bytes``, then
+    spilled to ``spill_dir`` shard by shard and read back one shard at a time."""
+
+    def __init__(self, memory_budget_bytes: int = 1 << 30, spill_dir: "Path | str | None" = None):
+        self.memory_budget_bytes = memory_budget_bytes
+        self._spill_root = Path(spill_dir) if spill_dir is not None else None
+        self._tmp: Optional[tempfile.TemporaryDirectory] = None
+        self.shards: list = []  # dict in memory, or Path on disk
+        self.bytes_in_memory = 0
+        self.num_tokens = 0
+        self.flat_indices: list[Tensor] = []  # per source batch, flat indices of the collected tokens
+        self.source_tokens = 0  # real tokens run through the earlier stages
+        self.seconds = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Source tokens processed per second of collection."""
+        return self.source_tokens / self.seconds if self.seconds else math.nan
+
+    def _spill_path(self) -> Path:
+        if self._spill_root is None:
+            self._tmp = self._tmp or tempfile.TemporaryDirectory(prefix="cascade_bench_hard_")
+            root = Path(self._tmp.name)
+        else:
+            root = self._spill_root
+            root.mkdir(parents=True, exist_ok=True)
+        return root / f"shard-{len(self.shards):06d}.pt"
+
+    def add(self, shard: dict) -> None:
+        size = sum(t.numel() * t.element_size() for t in shard.values())
+        self.num_tokens += int((shard["targets"] != IGNORE_INDEX).sum())
+        if self.bytes_in_memory + size <= self.memory_budget_bytes:
+            self.shards.append(shard)
+            self.bytes_in_memory += size
+        else:
+            path = self._spill_path()
+            torch.save(shard, path)
+            self.shards.append(path)
+
+    @property
+    def spilled(self) -> int:
+        return sum(isinstance(s, Path) for s in self.shards)
+
+    def __len__(self) -> int:
+        return len(self.shards)
+
+    def __getitem__(self, index: int) -> dict:
+        shard = self.shards[index]
+        return torch.load(shard) if isinstance(shard, Path) else shard
+
+    def __iter__(self) -> Iterator[dict]:
+        for index in range(len(self.shards)):
+            yield self[index]
+
+
+def collect_hard_tokens(ensemble: Ensemble, stage_index: int, batches: Iterable, *,
+                        thresholds: Optional[Sequence[float]] = None, positions: str = "compact",
+                        memory_budget_bytes: int = 1 << 30, spill_dir: "Path | str | None" = None,
+                        progress: bool = False) -> HardTokens:
+    """Run stages 0..stage_index-1 with routing (their thresholds, or ``thresholds``) over
+    ``batches`` and keep, per batch, the tokens that continue past stage_index-1, compacted exactly
+    as routed evaluation hands them to stage ``stage_index`` (same order, same positions)."""
+    from tqdm.auto import tqdm
+
+    if isinstance(stage_index, bool) or not isinstance(stage_index, int) or not 1 <= stage_index <= len(ensemble):
+        raise ValueError(f"stage_index must be an int in [1, {len(ensemble)}], got {stage_index!r}")
+    collected = HardTokens(memory_budget_bytes, spill_dir)
+    if thresholds is None:
+        thresholds = ensemble.thresholds[:stage_index]
+    with torch.no_grad():  # not inference_mode: the collected states feed autograd when stage k trains
+        for item in tqdm(batches, desc=f"collect hard tokens for stage {stage_index}", disable=not progress,
+                         leave=False):
+            start = time.perf_counter()
+            input_ids, attention_mask, targets = unpack_batch(item)
+            out = forward_cascade(ensemble, input_ids, attention_mask, targets, num_stages=stage_index,
+                                  thresholds=list(thresholds), positions=positions, open_end=True)
+            index, state = out.continuing_index, out.continuing_state
+            collected.flat_indices.append(index.cpu())
+            collected.source_tokens += out.num_tokens
+            if index.numel() == 0:
+                collected.seconds += time.perf_counter() - start
+                continue
+            batch_size, seq_len = input_ids.shape
+            (layout,) = plan_layouts(index, seq_len, batch_size, "padded")
+            flat_targets = (targets if targets is not None else _default_targets(input_ids, attention_mask))
+            flat_targets = flat_targets.to(index.device).reshape(-1)[index]
+            shard = {"inputs_embeds": to_dense(state, layout).cpu(),
+                     "targets": to_dense(flat_targets, layout, fill=IGNORE_INDEX).cpu()}
+            if positions == "original":
+                real = (attention_mask if attention_mask is not None else torch.ones_like(input_ids)).to(index.device)
+                original = (torch.cumsum(real.long(), 1) - 1).reshape(-1)[index]
+                shard["position_ids"] = to_dense(original, layout, fill=0).cpu()
+            collected.add(shard)
+            collected.seconds += time.perf_counter() - start
+    return collected
+
+
+def _default_targets(input_ids: Tensor, attention_mask: Optional[Tensor]) -> Tensor:
+    from .batch import next_token_targets
+
+    return next_token_targets(input_ids, attention_mask)
+
+
+def freeze(stages: Iterable[LLM]) -> None:
+    """requires_grad=False on every parameter of the given stages."""
+    for stage in stages:
+        for parameter in stage.parameters():
+            parameter.requires_grad_(False)
