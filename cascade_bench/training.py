@@ -32,8 +32,8 @@ from .routing import forward_cascade
 class TrainConfig:
     """AdamW training of one stage with early stopping on a validation perplexity.
 
-    patience: epochs without a new best validation PPL before stopping (the best state is
-    restored). max_steps_per_epoch: cap (None = full epoch), for quick runs.
+    patience: training stops after this many consecutive epochs without a new best validation
+    PPL, and the best state is restored. max_steps_per_epoch: cap (None = full epoch), for quick runs.
     """
 
     lr: float = 1e-3
@@ -49,8 +49,8 @@ class TrainConfig:
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
         for name in ("max_epochs", "patience"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "max_epochs" else 0):
-                raise ValueError(f"{name} must be an int >= {1 if name == 'max_epochs' else 0}, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
             raise ValueError(f"max_steps_per_epoch must be None or >= 1, got {self.max_steps_per_epoch!r}")
         if self.grad_clip is not None and self.grad_clip <= 0:
@@ -133,7 +133,7 @@ def fit(parameters: Sequence[torch.nn.Parameter], modules: Sequence[torch.nn.Mod
             best_state = [copy.deepcopy(m.state_dict()) for m in modules]
         else:
             bad += 1
-            if bad > config.patience:
+            if bad >= config.patience:
                 break
     if best_state is not None:
         for module, state in zip(modules, best_state):

@@ -1,0 +1,180 @@
+"""Training one stage, hard-token collection, staged protocols, joint baselines, save/load."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from cascade_bench import routed_forward
+from cascade_bench.calibration import calibrate_thresholds
+from cascade_bench.data import prepare_data
+from cascade_bench.evaluation import evaluate
+from cascade_bench.persistence import load_ensemble, load_saved_tokenizer, save_ensemble
+from cascade_bench.presets import build_ensemble
+from cascade_bench.protocols import Protocol, train_ensemble, train_joint_baseline, with_leaky_seed_protocol
+from cascade_bench.training import TrainConfig, collect_hard_tokens, freeze, train_llm
+
+QUICK = dict(max_epochs=2, max_steps_per_epoch=6)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return prepare_data("embedded", tokenizer="bpe:320", seq_len=32, batch_size=8,
+                        cache_dir=tmp_path_factory.mktemp("tok"))
+
+
+def _ensemble(data, layers=(1, 1), seed=0):
+    return build_ensemble("gpt2-tiny", layers, vocab_size=len(data.tokenizer), seed=seed).eval()
+
+
+def _stage0_ppl(ensemble, batches):
+    return evaluate(ensemble, batches, method="full", num_stages=1).ppl
+
+
+def test_training_lowers_validation_ppl_and_is_deterministic(data):
+    runs = []
+    for _ in range(2):
+        ensemble = _ensemble(data)
+        before = _stage0_ppl(ensemble, data.validation)
+        history = train_llm(ensemble[0], data.train, lambda e=ensemble: _stage0_ppl(e, data.validation),
+                            TrainConfig(lr=3e-3, **QUICK), progress=False)
+        runs.append(history)
+    assert runs[0].train_loss == runs[1].train_loss and runs[0].val_ppl == runs[1].val_ppl
+    assert runs[0].best_val_ppl < 0.8 * before
+    assert runs[0].steps == 12 and runs[0].tokens_per_s > 0
+
+
+def test_early_stopping_restores_the_best_state(data):
+    ensemble = _ensemble(data)
+    ppls = iter([50.0, 40.0, 45.0, 46.0, 47.0])
+    snapshots = []
+
+    def validate():
+        snapshots.append({k: v.clone() for k, v in ensemble[0].state_dict().items()})
+        return next(ppls)
+
+    history = train_llm(ensemble[0], data.train, validate, TrainConfig(lr=1e-3, max_epochs=5, patience=1,
+                                                                    max_steps_per_epoch=2), progress=False)
+    assert history.val_ppl == (50.0, 40.0, 45.0) and history.best_epoch == 1  # patience 1: one bad epoch stops
+    for name, value in ensemble[0].state_dict().items():
+        assert torch.equal(value, snapshots[1][name])
+
+
+def test_hard_tokens_are_exactly_the_routed_ones(data):
+    ensemble = _ensemble(data)
+    batches = data.validation[:3]
+    calibrate_thresholds(ensemble, batches, 0.4)
+    hard = collect_hard_tokens(ensemble, 1, batches)
+    for batch, index, shard in zip(batches, hard.flat_indices, hard):
+        with torch.inference_mode():
+            out = routed_forward(ensemble, batch["input_ids"], batch.get("attention_mask"), targets=batch["targets"])
+            stage0 = ensemble[0](input_ids=batch["input_ids"]).hidden
+        expected = (out.exit_stage.reshape(-1) == 1).nonzero().squeeze(1)
+        assert torch.equal(index, expected)
+        # By hand: shard row r holds, left-aligned and in order, the hard tokens of the r-th
+        # sequence that has any; the rest of the row is padding with target -100.
+        seq_len = batch["input_ids"].shape[1]
+        per_sequence = {}
+        for flat in index.tolist():
+            per_sequence.setdefault(flat // seq_len, []).append(flat % seq_len)
+        assert shard["inputs_embeds"].shape[0] == len(per_sequence)
+        for row, (sequence, positions) in enumerate(sorted(per_sequence.items())):
+            n = len(positions)
+            torch.testing.assert_close(shard["inputs_embeds"][row, :n], stage0[sequence, positions])
+            assert torch.equal(shard["targets"][row, :n], batch["targets"][sequence, positions])
+            assert (shard["targets"][row, n:] == -100).all()
+    assert hard.source_tokens == sum(b["input_ids"].numel() for b in batches) and hard.tokens_per_s > 0
+
+
+def test_hard_tokens_spill_to_disk_over_the_budget(data, tmp_path):
+    ensemble = _ensemble(data)
+    calibrate_thresholds(ensemble, data.validation, 0.5)
+    in_memory = collect_hard_tokens(ensemble, 1, data.validation)
+    spilled = collect_hard_tokens(ensemble, 1, data.validation, memory_budget_bytes=0, spill_dir=tmp_path)
+    assert in_memory.spilled == 0 and spilled.spilled == len(spilled) == len(in_memory)
+    assert spilled.bytes_in_memory == 0 and len(list(tmp_path.glob("shard-*.pt"))) == len(spilled)
+    for a, b in zip(in_memory, spilled):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_frozen_stage_is_unchanged_by_stage_one_training(data):
+    ensemble = _ensemble(data)
+    calibrate_thresholds(ensemble, data.validation, 0.5)
+    hard = collect_hard_tokens(ensemble, 1, data.train[:6])
+    before = {k: v.clone() for k, v in ensemble[0].state_dict().items()}
+    stage1_before = {k: v.clone() for k, v in ensemble[1].state_dict().items()}
+    freeze(ensemble.stages[:1])
+    train_llm(ensemble[1], hard, lambda: evaluate(ensemble, data.validation).ppl,
+              TrainConfig(lr=1e-3, max_epochs=1), progress=False)
+    assert all(not p.requires_grad for p in ensemble[0].parameters())
+    assert all(torch.equal(v, before[k]) for k, v in ensemble[0].state_dict().items())
+    assert any(not torch.equal(v, stage1_before[k]) for k, v in ensemble[1].state_dict().items())
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        train_llm(ensemble[0], data.train, lambda: 1.0, progress=False)
+
+
+def test_staged_protocol_end_to_end_and_save_load_round_trip(data, tmp_path):
+    protocol = Protocol("tiny-ashem", layers=(1, 1), lrs=(3e-3, 1e-3), patience=(1, 1), hard_ratio=0.5, max_epochs=2)
+    ensemble = _ensemble(data)
+    report = train_ensemble(ensemble, data.train, data.validation, protocol, max_steps_per_epoch=5, progress=False)
+    first, second = report.stages
+    assert first.threshold_before is None and math.isfinite(second.threshold_before)
+    assert ensemble[0].threshold == second.threshold_before
+    assert second.validation.exit_ratios[0] == pytest.approx(0.5, abs=0.05)  # calibrated on validation
+    assert 0 < second.hard_tokens < first.hard_tokens
+    assert not any(p.requires_grad for p in ensemble[0].parameters())
+
+    save_ensemble(ensemble, tmp_path / "run", tokenizer=data.tokenizer, extra={"protocol": protocol.name})
+    loaded = load_ensemble(tmp_path / "run")
+    assert loaded.thresholds == ensemble.thresholds and math.isinf(loaded.thresholds[-1])
+    batch = data.test[0]
+    with torch.inference_mode():
+        a = routed_forward(ensemble, batch["input_ids"], targets=batch["targets"])
+        b = routed_forward(loaded, batch["input_ids"], targets=batch["targets"])
+    assert torch.equal(a.exit_stage, b.exit_stage) and torch.equal(a.nll, b.nll)
+    assert load_saved_tokenizer(tmp_path / "run")("def f():")["input_ids"] == data.tokenizer("def f():")["input_ids"]
+    save_ensemble(loaded, tmp_path / "run")  # replacing an existing save
+    assert load_ensemble(tmp_path / "run").thresholds == ensemble.thresholds
+
+
+def test_leaky_seed_protocol_collects_from_validation(data):
+    protocol = with_leaky_seed_protocol(Protocol("tiny", layers=(1, 1), lrs=(3e-3, 1e-3), patience=(1, 1),
+                                                 max_epochs=1))
+    assert protocol.name == "tiny-leaky" and protocol.leaky_seed_protocol
+    ensemble = _ensemble(data)
+    report = train_ensemble(ensemble, data.train, data.validation, protocol, max_steps_per_epoch=3, progress=False)
+    routed_validation_hard = report.stages[1].validation.tokens_entered[1]
+    assert report.stages[1].hard_tokens <= routed_validation_hard  # collected from validation itself
+
+
+def test_joint_baselines_train_every_stage(data):
+    for weights in ((0.0, 1.0), (0.5, 1.0)):
+        ensemble = _ensemble(data)
+        before = [{k: v.clone() for k, v in s.state_dict().items()} for s in ensemble]
+        history = train_joint_baseline(ensemble, data.train, data.validation, weights,
+                                       TrainConfig(lr=3e-3, max_epochs=1, max_steps_per_epoch=4), progress=False)
+        assert len(history.val_ppl) == 1
+        for stage, old in zip(ensemble, before):
+            assert any(not torch.equal(v, old[k]) for k, v in stage.state_dict().items())
+    with pytest.raises(ValueError, match="layer_weights must be 2 non-negative numbers"):
+        train_joint_baseline(ensemble, data.train, data.validation, (0.0, 0.0), progress=False)
+
+
+def test_configuration_errors_name_the_value(data, tmp_path):
+    with pytest.raises(ValueError, match="lr must be a positive number, got -1"):
+        TrainConfig(lr=-1)
+    with pytest.raises(ValueError, match="patience must be an int >= 1"):
+        TrainConfig(patience=-2)
+    with pytest.raises(ValueError, match="hard_ratio must be in \\(0, 1\\)"):
+        Protocol("x", (1, 1), (1e-3, 1e-3), (1, 1), hard_ratio=1.0)
+    with pytest.raises(ValueError, match="wants stages of \\(2, 2\\) layers, the ensemble has \\(1, 1\\)"):
+        train_ensemble(_ensemble(data), data.train, data.validation, Protocol("y", (2, 2), (1e-3, 1e-3), (1, 1)))
+    ensemble = _ensemble(data)
+    ensemble[0].exit_function = __import__("cascade_bench").resolve_exit_function(lambda a, b, c: c.amax(-1))
+    with pytest.raises(ValueError, match="not a built-in"):
+        save_ensemble(ensemble, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+    with pytest.raises(ValueError, match="no saved cascade"):
+        load_ensemble(tmp_path)
