@@ -69,8 +69,10 @@ def load_tokenizer(spec: str, train_texts: Optional[Sequence[str]] = None,
             raise ValueError(f"could not load tokenizer {spec!r}: {error}") from error
     else:
         raise ValueError(f"missing tokenizer folder {spec}")
+    if tokenizer.eos_token_id is None and EOS_TOKEN in tokenizer.get_vocab():
+        tokenizer.eos_token = EOS_TOKEN  # GPT-2-style folders whose config names no EOS but define it
     if tokenizer.eos_token_id is None:
-        raise ValueError(f"tokenizer {spec!r} has no EOS token; documents are joined with EOS")
+        raise ValueError(f"tokenizer {spec!r} has no EOS token (and no {EOS_TOKEN!r}); documents are joined with EOS")
     return tokenizer
 
 

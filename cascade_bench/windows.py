@@ -32,7 +32,7 @@ def encode_documents(tokenizer, documents: Sequence[str]) -> Tensor:
         raise ValueError("cannot encode an empty split (no documents)")
     eos = tokenizer.eos_token_id
     ids: list[int] = []
-    for encoded in tokenizer(list(documents), add_special_tokens=False)["input_ids"]:
+    for encoded in tokenizer(list(documents), add_special_tokens=False, verbose=False)["input_ids"]:
         ids.extend(encoded)
         ids.append(eos)
     return torch.tensor(ids, dtype=torch.long)

@@ -108,7 +108,7 @@ class _CharTokenizer:
 
     eos_token_id = 0
 
-    def __call__(self, texts, add_special_tokens=False):
+    def __call__(self, texts, add_special_tokens=False, verbose=True):
         return {"input_ids": [[ord(c) - 96 for c in t] for t in texts]}
 
 
