@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -69,8 +70,20 @@ def _build_cascade(args: argparse.Namespace):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .config import add_config_arguments
+
     parser = argparse.ArgumentParser(prog="cascade-bench", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+    for name, text in (("run", "train (or load) the cascade and its baselines, sweep thresholds, measure, "
+                                "write results, tables, plots and report.md"),
+                       ("report", "write the tables and report.md from stored results"),
+                       ("plot", "draw the figures from stored results")):
+        command = commands.add_parser(name, help=text, description=text + ". Every config key is a flag; "
+                                      "a TOML file gives the rest.")
+        command.add_argument("config_file", nargs="?", default=None, metavar="CONFIG",
+                             help="TOML config file (keys as the flags below, without dashes)")
+        command.add_argument("--quiet", action="store_true", help="no progress bars")
+        add_config_arguments(command)
     cost = commands.add_parser(
         "cost", help="full cost breakdown of one method over batches of the embedded text",
         description="Quality and cost of a cascade over batches of the embedded text (CPython documentation "
@@ -155,6 +168,35 @@ def _cost(args: argparse.Namespace) -> int:
     return 0
 
 
+def _experiment(args: argparse.Namespace) -> int:
+    from .config import config_from_args
+    from .experiment import experiment_paths, run_experiment
+
+    config = config_from_args(args, args.config_file)
+    paths = experiment_paths(config)
+    if args.command == "run":
+        start = time.perf_counter()
+        run_experiment(config, progress=not args.quiet)
+        print(f"{config.name}: done in {time.perf_counter() - start:.0f} s; report {paths['report']}, "
+              f"records {paths['results']}, plots in {paths['plots']}")
+        return 0
+    from .results_store import ResultsStore
+
+    records = list(ResultsStore(paths["results"]))
+    if not records:
+        raise ValueError(f"no results in {paths['results']}; run `cascade-bench run` first")
+    if args.command == "report":
+        from .reports import write_report
+
+        print(f"wrote {write_report(records, config, paths)}")
+    else:
+        from .plots import make_plots
+
+        for path in make_plots(records, paths["confidence"], paths["plots"], config.name):
+            print(f"wrote {path}")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -163,6 +205,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _bench_routing(args)
         if args.command == "cost":
             return _cost(args)
+        if args.command in ("run", "report", "plot"):
+            return _experiment(args)
     except ValueError as error:
         print(f"cascade-bench: error: {error}", file=sys.stderr)
         return 2

@@ -14,6 +14,7 @@ Every measurement runs in its own pass, so none disturbs another:
 
 from __future__ import annotations
 
+import math
 import resource
 import time
 import warnings
@@ -117,10 +118,11 @@ def _count_host_syncs(run, device: torch.device) -> Optional[int]:
 
 
 def measure_cost(ensemble: Ensemble, batches: Iterable, method: str = "routed", *, warmup: int = 1,
-                 repeats: int = 5, fvcore: bool = True, conditions: Optional[dict] = None,
+                 repeats: int = 5, fvcore: bool = True, spans: bool = True, conditions: Optional[dict] = None,
                  **forward_kwargs) -> CostRecord:
     """Quality and the full cost breakdown of ``method`` over ``batches`` (see module docstring).
 
+    ``spans=False`` skips the span-timed repeats (sweeps that need only wall time).
     ``batches`` items are (B, T) tensors, (input_ids, attention_mask, targets) tuples or dicts;
     they are materialised once and moved to the ensemble's device. ``forward_kwargs`` go to
     ``forward_cascade`` (batching, positions, thresholds, ...).
@@ -140,7 +142,8 @@ def measure_cost(ensemble: Ensemble, batches: Iterable, method: str = "routed", 
     try:
         with torch.inference_mode():
             wall = time_call(one_pass, warmup=warmup, repeats=repeats, device=device)
-            span_wall, spans = time_spans(one_pass, device=device, warmup=0, repeats=repeats)
+            span_wall, span_stats = (time_spans(one_pass, device=device, warmup=0, repeats=repeats) if spans
+                                     else (None, {}))
             start = time.perf_counter_ns()
             counted: Optional[FlopBreakdown] = None
             outputs: list[RoutedOutput] = []
@@ -194,8 +197,8 @@ def measure_cost(ensemble: Ensemble, batches: Iterable, method: str = "routed", 
         fvcore_unsupported={} if fv_total is None else dict(sorted(fv_total.unsupported.items())),
         stages=tuple(stage_records), flops_by_op=counted.by_op,
         time_median_s=wall.median, time_iqr_s=wall.iqr, tokens_per_s=tokens / wall.median,
-        spans_median_s={name: stats.median for name, stats in sorted(spans.items())},
-        spans_wall_median_s=span_wall.median, counted_pass_s=counted_pass_s,
+        spans_median_s={name: stats.median for name, stats in sorted(span_stats.items())},
+        spans_wall_median_s=span_wall.median if span_wall is not None else math.nan, counted_pass_s=counted_pass_s,
         counting_overhead=counted_pass_s / wall.median, peak_memory_bytes=peak, memory_measure=how,
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         host_syncs_per_forward=None if syncs is None else syncs / len(data),

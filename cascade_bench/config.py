@@ -1,0 +1,172 @@
+"""Experiment configuration: one frozen dataclass, validated in ``__post_init__``, loadable from
+TOML and overridable from the command line (every field is a ``--flag``)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Optional
+
+from .presets import STAGE_PRESETS
+from .protocols import PROTOCOLS
+
+METHOD_BASELINES = ("full", "prefix", "masked", "dense", "oracle")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """What ``cascade-bench run`` does. Defaults: the embedded corpus, a 2-stage ASHEM cascade of
+    GPT-2-style stages, a sweep of 7 hard ratios, all baselines; under 10 minutes on 2 CPU cores."""
+
+    name: str = "ashem-embedded"
+    corpus: str = "embedded"
+    corpus_config: str = ""
+    tokenizer: str = "bpe:4096"
+    seq_len: int = 128
+    batch_size: int = 16
+    eval_stride: int = 128
+    preset: str = "gpt2-cpu"
+    protocol: str = "ashem"
+    leaky_seed_protocol: bool = False
+    exit_fn: str = "max_prob"
+    max_epochs: int = 4
+    max_steps_per_epoch: int = 0
+    hard_ratios: tuple = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+    baselines: tuple = METHOD_BASELINES
+    oracle_tolerance: float = 0.0
+    batching: str = "bucketed"
+    timing_repeats: int = 3
+    eval_batches: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"
+    threads: int = 2
+    seed: int = 0
+    out: str = "."
+
+    def __post_init__(self):
+        def bad(key: str, expected: str):
+            raise ValueError(f"config key {key!r}: expected {expected}, got {getattr(self, key)!r}")
+
+        for key in ("seq_len", "batch_size", "eval_stride", "max_epochs", "timing_repeats", "threads"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                bad(key, "a positive integer")
+        for key in ("max_steps_per_epoch", "eval_batches", "seed"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                bad(key, "a non-negative integer (0 = no limit)" if key != "seed" else "a non-negative integer")
+        if self.eval_stride > self.seq_len:
+            bad("eval_stride", f"at most seq_len ({self.seq_len})")
+        if self.preset not in STAGE_PRESETS:
+            bad("preset", f"one of {sorted(STAGE_PRESETS)}")
+        if self.protocol not in PROTOCOLS:
+            bad("protocol", f"one of {sorted(PROTOCOLS)}")
+        if self.exit_fn not in ("max_prob", "cos_sim", "margin", "neg_entropy"):
+            bad("exit_fn", "one of ['cos_sim', 'margin', 'max_prob', 'neg_entropy']")
+        if self.batching not in ("padded", "bucketed"):
+            bad("batching", "'padded' or 'bucketed'")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            bad("dtype", "'float32', 'bfloat16' or 'float16'")
+        ratios = self.hard_ratios
+        if not isinstance(ratios, tuple) or not ratios or any(
+                isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r < 1 for r in ratios):
+            bad("hard_ratios", "a non-empty list of fractions strictly between 0 and 1")
+        if not isinstance(self.baselines, tuple) or any(b not in METHOD_BASELINES for b in self.baselines):
+            bad("baselines", f"a list drawn from {list(METHOD_BASELINES)}")
+        if not isinstance(self.oracle_tolerance, (int, float)) or self.oracle_tolerance < 0:
+            bad("oracle_tolerance", "a non-negative number (nats)")
+        if not isinstance(self.tokenizer, str) or not self.tokenizer:
+            bad("tokenizer", "a tokenizer folder, hub name or 'bpe:<vocab size>'")
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.out)
+
+    def training_key(self) -> str:
+        """Hash of everything that changes the trained models (not the sweep or timing)."""
+        keys = ("corpus", "corpus_config", "tokenizer", "seq_len", "batch_size", "preset", "protocol",
+                "leaky_seed_protocol", "exit_fn", "max_epochs", "max_steps_per_epoch", "seed", "dtype")
+        payload = json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+    def as_dict(self) -> dict:
+        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in fields(self)}
+
+
+def _coerce(key: str, value, default):
+    """Config value from TOML/CLI to the field's type; ValueError names the key."""
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError
+                return value.lower() in ("true", "1", "yes")
+            return value
+        if isinstance(default, tuple):
+            items = value.split(",") if isinstance(value, str) else list(value)
+            element = type(default[0]) if default else str
+            return tuple(element(x.strip()) if isinstance(x, str) else x for x in items if str(x).strip())
+        if isinstance(default, int) and isinstance(value, str):
+            return int(value)
+        if isinstance(default, float) and isinstance(value, (str, int)):
+            return float(value)
+        return value
+    except (TypeError, ValueError):
+        raise ValueError(f"config key {key!r}: cannot read {value!r} as {type(default).__name__}") from None
+
+
+def make_config(values: dict) -> ExperimentConfig:
+    """ExperimentConfig from a flat dict; unknown keys are errors naming the key."""
+    defaults = ExperimentConfig()
+    known = {f.name for f in fields(ExperimentConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown config key {unknown[0]!r}; known keys: {sorted(known)}")
+    coerced = {k: _coerce(k, v, getattr(defaults, k)) for k, v in values.items()}
+    return ExperimentConfig(**coerced)
+
+
+def load_config_file(path: "Path | str") -> dict:
+    """Flat key/value pairs from a TOML file (tables are flattened: [data] seq_len -> seq_len)."""
+    import tomllib
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"missing config file {path}")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as error:
+        raise ValueError(f"config file {path} is not valid TOML: {error}") from None
+    flat = {}
+    for key, value in raw.items():
+        if isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    return flat
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One ``--flag`` per config field (``--seq-len``, ``--hard-ratios 0.3,0.5``, ...)."""
+    for f in fields(ExperimentConfig):
+        default = f.default
+        hint = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None, metavar="VALUE",
+                            help=f"(default {hint})")
+
+
+def config_from_args(args: argparse.Namespace, path: Optional[str]) -> ExperimentConfig:
+    values = load_config_file(path) if path else {}
+    for f in fields(ExperimentConfig):
+        value = getattr(args, f.name, None)
+        if value is not None:
+            values[f.name] = value
+    return make_config(values)
+
+
+def replace_config(config: ExperimentConfig, **changes) -> ExperimentConfig:
+    return dataclasses.replace(config, **changes)

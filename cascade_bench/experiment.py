@@ -1,0 +1,198 @@
+"""``cascade-bench run``: from a config to results, tables, plots and ``report.md``.
+
+Steps: prepare the data; train the cascade with its protocol and the dense baseline, or load
+them if a run with the same training settings already saved them (``models/<training key>/``);
+evaluate every point (full cascade, each stage prefix, the dense model, routed and masked early
+exit at every hard ratio of the sweep, the oracle bound) on the test split with quality, counted
+and analytic FLOPs, wall time and peak memory; append each point to the results store as soon
+as it is measured (a rerun skips stored points, so an interrupted sweep resumes); then write
+the tables, the plots and the report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from .calibration import calibrate_thresholds
+from .config import ExperimentConfig
+from .cost import measure_cost
+from .data import PreparedData, prepare_data
+from .ensemble import Ensemble
+from .oracle import oracle_bound
+from .persistence import load_ensemble, load_manifest, save_ensemble
+from .presets import STAGE_PRESETS, build_ensemble
+from .protocols import PROTOCOLS, train_dense_baseline, train_ensemble, with_leaky_seed_protocol
+from .results_store import ResultsStore
+from .storage import write_json_atomic
+from .training import TrainConfig
+
+
+def experiment_paths(config: ExperimentConfig) -> dict[str, Path]:
+    out = config.out_dir
+    return {"results": out / "results" / f"{config.name}.jsonl",
+            "confidence": out / "results" / f"{config.name}.confidence.json",
+            "models": out / "models" / config.training_key(),
+            "tables": out / "results",
+            "plots": out / "plots",
+            "report": out / "report.md",
+            "tokenizers": out / "cache" / "tokenizers"}
+
+
+def _dtype(config: ExperimentConfig) -> torch.dtype:
+    return getattr(torch, config.dtype)
+
+
+def _protocol(config: ExperimentConfig):
+    protocol = dataclasses.replace(PROTOCOLS[config.protocol], max_epochs=config.max_epochs, exit_fn=config.exit_fn)
+    return with_leaky_seed_protocol(protocol) if config.leaky_seed_protocol else protocol
+
+
+def _trained_cascade(config: ExperimentConfig, data: PreparedData, folder: Path, progress: bool) -> tuple[Ensemble, dict]:
+    if (folder / "cascade.json").exists():
+        return load_ensemble(folder, config.device, _dtype(config)), load_manifest(folder)["extra"]
+    protocol = _protocol(config)
+    ensemble = build_ensemble(config.preset, protocol.layers, exit_fn=config.exit_fn, seed=config.seed,
+                              device=config.device, dtype=_dtype(config), vocab_size=len(data.tokenizer))
+    report = train_ensemble(ensemble, data.train, data.validation, protocol, seed=config.seed,
+                            max_steps_per_epoch=config.max_steps_per_epoch or None, progress=progress)
+    summary = {"protocol": protocol.name, "stages": [
+        {"stage": s.stage, "epochs": len(s.history.val_ppl), "best_val_ppl": s.history.best_val_ppl,
+         "train_tokens_per_s": s.history.tokens_per_s, "hard_tokens_trained_on": s.hard_tokens,
+         "threshold_calibrated": s.threshold_before, "validation_ppl": s.validation.ppl,
+         "validation_hard_ppl": s.validation.hard_ppl, "validation_hard_ppl_stage0": s.validation.hard_ppl_stage0}
+        for s in report.stages]}
+    save_ensemble(ensemble, folder, tokenizer=data.tokenizer, extra=summary)
+    return ensemble, summary
+
+
+def _trained_dense(config: ExperimentConfig, data: PreparedData, folder: Path, total_layers: int,
+                   progress: bool) -> Ensemble:
+    if (folder / "cascade.json").exists():
+        return load_ensemble(folder, config.device, _dtype(config))
+    dense = build_ensemble(config.preset, (total_layers,), exit_fn=config.exit_fn, seed=config.seed,
+                           device=config.device, dtype=_dtype(config), vocab_size=len(data.tokenizer))
+    protocol = _protocol(config)
+    train_dense_baseline(dense[0], data.train, data.validation,
+                         TrainConfig(lr=protocol.lrs[0], patience=protocol.patience[0], max_epochs=config.max_epochs,
+                                     seed=config.seed, max_steps_per_epoch=config.max_steps_per_epoch or None),
+                         progress=progress)
+    save_ensemble(dense, folder, extra={"baseline": "dense", "layers": total_layers})
+    return dense
+
+
+def _record(point_id: str, method: str, cost, hard_ratio: Optional[float] = None, **extra) -> dict:
+    q = cost.quality
+    return {
+        "point_id": point_id, "method": method, "hard_ratio": hard_ratio, "thresholds": list(q.thresholds),
+        "layers_per_stage": list(q.layers_per_stage), "tokens": q.tokens, "routed_tokens": q.routed_tokens,
+        "ppl": q.ppl, "accuracy": q.accuracy, "hard_ppl": q.hard_ppl, "easy_ppl": q.easy_ppl,
+        "hard_ppl_stage0": q.hard_ppl_stage0, "hard_tokens": q.hard_tokens, "exit_ratios": list(q.exit_ratios),
+        "tokens_entered": list(q.tokens_entered), "layer_cost": q.layer_cost, "padding_waste": list(q.padding_waste),
+        "flops": cost.flops, "flops_analytic": cost.flops_analytic, "time_median_s": cost.time_median_s,
+        "time_iqr_s": cost.time_iqr_s, "tokens_per_s": cost.tokens_per_s,
+        "peak_memory_bytes": cost.peak_memory_bytes, "memory_measure": cost.memory_measure,
+        "counting_overhead": cost.counting_overhead, "conditions": cost.conditions, **extra,
+    }
+
+
+def run_experiment(config: ExperimentConfig, progress: bool = True,
+                   on_point: Optional[Callable[[str], None]] = None) -> dict[str, Path]:
+    """Run (or resume) the experiment; returns the paths it wrote. ``on_point(point_id)`` is called
+    after each new point is stored (tests use it to interrupt a sweep)."""
+    from tqdm.auto import tqdm
+
+    torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    paths = experiment_paths(config)
+    max_positions = STAGE_PRESETS[config.preset]["max_position_embeddings"]
+    data = prepare_data(config.corpus, config.tokenizer, config.seq_len, config.batch_size, config.eval_stride,
+                        config.corpus_config or None, cache_dir=paths["tokenizers"], max_positions=max_positions)
+    test = data.test[:config.eval_batches] if config.eval_batches else data.test
+    cascade, training = _trained_cascade(config, data, paths["models"] / "cascade", progress)
+    calibrated = cascade.thresholds
+    store = ResultsStore(paths["results"])
+    conditions = {**data.conditions, "split": "test", "config": config.as_dict(),
+                  "training_key": config.training_key(), "training": training, "seed": config.seed}
+    common = dict(warmup=1, repeats=config.timing_repeats, fvcore=False, spans=False, conditions=conditions)
+
+    points: list[tuple[str, Callable[[], dict]]] = []
+    if "full" in config.baselines:
+        points.append(("full", lambda: _record("full", "full", measure_cost(cascade, test, "full", **common))))
+    if "prefix" in config.baselines:
+        for k in range(len(cascade) - 1):
+            points.append((f"prefix-{k}", lambda k=k: _record(
+                f"prefix-{k}", "prefix", measure_cost(cascade, test, "full", num_stages=k + 1, **common), stages=k + 1)))
+    if "dense" in config.baselines:
+        def dense_point():
+            dense = _trained_dense(config, data, paths["models"] / "dense", sum(cascade.layers_per_stage), progress)
+            return _record("dense", "dense", measure_cost(dense, test, "full", **common))
+        points.append(("dense", dense_point))
+    for ratio in config.hard_ratios:
+        def thresholds_at(ratio=ratio):
+            return list(calibrate_thresholds(cascade, data.validation, ratio))
+        points.append((f"routed@{ratio:g}", lambda ratio=ratio: _record(
+            f"routed@{ratio:g}", "routed", measure_cost(cascade, test, "routed", thresholds=thresholds_at(ratio),
+                                                        batching=config.batching, **common), hard_ratio=ratio)))
+        if "masked" in config.baselines:
+            points.append((f"masked@{ratio:g}", lambda ratio=ratio: _record(
+                f"masked@{ratio:g}", "masked", measure_cost(cascade, test, "masked", thresholds=thresholds_at(ratio),
+                                                            **common), hard_ratio=ratio)))
+    if "oracle" in config.baselines:
+        def oracle_point():
+            result = oracle_bound(cascade, test, config.oracle_tolerance)
+            return {"point_id": "oracle", "method": "oracle", "hard_ratio": None, "ppl": result.ppl,
+                    "accuracy": None, "exit_ratios": list(result.exit_ratios),
+                    "tokens_entered": list(result.tokens_entered), "layer_cost": result.layer_cost,
+                    "flops": None, "flops_analytic": result.flops_analytic, "time_median_s": None,
+                    "tokens": result.tokens, "oracle_tolerance": result.tolerance,
+                    "layers_per_stage": list(cascade.layers_per_stage),
+                    "conditions": {**conditions, "note": "analytic cost only; per-stage NLL from the no-exit "
+                                                          "cascade (later stages see full context)"}}
+        points.append(("oracle", oracle_point))
+
+    todo = [(pid, make) for pid, make in points if pid not in store]
+    for point_id, make in tqdm(todo, desc=f"sweep {config.name}", unit="point", disable=not progress):
+        store.append(make())
+        if on_point is not None:
+            on_point(point_id)
+    cascade.set_thresholds(calibrated)
+    if not paths["confidence"].exists():
+        write_json_atomic(paths["confidence"], _confidences(cascade, test))
+    from .plots import make_plots
+    from .reports import write_report
+
+    make_plots(list(store), paths["confidence"], paths["plots"], config.name)
+    write_report(list(store), config, paths)
+    return paths
+
+
+def _confidences(cascade: Ensemble, batches) -> dict:
+    """Histogram of each non-last stage's confidences on the test split (no exit: every token)."""
+    values = [[] for _ in range(len(cascade) - 1)]
+    with torch.inference_mode():
+        for batch in batches:
+            out = evaluate_pass(cascade, batch)
+            for k in range(len(cascade) - 1):
+                conf = out.stage_confidence[k]
+                values[k].append(conf[~torch.isnan(conf)])
+    histograms = []
+    for k, parts in enumerate(values):
+        conf = torch.cat(parts).float()
+        low, high = float(conf.min()), float(conf.max())
+        counts = torch.histc(conf, bins=50, min=low, max=high if high > low else low + 1e-6)
+        histograms.append({"stage": k, "exit_fn": cascade[k].exit_function.name, "min": low, "max": high,
+                           "counts": counts.long().tolist(), "tokens": int(conf.numel())})
+    return {"histograms": histograms}
+
+
+def evaluate_pass(cascade: Ensemble, batch: dict):
+    from .routing import forward_cascade
+
+    return forward_cascade(cascade, batch["input_ids"], batch.get("attention_mask"), batch.get("targets"),
+                           thresholds=[math.inf] * len(cascade))
+

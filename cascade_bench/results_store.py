@@ -1,0 +1,51 @@
+"""Results store: one JSON line per evaluated point, with a schema version, rewritten atomically
+(temporary file + rename) on every append, so an interrupted sweep leaves only whole records and
+resumes by skipping the points already stored."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+from .storage import write_text_atomic
+
+SCHEMA_VERSION = 1
+
+
+class ResultsStore:
+    """JSON-lines records keyed by ``point_id``."""
+
+    def __init__(self, path: "Path | str"):
+        self.path = Path(path)
+        self._records: list[dict] = []
+        if self.path.exists():
+            for number, line in enumerate(self.path.read_text().splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{self.path}:{number} is not a JSON record ({error})") from None
+                if record.get("schema_version") != SCHEMA_VERSION:
+                    raise ValueError(f"{self.path}:{number} has schema_version {record.get('schema_version')!r}, "
+                                     f"this cascade_bench reads {SCHEMA_VERSION}")
+                self._records.append(record)
+
+    def __contains__(self, point_id: str) -> bool:
+        return any(r["point_id"] == point_id for r in self._records)
+
+    def __iter__(self) -> Iterator[dict]:
+        return iter(list(self._records))
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def append(self, record: dict) -> None:
+        if "point_id" not in record:
+            raise ValueError("a record needs a 'point_id'")
+        if record["point_id"] in self:
+            raise ValueError(f"point {record['point_id']!r} is already stored in {self.path}")
+        record = {"schema_version": SCHEMA_VERSION, **record}
+        self._records.append(record)
+        write_text_atomic(self.path, "".join(json.dumps(r, default=str) + "\n" for r in self._records))
