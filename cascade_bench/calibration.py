@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .batch import unpack_batch
-from .ensemble import Ensemble
+from .ensemble import Ensemble, evaluation_mode
 from .routing import forward_cascade
 
 
@@ -56,7 +56,7 @@ def calibrate_thresholds(ensemble: Ensemble, batches: Iterable, hard_ratios: "fl
     thresholds = list(ensemble.thresholds)
     for k in stages:
         collected = []
-        with torch.inference_mode():
+        with evaluation_mode(ensemble), torch.inference_mode():
             for item in batches:
                 input_ids, attention_mask, targets = unpack_batch(item)
                 out = forward_cascade(ensemble, input_ids, attention_mask, targets, method="routed",

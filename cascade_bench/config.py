@@ -132,7 +132,10 @@ def make_config(values: dict) -> ExperimentConfig:
 
 def load_config_file(path: "Path | str") -> dict:
     """Flat key/value pairs from a TOML file (tables are flattened: [data] seq_len -> seq_len)."""
-    import tomllib
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
 
     path = Path(path)
     if not path.is_file():

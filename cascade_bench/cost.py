@@ -25,7 +25,7 @@ import torch
 
 from .analytic import padding_flops, routed_cost
 from .batch import unpack_batch
-from .ensemble import Ensemble
+from .ensemble import Ensemble, evaluation_mode
 from .evaluation import EvalResult, evaluate
 from .flops import FlopBreakdown, count_pass_flops
 from .fvcore_check import FvcoreCounter
@@ -132,36 +132,31 @@ def measure_cost(ensemble: Ensemble, batches: Iterable, method: str = "routed", 
     stages = list(ensemble.stages)
     num_stages = forward_kwargs.get("num_stages") or len(stages)
     quality = evaluate(ensemble, data, method=method, conditions=conditions, **forward_kwargs)
-    was_training = ensemble.training
-    ensemble.eval()
 
     def one_pass(probe: Probe = NO_PROBE) -> list[RoutedOutput]:
         return [forward_cascade(ensemble, ids, mask, targets, method=method, probe=probe, **forward_kwargs)
                 for ids, mask, targets in data]
 
-    try:
-        with torch.inference_mode():
-            wall = time_call(one_pass, warmup=warmup, repeats=repeats, device=device)
-            span_wall, span_stats = (time_spans(one_pass, device=device, warmup=0, repeats=repeats) if spans
-                                     else (None, {}))
-            start = time.perf_counter_ns()
-            counted: Optional[FlopBreakdown] = None
-            outputs: list[RoutedOutput] = []
-            for ids, mask, targets in data:
-                breakdown, out = count_pass_flops(
-                    lambda probe: forward_cascade(ensemble, ids, mask, targets, method=method, probe=probe,
-                                                  **forward_kwargs), num_stages)
-                counted = breakdown if counted is None else counted + breakdown
-                outputs.append(out)
-            counted_pass_s = (time.perf_counter_ns() - start) / 1e9
-            peak, how = 0, ""
-            for ids, mask, targets in data:
-                bytes_, how, _ = peak_memory_bytes(
-                    lambda: forward_cascade(ensemble, ids, mask, targets, method=method, **forward_kwargs), device)
-                peak = max(peak, bytes_)
-            syncs = _count_host_syncs(one_pass, device)
-    finally:
-        ensemble.train(was_training)
+    with evaluation_mode(ensemble), torch.inference_mode():
+        wall = time_call(one_pass, warmup=warmup, repeats=repeats, device=device)
+        span_wall, span_stats = (time_spans(one_pass, device=device, warmup=0, repeats=repeats) if spans
+                                 else (None, {}))
+        start = time.perf_counter_ns()
+        counted: Optional[FlopBreakdown] = None
+        outputs: list[RoutedOutput] = []
+        for ids, mask, targets in data:
+            breakdown, out = count_pass_flops(
+                lambda probe: forward_cascade(ensemble, ids, mask, targets, method=method, probe=probe,
+                                              **forward_kwargs), num_stages)
+            counted = breakdown if counted is None else counted + breakdown
+            outputs.append(out)
+        counted_pass_s = (time.perf_counter_ns() - start) / 1e9
+        peak, how = 0, ""
+        for ids, mask, targets in data:
+            bytes_, how, _ = peak_memory_bytes(
+                lambda: forward_cascade(ensemble, ids, mask, targets, method=method, **forward_kwargs), device)
+            peak = max(peak, bytes_)
+        syncs = _count_host_syncs(one_pass, device)
 
     configs = [stage.config for stage in stages[:num_stages]]
     fv = FvcoreCounter(stages[:num_stages]) if fvcore else None

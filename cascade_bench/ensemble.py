@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from contextlib import contextmanager
 from typing import Callable, Iterator, Optional, Sequence
 
 import torch
@@ -25,6 +26,7 @@ class Ensemble(nn.Module):
         self.stages = nn.ModuleList()
         for stage in stages:
             self.add_llm(stage)
+        self.eval()  # inference by default; training functions switch the stages they train
 
     def __len__(self) -> int:
         return len(self.stages)
@@ -132,3 +134,15 @@ def _check_compatible(index: int, previous: LLM, new: LLM) -> None:
                 f"stage {index + 1} does not fit after stage {index}: {what} {after} != {before} "
                 f"(stage {index} has {what} {before}, the new stage has {after})"
             )
+
+
+@contextmanager
+def evaluation_mode(module: nn.Module):
+    """Every submodule in eval mode inside the block; each one's own mode restored after it."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, training in modes:
+            m.training = training

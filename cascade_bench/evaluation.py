@@ -9,7 +9,7 @@ from typing import Iterable, Optional
 import torch
 
 from .batch import unpack_batch
-from .ensemble import Ensemble
+from .ensemble import Ensemble, evaluation_mode
 from .environment import environment_conditions
 from .routing import forward_cascade
 
@@ -52,12 +52,10 @@ def evaluate(ensemble: Ensemble, batches: Iterable, method: str = "routed", cond
              progress: bool = False, **forward_kwargs) -> EvalResult:
     """Run ``method`` (see routing.METHODS) over every batch and aggregate.
 
-    Models are switched to eval mode and restored afterwards; runs under ``torch.inference_mode``.
+    Runs in eval mode (each module's own mode restored afterwards) under ``torch.inference_mode``.
     ``conditions`` (dataset, split, window, stride, tokenizer, seed, ...) is merged with the
     environment (device, dtype, threads, versions, git commit) into the record.
     """
-    was_training = ensemble.training
-    ensemble.eval()
     device = ensemble.device
     # Sums kept on the device and read once at the end (no sync per batch).
     sums = torch.zeros(8, dtype=torch.float64, device=device)
@@ -70,28 +68,25 @@ def evaluate(ensemble: Ensemble, batches: Iterable, method: str = "routed", cond
         from tqdm.auto import tqdm
 
         batches = tqdm(batches, desc=f"evaluate {method}", unit="batch")
-    try:
-        with torch.inference_mode():
-            for item in batches:
-                input_ids, attention_mask, targets = unpack_batch(item)
-                shapes.add(tuple(input_ids.shape))
-                out = forward_cascade(ensemble, input_ids, attention_mask, targets, method=method, **forward_kwargs)
-                scored = out.scored
-                hard = scored & (out.exit_stage > 0)
-                easy = scored & (out.exit_stage == 0)
-                nll = out.nll.double()  # float64 sums: a long split must not lose digits
-                stage0 = out.stage_nll[0].double()
-                hard_has_stage0 = hard & ~torch.isnan(stage0)
-                sums += torch.stack([
-                    scored.sum(), nll.sum(), out.correct.sum(),
-                    hard.sum(), nll[hard].sum(), nll[easy].sum(),
-                    hard_has_stage0.sum(), stage0[hard_has_stage0].sum(),
-                ]).double()
-                entered = _add(entered, out.tokens_entered)
-                exited = _add(exited, out.tokens_exited)
-                slots = _add(slots, out.slots_computed)
-    finally:
-        ensemble.train(was_training)
+    with evaluation_mode(ensemble), torch.inference_mode():
+        for item in batches:
+            input_ids, attention_mask, targets = unpack_batch(item)
+            shapes.add(tuple(input_ids.shape))
+            out = forward_cascade(ensemble, input_ids, attention_mask, targets, method=method, **forward_kwargs)
+            scored = out.scored
+            hard = scored & (out.exit_stage > 0)
+            easy = scored & (out.exit_stage == 0)
+            nll = out.nll.double()  # float64 sums: a long split must not lose digits
+            stage0 = out.stage_nll[0].double()
+            hard_has_stage0 = hard & ~torch.isnan(stage0)
+            sums += torch.stack([
+                scored.sum(), nll.sum(), out.correct.sum(),
+                hard.sum(), nll[hard].sum(), nll[easy].sum(),
+                hard_has_stage0.sum(), stage0[hard_has_stage0].sum(),
+            ]).double()
+            entered = _add(entered, out.tokens_entered)
+            exited = _add(exited, out.tokens_exited)
+            slots = _add(slots, out.slots_computed)
     if out is None:
         raise ValueError("evaluate got no batches")
     tokens, nll_sum, correct, hard_n, hard_sum, easy_sum, hard0_n, hard0_sum = sums.tolist()

@@ -173,8 +173,10 @@ def run_experiment(config: ExperimentConfig, progress: bool = True,
 
 def _confidences(cascade: Ensemble, batches) -> dict:
     """Histogram of each non-last stage's confidences on the test split (no exit: every token)."""
+    from .ensemble import evaluation_mode
+
     values = [[] for _ in range(len(cascade) - 1)]
-    with torch.inference_mode():
+    with evaluation_mode(cascade), torch.inference_mode():
         for batch in batches:
             out = evaluate_pass(cascade, batch)
             for k in range(len(cascade) - 1):

@@ -44,7 +44,7 @@ class LLM(nn.Module):
     """A cascade stage: any ``AutoModelForCausalLM`` model, an exit function and a threshold.
 
     A token that reaches this stage exits here iff ``exit_fn(h_in, h_out, logits) >= threshold``
-    (the last stage of an Ensemble always exits). The wrapped model is put in eval mode.
+    (the last stage of an Ensemble always exits). The stage starts in eval mode.
     """
 
     def __init__(self, model: nn.Module, exit_fn: "str | Callable | ExitFunction" = "max_prob",
@@ -54,10 +54,11 @@ class LLM(nn.Module):
             raise TypeError(f"LLM wraps a Hugging Face causal LM (PreTrainedModel), got {type(model).__name__}")
         if model.get_output_embeddings() is None:
             raise ValueError(f"{type(model).__name__} has no lm_head; expected a *ForCausalLM model")
-        self.model = model.eval()
+        self.model = model
         self.parts = family_parts(model)
         self.exit_function = resolve_exit_function(exit_fn)
         self.threshold = check_threshold(threshold)
+        self.eval()
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod

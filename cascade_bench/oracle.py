@@ -17,7 +17,7 @@ import torch
 
 from .analytic import routed_cost
 from .batch import unpack_batch
-from .ensemble import Ensemble
+from .ensemble import Ensemble, evaluation_mode
 from .routing import forward_cascade
 
 
@@ -40,7 +40,7 @@ def oracle_bound(ensemble: Ensemble, batches: Iterable, tolerance: float = 0.0) 
     nll_sum, scored_total = 0.0, 0
     entered = [0] * num_stages
     flops = 0
-    with torch.inference_mode():
+    with evaluation_mode(ensemble), torch.inference_mode():
         for item in batches:
             input_ids, attention_mask, targets = unpack_batch(item)
             out = forward_cascade(ensemble, input_ids, attention_mask, targets, method="masked",

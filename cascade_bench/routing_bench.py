@@ -17,7 +17,7 @@ import torch
 
 from .calibration import threshold_for_hard_ratio
 from .corpus import byte_token_windows, embedded_documents
-from .ensemble import Ensemble
+from .ensemble import Ensemble, evaluation_mode
 from .environment import environment_conditions
 from .flops import count_flops
 from .memory import peak_memory_bytes
@@ -64,10 +64,9 @@ def bench_routing(ensemble: Ensemble, input_ids: torch.Tensor, exit_ratios: Sequ
     unknown = [m for m in methods if m not in BENCH_METHODS]
     if unknown or "full" not in methods:
         raise ValueError(f"methods must include 'full' and come from {list(BENCH_METHODS)}, got {list(methods)}")
-    ensemble.eval()
     num_tokens = input_ids.numel()
     rows: list[BenchRow] = []
-    with torch.inference_mode():
+    with evaluation_mode(ensemble), torch.inference_mode():
         probe = forward_cascade(ensemble, input_ids, method="routed", num_stages=1, confidence_at_last_stage=True)
         confidence = probe.stage_confidence[0].reshape(-1)
         later = [math.inf] * (len(ensemble) - 2)  # stages after 1 keep everyone (2-stage presets have none)

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .batch import IGNORE_INDEX, unpack_batch
 from .compaction import plan_layouts, to_dense
-from .ensemble import Ensemble
+from .ensemble import Ensemble, evaluation_mode
 from .llm import LLM
 from .routing import forward_cascade
 
@@ -268,7 +268,9 @@ def collect_hard_tokens(ensemble: Ensemble, stage_index: int, batches: Iterable,
     collected = HardTokens(memory_budget_bytes, spill_dir)
     if thresholds is None:
         thresholds = ensemble.thresholds[:stage_index]
-    with torch.no_grad():  # not inference_mode: the collected states feed autograd when stage k trains
+    # Eval mode (as routed evaluation) and no_grad, not inference_mode: the collected states feed
+    # autograd when stage k trains.
+    with evaluation_mode(ensemble), torch.no_grad():
         for item in tqdm(batches, desc=f"collect hard tokens for stage {stage_index}", disable=not progress,
                          leave=False):
             start = time.perf_counter()

@@ -1,0 +1,132 @@
+"""`cascade-bench run/report/plot` end to end on a tiny config: files, tables, plots, resume, errors."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pandas as pd
+import pytest
+
+from cascade_bench.cli import main
+from cascade_bench.config import make_config
+from cascade_bench.experiment import run_experiment
+from cascade_bench.results_store import ResultsStore
+
+TINY = dict(name="tiny", tokenizer="bpe:300", preset="gpt2-tiny", seq_len=32, batch_size=8, eval_stride=32,
+            max_epochs=1, max_steps_per_epoch=3, hard_ratios=(0.3, 0.6), timing_repeats=1, eval_batches=2)
+QUALITY = ("ppl", "accuracy", "hard_ppl", "exit_ratios", "tokens_entered", "layer_cost", "flops", "flops_analytic",
+           "thresholds")
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    config = make_config({**TINY, "out": str(tmp_path_factory.mktemp("run"))})
+    return config, run_experiment(config, progress=False)
+
+
+def test_run_writes_results_tables_plots_and_report(finished):
+    config, paths = finished
+    records = list(ResultsStore(paths["results"]))
+    ids = [r["point_id"] for r in records]
+    assert ids == ["full", "prefix-0", "dense", "routed@0.3", "masked@0.3", "routed@0.6", "masked@0.6", "oracle"]
+    assert all(r["schema_version"] == 1 for r in records)
+    routed = next(r for r in records if r["point_id"] == "routed@0.3")
+    for key in ("ppl", "accuracy", "hard_ppl", "easy_ppl", "exit_ratios", "layer_cost", "flops", "flops_analytic",
+                "time_median_s", "time_iqr_s", "tokens_per_s", "peak_memory_bytes"):
+        assert routed[key] is not None, key
+    assert routed["flops"] == routed["flops_analytic"]
+    for key in ("dataset", "split", "window", "stride", "tokenizer", "dtype", "device", "threads", "batch_shapes",
+                "seed", "torch", "transformers", "git_commit"):
+        assert key in routed["conditions"], key
+    tables = paths["tables"]
+    paper = pd.read_csv(tables / "tiny.paper.csv")
+    assert list(paper.columns) == ["method", "PPL", "accuracy", "exit at stage 0", "layer cost", "FLOP ratio",
+                                   "wall ratio", "PPL at matched FLOPs"]
+    assert list(paper.method) == ["full cascade", "stage 0 alone", "dense, same depth", "routed EE @ hard 0.6",
+                                  "masked EE @ hard 0.6", "oracle bound"]  # 0.6 is nearest 0.5
+    full = paper.iloc[0]
+    assert (full["layer cost"], full["FLOP ratio"], full["wall ratio"]) == (1.0, 1.0, 1.0)
+    assert paper.iloc[1]["layer cost"] == 0.5  # stage 0 alone: half the layers of the cascade
+    sweep = pd.read_csv(tables / "tiny.thresholds.csv")
+    assert len(sweep) == 4 and list(sweep.columns[:5]) == ["method", "hard ratio", "threshold", "exit at stage 0",
+                                                            "PPL"]
+    assert r"\toprule" in (tables / "tiny.paper.tex").read_text()
+    assert "| quantity | this run |" in (tables / "tiny.seed.md").read_text()
+    report = paths["report"].read_text()
+    assert "## Methods" in report and "plots/tiny.cost_vs_ppl.png" in report
+    import matplotlib.image as mpimg
+
+    for stem in ("cost_vs_ppl", "exit_ratios", "confidence"):
+        image = mpimg.imread(paths["plots"] / f"tiny.{stem}.png")
+        assert image.shape[0] > 100 and image.shape[1] > 100 and image.std() > 0  # not blank
+        assert (paths["plots"] / f"tiny.{stem}.pdf").stat().st_size > 1000
+
+
+def test_an_interrupted_sweep_resumes_to_the_same_records(finished, tmp_path):
+    config, paths = finished
+    resumed = make_config({**TINY, "out": str(tmp_path)})
+    seen = []
+
+    def stop_after_three(point_id):
+        seen.append(point_id)
+        if len(seen) == 3:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        run_experiment(resumed, progress=False, on_point=stop_after_three)
+    partial = ResultsStore(tmp_path / "results" / "tiny.jsonl")
+    assert len(partial) == 3
+    run_experiment(resumed, progress=False)  # picks up where it stopped
+    again = {r["point_id"]: r for r in ResultsStore(tmp_path / "results" / "tiny.jsonl")}
+    whole = {r["point_id"]: r for r in ResultsStore(paths["results"])}
+    assert list(again) == list(whole)
+    for point_id, record in whole.items():
+        for key in QUALITY:
+            assert _same(again[point_id].get(key), record.get(key)), (point_id, key)
+
+
+def _same(a, b) -> bool:
+    """Equality where NaN equals NaN (a stage prefix has no hard tokens, so no hard PPL)."""
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return a == b
+
+
+def test_report_and_plot_commands_reuse_stored_results(finished, capsys):
+    config, paths = finished
+    flags = ["--out", config.out, "--name", "tiny"]
+    paths["report"].unlink()
+    assert main(["report", *flags]) == 0 and paths["report"].exists()
+    assert main(["plot", *flags]) == 0
+    assert "cost_vs_ppl.png" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, key", [
+    (["run", "--seq-len", "-3"], "'seq_len'"),
+    (["run", "--hard-ratios", "0.5,1.5"], "'hard_ratios'"),
+    (["run", "--preset", "gpt5"], "'preset'"),
+    (["run", "--batch-size", "many"], "'batch_size'"),
+])
+def test_bad_config_values_are_one_line_errors_naming_the_key(argv, key, capsys, tmp_path):
+    assert main([*argv, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert key in err and len(err.splitlines()) == 1
+
+
+def test_config_file_keys_are_checked(tmp_path, capsys):
+    path = tmp_path / "bad.toml"
+    path.write_text('name = "x"\nseq_lenn = 64\n')
+    assert main(["run", str(path), "--out", str(tmp_path)]) == 2
+    assert "unknown config key 'seq_lenn'" in capsys.readouterr().err
+    path.write_text('[data]\nseq_len = 48\neval_stride = 48\n[sweep]\nhard_ratios = [0.25, 0.75]\n')
+    from cascade_bench.config import load_config_file
+
+    config = make_config(load_config_file(path))
+    assert config.seq_len == 48 and config.hard_ratios == (0.25, 0.75)
+    assert main(["report", "--out", str(tmp_path / "empty")]) == 2
+    assert "no results" in capsys.readouterr().err
