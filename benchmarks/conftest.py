@@ -1,20 +1,64 @@
-"""Benchmarks run with the CPU preset, a fixed thread count and real text."""
+"""Benchmark presets, fixed threads, real text.
+
+    pytest benchmarks/ --benchmark-only                           # CPU preset
+    pytest benchmarks/ --benchmark-only --cascade-preset gpu      # GPU preset, on a CUDA machine
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import pytest
 import torch
 
-from cascade_bench.corpus import byte_token_windows, embedded_documents
+from cascade_bench.corpus import embedded_documents
 from cascade_bench.presets import build_ensemble
 
 THREADS = 2
 
 
+@dataclass(frozen=True)
+class BenchPreset:
+    """Stage preset, layers per stage, batch shapes (B, T), device and dtype."""
+
+    stage_preset: str
+    layers: tuple
+    shapes: tuple
+    device: str
+    dtype: torch.dtype
+
+
+BENCH_PRESETS = {
+    # The core issue's CPU preset: GPT-2-style 4+4 layers, hidden 256, vocab 8192; two batch shapes.
+    "cpu": BenchPreset("gpt2-cpu", (4, 4), ((8, 512), (32, 128)), "cpu", torch.float32),
+    # GPT-2-small-like 6+6 layers, hidden 768, vocab 50257, batch 16 x 1024 (and 64 x 256), bf16.
+    "gpu": BenchPreset("gpt2-small", (6, 6), ((16, 1024), (64, 256)), "cuda", torch.bfloat16),
+}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--cascade-preset", default="cpu", choices=sorted(BENCH_PRESETS),
+                     help="benchmark model sizes: cpu (default) or gpu (GPT-2-small-like stages, bf16, CUDA)")
+
+
 @pytest.fixture(scope="session")
-def cpu_preset():
-    """The core issue's CPU preset: GPT-2-style 4+4 layers, hidden 256, vocab 8192, batch 8 x 512."""
+def bench_preset(request) -> BenchPreset:
+    preset = BENCH_PRESETS[request.config.getoption("--cascade-preset")]
+    if preset.device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("the gpu preset needs a CUDA device")
     torch.set_num_threads(THREADS)
-    ensemble = build_ensemble("gpt2-cpu", (4, 4), seed=0).eval()
-    text = "\n\n".join(body for _, body in embedded_documents())
-    return ensemble, byte_token_windows(text, 8, 512)
+    return preset
+
+
+@pytest.fixture(scope="session")
+def cascades(bench_preset):
+    """(routed cascade, dense model of the same total depth), untrained (timing and FLOPs only)."""
+    p = bench_preset
+    cascade = build_ensemble(p.stage_preset, p.layers, seed=0, device=p.device, dtype=p.dtype)
+    dense = build_ensemble(p.stage_preset, (sum(p.layers),), seed=1, device=p.device, dtype=p.dtype)
+    return cascade, dense
+
+
+@pytest.fixture(scope="session")
+def text() -> str:
+    return "\n\n".join(body for _, body in embedded_documents())

@@ -1,66 +1,194 @@
-"""Full cascade vs routed early exit (both batching modes) vs masked early exit, CPU preset.
+"""Full cascade, routed early exit (both batching modes), masked early exit and the dense
+same-depth model, at exit ratios 0/25/50/75/100% after stage 0 and two batch shapes; plus the
+routing primitives (exit decision, gather, scatter) alone.
 
-    pytest benchmarks/ --benchmark-only --benchmark-group-by=group
+    pytest benchmarks/ --benchmark-only                        # CPU preset
+    pytest benchmarks/ --benchmark-only --cascade-preset gpu   # GPU preset (CUDA)
 
-Each benchmark carries counted FLOPs, the FLOP ratio to the full cascade, layer cost, exit
-ratios, tokens and PPL in ``extra_info``. For ratios measured in one interleaved run, use
-``cascade-bench bench-routing`` instead (pytest-benchmark times one benchmark after another).
+Every record carries in ``extra_info``: counted FLOPs, FLOP ratio to the full cascade, layer
+cost, exit ratio per stage, tokens, NLL and PPL of its batch, device, dtype, threads, and on
+CUDA the span times from CUDA events. ``cascade-bench bench-report`` turns the JSON into tables
+and a cost-vs-time plot. pytest-benchmark times one benchmark after another, so the machine's
+drift enters ratios of their medians; each record therefore also carries
+``wall_ratio_interleaved``, its time over the full cascade's timed back to back (median of 2
+pairs), and ``cascade-bench bench-routing`` interleaves whole sweeps.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
+import time
 
 import pytest
 import torch
 
 from cascade_bench.calibration import threshold_for_hard_ratio
+from cascade_bench.compaction import from_dense, plan_layouts, to_dense
+from cascade_bench.corpus import byte_token_windows
 from cascade_bench.flops import count_flops
 from cascade_bench.routing import forward_cascade
-from cascade_bench.routing_bench import BENCH_METHODS
+from cascade_bench.timing import SpanTimer
 
-EXIT_RATIOS = (0.25, 0.5, 0.75)
+EXIT_RATIOS = (0.0, 0.25, 0.5, 0.75, 1.0)
+EE_METHODS = {"routed-padded": dict(method="routed", batching="padded"),
+              "routed-bucketed": dict(method="routed", batching="bucketed"),
+              "masked": dict(method="masked")}
+SHAPE_INDEX = (0, 1)
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
 
 
 @pytest.fixture(scope="module")
-def thresholds(cpu_preset):
-    ensemble, ids = cpu_preset
+def setup(bench_preset, cascades, text):
+    """Per batch shape: input ids, stage-0 thresholds for each exit ratio, full-cascade FLOPs."""
+    cascade, dense = cascades
+    prepared = {}
     with torch.inference_mode():
-        probe = forward_cascade(ensemble, ids, num_stages=1, confidence_at_last_stage=True)
-    confidence = probe.stage_confidence[0]
-    return {ratio: threshold_for_hard_ratio(confidence, 1.0 - ratio) for ratio in EXIT_RATIOS}
+        for index in SHAPE_INDEX:
+            ids = byte_token_windows(text, *bench_preset.shapes[index]).to(bench_preset.device)
+            probe = forward_cascade(cascade, ids, num_stages=1, confidence_at_last_stage=True)
+            confidence = probe.stage_confidence[0]
+            thresholds = {r: threshold_for_hard_ratio(confidence, 1.0 - r) for r in EXIT_RATIOS}
+            full_flops = count_flops(forward_cascade, cascade, ids, method="full")[0].flops
+            prepared[index] = (ids, thresholds, full_flops)
+    return prepared
 
 
-@pytest.fixture(scope="module")
-def full_flops(cpu_preset):
-    ensemble, ids = cpu_preset
-    with torch.inference_mode():
-        return count_flops(forward_cascade, ensemble, ids, method="full")[0].flops
+def _interleaved_ratio(forward, full_forward_call, pairs: int = 2) -> float:
+    """Median over ``pairs`` of (this call's time / the full cascade's), timed back to back, so
+    drift of the machine between benchmarks does not enter the ratio."""
+    ratios = []
+    for _ in range(pairs):
+        start = time.perf_counter()
+        forward()
+        middle = time.perf_counter()
+        full_forward_call()
+        ratios.append((middle - start) / (time.perf_counter() - middle))
+    return statistics.median(ratios)
 
 
-@pytest.mark.parametrize("method", list(BENCH_METHODS))
-@pytest.mark.parametrize("exit_ratio", EXIT_RATIOS)
-def test_routing_methods(benchmark, cpu_preset, thresholds, full_flops, method, exit_ratio):
-    ensemble, ids = cpu_preset
-    kwargs = dict(BENCH_METHODS[method], thresholds=[thresholds[exit_ratio]])
-    benchmark.group = f"routing, {exit_ratio:.0%} exit after stage 0"
-
+def _run(benchmark, ensemble, ids, full_flops, device, full_cascade=None, **kwargs):
     def forward():
         with torch.inference_mode():
-            return forward_cascade(ensemble, ids, **kwargs)
+            out = forward_cascade(ensemble, ids, **kwargs)
+        _sync(device)  # the timed call includes the GPU work, not only its launch
+        return out
 
-    out = benchmark.pedantic(forward, rounds=5, warmup_rounds=1, iterations=1)
+    def full():
+        with torch.inference_mode():
+            forward_cascade(full_cascade, ids, method="full")
+        _sync(device)
+
+    out = benchmark.pedantic(forward, rounds=5, warmup_rounds=2, iterations=1)
+    if full_cascade is not None and not benchmark.disabled:
+        benchmark.extra_info["wall_ratio_interleaved"] = _interleaved_ratio(forward, full)
     with torch.inference_mode():
         flops = count_flops(forward_cascade, ensemble, ids, **kwargs)[0].flops
-    ppl = math.exp(float(out.nll[out.scored].double().mean()))
+        spans = {}
+        if torch.device(device).type == "cuda":
+            timer = SpanTimer(device)
+            forward_cascade(ensemble, ids, probe=timer, **kwargs)
+            spans = {name: seconds * 1e3 for name, seconds in timer.results().items()}
+    nll = float(out.nll[out.scored].double().mean())
     benchmark.extra_info.update(
         counted_flops=flops, flop_ratio=flops / full_flops, layer_cost=out.layer_cost,
-        exit_ratios=list(out.exit_ratios), tokens=out.num_tokens, ppl=ppl, padding_waste=list(out.padding_waste),
-        device=str(ids.device), dtype=str(ensemble.dtype), threads=torch.get_num_threads())
-    if method == "full":
-        assert out.exit_ratios == (0.0, 1.0) and out.layer_cost == 1.0
-    else:
-        assert out.exit_ratios[0] == pytest.approx(exit_ratio, abs=1 / out.num_tokens)
+        exit_ratios=list(out.exit_ratios), tokens=out.num_tokens, nll=nll, ppl=math.exp(nll),
+        batch_shape=list(ids.shape), device=str(ids.device), dtype=str(ensemble.dtype).removeprefix("torch."),
+        threads=torch.get_num_threads(), cuda_span_ms=spans)
+    return out, flops
+
+
+@pytest.mark.parametrize("shape_index", SHAPE_INDEX)
+@pytest.mark.parametrize("baseline", ["full", "dense"])
+def test_baselines(benchmark, bench_preset, cascades, setup, shape_index, baseline):
+    cascade, dense = cascades
+    ids, _, full_flops = setup[shape_index]
+    benchmark.group = f"{tuple(bench_preset.shapes[shape_index])}: baselines"
+    model = cascade if baseline == "full" else dense
+    out, flops = _run(benchmark, model, ids, full_flops, bench_preset.device,
+                      full_cascade=cascade if baseline == "dense" else None, method="full")
+    assert out.layer_cost == 1.0 and out.exit_ratios[-1] == 1.0
+    if baseline == "full":
+        assert flops == full_flops
+    else:  # same depth, one lm_head: the same matrix products as the full cascade
+        assert flops == full_flops
+
+
+@pytest.mark.parametrize("shape_index", SHAPE_INDEX)
+@pytest.mark.parametrize("exit_ratio", EXIT_RATIOS)
+@pytest.mark.parametrize("method", list(EE_METHODS))
+def test_early_exit(benchmark, bench_preset, cascades, setup, shape_index, exit_ratio, method):
+    cascade, _ = cascades
+    ids, thresholds, full_flops = setup[shape_index]
+    benchmark.group = f"{tuple(bench_preset.shapes[shape_index])}: exit {exit_ratio:.0%} after stage 0"
+    out, flops = _run(benchmark, cascade, ids, full_flops, bench_preset.device, full_cascade=cascade,
+                      thresholds=[thresholds[exit_ratio]], **EE_METHODS[method])
+    assert out.exit_ratios[0] == pytest.approx(exit_ratio, abs=1 / out.num_tokens)
     if method.startswith("routed"):
         assert out.layer_cost == pytest.approx(1 - exit_ratio / 2, abs=1e-3)
         assert out.tokens_entered[1] == round((1 - exit_ratio) * out.num_tokens)
+    else:
+        assert out.layer_cost == 1.0 and flops > full_flops  # every stage, plus the stage-0 head
+
+
+@pytest.fixture(scope="module")
+def mid_route(bench_preset, cascades, setup):
+    """What the router holds after stage 0 at 50% exit: hidden states, confidences, continuing tokens."""
+    cascade, _ = cascades
+    ids, thresholds, _ = setup[0]
+    with torch.inference_mode():
+        hidden = cascade[0](input_ids=ids).hidden.reshape(-1, cascade[0].hidden_size)
+        out = forward_cascade(cascade, ids, thresholds=[thresholds[0.5]])
+        confidence = out.stage_confidence[0].reshape(-1)
+    return ids, hidden, confidence, thresholds[0.5]
+
+
+@pytest.mark.benchmark(group="routing primitives (50% exit, first batch shape)")
+@pytest.mark.parametrize("primitive", ["exit decision", "gather", "scatter"])
+def test_routing_primitives(benchmark, bench_preset, cascades, mid_route, primitive):
+    cascade, _ = cascades
+    ids, hidden, confidence, threshold = mid_route
+    batch, seq_len = ids.shape
+    reach = torch.arange(ids.numel(), device=ids.device)
+    continuing = reach[confidence < threshold]
+    (layout,) = plan_layouts(continuing, seq_len, batch, "padded")
+    dense = to_dense(hidden[confidence < threshold], layout)
+    nll_buffer = torch.zeros(ids.numel(), device=ids.device)
+
+    def decision():
+        exits = confidence >= threshold
+        return reach[~exits], hidden[~exits]
+
+    def gather():
+        (lay,) = plan_layouts(continuing, seq_len, batch, "padded")
+        return to_dense(hidden[confidence < threshold], lay)
+
+    def scatter():
+        values = from_dense(dense, layout)
+        nll_buffer[continuing] = values[:, 0].float()
+        return values
+
+    fn = {"exit decision": decision, "gather": gather, "scatter": scatter}[primitive]
+
+    def timed():
+        with torch.inference_mode():
+            result = fn()
+        _sync(bench_preset.device)
+        return result
+
+    result = benchmark.pedantic(timed, rounds=20, warmup_rounds=3, iterations=1)
+    # Share of a routed forward spent in the router's own gather and scatter spans (one timed pass).
+    with torch.inference_mode():
+        timer = SpanTimer(bench_preset.device)
+        forward_cascade(cascade, ids, thresholds=[threshold], probe=timer)
+        spans = timer.results()
+    total = sum(spans[f"stage{k}"] for k in range(2))
+    own = sum(spans.get(f"stage{k}.{part}", 0.0) for k in range(2) for part in ("gather", "scatter"))
+    benchmark.extra_info.update(routing_share_of_forward=own / total, tokens=ids.numel(),
+                                continuing=int(continuing.numel()), device=str(ids.device))
+    rows = result[0].shape[0] if primitive == "exit decision" else result.shape[0]
+    assert rows == {"exit decision": continuing.numel(), "gather": layout.num_rows, "scatter": continuing.numel()}[primitive]

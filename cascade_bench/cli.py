@@ -84,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
                              help="TOML config file (keys as the flags below, without dashes)")
         command.add_argument("--quiet", action="store_true", help="no progress bars")
         add_config_arguments(command)
+    bench_report = commands.add_parser(
+        "bench-report", help="tables and a cost-vs-time plot from a pytest-benchmark JSON file",
+        description="Turn `pytest benchmarks/ --benchmark-only --benchmark-json FILE` into tables (Markdown, LaTeX, "
+                    "CSV) and a cost-vs-time plot.")
+    bench_report.add_argument("json_file", type=Path, help="the --benchmark-json file")
+    bench_report.add_argument("--out", type=Path, default=Path("results"), help="folder for the outputs")
     cost = commands.add_parser(
         "cost", help="full cost breakdown of one method over batches of the embedded text",
         description="Quality and cost of a cascade over batches of the embedded text (CPython documentation "
@@ -207,6 +213,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _cost(args)
         if args.command in ("run", "report", "plot"):
             return _experiment(args)
+        if args.command == "bench-report":
+            from .bench_report import write_bench_report
+
+            if not args.json_file.is_file():
+                raise ValueError(f"missing benchmark JSON {args.json_file}")
+            for path in write_bench_report(args.json_file, args.out):
+                print(f"wrote {path}")
+            return 0
     except ValueError as error:
         print(f"cascade-bench: error: {error}", file=sys.stderr)
         return 2
