@@ -17,8 +17,6 @@ pairs), and ``cascade-bench bench-routing`` interleaves whole sweeps.
 from __future__ import annotations
 
 import math
-import statistics
-import time
 
 import pytest
 import torch
@@ -28,7 +26,7 @@ from cascade_bench.compaction import from_dense, plan_layouts, to_dense
 from cascade_bench.corpus import byte_token_windows
 from cascade_bench.flops import count_flops
 from cascade_bench.routing import forward_cascade
-from cascade_bench.timing import SpanTimer
+from cascade_bench.timing import SpanTimer, interleaved_ratio
 
 EXIT_RATIOS = (0.0, 0.25, 0.5, 0.75, 1.0)
 EE_METHODS = {"routed-padded": dict(method="routed", batching="padded"),
@@ -58,19 +56,6 @@ def setup(bench_preset, cascades, text):
     return prepared
 
 
-def _interleaved_ratio(forward, full_forward_call, pairs: int = 2) -> float:
-    """Median over ``pairs`` of (this call's time / the full cascade's), timed back to back, so
-    drift of the machine between benchmarks does not enter the ratio."""
-    ratios = []
-    for _ in range(pairs):
-        start = time.perf_counter()
-        forward()
-        middle = time.perf_counter()
-        full_forward_call()
-        ratios.append((middle - start) / (time.perf_counter() - middle))
-    return statistics.median(ratios)
-
-
 def _run(benchmark, ensemble, ids, full_flops, device, full_cascade=None, **kwargs):
     def forward():
         with torch.inference_mode():
@@ -85,7 +70,7 @@ def _run(benchmark, ensemble, ids, full_flops, device, full_cascade=None, **kwar
 
     out = benchmark.pedantic(forward, rounds=5, warmup_rounds=2, iterations=1)
     if full_cascade is not None and not benchmark.disabled:
-        benchmark.extra_info["wall_ratio_interleaved"] = _interleaved_ratio(forward, full)
+        benchmark.extra_info["wall_ratio_interleaved"] = interleaved_ratio(forward, full, pairs=2)
     with torch.inference_mode():
         flops = count_flops(forward_cascade, ensemble, ids, **kwargs)[0].flops
         spans = {}

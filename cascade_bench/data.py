@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 from .corpus import Corpus, load_corpus
-from .tokenization import load_tokenizer
+from .tokenization import check_vocab_fits, load_tokenizer
 from .windows import encode_documents, sliding_windows, training_windows
 
 
@@ -26,15 +26,19 @@ class PreparedData:
 
 def prepare_data(source: "str | Path | dict" = "embedded", tokenizer: str = "bpe:8192", seq_len: int = 128,
                  batch_size: int = 16, eval_stride: Optional[int] = None, config: Optional[str] = None,
-                 cache_dir: "Path | str | None" = None, max_positions: Optional[int] = None) -> PreparedData:
+                 cache_dir: "Path | str | None" = None, max_positions: Optional[int] = None,
+                 model_vocab_size: Optional[int] = None) -> PreparedData:
     """Load ``source`` (see ``corpus.load_corpus``), load or train the tokenizer (a BPE trains on the
     train split only), and cut each split's EOS-joined token stream into windows.
 
     eval_stride: sliding-window stride for validation/test (default ``seq_len``: disjoint windows).
-    max_positions: the model's limit, checked against ``seq_len``.
+    max_positions: the model's limit, checked against ``seq_len``. model_vocab_size: the model's
+    vocabulary, checked against the tokenizer's (ValueError if the tokenizer can emit more ids).
     """
     corpus = load_corpus(source, config=config)
     tok = load_tokenizer(tokenizer, corpus.documents("train"), cache_dir=cache_dir)
+    if model_vocab_size is not None:
+        check_vocab_fits(tok, model_vocab_size)
     stride = seq_len if eval_stride is None else eval_stride
     streams = {split: encode_documents(tok, corpus.documents(split)) for split in ("train", "validation", "test")}
     conditions = {

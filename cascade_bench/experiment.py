@@ -4,7 +4,8 @@ Steps: prepare the data; train the cascade with its protocol and the dense basel
 them if a run with the same training settings already saved them (``models/<training key>/``);
 evaluate every point (full cascade, each stage prefix, the dense model, routed and masked early
 exit at every hard ratio of the sweep, the oracle bound) on the test split with quality, counted
-and analytic FLOPs, wall time and peak memory; append each point to the results store as soon
+and analytic FLOPs, wall time (and its ratio to the full cascade timed back to back) and peak
+memory; append each point to the results store as soon
 as it is measured (a rerun skips stored points, so an interrupted sweep resumes); then write
 the tables, the plots and the report.
 """
@@ -22,13 +23,15 @@ from .calibration import calibrate_thresholds
 from .config import ExperimentConfig
 from .cost import measure_cost
 from .data import PreparedData, prepare_data
-from .ensemble import Ensemble
+from .ensemble import Ensemble, evaluation_mode
+from .routing import forward_cascade
 from .oracle import oracle_bound
 from .persistence import load_ensemble, load_manifest, save_ensemble
 from .presets import STAGE_PRESETS, build_ensemble
 from .protocols import PROTOCOLS, train_dense_baseline, train_ensemble, with_leaky_seed_protocol
 from .results_store import ResultsStore
 from .storage import write_json_atomic
+from .timing import interleaved_ratio
 from .training import TrainConfig
 
 
@@ -155,9 +158,23 @@ def run_experiment(config: ExperimentConfig, progress: bool = True,
                                                           "cascade (later stages see full context)"}}
         points.append(("oracle", oracle_point))
 
+    def full_pass():
+        for batch in test:
+            forward_cascade(cascade, batch["input_ids"], batch.get("attention_mask"), batch.get("targets"),
+                            method="full")
+
+    def with_back_to_back_ratio(make: Callable[[], dict]) -> dict:
+        """The point's record plus its wall time over the full cascade's, timed back to back."""
+        record = make()
+        rerun = _pass_of(record, cascade, test, config, paths, data, progress)
+        if rerun is not None:
+            with evaluation_mode(cascade), torch.inference_mode():
+                record["wall_ratio_interleaved"] = interleaved_ratio(rerun, full_pass, pairs=config.timing_repeats)
+        return record
+
     todo = [(pid, make) for pid, make in points if pid not in store]
     for point_id, make in tqdm(todo, desc=f"sweep {config.name}", unit="point", disable=not progress):
-        store.append(make())
+        store.append(with_back_to_back_ratio(make))
         if on_point is not None:
             on_point(point_id)
     cascade.set_thresholds(calibrated)
@@ -171,10 +188,32 @@ def run_experiment(config: ExperimentConfig, progress: bool = True,
     return paths
 
 
+def _pass_of(record: dict, cascade: Ensemble, test, config: ExperimentConfig, paths, data,
+             progress: bool) -> Optional[Callable[[], None]]:
+    """A callable that reruns the pass a record measured (None for the oracle, which never runs)."""
+    method = record["method"]
+    if method == "oracle":
+        return None
+    if method == "dense":
+        model = _trained_dense(config, data, paths["models"] / "dense", sum(cascade.layers_per_stage), progress)
+        kwargs = dict(method="full")
+    elif method == "prefix":
+        model, kwargs = cascade, dict(method="full", num_stages=record["stages"])
+    elif method == "full":
+        model, kwargs = cascade, dict(method="full")
+    else:
+        model = cascade
+        kwargs = dict(method=method, thresholds=record["thresholds"],
+                      **({"batching": config.batching} if method == "routed" else {}))
+
+    def rerun():
+        for batch in test:
+            forward_cascade(model, batch["input_ids"], batch.get("attention_mask"), batch.get("targets"), **kwargs)
+    return rerun
+
+
 def _confidences(cascade: Ensemble, batches) -> dict:
     """Histogram of each non-last stage's confidences on the test split (no exit: every token)."""
-    from .ensemble import evaluation_mode
-
     values = [[] for _ in range(len(cascade) - 1)]
     with evaluation_mode(cascade), torch.inference_mode():
         for batch in batches:
@@ -193,8 +232,6 @@ def _confidences(cascade: Ensemble, batches) -> dict:
 
 
 def evaluate_pass(cascade: Ensemble, batch: dict):
-    from .routing import forward_cascade
-
     return forward_cascade(cascade, batch["input_ids"], batch.get("attention_mask"), batch.get("targets"),
                            thresholds=[math.inf] * len(cascade))
 

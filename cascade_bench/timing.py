@@ -117,3 +117,18 @@ def time_spans(fn: Callable[[Probe], object], device: "torch.device | str" = "cp
         for name, seconds in timer.results().items():
             spans.setdefault(name, []).append(seconds)
     return TimingStats(tuple(walls)), {name: TimingStats(tuple(v)) for name, v in spans.items()}
+
+
+def interleaved_ratio(fn: Callable[[], object], reference: Callable[[], object], pairs: int = 3,
+                      device: Optional[torch.device] = None) -> float:
+    """Median over ``pairs`` of time(fn) / time(reference), the two timed back to back (after one
+    untimed call of each), so drift of a shared machine between measurements stays out of the ratio."""
+    if pairs < 1:
+        raise ValueError(f"pairs must be >= 1, got {pairs}")
+    fn(), reference()
+    ratios = []
+    for _ in range(pairs):
+        mine = wall_time_once(fn, device)
+        theirs = wall_time_once(reference, device)
+        ratios.append(mine / theirs)
+    return statistics.median(ratios)

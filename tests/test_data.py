@@ -151,3 +151,5 @@ def test_prepare_data_on_the_embedded_corpus(tmp_path):
     assert all(int(b["input_ids"].max()) < len(data.tokenizer) for b in data.train + data.test)
     with pytest.raises(ValueError, match="longer than the model's max positions 32"):
         prepare_data("embedded", tokenizer="bpe:512", seq_len=64, cache_dir=tmp_path, max_positions=32)
+    with pytest.raises(ValueError, match="tokenizer vocab 512 exceeds the model's vocab size 256"):
+        prepare_data("embedded", tokenizer="bpe:512", seq_len=64, cache_dir=tmp_path, model_vocab_size=256)
