@@ -160,3 +160,23 @@ def test_empty_ensemble_and_bad_threshold_types():
         ensemble.set_thresholds(["high"])
     with pytest.raises(ValueError, match="expected 1 or 2 thresholds"):
         ensemble.set_thresholds([0.1, 0.2, 0.3])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_routes_like_float32(dtype, text):
+    """Confidences and NLLs are computed in float32 whatever the model dtype; decisions and PPL
+    stay close to the float32 model's."""
+    ids = token_batch(text, 4, 48)
+    reference = tiny_ensemble("llama-tiny")
+    half = tiny_ensemble("llama-tiny").to(dtype)
+    with torch.inference_mode():
+        probe = routed_forward(reference, ids, num_stages=1, confidence_at_last_stage=True)
+        threshold = float(probe.stage_confidence[0].median())
+        a = routed_forward(reference, ids, thresholds=[threshold])
+        b = routed_forward(half, ids, thresholds=[threshold])
+    assert b.nll.dtype == torch.float32 and b.stage_confidence.dtype == torch.float32
+    agree = (a.exit_stage == b.exit_stage).float().mean()
+    assert agree > 0.8  # tokens near the threshold may flip
+    ppl_a = torch.exp(a.nll[a.scored].mean())
+    ppl_b = torch.exp(b.nll[b.scored].mean())
+    assert abs(ppl_a - ppl_b) / ppl_a < 0.05
