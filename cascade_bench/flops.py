@@ -14,7 +14,7 @@ attention is counted like on CUDA: as *full* (non-causal) QK^T and PV products,
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count

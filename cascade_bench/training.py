@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .batch import IGNORE_INDEX, unpack_batch
+from .batch import IGNORE_INDEX, next_token_targets, unpack_batch
 from .compaction import plan_layouts, to_dense
 from .ensemble import Ensemble, evaluation_mode
 from .llm import LLM
@@ -285,7 +285,7 @@ def collect_hard_tokens(ensemble: Ensemble, stage_index: int, batches: Iterable,
                 continue
             batch_size, seq_len = input_ids.shape
             (layout,) = plan_layouts(index, seq_len, batch_size, "padded")
-            flat_targets = (targets if targets is not None else _default_targets(input_ids, attention_mask))
+            flat_targets = targets if targets is not None else next_token_targets(input_ids, attention_mask)
             flat_targets = flat_targets.to(index.device).reshape(-1)[index]
             shard = {"inputs_embeds": to_dense(state, layout).cpu(),
                      "targets": to_dense(flat_targets, layout, fill=IGNORE_INDEX).cpu()}
@@ -296,12 +296,6 @@ def collect_hard_tokens(ensemble: Ensemble, stage_index: int, batches: Iterable,
             collected.add(shard)
             collected.seconds += time.perf_counter() - start
     return collected
-
-
-def _default_targets(input_ids: Tensor, attention_mask: Optional[Tensor]) -> Tensor:
-    from .batch import next_token_targets
-
-    return next_token_targets(input_ids, attention_mask)
 
 
 def freeze(stages: Iterable[LLM]) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import torch
 
 from cascade_bench.calibration import calibrate_thresholds
 from cascade_bench.cli import main

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from cascade_bench import forward_cascade, full_forward, routed_forward
+from cascade_bench import full_forward, routed_forward
 from cascade_bench.flops import count_flops
 
 from tests.helpers import BATCHING, FAMILIES, INF, scripted_exit, tiny_ensemble, token_batch
