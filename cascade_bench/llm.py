@@ -29,6 +29,7 @@ class StageOutput:
     hidden: Tensor
     input_state: Optional[Tensor] = None
     logits: Optional[Tensor] = None
+    past_key_values: object = None
 
 
 def check_threshold(threshold) -> float:
@@ -112,12 +113,15 @@ class LLM(nn.Module):
     # -- inference ------------------------------------------------------------------------------
     def forward(self, input_ids: Optional[Tensor] = None, inputs_embeds: Optional[Tensor] = None,
                 attention_mask: Optional[Tensor] = None, position_ids: Optional[Tensor] = None,
-                capture_input_state: bool = False, logits_at: Optional[Tensor] = None) -> StageOutput:
+                capture_input_state: bool = False, logits_at: Optional[Tensor] = None,
+                past_key_values=None, use_cache: bool = False) -> StageOutput:
         """Run the stage on token ids (R, L) or hidden states (R, L, d).
 
         attention_mask: (R, L), 1 = real token. position_ids: (R, L). Returns final hidden states
         (R, L, d), if ``capture_input_state`` the input of the last decoder layer (R, L, d), and
         logits only at the positions of the (R, L) bool mask ``logits_at`` (none by default).
+        ``past_key_values`` / ``use_cache``: a Hugging Face cache to attend over and extend
+        (generation); the extended cache is returned in ``past_key_values``.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -131,7 +135,7 @@ class LLM(nn.Module):
         try:
             out = self.parts.base_model(input_ids=input_ids, inputs_embeds=inputs_embeds,
                                         attention_mask=attention_mask, position_ids=position_ids,
-                                        use_cache=False)
+                                        past_key_values=past_key_values, use_cache=use_cache)
         finally:
             if handle is not None:
                 handle.remove()
@@ -142,7 +146,8 @@ class LLM(nn.Module):
                 raise ValueError(f"logits_at must be a bool mask of shape {tuple(hidden.shape[:2])}, got "
                                  f"{logits_at.dtype} {tuple(logits_at.shape)}")
             logits = self.logits(hidden[logits_at])
-        return StageOutput(hidden=hidden, input_state=captured[0] if captured else None, logits=logits)
+        return StageOutput(hidden=hidden, input_state=captured[0] if captured else None, logits=logits,
+                           past_key_values=out.past_key_values if use_cache else None)
 
     def logits(self, hidden: Tensor) -> Tensor:
         """Vocabulary logits (..., V) for the given final hidden states (..., d)."""
