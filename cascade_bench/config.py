@@ -15,12 +15,21 @@ from .presets import STAGE_PRESETS
 from .protocols import PROTOCOLS
 
 METHOD_BASELINES = ("full", "prefix", "masked", "dense", "oracle")
+BLOCK_HEADS = ("shared", "trained")
+#: Tuple keys whose empty default does not tell the element type.
+_ELEMENT_TYPES = {"boundaries": int}
 
 
 @dataclass(frozen=True)
 class ExperimentConfig:
     """What ``cascade-bench run`` does. Defaults: the embedded corpus, a 2-stage ASHEM cascade of
-    GPT-2-style stages, a sweep of 7 hard ratios, all baselines; under 10 minutes on 2 CPU cores."""
+    GPT-2-style stages, a sweep of 9 hard ratios, all baselines; under 10 minutes on 2 CPU cores.
+
+    ``model`` (a local checkpoint folder or hub name) switches to early exit inside that pretrained
+    model: it is cut into blocks before each layer index in ``boundaries``; non-last blocks exit
+    through the model's own norm + lm_head (``block_heads="shared"``) or through their own heads
+    trained with the model frozen (``"trained"``). Nothing else is trained, and the unsplit model is
+    the full-depth baseline ("dense" does not apply and is skipped)."""
 
     name: str = "ashem-embedded"
     corpus: str = "embedded"
@@ -46,6 +55,9 @@ class ExperimentConfig:
     threads: int = 2
     seed: int = 0
     out: str = "."
+    model: str = ""
+    boundaries: tuple = ()
+    block_heads: str = "shared"
 
     def __post_init__(self):
         def bad(key: str, expected: str):
@@ -81,6 +93,20 @@ class ExperimentConfig:
             bad("oracle_tolerance", "a non-negative number (nats)")
         if not isinstance(self.tokenizer, str) or not self.tokenizer:
             bad("tokenizer", "a tokenizer folder, hub name or 'bpe:<vocab size>'")
+        if not isinstance(self.model, str):
+            bad("model", "a checkpoint folder or hub name ('' = train the preset cascade)")
+        if not isinstance(self.boundaries, tuple) or any(
+                isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in self.boundaries):
+            bad("boundaries", "a list of layer indices >= 1, e.g. 4,8")
+        if self.block_heads not in BLOCK_HEADS:
+            bad("block_heads", f"one of {list(BLOCK_HEADS)}")
+        if self.model:
+            if not self.boundaries:
+                bad("boundaries", "at least one layer index to cut the model at (early exit needs two blocks)")
+            if self.tokenizer.startswith("bpe:"):
+                bad("tokenizer", "the pretrained model's own tokenizer (usually its folder), not a new BPE")
+        elif self.boundaries or self.block_heads != "shared":
+            bad("boundaries" if self.boundaries else "block_heads", "to be left unset unless 'model' is set")
 
     @property
     def out_dir(self) -> Path:
@@ -90,6 +116,8 @@ class ExperimentConfig:
         """Hash of everything that changes the trained models (not the sweep or timing)."""
         keys = ("corpus", "corpus_config", "tokenizer", "seq_len", "batch_size", "preset", "protocol",
                 "leaky_seed_protocol", "exit_fn", "max_epochs", "max_steps_per_epoch", "seed", "dtype")
+        if self.model:  # only then, so that preset runs keep their keys
+            keys += ("model", "boundaries", "block_heads")
         payload = json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
@@ -108,7 +136,7 @@ def _coerce(key: str, value, default):
             return value
         if isinstance(default, tuple):
             items = value.split(",") if isinstance(value, str) else list(value)
-            element = type(default[0]) if default else str
+            element = type(default[0]) if default else _ELEMENT_TYPES.get(key, str)
             return tuple(element(x.strip()) if isinstance(x, str) else x for x in items if str(x).strip())
         if isinstance(default, int) and isinstance(value, str):
             return int(value)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import math
 from contextlib import contextmanager
 from typing import Callable, Iterator, Optional, Sequence
@@ -10,18 +9,23 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 from torch import nn
 
+from .blocks import Block, cut_into_blocks
 from .exits import ExitFunction
 from .llm import LLM, check_threshold
 
+#: The two kinds of stage (DESIGN.md section 1): a whole causal LM, or a block of one model's layers.
+STAGE_TYPES = (LLM, Block)
+
 
 class Ensemble(nn.Module):
-    """Ordered cascade stages. Stage 0 reads token ids; stage k>0 reads stage k-1's final hidden states.
+    """Ordered cascade stages. Stage 0 reads token ids; stage k>0 reads stage k-1's output state
+    (an LLM's final hidden states, a Block's residual stream).
 
     Validates that consecutive stages agree on vocabulary size, hidden size, device and dtype.
     Owns no embedding of its own.
     """
 
-    def __init__(self, stages: Sequence[LLM] = ()):
+    def __init__(self, stages: Sequence["LLM | Block"] = ()):
         super().__init__()
         self.stages = nn.ModuleList()
         for stage in stages:
@@ -34,18 +38,29 @@ class Ensemble(nn.Module):
     def __iter__(self) -> Iterator[LLM]:
         return iter(self.stages)
 
-    def __getitem__(self, index: int) -> LLM:
+    def __getitem__(self, index: int) -> "LLM | Block":
         return self.stages[index]
 
     # -- building -------------------------------------------------------------------------------
-    def add_llm(self, llm: "LLM | nn.Module", exit_fn: "str | Callable | ExitFunction | None" = None,
-                threshold: Optional[float] = None) -> LLM:
-        """Append a stage (an LLM, or a Hugging Face causal LM that gets wrapped) and return it.
+    @classmethod
+    def from_blocks(cls, model: nn.Module, boundaries: Sequence[int],
+                    exit_fn: "str | Callable | ExitFunction" = "max_prob",
+                    thresholds: Optional[Sequence[float]] = None, heads: str = "shared") -> "Ensemble":
+        """Early exit inside one pretrained causal LM: its layers cut before each index in
+        ``boundaries`` (``[4, 8]`` on 12 layers: blocks of 4/4/4), weights shared with ``model``.
+        Non-last blocks exit through the model's final norm + lm_head (``heads="shared"``) or a
+        trainable copy each (``heads="own"``). See ``blocks.cut_into_blocks``."""
+        return cls(cut_into_blocks(model, boundaries, exit_fn=exit_fn, thresholds=thresholds, heads=heads))
+
+    def add_llm(self, llm: "LLM | Block | nn.Module", exit_fn: "str | Callable | ExitFunction | None" = None,
+                threshold: Optional[float] = None) -> "LLM | Block":
+        """Append a stage (an LLM or a Block, or a Hugging Face causal LM that gets wrapped as an
+        LLM) and return it.
 
         ``exit_fn`` / ``threshold`` override the LLM's own; for a raw model they default to
         ``"max_prob"`` and ``+inf``.
         """
-        if not isinstance(llm, LLM):
+        if not isinstance(llm, STAGE_TYPES):
             llm = LLM(llm, exit_fn=exit_fn if exit_fn is not None else "max_prob",
                       threshold=threshold if threshold is not None else math.inf)
         else:
@@ -58,22 +73,20 @@ class Ensemble(nn.Module):
         self.stages.append(llm)
         return llm
 
-    def extend(self, num_new_layers: int, exit_fn: "str | Callable | ExitFunction | None" = None) -> LLM:
+    def extend(self, num_new_layers: int, exit_fn: "str | Callable | ExitFunction | None" = None) -> "LLM | Block":
         """Append a freshly initialised stage of ``num_new_layers`` layers built from the last stage's config.
 
-        The new stage is on the last stage's device and dtype and inherits its exit function unless
-        ``exit_fn`` is given. Weights come from ``from_config`` (torch's current RNG).
+        After an LLM: a new LLM (its own embedding-free input path, norm and lm_head). After a Block:
+        a Block of new layers reading the residual stream, with a trainable copy of the last block's
+        exit head. The new stage is on the last stage's device and dtype and inherits its exit
+        function unless ``exit_fn`` is given. Weights come from ``from_config`` (torch's current RNG).
         """
         if isinstance(num_new_layers, bool) or not isinstance(num_new_layers, int) or num_new_layers < 1:
             raise ValueError(f"num_new_layers must be a positive int, got {num_new_layers!r}")
         if not len(self.stages):
             raise ValueError("extend needs at least one stage to copy the config from; use add_llm first")
         last = self.stages[-1]
-        config = copy.deepcopy(last.config)
-        config.num_hidden_layers = num_new_layers
-        new = LLM.from_config(config, exit_fn=exit_fn if exit_fn is not None else last.exit_function)
-        new.to(device=last.device, dtype=last.dtype)
-        return self.add_llm(new)
+        return self.add_llm(last.new_stage_after(num_new_layers, exit_fn if exit_fn is not None else last.exit_function))
 
     # -- reading --------------------------------------------------------------------------------
     @property

@@ -1,7 +1,9 @@
 """``cascade-bench run``: from a config to results, tables, plots and ``report.md``.
 
 Steps: prepare the data; train the cascade with its protocol and the dense baseline, or load
-them if a run with the same training settings already saved them (``models/<training key>/``);
+them if a run with the same training settings already saved them (``models/<training key>/``),
+or, with ``model`` set, cut that pretrained model into blocks (training only their exit heads
+if asked);
 evaluate every point (full cascade, each stage prefix, the dense model, routed and masked early
 exit at every hard ratio of the sweep, the oracle bound) on the test split with quality, counted
 and analytic FLOPs, wall time (and its ratio to the full cascade timed back to back) and peak
@@ -28,7 +30,8 @@ from .routing import forward_cascade
 from .oracle import oracle_bound
 from .persistence import load_ensemble, load_manifest, save_ensemble
 from .presets import STAGE_PRESETS, build_ensemble
-from .protocols import PROTOCOLS, train_dense_baseline, train_ensemble, with_leaky_seed_protocol
+from .protocols import (PROTOCOLS, exit_heads_ppl, train_dense_baseline, train_ensemble, train_exit_heads,
+                        with_leaky_seed_protocol)
 from .results_store import ResultsStore
 from .storage import write_json_atomic
 from .timing import interleaved_ratio
@@ -73,6 +76,36 @@ def _trained_cascade(config: ExperimentConfig, data: PreparedData, folder: Path,
     return ensemble, summary
 
 
+def _pretrained_model(config: ExperimentConfig):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(config.model, dtype=_dtype(config))
+    except (OSError, ValueError) as error:
+        raise ValueError(f"config key 'model': could not load {config.model!r} as a causal LM: {error}") from error
+    return model.to(config.device).eval()
+
+
+def _pretrained_blocks(config: ExperimentConfig, model, data: PreparedData, progress: bool) -> tuple[Ensemble, dict]:
+    """The pretrained model cut into blocks; with ``block_heads="trained"`` the non-last blocks'
+    own exit heads are trained on the train split with the model frozen (retrained on every run:
+    deterministic for a seed, so a resumed sweep measures the same heads)."""
+    heads = "own" if config.block_heads == "trained" else "shared"
+    ensemble = Ensemble.from_blocks(model, list(config.boundaries), exit_fn=config.exit_fn, heads=heads)
+    summary = {"model": config.model, "boundaries": list(config.boundaries),
+               "layers_per_block": list(ensemble.layers_per_stage), "block_heads": config.block_heads}
+    if config.block_heads == "trained":
+        before = exit_heads_ppl(ensemble, data.validation)
+        history = train_exit_heads(ensemble, data.train, data.validation,
+                                   TrainConfig(lr=1e-3, patience=1, max_epochs=config.max_epochs, seed=config.seed,
+                                               max_steps_per_epoch=config.max_steps_per_epoch or None),
+                                   progress=progress)
+        summary.update(exit_heads_val_ppl_before=list(before),
+                       exit_heads_val_ppl_after=list(exit_heads_ppl(ensemble, data.validation)),
+                       epochs=len(history.val_ppl), train_tokens_per_s=history.tokens_per_s)
+    return ensemble, summary
+
+
 def _trained_dense(config: ExperimentConfig, data: PreparedData, folder: Path, total_layers: int,
                    progress: bool) -> Ensemble:
     if (folder / "cascade.json").exists():
@@ -112,11 +145,20 @@ def run_experiment(config: ExperimentConfig, progress: bool = True,
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     paths = experiment_paths(config)
-    max_positions = STAGE_PRESETS[config.preset]["max_position_embeddings"]
+    pretrained = _pretrained_model(config) if config.model else None
+    if pretrained is not None:
+        max_positions = getattr(pretrained.config, "max_position_embeddings", None)
+        model_vocab = pretrained.get_output_embeddings().weight.shape[0]
+    else:
+        max_positions, model_vocab = STAGE_PRESETS[config.preset]["max_position_embeddings"], None
     data = prepare_data(config.corpus, config.tokenizer, config.seq_len, config.batch_size, config.eval_stride,
-                        config.corpus_config or None, cache_dir=paths["tokenizers"], max_positions=max_positions)
+                        config.corpus_config or None, cache_dir=paths["tokenizers"], max_positions=max_positions,
+                        model_vocab_size=model_vocab)
     test = data.test[:config.eval_batches] if config.eval_batches else data.test
-    cascade, training = _trained_cascade(config, data, paths["models"] / "cascade", progress)
+    if pretrained is not None:
+        cascade, training = _pretrained_blocks(config, pretrained, data, progress)
+    else:
+        cascade, training = _trained_cascade(config, data, paths["models"] / "cascade", progress)
     calibrated = cascade.thresholds
     store = ResultsStore(paths["results"])
     conditions = {**data.conditions, "split": "test", "config": config.as_dict(),
@@ -130,7 +172,7 @@ def run_experiment(config: ExperimentConfig, progress: bool = True,
         for k in range(len(cascade) - 1):
             points.append((f"prefix-{k}", lambda k=k: _record(
                 f"prefix-{k}", "prefix", measure_cost(cascade, test, "full", num_stages=k + 1, **common), stages=k + 1)))
-    if "dense" in config.baselines:
+    if "dense" in config.baselines and pretrained is None:  # blocks: the unsplit model is the "full" point
         def dense_point():
             dense = _trained_dense(config, data, paths["models"] / "dense", sum(cascade.layers_per_stage), progress)
             return _record("dense", "dense", measure_cost(dense, test, "full", **common))

@@ -57,6 +57,51 @@ def family_parts(model: nn.Module) -> FamilyParts:
     return FamilyParts(base_model=base, layers=layers, final_norm=norm)
 
 
+@dataclass(frozen=True)
+class LayerSliceRecipe:
+    """How to run a slice of one family's decoder layers outside its base model (block stages).
+
+    position_embedding: base-model attribute of absolute position embeddings, added once to the
+    token embeddings (GPT-2), or None. rotary: base-model attribute computing the rotary (cos, sin)
+    for the position ids that actually run, or None. embedding_dropout: dropout applied after the
+    embeddings, or None. cache_argument: the keyword a decoder layer takes its KV cache under.
+    """
+
+    position_embedding: "str | None" = None
+    rotary: "str | None" = None
+    embedding_dropout: "str | None" = None
+    cache_argument: str = "past_key_values"
+
+
+#: Families whose layers can be cut into blocks. Adding one: an entry here and in FAMILY_PARTS.
+LAYER_SLICE_RECIPES: dict[str, LayerSliceRecipe] = {
+    "gpt2": LayerSliceRecipe(position_embedding="wpe", embedding_dropout="drop"),
+    "llama": LayerSliceRecipe(rotary="rotary_emb"),
+    "mistral": LayerSliceRecipe(rotary="rotary_emb"),
+    "qwen2": LayerSliceRecipe(rotary="rotary_emb"),
+    "gpt_neox": LayerSliceRecipe(rotary="rotary_emb", embedding_dropout="emb_dropout", cache_argument="layer_past"),
+}
+
+
+def layer_slice_recipe(model: nn.Module) -> LayerSliceRecipe:
+    """The recipe for cutting ``model`` into blocks; ValueError naming the family if unsupported."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in LAYER_SLICE_RECIPES or model_type not in FAMILY_PARTS:
+        raise ValueError(
+            f"cannot cut a {model_type!r} model ({type(model).__name__}) into blocks: "
+            f"cascade_bench.families.LAYER_SLICE_RECIPES has no entry for it (it needs: where the decoder "
+            f"layers and final norm sit, how positions enter (absolute embedding or rotary), and the "
+            f"layers' cache argument); supported: {sorted(LAYER_SLICE_RECIPES)}")
+    recipe = LAYER_SLICE_RECIPES[model_type]
+    base = model.base_model
+    for what, name in (("position embedding", recipe.position_embedding), ("rotary embedding", recipe.rotary),
+                       ("embedding dropout", recipe.embedding_dropout)):
+        if name is not None and not isinstance(getattr(base, name, None), nn.Module):
+            raise ValueError(f"{model_type!r} model {type(base).__name__} has no {what} {name!r}; this "
+                             f"transformers version lays the family out differently than LAYER_SLICE_RECIPES expects")
+    return recipe
+
+
 # model_type -> number of d x intermediate matrices in the MLP (2: up/down, 3: gated gate/up/down)
 MLP_MATRICES: dict[str, int] = {"gpt2": 2, "gpt_neox": 2, "llama": 3, "mistral": 3, "qwen2": 3}
 

@@ -42,18 +42,27 @@ def _sdpa_macs(inputs, outputs) -> int:
 
 
 class _TraceableStage(nn.Module):
-    """A stage's base model as tensor in, last hidden state out, for ``torch.jit.trace``."""
+    """A stage as tensor in, output state out, for ``torch.jit.trace``."""
 
-    def __init__(self, stage: LLM, reads_ids: bool):
+    def __init__(self, stage: nn.Module, reads_ids: bool):
         super().__init__()
-        self.base = stage.parts.base_model
+        self.stage = stage
         self.reads_ids = reads_ids
 
     def forward(self, inputs, position_ids, attention_mask):
         key = "input_ids" if self.reads_ids else "inputs_embeds"
-        out = self.base(**{key: inputs}, position_ids=position_ids, attention_mask=attention_mask,
-                        use_cache=False, return_dict=False)
-        return out[0]
+        return self.stage(**{key: inputs}, position_ids=position_ids, attention_mask=attention_mask).hidden
+
+
+class _TraceableHead(nn.Module):
+    """A stage's exit head (``stage.logits``: lm_head, after the final norm for a Block)."""
+
+    def __init__(self, stage: nn.Module):
+        super().__init__()
+        self.stage = stage
+
+    def forward(self, hidden):
+        return self.stage.logits(hidden)
 
 
 @dataclass
@@ -118,7 +127,7 @@ class FvcoreCounter:
             stage = self.stages[k]
             hidden = torch.zeros(tokens, stage.hidden_size, dtype=stage.dtype, device=stage.device)
             with torch.no_grad():
-                self._cache[key] = _analyse(stage.lm_head, (hidden,))
+                self._cache[key] = _analyse(_TraceableHead(stage), (hidden,))
         return self._cache[key]
 
     def count(self, stage_batch_shapes, head_tokens: Sequence[int]) -> FvcoreCount:

@@ -5,6 +5,7 @@ Inference only: training, timing and counting live in functions outside this cla
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -20,8 +21,9 @@ from .families import family_parts
 class StageOutput:
     """What one stage returns for a (R, L) batch.
 
-    hidden: (R, L, d) final hidden states, after the final norm (``hidden_states[-1]``, what
-        ``lm_head`` sees and what the next stage reads as ``inputs_embeds``).
+    hidden: (R, L, d) the state the next stage reads as ``inputs_embeds`` and ``stage.logits`` turns
+        into logits: an LLM's final hidden states after its final norm (``hidden_states[-1]``), a
+        Block's residual stream (its exit head applies the norm).
     input_state: (R, L, d) input of the stage's last decoder layer, or None if not captured.
     logits: (n, V) logits at the positions asked for (``logits_at``), in row-major order, or None.
     """
@@ -76,6 +78,13 @@ class LLM(nn.Module):
 
         return cls(AutoModelForCausalLM.from_pretrained(path, **model_kwargs), exit_fn=exit_fn, threshold=threshold)
 
+    def new_stage_after(self, num_layers: int, exit_fn) -> "LLM":
+        """A freshly initialised LLM of ``num_layers`` layers from this stage's config (torch's current
+        RNG), on this stage's device and dtype (what ``Ensemble.extend`` appends)."""
+        config = copy.deepcopy(self.config)
+        config.num_hidden_layers = num_layers
+        return LLM.from_config(config, exit_fn=exit_fn).to(device=self.device, dtype=self.dtype)
+
     # -- standard config names ------------------------------------------------------------------
     @property
     def config(self):
@@ -109,6 +118,11 @@ class LLM(nn.Module):
     @property
     def lm_head(self) -> nn.Module:
         return self.model.get_output_embeddings()
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        """The decoder layers (shared with the wrapped model)."""
+        return self.parts.layers
 
     # -- inference ------------------------------------------------------------------------------
     def forward(self, input_ids: Optional[Tensor] = None, inputs_embeds: Optional[Tensor] = None,

@@ -63,3 +63,21 @@ def build_ensemble(preset: str, layers_per_stage: Sequence[int] = (4, 4), exit_f
         stage = LLM.from_config(config, exit_fn=exit_fn, threshold=math.inf)
         ensemble.add_llm(stage.to(device=device, dtype=dtype))
     return ensemble
+
+
+def build_blocks(preset: str, layers_per_block: Sequence[int] = (4, 4, 4), exit_fn="max_prob",
+                 seed: Optional[int] = 0, device: "str | torch.device" = "cpu", dtype: torch.dtype = torch.float32,
+                 heads: str = "shared", **overrides) -> Ensemble:
+    """One freshly initialised model of ``sum(layers_per_block)`` layers from ``preset``, cut into
+    blocks of the given sizes (``Ensemble.from_blocks``). Thresholds start at +inf."""
+    from transformers import AutoModelForCausalLM
+
+    sizes = list(layers_per_block)
+    if not sizes or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in sizes):
+        raise ValueError(f"layers_per_block must be positive ints, at least one, got {layers_per_block!r}")
+    if seed is not None:
+        torch.manual_seed(seed)
+    config = stage_config(preset, **{**overrides, "num_hidden_layers": sum(sizes)})
+    model = AutoModelForCausalLM.from_config(config).to(device=device, dtype=dtype).eval()
+    boundaries = [sum(sizes[:k]) for k in range(1, len(sizes))]
+    return Ensemble.from_blocks(model, boundaries, exit_fn=exit_fn, heads=heads)

@@ -14,13 +14,20 @@ training data. Use it only to compare with the seeds' published figures.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Optional, Sequence
 
+import torch
+
+from .batch import unpack_batch
+from .blocks import Block
 from .calibration import calibrate_thresholds
-from .ensemble import Ensemble
+from .ensemble import Ensemble, evaluation_mode
 from .evaluation import EvalResult, evaluate
-from .training import TrainConfig, TrainHistory, collect_hard_tokens, freeze, train_jointly, train_llm
+from .routing import forward_cascade
+from .training import (TrainConfig, TrainHistory, collect_hard_tokens, exit_loss, fit, freeze, shuffled,
+                       train_jointly, train_llm)
 
 
 @dataclass(frozen=True)
@@ -134,10 +141,62 @@ def train_joint_baseline(ensemble: Ensemble, train_batches: Sequence, validation
                          desc="standard" if list(layer_weights)[:-1] == [0] * (len(ensemble) - 1) else "deep")
 
 
+def exit_heads_ppl(ensemble: Ensemble, batches) -> tuple[float, ...]:
+    """Per non-last stage, the PPL of its exit head over every scored token (no early exit: each
+    stage sees the full context, as when the heads are trained)."""
+    num_stages = len(ensemble)
+    nll = torch.zeros(num_stages - 1, dtype=torch.float64)
+    count = 0
+    with evaluation_mode(ensemble), torch.inference_mode():
+        for item in batches:
+            input_ids, attention_mask, targets = unpack_batch(item)
+            out = forward_cascade(ensemble, input_ids, attention_mask, targets, method="masked",
+                                  thresholds=[math.inf] * num_stages)
+            nll += out.stage_nll[:-1, out.scored].double().sum(dim=1).cpu()
+            count += int(out.scored.sum())
+    return tuple(math.exp(float(v) / count) for v in nll)
+
+
+def train_exit_heads(ensemble: Ensemble, train_batches: Sequence, validation_batches: Sequence,
+                     config: TrainConfig = TrainConfig(), progress: bool = True) -> TrainHistory:
+    """Add early exit to a pretrained model the usual way: the trunk (every layer, embedding and the
+    model's own norm + lm_head) frozen and in eval mode; only the non-last blocks' own exit heads
+    train, on every token, loss = mean over those heads of their cross-entropy. Early stopping on
+    the geometric mean of the heads' validation PPLs. Build the blocks with ``heads="own"``."""
+    if len(ensemble) < 2:
+        raise ValueError("train_exit_heads needs at least two blocks (the last one exits through the model's head)")
+    last_params = {id(p) for p in ensemble[-1].parameters()}
+    heads = []
+    for k, stage in enumerate(ensemble.stages[:-1]):
+        if not isinstance(stage, Block):
+            raise TypeError(f"stage {k} is a {type(stage).__name__}; train_exit_heads trains the exit heads of "
+                            f"Blocks (Ensemble.from_blocks(..., heads='own'))")
+        if any(id(p) in last_params for p in stage.head.parameters()):
+            raise ValueError(f"block {k} exits through the model's own norm + lm_head (heads='shared'); training "
+                             f"it would change the model itself: build the blocks with heads='own'")
+        heads.append(stage.head)
+    for parameter in ensemble.parameters():
+        parameter.requires_grad_(False)
+    parameters = []
+    for head in heads:
+        for parameter in head.parameters():
+            parameter.requires_grad_(True)
+            parameters.append(parameter)
+
+    def validate() -> float:
+        ppls = exit_heads_ppl(ensemble, validation_batches)
+        return math.exp(sum(math.log(p) for p in ppls) / len(ppls))
+
+    loss_fn = exit_loss(ensemble, [1.0] * (len(ensemble) - 1) + [0.0])
+    with evaluation_mode(ensemble):
+        return fit(parameters, heads, shuffled(list(train_batches), config.seed), loss_fn, validate, config,
+                   ensemble.device, progress, desc="exit heads")
+
+
 def with_leaky_seed_protocol(protocol: Protocol) -> Protocol:
     """The same recipe with the seeds' leaky data protocol (see module docstring)."""
     return replace(protocol, name=protocol.name + "-leaky", leaky_seed_protocol=True)
 
 
-__all__ = ["PROTOCOLS", "Protocol", "StageReport", "TrainingReport", "train_dense_baseline", "train_ensemble",
-           "train_joint_baseline", "with_leaky_seed_protocol"]
+__all__ = ["PROTOCOLS", "Protocol", "StageReport", "TrainingReport", "exit_heads_ppl", "train_dense_baseline",
+           "train_ensemble", "train_exit_heads", "train_joint_baseline", "with_leaky_seed_protocol"]

@@ -52,12 +52,23 @@ def records_frame(records: Sequence[dict]) -> pd.DataFrame:
     return frame
 
 
+def _pretrained_model(row) -> Optional[str]:
+    """The checkpoint a record's blocks were cut from (None for a trained cascade)."""
+    conditions = row.get("conditions")
+    training = conditions.get("training") if isinstance(conditions, dict) else None
+    return training.get("model") if isinstance(training, dict) else None
+
+
 def _label(row) -> str:
+    blocks = _pretrained_model(row) is not None
+    part = "block" if blocks else "stage"
     if row.method == "prefix":
         stages = int(row.get("stages", 1))
-        return "stage 0 alone" if stages == 1 else f"stages 0..{stages - 1} alone"
+        return f"{part} 0 alone" if stages == 1 else f"{part}s 0..{stages - 1} alone"
     if row.method in ("routed", "masked"):
         return f"{row.method} EE @ hard {row.hard_ratio:g}"
+    if row.method == "full" and blocks:
+        return "unsplit model"
     return {"full": "full cascade", "dense": "dense, same depth", "oracle": "oracle bound"}.get(row.method, row.method)
 
 
@@ -193,8 +204,11 @@ def write_report(records: Sequence[dict], config, paths: dict) -> Path:
         f"# {name}", "",
         f"Dataset {first.get('dataset')} ({', '.join(first.get('split_notes') or []) or 'its own splits'}), "
         f"tokenizer {first.get('tokenizer')} ({first.get('tokenizer_vocab')} ids), windows of {first.get('window')} "
-        f"tokens, stride {first.get('stride')}, evaluated on the test split. Protocol {config.protocol}"
-        f"{' (leaky seed protocol)' if config.leaky_seed_protocol else ''}, exit rule {config.exit_fn}, "
+        f"tokens, stride {first.get('stride')}, evaluated on the test split. " + (
+            f"Model {config.model} cut into blocks before layers {list(config.boundaries)} "
+            f"({config.block_heads} exit heads)" if config.model else
+            f"Protocol {config.protocol}{' (leaky seed protocol)' if config.leaky_seed_protocol else ''}")
+        + f", exit rule {config.exit_fn}, "
         f"{config.device}/{config.dtype}, {config.threads} threads, seed {config.seed}, "
         f"torch {first.get('torch')}, transformers {first.get('transformers')}, commit {first.get('git_commit')}.",
         "", "## Methods", "",

@@ -165,22 +165,18 @@ def train_llm(stage: LLM, train_batches: Sequence, validate: Callable[[], float]
                lambda batch: _stage_loss(stage, batch), validate, config, stage.device, progress, desc)
 
 
-def train_jointly(ensemble: Ensemble, train_batches: Sequence, validate: Callable[[], float],
-                  layer_weights: Sequence[float], config: TrainConfig = TrainConfig(), progress: bool = True,
-                  desc: str = "joint") -> TrainHistory:
-    """Train all stages together on every token, no routing: loss = sum_k w_k CE(stage k's exit).
-
-    ``layer_weights`` (one per stage, LASH style): (0, ..., 0, 1) is the standard last-layer
-    loss; several non-zero weights is deep supervision.
-    """
+def exit_loss(ensemble: Ensemble, layer_weights: Sequence[float]) -> Callable[[dict], tuple[Tensor, int]]:
+    """Loss of a batch of ``input_ids``/``targets`` with every stage on every token (no routing):
+    sum_k w_k CE(stage k's exit) / sum_k w_k. Stages after the last non-zero weight do not run."""
     weights = [float(w) for w in layer_weights]
     if len(weights) != len(ensemble) or any(w < 0 for w in weights) or not any(weights):
         raise ValueError(f"layer_weights must be {len(ensemble)} non-negative numbers, not all 0; got {weights}")
+    depth = max(k for k, w in enumerate(weights) if w) + 1
 
     def loss_fn(batch: dict) -> tuple[Tensor, int]:
         targets = batch["targets"].reshape(-1)
         hidden, total = None, 0.0
-        for stage, weight in zip(ensemble, weights):
+        for stage, weight in zip(list(ensemble)[:depth], weights):
             mask = torch.ones(batch["input_ids"].shape, dtype=torch.long, device=targets.device)
             out = stage(input_ids=batch["input_ids"] if hidden is None else None, inputs_embeds=hidden,
                         attention_mask=mask)
@@ -191,6 +187,18 @@ def train_jointly(ensemble: Ensemble, train_batches: Sequence, validate: Callabl
                     logits.reshape(-1, logits.shape[-1]), targets, ignore_index=IGNORE_INDEX)
         return total / sum(weights), int((targets != IGNORE_INDEX).sum())
 
+    return loss_fn
+
+
+def train_jointly(ensemble: Ensemble, train_batches: Sequence, validate: Callable[[], float],
+                  layer_weights: Sequence[float], config: TrainConfig = TrainConfig(), progress: bool = True,
+                  desc: str = "joint") -> TrainHistory:
+    """Train all stages together on every token, no routing: loss = sum_k w_k CE(stage k's exit).
+
+    ``layer_weights`` (one per stage, LASH style): (0, ..., 0, 1) is the standard last-layer
+    loss; several non-zero weights is deep supervision.
+    """
+    loss_fn = exit_loss(ensemble, layer_weights)
     parameters = [p for p in ensemble.parameters() if p.requires_grad]
     return fit(parameters, list(ensemble), shuffled(list(train_batches), config.seed), loss_fn, validate, config,
                ensemble.device, progress, desc)

@@ -8,10 +8,12 @@ import math
 import torch
 
 from cascade_bench.corpus import byte_token_windows
-from cascade_bench.presets import build_ensemble
+from cascade_bench.presets import build_blocks, build_ensemble
 
 FAMILIES = ("gpt2-tiny", "llama-tiny", "gpt_neox-tiny")
 BATCHING = ("padded", "bucketed")
+#: The two kinds of stage: whole LLMs (a cascade of models) and blocks cut from one model.
+KINDS = ("llm", "block")
 
 
 def token_batch(text: str, batch_size: int, seq_len: int, offset: int = 0) -> torch.Tensor:
@@ -19,9 +21,10 @@ def token_batch(text: str, batch_size: int, seq_len: int, offset: int = 0) -> to
     return byte_token_windows(text[offset:], batch_size, seq_len)
 
 
-def tiny_ensemble(preset: str, layers=(2, 2), exit_fn="max_prob", seed=0):
-    ensemble = build_ensemble(preset, layers, exit_fn=exit_fn, seed=seed)
-    return ensemble.eval()
+def tiny_ensemble(preset: str, layers=(2, 2), exit_fn="max_prob", seed=0, kind: str = "llm"):
+    """A tiny cascade: one model per stage (``kind="llm"``) or one model cut into blocks."""
+    build = build_ensemble if kind == "llm" else build_blocks
+    return build(preset, layers, exit_fn=exit_fn, seed=seed).eval()
 
 
 class ScriptedExit:

@@ -110,6 +110,11 @@ def test_report_and_plot_commands_reuse_stored_results(finished, capsys):
     (["run", "--hard-ratios", "0.5,1.5"], "'hard_ratios'"),
     (["run", "--preset", "gpt5"], "'preset'"),
     (["run", "--batch-size", "many"], "'batch_size'"),
+    (["run", "--model", "some/folder"], "'boundaries'"),
+    (["run", "--model", "some/folder", "--boundaries", "2"], "'tokenizer'"),
+    (["run", "--boundaries", "2"], "'boundaries'"),
+    (["run", "--model", "some/folder", "--boundaries", "2", "--block-heads", "mine", "--tokenizer", "x"],
+     "'block_heads'"),
 ])
 def test_bad_config_values_are_one_line_errors_naming_the_key(argv, key, capsys, tmp_path):
     assert main([*argv, "--out", str(tmp_path)]) == 2
@@ -129,3 +134,35 @@ def test_config_file_keys_are_checked(tmp_path, capsys):
     assert config.seq_len == 48 and config.hard_ratios == (0.25, 0.75)
     assert main(["report", "--out", str(tmp_path / "empty")]) == 2
     assert "no results" in capsys.readouterr().err
+
+
+def test_run_on_a_saved_checkpoint_folder_cuts_it_into_blocks(tmp_path, capsys):
+    """The pretrained-model path of `cascade-bench run`: a folder written with save_pretrained
+    (model and tokenizer), cut into blocks, exit heads trained with the model frozen."""
+    from transformers import AutoModelForCausalLM
+
+    from cascade_bench.corpus import load_corpus
+    from cascade_bench.presets import stage_config
+    from cascade_bench.tokenization import load_tokenizer
+
+    folder = tmp_path / "checkpoint"
+    tokenizer = load_tokenizer("bpe:300", load_corpus("embedded").documents("train"), cache_dir=tmp_path / "cache")
+    tokenizer.save_pretrained(folder)
+    AutoModelForCausalLM.from_config(stage_config("gpt2-tiny", num_hidden_layers=3, vocab_size=300)).save_pretrained(
+        folder)
+    out = tmp_path / "run"
+    argv = ["run", "--model", str(folder), "--tokenizer", str(folder), "--boundaries", "1,2", "--block-heads",
+            "trained", "--name", "blocks", "--seq-len", "32", "--eval-stride", "32", "--batch-size", "8",
+            "--max-epochs", "1", "--max-steps-per-epoch", "2", "--hard-ratios", "0.5", "--timing-repeats", "1",
+            "--eval-batches", "2", "--out", str(out)]
+    assert main(argv) == 0
+    records = list(ResultsStore(out / "results" / "blocks.jsonl"))
+    assert [r["point_id"] for r in records] == ["full", "prefix-0", "prefix-1", "routed@0.5", "masked@0.5",
+                                                "oracle"]
+    training = records[0]["conditions"]["training"]
+    assert training["layers_per_block"] == [1, 1, 1] and training["block_heads"] == "trained"
+    assert len(training["exit_heads_val_ppl_after"]) == 2
+    routed = next(r for r in records if r["method"] == "routed")
+    assert 0 < routed["tokens_entered"][2] < routed["tokens_entered"][0]
+    report = (out / "report.md").read_text()
+    assert "unsplit model" in report and "block 0 alone" in report and "cut into blocks" in report

@@ -10,7 +10,7 @@ import torch
 from cascade_bench.generation import generate
 from cascade_bench.routing import routed_forward
 
-from tests.helpers import FAMILIES, tiny_ensemble, token_batch
+from tests.helpers import FAMILIES, KINDS, tiny_ensemble, token_batch
 
 NEW = 8
 
@@ -53,8 +53,9 @@ def _teacher_forced(ensemble, ids, mask, generated, thresholds, positions="compa
 @pytest.mark.parametrize("lengths, side", [([12], "left"), ([9, 14, 5, 11], "left"), ([9, 14, 5, 11], "right")])
 @pytest.mark.parametrize("positions, exit_fn", [("compact", "max_prob"), ("original", "max_prob"),
                                                 ("compact", "cos_sim")])
-def test_invariant_4_generation_nll_equals_teacher_forcing(preset, lengths, side, positions, exit_fn, text):
-    ensemble = tiny_ensemble(preset, exit_fn=exit_fn)
+@pytest.mark.parametrize("kind", KINDS)
+def test_invariant_4_generation_nll_equals_teacher_forcing(kind, preset, lengths, side, positions, exit_fn, text):
+    ensemble = tiny_ensemble(preset, exit_fn=exit_fn, kind=kind)
     ids, mask = _ragged_prompts(text, lengths, side)
     threshold = _median_threshold(ensemble, ids, mask)
     out = generate(ensemble, ids, mask, max_new_tokens=NEW, thresholds=[threshold], positions=positions)
@@ -82,8 +83,22 @@ def test_thresholds_minus_inf_is_hf_generate_with_stage_0(preset, text):
 
 
 @pytest.mark.parametrize("preset", FAMILIES)
-def test_thresholds_plus_inf_is_full_depth_generation(preset, text):
-    ensemble = tiny_ensemble(preset)
+def test_blocks_at_full_depth_generate_what_hf_generates_with_the_unsplit_model(preset, text):
+    ensemble = tiny_ensemble(preset, kind="block")
+    ids, mask = _ragged_prompts(text, [7, 10, 4], "left")
+    out = generate(ensemble, ids, mask, max_new_tokens=NEW, method="full")
+    with torch.inference_mode():
+        hf = ensemble[0].source.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False,
+                                         pad_token_id=0, eos_token_id=None)
+    assert torch.equal(out.tokens, hf[:, ids.shape[1]:])
+    # Each block's cache holds its own layers only, and every token reached every block.
+    assert all(torch.equal(c, out.cache_lengths[0]) for c in out.cache_lengths)
+
+
+@pytest.mark.parametrize("preset", FAMILIES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_thresholds_plus_inf_is_full_depth_generation(kind, preset, text):
+    ensemble = tiny_ensemble(preset, kind=kind)
     ids, mask = _ragged_prompts(text, [7, 10], "left")
     routed = generate(ensemble, ids, mask, max_new_tokens=NEW, thresholds=[math.inf])
     full = generate(ensemble, ids, mask, max_new_tokens=NEW, method="full")

@@ -1,4 +1,5 @@
-"""DESIGN.md section 2, invariants 1-3, for GPT-2, Llama and GPT-NeoX tiny configs and both batching modes."""
+"""DESIGN.md section 2, invariants 1-3, for GPT-2, Llama and GPT-NeoX tiny configs, both batching modes,
+and both kinds of stage (whole LLMs, blocks of one model)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 from cascade_bench import full_forward, routed_forward
 from cascade_bench.flops import count_flops
 
-from tests.helpers import BATCHING, FAMILIES, INF, scripted_exit, tiny_ensemble, token_batch
+from tests.helpers import BATCHING, FAMILIES, INF, KINDS, scripted_exit, tiny_ensemble, token_batch
 
 ATOL = 1e-5
 
@@ -44,8 +45,9 @@ def _reference_per_sequence(ensemble, input_ids, exits0, positions="compact"):
 @pytest.mark.parametrize("preset", FAMILIES)
 @pytest.mark.parametrize("batching", BATCHING)
 @pytest.mark.parametrize("exit_fn", ["max_prob", "cos_sim"])
-def test_invariant_1_extreme_thresholds(preset, batching, exit_fn, text):
-    ensemble = tiny_ensemble(preset, exit_fn=exit_fn)
+@pytest.mark.parametrize("kind", KINDS)
+def test_invariant_1_extreme_thresholds(kind, preset, batching, exit_fn, text):
+    ensemble = tiny_ensemble(preset, exit_fn=exit_fn, kind=kind)
     ids = token_batch(text, 3, 24)
     with torch.inference_mode():
         stage0 = full_forward(ensemble, ids, num_stages=1)
@@ -64,8 +66,9 @@ def test_invariant_1_extreme_thresholds(preset, batching, exit_fn, text):
 @pytest.mark.parametrize("preset", FAMILIES)
 @pytest.mark.parametrize("batching", BATCHING)
 @pytest.mark.parametrize("positions", ["compact", "original"])
-def test_invariant_2_batched_equals_one_sequence_at_a_time(preset, batching, positions, text):
-    ensemble = tiny_ensemble(preset)
+@pytest.mark.parametrize("kind", KINDS)
+def test_invariant_2_batched_equals_one_sequence_at_a_time(kind, preset, batching, positions, text):
+    ensemble = tiny_ensemble(preset, kind=kind)
     ids = token_batch(text, 5, 16, offset=1000)
     # Ragged hard-token counts: sequence 0 none continue, sequence 1 all, the rest mixed.
     exits = torch.rand(5, 16) < 0.5
@@ -84,9 +87,10 @@ def test_invariant_2_batched_equals_one_sequence_at_a_time(preset, batching, pos
 
 @pytest.mark.parametrize("preset", FAMILIES)
 @pytest.mark.parametrize("batching", BATCHING)
-def test_invariant_2_padding_changes_nothing(preset, batching, text):
+@pytest.mark.parametrize("kind", KINDS)
+def test_invariant_2_padding_changes_nothing(kind, preset, batching, text):
     """Left- and right-padded ragged sequences give the results of each sequence run alone."""
-    ensemble = tiny_ensemble(preset)
+    ensemble = tiny_ensemble(preset, kind=kind)
     lengths = [9, 16, 4]
     rows = [token_batch(text, 1, n, offset=300 * i)[0] for i, n in enumerate(lengths)]
     with torch.inference_mode():
@@ -108,34 +112,41 @@ def test_invariant_2_padding_changes_nothing(preset, batching, text):
 
 
 class _Received:
-    """Forward pre-hooks that record what a stage's modules actually received."""
+    """Forward pre-hooks that record what a stage's modules actually received. The exit head is
+    counted by wrapping this stage's ``logits`` (blocks may share their lm_head module)."""
 
     def __init__(self, stage):
+        self.stage = stage
         self.layer_inputs, self.embeds, self.head_rows = [], [], 0
         self.handles = [
-            stage.parts.base_model.register_forward_pre_hook(self._base, with_kwargs=True),
-            stage.parts.layers[0].register_forward_pre_hook(self._layer, with_kwargs=True),
-            stage.lm_head.register_forward_pre_hook(self._head),
+            stage.register_forward_pre_hook(self._stage, with_kwargs=True),
+            stage.layers[0].register_forward_pre_hook(self._layer, with_kwargs=True),
         ]
+        head = stage.logits
 
-    def _base(self, module, args, kwargs):
+        def counting_logits(hidden):
+            self.head_rows += hidden.reshape(-1, hidden.shape[-1]).shape[0]
+            return head(hidden)
+
+        stage.logits = counting_logits
+
+    def _stage(self, module, args, kwargs):
         self.embeds.append(kwargs["inputs_embeds"].detach().clone())
 
     def _layer(self, module, args, kwargs):
         self.layer_inputs.append((args[0] if args else kwargs["hidden_states"]).detach().clone())
 
-    def _head(self, module, args):
-        self.head_rows += args[0].reshape(-1, args[0].shape[-1]).shape[0]
-
     def close(self):
         for handle in self.handles:
             handle.remove()
+        del self.stage.logits
 
 
 @pytest.mark.parametrize("preset", FAMILIES)
 @pytest.mark.parametrize("batching", BATCHING)
-def test_exited_tokens_never_reach_a_later_stage(preset, batching, text):
-    ensemble = tiny_ensemble(preset)
+@pytest.mark.parametrize("kind", KINDS)
+def test_exited_tokens_never_reach_a_later_stage(kind, preset, batching, text):
+    ensemble = tiny_ensemble(preset, kind=kind)
     ids = token_batch(text, 4, 12, offset=50)
     exits = torch.rand(4, 12) < 0.6
     exits[2] = True  # one sequence sends nothing on
@@ -172,10 +183,11 @@ def test_exited_tokens_never_reach_a_later_stage(preset, batching, text):
 
 
 @pytest.mark.parametrize("preset", FAMILIES)
-def test_invariant_3_counted_flops_follow_tokens_reaching_a_stage(preset, text):
+@pytest.mark.parametrize("kind", KINDS)
+def test_invariant_3_counted_flops_follow_tokens_reaching_a_stage(kind, preset, text):
     """Stage 1's counted FLOPs inside the routed pass equal stage 1 run alone on a (B, m) batch
     plus its lm_head on B*m tokens: they grow with the tokens that reach it, not with B*T."""
-    ensemble = tiny_ensemble(preset)
+    ensemble = tiny_ensemble(preset, kind=kind)
     ids = token_batch(text, 4, 16, offset=700)
     ids[:, 0] = torch.tensor([65, 66, 67, 68])  # distinct first tokens, so no two sequences share a state
     d, vocab = ensemble[0].hidden_size, ensemble.vocab_size

@@ -1,0 +1,246 @@
+"""Block stages: early exit inside one Hugging Face causal LM (LEGO blocks; CALM, LayerSkip,
+EE-LLM and DeeBERT exit this way).
+
+A ``Block`` runs decoder layers ``[start, end)`` of a model and hands the **residual stream**
+(before the final norm) to the next block. Its exit head is final norm + ``lm_head``: the
+model's own modules (shared, no copy) or, when asked, a trainable copy of them for this block
+alone. The last block always exits through the model's own norm and head, so blocks that never
+exit compute exactly what the unsplit model computes.
+
+To the router a Block looks like any stage: it takes (ids or states, attention mask, position
+ids) and returns a ``StageOutput`` whose ``hidden`` is the state for the next stage and the input
+of ``logits``. Everything family-specific (absolute vs rotary positions, the layers' cache
+argument, embedding dropout) comes from ``families.LAYER_SLICE_RECIPES``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .exits import ExitFunction, resolve_exit_function
+from .families import family_parts, layer_slice_recipe
+from .llm import StageOutput, check_threshold
+
+HEAD_KINDS = ("shared", "own")
+
+
+class ExitHead(nn.Module):
+    """final norm, then ``lm_head``: (..., d) residual stream -> (..., V) logits."""
+
+    def __init__(self, norm: nn.Module, lm_head: nn.Module):
+        super().__init__()
+        self.norm = norm
+        self.lm_head = lm_head
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return self.lm_head(self.norm(hidden))
+
+
+class _BlockCacheView:
+    """What a decoder layer sees of its block's cache: the layer's own index in the model
+    (``layer_idx``) mapped to its index in the block, so each block's cache holds its layers only."""
+
+    def __init__(self, cache, offset: int):
+        self.cache = cache
+        self.offset = offset
+
+    def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs):
+        return self.cache.update(key_states, value_states, layer_idx - self.offset, *args, **kwargs)
+
+
+class Block(nn.Module):
+    """Decoder layers ``[start, end)`` of a causal LM as one cascade stage (inference only).
+
+    reads_tokens: this block owns the token embedding (and absolute positions): True for the block
+    that starts the model. head: the exit head (final norm + lm_head). The source model's other parts
+    are not registered here: the block's parameters are exactly the ones it runs.
+    """
+
+    def __init__(self, model: nn.Module, start: int, end: int, head: ExitHead, reads_tokens: bool,
+                 exit_fn: "str | Callable | ExitFunction" = "max_prob", threshold: float = math.inf):
+        super().__init__()
+        recipe = layer_slice_recipe(model)
+        parts = family_parts(model)
+        total = len(parts.layers)
+        for name, value in (("start", start), ("end", end)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"block {name} must be an int layer index, got {value!r}")
+        if not 0 <= start < end <= total:
+            raise ValueError(f"block layers [{start}, {end}) must satisfy 0 <= start < end <= {total} "
+                             f"(the model has {total} decoder layers)")
+        object.__setattr__(self, "source", model)  # a plain reference, not a registered submodule
+        self.recipe = recipe
+        self.start, self.end = start, end
+        self.layers = nn.ModuleList(parts.layers[start:end])  # the same modules, not copies
+        base = parts.base_model
+        self.embedding = base.get_input_embeddings() if reads_tokens else None
+        self.position_embedding = (getattr(base, recipe.position_embedding)
+                                   if reads_tokens and recipe.position_embedding else None)
+        self.embedding_dropout = (getattr(base, recipe.embedding_dropout)
+                                  if reads_tokens and recipe.embedding_dropout else None)
+        self.rotary = getattr(base, recipe.rotary) if recipe.rotary else None
+        self.head = head
+        self.exit_function = resolve_exit_function(exit_fn)
+        self.threshold = check_threshold(threshold)
+        # The cost model reads layer shapes and the layer count from this block's config.
+        self._config = copy.copy(model.config)
+        self._config.num_hidden_layers = end - start
+        self.eval()
+
+    # -- standard names (the same as LLM's) ---------------------------------------------------------
+    @property
+    def config(self):
+        """The source model's config with ``num_hidden_layers`` = this block's layers."""
+        return self._config
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.source.config.hidden_size)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.head.lm_head.weight.shape[0])
+
+    @property
+    def num_layers(self) -> int:
+        return self.end - self.start
+
+    @property
+    def max_positions(self) -> Optional[int]:
+        value = getattr(self.source.config, "max_position_embeddings", None)
+        return int(value) if value is not None else None
+
+    @property
+    def device(self) -> torch.device:
+        return self.head.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.head.lm_head.weight.dtype
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.head.lm_head
+
+    @property
+    def reads_tokens(self) -> bool:
+        return self.embedding is not None
+
+    # -- inference ----------------------------------------------------------------------------------
+    def forward(self, input_ids: Optional[Tensor] = None, inputs_embeds: Optional[Tensor] = None,
+                attention_mask: Optional[Tensor] = None, position_ids: Optional[Tensor] = None,
+                capture_input_state: bool = False, logits_at: Optional[Tensor] = None,
+                past_key_values=None, use_cache: bool = False) -> StageOutput:
+        """Run the block's layers on token ids (R, L) (first block) or residual states (R, L, d).
+
+        For the first block ``inputs_embeds`` are token embeddings (absolute positions are still
+        added), as in Hugging Face; for later blocks they are the residual stream. Returns the
+        residual stream after the last layer (R, L, d), not normed; the rest as ``LLM.forward``.
+        ``past_key_values``: a cache holding this block's layers only (index 0 = layer ``start``).
+        """
+        from transformers import DynamicCache
+        from transformers.masking_utils import create_causal_mask
+
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if input_ids is not None:
+            if not self.reads_tokens:
+                raise ValueError(f"block [{self.start}, {self.end}) reads the residual stream (inputs_embeds); "
+                                 f"only the model's first block reads token ids")
+            hidden = self.embedding(input_ids)
+        else:
+            hidden = inputs_embeds
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache()
+        if position_ids is None:
+            seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = torch.arange(seen, seen + hidden.shape[1], device=hidden.device)[None]
+        if self.position_embedding is not None:
+            hidden = hidden + self.position_embedding(position_ids).to(hidden.dtype)
+        if self.embedding_dropout is not None:
+            hidden = self.embedding_dropout(hidden)
+        mask = create_causal_mask(config=self.source.config, inputs_embeds=hidden, attention_mask=attention_mask,
+                                  past_key_values=past_key_values, position_ids=position_ids)
+        extra = {}
+        if self.rotary is not None:
+            extra["position_embeddings"] = self.rotary(hidden, position_ids=position_ids)
+        if past_key_values is not None:
+            extra[self.recipe.cache_argument] = _BlockCacheView(past_key_values, self.start)
+        input_state = None
+        for i, layer in enumerate(self.layers):
+            if capture_input_state and i == len(self.layers) - 1:
+                input_state = hidden
+            hidden = layer(hidden, attention_mask=mask, position_ids=position_ids, use_cache=use_cache, **extra)
+        logits = None
+        if logits_at is not None:
+            if logits_at.dtype != torch.bool or tuple(logits_at.shape) != tuple(hidden.shape[:2]):
+                raise ValueError(f"logits_at must be a bool mask of shape {tuple(hidden.shape[:2])}, got "
+                                 f"{logits_at.dtype} {tuple(logits_at.shape)}")
+            logits = self.logits(hidden[logits_at])
+        return StageOutput(hidden=hidden, input_state=input_state, logits=logits,
+                           past_key_values=past_key_values if use_cache else None)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """Vocabulary logits (..., V) of residual states (..., d): final norm, then lm_head."""
+        return self.head(hidden)
+
+    def new_stage_after(self, num_layers: int, exit_fn) -> "Block":
+        """A block of ``num_layers`` freshly initialised layers (the source config, torch's current RNG)
+        reading this block's residual stream; its exit head is a trainable copy of this block's."""
+        from transformers import AutoModelForCausalLM
+
+        config = copy.deepcopy(self.source.config)
+        config.num_hidden_layers = num_layers
+        fresh = AutoModelForCausalLM.from_config(config).to(device=self.device, dtype=self.dtype)
+        return Block(fresh, 0, num_layers, ExitHead(copy.deepcopy(self.head.norm), copy.deepcopy(self.head.lm_head)),
+                     reads_tokens=False, exit_fn=exit_fn)
+
+    def extra_repr(self) -> str:
+        return (f"family={self.source.config.model_type}, layers=[{self.start}, {self.end}), "
+                f"hidden={self.hidden_size}, vocab={self.vocab_size}, exit_fn={self.exit_function.name}, "
+                f"threshold={self.threshold}")
+
+
+def cut_into_blocks(model: nn.Module, boundaries: Sequence[int], exit_fn: "str | Callable | ExitFunction" = "max_prob",
+                    thresholds: Optional[Sequence[float]] = None, heads: str = "shared") -> list[Block]:
+    """Blocks of ``model`` cut before each layer index in ``boundaries``.
+
+    boundaries: strictly increasing layer indices in (0, num_layers): ``[4, 8]`` on 12 layers gives
+    blocks [0, 4), [4, 8), [8, 12); ``[]`` gives the whole model as one block. heads: "shared" (every
+    block exits through the model's final norm + lm_head) or "own" (non-last blocks get a trainable
+    copy, initialised from the model's). thresholds: one per non-last block (default +inf).
+    """
+    layer_slice_recipe(model)  # first: an unsupported family is named before anything else
+    parts = family_parts(model)
+    total = len(parts.layers)
+    if isinstance(boundaries, (str, bytes)) or not isinstance(boundaries, Sequence):
+        raise TypeError(f"boundaries must be a sequence of layer indices, got {boundaries!r}")
+    cuts = list(boundaries)
+    if any(isinstance(b, bool) or not isinstance(b, int) for b in cuts):
+        raise TypeError(f"boundaries must be ints (layer indices), got {cuts!r}")
+    if any(not 0 < b < total for b in cuts) or any(b >= c for b, c in zip(cuts, cuts[1:])):
+        raise ValueError(f"boundaries must be strictly increasing layer indices in (0, {total}) for a model with "
+                         f"{total} decoder layers, got {cuts!r}")
+    if heads not in HEAD_KINDS:
+        raise ValueError(f"heads must be one of {HEAD_KINDS}, got {heads!r}")
+    spans = list(zip([0] + cuts, cuts + [total]))
+    if thresholds is None:
+        thresholds = [math.inf] * (len(spans) - 1)
+    thresholds = [check_threshold(t) for t in thresholds]
+    if len(thresholds) == len(spans) - 1:
+        thresholds.append(math.inf)
+    if len(thresholds) != len(spans):
+        raise ValueError(f"expected {len(spans) - 1} thresholds for {len(spans)} blocks, got {len(thresholds)}")
+    shared = ExitHead(parts.final_norm, model.get_output_embeddings())
+    blocks = []
+    for k, ((start, end), threshold) in enumerate(zip(spans, thresholds)):
+        last = k == len(spans) - 1
+        head = shared if heads == "shared" or last else ExitHead(copy.deepcopy(shared.norm),
+                                                                 copy.deepcopy(shared.lm_head))
+        blocks.append(Block(model, start, end, head, reads_tokens=k == 0, exit_fn=exit_fn, threshold=threshold))
+    return blocks
