@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cascade_bench.corpus import embedded_documents
-from cascade_bench.presets import build_ensemble
+from cascade_bench.presets import build_blocks, build_ensemble
 
 THREADS = 2
 
@@ -26,10 +26,12 @@ class BenchPreset:
     shapes: tuple
     device: str
     dtype: torch.dtype
+    block_layers: tuple = (4, 4, 4)
 
 
 BENCH_PRESETS = {
     # The core issue's CPU preset: GPT-2-style 4+4 layers, hidden 256, vocab 8192; two batch shapes.
+    # Blocks: one 12-layer model of the stage preset split 4/4/4 (the blocks issue's CPU preset).
     "cpu": BenchPreset("gpt2-cpu", (4, 4), ((8, 512), (32, 128)), "cpu", torch.float32),
     # GPT-2-small-like 6+6 layers, hidden 768, vocab 50257, batch 16 x 1024 (and 64 x 256), bf16.
     "gpu": BenchPreset("gpt2-small", (6, 6), ((16, 1024), (64, 256)), "cuda", torch.bfloat16),
@@ -62,3 +64,10 @@ def cascades(bench_preset):
 @pytest.fixture(scope="session")
 def text() -> str:
     return "\n\n".join(body for _, body in embedded_documents())
+
+
+@pytest.fixture(scope="session")
+def blocks(bench_preset):
+    """One untrained model of sum(block_layers) layers cut into blocks (timing and FLOPs only)."""
+    p = bench_preset
+    return build_blocks(p.stage_preset, p.block_layers, seed=0, device=p.device, dtype=p.dtype)

@@ -6,7 +6,9 @@ FLOP ratio, layer cost, exit ratios, PPL. Wall ratios are against the full-casca
 the same batch shape in the same file (sequential medians, so machine drift enters them) and, where
 recorded, the interleaved ratio each benchmark measured back to back against the full cascade;
 ``wall/FLOP`` is the bar the issues set (<= 1.08 on CPU, <= 1.10 on GPU). Tables are written
-with the same writers as ``cascade-bench report``.
+with the same writers as ``cascade-bench report``. The block benchmarks
+(``test_block_speed.py``) compare against the unsplit model, not the full cascade, and are left
+out here: ``cascade-bench bench-blocks`` tabulates that comparison from one interleaved run.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def benchmark_frame(path: "Path | str") -> pd.DataFrame:
             "wall ratio (interleaved)": info.get("wall_ratio_interleaved", float("nan"))})
     if not rows:
         raise ValueError(f"{path} has no routing benchmarks with extra_info (run pytest benchmarks/ "
-                         f"--benchmark-only --benchmark-json FILE)")
+                         f"--benchmark-only --benchmark-json FILE; block benchmarks: cascade-bench bench-blocks)")
     frame = pd.DataFrame(rows)
     full = frame[frame.method == "full"].set_index("shape")["median ms"]
     frame["wall ratio"] = frame.apply(lambda r: r["median ms"] / full.get(r["shape"], float("nan")), axis=1)

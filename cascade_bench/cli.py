@@ -36,6 +36,13 @@ def _add_cascade_args(command: argparse.ArgumentParser) -> None:
     command.add_argument("--stage", type=Path, action="append", default=None, metavar="FOLDER",
                          help="a stage loaded with from_pretrained from a local folder; repeat in cascade order "
                               "(replaces --preset/--layers)")
+    command.add_argument("--model", type=Path, default=None, metavar="FOLDER",
+                         help="early exit inside one pretrained causal LM (a save_pretrained folder): cut it into "
+                              "blocks at --boundaries (replaces --preset/--layers/--stage)")
+    command.add_argument("--boundaries", type=_positive_int, nargs="+", default=None, metavar="LAYER",
+                         help="with --model: cut before these layer indices (e.g. 4 8 on 12 layers: 4/4/4)")
+    command.add_argument("--as-blocks", action="store_true",
+                         help="build the preset as ONE model of sum(--layers) layers cut into blocks of --layers")
     command.add_argument("--exit-fn", default="max_prob", choices=EXIT_FNS)
     command.add_argument("--device", default="cpu")
     command.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
@@ -48,11 +55,26 @@ def _build_cascade(args: argparse.Namespace):
 
     from .ensemble import Ensemble
     from .llm import LLM
-    from .presets import build_ensemble
+    from .presets import build_blocks, build_ensemble
 
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, DTYPES[args.dtype])
-    if args.stage:
+    if (args.model is None) != (args.boundaries is None):
+        raise ValueError("--model and --boundaries go together (a checkpoint folder and where to cut it)")
+    if args.model is not None:
+        from transformers import AutoModelForCausalLM
+
+        if not args.model.is_dir():
+            raise ValueError(f"missing model folder {args.model}")
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(args.device).eval()
+        ensemble = Ensemble.from_blocks(model, args.boundaries, exit_fn=args.exit_fn)
+        origin = f"{args.model} cut before layers {args.boundaries}"
+    elif args.as_blocks:
+        ensemble = build_blocks(args.preset, args.layers, exit_fn=args.exit_fn, seed=args.seed, device=args.device,
+                                dtype=dtype)
+        origin = (f"preset {args.preset} as one {sum(args.layers)}-layer model in blocks of "
+                  f"{'/'.join(map(str, args.layers))}, seed {args.seed}")
+    elif args.stage:
         torch.manual_seed(args.seed)
         ensemble = Ensemble([LLM.from_pretrained(folder, exit_fn=args.exit_fn).to(args.device, dtype)
                              for folder in args.stage])
@@ -123,7 +145,48 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=_positive_int, default=7)
     bench.add_argument("--json", type=Path, default=Path("results/bench-routing.json"),
                        help="where to write rows, checks and conditions (atomically); default %(default)s")
+    blocks = commands.add_parser(
+        "bench-blocks", help="early exit inside one model: blocks vs the unsplit model, max_prob vs cos_sim",
+        description="Blocks of one model (default: the gpt2-cpu preset as one 12-layer model split 4/4/4, or "
+                    "--model FOLDER --boundaries ...) against the unsplit model at several per-block hard ratios "
+                    "and exit rules: counted FLOPs (exit heads apart), layer cost, wall time back to back.")
+    _add_cascade_args(blocks)
+    blocks.set_defaults(layers=[4, 4, 4], as_blocks=True)
+    blocks.add_argument("--hard-ratios", type=_ratio, nargs="+", default=[1.0, 0.75, 0.5, 0.25],
+                        help="fraction of the tokens reaching each non-last block that continue")
+    blocks.add_argument("--exit-fns", nargs="+", choices=EXIT_FNS, default=["max_prob", "cos_sim"])
+    blocks.add_argument("--batch-size", type=_positive_int, default=8)
+    blocks.add_argument("--seq-len", type=_positive_int, default=512)
+    blocks.add_argument("--warmup", type=int, default=1)
+    blocks.add_argument("--repeats", type=_positive_int, default=5)
+    blocks.add_argument("--json", type=Path, default=Path("results/bench-blocks.json"),
+                        help="where to write rows and conditions (atomically); default %(default)s")
     return parser
+
+
+def _bench_blocks(args: argparse.Namespace) -> int:
+    from .block_bench import bench_blocks, format_block_table, write_block_bench
+    from .corpus import byte_token_windows, embedded_documents
+    from .environment import environment_conditions
+
+    ensemble, origin = _build_cascade(args)
+    text = "\n\n".join(body for _, body in embedded_documents())
+    windows = byte_token_windows(text, 2 * args.batch_size, args.seq_len).to(ensemble.device)
+    measured, calibration = windows[:args.batch_size], windows[args.batch_size:]
+    rows = bench_blocks(ensemble, measured, calibration, args.hard_ratios, args.exit_fns, warmup=args.warmup,
+                        repeats=args.repeats)
+    conditions = {**environment_conditions(ensemble.device, ensemble.dtype), "model": origin,
+                  "layers_per_block": list(ensemble.layers_per_stage), "batch_size": args.batch_size,
+                  "seq_len": args.seq_len, "repeats": args.repeats, "warmup": args.warmup, "seed": args.seed,
+                  "data": "CPython pydoc_data topics, UTF-8 bytes as token ids; thresholds calibrated on the "
+                          "next batch of windows", "note": "untrained weights unless --model: exit ratios are "
+                          "forced by calibration, costs do not depend on what the weights predict"}
+    if args.json is not None:
+        write_block_bench(rows, conditions, args.json)
+    print(f"\n{origin}, batch {args.batch_size} x {args.seq_len}, {conditions['dtype']} on "
+          f"{conditions['device_name']} ({conditions['threads']} threads), median of {args.repeats}\n")
+    print(format_block_table(rows))
+    return 0
 
 
 def _bench_routing(args: argparse.Namespace) -> int:
@@ -209,6 +272,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.command == "bench-routing":
             return _bench_routing(args)
+        if args.command == "bench-blocks":
+            return _bench_blocks(args)
         if args.command == "cost":
             return _cost(args)
         if args.command in ("run", "report", "plot"):

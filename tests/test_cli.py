@@ -28,3 +28,36 @@ def test_bench_routing_writes_rows_checks_and_conditions(tmp_path, capsys):
 def test_bench_routing_rejects_a_single_stage(capsys):
     assert main(["bench-routing", "--layers", "4"]) == 2
     assert "early exit needs at least two stages, got 1" in capsys.readouterr().err
+
+
+def test_bench_blocks_compares_blocks_with_the_unsplit_model(tmp_path, capsys):
+    out = tmp_path / "blocks.json"
+    code = main(["bench-blocks", "--preset", "gpt2-tiny", "--layers", "1", "1", "1", "--batch-size", "2",
+                 "--seq-len", "32", "--hard-ratios", "1.0", "0.5", "--repeats", "1", "--warmup", "0",
+                 "--json", str(out)])
+    assert code == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["exit_fn"], r["hard_ratio"]) for r in rows] == [("max_prob", 1.0), ("max_prob", 0.5),
+                                                                 ("cos_sim", 1.0), ("cos_sim", 0.5)]
+    by = {(r["exit_fn"], r["hard_ratio"]): r for r in rows}
+    # cos_sim with nobody exiting runs exactly the unsplit model (one head at the end); max_prob pays
+    # the shared lm_head at every block on top of it.
+    assert by[("cos_sim", 1.0)]["flop_ratio"] == 1.0 and by[("max_prob", 1.0)]["flop_ratio"] > 1.0
+    # Thresholds are calibrated on a different batch: exits happen, not exactly half.
+    assert 0 < by[("max_prob", 0.5)]["exit_ratios"][0] < 1 and by[("max_prob", 0.5)]["layer_cost"] < 1.0
+    assert "| exit rule |" in capsys.readouterr().out
+
+
+def test_cost_runs_on_a_saved_checkpoint_cut_into_blocks(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from cascade_bench.presets import stage_config
+
+    AutoModelForCausalLM.from_config(stage_config("llama-tiny", num_hidden_layers=4)).save_pretrained(tmp_path / "m")
+    code = main(["cost", "--model", str(tmp_path / "m"), "--boundaries", "2", "--batch-size", "2", "--seq-len", "32",
+                 "--num-batches", "1", "--repeats", "1", "--json", str(tmp_path / "cost.json")])
+    assert code == 0
+    record = json.loads((tmp_path / "cost.json").read_text())
+    assert record["flops"] == record["flops_analytic"] and [s["layers_in_stage"] for s in record["stages"]] == [2, 2]
+    assert main(["cost", "--model", str(tmp_path / "m")]) == 2
+    assert "--model and --boundaries go together" in capsys.readouterr().err
