@@ -32,6 +32,10 @@ def save_ensemble(ensemble: Ensemble, folder: "Path | str", tokenizer=None, extr
     """
     folder = Path(folder)
     for k, stage in enumerate(ensemble):
+        if not isinstance(stage, LLM):
+            raise ValueError(f"stage {k} is a {type(stage).__name__} cut from a model, which save_ensemble does not "
+                             f"write: save that model with save_pretrained and rebuild with Ensemble.from_blocks "
+                             f"(trained exit heads: torch.save(ensemble.state_dict(), path))")
         if stage.exit_function.name not in BUILTIN_EXIT_FUNCTIONS or \
                 stage.exit_function.fn is not BUILTIN_EXIT_FUNCTIONS[stage.exit_function.name]:
             raise ValueError(f"stage {k} uses exit function {stage.exit_function.name!r}, which is not a built-in "

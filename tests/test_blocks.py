@@ -184,6 +184,10 @@ def test_bad_boundaries_and_unsupported_families_are_named():
     with pytest.raises(ValueError, match="'opt'.*LAYER_SLICE_RECIPES"):
         Ensemble.from_blocks(opt, [1])
     ensemble = Ensemble.from_blocks(model, [2])
+    from cascade_bench.persistence import save_ensemble
+
+    with pytest.raises(ValueError, match="Block cut from a model.*from_blocks"):
+        save_ensemble(ensemble, "unused-folder")
     with pytest.raises(ValueError, match="reads the residual stream"):
         ensemble[1](input_ids=torch.zeros(1, 3, dtype=torch.long))
 
