@@ -16,8 +16,8 @@ from typing import Sequence
 COLORS = {"routed": "tab:blue", "masked": "tab:orange", "full": "black", "prefix": "tab:gray",
           "dense": "tab:green", "oracle": "tab:red"}
 PANELS = (("layer_cost", "layer cost (fraction of all layers x tokens)"),
-          ("flop_ratio", "counted FLOPs / full cascade"),
-          ("wall_ratio", "wall time / full cascade"))
+          ("flop_ratio", "counted FLOPs / full depth"),
+          ("wall_ratio", "wall time / full depth"))
 
 
 def _pyplot():
@@ -66,7 +66,8 @@ def plot_cost_vs_ppl(frame, stem: Path) -> list[Path]:
             part = frame[(frame.method == method) & frame[column].notna()]
             if not part.empty:
                 ax.scatter(part[column], part.ppl, marker=marker, s=90, color=COLORS[method], zorder=3,
-                           label={"full": "full cascade", "prefix": "stage prefix alone", "dense": "dense, same depth",
+                           label={"full": part.label.iloc[0],  # "full cascade" or "unsplit model"
+                                  "prefix": "prefix alone", "dense": "dense, same depth",
                                   "oracle": "oracle bound"}[method])
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)

@@ -193,11 +193,12 @@ def write_report(records: Sequence[dict], config, paths: dict) -> Path:
     frame = records_frame(records)
     tables = paths["tables"]
     name = config.name
+    reference = "the unsplit model" if getattr(config, "model", "") else "the full cascade"
     thresholds = threshold_table(frame)
     paper, target = paper_table(frame)
     seed, is_seed = seed_table(frame, config)
     write_table(thresholds, tables / f"{name}.thresholds", f"{name}: early exit per hard ratio (test split)")
-    write_table(paper, tables / f"{name}.paper", f"{name}: methods compared (costs relative to the full cascade)")
+    write_table(paper, tables / f"{name}.paper", f"{name}: methods compared (costs relative to {reference})")
     write_table(seed, tables / f"{name}.seed", f"{name}: seed-protocol layout")
     first = records[0].get("conditions", {})
     lines = [
@@ -212,7 +213,7 @@ def write_report(records: Sequence[dict], config, paths: dict) -> Path:
         f"{config.device}/{config.dtype}, {config.threads} threads, seed {config.seed}, "
         f"torch {first.get('torch')}, transformers {first.get('transformers')}, commit {first.get('git_commit')}.",
         "", "## Methods", "",
-        f"Costs are relative to the full cascade; wall ratios were timed back to back with it. "
+        f"Costs are relative to {reference}; wall ratios were timed back to back with it. "
         f"'PPL at matched FLOPs' interpolates each swept curve at "
         f"the FLOP ratio of routed early exit at the hard ratio nearest 0.5 ({_fmt(target)}); n/a where the "
         f"curve never reaches that cost. The oracle's cost is analytic and it has no wall time.", "",

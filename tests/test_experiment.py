@@ -166,3 +166,4 @@ def test_run_on_a_saved_checkpoint_folder_cuts_it_into_blocks(tmp_path, capsys):
     assert 0 < routed["tokens_entered"][2] < routed["tokens_entered"][0]
     report = (out / "report.md").read_text()
     assert "unsplit model" in report and "block 0 alone" in report and "cut into blocks" in report
+    assert "Costs are relative to the unsplit model" in report
