@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from .exits import ExitFunction, resolve_exit_function
 from .families import family_parts, layer_slice_recipe
-from .llm import StageOutput, check_threshold
+from .llm import StageOutput, check_threshold, logits_at_positions
 
 HEAD_KINDS = ("shared", "own")
 
@@ -176,13 +176,7 @@ class Block(nn.Module):
             if capture_input_state and i == len(self.layers) - 1:
                 input_state = hidden
             hidden = layer(hidden, attention_mask=mask, position_ids=position_ids, use_cache=use_cache, **extra)
-        logits = None
-        if logits_at is not None:
-            if logits_at.dtype != torch.bool or tuple(logits_at.shape) != tuple(hidden.shape[:2]):
-                raise ValueError(f"logits_at must be a bool mask of shape {tuple(hidden.shape[:2])}, got "
-                                 f"{logits_at.dtype} {tuple(logits_at.shape)}")
-            logits = self.logits(hidden[logits_at])
-        return StageOutput(hidden=hidden, input_state=input_state, logits=logits,
+        return StageOutput(hidden=hidden, input_state=input_state, logits=logits_at_positions(self, hidden, logits_at),
                            past_key_values=past_key_values if use_cache else None)
 
     def logits(self, hidden: Tensor) -> Tensor:

@@ -43,6 +43,17 @@ def check_threshold(threshold) -> float:
     return threshold
 
 
+def logits_at_positions(stage: nn.Module, hidden: Tensor, logits_at: Optional[Tensor]) -> Optional[Tensor]:
+    """``stage.logits`` of the states (R, L, d) at the positions of the (R, L) bool mask, in row-major
+    order (n, V); None without a mask."""
+    if logits_at is None:
+        return None
+    if logits_at.dtype != torch.bool or tuple(logits_at.shape) != tuple(hidden.shape[:2]):
+        raise ValueError(f"logits_at must be a bool mask of shape {tuple(hidden.shape[:2])}, got "
+                         f"{logits_at.dtype} {tuple(logits_at.shape)}")
+    return stage.logits(hidden[logits_at])
+
+
 class LLM(nn.Module):
     """A cascade stage: any ``AutoModelForCausalLM`` model, an exit function and a threshold.
 
@@ -154,13 +165,8 @@ class LLM(nn.Module):
             if handle is not None:
                 handle.remove()
         hidden = out.last_hidden_state
-        logits = None
-        if logits_at is not None:
-            if logits_at.dtype != torch.bool or tuple(logits_at.shape) != tuple(hidden.shape[:2]):
-                raise ValueError(f"logits_at must be a bool mask of shape {tuple(hidden.shape[:2])}, got "
-                                 f"{logits_at.dtype} {tuple(logits_at.shape)}")
-            logits = self.logits(hidden[logits_at])
-        return StageOutput(hidden=hidden, input_state=captured[0] if captured else None, logits=logits,
+        return StageOutput(hidden=hidden, input_state=captured[0] if captured else None,
+                           logits=logits_at_positions(self, hidden, logits_at),
                            past_key_values=out.past_key_values if use_cache else None)
 
     def logits(self, hidden: Tensor) -> Tensor:
