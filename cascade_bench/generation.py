@@ -23,6 +23,7 @@ from .compaction import plan_layouts, to_dense
 from .ensemble import Ensemble, evaluation_mode
 from .flops import EXTRA_FLOP_FORMULAS
 from .routing import resolve_thresholds
+from .stage_cache import StageCache
 
 
 @dataclass
@@ -41,71 +42,6 @@ class GenerationOutput:
     seconds_per_token: float
     decode_tokens: int
     counted_flops: Optional[int] = None
-
-
-class _StageCache:
-    """Per-layer keys/values (B, H, capacity, D) of one stage, the first ``length`` slots in use,
-    and which of them are real per row. Grows by doubling, so a decode step writes one slot
-    instead of copying the cache."""
-
-    def __init__(self, batch_size: int, device):
-        self.batch_size = batch_size
-        self.keys: list[Tensor] = []
-        self.values: list[Tensor] = []
-        self.length = 0
-        self.valid = torch.zeros(batch_size, 0, dtype=torch.bool, device=device)
-        self.count = torch.zeros(batch_size, dtype=torch.long, device=device)
-
-    def _all(self, rows: Tensor) -> bool:
-        return rows.numel() == self.batch_size  # rows are sorted and distinct: all of them
-
-    def as_hf_cache(self, rows: Tensor):
-        from transformers import DynamicCache
-
-        cache = DynamicCache()
-        for layer, (k, v) in enumerate(zip(self.keys, self.values)):
-            k, v = k[:, :, :self.length], v[:, :, :self.length]
-            cache.update(k if self._all(rows) else k[rows], v if self._all(rows) else v[rows], layer)
-        return cache
-
-    def _reserve(self, extra: int, like: list[Tensor]) -> None:
-        needed = self.length + extra
-        capacity = self.keys[0].shape[2] if self.keys else 0
-        if needed <= capacity:
-            return
-        grown = max(needed, 2 * capacity, 64)
-        for store in (self.keys, self.values):
-            for layer, sample in enumerate(like):
-                shape = (self.batch_size, sample.shape[1], grown, sample.shape[3])
-                buffer = sample.new_zeros(shape)
-                if layer < len(store):
-                    buffer[:, :, :self.length] = store[layer][:, :, :self.length]
-                    store[layer] = buffer
-                else:
-                    store.append(buffer)
-        valid = torch.zeros(self.batch_size, grown, dtype=torch.bool, device=self.valid.device)
-        valid[:, :self.length] = self.valid[:, :self.length]
-        self.valid = valid
-
-    def append(self, rows: Tensor, hf_cache, new_slots: int, valid_new: Tensor) -> None:
-        """Append ``new_slots`` slots for every row; rows in ``rows`` get the cache's last slots."""
-        layers = hf_cache.layers
-        self._reserve(new_slots, [layer.keys for layer in layers])
-        span = slice(self.length, self.length + new_slots)
-        for layer, hf_layer in enumerate(layers):
-            k_new, v_new = hf_layer.keys[:, :, -new_slots:], hf_layer.values[:, :, -new_slots:]
-            if self._all(rows):
-                self.keys[layer][:, :, span] = k_new
-                self.values[layer][:, :, span] = v_new
-            else:
-                self.keys[layer][rows, :, span] = k_new
-                self.values[layer][rows, :, span] = v_new
-        self.valid[rows, span] = valid_new
-        self.length += new_slots
-        self.count[rows] += valid_new.sum(dim=1)
-
-    def valid_rows(self, rows: Tensor) -> Tensor:
-        return self.valid[rows, :self.length]
 
 
 def _pick(logits: Tensor, do_sample: bool, temperature: float, top_k: int, top_p: float,
@@ -176,34 +112,41 @@ def _generate(ensemble, input_ids, attention_mask, max_new_tokens, method, level
     if not bool(real.any(dim=1).all()):
         raise ValueError("every prompt needs at least one real token (attention_mask row of zeros)")
     stages = list(ensemble.stages)
-    caches = [_StageCache(batch, device) for _ in stages]
+    caches = [StageCache(batch, stage.num_layers, device) for stage in stages]
     original = torch.cumsum(real.long(), dim=1) - 1  # position of each prompt token among real ones
     with evaluation_mode(ensemble), torch.inference_mode():
-        next_logits = _prefill(stages, caches, input_ids, real, original, levels, positions)
+        logits, produced_by = _prefill(stages, caches, input_ids, real, original, levels, positions)
         tokens = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
         nll = torch.zeros(batch, max_new_tokens, dtype=torch.float32, device=device)
         exit_stage = torch.full((batch, max_new_tokens), -1, dtype=torch.long, device=device)
-        produced_by = torch.full((batch,), -1, dtype=torch.long, device=device)
-        produced_by.copy_(next_logits[1])
-        logits = next_logits[0]
-        alive = torch.ones(batch, dtype=torch.bool, device=device)
+        every_row = torch.arange(batch, device=device)
+        rows, alive, all_alive = every_row, torch.ones(batch, dtype=torch.bool, device=device), True
         reached = [0] * len(stages)
         fed = 0
         length = real.sum(dim=1)  # tokens so far per row (original positions)
         start = time.perf_counter()
         for step in range(max_new_tokens):
             token, token_nll = _pick(logits, do_sample, temperature, top_k, top_p, generator)
-            tokens[alive, step] = token[alive]
-            nll[alive, step] = token_nll[alive]
-            exit_stage[alive, step] = produced_by[alive]
+            if all_alive:
+                tokens[:, step], nll[:, step], exit_stage[:, step] = token, token_nll, produced_by
+            else:
+                tokens[alive, step] = token[alive]
+                nll[alive, step] = token_nll[alive]
+                exit_stage[alive, step] = produced_by[alive]
             if eos_token_id is not None:
                 alive = alive & (token != eos_token_id)
-            if step == max_new_tokens - 1 or not bool(alive.any()):
+                still = int(alive.sum())
+                if still == 0:
+                    break
+                all_alive = still == batch
+                rows = every_row if all_alive else alive.nonzero().squeeze(1)
+            if step == max_new_tokens - 1:
                 break
-            rows = alive.nonzero().squeeze(1)
-            logits, produced_by, counts = _decode_step(stages, caches, token, rows, length, levels, positions,
-                                                       logits, produced_by)
-            length[rows] += 1
+            logits, produced_by, counts = _decode_step(stages, caches, token, rows, length, levels, positions)
+            if all_alive:
+                length += 1
+            else:
+                length[rows] += 1
             fed += rows.numel()
             reached = [a + b for a, b in zip(reached, counts)]
         elapsed = time.perf_counter() - start
@@ -217,37 +160,24 @@ def _generate(ensemble, input_ids, attention_mask, max_new_tokens, method, level
         seconds_per_token=elapsed / max(generated, 1), decode_tokens=fed)
 
 
-def _stage_call(stage, cache: _StageCache, rows: Tensor, new_valid: Tensor, position_ids: Tensor,
+def _stage_call(stage, cache: StageCache, rows: Tensor, new_valid: Tensor, position_ids: Tensor,
                 capture: bool, input_ids: Optional[Tensor] = None,
                 inputs_embeds: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
-    """Run ``stage`` for ``rows`` on new slots (len(rows), S) over its cached context; append to the
-    cache; return the hidden states (and the last layer's input when ``capture``)."""
-    past = cache.as_hf_cache(rows) if cache.length else None
-    mask = torch.cat([cache.valid_rows(rows), torch.ones_like(new_valid)], dim=1).long()
-    out = stage(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids,
-                past_key_values=past, use_cache=True, capture_input_state=capture)
-    cache.append(rows, out.past_key_values, new_valid.shape[1], new_valid)
+    """Run ``stage`` for ``rows`` on new slots (len(rows), S) over its cached context, writing their
+    keys/values into the cache; return the hidden states (and the last layer's input when ``capture``)."""
+    past = cache.begin(rows, new_valid.shape[1])
+    out = stage(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=cache.attention_mask(new_valid),
+                position_ids=position_ids, past_key_values=past, use_cache=True, capture_input_state=capture)
+    cache.commit(new_valid)
     return out.hidden, out.input_state
 
 
-def _decide(stage, hidden: Tensor, input_state: Optional[Tensor], threshold: float,
-            last: bool) -> tuple[Optional[Tensor], Tensor]:
-    """Exit mask (n,) for one token per row at this stage, and logits (n, V) holding the exiting
-    rows' logits (every row's when the rule needs logits to decide; None when nobody exits)."""
+def _decide(stage, hidden: Tensor, input_state: Optional[Tensor], threshold: float) -> tuple[Tensor, Optional[Tensor]]:
+    """Exit mask (n,) for one token per row at a non-last stage, and every row's logits (n, V) when
+    the rule needed them to decide (None otherwise: the head then runs for exiting rows only)."""
     fn = stage.exit_function
-    n = hidden.shape[0]
-    if last:
-        return stage.logits(hidden), torch.ones(n, dtype=torch.bool, device=hidden.device)
-    if threshold == math.inf:  # nobody exits here: no head at all (the full-depth path)
-        return None, torch.zeros(n, dtype=torch.bool, device=hidden.device)
-    if fn.needs_logits:
-        logits = stage.logits(hidden)
-        return logits, fn(input_state, hidden, logits.float()) >= threshold
-    exits = fn(input_state, hidden, None) >= threshold
-    logits = hidden.new_zeros(n, stage.vocab_size)
-    if bool(exits.any()):
-        logits[exits] = stage.logits(hidden[exits])  # lm_head only for the rows that exit here
-    return logits, exits
+    logits = stage.logits(hidden) if fn.needs_logits else None
+    return fn(input_state, hidden, logits.float() if logits is not None else None) >= threshold, logits
 
 
 def _prefill(stages, caches, input_ids, real, original, levels, positions) -> tuple[Tensor, Tensor]:
@@ -277,10 +207,10 @@ def _prefill(stages, caches, input_ids, real, original, levels, positions) -> tu
         hidden, input_state = _stage_call(stage, caches[k], rows, dense_valid, position_ids, capture, **kwargs)
         hidden = hidden[layout.rows, layout.cols]
         input_state = input_state[layout.rows, layout.cols] if capture else None
-        if last:
-            exits = torch.ones(reach.numel(), dtype=torch.bool, device=reach.device)
+        if last or levels[k] == math.inf:
+            exits = torch.full((reach.numel(),), last, dtype=torch.bool, device=reach.device)
         else:
-            _, exits = _decide(stage, hidden, input_state, levels[k], last=False)
+            exits, _ = _decide(stage, hidden, input_state, levels[k])
         is_last = (reach[:, None] == last_flat[None]).any(dim=1)
         leaving_last = exits & is_last
         if bool(leaving_last.any()):
@@ -294,32 +224,54 @@ def _prefill(stages, caches, input_ids, real, original, levels, positions) -> tu
     return out_logits, out_stage
 
 
-def _decode_step(stages, caches, token: Tensor, rows: Tensor, length: Tensor, levels, positions, logits: Tensor,
-                 produced_by: Tensor) -> tuple[Tensor, Tensor, list[int]]:
-    """Feed one new token for each row in ``rows``; return next-token logits, their stage, and
-    how many rows reached each stage."""
+def _decode_step(stages, caches, token: Tensor, rows: Tensor, length: Tensor, levels,
+                 positions) -> tuple[Tensor, Tensor, list[int]]:
+    """Feed one new token for each row in ``rows``; return next-token logits (B, V) and the stage
+    that produced them (B,) (zeros and -1 for rows not in ``rows``), and how many rows reached each
+    stage. A stage where every row or no row exits costs no gather: one host sync per stage to
+    learn how many exit, index copies only when the rows split."""
+    batch = token.shape[0]
     counts = [0] * len(stages)
-    logits = logits.clone()
-    produced_by = produced_by.clone()
+    exited: list[tuple[Tensor, Tensor, int]] = []  # (rows, their logits, stage)
     state = None
     active = rows
     for k, stage in enumerate(stages):
-        if active.numel() == 0:
-            break
-        counts[k] = active.numel()
+        n = active.numel()
+        counts[k] = n
+        whole = n == batch
         cache = caches[k]
-        position = cache.count[active] if positions == "compact" else length[active]
-        new_valid = torch.ones(active.numel(), 1, dtype=torch.bool, device=active.device)
-        kwargs = {"input_ids": token[active][:, None]} if k == 0 else {"inputs_embeds": state[:, None]}
+        position = ((cache.count if whole else cache.count[active]) if positions == "compact"
+                    else (length if whole else length[active]))
+        new_valid = torch.ones(n, 1, dtype=torch.bool, device=active.device)
+        kwargs = ({"input_ids": (token if whole else token[active])[:, None]} if k == 0
+                  else {"inputs_embeds": state[:, None]})
         last = k == len(stages) - 1
-        capture = not last and stage.exit_function.needs_input_state
+        capture = not last and levels[k] != math.inf and stage.exit_function.needs_input_state
         hidden, input_state = _stage_call(stage, cache, active, new_valid, position[:, None], capture, **kwargs)
         hidden = hidden[:, 0]
-        input_state = input_state[:, 0] if capture else None
-        stage_logits, exits = _decide(stage, hidden, input_state, levels[k], last)
-        leaving = active[exits]
-        if stage_logits is not None:
-            logits[leaving] = stage_logits[exits].to(logits.dtype)
-        produced_by[leaving] = k
-        active, state = active[~exits], hidden[~exits]
+        if last:
+            exited.append((active, stage.logits(hidden), k))
+            break
+        if levels[k] == math.inf:  # nobody exits here: no head at all (the full-depth path)
+            state = hidden
+            continue
+        exits, stage_logits = _decide(stage, hidden, input_state[:, 0] if capture else None, levels[k])
+        leaving = int(exits.sum())
+        if leaving == 0:
+            state = hidden
+            continue
+        if leaving == n:
+            exited.append((active, stage_logits if stage_logits is not None else stage.logits(hidden), k))
+            break
+        out, stay = exits.nonzero().squeeze(1), (~exits).nonzero().squeeze(1)
+        exited.append((active[out], stage_logits[out] if stage_logits is not None else stage.logits(hidden[out]), k))
+        active, state = active[stay], hidden[stay]
+    if len(exited) == 1 and exited[0][0].numel() == batch:  # every row exited at one stage
+        _, logits, k = exited[0]
+        return logits, torch.full((batch,), k, dtype=torch.long, device=logits.device), counts
+    logits = exited[0][1].new_zeros(batch, exited[0][1].shape[-1])
+    produced_by = torch.full((batch,), -1, dtype=torch.long, device=logits.device)
+    for where, stage_logits, k in exited:
+        logits[where] = stage_logits
+        produced_by[where] = k
     return logits, produced_by, counts
