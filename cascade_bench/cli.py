@@ -161,7 +161,60 @@ def build_parser() -> argparse.ArgumentParser:
     blocks.add_argument("--repeats", type=_positive_int, default=5)
     blocks.add_argument("--json", type=Path, default=Path("results/bench-blocks.json"),
                         help="where to write rows and conditions (atomically); default %(default)s")
+    decode = commands.add_parser(
+        "bench-generate", help="decode throughput of early-exit generation vs full-depth generation",
+        description="Early-exit generation against full-depth generation of the same prompts (real text), exit "
+                    "ratio after stage 0 forced exactly at the cost of a real exit rule, timed back to back; "
+                    "Hugging Face's generate on stage 0 beside this package's as a peer.")
+    _add_cascade_args(decode)
+    decode.add_argument("--batch-sizes", type=_positive_int, nargs="+", default=[1, 8])
+    decode.add_argument("--exit-ratios", type=_ratio, nargs="+", default=[0.0, 0.5, 0.9],
+                        help="forced fraction of decode tokens exiting after stage 0")
+    decode.add_argument("--rules", nargs="+", choices=EXIT_FNS, default=["max_prob", "cos_sim"],
+                        help="exit rules whose cost the forced rule pays")
+    decode.add_argument("--prompt-len", type=_positive_int, default=64)
+    decode.add_argument("--new-tokens", type=_positive_int, default=65,
+                        help="tokens generated per row (default %(default)s: 64 decode steps)")
+    decode.add_argument("--warmup", type=int, default=1)
+    decode.add_argument("--repeats", type=_positive_int, default=9)
+    decode.add_argument("--json", type=Path, default=Path("results/bench-generate.json"),
+                        help="where to write rows, checks and conditions (atomically); default %(default)s")
     return parser
+
+
+def _bench_generate(args: argparse.Namespace) -> int:
+    from .corpus import byte_token_windows, embedded_documents
+    from .environment import environment_conditions
+    from .generation_bench import (bench_generation, decode_checks, format_generation_table, format_peer_table,
+                                   write_generation_bench)
+
+    if args.new_tokens < 2:
+        raise ValueError(f"--new-tokens must be at least 2 (one decode step), got {args.new_tokens}")
+    ensemble, origin = _build_cascade(args)
+    text = "\n\n".join(body for _, body in embedded_documents())
+    prompts = {b: byte_token_windows(text, b, args.prompt_len).to(ensemble.device) for b in args.batch_sizes}
+    rows, peers = bench_generation(ensemble, prompts, rates=args.exit_ratios, rules=args.rules,
+                                   new_tokens=args.new_tokens, repeats=args.repeats, warmup=args.warmup,
+                                   seed=args.seed)
+    checks = decode_checks(rows)
+    conditions = {**environment_conditions(ensemble.device, ensemble.dtype), "model": origin,
+                  "layers_per_stage": list(ensemble.layers_per_stage), "prompt_len": args.prompt_len,
+                  "new_tokens": args.new_tokens, "repeats": args.repeats, "warmup": args.warmup, "seed": args.seed,
+                  "data": "CPython pydoc_data topics, UTF-8 bytes as token ids", "decoding": "greedy",
+                  "note": "exit ratios forced by ForcedExitRate (exact share, seeded places) at the cost of the "
+                          "named rule; untrained weights unless stages are loaded"}
+    if args.json is not None:
+        write_generation_bench(rows, peers, checks, conditions, args.json)
+    print(f"\n{origin}, prompts {args.prompt_len} tokens, {args.new_tokens} new tokens, {conditions['dtype']} on "
+          f"{conditions['device_name']} ({conditions['threads']} threads), median of {args.repeats}\n")
+    print(format_generation_table(rows))
+    if peers:
+        print()
+        print(format_peer_table(peers))
+    print()
+    for text_, met in checks:
+        print(f"[{'met' if met else 'MISSED'}] {text_}")
+    return 0
 
 
 def _bench_blocks(args: argparse.Namespace) -> int:
@@ -274,6 +327,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _bench_routing(args)
         if args.command == "bench-blocks":
             return _bench_blocks(args)
+        if args.command == "bench-generate":
+            return _bench_generate(args)
         if args.command == "cost":
             return _cost(args)
         if args.command in ("run", "report", "plot"):
