@@ -20,14 +20,9 @@ from cascade_bench.corpus import byte_token_windows
 from cascade_bench.exits import resolve_exit_function
 from cascade_bench.flops import count_flops, count_pass_flops
 from cascade_bench.routing import forward_cascade
-from cascade_bench.timing import interleaved_ratio
+from cascade_bench.timing import interleaved_ratio, synchronize
 
 HARD_RATIOS = (0.75, 0.5, 0.25)
-
-
-def _sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +42,7 @@ def _forward(ensemble, ids, device, **kwargs):
     def forward():
         with torch.inference_mode():
             out = forward_cascade(ensemble, ids, **kwargs)
-        _sync(device)
+        synchronize(device)
         return out
     return forward
 

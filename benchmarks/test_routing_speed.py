@@ -26,18 +26,13 @@ from cascade_bench.compaction import from_dense, plan_layouts, to_dense
 from cascade_bench.corpus import byte_token_windows
 from cascade_bench.flops import count_flops
 from cascade_bench.routing import forward_cascade
-from cascade_bench.timing import SpanTimer, interleaved_ratio
+from cascade_bench.timing import SpanTimer, interleaved_ratio, synchronize
 
 EXIT_RATIOS = (0.0, 0.25, 0.5, 0.75, 1.0)
 EE_METHODS = {"routed-padded": dict(method="routed", batching="padded"),
               "routed-bucketed": dict(method="routed", batching="bucketed"),
               "masked": dict(method="masked")}
 SHAPE_INDEX = (0, 1)
-
-
-def _sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
 
 
 @pytest.fixture(scope="module")
@@ -60,13 +55,13 @@ def _run(benchmark, ensemble, ids, full_flops, device, full_cascade=None, **kwar
     def forward():
         with torch.inference_mode():
             out = forward_cascade(ensemble, ids, **kwargs)
-        _sync(device)  # the timed call includes the GPU work, not only its launch
+        synchronize(device)  # the timed call includes the GPU work, not only its launch
         return out
 
     def full():
         with torch.inference_mode():
             forward_cascade(full_cascade, ids, method="full")
-        _sync(device)
+        synchronize(device)
 
     out = benchmark.pedantic(forward, rounds=5, warmup_rounds=2, iterations=1)
     if full_cascade is not None and not benchmark.disabled:
@@ -162,7 +157,7 @@ def test_routing_primitives(benchmark, bench_preset, cascades, mid_route, primit
     def timed():
         with torch.inference_mode():
             result = fn()
-        _sync(bench_preset.device)
+        synchronize(bench_preset.device)
         return result
 
     result = benchmark.pedantic(timed, rounds=20, warmup_rounds=3, iterations=1)

@@ -24,6 +24,7 @@ from .ensemble import Ensemble, evaluation_mode
 from .flops import EXTRA_FLOP_FORMULAS
 from .routing import resolve_thresholds
 from .stage_cache import StageCache
+from .timing import synchronize
 
 
 @dataclass
@@ -31,7 +32,10 @@ class GenerationOutput:
     """tokens: (B, N) generated ids (``pad_token_id`` after a sequence's EOS); nll: (B, N) float32
     negative log-likelihood of each generated token under the distribution it was drawn from (its
     exit stage's); exit_stage: (B, N) stage whose logits produced each token; cache_lengths: per
-    stage, (B,) tokens held in that stage's cache; plus the cost of the decode phase."""
+    stage, (B,) tokens held in that stage's cache; plus the cost of the decode phase: exit_counts
+    per stage and layer_cost over the ``decode_tokens`` fed back after the prompt, and
+    seconds_per_token = wall time of the decode loop (after prefill; CUDA synchronised at both
+    ends) / tokens generated, all rows together (its inverse is the decode throughput)."""
 
     tokens: Tensor
     nll: Tensor
@@ -124,6 +128,7 @@ def _generate(ensemble, input_ids, attention_mask, max_new_tokens, method, level
         reached = [0] * len(stages)
         fed = 0
         length = real.sum(dim=1)  # tokens so far per row (original positions)
+        synchronize(device)
         start = time.perf_counter()
         for step in range(max_new_tokens):
             token, token_nll = _pick(logits, do_sample, temperature, top_k, top_p, generator)
@@ -149,6 +154,7 @@ def _generate(ensemble, input_ids, attention_mask, max_new_tokens, method, level
                 length[rows] += 1
             fed += rows.numel()
             reached = [a + b for a, b in zip(reached, counts)]
+        synchronize(device)
         elapsed = time.perf_counter() - start
     layers = [s.num_layers for s in stages]
     exits = [reached[k] - (reached[k + 1] if k + 1 < len(stages) else 0) for k in range(len(stages))]

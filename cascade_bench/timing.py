@@ -36,17 +36,19 @@ class TimingStats:
         return q3 - q1
 
 
-def _sync(device: Optional[torch.device]) -> None:
+def synchronize(device: "Optional[torch.device | str]") -> None:
+    """Wait for the device (CUDA only; a no-op elsewhere), before reading a wall clock."""
+    device = torch.device(device) if isinstance(device, str) else device
     if device is not None and device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def wall_time_once(fn: Callable[[], object], device: Optional[torch.device] = None) -> float:
     """Seconds for one call of ``fn()``, synchronising CUDA before both clock reads."""
-    _sync(device)
+    synchronize(device)
     start = time.perf_counter_ns()
     fn()
-    _sync(device)
+    synchronize(device)
     return (time.perf_counter_ns() - start) / 1e9
 
 
