@@ -209,7 +209,7 @@ def _prefill(stages, caches, input_ids, real, original, levels, positions) -> tu
         kwargs = ({"input_ids": to_dense(input_ids.reshape(-1)[reach], layout)} if k == 0
                   else {"inputs_embeds": to_dense(state, layout)})
         last = k == len(stages) - 1
-        capture = not last and stage.exit_function.needs_input_state
+        capture = not last and levels[k] != math.inf and stage.exit_function.needs_input_state
         hidden, input_state = _stage_call(stage, caches[k], rows, dense_valid, position_ids, capture, **kwargs)
         hidden = hidden[layout.rows, layout.cols]
         input_state = input_state[layout.rows, layout.cols] if capture else None

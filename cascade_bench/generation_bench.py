@@ -27,6 +27,7 @@ from torch import Tensor
 from .ensemble import Ensemble
 from .exits import ExitFunction, resolve_exit_function
 from .generation import generate
+from .llm import LLM
 from .storage import write_json_atomic
 
 #: Decisions are drawn in chunks of this many: each chunk exits exactly its share, in seeded order.
@@ -173,7 +174,7 @@ def bench_generation(ensemble: Ensemble, prompts: dict[int, Tensor], rates: Sequ
                         decode_exit_ratio=out.exit_counts[0] / out.decode_tokens, layer_cost=out.layer_cost,
                         seconds_per_token=statistics.median(mine), seconds_per_token_full=statistics.median(theirs),
                         speedup=statistics.median(b / a for a, b in zip(mine, theirs))))
-            if hf_peer and hasattr(first, "model"):
+            if hf_peer and isinstance(first, LLM):  # a Block has no generate of its own
                 peers.append(_peer_row(ensemble, ids, new_tokens, repeats, warmup))
     finally:
         first.exit_function = saved
