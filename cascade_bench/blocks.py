@@ -238,3 +238,43 @@ def cut_into_blocks(model: nn.Module, boundaries: Sequence[int], exit_fn: "str |
                                                                  copy.deepcopy(shared.lm_head))
         blocks.append(Block(model, start, end, head, reads_tokens=k == 0, exit_fn=exit_fn, threshold=threshold))
     return blocks
+
+
+def head_sharing(blocks: Sequence[Block]) -> str:
+    """``"shared"`` when every non-last block exits through the last block's own head module,
+    else ``"own"`` (each non-last block has its own copy, as after ``extend`` or ``heads="own"``)."""
+    return "shared" if all(block.head is blocks[-1].head for block in blocks[:-1]) else "own"
+
+
+def assemble_model(blocks: Sequence[Block]) -> nn.Module:
+    """The inverse of ``cut_into_blocks``: one Hugging Face causal LM whose decoder layers are the
+    blocks' layers in order (copied), with block 0's token embedding (and absolute positions) and
+    the last block's final norm and ``lm_head``. Blocks of one model give that model back; a cascade
+    grown with ``extend`` gives the grown model (its head untied from the embedding when they
+    differ). Non-last blocks' own exit heads are not part of it."""
+    from transformers import AutoModelForCausalLM
+
+    blocks = list(blocks)
+    if not blocks or not all(isinstance(b, Block) for b in blocks):
+        raise TypeError(f"assemble_model takes Blocks, got {[type(b).__name__ for b in blocks]}")
+    first, last = blocks[0], blocks[-1]
+    if not first.reads_tokens or any(b.reads_tokens for b in blocks[1:]):
+        raise ValueError("assemble_model needs block 0 to read token ids and every later block to read the residual "
+                         "stream (blocks of one model in order)")
+    config = copy.deepcopy(first.source.config)
+    config.num_hidden_layers = sum(b.num_layers for b in blocks)
+    config.tie_word_embeddings = last.head.lm_head.weight is first.embedding.weight
+    model = AutoModelForCausalLM.from_config(config).to(device=first.device, dtype=first.dtype)
+    parts = family_parts(model)
+    base = parts.base_model
+    with torch.no_grad():
+        base.get_input_embeddings().load_state_dict(first.embedding.state_dict())
+        if first.position_embedding is not None:
+            getattr(base, first.recipe.position_embedding).load_state_dict(first.position_embedding.state_dict())
+        layers = [layer for block in blocks for layer in block.layers]
+        for target, layer in zip(parts.layers, layers):
+            target.load_state_dict(layer.state_dict())
+        parts.final_norm.load_state_dict(last.head.norm.state_dict())
+        model.get_output_embeddings().load_state_dict(last.head.lm_head.state_dict())
+    return model.eval()
+

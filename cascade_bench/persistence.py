@@ -1,6 +1,13 @@
-"""Save and load a trained Ensemble: each stage with ``save_pretrained``, plus one manifest with
-thresholds and exit rules (and the tokenizer, if given), written to a temporary folder and renamed
-into place so a crash never leaves half a cascade."""
+"""Save and load a trained Ensemble, written to a temporary folder and renamed into place so a
+crash never leaves half a cascade. One manifest (``cascade.json``) holds thresholds and exit rules
+(and the tokenizer folder, if given).
+
+- A cascade of LLMs: each stage with ``save_pretrained`` (``stage{k}/``).
+- Blocks (a model grown with ``extend``, or cut with ``from_blocks``): ONE ``save_pretrained``
+  checkpoint of the whole model (``model/``, ``blocks.assemble_model``), where to cut it, and the
+  non-last blocks' own exit heads (``heads/stage{k}.safetensors``) when they have their own. Any
+  Hugging Face tool can load ``model/`` as a plain causal LM of the total depth.
+"""
 
 from __future__ import annotations
 
@@ -11,13 +18,16 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
+from .blocks import Block, assemble_model, head_sharing
 from .ensemble import Ensemble
-from .exits import BUILTIN_EXIT_FUNCTIONS
+from .exits import BUILTIN_EXIT_FUNCTIONS, resolve_exit_function
 from .llm import LLM
 
 MANIFEST = "cascade.json"
 FORMAT = "cascade_bench.ensemble"
-VERSION = 1
+#: Version 2 adds block ensembles ("kind": "blocks"); version 1 manifests (LLM stages) still load.
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 
 def _number(value: float):
@@ -31,11 +41,11 @@ def save_ensemble(ensemble: Ensemble, folder: "Path | str", tokenizer=None, extr
     folder is replaced only once the new one is complete.
     """
     folder = Path(folder)
+    kinds = {type(stage) for stage in ensemble}
+    if kinds not in ({LLM}, {Block}):
+        raise ValueError(f"save_ensemble writes cascades of LLMs or of Blocks, not a mix: stages are "
+                         f"{[type(stage).__name__ for stage in ensemble]}")
     for k, stage in enumerate(ensemble):
-        if not isinstance(stage, LLM):
-            raise ValueError(f"stage {k} is a {type(stage).__name__} cut from a model, which save_ensemble does not "
-                             f"write: save that model with save_pretrained and rebuild with Ensemble.from_blocks "
-                             f"(trained exit heads: torch.save(ensemble.state_dict(), path))")
         if stage.exit_function.name not in BUILTIN_EXIT_FUNCTIONS or \
                 stage.exit_function.fn is not BUILTIN_EXIT_FUNCTIONS[stage.exit_function.name]:
             raise ValueError(f"stage {k} uses exit function {stage.exit_function.name!r}, which is not a built-in "
@@ -43,12 +53,8 @@ def save_ensemble(ensemble: Ensemble, folder: "Path | str", tokenizer=None, extr
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        stages = []
-        for k, stage in enumerate(ensemble):
-            stage.model.save_pretrained(staging / f"stage{k}")
-            stages.append({"path": f"stage{k}", "exit_fn": stage.exit_function.name,
-                           "threshold": _number(stage.threshold), "layers": stage.num_layers})
-        manifest = {"format": FORMAT, "version": VERSION, "stages": stages, "extra": extra or {}}
+        write = _write_blocks if kinds == {Block} else _write_llms
+        manifest = {"format": FORMAT, "version": VERSION, **write(ensemble, staging), "extra": extra or {}}
         if tokenizer is not None:
             tokenizer.save_pretrained(staging / "tokenizer")
             manifest["tokenizer"] = "tokenizer"
@@ -67,25 +73,75 @@ def save_ensemble(ensemble: Ensemble, folder: "Path | str", tokenizer=None, extr
     return folder
 
 
+def _stage_entry(stage) -> dict:
+    return {"exit_fn": stage.exit_function.name, "threshold": _number(stage.threshold), "layers": stage.num_layers}
+
+
+def _write_llms(ensemble: Ensemble, staging: Path) -> dict:
+    stages = []
+    for k, stage in enumerate(ensemble):
+        stage.model.save_pretrained(staging / f"stage{k}")
+        stages.append({"path": f"stage{k}", **_stage_entry(stage)})
+    return {"kind": "llms", "stages": stages}
+
+
+def _write_blocks(ensemble: Ensemble, staging: Path) -> dict:
+    from safetensors.torch import save_file
+
+    blocks = list(ensemble)
+    assemble_model(blocks).save_pretrained(staging / "model")
+    heads = head_sharing(blocks)
+    stages = []
+    for k, block in enumerate(blocks):
+        entry = _stage_entry(block)
+        if heads == "own" and k < len(blocks) - 1:
+            (staging / "heads").mkdir(exist_ok=True)
+            entry["head"] = f"heads/stage{k}.safetensors"
+            save_file({name: t.detach().contiguous().cpu() for name, t in block.head.state_dict().items()},
+                      str(staging / entry["head"]))
+        stages.append(entry)
+    boundaries = [sum(block.num_layers for block in blocks[:k]) for k in range(1, len(blocks))]
+    return {"kind": "blocks", "model": "model", "boundaries": boundaries, "heads": heads, "stages": stages}
+
+
 def load_manifest(folder: "Path | str") -> dict:
     path = Path(folder) / MANIFEST
     if not path.is_file():
         raise ValueError(f"no saved cascade in {folder}: missing {MANIFEST}")
     manifest = json.loads(path.read_text())
-    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-        raise ValueError(f"{path} is not a {FORMAT} manifest of version {VERSION}")
+    if manifest.get("format") != FORMAT or manifest.get("version") not in READABLE_VERSIONS:
+        raise ValueError(f"{path} is not a {FORMAT} manifest of version {' or '.join(map(str, READABLE_VERSIONS))}")
     return manifest
 
 
 def load_ensemble(folder: "Path | str", device: str = "cpu", dtype=None) -> Ensemble:
-    """Load what :func:`save_ensemble` wrote: stages, exit functions and thresholds."""
+    """Load what :func:`save_ensemble` wrote: stages (LLMs, or blocks of one model with their own exit
+    heads), exit functions and thresholds."""
     folder = Path(folder)
     manifest = load_manifest(folder)
+    if manifest.get("kind", "llms") == "blocks":
+        return _read_blocks(folder, manifest, device, dtype)
     ensemble = Ensemble()
     for entry in manifest["stages"]:
         stage = LLM.from_pretrained(folder / entry["path"], exit_fn=entry["exit_fn"],
                                     threshold=float(entry["threshold"]))
         ensemble.add_llm(stage.to(device=device, dtype=dtype) if dtype is not None else stage.to(device))
+    return ensemble.eval()
+
+
+def _read_blocks(folder: Path, manifest: dict, device, dtype) -> Ensemble:
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder / manifest["model"])
+    model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+    entries = manifest["stages"]
+    ensemble = Ensemble.from_blocks(model.eval(), manifest["boundaries"], heads=manifest["heads"],
+                                    thresholds=[float(entry["threshold"]) for entry in entries])
+    for block, entry in zip(ensemble, entries):
+        block.exit_function = resolve_exit_function(entry["exit_fn"])
+        if "head" in entry:
+            block.head.load_state_dict(load_file(str(folder / entry["head"])))
     return ensemble.eval()
 
 

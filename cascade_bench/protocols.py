@@ -1,10 +1,27 @@
-"""Staged training protocols (DESIGN.md section 4): ASHEM, LEGO-style extension, and baselines.
+"""Staged training protocols (DESIGN.md section 4): ASHEM and LEGO grow one model, CASCADE chains
+separate models; plus the dense, standard and deep-supervision baselines.
 
-``train_ensemble`` trains stage 0 on all training data, then for each later stage k:
-calibrate stage k-1's threshold at the target hard ratio on the validation split (with the
-earlier thresholds in place), collect the tokens that continue past stage k-1, freeze stages
-< k, and train stage k on those tokens only, early-stopping on the validation PPL of stages
-0..k **with early exit on**.
+``train_ensemble`` starts from stage 0 alone (``start_ensemble``) and trains it on all training
+data; then, for each later stage k, it grows the cascade with ``Ensemble.extend`` (after stage k-1
+is trained), calibrates stage k-1's threshold at the target hard ratio on the validation split
+(with the earlier thresholds in place), collects the tokens that continue past stage k-1, freezes
+stages < k, and trains stage k on those tokens only, early-stopping on the validation PPL of
+stages 0..k **with early exit on**.
+
+What ``extend`` appends depends on the kind of stage the protocol grows (``Protocol.stage_kind``):
+
+- ``"block"`` (ASHEM, LEGO): one model. Stage 0 is a whole small model used as one block (its
+  embedding, layers, final norm and head); each later stage is a block of new layers reading the
+  residual stream, exiting through a trainable copy of the trained exit head. The embedding exists
+  once, in stage 0, and the lower blocks are frozen.
+- ``"llm"`` (CASCADE): separate whole models; stage k+1 is a fresh Hugging Face model of the same
+  config (its own norm and head) reading stage k's final hidden states.
+
+``train_protocol`` runs a protocol's training (one function per kind of training, chosen once):
+``"staged"`` is ``train_ensemble`` above; ``"joint"`` (deep supervision) trains every block of one
+model at once on every token, loss = weighted sum of the exits' cross-entropies (LASH
+``layer_weights``), each non-last block exiting through its own head, and early-stops on the routed
+validation PPL at the protocol's hard ratio (thresholds recalibrated after every epoch).
 
 Default data protocol: collect hard tokens from the train split, calibrate on validation,
 report on test. ``leaky_seed_protocol=True`` reproduces the seeds instead: hard tokens are
@@ -26,13 +43,20 @@ from .calibration import calibrate_thresholds
 from .ensemble import Ensemble, evaluation_mode
 from .evaluation import EvalResult, evaluate
 from .routing import forward_cascade
+from .llm import LLM
+from .presets import build_blocks, build_ensemble
 from .training import (TrainConfig, TrainHistory, collect_hard_tokens, exit_loss, fit, freeze, shuffled,
                        train_jointly, train_llm)
+
+#: The kinds of stage a protocol grows: blocks of one model, or separate whole models.
+STAGE_KINDS = {"block": Block, "llm": LLM}
 
 
 @dataclass(frozen=True)
 class Protocol:
-    """A staged training recipe: per stage layers, learning rate and patience; one hard ratio."""
+    """A staged training recipe: per stage layers, learning rate and patience; one hard ratio; the
+    kind of stage it grows (``"block"``: one model extended block by block; ``"llm"``: separate
+    whole models). ``max_epochs`` is a safety cap: a stage that reaches it is reported as cut."""
 
     name: str
     layers: tuple[int, ...]
@@ -42,6 +66,9 @@ class Protocol:
     exit_fn: str = "max_prob"
     max_epochs: int = 10
     leaky_seed_protocol: bool = False
+    stage_kind: str = "block"
+    training: str = "staged"
+    layer_weights: tuple[float, ...] = ()
 
     def __post_init__(self):
         n = len(self.layers)
@@ -50,17 +77,47 @@ class Protocol:
                              f"{len(self.layers)}, {len(self.lrs)}, {len(self.patience)}")
         if not 0.0 < self.hard_ratio < 1.0:
             raise ValueError(f"protocol {self.name!r}: hard_ratio must be in (0, 1), got {self.hard_ratio}")
+        if self.stage_kind not in STAGE_KINDS:
+            raise ValueError(f"protocol {self.name!r}: stage_kind must be one of {sorted(STAGE_KINDS)}, got "
+                             f"{self.stage_kind!r}")
+        if self.training not in ("staged", "joint"):
+            raise ValueError(f"protocol {self.name!r}: training must be 'staged' or 'joint', got {self.training!r}")
+        if self.training == "joint":
+            if self.stage_kind != "block" or len(self.layer_weights) != n or len(set(self.lrs)) != 1 or \
+                    len(set(self.patience)) != 1:
+                raise ValueError(f"protocol {self.name!r}: joint training needs block stages, one layer weight per "
+                                 f"stage and one lr and patience for all (got stage_kind {self.stage_kind!r}, "
+                                 f"layer_weights {self.layer_weights}, lrs {self.lrs}, patience {self.patience})")
+        elif self.layer_weights:
+            raise ValueError(f"protocol {self.name!r}: layer_weights apply to joint training only")
+
+    @property
+    def grows(self) -> str:
+        """In words: what the protocol builds (for reports)."""
+        if self.training == "joint":
+            return (f"one model of {sum(self.layers)} layers in blocks of {'/'.join(map(str, self.layers))}, "
+                    f"every block trained at once on every token (exit loss weights {self.layer_weights}), each "
+                    f"non-last block exiting through its own head")
+        return ("one model grown block by block (extend: new layers on the residual stream, a trainable copy of "
+                "the trained exit head, embedding and lower blocks frozen)" if self.stage_kind == "block" else
+                "separate whole models (stage k+1 reads stage k's final hidden states; its own norm and head)")
 
     def stage_config(self, k: int, seed: int, max_steps_per_epoch: Optional[int] = None) -> TrainConfig:
         return TrainConfig(lr=self.lrs[k], patience=self.patience[k], max_epochs=self.max_epochs, seed=seed + k,
                            max_steps_per_epoch=max_steps_per_epoch)
 
 
-#: The seeds' recipes. ASHEM: 2 layers on all data (lr 1e-3, patience 1), then 2 more on the hard half
-#: (lr 1e-4, patience 3). LEGO-3: the same extended once more ("extend" with new blocks).
+#: The seeds' recipes. ASHEM: a 2-layer model on all data (lr 1e-3, patience 1), then grown by 2 layers
+#: trained on the hard half (lr 1e-4, patience 3). LEGO-3: the same grown once more. CASCADE: the
+#: same schedule with a separate 2-layer model as stage 1 (the CASCADE seed's design).
 PROTOCOLS: dict[str, Protocol] = {
     "ashem": Protocol("ashem", layers=(2, 2), lrs=(1e-3, 1e-4), patience=(1, 3), hard_ratio=0.5),
     "lego-3": Protocol("lego-3", layers=(2, 2, 2), lrs=(1e-3, 1e-4, 1e-4), patience=(1, 3, 3), hard_ratio=0.5),
+    "cascade": Protocol("cascade", layers=(2, 2), lrs=(1e-3, 1e-4), patience=(1, 3), hard_ratio=0.5,
+                        stage_kind="llm"),
+    # Deep supervision (LASH-style weights): one 4-layer model, both exits trained together from scratch.
+    "deep": Protocol("deep", layers=(2, 2), lrs=(1e-3, 1e-3), patience=(1, 1), hard_ratio=0.5,
+                     training="joint", layer_weights=(1.0, 1.0)),
 }
 
 
@@ -79,31 +136,65 @@ class StageReport:
 
 @dataclass(frozen=True)
 class TrainingReport:
+    """Staged training: one ``StageReport`` per stage. Joint training: ``joint`` holds the one history
+    of all stages together, and ``validation`` the routed validation result after it."""
+
     protocol: Protocol
     stages: tuple[StageReport, ...] = field(default_factory=tuple)
+    joint: Optional[TrainHistory] = None
+    validation: Optional[EvalResult] = None
 
 
 def _routed_ppl(ensemble: Ensemble, batches, num_stages: int) -> float:
     return evaluate(ensemble, batches, method="routed", num_stages=num_stages).ppl
 
 
+def start_ensemble(protocol: Protocol, preset: str, exit_fn=None, seed: Optional[int] = 0,
+                   device: "str | torch.device" = "cpu", dtype: torch.dtype = torch.float32,
+                   **overrides) -> Ensemble:
+    """Stage 0 of ``protocol``, freshly initialised from ``preset`` (config overrides in standard
+    names, e.g. ``vocab_size``): one block that is a whole small model (``"block"`` protocols) or one
+    LLM (``"llm"``). ``train_ensemble`` grows the rest."""
+    build = build_blocks if protocol.stage_kind == "block" else build_ensemble
+    if protocol.training == "joint":  # every block from the start, non-last ones with their own heads
+        return build_blocks(preset, protocol.layers, exit_fn=exit_fn or protocol.exit_fn, seed=seed, device=device,
+                            dtype=dtype, heads="own", **overrides)
+    return build(preset, (protocol.layers[0],), exit_fn=exit_fn or protocol.exit_fn, seed=seed, device=device,
+                 dtype=dtype, **overrides)
+
+
+def _check_start(ensemble: Ensemble, protocol: Protocol) -> None:
+    kind = STAGE_KINDS[protocol.stage_kind]
+    if len(ensemble) != 1 or ensemble.layers_per_stage[0] != protocol.layers[0]:
+        raise ValueError(f"protocol {protocol.name!r} grows its cascade from stage 0 ({protocol.layers[0]} layers) "
+                         f"to {protocol.layers}; pass stage 0 alone (protocols.start_ensemble), got stages of "
+                         f"{ensemble.layers_per_stage} layers")
+    if not isinstance(ensemble[0], kind):
+        raise TypeError(f"protocol {protocol.name!r} grows {protocol.stage_kind} stages ({kind.__name__}); stage 0 "
+                        f"is a {type(ensemble[0]).__name__} (build it with protocols.start_ensemble)")
+
+
 def train_ensemble(ensemble: Ensemble, train_batches: Sequence, validation_batches: Sequence,
                    protocol: Protocol = PROTOCOLS["ashem"], seed: int = 0,
                    max_steps_per_epoch: Optional[int] = None, memory_budget_bytes: int = 1 << 30,
                    progress: bool = True) -> TrainingReport:
-    """Train ``ensemble`` (freshly built, one stage per ``protocol.layers``) stage by stage
-    (see module docstring); thresholds of stages 0..S-2 are left calibrated."""
-    if ensemble.layers_per_stage != protocol.layers:
-        raise ValueError(f"protocol {protocol.name!r} wants stages of {protocol.layers} layers, the ensemble has "
-                         f"{ensemble.layers_per_stage}")
+    """Train stage 0 of ``ensemble`` (freshly built by ``start_ensemble``), then grow and train one
+    stage per remaining entry of ``protocol.layers`` (see module docstring). The new stages are
+    initialised from ``seed`` (stage k: ``seed + k``). Thresholds of stages 0..S-2 are left calibrated."""
+    if protocol.training != "staged":
+        raise ValueError(f"protocol {protocol.name!r} trains its stages jointly; use train_protocol")
+    _check_start(ensemble, protocol)
     reports = []
-    for k, stage in enumerate(ensemble):
+    for k in range(len(protocol.layers)):
         config = protocol.stage_config(k, seed, max_steps_per_epoch)
         threshold, spilled = None, 0
         if k == 0:
+            stage = ensemble[0]
             data = list(train_batches)
             hard_count = sum(int((b["targets"] >= 0).sum()) for b in data)
         else:
+            torch.manual_seed(seed + k)
+            stage = ensemble.extend(protocol.layers[k])
             threshold = calibrate_thresholds(ensemble, validation_batches, protocol.hard_ratio, stages=[k - 1])[0]
             source = validation_batches if protocol.leaky_seed_protocol else train_batches
             hard = collect_hard_tokens(ensemble, k, source, memory_budget_bytes=memory_budget_bytes,
@@ -121,6 +212,42 @@ def train_ensemble(ensemble: Ensemble, train_batches: Sequence, validation_batch
         reports.append(StageReport(stage=k, history=history, threshold_before=threshold, hard_tokens=hard_count,
                                    hard_tokens_spilled_shards=spilled, validation=validation))
     return TrainingReport(protocol=protocol, stages=tuple(reports))
+
+
+def train_joint_protocol(ensemble: Ensemble, train_batches: Sequence, validation_batches: Sequence,
+                         protocol: Protocol, seed: int = 0, max_steps_per_epoch: Optional[int] = None,
+                         progress: bool = True, **_unused) -> TrainingReport:
+    """Joint training (deep supervision) of every block of ``ensemble`` (built by ``start_ensemble``):
+    loss = weighted exits (``protocol.layer_weights``), early stopping on the routed validation PPL
+    with thresholds recalibrated at ``protocol.hard_ratio`` after each epoch (left calibrated)."""
+    if ensemble.layers_per_stage != protocol.layers or not all(isinstance(s, Block) for s in ensemble):
+        raise ValueError(f"protocol {protocol.name!r} trains blocks of {protocol.layers} layers jointly; build them "
+                         f"with protocols.start_ensemble (got {[type(s).__name__ for s in ensemble]} of "
+                         f"{ensemble.layers_per_stage} layers)")
+
+    def routed_validation_ppl() -> float:
+        calibrate_thresholds(ensemble, validation_batches, protocol.hard_ratio)
+        return evaluate(ensemble, validation_batches, method="routed").ppl
+
+    history = train_jointly(ensemble, train_batches, routed_validation_ppl, protocol.layer_weights,
+                            protocol.stage_config(0, seed, max_steps_per_epoch), progress=progress,
+                            desc=f"{protocol.name} (joint)")
+    calibrate_thresholds(ensemble, validation_batches, protocol.hard_ratio)
+    validation = evaluate(ensemble, validation_batches, conditions={"split": "validation", "protocol": protocol.name})
+    return TrainingReport(protocol=protocol, joint=history, validation=validation)
+
+
+#: One training function per kind of training (``Protocol.training``).
+TRAINERS = {"staged": train_ensemble, "joint": train_joint_protocol}
+
+
+def train_protocol(ensemble: Ensemble, train_batches: Sequence, validation_batches: Sequence, protocol: Protocol,
+                   seed: int = 0, max_steps_per_epoch: Optional[int] = None, memory_budget_bytes: int = 1 << 30,
+                   progress: bool = True) -> TrainingReport:
+    """Train ``ensemble`` (from ``start_ensemble(protocol, ...)``) the way ``protocol`` says."""
+    return TRAINERS[protocol.training](ensemble, train_batches, validation_batches, protocol, seed=seed,
+                                       max_steps_per_epoch=max_steps_per_epoch,
+                                       memory_budget_bytes=memory_budget_bytes, progress=progress)
 
 
 def train_dense_baseline(model_stage, train_batches: Sequence, validation_batches: Sequence,
@@ -198,5 +325,6 @@ def with_leaky_seed_protocol(protocol: Protocol) -> Protocol:
     return replace(protocol, name=protocol.name + "-leaky", leaky_seed_protocol=True)
 
 
-__all__ = ["PROTOCOLS", "Protocol", "StageReport", "TrainingReport", "exit_heads_ppl", "train_dense_baseline",
-           "train_ensemble", "train_exit_heads", "train_joint_baseline", "with_leaky_seed_protocol"]
+__all__ = ["PROTOCOLS", "STAGE_KINDS", "TRAINERS", "Protocol", "StageReport", "TrainingReport", "exit_heads_ppl",
+           "start_ensemble", "train_dense_baseline", "train_ensemble", "train_exit_heads", "train_joint_baseline",
+           "train_joint_protocol", "train_protocol", "with_leaky_seed_protocol"]

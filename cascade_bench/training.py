@@ -57,9 +57,15 @@ class TrainConfig:
             raise ValueError(f"grad_clip must be None or positive, got {self.grad_clip!r}")
 
 
+#: Why a training run ended: patience ran out (converged), or it reached ``max_epochs`` first (cut).
+STOP_REASONS = ("early stopping", "epoch cap")
+
+
 @dataclass(frozen=True)
 class TrainHistory:
-    """Per epoch: mean training loss and validation PPL; the epoch restored; throughput."""
+    """Per epoch: mean training loss and validation PPL; the epoch restored (0-based); throughput;
+    why training ended (``stop_reason``, one of ``STOP_REASONS``) and the limits it ran under.
+    ``seconds``: wall time of the whole run, validation included."""
 
     train_loss: tuple[float, ...]
     val_ppl: tuple[float, ...]
@@ -68,6 +74,28 @@ class TrainHistory:
     steps: int
     train_tokens: int
     tokens_per_s: float
+    stop_reason: str = "early stopping"
+    max_epochs: int = 0
+    patience: int = 0
+    max_steps_per_epoch: Optional[int] = None
+    seconds: float = math.nan
+
+    @property
+    def epochs(self) -> int:
+        return len(self.val_ppl)
+
+    @property
+    def converged(self) -> bool:
+        """Stopped by patience on whole epochs (not cut by the epoch cap or a step cap)."""
+        return self.stop_reason == "early stopping" and self.max_steps_per_epoch is None
+
+    def summary(self) -> dict:
+        """JSON-ready: epochs run, best epoch (1-based), stop reason, limits, the PPL curve, speed."""
+        return {"epochs": self.epochs, "best_epoch": self.best_epoch + 1, "best_val_ppl": self.best_val_ppl,
+                "stop_reason": self.stop_reason, "max_epochs": self.max_epochs, "patience": self.patience,
+                "max_steps_per_epoch": self.max_steps_per_epoch, "converged": self.converged,
+                "val_ppl": list(self.val_ppl), "train_loss": list(self.train_loss), "steps": self.steps,
+                "train_tokens_per_s": self.tokens_per_s, "seconds": self.seconds}
 
 
 def _stage_loss(stage: LLM, batch: dict) -> tuple[Tensor, int]:
@@ -101,6 +129,8 @@ def fit(parameters: Sequence[torch.nn.Parameter], modules: Sequence[torch.nn.Mod
     best_ppl, best_epoch, best_state, bad = math.inf, -1, None, 0
     losses, ppls, steps, tokens = [], [], 0, 0
     elapsed = 0.0
+    stop_reason = "epoch cap"
+    run_start = time.perf_counter()
     for epoch in range(config.max_epochs):
         for module in modules:
             module.train()
@@ -134,14 +164,18 @@ def fit(parameters: Sequence[torch.nn.Parameter], modules: Sequence[torch.nn.Mod
         else:
             bad += 1
             if bad >= config.patience:
+                stop_reason = "early stopping"
                 break
+    optimizer.zero_grad(set_to_none=True)  # no gradient outlives training (memory, and frozen stages stay clean)
     if best_state is not None:
         for module, state in zip(modules, best_state):
             module.load_state_dict(state)
     for module in modules:
         module.eval()
     return TrainHistory(train_loss=tuple(losses), val_ppl=tuple(ppls), best_epoch=best_epoch, best_val_ppl=best_ppl,
-                        steps=steps, train_tokens=tokens, tokens_per_s=tokens / elapsed if elapsed else math.nan)
+                        steps=steps, train_tokens=tokens, tokens_per_s=tokens / elapsed if elapsed else math.nan,
+                        stop_reason=stop_reason, max_epochs=config.max_epochs, patience=config.patience,
+                        max_steps_per_epoch=config.max_steps_per_epoch, seconds=time.perf_counter() - run_start)
 
 
 def shuffled(batches: Sequence, seed: int) -> Callable[[int], list]:

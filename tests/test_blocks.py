@@ -165,6 +165,41 @@ def test_a_saved_and_reloaded_checkpoint_folder_cuts_into_blocks(tmp_path, text)
     torch.testing.assert_close(out.logits[mask.bool()], reference[mask.bool()], atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("preset", FAMILIES)
+@pytest.mark.parametrize("heads", ["shared", "own"])
+def test_block_ensembles_save_as_one_checkpoint_and_load_back(preset, heads, tmp_path, text):
+    """A cut model saves as ONE Hugging Face checkpoint (plus own exit heads) that any HF tool loads
+    as the unsplit model, and loads back to the same routed results."""
+    from cascade_bench.persistence import load_ensemble, save_ensemble
+
+    model = _model(preset, layers=4)
+    ensemble = Ensemble.from_blocks(model, [1, 3], exit_fn="cos_sim", heads=heads)
+    ensemble[1].exit_function = __import__("cascade_bench").resolve_exit_function("max_prob")
+    if heads == "own":
+        with torch.no_grad():
+            ensemble[0].head.lm_head.weight.mul_(1.5)  # an exit head that differs from the model's
+    ids, mask = _ragged(text)
+    with torch.inference_mode():
+        conf = forward_cascade(ensemble, ids, mask, thresholds=[INF, INF], confidence_at_last_stage=True)
+    finite = lambda t: t[torch.isfinite(t)]  # noqa: E731
+    ensemble.set_thresholds([float(finite(conf.stage_confidence[0]).median()),
+                             float(finite(conf.stage_confidence[1]).median())])
+    save_ensemble(ensemble, tmp_path / "saved")
+    assert ((tmp_path / "saved" / "heads").is_dir()) == (heads == "own")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "saved" / "model").eval()
+    loaded = load_ensemble(tmp_path / "saved")
+    assert [type(b) for b in loaded] == [Block] * 3 and loaded.thresholds == ensemble.thresholds
+    assert [b.exit_function.name for b in loaded] == ["cos_sim", "max_prob", "cos_sim"]
+    with torch.inference_mode():
+        torch.testing.assert_close(plain(input_ids=ids, attention_mask=mask).logits,
+                                   model(input_ids=ids, attention_mask=mask).logits, atol=ATOL, rtol=0)
+        a = forward_cascade(ensemble, ids, mask)
+        b = forward_cascade(loaded, ids, mask)
+    assert 0 < a.tokens_entered[1] < a.tokens_entered[0]
+    assert torch.equal(a.exit_stage, b.exit_stage)
+    torch.testing.assert_close(a.nll, b.nll, atol=ATOL, rtol=0)
+
+
 def test_bad_boundaries_and_unsupported_families_are_named():
     model = _model("gpt2-tiny")
     with pytest.raises(ValueError, match=r"strictly increasing.*\(0, 6\).*\[4, 2\]"):
@@ -184,10 +219,6 @@ def test_bad_boundaries_and_unsupported_families_are_named():
     with pytest.raises(ValueError, match="'opt'.*LAYER_SLICE_RECIPES"):
         Ensemble.from_blocks(opt, [1])
     ensemble = Ensemble.from_blocks(model, [2])
-    from cascade_bench.persistence import save_ensemble
-
-    with pytest.raises(ValueError, match="Block cut from a model.*from_blocks"):
-        save_ensemble(ensemble, "unused-folder")
     with pytest.raises(ValueError, match="reads the residual stream"):
         ensemble[1](input_ids=torch.zeros(1, 3, dtype=torch.long))
 
@@ -224,14 +255,14 @@ def test_lego_extension_of_a_block_trains_new_layers_on_hard_tokens(text):
     """The LEGO/ASHEM way on blocks: the model's first block trains on all data, then new layers
     (``extend``) train on the tokens that do not exit after it, the first block frozen."""
     ensemble = Ensemble.from_blocks(_model("gpt2-tiny", layers=2), [])
-    new = ensemble.extend(2)
-    assert isinstance(new, Block) and not new.reads_tokens and new.num_layers == 2
-    assert new.lm_head.weight.data_ptr() != ensemble[0].lm_head.weight.data_ptr()
     first_before = [p.detach().clone() for p in ensemble[0].parameters()]
     train, validation = _train_batches(text, 4), _train_batches(text, 2, offset=20000)
     protocol = Protocol("lego-blocks", layers=(2, 2), lrs=(1e-3, 1e-3), patience=(1, 1), hard_ratio=0.5,
                         max_epochs=1)
     report = train_ensemble(ensemble, train, validation, protocol, progress=False)
+    new = ensemble[1]
+    assert isinstance(new, Block) and not new.reads_tokens and new.num_layers == 2
+    assert new.lm_head.weight.data_ptr() != ensemble[0].lm_head.weight.data_ptr()
     assert report.stages[1].hard_tokens > 0
     assert any(not torch.equal(a, b) for a, b in zip(first_before, ensemble[0].parameters()))
     assert all(not p.requires_grad for p in ensemble[0].parameters())

@@ -13,7 +13,10 @@ from cascade_bench.data import prepare_data
 from cascade_bench.evaluation import evaluate
 from cascade_bench.persistence import load_ensemble, load_saved_tokenizer, save_ensemble
 from cascade_bench.presets import build_ensemble
-from cascade_bench.protocols import Protocol, train_ensemble, train_joint_baseline, with_leaky_seed_protocol
+from cascade_bench.blocks import Block
+from cascade_bench.llm import LLM
+from cascade_bench.protocols import (PROTOCOLS, Protocol, start_ensemble, train_ensemble, train_joint_baseline,
+                                     with_leaky_seed_protocol)
 from cascade_bench.training import TrainConfig, collect_hard_tokens, freeze, train_llm
 
 QUICK = dict(max_epochs=2, max_steps_per_epoch=6)
@@ -115,19 +118,32 @@ def test_frozen_stage_is_unchanged_by_stage_one_training(data):
         train_llm(ensemble[0], data.train, lambda: 1.0, progress=False)
 
 
-def test_staged_protocol_end_to_end_and_save_load_round_trip(data, tmp_path):
-    protocol = Protocol("tiny-ashem", layers=(1, 1), lrs=(3e-3, 1e-3), patience=(1, 1), hard_ratio=0.5, max_epochs=2)
-    ensemble = _ensemble(data)
+def _protocol(kind="block", **changes):
+    values = dict(layers=(1, 1), lrs=(3e-3, 1e-3), patience=(1, 1), hard_ratio=0.5, max_epochs=2, stage_kind=kind)
+    return Protocol("tiny-" + kind, **{**values, **changes})
+
+
+def _start(data, protocol, seed=0):
+    return start_ensemble(protocol, "gpt2-tiny", vocab_size=len(data.tokenizer), seed=seed)
+
+
+@pytest.mark.parametrize("kind", ["block", "llm"])
+def test_staged_protocol_end_to_end_and_save_load_round_trip(data, tmp_path, kind):
+    protocol = _protocol(kind)
+    ensemble = _start(data, protocol)
     report = train_ensemble(ensemble, data.train, data.validation, protocol, max_steps_per_epoch=5, progress=False)
+    assert [type(stage) for stage in ensemble] == [Block if kind == "block" else LLM] * 2
     first, second = report.stages
     assert first.threshold_before is None and math.isfinite(second.threshold_before)
     assert ensemble[0].threshold == second.threshold_before
     assert second.validation.exit_ratios[0] == pytest.approx(0.5, abs=0.05)  # calibrated on validation
     assert 0 < second.hard_tokens < first.hard_tokens
     assert not any(p.requires_grad for p in ensemble[0].parameters())
+    assert first.history.epochs == 2 and first.history.stop_reason == "epoch cap" and not first.history.converged
 
     save_ensemble(ensemble, tmp_path / "run", tokenizer=data.tokenizer, extra={"protocol": protocol.name})
     loaded = load_ensemble(tmp_path / "run")
+    assert [type(stage) for stage in loaded] == [type(stage) for stage in ensemble]
     assert loaded.thresholds == ensemble.thresholds and math.isinf(loaded.thresholds[-1])
     batch = data.test[0]
     with torch.inference_mode():
@@ -139,11 +155,72 @@ def test_staged_protocol_end_to_end_and_save_load_round_trip(data, tmp_path):
     assert load_ensemble(tmp_path / "run").thresholds == ensemble.thresholds
 
 
+def test_grown_stage_exits_through_a_copy_of_the_trained_head_and_leaves_the_lower_model_alone(data, monkeypatch):
+    """ASHEM/LEGO: the new block's head starts equal to the trained head but is its own parameter;
+    the embedding exists once (block 0's) and nothing below the new block changes or gets a gradient."""
+    import cascade_bench.protocols as protocols
+
+    seen = {}
+    original = protocols.train_llm
+
+    def spy(stage, batches, validate, config, **kwargs):
+        if stage is not ensemble[0]:  # the grown stage, just before it trains
+            seen["head"] = {k: v.clone() for k, v in stage.head.state_dict().items()}
+            seen["trained_head"] = {k: v.clone() for k, v in ensemble[0].head.state_dict().items()}
+            seen["lower"] = {k: v.clone() for k, v in ensemble[0].state_dict().items()}
+            seen["same_objects"] = [p is q for p in stage.head.parameters() for q in ensemble[0].head.parameters()]
+        return original(stage, batches, validate, config, **kwargs)
+
+    monkeypatch.setattr(protocols, "train_llm", spy)
+    protocol = _protocol("block")
+    ensemble = _start(data, protocol)
+    train_ensemble(ensemble, data.train, data.validation, protocol, max_steps_per_epoch=4, progress=False)
+    lower, grown = ensemble
+    for name, value in seen["head"].items():
+        assert torch.equal(value, seen["trained_head"][name]), name  # starts as the trained head
+    assert not any(seen["same_objects"])  # ... in parameters of its own
+    assert any(not torch.equal(v, seen["head"][k]) for k, v in grown.head.state_dict().items())  # and it trained
+    for name, value in lower.state_dict().items():
+        assert torch.equal(value, seen["lower"][name]), name  # embedding, layers, head: unchanged
+    assert all(not p.requires_grad and p.grad is None for p in lower.parameters())
+    vocab = len(data.tokenizer)
+    embeddings = [m for m in ensemble.modules() if isinstance(m, torch.nn.Embedding) and m.num_embeddings == vocab]
+    assert embeddings == [lower.embedding] and grown.embedding is None  # shared, not copied
+    assert grown.head.lm_head.weight is not lower.embedding.weight
+    assert lower.head.lm_head.weight is lower.embedding.weight  # stage 0 keeps GPT-2's tied head
+
+
+@pytest.mark.parametrize("name", ["ashem", "lego-3", "cascade"])
+def test_named_protocols_grow_the_kind_of_stage_the_seeds_grow(data, name):
+    protocol = PROTOCOLS[name]
+    ensemble = _start(data, protocol)
+    assert len(ensemble) == 1 and ensemble.layers_per_stage == protocol.layers[:1]
+    kind = Block if protocol.stage_kind == "block" else LLM
+    assert isinstance(ensemble[0], kind)
+    assert (protocol.stage_kind, protocol.lrs[:2], protocol.patience[:2]) == (
+        "llm" if name == "cascade" else "block", (1e-3, 1e-4), (1, 3))
+
+
+def test_protocol_runs_are_deterministic(data):
+    protocol = _protocol("block", layers=(1, 1, 1), lrs=(3e-3, 1e-3, 1e-3), patience=(1, 1, 1))
+    runs = []
+    for _ in range(2):
+        ensemble = _start(data, protocol, seed=3)
+        report = train_ensemble(ensemble, data.train, data.validation, protocol, seed=3, max_steps_per_epoch=3,
+                                progress=False)
+        runs.append((report, {k: v.clone() for k, v in ensemble.state_dict().items()}))
+    (a, state_a), (b, state_b) = runs
+    for x, y in zip(a.stages, b.stages):
+        assert x.history.train_loss == y.history.train_loss and x.history.val_ppl == y.history.val_ppl
+        assert x.threshold_before == y.threshold_before and x.hard_tokens == y.hard_tokens
+        assert x.validation.ppl == y.validation.ppl
+    assert state_a.keys() == state_b.keys() and all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+
+
 def test_leaky_seed_protocol_collects_from_validation(data):
-    protocol = with_leaky_seed_protocol(Protocol("tiny", layers=(1, 1), lrs=(3e-3, 1e-3), patience=(1, 1),
-                                                 max_epochs=1))
-    assert protocol.name == "tiny-leaky" and protocol.leaky_seed_protocol
-    ensemble = _ensemble(data)
+    protocol = with_leaky_seed_protocol(_protocol("block", max_epochs=1))
+    assert protocol.name == "tiny-block-leaky" and protocol.leaky_seed_protocol
+    ensemble = _start(data, protocol)
     report = train_ensemble(ensemble, data.train, data.validation, protocol, max_steps_per_epoch=3, progress=False)
     routed_validation_hard = report.stages[1].validation.tokens_entered[1]
     assert report.stages[1].hard_tokens <= routed_validation_hard  # collected from validation itself
@@ -169,8 +246,12 @@ def test_configuration_errors_name_the_value(data, tmp_path):
         TrainConfig(patience=-2)
     with pytest.raises(ValueError, match="hard_ratio must be in \\(0, 1\\)"):
         Protocol("x", (1, 1), (1e-3, 1e-3), (1, 1), hard_ratio=1.0)
-    with pytest.raises(ValueError, match="wants stages of \\(2, 2\\) layers, the ensemble has \\(1, 1\\)"):
-        train_ensemble(_ensemble(data), data.train, data.validation, Protocol("y", (2, 2), (1e-3, 1e-3), (1, 1)))
+    with pytest.raises(ValueError, match="stage_kind must be one of \\['block', 'llm'\\], got 'tree'"):
+        Protocol("x", (1, 1), (1e-3, 1e-3), (1, 1), stage_kind="tree")
+    with pytest.raises(ValueError, match="pass stage 0 alone .* got stages of \\(1, 1\\) layers"):
+        train_ensemble(_ensemble(data), data.train, data.validation, _protocol("llm"))
+    with pytest.raises(TypeError, match="grows block stages \\(Block\\); stage 0 is a LLM"):
+        train_ensemble(_ensemble(data, layers=(1,)), data.train, data.validation, _protocol("block"))
     ensemble = _ensemble(data)
     ensemble[0].exit_function = __import__("cascade_bench").resolve_exit_function(lambda a, b, c: c.amax(-1))
     with pytest.raises(ValueError, match="not a built-in"):
