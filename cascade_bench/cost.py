@@ -2,14 +2,20 @@
 
 Every measurement runs in its own pass, so none disturbs another:
 
-1. quality (``evaluate``): PPL, accuracy, exit ratios, layer cost;
-2. wall time of the whole pass over the batches (no probe at all), warm-up + repeats;
+1. one pass over every batch gives quality (PPL, accuracy, exit ratios, layer cost: the same
+   aggregation as ``evaluate``) and, unless ``count_flops=False``, the counted FLOPs per stage and
+   component (``flops.FlopProbe``; counting changes no result), itself timed to report the
+   counting overhead;
+2. wall time of the whole pass (no probe at all), warm-up + repeats;
 3. span times (``timing.SpanTimer``: perf_counter_ns on CPU, CUDA events on GPU);
-4. counted FLOPs per stage and component (``flops.FlopProbe``), its own pass, itself timed to
-   report the counting overhead;
-5. analytic FLOPs (``analytic``) and fvcore x2 (``fvcore_check``) from the shapes that ran;
-6. peak memory (CUDA max allocated / peak live tensor bytes on CPU; process peak RSS beside it);
-7. on CUDA, host-device synchronisations per forward (``torch.cuda.set_sync_debug_mode``).
+4. analytic FLOPs (``analytic``) and fvcore x2 (``fvcore_check``) from the shapes that ran;
+5. peak memory (CUDA max allocated / peak live tensor bytes on CPU; process peak RSS beside it);
+6. on CUDA, host-device synchronisations per forward (``torch.cuda.set_sync_debug_mode``).
+
+``timing_batches=n`` times (2, 3, 5, 6) over the first n batches only: quality and FLOPs still
+cover every batch, and the record's conditions say what was timed. ``count_flops=False`` leaves
+the counted fields None: the analytic count (which equals the counted one exactly, as the tests
+check) stands alone, and the record says so.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import torch
 from .analytic import padding_flops, routed_cost
 from .batch import unpack_batch
 from .ensemble import Ensemble, evaluation_mode
-from .evaluation import EvalResult, evaluate
+from .evaluation import EvalResult, Totals
 from .flops import FlopBreakdown, count_pass_flops
 from .fvcore_check import FvcoreCounter
 from .memory import peak_memory_bytes
@@ -37,19 +43,20 @@ from .timing import time_call, time_spans
 
 @dataclass(frozen=True)
 class StageCostRecord:
-    """One stage's share of a pass over all batches. FLOPs are counted unless named analytic."""
+    """One stage's share of a pass over all batches. FLOPs are counted unless named analytic
+    (counted fields are None when the pass was not counted)."""
 
     stage: int
     layers_in_stage: int
     tokens_entered: int
     slots_computed: int
     head_tokens: int
-    flops: int
-    layers_flops: int
-    attention_flops: int
-    exit_head_flops: int
-    exit_fn_flops: int
-    other_flops: int
+    flops: Optional[int]
+    layers_flops: Optional[int]
+    attention_flops: Optional[int]
+    exit_head_flops: Optional[int]
+    exit_fn_flops: Optional[int]
+    other_flops: Optional[int]
     padding_flops: int
     analytic_flops: int
 
@@ -58,15 +65,17 @@ class StageCostRecord:
 class CostRecord:
     """Quality and cost of one method over a dataloader (see the module docstring for how).
 
-    FLOPs are 2 per multiply-add; ``flops_fvcore`` is fvcore x2 over every op it counts,
-    ``flops_fvcore_matmul`` the classes both tools count alike. Times are seconds for one pass
-    over all batches. ``counting_overhead`` = one counted pass / median uncounted pass.
+    FLOPs are 2 per multiply-add; ``flops`` / ``macs`` are counted (None when not counted);
+    ``flops_fvcore`` is fvcore x2 over every op it counts, ``flops_fvcore_matmul`` the classes both
+    tools count alike. Times are seconds for one pass over the timed batches (all of them unless
+    ``timing_batches`` was given; see ``conditions``). ``counting_overhead`` = counted pass time
+    per token / median uncounted pass time per token.
     """
 
     method: str
     quality: EvalResult
-    flops: int
-    macs: int
+    flops: Optional[int]
+    macs: Optional[int]
     flops_analytic: int
     flops_fvcore: Optional[int]
     flops_fvcore_matmul: Optional[int]
@@ -119,44 +128,55 @@ def _count_host_syncs(run, device: torch.device) -> Optional[int]:
 
 def measure_cost(ensemble: Ensemble, batches: Iterable, method: str = "routed", *, warmup: int = 1,
                  repeats: int = 5, fvcore: bool = True, spans: bool = True, conditions: Optional[dict] = None,
-                 **forward_kwargs) -> CostRecord:
+                 count_flops: bool = True, timing_batches: Optional[int] = None, **forward_kwargs) -> CostRecord:
     """Quality and the full cost breakdown of ``method`` over ``batches`` (see module docstring).
 
     ``spans=False`` skips the span-timed repeats (sweeps that need only wall time).
+    ``count_flops=False`` skips FlopCounterMode (the analytic count remains). ``timing_batches``:
+    time only the first n batches (None: all).
     ``batches`` items are (B, T) tensors, (input_ids, attention_mask, targets) tuples or dicts;
     they are materialised once and moved to the ensemble's device. ``forward_kwargs`` go to
     ``forward_cascade`` (batching, positions, thresholds, ...).
     """
+    if timing_batches is not None and (isinstance(timing_batches, bool) or not isinstance(timing_batches, int)
+                                       or timing_batches < 1):
+        raise ValueError(f"timing_batches must be None (all) or a positive int, got {timing_batches!r}")
     device = ensemble.device
     data = _prepared(batches, device)
+    timed = data[:timing_batches] if timing_batches else data
     stages = list(ensemble.stages)
     num_stages = forward_kwargs.get("num_stages") or len(stages)
-    quality = evaluate(ensemble, data, method=method, conditions=conditions, **forward_kwargs)
 
-    def one_pass(probe: Probe = NO_PROBE) -> list[RoutedOutput]:
+    def one_pass(probe: Probe = NO_PROBE, over=timed) -> list[RoutedOutput]:
         return [forward_cascade(ensemble, ids, mask, targets, method=method, probe=probe, **forward_kwargs)
-                for ids, mask, targets in data]
+                for ids, mask, targets in over]
 
     with evaluation_mode(ensemble), torch.inference_mode():
+        totals = Totals(device)
+        counted: Optional[FlopBreakdown] = None
+        outputs: list[RoutedOutput] = []
+        start = time.perf_counter_ns()
+        for ids, mask, targets in data:
+            if count_flops:
+                breakdown, out = count_pass_flops(
+                    lambda probe: forward_cascade(ensemble, ids, mask, targets, method=method, probe=probe,
+                                                  **forward_kwargs), num_stages)
+                counted = breakdown if counted is None else counted + breakdown
+            else:
+                out = forward_cascade(ensemble, ids, mask, targets, method=method, **forward_kwargs)
+            totals.add(out)
+            outputs.append(out)
+        counted_pass_s = (time.perf_counter_ns() - start) / 1e9 if count_flops else math.nan
         wall = time_call(one_pass, warmup=warmup, repeats=repeats, device=device)
         span_wall, span_stats = (time_spans(one_pass, device=device, warmup=0, repeats=repeats) if spans
                                  else (None, {}))
-        start = time.perf_counter_ns()
-        counted: Optional[FlopBreakdown] = None
-        outputs: list[RoutedOutput] = []
-        for ids, mask, targets in data:
-            breakdown, out = count_pass_flops(
-                lambda probe: forward_cascade(ensemble, ids, mask, targets, method=method, probe=probe,
-                                              **forward_kwargs), num_stages)
-            counted = breakdown if counted is None else counted + breakdown
-            outputs.append(out)
-        counted_pass_s = (time.perf_counter_ns() - start) / 1e9
         peak, how = 0, ""
-        for ids, mask, targets in data:
+        for ids, mask, targets in timed:
             bytes_, how, _ = peak_memory_bytes(
                 lambda: forward_cascade(ensemble, ids, mask, targets, method=method, **forward_kwargs), device)
             peak = max(peak, bytes_)
         syncs = _count_host_syncs(one_pass, device)
+    quality = totals.result(ensemble, method, conditions)
 
     configs = [stage.config for stage in stages[:num_stages]]
     fv = FvcoreCounter(stages[:num_stages]) if fvcore else None
@@ -170,33 +190,39 @@ def measure_cost(ensemble: Ensemble, batches: Iterable, method: str = "routed", 
             analytic_k += cost.total
             padding_k += padding_flops(configs[k], out.stage_batch_shapes[k], _row_lengths(out, k))
         analytic_total += analytic_k
-        c = counted.stages[k]
+        c = counted.stages[k] if counted is not None else None
         stage_records.append(StageCostRecord(
             stage=k, layers_in_stage=stages[k].num_layers,
             tokens_entered=sum(o.tokens_entered[k] for o in outputs),
             slots_computed=sum(o.slots_computed[k] for o in outputs),
             head_tokens=sum(o.head_tokens[k] for o in outputs),
-            flops=c.total, layers_flops=c.layers, attention_flops=c.attention, exit_head_flops=c.exit_head,
-            exit_fn_flops=c.exit_fn, other_flops=c.other, padding_flops=padding_k, analytic_flops=analytic_k))
+            flops=c and c.total, layers_flops=c and c.layers, attention_flops=c and c.attention,
+            exit_head_flops=c and c.exit_head, exit_fn_flops=c and c.exit_fn, other_flops=c and c.other,
+            padding_flops=padding_k, analytic_flops=analytic_k))
     if fv is not None:
         from .fvcore_check import FvcoreCount
 
         fv_total = FvcoreCount()
         for out in outputs:
             fv_total.add(fv.count(out.stage_batch_shapes, out.head_tokens))
-    tokens = quality.routed_tokens
+    timed_tokens = sum(int(out.tokens_entered[0]) for out in outputs[:len(timed)])
+    # Seconds per token of the counted pass over those of the median uncounted pass.
+    overhead = (counted_pass_s / quality.routed_tokens) / (wall.median / timed_tokens)
     return CostRecord(
-        method=method, quality=quality, flops=counted.total, macs=counted.macs, flops_analytic=analytic_total,
+        method=method, quality=quality, flops=counted and counted.total, macs=counted and counted.macs,
+        flops_analytic=analytic_total,
         flops_fvcore=None if fv_total is None else fv_total.flops,
         flops_fvcore_matmul=None if fv_total is None else fv_total.matmul_flops,
         fvcore_unsupported={} if fv_total is None else dict(sorted(fv_total.unsupported.items())),
-        stages=tuple(stage_records), flops_by_op=counted.by_op,
-        time_median_s=wall.median, time_iqr_s=wall.iqr, tokens_per_s=tokens / wall.median,
+        stages=tuple(stage_records), flops_by_op=counted.by_op if counted is not None else {},
+        time_median_s=wall.median, time_iqr_s=wall.iqr, tokens_per_s=timed_tokens / wall.median,
         spans_median_s={name: stats.median for name, stats in sorted(span_stats.items())},
         spans_wall_median_s=span_wall.median if span_wall is not None else math.nan, counted_pass_s=counted_pass_s,
-        counting_overhead=counted_pass_s / wall.median, peak_memory_bytes=peak, memory_measure=how,
+        counting_overhead=overhead, peak_memory_bytes=peak, memory_measure=how,
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        host_syncs_per_forward=None if syncs is None else syncs / len(data),
+        host_syncs_per_forward=None if syncs is None else syncs / len(timed),
         conditions={**quality.conditions, "warmup": warmup, "repeats": repeats,
-                    "timer": "cuda_events" if device.type == "cuda" else "perf_counter_ns"},
+                    "timer": "cuda_events" if device.type == "cuda" else "perf_counter_ns",
+                    "timed_batches": len(timed), "timed_tokens": timed_tokens, "batches": len(data),
+                    "flops_counted": count_flops},
     )

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 from .cost import CostRecord
 
 
-def _g(flops: float) -> str:
-    return f"{flops / 1e9:.4g}"
+def _g(flops: Optional[float]) -> str:
+    return "not counted" if flops is None else f"{flops / 1e9:.4g}"
 
 
 def format_cost(record: CostRecord) -> str:
@@ -21,7 +23,7 @@ def format_cost(record: CostRecord) -> str:
         "| measure | value |",
         "| --- | --- |",
         f"| GFLOPs counted (FlopCounterMode, 2/MAC) | {_g(record.flops)} |",
-        f"| GMACs counted | {record.macs / 1e9:,.3f} |",
+        f"| GMACs counted | {'not counted' if record.macs is None else f'{record.macs / 1e9:,.3f}'} |",
         f"| GFLOPs analytic | {_g(record.flops_analytic)} |",
         f"| GFLOPs fvcore x2 | {fv} |",
         f"| wall time, median (IQR) | {record.time_median_s * 1e3:.2f} ms ({record.time_iqr_s * 1e3:.2f}) |",

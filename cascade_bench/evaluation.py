@@ -56,67 +56,82 @@ def evaluate(ensemble: Ensemble, batches: Iterable, method: str = "routed", cond
     ``conditions`` (dataset, split, window, stride, tokenizer, seed, ...) is merged with the
     environment (device, dtype, threads, versions, git commit) into the record.
     """
-    device = ensemble.device
-    # Sums kept on the device and read once at the end (no sync per batch).
-    sums = torch.zeros(8, dtype=torch.float64, device=device)
-    entered: Optional[list[int]] = None
-    exited: Optional[list[int]] = None
-    slots: Optional[list[int]] = None
-    shapes = set()
-    out = None
     if progress:
         from tqdm.auto import tqdm
 
         batches = tqdm(batches, desc=f"evaluate {method}", unit="batch")
+    totals = Totals(ensemble.device)
     with evaluation_mode(ensemble), torch.inference_mode():
         for item in batches:
             input_ids, attention_mask, targets = unpack_batch(item)
-            shapes.add(tuple(input_ids.shape))
-            out = forward_cascade(ensemble, input_ids, attention_mask, targets, method=method, **forward_kwargs)
-            scored = out.scored
-            hard = scored & (out.exit_stage > 0)
-            easy = scored & (out.exit_stage == 0)
-            nll = out.nll.double()  # float64 sums: a long split must not lose digits
-            stage0 = out.stage_nll[0].double()
-            hard_has_stage0 = hard & ~torch.isnan(stage0)
-            sums += torch.stack([
-                scored.sum(), nll.sum(), out.correct.sum(),
-                hard.sum(), nll[hard].sum(), nll[easy].sum(),
-                hard_has_stage0.sum(), stage0[hard_has_stage0].sum(),
-            ]).double()
-            entered = _add(entered, out.tokens_entered)
-            exited = _add(exited, out.tokens_exited)
-            slots = _add(slots, out.slots_computed)
-    if out is None:
-        raise ValueError("evaluate got no batches")
-    tokens, nll_sum, correct, hard_n, hard_sum, easy_sum, hard0_n, hard0_sum = sums.tolist()
-    routed = entered[0]
-    total_layers = sum(out.layers_per_stage)
-    record_conditions = {
-        **environment_conditions(device, ensemble.dtype),
-        "batch_shapes": sorted(shapes),
-        **(conditions or {}),
-    }
-    return EvalResult(
-        method=method,
-        thresholds=out.thresholds,
-        layers_per_stage=out.layers_per_stage,
-        tokens=int(tokens),
-        routed_tokens=routed,
-        nll_sum=nll_sum,
-        ppl=_ppl(nll_sum, tokens),
-        accuracy=correct / tokens if tokens else math.nan,
-        hard_tokens=int(hard_n),
-        hard_ppl=_ppl(hard_sum, hard_n),
-        easy_ppl=_ppl(easy_sum, tokens - hard_n),
-        hard_ppl_stage0=_ppl(hard0_sum, hard0_n) if hard0_n == hard_n else math.nan,
-        tokens_entered=tuple(entered),
-        tokens_exited=tuple(exited),
-        exit_ratios=tuple(e / routed for e in exited),
-        layer_cost=sum(n * l for n, l in zip(entered, out.layers_per_stage)) / (routed * total_layers),
-        padding_waste=tuple((s - n) / s if s else 0.0 for s, n in zip(slots, entered)),
-        conditions=record_conditions,
-    )
+            totals.add(forward_cascade(ensemble, input_ids, attention_mask, targets, method=method, **forward_kwargs))
+    return totals.result(ensemble, method, conditions)
+
+
+class Totals:
+    """Running sums over the ``RoutedOutput`` of each batch of a pass (kept on the device, read
+    once at the end), turned into an ``EvalResult`` by :meth:`result`. ``evaluate`` runs its own
+    pass; ``measure_cost`` feeds it the outputs of its counted pass."""
+
+    def __init__(self, device: torch.device):
+        self.sums = torch.zeros(8, dtype=torch.float64, device=device)
+        self.entered: Optional[list[int]] = None
+        self.exited: Optional[list[int]] = None
+        self.slots: Optional[list[int]] = None
+        self.shapes: set = set()
+        self.last = None
+
+    def add(self, out) -> None:
+        self.shapes.add(tuple(out.nll.shape))
+        scored = out.scored
+        hard = scored & (out.exit_stage > 0)
+        easy = scored & (out.exit_stage == 0)
+        nll = out.nll.double()  # float64 sums: a long split must not lose digits
+        stage0 = out.stage_nll[0].double()
+        hard_has_stage0 = hard & ~torch.isnan(stage0)
+        self.sums += torch.stack([
+            scored.sum(), nll.sum(), out.correct.sum(),
+            hard.sum(), nll[hard].sum(), nll[easy].sum(),
+            hard_has_stage0.sum(), stage0[hard_has_stage0].sum(),
+        ]).double().to(self.sums.device)
+        self.entered = _add(self.entered, out.tokens_entered)
+        self.exited = _add(self.exited, out.tokens_exited)
+        self.slots = _add(self.slots, out.slots_computed)
+        self.last = out
+
+    def result(self, ensemble: Ensemble, method: str, conditions: Optional[dict] = None) -> EvalResult:
+        out = self.last
+        if out is None:
+            raise ValueError("evaluate got no batches")
+        tokens, nll_sum, correct, hard_n, hard_sum, easy_sum, hard0_n, hard0_sum = self.sums.tolist()
+        entered, exited, slots = self.entered, self.exited, self.slots
+        routed = entered[0]
+        total_layers = sum(out.layers_per_stage)
+        record_conditions = {
+            **environment_conditions(ensemble.device, ensemble.dtype),
+            "batch_shapes": sorted(self.shapes),
+            **(conditions or {}),
+        }
+        return EvalResult(
+            method=method,
+            thresholds=out.thresholds,
+            layers_per_stage=out.layers_per_stage,
+            tokens=int(tokens),
+            routed_tokens=routed,
+            nll_sum=nll_sum,
+            ppl=_ppl(nll_sum, tokens),
+            accuracy=correct / tokens if tokens else math.nan,
+            hard_tokens=int(hard_n),
+            hard_ppl=_ppl(hard_sum, hard_n),
+            easy_ppl=_ppl(easy_sum, tokens - hard_n),
+            hard_ppl_stage0=_ppl(hard0_sum, hard0_n) if hard0_n == hard_n else math.nan,
+            tokens_entered=tuple(entered),
+            tokens_exited=tuple(exited),
+            exit_ratios=tuple(e / routed for e in exited),
+            layer_cost=sum(n * l for n, l in zip(entered, out.layers_per_stage)) / (routed * total_layers),
+            padding_waste=tuple((s - n) / s if s else 0.0 for s, n in zip(slots, entered)),
+            conditions=record_conditions,
+        )
 
 
 def _add(total: Optional[list[int]], values: tuple[int, ...]) -> list[int]:

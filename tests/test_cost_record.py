@@ -40,6 +40,29 @@ def test_measure_cost_puts_every_witness_in_one_record(text):
     assert "GFLOPs analytic" in table and f"| 1 | 2 | {reached} |" in table
 
 
+def test_an_uncounted_record_on_a_timed_subset_says_so_and_keeps_quality_and_analytic_flops(text):
+    from cascade_bench.evaluation import evaluate
+
+    ensemble = tiny_ensemble("gpt2-tiny")
+    batches = [token_batch(text, 3, 32, offset=4000 * i) for i in range(3)]
+    thresholds = calibrate_thresholds(ensemble, batches, 0.5)
+    full = measure_cost(ensemble, batches, repeats=1, fvcore=False, spans=False, thresholds=thresholds)
+    light = measure_cost(ensemble, batches, repeats=1, fvcore=False, spans=False, thresholds=thresholds,
+                         count_flops=False, timing_batches=1)
+    assert light.flops is None and light.macs is None and all(s.flops is None for s in light.stages)
+    assert light.flops_analytic == full.flops_analytic == full.flops  # the analytic count covers every batch
+    assert light.quality.nll_sum == full.quality.nll_sum == evaluate(ensemble, batches, thresholds=thresholds).nll_sum
+    assert light.quality.tokens_entered == full.quality.tokens_entered
+    assert (light.conditions["timed_batches"], light.conditions["timed_tokens"], light.conditions["batches"]) == \
+        (1, 96, 3)
+    assert light.conditions["flops_counted"] is False and full.conditions["timed_batches"] == 3
+    assert light.tokens_per_s > 0 and "not counted" in format_cost(light)
+    import pytest
+
+    with pytest.raises(ValueError, match="timing_batches must be None .* got 0"):
+        measure_cost(ensemble, batches, timing_batches=0)
+
+
 def test_cost_command_on_a_preset_and_on_local_folders(tmp_path, capsys):
     out = tmp_path / "cost.json"
     args = ["cost", "--batch-size", "2", "--seq-len", "24", "--num-batches", "1", "--repeats", "1",
