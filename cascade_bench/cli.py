@@ -106,6 +106,18 @@ def build_parser() -> argparse.ArgumentParser:
                              help="TOML config file (keys as the flags below, without dashes)")
         command.add_argument("--quiet", action="store_true", help="no progress bars")
         add_config_arguments(command)
+    compare = commands.add_parser(
+        "compare", help="several runs (e.g. one per protocol) at matched FLOPs, from their stored records",
+        description="Compare runs of `cascade-bench run` on the same data (e.g. --protocol ashem, cascade, deep): "
+                    "stage 0 alone, full depth, routed early exit near hard ratio 0.5, and the PPL of each routed "
+                    "curve at fixed fractions of the dense model's FLOPs per token.")
+    compare.add_argument("names", nargs="+", metavar="NAME", help="run names (results/NAME.jsonl under --out)")
+    compare.add_argument("--out", type=Path, default=Path("."), help="the runs' output folder (default .)")
+    compare.add_argument("--to", type=Path, default=Path("results/comparison"), metavar="STEM",
+                         help="write STEM.md, STEM.tex and STEM.csv (default %(default)s)")
+    compare.add_argument("--layout", choices=["protocols", "seed"], default="protocols",
+                         help="protocols: PPL at matched FLOPs; seed: the ASHEM report's quantities, the seed's "
+                              "published figures beside each run")
     bench_report = commands.add_parser(
         "bench-report", help="tables and a cost-vs-time plot from a pytest-benchmark JSON file",
         description="Turn `pytest benchmarks/ --benchmark-only --benchmark-json FILE` into tables (Markdown, LaTeX, "
@@ -294,16 +306,19 @@ def _experiment(args: argparse.Namespace) -> int:
     from .config import config_from_args
     from .experiment import experiment_paths, run_experiment
 
+    from .checks import format_checks, run_checks
+    from .results_store import ResultsStore
+
     config = config_from_args(args, args.config_file)
     paths = experiment_paths(config)
     if args.command == "run":
         start = time.perf_counter()
         run_experiment(config, progress=not args.quiet)
+        records = list(ResultsStore(paths["results"]))
+        print(f"\nchecks ({config.name}):\n" + format_checks(run_checks(records, config.plausible_ppl)))
         print(f"{config.name}: done in {time.perf_counter() - start:.0f} s; report {paths['report']}, "
               f"records {paths['results']}, plots in {paths['plots']}")
         return 0
-    from .results_store import ResultsStore
-
     records = list(ResultsStore(paths["results"]))
     if not records:
         raise ValueError(f"no results in {paths['results']}; run `cascade-bench run` first")
@@ -316,6 +331,31 @@ def _experiment(args: argparse.Namespace) -> int:
 
         for path in make_plots(records, paths["confidence"], paths["plots"], config.name):
             print(f"wrote {path}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from .comparison import comparison_table, seed_comparison_table
+    from .reports import to_markdown, write_table
+    from .results_store import ResultsStore
+
+    runs = {}
+    for name in args.names:
+        path = args.out / "results" / f"{name}.jsonl"
+        if not path.is_file():
+            raise ValueError(f"no results for run {name!r}: missing {path} (run `cascade-bench run --name {name}` "
+                             f"first)")
+        runs[name] = list(ResultsStore(path))
+    if args.layout == "seed":
+        table = seed_comparison_table(runs)
+        caption = "The ASHEM report's quantities: the seed's published figures and these runs"
+    else:
+        table = comparison_table(runs)
+        caption = "Protocols at matched FLOPs (FLOPs ratios relative to the dense model of the same depth)"
+    paths = write_table(table, args.to, caption)
+    print(to_markdown(table))
+    for path in paths:
+        print(f"wrote {path}")
     return 0
 
 
@@ -333,6 +373,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _cost(args)
         if args.command in ("run", "report", "plot"):
             return _experiment(args)
+        if args.command == "compare":
+            return _compare(args)
         if args.command == "bench-report":
             from .bench_report import write_bench_report
 

@@ -16,8 +16,11 @@ from .protocols import PROTOCOLS
 
 METHOD_BASELINES = ("full", "prefix", "masked", "dense", "oracle")
 BLOCK_HEADS = ("shared", "trained")
-#: Tuple keys whose empty default does not tell the element type.
-_ELEMENT_TYPES = {"boundaries": int}
+#: Where the sweep counts FLOPs with FlopCounterMode: the anchor points (every baseline and, per swept
+#: method, the hard ratio nearest 0.5) or every point. The analytic count is recorded everywhere.
+COUNT_FLOPS = ("anchors", "all")
+#: Tuple keys whose empty default does not tell the element type (or whose default's elements mislead).
+_ELEMENT_TYPES = {"boundaries": int, "plausible_ppl": float}
 
 
 @dataclass(frozen=True)
@@ -34,21 +37,26 @@ class ExperimentConfig:
     name: str = "ashem-embedded"
     corpus: str = "embedded"
     corpus_config: str = ""
-    tokenizer: str = "bpe:4096"
+    tokenizer: str = "bpe:1024"
     seq_len: int = 128
-    batch_size: int = 16
+    batch_size: int = 8
     eval_stride: int = 128
-    preset: str = "gpt2-cpu"
+    preset: str = "gpt2-mini"
     protocol: str = "ashem"
     leaky_seed_protocol: bool = False
     exit_fn: str = "max_prob"
-    max_epochs: int = 4
+    dense_patience: int = 0
+    max_epochs: int = 40
     max_steps_per_epoch: int = 0
     hard_ratios: tuple = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
     baselines: tuple = METHOD_BASELINES
     oracle_tolerance: float = 0.0
     batching: str = "bucketed"
     timing_repeats: int = 3
+    eval_split: str = "test"
+    timing_batches: int = 0
+    count_flops: str = "anchors"
+    plausible_ppl: tuple = (5.0, 1000.0)
     eval_batches: int = 0
     device: str = "cpu"
     dtype: str = "float32"
@@ -67,7 +75,7 @@ class ExperimentConfig:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 bad(key, "a positive integer")
-        for key in ("max_steps_per_epoch", "eval_batches", "seed"):
+        for key in ("max_steps_per_epoch", "eval_batches", "timing_batches", "dense_patience", "seed"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 bad(key, "a non-negative integer (0 = no limit)" if key != "seed" else "a non-negative integer")
@@ -79,6 +87,15 @@ class ExperimentConfig:
             bad("protocol", f"one of {sorted(PROTOCOLS)}")
         if self.exit_fn not in ("max_prob", "cos_sim", "margin", "neg_entropy"):
             bad("exit_fn", "one of ['cos_sim', 'margin', 'max_prob', 'neg_entropy']")
+        if self.eval_split not in ("test", "validation"):
+            bad("eval_split", "'test' or 'validation' (the seeds scored their hard tokens on validation)")
+        if self.count_flops not in COUNT_FLOPS:
+            bad("count_flops", f"one of {list(COUNT_FLOPS)}")
+        plausible = self.plausible_ppl
+        if not isinstance(plausible, tuple) or len(plausible) != 2 or any(
+                isinstance(v, bool) or not isinstance(v, (int, float)) for v in plausible) or \
+                not 0 < plausible[0] < plausible[1]:
+            bad("plausible_ppl", "two numbers low,high with 0 < low < high")
         if self.batching not in ("padded", "bucketed"):
             bad("batching", "'padded' or 'bucketed'")
         if self.dtype not in ("float32", "bfloat16", "float16"):
@@ -113,13 +130,35 @@ class ExperimentConfig:
         return Path(self.out)
 
     def training_key(self) -> str:
-        """Hash of everything that changes the trained models (not the sweep or timing)."""
+        """Hash of everything that changes the trained models (not the sweep or timing): the config keys
+        that feed training, the protocol's definition and the preset's config."""
         keys = ("corpus", "corpus_config", "tokenizer", "seq_len", "batch_size", "preset", "protocol",
                 "leaky_seed_protocol", "exit_fn", "max_epochs", "max_steps_per_epoch", "seed", "dtype")
-        if self.model:  # only then, so that preset runs keep their keys
+        if self.model:
             keys += ("model", "boundaries", "block_heads")
-        payload = json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True)
+        values = {k: getattr(self, k) for k in keys}
+        values["protocol_definition"] = dataclasses.asdict(PROTOCOLS[self.protocol])
+        values["preset_config"] = STAGE_PRESETS[self.preset]
+        payload = json.dumps(values, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+    @property
+    def dense_recipe(self) -> tuple[float, int]:
+        """(lr, patience) of the dense baseline: stage 0's, unless ``dense_patience`` is set (> 0)."""
+        protocol = PROTOCOLS[self.protocol]
+        return protocol.lrs[0], self.dense_patience or protocol.patience[0]
+
+    def dense_key(self) -> str:
+        """Hash of what trains the dense baseline: the data, preset, seed and caps, the cascade's total
+        depth and stage 0's recipe (lr, patience), but not the rest of the protocol, so runs of different
+        protocols with the same depth and stage-0 recipe share one dense model."""
+        keys = ("corpus", "corpus_config", "tokenizer", "seq_len", "batch_size", "preset", "max_epochs",
+                "max_steps_per_epoch", "seed", "dtype")
+        protocol = PROTOCOLS[self.protocol]
+        values = {k: getattr(self, k) for k in keys}
+        values.update(dense_layers=sum(protocol.layers), lr=protocol.lrs[0], patience=self.dense_recipe[1],
+                      preset_config=STAGE_PRESETS[self.preset])
+        return "dense-" + hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
 
     def as_dict(self) -> dict:
         return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in fields(self)}
@@ -136,7 +175,7 @@ def _coerce(key: str, value, default):
             return value
         if isinstance(default, tuple):
             items = value.split(",") if isinstance(value, str) else list(value)
-            element = type(default[0]) if default else _ELEMENT_TYPES.get(key, str)
+            element = _ELEMENT_TYPES.get(key) or (type(default[0]) if default else str)
             return tuple(element(x.strip()) if isinstance(x, str) else x for x in items if str(x).strip())
         if isinstance(default, int) and isinstance(value, str):
             return int(value)

@@ -5,8 +5,12 @@ Sources (:func:`load_corpus`):
 - ``"embedded"`` (the default): CPython's documentation topics (``pydoc_data.topics``, about
   0.47 MB of English prose and examples from the Python reference manual), installed with every
   CPython, so the main command runs offline. Its distinct documents in name order (two topics
-  share one text, kept once so no text is in two splits), each assigned to the
-  split furthest below its 80/10/10 share of characters (:func:`balanced_assignment`).
+  share one text, kept once so no text is in two splits) are cut into pieces of whole
+  paragraphs of at least ``EMBEDDED_PIECE_CHARS`` characters (:func:`paragraph_pieces`), and
+  each piece goes to the split furthest below its 80/10/10 share of characters
+  (:func:`balanced_assignment`). Whole documents would be too coarse: there are only 78, and one
+  ("string-methods") would be half of the test split; pieces give every split a share of every
+  topic, with no text in two splits.
 - a hub name (``"wikitext"`` with ``config="wikitext-2-raw-v1"``) through ``datasets.load_dataset``,
   for users online. WikiText rows are lines of one long text, joined back as they were.
 - a local folder holding split files (names containing ``train``, ``valid``/``validation``/``dev``,
@@ -71,14 +75,39 @@ def balanced_assignment(documents: list[str], fractions: tuple[float, ...]) -> l
     return parts
 
 
+#: Minimum characters of one piece of an embedded document (whole paragraphs; see the module doc).
+EMBEDDED_PIECE_CHARS = 2000
+
+
+def paragraph_pieces(text: str, min_chars: int) -> list[str]:
+    """``text`` cut at blank lines into consecutive pieces of whole paragraphs, each at least
+    ``min_chars`` long except possibly the last (which joins the previous piece when shorter than
+    half of it). Joining the pieces with blank lines gives the paragraphs back."""
+    pieces, current = [], []
+    for paragraph in text.split("\n\n"):
+        current.append(paragraph)
+        if sum(map(len, current)) >= min_chars:
+            pieces.append("\n\n".join(current))
+            current = []
+    if current:
+        tail = "\n\n".join(current)
+        if pieces and len(tail) < min_chars // 2:
+            pieces[-1] = pieces[-1] + "\n\n" + tail
+        else:
+            pieces.append(tail)
+    return [piece for piece in pieces if piece.strip()]
+
+
 def embedded_corpus() -> Corpus:
     """The embedded default corpus, split train / validation / test 80/10/10 by characters (see module doc)."""
     docs = list(dict.fromkeys(text for _, text in embedded_documents()))  # some topics share one text
-    parts = balanced_assignment(docs, (0.8, 0.1, 0.1))
-    splits = {split: [d for d, p in zip(docs, parts) if p == i] for i, split in enumerate(SPLITS)}
+    pieces = [piece for doc in docs for piece in paragraph_pieces(doc, EMBEDDED_PIECE_CHARS)]
+    parts = balanced_assignment(pieces, (0.8, 0.1, 0.1))
+    splits = {split: [d for d, p in zip(pieces, parts) if p == i] for i, split in enumerate(SPLITS)}
     return Corpus("embedded:pydoc_data.topics", splits,
-                  ("distinct documents in name order, each to the split furthest below its 80/10/10 share of "
-                   "characters",))
+                  (f"distinct documents in name order cut into pieces of whole paragraphs (at least "
+                   f"{EMBEDDED_PIECE_CHARS} characters), each piece to the split furthest below its 80/10/10 share "
+                   f"of characters",))
 
 
 def _split_of(path: Path) -> Optional[str]:

@@ -5,11 +5,13 @@ them if a run with the same training settings already saved them (``models/<trai
 or, with ``model`` set, cut that pretrained model into blocks (training only their exit heads
 if asked);
 evaluate every point (full cascade, each stage prefix, the dense model, routed and masked early
-exit at every hard ratio of the sweep, the oracle bound) on the test split with quality, counted
-and analytic FLOPs, wall time (and its ratio to the full cascade timed back to back) and peak
-memory; append each point to the results store as soon
-as it is measured (a rerun skips stored points, so an interrupted sweep resumes); then write
-the tables, the plots and the report.
+exit at every hard ratio of the sweep, the oracle bound) on the test split with quality, analytic
+FLOPs (counted too at the anchor points: every baseline and, per swept method, the hard ratio
+nearest 0.5; at every point with ``count_flops="all"``), wall time over the first
+``timing_batches`` test batches (and its ratio to the full cascade timed back to back on them) and
+peak memory; append each point to the results store as soon as it is measured (a rerun with the
+same config skips stored points, so an interrupted sweep resumes); then write the tables, the
+plots and the report with its checks.
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ from .routing import forward_cascade
 from .oracle import oracle_bound
 from .persistence import load_ensemble, load_manifest, save_ensemble
 from .presets import STAGE_PRESETS, build_ensemble
-from .protocols import (PROTOCOLS, exit_heads_ppl, train_dense_baseline, train_ensemble, train_exit_heads,
-                        with_leaky_seed_protocol)
+from .protocols import (PROTOCOLS, exit_heads_ppl, start_ensemble, train_dense_baseline, train_exit_heads,
+                        train_protocol, with_leaky_seed_protocol)
 from .results_store import ResultsStore
 from .storage import write_json_atomic
 from .timing import interleaved_ratio
@@ -43,6 +45,7 @@ def experiment_paths(config: ExperimentConfig) -> dict[str, Path]:
     return {"results": out / "results" / f"{config.name}.jsonl",
             "confidence": out / "results" / f"{config.name}.confidence.json",
             "models": out / "models" / config.training_key(),
+            "dense": out / "models" / config.dense_key() / "dense",
             "tables": out / "results",
             "plots": out / "plots",
             "report": out / "report.md",
@@ -62,16 +65,21 @@ def _trained_cascade(config: ExperimentConfig, data: PreparedData, folder: Path,
     if (folder / "cascade.json").exists():
         return load_ensemble(folder, config.device, _dtype(config)), load_manifest(folder)["extra"]
     protocol = _protocol(config)
-    ensemble = build_ensemble(config.preset, protocol.layers, exit_fn=config.exit_fn, seed=config.seed,
+    ensemble = start_ensemble(protocol, config.preset, exit_fn=config.exit_fn, seed=config.seed,
                               device=config.device, dtype=_dtype(config), vocab_size=len(data.tokenizer))
-    report = train_ensemble(ensemble, data.train, data.validation, protocol, seed=config.seed,
+    report = train_protocol(ensemble, data.train, data.validation, protocol, seed=config.seed,
                             max_steps_per_epoch=config.max_steps_per_epoch or None, progress=progress)
-    summary = {"protocol": protocol.name, "stages": [
-        {"stage": s.stage, "epochs": len(s.history.val_ppl), "best_val_ppl": s.history.best_val_ppl,
-         "train_tokens_per_s": s.history.tokens_per_s, "hard_tokens_trained_on": s.hard_tokens,
-         "threshold_calibrated": s.threshold_before, "validation_ppl": s.validation.ppl,
-         "validation_hard_ppl": s.validation.hard_ppl, "validation_hard_ppl_stage0": s.validation.hard_ppl_stage0}
-        for s in report.stages]}
+    summary = {"protocol": protocol.name, "stage_kind": protocol.stage_kind, "training": protocol.training,
+               "grows": protocol.grows, "hard_ratio": protocol.hard_ratio, "stages": [
+                   {"stage": s.stage, "layers": protocol.layers[s.stage], "lr": protocol.lrs[s.stage],
+                    "hard_tokens_trained_on": s.hard_tokens, "threshold_calibrated": s.threshold_before,
+                    "validation_ppl": s.validation.ppl, "validation_hard_ppl": s.validation.hard_ppl,
+                    "validation_hard_ppl_stage0": s.validation.hard_ppl_stage0, **s.history.summary()}
+                   for s in report.stages]}
+    if report.joint is not None:
+        summary["joint"] = {"layers": sum(protocol.layers), "lr": protocol.lrs[0],
+                            "layer_weights": list(protocol.layer_weights), "validation_ppl": report.validation.ppl,
+                            **report.joint.summary()}
     save_ensemble(ensemble, folder, tokenizer=data.tokenizer, extra=summary)
     return ensemble, summary
 
@@ -102,23 +110,27 @@ def _pretrained_blocks(config: ExperimentConfig, model, data: PreparedData, prog
                                    progress=progress)
         summary.update(exit_heads_val_ppl_before=list(before),
                        exit_heads_val_ppl_after=list(exit_heads_ppl(ensemble, data.validation)),
-                       epochs=len(history.val_ppl), train_tokens_per_s=history.tokens_per_s)
+                       exit_heads=history.summary())
     return ensemble, summary
 
 
 def _trained_dense(config: ExperimentConfig, data: PreparedData, folder: Path, total_layers: int,
-                   progress: bool) -> Ensemble:
+                   progress: bool) -> tuple[Ensemble, dict]:
+    """The dense baseline (one model of the cascade's total depth, stage 0's recipe, all data) and
+    its training summary."""
     if (folder / "cascade.json").exists():
-        return load_ensemble(folder, config.device, _dtype(config))
+        return load_ensemble(folder, config.device, _dtype(config)), load_manifest(folder)["extra"]
     dense = build_ensemble(config.preset, (total_layers,), exit_fn=config.exit_fn, seed=config.seed,
                            device=config.device, dtype=_dtype(config), vocab_size=len(data.tokenizer))
-    protocol = _protocol(config)
-    train_dense_baseline(dense[0], data.train, data.validation,
-                         TrainConfig(lr=protocol.lrs[0], patience=protocol.patience[0], max_epochs=config.max_epochs,
-                                     seed=config.seed, max_steps_per_epoch=config.max_steps_per_epoch or None),
-                         progress=progress)
-    save_ensemble(dense, folder, extra={"baseline": "dense", "layers": total_layers})
-    return dense
+    lr, patience = config.dense_recipe
+    history = train_dense_baseline(dense[0], data.train, data.validation,
+                                   TrainConfig(lr=lr, patience=patience, max_epochs=config.max_epochs,
+                                               seed=config.seed,
+                                               max_steps_per_epoch=config.max_steps_per_epoch or None),
+                                   progress=progress)
+    summary = {"baseline": "dense", "layers": total_layers, "lr": lr, **history.summary()}
+    save_ensemble(dense, folder, extra=summary)
+    return dense, summary
 
 
 def _record(point_id: str, method: str, cost, hard_ratio: Optional[float] = None, **extra) -> dict:
@@ -128,12 +140,30 @@ def _record(point_id: str, method: str, cost, hard_ratio: Optional[float] = None
         "layers_per_stage": list(q.layers_per_stage), "tokens": q.tokens, "routed_tokens": q.routed_tokens,
         "ppl": q.ppl, "accuracy": q.accuracy, "hard_ppl": q.hard_ppl, "easy_ppl": q.easy_ppl,
         "hard_ppl_stage0": q.hard_ppl_stage0, "hard_tokens": q.hard_tokens, "exit_ratios": list(q.exit_ratios),
-        "tokens_entered": list(q.tokens_entered), "layer_cost": q.layer_cost, "padding_waste": list(q.padding_waste),
+        "tokens_entered": list(q.tokens_entered), "tokens_exited": list(q.tokens_exited), "layer_cost": q.layer_cost,
+        "padding_waste": list(q.padding_waste),
         "flops": cost.flops, "flops_analytic": cost.flops_analytic, "time_median_s": cost.time_median_s,
         "time_iqr_s": cost.time_iqr_s, "tokens_per_s": cost.tokens_per_s,
         "peak_memory_bytes": cost.peak_memory_bytes, "memory_measure": cost.memory_measure,
         "counting_overhead": cost.counting_overhead, "conditions": cost.conditions, **extra,
     }
+
+
+def _check_resumable(store: ResultsStore, config: ExperimentConfig) -> None:
+    """Stored points are reused only when they were measured under this very config."""
+    current = {k: v for k, v in config.as_dict().items() if k != "out"}
+    for record in store:
+        stored = {k: v for k, v in ((record.get("conditions") or {}).get("config") or {}).items() if k != "out"}
+        differ = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
+        if differ:
+            raise ValueError(f"{store.path} holds points measured with another config (keys {differ}: stored "
+                             f"{[stored.get(k) for k in differ]}, now {[current.get(k) for k in differ]}); give this "
+                             f"run another --name or --out, or delete that file to start over")
+
+
+def _anchor_ratio(config: ExperimentConfig) -> float:
+    """The swept hard ratio nearest 0.5: its routed and masked points are counted with FlopCounterMode."""
+    return min(config.hard_ratios, key=lambda r: (abs(r - 0.5), r))
 
 
 def run_experiment(config: ExperimentConfig, progress: bool = True,
@@ -145,6 +175,8 @@ def run_experiment(config: ExperimentConfig, progress: bool = True,
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     paths = experiment_paths(config)
+    store = ResultsStore(paths["results"])
+    _check_resumable(store, config)
     pretrained = _pretrained_model(config) if config.model else None
     if pretrained is not None:
         max_positions = getattr(pretrained.config, "max_position_embeddings", None)
@@ -154,16 +186,30 @@ def run_experiment(config: ExperimentConfig, progress: bool = True,
     data = prepare_data(config.corpus, config.tokenizer, config.seq_len, config.batch_size, config.eval_stride,
                         config.corpus_config or None, cache_dir=paths["tokenizers"], max_positions=max_positions,
                         model_vocab_size=model_vocab)
-    test = data.test[:config.eval_batches] if config.eval_batches else data.test
+    scored = data.test if config.eval_split == "test" else data.validation
+    test = scored[:config.eval_batches] if config.eval_batches else scored
     if pretrained is not None:
         cascade, training = _pretrained_blocks(config, pretrained, data, progress)
     else:
         cascade, training = _trained_cascade(config, data, paths["models"] / "cascade", progress)
     calibrated = cascade.thresholds
-    store = ResultsStore(paths["results"])
-    conditions = {**data.conditions, "split": "test", "config": config.as_dict(),
-                  "training_key": config.training_key(), "training": training, "seed": config.seed}
-    common = dict(warmup=1, repeats=config.timing_repeats, fvcore=False, spans=False, conditions=conditions)
+    timed = min(config.timing_batches, len(test)) if config.timing_batches else len(test)
+    conditions = {**data.conditions, "split": config.eval_split, "config": config.as_dict(),
+                  "training_key": config.training_key(), "training": training, "seed": config.seed,
+                  "measured": _measurement_note(config, timed, len(test))}
+    common = dict(warmup=1, repeats=config.timing_repeats, fvcore=False, spans=False, conditions=conditions,
+                  timing_batches=timed)
+    anchor = _anchor_ratio(config)
+
+    def counted(ratio: Optional[float] = None) -> bool:
+        return config.count_flops == "all" or ratio is None or ratio == anchor
+
+    thresholds_cache: dict[float, list[float]] = {}
+
+    def thresholds_at(ratio: float) -> list[float]:
+        if ratio not in thresholds_cache:
+            thresholds_cache[ratio] = list(calibrate_thresholds(cascade, data.validation, ratio))
+        return thresholds_cache[ratio]
 
     points: list[tuple[str, Callable[[], dict]]] = []
     if "full" in config.baselines:
@@ -174,19 +220,20 @@ def run_experiment(config: ExperimentConfig, progress: bool = True,
                 f"prefix-{k}", "prefix", measure_cost(cascade, test, "full", num_stages=k + 1, **common), stages=k + 1)))
     if "dense" in config.baselines and pretrained is None:  # blocks: the unsplit model is the "full" point
         def dense_point():
-            dense = _trained_dense(config, data, paths["models"] / "dense", sum(cascade.layers_per_stage), progress)
-            return _record("dense", "dense", measure_cost(dense, test, "full", **common))
+            dense, summary = _trained_dense(config, data, paths["dense"], sum(cascade.layers_per_stage), progress)
+            record = _record("dense", "dense", measure_cost(dense, test, "full", **common))
+            record["conditions"] = {**record["conditions"], "dense_training": summary}
+            return record
         points.append(("dense", dense_point))
     for ratio in config.hard_ratios:
-        def thresholds_at(ratio=ratio):
-            return list(calibrate_thresholds(cascade, data.validation, ratio))
         points.append((f"routed@{ratio:g}", lambda ratio=ratio: _record(
             f"routed@{ratio:g}", "routed", measure_cost(cascade, test, "routed", thresholds=thresholds_at(ratio),
-                                                        batching=config.batching, **common), hard_ratio=ratio)))
+                                                        batching=config.batching, count_flops=counted(ratio),
+                                                        **common), hard_ratio=ratio)))
         if "masked" in config.baselines:
             points.append((f"masked@{ratio:g}", lambda ratio=ratio: _record(
                 f"masked@{ratio:g}", "masked", measure_cost(cascade, test, "masked", thresholds=thresholds_at(ratio),
-                                                            **common), hard_ratio=ratio)))
+                                                            count_flops=counted(ratio), **common), hard_ratio=ratio)))
     if "oracle" in config.baselines:
         def oracle_point():
             result = oracle_bound(cascade, test, config.oracle_tolerance)
@@ -200,15 +247,17 @@ def run_experiment(config: ExperimentConfig, progress: bool = True,
                                                           "cascade (later stages see full context)"}}
         points.append(("oracle", oracle_point))
 
+    timed_test = test[:timed]
+
     def full_pass():
-        for batch in test:
+        for batch in timed_test:
             forward_cascade(cascade, batch["input_ids"], batch.get("attention_mask"), batch.get("targets"),
                             method="full")
 
     def with_back_to_back_ratio(make: Callable[[], dict]) -> dict:
         """The point's record plus its wall time over the full cascade's, timed back to back."""
         record = make()
-        rerun = _pass_of(record, cascade, test, config, paths, data, progress)
+        rerun = _pass_of(record, cascade, timed_test, config, paths, data, progress)
         if rerun is not None:
             with evaluation_mode(cascade), torch.inference_mode():
                 record["wall_ratio_interleaved"] = interleaved_ratio(rerun, full_pass, pairs=2)
@@ -230,14 +279,24 @@ def run_experiment(config: ExperimentConfig, progress: bool = True,
     return paths
 
 
-def _pass_of(record: dict, cascade: Ensemble, test, config: ExperimentConfig, paths, data,
+def _measurement_note(config: ExperimentConfig, timed: int, batches: int) -> str:
+    counted = ("every point" if config.count_flops == "all" else
+               f"the baselines and the routed/masked points at hard ratio {_anchor_ratio(config):g}")
+    return (f"quality on all {batches} {config.eval_split} batches; FLOPs counted with FlopCounterMode on {counted}, the analytic "
+            f"count (equal to the counted one wherever both exist: see the checks) everywhere; wall time: median of "
+            f"{config.timing_repeats} passes over the first {timed} of the {batches} {config.eval_split} batches after one "
+            f"warm-up, "
+            f"and the ratio to the full cascade timed back to back on them (median of 2 pairs)")
+
+
+def _pass_of(record: dict, cascade: Ensemble, batches, config: ExperimentConfig, paths, data,
              progress: bool) -> Optional[Callable[[], None]]:
-    """A callable that reruns the pass a record measured (None for the oracle, which never runs)."""
+    """A callable that reruns the pass a record measured over ``batches`` (None for the oracle, which never runs)."""
     method = record["method"]
     if method == "oracle":
         return None
     if method == "dense":
-        model = _trained_dense(config, data, paths["models"] / "dense", sum(cascade.layers_per_stage), progress)
+        model, _ = _trained_dense(config, data, paths["dense"], sum(cascade.layers_per_stage), progress)
         kwargs = dict(method="full")
     elif method == "prefix":
         model, kwargs = cascade, dict(method="full", num_stages=record["stages"])
@@ -249,7 +308,7 @@ def _pass_of(record: dict, cascade: Ensemble, test, config: ExperimentConfig, pa
                       **({"batching": config.batching} if method == "routed" else {}))
 
     def rerun():
-        for batch in test:
+        for batch in batches:
             forward_cascade(model, batch["input_ids"], batch.get("attention_mask"), batch.get("targets"), **kwargs)
     return rerun
 

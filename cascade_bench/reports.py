@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 
 import pandas as pd
 
+from .checks import format_checks, run_checks
 from .storage import write_text_atomic
 
 #: ASHEM's published WikiText-2 figures (DESIGN.md section 4).
@@ -180,12 +181,36 @@ def seed_table(frame: pd.DataFrame, config) -> tuple[pd.DataFrame, bool]:
             "threshold": point.thresholds[0], "hard tokens": point.hard_tokens,
             "hard PPL before": point.hard_ppl_stage0, "hard PPL after": point.hard_ppl, "overall PPL": point.ppl,
             "shallow exits": point.exit_ratios[0], "deep exits": 1 - point.exit_ratios[0],
-            "layer cost": point.layer_cost, "FLOP ratio": point.flop_ratio}
+            "layer cost": point.layer_cost, "FLOP ratio": point.flop_ratio, "wall ratio": point.wall_ratio}
     is_seed = (config.protocol == "ashem" and config.leaky_seed_protocol and "wikitext" in str(config.corpus).lower())
     table = pd.DataFrame({"quantity": list(ours), "this run": list(ours.values())})
     if is_seed:
         table["ASHEM seed (published)"] = [ASHEM_SEED_FIGURES.get(k, math.nan) for k in ours]
     return table, is_seed
+
+
+def training_table(records: Sequence[dict]) -> Optional[pd.DataFrame]:
+    """Per trained part (each stage, the exit heads, the dense baseline): epochs run, best epoch, how it
+    stopped. None when nothing was trained (blocks of a pretrained model with shared heads)."""
+    training, dense = None, None
+    for record in records:
+        conditions = record.get("conditions") or {}
+        training = training or conditions.get("training")
+        dense = dense or conditions.get("dense_training")
+    parts = [(f"stage {s['stage']}", s) for s in (training or {}).get("stages", []) if "stop_reason" in s]
+    for key, name in (("joint", "all stages (joint)"), ("exit_heads", "exit heads")):
+        if (training or {}).get(key):
+            parts.append((name, training[key]))
+    if dense:
+        parts.append(("dense, same depth", dense))
+    if not parts:
+        return None
+    return pd.DataFrame([{
+        "trained": name, "layers": part.get("layers", math.nan), "lr": part.get("lr", math.nan),
+        "trained on (tokens)": part.get("hard_tokens_trained_on", math.nan), "epochs": part["epochs"],
+        "best epoch": part["best_epoch"], "best validation PPL": part["best_val_ppl"],
+        "stopped by": part["stop_reason"], "epoch cap": part["max_epochs"], "patience": part["patience"],
+        "seconds": part.get("seconds", math.nan)} for name, part in parts])
 
 
 def write_report(records: Sequence[dict], config, paths: dict) -> Path:
@@ -197,22 +222,38 @@ def write_report(records: Sequence[dict], config, paths: dict) -> Path:
     thresholds = threshold_table(frame)
     paper, target = paper_table(frame)
     seed, is_seed = seed_table(frame, config)
-    write_table(thresholds, tables / f"{name}.thresholds", f"{name}: early exit per hard ratio (test split)")
+    split = getattr(config, "eval_split", "test")
+    write_table(thresholds, tables / f"{name}.thresholds", f"{name}: early exit per hard ratio ({split} split)")
     write_table(paper, tables / f"{name}.paper", f"{name}: methods compared (costs relative to {reference})")
     write_table(seed, tables / f"{name}.seed", f"{name}: seed-protocol layout")
     first = records[0].get("conditions", {})
+    training = first.get("training") or {}
+    trained = training_table(records)
+    checks = run_checks(records, getattr(config, "plausible_ppl", (5.0, 1000.0)))
     lines = [
         f"# {name}", "",
         f"Dataset {first.get('dataset')} ({', '.join(first.get('split_notes') or []) or 'its own splits'}), "
         f"tokenizer {first.get('tokenizer')} ({first.get('tokenizer_vocab')} ids), windows of {first.get('window')} "
-        f"tokens, stride {first.get('stride')}, evaluated on the test split. " + (
+        f"tokens, stride {first.get('stride')}, evaluated on the {split} split"
+        + (" (the split whose hard tokens stage 1 trained on: the seeds' leaky report)"
+           if split == "validation" and config.leaky_seed_protocol else "") + ". " + (
             f"Model {config.model} cut into blocks before layers {list(config.boundaries)} "
             f"({config.block_heads} exit heads)" if config.model else
-            f"Protocol {config.protocol}{' (leaky seed protocol)' if config.leaky_seed_protocol else ''}")
-        + f", exit rule {config.exit_fn}, "
+            f"Protocol {training.get('protocol', config.protocol)}"
+            f"{' (leaky seed protocol: hard tokens collected from validation and scored there)' if config.leaky_seed_protocol else ''}"
+            f", preset {config.preset}: {training.get('grows', 'n/a')}")
+        + f". Exit rule {config.exit_fn}, "
         f"{config.device}/{config.dtype}, {config.threads} threads, seed {config.seed}, "
         f"torch {first.get('torch')}, transformers {first.get('transformers')}, commit {first.get('git_commit')}.",
-        "", "## Methods", "",
+        "", f"How it was measured: {first.get('measured', 'n/a')}.",
+        "", "## Checks", "",
+        "Flags are findings to explain, with the figures that raised them; none stops the run.", "",
+        format_checks(checks),
+        "## Training", "",
+        (to_markdown(trained) + "\nEvery part trains with AdamW and stops after `patience` epochs without a new "
+         "best validation PPL (the best state is restored); `epoch cap` is a safety limit, and a part that reaches "
+         "it is flagged above." if trained is not None else "Nothing was trained in this run."), "",
+        "## Methods", "",
         f"Costs are relative to {reference}; wall ratios were timed back to back with it. "
         f"'PPL at matched FLOPs' interpolates each swept curve at "
         f"the FLOP ratio of routed early exit at the hard ratio nearest 0.5 ({_fmt(target)}); n/a where the "

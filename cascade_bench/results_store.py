@@ -10,7 +10,7 @@ from typing import Iterator
 
 from .storage import write_text_atomic
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 class ResultsStore:

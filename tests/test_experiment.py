@@ -10,10 +10,11 @@ import pytest
 from cascade_bench.cli import main
 from cascade_bench.config import make_config
 from cascade_bench.experiment import run_experiment
-from cascade_bench.results_store import ResultsStore
+from cascade_bench.results_store import SCHEMA_VERSION, ResultsStore
 
 TINY = dict(name="tiny", tokenizer="bpe:300", preset="gpt2-tiny", seq_len=32, batch_size=8, eval_stride=32,
-            max_epochs=1, max_steps_per_epoch=3, hard_ratios=(0.3, 0.6), timing_repeats=1, eval_batches=2)
+            max_epochs=1, max_steps_per_epoch=3, hard_ratios=(0.3, 0.6), timing_repeats=1, eval_batches=2,
+            timing_batches=1)
 QUALITY = ("ppl", "accuracy", "hard_ppl", "exit_ratios", "tokens_entered", "layer_cost", "flops", "flops_analytic",
            "thresholds")
 
@@ -33,12 +34,24 @@ def test_run_writes_results_tables_plots_and_report(finished):
     records = list(ResultsStore(paths["results"]))
     ids = [r["point_id"] for r in records]
     assert ids == ["full", "prefix-0", "dense", "routed@0.3", "masked@0.3", "routed@0.6", "masked@0.6", "oracle"]
-    assert all(r["schema_version"] == 1 for r in records)
-    routed = next(r for r in records if r["point_id"] == "routed@0.3")
+    assert all(r["schema_version"] == SCHEMA_VERSION for r in records)
+    routed = next(r for r in records if r["point_id"] == "routed@0.6")
     for key in ("ppl", "accuracy", "hard_ppl", "easy_ppl", "exit_ratios", "layer_cost", "flops", "flops_analytic",
                 "time_median_s", "time_iqr_s", "tokens_per_s", "peak_memory_bytes"):
         assert routed[key] is not None, key
-    assert routed["flops"] == routed["flops_analytic"]
+    # Counted at the anchors (baselines, the hard ratio nearest 0.5), analytic elsewhere: equal where both.
+    counted = {r["point_id"] for r in records if r.get("flops") is not None}
+    assert counted == {"full", "prefix-0", "dense", "routed@0.6", "masked@0.6"}
+    assert all(r["flops"] == r["flops_analytic"] for r in records if r["point_id"] in counted)
+    assert routed["conditions"]["timed_batches"] == 1 and routed["conditions"]["batches"] == 2
+    assert routed["conditions"]["flops_counted"]
+    assert "FLOPs counted with FlopCounterMode on the baselines" in routed["conditions"]["measured"]
+    training = routed["conditions"]["training"]
+    assert training["protocol"] == "ashem" and training["stage_kind"] == "block"
+    assert [s["stop_reason"] for s in training["stages"]] == ["epoch cap", "epoch cap"]
+    assert [s["epochs"] for s in training["stages"]] == [1, 1] and training["stages"][1]["lr"] == 1e-4
+    dense = next(r for r in records if r["point_id"] == "dense")
+    assert dense["conditions"]["dense_training"]["stop_reason"] == "epoch cap"
     for key in ("dataset", "split", "window", "stride", "tokenizer", "dtype", "device", "threads", "batch_shapes",
                 "seed", "torch", "transformers", "git_commit"):
         assert key in routed["conditions"], key
@@ -58,6 +71,9 @@ def test_run_writes_results_tables_plots_and_report(finished):
     assert "| quantity | this run |" in (tables / "tiny.seed.md").read_text()
     report = paths["report"].read_text()
     assert "## Methods" in report and "plots/tiny.cost_vs_ppl.png" in report
+    assert "Protocol ashem, preset gpt2-tiny: one model grown block by block" in report
+    assert "## Checks" in report and "[FLAG] training cut before convergence: stage 0 stopped at the epoch cap" in report
+    assert "## Training" in report and "| stage 1 | 2 | 0.0001 |" in report
     import matplotlib.image as mpimg
 
     for stem in ("cost_vs_ppl", "exit_ratios", "confidence"):
@@ -96,6 +112,41 @@ def _same(a, b) -> bool:
     return a == b
 
 
+def test_a_changed_config_does_not_resume_into_old_records(finished, capsys):
+    config, paths = finished
+    argv = ["run", "--out", config.out, "--name", "tiny", "--tokenizer", "bpe:300", "--preset", "gpt2-tiny",
+            "--seq-len", "32", "--batch-size", "8", "--eval-stride", "32", "--max-epochs", "2"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "holds points measured with another config" in err and "'max_epochs'" in err and len(err.splitlines()) == 1
+
+
+def test_compare_runs_of_two_protocols_at_matched_flops_sharing_one_dense_model(finished, tmp_path, capsys):
+    config, paths = finished
+    other = make_config({**TINY, "out": config.out, "name": "tiny-cascade", "protocol": "cascade"})
+    run_experiment(other, progress=False)
+    dense_folders = list((config.out_dir / "models").glob("dense-*"))
+    assert len(dense_folders) == 1  # trained once, reused by the second protocol
+    records = list(ResultsStore(config.out_dir / "results" / "tiny-cascade.jsonl"))
+    assert records[0]["conditions"]["training"]["stage_kind"] == "llm"
+    stem = tmp_path / "cmp"
+    assert main(["compare", "tiny", "tiny-cascade", "--out", config.out, "--to", str(stem)]) == 0
+    table = pd.read_csv(stem.with_suffix(".csv"))
+    assert list(table.method) == ["ashem (tiny)", "cascade (tiny-cascade)", "dense, same depth"]
+    assert table["full depth FLOPs ratio"].tolist() == [1.0, 1.0, 1.0]  # same layers, one head at the end
+    assert table.loc[2, "PPL @ 1x FLOPs"] == table.loc[2, "full depth PPL"]
+    assert "| method |" in capsys.readouterr().out
+    assert main(["compare", "tiny", "tiny-cascade", "--layout", "seed", "--out", config.out, "--to", str(stem)]) == 0
+    seed = pd.read_csv(stem.with_suffix(".csv")).set_index("quantity")
+    assert list(seed.columns) == ["ASHEM seed (published)", "tiny", "tiny-cascade"]
+    assert seed.loc["hard PPL after", "ASHEM seed (published)"] == 668.08
+    prefix = next(r for r in ResultsStore(paths["results"]) if r["point_id"] == "prefix-0")
+    assert seed.loc["stage-0 PPL", "tiny"] == pytest.approx(prefix["ppl"])
+    capsys.readouterr()
+    assert main(["compare", "tiny", "missing", "--out", config.out]) == 2
+    assert "no results for run 'missing'" in capsys.readouterr().err
+
+
 def test_report_and_plot_commands_reuse_stored_results(finished, capsys):
     config, paths = finished
     flags = ["--out", config.out, "--name", "tiny"]
@@ -115,6 +166,10 @@ def test_report_and_plot_commands_reuse_stored_results(finished, capsys):
     (["run", "--boundaries", "2"], "'boundaries'"),
     (["run", "--model", "some/folder", "--boundaries", "2", "--block-heads", "mine", "--tokenizer", "x"],
      "'block_heads'"),
+    (["run", "--count-flops", "some"], "'count_flops'"),
+    (["run", "--plausible-ppl", "1000,5"], "'plausible_ppl'"),
+    (["run", "--timing-batches", "-1"], "'timing_batches'"),
+    (["run", "--protocol", "ashem2"], "'protocol'"),
 ])
 def test_bad_config_values_are_one_line_errors_naming_the_key(argv, key, capsys, tmp_path):
     assert main([*argv, "--out", str(tmp_path)]) == 2
@@ -167,3 +222,14 @@ def test_run_on_a_saved_checkpoint_folder_cuts_it_into_blocks(tmp_path, capsys):
     report = (out / "report.md").read_text()
     assert "unsplit model" in report and "block 0 alone" in report and "cut into blocks" in report
     assert "Costs are relative to the unsplit model" in report
+
+
+def test_shipped_config_files_load_and_the_default_file_is_the_default():
+    from pathlib import Path
+
+    from cascade_bench.config import ExperimentConfig, load_config_file
+
+    folder = Path(__file__).resolve().parent.parent / "configs"
+    assert make_config(load_config_file(folder / "default.toml")) == ExperimentConfig()
+    for path in sorted(folder.glob("*.toml")):
+        make_config(load_config_file(path))  # every shipped config is valid

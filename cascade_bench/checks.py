@@ -1,0 +1,180 @@
+"""Plausibility checks on stored results (DESIGN.md section 4: "the report flags what is
+implausible"). Pure functions over the records of one run: each check says whether it raised a
+flag and gives the figures behind it. Flags are findings to explain, not failures.
+
+- a later stage that makes the cascade worse than its own prefix;
+- hard tokens (those that continue past stage 0) worse after the later stages than at stage 0;
+- the dense model worse than the cascade's stage 0 alone (a deeper model worse than a shallower
+  one trained the same way);
+- training that stopped at the epoch cap (or ran partial epochs) instead of by early stopping;
+- perplexity outside the plausible range (below the floor usually means leakage or a broken
+  causal mask; above the ceiling, under-training);
+- routed and masked early exit taking different stage-0 decisions at the same thresholds;
+- counted FLOPs that differ from the analytic count where both exist.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+#: Default plausible perplexity range for the corpora this toolkit ships with (see module docstring).
+PLAUSIBLE_PPL = (5.0, 1000.0)
+
+
+@dataclass(frozen=True)
+class Check:
+    """One check over a run's records: ``flagged`` when it found something; ``detail`` gives the
+    figures either way (or why it does not apply)."""
+
+    name: str
+    flagged: bool
+    detail: str
+
+
+def _ppl(value) -> str:
+    return f"{value:,.1f}" if isinstance(value, (int, float)) and math.isfinite(value) else "n/a"
+
+
+def _by_id(records: Sequence[dict]) -> dict:
+    return {r["point_id"]: r for r in records}
+
+
+def _training(records: Sequence[dict]) -> Optional[dict]:
+    for record in records:
+        training = (record.get("conditions") or {}).get("training")
+        if isinstance(training, dict):
+            return training
+    return None
+
+
+def check_prefixes(records: Sequence[dict]) -> Check:
+    """Each later stage must not make the cascade worse than the prefix before it."""
+    points = _by_id(records)
+    full = points.get("full")
+    prefixes = sorted((r for r in records if r["method"] == "prefix"), key=lambda r: r["stages"])
+    if full is None or not prefixes:
+        return Check("later stage worse than its prefix", False, "n/a: no full and prefix points")
+    chain = [(f"stages 0..{r['stages'] - 1}" if r["stages"] > 1 else "stage 0 alone", r["ppl"]) for r in prefixes]
+    chain.append(("full cascade", full["ppl"]))
+    worse = [f"{b} PPL {_ppl(pb)} > {a} {_ppl(pa)}" for (a, pa), (b, pb) in zip(chain, chain[1:]) if pb > pa]
+    if worse:
+        return Check("later stage worse than its prefix", True, "; ".join(worse))
+    return Check("later stage worse than its prefix", False,
+                 " -> ".join(f"{name} {_ppl(value)}" for name, value in chain))
+
+
+def check_hard_tokens(records: Sequence[dict]) -> Check:
+    """Hard-token PPL after the later stages vs at stage 0, at every swept hard ratio."""
+    routed = sorted((r for r in records if r["method"] == "routed"), key=lambda r: r["hard_ratio"])
+    pairs = [(r["hard_ratio"], r.get("hard_ppl_stage0"), r.get("hard_ppl")) for r in routed]
+    pairs = [(h, before, after) for h, before, after in pairs
+             if isinstance(before, (int, float)) and math.isfinite(before) and math.isfinite(after)]
+    if not pairs:
+        return Check("hard tokens worse after the later stages", False,
+                     "n/a: no routed point has stage-0 NLL for its hard tokens (a logit-free exit rule)")
+    worse = [(h, b, a) for h, b, a in pairs if a >= b]
+    h, before, after = min(pairs, key=lambda p: abs(p[0] - 0.5))
+    at_half = f"at hard ratio {h:g}: {_ppl(before)} at stage 0 -> {_ppl(after)} after ({after / before - 1:+.1%})"
+    if worse:
+        listed = ", ".join(f"{h:g} ({_ppl(b)} -> {_ppl(a)})" for h, b, a in worse)
+        return Check("hard tokens worse after the later stages", True,
+                     f"hard-token PPL did not improve at hard ratio {listed}; {at_half}")
+    return Check("hard tokens worse after the later stages", False,
+                 f"improved at all {len(pairs)} hard ratios; {at_half}")
+
+
+def check_dense(records: Sequence[dict]) -> Check:
+    points = _by_id(records)
+    dense, prefix = points.get("dense"), points.get("prefix-0")
+    if dense is None or prefix is None:
+        return Check("dense model worse than stage 0 alone", False, "n/a: no dense or stage-0 point")
+    detail = f"dense, same depth PPL {_ppl(dense['ppl'])} vs stage 0 alone {_ppl(prefix['ppl'])}"
+    return Check("dense model worse than stage 0 alone", dense["ppl"] > prefix["ppl"], detail)
+
+
+def _stops(records: Sequence[dict]) -> list[tuple[str, dict]]:
+    stops = []
+    training = _training(records)
+    for stage in (training or {}).get("stages", []):
+        if "stop_reason" in stage:
+            stops.append((f"stage {stage['stage']}", stage))
+    for key, name in (("joint", "all stages (joint)"), ("exit_heads", "exit heads")):
+        if key in (training or {}):
+            stops.append((name, training[key]))
+    dense = _by_id(records).get("dense")
+    dense_training = ((dense or {}).get("conditions") or {}).get("dense_training")
+    if isinstance(dense_training, dict):
+        stops.append(("dense", dense_training))
+    return stops
+
+
+def check_training_stops(records: Sequence[dict]) -> Check:
+    """Every trained part must stop by early stopping on whole epochs."""
+    stops = _stops(records)
+    if not stops:
+        return Check("training cut before convergence", False, "n/a: nothing was trained in this run")
+    cut = [f"{name} stopped at the epoch cap ({s['epochs']} of {s['max_epochs']} epochs, best epoch "
+           f"{s['best_epoch']})" for name, s in stops if s["stop_reason"] != "early stopping"]
+    cut += [f"{name} ran partial epochs (max_steps_per_epoch {s['max_steps_per_epoch']})"
+            for name, s in stops if s.get("max_steps_per_epoch")]
+    summary = "; ".join(f"{name}: {s['epochs']} epochs, best {s['best_epoch']}, {s['stop_reason']}"
+                        for name, s in stops)
+    return Check("training cut before convergence", bool(cut), "; ".join(cut) if cut else summary)
+
+
+def check_ppl_range(records: Sequence[dict], plausible: Sequence[float] = PLAUSIBLE_PPL) -> Check:
+    low, high = plausible
+    outside = [f"{r['point_id']} {_ppl(r['ppl'])}" for r in records
+               if isinstance(r.get("ppl"), (int, float)) and not low <= r["ppl"] <= high]
+    name = f"PPL outside [{low:g}, {high:g}]"
+    if outside:
+        return Check(name, True, ", ".join(outside) + f" (below {low:g}: leakage or a broken causal mask? above "
+                                                      f"{high:g}: under-trained?)")
+    values = [r["ppl"] for r in records if isinstance(r.get("ppl"), (int, float))]
+    return Check(name, False, f"all {len(values)} points between {_ppl(min(values))} and {_ppl(max(values))}"
+                 if values else "n/a: no perplexities")
+
+
+def _stage0_exits(record: dict) -> Optional[int]:
+    exited = record.get("tokens_exited") or []
+    return exited[0] if exited else None
+
+
+def check_routed_vs_masked(records: Sequence[dict]) -> Check:
+    """Stage 0 sees the same tokens in both methods, so its exits must be the same."""
+    points = _by_id(records)
+    pairs = [(r, points.get(f"masked@{r['hard_ratio']:g}")) for r in records if r["method"] == "routed"]
+    pairs = [(r, m) for r, m in pairs if m is not None]
+    if not pairs:
+        return Check("routed and masked stage-0 decisions differ", False, "n/a: no masked points")
+    differ = [f"hard {r['hard_ratio']:g}: routed {_stage0_exits(r)} vs masked {_stage0_exits(m)} tokens exit at "
+              f"stage 0" for r, m in pairs if _stage0_exits(r) != _stage0_exits(m)]
+    return Check("routed and masked stage-0 decisions differ", bool(differ),
+                 "; ".join(differ) if differ else f"identical at all {len(pairs)} hard ratios")
+
+
+def check_flop_counts(records: Sequence[dict]) -> Check:
+    counted = [r for r in records if r.get("flops") is not None and r.get("flops_analytic") is not None]
+    if not counted:
+        return Check("counted FLOPs differ from the analytic count", False, "n/a: no counted point")
+    differ = [f"{r['point_id']}: counted {r['flops']:,} vs analytic {r['flops_analytic']:,}" for r in counted
+              if r["flops"] != r["flops_analytic"]]
+    return Check("counted FLOPs differ from the analytic count", bool(differ),
+                 "; ".join(differ) if differ else
+                 f"equal at all {len(counted)} counted points ({', '.join(r['point_id'] for r in counted)})")
+
+
+def run_checks(records: Sequence[dict], plausible_ppl: Sequence[float] = PLAUSIBLE_PPL) -> list[Check]:
+    """Every check above over one run's records, in a fixed order."""
+    if not records:
+        raise ValueError("no records to check; run `cascade-bench run` first")
+    return [check_prefixes(records), check_hard_tokens(records), check_dense(records),
+            check_training_stops(records), check_ppl_range(records, plausible_ppl),
+            check_routed_vs_masked(records), check_flop_counts(records)]
+
+
+def format_checks(checks: Sequence[Check]) -> str:
+    """One line per check: ``[FLAG]`` or ``[ok]``, its name, its figures."""
+    return "\n".join(f"- [{'FLAG' if c.flagged else 'ok'}] {c.name}: {c.detail}" for c in checks) + "\n"

@@ -1,0 +1,112 @@
+"""Report checks on hand-built records: the right flags on bad runs, none on a good one."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from cascade_bench.checks import format_checks, run_checks
+
+
+def _stage(stage, epochs, best, reason, cap=40):
+    return {"stage": stage, "epochs": epochs, "best_epoch": best, "stop_reason": reason, "max_epochs": cap,
+            "patience": 1, "max_steps_per_epoch": None, "best_val_ppl": 100.0}
+
+
+def _point(point_id, method, ppl, hard_ratio=None, **extra):
+    return {"point_id": point_id, "method": method, "ppl": ppl, "hard_ratio": hard_ratio,
+            "flops": extra.pop("flops", None), "flops_analytic": extra.pop("flops_analytic", 1000), **extra}
+
+
+def good_records():
+    training = {"protocol": "ashem", "stages": [_stage(0, 12, 11, "early stopping"), _stage(1, 9, 6, "early stopping")]}
+    conditions = {"training": training}
+    records = [
+        _point("full", "full", 150.0, flops=2000, flops_analytic=2000),
+        _point("prefix-0", "prefix", 180.0, stages=1, flops=1200, flops_analytic=1200),
+        _point("dense", "dense", 140.0, flops=2000, flops_analytic=2000),
+        _point("routed@0.3", "routed", 165.0, 0.3, hard_ppl_stage0=500.0, hard_ppl=400.0, tokens_exited=[700, 300]),
+        _point("masked@0.3", "masked", 165.1, 0.3, tokens_exited=[700, 300]),
+        _point("routed@0.5", "routed", 158.0, 0.5, hard_ppl_stage0=420.0, hard_ppl=330.0, tokens_exited=[500, 500],
+               flops=1500, flops_analytic=1500),
+        _point("masked@0.5", "masked", 158.2, 0.5, tokens_exited=[500, 500], flops=2400, flops_analytic=2400),
+        _point("oracle", "oracle", 120.0),
+    ]
+    for record in records:
+        record["conditions"] = conditions
+    records[2]["conditions"] = {**conditions, "dense_training": _stage(0, 14, 13, "early stopping")}
+    return records
+
+
+def _flags(records):
+    return {check.name for check in run_checks(records) if check.flagged}
+
+
+def test_a_good_run_raises_no_flag():
+    checks = run_checks(good_records())
+    assert [c.flagged for c in checks] == [False] * 7
+    text = format_checks(checks)
+    assert "stage 0 alone 180.0 -> full cascade 150.0" in text
+    assert "at hard ratio 0.5: 420.0 at stage 0 -> 330.0 after (-21.4%)" in text
+    assert "stage 0: 12 epochs, best 11, early stopping" in text and "dense: 14 epochs" in text
+    assert "equal at all 5 counted points" in text and text.count("[ok]") == 7
+
+
+def test_a_full_cascade_worse_than_its_prefix_is_flagged_with_its_figures():
+    records = good_records()
+    records[0]["ppl"] = 621.3  # the inverted headline of issue 13
+    checks = {c.name: c for c in run_checks(records)}
+    check = checks["later stage worse than its prefix"]
+    assert check.flagged and check.detail == "full cascade PPL 621.3 > stage 0 alone 180.0"
+
+
+def test_a_stage_cut_by_the_epoch_cap_is_flagged():
+    records = good_records()
+    cut = copy.deepcopy(records[0]["conditions"])
+    cut["training"]["stages"][1] = _stage(1, 4, 4, "epoch cap", cap=4)
+    for record in records:
+        record["conditions"] = {**record["conditions"], "training": cut["training"]}
+    check = next(c for c in run_checks(records) if c.name == "training cut before convergence")
+    assert check.flagged and check.detail == "stage 1 stopped at the epoch cap (4 of 4 epochs, best epoch 4)"
+    records[2]["conditions"]["dense_training"]["max_steps_per_epoch"] = 10
+    check = next(c for c in run_checks(records) if c.name == "training cut before convergence")
+    assert "dense ran partial epochs (max_steps_per_epoch 10)" in check.detail
+
+
+@pytest.mark.parametrize("change, flag", [
+    (lambda r: r[2].update(ppl=190.0), "dense model worse than stage 0 alone"),
+    (lambda r: r[5].update(hard_ppl=430.0), "hard tokens worse after the later stages"),
+    (lambda r: r[7].update(ppl=3.2), "PPL outside [5, 1000]"),
+    (lambda r: r[1].update(ppl=1450.0), "PPL outside [5, 1000]"),
+    (lambda r: r[4].update(tokens_exited=[699, 301]), "routed and masked stage-0 decisions differ"),
+    (lambda r: r[5].update(flops=1501), "counted FLOPs differ from the analytic count"),
+])
+def test_each_implausible_figure_raises_its_own_flag(change, flag):
+    records = good_records()
+    change(records)
+    assert _flags(records) == {flag}
+
+
+def test_flag_details_name_the_figures():
+    records = good_records()
+    records[5]["hard_ppl"] = 430.0
+    records[4]["tokens_exited"] = [699, 301]
+    records[7]["ppl"] = 3.2
+    details = {c.name: c.detail for c in run_checks(records)}
+    assert details["hard tokens worse after the later stages"].startswith(
+        "hard-token PPL did not improve at hard ratio 0.5 (420.0 -> 430.0)")
+    assert details["routed and masked stage-0 decisions differ"] == \
+        "hard 0.3: routed 700 vs masked 699 tokens exit at stage 0"
+    assert details["PPL outside [5, 1000]"].startswith("oracle 3.2")
+
+
+def test_checks_that_do_not_apply_say_so():
+    records = [_point("full", "full", 30.0), _point("routed@0.5", "routed", 31.0, 0.5, hard_ppl_stage0=float("nan"),
+                                                     hard_ppl=40.0, tokens_exited=[5, 5])]
+    details = {c.name: (c.flagged, c.detail) for c in run_checks(records)}
+    assert details["later stage worse than its prefix"] == (False, "n/a: no full and prefix points")
+    assert details["training cut before convergence"] == (False, "n/a: nothing was trained in this run")
+    assert details["hard tokens worse after the later stages"][1].startswith("n/a")
+    with pytest.raises(ValueError, match="no records"):
+        run_checks([])
