@@ -160,6 +160,18 @@ class ExperimentConfig:
                       preset_config=STAGE_PRESETS[self.preset])
         return "dense-" + hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
 
+    def stage0_key(self) -> str:
+        """Hash of what trains stage 0 of a staged protocol: the data, preset, seed, caps, exit rule and
+        stage 0's kind and recipe (layers, lr, patience), but not the later stages nor the data protocol,
+        so e.g. the leaky and leak-free runs of one setting, or ``ashem`` and ``lego-3``, share stage 0."""
+        keys = ("corpus", "corpus_config", "tokenizer", "seq_len", "batch_size", "preset", "exit_fn", "max_epochs",
+                "max_steps_per_epoch", "seed", "dtype")
+        protocol = PROTOCOLS[self.protocol]
+        values = {k: getattr(self, k) for k in keys}
+        values.update(stage_kind=protocol.stage_kind, layers=protocol.layers[0], lr=protocol.lrs[0],
+                      patience=protocol.patience[0], preset_config=STAGE_PRESETS[self.preset])
+        return "stage0-" + hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
+
     def as_dict(self) -> dict:
         return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in fields(self)}
 

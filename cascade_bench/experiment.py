@@ -46,6 +46,7 @@ def experiment_paths(config: ExperimentConfig) -> dict[str, Path]:
             "confidence": out / "results" / f"{config.name}.confidence.json",
             "models": out / "models" / config.training_key(),
             "dense": out / "models" / config.dense_key() / "dense",
+            "stage0": out / "models" / config.stage0_key() / "stage0",
             "tables": out / "results",
             "plots": out / "plots",
             "report": out / "report.md",
@@ -61,22 +62,49 @@ def _protocol(config: ExperimentConfig):
     return with_leaky_seed_protocol(protocol) if config.leaky_seed_protocol else protocol
 
 
-def _trained_cascade(config: ExperimentConfig, data: PreparedData, folder: Path, progress: bool) -> tuple[Ensemble, dict]:
+def _stage_summary(protocol, report) -> list[dict]:
+    return [{"stage": s.stage, "layers": protocol.layers[s.stage], "lr": protocol.lrs[s.stage],
+             "hard_tokens_trained_on": s.hard_tokens, "threshold_calibrated": s.threshold_before,
+             "validation_ppl": s.validation.ppl, "validation_hard_ppl": s.validation.hard_ppl,
+             "validation_hard_ppl_stage0": s.validation.hard_ppl_stage0, **s.history.summary()}
+            for s in report.stages]
+
+
+def _trained_stage0(config: ExperimentConfig, protocol, data: PreparedData, folder: Path,
+                    progress: bool) -> tuple[Ensemble, list[dict]]:
+    """Stage 0 of a staged protocol, trained alone or loaded from ``folder`` (keyed by
+    ``config.stage0_key()``: shared by runs whose stage 0 trains identically), with its summary."""
+    if (folder / "cascade.json").exists():
+        return load_ensemble(folder, config.device, _dtype(config)), load_manifest(folder)["extra"]["stages"]
+    first = protocol.prefix(1)
+    ensemble = start_ensemble(first, config.preset, exit_fn=config.exit_fn, seed=config.seed,
+                              device=config.device, dtype=_dtype(config), vocab_size=len(data.tokenizer))
+    report = train_protocol(ensemble, data.train, data.validation, first, seed=config.seed,
+                            max_steps_per_epoch=config.max_steps_per_epoch or None, progress=progress)
+    stages = _stage_summary(first, report)
+    save_ensemble(ensemble, folder, tokenizer=data.tokenizer, extra={"stages": stages})
+    return ensemble, stages
+
+
+def _trained_cascade(config: ExperimentConfig, data: PreparedData, paths: dict, progress: bool) -> tuple[Ensemble, dict]:
+    folder = paths["models"] / "cascade"
     if (folder / "cascade.json").exists():
         return load_ensemble(folder, config.device, _dtype(config)), load_manifest(folder)["extra"]
     protocol = _protocol(config)
-    ensemble = start_ensemble(protocol, config.preset, exit_fn=config.exit_fn, seed=config.seed,
-                              device=config.device, dtype=_dtype(config), vocab_size=len(data.tokenizer))
-    report = train_protocol(ensemble, data.train, data.validation, protocol, seed=config.seed,
-                            max_steps_per_epoch=config.max_steps_per_epoch or None, progress=progress)
     summary = {"protocol": protocol.name, "stage_kind": protocol.stage_kind, "training": protocol.training,
-               "grows": protocol.grows, "hard_ratio": protocol.hard_ratio, "stages": [
-                   {"stage": s.stage, "layers": protocol.layers[s.stage], "lr": protocol.lrs[s.stage],
-                    "hard_tokens_trained_on": s.hard_tokens, "threshold_calibrated": s.threshold_before,
-                    "validation_ppl": s.validation.ppl, "validation_hard_ppl": s.validation.hard_ppl,
-                    "validation_hard_ppl_stage0": s.validation.hard_ppl_stage0, **s.history.summary()}
-                   for s in report.stages]}
-    if report.joint is not None:
+               "grows": protocol.grows, "hard_ratio": protocol.hard_ratio}
+    if protocol.training == "staged":
+        ensemble, stages = _trained_stage0(config, protocol, data, paths["stage0"], progress)
+        report = train_protocol(ensemble, data.train, data.validation, protocol, seed=config.seed,
+                                max_steps_per_epoch=config.max_steps_per_epoch or None, progress=progress,
+                                trained_stages=1)
+        summary["stages"] = stages + _stage_summary(protocol, report)
+    else:
+        ensemble = start_ensemble(protocol, config.preset, exit_fn=config.exit_fn, seed=config.seed,
+                                  device=config.device, dtype=_dtype(config), vocab_size=len(data.tokenizer))
+        report = train_protocol(ensemble, data.train, data.validation, protocol, seed=config.seed,
+                                max_steps_per_epoch=config.max_steps_per_epoch or None, progress=progress)
+        summary["stages"] = []
         summary["joint"] = {"layers": sum(protocol.layers), "lr": protocol.lrs[0],
                             "layer_weights": list(protocol.layer_weights), "validation_ppl": report.validation.ppl,
                             **report.joint.summary()}
@@ -191,7 +219,7 @@ def run_experiment(config: ExperimentConfig, progress: bool = True,
     if pretrained is not None:
         cascade, training = _pretrained_blocks(config, pretrained, data, progress)
     else:
-        cascade, training = _trained_cascade(config, data, paths["models"] / "cascade", progress)
+        cascade, training = _trained_cascade(config, data, paths, progress)
     calibrated = cascade.thresholds
     timed = min(config.timing_batches, len(test)) if config.timing_batches else len(test)
     conditions = {**data.conditions, "split": config.eval_split, "config": config.as_dict(),

@@ -102,6 +102,15 @@ class Protocol:
                 "the trained exit head, embedding and lower blocks frozen)" if self.stage_kind == "block" else
                 "separate whole models (stage k+1 reads stage k's final hidden states; its own norm and head)")
 
+    def prefix(self, n: int) -> "Protocol":
+        """The protocol's first ``n`` stages (same recipes): ``train_ensemble`` on ``prefix(1)`` trains stage
+        0 alone, and ``trained_stages=1`` with the whole protocol continues from it."""
+        if not 1 <= n <= len(self.layers):
+            raise ValueError(f"protocol {self.name!r} has {len(self.layers)} stages; prefix needs 1..{len(self.layers)}, "
+                             f"got {n}")
+        return replace(self, layers=self.layers[:n], lrs=self.lrs[:n], patience=self.patience[:n],
+                       layer_weights=self.layer_weights[:n])
+
     def stage_config(self, k: int, seed: int, max_steps_per_epoch: Optional[int] = None) -> TrainConfig:
         return TrainConfig(lr=self.lrs[k], patience=self.patience[k], max_epochs=self.max_epochs, seed=seed + k,
                            max_steps_per_epoch=max_steps_per_epoch)
@@ -163,29 +172,39 @@ def start_ensemble(protocol: Protocol, preset: str, exit_fn=None, seed: Optional
                  dtype=dtype, **overrides)
 
 
-def _check_start(ensemble: Ensemble, protocol: Protocol) -> None:
+def _check_start(ensemble: Ensemble, protocol: Protocol, trained_stages: int = 0) -> None:
     kind = STAGE_KINDS[protocol.stage_kind]
-    if len(ensemble) != 1 or ensemble.layers_per_stage[0] != protocol.layers[0]:
+    start = max(trained_stages, 1)
+    if not 0 <= trained_stages < len(protocol.layers):
+        raise ValueError(f"trained_stages must be in 0..{len(protocol.layers) - 1} for protocol {protocol.name!r}, "
+                         f"got {trained_stages}")
+    if len(ensemble) != start or ensemble.layers_per_stage != protocol.layers[:start]:
         raise ValueError(f"protocol {protocol.name!r} grows its cascade from stage 0 ({protocol.layers[0]} layers) "
-                         f"to {protocol.layers}; pass stage 0 alone (protocols.start_ensemble), got stages of "
+                         f"to {protocol.layers}; pass stage 0 alone (protocols.start_ensemble) or the stages trained "
+                         f"so far ({protocol.layers[:start]} for trained_stages={trained_stages}), got stages of "
                          f"{ensemble.layers_per_stage} layers")
-    if not isinstance(ensemble[0], kind):
-        raise TypeError(f"protocol {protocol.name!r} grows {protocol.stage_kind} stages ({kind.__name__}); stage 0 "
-                        f"is a {type(ensemble[0]).__name__} (build it with protocols.start_ensemble)")
+    if not all(isinstance(stage, kind) for stage in ensemble):
+        raise TypeError(f"protocol {protocol.name!r} grows {protocol.stage_kind} stages ({kind.__name__}); got "
+                        f"{[type(s).__name__ for s in ensemble]} (build stage 0 with protocols.start_ensemble)")
 
 
 def train_ensemble(ensemble: Ensemble, train_batches: Sequence, validation_batches: Sequence,
                    protocol: Protocol = PROTOCOLS["ashem"], seed: int = 0,
                    max_steps_per_epoch: Optional[int] = None, memory_budget_bytes: int = 1 << 30,
-                   progress: bool = True) -> TrainingReport:
+                   progress: bool = True, trained_stages: int = 0) -> TrainingReport:
     """Train stage 0 of ``ensemble`` (freshly built by ``start_ensemble``), then grow and train one
     stage per remaining entry of ``protocol.layers`` (see module docstring). The new stages are
-    initialised from ``seed`` (stage k: ``seed + k``). Thresholds of stages 0..S-2 are left calibrated."""
+    initialised from ``seed`` (stage k: ``seed + k``). Thresholds of stages 0..S-2 are left calibrated.
+
+    ``trained_stages=n`` continues a cascade whose first n stages this protocol already trained (e.g. a
+    stage 0 trained with ``protocol.prefix(1)`` and saved, shared by runs that differ only later): it
+    grows and trains stages n.. exactly as one uninterrupted call would (every stage seeds its own
+    initialisation and shuffling), and the report holds the stages this call trained."""
     if protocol.training != "staged":
         raise ValueError(f"protocol {protocol.name!r} trains its stages jointly; use train_protocol")
-    _check_start(ensemble, protocol)
+    _check_start(ensemble, protocol, trained_stages)
     reports = []
-    for k in range(len(protocol.layers)):
+    for k in range(trained_stages, len(protocol.layers)):
         config = protocol.stage_config(k, seed, max_steps_per_epoch)
         threshold, spilled = None, 0
         if k == 0:
@@ -216,10 +235,13 @@ def train_ensemble(ensemble: Ensemble, train_batches: Sequence, validation_batch
 
 def train_joint_protocol(ensemble: Ensemble, train_batches: Sequence, validation_batches: Sequence,
                          protocol: Protocol, seed: int = 0, max_steps_per_epoch: Optional[int] = None,
-                         progress: bool = True, **_unused) -> TrainingReport:
+                         progress: bool = True, trained_stages: int = 0, **_unused) -> TrainingReport:
     """Joint training (deep supervision) of every block of ``ensemble`` (built by ``start_ensemble``):
     loss = weighted exits (``protocol.layer_weights``), early stopping on the routed validation PPL
     with thresholds recalibrated at ``protocol.hard_ratio`` after each epoch (left calibrated)."""
+    if trained_stages:
+        raise ValueError(f"protocol {protocol.name!r} trains all its blocks at once; trained_stages must be 0, "
+                         f"got {trained_stages}")
     if ensemble.layers_per_stage != protocol.layers or not all(isinstance(s, Block) for s in ensemble):
         raise ValueError(f"protocol {protocol.name!r} trains blocks of {protocol.layers} layers jointly; build them "
                          f"with protocols.start_ensemble (got {[type(s).__name__ for s in ensemble]} of "
@@ -243,11 +265,13 @@ TRAINERS = {"staged": train_ensemble, "joint": train_joint_protocol}
 
 def train_protocol(ensemble: Ensemble, train_batches: Sequence, validation_batches: Sequence, protocol: Protocol,
                    seed: int = 0, max_steps_per_epoch: Optional[int] = None, memory_budget_bytes: int = 1 << 30,
-                   progress: bool = True) -> TrainingReport:
-    """Train ``ensemble`` (from ``start_ensemble(protocol, ...)``) the way ``protocol`` says."""
+                   progress: bool = True, trained_stages: int = 0) -> TrainingReport:
+    """Train ``ensemble`` (from ``start_ensemble(protocol, ...)``) the way ``protocol`` says;
+    ``trained_stages`` as in ``train_ensemble`` (staged protocols only)."""
     return TRAINERS[protocol.training](ensemble, train_batches, validation_batches, protocol, seed=seed,
                                        max_steps_per_epoch=max_steps_per_epoch,
-                                       memory_budget_bytes=memory_budget_bytes, progress=progress)
+                                       memory_budget_bytes=memory_budget_bytes, progress=progress,
+                                       trained_stages=trained_stages)
 
 
 def train_dense_baseline(model_stage, train_batches: Sequence, validation_batches: Sequence,

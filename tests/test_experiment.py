@@ -7,6 +7,7 @@ import math
 import pandas as pd
 import pytest
 
+from cascade_bench import experiment
 from cascade_bench.cli import main
 from cascade_bench.config import make_config
 from cascade_bench.experiment import run_experiment
@@ -145,6 +146,27 @@ def test_compare_runs_of_two_protocols_at_matched_flops_sharing_one_dense_model(
     capsys.readouterr()
     assert main(["compare", "tiny", "missing", "--out", config.out]) == 2
     assert "no results for run 'missing'" in capsys.readouterr().err
+
+
+def test_leaky_and_leak_free_runs_share_one_trained_stage0(finished, monkeypatch):
+    config, paths = finished
+    trained = []
+    real = experiment.train_protocol
+
+    def spy(ensemble, *args, **kwargs):
+        trained.append((len(ensemble), kwargs.get("trained_stages", 0)))
+        return real(ensemble, *args, **kwargs)
+
+    monkeypatch.setattr(experiment, "train_protocol", spy)
+    leaky = make_config({**TINY, "out": config.out, "name": "tiny-leaky", "leaky_seed_protocol": True})
+    assert leaky.stage0_key() == config.stage0_key() and leaky.training_key() != config.training_key()
+    run_experiment(leaky, progress=False)
+    assert trained == [(1, 1)]  # stage 0 loaded from the first run; only stage 1 trained
+    assert (paths["stage0"] / "cascade.json").exists()
+    first, second = (next(r for r in ResultsStore(p) if r["point_id"] == "prefix-0")
+                     for p in (paths["results"], config.out_dir / "results" / "tiny-leaky.jsonl"))
+    assert first["conditions"]["training"]["stages"][0] == second["conditions"]["training"]["stages"][0]
+    assert second["conditions"]["training"]["stages"][1]["stage"] == 1
 
 
 def test_report_and_plot_commands_reuse_stored_results(finished, capsys):

@@ -217,6 +217,31 @@ def test_protocol_runs_are_deterministic(data):
     assert state_a.keys() == state_b.keys() and all(torch.equal(state_a[k], state_b[k]) for k in state_a)
 
 
+def test_continuing_from_a_saved_stage0_equals_one_uninterrupted_call(data, tmp_path):
+    protocol = _protocol("block", layers=(1, 1, 1), lrs=(3e-3, 1e-3, 1e-3), patience=(1, 1, 1))
+    whole = _start(data, protocol, seed=3)
+    one_call = train_ensemble(whole, data.train, data.validation, protocol, seed=3, max_steps_per_epoch=3,
+                              progress=False)
+    first = _start(data, protocol, seed=3)
+    train_ensemble(first, data.train, data.validation, protocol.prefix(1), seed=3, max_steps_per_epoch=3,
+                   progress=False)
+    save_ensemble(first, tmp_path / "stage0")
+    resumed = load_ensemble(tmp_path / "stage0")
+    rest = train_ensemble(resumed, data.train, data.validation, protocol, seed=3, max_steps_per_epoch=3,
+                          progress=False, trained_stages=1)
+    assert [s.stage for s in rest.stages] == [1, 2]
+    for x, y in zip(one_call.stages[1:], rest.stages):
+        assert x.history.val_ppl == y.history.val_ppl and x.hard_tokens == y.hard_tokens
+    expected = whole.state_dict()
+    assert resumed.state_dict().keys() == expected.keys()
+    for name, value in resumed.state_dict().items():
+        assert torch.equal(value, expected[name]), name
+    with pytest.raises(ValueError, match="trained_stages=2\\), got stages of \\(1,\\) layers"):
+        train_ensemble(_start(data, protocol), data.train, data.validation, protocol, trained_stages=2)
+    with pytest.raises(ValueError, match="prefix needs 1..3, got 4"):
+        protocol.prefix(4)
+
+
 def test_leaky_seed_protocol_collects_from_validation(data):
     protocol = with_leaky_seed_protocol(_protocol("block", max_epochs=1))
     assert protocol.name == "tiny-block-leaky" and protocol.leaky_seed_protocol
@@ -250,7 +275,7 @@ def test_configuration_errors_name_the_value(data, tmp_path):
         Protocol("x", (1, 1), (1e-3, 1e-3), (1, 1), stage_kind="tree")
     with pytest.raises(ValueError, match="pass stage 0 alone .* got stages of \\(1, 1\\) layers"):
         train_ensemble(_ensemble(data), data.train, data.validation, _protocol("llm"))
-    with pytest.raises(TypeError, match="grows block stages \\(Block\\); stage 0 is a LLM"):
+    with pytest.raises(TypeError, match="grows block stages \\(Block\\); got \\['LLM'\\]"):
         train_ensemble(_ensemble(data, layers=(1,)), data.train, data.validation, _protocol("block"))
     ensemble = _ensemble(data)
     ensemble[0].exit_function = __import__("cascade_bench").resolve_exit_function(lambda a, b, c: c.amax(-1))
