@@ -1,7 +1,7 @@
 """Figures from the results store (matplotlib, Agg), saved as PNG and PDF:
 
-- cost vs PPL: three panels (layer cost, counted FLOPs, wall time, each relative to the full
-  cascade), one curve per swept method, baselines as points, the oracle bound (no wall time),
+- cost vs PPL: three panels (layer cost, FLOPs: counted where measured, else the analytic count
+  that equals it, and wall time, each relative to the full cascade), one curve per swept method, baselines as points, the oracle bound (no wall time),
   the Pareto front of routed early exit circled;
 - stacked exit ratios per hard ratio of the sweep;
 - confidence histograms per stage with the calibrated thresholds of the sweep.
@@ -16,7 +16,7 @@ from typing import Sequence
 COLORS = {"routed": "tab:blue", "masked": "tab:orange", "full": "black", "prefix": "tab:gray",
           "dense": "tab:green", "oracle": "tab:red"}
 PANELS = (("layer_cost", "layer cost (fraction of all layers x tokens)"),
-          ("flop_ratio", "counted FLOPs / full depth"),
+          ("flop_ratio", "FLOPs / full depth (counted = analytic)"),
           ("wall_ratio", "wall time / full depth"))
 
 
