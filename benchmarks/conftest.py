@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from cascade_bench.corpus import embedded_documents
-from cascade_bench.presets import build_blocks, build_ensemble
+from cascade_bench.data.corpus import embedded_documents
+from cascade_bench.stages.presets import build_blocks, build_ensemble
 
 THREADS = 2
 

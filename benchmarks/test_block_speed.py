@@ -15,12 +15,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cascade_bench.calibration import calibrate_thresholds
-from cascade_bench.corpus import byte_token_windows
-from cascade_bench.exits import resolve_exit_function
-from cascade_bench.flops import count_flops, count_pass_flops
-from cascade_bench.routing import forward_cascade
-from cascade_bench.timing import interleaved_ratio, synchronize
+from cascade_bench.data.corpus import byte_token_windows
+from cascade_bench.measure.flops import count_flops, count_pass_flops
+from cascade_bench.measure.timing import interleaved_ratio, synchronize
+from cascade_bench.routing.calibration import calibrate_thresholds
+from cascade_bench.routing.passes import forward_cascade
+from cascade_bench.stages.exits import resolve_exit_function
 
 HARD_RATIOS = (0.75, 0.5, 0.25)
 

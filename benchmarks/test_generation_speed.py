@@ -16,10 +16,10 @@ import statistics
 
 import pytest
 
-from cascade_bench.corpus import byte_token_windows
-from cascade_bench.exits import resolve_exit_function
-from cascade_bench.generation import generate
-from cascade_bench.generation_bench import ForcedExitRate
+from cascade_bench.bench.generation import ForcedExitRate
+from cascade_bench.data.corpus import byte_token_windows
+from cascade_bench.routing.generation import generate
+from cascade_bench.stages.exits import resolve_exit_function
 
 NEW_TOKENS = 33  # 32 decode steps
 PROMPT = 64

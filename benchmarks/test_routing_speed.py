@@ -21,12 +21,12 @@ import math
 import pytest
 import torch
 
-from cascade_bench.calibration import threshold_for_hard_ratio
-from cascade_bench.compaction import from_dense, plan_layouts, to_dense
-from cascade_bench.corpus import byte_token_windows
-from cascade_bench.flops import count_flops
-from cascade_bench.routing import forward_cascade
-from cascade_bench.timing import SpanTimer, interleaved_ratio, synchronize
+from cascade_bench.data.corpus import byte_token_windows
+from cascade_bench.measure.flops import count_flops
+from cascade_bench.measure.timing import SpanTimer, interleaved_ratio, synchronize
+from cascade_bench.routing.calibration import threshold_for_hard_ratio
+from cascade_bench.routing.compaction import from_dense, plan_layouts, to_dense
+from cascade_bench.routing.passes import forward_cascade
 
 EXIT_RATIOS = (0.0, 0.25, 0.5, 0.75, 1.0)
 EE_METHODS = {"routed-padded": dict(method="routed", batching="padded"),

@@ -8,10 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cascade_bench.calibration import calibrate_thresholds
-from cascade_bench.data import prepare_data
-from cascade_bench.presets import build_ensemble
-from cascade_bench.training import TrainConfig, collect_hard_tokens, train_llm
+from cascade_bench.data.prepare import prepare_data
+from cascade_bench.routing.calibration import calibrate_thresholds
+from cascade_bench.stages.presets import build_ensemble
+from cascade_bench.training.loops import TrainConfig, collect_hard_tokens, train_llm
 
 STEPS = 8
 

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .presets import STAGE_PRESETS
+from .stages.presets import STAGE_PRESETS
 
 
 def _positive_int(text: str) -> int:
@@ -53,9 +53,9 @@ def _add_cascade_args(command: argparse.ArgumentParser) -> None:
 def _build_cascade(args: argparse.Namespace):
     import torch
 
-    from .ensemble import Ensemble
-    from .llm import LLM
-    from .presets import build_blocks, build_ensemble
+    from .stages.ensemble import Ensemble
+    from .stages.llm import LLM
+    from .stages.presets import build_blocks, build_ensemble
 
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, DTYPES[args.dtype])
@@ -92,7 +92,7 @@ def _build_cascade(args: argparse.Namespace):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import add_config_arguments
+    from .experiment.config import add_config_arguments
 
     parser = argparse.ArgumentParser(prog="cascade-bench", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -195,10 +195,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _bench_generate(args: argparse.Namespace) -> int:
-    from .corpus import byte_token_windows, embedded_documents
-    from .environment import environment_conditions
-    from .generation_bench import (bench_generation, decode_checks, format_generation_table, format_peer_table,
-                                   write_generation_bench)
+    from .bench.generation import (
+        bench_generation,
+        decode_checks,
+        format_generation_table,
+        format_peer_table,
+        write_generation_bench,
+    )
+    from .data.corpus import byte_token_windows, embedded_documents
+    from .measure.environment import environment_conditions
 
     if args.new_tokens < 2:
         raise ValueError(f"--new-tokens must be at least 2 (one decode step), got {args.new_tokens}")
@@ -230,9 +235,9 @@ def _bench_generate(args: argparse.Namespace) -> int:
 
 
 def _bench_blocks(args: argparse.Namespace) -> int:
-    from .block_bench import bench_blocks, format_block_table, write_block_bench
-    from .corpus import byte_token_windows, embedded_documents
-    from .environment import environment_conditions
+    from .bench.blocks import bench_blocks, format_block_table, write_block_bench
+    from .data.corpus import byte_token_windows, embedded_documents
+    from .measure.environment import environment_conditions
 
     ensemble, origin = _build_cascade(args)
     text = "\n\n".join(body for _, body in embedded_documents())
@@ -255,7 +260,7 @@ def _bench_blocks(args: argparse.Namespace) -> int:
 
 
 def _bench_routing(args: argparse.Namespace) -> int:
-    from .routing_bench import format_table, run_routing_bench
+    from .bench.routing import format_table, run_routing_bench
 
     ensemble, origin = _build_cascade(args)
     rows, checks, conditions = run_routing_bench(
@@ -274,11 +279,11 @@ def _bench_routing(args: argparse.Namespace) -> int:
 def _cost(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from .calibration import calibrate_thresholds
-    from .corpus import byte_token_windows, embedded_documents
-    from .cost import measure_cost
-    from .cost_table import format_cost
-    from .storage import write_json_atomic
+    from .cost.measurement import measure_cost
+    from .cost.table import format_cost
+    from .data.corpus import byte_token_windows, embedded_documents
+    from .data.storage import write_json_atomic
+    from .routing.calibration import calibrate_thresholds
 
     ensemble, origin = _build_cascade(args)
     text = "\n\n".join(body for _, body in embedded_documents())
@@ -303,11 +308,10 @@ def _cost(args: argparse.Namespace) -> int:
 
 
 def _experiment(args: argparse.Namespace) -> int:
-    from .config import config_from_args
-    from .experiment import experiment_paths, run_experiment
-
-    from .checks import format_checks, run_checks
-    from .results_store import ResultsStore
+    from .experiment.checks import format_checks, run_checks
+    from .experiment.config import config_from_args
+    from .experiment.pipeline import experiment_paths, run_experiment
+    from .experiment.results_store import ResultsStore
 
     config = config_from_args(args, args.config_file)
     paths = experiment_paths(config)
@@ -323,11 +327,11 @@ def _experiment(args: argparse.Namespace) -> int:
     if not records:
         raise ValueError(f"no results in {paths['results']}; run `cascade-bench run` first")
     if args.command == "report":
-        from .reports import write_report
+        from .experiment.reports import write_report
 
         print(f"wrote {write_report(records, config, paths)}")
     else:
-        from .plots import make_plots
+        from .experiment.plots import make_plots
 
         for path in make_plots(records, paths["confidence"], paths["plots"], config.name):
             print(f"wrote {path}")
@@ -335,9 +339,9 @@ def _experiment(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from .comparison import comparison_table, seed_comparison_table
-    from .reports import to_markdown, write_table
-    from .results_store import ResultsStore
+    from .experiment.comparison import comparison_table, seed_comparison_table
+    from .experiment.reports import to_markdown, write_table
+    from .experiment.results_store import ResultsStore
 
     runs = {}
     for name in args.names:
@@ -376,7 +380,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "compare":
             return _compare(args)
         if args.command == "bench-report":
-            from .bench_report import write_bench_report
+            from .bench.report import write_bench_report
 
             if not args.json_file.is_file():
                 raise ValueError(f"missing benchmark JSON {args.json_file}")

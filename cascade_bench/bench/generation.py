@@ -24,11 +24,11 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from .ensemble import Ensemble
-from .exits import ExitFunction, resolve_exit_function
-from .generation import generate
-from .llm import LLM
-from .storage import write_json_atomic
+from ..data.storage import write_json_atomic
+from ..routing.generation import generate
+from ..stages.ensemble import Ensemble
+from ..stages.exits import ExitFunction, resolve_exit_function
+from ..stages.llm import LLM
 
 #: Decisions are drawn in chunks of this many: each chunk exits exactly its share, in seeded order.
 CHUNK = 8

@@ -15,15 +15,15 @@ from typing import Sequence
 
 import torch
 
-from .calibration import threshold_for_hard_ratio
-from .corpus import byte_token_windows, embedded_documents
-from .ensemble import Ensemble, evaluation_mode
-from .environment import environment_conditions
-from .flops import count_flops
-from .memory import peak_memory_bytes
-from .routing import forward_cascade
-from .storage import write_json_atomic
-from .timing import TimingStats, wall_time_once
+from ..data.corpus import byte_token_windows, embedded_documents
+from ..data.storage import write_json_atomic
+from ..measure.environment import environment_conditions
+from ..measure.flops import count_flops
+from ..measure.memory import peak_memory_bytes
+from ..measure.timing import TimingStats, wall_time_once
+from ..routing.calibration import threshold_for_hard_ratio
+from ..routing.passes import forward_cascade
+from ..stages.ensemble import Ensemble, evaluation_mode
 
 #: name -> forward_cascade keyword arguments
 BENCH_METHODS: dict[str, dict] = {

@@ -52,7 +52,7 @@ def family_parts(model: nn.Module) -> FamilyParts:
         raise ValueError(
             f"unsupported model family {model_type!r}: could not find its {' and '.join(missing)} on "
             f"{type(base).__name__} (looked for {layer_names} / {norm_names}); add it to "
-            f"cascade_bench.families.FAMILY_PARTS"
+            f"cascade_bench.stages.families.FAMILY_PARTS"
         )
     return FamilyParts(base_model=base, layers=layers, final_norm=norm)
 
@@ -89,7 +89,7 @@ def layer_slice_recipe(model: nn.Module) -> LayerSliceRecipe:
     if model_type not in LAYER_SLICE_RECIPES or model_type not in FAMILY_PARTS:
         raise ValueError(
             f"cannot cut a {model_type!r} model ({type(model).__name__}) into blocks: "
-            f"cascade_bench.families.LAYER_SLICE_RECIPES has no entry for it (it needs: where the decoder "
+            f"cascade_bench.stages.families.LAYER_SLICE_RECIPES has no entry for it (it needs: where the decoder "
             f"layers and final norm sit, how positions enter (absolute embedding or rotary), and the "
             f"layers' cache argument); supported: {sorted(LAYER_SLICE_RECIPES)}")
     recipe = LAYER_SLICE_RECIPES[model_type]

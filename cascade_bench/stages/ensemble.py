@@ -1,4 +1,4 @@
-"""Ensemble: an ordered list of stages that it validates; routing lives in ``routing.py``."""
+"""Ensemble: an ordered list of stages that it validates; routing lives in ``routing/passes.py``."""
 
 from __future__ import annotations
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from .plots import COLORS, _pyplot, _save
-from .reports import write_table
+from ..experiment.plots import COLORS, _pyplot, _save
+from ..experiment.reports import write_table
 
 _NAME = re.compile(r"test_(?P<kind>\w+)\[(?P<params>[^\]]*)\]")
 

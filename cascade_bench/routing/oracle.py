@@ -15,10 +15,10 @@ from typing import Iterable
 
 import torch
 
-from .analytic import routed_cost
-from .batch import unpack_batch
-from .ensemble import Ensemble, evaluation_mode
-from .routing import forward_cascade
+from ..data.batch import unpack_batch
+from ..measure.analytic import routed_cost
+from ..stages.ensemble import Ensemble, evaluation_mode
+from .passes import forward_cascade
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .cost import CostRecord
+from .measurement import CostRecord
 
 
 def _g(flops: Optional[float]) -> str:

@@ -13,9 +13,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .exits import ExitFunction
-from .llm import LLM
-from .probes import NO_PROBE, Probe
+from ..measure.probes import NO_PROBE, Probe
+from ..stages.exits import ExitFunction
+from ..stages.llm import LLM
 
 #: Default logits chunk: about 8 MiB of float32 logits at a time. Small enough to stay in the
 #: allocator's heap (a fresh 64 MiB block per chunk costs more in page faults than its math).

@@ -11,8 +11,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Optional
 
-from .presets import STAGE_PRESETS
-from .protocols import PROTOCOLS
+from ..stages.presets import STAGE_PRESETS
+from ..training.protocols import PROTOCOLS
 
 METHOD_BASELINES = ("full", "prefix", "masked", "dense", "oracle")
 BLOCK_HEADS = ("shared", "trained")

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from .families import LayerShape, layer_shape
+from ..stages.families import LayerShape, layer_shape
 
 
 def dense_macs_per_token(shape: LayerShape) -> int:

@@ -20,13 +20,13 @@ from typing import Sequence
 
 import torch
 
-from .calibration import calibrate_thresholds
-from .ensemble import Ensemble, evaluation_mode
-from .exits import resolve_exit_function
-from .flops import count_pass_flops
-from .routing import forward_cascade
-from .storage import write_json_atomic
-from .timing import wall_time_once
+from ..data.storage import write_json_atomic
+from ..measure.flops import count_pass_flops
+from ..measure.timing import wall_time_once
+from ..routing.calibration import calibrate_thresholds
+from ..routing.passes import forward_cascade
+from ..stages.ensemble import Ensemble, evaluation_mode
+from ..stages.exits import resolve_exit_function
 
 
 @dataclass(frozen=True)

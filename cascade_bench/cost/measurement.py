@@ -29,16 +29,16 @@ from typing import Iterable, Optional
 
 import torch
 
-from .analytic import padding_flops, routed_cost
-from .batch import unpack_batch
-from .ensemble import Ensemble, evaluation_mode
-from .evaluation import EvalResult, Totals
-from .flops import FlopBreakdown, count_pass_flops
+from ..data.batch import unpack_batch
+from ..measure.analytic import padding_flops, routed_cost
+from ..measure.flops import FlopBreakdown, count_pass_flops
+from ..measure.memory import peak_memory_bytes
+from ..measure.probes import NO_PROBE, Probe
+from ..measure.timing import time_call, time_spans
+from ..routing.evaluation import EvalResult, Totals
+from ..routing.passes import RoutedOutput, forward_cascade
+from ..stages.ensemble import Ensemble, evaluation_mode
 from .fvcore_check import FvcoreCounter
-from .memory import peak_memory_bytes
-from .probes import NO_PROBE, Probe
-from .routing import RoutedOutput, forward_cascade
-from .timing import time_call, time_spans
 
 
 @dataclass(frozen=True)

@@ -23,21 +23,28 @@ from typing import Callable, Optional
 
 import torch
 
-from .calibration import calibrate_thresholds
+from ..cost.measurement import measure_cost
+from ..data.prepare import PreparedData, prepare_data
+from ..data.storage import write_json_atomic
+from ..measure.timing import interleaved_ratio
+from ..routing.calibration import calibrate_thresholds
+from ..routing.oracle import oracle_bound
+from ..routing.passes import forward_cascade
+from ..stages.ensemble import Ensemble, evaluation_mode
+from ..stages.presets import STAGE_PRESETS, build_ensemble
+from ..training.loops import TrainConfig
+from ..training.persistence import load_ensemble, load_manifest, save_ensemble
+from ..training.protocols import (
+    PROTOCOLS,
+    exit_heads_ppl,
+    start_ensemble,
+    train_dense_baseline,
+    train_exit_heads,
+    train_protocol,
+    with_leaky_seed_protocol,
+)
 from .config import ExperimentConfig
-from .cost import measure_cost
-from .data import PreparedData, prepare_data
-from .ensemble import Ensemble, evaluation_mode
-from .routing import forward_cascade
-from .oracle import oracle_bound
-from .persistence import load_ensemble, load_manifest, save_ensemble
-from .presets import STAGE_PRESETS, build_ensemble
-from .protocols import (PROTOCOLS, exit_heads_ppl, start_ensemble, train_dense_baseline, train_exit_heads,
-                        train_protocol, with_leaky_seed_protocol)
 from .results_store import ResultsStore
-from .storage import write_json_atomic
-from .timing import interleaved_ratio
-from .training import TrainConfig
 
 
 def experiment_paths(config: ExperimentConfig) -> dict[str, Path]:

@@ -21,11 +21,11 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .batch import IGNORE_INDEX, next_token_targets, unpack_batch
-from .compaction import plan_layouts, to_dense
-from .ensemble import Ensemble, evaluation_mode
-from .llm import LLM
-from .routing import forward_cascade
+from ..data.batch import IGNORE_INDEX, next_token_targets, unpack_batch
+from ..routing.compaction import plan_layouts, to_dense
+from ..routing.passes import forward_cascade
+from ..stages.ensemble import Ensemble, evaluation_mode
+from ..stages.llm import LLM
 
 
 @dataclass(frozen=True)

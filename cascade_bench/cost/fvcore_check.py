@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .llm import LLM
+from ..stages.llm import LLM
 
 #: fvcore operator classes that count the same matrix products as FlopCounterMode.
 MATMUL_OPS = frozenset({"linear", "addmm", "mm", "bmm", "matmul", "einsum", "scaled_dot_product_attention"})

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Iterator
 
-from .storage import write_text_atomic
+from ..data.storage import write_text_atomic
 
 SCHEMA_VERSION = 2
 

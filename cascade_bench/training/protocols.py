@@ -37,16 +37,25 @@ from typing import Optional, Sequence
 
 import torch
 
-from .batch import unpack_batch
-from .blocks import Block
-from .calibration import calibrate_thresholds
-from .ensemble import Ensemble, evaluation_mode
-from .evaluation import EvalResult, evaluate
-from .routing import forward_cascade
-from .llm import LLM
-from .presets import build_blocks, build_ensemble
-from .training import (TrainConfig, TrainHistory, collect_hard_tokens, exit_loss, fit, freeze, shuffled,
-                       train_jointly, train_llm)
+from ..data.batch import unpack_batch
+from ..routing.calibration import calibrate_thresholds
+from ..routing.evaluation import EvalResult, evaluate
+from ..routing.passes import forward_cascade
+from ..stages.blocks import Block
+from ..stages.ensemble import Ensemble, evaluation_mode
+from ..stages.llm import LLM
+from ..stages.presets import build_blocks, build_ensemble
+from .loops import (
+    TrainConfig,
+    TrainHistory,
+    collect_hard_tokens,
+    exit_loss,
+    fit,
+    freeze,
+    shuffled,
+    train_jointly,
+    train_llm,
+)
 
 #: The kinds of stage a protocol grows: blocks of one model, or separate whole models.
 STAGE_KINDS = {"block": Block, "llm": LLM}

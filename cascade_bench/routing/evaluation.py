@@ -8,10 +8,10 @@ from typing import Iterable, Optional
 
 import torch
 
-from .batch import unpack_batch
-from .ensemble import Ensemble, evaluation_mode
-from .environment import environment_conditions
-from .routing import forward_cascade
+from ..data.batch import unpack_batch
+from ..measure.environment import environment_conditions
+from ..stages.ensemble import Ensemble, evaluation_mode
+from .passes import forward_cascade
 
 
 @dataclass(frozen=True)

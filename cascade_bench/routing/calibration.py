@@ -8,9 +8,9 @@ from typing import Iterable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .batch import unpack_batch
-from .ensemble import Ensemble, evaluation_mode
-from .routing import forward_cascade
+from ..data.batch import unpack_batch
+from ..stages.ensemble import Ensemble, evaluation_mode
+from .passes import forward_cascade
 
 
 def _check_ratio(hard_ratio) -> float:

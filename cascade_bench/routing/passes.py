@@ -26,12 +26,12 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from .batch import TokenBatch, make_token_batch
+from ..data.batch import TokenBatch, make_token_batch
+from ..measure.probes import NO_PROBE, Probe
+from ..stages.ensemble import Ensemble
+from ..stages.llm import LLM, check_threshold
 from .compaction import Layout, from_dense, plan_layouts, scatter_members, to_dense
-from .ensemble import Ensemble
 from .exit_head import HeadResult, run_exit_head
-from .llm import LLM, check_threshold
-from .probes import NO_PROBE, Probe
 
 METHODS = ("routed", "masked", "full")
 POSITION_MODES = ("compact", "original")

@@ -17,8 +17,8 @@ from typing import Optional, Sequence
 
 import pandas as pd
 
+from ..data.storage import write_text_atomic
 from .checks import format_checks, run_checks
-from .storage import write_text_atomic
 
 #: ASHEM's published WikiText-2 figures (DESIGN.md section 4).
 ASHEM_SEED_FIGURES = {"stage-0 PPL": 986.43, "hard PPL before": 2763.69, "hard PPL after": 668.08,

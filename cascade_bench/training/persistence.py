@@ -18,10 +18,10 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-from .blocks import Block, assemble_model, head_sharing
-from .ensemble import Ensemble
-from .exits import BUILTIN_EXIT_FUNCTIONS, resolve_exit_function
-from .llm import LLM
+from ..stages.blocks import Block, assemble_model, head_sharing
+from ..stages.ensemble import Ensemble
+from ..stages.exits import BUILTIN_EXIT_FUNCTIONS, resolve_exit_function
+from ..stages.llm import LLM
 
 MANIFEST = "cascade.json"
 FORMAT = "cascade_bench.ensemble"

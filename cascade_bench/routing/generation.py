@@ -19,12 +19,12 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from ..measure.flops import EXTRA_FLOP_FORMULAS
+from ..measure.timing import synchronize
+from ..stages.ensemble import Ensemble, evaluation_mode
+from ..stages.stage_cache import StageCache
 from .compaction import plan_layouts, to_dense
-from .ensemble import Ensemble, evaluation_mode
-from .flops import EXTRA_FLOP_FORMULAS
-from .routing import resolve_thresholds
-from .stage_cache import StageCache
-from .timing import synchronize
+from .passes import resolve_thresholds
 
 
 @dataclass
