@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cascade_bench.corpus import embedded_documents
+from cascade_bench.data.corpus import embedded_documents
 
 
 @pytest.fixture(autouse=True)

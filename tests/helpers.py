@@ -7,8 +7,8 @@ import math
 
 import torch
 
-from cascade_bench.corpus import byte_token_windows
-from cascade_bench.presets import build_blocks, build_ensemble
+from cascade_bench.data.corpus import byte_token_windows
+from cascade_bench.stages.presets import build_blocks, build_ensemble
 
 FAMILIES = ("gpt2-tiny", "llama-tiny", "gpt_neox-tiny")
 BATCHING = ("padded", "bucketed")

@@ -51,7 +51,7 @@ def test_bench_blocks_compares_blocks_with_the_unsplit_model(tmp_path, capsys):
 def test_cost_runs_on_a_saved_checkpoint_cut_into_blocks(tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
-    from cascade_bench.presets import stage_config
+    from cascade_bench.stages.presets import stage_config
 
     AutoModelForCausalLM.from_config(stage_config("llama-tiny", num_hidden_layers=4)).save_pretrained(tmp_path / "m")
     code = main(["cost", "--model", str(tmp_path / "m"), "--boundaries", "2", "--batch-size", "2", "--seq-len", "32",

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 
-
-from cascade_bench.calibration import calibrate_thresholds
 from cascade_bench.cli import main
-from cascade_bench.cost import measure_cost
-from cascade_bench.cost_table import format_cost
-
+from cascade_bench.cost.measurement import measure_cost
+from cascade_bench.cost.table import format_cost
+from cascade_bench.routing.calibration import calibrate_thresholds
 from tests.helpers import tiny_ensemble, token_batch
 
 
@@ -41,7 +39,7 @@ def test_measure_cost_puts_every_witness_in_one_record(text):
 
 
 def test_an_uncounted_record_on_a_timed_subset_says_so_and_keeps_quality_and_analytic_flops(text):
-    from cascade_bench.evaluation import evaluate
+    from cascade_bench.routing.evaluation import evaluate
 
     ensemble = tiny_ensemble("gpt2-tiny")
     batches = [token_batch(text, 3, 32, offset=4000 * i) for i in range(3)]

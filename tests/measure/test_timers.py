@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cascade_bench.calibration import calibrate_thresholds
-from cascade_bench.routing import forward_cascade
-from cascade_bench.timing import SpanTimer, time_spans, wall_time_once
-
+from cascade_bench.measure.timing import SpanTimer, time_spans, wall_time_once
+from cascade_bench.routing.calibration import calibrate_thresholds
+from cascade_bench.routing.passes import forward_cascade
 from tests.helpers import tiny_ensemble, token_batch
 
 CHILDREN = ("gather", "layers", "exit", "scatter")

@@ -7,7 +7,7 @@ import json
 import pandas as pd
 import pytest
 
-from cascade_bench.bench_report import benchmark_frame
+from cascade_bench.bench.report import benchmark_frame
 from cascade_bench.cli import main
 
 

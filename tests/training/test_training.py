@@ -8,16 +8,31 @@ import pytest
 import torch
 
 from cascade_bench import routed_forward
-from cascade_bench.calibration import calibrate_thresholds
-from cascade_bench.data import prepare_data
-from cascade_bench.evaluation import evaluate
-from cascade_bench.persistence import load_ensemble, load_saved_tokenizer, save_ensemble
-from cascade_bench.presets import build_ensemble
-from cascade_bench.blocks import Block
-from cascade_bench.llm import LLM
-from cascade_bench.protocols import (PROTOCOLS, Protocol, start_ensemble, train_ensemble, train_joint_baseline,
-                                     with_leaky_seed_protocol)
-from cascade_bench.training import TrainConfig, collect_hard_tokens, freeze, train_llm
+from cascade_bench.data.prepare import prepare_data
+from cascade_bench.routing.calibration import calibrate_thresholds
+from cascade_bench.routing.evaluation import evaluate
+from cascade_bench.stages.blocks import Block
+from cascade_bench.stages.llm import LLM
+from cascade_bench.stages.presets import build_ensemble
+from cascade_bench.training.loops import (
+    TrainConfig,
+    collect_hard_tokens,
+    freeze,
+    train_llm,
+)
+from cascade_bench.training.persistence import (
+    load_ensemble,
+    load_saved_tokenizer,
+    save_ensemble,
+)
+from cascade_bench.training.protocols import (
+    PROTOCOLS,
+    Protocol,
+    start_ensemble,
+    train_ensemble,
+    train_joint_baseline,
+    with_leaky_seed_protocol,
+)
 
 QUICK = dict(max_epochs=2, max_steps_per_epoch=6)
 
@@ -158,7 +173,7 @@ def test_staged_protocol_end_to_end_and_save_load_round_trip(data, tmp_path, kin
 def test_grown_stage_exits_through_a_copy_of_the_trained_head_and_leaves_the_lower_model_alone(data, monkeypatch):
     """ASHEM/LEGO: the new block's head starts equal to the trained head but is its own parameter;
     the embedding exists once (block 0's) and nothing below the new block changes or gets a gradient."""
-    import cascade_bench.protocols as protocols
+    import cascade_bench.training.protocols as protocols
 
     seen = {}
     original = protocols.train_llm

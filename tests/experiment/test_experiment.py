@@ -7,11 +7,11 @@ import math
 import pandas as pd
 import pytest
 
-from cascade_bench import experiment
 from cascade_bench.cli import main
-from cascade_bench.config import make_config
-from cascade_bench.experiment import run_experiment
-from cascade_bench.results_store import SCHEMA_VERSION, ResultsStore
+from cascade_bench.experiment import pipeline as experiment
+from cascade_bench.experiment.config import make_config
+from cascade_bench.experiment.pipeline import run_experiment
+from cascade_bench.experiment.results_store import SCHEMA_VERSION, ResultsStore
 
 TINY = dict(name="tiny", tokenizer="bpe:300", preset="gpt2-tiny", seq_len=32, batch_size=8, eval_stride=32,
             max_epochs=1, max_steps_per_epoch=3, hard_ratios=(0.3, 0.6), timing_repeats=1, eval_batches=2,
@@ -205,7 +205,7 @@ def test_config_file_keys_are_checked(tmp_path, capsys):
     assert main(["run", str(path), "--out", str(tmp_path)]) == 2
     assert "unknown config key 'seq_lenn'" in capsys.readouterr().err
     path.write_text('[data]\nseq_len = 48\neval_stride = 48\n[sweep]\nhard_ratios = [0.25, 0.75]\n')
-    from cascade_bench.config import load_config_file
+    from cascade_bench.experiment.config import load_config_file
 
     config = make_config(load_config_file(path))
     assert config.seq_len == 48 and config.hard_ratios == (0.25, 0.75)
@@ -218,9 +218,9 @@ def test_run_on_a_saved_checkpoint_folder_cuts_it_into_blocks(tmp_path, capsys):
     (model and tokenizer), cut into blocks, exit heads trained with the model frozen."""
     from transformers import AutoModelForCausalLM
 
-    from cascade_bench.corpus import load_corpus
-    from cascade_bench.presets import stage_config
-    from cascade_bench.tokenization import load_tokenizer
+    from cascade_bench.data.corpus import load_corpus
+    from cascade_bench.data.tokenization import load_tokenizer
+    from cascade_bench.stages.presets import stage_config
 
     folder = tmp_path / "checkpoint"
     tokenizer = load_tokenizer("bpe:300", load_corpus("embedded").documents("train"), cache_dir=tmp_path / "cache")
@@ -249,9 +249,9 @@ def test_run_on_a_saved_checkpoint_folder_cuts_it_into_blocks(tmp_path, capsys):
 def test_shipped_config_files_load_and_the_default_file_is_the_default():
     from pathlib import Path
 
-    from cascade_bench.config import ExperimentConfig, load_config_file
+    from cascade_bench.experiment.config import ExperimentConfig, load_config_file
 
-    folder = Path(__file__).resolve().parent.parent / "configs"
+    folder = Path(__file__).resolve().parents[2] / "configs"
     assert make_config(load_config_file(folder / "default.toml")) == ExperimentConfig()
     for path in sorted(folder.glob("*.toml")):
         make_config(load_config_file(path))  # every shipped config is valid

@@ -7,9 +7,8 @@ import math
 import pytest
 import torch
 
-from cascade_bench.generation import generate
-from cascade_bench.routing import routed_forward
-
+from cascade_bench.routing.generation import generate
+from cascade_bench.routing.passes import routed_forward
 from tests.helpers import FAMILIES, KINDS, tiny_ensemble, token_batch
 
 NEW = 8

@@ -5,13 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cascade_bench.analytic import expected_cost, padding_flops, routed_cost, stage_cost
-from cascade_bench.calibration import threshold_for_hard_ratio
-from cascade_bench.flops import count_pass_flops
-from cascade_bench.fvcore_check import MATMUL_OPS, FvcoreCounter
-from cascade_bench.presets import stage_config
-from cascade_bench.routing import forward_cascade
-
+from cascade_bench.cost.fvcore_check import MATMUL_OPS, FvcoreCounter
+from cascade_bench.measure.analytic import (
+    expected_cost,
+    padding_flops,
+    routed_cost,
+    stage_cost,
+)
+from cascade_bench.measure.flops import count_pass_flops
+from cascade_bench.routing.calibration import threshold_for_hard_ratio
+from cascade_bench.routing.passes import forward_cascade
+from cascade_bench.stages.presets import stage_config
 from tests.helpers import BATCHING, FAMILIES, tiny_ensemble, token_batch
 
 

@@ -14,14 +14,18 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from cascade_bench import Ensemble
-from cascade_bench.blocks import Block
-from cascade_bench.flops import count_flops
-from cascade_bench.analytic import routed_cost
-from cascade_bench.presets import stage_config
-from cascade_bench.protocols import Protocol, exit_heads_ppl, train_ensemble, train_exit_heads
-from cascade_bench.routing import forward_cascade
-from cascade_bench.training import TrainConfig
-
+from cascade_bench.measure.analytic import routed_cost
+from cascade_bench.measure.flops import count_flops
+from cascade_bench.routing.passes import forward_cascade
+from cascade_bench.stages.blocks import Block
+from cascade_bench.stages.presets import stage_config
+from cascade_bench.training.loops import TrainConfig
+from cascade_bench.training.protocols import (
+    Protocol,
+    exit_heads_ppl,
+    train_ensemble,
+    train_exit_heads,
+)
 from tests.helpers import FAMILIES, INF, token_batch
 
 ATOL = 1e-5
@@ -170,7 +174,7 @@ def test_a_saved_and_reloaded_checkpoint_folder_cuts_into_blocks(tmp_path, text)
 def test_block_ensembles_save_as_one_checkpoint_and_load_back(preset, heads, tmp_path, text):
     """A cut model saves as ONE Hugging Face checkpoint (plus own exit heads) that any HF tool loads
     as the unsplit model, and loads back to the same routed results."""
-    from cascade_bench.persistence import load_ensemble, save_ensemble
+    from cascade_bench.training.persistence import load_ensemble, save_ensemble
 
     model = _model(preset, layers=4)
     ensemble = Ensemble.from_blocks(model, [1, 3], exit_fn="cos_sim", heads=heads)

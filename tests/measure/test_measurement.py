@@ -6,10 +6,9 @@ import pytest
 import torch
 
 from cascade_bench import full_forward, routed_forward
-from cascade_bench.flops import count_flops
-from cascade_bench.memory import peak_memory_bytes
-from cascade_bench.timing import TimingStats, time_call
-
+from cascade_bench.measure.flops import count_flops
+from cascade_bench.measure.memory import peak_memory_bytes
+from cascade_bench.measure.timing import TimingStats, time_call
 from tests.helpers import tiny_ensemble, token_batch
 
 

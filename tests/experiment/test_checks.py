@@ -6,7 +6,7 @@ import copy
 
 import pytest
 
-from cascade_bench.checks import format_checks, run_checks
+from cascade_bench.experiment.checks import format_checks, run_checks
 
 
 def _stage(stage, epochs, best, reason, cap=40):

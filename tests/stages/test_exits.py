@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from cascade_bench.exits import BUILTIN_EXIT_FUNCTIONS, resolve_exit_function
+from cascade_bench.stages.exits import BUILTIN_EXIT_FUNCTIONS, resolve_exit_function
 
 # Two tokens over a vocabulary of 3; probabilities by hand.
 LOGITS = torch.log(torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]]))

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cascade_bench.stage_cache import StageCache
-
+from cascade_bench.stages.stage_cache import StageCache
 from tests.helpers import FAMILIES, tiny_ensemble, token_batch
 
 

@@ -8,9 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from cascade_bench import Ensemble, LLM, full_forward, routed_forward
-from cascade_bench.presets import build_ensemble, stage_config
-
+from cascade_bench import LLM, Ensemble, full_forward, routed_forward
+from cascade_bench.stages.presets import build_ensemble, stage_config
 from tests.helpers import FAMILIES, tiny_ensemble, token_batch
 
 
@@ -81,7 +80,7 @@ def test_llm_rejects_what_is_not_a_causal_lm():
 
 
 def test_unsupported_family_names_what_is_missing():
-    from cascade_bench.families import family_parts
+    from cascade_bench.stages.families import family_parts
 
     class Odd(torch.nn.Module):
         def __init__(self):

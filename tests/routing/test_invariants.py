@@ -9,9 +9,16 @@ import pytest
 import torch
 
 from cascade_bench import full_forward, routed_forward
-from cascade_bench.flops import count_flops
-
-from tests.helpers import BATCHING, FAMILIES, INF, KINDS, scripted_exit, tiny_ensemble, token_batch
+from cascade_bench.measure.flops import count_flops
+from tests.helpers import (
+    BATCHING,
+    FAMILIES,
+    INF,
+    KINDS,
+    scripted_exit,
+    tiny_ensemble,
+    token_batch,
+)
 
 ATOL = 1e-5
 
@@ -209,6 +216,6 @@ def test_invariant_3_counted_flops_follow_tokens_reaching_a_stage(kind, preset, 
 
 
 def _resolve(fn):
-    from cascade_bench.exits import resolve_exit_function
+    from cascade_bench.stages.exits import resolve_exit_function
 
     return resolve_exit_function(fn)

@@ -1,0 +1,147 @@
+"""The package layout keeps the pipeline: each subpackage imports only from the ones below it.
+
+Every module's imports are read with ``ast`` (function-level imports included) and each import of
+another cascade_bench package is checked against ``ALLOWED``, a table that itself only points down
+the pipeline order ``LAYERS``.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+import cascade_bench
+
+PACKAGE_ROOT = Path(cascade_bench.__file__).resolve().parent
+
+#: Bottom to top. ``__init__`` is the package root: the public API re-exported from below.
+LAYERS = ("data", "stages", "measure", "routing", "training", "cost", "experiment", "bench", "cli")
+
+#: What each package may import (besides itself).
+ALLOWED: dict[str, frozenset[str]] = {
+    "data": frozenset(),
+    "stages": frozenset(),
+    "measure": frozenset({"stages"}),
+    "routing": frozenset({"data", "stages", "measure"}),
+    "training": frozenset({"data", "stages", "measure", "routing"}),
+    "cost": frozenset({"data", "stages", "measure", "routing"}),
+    "experiment": frozenset({"data", "stages", "measure", "routing", "training", "cost"}),
+    "bench": frozenset({"data", "stages", "measure", "routing", "training", "cost", "experiment"}),
+    "cli": frozenset({"data", "stages", "measure", "routing", "training", "cost", "experiment", "bench"}),
+    "__init__": frozenset({"data", "stages", "measure", "routing", "training", "cost"}),
+}
+
+
+def module_name(path: Path) -> str:
+    """'cascade_bench.routing.passes' for .../cascade_bench/routing/passes.py (packages end in __init__)."""
+    parts = path.relative_to(PACKAGE_ROOT.parent).with_suffix("").parts
+    return ".".join(parts)
+
+
+def imported_modules(source: str, module: str) -> set[str]:
+    """Absolute names of every module ``source`` imports, at any depth (lazy imports included)."""
+    is_package = module.endswith(".__init__")
+    package = module.rsplit(".", 1)[0] if not is_package else module[: -len(".__init__")]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level == 0:
+                base = node.module or ""
+            else:
+                anchor = package.split(".")
+                if node.level > 1:
+                    anchor = anchor[: -(node.level - 1)]
+                base = ".".join(anchor + ([node.module] if node.module else []))
+            if node.module is None:  # from . import x: x is a module
+                found.update(f"{base}.{alias.name}" for alias in node.names)
+            else:
+                found.add(base)
+    return found
+
+
+def layer_of(module: str) -> str:
+    """The package a cascade_bench module belongs to: 'routing' for cascade_bench.routing.passes."""
+    parts = module.split(".")
+    if parts[0] != "cascade_bench":
+        raise ValueError(f"{module!r} is not a cascade_bench module")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def violations(source: str, module: str) -> list[str]:
+    """'a -> b' for every import of ``module`` that goes up or sideways against ``ALLOWED``."""
+    here = layer_of(module)
+    bad = []
+    for target in sorted(imported_modules(source, module)):
+        if target.split(".")[0] != "cascade_bench" or target == "cascade_bench":
+            continue
+        there = layer_of(target)
+        if there != here and there not in ALLOWED[here]:
+            bad.append(f"{module} -> {target}")
+    return bad
+
+
+def package_modules() -> list[Path]:
+    return sorted(path for path in PACKAGE_ROOT.rglob("*.py") if "__pycache__" not in path.parts)
+
+
+def test_allowed_table_only_points_down():
+    order = {name: rank for rank, name in enumerate(LAYERS)}
+    for package, allowed in ALLOWED.items():
+        if package == "__init__":
+            continue
+        assert all(order[dep] < order[package] for dep in allowed), (package, allowed)
+
+
+def test_every_module_sits_in_a_known_layer():
+    for path in package_modules():
+        layer = layer_of(module_name(path))
+        assert layer in ALLOWED, f"{path} is in no layer of LAYERS; put it in a subpackage"
+
+
+def test_no_module_imports_up_the_pipeline():
+    bad = [line for path in package_modules()
+           for line in violations(path.read_text(), module_name(path))]
+    assert bad == []
+
+
+def test_every_imported_module_exists():
+    """Lazy imports inside functions run only when called: a stale path after a move shows here."""
+    missing = sorted({f"{module_name(path)} -> {target}" for path in package_modules()
+                      for target in imported_modules(path.read_text(), module_name(path))
+                      if target.startswith("cascade_bench") and importlib.util.find_spec(target) is None})
+    assert missing == []
+
+
+def test_the_checker_sees_upward_and_lazy_imports():
+    source = ("from .exits import ExitFunction\n"
+              "def f():\n"
+              "    from ..routing.passes import forward_cascade\n"
+              "    import cascade_bench.experiment.config\n"
+              "from .. import cost\n")
+    assert imported_modules(source, "cascade_bench.stages.llm") == {
+        "cascade_bench.stages.exits", "cascade_bench.routing.passes", "cascade_bench.experiment.config",
+        "cascade_bench.cost"}
+    assert violations(source, "cascade_bench.stages.llm") == [
+        "cascade_bench.stages.llm -> cascade_bench.cost",
+        "cascade_bench.stages.llm -> cascade_bench.experiment.config",
+        "cascade_bench.stages.llm -> cascade_bench.routing.passes"]
+    # Relative imports in a package's __init__ resolve against the package itself.
+    assert imported_modules("from .passes import x\n", "cascade_bench.routing.__init__") == {
+        "cascade_bench.routing.passes"}
+    assert violations("from ..bench.routing import x\n", "cascade_bench.experiment.reports") == [
+        "cascade_bench.experiment.reports -> cascade_bench.bench.routing"]
+
+
+def test_sideways_between_training_and_cost_is_refused():
+    assert violations("from ..training.loops import fit\n", "cascade_bench.cost.measurement") == [
+        "cascade_bench.cost.measurement -> cascade_bench.training.loops"]
+
+
+@pytest.mark.parametrize("name", cascade_bench.__all__)
+def test_public_api_is_importable_from_the_top(name):
+    assert getattr(cascade_bench, name) is not None
