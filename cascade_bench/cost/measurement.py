@@ -30,7 +30,7 @@ from typing import Iterable, Optional
 import torch
 
 from ..data.batch import unpack_batch
-from ..measure.analytic import padding_flops, routed_cost
+from ..measure.analytic import exit_rule_macs, padding_flops, routed_cost
 from ..measure.flops import FlopBreakdown, count_pass_flops
 from ..measure.memory import peak_memory_bytes
 from ..measure.probes import NO_PROBE, Probe
@@ -59,6 +59,8 @@ class StageCostRecord:
     other_flops: Optional[int]
     padding_flops: int
     analytic_flops: int
+    exit_rule_flops: int = 0
+    decision_flops: int = 0
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,9 @@ class CostRecord:
     ``flops_fvcore`` is fvcore x2 over every op it counts, ``flops_fvcore_matmul`` the classes both
     tools count alike. Times are seconds for one pass over the timed batches (all of them unless
     ``timing_batches`` was given; see ``conditions``). ``counting_overhead`` = counted pass time
-    per token / median uncounted pass time per token.
+    per token / median uncounted pass time per token. ``decision_flops`` (analytic): what the exit
+    decisions computed that no token's final prediction uses: the exit rules' own matmuls plus the
+    exit-head logits of tokens that did not exit at that stage.
     """
 
     method: str
@@ -94,6 +98,10 @@ class CostRecord:
     peak_rss_bytes: int
     host_syncs_per_forward: Optional[float]
     conditions: dict = field(default_factory=dict)
+
+    @property
+    def decision_flops(self) -> int:
+        return sum(s.decision_flops for s in self.stages)
 
 
 def _prepared(batches: Iterable, device: torch.device) -> list[tuple]:
@@ -184,11 +192,15 @@ def measure_cost(ensemble: Ensemble, batches: Iterable, method: str = "routed", 
     stage_records = []
     analytic_total = 0
     for k in range(num_stages):
-        analytic_k, padding_k = 0, 0
+        analytic_k, padding_k, rule_k, decision_k = 0, 0, 0, 0
         for out in outputs:
-            cost = routed_cost(configs, out.stage_batch_shapes, out.head_tokens)[k]
+            cost = routed_cost(configs, out.stage_batch_shapes, out.head_tokens,
+                               exit_rule_macs(stages[:num_stages], out.decided_tokens))[k]
             analytic_k += cost.total
             padding_k += padding_flops(configs[k], out.stage_batch_shapes[k], _row_lengths(out, k))
+            rule_k += cost.exit_rule
+            unused_heads = out.head_tokens[k] - out.tokens_exited[k]
+            decision_k += cost.exit_rule + (cost.exit_head // out.head_tokens[k] * unused_heads if unused_heads else 0)
         analytic_total += analytic_k
         c = counted.stages[k] if counted is not None else None
         stage_records.append(StageCostRecord(
@@ -198,7 +210,7 @@ def measure_cost(ensemble: Ensemble, batches: Iterable, method: str = "routed", 
             head_tokens=sum(o.head_tokens[k] for o in outputs),
             flops=c and c.total, layers_flops=c and c.layers, attention_flops=c and c.attention,
             exit_head_flops=c and c.exit_head, exit_fn_flops=c and c.exit_fn, other_flops=c and c.other,
-            padding_flops=padding_k, analytic_flops=analytic_k))
+            padding_flops=padding_k, analytic_flops=analytic_k, exit_rule_flops=rule_k, decision_flops=decision_k))
     if fv is not None:
         from .fvcore_check import FvcoreCount
 

@@ -5,14 +5,15 @@ Same conventions as the counted FLOPs (``flops.py``), so the two agree exactly:
 ``d*(H*hd) + 2*d*(Hkv*hd) + (H*hd)*d`` and the MLP ``m*d*I`` MACs (m = 2 up/down or 3 gated);
 attention counted **full** (non-causal), ``2*H*hd*L*L`` MACs per layer for a row of length L
 padded or not; the exit head ``d*V`` per token whose logits are computed. Norms, activations,
-rotary embeddings, softmax and the exit confidence are elementwise and count 0, as in the
-counter.
+rotary embeddings, softmax and the built-in exit confidences are elementwise and count 0, as in
+the counter; an exit rule with matmuls of its own (a learned classifier, a reduced head) adds its
+``macs_per_token`` for every token it decides on.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 from ..stages.families import LayerShape, layer_shape
 
@@ -30,11 +31,12 @@ def attention_macs(shape: LayerShape, rows: int, length: int) -> int:
 
 @dataclass(frozen=True)
 class StageCost:
-    """Analytic FLOPs of one stage: layers (dense + attention) and exit head."""
+    """Analytic FLOPs of one stage: layers (dense + attention), exit head and the exit rule's own matmuls."""
 
     dense: int
     attention: int
     exit_head: int
+    exit_rule: int = 0
 
     @property
     def layers(self) -> int:
@@ -42,23 +44,32 @@ class StageCost:
 
     @property
     def total(self) -> int:
-        return self.layers + self.exit_head
+        return self.layers + self.exit_head + self.exit_rule
 
 
-def stage_cost(config, batch_shapes: Sequence[tuple[int, int]], head_tokens: int) -> StageCost:
-    """FLOPs of one stage that ran dense batches of the given (rows, length) and computed logits
-    for ``head_tokens`` tokens."""
+def stage_cost(config, batch_shapes: Sequence[tuple[int, int]], head_tokens: int,
+               exit_rule_macs: int = 0) -> StageCost:
+    """FLOPs of one stage that ran dense batches of the given (rows, length), computed logits
+    for ``head_tokens`` tokens and spent ``exit_rule_macs`` multiply-adds deciding."""
     shape = layer_shape(config)
     slots = sum(rows * length for rows, length in batch_shapes)
     dense = shape.num_layers * dense_macs_per_token(shape) * slots
     attention = shape.num_layers * sum(attention_macs(shape, rows, length) for rows, length in batch_shapes)
     head = head_tokens * shape.hidden_size * shape.vocab_size
-    return StageCost(dense=2 * dense, attention=2 * attention, exit_head=2 * head)
+    return StageCost(dense=2 * dense, attention=2 * attention, exit_head=2 * head, exit_rule=2 * exit_rule_macs)
 
 
-def routed_cost(configs: Sequence, stage_batch_shapes, head_tokens: Sequence[int]) -> tuple[StageCost, ...]:
-    """Per-stage analytic FLOPs of a pass, from RoutedOutput.stage_batch_shapes and .head_tokens."""
-    return tuple(stage_cost(c, shapes, n) for c, shapes, n in zip(configs, stage_batch_shapes, head_tokens))
+def routed_cost(configs: Sequence, stage_batch_shapes, head_tokens: Sequence[int],
+                exit_rule_macs: Optional[Sequence[int]] = None) -> tuple[StageCost, ...]:
+    """Per-stage analytic FLOPs of a pass, from RoutedOutput.stage_batch_shapes and .head_tokens;
+    ``exit_rule_macs`` per stage: RoutedOutput.decided_tokens x the rule's ``macs_per_token``."""
+    rule = exit_rule_macs if exit_rule_macs is not None else [0] * len(configs)
+    return tuple(stage_cost(c, shapes, n, m) for c, shapes, n, m in zip(configs, stage_batch_shapes, head_tokens, rule))
+
+
+def exit_rule_macs(stages: Sequence, decided_tokens: Sequence[int]) -> list[int]:
+    """Per stage, the multiply-adds its exit rule spent: tokens decided x ``macs_per_token``."""
+    return [n * stage.exit_function.macs_per_token for stage, n in zip(stages, decided_tokens)]
 
 
 def padding_flops(config, batch_shapes: Sequence[tuple[int, int]], row_lengths: Sequence[int]) -> int:

@@ -28,12 +28,14 @@ class HeadResult:
 
     nll: (n,) float32 negative log-likelihood of the target (meaningless where target < 0).
     correct: (n,) bool, argmax == target.
+    prediction: (n,) int64 argmax.
     confidence: (n,) float32 or None when not asked for.
     logits: (n, V) in the model dtype, only when asked for.
     """
 
     nll: Tensor
     correct: Tensor
+    prediction: Tensor
     confidence: Optional[Tensor] = None
     logits: Optional[Tensor] = None
 
@@ -56,6 +58,7 @@ def run_exit_head(stage: LLM, stage_index: int, hidden: Tensor, targets: Tensor,
         chunk_tokens = max(1, LOGITS_CHUNK_ELEMENTS // vocab)
     nll = torch.empty(n, dtype=torch.float32, device=hidden.device)
     correct = torch.empty(n, dtype=torch.bool, device=hidden.device)
+    prediction = torch.empty(n, dtype=torch.long, device=hidden.device)
     confidence = torch.empty(n, dtype=torch.float32, device=hidden.device) if exit_function is not None else None
     kept = [] if keep_logits else None
     safe_targets = targets.clamp(min=0)
@@ -72,6 +75,7 @@ def run_exit_head(stage: LLM, stage_index: int, hidden: Tensor, targets: Tensor,
             target_logit = logits32.gather(1, safe_targets[start:stop, None]).squeeze(1)
             nll[start:stop] = log_z - target_logit
             correct[start:stop] = argmax == targets[start:stop]
+            prediction[start:stop] = argmax
         if exit_function is not None:
             with probe.span(fn_span):
                 h_in = input_state[start:stop] if input_state is not None else None
@@ -82,5 +86,5 @@ def run_exit_head(stage: LLM, stage_index: int, hidden: Tensor, targets: Tensor,
     if n and bool(bad):
         raise ValueError(f"stage {stage_index} produced non-finite logits (NaN or inf); refusing to report a "
                          f"perplexity from them: check the model weights and dtype ({stage.dtype})")
-    return HeadResult(nll=nll, correct=correct, confidence=confidence,
+    return HeadResult(nll=nll, correct=correct, prediction=prediction, confidence=confidence,
                       logits=torch.cat(kept) if kept else None)

@@ -47,10 +47,12 @@ class RoutedOutput:
     scored: (B, T) bool, token is real and has a target.
     stage_nll: (S, B, T) float32, NLL at stage k for tokens whose stage-k head was computed, else NaN.
     stage_confidence: (S, B, T) float32, exit confidence at stage k where computed, else NaN.
+    stage_prediction: (S, B, T) int64, argmax at stage k for tokens whose stage-k head was computed, else -1.
     tokens_entered / tokens_exited: per stage, real tokens that reached / left the stage.
     slots_computed: per stage, dense slots the stage computed (tokens + padding).
     stage_batch_shapes: per stage, the (rows, length) of every dense batch the stage ran.
     head_tokens: per stage, tokens whose logits the stage's exit head computed.
+    decided_tokens: per stage, tokens the stage's exit rule computed a confidence for.
     continuing_index, continuing_state: with ``open_end=True``, the flat indices (N,) and hidden
         states (N, d) of the tokens that continue past the last stage run (exit_stage = S for them).
     logits: (B, T, V) logits at each token's exit stage, only if asked for.
@@ -63,6 +65,7 @@ class RoutedOutput:
     scored: Tensor
     stage_nll: Tensor
     stage_confidence: Tensor
+    stage_prediction: Tensor
     tokens_entered: tuple[int, ...]
     tokens_exited: tuple[int, ...]
     slots_computed: tuple[int, ...]
@@ -70,6 +73,7 @@ class RoutedOutput:
     thresholds: tuple[float, ...]
     stage_batch_shapes: tuple[tuple[tuple[int, int], ...], ...] = ()
     head_tokens: tuple[int, ...] = ()
+    decided_tokens: tuple[int, ...] = ()
     logits: Optional[Tensor] = None
     continuing_index: Optional[Tensor] = None
     continuing_state: Optional[Tensor] = None
@@ -162,6 +166,46 @@ def full_forward(ensemble: Ensemble, input_ids: Tensor, attention_mask: Optional
     return forward_cascade(ensemble, input_ids, attention_mask, method="full", num_stages=num_stages, **kwargs)
 
 
+@dataclass
+class StageStates:
+    """Per-token states of every stage run on every real token (no exit, as in ``full``).
+
+    flat_index: (N,) flat positions (b * T + t) of the real tokens, in the order of the rows below.
+    targets: (N,) next-token targets (negative = not scored).
+    hidden: per stage, (N, d) output state (what the stage's exit rule and lm_head read).
+    input_state: per stage, (N, d) input of its last decoder layer, or None where not captured.
+    """
+
+    flat_index: Tensor
+    targets: Tensor
+    hidden: list[Tensor]
+    input_state: list[Optional[Tensor]]
+
+
+def stage_states(ensemble: Ensemble, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
+                 targets: Optional[Tensor] = None, *, num_stages: Optional[int] = None,
+                 capture_input_state: bool = False, positions: str = "compact") -> StageStates:
+    """Run the first ``num_stages`` stages on every real token of a (B, T) batch, laid out exactly as
+    the ``full`` pass lays them out, and return each stage's per-token states (for training exit
+    classifiers and probes on what the routed pass's first stage sees)."""
+    num_stages = len(ensemble) if num_stages is None else num_stages
+    if isinstance(num_stages, bool) or not isinstance(num_stages, int) or not 1 <= num_stages <= len(ensemble):
+        raise ValueError(f"num_stages must be an int in [1, {len(ensemble)}], got {num_stages!r}")
+    ensemble.validate()
+    stages = list(ensemble.stages)[:num_stages]
+    batch = make_token_batch(input_ids, attention_mask, targets, vocab_size=ensemble.vocab_size, device=ensemble.device)
+    _check_lengths(stages, batch, positions)
+    runner = _Pass(stages, batch, "full", "padded", positions, (math.inf,) * num_stages, False, None, False)
+    reach = batch.tokens
+    layouts = plan_layouts(reach, batch.seq_len, batch.batch_size, "padded")
+    state, hidden, inputs = None, [], []
+    for k, stage in enumerate(stages):
+        state, captured = runner._run_stage(stage, k, reach, state, layouts, capture_input_state)
+        hidden.append(state)
+        inputs.append(captured)
+    return StageStates(flat_index=reach, targets=batch.targets[reach], hidden=hidden, input_state=inputs)
+
+
 def _check_lengths(stages: list[LLM], batch: TokenBatch, positions: str) -> None:
     # Compact positions never exceed T-1; original positions are at most T-1 too.
     for k, stage in enumerate(stages):
@@ -190,6 +234,7 @@ class _Pass:
     slots: list[int] = field(default_factory=list)
     shapes: list[tuple[tuple[int, int], ...]] = field(default_factory=list)
     head_tokens: list[int] = field(default_factory=list)
+    decided: list[int] = field(default_factory=list)
 
     def run(self) -> RoutedOutput:
         batch, num_stages = self.batch, len(self.stages)
@@ -200,6 +245,7 @@ class _Pass:
         self.exit_stage = torch.full((flat,), -1, dtype=torch.long, device=device)
         self.stage_nll = torch.full((num_stages, flat), math.nan, dtype=torch.float32, device=device)
         self.stage_conf = torch.full((num_stages, flat), math.nan, dtype=torch.float32, device=device)
+        self.stage_pred = torch.full((num_stages, flat), -1, dtype=torch.long, device=device)
         self.logits = (torch.zeros(flat, self.stages[0].vocab_size, dtype=self.stages[0].dtype, device=device)
                        if self.return_logits else None)
 
@@ -209,7 +255,7 @@ class _Pass:
         layouts: Optional[list[Layout]] = None
         for k, stage in enumerate(self.stages):
             if reach.numel() == 0:  # everyone exited earlier: this stage does no work at all
-                for counts in (self.entered, self.exited, self.slots, self.head_tokens):
+                for counts in (self.entered, self.exited, self.slots, self.head_tokens, self.decided):
                     counts.append(0)
                 self.shapes.append(())
                 continue
@@ -238,9 +284,11 @@ class _Pass:
             scored=self._scored().view(batch.batch_size, batch.seq_len),
             stage_nll=self.stage_nll.view(num_stages, batch.batch_size, batch.seq_len),
             stage_confidence=self.stage_conf.view(num_stages, batch.batch_size, batch.seq_len),
+            stage_prediction=self.stage_pred.view(num_stages, batch.batch_size, batch.seq_len),
             tokens_entered=tuple(self.entered), tokens_exited=tuple(self.exited), slots_computed=tuple(self.slots),
             layers_per_stage=tuple(s.num_layers for s in self.stages), thresholds=self.thresholds,
             stage_batch_shapes=tuple(self.shapes), head_tokens=tuple(self.head_tokens),
+            decided_tokens=tuple(self.decided),
             logits=None if self.logits is None else self.logits.view(batch.batch_size, batch.seq_len, -1),
             continuing_index=None if continuing is None else continuing[0],
             continuing_state=None if continuing is None else continuing[1],
@@ -256,6 +304,8 @@ class _Pass:
                 input_state: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
         """Exit decision and scatter for one stage; returns (flat indices, hidden) of continuing tokens."""
         self.head_tokens.append(0)
+        decides = self.method != "full" and (not last or (self.last_confidence and self.method == "routed"))
+        self.decided.append(reach.numel() if decides else 0)
         targets = self.batch.targets[reach]
         exit_fn = stage.exit_function
         if self.method == "full":
@@ -272,6 +322,7 @@ class _Pass:
                 exits = self.alive if last else self.alive & (head.confidence >= self.thresholds[k])
             with self.probe.span(f"stage{k}.scatter"):
                 self.stage_nll[k, reach] = head.nll
+                self.stage_pred[k, reach] = head.prediction
                 if not last:
                     self.stage_conf[k, reach] = head.confidence
                 self._record(k, reach[exits], _select(head, exits))
@@ -295,6 +346,7 @@ class _Pass:
                 if scores is not None:
                     self.stage_conf[k, reach] = scores
                 self.stage_nll[k, reach] = head.nll
+                self.stage_pred[k, reach] = head.prediction
                 self._record(k, reach, head)
                 self.exited.append(reach.numel())
             return reach[:0], hidden[:0]
@@ -305,6 +357,7 @@ class _Pass:
                 exits = confidence >= self.thresholds[k]
             with self.probe.span(f"stage{k}.scatter"):
                 self.stage_nll[k, reach] = head.nll
+                self.stage_pred[k, reach] = head.prediction
                 leaving = reach[exits]
                 self._record(k, leaving, _select(head, exits))
         else:
@@ -316,6 +369,7 @@ class _Pass:
             with self.probe.span(f"stage{k}.scatter"):
                 leaving = reach[exits]
                 self.stage_nll[k, leaving] = head.nll
+                self.stage_pred[k, leaving] = head.prediction
                 self._record(k, leaving, head)
         with self.probe.span(f"stage{k}.scatter"):
             self.stage_conf[k, reach] = confidence
@@ -367,6 +421,7 @@ class _Pass:
         self.exit_stage[flat_index] = k
         if self.method == "full":
             self.stage_nll[k, flat_index] = head.nll
+            self.stage_pred[k, flat_index] = head.prediction
         if self.logits is not None and head.logits is not None:
             self.logits[flat_index] = head.logits
 
@@ -380,6 +435,6 @@ class _Pass:
 
 
 def _select(head: HeadResult, keep: Tensor) -> HeadResult:
-    return HeadResult(nll=head.nll[keep], correct=head.correct[keep],
+    return HeadResult(nll=head.nll[keep], correct=head.correct[keep], prediction=head.prediction[keep],
                       confidence=None if head.confidence is None else head.confidence[keep],
                       logits=None if head.logits is None else head.logits[keep])

@@ -22,7 +22,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .exits import ExitFunction, resolve_exit_function
+from .exits import ExitFunction, HoldsExitFunction
 from .families import family_parts, layer_slice_recipe
 from .llm import StageOutput, check_threshold, logits_at_positions
 
@@ -53,7 +53,7 @@ class _BlockCacheView:
         return self.cache.update(key_states, value_states, layer_idx - self.offset, *args, **kwargs)
 
 
-class Block(nn.Module):
+class Block(HoldsExitFunction, nn.Module):
     """Decoder layers ``[start, end)`` of a causal LM as one cascade stage (inference only).
 
     reads_tokens: this block owns the token embedding (and absolute positions): True for the block
@@ -85,7 +85,7 @@ class Block(nn.Module):
                                   if reads_tokens and recipe.embedding_dropout else None)
         self.rotary = getattr(base, recipe.rotary) if recipe.rotary else None
         self.head = head
-        self.exit_function = resolve_exit_function(exit_fn)
+        self.exit_function = exit_fn
         self.threshold = check_threshold(threshold)
         # The cost model reads layer shapes and the layer count from this block's config.
         self._config = copy.copy(model.config)

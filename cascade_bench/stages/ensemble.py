@@ -128,9 +128,7 @@ class Ensemble(nn.Module):
 
 
 def _with_exit_fn(llm: LLM, exit_fn) -> LLM:
-    from .exits import resolve_exit_function
-
-    llm.exit_function = resolve_exit_function(exit_fn)
+    llm.exit_function = exit_fn
     return llm
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def _log_normalizer(logits: Tensor, log_normalizer: Optional[Tensor]) -> Tensor:
@@ -78,6 +78,8 @@ class ExitFunction:
     ``needs_logits``: the stage must compute logits for every token that reaches it
     before deciding; if False, logits are computed only for tokens that exit there.
     ``needs_input_state``: the stage must capture the input of its last layer.
+    ``macs_per_token``: multiply-adds the rule itself spends per token it decides on (a probe's or a
+    reduced head's matmuls; 0 for the elementwise built-ins), for the analytic cost model.
     """
 
     name: str
@@ -85,6 +87,12 @@ class ExitFunction:
     needs_logits: bool
     needs_input_state: bool
     accepts_log_normalizer: bool
+    macs_per_token: int = 0
+
+    @property
+    def module(self) -> Optional[nn.Module]:
+        """The rule's own module (a learned classifier, a reduced head), or None for a plain function."""
+        return self.fn if isinstance(self.fn, nn.Module) else None
 
     def __call__(self, h_in: Optional[Tensor], h_out: Tensor, logits: Optional[Tensor],
                  log_normalizer: Optional[Tensor] = None, max_logit: Optional[Tensor] = None) -> Tensor:
@@ -104,7 +112,8 @@ def resolve_exit_function(exit_fn: "str | Callable | ExitFunction") -> ExitFunct
     """Turn a built-in name, a callable ``fn(h_in, h_out, logits)`` or an ExitFunction into an ExitFunction.
 
     A user callable is assumed to need logits and the input state unless it carries the attributes
-    ``needs_logits = False`` / ``needs_input_state = False``.
+    ``needs_logits = False`` / ``needs_input_state = False``; one with a ``macs_per_token()`` method
+    (the rule modules in ``exit_rules``) reports its own cost.
     """
     if isinstance(exit_fn, ExitFunction):
         return exit_fn
@@ -117,7 +126,7 @@ def resolve_exit_function(exit_fn: "str | Callable | ExitFunction") -> ExitFunct
         name = exit_fn
     elif callable(exit_fn):
         fn = exit_fn
-        name = getattr(exit_fn, "__name__", type(exit_fn).__name__)
+        name = getattr(exit_fn, "rule_name", None) or getattr(exit_fn, "__name__", type(exit_fn).__name__)
     else:
         raise TypeError(
             f"exit_fn must be a name in {sorted(BUILTIN_EXIT_FUNCTIONS)} or a callable "
@@ -136,5 +145,28 @@ def resolve_exit_function(exit_fn: "str | Callable | ExitFunction") -> ExitFunct
             p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()))
     except (TypeError, ValueError):
         accepts = False
+    macs = int(fn.macs_per_token()) if callable(getattr(fn, "macs_per_token", None)) else 0
     return ExitFunction(name=name, fn=fn, needs_logits=needs_logits,
-                        needs_input_state=needs_input_state, accepts_log_normalizer=accepts)
+                        needs_input_state=needs_input_state, accepts_log_normalizer=accepts, macs_per_token=macs)
+
+
+class HoldsExitFunction:
+    """Mixin for stage modules: ``exit_function`` resolves what it is given, and a rule with its own
+    module (``ExitFunction.module``) is registered as the submodule ``exit_rule``, so it moves with the
+    stage's ``.to()`` and shows in its parameters. Assign a name, a callable, a rule module or an
+    ExitFunction."""
+
+    @property
+    def exit_function(self) -> ExitFunction:
+        return self.__dict__["_exit_function"]
+
+    def __setattr__(self, name, value):
+        if name != "exit_function":
+            super().__setattr__(name, value)
+            return
+        resolved = resolve_exit_function(value)
+        self.__dict__["_exit_function"] = resolved
+        if resolved.module is not None:
+            super().__setattr__("exit_rule", resolved.module)
+        elif "exit_rule" in self._modules:
+            del self._modules["exit_rule"]

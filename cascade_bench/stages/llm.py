@@ -13,7 +13,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from .exits import ExitFunction, resolve_exit_function
+from .exits import ExitFunction, HoldsExitFunction
 from .families import family_parts
 
 
@@ -54,7 +54,7 @@ def logits_at_positions(stage: nn.Module, hidden: Tensor, logits_at: Optional[Te
     return stage.logits(hidden[logits_at])
 
 
-class LLM(nn.Module):
+class LLM(HoldsExitFunction, nn.Module):
     """A cascade stage: any ``AutoModelForCausalLM`` model, an exit function and a threshold.
 
     A token that reaches this stage exits here iff ``exit_fn(h_in, h_out, logits) >= threshold``
@@ -70,7 +70,7 @@ class LLM(nn.Module):
             raise ValueError(f"{type(model).__name__} has no lm_head; expected a *ForCausalLM model")
         self.model = model
         self.parts = family_parts(model)
-        self.exit_function = resolve_exit_function(exit_fn)
+        self.exit_function = exit_fn
         self.threshold = check_threshold(threshold)
         self.eval()
 

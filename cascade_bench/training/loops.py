@@ -118,10 +118,11 @@ def _to(batch: dict, device: torch.device) -> dict:
 def fit(parameters: Sequence[torch.nn.Parameter], modules: Sequence[torch.nn.Module],
         epoch_batches: Callable[[int], Iterable[dict]], loss_fn: Callable[[dict], tuple[Tensor, int]],
         validate: Callable[[], float], config: TrainConfig, device: torch.device,
-        progress: bool = True, desc: str = "train") -> TrainHistory:
+        progress: bool = True, desc: str = "train", metric: str = "PPL") -> TrainHistory:
     """The training loop shared by every protocol: AdamW, early stopping on ``validate()`` (a PPL,
-    lower is better) with patience, best state restored at the end. ``epoch_batches(epoch)``
-    gives that epoch's batches (already shuffled as the caller wants)."""
+    or the validation loss named by ``metric``; lower is better) with patience, best state restored
+    at the end. ``epoch_batches(epoch)`` gives that epoch's batches (already shuffled as the caller
+    wants)."""
     from tqdm.auto import tqdm
 
     torch.manual_seed(config.seed)
@@ -157,7 +158,7 @@ def fit(parameters: Sequence[torch.nn.Parameter], modules: Sequence[torch.nn.Mod
         losses.append(total / max(count, 1))
         ppls.append(ppl)
         if progress:
-            print(f"{desc} epoch {epoch + 1}: train loss {losses[-1]:.4f}, validation PPL {ppl:.3f}", flush=True)
+            print(f"{desc} epoch {epoch + 1}: train loss {losses[-1]:.4f}, validation {metric} {ppl:.4f}", flush=True)
         if ppl < best_ppl:
             best_ppl, best_epoch, bad = ppl, epoch, 0
             best_state = [copy.deepcopy(m.state_dict()) for m in modules]

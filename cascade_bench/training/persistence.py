@@ -1,6 +1,8 @@
 """Save and load a trained Ensemble, written to a temporary folder and renamed into place so a
 crash never leaves half a cascade. One manifest (``cascade.json``) holds thresholds and exit rules
-(and the tokenizer folder, if given).
+(and the tokenizer folder, if given). An exit rule with weights of its own (a learned classifier, a
+reduced head: ``stages.exit_rules``) is written as its spec in the manifest plus
+``exit_rules/stage{k}.safetensors``.
 
 - A cascade of LLMs: each stage with ``save_pretrained`` (``stage{k}/``).
 - Blocks (a model grown with ``extend``, or cut with ``from_blocks``): ONE ``save_pretrained``
@@ -20,7 +22,8 @@ from typing import Optional
 
 from ..stages.blocks import Block, assemble_model, head_sharing
 from ..stages.ensemble import Ensemble
-from ..stages.exits import BUILTIN_EXIT_FUNCTIONS, resolve_exit_function
+from ..stages.exit_rules import rule_from_spec
+from ..stages.exits import BUILTIN_EXIT_FUNCTIONS
 from ..stages.llm import LLM
 
 MANIFEST = "cascade.json"
@@ -37,8 +40,9 @@ def _number(value: float):
 def save_ensemble(ensemble: Ensemble, folder: "Path | str", tokenizer=None, extra: Optional[dict] = None) -> Path:
     """Write ``folder/stage{k}/`` (save_pretrained), ``folder/tokenizer/`` and ``folder/cascade.json``.
 
-    Only built-in exit functions can be saved (a callable has no portable name). An existing
-    folder is replaced only once the new one is complete.
+    Built-in exit functions are saved by name, rule modules (``stages.exit_rules``) by spec and
+    weights; any other callable has no portable form and is refused. An existing folder is replaced
+    only once the new one is complete.
     """
     folder = Path(folder)
     kinds = {type(stage) for stage in ensemble}
@@ -46,10 +50,12 @@ def save_ensemble(ensemble: Ensemble, folder: "Path | str", tokenizer=None, extr
         raise ValueError(f"save_ensemble writes cascades of LLMs or of Blocks, not a mix: stages are "
                          f"{[type(stage).__name__ for stage in ensemble]}")
     for k, stage in enumerate(ensemble):
-        if stage.exit_function.name not in BUILTIN_EXIT_FUNCTIONS or \
-                stage.exit_function.fn is not BUILTIN_EXIT_FUNCTIONS[stage.exit_function.name]:
-            raise ValueError(f"stage {k} uses exit function {stage.exit_function.name!r}, which is not a built-in "
-                             f"({sorted(BUILTIN_EXIT_FUNCTIONS)}); it cannot be saved by name")
+        rule = stage.exit_function
+        builtin = rule.name in BUILTIN_EXIT_FUNCTIONS and rule.fn is BUILTIN_EXIT_FUNCTIONS[rule.name]
+        if not builtin and not callable(getattr(rule.module, "spec", None)):
+            raise ValueError(f"stage {k} uses exit function {rule.name!r}, which is neither a built-in "
+                             f"({sorted(BUILTIN_EXIT_FUNCTIONS)}) nor a rule module of stages.exit_rules; it "
+                             f"cannot be saved")
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
@@ -73,15 +79,37 @@ def save_ensemble(ensemble: Ensemble, folder: "Path | str", tokenizer=None, extr
     return folder
 
 
-def _stage_entry(stage) -> dict:
-    return {"exit_fn": stage.exit_function.name, "threshold": _number(stage.threshold), "layers": stage.num_layers}
+def _stage_entry(stage, k: int, staging: Path) -> dict:
+    entry = {"exit_fn": stage.exit_function.name, "threshold": _number(stage.threshold), "layers": stage.num_layers}
+    rule = stage.exit_function.module
+    if rule is not None:
+        from safetensors.torch import save_file
+
+        (staging / "exit_rules").mkdir(exist_ok=True)
+        entry["exit_rule"] = rule.spec()
+        entry["exit_rule_weights"] = f"exit_rules/stage{k}.safetensors"
+        save_file({name: t.detach().contiguous().cpu() for name, t in rule.state_dict().items()},
+                  str(staging / entry["exit_rule_weights"]))
+    return entry
+
+
+def _attach_exit_rule(stage, entry: dict, folder: Path) -> None:
+    """Rebuild a saved rule module on ``stage`` (manifest entry with ``exit_rule``), or its built-in."""
+    if "exit_rule" not in entry:
+        stage.exit_function = entry["exit_fn"]
+        return
+    from safetensors.torch import load_file
+
+    rule = rule_from_spec(entry["exit_rule"], stage)
+    rule.load_state_dict(load_file(str(folder / entry["exit_rule_weights"])))
+    stage.exit_function = rule.eval()
 
 
 def _write_llms(ensemble: Ensemble, staging: Path) -> dict:
     stages = []
     for k, stage in enumerate(ensemble):
         stage.model.save_pretrained(staging / f"stage{k}")
-        stages.append({"path": f"stage{k}", **_stage_entry(stage)})
+        stages.append({"path": f"stage{k}", **_stage_entry(stage, k, staging)})
     return {"kind": "llms", "stages": stages}
 
 
@@ -93,7 +121,7 @@ def _write_blocks(ensemble: Ensemble, staging: Path) -> dict:
     heads = head_sharing(blocks)
     stages = []
     for k, block in enumerate(blocks):
-        entry = _stage_entry(block)
+        entry = _stage_entry(block, k, staging)
         if heads == "own" and k < len(blocks) - 1:
             (staging / "heads").mkdir(exist_ok=True)
             entry["head"] = f"heads/stage{k}.safetensors"
@@ -123,9 +151,10 @@ def load_ensemble(folder: "Path | str", device: str = "cpu", dtype=None) -> Ense
         return _read_blocks(folder, manifest, device, dtype)
     ensemble = Ensemble()
     for entry in manifest["stages"]:
-        stage = LLM.from_pretrained(folder / entry["path"], exit_fn=entry["exit_fn"],
-                                    threshold=float(entry["threshold"]))
-        ensemble.add_llm(stage.to(device=device, dtype=dtype) if dtype is not None else stage.to(device))
+        stage = LLM.from_pretrained(folder / entry["path"], threshold=float(entry["threshold"]))
+        stage = stage.to(device=device, dtype=dtype) if dtype is not None else stage.to(device)
+        _attach_exit_rule(stage, entry, folder)
+        ensemble.add_llm(stage)
     return ensemble.eval()
 
 
@@ -139,9 +168,9 @@ def _read_blocks(folder: Path, manifest: dict, device, dtype) -> Ensemble:
     ensemble = Ensemble.from_blocks(model.eval(), manifest["boundaries"], heads=manifest["heads"],
                                     thresholds=[float(entry["threshold"]) for entry in entries])
     for block, entry in zip(ensemble, entries):
-        block.exit_function = resolve_exit_function(entry["exit_fn"])
         if "head" in entry:
             block.head.load_state_dict(load_file(str(folder / entry["head"])))
+        _attach_exit_rule(block, entry, folder)
     return ensemble.eval()
 
 

@@ -1,0 +1,170 @@
+"""Exit rules with weights: the learned classifier and cheap max-prob (low rank, candidate vocabulary)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from cascade_bench import calibrate_thresholds, measure_cost, routed_forward
+from cascade_bench.measure.flops import count_pass_flops
+from cascade_bench.routing.passes import forward_cascade, stage_states
+from cascade_bench.stages.exit_rules import (ExitClassifier, low_rank_max_prob, parse_rule_spec, rule_from_spec,
+                                             top_k_max_prob)
+from cascade_bench.stages.exits import max_prob
+from cascade_bench.training.persistence import load_ensemble, save_ensemble
+from tests.helpers import FAMILIES, KINDS, tiny_ensemble, token_batch
+
+
+def _exact_and_cheap(ensemble, rule, ids):
+    states = stage_states(ensemble, ids, num_stages=1)
+    hidden = states.hidden[0]
+    exact = max_prob(None, hidden, ensemble[0].logits(hidden).float())
+    return exact, rule(None, hidden)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_full_rank_and_full_vocabulary_equal_exact_max_prob(text, family, kind):
+    ensemble = tiny_ensemble(family, kind=kind)
+    ids = token_batch(text, 2, 24)
+    d, vocab = ensemble[0].hidden_size, ensemble.vocab_size
+    with torch.no_grad():
+        exact, low_rank = _exact_and_cheap(ensemble, low_rank_max_prob(ensemble[0], min(d, vocab)), ids)
+        _, all_ids = _exact_and_cheap(ensemble, top_k_max_prob(ensemble[0], torch.arange(vocab)), ids)
+    torch.testing.assert_close(low_rank, exact, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(all_ids, exact, atol=1e-6, rtol=1e-5)
+
+
+def test_reduced_heads_cost_what_their_matrices_say():
+    ensemble = tiny_ensemble("gpt2-tiny")
+    d, vocab = ensemble[0].hidden_size, ensemble.vocab_size
+    assert low_rank_max_prob(ensemble[0], 8).macs_per_token() == 8 * d + 8 * vocab
+    assert top_k_max_prob(ensemble[0], list(range(0, 200, 2))).macs_per_token() == 100 * d
+    assert ExitClassifier(d).macs_per_token() == d
+    assert ExitClassifier(d, hidden_units=16, use_input_state=True).macs_per_token() == 2 * d * 16 + 16
+
+
+def _fresh_classifier(ensemble, use_input_state=False, hidden_units=0):
+    torch.manual_seed(1)
+    return ExitClassifier(ensemble[0].hidden_size, hidden_units, use_input_state)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("rule_name", ["classifier", "classifier-mlp-input", "lowrank", "cos_sim"])
+def test_rules_without_logits_run_the_head_only_for_exiting_tokens(text, kind, rule_name):
+    ensemble = tiny_ensemble("gpt2-tiny", kind=kind)
+    if rule_name == "classifier":
+        ensemble[0].exit_function = _fresh_classifier(ensemble)
+    elif rule_name == "classifier-mlp-input":
+        ensemble[0].exit_function = _fresh_classifier(ensemble, use_input_state=True, hidden_units=8)
+    elif rule_name == "lowrank":
+        ensemble[0].exit_function = low_rank_max_prob(ensemble[0], 4)
+    else:
+        ensemble[0].exit_function = "cos_sim"
+    ids = token_batch(text, 3, 32)
+    calibrate_thresholds(ensemble, [ids], 0.5)
+    d, vocab = ensemble[0].hidden_size, ensemble.vocab_size
+    with torch.inference_mode():
+        counted, out = count_pass_flops(lambda probe: routed_forward(ensemble, ids, probe=probe), 2)
+    exited, reached = out.tokens_exited[0], out.tokens_entered[0]
+    assert 0 < exited < reached
+    # Counted, not read from bookkeeping: stage 0's head ran on exactly the exiting tokens.
+    assert counted.stages[0].exit_head == 2 * d * vocab * exited
+    assert counted.stages[0].exit_fn == 2 * ensemble[0].exit_function.macs_per_token * reached
+    assert out.decided_tokens == (reached, 0)
+
+
+@pytest.mark.parametrize("method", ["routed", "masked"])
+def test_counted_flops_equal_the_analytic_count_with_a_rule_module(text, method):
+    ensemble = tiny_ensemble("llama-tiny")
+    ensemble[0].exit_function = _fresh_classifier(ensemble, use_input_state=True, hidden_units=8)
+    batches = [token_batch(text, 2, 32), token_batch(text, 2, 32, offset=500)]
+    calibrate_thresholds(ensemble, batches, 0.4)
+    record = measure_cost(ensemble, batches, method, warmup=0, repeats=1)
+    assert record.flops == record.flops_analytic
+    rule = ensemble[0].exit_function.macs_per_token
+    assert record.stages[0].exit_rule_flops == 2 * rule * record.stages[0].tokens_entered
+
+
+def test_decision_flops_of_max_prob_are_the_heads_of_continuing_tokens(text):
+    ensemble = tiny_ensemble("gpt2-tiny")
+    batches = [token_batch(text, 2, 32)]
+    calibrate_thresholds(ensemble, batches, 0.5)
+    record = measure_cost(ensemble, batches, "routed", warmup=0, repeats=1)
+    stage0 = record.stages[0]
+    continuing = stage0.tokens_entered - record.quality.tokens_exited[0]
+    assert record.decision_flops == 2 * ensemble[0].hidden_size * ensemble.vocab_size * continuing
+    full = measure_cost(ensemble, batches, "full", warmup=0, repeats=1)
+    assert full.decision_flops == 0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_rule_modules_save_and_load_exactly(text, tmp_path, kind):
+    ensemble = tiny_ensemble("gpt2-tiny", layers=(1, 1, 1), kind=kind)
+    ensemble[0].exit_function = _fresh_classifier(ensemble, use_input_state=True, hidden_units=8)
+    ensemble[1].exit_function = low_rank_max_prob(ensemble[1], 5)
+    ids = token_batch(text, 2, 24)
+    calibrate_thresholds(ensemble, [ids], 0.5)
+    save_ensemble(ensemble, tmp_path / "saved")
+    loaded = load_ensemble(tmp_path / "saved")
+    for before, after in zip(ensemble, loaded):
+        assert after.exit_function.name == before.exit_function.name
+        assert after.exit_function.macs_per_token == before.exit_function.macs_per_token
+    with torch.inference_mode():
+        a, b = routed_forward(ensemble, ids), routed_forward(loaded, ids)
+    assert torch.equal(a.exit_stage, b.exit_stage)
+    assert torch.equal(a.stage_confidence.nan_to_num(-1), b.stage_confidence.nan_to_num(-1))
+
+
+def test_rule_modules_move_with_the_stage_and_detach_when_replaced():
+    ensemble = tiny_ensemble("gpt2-tiny")
+    ensemble[0].exit_function = _fresh_classifier(ensemble)
+    assert "exit_rule" in dict(ensemble[0].named_children())
+    ensemble.to(torch.float64)
+    assert ensemble[0].exit_function.module.net.weight.dtype == torch.float64
+    ensemble[0].exit_function = "max_prob"
+    assert "exit_rule" not in dict(ensemble[0].named_children())
+
+
+def test_saved_rule_spec_rebuilds_the_same_shape():
+    ensemble = tiny_ensemble("gpt2-tiny")
+    for rule in (low_rank_max_prob(ensemble[0], 3), top_k_max_prob(ensemble[0], [5, 1, 7]),
+                 ExitClassifier(ensemble[0].hidden_size, 4, True, "correctness")):
+        rebuilt = rule_from_spec(rule.spec(), ensemble[0])
+        assert rebuilt.macs_per_token() == rule.macs_per_token()
+        assert {k: v.shape for k, v in rebuilt.state_dict().items()} == \
+            {k: v.shape for k, v in rule.state_dict().items()}
+
+
+def test_bad_rule_arguments_name_the_value():
+    ensemble = tiny_ensemble("gpt2-tiny")
+    d, vocab = ensemble[0].hidden_size, ensemble.vocab_size
+    with pytest.raises(ValueError, match=rf"rank must be an int in \[1, {min(d, vocab)}\], got 0"):
+        low_rank_max_prob(ensemble[0], 0)
+    with pytest.raises(ValueError, match="distinct ids"):
+        top_k_max_prob(ensemble[0], [1, 1, 2])
+    with pytest.raises(ValueError, match=r"distinct ids in \[0, 256\)"):
+        top_k_max_prob(ensemble[0], [3, 256])
+    with pytest.raises(ValueError, match="'lowrank:x' needs a positive integer size"):
+        parse_rule_spec("lowrank:x")
+    with pytest.raises(ValueError, match="unknown exit rule 'softmax'"):
+        parse_rule_spec("softmax")
+    with pytest.raises(ValueError, match="target must be one of"):
+        ExitClassifier(d, target="agreement")
+    assert parse_rule_spec("topk:128") == ("topk", 128)
+    assert parse_rule_spec("classifier") == ("classifier", None)
+    assert math.isfinite(float(low_rank_max_prob(ensemble[0], 2).macs_per_token()))
+
+
+def test_masked_pass_records_every_stage_prediction(text):
+    ensemble = tiny_ensemble("gpt2-tiny")
+    ids = token_batch(text, 2, 16)
+    with torch.inference_mode():
+        masked = forward_cascade(ensemble, ids, method="masked", thresholds=[math.inf])
+        full = forward_cascade(ensemble, ids, method="full")
+        prefix = forward_cascade(ensemble, ids, method="full", num_stages=1)
+    assert torch.equal(masked.stage_prediction[1], full.stage_prediction[1])
+    assert torch.equal(masked.stage_prediction[0], prefix.stage_prediction[0])
+    assert bool((masked.stage_prediction >= 0).all())
