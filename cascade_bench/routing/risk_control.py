@@ -1,0 +1,183 @@
+"""Risk-controlled calibration: thresholds with a statistical guarantee instead of a quantile.
+
+Learn-then-Test with fixed-sequence testing (Angelopoulos et al. 2021; CALM uses it for early
+exit). A token's **loss** under the routed pass is binary:
+
+- ``"disagreement"``: its prediction (argmax at its exit stage) differs from the full cascade's;
+- ``"nll_increase"``: its NLL at its exit stage exceeds the full cascade's by more than
+  ``nll_tolerance`` nats.
+
+The candidates are the quantile thresholds of a grid of hard ratios, from the most cautious down
+(``RISK_GRID``), calibrated on one half of the calibration batches (even indices). On the other half
+(odd indices) each candidate's violations k out of n tokens give the p-value of "risk > delta":
+``P(Binomial(n, delta) <= k)``. Testing goes down the grid while p <= epsilon and keeps the last
+candidate that passed; then, with probability at least 1 - epsilon over the calibration data,
+the chosen thresholds' risk is at most delta. Assumption (stated in every report): tokens are
+exchangeable draws from the deployment distribution, treated as independent (tokens of one
+sequence are not, so the guarantee is approximate in that respect). If no candidate passes, no
+token exits (all thresholds +inf).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence
+
+import torch
+
+from ..data.batch import unpack_batch
+from ..stages.ensemble import Ensemble, evaluation_mode
+from .calibration import calibrate_thresholds
+from .passes import forward_cascade
+
+RISKS = ("disagreement", "nll_increase")
+#: Hard ratios tested, most cautious first.
+RISK_GRID = tuple(round(1 - 0.05 * i, 2) for i in range(1, 20))
+
+
+def binomial_cdf(k: int, n: int, p: float) -> float:
+    """P(Binomial(n, p) <= k), summed in log space (exact up to float rounding)."""
+    if not 0 <= p <= 1:
+        raise ValueError(f"p must be in [0, 1], got {p!r}")
+    if k < 0:
+        return 0.0
+    if k >= n or p == 0.0:
+        return 1.0
+    if p == 1.0:
+        return 0.0
+    log_p, log_q = math.log(p), math.log1p(-p)
+    terms = torch.tensor([math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * log_p
+                          + (n - i) * log_q for i in range(k + 1)], dtype=torch.float64)
+    return min(1.0, float(torch.logsumexp(terms, dim=0).exp()))
+
+
+def binomial_upper_bound(k: int, n: int, epsilon: float) -> float:
+    """Clopper-Pearson one-sided upper confidence bound at level 1 - epsilon: the largest p with
+    P(Binomial(n, p) <= k) >= epsilon (bisection)."""
+    if k >= n:
+        return 1.0
+    low, high = k / n, 1.0
+    for _ in range(60):
+        middle = (low + high) / 2
+        low, high = (middle, high) if binomial_cdf(k, n, middle) >= epsilon else (low, middle)
+    return high
+
+
+def fixed_sequence_test(violations: Sequence[int], tokens: int, delta: float, epsilon: float) -> tuple[int, list[float]]:
+    """Candidates ordered most cautious first, with ``violations[j]`` of ``tokens`` each: the index
+    of the last candidate in the run of rejections of "risk > delta" at level epsilon (-1 if the
+    first is not rejected), and every p-value computed on the way."""
+    _check_level("delta", delta)
+    _check_level("epsilon", epsilon)
+    if tokens < 1:
+        raise ValueError(f"risk control needs at least one scored token on the testing half, got {tokens}")
+    chosen, p_values = -1, []
+    for j, k in enumerate(violations):
+        p_values.append(binomial_cdf(int(k), tokens, delta))
+        if p_values[-1] > epsilon:
+            break
+        chosen = j
+    return chosen, p_values
+
+
+def _check_level(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise ValueError(f"{name} must be a number in (0, 1), got {value!r}")
+
+
+@dataclass(frozen=True)
+class RiskControlResult:
+    """What risk-controlled calibration chose and why.
+
+    hard_ratio: the grid point chosen (None: no candidate passed, nobody exits). thresholds: per
+    non-last stage. tokens: scored tokens on the testing half; violations / empirical_risk: the chosen
+    point's there. upper_bound: its (1 - epsilon) Clopper-Pearson bound. p_values: per candidate tested.
+    """
+
+    risk: str
+    delta: float
+    epsilon: float
+    nll_tolerance: float
+    hard_ratio: Optional[float]
+    thresholds: tuple[float, ...]
+    tokens: int
+    violations: int
+    empirical_risk: float
+    upper_bound: float
+    candidates: tuple[float, ...]
+    p_values: tuple[float, ...]
+
+    def summary(self) -> dict:
+        return {"risk": self.risk, "delta": self.delta, "epsilon": self.epsilon, "nll_tolerance": self.nll_tolerance,
+                "hard_ratio": self.hard_ratio, "thresholds": list(self.thresholds), "tokens": self.tokens,
+                "violations": self.violations, "empirical_risk": self.empirical_risk,
+                "upper_bound": self.upper_bound, "candidates": list(self.candidates), "p_values": list(self.p_values)}
+
+
+def routed_violations(ensemble: Ensemble, batches: Iterable, thresholds: Sequence[float], risk: str = "disagreement",
+                      nll_tolerance: float = 0.0, **forward_kwargs) -> tuple[int, int]:
+    """(violations, scored tokens) of the routed pass with ``thresholds`` against the full cascade."""
+    if risk not in RISKS:
+        raise ValueError(f"risk must be one of {RISKS}, got {risk!r}")
+    violations, tokens = 0, 0
+    last = len(ensemble) - 1
+    with evaluation_mode(ensemble), torch.inference_mode():
+        for item in batches:
+            ids, mask, targets = unpack_batch(item)
+            routed = forward_cascade(ensemble, ids, mask, targets, method="routed", thresholds=thresholds,
+                                     **forward_kwargs)
+            full = forward_cascade(ensemble, ids, mask, targets, method="full")
+            scored = routed.scored
+            if risk == "disagreement":
+                exit_prediction = routed.stage_prediction.gather(0, routed.exit_stage.clamp(min=0)[None])[0]
+                bad = exit_prediction != full.stage_prediction[last]
+            else:
+                bad = routed.nll > full.nll + nll_tolerance
+            violations += int((bad & scored).sum())
+            tokens += int(scored.sum())
+    return violations, tokens
+
+
+def risk_controlled_thresholds(ensemble: Ensemble, batches: Sequence, delta: float = 0.1, epsilon: float = 0.1,
+                               risk: str = "disagreement", nll_tolerance: float = 0.0,
+                               grid: Sequence[float] = RISK_GRID, **forward_kwargs) -> RiskControlResult:
+    """Choose thresholds so that, with probability >= 1 - epsilon, the routed pass's ``risk`` is at
+    most ``delta`` (see the module doc); set them on the ensemble and return the record.
+    ``batches``: the calibration split, at least 2 batches (even ones calibrate, odd ones test)."""
+    batches = list(batches)
+    if len(batches) < 2:
+        raise ValueError(f"risk control needs at least 2 calibration batches (one half proposes thresholds, "
+                         f"the other tests them), got {len(batches)}")
+    if risk not in RISKS:
+        raise ValueError(f"risk must be one of {RISKS}, got {risk!r}")
+    if isinstance(nll_tolerance, bool) or not isinstance(nll_tolerance, (int, float)) or nll_tolerance < 0:
+        raise ValueError(f"nll_tolerance must be a number >= 0 (nats), got {nll_tolerance!r}")
+    _check_level("delta", delta)
+    _check_level("epsilon", epsilon)
+    grid = tuple(float(r) for r in grid)
+    if list(grid) != sorted(grid, reverse=True):
+        raise ValueError(f"the grid of hard ratios must go from the most cautious (largest) down, got {list(grid)}")
+    proposing, testing = batches[0::2], batches[1::2]
+    original = ensemble.thresholds
+    candidates, counts, tokens = [], [], 0
+    try:
+        for ratio in grid:
+            thresholds = calibrate_thresholds(ensemble, proposing, ratio)
+            violations, tokens = routed_violations(ensemble, testing, thresholds, risk, nll_tolerance, **forward_kwargs)
+            candidates.append(thresholds)
+            counts.append(violations)
+            if binomial_cdf(violations, tokens, delta) > epsilon:
+                break  # fixed-sequence testing stops at the first candidate it cannot certify
+    finally:
+        ensemble.set_thresholds(original)
+    chosen, p_values = fixed_sequence_test(counts, tokens, delta, epsilon)
+    if chosen < 0:
+        thresholds, ratio, violations = (math.inf,) * (len(ensemble) - 1), None, 0
+    else:
+        thresholds, ratio, violations = tuple(candidates[chosen]), grid[chosen], counts[chosen]
+    ensemble.set_thresholds(list(thresholds))
+    return RiskControlResult(risk=risk, delta=float(delta), epsilon=float(epsilon), nll_tolerance=float(nll_tolerance),
+                             hard_ratio=ratio, thresholds=tuple(thresholds), tokens=tokens, violations=violations,
+                             empirical_risk=violations / tokens, upper_bound=binomial_upper_bound(violations, tokens, epsilon),
+                             candidates=grid[:len(counts)], p_values=tuple(p_values))
