@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 from torch import Tensor
@@ -105,3 +105,17 @@ def unpack_batch(item) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
         return padded[0], padded[1], padded[2]
     raise TypeError(f"a batch must be a (B, T) tensor, a tuple (input_ids, attention_mask, targets) or a dict, "
                     f"got {type(item).__name__}")
+
+
+def most_frequent_ids(batches: Iterable, vocab_size: int, count: int) -> Tensor:
+    """The ``count`` most frequent token ids over the real tokens of ``batches`` (ties: lower id
+    first), as a (count,) int64 tensor: the candidate vocabulary of a cheap max-prob head."""
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= vocab_size:
+        raise ValueError(f"count must be an int in [1, {vocab_size}], got {count!r}")
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+    for item in batches:
+        ids, mask, _ = unpack_batch(item)
+        real = ids if mask is None else ids[mask.bool()]
+        counts += torch.bincount(real.flatten().cpu().long(), minlength=vocab_size)[:vocab_size]
+    order = sorted(range(vocab_size), key=lambda i: (-int(counts[i]), i))
+    return torch.tensor(order[:count], dtype=torch.long)

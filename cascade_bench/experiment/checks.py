@@ -10,7 +10,12 @@ flag and gives the figures behind it. Flags are findings to explain, not failure
 - perplexity outside the plausible range (below the floor usually means leakage or a broken
   causal mask; above the ceiling, under-training);
 - routed and masked early exit taking different stage-0 decisions at the same thresholds;
-- counted FLOPs that differ from the analytic count where both exist.
+- counted FLOPs that differ from the analytic count where both exist;
+- a risk-controlled point whose realised risk on the test split exceeds its delta (allowed with
+  probability epsilon; a finding to explain, not a bug by itself).
+
+Checks of the sweep read the routed points of the run's own exit rule (``main_routed``); the other
+rules' points (``exit_rules``) are reported beside it.
 """
 
 from __future__ import annotations
@@ -41,6 +46,26 @@ def _by_id(records: Sequence[dict]) -> dict:
     return {r["point_id"]: r for r in records}
 
 
+def main_rule(records: Sequence[dict]) -> str:
+    """The exit rule the run trained with (``exit_fn`` of its stored config; max_prob if absent)."""
+    for record in records:
+        config = (record.get("conditions") or {}).get("config") or {}
+        if config.get("exit_fn"):
+            return config["exit_fn"]
+    return "max_prob"
+
+
+def is_main_rule(record: dict, rule: str) -> bool:
+    """A record of the run's own exit rule (records from before exit rules were recorded count as it)."""
+    return record.get("exit_rule") in (None, rule)
+
+
+def main_routed(records: Sequence[dict]) -> list[dict]:
+    """The routed points of the run's own exit rule."""
+    rule = main_rule(records)
+    return [r for r in records if r["method"] == "routed" and is_main_rule(r, rule)]
+
+
 def _training(records: Sequence[dict]) -> Optional[dict]:
     for record in records:
         training = (record.get("conditions") or {}).get("training")
@@ -67,7 +92,7 @@ def check_prefixes(records: Sequence[dict]) -> Check:
 
 def check_hard_tokens(records: Sequence[dict]) -> Check:
     """Hard-token PPL after the later stages vs at stage 0, at every swept hard ratio."""
-    routed = sorted((r for r in records if r["method"] == "routed"), key=lambda r: r["hard_ratio"])
+    routed = sorted(main_routed(records), key=lambda r: r["hard_ratio"])
     pairs = [(r["hard_ratio"], r.get("hard_ppl_stage0"), r.get("hard_ppl")) for r in routed]
     pairs = [(h, before, after) for h, before, after in pairs
              if isinstance(before, (int, float)) and math.isfinite(before) and math.isfinite(after)]
@@ -107,6 +132,11 @@ def _stops(records: Sequence[dict]) -> list[tuple[str, dict]]:
     dense_training = ((dense or {}).get("conditions") or {}).get("dense_training")
     if isinstance(dense_training, dict):
         stops.append(("dense", dense_training))
+    classifiers = {}
+    for record in records:
+        for part in record.get("rule_training") or []:
+            classifiers[(part["rule"], part["stage"])] = part
+    stops += [(f"{rule} exit classifier of stage {stage}", part) for (rule, stage), part in sorted(classifiers.items())]
     return stops
 
 
@@ -145,7 +175,7 @@ def _stage0_exits(record: dict) -> Optional[int]:
 def check_routed_vs_masked(records: Sequence[dict]) -> Check:
     """Stage 0 sees the same tokens in both methods, so its exits must be the same."""
     points = _by_id(records)
-    pairs = [(r, points.get(f"masked@{r['hard_ratio']:g}")) for r in records if r["method"] == "routed"]
+    pairs = [(r, points.get(f"masked@{r['hard_ratio']:g}")) for r in main_routed(records)]
     pairs = [(r, m) for r, m in pairs if m is not None]
     if not pairs:
         return Check("routed and masked stage-0 decisions differ", False, "n/a: no masked points")
@@ -166,13 +196,30 @@ def check_flop_counts(records: Sequence[dict]) -> Check:
                  f"equal at all {len(counted)} counted points ({', '.join(r['point_id'] for r in counted)})")
 
 
+def check_risk_control(records: Sequence[dict]) -> Check:
+    """Each risk-controlled point's realised risk on the test split against its delta."""
+    points = [r for r in records if r["method"] == "risk_controlled" and r.get("risk_control")]
+    if not points:
+        return Check("risk-controlled point above its delta on the test split", False, "n/a: no risk-controlled points")
+    parts, over = [], []
+    for r in points:
+        control = r["risk_control"]
+        text = (f"{r.get('exit_rule')}: {control['risk']} {r['realised_risk']:.3f} on test "
+                f"(delta {control['delta']:g}, epsilon {control['epsilon']:g}, hard ratio "
+                f"{'none passed' if control['hard_ratio'] is None else format(control['hard_ratio'], 'g')})")
+        parts.append(text)
+        if r["realised_risk"] > control["delta"]:
+            over.append(text)
+    return Check("risk-controlled point above its delta on the test split", bool(over), "; ".join(over or parts))
+
+
 def run_checks(records: Sequence[dict], plausible_ppl: Sequence[float] = PLAUSIBLE_PPL) -> list[Check]:
     """Every check above over one run's records, in a fixed order."""
     if not records:
         raise ValueError("no records to check; run `cascade-bench run` first")
     return [check_prefixes(records), check_hard_tokens(records), check_dense(records),
             check_training_stops(records), check_ppl_range(records, plausible_ppl),
-            check_routed_vs_masked(records), check_flop_counts(records)]
+            check_routed_vs_masked(records), check_flop_counts(records), check_risk_control(records)]
 
 
 def format_checks(checks: Sequence[Check]) -> str:

@@ -16,6 +16,8 @@ from typing import Sequence
 
 import pandas as pd
 
+from .checks import main_routed
+
 #: Default budgets, as fractions of the dense model's FLOPs per token.
 BUDGETS = (0.7, 0.8, 0.9, 1.0)
 
@@ -25,7 +27,7 @@ def flops_per_token(record: dict) -> float:
 
 
 def _curve(records: Sequence[dict]) -> list[tuple[float, float]]:
-    return sorted((flops_per_token(r), r["ppl"]) for r in records if r["method"] == "routed")
+    return sorted((flops_per_token(r), r["ppl"]) for r in main_routed(records))
 
 
 def ppl_at(curve: Sequence[tuple[float, float]], budget: float) -> float:
@@ -65,7 +67,7 @@ def comparison_table(runs: dict[str, Sequence[dict]], budgets: Sequence[float] =
     rows = []
     for name, records in runs.items():
         points = {r["point_id"]: r for r in records}
-        routed = [r for r in records if r["method"] == "routed"]
+        routed = main_routed(records)
         if not routed or "full" not in points:
             raise ValueError(f"run {name!r} has no routed sweep or no full point to compare")
         half = min(routed, key=lambda r: (abs(r["hard_ratio"] - 0.5), r["hard_ratio"]))

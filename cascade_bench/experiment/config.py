@@ -11,6 +11,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Optional
 
+from ..routing.risk_control import RISKS
+from ..stages.exit_rules import CLASSIFIER_TARGETS, RULE_SPECS, parse_rule_spec
 from ..stages.presets import STAGE_PRESETS
 from ..training.protocols import PROTOCOLS
 
@@ -32,7 +34,12 @@ class ExperimentConfig:
     model: it is cut into blocks before each layer index in ``boundaries``; non-last blocks exit
     through the model's own norm + lm_head (``block_heads="shared"``) or through their own heads
     trained with the model frozen (``"trained"``). Nothing else is trained, and the unsplit model is
-    the full-depth baseline ("dense" does not apply and is skipped)."""
+    the full-depth baseline ("dense" does not apply and is skipped).
+
+    ``exit_fn`` is the rule the cascade trains and is swept with (points ``routed@r``, ``masked@r``);
+    every other rule in ``exit_rules`` is swept over the same hard ratios on the same trained
+    cascade (points ``routed[rule]@r``). ``risk`` (with ``risk_delta``, ``risk_epsilon``) adds one
+    point per rule whose thresholds are risk-controlled (``routing.risk_control``); '' skips them."""
 
     name: str = "ashem-embedded"
     corpus: str = "embedded"
@@ -45,6 +52,12 @@ class ExperimentConfig:
     protocol: str = "ashem"
     leaky_seed_protocol: bool = False
     exit_fn: str = "max_prob"
+    exit_rules: tuple = ("max_prob", "cos_sim", "classifier", "lowrank:32")
+    classifier_target: str = "consistency"
+    risk: str = "disagreement"
+    risk_delta: float = 0.1
+    risk_epsilon: float = 0.1
+    risk_nll_tolerance: float = 0.0
     dense_patience: int = 0
     max_epochs: int = 40
     max_steps_per_epoch: int = 0
@@ -87,6 +100,25 @@ class ExperimentConfig:
             bad("protocol", f"one of {sorted(PROTOCOLS)}")
         if self.exit_fn not in ("max_prob", "cos_sim", "margin", "neg_entropy"):
             bad("exit_fn", "one of ['cos_sim', 'margin', 'max_prob', 'neg_entropy']")
+        if not isinstance(self.exit_rules, tuple) or not self.exit_rules or \
+                len(set(self.exit_rules)) != len(self.exit_rules):
+            bad("exit_rules", f"a non-empty list of distinct exit rules drawn from {list(RULE_SPECS)}")
+        for spec in self.exit_rules:
+            try:
+                parse_rule_spec(spec)
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"config key 'exit_rules': {error}") from None
+        if self.classifier_target not in CLASSIFIER_TARGETS:
+            bad("classifier_target", f"one of {list(CLASSIFIER_TARGETS)}")
+        if self.risk not in ("", *RISKS):
+            bad("risk", f"one of {list(RISKS)} or '' (no risk-controlled points)")
+        for key in ("risk_delta", "risk_epsilon"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+                bad(key, "a number strictly between 0 and 1")
+        if isinstance(self.risk_nll_tolerance, bool) or not isinstance(self.risk_nll_tolerance, (int, float)) \
+                or self.risk_nll_tolerance < 0:
+            bad("risk_nll_tolerance", "a non-negative number (nats)")
         if self.eval_split not in ("test", "validation"):
             bad("eval_split", "'test' or 'validation' (the seeds scored their hard tokens on validation)")
         if self.count_flops not in COUNT_FLOPS:

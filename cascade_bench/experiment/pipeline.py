@@ -5,7 +5,9 @@ them if a run with the same training settings already saved them (``models/<trai
 or, with ``model`` set, cut that pretrained model into blocks (training only their exit heads
 if asked);
 evaluate every point (full cascade, each stage prefix, the dense model, routed and masked early
-exit at every hard ratio of the sweep, the oracle bound) on the test split with quality, analytic
+exit at every hard ratio of the sweep, routed early exit under every other exit rule of
+``exit_rules`` at the same hard ratios (``rule_sweep``), one risk-controlled point per rule, the
+oracle bound) on the test split with quality, analytic
 FLOPs (counted too at the anchor points: every baseline and, per swept method, the hard ratio
 nearest 0.5; at every point with ``count_flops="all"``), wall time over the first
 ``timing_batches`` test batches (and its ratio to the full cascade timed back to back on them) and
@@ -30,6 +32,7 @@ from ..measure.timing import interleaved_ratio
 from ..routing.calibration import calibrate_thresholds
 from ..routing.oracle import oracle_bound
 from ..routing.passes import forward_cascade
+from ..routing.risk_control import risk_controlled_thresholds, routed_violations
 from ..stages.ensemble import Ensemble, evaluation_mode
 from ..stages.presets import STAGE_PRESETS, build_ensemble
 from ..training.loops import TrainConfig
@@ -45,6 +48,7 @@ from ..training.protocols import (
 )
 from .config import ExperimentConfig
 from .results_store import ResultsStore
+from .rule_sweep import BuiltRule, build_rule, decision_agreement, stage0_confidences, using_rule
 
 
 def experiment_paths(config: ExperimentConfig) -> dict[str, Path]:
@@ -180,6 +184,7 @@ def _record(point_id: str, method: str, cost, hard_ratio: Optional[float] = None
         "flops": cost.flops, "flops_analytic": cost.flops_analytic, "time_median_s": cost.time_median_s,
         "time_iqr_s": cost.time_iqr_s, "tokens_per_s": cost.tokens_per_s,
         "peak_memory_bytes": cost.peak_memory_bytes, "memory_measure": cost.memory_measure,
+        "decision_flops": cost.decision_flops,
         "counting_overhead": cost.counting_overhead, "conditions": cost.conditions, **extra,
     }
 
@@ -239,36 +244,92 @@ def run_experiment(config: ExperimentConfig, progress: bool = True,
     def counted(ratio: Optional[float] = None) -> bool:
         return config.count_flops == "all" or ratio is None or ratio == anchor
 
-    thresholds_cache: dict[float, list[float]] = {}
+    main_rule = config.exit_fn
+    built: dict[str, BuiltRule] = {}
 
-    def thresholds_at(ratio: float) -> list[float]:
-        if ratio not in thresholds_cache:
-            thresholds_cache[ratio] = list(calibrate_thresholds(cascade, data.validation, ratio))
-        return thresholds_cache[ratio]
+    def rule(spec: str) -> Optional[BuiltRule]:
+        """The built rule for ``spec``, None for the rule the cascade was trained with (already in place)."""
+        if spec == main_rule:
+            return None
+        if spec not in built:
+            built[spec] = build_rule(spec, cascade, data.train, data.validation, config.classifier_target,
+                                     config.seed, progress, max_epochs=config.max_epochs,
+                                     max_steps_per_epoch=config.max_steps_per_epoch or None)
+        return built[spec]
 
-    points: list[tuple[str, Callable[[], dict]]] = []
+    thresholds_cache: dict[tuple[str, float], list[float]] = {}
+
+    def thresholds_at(ratio: float, spec: str = main_rule) -> list[float]:
+        """Quantile thresholds on the validation split under ``spec`` (the rule in place when called)."""
+        if (spec, ratio) not in thresholds_cache:
+            thresholds_cache[(spec, ratio)] = list(calibrate_thresholds(cascade, data.validation, ratio))
+        return thresholds_cache[(spec, ratio)]
+
+    exact: dict[str, torch.Tensor] = {}
+
+    def agreement_with_max_prob(ratio: float, spec: str) -> float:
+        """Stage-0 decisions of an approximate max-prob rule vs exact max_prob's, each at its own
+        thresholds for ``ratio``, over the scored test tokens."""
+        cheap = stage0_confidences(cascade, test)
+        with using_rule(cascade, BuiltRule("max_prob", ["max_prob"] * (len(cascade) - 1))):
+            if "max_prob" not in exact:
+                exact["max_prob"] = stage0_confidences(cascade, test)
+            reference = thresholds_at(ratio, "max_prob")[0]
+        return decision_agreement(cheap, thresholds_at(ratio, spec)[0], exact["max_prob"], reference)
+
+    def routed_point(spec: str, ratio: float) -> dict:
+        point_id = f"routed@{ratio:g}" if spec == main_rule else f"routed[{spec}]@{ratio:g}"
+        cost = measure_cost(cascade, test, "routed", thresholds=thresholds_at(ratio, spec), batching=config.batching,
+                            count_flops=counted(ratio), **common)
+        extra = {"exit_rule": spec}
+        if spec in built:
+            extra["rule_training"] = built[spec].training
+            if built[spec].approximates_max_prob:
+                extra["agreement_with_max_prob"] = agreement_with_max_prob(ratio, spec)
+        return _record(point_id, "routed", cost, hard_ratio=ratio, **extra)
+
+    def risk_point(spec: str) -> dict:
+        result = risk_controlled_thresholds(cascade, data.validation, config.risk_delta, config.risk_epsilon,
+                                            config.risk, config.risk_nll_tolerance, batching=config.batching)
+        cost = measure_cost(cascade, test, "routed", thresholds=list(result.thresholds), batching=config.batching,
+                            count_flops=False, **common)
+        violations, tokens = routed_violations(cascade, test, result.thresholds, config.risk,
+                                               config.risk_nll_tolerance, batching=config.batching)
+        return _record(f"risk[{spec}]", "risk_controlled", cost, hard_ratio=result.hard_ratio, exit_rule=spec,
+                       risk_control=result.summary(),
+                       realised_risk=violations / tokens, realised_violations=violations,
+                       **({"rule_training": built[spec].training} if spec in built else {}))
+
+    points: list[tuple[str, Callable[[], dict], str]] = []
     if "full" in config.baselines:
-        points.append(("full", lambda: _record("full", "full", measure_cost(cascade, test, "full", **common))))
+        points.append(("full", lambda: _record("full", "full", measure_cost(cascade, test, "full", **common)), main_rule))
     if "prefix" in config.baselines:
         for k in range(len(cascade) - 1):
             points.append((f"prefix-{k}", lambda k=k: _record(
-                f"prefix-{k}", "prefix", measure_cost(cascade, test, "full", num_stages=k + 1, **common), stages=k + 1)))
+                f"prefix-{k}", "prefix", measure_cost(cascade, test, "full", num_stages=k + 1, **common), stages=k + 1),
+                main_rule))
     if "dense" in config.baselines and pretrained is None:  # blocks: the unsplit model is the "full" point
         def dense_point():
             dense, summary = _trained_dense(config, data, paths["dense"], sum(cascade.layers_per_stage), progress)
             record = _record("dense", "dense", measure_cost(dense, test, "full", **common))
             record["conditions"] = {**record["conditions"], "dense_training": summary}
             return record
-        points.append(("dense", dense_point))
+        points.append(("dense", dense_point, main_rule))
     for ratio in config.hard_ratios:
-        points.append((f"routed@{ratio:g}", lambda ratio=ratio: _record(
-            f"routed@{ratio:g}", "routed", measure_cost(cascade, test, "routed", thresholds=thresholds_at(ratio),
-                                                        batching=config.batching, count_flops=counted(ratio),
-                                                        **common), hard_ratio=ratio)))
+        points.append((f"routed@{ratio:g}", lambda ratio=ratio: routed_point(main_rule, ratio), main_rule))
         if "masked" in config.baselines:
             points.append((f"masked@{ratio:g}", lambda ratio=ratio: _record(
                 f"masked@{ratio:g}", "masked", measure_cost(cascade, test, "masked", thresholds=thresholds_at(ratio),
-                                                            count_flops=counted(ratio), **common), hard_ratio=ratio)))
+                                                            count_flops=counted(ratio), **common), hard_ratio=ratio,
+                exit_rule=main_rule), main_rule))
+    for spec in config.exit_rules:
+        if spec != main_rule:
+            for ratio in config.hard_ratios:
+                points.append((f"routed[{spec}]@{ratio:g}", lambda ratio=ratio, spec=spec: routed_point(spec, ratio),
+                               spec))
+    if config.risk:
+        for spec in dict.fromkeys((main_rule, *config.exit_rules)):
+            points.append((f"risk[{spec}]", lambda spec=spec: risk_point(spec), spec))
     if "oracle" in config.baselines:
         def oracle_point():
             result = oracle_bound(cascade, test, config.oracle_tolerance)
@@ -280,7 +341,7 @@ def run_experiment(config: ExperimentConfig, progress: bool = True,
                     "layers_per_stage": list(cascade.layers_per_stage),
                     "conditions": {**conditions, "note": "analytic cost only; per-stage NLL from the no-exit "
                                                           "cascade (later stages see full context)"}}
-        points.append(("oracle", oracle_point))
+        points.append(("oracle", oracle_point, main_rule))
 
     timed_test = test[:timed]
 
@@ -298,9 +359,10 @@ def run_experiment(config: ExperimentConfig, progress: bool = True,
                 record["wall_ratio_interleaved"] = interleaved_ratio(rerun, full_pass, pairs=2)
         return record
 
-    todo = [(pid, make) for pid, make in points if pid not in store]
-    for point_id, make in tqdm(todo, desc=f"sweep {config.name}", unit="point", disable=not progress):
-        store.append(with_back_to_back_ratio(make))
+    todo = [(pid, make, spec) for pid, make, spec in points if pid not in store]
+    for point_id, make, spec in tqdm(todo, desc=f"sweep {config.name}", unit="point", disable=not progress):
+        with using_rule(cascade, rule(spec)):
+            store.append(with_back_to_back_ratio(make))
         if on_point is not None:
             on_point(point_id)
     cascade.set_thresholds(calibrated)
@@ -339,6 +401,7 @@ def _pass_of(record: dict, cascade: Ensemble, batches, config: ExperimentConfig,
         model, kwargs = cascade, dict(method="full")
     else:
         model = cascade
+        method = "routed" if method == "risk_controlled" else method
         kwargs = dict(method=method, thresholds=record["thresholds"],
                       **({"batching": config.batching} if method == "routed" else {}))
 

@@ -1,7 +1,8 @@
 """Figures from the results store (matplotlib, Agg), saved as PNG and PDF:
 
 - cost vs PPL: three panels (layer cost, FLOPs: counted where measured, else the analytic count
-  that equals it, and wall time, each relative to the full cascade), one curve per swept method, baselines as points, the oracle bound (no wall time),
+  that equals it, and wall time, each relative to the full cascade), one curve per swept method and
+  per exit rule, baselines as points, the oracle bound (no wall time),
   the Pareto front of routed early exit circled;
 - stacked exit ratios per hard ratio of the sweep;
 - confidence histograms per stage with the calibrated thresholds of the sweep.
@@ -15,6 +16,8 @@ from typing import Sequence
 
 COLORS = {"routed": "tab:blue", "masked": "tab:orange", "full": "black", "prefix": "tab:gray",
           "dense": "tab:green", "oracle": "tab:red"}
+#: Colours of the routed curves of the other exit rules, in the order of ``exit_rules``.
+RULE_COLORS = ("tab:purple", "tab:cyan", "tab:olive", "tab:brown", "tab:pink", "goldenrod")
 PANELS = (("layer_cost", "layer cost (fraction of all layers x tokens)"),
           ("flop_ratio", "FLOPs / full depth (counted = analytic)"),
           ("wall_ratio", "wall time / full depth"))
@@ -53,15 +56,20 @@ def plot_cost_vs_ppl(frame, stem: Path) -> list[Path]:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5), sharey=True)
     for ax, (column, xlabel) in zip(axes, PANELS):
         for method in ("routed", "masked"):
-            curve = frame[frame.method == method].sort_values("hard_ratio")
+            curve = frame[(frame.method == method) & frame.main].sort_values("hard_ratio")
             curve = curve[curve[column].notna()]
             if curve.empty:
                 continue
-            ax.plot(curve[column], curve.ppl, "o-", color=COLORS[method], label=f"{method} early exit")
+            rule = f" ({curve.exit_rule.iloc[0]})" if method == "routed" else ""
+            ax.plot(curve[column], curve.ppl, "o-", color=COLORS[method], label=f"{method} early exit{rule}")
             if method == "routed":
                 front = pareto_front(list(zip(curve[column], curve.ppl)))
                 ax.scatter(curve[column].iloc[front], curve.ppl.iloc[front], s=160, facecolors="none",
                            edgecolors=COLORS[method], linewidths=1.5, label="Pareto front (routed)")
+        others = frame[(frame.method == "routed") & ~frame.main & frame[column].notna()]
+        for color, rule in zip(RULE_COLORS, dict.fromkeys(others.exit_rule)):
+            curve = others[others.exit_rule == rule].sort_values("hard_ratio")
+            ax.plot(curve[column], curve.ppl, "^--", color=color, label=f"routed early exit ({rule})")
         for method, marker in (("full", "s"), ("prefix", "v"), ("dense", "D"), ("oracle", "*")):
             part = frame[(frame.method == method) & frame[column].notna()]
             if not part.empty:
@@ -81,7 +89,7 @@ def plot_cost_vs_ppl(frame, stem: Path) -> list[Path]:
 
 def plot_exit_ratios(frame, stem: Path) -> list[Path]:
     plt = _pyplot()
-    routed = frame[frame.method == "routed"].sort_values("hard_ratio")
+    routed = frame[(frame.method == "routed") & frame.main].sort_values("hard_ratio")
     fig, ax = plt.subplots(figsize=(6, 4))
     bottom = [0.0] * len(routed)
     labels = [f"{r:g}" for r in routed.hard_ratio]
@@ -103,7 +111,7 @@ def plot_confidences(histograms: dict, frame, stem: Path) -> list[Path]:
     plt = _pyplot()
     stages = histograms["histograms"]
     fig, axes = plt.subplots(1, max(1, len(stages)), figsize=(6 * max(1, len(stages)), 4), squeeze=False)
-    routed = frame[frame.method == "routed"].sort_values("hard_ratio")
+    routed = frame[(frame.method == "routed") & frame.main].sort_values("hard_ratio")
     for ax, hist in zip(axes[0], stages):
         counts = hist["counts"]
         width = (hist["max"] - hist["min"]) / len(counts) or 1e-6

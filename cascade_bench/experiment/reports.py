@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 import pandas as pd
 
 from ..data.storage import write_text_atomic
-from .checks import format_checks, run_checks
+from .checks import format_checks, main_rule, run_checks
 
 #: ASHEM's published WikiText-2 figures (DESIGN.md section 4).
 ASHEM_SEED_FIGURES = {"stage-0 PPL": 986.43, "hard PPL before": 2763.69, "hard PPL after": 668.08,
@@ -49,8 +49,21 @@ def records_frame(records: Sequence[dict]) -> pd.DataFrame:
         frame.loc[frame.method == "full", "wall_ratio"] = 1.0
     else:
         frame["wall_ratio"] = apart
+    rule = main_rule(records)
+    if "exit_rule" not in frame:
+        frame["exit_rule"] = None
+    frame["main"] = frame.exit_rule.isna() | (frame.exit_rule == rule)
+    frame["exit_rule"] = frame.exit_rule.where(frame.exit_rule.notna(), rule)
+    if "decision_flops" not in frame:
+        frame["decision_flops"] = math.nan
+    frame["decision_share"] = frame.decision_flops.astype(float) / flops
     frame["label"] = frame.apply(_label, axis=1)
     return frame
+
+
+def main_routed_frame(frame: pd.DataFrame) -> pd.DataFrame:
+    """The routed points of the run's own exit rule."""
+    return frame[(frame.method == "routed") & frame.main]
 
 
 def _pretrained_model(row) -> Optional[str]:
@@ -67,7 +80,10 @@ def _label(row) -> str:
         stages = int(row.get("stages", 1))
         return f"{part} 0 alone" if stages == 1 else f"{part}s 0..{stages - 1} alone"
     if row.method in ("routed", "masked"):
-        return f"{row.method} EE @ hard {row.hard_ratio:g}"
+        rule = "" if row.get("main", True) else f" [{row.exit_rule}]"
+        return f"{row.method} EE{rule} @ hard {row.hard_ratio:g}"
+    if row.method == "risk_controlled":
+        return f"risk-controlled [{row.exit_rule}]"
     if row.method == "full" and blocks:
         return "unsplit model"
     return {"full": "full cascade", "dense": "dense, same depth", "oracle": "oracle bound"}.get(row.method, row.method)
@@ -123,7 +139,7 @@ def write_table(frame: pd.DataFrame, stem: Path, caption: str) -> list[Path]:
 
 
 def threshold_table(frame: pd.DataFrame) -> pd.DataFrame:
-    swept = frame[frame.method.isin(["routed", "masked"])].sort_values(["method", "hard_ratio"])
+    swept = frame[frame.method.isin(["routed", "masked"]) & frame.main].sort_values(["method", "hard_ratio"])
     return pd.DataFrame({
         "method": swept.method, "hard ratio": swept.hard_ratio, "threshold": swept.thresholds.map(lambda t: t[0]),
         "exit at stage 0": swept.exit_ratio_0, "PPL": swept.ppl, "hard PPL": swept.hard_ppl,
@@ -140,39 +156,88 @@ def _interpolate(curve: pd.DataFrame, cost: float) -> float:
     return math.nan
 
 
-def paper_table(frame: pd.DataFrame, match_hard_ratio: float = 0.5) -> tuple[pd.DataFrame, Optional[float]]:
-    """Every method with its own cost, plus the swept curves at the matched FLOP ratio."""
+def _nearest(part: pd.DataFrame, hard_ratio: float):
+    return part.iloc[(part.hard_ratio - hard_ratio).abs().argsort().iloc[0]]
+
+
+def _swept_curves(frame: pd.DataFrame) -> list[pd.DataFrame]:
+    """Routed curves (the run's own rule first, then each other rule), then masked, each non-empty."""
     routed = frame[frame.method == "routed"]
-    target = None
-    if not routed.empty:
-        anchor = routed.iloc[(routed.hard_ratio - match_hard_ratio).abs().argsort().iloc[0]]
-        target = float(anchor.flop_ratio)
+    rules = list(dict.fromkeys([*routed[routed.main].exit_rule, *routed.exit_rule]))
+    curves = [routed[routed.exit_rule == rule] for rule in rules]
+    curves.append(frame[(frame.method == "masked") & frame.main])
+    return [curve for curve in curves if not curve.empty]
+
+
+def paper_table(frame: pd.DataFrame, match_hard_ratio: float = 0.5) -> tuple[pd.DataFrame, Optional[float]]:
+    """Every method with its own cost, plus each swept curve (routed per exit rule, masked) at its
+    point nearest ``match_hard_ratio`` and interpolated at the matched FLOP ratio: that of routed
+    early exit with the run's own rule at that hard ratio."""
+    routed = main_routed_frame(frame)
+    target = float(_nearest(routed, match_hard_ratio).flop_ratio) if not routed.empty else None
     rows = []
-    order = ["full", "prefix", "dense", "routed", "masked", "oracle"]
-    for method in order:
-        part = frame[frame.method == method]
-        if part.empty:
-            continue
-        if method in ("routed", "masked"):
-            chosen = part.iloc[(part.hard_ratio - match_hard_ratio).abs().argsort().iloc[0]]
-            matched = _interpolate(part, target) if target is not None else math.nan
-            rows.append(_paper_row(chosen, matched))
-        else:
-            for _, row in part.iterrows():
-                rows.append(_paper_row(row, math.nan))
+    for method in ("full", "prefix", "dense"):
+        rows += [_paper_row(row, math.nan) for _, row in frame[frame.method == method].iterrows()]
+    for curve in _swept_curves(frame):
+        matched = _interpolate(curve, target) if target is not None else math.nan
+        rows.append(_paper_row(_nearest(curve, match_hard_ratio), matched))
+    rows += [_paper_row(row, math.nan) for _, row in frame[frame.method.isin(["risk_controlled", "oracle"])].iterrows()]
     return pd.DataFrame(rows), target
 
 
 def _paper_row(row, matched: float) -> dict:
     return {"method": row.label, "PPL": row.ppl, "accuracy": row.accuracy if row.accuracy is not None else math.nan,
             "exit at stage 0": row.exit_ratio_0, "layer cost": row.layer_cost, "FLOP ratio": row.flop_ratio,
-            "wall ratio": row.wall_ratio, "PPL at matched FLOPs": matched}
+            "decision share of FLOPs": row.decision_share, "wall ratio": row.wall_ratio,
+            "PPL at matched FLOPs": matched}
+
+
+#: FLOP budgets (fractions of the full cascade's) at which the rules table compares the exit rules.
+RULE_BUDGETS = (0.8, 0.9)
+
+
+def rules_table(frame: pd.DataFrame, match_hard_ratio: float = 0.5) -> pd.DataFrame:
+    """One row per exit rule: its routed point nearest ``match_hard_ratio`` (PPL, costs, the decision's
+    own share of the FLOPs, agreement with exact max_prob where it approximates it) and its PPL
+    interpolated at fixed FLOP budgets (n/a where its curve does not reach one)."""
+    rows = []
+    for curve in _swept_curves(frame):
+        if curve.method.iloc[0] != "routed":
+            continue
+        point = _nearest(curve, match_hard_ratio)
+        agreement = point.get("agreement_with_max_prob", math.nan)
+        row = {"exit rule": point.exit_rule + (" (trained with)" if point.main else ""),
+               "hard ratio": point.hard_ratio, "PPL": point.ppl, "layer cost": point.layer_cost,
+               "FLOP ratio": point.flop_ratio, "decision share of FLOPs": point.decision_share,
+               "wall ratio": point.wall_ratio,
+               "agreement with max_prob": agreement if isinstance(agreement, float) else math.nan}
+        row.update({f"PPL @ {b:g}x FLOPs": _interpolate(curve, b) for b in RULE_BUDGETS})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def risk_table(frame: pd.DataFrame) -> Optional[pd.DataFrame]:
+    """Risk-controlled points: what was bounded, the level, the point chosen, its bound on the
+    calibration split's testing half and the realised risk on the scored split."""
+    points = frame[frame.method == "risk_controlled"]
+    if points.empty:
+        return None
+    rows = []
+    for _, point in points.iterrows():
+        control = point.risk_control
+        rows.append({"exit rule": point.exit_rule, "risk": control["risk"], "delta": control["delta"],
+                     "epsilon": control["epsilon"],
+                     "hard ratio chosen": control["hard_ratio"] if control["hard_ratio"] is not None else "none",
+                     "calibration risk": control["empirical_risk"], "upper bound (1-eps)": control["upper_bound"],
+                     "realised risk": point.realised_risk, "PPL": point.ppl, "FLOP ratio": point.flop_ratio,
+                     "wall ratio": point.wall_ratio})
+    return pd.DataFrame(rows)
 
 
 def seed_table(frame: pd.DataFrame, config) -> tuple[pd.DataFrame, bool]:
     """ASHEM-style table for the routed point nearest hard ratio 0.5; seed figures beside it when
     the config reproduces the seed (ASHEM protocol, WikiText-2, leaky seed protocol)."""
-    routed = frame[frame.method == "routed"]
+    routed = main_routed_frame(frame)
     prefix = frame[(frame.method == "prefix") & (frame.get("stages", 1) == 1)] if "stages" in frame else frame[:0]
     if routed.empty:
         raise ValueError("the results have no routed point for the seed-protocol table")
@@ -213,6 +278,33 @@ def training_table(records: Sequence[dict]) -> Optional[pd.DataFrame]:
         "seconds": part.get("seconds", math.nan)} for name, part in parts])
 
 
+def _rule_training_lines(records: Sequence[dict]) -> list[str]:
+    trained = {}
+    for record in records:
+        for part in record.get("rule_training") or []:
+            trained[(part["rule"], part["stage"])] = part
+    if not trained:
+        return []
+    table = pd.DataFrame([{"exit rule": rule, "stage": stage, "target": part["target"], "epochs": part["epochs"],
+                           "best epoch": part["best_epoch"], "best validation BCE": part["best_validation_bce"],
+                           "stopped by": part["stop_reason"], "seconds": part["seconds"]}
+                          for (rule, stage), part in sorted(trained.items())])
+    return ["", "Learned exit classifiers (trained on the train split with the cascade frozen, early stopping on "
+                "the validation BCE):", "", to_markdown(table)]
+
+
+def _risk_lines(risks: pd.DataFrame) -> list[str]:
+    return ["## Risk-controlled thresholds", "",
+            "Thresholds chosen by Learn-then-Test (fixed-sequence binomial tests over hard ratios 0.9, 0.8, ..., 0.1): "
+            "candidates calibrated on the even validation batches, tested on the odd ones, so that with probability "
+            "at least 1 - epsilon the routed pass's risk (disagreement: its prediction differs from the full "
+            "cascade's; nll_increase: its NLL exceeds the full cascade's by more than the tolerance) is at most delta. "
+            "Tokens are treated as independent draws, which tokens of one sequence are not: the guarantee is "
+            "approximate in that respect. 'Upper bound' is the (1 - epsilon) Clopper-Pearson bound of the chosen "
+            "point's risk on the testing half; 'realised risk' is measured on the scored split.", "",
+            to_markdown(risks)]
+
+
 def write_report(records: Sequence[dict], config, paths: dict) -> Path:
     """Write the three tables (md/tex/csv) and report.md; return report.md's path."""
     frame = records_frame(records)
@@ -226,6 +318,11 @@ def write_report(records: Sequence[dict], config, paths: dict) -> Path:
     write_table(thresholds, tables / f"{name}.thresholds", f"{name}: early exit per hard ratio ({split} split)")
     write_table(paper, tables / f"{name}.paper", f"{name}: methods compared (costs relative to {reference})")
     write_table(seed, tables / f"{name}.seed", f"{name}: seed-protocol layout")
+    rules = rules_table(frame)
+    write_table(rules, tables / f"{name}.rules", f"{name}: exit rules compared ({split} split)")
+    risks = risk_table(frame)
+    if risks is not None:
+        write_table(risks, tables / f"{name}.risk", f"{name}: risk-controlled thresholds ({split} split)")
     first = records[0].get("conditions", {})
     training = first.get("training") or {}
     trained = training_table(records)
@@ -258,7 +355,19 @@ def write_report(records: Sequence[dict], config, paths: dict) -> Path:
         f"'PPL at matched FLOPs' interpolates each swept curve at "
         f"the FLOP ratio of routed early exit at the hard ratio nearest 0.5 ({_fmt(target)}); n/a where the "
         f"curve never reaches that cost. The oracle's cost is analytic and it has no wall time.", "",
-        to_markdown(paper), "## Sweep", "", to_markdown(thresholds),
+        to_markdown(paper),
+        "## Exit rules", "",
+        f"Every exit rule on the same trained cascade, at its point nearest hard ratio 0.5 and at fixed FLOP "
+        f"budgets (fractions of {reference}'s FLOPs; n/a where a curve does not reach one). 'Decision share' is "
+        "the part of the point's FLOPs that the exit decisions computed and no token's prediction uses: the "
+        "rule's own matmuls plus the exit-head logits of tokens that did not exit at that stage. Rules without "
+        "logits (cos_sim, classifier, lowrank, topk) run a stage's lm_head only for the tokens that exit there. "
+        "lowrank:R and topk:K approximate max_prob (logits from a rank-R factorisation of lm_head or from its K "
+        "most frequent training ids); 'agreement with max_prob' is the fraction of scored tokens whose stage-0 "
+        "decision is the same as exact max_prob's, each at its own calibrated threshold.", "",
+        to_markdown(rules), *_rule_training_lines(records),
+        *(_risk_lines(risks) if risks is not None else []),
+        "## Sweep", "", to_markdown(thresholds),
         "## Seed-protocol layout", "",
         ("Seed figures beside ours: this config reproduces the seed." if is_seed else
          "This config is not the seed's (ASHEM, WikiText-2, leaky seed protocol), so the seed's published "

@@ -32,8 +32,8 @@ from .calibration import calibrate_thresholds
 from .passes import forward_cascade
 
 RISKS = ("disagreement", "nll_increase")
-#: Hard ratios tested, most cautious first.
-RISK_GRID = tuple(round(1 - 0.05 * i, 2) for i in range(1, 20))
+#: Hard ratios tested, most cautious first (the default sweep's ratios).
+RISK_GRID = tuple(round(1 - 0.1 * i, 1) for i in range(1, 10))
 
 
 def binomial_cdf(k: int, n: int, p: float) -> float:

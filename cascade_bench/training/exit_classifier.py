@@ -30,6 +30,9 @@ from .loops import TrainConfig, TrainHistory, fit
 CLASSIFIER_BATCH_TOKENS = 1024
 #: Default training recipe: a probe on fixed features converges in a few epochs at this rate.
 CLASSIFIER_TRAIN_CONFIG = TrainConfig(lr=3e-3, max_epochs=30, patience=2, weight_decay=0.0)
+#: Tokens of each split the classifier trains / validates on by default (the first ones): features
+#: are d floats per token, so a large corpus would otherwise not fit in memory.
+CLASSIFIER_MAX_TOKENS = 1 << 18
 
 
 @dataclass
@@ -98,7 +101,8 @@ def classifier_bce(classifier: ExitClassifier, data: ExitLabels, chunk: int = 1 
 
 def train_exit_classifier(ensemble: Ensemble, stage_index: int, train_batches: Iterable, validation_batches: Iterable,
                           target: str = "consistency", hidden_units: int = 0, use_input_state: bool = False,
-                          config: TrainConfig = CLASSIFIER_TRAIN_CONFIG, max_tokens: Optional[int] = None,
+                          config: TrainConfig = CLASSIFIER_TRAIN_CONFIG,
+                          max_tokens: Optional[int] = CLASSIFIER_MAX_TOKENS,
                           progress: bool = False) -> tuple[ExitClassifier, TrainHistory]:
     """Train a new ``ExitClassifier`` for stage ``stage_index`` (the stages stay frozen and are not
     modified); returns it (on the stage's device and dtype, in eval mode) and its history, whose

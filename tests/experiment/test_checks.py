@@ -45,12 +45,12 @@ def _flags(records):
 
 def test_a_good_run_raises_no_flag():
     checks = run_checks(good_records())
-    assert [c.flagged for c in checks] == [False] * 7
+    assert [c.flagged for c in checks] == [False] * 8
     text = format_checks(checks)
     assert "stage 0 alone 180.0 -> full cascade 150.0" in text
     assert "at hard ratio 0.5: 420.0 at stage 0 -> 330.0 after (-21.4%)" in text
     assert "stage 0: 12 epochs, best 11, early stopping" in text and "dense: 14 epochs" in text
-    assert "equal at all 5 counted points" in text and text.count("[ok]") == 7
+    assert "equal at all 5 counted points" in text and text.count("[ok]") == 8
 
 
 def test_a_full_cascade_worse_than_its_prefix_is_flagged_with_its_figures():
@@ -110,3 +110,28 @@ def test_checks_that_do_not_apply_say_so():
     assert details["hard tokens worse after the later stages"][1].startswith("n/a")
     with pytest.raises(ValueError, match="no records"):
         run_checks([])
+
+
+def _risk_point(rule, realised, delta=0.1):
+    control = {"risk": "disagreement", "delta": delta, "epsilon": 0.1, "hard_ratio": 0.4}
+    return _point(f"risk[{rule}]", "risk_controlled", 160.0, 0.4, exit_rule=rule, risk_control=control,
+                  realised_risk=realised)
+
+
+def test_a_risk_controlled_point_above_its_delta_is_flagged():
+    records = good_records() + [_risk_point("max_prob", 0.08), _risk_point("cos_sim", 0.13)]
+    check = {c.name: c for c in run_checks(records)}["risk-controlled point above its delta on the test split"]
+    assert check.flagged
+    assert check.detail == "cos_sim: disagreement 0.130 on test (delta 0.1, epsilon 0.1, hard ratio 0.4)"
+    records[-1]["realised_risk"] = 0.1  # at delta is within it
+    assert not {c.name: c for c in run_checks(records)}["risk-controlled point above its delta on the test split"].flagged
+
+
+def test_sweep_checks_read_only_the_trained_with_rule():
+    records = good_records()
+    for record in records:
+        record["conditions"] = {**record["conditions"], "config": {"exit_fn": "max_prob"}}
+    # another rule's routed point with hard tokens worse after the later stages and no masked twin
+    records.append(_point("routed[cos_sim]@0.5", "routed", 158.0, 0.5, exit_rule="cos_sim", hard_ppl_stage0=300.0,
+                          hard_ppl=330.0, tokens_exited=[100, 900]))
+    assert _flags(records) == set()

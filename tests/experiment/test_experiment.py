@@ -16,6 +16,8 @@ from cascade_bench.experiment.results_store import SCHEMA_VERSION, ResultsStore
 TINY = dict(name="tiny", tokenizer="bpe:300", preset="gpt2-tiny", seq_len=32, batch_size=8, eval_stride=32,
             max_epochs=1, max_steps_per_epoch=3, hard_ratios=(0.3, 0.6), timing_repeats=1, eval_batches=2,
             timing_batches=1)
+#: For tests about something else than exit rules: the trained-with rule only, no risk-controlled points.
+ONE_RULE = dict(exit_rules=("max_prob",), risk="")
 QUALITY = ("ppl", "accuracy", "hard_ppl", "exit_ratios", "tokens_entered", "layer_cost", "flops", "flops_analytic",
            "thresholds")
 
@@ -34,7 +36,10 @@ def test_run_writes_results_tables_plots_and_report(finished):
     config, paths = finished
     records = list(ResultsStore(paths["results"]))
     ids = [r["point_id"] for r in records]
-    assert ids == ["full", "prefix-0", "dense", "routed@0.3", "masked@0.3", "routed@0.6", "masked@0.6", "oracle"]
+    rules = ["cos_sim", "classifier", "lowrank:32"]  # the default exit_rules after the trained-with max_prob
+    assert ids == ["full", "prefix-0", "dense", "routed@0.3", "masked@0.3", "routed@0.6", "masked@0.6",
+                   *[f"routed[{rule}]@{r}" for rule in rules for r in ("0.3", "0.6")],
+                   *[f"risk[{rule}]" for rule in ["max_prob", *rules]], "oracle"]
     assert all(r["schema_version"] == SCHEMA_VERSION for r in records)
     routed = next(r for r in records if r["point_id"] == "routed@0.6")
     for key in ("ppl", "accuracy", "hard_ppl", "easy_ppl", "exit_ratios", "layer_cost", "flops", "flops_analytic",
@@ -42,7 +47,8 @@ def test_run_writes_results_tables_plots_and_report(finished):
         assert routed[key] is not None, key
     # Counted at the anchors (baselines, the hard ratio nearest 0.5), analytic elsewhere: equal where both.
     counted = {r["point_id"] for r in records if r.get("flops") is not None}
-    assert counted == {"full", "prefix-0", "dense", "routed@0.6", "masked@0.6"}
+    assert counted == {"full", "prefix-0", "dense", "routed@0.6", "masked@0.6",
+                       *[f"routed[{rule}]@0.6" for rule in rules]}
     assert all(r["flops"] == r["flops_analytic"] for r in records if r["point_id"] in counted)
     assert routed["conditions"]["timed_batches"] == 1 and routed["conditions"]["batches"] == 2
     assert routed["conditions"]["flops_counted"]
@@ -59,9 +65,27 @@ def test_run_writes_results_tables_plots_and_report(finished):
     tables = paths["tables"]
     paper = pd.read_csv(tables / "tiny.paper.csv")
     assert list(paper.columns) == ["method", "PPL", "accuracy", "exit at stage 0", "layer cost", "FLOP ratio",
-                                   "wall ratio", "PPL at matched FLOPs"]
+                                   "decision share of FLOPs", "wall ratio", "PPL at matched FLOPs"]
     assert list(paper.method) == ["full cascade", "stage 0 alone", "dense, same depth", "routed EE @ hard 0.6",
-                                  "masked EE @ hard 0.6", "oracle bound"]  # 0.6 is nearest 0.5
+                                  *[f"routed EE [{rule}] @ hard 0.6" for rule in rules], "masked EE @ hard 0.6",
+                                  *[f"risk-controlled [{rule}]" for rule in ["max_prob", *rules]],
+                                  "oracle bound"]  # 0.6 is nearest 0.5
+    assert paper.iloc[0]["decision share of FLOPs"] == 0.0
+    by_id = {r["point_id"]: r for r in records}
+    # max_prob decides with stage 0's full head on every token reaching it; logit-free rules do not.
+    assert by_id["routed@0.6"]["decision_flops"] > by_id["routed[cos_sim]@0.6"]["decision_flops"] == 0
+    assert 0 < by_id["routed[classifier]@0.6"]["decision_flops"] < by_id["routed@0.6"]["decision_flops"]
+    # rank 32 = the tiny preset's hidden size: the low-rank head is exact, so it decides like max_prob
+    assert by_id["routed[lowrank:32]@0.6"]["agreement_with_max_prob"] == 1.0
+    assert by_id["routed[lowrank:32]@0.6"]["tokens_exited"] == by_id["routed@0.6"]["tokens_exited"]
+    rules_table = pd.read_csv(tables / "tiny.rules.csv")
+    assert list(rules_table["exit rule"]) == ["max_prob (trained with)", *rules]
+    risk = pd.read_csv(tables / "tiny.risk.csv")
+    assert list(risk["exit rule"]) == ["max_prob", *rules] and set(risk.delta) == {0.1}
+    for rule in ["max_prob", *rules]:
+        control = by_id[f"risk[{rule}]"]["risk_control"]
+        assert control["hard_ratio"] is None or control["empirical_risk"] <= control["upper_bound"]
+        assert 0 <= by_id[f"risk[{rule}]"]["realised_risk"] <= 1
     full = paper.iloc[0]
     assert (full["layer cost"], full["FLOP ratio"], full["wall ratio"]) == (1.0, 1.0, 1.0)
     assert paper.iloc[1]["layer cost"] == 0.5  # stage 0 alone: half the layers of the cascade
@@ -72,6 +96,8 @@ def test_run_writes_results_tables_plots_and_report(finished):
     assert "| quantity | this run |" in (tables / "tiny.seed.md").read_text()
     report = paths["report"].read_text()
     assert "## Methods" in report and "plots/tiny.cost_vs_ppl.png" in report
+    assert "## Exit rules" in report and "## Risk-controlled thresholds" in report
+    assert "classifier exit classifier of stage 0" in report  # its training stop is checked too
     assert "Protocol ashem, preset gpt2-tiny: one model grown block by block" in report
     assert "## Checks" in report and "[FLAG] training cut before convergence: stage 0 stopped at the epoch cap" in report
     assert "## Training" in report and "| stage 1 | 2 | 0.0001 |" in report
@@ -124,7 +150,7 @@ def test_a_changed_config_does_not_resume_into_old_records(finished, capsys):
 
 def test_compare_runs_of_two_protocols_at_matched_flops_sharing_one_dense_model(finished, tmp_path, capsys):
     config, paths = finished
-    other = make_config({**TINY, "out": config.out, "name": "tiny-cascade", "protocol": "cascade"})
+    other = make_config({**TINY, **ONE_RULE, "out": config.out, "name": "tiny-cascade", "protocol": "cascade"})
     run_experiment(other, progress=False)
     dense_folders = list((config.out_dir / "models").glob("dense-*"))
     assert len(dense_folders) == 1  # trained once, reused by the second protocol
@@ -158,7 +184,7 @@ def test_leaky_and_leak_free_runs_share_one_trained_stage0(finished, monkeypatch
         return real(ensemble, *args, **kwargs)
 
     monkeypatch.setattr(experiment, "train_protocol", spy)
-    leaky = make_config({**TINY, "out": config.out, "name": "tiny-leaky", "leaky_seed_protocol": True})
+    leaky = make_config({**TINY, **ONE_RULE, "out": config.out, "name": "tiny-leaky", "leaky_seed_protocol": True})
     assert leaky.stage0_key() == config.stage0_key() and leaky.training_key() != config.training_key()
     run_experiment(leaky, progress=False)
     assert trained == [(1, 1)]  # stage 0 loaded from the first run; only stage 1 trained
@@ -231,7 +257,7 @@ def test_run_on_a_saved_checkpoint_folder_cuts_it_into_blocks(tmp_path, capsys):
     argv = ["run", "--model", str(folder), "--tokenizer", str(folder), "--boundaries", "1,2", "--block-heads",
             "trained", "--name", "blocks", "--seq-len", "32", "--eval-stride", "32", "--batch-size", "8",
             "--max-epochs", "1", "--max-steps-per-epoch", "2", "--hard-ratios", "0.5", "--timing-repeats", "1",
-            "--eval-batches", "2", "--out", str(out)]
+            "--eval-batches", "2", "--exit-rules", "max_prob", "--risk", "", "--out", str(out)]
     assert main(argv) == 0
     records = list(ResultsStore(out / "results" / "blocks.jsonl"))
     assert [r["point_id"] for r in records] == ["full", "prefix-0", "prefix-1", "routed@0.5", "masked@0.5",

@@ -1,0 +1,111 @@
+"""The exit rules of one run, built on the trained cascade and switched in turn (``run`` sweeps each).
+
+A rule spec (``stages.exit_rules.RULE_SPECS``) becomes one exit function per non-last stage:
+built-ins by name; ``classifier`` / ``classifier-mlp`` trained per stage with everything else frozen
+(train split, early stopping on the validation split); ``lowrank:R`` from the SVD of each stage's
+lm_head; ``topk:K`` from the K most frequent ids of the training split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+import torch
+
+from ..data.batch import most_frequent_ids, unpack_batch
+from ..routing.passes import forward_cascade
+from ..stages.ensemble import Ensemble, evaluation_mode
+from ..stages.exit_rules import MLP_HIDDEN_UNITS, low_rank_max_prob, parse_rule_spec, top_k_max_prob
+from ..training.exit_classifier import (CLASSIFIER_BATCH_TOKENS, CLASSIFIER_MAX_TOKENS, CLASSIFIER_TRAIN_CONFIG,
+                                       train_exit_classifier)
+
+
+@dataclass
+class BuiltRule:
+    """One exit function per non-last stage, and what building it took (classifier training)."""
+
+    spec: str
+    per_stage: list
+    training: list[dict] = field(default_factory=list)
+
+    @property
+    def approximates_max_prob(self) -> bool:
+        return parse_rule_spec(self.spec)[0] in ("lowrank", "topk")
+
+
+def build_rule(spec: str, cascade: Ensemble, train: list, validation: list, classifier_target: str = "consistency",
+               seed: int = 0, progress: bool = False, max_epochs: Optional[int] = None,
+               max_steps_per_epoch: Optional[int] = None) -> BuiltRule:
+    """Build ``spec`` for every non-last stage of ``cascade`` (see the module doc). ``max_epochs`` /
+    ``max_steps_per_epoch`` cap a classifier's training below its own recipe (the run's caps); with a
+    step cap, it also sees only the tokens those steps can use."""
+    kind, size = parse_rule_spec(spec)
+    non_last = range(len(cascade) - 1)
+    if kind in ("classifier", "classifier-mlp"):
+        per_stage, training = [], []
+        for k in non_last:
+            torch.manual_seed(seed + k)
+            classifier, history = train_exit_classifier(
+                cascade, k, train, validation, target=classifier_target,
+                hidden_units=MLP_HIDDEN_UNITS if kind == "classifier-mlp" else 0, progress=progress,
+                max_tokens=(CLASSIFIER_MAX_TOKENS if max_steps_per_epoch is None else
+                            min(CLASSIFIER_MAX_TOKENS, max_steps_per_epoch * CLASSIFIER_BATCH_TOKENS)),
+                config=dataclasses.replace(CLASSIFIER_TRAIN_CONFIG, seed=seed + k,
+                                           max_epochs=min(CLASSIFIER_TRAIN_CONFIG.max_epochs,
+                                                          max_epochs or CLASSIFIER_TRAIN_CONFIG.max_epochs),
+                                           max_steps_per_epoch=max_steps_per_epoch))
+            per_stage.append(classifier)
+            summary = history.summary()
+            training.append({"stage": k, "rule": spec, "target": classifier_target, "epochs": summary["epochs"],
+                             "best_epoch": summary["best_epoch"], "best_validation_bce": summary["best_val_ppl"],
+                             "stop_reason": summary["stop_reason"], "max_epochs": summary["max_epochs"],
+                             "patience": summary["patience"], "seconds": summary["seconds"],
+                             "validation_bce": summary["val_ppl"]})
+        return BuiltRule(spec, per_stage, training)
+    if kind == "lowrank":
+        return BuiltRule(spec, [low_rank_max_prob(cascade[k], size) for k in non_last])
+    if kind == "topk":
+        ids = most_frequent_ids(train, cascade.vocab_size, size)
+        return BuiltRule(spec, [top_k_max_prob(cascade[k], ids) for k in non_last])
+    return BuiltRule(spec, [kind for _ in non_last])
+
+
+@contextmanager
+def using_rule(cascade: Ensemble, rule: Optional[BuiltRule]):
+    """The non-last stages use ``rule`` inside the block (None: leave them as they are); their own
+    exit functions and thresholds are restored after it."""
+    if rule is None:
+        yield cascade
+        return
+    saved = [(stage.exit_function, stage.threshold) for stage in cascade]
+    try:
+        for stage, exit_fn in zip(cascade, rule.per_stage):
+            stage.exit_function = exit_fn
+        yield cascade
+    finally:
+        for stage, (exit_fn, threshold) in zip(cascade, saved):
+            stage.exit_function = exit_fn
+            stage.threshold = threshold
+
+
+def stage0_confidences(cascade: Ensemble, batches: Iterable) -> torch.Tensor:
+    """Stage 0's confidence under its current rule for every scored token of ``batches`` (no exit)."""
+    collected = []
+    with evaluation_mode(cascade), torch.inference_mode():
+        for item in batches:
+            ids, mask, targets = unpack_batch(item)
+            out = forward_cascade(cascade, ids, mask, targets, method="masked",
+                                  thresholds=[float("inf")] * (len(cascade) - 1))
+            collected.append(out.stage_confidence[0][out.scored])
+    return torch.cat(collected)
+
+
+def decision_agreement(confidence: torch.Tensor, threshold: float, reference: torch.Tensor,
+                       reference_threshold: float) -> float:
+    """Fraction of tokens whose stage-0 exit decision is the same under both rules at their thresholds."""
+    if confidence.shape != reference.shape:
+        raise ValueError(f"confidences of different token sets: {tuple(confidence.shape)} vs {tuple(reference.shape)}")
+    return float(((confidence >= threshold) == (reference >= reference_threshold)).float().mean())
