@@ -172,3 +172,40 @@ def test_routing_primitives(benchmark, bench_preset, cascades, mid_route, primit
                                 continuing=int(continuing.numel()), device=str(ids.device))
     rows = result[0].shape[0] if primitive == "exit decision" else result.shape[0]
     assert rows == {"exit decision": continuing.numel(), "gather": layout.num_rows, "scatter": continuing.numel()}[primitive]
+
+
+@pytest.fixture(scope="module")
+def rule_cascades(cascades, setup):
+    """The cascade under each exit rule of ``bench-routing`` (copies; see ``bench.routing.with_rule``),
+    with stage 0's threshold for 50% exit on the first batch shape."""
+    from cascade_bench.bench.routing import BENCH_RULES, with_rule
+    from cascade_bench.data.batch import most_frequent_ids
+
+    cascade, _ = cascades
+    ids, _, _ = setup[0]
+    candidates = most_frequent_ids([ids], cascade.vocab_size, cascade.vocab_size)
+    prepared = {}
+    with torch.inference_mode():
+        for spec in BENCH_RULES:
+            ruled = with_rule(cascade, spec, candidates)
+            probe = forward_cascade(ruled, ids, num_stages=1, confidence_at_last_stage=True)
+            prepared[spec] = (ruled, threshold_for_hard_ratio(probe.stage_confidence[0], 0.5))
+    return prepared
+
+
+@pytest.mark.parametrize("rule", ["max_prob", "cos_sim", "classifier", "lowrank:64", "topk:1024"])
+def test_exit_rules(benchmark, bench_preset, cascades, setup, rule_cascades, rule):
+    """Routed early exit (bucketed, the run's default batching) at 50% exit after stage 0 under each exit
+    rule; ``extra_info`` adds the rule's own MACs per token. Issue 15's bar for the classifier: FLOP
+    ratio <= layer cost + 0.05 (padded batching adds about 12% padding slots to stage 1 here, which
+    alone takes it to 0.804; ``bench-routing`` shows both modes)."""
+    cascade, _ = cascades
+    ids, _, full_flops = setup[0]
+    ruled, threshold = rule_cascades[rule]
+    benchmark.group = f"{tuple(bench_preset.shapes[0])}: exit rules at 50% exit"
+    out, flops = _run(benchmark, ruled, ids, full_flops, bench_preset.device, full_cascade=cascade,
+                      thresholds=[threshold], method="routed", batching="bucketed")
+    benchmark.extra_info["rule_macs_per_token"] = ruled[0].exit_function.macs_per_token
+    assert out.exit_ratios[0] == pytest.approx(0.5, abs=1 / out.num_tokens)
+    if rule == "classifier":
+        assert flops / full_flops <= out.layer_cost + 0.05  # counted FLOPs: deterministic, not a timing

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+from .bench.routing import BENCH_RULES
 from .stages.presets import STAGE_PRESETS
 
 
@@ -155,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--exit-ratios", type=_ratio, nargs="+", default=[0.25, 0.5, 0.75])
     bench.add_argument("--warmup", type=int, default=2)
     bench.add_argument("--repeats", type=_positive_int, default=7)
+    bench.add_argument("--exit-rules", default=",".join(BENCH_RULES), metavar="RULES",
+                       help="comma-separated exit rules for the per-rule table ('' = skip it); default %(default)s")
     bench.add_argument("--json", type=Path, default=Path("results/bench-routing.json"),
                        help="where to write rows, checks and conditions (atomically); default %(default)s")
     blocks = commands.add_parser(
@@ -260,16 +263,23 @@ def _bench_blocks(args: argparse.Namespace) -> int:
 
 
 def _bench_routing(args: argparse.Namespace) -> int:
-    from .bench.routing import format_table, run_routing_bench
+    from .bench.routing import format_rule_table, format_table, run_routing_bench
+    from .stages.exit_rules import parse_rule_spec
 
+    rules = [spec.strip() for spec in args.exit_rules.split(",") if spec.strip()]
+    for spec in rules:
+        parse_rule_spec(spec)
     ensemble, origin = _build_cascade(args)
-    rows, checks, conditions = run_routing_bench(
+    rows, checks, conditions, rule_rows = run_routing_bench(
         ensemble, str(origin), batch_size=args.batch_size, seq_len=args.seq_len, exit_ratios=args.exit_ratios,
-        warmup=args.warmup, repeats=args.repeats, seed=args.seed, json_path=args.json)
+        warmup=args.warmup, repeats=args.repeats, seed=args.seed, json_path=args.json, rules=rules)
     print(f"\n{origin}, batch {args.batch_size} x {args.seq_len}, {conditions['dtype']} on "
           f"{conditions['device_name']} ({conditions['threads']} threads), exit_fn {args.exit_fn}, "
           f"median of {args.repeats}\n")
     print(format_table(rows))
+    if rule_rows:
+        print("\nRouted early exit per exit rule (decision share: the decision's own FLOPs over the pass's):\n")
+        print(format_rule_table(rule_rows))
     print()
     for text, met in checks:
         print(f"[{'met' if met else 'MISSED'}] {text}")

@@ -10,19 +10,33 @@ from cascade_bench.cli import main
 def test_bench_routing_writes_rows_checks_and_conditions(tmp_path, capsys):
     out = tmp_path / "bench.json"
     code = main(["bench-routing", "--preset", "gpt2-tiny", "--layers", "1", "1", "--batch-size", "2",
-                 "--seq-len", "32", "--exit-ratios", "0.5", "--repeats", "1", "--warmup", "0", "--json", str(out)])
+                 "--seq-len", "32", "--exit-ratios", "0.5", "--repeats", "1", "--warmup", "0", "--json", str(out),
+                 "--exit-rules", "max_prob,cos_sim,classifier,lowrank:8,topk:64"])
     assert code == 0
     payload = json.loads(out.read_text())
+    rules = [(row["rule"], row["batching"]) for row in payload["rule_rows"]]
+    assert rules == [(rule, mode) for rule in ("max_prob", "cos_sim", "classifier", "lowrank:8", "topk:64")
+                     for mode in ("padded", "bucketed")]
+    by_rule = {row["rule"]: row for row in payload["rule_rows"]}
+    assert by_rule["classifier"]["rule_macs_per_token"] == 32 and by_rule["lowrank:8"]["rule_macs_per_token"] == 8 * (32 + 256)
+    assert by_rule["cos_sim"]["decision_share"] == 0.0 < by_rule["max_prob"]["decision_share"]
+    assert all(row["exit_ratio"] == 0.5 and row["layer_cost"] == 0.75 for row in payload["rule_rows"])
     methods = [row["method"] for row in payload["rows"]]
     assert methods == ["full", "routed-padded", "routed-bucketed", "masked"]
     routed = payload["rows"][1]
     assert routed["exit_ratio"] == 0.5 and routed["layer_cost"] == 0.75
     assert payload["rows"][0]["flop_ratio"] == 1.0 and routed["flop_ratio"] < payload["rows"][3]["flop_ratio"]
-    assert len(payload["checks"]) == 6
+    assert len(payload["checks"]) == 6 + 4  # + the classifier's two bars per batching mode
     for key in ("device", "dtype", "threads", "torch", "transformers", "git_commit", "seq_len", "data"):
         assert key in payload["conditions"]
     printed = capsys.readouterr().out
     assert "| forced exit | method |" in printed and "routed-bucketed" in printed
+    assert "| forced exit | exit rule | batching |" in printed
+
+
+def test_bench_routing_names_a_bad_exit_rule(capsys):
+    assert main(["bench-routing", "--preset", "gpt2-tiny", "--layers", "1", "1", "--exit-rules", "max_prob,lowrank"]) == 2
+    assert "exit rule 'lowrank' needs a positive integer size" in capsys.readouterr().err
 
 
 def test_bench_routing_rejects_a_single_stage(capsys):

@@ -1,22 +1,30 @@
-"""Routing benchmark: full cascade vs routed early exit (each batching mode) vs masked early exit.
+"""Routing benchmark: full cascade vs routed early exit (each batching mode) vs masked early exit,
+and routed early exit under each exit rule.
 
 All methods run on one batch in one process, with exit ratios after stage 0 forced by
 calibrating stage 0's threshold on that batch. Timed repeats are interleaved across methods
 so that machine noise hits them alike; FLOPs and peak memory are measured in separate,
 untimed passes. Every ratio in the table comes from this one run.
+
+The exit-rule table (``bench_exit_rules``) measures what each rule's decision costs: the rules run
+on copies of the same cascade, built on its non-last stages (``stages.exit_rules``); the learned
+classifier keeps its random initial weights, since its cost does not depend on them and the
+exit ratio is forced anyway (its quality is measured by ``cascade-bench run``).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
 from ..data.corpus import byte_token_windows, embedded_documents
 from ..data.storage import write_json_atomic
+from ..measure.analytic import decision_flops, exit_rule_macs, routed_cost
 from ..measure.environment import environment_conditions
 from ..measure.flops import count_flops
 from ..measure.memory import peak_memory_bytes
@@ -24,6 +32,7 @@ from ..measure.timing import TimingStats, wall_time_once
 from ..routing.calibration import threshold_for_hard_ratio
 from ..routing.passes import forward_cascade
 from ..stages.ensemble import Ensemble, evaluation_mode
+from ..stages.exit_rules import ExitClassifier, MLP_HIDDEN_UNITS, low_rank_max_prob, parse_rule_spec, top_k_max_prob
 
 #: name -> forward_cascade keyword arguments
 BENCH_METHODS: dict[str, dict] = {
@@ -134,15 +143,148 @@ def format_table(rows: Sequence[BenchRow]) -> str:
     return "\n".join(lines)
 
 
+#: The exit rules ``bench-routing`` compares by default.
+BENCH_RULES = ("max_prob", "cos_sim", "classifier", "lowrank:64", "topk:1024")
+#: The learned classifier's bar at 50% exit: FLOP ratio <= layer cost + this (its decision <= 5% of full cost).
+CLASSIFIER_FLOP_MARGIN = 0.05
+
+
+@dataclass(frozen=True)
+class RuleRow:
+    """Routed early exit under one exit rule at one forced exit ratio; ratios against ``full``.
+
+    decision_share: the decision's own FLOPs (the rule's matmuls and the logits of tokens that did
+    not exit where they were computed, analytic) over the routed pass's counted FLOPs."""
+
+    target_exit_ratio: float
+    rule: str
+    batching: str
+    exit_ratio: float
+    median_s: float
+    layer_cost: float
+    flop_ratio: float
+    wall_ratio: float
+    decision_share: float
+    rule_macs_per_token: int
+
+    @property
+    def wall_over_flop(self) -> float:
+        return self.wall_ratio / self.flop_ratio
+
+
+def with_rule(ensemble: Ensemble, spec: str, candidate_ids: Optional[torch.Tensor] = None) -> Ensemble:
+    """A copy of ``ensemble`` whose non-last stages use the rule ``spec`` (a classifier keeps its random
+    initial weights; ``topk:K`` takes the first K of ``candidate_ids``, default ids 0..K-1)."""
+    kind, size = parse_rule_spec(spec)
+    copied = copy.deepcopy(ensemble)
+    for k in range(len(copied) - 1):
+        stage = copied[k]
+        if kind in ("classifier", "classifier-mlp"):
+            torch.manual_seed(k)
+            rule = ExitClassifier(stage.hidden_size, MLP_HIDDEN_UNITS if kind == "classifier-mlp" else 0)
+            rule = rule.to(device=stage.device, dtype=stage.dtype)
+        elif kind == "lowrank":
+            rule = low_rank_max_prob(stage, size)
+        elif kind == "topk":
+            ids = candidate_ids[:size] if candidate_ids is not None else torch.arange(size)
+            rule = top_k_max_prob(stage, ids)
+        else:
+            rule = kind
+        stage.exit_function = rule
+    return copied.eval()
+
+
+def bench_exit_rules(ensemble: Ensemble, input_ids: torch.Tensor, rules: Sequence[str] = BENCH_RULES,
+                     exit_ratios: Sequence[float] = (0.25, 0.5, 0.75), batching: Sequence[str] = ("padded", "bucketed"),
+                     warmup: int = 2, repeats: int = 7, progress: bool = True) -> list[RuleRow]:
+    """Routed early exit under every rule (each batching mode) against the full cascade, at every
+    forced exit ratio after stage 0; timed repeats interleaved across all of them."""
+    from ..data.batch import most_frequent_ids
+
+    candidates = most_frequent_ids([input_ids], ensemble.vocab_size, ensemble.vocab_size)
+    cascades = {spec: with_rule(ensemble, spec, candidates) for spec in rules}
+    rows: list[RuleRow] = []
+    later = [math.inf] * (len(ensemble) - 2)
+    with torch.inference_mode():
+        for cascade in cascades.values():
+            cascade.eval()
+        for ratio in exit_ratios:
+            calls = {("full", "-"): lambda: forward_cascade(ensemble, input_ids, method="full")}
+            for spec, cascade in cascades.items():
+                probe = forward_cascade(cascade, input_ids, method="routed", num_stages=1, confidence_at_last_stage=True)
+                thresholds = [threshold_for_hard_ratio(probe.stage_confidence[0].reshape(-1), 1.0 - ratio), *later]
+                for mode in batching:
+                    calls[(spec, mode)] = (lambda c=cascade, th=thresholds, m=mode:
+                                           forward_cascade(c, input_ids, method="routed", batching=m, thresholds=th))
+            for _ in range(warmup):
+                for call in calls.values():
+                    call()
+            samples: dict[tuple, list[float]] = {key: [] for key in calls}
+            for _ in range(repeats):
+                for key, call in calls.items():
+                    samples[key].append(wall_time_once(call, input_ids.device))
+            full_time = TimingStats(tuple(samples[("full", "-")])).median
+            full_flops = count_flops(calls[("full", "-")])[0].flops
+            for (spec, mode), call in calls.items():
+                if spec == "full":
+                    continue
+                flops, out = count_flops(call)
+                stages = list(cascades[spec])
+                costs = routed_cost([s.config for s in stages], out.stage_batch_shapes, out.head_tokens,
+                                    exit_rule_macs(stages, out.decided_tokens))
+                decision = sum(decision_flops(costs, out.head_tokens, out.tokens_exited))
+                rows.append(RuleRow(
+                    target_exit_ratio=ratio, rule=spec, batching=mode, exit_ratio=out.exit_ratios[0],
+                    median_s=TimingStats(tuple(samples[(spec, mode)])).median, layer_cost=out.layer_cost,
+                    flop_ratio=flops.flops / full_flops,
+                    wall_ratio=TimingStats(tuple(samples[(spec, mode)])).median / full_time,
+                    decision_share=decision / flops.flops, rule_macs_per_token=stages[0].exit_function.macs_per_token))
+            if progress:
+                print(f"  exit rules at exit ratio {ratio:.2f}: done", flush=True)
+    return rows
+
+
+def check_rule_bars(rows: Sequence[RuleRow], wall_over_flop_max: float = 1.08) -> list[tuple[str, bool]]:
+    """Issue 15's bars at 50% exit for the learned classifier: FLOP ratio <= layer cost + 0.05 and
+    wall ratio <= ``wall_over_flop_max`` x FLOP ratio (each batching mode)."""
+    checks = []
+    for row in rows:
+        if row.rule != "classifier" or abs(row.target_exit_ratio - 0.5) > 1e-9:
+            continue
+        checks.append((f"exit 50% classifier ({row.batching}): FLOP ratio {row.flop_ratio:.3f} <= layer cost "
+                       f"{row.layer_cost:.3f} + {CLASSIFIER_FLOP_MARGIN} (= {row.layer_cost + CLASSIFIER_FLOP_MARGIN:.3f})",
+                       row.flop_ratio <= row.layer_cost + CLASSIFIER_FLOP_MARGIN))
+        checks.append((f"exit 50% classifier ({row.batching}): wall ratio {row.wall_ratio:.3f} <= {wall_over_flop_max} "
+                       f"x FLOP ratio {row.flop_ratio:.3f} (= {wall_over_flop_max * row.flop_ratio:.3f})",
+                       row.wall_ratio <= wall_over_flop_max * row.flop_ratio))
+    return checks
+
+
+def format_rule_table(rows: Sequence[RuleRow]) -> str:
+    """A Markdown table of the exit-rule rows."""
+    lines = ["| forced exit | exit rule | batching | exit at stage 0 | rule MACs/token | median ms | layer cost | "
+             "FLOP ratio | decision share | wall ratio | wall/FLOP |", "|" + "|".join([" --- "] * 11) + "|"]
+    for r in rows:
+        lines.append(f"| {r.target_exit_ratio:.0%} | {r.rule} | {r.batching} | {r.exit_ratio:.1%} | "
+                     f"{r.rule_macs_per_token:,} | {r.median_s * 1e3:.1f} | {r.layer_cost:.3f} | {r.flop_ratio:.3f} | "
+                     f"{r.decision_share:.1%} | {r.wall_ratio:.3f} | {r.wall_over_flop:.3f} |")
+    return "\n".join(lines)
+
+
 def run_routing_bench(ensemble: Ensemble, model: str, batch_size: int = 8, seq_len: int = 512,
                       exit_ratios: Sequence[float] = (0.25, 0.5, 0.75), warmup: int = 2, repeats: int = 7,
-                      seed: int = 0, json_path: "Path | None" = None) -> tuple[list[BenchRow], list[tuple[str, bool]], dict]:
-    """Run :func:`bench_routing` on the embedded real text and check the bars; ``model`` describes
-    where the cascade came from, for the conditions."""
+                      seed: int = 0, json_path: "Path | None" = None, rules: Sequence[str] = BENCH_RULES,
+                      ) -> tuple[list[BenchRow], list[tuple[str, bool]], dict, list[RuleRow]]:
+    """Run :func:`bench_routing` and :func:`bench_exit_rules` (``rules``; empty = skip) on the embedded
+    real text and check the bars; ``model`` describes where the cascade came from, for the conditions."""
     text = "\n\n".join(text for _, text in embedded_documents())
     input_ids = byte_token_windows(text, batch_size, seq_len).to(ensemble.device)
     rows = bench_routing(ensemble, input_ids, exit_ratios, warmup=warmup, repeats=repeats)
-    checks = check_bars(rows, wall_over_flop_max=1.08 if ensemble.device.type == "cpu" else 1.10)
+    bar = 1.08 if ensemble.device.type == "cpu" else 1.10
+    checks = check_bars(rows, wall_over_flop_max=bar)
+    rule_rows = (bench_exit_rules(ensemble, input_ids, rules, exit_ratios, warmup=warmup, repeats=repeats)
+                 if rules else [])
+    checks += check_rule_bars(rule_rows, wall_over_flop_max=bar)
     conditions = {
         **environment_conditions(ensemble.device, ensemble.dtype),
         "model": model, "layers_per_stage": list(ensemble.layers_per_stage), "batch_size": batch_size,
@@ -150,8 +292,12 @@ def run_routing_bench(ensemble: Ensemble, model: str, batch_size: int = 8, seq_l
         "seed": seed, "data": "CPython pydoc_data topics, UTF-8 bytes as token ids (byte-level stand-in tokenizer)",
         "memory_measure": "peak_live_tensor_bytes" if ensemble.device.type == "cpu" else "cuda_max_allocated",
         "attention_flops": "full (non-causal) QK^T and PV, torch's SDPA formula",
+        "exit_rules": list(rules),
+        "exit_rules_note": "rules on copies of the same cascade; the classifier keeps random initial weights (cost "
+                           "only); topk:K takes the K most frequent ids of the benchmark batch",
     }
     if json_path is not None:
         write_json_atomic(Path(json_path), {"conditions": conditions, "rows": [asdict(r) for r in rows],
+                                            "rule_rows": [asdict(r) for r in rule_rows],
                                             "checks": [{"check": c, "met": ok} for c, ok in checks]})
-    return rows, checks, conditions
+    return rows, checks, conditions, rule_rows

@@ -30,7 +30,7 @@ from typing import Iterable, Optional
 import torch
 
 from ..data.batch import unpack_batch
-from ..measure.analytic import exit_rule_macs, padding_flops, routed_cost
+from ..measure.analytic import decision_flops, exit_rule_macs, padding_flops, routed_cost
 from ..measure.flops import FlopBreakdown, count_pass_flops
 from ..measure.memory import peak_memory_bytes
 from ..measure.probes import NO_PROBE, Probe
@@ -194,13 +194,12 @@ def measure_cost(ensemble: Ensemble, batches: Iterable, method: str = "routed", 
     for k in range(num_stages):
         analytic_k, padding_k, rule_k, decision_k = 0, 0, 0, 0
         for out in outputs:
-            cost = routed_cost(configs, out.stage_batch_shapes, out.head_tokens,
-                               exit_rule_macs(stages[:num_stages], out.decided_tokens))[k]
-            analytic_k += cost.total
+            costs = routed_cost(configs, out.stage_batch_shapes, out.head_tokens,
+                                exit_rule_macs(stages[:num_stages], out.decided_tokens))
+            analytic_k += costs[k].total
             padding_k += padding_flops(configs[k], out.stage_batch_shapes[k], _row_lengths(out, k))
-            rule_k += cost.exit_rule
-            unused_heads = out.head_tokens[k] - out.tokens_exited[k]
-            decision_k += cost.exit_rule + (cost.exit_head // out.head_tokens[k] * unused_heads if unused_heads else 0)
+            rule_k += costs[k].exit_rule
+            decision_k += decision_flops(costs, out.head_tokens, out.tokens_exited)[k]
         analytic_total += analytic_k
         c = counted.stages[k] if counted is not None else None
         stage_records.append(StageCostRecord(

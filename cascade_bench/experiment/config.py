@@ -67,7 +67,7 @@ class ExperimentConfig:
     batching: str = "bucketed"
     timing_repeats: int = 3
     eval_split: str = "test"
-    timing_batches: int = 0
+    timing_batches: int = 8
     count_flops: str = "anchors"
     plausible_ppl: tuple = (5.0, 1000.0)
     eval_batches: int = 0

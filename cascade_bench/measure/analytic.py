@@ -72,6 +72,13 @@ def exit_rule_macs(stages: Sequence, decided_tokens: Sequence[int]) -> list[int]
     return [n * stage.exit_function.macs_per_token for stage, n in zip(stages, decided_tokens)]
 
 
+def decision_flops(costs: Sequence[StageCost], head_tokens: Sequence[int], tokens_exited: Sequence[int]) -> list[int]:
+    """Per stage, the FLOPs its exit decision computed that no token's prediction uses: the rule's own
+    matmuls plus the exit-head logits of tokens that reached the stage's head and did not exit there."""
+    return [cost.exit_rule + (cost.exit_head // heads * (heads - exited) if heads > exited else 0)
+            for cost, heads, exited in zip(costs, head_tokens, tokens_exited)]
+
+
 def padding_flops(config, batch_shapes: Sequence[tuple[int, int]], row_lengths: Sequence[int]) -> int:
     """FLOPs a stage spent on padding: the batches that ran minus the same rows unpadded."""
     unpadded = stage_cost(config, [(1, n) for n in row_lengths if n > 0], 0)
