@@ -7,14 +7,7 @@ import math
 import pytest
 import torch
 
-from cascade_bench import (
-    LLM,
-    Ensemble,
-    forward_cascade,
-    full_forward,
-    masked_forward,
-    routed_forward,
-)
+from cascade_bench import LLM, Ensemble, forward_cascade, full_forward, masked_forward, routed_forward
 from cascade_bench.stages.presets import build_ensemble, stage_config
 from tests.helpers import BATCHING, FAMILIES, INF, tiny_ensemble, token_batch
 

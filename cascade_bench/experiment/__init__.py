@@ -2,6 +2,7 @@
 
 - ``config``: ``ExperimentConfig``, one frozen, validated dataclass
 - ``pipeline``: ``run_experiment``, from a config to results
+- ``rule_sweep``: the run's exit rules, built on the trained cascade and switched in turn
 - ``results_store``: one JSON line per evaluated point, rewritten atomically
 - ``checks``: plausibility checks on stored results
 - ``reports``: Markdown, LaTeX and CSV tables and ``report.md``

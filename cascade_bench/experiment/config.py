@@ -28,7 +28,8 @@ _ELEMENT_TYPES = {"boundaries": int, "plausible_ppl": float}
 @dataclass(frozen=True)
 class ExperimentConfig:
     """What ``cascade-bench run`` does. Defaults: the embedded corpus, a 2-stage ASHEM cascade of
-    GPT-2-style stages, a sweep of 9 hard ratios, all baselines; under 10 minutes on 2 CPU cores.
+    GPT-2-style stages, a sweep of 9 hard ratios under 4 exit rules, all baselines; under 10 minutes on
+    2 CPU cores.
 
     ``model`` (a local checkpoint folder or hub name) switches to early exit inside that pretrained
     model: it is cut into blocks before each layer index in ``boundaries``; non-last blocks exit

@@ -37,15 +37,8 @@ from ..stages.ensemble import Ensemble, evaluation_mode
 from ..stages.presets import STAGE_PRESETS, build_ensemble
 from ..training.loops import TrainConfig
 from ..training.persistence import load_ensemble, load_manifest, save_ensemble
-from ..training.protocols import (
-    PROTOCOLS,
-    exit_heads_ppl,
-    start_ensemble,
-    train_dense_baseline,
-    train_exit_heads,
-    train_protocol,
-    with_leaky_seed_protocol,
-)
+from ..training.protocols import (PROTOCOLS, exit_heads_ppl, start_ensemble, train_dense_baseline, train_exit_heads,
+                                  train_protocol, with_leaky_seed_protocol)
 from .config import ExperimentConfig
 from .results_store import ResultsStore
 from .rule_sweep import BuiltRule, build_rule, decision_agreement, stage0_confidences, using_rule

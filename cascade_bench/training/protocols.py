@@ -45,17 +45,8 @@ from ..stages.blocks import Block
 from ..stages.ensemble import Ensemble, evaluation_mode
 from ..stages.llm import LLM
 from ..stages.presets import build_blocks, build_ensemble
-from .loops import (
-    TrainConfig,
-    TrainHistory,
-    collect_hard_tokens,
-    exit_loss,
-    fit,
-    freeze,
-    shuffled,
-    train_jointly,
-    train_llm,
-)
+from .loops import (TrainConfig, TrainHistory, collect_hard_tokens, exit_loss, fit, freeze, shuffled, train_jointly,
+                    train_llm)
 
 #: The kinds of stage a protocol grows: blocks of one model, or separate whole models.
 STAGE_KINDS = {"block": Block, "llm": LLM}

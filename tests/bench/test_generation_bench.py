@@ -8,14 +8,8 @@ import math
 import pytest
 import torch
 
-from cascade_bench.bench.generation import (
-    CHUNK,
-    ForcedExitRate,
-    GenerationBenchRow,
-    bench_generation,
-    decode_checks,
-    write_generation_bench,
-)
+from cascade_bench.bench.generation import (CHUNK, ForcedExitRate, GenerationBenchRow, bench_generation, decode_checks,
+                                            write_generation_bench)
 from cascade_bench.cli import main
 from cascade_bench.stages.exits import resolve_exit_function
 from tests.helpers import tiny_ensemble, token_batch

@@ -6,12 +6,7 @@ import pytest
 import torch
 
 from cascade_bench.cost.fvcore_check import MATMUL_OPS, FvcoreCounter
-from cascade_bench.measure.analytic import (
-    expected_cost,
-    padding_flops,
-    routed_cost,
-    stage_cost,
-)
+from cascade_bench.measure.analytic import expected_cost, padding_flops, routed_cost, stage_cost
 from cascade_bench.measure.flops import count_pass_flops
 from cascade_bench.routing.calibration import threshold_for_hard_ratio
 from cascade_bench.routing.passes import forward_cascade

@@ -6,23 +6,10 @@ import pytest
 import torch
 
 from cascade_bench.data.batch import IGNORE_INDEX
-from cascade_bench.data.corpus import (
-    balanced_assignment,
-    complete_splits,
-    embedded_corpus,
-    load_corpus,
-)
+from cascade_bench.data.corpus import balanced_assignment, complete_splits, embedded_corpus, load_corpus
 from cascade_bench.data.prepare import prepare_data
-from cascade_bench.data.tokenization import (
-    bpe_cache_path,
-    check_vocab_fits,
-    load_tokenizer,
-)
-from cascade_bench.data.windows import (
-    encode_documents,
-    sliding_windows,
-    training_windows,
-)
+from cascade_bench.data.tokenization import bpe_cache_path, check_vocab_fits, load_tokenizer
+from cascade_bench.data.windows import encode_documents, sliding_windows, training_windows
 
 
 def test_embedded_corpus_is_real_text_split_deterministically():

@@ -8,10 +8,7 @@ import pytest
 import torch
 
 from cascade_bench import routed_forward
-from cascade_bench.routing.calibration import (
-    calibrate_thresholds,
-    threshold_for_hard_ratio,
-)
+from cascade_bench.routing.calibration import calibrate_thresholds, threshold_for_hard_ratio
 from cascade_bench.routing.evaluation import evaluate
 from tests.helpers import tiny_ensemble, token_batch
 

@@ -5,13 +5,7 @@ from __future__ import annotations
 import torch
 
 from cascade_bench.data.batch import IGNORE_INDEX, next_token_targets
-from cascade_bench.routing.compaction import (
-    from_dense,
-    plan_layouts,
-    rank_in_sequence,
-    scatter_members,
-    to_dense,
-)
+from cascade_bench.routing.compaction import from_dense, plan_layouts, rank_in_sequence, scatter_members, to_dense
 
 # B=3 sequences of T=4: sequence 0 keeps t=0,1; sequence 1 keeps t=1; sequence 2 keeps all four.
 REACH = torch.tensor([0, 1, 5, 8, 9, 10, 11])

@@ -10,15 +10,7 @@ import torch
 
 from cascade_bench import full_forward, routed_forward
 from cascade_bench.measure.flops import count_flops
-from tests.helpers import (
-    BATCHING,
-    FAMILIES,
-    INF,
-    KINDS,
-    scripted_exit,
-    tiny_ensemble,
-    token_batch,
-)
+from tests.helpers import BATCHING, FAMILIES, INF, KINDS, scripted_exit, tiny_ensemble, token_batch
 
 ATOL = 1e-5
 

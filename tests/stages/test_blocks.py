@@ -20,12 +20,7 @@ from cascade_bench.routing.passes import forward_cascade
 from cascade_bench.stages.blocks import Block
 from cascade_bench.stages.presets import stage_config
 from cascade_bench.training.loops import TrainConfig
-from cascade_bench.training.protocols import (
-    Protocol,
-    exit_heads_ppl,
-    train_ensemble,
-    train_exit_heads,
-)
+from cascade_bench.training.protocols import Protocol, exit_heads_ppl, train_ensemble, train_exit_heads
 from tests.helpers import FAMILIES, INF, token_batch
 
 ATOL = 1e-5

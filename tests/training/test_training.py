@@ -14,25 +14,10 @@ from cascade_bench.routing.evaluation import evaluate
 from cascade_bench.stages.blocks import Block
 from cascade_bench.stages.llm import LLM
 from cascade_bench.stages.presets import build_ensemble
-from cascade_bench.training.loops import (
-    TrainConfig,
-    collect_hard_tokens,
-    freeze,
-    train_llm,
-)
-from cascade_bench.training.persistence import (
-    load_ensemble,
-    load_saved_tokenizer,
-    save_ensemble,
-)
-from cascade_bench.training.protocols import (
-    PROTOCOLS,
-    Protocol,
-    start_ensemble,
-    train_ensemble,
-    train_joint_baseline,
-    with_leaky_seed_protocol,
-)
+from cascade_bench.training.loops import TrainConfig, collect_hard_tokens, freeze, train_llm
+from cascade_bench.training.persistence import load_ensemble, load_saved_tokenizer, save_ensemble
+from cascade_bench.training.protocols import (PROTOCOLS, Protocol, start_ensemble, train_ensemble, train_joint_baseline,
+                                              with_leaky_seed_protocol)
 
 QUICK = dict(max_epochs=2, max_steps_per_epoch=6)
 
