@@ -115,8 +115,12 @@ def _prepared(batches: Iterable, device: torch.device) -> list[tuple]:
 
 
 def _row_lengths(out: RoutedOutput, stage: int) -> list[int]:
-    """Per sequence, real tokens that the stage computed."""
+    """Per sequence, real tokens that the stage computed (under ``recompute``: the prefix up to the
+    last token that reached it)."""
     reached = out.exit_stage >= (stage if out.method == "routed" else 0)
+    if out.kv_policy == "recompute":
+        position = torch.cumsum((out.exit_stage >= 0).long(), dim=1)  # 1 + position among real tokens
+        return (position * reached).max(dim=1).values.tolist()
     return reached.sum(dim=1).tolist()
 
 
@@ -195,7 +199,7 @@ def measure_cost(ensemble: Ensemble, batches: Iterable, method: str = "routed", 
         analytic_k, padding_k, rule_k, decision_k = 0, 0, 0, 0
         for out in outputs:
             costs = routed_cost(configs, out.stage_batch_shapes, out.head_tokens,
-                                exit_rule_macs(stages[:num_stages], out.decided_tokens))
+                                exit_rule_macs(stages[:num_stages], out.decided_tokens), out.propagated_tokens)
             analytic_k += costs[k].total
             padding_k += padding_flops(configs[k], out.stage_batch_shapes[k], _row_lengths(out, k))
             rule_k += costs[k].exit_rule

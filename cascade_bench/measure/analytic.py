@@ -24,9 +24,15 @@ def dense_macs_per_token(shape: LayerShape) -> int:
     return d * q + 2 * d * kv + q * d + shape.mlp_matrices * d * shape.intermediate_size
 
 
-def attention_macs(shape: LayerShape, rows: int, length: int) -> int:
-    """QK^T and PV MACs of one layer over a (rows, length) batch, counted full."""
-    return 2 * rows * shape.num_heads * shape.head_dim * length * length
+def attention_macs(shape: LayerShape, rows: int, length: int, keys: Optional[int] = None) -> int:
+    """QK^T and PV MACs of one layer over a (rows, length) batch, counted full; ``keys``: keys each
+    query is scored against when they are more than the batch's own (cached or propagated ones)."""
+    return 2 * rows * shape.num_heads * shape.head_dim * length * (length if keys is None else keys)
+
+
+def kv_projection_macs(shape: LayerShape) -> int:
+    """Key and value projection MACs of one layer for one token (what K/V propagation costs)."""
+    return 2 * shape.hidden_size * shape.num_kv_heads * shape.head_dim
 
 
 @dataclass(frozen=True)
@@ -47,24 +53,29 @@ class StageCost:
         return self.layers + self.exit_head + self.exit_rule
 
 
-def stage_cost(config, batch_shapes: Sequence[tuple[int, int]], head_tokens: int,
-               exit_rule_macs: int = 0) -> StageCost:
-    """FLOPs of one stage that ran dense batches of the given (rows, length), computed logits
-    for ``head_tokens`` tokens and spent ``exit_rule_macs`` multiply-adds deciding."""
+def stage_cost(config, batch_shapes: Sequence[tuple[int, ...]], head_tokens: int,
+               exit_rule_macs: int = 0, propagated_tokens: int = 0) -> StageCost:
+    """FLOPs of one stage that ran dense batches of the given (rows, length) or (rows, length, keys),
+    computed logits for ``head_tokens`` tokens, spent ``exit_rule_macs`` multiply-adds deciding and
+    propagated the keys/values of ``propagated_tokens`` exited tokens into its layers."""
     shape = layer_shape(config)
-    slots = sum(rows * length for rows, length in batch_shapes)
-    dense = shape.num_layers * dense_macs_per_token(shape) * slots
-    attention = shape.num_layers * sum(attention_macs(shape, rows, length) for rows, length in batch_shapes)
+    slots = sum(rows * length for rows, length, *_ in batch_shapes)
+    dense = shape.num_layers * (dense_macs_per_token(shape) * slots + kv_projection_macs(shape) * propagated_tokens)
+    attention = shape.num_layers * sum(attention_macs(shape, *batch) for batch in batch_shapes)
     head = head_tokens * shape.hidden_size * shape.vocab_size
     return StageCost(dense=2 * dense, attention=2 * attention, exit_head=2 * head, exit_rule=2 * exit_rule_macs)
 
 
 def routed_cost(configs: Sequence, stage_batch_shapes, head_tokens: Sequence[int],
-                exit_rule_macs: Optional[Sequence[int]] = None) -> tuple[StageCost, ...]:
+                exit_rule_macs: Optional[Sequence[int]] = None,
+                propagated_tokens: Optional[Sequence[int]] = None) -> tuple[StageCost, ...]:
     """Per-stage analytic FLOPs of a pass, from RoutedOutput.stage_batch_shapes and .head_tokens;
-    ``exit_rule_macs`` per stage: RoutedOutput.decided_tokens x the rule's ``macs_per_token``."""
+    ``exit_rule_macs`` per stage: RoutedOutput.decided_tokens x the rule's ``macs_per_token``;
+    ``propagated_tokens``: RoutedOutput.propagated_tokens (K/V propagation)."""
     rule = exit_rule_macs if exit_rule_macs is not None else [0] * len(configs)
-    return tuple(stage_cost(c, shapes, n, m) for c, shapes, n, m in zip(configs, stage_batch_shapes, head_tokens, rule))
+    kv = propagated_tokens if propagated_tokens else [0] * len(configs)
+    return tuple(stage_cost(c, shapes, n, m, p)
+                 for c, shapes, n, m, p in zip(configs, stage_batch_shapes, head_tokens, rule, kv))
 
 
 def exit_rule_macs(stages: Sequence, decided_tokens: Sequence[int]) -> list[int]:
@@ -79,9 +90,11 @@ def decision_flops(costs: Sequence[StageCost], head_tokens: Sequence[int], token
             for cost, heads, exited in zip(costs, head_tokens, tokens_exited)]
 
 
-def padding_flops(config, batch_shapes: Sequence[tuple[int, int]], row_lengths: Sequence[int]) -> int:
-    """FLOPs a stage spent on padding: the batches that ran minus the same rows unpadded."""
-    unpadded = stage_cost(config, [(1, n) for n in row_lengths if n > 0], 0)
+def padding_flops(config, batch_shapes: Sequence[tuple[int, ...]], row_lengths: Sequence[int]) -> int:
+    """FLOPs a stage spent on padding: the batches that ran minus the same rows unpadded (with
+    propagated keys, (rows, length, keys), each row keeps the batch's extra keys: approximate)."""
+    extra = max((batch[2] - batch[1] for batch in batch_shapes if len(batch) == 3), default=0)
+    unpadded = stage_cost(config, [(1, n, n + extra) for n in row_lengths if n > 0], 0)
     return stage_cost(config, batch_shapes, 0).layers - unpadded.layers
 
 

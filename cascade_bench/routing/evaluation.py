@@ -21,7 +21,9 @@ class EvalResult:
     Perplexities are exp(mean NLL) over scored tokens. Hard tokens are those that continued past
     stage 0 (exit stage > 0), easy ones exited at stage 0. ``hard_ppl_stage0`` is the stage-0
     perplexity of the hard tokens (NaN when stage 0's head was not computed for them, e.g. with
-    a logit-free exit rule). ``layer_cost`` is DESIGN.md section 3's ratio over real tokens.
+    a logit-free exit rule). ``layer_cost`` is DESIGN.md section 3's ratio over real tokens, with
+    the tokens a stage computed (``tokens_computed``: reached + recomputed under the ``recompute``
+    K/V policy); ``tokens_propagated``: exited tokens whose keys/values entered each stage.
     """
 
     method: str
@@ -42,6 +44,9 @@ class EvalResult:
     layer_cost: float
     padding_waste: tuple[float, ...]
     conditions: dict = field(default_factory=dict)
+    kv_policy: str = "absent"
+    tokens_computed: tuple[int, ...] = ()
+    tokens_propagated: tuple[int, ...] = ()
 
 
 def _ppl(nll_sum: float, count: float) -> float:
@@ -76,6 +81,8 @@ class Totals:
     def __init__(self, device: torch.device):
         self.sums = torch.zeros(8, dtype=torch.float64, device=device)
         self.entered: Optional[list[int]] = None
+        self.computed: Optional[list[int]] = None
+        self.propagated: Optional[list[int]] = None
         self.exited: Optional[list[int]] = None
         self.slots: Optional[list[int]] = None
         self.shapes: set = set()
@@ -95,6 +102,8 @@ class Totals:
             hard_has_stage0.sum(), stage0[hard_has_stage0].sum(),
         ]).double().to(self.sums.device)
         self.entered = _add(self.entered, out.tokens_entered)
+        self.computed = _add(self.computed, out.tokens_computed)
+        self.propagated = _add(self.propagated, out.propagated_tokens or (0,) * len(out.tokens_entered))
         self.exited = _add(self.exited, out.tokens_exited)
         self.slots = _add(self.slots, out.slots_computed)
         self.last = out
@@ -128,9 +137,10 @@ class Totals:
             tokens_entered=tuple(entered),
             tokens_exited=tuple(exited),
             exit_ratios=tuple(e / routed for e in exited),
-            layer_cost=sum(n * l for n, l in zip(entered, out.layers_per_stage)) / (routed * total_layers),
-            padding_waste=tuple((s - n) / s if s else 0.0 for s, n in zip(slots, entered)),
-            conditions=record_conditions,
+            layer_cost=sum(n * l for n, l in zip(self.computed, out.layers_per_stage)) / (routed * total_layers),
+            padding_waste=tuple((s - n) / s if s else 0.0 for s, n in zip(slots, self.computed)),
+            conditions=record_conditions, kv_policy=out.kv_policy, tokens_computed=tuple(self.computed),
+            tokens_propagated=tuple(self.propagated),
         )
 
 

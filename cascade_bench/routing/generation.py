@@ -1,12 +1,26 @@
 """Early-exit generation with one KV cache per stage (DESIGN.md section 1, Generation).
 
-Each stage's cache holds exactly the tokens that reached that stage, which is the context the
-compaction rule gives in teacher forcing: stage k attends, causally, over the tokens of its
-sequence that reached it, at compact positions 0..n-1 (or their original positions). The
-prompt is prefilled with the same routing as teacher forcing; then every new token runs through
-stage 0 and onwards until it exits, and the next token comes from the logits of its exit stage.
-Sequences in a batch exit at different stages at every step: each stage runs only the rows whose
-token reached it (a gather per step), with ragged cache lengths kept as a validity mask.
+The prompt is prefilled with the same routing as teacher forcing (``cached_pass``); then every
+new token runs through stage 0 and onwards until it exits, and the next token comes from the
+logits of its exit stage. Sequences in a batch exit at different stages at every step: each
+stage runs only the rows whose token reached it (a gather per step), with ragged cache lengths
+kept as a validity mask.
+
+Batch exit policies (``EXIT_POLICIES``) say how the rows of one decode step exit:
+
+- ``"per_token"``: each row by its own confidence (the rule above).
+- ``"batch"``: at each stage the active rows exit together when at least a fraction ``quorum`` of
+  them is confident, else all continue (``quorum=1.0``: all must be). No row waits for a gather.
+- ``"schedule"`` (after SkipDecode): decode step i exits every row at ``exit_schedule[i]``, a
+  non-increasing sequence of stages (its last value repeats), and the prompt runs at full depth;
+  a later token never exits deeper than an earlier one, so no cache misses an entry it needs,
+  and no exit rule is computed at all.
+
+K/V policies (``cached_pass.KV_POLICIES``) say what a later stage's cache holds for a token that
+exited before it: nothing (``absent``: stage k attends over the tokens that reached it, at compact
+positions 0..n-1 or their original positions), the keys/values of its exit state
+(``propagate``), or the real thing, computed once a later token of the row reaches the stage
+(``recompute``). Each has the same meaning here as in teacher forcing (invariant 4 per policy).
 """
 
 from __future__ import annotations
@@ -22,9 +36,12 @@ from torch import Tensor
 from ..measure.flops import EXTRA_FLOP_FORMULAS
 from ..measure.timing import synchronize
 from ..stages.ensemble import Ensemble, evaluation_mode
+from ..stages.key_values import propagated_key_values
 from ..stages.stage_cache import StageCache
-from .compaction import plan_layouts, to_dense
+from .cached_pass import Pending, cached_pass, check_kv_policy, stage_call
 from .passes import resolve_thresholds
+
+EXIT_POLICIES = ("per_token", "batch", "schedule")
 
 
 @dataclass
@@ -33,9 +50,11 @@ class GenerationOutput:
     negative log-likelihood of each generated token under the distribution it was drawn from (its
     exit stage's); exit_stage: (B, N) stage whose logits produced each token; cache_lengths: per
     stage, (B,) tokens held in that stage's cache; plus the cost of the decode phase: exit_counts
-    per stage and layer_cost over the ``decode_tokens`` fed back after the prompt, and
-    seconds_per_token = wall time of the decode loop (after prefill; CUDA synchronised at both
-    ends) / tokens generated, all rows together (its inverse is the decode throughput)."""
+    per stage and layer_cost over the ``decode_tokens`` fed back after the prompt (recomputed
+    tokens count as computed), stage_rows (steps, S) rows that ran each stage at each decode step,
+    recomputed_tokens / propagated_tokens per stage (K/V policies), and seconds_per_token = wall
+    time of the decode loop (after prefill; CUDA synchronised at both ends) / tokens generated, all
+    rows together (its inverse is the decode throughput)."""
 
     tokens: Tensor
     nll: Tensor
@@ -46,6 +65,11 @@ class GenerationOutput:
     seconds_per_token: float
     decode_tokens: int
     counted_flops: Optional[int] = None
+    stage_rows: Optional[Tensor] = None
+    recomputed_tokens: tuple = ()
+    propagated_tokens: tuple = ()
+    exit_policy: str = "per_token"
+    kv_policy: str = "absent"
 
 
 def _pick(logits: Tensor, do_sample: bool, temperature: float, top_k: int, top_p: float,
@@ -70,17 +94,32 @@ def _pick(logits: Tensor, do_sample: bool, temperature: float, top_k: int, top_p
     return token, -log_p.gather(1, token[:, None]).squeeze(1)
 
 
+def check_exit_schedule(schedule, num_stages: int) -> tuple[int, ...]:
+    """A non-empty, non-increasing sequence of stage indices in [0, num_stages)."""
+    if isinstance(schedule, (str, bytes)) or not isinstance(schedule, Sequence) or not len(schedule):
+        raise ValueError(f"exit_schedule must be a non-empty sequence of stage indices, got {schedule!r}")
+    values = list(schedule)
+    if any(isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < num_stages for v in values):
+        raise ValueError(f"exit_schedule holds stage indices in [0, {num_stages}), got {values!r}")
+    if any(b > a for a, b in zip(values, values[1:])):
+        raise ValueError(f"exit_schedule must be non-increasing (a later token never exits deeper), got {values!r}")
+    return tuple(values)
+
+
 def generate(ensemble: Ensemble, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
              max_new_tokens: int = 20, *, method: str = "routed", thresholds: Optional[Sequence[float]] = None,
              do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              eos_token_id: Optional[int] = None, pad_token_id: int = 0, positions: str = "compact",
-             generator: Optional[torch.Generator] = None, count_flops: bool = False) -> GenerationOutput:
+             generator: Optional[torch.Generator] = None, count_flops: bool = False,
+             exit_policy: str = "per_token", quorum: float = 1.0, exit_schedule: Optional[Sequence[int]] = None,
+             kv_policy: str = "absent") -> GenerationOutput:
     """Generate ``max_new_tokens`` per sequence with true early exit (``method="routed"``) or at full
     depth (``method="full"``: every token through every stage, one ``lm_head`` at the end).
 
     input_ids, attention_mask: (B, P) prompts, left or right padded. Greedy by default; sampling
     with temperature, top-k and top-p. A sequence stops after ``eos_token_id``. ``count_flops``
     runs the whole call under FlopCounterMode (its time per token then includes counting).
+    exit_policy / quorum / exit_schedule and kv_policy: see the module docstring.
     """
     if method not in ("routed", "full"):
         raise ValueError(f"method must be 'routed' or 'full', got {method!r}")
@@ -90,24 +129,56 @@ def generate(ensemble: Ensemble, input_ids: Tensor, attention_mask: Optional[Ten
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     if do_sample and not temperature > 0:
         raise ValueError(f"temperature must be > 0 when sampling, got {temperature!r}")
+    if exit_policy not in EXIT_POLICIES:
+        raise ValueError(f"exit_policy must be one of {EXIT_POLICIES}, got {exit_policy!r}")
+    if isinstance(quorum, bool) or not isinstance(quorum, (int, float)) or not 0.0 < quorum <= 1.0:
+        raise ValueError(f"quorum must be a fraction in (0, 1], got {quorum!r}")
+    check_kv_policy(kv_policy)
     ensemble.validate()
+    schedule = None
+    if exit_policy == "schedule":
+        if exit_schedule is None:
+            raise ValueError("exit_policy='schedule' needs exit_schedule (one exit stage per decode step)")
+        schedule = check_exit_schedule(exit_schedule, len(ensemble))
+    elif exit_schedule is not None:
+        raise ValueError(f"exit_schedule is only read with exit_policy='schedule', got exit_policy={exit_policy!r}")
     levels = resolve_thresholds(ensemble, thresholds, len(ensemble))
-    if method == "full":
+    if method == "full" or schedule is not None:  # the schedule's prompt runs at full depth
         levels = tuple(math.inf for _ in levels)
+    if method == "full":
+        schedule = None
+    plan = _Plan(levels, positions, exit_policy, float(quorum), schedule, kv_policy)
+    args = (ensemble, input_ids, attention_mask, max_new_tokens, plan, do_sample, temperature, top_k, top_p,
+            eos_token_id, pad_token_id, generator)
     if count_flops:
         from torch.utils.flop_counter import FlopCounterMode
 
         with FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS) as counter:
-            out = _generate(ensemble, input_ids, attention_mask, max_new_tokens, method, levels, do_sample,
-                            temperature, top_k, top_p, eos_token_id, pad_token_id, positions, generator)
+            out = _generate(*args)
         out.counted_flops = int(counter.get_total_flops())
         return out
-    return _generate(ensemble, input_ids, attention_mask, max_new_tokens, method, levels, do_sample, temperature,
-                     top_k, top_p, eos_token_id, pad_token_id, positions, generator)
+    return _generate(*args)
 
 
-def _generate(ensemble, input_ids, attention_mask, max_new_tokens, method, levels, do_sample, temperature, top_k,
-              top_p, eos_token_id, pad_token_id, positions, generator) -> GenerationOutput:
+@dataclass(frozen=True)
+class _Plan:
+    """How one generate call routes: thresholds per stage and the policies."""
+
+    levels: tuple
+    positions: str
+    exit_policy: str
+    quorum: float
+    schedule: Optional[tuple]
+    kv_policy: str
+
+    def forced_stage(self, step: int) -> Optional[int]:
+        if self.schedule is None:
+            return None
+        return self.schedule[min(step, len(self.schedule) - 1)]
+
+
+def _generate(ensemble, input_ids, attention_mask, max_new_tokens, plan: _Plan, do_sample, temperature, top_k,
+              top_p, eos_token_id, pad_token_id, generator) -> GenerationOutput:
     device = ensemble.device
     input_ids = input_ids.to(device)
     batch, prompt_len = input_ids.shape
@@ -117,15 +188,17 @@ def _generate(ensemble, input_ids, attention_mask, max_new_tokens, method, level
         raise ValueError("every prompt needs at least one real token (attention_mask row of zeros)")
     stages = list(ensemble.stages)
     caches = [StageCache(batch, stage.num_layers, device) for stage in stages]
-    original = torch.cumsum(real.long(), dim=1) - 1  # position of each prompt token among real ones
+    pending = ([None] + [Pending(batch, stages[k - 1].hidden_size, device, stages[k - 1].dtype)
+                         for k in range(1, len(stages))] if plan.kv_policy == "recompute" else None)
     with evaluation_mode(ensemble), torch.inference_mode():
-        logits, produced_by = _prefill(stages, caches, input_ids, real, original, levels, positions)
+        logits, produced_by = _prefill(stages, caches, input_ids, real, plan, pending)
         tokens = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
         nll = torch.zeros(batch, max_new_tokens, dtype=torch.float32, device=device)
         exit_stage = torch.full((batch, max_new_tokens), -1, dtype=torch.long, device=device)
         every_row = torch.arange(batch, device=device)
         rows, alive, all_alive = every_row, torch.ones(batch, dtype=torch.bool, device=device), True
-        reached = [0] * len(stages)
+        step_rows: list[list[int]] = []
+        extra = [[0] * len(stages), [0] * len(stages)]  # recomputed, propagated
         fed = 0
         length = real.sum(dim=1)  # tokens so far per row (original positions)
         synchronize(device)
@@ -147,35 +220,29 @@ def _generate(ensemble, input_ids, attention_mask, max_new_tokens, method, level
                 rows = every_row if all_alive else alive.nonzero().squeeze(1)
             if step == max_new_tokens - 1:
                 break
-            logits, produced_by, counts = _decode_step(stages, caches, token, rows, length, levels, positions)
+            logits, produced_by, counts = _decode_step(stages, caches, token, rows, length, plan,
+                                                       plan.forced_stage(step), pending, extra)
             if all_alive:
                 length += 1
             else:
                 length[rows] += 1
             fed += rows.numel()
-            reached = [a + b for a, b in zip(reached, counts)]
+            step_rows.append(counts)
         synchronize(device)
         elapsed = time.perf_counter() - start
     layers = [s.num_layers for s in stages]
+    reached = [sum(c[k] for c in step_rows) for k in range(len(stages))]
     exits = [reached[k] - (reached[k + 1] if k + 1 < len(stages) else 0) for k in range(len(stages))]
+    computed = [n + r for n, r in zip(reached, extra[0])]
     generated = int((exit_stage >= 0).sum())
     return GenerationOutput(
         tokens=tokens, nll=nll, exit_stage=exit_stage, cache_lengths=tuple(c.count.clone() for c in caches),
-        exit_counts=tuple(exits), layer_cost=(sum(n * l for n, l in zip(reached, layers)) / (fed * sum(layers))
+        exit_counts=tuple(exits), layer_cost=(sum(n * l for n, l in zip(computed, layers)) / (fed * sum(layers))
                                               if fed else math.nan),
-        seconds_per_token=elapsed / max(generated, 1), decode_tokens=fed)
-
-
-def _stage_call(stage, cache: StageCache, rows: Tensor, new_valid: Tensor, position_ids: Tensor,
-                capture: bool, input_ids: Optional[Tensor] = None,
-                inputs_embeds: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
-    """Run ``stage`` for ``rows`` on new slots (len(rows), S) over its cached context, writing their
-    keys/values into the cache; return the hidden states (and the last layer's input when ``capture``)."""
-    past = cache.begin(rows, new_valid.shape[1])
-    out = stage(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=cache.attention_mask(new_valid),
-                position_ids=position_ids, past_key_values=past, use_cache=True, capture_input_state=capture)
-    cache.commit(new_valid)
-    return out.hidden, out.input_state
+        seconds_per_token=elapsed / max(generated, 1), decode_tokens=fed,
+        stage_rows=torch.tensor(step_rows, dtype=torch.long).reshape(-1, len(stages)),
+        recomputed_tokens=tuple(extra[0]), propagated_tokens=tuple(extra[1]), exit_policy=plan.exit_policy,
+        kv_policy=plan.kv_policy)
 
 
 def _decide(stage, hidden: Tensor, input_state: Optional[Tensor], threshold: float) -> tuple[Tensor, Optional[Tensor]]:
@@ -186,91 +253,112 @@ def _decide(stage, hidden: Tensor, input_state: Optional[Tensor], threshold: flo
     return fn(input_state, hidden, logits.float() if logits is not None else None) >= threshold, logits
 
 
-def _prefill(stages, caches, input_ids, real, original, levels, positions) -> tuple[Tensor, Tensor]:
-    """Route the prompts as teacher forcing does, filling each stage's cache with the tokens that
-    reach it; return the logits of each row's last prompt token at its exit stage and that stage."""
+def _capture(stage, k: int, last: bool, plan: _Plan) -> bool:
+    return (not last and plan.levels[k] != math.inf and plan.schedule is None
+            and stage.exit_function.needs_input_state)
+
+
+def _prefill(stages, caches, input_ids, real, plan: _Plan, pending) -> tuple[Tensor, Tensor]:
+    """Route the prompts as teacher forcing does (``cached_pass``), filling each stage's cache; return
+    the logits of each row's last prompt token at its exit stage and that stage."""
     batch, prompt_len = input_ids.shape
-    flat_real = real.reshape(-1).nonzero().squeeze(1)
     last_flat = (torch.arange(batch, device=real.device) * prompt_len
                  + (prompt_len - 1 - real.flip(1).int().argmax(dim=1)))  # index of each row's last real token
-    out_logits = None
+    is_last_token = torch.zeros(batch * prompt_len, dtype=torch.bool, device=real.device)
+    is_last_token[last_flat] = True
+    found: dict = {"logits": None}
     out_stage = torch.full((batch,), -1, dtype=torch.long, device=real.device)
-    reach, state = flat_real, None
-    for k, stage in enumerate(stages):
-        if reach.numel() == 0:
-            break
-        (layout,) = plan_layouts(reach, prompt_len, batch, "padded")
-        rows = torch.div(reach, prompt_len, rounding_mode="floor").unique()
-        dense_valid = to_dense(torch.ones_like(reach, dtype=torch.bool), layout, fill=False)
-        if positions == "compact":
-            position_ids = torch.arange(layout.length, device=reach.device).expand(layout.num_rows, -1)
-        else:
-            position_ids = to_dense(original.reshape(-1)[reach], layout, fill=0)
-        kwargs = ({"input_ids": to_dense(input_ids.reshape(-1)[reach], layout)} if k == 0
-                  else {"inputs_embeds": to_dense(state, layout)})
-        last = k == len(stages) - 1
-        capture = not last and levels[k] != math.inf and stage.exit_function.needs_input_state
-        hidden, input_state = _stage_call(stage, caches[k], rows, dense_valid, position_ids, capture, **kwargs)
-        hidden = hidden[layout.rows, layout.cols]
-        input_state = input_state[layout.rows, layout.cols] if capture else None
-        if last or levels[k] == math.inf:
+
+    def decide(k: int, reach: Tensor, hidden: Tensor, input_state: Optional[Tensor], last: bool) -> Tensor:
+        stage = stages[k]
+        if last or plan.levels[k] == math.inf:
             exits = torch.full((reach.numel(),), last, dtype=torch.bool, device=reach.device)
         else:
-            exits, _ = _decide(stage, hidden, input_state, levels[k])
-        is_last = (reach[:, None] == last_flat[None]).any(dim=1)
-        leaving_last = exits & is_last
+            exits, _ = _decide(stage, hidden, input_state, plan.levels[k])
+        leaving_last = exits & is_last_token[reach]
         if bool(leaving_last.any()):
             logits = stage.logits(hidden[leaving_last])
-            if out_logits is None:
-                out_logits = logits.new_zeros(batch, logits.shape[-1])
+            if found["logits"] is None:
+                found["logits"] = logits.new_zeros(batch, logits.shape[-1])
             seq = torch.div(reach[leaving_last], prompt_len, rounding_mode="floor")
-            out_logits[seq] = logits
+            found["logits"][seq] = logits
             out_stage[seq] = k
-        reach, state = reach[~exits], hidden[~exits]
-    return out_logits, out_stage
+        return exits
+
+    capture = [_capture(stage, k, k == len(stages) - 1, plan) for k, stage in enumerate(stages)]
+    cached_pass(stages, caches, input_ids, real, plan.kv_policy, plan.positions, capture, decide, pending)
+    return found["logits"], out_stage
 
 
-def _decode_step(stages, caches, token: Tensor, rows: Tensor, length: Tensor, levels,
-                 positions) -> tuple[Tensor, Tensor, list[int]]:
+def _decode_step(stages, caches, token: Tensor, rows: Tensor, length: Tensor, plan: _Plan, forced: Optional[int],
+                 pending, extra) -> tuple[Tensor, Tensor, list[int]]:
     """Feed one new token for each row in ``rows``; return next-token logits (B, V) and the stage
-    that produced them (B,) (zeros and -1 for rows not in ``rows``), and how many rows reached each
+    that produced them (B,) (zeros and -1 for rows not in ``rows``), and how many rows ran each
     stage. A stage where every row or no row exits costs no gather: one host sync per stage to
-    learn how many exit, index copies only when the rows split."""
+    learn how many exit, index copies only when the rows split. ``forced``: the stage every row
+    exits at (schedule policy). ``extra``: [recomputed, propagated] tokens per stage, added to."""
     batch = token.shape[0]
     counts = [0] * len(stages)
     exited: list[tuple[Tensor, Tensor, int]] = []  # (rows, their logits, stage)
+    gone: list[tuple[Tensor, Tensor]] = []  # propagate: (rows, exit states) of rows that exited this step
     state = None
     active = rows
     for k, stage in enumerate(stages):
+        last = k == len(stages) - 1
+        cache = caches[k]
         n = active.numel()
+        if n == 0:
+            if plan.kv_policy != "propagate":
+                break
+            extra[1][k] += _propagate(stage, cache, gone, length, called=False)
+            continue
         counts[k] = n
         whole = n == batch
-        cache = caches[k]
-        position = ((cache.count if whole else cache.count[active]) if positions == "compact"
-                    else (length if whole else length[active]))
-        new_valid = torch.ones(n, 1, dtype=torch.bool, device=active.device)
-        kwargs = ({"input_ids": (token if whole else token[active])[:, None]} if k == 0
-                  else {"inputs_embeds": state[:, None]})
-        last = k == len(stages) - 1
-        capture = not last and levels[k] != math.inf and stage.exit_function.needs_input_state
-        hidden, input_state = _stage_call(stage, cache, active, new_valid, position[:, None], capture, **kwargs)
-        hidden = hidden[:, 0]
+        capture = _capture(stage, k, last, plan)
+        if plan.kv_policy == "recompute" and k > 0:
+            states, position, new_valid = pending[k].take(active)
+            hidden, input_state = stage_call(stage, cache, active, new_valid, position, capture, inputs_embeds=states)
+            newest = new_valid.sum(dim=1) - 1
+            extra[0][k] += int(newest.sum())
+        else:
+            if plan.kv_policy == "absent" and plan.positions == "compact":
+                position = cache.count if whole else cache.count[active]
+            else:
+                position = length if whole else length[active]
+            position = position[:, None]
+            new_valid = torch.ones(n, 1, dtype=torch.bool, device=active.device)
+            kwargs = ({"input_ids": (token if whole else token[active])[:, None]} if k == 0
+                      else {"inputs_embeds": state[:, None]})
+            hidden, input_state = stage_call(stage, cache, active, new_valid, position, capture, **kwargs)
+            newest = torch.zeros(n, dtype=torch.long, device=active.device)
+        if plan.kv_policy == "recompute" and not last:
+            pending[k + 1].push(active, hidden, position, new_valid)
+        if plan.kv_policy == "propagate" and gone:
+            extra[1][k] += _propagate(stage, cache, gone, length, called=True)
+        at = torch.arange(n, device=active.device)
+        hidden = hidden[at, newest]
         if last:
             exited.append((active, stage.logits(hidden), k))
             break
-        if levels[k] == math.inf:  # nobody exits here: no head at all (the full-depth path)
-            state = hidden
-            continue
-        exits, stage_logits = _decide(stage, hidden, input_state[:, 0] if capture else None, levels[k])
-        leaving = int(exits.sum())
+        if forced is not None or plan.levels[k] == math.inf:  # no exit rule computed here
+            leaving = n if forced == k else 0
+            exits, stage_logits = None, None
+        else:
+            exits, stage_logits = _decide(stage, hidden, input_state[at, newest] if capture else None, plan.levels[k])
+            leaving = int(exits.sum())
+            if plan.exit_policy == "batch":
+                leaving = n if leaving >= plan.quorum * n else 0
         if leaving == 0:
             state = hidden
             continue
         if leaving == n:
             exited.append((active, stage_logits if stage_logits is not None else stage.logits(hidden), k))
-            break
+            gone.append((active, hidden))
+            active = active[:0]
+            continue
         out, stay = exits.nonzero().squeeze(1), (~exits).nonzero().squeeze(1)
         exited.append((active[out], stage_logits[out] if stage_logits is not None else stage.logits(hidden[out]), k))
+        gone.append((active[out], hidden[out]))
         active, state = active[stay], hidden[stay]
     if len(exited) == 1 and exited[0][0].numel() == batch:  # every row exited at one stage
         _, logits, k = exited[0]
@@ -281,3 +369,19 @@ def _decode_step(stages, caches, token: Tensor, rows: Tensor, length: Tensor, le
         logits[where] = stage_logits
         produced_by[where] = k
     return logits, produced_by, counts
+
+
+def _propagate(stage, cache: StageCache, gone: list[tuple[Tensor, Tensor]], length: Tensor, called: bool) -> int:
+    """Write the keys/values of this step's exit states of rows that left before ``stage`` into its
+    cache: into the slot the stage's call just added (rows that did not run it got it invalid), or
+    into a new slot when no row ran it. Returns how many rows it wrote."""
+    rows = torch.cat([r for r, _ in gone])
+    states = torch.cat([s for _, s in gone])
+    rows, order = rows.sort()
+    states = states[order]
+    key_values = propagated_key_values(stage, states[:, None], length[rows][:, None])
+    if called:
+        cache.fill_last(rows, key_values)
+    else:
+        cache.append(rows, key_values, torch.ones(rows.numel(), 1, dtype=torch.bool, device=rows.device))
+    return rows.numel()

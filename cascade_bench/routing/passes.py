@@ -30,6 +30,8 @@ from ..data.batch import TokenBatch, make_token_batch
 from ..measure.probes import NO_PROBE, Probe
 from ..stages.ensemble import Ensemble
 from ..stages.llm import LLM, check_threshold
+from ..stages.stage_cache import StageCache
+from .cached_pass import check_kv_policy, cached_pass
 from .compaction import Layout, from_dense, plan_layouts, scatter_members, to_dense
 from .exit_head import HeadResult, run_exit_head
 
@@ -56,6 +58,9 @@ class RoutedOutput:
     continuing_index, continuing_state: with ``open_end=True``, the flat indices (N,) and hidden
         states (N, d) of the tokens that continue past the last stage run (exit_stage = S for them).
     logits: (B, T, V) logits at each token's exit stage, only if asked for.
+    kv_policy: what later stages' caches held for exited tokens (``cached_pass.KV_POLICIES``).
+    recomputed_tokens: per stage, tokens that exited earlier and ran through it anyway (``recompute``).
+    propagated_tokens: per stage, exited tokens whose keys/values were propagated into its layers.
     """
 
     method: str
@@ -77,6 +82,9 @@ class RoutedOutput:
     logits: Optional[Tensor] = None
     continuing_index: Optional[Tensor] = None
     continuing_state: Optional[Tensor] = None
+    kv_policy: str = "absent"
+    recomputed_tokens: tuple[int, ...] = ()
+    propagated_tokens: tuple[int, ...] = ()
 
     @property
     def num_tokens(self) -> int:
@@ -89,9 +97,16 @@ class RoutedOutput:
         return tuple(e / self.num_tokens for e in self.tokens_exited)
 
     @property
+    def tokens_computed(self) -> tuple[int, ...]:
+        """Per stage, tokens its layers ran on: those that reached it plus the recomputed ones."""
+        if not self.recomputed_tokens:
+            return self.tokens_entered
+        return tuple(n + r for n, r in zip(self.tokens_entered, self.recomputed_tokens))
+
+    @property
     def layer_cost(self) -> float:
-        """DESIGN.md section 3: sum_k tokens reaching k x layers_k / (tokens x all layers)."""
-        done = sum(n * layers for n, layers in zip(self.tokens_entered, self.layers_per_stage))
+        """DESIGN.md section 3: sum_k tokens computed at k x layers_k / (tokens x all layers)."""
+        done = sum(n * layers for n, layers in zip(self.tokens_computed, self.layers_per_stage))
         return done / (self.num_tokens * sum(self.layers_per_stage))
 
     @property
@@ -119,7 +134,7 @@ def forward_cascade(ensemble: Ensemble, input_ids: Tensor, attention_mask: Optio
                     num_stages: Optional[int] = None, return_logits: bool = False,
                     logits_chunk_tokens: Optional[int] = None,
                     confidence_at_last_stage: bool = False, probe: Probe = NO_PROBE,
-                    open_end: bool = False) -> RoutedOutput:
+                    open_end: bool = False, kv_policy: str = "absent") -> RoutedOutput:
     """Run ``method`` over the batch. See the module docstring for the methods.
 
     input_ids, attention_mask, targets: (B, T); targets are already shifted (the token to predict at
@@ -131,7 +146,14 @@ def forward_cascade(ensemble: Ensemble, input_ids: Tensor, attention_mask: Optio
     probe: receives the pass's named spans (see ``probes``); the default does nothing.
     open_end: the last stage run decides like a middle one (routed only) and the continuing tokens'
     states are returned: the input the next stage would get (used to collect hard tokens).
+    kv_policy: what a later stage's attention sees of tokens that exited before it (routed only;
+    ``cached_pass``): "absent" (the compaction rule), "propagate" or "recompute" (padded batching,
+    original positions: every earlier token then holds a slot).
     """
+    check_kv_policy(kv_policy)
+    if kv_policy != "absent" and (method != "routed" or batching != "padded" or open_end):
+        raise ValueError(f"kv_policy={kv_policy!r} needs method='routed', batching='padded' and no open_end; got "
+                         f"method={method!r}, batching={batching!r}, open_end={open_end!r}")
     if open_end and method != "routed":
         raise ValueError(f"open_end needs method='routed', got {method!r}")
     if method not in METHODS:
@@ -146,8 +168,9 @@ def forward_cascade(ensemble: Ensemble, input_ids: Tensor, attention_mask: Optio
     thresholds = resolve_thresholds(ensemble, thresholds, num_stages)
     batch = make_token_batch(input_ids, attention_mask, targets, vocab_size=ensemble.vocab_size, device=ensemble.device)
     _check_lengths(stages, batch, positions)
-    return _Pass(stages, batch, method, batching, positions, thresholds, return_logits, logits_chunk_tokens,
-                 confidence_at_last_stage, probe, open_end).run()
+    runner = _Pass(stages, batch, method, batching, positions, thresholds, return_logits, logits_chunk_tokens,
+                   confidence_at_last_stage, probe, open_end)
+    return runner.run() if kv_policy == "absent" else runner.run_cached(kv_policy)
 
 
 def routed_forward(ensemble: Ensemble, input_ids: Tensor, attention_mask: Optional[Tensor] = None, **kwargs) -> RoutedOutput:
@@ -236,7 +259,8 @@ class _Pass:
     head_tokens: list[int] = field(default_factory=list)
     decided: list[int] = field(default_factory=list)
 
-    def run(self) -> RoutedOutput:
+    def _start(self) -> None:
+        """Allocate the per-token result buffers."""
         batch, num_stages = self.batch, len(self.stages)
         flat = batch.batch_size * batch.seq_len
         device = batch.ids.device
@@ -249,6 +273,10 @@ class _Pass:
         self.logits = (torch.zeros(flat, self.stages[0].vocab_size, dtype=self.stages[0].dtype, device=device)
                        if self.return_logits else None)
 
+    def run(self) -> RoutedOutput:
+        self._start()
+        batch, num_stages = self.batch, len(self.stages)
+        device = batch.ids.device
         reach = batch.tokens  # flat indices of the tokens entering the current stage
         state: Optional[Tensor] = None  # (len(reach), d) hidden states handed to the current stage
         self.alive = torch.ones(reach.numel(), dtype=torch.bool, device=device)  # masked method only
@@ -276,6 +304,40 @@ class _Pass:
         if self.open_end:
             self.exit_stage[reach] = num_stages
             continuing = (reach, state if state is not None else torch.empty(0, self.stages[-1].hidden_size))
+        return self._output(continuing)
+
+    def run_cached(self, kv_policy: str) -> RoutedOutput:
+        """The routed pass under a K/V policy other than ``absent`` (``cached_pass``), scored as ``run``."""
+        self._start()
+        batch, num_stages = self.batch, len(self.stages)
+        caches = [StageCache(batch.batch_size, stage.num_layers, batch.ids.device) for stage in self.stages]
+        capture = [(k < num_stages - 1 or self.last_confidence) and stage.exit_function.needs_input_state
+                   for k, stage in enumerate(self.stages)]
+        real = torch.zeros(batch.batch_size * batch.seq_len, dtype=torch.bool, device=batch.ids.device)
+        real[batch.tokens] = True
+
+        def decide(k: int, reach: Tensor, hidden: Tensor, input_state: Optional[Tensor], last: bool) -> Tensor:
+            self.head_tokens.append(0)
+            self.decided.append(reach.numel() if not last or self.last_confidence else 0)
+            return self._route(self.stages[k], k, last, reach, hidden, input_state, self.batch.targets[reach])
+
+        shape = (batch.batch_size, batch.seq_len)
+        counts = cached_pass(self.stages, caches, batch.ids.view(shape), real.view(shape), kv_policy, self.positions,
+                             capture, decide, probe=self.probe)
+        ran = len(self.exited)
+        for tally in (self.exited, self.head_tokens, self.decided):
+            tally.extend([0] * (num_stages - ran))
+        self.entered = list(counts.entered)
+        self.shapes = list(counts.shapes)
+        self.slots = [sum(shape[0] * shape[1] for shape in shapes) for shapes in counts.shapes]
+        out = self._output(None)
+        out.kv_policy = kv_policy
+        out.recomputed_tokens = tuple(c - n for c, n in zip(counts.computed, counts.entered))
+        out.propagated_tokens = tuple(counts.propagated)
+        return out
+
+    def _output(self, continuing) -> RoutedOutput:
+        batch, num_stages = self.batch, len(self.stages)
         return RoutedOutput(
             method=self.method,
             nll=self.nll.view(batch.batch_size, batch.seq_len),
@@ -329,11 +391,12 @@ class _Pass:
                 self.exited.append(int(exits.sum()))
                 self.alive = self.alive & ~exits
             return reach, hidden
-        return self._route(stage, k, last, reach, hidden, input_state, targets)
+        staying = ~self._route(stage, k, last, reach, hidden, input_state, targets)
+        return reach[staying], hidden[staying]
 
     def _route(self, stage: LLM, k: int, last: bool, reach: Tensor, hidden: Tensor,
-               input_state: Optional[Tensor], targets: Tensor) -> tuple[Tensor, Tensor]:
-        """Decide, record the exiting tokens, and return (flat indices, hidden) of the continuing ones."""
+               input_state: Optional[Tensor], targets: Tensor) -> Tensor:
+        """Decide and record the exiting tokens; return the exit mask over ``reach``."""
         exit_fn = stage.exit_function
         if last:
             with self.probe.span(f"stage{k}.exit"):
@@ -349,7 +412,7 @@ class _Pass:
                 self.stage_pred[k, reach] = head.prediction
                 self._record(k, reach, head)
                 self.exited.append(reach.numel())
-            return reach[:0], hidden[:0]
+            return torch.ones_like(reach, dtype=torch.bool)
         if exit_fn.needs_logits:
             with self.probe.span(f"stage{k}.exit"):
                 head = self._head(stage, k, hidden, targets, exit_fn, input_state)
@@ -374,8 +437,7 @@ class _Pass:
         with self.probe.span(f"stage{k}.scatter"):
             self.stage_conf[k, reach] = confidence
             self.exited.append(leaving.numel())
-            staying = ~exits
-            return reach[staying], hidden[staying]
+            return exits
 
     def _confidence(self, k: int, exit_fn, input_state: Optional[Tensor], hidden: Tensor) -> Tensor:
         with self.probe.span(f"stage{k}.exit_fn"):

@@ -108,6 +108,35 @@ class StageCache:
         self.length += new
         self._rows, self._new = None, 0
 
+    # -- keys/values written without running the stage (K/V propagation) -------------------------
+    def append(self, rows: Tensor, key_values, new_valid: Tensor) -> None:
+        """Add ``new_valid.shape[1]`` slots holding ``key_values`` (per layer, keys and values
+        (len(rows), H, S, D)) for ``rows``; slots are real where ``new_valid`` (len(rows), S)."""
+        self.begin(rows, new_valid.shape[1])
+        for layer, (key, value) in enumerate(key_values):
+            self.write(layer, key, value)
+        self.commit(new_valid)
+
+    def fill_last(self, rows: Tensor, key_values) -> None:
+        """Write one slot per row of ``rows`` (sorted, distinct) into the last slot, which the latest
+        call left invalid for them, and make it real."""
+        slot = self.length - 1
+        for layer, (key, value) in enumerate(key_values):
+            self.keys[layer][rows, :, slot] = key[:, :, 0]
+            self.values[layer][rows, :, slot] = value[:, :, 0]
+        self.valid[rows, slot] = True
+        self.count[rows] += 1
+
+    def reject(self, rows: Tensor, keep: Tensor, span: int) -> None:
+        """Of the last ``span`` slots, keep the first ``keep[i]`` of row ``rows[i]`` and make the rest
+        not real (speculative drafts that verification rejected)."""
+        tail = self.valid[rows, self.length - span:self.length]
+        drop = tail & (torch.arange(span, device=keep.device)[None] >= keep[:, None])
+        self.valid[rows, self.length - span:self.length] = tail & ~drop
+        self.count[rows] -= drop.sum(dim=1)
+        if bool(drop.any()):
+            self.has_gaps = True
+
     # -- what the layers call ------------------------------------------------------------------
     def write(self, layer: int, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
         """Store the running call's new keys/values (len(rows), H, new, D) of ``layer``; return the

@@ -1,0 +1,207 @@
+"""Lossless self-speculative decoding over a cascade (LayerSkip's self-speculation, on stages).
+
+Each round, every unfinished row drafts ``draft_length`` tokens greedily with the first
+``draft_stages`` stages through the last draft stage's exit head, one token at a time. The
+remaining stages then verify all drafts in one pass, reading the draft stages' output states
+(nothing is computed twice). A row keeps its longest prefix of drafts that equal the full
+cascade's greedy choice, plus the full cascade's token at the first mismatch (at least one token
+per round); the rejected drafts' cache slots become invalid in every stage. The output is
+exactly full-depth greedy decoding, at any batch size, with EOS.
+
+Cost per round: ``draft_length`` draft steps plus one verification pass over ``draft_length``
+tokens, for ``min(accepted + 1, draft_length)`` tokens. The acceptance rate is accepted drafts
+over drafted ones.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..measure.flops import EXTRA_FLOP_FORMULAS
+from ..measure.timing import synchronize
+from ..stages.ensemble import Ensemble, evaluation_mode
+from ..stages.stage_cache import StageCache
+from .cached_pass import cached_pass, stage_call
+
+
+@dataclass
+class SpeculativeOutput:
+    """tokens: (B, N) generated ids (``pad_token_id`` after EOS); nll: (B, N) float32 NLL of each
+    token under the full cascade. drafted / accepted: draft tokens proposed and kept (a row's last
+    round counts only the drafts it could still use); rounds: draft-verify rounds, summed over rows;
+    emitted: tokens those rounds produced (the first token comes from the prompt's pass);
+    seconds_per_token: decode-loop wall time / tokens generated (all rows together);
+    verify_seconds: the part of it spent in verification passes."""
+
+    tokens: Tensor
+    nll: Tensor
+    drafted: int
+    accepted: int
+    rounds: int
+    seconds_per_token: float
+    verify_seconds: float
+    draft_length: int
+    draft_stages: int
+    cache_lengths: tuple
+    emitted: int
+    counted_flops: Optional[int] = None
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else math.nan
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens a row gains per round (accepted drafts plus the verifier's own token), decode only."""
+        return self.emitted / self.rounds if self.rounds else math.nan
+
+
+def self_speculative_generate(ensemble: Ensemble, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
+                              max_new_tokens: int = 20, *, draft_length: int = 4, draft_stages: int = 1,
+                              eos_token_id: Optional[int] = None, pad_token_id: int = 0,
+                              count_flops: bool = False) -> SpeculativeOutput:
+    """Greedy generation drafted by the first ``draft_stages`` stages and verified by the full
+    cascade (see the module docstring); the tokens equal ``generate(..., method="full")``'s."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    if isinstance(draft_length, bool) or not isinstance(draft_length, int) or draft_length < 1:
+        raise ValueError(f"draft_length must be a positive int, got {draft_length!r}")
+    if (isinstance(draft_stages, bool) or not isinstance(draft_stages, int)
+            or not 1 <= draft_stages < len(ensemble)):
+        raise ValueError(f"draft_stages must be an int in [1, {len(ensemble) - 1}] (at least one stage verifies), "
+                         f"got {draft_stages!r}")
+    ensemble.validate()
+    args = (ensemble, input_ids, attention_mask, max_new_tokens, draft_length, draft_stages, eos_token_id,
+            pad_token_id)
+    if count_flops:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS) as counter:
+            out = _speculate(*args)
+        out.counted_flops = int(counter.get_total_flops())
+        return out
+    return _speculate(*args)
+
+
+def _full_depth_prefill(stages, caches, input_ids: Tensor, real: Tensor) -> Tensor:
+    """Every prompt token through every stage; the last stage's logits of each row's last token."""
+    batch, prompt_len = input_ids.shape
+    last_flat = (torch.arange(batch, device=real.device) * prompt_len
+                 + (prompt_len - 1 - real.flip(1).int().argmax(dim=1)))
+    found = {}
+
+    def decide(k, reach, hidden, input_state, last):
+        if last:
+            where = torch.searchsorted(reach, last_flat)
+            found["logits"] = stages[k].logits(hidden[where])
+        return torch.full((reach.numel(),), last, dtype=torch.bool, device=reach.device)
+
+    cached_pass(stages, caches, input_ids, real, "absent", "original", [False] * len(stages), decide)
+    return found["logits"]
+
+
+def _speculate(ensemble, input_ids, attention_mask, max_new_tokens, gamma, draft_stages, eos_token_id,
+               pad_token_id) -> SpeculativeOutput:
+    device = ensemble.device
+    input_ids = input_ids.to(device)
+    batch = input_ids.shape[0]
+    real = (attention_mask.to(device).bool() if attention_mask is not None
+            else torch.ones_like(input_ids, dtype=torch.bool))
+    if not bool(real.any(dim=1).all()):
+        raise ValueError("every prompt needs at least one real token (attention_mask row of zeros)")
+    stages = list(ensemble.stages)
+    drafters, verifiers = stages[:draft_stages], stages[draft_stages:]
+    caches = [StageCache(batch, stage.num_layers, device) for stage in stages]
+    tokens = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    nll = torch.zeros(batch, max_new_tokens, dtype=torch.float32, device=device)
+    drafted = accepted = rounds = emitted_total = 0
+    verify_seconds = 0.0
+    with evaluation_mode(ensemble), torch.inference_mode():
+        logits = _full_depth_prefill(stages, caches, input_ids, real).float()
+        log_p = logits.log_softmax(-1)
+        first = logits.argmax(-1)
+        tokens[:, 0] = first
+        nll[:, 0] = -log_p.gather(1, first[:, None]).squeeze(1)
+        emitted = torch.ones(batch, dtype=torch.long, device=device)
+        done = (first == eos_token_id) if eos_token_id is not None else torch.zeros_like(emitted, dtype=torch.bool)
+        done |= emitted >= max_new_tokens
+        length = real.sum(dim=1)
+        next_input = first
+        synchronize(device)
+        start = time.perf_counter()
+        while not bool(done.all()):
+            rows = (~done).nonzero().squeeze(1)
+            n = rows.numel()
+            span = gamma
+            # Draft: span tokens per row through the draft stages, one at a time.
+            x, states, drafts = next_input[rows], [], []
+            for i in range(span):
+                position = (length[rows] + i)[:, None]
+                state = None
+                for k, stage in enumerate(drafters):
+                    kwargs = {"input_ids": x[:, None]} if k == 0 else {"inputs_embeds": state[:, None]}
+                    hidden, _ = stage_call(stage, caches[k], rows, torch.ones(n, 1, dtype=torch.bool, device=device),
+                                           position, False, **kwargs)
+                    state = hidden[:, 0]
+                states.append(state)
+                x = drafters[-1].logits(state).argmax(-1)
+                drafts.append(x)
+            drafts_t = torch.stack(drafts, dim=1)  # (n, span): d_1..d_span
+            # Verify: the remaining stages on all drafted positions at once.
+            synchronize(device)
+            verify_start = time.perf_counter()
+            state = torch.stack(states, dim=1)
+            positions = length[rows][:, None] + torch.arange(span, device=device)[None]
+            valid = torch.ones(n, span, dtype=torch.bool, device=device)
+            for j, stage in enumerate(verifiers):
+                state, _ = stage_call(stage, caches[draft_stages + j], rows, valid, positions, False,
+                                      inputs_embeds=state)
+            full_logits = verifiers[-1].logits(state).float()  # (n, span, V): predictions f_1..f_span
+            synchronize(device)
+            verify_seconds += time.perf_counter() - verify_start
+            choice = full_logits.argmax(-1)
+            agree = (choice == drafts_t).long().cumprod(dim=1)
+            kept = agree.sum(dim=1)  # accepted drafts per row
+            gain = torch.clamp(kept + 1, max=span)  # tokens this round: accepted + the verifier's own
+            room = max_new_tokens - emitted[rows]
+            gain = torch.minimum(gain, room)
+            chosen = choice  # equal to the drafts on the accepted prefix
+            token_nll = -full_logits.log_softmax(-1).gather(2, chosen[..., None]).squeeze(2)
+            offsets = torch.arange(span, device=device)[None]
+            take = offsets < gain[:, None]
+            if eos_token_id is not None:  # cut after the first EOS
+                is_eos = (chosen == eos_token_id) & take
+                before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()
+                take &= before == 0
+                gain = take.sum(dim=1)
+                finished = (is_eos & take).any(dim=1)
+            else:
+                finished = torch.zeros(n, dtype=torch.bool, device=device)
+            row_index = rows[:, None].expand(-1, span)[take]
+            slot = (emitted[rows][:, None] + offsets)[take]
+            tokens[row_index, slot] = chosen[take]
+            nll[row_index, slot] = token_nll[take]
+            # The fed inputs x_0..x_{gain-1} stay in every cache; the rest were rejected.
+            for cache in caches:
+                cache.reject(rows, gain, span)
+            drafted += int(torch.minimum(torch.full_like(room, span), room).sum())
+            accepted += int(torch.minimum(kept, gain).sum())
+            rounds += n
+            emitted_total += int(gain.sum())
+            emitted[rows] += gain
+            length[rows] += gain
+            next_input[rows] = chosen.gather(1, (gain - 1).clamp(min=0)[:, None]).squeeze(1)
+            done[rows] |= finished | (emitted[rows] >= max_new_tokens)
+        synchronize(device)
+        elapsed = time.perf_counter() - start
+    generated = int(emitted.sum())
+    return SpeculativeOutput(tokens=tokens, nll=nll, drafted=drafted, accepted=accepted, rounds=rounds,
+                             seconds_per_token=elapsed / max(generated, 1), verify_seconds=verify_seconds,
+                             draft_length=gamma, draft_stages=draft_stages,
+                             cache_lengths=tuple(c.count.clone() for c in caches), emitted=emitted_total)

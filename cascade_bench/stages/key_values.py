@@ -1,0 +1,95 @@
+"""The keys and values a stage's decoder layers would store for given input states, per family.
+
+K/V propagation (CALM): a token that exited before stage k still gets an entry in stage k's
+cache, computed from its exit state as if that state were every layer's input: the layer's
+input norm, then its key and value projections only (no query, no attention, no MLP), with
+rotary positions applied to the keys where the family has them. The state a stage's layers
+read is what its embedding step would make of it: an LLM stage adds its absolute position
+embedding (GPT-2) to the state it gets as ``inputs_embeds``; a later block reads the residual
+stream as it is.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+from torch import Tensor
+
+from .families import layer_slice_recipe
+
+#: Families whose layers' key/value projections this module knows.
+KEY_VALUE_FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "gpt_neox")
+
+
+def _source_model(stage):
+    return stage.source if hasattr(stage, "source") else stage.model
+
+
+def stage_layer_input(stage, state: Tensor, position_ids: Tensor) -> Tensor:
+    """(n, L, d) what ``stage``'s first decoder layer reads for states (n, L, d) handed to it as
+    ``inputs_embeds`` at ``position_ids`` (n, L) (eval mode: dropout is the identity)."""
+    model = _source_model(stage)
+    recipe = layer_slice_recipe(model)
+    is_block = hasattr(stage, "source")
+    if recipe.position_embedding is not None and not (is_block and not stage.reads_tokens):
+        table = getattr(model.base_model, recipe.position_embedding)
+        state = state + table(position_ids).to(state.dtype)
+    return state
+
+
+def _rotate(stage, layer, keys: Tensor, normed: Tensor, position_ids: Tensor) -> Tensor:
+    model = _source_model(stage)
+    rotary_name = layer_slice_recipe(model).rotary
+    if rotary_name is None:
+        return keys
+    cos, sin = getattr(model.base_model, rotary_name)(normed, position_ids=position_ids)
+    apply = importlib.import_module(type(layer).__module__).apply_rotary_pos_emb
+    return apply(keys, keys, cos, sin)[1]
+
+
+def _heads(x: Tensor, head_dim: int) -> Tensor:
+    """(n, L, H * D) -> (n, H, L, D)."""
+    n, length, _ = x.shape
+    return x.view(n, length, -1, head_dim).transpose(1, 2)
+
+
+def layer_key_values(stage, layer, x: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """Keys and values (n, Hkv, L, D) that ``layer`` (of ``stage``) caches for layer inputs x (n, L, d)."""
+    family = _source_model(stage).config.model_type
+    n, length, d = x.shape
+    if family == "gpt2":
+        normed = layer.ln_1(x)
+        attn = layer.attn
+        weight, bias = attn.c_attn.weight, attn.c_attn.bias  # Conv1D: (d, 3d), columns q | k | v
+        kv = torch.addmm(bias[d:], normed.reshape(-1, d), weight[:, d:]).view(n, length, 2 * d)
+        keys, values = kv.split(d, dim=-1)
+        return _heads(keys, attn.head_dim), _heads(values, attn.head_dim)
+    if family == "gpt_neox":
+        normed = layer.input_layernorm(x)
+        attn = layer.attention
+        head_dim = attn.head_size
+        weight = attn.query_key_value.weight.view(-1, 3, head_dim, d)  # rows per head: q | k | v
+        bias = attn.query_key_value.bias.view(-1, 3, head_dim)
+        flat = normed.reshape(1, -1, d)
+
+        def project(part: int) -> Tensor:  # (H, n*L, D) without copying the weight
+            return torch.matmul(flat, weight[:, part].transpose(1, 2)) + bias[:, part, None]
+
+        keys, values = (project(p).view(-1, n, length, head_dim).permute(1, 0, 2, 3) for p in (1, 2))
+        return _rotate(stage, layer, keys, normed, position_ids), values
+    if family in ("llama", "mistral", "qwen2"):
+        normed = layer.input_layernorm(x)
+        attn = layer.self_attn
+        head_dim = attn.head_dim
+        keys, values = _heads(attn.k_proj(normed), head_dim), _heads(attn.v_proj(normed), head_dim)
+        return _rotate(stage, layer, keys, normed, position_ids), values
+    raise ValueError(f"K/V propagation does not know the {family!r} family's key/value projections; "
+                     f"supported: {KEY_VALUE_FAMILIES}")
+
+
+def propagated_key_values(stage, state: Tensor, position_ids: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """Per decoder layer of ``stage``, the keys and values (n, Hkv, L, D) of exit states (n, L, d)
+    propagated into it at ``position_ids`` (n, L): every layer reads the same state."""
+    x = stage_layer_input(stage, state, position_ids)
+    return [layer_key_values(stage, layer, x, position_ids) for layer in stage.layers]
