@@ -1,0 +1,52 @@
+"""Self-speculative decoding is lossless: its tokens are full-depth greedy tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cascade_bench.routing.generation import generate
+from cascade_bench.routing.speculative import self_speculative_generate
+from tests.helpers import FAMILIES, KINDS, tiny_ensemble
+from tests.routing.test_generation import _ragged_prompts
+
+
+@pytest.mark.parametrize("preset", FAMILIES)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("lengths", [[12], [9, 14, 5, 11]])
+def test_self_speculative_greedy_equals_full_depth_greedy(kind, preset, lengths, text):
+    ensemble = tiny_ensemble(preset, layers=(2, 2, 2), kind=kind)
+    ids, mask = _ragged_prompts(text, lengths, "left")
+    full = generate(ensemble, ids, mask, max_new_tokens=16, method="full")
+    for draft_length, draft_stages in ((3, 1), (4, 2)):
+        out = self_speculative_generate(ensemble, ids, mask, max_new_tokens=16, draft_length=draft_length,
+                                        draft_stages=draft_stages)
+        assert torch.equal(out.tokens, full.tokens)
+        torch.testing.assert_close(out.nll, full.nll, atol=1e-4, rtol=0)
+        assert 0.0 <= out.acceptance_rate <= 1.0 and 1.0 <= out.mean_accepted_length <= draft_length
+        # Every stage's cache holds exactly the fed tokens: prompt + generated but the last.
+        fed = torch.tensor(lengths) + 16 - 1
+        assert all(torch.equal(c, fed) for c in out.cache_lengths)
+    # With EOS: rows stop at their first EOS, as full-depth greedy does.
+    eos = int(full.tokens[0, 4])
+    stopped = generate(ensemble, ids, mask, max_new_tokens=16, method="full", eos_token_id=eos, pad_token_id=-1)
+    out = self_speculative_generate(ensemble, ids, mask, max_new_tokens=16, draft_length=3, eos_token_id=eos,
+                                    pad_token_id=-1)
+    assert torch.equal(out.tokens, stopped.tokens)
+
+
+def test_block_drafts_get_accepted_and_rejected(text):
+    # Blocks share the model's head, so stage 0's drafts agree often but not always: both paths run.
+    ensemble = tiny_ensemble("gpt_neox-tiny", layers=(2, 2, 2), kind="block")
+    ids, mask = _ragged_prompts(text, [9, 14, 5, 11], "left")
+    out = self_speculative_generate(ensemble, ids, mask, max_new_tokens=20, draft_length=3)
+    assert 0.0 < out.acceptance_rate < 1.0 and out.accepted < out.drafted
+
+
+def test_speculative_input_errors(text):
+    ensemble = tiny_ensemble("gpt2-tiny")
+    ids, mask = _ragged_prompts(text, [5], "left")
+    with pytest.raises(ValueError, match=r"draft_stages must be an int in \[1, 1\]"):
+        self_speculative_generate(ensemble, ids, mask, draft_stages=2)
+    with pytest.raises(ValueError, match="draft_length must be a positive int"):
+        self_speculative_generate(ensemble, ids, mask, draft_length=0)
