@@ -75,6 +75,14 @@ def _build_cascade(args: argparse.Namespace):
                                 dtype=dtype)
         origin = (f"preset {args.preset} as one {sum(args.layers)}-layer model in blocks of "
                   f"{'/'.join(map(str, args.layers))}, seed {args.seed}")
+    elif getattr(args, "cascade", None) is not None:
+        from .training.persistence import load_ensemble
+
+        if not (args.cascade / "cascade.json").is_file():
+            raise ValueError(f"{args.cascade} is not a saved cascade (no cascade.json); `cascade-bench run` saves its "
+                             f"trained cascade under models/<training key>/cascade")
+        ensemble = load_ensemble(args.cascade, device=args.device, dtype=dtype)
+        origin = f"trained cascade {args.cascade}"
     elif args.stage:
         torch.manual_seed(args.seed)
         ensemble = Ensemble([LLM.from_pretrained(folder, exit_fn=args.exit_fn).to(args.device, dtype)
@@ -177,64 +185,98 @@ def build_parser() -> argparse.ArgumentParser:
     blocks.add_argument("--json", type=Path, default=Path("results/bench-blocks.json"),
                         help="where to write rows and conditions (atomically); default %(default)s")
     decode = commands.add_parser(
-        "bench-generate", help="decode throughput of early-exit generation vs full-depth generation",
-        description="Early-exit generation against full-depth generation of the same prompts (real text), exit "
-                    "ratio after stage 0 forced exactly at the cost of a real exit rule, timed back to back; "
-                    "Hugging Face's generate on stage 0 beside this package's as a peer.")
+        "bench-generate", help="decoding policies side by side: speed and quality against full depth",
+        description="Every way to decode one cascade on the same prompts at each batch size: full depth, per-token "
+                    "early exit under each K/V policy, the batch exit policy, a SkipDecode-style schedule, lossless "
+                    "self-speculative decoding and Hugging Face's generate; exit share after stage 0 forced at the "
+                    "cost of a real exit rule; quality against full-depth greedy; and the K/V policies teacher-forced.")
     _add_cascade_args(decode)
-    decode.add_argument("--batch-sizes", type=_positive_int, nargs="+", default=[1, 8])
-    decode.add_argument("--exit-ratios", type=_ratio, nargs="+", default=[0.0, 0.5, 0.9],
-                        help="forced fraction of decode tokens exiting after stage 0")
-    decode.add_argument("--rules", nargs="+", choices=EXIT_FNS, default=["max_prob", "cos_sim"],
-                        help="exit rules whose cost the forced rule pays")
+    decode.add_argument("--cascade", type=Path, default=None, metavar="FOLDER",
+                        help="a saved cascade (e.g. models/<key>/cascade from `cascade-bench run`); prompts then come "
+                             "from the embedded test split through its own tokenizer")
+    decode.add_argument("--batch-sizes", type=_positive_int, nargs="+", default=[1, 8, 32])
+    decode.add_argument("--exit-ratio", type=_ratio, default=0.5,
+                        help="forced share of decode tokens (per_token) or steps (batch) exiting after stage 0")
+    decode.add_argument("--rule", choices=EXIT_FNS, default="max_prob", help="exit rule whose cost the forced rule pays")
+    decode.add_argument("--quorum", type=_ratio, default=1.0, help="the batch policy's quorum")
+    decode.add_argument("--draft-length", type=_positive_int, default=4, help="self-speculative draft tokens per round")
     decode.add_argument("--prompt-len", type=_positive_int, default=64)
     decode.add_argument("--new-tokens", type=_positive_int, default=65,
                         help="tokens generated per row (default %(default)s: 64 decode steps)")
     decode.add_argument("--warmup", type=int, default=1)
-    decode.add_argument("--repeats", type=_positive_int, default=9)
+    decode.add_argument("--repeats", type=_positive_int, default=5)
     decode.add_argument("--json", type=Path, default=Path("results/bench-generate.json"),
                         help="where to write rows, checks and conditions (atomically); default %(default)s")
     return parser
 
 
 def _bench_generate(args: argparse.Namespace) -> int:
-    from .bench.generation import (
-        bench_generation,
-        decode_checks,
-        format_generation_table,
-        format_peer_table,
-        write_generation_bench,
+    from .bench.decoding import (
+        bench_decoding,
+        decoding_checks,
+        format_decoding_table,
+        format_teacher_forced_table,
+        teacher_forced_policies,
+        write_decoding_bench,
     )
-    from .data.corpus import byte_token_windows, embedded_documents
     from .measure.environment import environment_conditions
+    from .routing.calibration import calibrate_thresholds
 
-    if args.new_tokens < 2:
-        raise ValueError(f"--new-tokens must be at least 2 (one decode step), got {args.new_tokens}")
+    if args.new_tokens < 3:
+        raise ValueError(f"--new-tokens must be at least 3, got {args.new_tokens}")
     ensemble, origin = _build_cascade(args)
-    text = "\n\n".join(body for _, body in embedded_documents())
-    prompts = {b: byte_token_windows(text, b, args.prompt_len).to(ensemble.device) for b in args.batch_sizes}
-    rows, peers = bench_generation(ensemble, prompts, rates=args.exit_ratios, rules=args.rules,
-                                   new_tokens=args.new_tokens, repeats=args.repeats, warmup=args.warmup,
-                                   seed=args.seed)
-    checks = decode_checks(rows)
+    widest = max(args.batch_sizes)
+    prompt_rows, windows, calibration, data = _decode_prompts(args, ensemble, widest)
+    prompts = {b: prompt_rows[:b].to(ensemble.device) for b in args.batch_sizes}
+    calibrate_thresholds(ensemble, calibration, hard_ratios=args.exit_ratio)
+    teacher_forced = teacher_forced_policies(ensemble, windows)
+    rows = bench_decoding(ensemble, prompts, new_tokens=args.new_tokens, rate=args.exit_ratio, rule=args.rule,
+                          quorum=args.quorum, draft_length=args.draft_length, repeats=args.repeats,
+                          warmup=args.warmup, seed=args.seed)
+    checks = decoding_checks(rows, args.draft_length, args.exit_ratio)
     conditions = {**environment_conditions(ensemble.device, ensemble.dtype), "model": origin,
                   "layers_per_stage": list(ensemble.layers_per_stage), "prompt_len": args.prompt_len,
                   "new_tokens": args.new_tokens, "repeats": args.repeats, "warmup": args.warmup, "seed": args.seed,
-                  "data": "CPython pydoc_data topics, UTF-8 bytes as token ids", "decoding": "greedy",
-                  "note": "exit ratios forced by ForcedExitRate (exact share, seeded places) at the cost of the "
-                          "named rule; untrained weights unless stages are loaded"}
+                  "data": data, "decoding": "greedy", "exit_ratio": args.exit_ratio, "rule": args.rule,
+                  "quorum": args.quorum, "draft_length": args.draft_length,
+                  "teacher_forced": f"thresholds calibrated to {args.exit_ratio:.0%} hard on validation windows, "
+                                    f"measured on {len(windows)} test batches"}
     if args.json is not None:
-        write_generation_bench(rows, peers, checks, conditions, args.json)
+        write_decoding_bench(rows, teacher_forced, checks, conditions, args.json)
     print(f"\n{origin}, prompts {args.prompt_len} tokens, {args.new_tokens} new tokens, {conditions['dtype']} on "
-          f"{conditions['device_name']} ({conditions['threads']} threads), median of {args.repeats}\n")
-    print(format_generation_table(rows))
-    if peers:
-        print()
-        print(format_peer_table(peers))
+          f"{conditions['device_name']} ({conditions['threads']} threads), median of {args.repeats}; {data}\n")
+    print(format_decoding_table(rows))
+    print("\nTeacher-forced, per K/V policy (" + conditions["teacher_forced"] + "):\n")
+    print(format_teacher_forced_table(teacher_forced))
     print()
     for text_, met in checks:
         print(f"[{'met' if met else 'MISSED'}] {text_}")
     return 0
+
+
+def _decode_prompts(args: argparse.Namespace, ensemble, rows: int):
+    """(prompt rows, teacher-forced test batches, calibration batches, what the data is): the embedded
+    test split through the saved cascade's tokenizer when it has one, else UTF-8 bytes as ids."""
+    import torch
+
+    from .data.corpus import byte_token_windows, embedded_documents
+
+    folder = getattr(args, "cascade", None)
+    if folder is not None and (folder / "tokenizer").is_dir():
+        from .data.prepare import prepare_data
+
+        prepared = prepare_data("embedded", tokenizer=str(folder / "tokenizer"), seq_len=args.prompt_len,
+                                batch_size=8)
+        test = torch.cat([b["input_ids"][b["attention_mask"].bool().all(dim=1)] for b in prepared.test])
+        if test.shape[0] < rows:
+            raise ValueError(f"the test split gives {test.shape[0]} prompts of {args.prompt_len} tokens, fewer than "
+                             f"batch {rows}")
+        return (test, prepared.test[:4], prepared.validation[:4],
+                f"embedded corpus, test split through {folder / 'tokenizer'}")
+    text = "\n\n".join(body for _, body in embedded_documents())
+    windows = byte_token_windows(text, rows + 16, args.prompt_len)
+    return (windows[:rows], [windows[rows:rows + 8]], [windows[rows + 8:]],
+            "CPython pydoc_data topics, UTF-8 bytes as token ids (untrained weights unless loaded)")
 
 
 def _bench_blocks(args: argparse.Namespace) -> int:

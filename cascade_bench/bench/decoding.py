@@ -1,0 +1,323 @@
+"""Decoding policies side by side: cost and quality of every way to decode one cascade.
+
+For each batch size, on the same prompts: full depth (``method="full"``), per-token early exit
+under each K/V policy, the ``batch`` exit policy, a SkipDecode-style ``schedule``, lossless
+self-speculative decoding, stage 0 alone (the draft/exit step cost), and Hugging Face's
+``generate`` (the unsplit model when the cascade is blocks of one model, with and without its
+``assistant_early_exit`` self-speculation; stage 0 alone otherwise).
+
+The exit share after stage 0 is forced (``generation.ForcedExitRate``, at the cost of the named
+rule): per token for ``per_token`` (rows decide independently) and once per step for ``batch``
+(every row gets the step's decision, which is what a quorum produces; the rule still runs on
+every row). The schedule exits the first half of the decode steps at full depth and the rest
+after stage 0 (no rule at all). Each variant is timed back to back with full depth; speedup is
+the median over pairs of full-depth time over its time.
+
+Quality columns against full-depth greedy: ``same_tokens`` (fraction of generated positions
+equal), ``common_prefix`` (mean length of the prefix equal to it, as a fraction), and
+``continuation_nll``: the mean NLL of the produced tokens under the full cascade, teacher-forced.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from ..data.storage import write_json_atomic
+from ..routing.generation import generate
+from ..routing.passes import forward_cascade
+from ..routing.speculative import self_speculative_generate
+from ..stages.ensemble import Ensemble
+from ..stages.exits import resolve_exit_function
+from .generation import ForcedExitRate
+
+
+@dataclass(frozen=True)
+class DecodingRow:
+    """One batch size and decoding variant (times: seconds per generated token, all rows together)."""
+
+    batch_size: int
+    variant: str
+    exit_policy: str
+    kv_policy: str
+    decode_exit_ratio: float
+    layer_cost: float
+    stage1_rows_per_step: float
+    seconds_per_token: float
+    seconds_per_token_full: float
+    speedup: float
+    same_tokens: float
+    common_prefix: float
+    continuation_nll: float
+    acceptance_rate: float = math.nan
+    mean_accepted_length: float = math.nan
+    verify_share: float = math.nan
+
+
+@dataclass(frozen=True)
+class TeacherForcedRow:
+    """One K/V policy, teacher-forced over the evaluation windows at the calibrated thresholds."""
+
+    kv_policy: str
+    ppl: float
+    exit_ratio_stage0: float
+    layer_cost: float
+    flops: int
+    flop_ratio: float
+    recomputed_tokens: int
+    propagated_tokens: int
+
+
+class ForcedStepExit(ForcedExitRate):
+    """``ForcedExitRate`` deciding once per call: every row of a decode step gets the same decision
+    (exactly ``rate`` of every 8 steps exit), while ``rule`` still runs on every row."""
+
+    def __call__(self, h_in: Optional[Tensor], h_out: Tensor, logits: Optional[Tensor]) -> Tensor:
+        one = super().__call__(h_in, h_out[:1], logits[:1] if logits is not None else None)
+        if h_out.shape[0] > 1:
+            self.rule(h_in[1:] if h_in is not None else None, h_out[1:], logits[1:] if logits is not None else None)
+        return one.expand(h_out.shape[0])
+
+
+def _quality(ensemble: Ensemble, prompts: Tensor, tokens: Tensor, reference: Tensor) -> tuple[float, float, float]:
+    same = float((tokens == reference).float().mean())
+    equal_prefix = (tokens == reference).long().cumprod(dim=1).sum(dim=1).float() / tokens.shape[1]
+    joined = torch.cat([prompts, tokens], dim=1)
+    with torch.inference_mode():
+        out = forward_cascade(ensemble, joined, method="full")
+    start = prompts.shape[1] - 1
+    nll = out.nll[:, start:start + tokens.shape[1]].double().mean()
+    return same, float(equal_prefix.mean()), float(nll)
+
+
+def _paired(variant: Callable[[], object], full: Callable[[], object], repeats: int, warmup: int,
+            seconds: Callable[[object], float]) -> tuple[object, float, float, float]:
+    for _ in range(warmup):
+        variant(), full()
+    mine, theirs, out = [], [], None
+    for _ in range(repeats):
+        out = variant()
+        mine.append(seconds(out))
+        theirs.append(full().seconds_per_token)
+    return (out, statistics.median(mine), statistics.median(theirs),
+            statistics.median(b / a for a, b in zip(mine, theirs)))
+
+
+def _hf_model(ensemble: Ensemble):
+    """The unsplit Hugging Face model when the cascade is blocks of one model, else None."""
+    first = ensemble[0]
+    source = getattr(first, "source", None)
+    if source is None or any(getattr(stage, "source", None) is not source for stage in ensemble):
+        return None
+    return source
+
+
+def _hf_seconds_per_token(model, ids: Tensor, new_tokens: int, **options) -> tuple[float, Tensor]:
+    """HF ``generate``, greedy: decode seconds per token (all rows together; the prompt's pass is
+    excluded by timing from the first to the last step's stopping-criteria call) and its tokens."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    stamps: list[tuple[float, int]] = []
+
+    class Stamp(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            if input_ids.is_cuda:
+                torch.cuda.synchronize(input_ids.device)
+            stamps.append((time.perf_counter(), input_ids.shape[1]))
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, eos_token_id=None,
+                             stopping_criteria=StoppingCriteriaList([Stamp()]), **options)
+    (t0, n0), (t1, n1) = stamps[0], stamps[-1]
+    return (t1 - t0) / ((n1 - n0) * ids.shape[0]), out[:, ids.shape[1]:]
+
+
+def bench_decoding(ensemble: Ensemble, prompts: dict[int, Tensor], new_tokens: int = 65, rate: float = 0.5,
+                   rule: str = "max_prob", quorum: float = 1.0, draft_length: int = 4, repeats: int = 5,
+                   warmup: int = 1, seed: int = 0, hf_peer: bool = True) -> list[DecodingRow]:
+    """Every decoding variant at every batch size (see the module docstring). ``prompts`` maps a
+    batch size to its (B, P) prompt ids. Stage 0's exit function is restored afterwards."""
+    if len(ensemble) < 2:
+        raise ValueError(f"the decoding benchmark needs at least 2 stages, got {len(ensemble)}")
+    if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or new_tokens < 3:
+        raise ValueError(f"new_tokens must be an int >= 3, got {new_tokens!r}")
+    first = ensemble[0]
+    saved = first.exit_function
+    exit_at_0 = [0.5] + [math.inf] * (len(ensemble) - 2)
+    steps = new_tokens - 1
+    schedule = [len(ensemble) - 1] * (steps // 2) + [0]
+    hf_model = _hf_model(ensemble) if hf_peer else None
+    rows: list[DecodingRow] = []
+    try:
+        for batch, ids in prompts.items():
+            def full():
+                return generate(ensemble, ids, max_new_tokens=new_tokens, method="full")
+
+            reference = full().tokens
+
+            def record(variant, out, exit_policy="per_token", kv_policy="absent", **extra):
+                out_, mine, theirs, speedup = out
+                same, prefix, nll = _quality(ensemble, ids, out_.tokens, reference)
+                stage_rows = getattr(out_, "stage_rows", None)
+                decode = getattr(out_, "decode_tokens", 0)
+                rows.append(DecodingRow(
+                    batch_size=batch, variant=variant, exit_policy=exit_policy, kv_policy=kv_policy,
+                    decode_exit_ratio=out_.exit_counts[0] / decode if decode else math.nan,
+                    layer_cost=getattr(out_, "layer_cost", math.nan),
+                    stage1_rows_per_step=(float(stage_rows[:, 1].float().mean())
+                                          if stage_rows is not None and stage_rows.numel() else math.nan),
+                    seconds_per_token=mine, seconds_per_token_full=theirs, speedup=speedup, same_tokens=same,
+                    common_prefix=prefix, continuation_nll=nll, **extra))
+
+            def timed(make):
+                return _paired(make, full, repeats, warmup, lambda o: o.seconds_per_token)
+
+            record("full depth", timed(full), exit_policy="-")
+            first.exit_function = resolve_exit_function(ForcedExitRate(0.0, rule))
+            record("stage 0 only (exit/draft step)", timed(lambda: generate(
+                ensemble, ids, max_new_tokens=new_tokens, thresholds=[-math.inf] + exit_at_0[1:])))
+            for kv in ("absent", "propagate", "recompute"):
+                first.exit_function = resolve_exit_function(ForcedExitRate(rate, rule, seed=seed))
+                record(f"per_token, {rate:.0%} forced", timed(lambda kv=kv: generate(
+                    ensemble, ids, max_new_tokens=new_tokens, thresholds=exit_at_0, kv_policy=kv)), kv_policy=kv)
+            first.exit_function = resolve_exit_function(ForcedStepExit(rate, rule, seed=seed))
+            record(f"batch (quorum {quorum:g}), {rate:.0%} of steps forced", timed(lambda: generate(
+                ensemble, ids, max_new_tokens=new_tokens, thresholds=exit_at_0, exit_policy="batch",
+                quorum=quorum)), exit_policy="batch")
+            first.exit_function = saved
+            record(f"schedule: {steps // 2} steps full, then stage 0", timed(lambda: generate(
+                ensemble, ids, max_new_tokens=new_tokens, exit_policy="schedule", exit_schedule=schedule)),
+                exit_policy="schedule")
+            spec = timed(lambda: self_speculative_generate(ensemble, ids, max_new_tokens=new_tokens,
+                                                           draft_length=draft_length))
+            out = spec[0]
+            record(f"self-speculative, draft {draft_length}", spec, exit_policy="speculative",
+                   acceptance_rate=out.acceptance_rate, mean_accepted_length=out.mean_accepted_length,
+                   verify_share=out.verify_seconds / (out.seconds_per_token * out.tokens.numel()))
+            if hf_model is not None:
+                for name, options in (("HF generate (unsplit model)", {}),
+                                      (f"HF assistant_early_exit={first.num_layers}",
+                                       {"assistant_early_exit": first.num_layers})):
+                    result = _hf_result(hf_model, ids, new_tokens, options, full, repeats, warmup)
+                    if result is not None:
+                        record(name, result, exit_policy="hf")
+    finally:
+        first.exit_function = saved
+    return rows
+
+
+@dataclass
+class _HFOutput:
+    tokens: Tensor
+    seconds_per_token: float
+    exit_counts: tuple = (0,)
+    decode_tokens: int = 0
+
+
+def _hf_result(model, ids, new_tokens, options, full, repeats, warmup):
+    """HF generate timed against our full depth, or None when this transformers version refuses the options."""
+    def run():
+        seconds, tokens = _hf_seconds_per_token(model, ids, new_tokens, **options)
+        return _HFOutput(tokens=tokens, seconds_per_token=seconds)
+
+    try:
+        run()
+    except (ValueError, TypeError, NotImplementedError) as error:
+        print(f"HF generate with {options} not measured: {error}")
+        return None
+    return _paired(run, full, repeats, warmup, lambda o: o.seconds_per_token)
+
+
+def teacher_forced_policies(ensemble: Ensemble, windows: Sequence[Tensor]) -> list[TeacherForcedRow]:
+    """PPL, exit ratio, layer cost and counted FLOPs of routed teacher forcing under each K/V policy
+    at the ensemble's thresholds, against the full cascade's counted FLOPs."""
+    from ..cost.measurement import measure_cost
+
+    def measure(method: str, **kwargs):
+        return measure_cost(ensemble, windows, method, warmup=0, repeats=1, fvcore=False, spans=False, **kwargs)
+
+    full = measure("full")
+    rows = []
+    for kv in ("absent", "propagate", "recompute"):
+        record = measure("routed", kv_policy=kv)
+        q = record.quality
+        rows.append(TeacherForcedRow(
+            kv_policy=kv, ppl=q.ppl, exit_ratio_stage0=q.exit_ratios[0], layer_cost=q.layer_cost, flops=record.flops,
+            flop_ratio=record.flops / full.flops, recomputed_tokens=sum(q.tokens_computed) - sum(q.tokens_entered),
+            propagated_tokens=sum(q.tokens_propagated)))
+    return rows
+
+
+def predicted_speculative_speedup(row: DecodingRow, stage0_row: DecodingRow, draft_length: int) -> float:
+    """Speedup over full depth that the acceptance and the measured step costs predict: per round,
+    ``draft_length`` stage-0 steps plus the measured verification share, for the round's tokens."""
+    full_step = row.seconds_per_token_full
+    tokens_per_round = row.mean_accepted_length
+    verify_per_round = row.verify_share * row.seconds_per_token * tokens_per_round
+    round_cost = draft_length * stage0_row.seconds_per_token + verify_per_round
+    return tokens_per_round * full_step / round_cost
+
+
+def decoding_checks(rows: Sequence[DecodingRow], draft_length: int, rate: float = 0.5) -> list[tuple[str, bool]]:
+    """The issue's three bars, each from this run's own rows."""
+    checks = []
+    by = {(r.batch_size, r.variant, r.kv_policy): r for r in rows}
+    for r in rows:
+        if r.batch_size == 8 and r.exit_policy == "batch":
+            checks.append((f"batch 8, batch policy, {rate:.0%} of steps exit after stage 0: {r.speedup:.3f}x full "
+                           f"depth >= 1.15", r.speedup >= 1.15))
+        if r.batch_size == 1 and r.exit_policy == "per_token" and r.kv_policy == "absent" and "forced" in r.variant:
+            stage0 = by[(1, "stage 0 only (exit/draft step)", "absent")]
+            full = by[(1, "full depth", "absent")]
+            ideal_time = rate * stage0.seconds_per_token + (1 - rate) * full.seconds_per_token
+            share = ideal_time / r.seconds_per_token  # achieved speedup over the ideal one, same full step
+            checks.append((f"batch 1, per_token, {rate:.0%} exit: {full.seconds_per_token / r.seconds_per_token:.3f}x "
+                           f"vs ideal {full.seconds_per_token / ideal_time:.3f}x from the measured steps (stage 0 + "
+                           f"head {stage0.seconds_per_token * 1e3:.2f} ms, full {full.seconds_per_token * 1e3:.2f} ms) "
+                           f"= {share:.3f} >= 0.9", share >= 0.9))
+        if r.exit_policy == "speculative":
+            stage0 = by[(r.batch_size, "stage 0 only (exit/draft step)", "absent")]
+            predicted = predicted_speculative_speedup(r, stage0, draft_length)
+            checks.append((f"batch {r.batch_size}, self-speculative (acceptance {r.acceptance_rate:.1%}, "
+                           f"{r.mean_accepted_length:.2f} tokens/round): {r.speedup:.3f}x vs predicted "
+                           f"{predicted:.3f}x = {r.speedup / predicted:.3f} >= 0.9", r.speedup / predicted >= 0.9))
+    return checks
+
+
+def format_decoding_table(rows: Sequence[DecodingRow]) -> str:
+    lines = ["| batch | variant | K/V | exit after stage 0 | layer cost | stage-1 rows/step | ms/token | "
+             "tokens/s | speedup vs full | same tokens | common prefix | continuation NLL | acceptance |",
+             "|" + "|".join([" --- "] * 13) + "|"]
+    for r in rows:
+        def show(x, fmt):
+            return "n/a" if isinstance(x, float) and math.isnan(x) else format(x, fmt)
+        lines.append(f"| {r.batch_size} | {r.variant} | {r.kv_policy if r.exit_policy == 'per_token' else '-'} | "
+                     f"{show(r.decode_exit_ratio, '.1%')} | {show(r.layer_cost, '.3f')} | "
+                     f"{show(r.stage1_rows_per_step, '.2f')} | {r.seconds_per_token * 1e3:.3f} | "
+                     f"{1 / r.seconds_per_token:,.0f} | {r.speedup:.3f} | {r.same_tokens:.3f} | "
+                     f"{r.common_prefix:.3f} | {r.continuation_nll:.3f} | {show(r.acceptance_rate, '.1%')} |")
+    return "\n".join(lines)
+
+
+def format_teacher_forced_table(rows: Sequence[TeacherForcedRow]) -> str:
+    lines = ["| K/V policy | PPL | exit at stage 0 | layer cost | counted FLOP ratio | recomputed tokens | "
+             "propagated K/V (token x stage) |", "|" + "|".join([" --- "] * 7) + "|"]
+    for r in rows:
+        lines.append(f"| {r.kv_policy} | {r.ppl:.3f} | {r.exit_ratio_stage0:.3f} | {r.layer_cost:.3f} | "
+                     f"{r.flop_ratio:.3f} | {r.recomputed_tokens:,} | {r.propagated_tokens:,} |")
+    return "\n".join(lines)
+
+
+def write_decoding_bench(rows, teacher_forced, checks, conditions: dict, path: "Path | str") -> None:
+    write_json_atomic(Path(path), {
+        "conditions": conditions, "checks": [{"check": text, "met": met} for text, met in checks],
+        "rows": [asdict(r) for r in rows], "teacher_forced": [asdict(r) for r in teacher_forced]})
