@@ -267,7 +267,8 @@ def _decode_prompts(args: argparse.Namespace, ensemble, rows: int):
 
         prepared = prepare_data("embedded", tokenizer=str(folder / "tokenizer"), seq_len=args.prompt_len,
                                 batch_size=8)
-        test = torch.cat([b["input_ids"][b["attention_mask"].bool().all(dim=1)] for b in prepared.test])
+        test = torch.cat([b["input_ids"] if "attention_mask" not in b
+                          else b["input_ids"][b["attention_mask"].bool().all(dim=1)] for b in prepared.test])
         if test.shape[0] < rows:
             raise ValueError(f"the test split gives {test.shape[0]} prompts of {args.prompt_len} tokens, fewer than "
                              f"batch {rows}")
