@@ -1,4 +1,4 @@
-"""The decode-throughput benchmark: forced exit shares, what it reports, its checks and errors."""
+"""The decoding benchmark: forced exit shares, what it reports, its checks and errors."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import math
 import pytest
 import torch
 
-from cascade_bench.bench.generation import (CHUNK, ForcedExitRate, GenerationBenchRow, bench_generation, decode_checks,
-                                            write_generation_bench)
+from cascade_bench.bench.decoding import (DecodingRow, ForcedStepExit, bench_decoding, decoding_checks,
+                                          format_decoding_table, teacher_forced_policies, write_decoding_bench)
+from cascade_bench.bench.generation import CHUNK, ForcedExitRate
 from cascade_bench.cli import main
 from cascade_bench.stages.exits import resolve_exit_function
 from tests.helpers import tiny_ensemble, token_batch
@@ -51,68 +52,102 @@ def test_forced_rate_rejects_what_is_not_a_fraction(rate):
         ForcedExitRate(rate)
 
 
-def test_bench_generation_reports_the_forced_exit_share_and_its_layer_cost(text):
+def test_forced_step_exit_gives_every_row_of_a_call_the_same_decision():
+    rule = ForcedStepExit(0.5, "cos_sim", seed=2)
+    h = torch.randn(8, 4)
+    decisions = torch.stack([rule(h, h, None) for _ in range(CHUNK)])
+    assert all(len(set(row.tolist())) == 1 for row in decisions)  # one decision per call
+    assert int(decisions[:, 0].sum()) == CHUNK // 2  # exactly half of 8 calls exit
+
+
+def _variant(rows, batch, start):
+    return next(r for r in rows if r.batch_size == batch and r.variant.startswith(start))
+
+
+def test_bench_decoding_reports_every_variant_with_its_quality(text):
     ensemble = tiny_ensemble("gpt2-tiny")
     original = ensemble[0].exit_function
-    prompts = {1: token_batch(text, 1, 16), 4: token_batch(text, 4, 16)}
-    rows, peers = bench_generation(ensemble, prompts, rates=(0.0, 0.5, 1.0), rules=("max_prob",), new_tokens=9,
-                                   repeats=1, warmup=0)
+    prompts = {1: token_batch(text, 1, 16), 2: token_batch(text, 2, 16)}
+    rows = bench_decoding(ensemble, prompts, new_tokens=9, repeats=1, warmup=0)
     assert ensemble[0].exit_function is original
-    assert [(r.batch_size, r.forced_rate) for r in rows] == [(b, r) for b in (1, 4) for r in (0.0, 0.5, 1.0)]
-    for r in rows:
-        # 16-token prompts and 8 decode steps use whole chunks, so the decode share is exact; two equal
-        # stages: layer cost = (all tokens x 2 layers + continuing x 2 layers) / (all x 4) = 1 - rate / 2.
-        assert r.decode_exit_ratio == r.forced_rate
-        assert r.layer_cost == pytest.approx(1 - r.forced_rate / 2)
-        assert r.speedup > 0 and r.tokens_per_s == pytest.approx(1 / r.seconds_per_token)
-    assert [p.batch_size for p in peers] == [1, 4] and all(p.seconds_per_token_hf > 0 for p in peers)
+    for batch in (1, 2):
+        assert _variant(rows, batch, "full depth").same_tokens == 1.0
+        speculative = _variant(rows, batch, "self-speculative")
+        assert speculative.same_tokens == 1.0 and speculative.common_prefix == 1.0  # lossless
+        assert 0.0 <= speculative.acceptance_rate <= 1.0
+        # 8 decode steps: forced shares are exact; two equal stages: layer cost = 1 - share / 2.
+        for kv in ("absent", "propagate"):
+            row = next(r for r in rows if r.batch_size == batch and r.variant.startswith("per_token")
+                       and r.kv_policy == kv)
+            assert row.decode_exit_ratio == 0.5 and row.layer_cost == pytest.approx(0.75)
+        assert _variant(rows, batch, "per_token").stage1_rows_per_step == pytest.approx(batch / 2)
+        together = _variant(rows, batch, "batch")
+        # The prompt's prefill draws one step decision too, so 8 decode steps hold 4 +- 1 exits; whole steps exit.
+        assert abs(together.decode_exit_ratio - 0.5) <= 1 / 8
+        assert together.stage1_rows_per_step == pytest.approx(batch * (1 - together.decode_exit_ratio))
+        scheduled = _variant(rows, batch, "schedule")
+        assert scheduled.decode_exit_ratio == 0.5 and scheduled.layer_cost == pytest.approx(0.75)
+        assert _variant(rows, batch, "stage 0 only").decode_exit_ratio == 1.0
+        assert all(math.isfinite(r.continuation_nll) and r.speedup > 0 for r in rows)
+    assert "| batch | variant | K/V |" in format_decoding_table(rows)
 
 
-def test_blocks_get_the_benchmark_without_the_hf_peer(text):
+def test_block_cascades_get_hugging_faces_generate_on_the_unsplit_model(text):
     ensemble = tiny_ensemble("llama-tiny", kind="block")
-    rows, peers = bench_generation(ensemble, {2: token_batch(text, 2, 8)}, rates=(0.5,), rules=("cos_sim",),
-                                   new_tokens=5, repeats=1, warmup=0)
-    assert len(rows) == 1 and rows[0].decode_exit_ratio == 0.5 and peers == []
+    rows = bench_decoding(ensemble, {1: token_batch(text, 1, 8)}, new_tokens=5, repeats=1, warmup=0)
+    hf = _variant(rows, 1, "HF generate (unsplit model)")
+    assert hf.same_tokens == 1.0  # the unsplit model's greedy tokens are full-depth greedy tokens
 
 
-def test_bench_generation_rejects_bad_arguments(text):
+def test_teacher_forced_policies_rank_their_costs(text):
     ensemble = tiny_ensemble("gpt2-tiny")
-    prompts = {1: token_batch(text, 1, 8)}
-    with pytest.raises(ValueError, match="new_tokens must be an int >= 2"):
-        bench_generation(ensemble, prompts, new_tokens=1)
-    with pytest.raises(ValueError, match="repeats must be a positive int"):
-        bench_generation(ensemble, prompts, repeats=0)
-    with pytest.raises(ValueError, match="at least 2 stages, got 1"):
-        bench_generation(tiny_ensemble("gpt2-tiny", layers=(2,)), prompts)
+    ensemble.set_thresholds([0.0])
+    windows = [token_batch(text, 2, 16)]
+    rows = {r.kv_policy: r for r in teacher_forced_policies(ensemble, windows)}
+    assert rows["absent"].recomputed_tokens == rows["absent"].propagated_tokens == 0
+    assert rows["recompute"].flop_ratio >= rows["absent"].flop_ratio
+    assert rows["propagate"].flop_ratio >= rows["absent"].flop_ratio
+    assert rows["absent"].exit_ratio_stage0 == rows["propagate"].exit_ratio_stage0
 
 
-def test_decode_checks_compare_the_batch_1_half_exit_rows_with_the_bar(tmp_path):
-    def row(batch, rate, speedup, rule="cos_sim"):
-        return GenerationBenchRow(batch, rule, rate, rate, 1 - rate / 2, 1.0, speedup, speedup)
+def test_decoding_checks_read_the_bars_from_the_runs_own_rows(tmp_path):
+    def row(batch, variant, seconds, full=4.0, speedup=None, exit_policy="per_token", **extra):
+        return DecodingRow(batch, variant, exit_policy, "absent", 0.5, 0.75, 0.5, seconds, full,
+                           full / seconds if speedup is None else speedup, 1.0, 1.0, 2.0, **extra)
 
-    rows = [row(1, 0.5, 1.3), row(1, 0.5, 1.1, "max_prob"), row(8, 0.5, 2.0), row(1, 0.9, 2.0)]
-    checks = decode_checks(rows)
-    assert [met for _, met in checks] == [True, False]
-    assert "cos_sim cost: decode speedup 1.300 >= 1.25" in checks[0][0]
-    write_generation_bench(rows, [], checks, {"device": "cpu"}, tmp_path / "g.json")
-    stored = json.loads((tmp_path / "g.json").read_text())
-    assert [c["met"] for c in stored["checks"]] == [True, False] and stored["rows"][0]["tokens_per_s"] == 1.0
+    rows = [row(1, "full depth", 4.0, exit_policy="-"), row(1, "stage 0 only (exit/draft step)", 2.0),
+            # ideal: 1 / (0.5 x 0.5 + 0.5) = 4/3; achieved 4 / 3.2 = 1.25: 0.9375 of it
+            row(1, "per_token, 50% forced", 3.2),
+            row(8, "stage 0 only (exit/draft step)", 1.0, full=1.6),
+            row(8, "batch (quorum 1), 50% of steps forced, cos_sim cost", 1.5, full=1.6, exit_policy="batch"),
+            # 2 tokens per round; 4 drafts at 1 / 1.6 of a step + a verify of 0.25 x 2 / 1.6: predicted 2 / 2.8125
+            row(8, "self-speculative, draft 4", 1.0, full=1.6, exit_policy="speculative", acceptance_rate=0.5,
+                mean_accepted_length=2.0, verify_share=0.25)]
+    checks = decoding_checks(rows, draft_length=4)
+    assert [met for _, met in checks] == [True, False, True]
+    assert "ideal 1.333x" in checks[0][0] and "= 0.938 >= 0.9" in checks[0][0]
+    assert "(cos_sim cost)" in checks[1][0] and "1.067x full depth >= 1.15" in checks[1][0]
+    assert "predicted 0.711x" in checks[2][0]
+    write_decoding_bench(rows, [], checks, {"device": "cpu"}, tmp_path / "d.json")
+    stored = json.loads((tmp_path / "d.json").read_text())
+    assert [c["met"] for c in stored["checks"]] == [True, False, True] and len(stored["rows"]) == 6
 
 
-def test_bench_generate_command_prints_and_stores_the_table(tmp_path, capsys):
+def test_bench_generate_command_prints_and_stores_the_tables(tmp_path, capsys):
     out = tmp_path / "generate.json"
     code = main(["bench-generate", "--preset", "gpt2-tiny", "--layers", "1", "1", "--batch-sizes", "1", "2",
-                 "--exit-ratios", "0.5", "--rules", "cos_sim", "--prompt-len", "8", "--new-tokens", "9",
-                 "--repeats", "1", "--warmup", "0", "--json", str(out)])
+                 "--prompt-len", "8", "--new-tokens", "5", "--repeats", "1", "--warmup", "0", "--json", str(out)])
     assert code == 0
     stored = json.loads(out.read_text())
-    assert [(r["batch_size"], r["decode_exit_ratio"]) for r in stored["rows"]] == [(1, 0.5), (2, 0.5)]
-    assert len(stored["hf_peer"]) == 2 and len(stored["checks"]) == 1
+    assert {r["batch_size"] for r in stored["rows"]} == {1, 2}
+    assert [r["kv_policy"] for r in stored["teacher_forced"]] == ["absent", "propagate", "recompute"]
     printed = capsys.readouterr().out
-    assert "| batch | exit rule cost |" in printed and "HF generate, stage 0" in printed
-    assert math.isfinite(stored["rows"][0]["speedup"])
+    assert "self-speculative, draft 4" in printed and "| K/V policy | PPL |" in printed
+    assert any("self-speculative" in c["check"] for c in stored["checks"])
 
 
-def test_bench_generate_command_names_a_bad_new_tokens(capsys):
-    assert main(["bench-generate", "--preset", "gpt2-tiny", "--new-tokens", "1"]) == 2
-    assert "--new-tokens must be at least 2" in capsys.readouterr().err
+def test_bench_generate_command_names_bad_arguments(capsys):
+    assert main(["bench-generate", "--preset", "gpt2-tiny", "--new-tokens", "2"]) == 2
+    assert "--new-tokens must be at least 3" in capsys.readouterr().err
+    assert main(["bench-generate", "--cascade", "/nonexistent/cascade"]) == 2
+    assert "is not a saved cascade (no cascade.json)" in capsys.readouterr().err
