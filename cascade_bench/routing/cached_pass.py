@@ -98,7 +98,7 @@ def stage_call(stage, cache: StageCache, rows: Tensor, new_valid: Tensor, positi
     keys/values into the cache; return the hidden states (and the last layer's input when
     ``capture``). ``attention_mask``: a 4-D mask replacing the cache's own (K/V propagation)."""
     past = cache.begin(rows, new_valid.shape[1])
-    mask = cache.attention_mask(new_valid) if attention_mask is None else attention_mask
+    mask = cache.attention_mask(new_valid, stage.dtype) if attention_mask is None else attention_mask
     out = stage(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids,
                 past_key_values=past, use_cache=True, capture_input_state=capture)
     cache.commit(new_valid)

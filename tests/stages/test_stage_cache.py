@@ -67,3 +67,26 @@ def test_a_call_on_some_rows_gives_the_others_invalid_slots_and_a_mask(text):
     assert cache.valid[:, :cache.length].tolist() == [[True] * 5, [True] * 4 + [False], [True] * 5]
     cache.begin(torch.tensor([1]), 1)
     assert cache.attention_mask(torch.ones(1, 1, dtype=torch.bool)).tolist() == [[1, 1, 1, 1, 0, 1]]
+
+
+@pytest.mark.parametrize("preset", FAMILIES)
+def test_the_finished_4d_mask_gives_what_the_models_own_mask_construction_gives(preset, text):
+    stage = tiny_ensemble(preset)[0]
+    ids = token_batch(text, 3, 9)
+    outputs = []
+    for finished in (False, True):
+        cache = StageCache(3, stage.num_layers, "cpu")
+        with torch.inference_mode():
+            _run(stage, cache, torch.arange(3), ids[:, :5], torch.arange(5).expand(3, -1))
+            _run(stage, cache, torch.tensor([0, 2]), ids[[0, 2], 5:6], torch.full((2, 1), 5))  # row 1: a gap
+            cache.reject(torch.arange(3), torch.tensor([5, 5, 3]), 5)  # row 2 drops slots 3 and 4
+            new_valid = torch.tensor([[True, True], [True, False], [True, True]])
+            past = cache.begin(torch.arange(3), 2)
+            mask = cache.attention_mask(new_valid, stage.dtype if finished else None)
+            assert mask.shape == ((3, 1, 2, 8) if finished else (3, 8))
+            positions = cache.count[:, None] + torch.arange(2)[None]
+            hidden = stage(input_ids=ids[:, 6:8], attention_mask=mask, position_ids=positions, past_key_values=past,
+                           use_cache=True).hidden
+            cache.commit(new_valid)
+        outputs.append(hidden[new_valid])
+    torch.testing.assert_close(outputs[1], outputs[0], atol=1e-5, rtol=0)
