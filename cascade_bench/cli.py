@@ -204,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     decode.add_argument("--new-tokens", type=_positive_int, default=65,
                         help="tokens generated per row (default %(default)s: 64 decode steps)")
     decode.add_argument("--warmup", type=int, default=1)
-    decode.add_argument("--repeats", type=_positive_int, default=5)
+    decode.add_argument("--repeats", type=_positive_int, default=15)
     decode.add_argument("--json", type=Path, default=Path("results/bench-generate.json"),
                         help="where to write rows, checks and conditions (atomically); default %(default)s")
     return parser

@@ -36,6 +36,8 @@ class SpeculativeOutput:
     token under the full cascade. drafted / accepted: draft tokens proposed and kept (a row's last
     round counts only the drafts it could still use); rounds: draft-verify rounds, summed over rows;
     emitted: tokens those rounds produced (the first token comes from the prompt's pass);
+    loop_rounds: rounds of the batch's loop, which runs until its slowest row is done (at batch 1,
+    ``rounds``);
     seconds_per_token: decode-loop wall time / tokens generated (all rows together);
     verify_seconds: the part of it spent in verification passes."""
 
@@ -50,6 +52,7 @@ class SpeculativeOutput:
     draft_stages: int
     cache_lengths: tuple
     emitted: int
+    loop_rounds: int
     counted_flops: Optional[int] = None
 
     @property
@@ -120,7 +123,7 @@ def _speculate(ensemble, input_ids, attention_mask, max_new_tokens, gamma, draft
     caches = [StageCache(batch, stage.num_layers, device) for stage in stages]
     tokens = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     nll = torch.zeros(batch, max_new_tokens, dtype=torch.float32, device=device)
-    drafted = accepted = rounds = emitted_total = 0
+    drafted = accepted = rounds = emitted_total = loop_rounds = 0
     verify_seconds = 0.0
     with evaluation_mode(ensemble), torch.inference_mode():
         logits = _full_depth_prefill(stages, caches, input_ids, real).float()
@@ -139,6 +142,7 @@ def _speculate(ensemble, input_ids, attention_mask, max_new_tokens, gamma, draft
             rows = (~done).nonzero().squeeze(1)
             n = rows.numel()
             span = gamma
+            loop_rounds += 1
             # Draft: span tokens per row through the draft stages, one at a time.
             x, states, drafts = next_input[rows], [], []
             for i in range(span):
@@ -204,4 +208,5 @@ def _speculate(ensemble, input_ids, attention_mask, max_new_tokens, gamma, draft
     return SpeculativeOutput(tokens=tokens, nll=nll, drafted=drafted, accepted=accepted, rounds=rounds,
                              seconds_per_token=elapsed / max(generated, 1), verify_seconds=verify_seconds,
                              draft_length=gamma, draft_stages=draft_stages,
-                             cache_lengths=tuple(c.count.clone() for c in caches), emitted=emitted_total)
+                             cache_lengths=tuple(c.count.clone() for c in caches), emitted=emitted_total,
+                             loop_rounds=loop_rounds)

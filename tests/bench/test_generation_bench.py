@@ -122,15 +122,22 @@ def test_decoding_checks_read_the_bars_from_the_runs_own_rows(tmp_path):
             row(8, "batch (quorum 1), 50% of steps forced, cos_sim cost", 1.5, full=1.6, exit_policy="batch"),
             # 2 tokens per round; 4 drafts at 1 / 1.6 of a step + a verify of 0.25 x 2 / 1.6: predicted 2 / 2.8125
             row(8, "self-speculative, draft 4", 1.0, full=1.6, exit_policy="speculative", acceptance_rate=0.5,
-                mean_accepted_length=2.0, verify_share=0.25)]
+                mean_accepted_length=2.0, verify_share=0.25, tokens_per_loop_round=1.5),
+            # at batch 1 the loop's rounds are the row's: only the acceptance-based line
+            row(1, "self-speculative, draft 4", 8.0, exit_policy="speculative", acceptance_rate=0.5,
+                mean_accepted_length=2.0, verify_share=0.25, tokens_per_loop_round=2.0)]
     checks = decoding_checks(rows, draft_length=4)
-    assert [met for _, met in checks] == [True, False, True]
+    assert [met for _, met in checks] == [True, False, True, True, False]
     assert "ideal 1.333x" in checks[0][0] and "= 0.938 >= 0.9" in checks[0][0]
     assert "(cos_sim cost)" in checks[1][0] and "1.067x full depth >= 1.15" in checks[1][0]
     assert "predicted 0.711x" in checks[2][0]
+    # the slowest row's pace: 1.5 tokens per round for 4 drafts (2.5) + a verify of 0.25 x 1.5 / 1.6
+    assert "slowest row" in checks[3][0] and "predicted 0.549x" in checks[3][0]
+    # batch 1: 4 drafts at 1/2 of a step + a verify of 0.25 x 2 / 0.5 = 3; predicted 2/3, achieved 0.5
+    assert checks[4][0].startswith("batch 1, self-speculative") and "predicted 0.667x = 0.750" in checks[4][0]
     write_decoding_bench(rows, [], checks, {"device": "cpu"}, tmp_path / "d.json")
     stored = json.loads((tmp_path / "d.json").read_text())
-    assert [c["met"] for c in stored["checks"]] == [True, False, True] and len(stored["rows"]) == 6
+    assert [c["met"] for c in stored["checks"]] == [True, False, True, True, False] and len(stored["rows"]) == 7
 
 
 def test_bench_generate_command_prints_and_stores_the_tables(tmp_path, capsys):

@@ -24,6 +24,9 @@ def test_self_speculative_greedy_equals_full_depth_greedy(kind, preset, lengths,
         assert torch.equal(out.tokens, full.tokens)
         torch.testing.assert_close(out.nll, full.nll, atol=1e-4, rtol=0)
         assert 0.0 <= out.acceptance_rate <= 1.0 and 1.0 <= out.mean_accepted_length <= draft_length
+        # The loop runs until its slowest row is done: from rounds / batch (all rows alike) to rounds.
+        assert out.rounds / len(lengths) <= out.loop_rounds <= out.rounds
+        assert len(lengths) > 1 or out.loop_rounds == out.rounds
         # Every stage's cache holds exactly the fed tokens: prompt + generated but the last.
         fed = torch.tensor(lengths) + 16 - 1
         assert all(torch.equal(c, fed) for c in out.cache_lengths)
