@@ -11,6 +11,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Optional
 
+from ..routing.cached_pass import KV_POLICIES
 from ..routing.risk_control import RISKS
 from ..stages.exit_rules import CLASSIFIER_TARGETS, RULE_SPECS, parse_rule_spec
 from ..stages.presets import STAGE_PRESETS
@@ -40,7 +41,10 @@ class ExperimentConfig:
     ``exit_fn`` is the rule the cascade trains and is swept with (points ``routed@r``, ``masked@r``);
     every other rule in ``exit_rules`` is swept over the same hard ratios on the same trained
     cascade (points ``routed[rule]@r``). ``risk`` (with ``risk_delta``, ``risk_epsilon``) adds one
-    point per rule whose thresholds are risk-controlled (``routing.risk_control``); '' skips them."""
+    point per rule whose thresholds are risk-controlled (``routing.risk_control``); '' skips them.
+    ``kv_policies`` adds one point per K/V policy for exited tokens (``routing.cached_pass``) at the
+    anchor hard ratio (nearest 0.5), all with padded batching so their costs compare (points
+    ``kv[policy]@r``); () skips them."""
 
     name: str = "ashem-embedded"
     corpus: str = "embedded"
@@ -59,6 +63,7 @@ class ExperimentConfig:
     risk_delta: float = 0.1
     risk_epsilon: float = 0.1
     risk_nll_tolerance: float = 0.0
+    kv_policies: tuple = KV_POLICIES
     dense_patience: int = 0
     max_epochs: int = 40
     max_steps_per_epoch: int = 0
@@ -120,6 +125,9 @@ class ExperimentConfig:
         if isinstance(self.risk_nll_tolerance, bool) or not isinstance(self.risk_nll_tolerance, (int, float)) \
                 or self.risk_nll_tolerance < 0:
             bad("risk_nll_tolerance", "a non-negative number (nats)")
+        if not isinstance(self.kv_policies, tuple) or len(set(self.kv_policies)) != len(self.kv_policies) or any(
+                policy not in KV_POLICIES for policy in self.kv_policies):
+            bad("kv_policies", f"a list of distinct K/V policies drawn from {list(KV_POLICIES)} (empty: none)")
         if self.eval_split not in ("test", "validation"):
             bad("eval_split", "'test' or 'validation' (the seeds scored their hard tokens on validation)")
         if self.count_flops not in COUNT_FLOPS:

@@ -293,6 +293,14 @@ def run_experiment(config: ExperimentConfig, progress: bool = True,
                        realised_risk=violations / tokens, realised_violations=violations,
                        **({"rule_training": built[spec].training} if spec in built else {}))
 
+    def kv_point(policy: str) -> dict:
+        cost = measure_cost(cascade, test, "routed", thresholds=thresholds_at(anchor), batching="padded",
+                            kv_policy=policy, count_flops=True, **common)
+        q = cost.quality
+        return _record(f"kv[{policy}]@{anchor:g}", "kv_routed", cost, hard_ratio=anchor, exit_rule=main_rule,
+                       kv_policy=policy, batching="padded", tokens_computed=list(q.tokens_computed),
+                       tokens_propagated=list(q.tokens_propagated))
+
     points: list[tuple[str, Callable[[], dict], str]] = []
     if "full" in config.baselines:
         points.append(("full", lambda: _record("full", "full", measure_cost(cascade, test, "full", **common)), main_rule))
@@ -323,6 +331,8 @@ def run_experiment(config: ExperimentConfig, progress: bool = True,
     if config.risk:
         for spec in dict.fromkeys((main_rule, *config.exit_rules)):
             points.append((f"risk[{spec}]", lambda spec=spec: risk_point(spec), spec))
+    for policy in config.kv_policies:
+        points.append((f"kv[{policy}]@{anchor:g}", lambda policy=policy: kv_point(policy), main_rule))
     if "oracle" in config.baselines:
         def oracle_point():
             result = oracle_bound(cascade, test, config.oracle_tolerance)
@@ -371,7 +381,7 @@ def run_experiment(config: ExperimentConfig, progress: bool = True,
 
 def _measurement_note(config: ExperimentConfig, timed: int, batches: int) -> str:
     counted = ("every point" if config.count_flops == "all" else
-               f"the baselines and the routed/masked points at hard ratio {_anchor_ratio(config):g}")
+               f"the baselines and the routed/masked/K/V-policy points at hard ratio {_anchor_ratio(config):g}")
     return (f"quality on all {batches} {config.eval_split} batches; FLOPs counted with FlopCounterMode on {counted}, the analytic "
             f"count (equal to the counted one wherever both exist: see the checks) everywhere; wall time: median of "
             f"{config.timing_repeats} passes over the first {timed} of the {batches} {config.eval_split} batches after one "
@@ -392,6 +402,9 @@ def _pass_of(record: dict, cascade: Ensemble, batches, config: ExperimentConfig,
         model, kwargs = cascade, dict(method="full", num_stages=record["stages"])
     elif method == "full":
         model, kwargs = cascade, dict(method="full")
+    elif method == "kv_routed":
+        model, kwargs = cascade, dict(method="routed", thresholds=record["thresholds"], batching="padded",
+                                      kv_policy=record["kv_policy"])
     else:
         model = cascade
         method = "routed" if method == "risk_controlled" else method

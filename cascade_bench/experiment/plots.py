@@ -2,7 +2,7 @@
 
 - cost vs PPL: three panels (layer cost, FLOPs: counted where measured, else the analytic count
   that equals it, and wall time, each relative to the full cascade), one curve per swept method and
-  per exit rule, baselines as points, the oracle bound (no wall time),
+  per exit rule, baselines as points, the K/V-policy points, the oracle bound (no wall time),
   the Pareto front of routed early exit circled;
 - stacked exit ratios per hard ratio of the sweep;
 - confidence histograms per stage with the calibrated thresholds of the sweep.
@@ -18,6 +18,8 @@ COLORS = {"routed": "tab:blue", "masked": "tab:orange", "full": "black", "prefix
           "dense": "tab:green", "oracle": "tab:red"}
 #: Colours of the routed curves of the other exit rules, in the order of ``exit_rules``.
 RULE_COLORS = ("tab:purple", "tab:cyan", "tab:olive", "tab:brown", "tab:pink", "goldenrod")
+#: Markers of the K/V-policy points (one routed operating point under each policy).
+KV_MARKERS = ("x", "P", "X")
 PANELS = (("layer_cost", "layer cost (fraction of all layers x tokens)"),
           ("flop_ratio", "FLOPs / full depth (counted = analytic)"),
           ("wall_ratio", "wall time / full depth"))
@@ -70,6 +72,11 @@ def plot_cost_vs_ppl(frame, stem: Path) -> list[Path]:
         for color, rule in zip(RULE_COLORS, dict.fromkeys(others.exit_rule)):
             curve = others[others.exit_rule == rule].sort_values("hard_ratio")
             ax.plot(curve[column], curve.ppl, "^--", color=color, label=f"routed early exit ({rule})")
+        kv = frame[(frame.method == "kv_routed") & frame[column].notna()] if "kv_policy" in frame else frame[:0]
+        for policy, marker in zip(kv.kv_policy, KV_MARKERS):
+            point = kv[kv.kv_policy == policy]
+            ax.scatter(point[column], point.ppl, marker=marker, s=70, color="tab:blue", zorder=3,
+                       label=f"K/V {policy} (padded, hard {point.hard_ratio.iloc[0]:g})")
         for method, marker in (("full", "s"), ("prefix", "v"), ("dense", "D"), ("oracle", "*")):
             part = frame[(frame.method == method) & frame[column].notna()]
             if not part.empty:

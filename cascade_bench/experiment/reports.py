@@ -82,6 +82,8 @@ def _label(row) -> str:
     if row.method in ("routed", "masked"):
         rule = "" if row.get("main", True) else f" [{row.exit_rule}]"
         return f"{row.method} EE{rule} @ hard {row.hard_ratio:g}"
+    if row.method == "kv_routed":
+        return f"routed EE, K/V {row.kv_policy} (padded) @ hard {row.hard_ratio:g}"
     if row.method == "risk_controlled":
         return f"risk-controlled [{row.exit_rule}]"
     if row.method == "full" and blocks:
@@ -216,6 +218,20 @@ def rules_table(frame: pd.DataFrame, match_hard_ratio: float = 0.5) -> pd.DataFr
     return pd.DataFrame(rows)
 
 
+def kv_table(frame: pd.DataFrame) -> Optional[pd.DataFrame]:
+    """One row per K/V policy for exited tokens, at the same thresholds: what later stages' caches
+    held, its PPL and costs, and the extra work (tokens recomputed, K/V propagated)."""
+    points = frame[frame.method == "kv_routed"]
+    if points.empty:
+        return None
+    return pd.DataFrame({
+        "K/V policy": points.kv_policy, "hard ratio": points.hard_ratio, "PPL": points.ppl,
+        "exit at stage 0": points.exit_ratio_0, "layer cost": points.layer_cost, "FLOP ratio": points.flop_ratio,
+        "wall ratio": points.wall_ratio,
+        "recomputed tokens": [sum(c) - sum(e) for c, e in zip(points.tokens_computed, points.tokens_entered)],
+        "propagated K/V (token x stage)": points.tokens_propagated.map(sum)})
+
+
 def risk_table(frame: pd.DataFrame) -> Optional[pd.DataFrame]:
     """Risk-controlled points: what was bounded, the level, the point chosen, its bound on the
     calibration split's testing half and the realised risk on the scored split."""
@@ -305,6 +321,15 @@ def _risk_lines(risks: pd.DataFrame) -> list[str]:
             to_markdown(risks)]
 
 
+def _kv_lines(kv: pd.DataFrame, reference: str) -> list[str]:
+    return ["## K/V policies for exited tokens", "",
+            "The routed point at the same thresholds under each K/V policy: `absent` (a later stage never sees "
+            "a token that exited before it), `propagate` (the exited token's state fills the later stages' caches, "
+            "its K/V projections charged) and `recompute` (later stages run on the exited tokens once a later token "
+            "of the sequence reaches them). All three use padded batching, so their costs compare with each other; "
+            f"costs are relative to {reference}.", "", to_markdown(kv)]
+
+
 def write_report(records: Sequence[dict], config, paths: dict) -> Path:
     """Write the three tables (md/tex/csv) and report.md; return report.md's path."""
     frame = records_frame(records)
@@ -320,6 +345,9 @@ def write_report(records: Sequence[dict], config, paths: dict) -> Path:
     write_table(seed, tables / f"{name}.seed", f"{name}: seed-protocol layout")
     rules = rules_table(frame)
     write_table(rules, tables / f"{name}.rules", f"{name}: exit rules compared ({split} split)")
+    kv = kv_table(frame)
+    if kv is not None:
+        write_table(kv, tables / f"{name}.kv", f"{name}: K/V policies for exited tokens ({split} split)")
     risks = risk_table(frame)
     if risks is not None:
         write_table(risks, tables / f"{name}.risk", f"{name}: risk-controlled thresholds ({split} split)")
@@ -366,6 +394,7 @@ def write_report(records: Sequence[dict], config, paths: dict) -> Path:
         "most frequent training ids); 'agreement with max_prob' is the fraction of scored tokens whose stage-0 "
         "decision is the same as exact max_prob's, each at its own calibrated threshold.", "",
         to_markdown(rules), *_rule_training_lines(records),
+        *(_kv_lines(kv, reference) if kv is not None else []),
         *(_risk_lines(risks) if risks is not None else []),
         "## Sweep", "", to_markdown(thresholds),
         "## Seed-protocol layout", "",

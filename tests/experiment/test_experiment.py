@@ -39,7 +39,8 @@ def test_run_writes_results_tables_plots_and_report(finished):
     rules = ["cos_sim", "classifier", "lowrank:32"]  # the default exit_rules after the trained-with max_prob
     assert ids == ["full", "prefix-0", "dense", "routed@0.3", "masked@0.3", "routed@0.6", "masked@0.6",
                    *[f"routed[{rule}]@{r}" for rule in rules for r in ("0.3", "0.6")],
-                   *[f"risk[{rule}]" for rule in ["max_prob", *rules]], "oracle"]
+                   *[f"risk[{rule}]" for rule in ["max_prob", *rules]],
+                   *[f"kv[{policy}]@0.6" for policy in ("absent", "propagate", "recompute")], "oracle"]
     assert all(r["schema_version"] == SCHEMA_VERSION for r in records)
     routed = next(r for r in records if r["point_id"] == "routed@0.6")
     for key in ("ppl", "accuracy", "hard_ppl", "easy_ppl", "exit_ratios", "layer_cost", "flops", "flops_analytic",
@@ -48,7 +49,8 @@ def test_run_writes_results_tables_plots_and_report(finished):
     # Counted at the anchors (baselines, the hard ratio nearest 0.5), analytic elsewhere: equal where both.
     counted = {r["point_id"] for r in records if r.get("flops") is not None}
     assert counted == {"full", "prefix-0", "dense", "routed@0.6", "masked@0.6",
-                       *[f"routed[{rule}]@0.6" for rule in rules]}
+                       *[f"routed[{rule}]@0.6" for rule in rules],
+                       *[f"kv[{policy}]@0.6" for policy in ("absent", "propagate", "recompute")]}
     assert all(r["flops"] == r["flops_analytic"] for r in records if r["point_id"] in counted)
     assert routed["conditions"]["timed_batches"] == 1 and routed["conditions"]["batches"] == 2
     assert routed["conditions"]["flops_counted"]
@@ -86,6 +88,17 @@ def test_run_writes_results_tables_plots_and_report(finished):
         control = by_id[f"risk[{rule}]"]["risk_control"]
         assert control["hard_ratio"] is None or control["empirical_risk"] <= control["upper_bound"]
         assert 0 <= by_id[f"risk[{rule}]"]["realised_risk"] <= 1
+    # K/V policies at the routed point's thresholds: padded batching decides exactly as bucketed does,
+    # stage 0 is the same under every policy, and each policy's extra work is what it says.
+    kv = pd.read_csv(tables / "tiny.kv.csv").set_index("K/V policy")
+    routed_06 = by_id["routed@0.6"]
+    assert math.isclose(kv.loc["absent", "PPL"], routed_06["ppl"], rel_tol=1e-6)
+    assert set(kv["exit at stage 0"]) == {routed_06["exit_ratios"][0]}
+    assert kv.loc["propagate", "propagated K/V (token x stage)"] == routed_06["tokens_exited"][0]
+    assert kv.loc["recompute", "recomputed tokens"] > 0 == kv.loc["absent", "recomputed tokens"]
+    assert kv.loc["recompute", "layer cost"] > kv.loc["absent", "layer cost"] == kv.loc["propagate", "layer cost"]
+    assert kv.loc["propagate", "FLOP ratio"] > kv.loc["absent", "FLOP ratio"]
+    assert "## K/V policies for exited tokens" in paths["report"].read_text()
     full = paper.iloc[0]
     assert (full["layer cost"], full["FLOP ratio"], full["wall ratio"]) == (1.0, 1.0, 1.0)
     assert paper.iloc[1]["layer cost"] == 0.5  # stage 0 alone: half the layers of the cascade
@@ -218,6 +231,7 @@ def test_report_and_plot_commands_reuse_stored_results(finished, capsys):
     (["run", "--plausible-ppl", "1000,5"], "'plausible_ppl'"),
     (["run", "--timing-batches", "-1"], "'timing_batches'"),
     (["run", "--protocol", "ashem2"], "'protocol'"),
+    (["run", "--kv-policies", "absent,fill"], "'kv_policies'"),
 ])
 def test_bad_config_values_are_one_line_errors_naming_the_key(argv, key, capsys, tmp_path):
     assert main([*argv, "--out", str(tmp_path)]) == 2
@@ -261,7 +275,7 @@ def test_run_on_a_saved_checkpoint_folder_cuts_it_into_blocks(tmp_path, capsys):
     assert main(argv) == 0
     records = list(ResultsStore(out / "results" / "blocks.jsonl"))
     assert [r["point_id"] for r in records] == ["full", "prefix-0", "prefix-1", "routed@0.5", "masked@0.5",
-                                                "oracle"]
+                                                "kv[absent]@0.5", "kv[propagate]@0.5", "kv[recompute]@0.5", "oracle"]
     training = records[0]["conditions"]["training"]
     assert training["layers_per_block"] == [1, 1, 1] and training["block_heads"] == "trained"
     assert len(training["exit_heads_val_ppl_after"]) == 2
