@@ -63,3 +63,49 @@ def test_decode_throughput(benchmark, bench_preset, decode_setup, batch, exit_ra
     # (here the decode steps after the prompt's) is within two.
     assert out.tokens.shape == (batch, NEW_TOKENS)
     assert abs(info["decode_exit_at_stage_0"] - exit_ratio) < 2 / out.decode_tokens
+
+
+def _policy_run(cascade, ids, policy: str):
+    """One decode under ``policy`` at 50% of tokens (or steps) leaving after stage 0."""
+    from cascade_bench.bench.decoding import ForcedStepExit
+    from cascade_bench.routing.speculative import self_speculative_generate
+
+    stages = len(cascade)
+    if policy == "self-speculative":
+        return lambda: self_speculative_generate(cascade, ids, max_new_tokens=NEW_TOKENS, draft_length=4)
+    if policy == "schedule":
+        schedule = [stages - 1] * ((NEW_TOKENS - 1) // 2) + [0]
+        return lambda: generate(cascade, ids, max_new_tokens=NEW_TOKENS, exit_policy="schedule", exit_schedule=schedule)
+    if policy == "batch":
+        cascade[0].exit_function = resolve_exit_function(ForcedStepExit(0.5, "cos_sim"))
+        return lambda: generate(cascade, ids, max_new_tokens=NEW_TOKENS, thresholds=[0.5], exit_policy="batch")
+    kv = policy.split(":")[1]
+    cascade[0].exit_function = resolve_exit_function(ForcedExitRate(0.5, "cos_sim"))
+    return lambda: generate(cascade, ids, max_new_tokens=NEW_TOKENS, thresholds=[0.5], kv_policy=kv)
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("policy", ["per_token:absent", "per_token:propagate", "per_token:recompute", "batch",
+                                    "schedule", "self-speculative"])
+def test_decode_policy_throughput(benchmark, decode_setup, batch, policy):
+    """Each decoding policy at 50% exit after stage 0 (cos_sim cost), with its speedup over full
+    depth from back-to-back pairs (``cascade-bench bench-generate`` has the quality columns)."""
+    cascade, prompts = decode_setup
+    benchmark.group = f"decode policies, batch {batch}"
+    ids = prompts[batch]
+    original = cascade[0].exit_function
+    try:
+        run = _policy_run(cascade, ids, policy)
+        out = benchmark.pedantic(run, rounds=3, warmup_rounds=1, iterations=1)
+        info = dict(tokens_per_s=1 / out.seconds_per_token, batch=batch, new_tokens=NEW_TOKENS, policy=policy)
+        if not benchmark.disabled:
+            def full():
+                return generate(cascade, ids, max_new_tokens=NEW_TOKENS, method="full")
+            pairs = [(run().seconds_per_token, full().seconds_per_token) for _ in range(5)]
+            info["decode_speedup_vs_full_back_to_back"] = statistics.median(f / r for r, f in pairs)
+        benchmark.extra_info.update(info)
+    finally:
+        cascade[0].exit_function = original
+    assert out.tokens.shape == (batch, NEW_TOKENS)
+    if policy == "self-speculative":  # lossless: the full-depth greedy tokens
+        assert out.tokens.equal(generate(cascade, ids, max_new_tokens=NEW_TOKENS, method="full").tokens)
