@@ -18,20 +18,21 @@ import cascade_bench
 PACKAGE_ROOT = Path(cascade_bench.__file__).resolve().parent
 
 #: Bottom to top. ``__init__`` is the package root: the public API re-exported from below.
-LAYERS = ("data", "stages", "measure", "routing", "training", "cost", "experiment", "bench", "cli")
+LAYERS = ("data", "models", "stages", "measure", "routing", "training", "cost", "experiment", "bench", "cli")
 
 #: What each package may import (besides itself).
 ALLOWED: dict[str, frozenset[str]] = {
     "data": frozenset(),
-    "stages": frozenset(),
-    "measure": frozenset({"stages"}),
-    "routing": frozenset({"data", "stages", "measure"}),
-    "training": frozenset({"data", "stages", "measure", "routing"}),
-    "cost": frozenset({"data", "stages", "measure", "routing"}),
-    "experiment": frozenset({"data", "stages", "measure", "routing", "training", "cost"}),
-    "bench": frozenset({"data", "stages", "measure", "routing", "training", "cost", "experiment"}),
-    "cli": frozenset({"data", "stages", "measure", "routing", "training", "cost", "experiment", "bench"}),
-    "__init__": frozenset({"data", "stages", "measure", "routing", "training", "cost"}),
+    "models": frozenset(),
+    "stages": frozenset({"models"}),
+    "measure": frozenset({"models", "stages"}),
+    "routing": frozenset({"data", "models", "stages", "measure"}),
+    "training": frozenset({"data", "models", "stages", "measure", "routing"}),
+    "cost": frozenset({"data", "models", "stages", "measure", "routing"}),
+    "experiment": frozenset({"data", "models", "stages", "measure", "routing", "training", "cost"}),
+    "bench": frozenset({"data", "models", "stages", "measure", "routing", "training", "cost", "experiment"}),
+    "cli": frozenset({"data", "models", "stages", "measure", "routing", "training", "cost", "experiment", "bench"}),
+    "__init__": frozenset({"data", "models", "stages", "measure", "routing", "training", "cost"}),
 }
 
 
