@@ -148,13 +148,41 @@ def test_pythia_decodes_with_its_kv_cache_as_without():
     assert torch.equal(cached, plain)
 
 
-def test_memory_layers_generate_without_a_cache_and_say_so_with_one():
-    model = tiny("infini")
-    x = ids(1, 6)
-    out = model.generate(x, max_new_tokens=4, do_sample=False, use_cache=False, pad_token_id=0)
-    assert out.shape == (1, 10)
-    with pytest.raises(NotImplementedError, match="generate with use_cache=False"):
-        model(x, use_cache=True)
+@pytest.mark.parametrize("kind", MEMORY_TYPES)
+@pytest.mark.parametrize("chunks", [(11, 1, 1, 1, 1), (3, 5, 2, 6)])
+def test_memory_layers_decode_with_a_fixed_size_cache_as_without_one(kind, chunks):
+    """Prefill and later calls of any size (crossing segment boundaries of 4) give the logits of one
+    uncached forward; the layer's cache never holds more than one segment."""
+    from transformers import DynamicCache
+
+    from cascade_bench.models.memory_lm.segment_cache import SegmentLayer
+
+    model = tiny(kind, layer_kinds=(kind, "pythia", kind), delta_rule=kind == "infini")
+    x = ids(2, sum(chunks))
+    with torch.no_grad():
+        whole = model(x).logits
+        cache, parts, start = DynamicCache(), [], 0
+        for size in chunks:
+            out = model(x[:, start:start + size], past_key_values=cache, use_cache=True)
+            parts.append(out.logits)
+            start += size
+            slots = [layer for layer in cache.layers if isinstance(layer, SegmentLayer)]
+            assert len(slots) == 2 and all(slot.keys is None or slot.keys.shape[2] < 4 for slot in slots)
+            assert cache.get_seq_length() == start
+    torch.testing.assert_close(torch.cat(parts, dim=1), whole, rtol=1e-5, atol=1e-5)
+
+
+def test_memory_layers_generate_with_a_cache_as_without_and_refuse_padding():
+    model = tiny("hierarchical")
+    x = ids(2, 7)
+    real = torch.ones_like(x)
+    cached = model.generate(x, attention_mask=real, max_new_tokens=9, do_sample=False, use_cache=True, pad_token_id=0)
+    plain = model.generate(x, attention_mask=real, max_new_tokens=9, do_sample=False, use_cache=False, pad_token_id=0)
+    assert torch.equal(cached, plain)
+    padded = torch.ones(2, 7, dtype=torch.long)
+    padded[0, :2] = 0
+    with pytest.raises(NotImplementedError, match="every row has a real token"):
+        model(x, attention_mask=padded, use_cache=True)
 
 
 # -- the compressive memory, by hand -------------------------------------------------------------

@@ -23,14 +23,15 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.dim, self.theta = dim, theta
 
-    def forward(self, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """(B, T) positions -> cos, sin of shape (B, 1, T, dim). The frequencies are computed here, not
-        kept in a buffer: Hugging Face's loader leaves non-persistent buffers uninitialised."""
+    def forward(self, x: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, T) positions -> cos, sin of shape (B, 1, T, dim) in ``x``'s dtype (Hugging Face's rotary
+        signature). The frequencies are computed here, not kept in a buffer: Hugging Face's loader
+        leaves non-persistent buffers uninitialised."""
         steps = torch.arange(0, self.dim, 2, dtype=torch.float32, device=position_ids.device) / max(self.dim, 1)
         inv_freq = 1.0 / (self.theta ** steps)
         angles = position_ids[..., None].float() * inv_freq  # (B, T, dim / 2)
         angles = torch.cat([angles, angles], dim=-1)[:, None]
-        return angles.cos().to(dtype), angles.sin().to(dtype)
+        return angles.cos().to(x.dtype), angles.sin().to(x.dtype)
 
 
 def _rotate_half(x: Tensor) -> Tensor:

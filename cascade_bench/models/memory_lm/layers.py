@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from .attention import SelfAttention, apply_rotary
 from .compressive import CompressiveMemory
 from .configuration import MemoryLMConfig
+from .segment_cache import SegmentLayer, decode_slot
 
 
 @dataclass
@@ -93,15 +94,13 @@ class SegmentMemoryLayer(Layer):
 
     def mix(self, x, attention_mask, position_embeddings, past_key_values, padding_mask, memory) -> Tensor:
         if past_key_values is not None:
-            raise NotImplementedError(
-                f"{self.config.layer_kinds[self.layer_idx]} layers do not decode with a KV cache yet; "
-                f"generate with use_cache=False")
+            return self._mix_cached(x, position_embeddings, decode_slot(past_key_values, self.layer_idx),
+                                    padding_mask, memory)
         batch, length, dim = x.shape
         n = self.config.segment_length
         q, k, v = self.attention.project(x)
         local = self._local_attention(q, k, v, position_embeddings, padding_mask)
-        state = self.start(batch, x) if memory is None or self.layer_idx not in memory.states \
-            else memory.states[self.layer_idx]
+        state = self._initial_state(batch, x, memory)
         reads = []
         for s in range(0, length, n):
             part = slice(s, min(s + n, length))
@@ -110,13 +109,60 @@ class SegmentMemoryLayer(Layer):
                                None if padding_mask is None else padding_mask[:, part])
         if memory is not None:
             memory.states[self.layer_idx] = state
+        return self._mixed(torch.cat(reads, dim=1), local)
+
+    def _initial_state(self, batch: int, x: Tensor, memory: Optional[MemoryContext]):
+        if memory is None or self.layer_idx not in memory.states:
+            return self.start(batch, x)
+        return memory.states[self.layer_idx]
+
+    def _mixed(self, reads: Tensor, local: Tensor) -> Tensor:
         gate = torch.sigmoid(self.gate)
-        return self.attention.out(gate * torch.cat(reads, dim=1) + (1 - gate) * local)
+        return self.attention.out(gate * reads + (1 - gate) * local)
+
+    def _mix_cached(self, x: Tensor, position_embeddings, slot: SegmentLayer, padding_mask, memory) -> Tensor:
+        """Decoding: the new tokens continue the segment the cache holds (its rotated keys/values
+        and un-rotated inputs), read the memories of the finished segments, and a segment that
+        fills up is written to the memories and dropped from the cache: the cache of this layer
+        never holds more than ``segment_length`` tokens."""
+        batch, length, _ = x.shape
+        kind = self.config.layer_kinds[self.layer_idx]
+        if padding_mask is not None and not bool(padding_mask.all()):
+            raise NotImplementedError(
+                f"{kind} layers decode with a cache only when every row has a real token at every step (no "
+                f"padding, no rows left out, no rejected drafts): their segments and memories are per row; run "
+                f"such batches without a cache (use_cache=False)")
+        if slot.memories is None:
+            slot.memories = self._initial_state(batch, x, memory)
+            slot.batch_size = batch
+        elif slot.batch_size != batch:
+            raise NotImplementedError(f"a {kind} layer's cache holds {slot.batch_size} rows, but this call has "
+                                      f"{batch}: memory layers decode with every row of the batch in every call")
+        n = self.config.segment_length
+        q, k, v = self.attention.project(x)
+        cos, sin = position_embeddings
+        q_heads = apply_rotary(self.attention.heads(q), cos, sin)
+        k_heads = apply_rotary(self.attention.heads(k), cos, sin)
+        v_heads = self.attention.heads(v)
+        reads, local = [], []
+        start = 0
+        while start < length:
+            part = slice(start, start + min(n - slot.seen % n, length - start))
+            keys, values = slot.extend(k_heads[:, :, part], v_heads[:, :, part], k[:, part], v[:, part], x[:, part])
+            local.append(self.attention.attend(q_heads[:, :, part], keys, values, None))
+            reads.append(self.read(slot.memories, q[:, part], x[:, part]))
+            if slot.seen % n == 0:  # the segment is full: into the memories, out of the cache
+                slot.memories = self.write(slot.memories, *slot.finished_segment(), None)
+            start = part.stop
+        if memory is not None:
+            memory.states[self.layer_idx] = slot.memories
+        return self._mixed(torch.cat(reads, dim=1), torch.cat(local, dim=1))
 
     def _local_attention(self, q: Tensor, k: Tensor, v: Tensor, position_embeddings, padding_mask) -> Tensor:
-        """Causal rotary attention inside each segment: (B, T, d) -> (B, T, d)."""
+        """Causal rotary attention inside each segment: (B, T, d) -> (B, T, d). A batch no longer
+        than one segment is one causal attention over its own length."""
         batch, length, dim = q.shape
-        n = self.config.segment_length
+        n = min(self.config.segment_length, length)
         segments = -(-length // n)
         pad = segments * n - length
         cos, sin = position_embeddings

@@ -21,6 +21,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from .attention import RotaryEmbedding
 from .compressive import CompressiveMemory
 from .configuration import MEMORY_LAYER_KINDS, MemoryLMConfig
+from ..masks import new_token_validity
 from .layers import LAYER_CLASSES, MemoryContext
 
 
@@ -109,10 +110,8 @@ class MemoryLMModel(MemoryLMPreTrainedModel):
         position_ids = position_ids.expand(hidden.shape[0], -1)
         mask = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask,
                                   past_key_values=past_key_values, position_ids=position_ids)
-        padding = attention_mask.bool() if attention_mask is not None and attention_mask.dim() == 2 else None
-        if padding is not None and padding.shape[1] != hidden.shape[1]:
-            padding = padding[:, -hidden.shape[1]:]  # the new tokens' part of a mask over cache + new
-        rotary = self.rotary(position_ids, hidden.dtype)
+        padding = new_token_validity(attention_mask, hidden.shape[1])
+        rotary = self.rotary(hidden, position_ids)
         for layer in self.layers:
             hidden = layer(hidden, attention_mask=mask, position_embeddings=rotary,
                            past_key_values=past_key_values if use_cache else None, padding_mask=padding,
