@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .bench.routing import BENCH_RULES
+from .stages.families import register_own_families
 from .stages.presets import STAGE_PRESETS
 
 
@@ -67,6 +68,7 @@ def _build_cascade(args: argparse.Namespace):
 
         if not args.model.is_dir():
             raise ValueError(f"missing model folder {args.model}")
+        register_own_families()
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(args.device).eval()
         ensemble = Ensemble.from_blocks(model, args.boundaries, exit_fn=args.exit_fn)
         origin = f"{args.model} cut before layers {args.boundaries}"
@@ -207,7 +209,38 @@ def build_parser() -> argparse.ArgumentParser:
     decode.add_argument("--repeats", type=_positive_int, default=15)
     decode.add_argument("--json", type=Path, default=Path("results/bench-generate.json"),
                         help="where to write rows, checks and conditions (atomically); default %(default)s")
+    memory = commands.add_parser(
+        "bench-memory", help="the memory-layer presets: LCT vs sequential training, cost vs context length, "
+                             "reversal curse",
+        description="The four memory-layer presets (pythia, infini, multi_memory, hierarchical) on the embedded "
+                    "corpus: training on chunked streams in stream order vs Lagged Cache Training (time per epoch, "
+                    "validation PPL); sliding-window PPL, counted FLOPs, wall time, peak memory and cache bytes per "
+                    "token from 256 to 8,192 tokens of context, with a plot; forward vs backward PPL on a one-to-one "
+                    "relation from the standard library (HTML entities). Trained models are kept under --out and "
+                    "reused.")
+    memory.add_argument("--parts", nargs="+", choices=["training", "context", "reversal"],
+                        default=["training", "context", "reversal"], help="which parts to run (context needs training)")
+    memory.add_argument("--presets", nargs="+", choices=["pythia", "infini", "multi_memory", "hierarchical"],
+                        default=["pythia", "infini", "multi_memory", "hierarchical"])
+    memory.add_argument("--contexts", type=_positive_int, nargs="+", default=[256, 512, 1024, 2048, 4096, 8192],
+                        help="context lengths of the context part (tokens)")
+    memory.add_argument("--max-epochs", type=_positive_int, default=None,
+                        help="safety cap on epochs (default: 20 for training, 150 for reversal; both stop early)")
+    memory.add_argument("--threads", type=_positive_int, default=2)
+    memory.add_argument("--out", type=Path, default=Path("memory_bench"),
+                        help="folder for models, results/ and plots/ (default %(default)s)")
     return parser
+
+
+def _bench_memory(args: argparse.Namespace) -> int:
+    import torch
+
+    from .bench.memory import run_memory_bench
+
+    torch.set_num_threads(args.threads)
+    for path in run_memory_bench(args.out, args.parts, args.presets, args.contexts, args.max_epochs).values():
+        print(f"wrote {path}")
+    return 0
 
 
 def _bench_generate(args: argparse.Namespace) -> int:
@@ -426,6 +459,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _bench_blocks(args)
         if args.command == "bench-generate":
             return _bench_generate(args)
+        if args.command == "bench-memory":
+            return _bench_memory(args)
         if args.command == "cost":
             return _cost(args)
         if args.command in ("run", "report", "plot"):

@@ -62,3 +62,6 @@ def scripted_exit(ensemble, input_ids: torch.Tensor, exits: torch.Tensor):
 
 
 INF = math.inf
+#: Every family the router runs: the Hugging Face ones and the toolkit's own memory-layer family
+#: (models.memory_lm; its cached decoding needs every row in every call, so generation tests keep FAMILIES).
+ROUTED_FAMILIES = FAMILIES + ("memory-tiny",)

@@ -34,6 +34,7 @@ from ..routing.oracle import oracle_bound
 from ..routing.passes import forward_cascade
 from ..routing.risk_control import risk_controlled_thresholds, routed_violations
 from ..stages.ensemble import Ensemble, evaluation_mode
+from ..stages.families import PER_TOKEN_CACHE_KINDS, layer_kinds, register_own_families
 from ..stages.presets import STAGE_PRESETS, build_ensemble
 from ..training.loops import TrainConfig
 from ..training.persistence import load_ensemble, load_manifest, save_ensemble
@@ -119,6 +120,7 @@ def _trained_cascade(config: ExperimentConfig, data: PreparedData, paths: dict, 
 def _pretrained_model(config: ExperimentConfig):
     from transformers import AutoModelForCausalLM
 
+    register_own_families()
     try:
         model = AutoModelForCausalLM.from_pretrained(config.model, dtype=_dtype(config))
     except (OSError, ValueError) as error:
@@ -226,10 +228,15 @@ def run_experiment(config: ExperimentConfig, progress: bool = True,
     else:
         cascade, training = _trained_cascade(config, data, paths, progress)
     calibrated = cascade.thresholds
+    not_run = {}
+    if config.kv_policies and any(kind not in PER_TOKEN_CACHE_KINDS for stage in cascade
+                                  for kind in layer_kinds(stage.config)):
+        not_run["kv[policy]"] = ("K/V policies need every layer to cache each token's keys and values; memory "
+                                 "layers fold finished segments into a fixed-size state")
     timed = min(config.timing_batches, len(test)) if config.timing_batches else len(test)
     conditions = {**data.conditions, "split": config.eval_split, "config": config.as_dict(),
                   "training_key": config.training_key(), "training": training, "seed": config.seed,
-                  "measured": _measurement_note(config, timed, len(test))}
+                  "measured": _measurement_note(config, timed, len(test)), "not_run": not_run}
     common = dict(warmup=1, repeats=config.timing_repeats, fvcore=False, spans=False, conditions=conditions,
                   timing_batches=timed)
     anchor = _anchor_ratio(config)
@@ -331,7 +338,7 @@ def run_experiment(config: ExperimentConfig, progress: bool = True,
     if config.risk:
         for spec in dict.fromkeys((main_rule, *config.exit_rules)):
             points.append((f"risk[{spec}]", lambda spec=spec: risk_point(spec), spec))
-    for policy in config.kv_policies:
+    for policy in (() if "kv[policy]" in not_run else config.kv_policies):
         points.append((f"kv[{policy}]@{anchor:g}", lambda policy=policy: kv_point(policy), main_rule))
     if "oracle" in config.baselines:
         def oracle_point():

@@ -370,7 +370,8 @@ def write_report(records: Sequence[dict], config, paths: dict) -> Path:
         + f". Exit rule {config.exit_fn}, "
         f"{config.device}/{config.dtype}, {config.threads} threads, seed {config.seed}, "
         f"torch {first.get('torch')}, transformers {first.get('transformers')}, commit {first.get('git_commit')}.",
-        "", f"How it was measured: {first.get('measured', 'n/a')}.",
+        "", f"How it was measured: {first.get('measured', 'n/a')}."
+        + "".join(f" Not run: {point}, because {reason}." for point, reason in (first.get("not_run") or {}).items()),
         "", "## Checks", "",
         "Flags are findings to explain, with the figures that raised them; none stops the run.", "",
         format_checks(checks),

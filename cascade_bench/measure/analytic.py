@@ -8,6 +8,16 @@ padded or not; the exit head ``d*V`` per token whose logits are computed. Norms,
 rotary embeddings, softmax and the built-in exit confidences are elementwise and count 0, as in
 the counter; an exit rule with matmuls of its own (a learned classifier, a reduced head) adds its
 ``macs_per_token`` for every token it decides on.
+
+Memory layers (``models.memory_lm``): the same projections and MLP; softmax attention only inside
+segments of ``segment_length`` (a row longer than one segment is padded to whole segments,
+``2*H*hd*n*n`` MACs per segment; a shorter row is one ``L x L`` attention); and per token the
+linear-attention terms of each compressive memory, which do not grow with the context: a read
+``d*d + d`` (the banks are summed before the product), a write ``d*d`` (the delta rule adds a read),
+plus the layer's own matmuls (``multi_memory``: key/value projections ``2*M*d*d`` and the mix over
+``M`` reads ``2*M*d``; ``hierarchical``: the expansion gate ``2*d*d`` and one summary write ``d*d``
+per segment). A stage keeps no memory state, so the last segment of a row is not written. They
+count as dense FLOPs. Cached decoding of memory layers is not modelled here.
 """
 
 from __future__ import annotations
@@ -15,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from ..stages.families import LayerShape, layer_shape
+from ..stages.families import LayerShape, layer_kinds, layer_shape
 
 
 def dense_macs_per_token(shape: LayerShape) -> int:
@@ -33,6 +43,28 @@ def attention_macs(shape: LayerShape, rows: int, length: int, keys: Optional[int
 def kv_projection_macs(shape: LayerShape) -> int:
     """Key and value projection MACs of one layer for one token (what K/V propagation costs)."""
     return 2 * shape.hidden_size * shape.num_kv_heads * shape.head_dim
+
+
+def memory_layer_macs(config, kind: str, rows: int, length: int) -> tuple[int, int]:
+    """(memory, local attention) MACs of one memory layer of ``kind`` over a (rows, length) batch,
+    beyond the projections and MLP every layer has (see the module docstring). A stage keeps no
+    memory state, so the last segment is read but never written."""
+    shape = layer_shape(config)
+    d, n, m = shape.hidden_size, int(config.segment_length), int(getattr(config, "num_memories", 1))
+    segments = -(-length // n)
+    if length <= n:
+        local = 2 * shape.num_heads * shape.head_dim * length * length
+    else:
+        local = 2 * shape.num_heads * shape.head_dim * segments * n * n
+    read, write = d * d + d, d * d + (d * d + d if config.delta_rule else 0)
+    written = (segments - 1) * n  # tokens of the segments before the last (all full)
+    if kind == "infini":
+        macs = read * length + write * written
+    elif kind == "multi_memory":  # M reads mixed by attention over them; M projected key/value pairs written
+        macs = (m * read + 2 * m * d) * length + (2 * m * d * d + m * write) * written
+    else:  # hierarchical: coarse and fine reads and the expansion gate; fine per token, coarse per segment
+        macs = (2 * read + 2 * d * d) * length + write * (written + segments - 1)
+    return rows * macs, rows * local
 
 
 @dataclass(frozen=True)
@@ -61,7 +93,14 @@ def stage_cost(config, batch_shapes: Sequence[tuple[int, ...]], head_tokens: int
     shape = layer_shape(config)
     slots = sum(rows * length for rows, length, *_ in batch_shapes)
     dense = shape.num_layers * (dense_macs_per_token(shape) * slots + kv_projection_macs(shape) * propagated_tokens)
-    attention = shape.num_layers * sum(attention_macs(shape, *batch) for batch in batch_shapes)
+    attention = 0
+    for kind in layer_kinds(config):
+        if kind in ("attention", "pythia"):
+            attention += sum(attention_macs(shape, *batch) for batch in batch_shapes)
+            continue
+        for rows, length, *_ in batch_shapes:
+            memory, local = memory_layer_macs(config, kind, rows, length)
+            dense, attention = dense + memory, attention + local
     head = head_tokens * shape.hidden_size * shape.vocab_size
     return StageCost(dense=2 * dense, attention=2 * attention, exit_head=2 * head, exit_rule=2 * exit_rule_macs)
 

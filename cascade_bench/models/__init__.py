@@ -2,11 +2,6 @@
 
 ``memory_lm``: one causal LM built from a list of layers, softmax-attention (``pythia``) and
 compressive-memory layers (``infini``, ``multi_memory``, ``hierarchical``), registered with the
-Hugging Face Auto classes so every tool that loads a causal LM loads it.
+Hugging Face Auto classes so every tool that loads a causal LM loads it. Import
+``cascade_bench.models.memory_lm`` for it (importing this package alone loads no transformers).
 """
-
-from .memory_lm import (LAYER_KINDS, MEMORY_PRESETS, MemoryLMConfig, MemoryLMForCausalLM, create_model,
-                        register_memory_lm)
-
-__all__ = ["LAYER_KINDS", "MEMORY_PRESETS", "MemoryLMConfig", "MemoryLMForCausalLM", "create_model",
-           "register_memory_lm"]

@@ -22,8 +22,9 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..models.masks import new_token_validity
 from .exits import ExitFunction, HoldsExitFunction
-from .families import family_parts, layer_slice_recipe
+from .families import config_for_layers, family_parts, layer_slice_recipe
 from .llm import StageOutput, check_threshold, logits_at_positions
 
 HEAD_KINDS = ("shared", "own")
@@ -88,8 +89,7 @@ class Block(HoldsExitFunction, nn.Module):
         self.exit_function = exit_fn
         self.threshold = check_threshold(threshold)
         # The cost model reads layer shapes and the layer count from this block's config.
-        self._config = copy.copy(model.config)
-        self._config.num_hidden_layers = end - start
+        self._config = config_for_layers(model.config, start, end - start)
         self.eval()
 
     # -- standard names (the same as LLM's) ---------------------------------------------------------
@@ -171,6 +171,8 @@ class Block(HoldsExitFunction, nn.Module):
             extra["position_embeddings"] = self.rotary(hidden, position_ids=position_ids)
         if past_key_values is not None:
             extra[self.recipe.cache_argument] = _BlockCacheView(past_key_values, self.start)
+        if self.recipe.padding_argument is not None:
+            extra[self.recipe.padding_argument] = new_token_validity(attention_mask, hidden.shape[1])
         input_state = None
         for i, layer in enumerate(self.layers):
             if capture_input_state and i == len(self.layers) - 1:
@@ -184,12 +186,12 @@ class Block(HoldsExitFunction, nn.Module):
         return self.head(hidden)
 
     def new_stage_after(self, num_layers: int, exit_fn) -> "Block":
-        """A block of ``num_layers`` freshly initialised layers (the source config, torch's current RNG)
-        reading this block's residual stream; its exit head is a trainable copy of this block's."""
+        """A block of ``num_layers`` freshly initialised layers (the source config, continuing its
+        per-layer type list after this block; torch's current RNG) reading this block's residual
+        stream; its exit head is a trainable copy of this block's."""
         from transformers import AutoModelForCausalLM
 
-        config = copy.deepcopy(self.source.config)
-        config.num_hidden_layers = num_layers
+        config = config_for_layers(self.source.config, self.end, num_layers)
         fresh = AutoModelForCausalLM.from_config(config).to(device=self.device, dtype=self.dtype)
         return Block(fresh, 0, num_layers, ExitHead(copy.deepcopy(self.head.norm), copy.deepcopy(self.head.lm_head)),
                      reads_tokens=False, exit_fn=exit_fn)

@@ -7,7 +7,10 @@ this adapter.
 
 from __future__ import annotations
 
+import copy
+import importlib
 from dataclasses import dataclass
+from typing import Optional
 
 from torch import nn
 
@@ -19,7 +22,53 @@ FAMILY_PARTS: dict[str, tuple[str, str]] = {
     "mistral": ("layers", "norm"),
     "qwen2": ("layers", "norm"),
     "gpt_neox": ("layers", "final_layer_norm"),
+    "cascade_memory_lm": ("layers", "norm"),
 }
+#: The toolkit's own families: model_type -> the module whose import registers it with the Auto classes.
+OWN_FAMILIES: dict[str, str] = {"cascade_memory_lm": "cascade_bench.models.memory_lm"}
+
+
+def register_own_families() -> None:
+    """Register the toolkit's own model families with ``AutoConfig`` / ``AutoModelForCausalLM``, so
+    configs, presets and saved checkpoints of them load like any Hugging Face family (idempotent)."""
+    for module in OWN_FAMILIES.values():
+        importlib.import_module(module)
+
+
+#: Per-layer type lists a config may carry (one entry per layer): Hugging Face's ``layer_types``
+#: (sliding vs full attention) and the memory family's ``layer_kinds``.
+_PER_LAYER_LISTS = ("layer_types", "layer_kinds")
+
+
+def config_for_layers(config, start: int, count: int):
+    """A copy of ``config`` for ``count`` layers that continue the model's layer list at layer ``start``
+    (a block cut at ``start``, or new layers grown after it). Per-layer type lists are shifted by
+    ``start``: Hugging Face's ``layer_types`` keeps exactly ``count`` entries; the memory family's
+    ``layer_kinds`` keeps the rest of its list, so a stage grown after this one continues it.
+    ValueError when the list has fewer than ``start + count`` entries."""
+    config = copy.deepcopy(config)
+    for name in _PER_LAYER_LISTS:
+        kinds = getattr(config, name, None)
+        if kinds is None:
+            continue
+        if len(kinds) < start + count:
+            raise ValueError(f"{config.model_type!r} config lists {len(kinds)} {name}, too few for layers "
+                             f"[{start}, {start + count}); give the model a longer {name} list")
+        setattr(config, name, list(kinds[start:start + count] if name == "layer_types" else kinds[start:]))
+    config.num_hidden_layers = count
+    return config
+
+
+#: Layer kinds whose cache holds every token's keys and values (what K/V policies and cache cropping need).
+PER_TOKEN_CACHE_KINDS = ("attention", "pythia")
+
+
+def layer_kinds(config) -> tuple[str, ...]:
+    """The kind of each of the config's ``num_hidden_layers`` decoder layers: the memory family's
+    ``layer_kinds``, else ``"attention"`` for every layer (the cost model's default layer)."""
+    kinds = getattr(config, "layer_kinds", None)
+    count = int(config.num_hidden_layers)
+    return tuple(kinds[:count]) if kinds is not None else ("attention",) * count
 _LAYER_NAMES = ("layers", "h", "blocks")
 _NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm")
 
@@ -65,12 +114,15 @@ class LayerSliceRecipe:
     token embeddings (GPT-2), or None. rotary: base-model attribute computing the rotary (cos, sin)
     for the position ids that actually run, or None. embedding_dropout: dropout applied after the
     embeddings, or None. cache_argument: the keyword a decoder layer takes its KV cache under.
+    padding_argument: the keyword a decoder layer takes the (rows, new tokens) bool mask of real
+    tokens under, for layers that need it beyond the attention mask (memory writes), or None.
     """
 
     position_embedding: "str | None" = None
     rotary: "str | None" = None
     embedding_dropout: "str | None" = None
     cache_argument: str = "past_key_values"
+    padding_argument: Optional[str] = None
 
 
 #: Families whose layers can be cut into blocks. Adding one: an entry here and in FAMILY_PARTS.
@@ -80,6 +132,7 @@ LAYER_SLICE_RECIPES: dict[str, LayerSliceRecipe] = {
     "mistral": LayerSliceRecipe(rotary="rotary_emb"),
     "qwen2": LayerSliceRecipe(rotary="rotary_emb"),
     "gpt_neox": LayerSliceRecipe(rotary="rotary_emb", embedding_dropout="emb_dropout", cache_argument="layer_past"),
+    "cascade_memory_lm": LayerSliceRecipe(rotary="rotary", padding_argument="padding_mask"),
 }
 
 
@@ -103,7 +156,7 @@ def layer_slice_recipe(model: nn.Module) -> LayerSliceRecipe:
 
 
 # model_type -> number of d x intermediate matrices in the MLP (2: up/down, 3: gated gate/up/down)
-MLP_MATRICES: dict[str, int] = {"gpt2": 2, "gpt_neox": 2, "llama": 3, "mistral": 3, "qwen2": 3}
+MLP_MATRICES: dict[str, int] = {"gpt2": 2, "gpt_neox": 2, "llama": 3, "mistral": 3, "qwen2": 3, "cascade_memory_lm": 2}
 
 
 @dataclass(frozen=True)

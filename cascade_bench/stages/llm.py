@@ -5,7 +5,6 @@ Inference only: training, timing and counting live in functions outside this cla
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -14,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .exits import ExitFunction, HoldsExitFunction
-from .families import family_parts
+from .families import config_for_layers, family_parts, register_own_families
 
 
 @dataclass
@@ -80,6 +79,7 @@ class LLM(HoldsExitFunction, nn.Module):
         """Build a freshly initialised stage from a Hugging Face config (uses torch's current RNG)."""
         from transformers import AutoModelForCausalLM
 
+        register_own_families()
         return cls(AutoModelForCausalLM.from_config(config, **model_kwargs), exit_fn=exit_fn, threshold=threshold)
 
     @classmethod
@@ -87,13 +87,13 @@ class LLM(HoldsExitFunction, nn.Module):
         """Load a stage from a local folder saved with ``save_pretrained`` (or a hub name when online)."""
         from transformers import AutoModelForCausalLM
 
+        register_own_families()
         return cls(AutoModelForCausalLM.from_pretrained(path, **model_kwargs), exit_fn=exit_fn, threshold=threshold)
 
     def new_stage_after(self, num_layers: int, exit_fn) -> "LLM":
         """A freshly initialised LLM of ``num_layers`` layers from this stage's config (torch's current
         RNG), on this stage's device and dtype (what ``Ensemble.extend`` appends)."""
-        config = copy.deepcopy(self.config)
-        config.num_hidden_layers = num_layers
+        config = config_for_layers(self.config, 0, num_layers)
         return LLM.from_config(config, exit_fn=exit_fn).to(device=self.device, dtype=self.dtype)
 
     # -- standard config names ------------------------------------------------------------------

@@ -8,6 +8,7 @@ from typing import Optional, Sequence
 import torch
 
 from .ensemble import Ensemble
+from .families import register_own_families
 from .llm import LLM
 
 #: Per-stage model configs, in standard Hugging Face config names (+ ``model_type``).
@@ -31,6 +32,21 @@ STAGE_PRESETS: dict[str, dict] = {
                        num_hidden_layers=2, intermediate_size=64, vocab_size=256, max_position_embeddings=128),
     "gpt_neox-tiny": dict(model_type="gpt_neox", hidden_size=32, num_attention_heads=4, num_hidden_layers=2,
                           intermediate_size=64, vocab_size=256, max_position_embeddings=128),
+    # The memory-layer family (cascade_bench.models.memory_lm) for tests: every layer type, segments of 8
+    # tokens so that test rows span several; stages take the list in order (blocks continue it).
+    "memory-tiny": dict(model_type="cascade_memory_lm", hidden_size=32, num_attention_heads=2, intermediate_size=64,
+                        vocab_size=256, max_position_embeddings=128, segment_length=8, num_memories=2,
+                        layer_kinds=("infini", "multi_memory", "hierarchical", "pythia", "infini", "pythia"),
+                        num_hidden_layers=2),
+    # The seed's four presets (models.memory_lm.MEMORY_PRESETS: six pythia layers, or one memory layer
+    # then five pythia) at the default experiment's size (gpt2-mini: hidden 128, 4 heads, BPE 1024),
+    # segments of 32 tokens; a cascade of n layers in all uses the first n of the six.
+    **{f"memory-{name}": dict(model_type="cascade_memory_lm", hidden_size=128, num_attention_heads=4,
+                              intermediate_size=512, vocab_size=1024, max_position_embeddings=16384,
+                              segment_length=32, layer_kinds=kinds, num_hidden_layers=2)
+       for name, kinds in (("pythia", ("pythia",) * 6), ("infini", ("infini",) + ("pythia",) * 5),
+                           ("multi_memory", ("multi_memory",) + ("pythia",) * 5),
+                           ("hierarchical", ("hierarchical",) + ("pythia",) * 5))},
 }
 
 
@@ -38,6 +54,7 @@ def stage_config(preset: str, **overrides):
     """A Hugging Face config from a preset name, with overrides in standard config names."""
     from transformers import AutoConfig
 
+    register_own_families()
     if preset not in STAGE_PRESETS:
         raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(STAGE_PRESETS)}")
     values = {**STAGE_PRESETS[preset], **overrides}

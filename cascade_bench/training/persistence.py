@@ -24,6 +24,7 @@ from ..stages.blocks import Block, assemble_model, head_sharing
 from ..stages.ensemble import Ensemble
 from ..stages.exit_rules import rule_from_spec
 from ..stages.exits import BUILTIN_EXIT_FUNCTIONS
+from ..stages.families import register_own_families
 from ..stages.llm import LLM
 
 MANIFEST = "cascade.json"
@@ -162,6 +163,7 @@ def _read_blocks(folder: Path, manifest: dict, device, dtype) -> Ensemble:
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
+    register_own_families()
     model = AutoModelForCausalLM.from_pretrained(folder / manifest["model"])
     model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
     entries = manifest["stages"]

@@ -11,7 +11,7 @@ from cascade_bench.measure.flops import count_pass_flops
 from cascade_bench.routing.calibration import threshold_for_hard_ratio
 from cascade_bench.routing.passes import forward_cascade
 from cascade_bench.stages.presets import stage_config
-from tests.helpers import BATCHING, FAMILIES, tiny_ensemble, token_batch
+from tests.helpers import BATCHING, ROUTED_FAMILIES, tiny_ensemble, token_batch
 
 
 def _threshold(ensemble, ids, exit_ratio):
@@ -20,7 +20,7 @@ def _threshold(ensemble, ids, exit_ratio):
     return threshold_for_hard_ratio(probe.stage_confidence[0], 1.0 - exit_ratio)
 
 
-@pytest.mark.parametrize("preset", FAMILIES)
+@pytest.mark.parametrize("preset", ROUTED_FAMILIES)
 @pytest.mark.parametrize("batching", BATCHING)
 @pytest.mark.parametrize("exit_ratio", [0.0, 0.5, 1.0])
 @pytest.mark.parametrize("exit_fn", ["max_prob", "cos_sim"])
@@ -39,7 +39,7 @@ def test_counted_flops_equal_the_analytic_model(preset, batching, exit_ratio, ex
         assert (c.layers, c.attention, c.exit_head, c.exit_fn, c.other) == (a.layers, a.attention, a.exit_head, 0, 0)
 
 
-@pytest.mark.parametrize("preset", FAMILIES)
+@pytest.mark.parametrize("preset", ROUTED_FAMILIES)
 def test_fvcore_x2_matches_the_counter_on_a_no_exit_run(preset, text):
     ensemble = tiny_ensemble(preset)
     ids = token_batch(text, 3, 20)

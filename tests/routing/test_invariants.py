@@ -10,7 +10,7 @@ import torch
 
 from cascade_bench import full_forward, routed_forward
 from cascade_bench.measure.flops import count_flops
-from tests.helpers import BATCHING, FAMILIES, INF, KINDS, scripted_exit, tiny_ensemble, token_batch
+from tests.helpers import BATCHING, INF, KINDS, ROUTED_FAMILIES, scripted_exit, tiny_ensemble, token_batch
 
 ATOL = 1e-5
 
@@ -41,7 +41,7 @@ def _reference_per_sequence(ensemble, input_ids, exits0, positions="compact"):
     return nll
 
 
-@pytest.mark.parametrize("preset", FAMILIES)
+@pytest.mark.parametrize("preset", ROUTED_FAMILIES)
 @pytest.mark.parametrize("batching", BATCHING)
 @pytest.mark.parametrize("exit_fn", ["max_prob", "cos_sim"])
 @pytest.mark.parametrize("kind", KINDS)
@@ -62,7 +62,7 @@ def test_invariant_1_extreme_thresholds(kind, preset, batching, exit_fn, text):
     assert everyone_continues.tokens_entered == (72, 72)
 
 
-@pytest.mark.parametrize("preset", FAMILIES)
+@pytest.mark.parametrize("preset", ROUTED_FAMILIES)
 @pytest.mark.parametrize("batching", BATCHING)
 @pytest.mark.parametrize("positions", ["compact", "original"])
 @pytest.mark.parametrize("kind", KINDS)
@@ -84,7 +84,7 @@ def test_invariant_2_batched_equals_one_sequence_at_a_time(kind, preset, batchin
     assert out.tokens_entered == (80, int((~exits).sum()))
 
 
-@pytest.mark.parametrize("preset", FAMILIES)
+@pytest.mark.parametrize("preset", ROUTED_FAMILIES)
 @pytest.mark.parametrize("batching", BATCHING)
 @pytest.mark.parametrize("kind", KINDS)
 def test_invariant_2_padding_changes_nothing(kind, preset, batching, text):
@@ -141,7 +141,7 @@ class _Received:
         del self.stage.logits
 
 
-@pytest.mark.parametrize("preset", FAMILIES)
+@pytest.mark.parametrize("preset", ROUTED_FAMILIES)
 @pytest.mark.parametrize("batching", BATCHING)
 @pytest.mark.parametrize("kind", KINDS)
 def test_exited_tokens_never_reach_a_later_stage(kind, preset, batching, text):
@@ -181,7 +181,7 @@ def test_exited_tokens_never_reach_a_later_stage(kind, preset, batching, text):
         torch.testing.assert_close(torch.tensor(g), torch.tensor(w), atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("preset", FAMILIES)
+@pytest.mark.parametrize("preset", ROUTED_FAMILIES)
 @pytest.mark.parametrize("kind", KINDS)
 def test_invariant_3_counted_flops_follow_tokens_reaching_a_stage(kind, preset, text):
     """Stage 1's counted FLOPs inside the routed pass equal stage 1 run alone on a (B, m) batch

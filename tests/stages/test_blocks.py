@@ -21,7 +21,7 @@ from cascade_bench.stages.blocks import Block
 from cascade_bench.stages.presets import stage_config
 from cascade_bench.training.loops import TrainConfig
 from cascade_bench.training.protocols import Protocol, exit_heads_ppl, train_ensemble, train_exit_heads
-from tests.helpers import FAMILIES, INF, token_batch
+from tests.helpers import INF, ROUTED_FAMILIES, token_batch
 
 ATOL = 1e-5
 
@@ -39,7 +39,7 @@ def _ragged(text):
     return ids, mask
 
 
-@pytest.mark.parametrize("preset", FAMILIES)
+@pytest.mark.parametrize("preset", ROUTED_FAMILIES)
 @pytest.mark.parametrize("boundaries", [[2, 4], [1], [5], []])
 def test_blocks_that_never_exit_reproduce_the_unsplit_model(preset, boundaries, text):
     model = _model(preset)
@@ -55,7 +55,7 @@ def test_blocks_that_never_exit_reproduce_the_unsplit_model(preset, boundaries, 
             assert (out.exit_stage[real] == len(boundaries)).all()
 
 
-@pytest.mark.parametrize("preset", FAMILIES)
+@pytest.mark.parametrize("preset", ROUTED_FAMILIES)
 def test_thresholds_minus_inf_reproduce_the_first_block_and_its_head(preset, text):
     """Reference from the unsplit model's own outputs: hidden_states[b] is the residual stream
     after layer b; the first block's exit is final norm + lm_head of it."""
@@ -73,7 +73,7 @@ def test_thresholds_minus_inf_reproduce_the_first_block_and_its_head(preset, tex
         assert (out.exit_stage[real] == 0).all() and out.tokens_entered[1] == 0
 
 
-@pytest.mark.parametrize("preset", FAMILIES)
+@pytest.mark.parametrize("preset", ROUTED_FAMILIES)
 def test_blocks_share_the_models_weights(preset):
     model = _model(preset)
     ensemble = Ensemble.from_blocks(model, [2, 4])
@@ -113,7 +113,7 @@ class _LayerRows:
             handle.remove()
 
 
-@pytest.mark.parametrize("preset", FAMILIES)
+@pytest.mark.parametrize("preset", ROUTED_FAMILIES)
 def test_exited_tokens_never_run_later_layers(preset, text):
     model = _model(preset)
     ensemble = Ensemble.from_blocks(model, [2, 4])
@@ -164,7 +164,7 @@ def test_a_saved_and_reloaded_checkpoint_folder_cuts_into_blocks(tmp_path, text)
     torch.testing.assert_close(out.logits[mask.bool()], reference[mask.bool()], atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("preset", FAMILIES)
+@pytest.mark.parametrize("preset", ROUTED_FAMILIES)
 @pytest.mark.parametrize("heads", ["shared", "own"])
 def test_block_ensembles_save_as_one_checkpoint_and_load_back(preset, heads, tmp_path, text):
     """A cut model saves as ONE Hugging Face checkpoint (plus own exit heads) that any HF tool loads

@@ -30,6 +30,15 @@ def features(x: Tensor) -> Tensor:
     return F.elu(x) + 1.0
 
 
+def _retrieved(q: Tensor, memory: Tensor, normaliser: Tensor) -> Tensor:
+    """phi(Q) M / (phi(Q) z) for features (B, N, d), memory (B, d, d) and normaliser (B, d). Plain
+    batched matmuls, not einsum: einsum turns a one-token product into an elementwise one, which
+    the FLOP counter would miss; the banks are summed before the product (one read per token)."""
+    numerator = torch.matmul(q, memory)
+    denominator = torch.matmul(q, normaliser[..., None])
+    return numerator / (denominator + EPSILON)
+
+
 @dataclass
 class CompressiveMemory:
     """memory (banks, B, d, d), normaliser (banks, B, d); ``bank``: the bank written now, ``filled``:
@@ -48,9 +57,7 @@ class CompressiveMemory:
     def read(self, queries: Tensor) -> Tensor:
         """(B, N, d) queries -> (B, N, d) retrieved values, pooled over banks."""
         q = features(queries).to(self.memory.dtype)
-        numerator = torch.einsum("bnd,kbde->bne", q, self.memory)
-        denominator = torch.einsum("bnd,kbd->bn", q, self.normaliser)
-        return (numerator / (denominator[..., None] + EPSILON)).to(queries.dtype)
+        return _retrieved(q, self.memory.sum(dim=0), self.normaliser.sum(dim=0)).to(queries.dtype)
 
     def written(self, keys: Tensor, values: Tensor, valid: Optional[Tensor], delta_rule: bool,
                 segments_per_bank: int) -> "CompressiveMemory":
@@ -65,10 +72,8 @@ class CompressiveMemory:
         if valid is not None:
             k = k * valid[..., None].to(k.dtype)
         if delta_rule:
-            known = torch.einsum("bnd,bde->bne", k, memory[bank])
-            known = known / (torch.einsum("bnd,bd->bn", k, normaliser[bank])[..., None] + EPSILON)
-            v = v - known
-        memory[bank] += torch.einsum("bnd,bne->bde", k, v)
+            v = v - _retrieved(k, memory[bank], normaliser[bank])
+        memory[bank] += torch.matmul(k.transpose(1, 2), v)
         normaliser[bank] += k.sum(dim=1)
         return CompressiveMemory(memory, normaliser, bank, filled + 1)
 

@@ -105,8 +105,9 @@ class SegmentMemoryLayer(Layer):
         for s in range(0, length, n):
             part = slice(s, min(s + n, length))
             reads.append(self.read(state, q[:, part], x[:, part]))
-            state = self.write(state, k[:, part], v[:, part], x[:, part],
-                               None if padding_mask is None else padding_mask[:, part])
+            if memory is not None or part.stop < length:  # nobody reads the last write unless the state is kept
+                state = self.write(state, k[:, part], v[:, part], x[:, part],
+                                   None if padding_mask is None else padding_mask[:, part])
         if memory is not None:
             memory.states[self.layer_idx] = state
         return self._mixed(torch.cat(reads, dim=1), local)

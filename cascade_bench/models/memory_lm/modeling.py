@@ -95,7 +95,9 @@ class MemoryLMModel(MemoryLMPreTrainedModel):
     def forward(self, input_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
                 position_ids: Optional[Tensor] = None, past_key_values=None, inputs_embeds: Optional[Tensor] = None,
                 use_cache: Optional[bool] = None, memory: Optional[MemoryContext] = None,
-                **kwargs) -> BaseModelOutputWithPast:
+                output_hidden_states: Optional[bool] = None, **kwargs) -> BaseModelOutputWithPast:
+        """``output_hidden_states``: the embeddings, the residual stream after each layer but the
+        last, and the final normed states (Hugging Face's convention)."""
         from transformers import DynamicCache
         from transformers.masking_utils import create_causal_mask
 
@@ -112,12 +114,15 @@ class MemoryLMModel(MemoryLMPreTrainedModel):
                                   past_key_values=past_key_values, position_ids=position_ids)
         padding = new_token_validity(attention_mask, hidden.shape[1])
         rotary = self.rotary(hidden, position_ids)
+        states = [hidden]
         for layer in self.layers:
             hidden = layer(hidden, attention_mask=mask, position_embeddings=rotary,
                            past_key_values=past_key_values if use_cache else None, padding_mask=padding,
                            memory=memory)
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden),
-                                       past_key_values=past_key_values if use_cache else None)
+            states.append(hidden)
+        hidden = self.norm(hidden)
+        return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=past_key_values if use_cache else None,
+                                       hidden_states=tuple(states[:-1]) + (hidden,) if output_hidden_states else None)
 
 
 class MemoryLMForCausalLM(MemoryLMPreTrainedModel, GenerationMixin):
@@ -182,13 +187,14 @@ class MemoryLMForCausalLM(MemoryLMPreTrainedModel, GenerationMixin):
     def forward(self, input_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
                 position_ids: Optional[Tensor] = None, past_key_values=None, inputs_embeds: Optional[Tensor] = None,
                 labels: Optional[Tensor] = None, use_cache: Optional[bool] = None,
-                memory_state: Optional[dict] = None, logits_to_keep: int = 0, **kwargs) -> MemoryLMOutput:
+                memory_state: Optional[dict] = None, logits_to_keep: int = 0,
+                output_hidden_states: Optional[bool] = None, **kwargs) -> MemoryLMOutput:
         start = memory_state if memory_state is not None else (self._memory_state if self.carry_memory else None)
         device = (input_ids if input_ids is not None else inputs_embeds).device
         context = MemoryContext({int(k): _memories(v, device) for k, v in (start or {}).items()})
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                         memory=context)
+                         memory=context, output_hidden_states=output_hidden_states)
         hidden = out.last_hidden_state
         logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         loss = None
@@ -197,7 +203,8 @@ class MemoryLMForCausalLM(MemoryLMPreTrainedModel, GenerationMixin):
                                                labels[:, 1:].reshape(-1), ignore_index=-100)
         state = {i: _plain(s) for i, s in context.states.items()} or None
         self._memory_state = state
-        return MemoryLMOutput(loss=loss, logits=logits, past_key_values=out.past_key_values, memory_state=state)
+        return MemoryLMOutput(loss=loss, logits=logits, past_key_values=out.past_key_values, memory_state=state,
+                              hidden_states=out.hidden_states)
 
 
 def register_memory_lm() -> None:
