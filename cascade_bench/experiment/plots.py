@@ -72,8 +72,8 @@ def plot_cost_vs_ppl(frame, stem: Path) -> list[Path]:
         for color, rule in zip(RULE_COLORS, dict.fromkeys(others.exit_rule)):
             curve = others[others.exit_rule == rule].sort_values("hard_ratio")
             ax.plot(curve[column], curve.ppl, "^--", color=color, label=f"routed early exit ({rule})")
-        kv = frame[(frame.method == "kv_routed") & frame[column].notna()] if "kv_policy" in frame else frame[:0]
-        for policy, marker in zip(kv.kv_policy, KV_MARKERS):
+        kv = frame[(frame.method == "kv_routed") & frame[column].notna()] if "kv_policy" in frame else None
+        for policy, marker in zip(kv.kv_policy if kv is not None else (), KV_MARKERS):
             point = kv[kv.kv_policy == policy]
             ax.scatter(point[column], point.ppl, marker=marker, s=70, color="tab:blue", zorder=3,
                        label=f"K/V {policy} (padded, hard {point.hard_ratio.iloc[0]:g})")
