@@ -59,8 +59,11 @@ def _build_cascade(args: argparse.Namespace):
     from .stages.llm import LLM
     from .stages.presets import build_blocks, build_ensemble
 
+    from .measure.environment import check_device
+
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, DTYPES[args.dtype])
+    check_device(args.device, dtype)
     if (args.model is None) != (args.boundaries is None):
         raise ValueError("--model and --boundaries go together (a checkpoint folder and where to cut it)")
     if args.model is not None:
@@ -229,7 +232,50 @@ def build_parser() -> argparse.ArgumentParser:
     memory.add_argument("--threads", type=_positive_int, default=2)
     memory.add_argument("--out", type=Path, default=Path("memory_bench"),
                         help="folder for models, results/ and plots/ (default %(default)s)")
+    tasks = commands.add_parser(
+        "lm-eval-tasks", help="write offline lm-evaluation-harness tasks over data that ships with Python",
+        description="Write JSONL data and task YAMLs for lm-evaluation-harness: the embedded corpus's test split "
+                    "(loglikelihood_rolling), HTML entities as multiple choice (loglikelihood) and as generation "
+                    "(generate_until). Use the folder as --include_path.")
+    tasks.add_argument("--out", type=Path, default=Path("lm_eval_tasks"), help="folder (default %(default)s)")
+    harness = commands.add_parser(
+        "lm-eval", add_help=False,
+        help="lm-evaluation-harness with the cascade_bench model registered (needs the [eval] extra)",
+        description="Runs lm_eval's own command line with the model 'cascade_bench' registered; every argument "
+                    "goes to lm_eval. Afterwards prints the cascade's cost columns (exit ratios, layer cost, "
+                    "FLOPs, FLOP ratio to full depth).")
+    harness.add_argument("harness_args", nargs=argparse.REMAINDER)
     return parser
+
+
+def _lm_eval(harness_args: Sequence[str]) -> int:
+    import json
+    import tempfile
+
+    try:
+        from .harness import lm_eval_model  # noqa: F401  (registers the model)
+        from lm_eval.__main__ import cli_evaluate
+    except ImportError as error:
+        raise ValueError(f"lm-evaluation-harness is not installed ({error}); pip install 'cascade-bench[eval]'") \
+            from None
+    argv = list(harness_args)
+    costs = None
+    if "--model_args" in argv and "cost_json=" not in argv[argv.index("--model_args") + 1]:
+        costs = Path(tempfile.mkdtemp(prefix="cascade-bench-")) / "costs.json"
+        argv[argv.index("--model_args") + 1] += f",cost_json={costs}"
+    saved = sys.argv
+    sys.argv = ["lm_eval", *argv]
+    try:
+        cli_evaluate()
+    finally:
+        sys.argv = saved
+    if costs is not None and costs.is_file():
+        summary = json.loads(costs.read_text())
+        print("\ncascade_bench costs over the scored tokens:")
+        for key in ("scored_tokens", "exit_ratios", "layer_cost", "flops_counted", "flops_full_depth",
+                    "flop_ratio_to_full_depth", "generated_tokens", "generation_exit_ratios", "thresholds"):
+            print(f"  {key}: {summary.get(key)}")
+    return 0
 
 
 def _bench_memory(args: argparse.Namespace) -> int:
@@ -450,6 +496,13 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["lm-eval"]:  # every later argument is lm_eval's own, options included
+        try:
+            return _lm_eval(argv[1:])
+        except ValueError as error:
+            print(f"cascade-bench: error: {error}", file=sys.stderr)
+            return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -461,6 +514,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _bench_generate(args)
         if args.command == "bench-memory":
             return _bench_memory(args)
+        if args.command == "lm-eval":
+            return _lm_eval(args.harness_args)
+        if args.command == "lm-eval-tasks":
+            from .harness.tasks import write_local_tasks
+
+            for path in write_local_tasks(args.out):
+                print(f"wrote {path}")
+            return 0
         if args.command == "cost":
             return _cost(args)
         if args.command in ("run", "report", "plot"):

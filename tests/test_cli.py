@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 
+import pytest
+import torch
+
 from cascade_bench.cli import main
 
 
@@ -75,3 +78,25 @@ def test_cost_runs_on_a_saved_checkpoint_cut_into_blocks(tmp_path, capsys):
     assert record["flops"] == record["flops_analytic"] and [s["layers_in_stage"] for s in record["stages"]] == [2, 2]
     assert main(["cost", "--model", str(tmp_path / "m")]) == 2
     assert "--model and --boundaries go together" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("command", [["run"], ["cost"], ["bench-routing"], ["bench-blocks"], ["bench-generate"]])
+@pytest.mark.parametrize("device", ["cuda", "cuda:1", "mps"])
+def test_an_unavailable_device_is_one_line_naming_it_for_every_command(command, device, capsys):
+    if device == "mps" and torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS")
+    assert main([*command, "--device", device]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert f"device '{device}' is not available here" in err and "available: cpu" in err
+
+
+def test_device_and_dtype_checks_name_what_is_wrong():
+    from cascade_bench.measure.environment import check_device
+
+    assert check_device("cpu", "bfloat16") == torch.device("cpu")
+    with pytest.raises(ValueError, match="device 'gpu0' is not a device name"):
+        check_device("gpu0")
+    with pytest.raises(ValueError, match="dtype 'float33' is not a torch dtype"):
+        check_device("cpu", "float33")

@@ -18,7 +18,8 @@ import cascade_bench
 PACKAGE_ROOT = Path(cascade_bench.__file__).resolve().parent
 
 #: Bottom to top. ``__init__`` is the package root: the public API re-exported from below.
-LAYERS = ("data", "models", "stages", "measure", "routing", "training", "cost", "experiment", "bench", "cli")
+LAYERS = ("data", "models", "stages", "measure", "routing", "training", "cost", "experiment", "bench", "harness",
+          "cli")
 
 #: What each package may import (besides itself).
 ALLOWED: dict[str, frozenset[str]] = {
@@ -31,7 +32,9 @@ ALLOWED: dict[str, frozenset[str]] = {
     "cost": frozenset({"data", "models", "stages", "measure", "routing"}),
     "experiment": frozenset({"data", "models", "stages", "measure", "routing", "training", "cost"}),
     "bench": frozenset({"data", "models", "stages", "measure", "routing", "training", "cost", "experiment"}),
-    "cli": frozenset({"data", "models", "stages", "measure", "routing", "training", "cost", "experiment", "bench"}),
+    "harness": frozenset({"data", "models", "stages", "measure", "routing", "training", "cost", "experiment"}),
+    "cli": frozenset({"data", "models", "stages", "measure", "routing", "training", "cost", "experiment", "bench",
+                      "harness"}),
     "__init__": frozenset({"data", "models", "stages", "measure", "routing", "training", "cost"}),
 }
 

@@ -18,6 +18,11 @@ Sources (:func:`load_corpus`):
   ``{split: path}`` files. A text file is one document; parquet/JSON rows are documents (their
   ``text`` column).
 
+- a single file of those formats (or a folder holding exactly one such file, named for no split):
+  cut in order into train / validation / test with ``SINGLE_FILE_SHARES`` (90/5/5) of its
+  characters (:func:`cut_in_order`): at document boundaries when it holds at least 20 documents
+  (parquet/JSON rows), else at line boundaries of its text; the cut is recorded in ``Corpus.notes``.
+
 Missing splits are made deterministically (:func:`complete_splits`) and the rule is recorded
 in ``Corpus.notes``: no train split -> the first 80% of validation becomes train and the last
 20% stays validation (test untouched, so test figures stay comparable); no validation -> the
@@ -28,6 +33,7 @@ are cut at the line boundary nearest the fraction.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -39,6 +45,8 @@ SPLITS = ("train", "validation", "test")
 _SPLIT_WORDS = {"train": ("train",), "validation": ("validation", "valid", "dev"), "test": ("test",)}
 _TEXT_SUFFIXES = {".txt", ".raw", ".tokens", ".text"}
 _BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json"}
+#: A corpus that is one file: shares of its characters for train / validation / test, in that order.
+SINGLE_FILE_SHARES = (0.9, 0.05, 0.05)
 
 
 @dataclass(frozen=True)
@@ -118,12 +126,14 @@ def _split_of(path: Path) -> Optional[str]:
     return None
 
 
+def _corpus_files(folder: Path) -> list[Path]:
+    return [path for path in sorted(folder.iterdir())
+            if path.is_file() and (path.suffix.lower() in _TEXT_SUFFIXES or path.suffix.lower() in _BUILDERS)]
+
+
 def _find_split_files(folder: Path) -> dict[str, Path]:
     found: dict[str, Path] = {}
-    for path in sorted(folder.iterdir()):
-        suffix = path.suffix.lower()
-        if not path.is_file() or (suffix not in _TEXT_SUFFIXES and suffix not in _BUILDERS):
-            continue
+    for path in _corpus_files(folder):
         split = _split_of(path)
         if split is None:
             continue
@@ -132,8 +142,45 @@ def _find_split_files(folder: Path) -> dict[str, Path]:
         found[split] = path
     if not found:
         raise ValueError(f"no split files in {folder}: expected names containing train / valid(ation) / test "
-                         f"with suffix {sorted(_TEXT_SUFFIXES | set(_BUILDERS))}")
+                         f"with suffix {sorted(_TEXT_SUFFIXES | set(_BUILDERS))}, or exactly one such file "
+                         f"(split {'/'.join(str(round(100 * s)) for s in SINGLE_FILE_SHARES)} in order)")
     return found
+
+
+def cut_in_order(documents: list[str], shares: tuple[float, ...] = SINGLE_FILE_SHARES) -> tuple[list[list[str]], str]:
+    """``documents`` cut in order into consecutive parts of about ``shares`` of their characters:
+    whole documents when there are at least 20, else the joined text at line boundaries (a part
+    ends at the last line end before its share is reached). Returns the parts and the boundary kind."""
+    total = sum(map(len, documents))
+    bounds = [round(total * sum(shares[:k + 1])) for k in range(len(shares) - 1)]
+    if len(documents) >= 20:
+        parts, ends, done = [[] for _ in shares], [*bounds, math.inf], 0
+        for doc in documents:
+            part = next(k for k, end in enumerate(ends) if done < end)
+            parts[part].append(doc)
+            done += len(doc)
+        return parts, "document"
+    text = "".join(documents)
+    cuts = [0]
+    for bound in bounds:
+        line_end = text.rfind("\n", cuts[-1], bound) + 1
+        cuts.append(line_end if line_end > cuts[-1] else bound)
+    cuts.append(len(text))
+    return [[text[a:b]] for a, b in zip(cuts, cuts[1:])], "line"
+
+
+def _single_file(path: Path, text_column: str) -> tuple[dict[str, list[str]], tuple[str, ...]]:
+    suffix = path.suffix.lower()
+    if suffix not in _TEXT_SUFFIXES and suffix not in _BUILDERS:
+        raise ValueError(f"{path} is not a corpus file: expected suffix {sorted(_TEXT_SUFFIXES | set(_BUILDERS))}")
+    documents = _load_files({"train": path}, text_column)["train"]
+    if not documents:
+        raise ValueError(f"{path} holds no text")
+    parts, boundary = cut_in_order(documents)
+    shares = "/".join(str(round(100 * s)) for s in SINGLE_FILE_SHARES)
+    note = (f"one file {path.name}: train / validation / test = consecutive {shares}% of its characters, "
+            f"cut at {boundary} boundaries")
+    return dict(zip(SPLITS, parts)), (note,)
 
 
 def _load_files(files: dict[str, Path], text_column: str) -> dict[str, list[str]]:
@@ -226,11 +273,18 @@ def load_corpus(source: "str | Path | dict" = "embedded", config: Optional[str] 
     elif str(source) == "embedded":
         return embedded_corpus()
     elif Path(source).exists():
-        folder = Path(source)
-        if not folder.is_dir():
-            raise ValueError(f"{folder} is a file; pass a folder of split files or {{split: path}}")
-        splits = _load_files(_find_split_files(folder), text_column)
-        name = f"folder:{folder}"
+        path = Path(source)
+        files = [path] if path.is_file() else _corpus_files(path)
+        if path.is_file() or (len(files) == 1 and _split_of(files[0]) is None):
+            splits, cut = _single_file(files[0], text_column)
+            name = f"file:{files[0]}"
+            for split, docs in splits.items():
+                if not docs or not any(d.strip() for d in docs):
+                    raise ValueError(f"split {split!r} of {name} is empty: the file is too small to split "
+                                     f"{SINGLE_FILE_SHARES}")
+            return Corpus(name, splits, cut)
+        splits = _load_files(_find_split_files(path), text_column)
+        name = f"folder:{path}"
     elif isinstance(source, Path) or str(source).startswith((".", "/", "~")):
         raise ValueError(f"missing corpus folder {source}")
     else:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Optional
 
+from ..measure.environment import check_device
 from ..routing.cached_pass import KV_POLICIES
 from ..routing.risk_control import RISKS
 from ..stages.exit_rules import CLASSIFIER_TARGETS, RULE_SPECS, parse_rule_spec
@@ -141,6 +142,10 @@ class ExperimentConfig:
             bad("batching", "'padded' or 'bucketed'")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             bad("dtype", "'float32', 'bfloat16' or 'float16'")
+        try:
+            check_device(self.device, self.dtype)
+        except ValueError as error:
+            raise ValueError(f"config key 'device': {error}") from None
         ratios = self.hard_ratios
         if not isinstance(ratios, tuple) or not ratios or any(
                 isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r < 1 for r in ratios):

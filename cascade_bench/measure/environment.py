@@ -23,6 +23,49 @@ def git_commit(path: Optional[Path] = None) -> str:
         return "unknown"
 
 
+def available_devices() -> list[str]:
+    """Device types this torch build can use on this machine."""
+    found = ["cpu"]
+    if torch.cuda.is_available():
+        found.append(f"cuda (x{torch.cuda.device_count()})")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        found.append("mps")
+    return found
+
+
+def check_device(device: "str | torch.device", dtype: "str | torch.dtype" = "float32") -> torch.device:
+    """``device`` as a torch.device once it is known to exist here and to hold ``dtype``; otherwise
+    ValueError in one line naming the value and what is available (no driver traceback)."""
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device {device!r} is not a device name ({error}); available: "
+                         f"{', '.join(available_devices())}") from None
+    name = dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
+    torch_dtype = getattr(torch, name, None) if isinstance(dtype, str) else dtype
+    if not isinstance(torch_dtype, torch.dtype):
+        raise ValueError(f"dtype {dtype!r} is not a torch dtype; expected e.g. 'float32', 'bfloat16' or 'float16'")
+    unavailable = {"cuda": not torch.cuda.is_available(),
+                   "mps": not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())}
+    if unavailable.get(resolved.type, False):
+        why = "torch was built without CUDA" if resolved.type == "cuda" and torch.version.cuda is None else \
+            f"no {resolved.type.upper()} device is available"
+        raise ValueError(f"device {str(device)!r} is not available here ({why}); available: "
+                         f"{', '.join(available_devices())}")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise ValueError(f"device {str(device)!r} does not exist; this machine has {torch.cuda.device_count()} "
+                         f"CUDA device(s): cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    try:  # one small product in the dtype: what every stage runs
+        probe = torch.ones(2, 2, dtype=torch_dtype, device=resolved)
+        (probe @ probe).sum().item()
+    except (RuntimeError, TypeError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"dtype {name!r} is not supported on device {str(device)!r} here ({first}); use "
+                         f"'float32'") from None
+    return resolved
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

@@ -153,3 +153,41 @@ def test_prepare_data_on_the_embedded_corpus(tmp_path):
         prepare_data("embedded", tokenizer="bpe:512", seq_len=64, cache_dir=tmp_path, max_positions=32)
     with pytest.raises(ValueError, match="tokenizer vocab 512 exceeds the model's vocab size 256"):
         prepare_data("embedded", tokenizer="bpe:512", seq_len=64, cache_dir=tmp_path, model_vocab_size=256)
+
+
+def test_a_single_text_file_is_cut_in_order_at_line_boundaries(tmp_path, text):
+    path = tmp_path / "book.txt"
+    path.write_text(text)
+    first, again = load_corpus(path), load_corpus(str(path))
+    assert first.splits == again.splits  # deterministic
+    parts = [first.splits[split] for split in ("train", "validation", "test")]
+    assert all(len(part) == 1 for part in parts)
+    assert "".join(part[0] for part in parts) == path.read_text()  # disjoint, in order, nothing lost
+    assert all(part[0].endswith("\n") for part in parts[:2])  # cut after a line end
+    shares = [len(part[0]) / len(text) for part in parts]
+    assert shares[0] == pytest.approx(0.9, abs=0.02) and shares[1] == pytest.approx(0.05, abs=0.02)
+    assert first.notes == ("one file book.txt: train / validation / test = consecutive 90/5/5% of its characters, "
+                           "cut at line boundaries",)
+    folder = tmp_path / "only"
+    folder.mkdir()
+    (folder / "corpus.txt").write_text(text)
+    assert load_corpus(folder).splits == first.splits  # a folder holding one file reads as that file
+
+
+def test_a_single_jsonl_file_of_documents_is_cut_at_document_boundaries(tmp_path, text):
+    import json
+
+    docs = [text[i:i + 300] for i in range(0, 30 * 300, 300)]
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    corpus = load_corpus(path)
+    parts = [corpus.splits[split] for split in ("train", "validation", "test")]
+    assert [d for part in parts for d in part] == docs and [len(p) for p in parts] == [27, 2, 1]
+    assert corpus.notes[0].endswith("cut at document boundaries")
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("one line only\n")
+    with pytest.raises(ValueError, match="the file is too small to split"):
+        load_corpus(tiny)
+    with pytest.raises(ValueError, match="is not a corpus file"):
+        (tmp_path / "notes.md").write_text(text)
+        load_corpus(tmp_path / "notes.md")

@@ -295,3 +295,17 @@ def test_shipped_config_files_load_and_the_default_file_is_the_default():
     assert make_config(load_config_file(folder / "default.toml")) == ExperimentConfig()
     for path in sorted(folder.glob("*.toml")):
         make_config(load_config_file(path))  # every shipped config is valid
+
+
+def test_a_memory_layer_preset_trains_and_evaluates_through_run(tmp_path):
+    """The memory family through the whole pipeline: trained, swept, counted == analytic FLOPs, and the
+    K/V-policy points it cannot have are named as not run, with the reason, in the report."""
+    config = make_config({**TINY, **ONE_RULE, "preset": "memory-tiny", "name": "memory", "baselines": ("full", "dense"),
+                          "out": str(tmp_path)})
+    paths = run_experiment(config, progress=False)
+    records = list(ResultsStore(paths["results"]))
+    assert [r["point_id"] for r in records] == ["full", "dense", "routed@0.3", "routed@0.6"]
+    assert all(r["flops"] == r["flops_analytic"] for r in records if r.get("flops") is not None)
+    assert all(math.isfinite(r["ppl"]) for r in records)
+    report = paths["report"].read_text()
+    assert "preset memory-tiny" in report and "Not run: kv[policy], because K/V policies need every layer" in report

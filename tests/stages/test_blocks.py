@@ -269,3 +269,22 @@ def test_lego_extension_of_a_block_trains_new_layers_on_hard_tokens(text):
     with torch.inference_mode():
         out = forward_cascade(ensemble, train[0]["input_ids"])
     assert 0 < out.tokens_entered[1] < out.tokens_entered[0]
+
+
+def test_per_layer_type_lists_follow_the_layers_into_blocks_and_grown_stages():
+    """A block's config lists its own layers' types; a block grown after it continues the model's list
+    (memory family ``layer_kinds``), and Hugging Face's ``layer_types`` keeps exactly the block's entries."""
+    from cascade_bench.stages.families import config_for_layers, layer_kinds
+    from cascade_bench.stages.presets import build_blocks, stage_config
+
+    ensemble = build_blocks("memory-tiny", (1, 2))
+    assert [layer_kinds(block.config) for block in ensemble] == [("infini",), ("multi_memory", "hierarchical")]
+    ensemble.extend(2)
+    assert layer_kinds(ensemble[-1].config) == ("pythia", "infini")
+    assert [type(layer).__name__ for layer in ensemble[-1].layers] == ["PythiaLayer", "InfiniLayer"]
+    llama = stage_config("llama-tiny", num_hidden_layers=4)
+    llama.layer_types = ["full_attention", "sliding_attention", "full_attention", "sliding_attention"]
+    assert config_for_layers(llama, 1, 2).layer_types == ["sliding_attention", "full_attention"]
+    assert layer_kinds(llama) == ("attention",) * 4
+    with pytest.raises(ValueError, match="too few for layers \\[4, 7\\)"):
+        config_for_layers(stage_config("memory-tiny"), 4, 3)

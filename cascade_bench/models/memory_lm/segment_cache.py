@@ -55,15 +55,25 @@ class SegmentLayer(DynamicLayer):
         return self.seen
 
     def nbytes(self) -> int:
-        """Bytes held: the current segment's keys/values and pending inputs (the memories are
-        counted by the model's ``memory_state_bytes``)."""
+        """Bytes held: the current segment's keys/values, its pending inputs, and the memories."""
         tensors = [t for t in (self.keys, self.values) if isinstance(t, Tensor)]
         tensors += [t for part in self.pending for t in part]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return sum(t.numel() * t.element_size() for t in tensors) + _memory_bytes(self.memories)
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("memory layers cannot crop their cache: finished segments are already "
                                   "folded into the memories")
+
+
+def _memory_bytes(memories) -> int:
+    """Bytes of a layer's memories: one ``CompressiveMemory``, or a list or dict of them."""
+    if memories is None:
+        return 0
+    if isinstance(memories, dict):
+        return sum(_memory_bytes(m) for m in memories.values())
+    if isinstance(memories, (list, tuple)):
+        return sum(_memory_bytes(m) for m in memories)
+    return memories.nbytes()
 
 
 def decode_slot(cache, layer_idx: int) -> SegmentLayer:
