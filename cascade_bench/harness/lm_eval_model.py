@@ -27,6 +27,7 @@ early-exit generation, cut at the first stop string.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -44,6 +45,7 @@ from ..stages.ensemble import Ensemble
 from ..stages.families import register_own_families
 
 DTYPES = ("float32", "bfloat16", "float16")
+logger = logging.getLogger(__name__)
 
 
 def _floats(value, what: str) -> list[float]:
@@ -105,10 +107,15 @@ class EarlyExitLM(LM):
                  tokenizer: Optional[str] = None, thresholds=None, exit_fn: str = "max_prob",
                  max_length: Optional[int] = None, batch_size=8, max_batch_size=None, device: Optional[str] = None,
                  dtype: str = "float32", max_gen_toks: int = 256, cost_json: Optional[str] = None,
-                 ensemble: Optional[Ensemble] = None, **unused):
+                 ensemble: Optional[Ensemble] = None, harness_device: Optional[str] = None, **unused):
         super().__init__()
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+        if device is None and harness_device is not None:  # lm_eval's own --device (default cuda:0)
+            try:
+                device = str(check_device(harness_device, dtype))
+            except ValueError as error:
+                logger.warning("%s; running on cpu (put device=... in --model_args to require one)", error)
         device = str(check_device(device or "cpu", dtype))
         torch_dtype = getattr(torch, dtype)
         self.ensemble, self.tokenizer = self._load(cascade, pretrained, boundaries, tokenizer, exit_fn, device,
@@ -130,6 +137,21 @@ class EarlyExitLM(LM):
         if eos is None:
             raise ValueError("the tokenizer has no EOS token; the harness needs one to start documents")
         self.eos_token_id = int(eos)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: Optional[dict] = None) -> "EarlyExitLM":
+        """``--model_args`` plus lm_eval's own options; its ``--device`` (default ``cuda:0``) is a preference
+        (``harness_device``), a ``device`` in the model arguments a requirement."""
+        from lm_eval.utils import simple_parse_args_string
+
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: Optional[dict] = None) -> "EarlyExitLM":
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
+        if "device" in extra:
+            extra["harness_device"] = extra.pop("device")
+        return cls(**arg_dict, **extra)
 
     @staticmethod
     def _load(cascade, pretrained, boundaries, tokenizer, exit_fn, device, dtype, ensemble):

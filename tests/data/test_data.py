@@ -73,7 +73,9 @@ def test_corpus_errors_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match="missing file for split 'train'"):
         load_corpus({"train": tmp_path / "absent.txt"})
     with pytest.raises(ValueError, match="no split files in"):
-        load_corpus(_write(tmp_path / "empty", {"notes.txt": "x"}))
+        load_corpus(_write(tmp_path / "two", {"notes.txt": "x", "more.txt": "y"}))
+    with pytest.raises(ValueError, match="the file is too small to split"):
+        load_corpus(_write(tmp_path / "one", {"notes.txt": "x"}))
     with pytest.raises(ValueError, match="split 'test' is empty"):
         complete_splits({"train": ["x"], "validation": ["y"], "test": ["   "]})
     with pytest.raises(ValueError, match="has no split 'dev'"):

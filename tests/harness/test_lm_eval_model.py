@@ -77,7 +77,7 @@ def test_loglikelihood_rolling_is_the_toolkits_sliding_window_nll(setup):
             out = forward_cascade(ensemble, batch["input_ids"], batch.get("attention_mask"), batch["targets"],
                                   thresholds=[threshold])
         nll += float(out.nll[out.scored].double().sum())
-    assert rolling == pytest.approx(-nll, rel=1e-6)
+    assert rolling == pytest.approx(-nll, rel=1e-5)  # float32 per token; other batch layouts
 
 
 def test_local_tasks_run_offline_through_simple_evaluate_with_cost_columns(setup, tmp_path):
