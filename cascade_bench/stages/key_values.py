@@ -19,7 +19,7 @@ from torch import Tensor
 from .families import layer_slice_recipe
 
 #: Families whose layers' key/value projections this module knows.
-KEY_VALUE_FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "gpt_neox")
+KEY_VALUE_FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "gpt_neox", "cascade_memory_lm")  # memory family: pythia layers
 
 
 def _source_model(stage):
@@ -84,6 +84,18 @@ def layer_key_values(stage, layer, x: Tensor, position_ids: Tensor) -> tuple[Ten
         head_dim = attn.head_dim
         keys, values = _heads(attn.k_proj(normed), head_dim), _heads(attn.v_proj(normed), head_dim)
         return _rotate(stage, layer, keys, normed, position_ids), values
+    if family == "cascade_memory_lm" and type(layer).__name__ == "PythiaLayer":
+        from ..models.memory_lm.attention import apply_rotary
+
+        normed = layer.ln_1(x)
+        attn = layer.attention
+        kv = torch.nn.functional.linear(normed, attn.qkv.weight[d:], attn.qkv.bias[d:])  # rows: q | k | v
+        keys, values = (_heads(part, attn.head_dim) for part in kv.split(d, dim=-1))
+        cos, sin = _source_model(stage).base_model.rotary(normed, position_ids)
+        return apply_rotary(keys, cos, sin), values
+    if family == "cascade_memory_lm":
+        raise ValueError(f"K/V propagation needs per-token keys/values in every layer; a {type(layer).__name__} "
+                         f"folds finished segments into a fixed-size memory")
     raise ValueError(f"K/V propagation does not know the {family!r} family's key/value projections; "
                      f"supported: {KEY_VALUE_FAMILIES}")
 

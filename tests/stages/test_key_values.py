@@ -6,15 +6,20 @@ import pytest
 import torch
 
 from cascade_bench.stages.key_values import layer_key_values
-from tests.helpers import FAMILIES, KINDS, tiny_ensemble, token_batch
+from cascade_bench.stages.presets import build_blocks, build_ensemble
+from tests.helpers import FAMILIES, KINDS, token_batch
+
+#: Every Hugging Face family, and the memory family's softmax-attention (pythia) layers.
+CASES = [(preset, {}) for preset in FAMILIES] + [("memory-tiny", {"layer_kinds": ("pythia",) * 4})]
 
 
-@pytest.mark.parametrize("preset", FAMILIES)
+@pytest.mark.parametrize("preset, overrides", CASES, ids=[preset for preset, _ in CASES])
 @pytest.mark.parametrize("kind", KINDS)
-def test_layer_key_values_equal_the_models_own_cache(kind, preset, text):
+def test_layer_key_values_equal_the_models_own_cache(kind, preset, overrides, text):
     from transformers import DynamicCache
 
-    ensemble = tiny_ensemble(preset, kind=kind)
+    build = build_ensemble if kind == "llm" else build_blocks
+    ensemble = build(preset, (2, 2), **overrides).eval()
     stage = ensemble[1]
     ids = token_batch(text, 2, 10)
     positions = torch.arange(3, 13).expand(2, -1)  # not starting at 0: rotary offsets must match
@@ -31,3 +36,10 @@ def test_layer_key_values_equal_the_models_own_cache(kind, preset, text):
             keys, values = layer_key_values(stage, layer, inputs[i], positions)
             torch.testing.assert_close(keys, cache.layers[i].keys, atol=1e-5, rtol=0)
             torch.testing.assert_close(values, cache.layers[i].values, atol=1e-5, rtol=0)
+
+
+def test_memory_layers_have_no_per_token_keys_values_to_propagate(text):
+    ensemble = build_blocks("memory-tiny", (2, 2)).eval()
+    x = torch.zeros(1, 4, 32)
+    with pytest.raises(ValueError, match="InfiniLayer folds finished segments into a fixed-size memory"):
+        layer_key_values(ensemble[0], ensemble[0].layers[0], x, torch.arange(4)[None])
