@@ -40,6 +40,7 @@ from ..data.storage import write_json_atomic
 from ..data.windows import sliding_windows
 from ..measure.flops import count_flops
 from ..measure.memory import peak_memory_bytes
+from ..stages.families import register_own_families
 from ..stages.presets import stage_config
 from ..training.memory_streams import TRAINING_ORDERS, stream_chunks, train_on_streams
 
@@ -59,6 +60,7 @@ def build_model(preset: str, seed: int = 0, **overrides):
 def _saved(folder: Path):
     from transformers import AutoModelForCausalLM
 
+    register_own_families()  # a part run alone (context) loads models nothing else has registered yet
     if (folder / "history.json").is_file():
         return AutoModelForCausalLM.from_pretrained(folder).eval(), json.loads((folder / "history.json").read_text())
     return None, None
