@@ -24,7 +24,7 @@ BLOCK_HEADS = ("shared", "trained")
 #: method, the hard ratio nearest 0.5) or every point. The analytic count is recorded everywhere.
 COUNT_FLOPS = ("anchors", "all")
 #: Tuple keys whose empty default does not tell the element type (or whose default's elements mislead).
-_ELEMENT_TYPES = {"boundaries": int, "plausible_ppl": float}
+_ELEMENT_TYPES = {"boundaries": int, "plausible_ppl": float, "patience": int}
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,9 @@ class ExperimentConfig:
     point per rule whose thresholds are risk-controlled (``routing.risk_control``); '' skips them.
     ``kv_policies`` adds one point per K/V policy for exited tokens (``routing.cached_pass``) at the
     anchor hard ratio (nearest 0.5), all with padded batching so their costs compare (points
-    ``kv[policy]@r``); () skips them."""
+    ``kv[policy]@r``); () skips them. ``patience`` (one entry per stage) replaces the protocol's
+    early-stopping patience, e.g. 3,3 where the seeds' patience 1 stops stage 0 at a one-epoch upturn;
+    the dense baseline follows stage 0's unless ``dense_patience`` is set."""
 
     name: str = "ashem-embedded"
     corpus: str = "embedded"
@@ -65,6 +67,7 @@ class ExperimentConfig:
     risk_epsilon: float = 0.1
     risk_nll_tolerance: float = 0.0
     kv_policies: tuple = KV_POLICIES
+    patience: tuple = ()
     dense_patience: int = 0
     max_epochs: int = 40
     max_steps_per_epoch: int = 0
@@ -99,6 +102,17 @@ class ExperimentConfig:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 bad(key, "a non-negative integer (0 = no limit)" if key != "seed" else "a non-negative integer")
+        if not isinstance(self.patience, tuple) or any(
+                isinstance(p, bool) or not isinstance(p, int) or p < 1 for p in self.patience):
+            bad("patience", "a list of positive integers, one per stage (empty: the protocol's)")
+        if self.patience and self.protocol in PROTOCOLS:
+            stages = len(PROTOCOLS[self.protocol].layers)
+            if len(self.patience) != stages:
+                bad("patience", f"one entry per stage of protocol {self.protocol!r} ({stages}), or none")
+            try:
+                self.training_protocol
+            except ValueError as error:
+                raise ValueError(f"config key 'patience': {error}") from None
         if self.eval_stride > self.seq_len:
             bad("eval_stride", f"at most seq_len ({self.seq_len})")
         if self.preset not in STAGE_PRESETS:
@@ -183,15 +197,21 @@ class ExperimentConfig:
         if self.model:
             keys += ("model", "boundaries", "block_heads")
         values = {k: getattr(self, k) for k in keys}
-        values["protocol_definition"] = dataclasses.asdict(PROTOCOLS[self.protocol])
+        values["protocol_definition"] = dataclasses.asdict(self.training_protocol)
         values["preset_config"] = STAGE_PRESETS[self.preset]
         payload = json.dumps(values, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
     @property
+    def training_protocol(self):
+        """The protocol named by ``protocol``, with ``patience`` (when set) in place of its own."""
+        protocol = PROTOCOLS[self.protocol]
+        return dataclasses.replace(protocol, patience=self.patience) if self.patience else protocol
+
+    @property
     def dense_recipe(self) -> tuple[float, int]:
         """(lr, patience) of the dense baseline: stage 0's, unless ``dense_patience`` is set (> 0)."""
-        protocol = PROTOCOLS[self.protocol]
+        protocol = self.training_protocol
         return protocol.lrs[0], self.dense_patience or protocol.patience[0]
 
     def dense_key(self) -> str:
@@ -200,7 +220,7 @@ class ExperimentConfig:
         protocols with the same depth and stage-0 recipe share one dense model."""
         keys = ("corpus", "corpus_config", "tokenizer", "seq_len", "batch_size", "preset", "max_epochs",
                 "max_steps_per_epoch", "seed", "dtype")
-        protocol = PROTOCOLS[self.protocol]
+        protocol = self.training_protocol
         values = {k: getattr(self, k) for k in keys}
         values.update(dense_layers=sum(protocol.layers), lr=protocol.lrs[0], patience=self.dense_recipe[1],
                       preset_config=STAGE_PRESETS[self.preset])
@@ -212,7 +232,7 @@ class ExperimentConfig:
         so e.g. the leaky and leak-free runs of one setting, or ``ashem`` and ``lego-3``, share stage 0."""
         keys = ("corpus", "corpus_config", "tokenizer", "seq_len", "batch_size", "preset", "exit_fn", "max_epochs",
                 "max_steps_per_epoch", "seed", "dtype")
-        protocol = PROTOCOLS[self.protocol]
+        protocol = self.training_protocol
         values = {k: getattr(self, k) for k in keys}
         values.update(stage_kind=protocol.stage_kind, layers=protocol.layers[0], lr=protocol.lrs[0],
                       patience=protocol.patience[0], preset_config=STAGE_PRESETS[self.preset])

@@ -38,7 +38,7 @@ from ..stages.families import PER_TOKEN_CACHE_KINDS, layer_kinds, register_own_f
 from ..stages.presets import STAGE_PRESETS, build_ensemble
 from ..training.loops import TrainConfig
 from ..training.persistence import load_ensemble, load_manifest, save_ensemble
-from ..training.protocols import (PROTOCOLS, exit_heads_ppl, start_ensemble, train_dense_baseline, train_exit_heads,
+from ..training.protocols import (exit_heads_ppl, start_ensemble, train_dense_baseline, train_exit_heads,
                                   train_protocol, with_leaky_seed_protocol)
 from .config import ExperimentConfig
 from .results_store import ResultsStore
@@ -63,7 +63,7 @@ def _dtype(config: ExperimentConfig) -> torch.dtype:
 
 
 def _protocol(config: ExperimentConfig):
-    protocol = dataclasses.replace(PROTOCOLS[config.protocol], max_epochs=config.max_epochs, exit_fn=config.exit_fn)
+    protocol = dataclasses.replace(config.training_protocol, max_epochs=config.max_epochs, exit_fn=config.exit_fn)
     return with_leaky_seed_protocol(protocol) if config.leaky_seed_protocol else protocol
 
 

@@ -208,6 +208,18 @@ def test_leaky_and_leak_free_runs_share_one_trained_stage0(finished, monkeypatch
     assert second["conditions"]["training"]["stages"][1]["stage"] == 1
 
 
+def test_patience_replaces_the_protocols_and_keys_what_it_trains():
+    config = make_config(TINY)
+    assert config.training_protocol.patience == (1, 3) and config.dense_recipe[1] == 1
+    patient = make_config({**TINY, "patience": "3,3"})
+    assert patient.training_protocol.patience == (3, 3) and patient.dense_recipe[1] == 3
+    assert patient.training_protocol.lrs == config.training_protocol.lrs
+    # stage 0, the dense model and the cascade all train differently, so none is shared with the default
+    for key in ("training_key", "stage0_key", "dense_key"):
+        assert getattr(patient, key)() != getattr(config, key)()
+    assert make_config({**TINY, "patience": "3,3", "dense_patience": 2}).dense_recipe[1] == 2
+
+
 def test_report_and_plot_commands_reuse_stored_results(finished, capsys):
     config, paths = finished
     flags = ["--out", config.out, "--name", "tiny"]
@@ -232,6 +244,9 @@ def test_report_and_plot_commands_reuse_stored_results(finished, capsys):
     (["run", "--timing-batches", "-1"], "'timing_batches'"),
     (["run", "--protocol", "ashem2"], "'protocol'"),
     (["run", "--kv-policies", "absent,fill"], "'kv_policies'"),
+    (["run", "--patience", "3"], "'patience'"),
+    (["run", "--patience", "3,0"], "'patience'"),
+    (["run", "--protocol", "deep", "--patience", "1,3"], "'patience'"),
 ])
 def test_bad_config_values_are_one_line_errors_naming_the_key(argv, key, capsys, tmp_path):
     assert main([*argv, "--out", str(tmp_path)]) == 2
