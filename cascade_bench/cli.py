@@ -448,8 +448,14 @@ def _experiment(args: argparse.Namespace) -> int:
     config = config_from_args(args, args.config_file)
     paths = experiment_paths(config)
     if args.command == "run":
+        from .measure.distributed import join_launch, leave_launch
+
         start = time.perf_counter()
         run_experiment(config, progress=not args.quiet)
+        ranks = join_launch(config.device)
+        leave_launch()
+        if not ranks.is_main:  # under torchrun, rank 0 reports
+            return 0
         records = list(ResultsStore(paths["results"]))
         print(f"\nchecks ({config.name}):\n" + format_checks(run_checks(records, config.plausible_ppl)))
         print(f"{config.name}: done in {time.perf_counter() - start:.0f} s; report {paths['report']}, "

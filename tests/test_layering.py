@@ -19,7 +19,7 @@ PACKAGE_ROOT = Path(cascade_bench.__file__).resolve().parent
 
 #: Bottom to top. ``__init__`` is the package root: the public API re-exported from below.
 LAYERS = ("data", "models", "stages", "measure", "routing", "training", "cost", "experiment", "bench", "harness",
-          "cli")
+          "cli", "__main__")
 
 #: What each package may import (besides itself).
 ALLOWED: dict[str, frozenset[str]] = {
@@ -36,6 +36,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     "cli": frozenset({"data", "models", "stages", "measure", "routing", "training", "cost", "experiment", "bench",
                       "harness"}),
     "__init__": frozenset({"data", "models", "stages", "measure", "routing", "training", "cost"}),
+    "__main__": frozenset({"cli"}),  # ``python -m cascade_bench`` (and torchrun -m): the CLI only
 }
 
 

@@ -16,25 +16,34 @@ Every measurement runs in its own pass, so none disturbs another:
 cover every batch, and the record's conditions say what was timed. ``count_flops=False`` leaves
 the counted fields None: the analytic count (which equals the counted one exactly, as the tests
 check) stands alone, and the record says so.
+
+Inside ``measure.distributed.sharded`` each rank measures its share of the batches (and of the
+first ``timing_batches``); counts and FLOPs are summed over ranks, times are the slowest rank's
+(per timed repeat), peak memory the largest process's, and the record's conditions say how many
+ranks ran.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
+import operator
 import resource
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Iterable, Optional
 
 import torch
 
 from ..data.batch import unpack_batch
+from ..measure.distributed import all_ranks, first_share, shard
 from ..measure.analytic import decision_flops, exit_rule_macs, padding_flops, routed_cost
 from ..measure.flops import FlopBreakdown, count_pass_flops
 from ..measure.memory import peak_memory_bytes
 from ..measure.probes import NO_PROBE, Probe
-from ..measure.timing import time_call, time_spans
+from ..measure.timing import TimingStats, time_call, time_spans
 from ..routing.evaluation import EvalResult, Totals
 from ..routing.passes import RoutedOutput, forward_cascade
 from ..stages.ensemble import Ensemble, evaluation_mode
@@ -104,6 +113,51 @@ class CostRecord:
         return sum(s.decision_flops for s in self.stages)
 
 
+@dataclass
+class _Share:
+    """What one rank measured of a pass over its share of the batches (``measure.distributed``)."""
+
+    counted: Optional[FlopBreakdown]
+    stages: list
+    fvcore: object
+    timed_tokens: int
+    timed_batches: int
+    batches: int
+    wall: tuple
+    spans: dict
+    span_wall: float
+    counted_pass_s: float
+    peak: int
+    peak_rss: int
+    syncs: Optional[int]
+
+
+def _combined(shares: list) -> _Share:
+    """One rank's share as is; several: counts and FLOPs summed, times and memory of the slowest / largest
+    rank (the i-th timed repeat of the pass is the slowest rank's i-th repeat)."""
+    if len(shares) == 1:
+        return shares[0]
+    counted = None if shares[0].counted is None else functools.reduce(operator.add, (s.counted for s in shares))
+    fvcore_total = None
+    if shares[0].fvcore is not None:
+        fvcore_total = type(shares[0].fvcore)()
+        for s in shares:
+            fvcore_total.add(s.fvcore)
+    stages = []
+    for parts in zip(*(s.stages for s in shares)):
+        summed_fields = {f.name: (None if getattr(parts[0], f.name) is None else sum(getattr(p, f.name) for p in parts))
+                         for f in fields(StageCostRecord) if f.name not in ("stage", "layers_in_stage")}
+        stages.append(dataclasses.replace(parts[0], **summed_fields))
+    slowest = [max(samples) for samples in zip(*(s.wall for s in shares))]
+    spans = {name: max(s.spans[name] for s in shares) for name in shares[0].spans}
+    return _Share(counted=counted, stages=stages, fvcore=fvcore_total,
+                  timed_tokens=sum(s.timed_tokens for s in shares), timed_batches=sum(s.timed_batches for s in shares),
+                  batches=sum(s.batches for s in shares), wall=tuple(slowest), spans=spans,
+                  span_wall=max(s.span_wall for s in shares), counted_pass_s=max(s.counted_pass_s for s in shares),
+                  peak=max(s.peak for s in shares), peak_rss=max(s.peak_rss for s in shares),
+                  syncs=None if shares[0].syncs is None else sum(s.syncs for s in shares))
+
+
 def _prepared(batches: Iterable, device: torch.device) -> list[tuple]:
     prepared = []
     for item in batches:
@@ -154,8 +208,9 @@ def measure_cost(ensemble: Ensemble, batches: Iterable, method: str = "routed", 
                                        or timing_batches < 1):
         raise ValueError(f"timing_batches must be None (all) or a positive int, got {timing_batches!r}")
     device = ensemble.device
-    data = _prepared(batches, device)
-    timed = data[:timing_batches] if timing_batches else data
+    batches = list(batches)
+    data = _prepared(shard(batches), device)
+    timed = data[:first_share(timing_batches)] if timing_batches else data
     stages = list(ensemble.stages)
     num_stages = forward_kwargs.get("num_stages") or len(stages)
 
@@ -194,7 +249,6 @@ def measure_cost(ensemble: Ensemble, batches: Iterable, method: str = "routed", 
     fv = FvcoreCounter(stages[:num_stages]) if fvcore else None
     fv_total = None
     stage_records = []
-    analytic_total = 0
     for k in range(num_stages):
         analytic_k, padding_k, rule_k, decision_k = 0, 0, 0, 0
         for out in outputs:
@@ -204,7 +258,6 @@ def measure_cost(ensemble: Ensemble, batches: Iterable, method: str = "routed", 
             padding_k += padding_flops(configs[k], out.stage_batch_shapes[k], _row_lengths(out, k))
             rule_k += costs[k].exit_rule
             decision_k += decision_flops(costs, out.head_tokens, out.tokens_exited)[k]
-        analytic_total += analytic_k
         c = counted.stages[k] if counted is not None else None
         stage_records.append(StageCostRecord(
             stage=k, layers_in_stage=stages[k].num_layers,
@@ -220,9 +273,19 @@ def measure_cost(ensemble: Ensemble, batches: Iterable, method: str = "routed", 
         fv_total = FvcoreCount()
         for out in outputs:
             fv_total.add(fv.count(out.stage_batch_shapes, out.head_tokens))
-    timed_tokens = sum(int(out.tokens_entered[0]) for out in outputs[:len(timed)])
+    share = _Share(counted=counted, stages=stage_records, fvcore=fv_total,
+                   timed_tokens=sum(int(out.tokens_entered[0]) for out in outputs[:len(timed)]),
+                   timed_batches=len(timed), batches=len(data), wall=wall.samples,
+                   spans={name: stats.median for name, stats in span_stats.items()},
+                   span_wall=span_wall.median if span_wall is not None else math.nan,
+                   counted_pass_s=counted_pass_s, peak=peak,
+                   peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, syncs=syncs)
+    share = _combined(all_ranks(share))
+    counted, fv_total, stage_records, wall = share.counted, share.fvcore, share.stages, TimingStats(share.wall)
+    analytic_total = sum(record.analytic_flops for record in stage_records)
+    timed, timed_tokens, syncs = range(share.timed_batches), share.timed_tokens, share.syncs
     # Seconds per token of the counted pass over those of the median uncounted pass.
-    overhead = (counted_pass_s / quality.routed_tokens) / (wall.median / timed_tokens)
+    overhead = (share.counted_pass_s / quality.routed_tokens) / (wall.median / timed_tokens)
     return CostRecord(
         method=method, quality=quality, flops=counted and counted.total, macs=counted and counted.macs,
         flops_analytic=analytic_total,
@@ -231,13 +294,13 @@ def measure_cost(ensemble: Ensemble, batches: Iterable, method: str = "routed", 
         fvcore_unsupported={} if fv_total is None else dict(sorted(fv_total.unsupported.items())),
         stages=tuple(stage_records), flops_by_op=counted.by_op if counted is not None else {},
         time_median_s=wall.median, time_iqr_s=wall.iqr, tokens_per_s=timed_tokens / wall.median,
-        spans_median_s={name: stats.median for name, stats in sorted(span_stats.items())},
-        spans_wall_median_s=span_wall.median if span_wall is not None else math.nan, counted_pass_s=counted_pass_s,
-        counting_overhead=overhead, peak_memory_bytes=peak, memory_measure=how,
-        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        spans_median_s=dict(sorted(share.spans.items())),
+        spans_wall_median_s=share.span_wall, counted_pass_s=share.counted_pass_s,
+        counting_overhead=overhead, peak_memory_bytes=share.peak, memory_measure=how,
+        peak_rss_bytes=share.peak_rss,
         host_syncs_per_forward=None if syncs is None else syncs / len(timed),
         conditions={**quality.conditions, "warmup": warmup, "repeats": repeats,
                     "timer": "cuda_events" if device.type == "cuda" else "perf_counter_ns",
-                    "timed_batches": len(timed), "timed_tokens": timed_tokens, "batches": len(data),
+                    "timed_batches": len(timed), "timed_tokens": timed_tokens, "batches": share.batches,
                     "flops_counted": count_flops},
     )

@@ -14,12 +14,18 @@ nearest 0.5; at every point with ``count_flops="all"``), wall time over the firs
 peak memory; append each point to the results store as soon as it is measured (a rerun with the
 same config skips stored points, so an interrupted sweep resumes); then write the tables, the
 plots and the report with its checks.
+
+Under ``torchrun --nproc-per-node N`` (``measure.distributed``): rank 0 prepares the tokenizer and
+trains (the others wait, then load what it saved); every evaluation, calibration, risk-control,
+oracle and cost measurement is sharded over the N processes and combined exactly; rank 0 alone
+writes records, tables, plots and the report; each record says how many ranks ran.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -28,6 +34,8 @@ import torch
 from ..cost.measurement import measure_cost
 from ..data.prepare import PreparedData, prepare_data
 from ..data.storage import write_json_atomic
+from ..measure.distributed import (all_ranks, from_main, gathered, join_launch, main_first, same_parameters, shard,
+                                   sharded, unsharded)
 from ..measure.timing import interleaved_ratio
 from ..routing.calibration import calibrate_thresholds
 from ..routing.oracle import oracle_bound
@@ -209,6 +217,8 @@ def run_experiment(config: ExperimentConfig, progress: bool = True,
 
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
+    ranks = join_launch(config.device)
+    progress = progress and ranks.is_main
     paths = experiment_paths(config)
     store = ResultsStore(paths["results"])
     _check_resumable(store, config)
@@ -218,15 +228,21 @@ def run_experiment(config: ExperimentConfig, progress: bool = True,
         model_vocab = pretrained.get_output_embeddings().weight.shape[0]
     else:
         max_positions, model_vocab = STAGE_PRESETS[config.preset]["max_position_embeddings"], None
-    data = prepare_data(config.corpus, config.tokenizer, config.seq_len, config.batch_size, config.eval_stride,
-                        config.corpus_config or None, cache_dir=paths["tokenizers"], max_positions=max_positions,
-                        model_vocab_size=model_vocab)
+    with main_first(ranks):  # rank 0 trains (or reads) the tokenizer cache the others then read
+        data = prepare_data(config.corpus, config.tokenizer, config.seq_len, config.batch_size, config.eval_stride,
+                            config.corpus_config or None, cache_dir=paths["tokenizers"], max_positions=max_positions,
+                            model_vocab_size=model_vocab)
     scored = data.test if config.eval_split == "test" else data.validation
     test = scored[:config.eval_batches] if config.eval_batches else scored
     if pretrained is not None:
-        cascade, training = _pretrained_blocks(config, pretrained, data, progress)
+        with sharded(ranks):
+            with unsharded():  # every rank trains the same heads (if any); rank 0's are kept
+                cascade, training = _pretrained_blocks(config, pretrained, data, progress)
+            if config.block_heads == "trained":
+                same_parameters([cascade])
     else:
-        cascade, training = _trained_cascade(config, data, paths, progress)
+        with main_first(ranks):  # rank 0 trains and saves; the others load what it saved
+            cascade, training = _trained_cascade(config, data, paths, progress)
     calibrated = cascade.thresholds
     not_run = {}
     if config.kv_policies and any(kind not in PER_TOKEN_CACHE_KINDS for stage in cascade
@@ -236,7 +252,7 @@ def run_experiment(config: ExperimentConfig, progress: bool = True,
     timed = min(config.timing_batches, len(test)) if config.timing_batches else len(test)
     conditions = {**data.conditions, "split": config.eval_split, "config": config.as_dict(),
                   "training_key": config.training_key(), "training": training, "seed": config.seed,
-                  "measured": _measurement_note(config, timed, len(test)), "not_run": not_run}
+                  "measured": _measurement_note(config, timed, len(test)), "not_run": not_run, **ranks.summary()}
     common = dict(warmup=1, repeats=config.timing_repeats, fvcore=False, spans=False, conditions=conditions,
                   timing_batches=timed)
     anchor = _anchor_ratio(config)
@@ -318,7 +334,9 @@ def run_experiment(config: ExperimentConfig, progress: bool = True,
                 main_rule))
     if "dense" in config.baselines and pretrained is None:  # blocks: the unsplit model is the "full" point
         def dense_point():
-            dense, summary = _trained_dense(config, data, paths["dense"], sum(cascade.layers_per_stage), progress)
+            with main_first(ranks):
+                dense, summary = _trained_dense(config, data, paths["dense"], sum(cascade.layers_per_stage),
+                                                progress)
             record = _record("dense", "dense", measure_cost(dense, test, "full", **common))
             record["conditions"] = {**record["conditions"], "dense_training": summary}
             return record
@@ -353,31 +371,39 @@ def run_experiment(config: ExperimentConfig, progress: bool = True,
                                                           "cascade (later stages see full context)"}}
         points.append(("oracle", oracle_point, main_rule))
 
-    timed_test = test[:timed]
+    timed_test = test[:timed]  # each rank reruns its share of them for the back-to-back ratio
 
     def full_pass():
-        for batch in timed_test:
+        for batch in shard(timed_test):
             forward_cascade(cascade, batch["input_ids"], batch.get("attention_mask"), batch.get("targets"),
                             method="full")
 
     def with_back_to_back_ratio(make: Callable[[], dict]) -> dict:
         """The point's record plus its wall time over the full cascade's, timed back to back."""
         record = make()
-        rerun = _pass_of(record, cascade, timed_test, config, paths, data, progress)
+        rerun = _pass_of(record, cascade, shard(timed_test), config, paths, data, progress)
         if rerun is not None:
             with evaluation_mode(cascade), torch.inference_mode():
-                record["wall_ratio_interleaved"] = interleaved_ratio(rerun, full_pass, pairs=2)
+                ratio = interleaved_ratio(rerun, full_pass, pairs=2)
+            record["wall_ratio_interleaved"] = statistics.median(all_ranks(ratio))
         return record
 
-    todo = [(pid, make, spec) for pid, make, spec in points if pid not in store]
-    for point_id, make, spec in tqdm(todo, desc=f"sweep {config.name}", unit="point", disable=not progress):
-        with using_rule(cascade, rule(spec)):
-            store.append(with_back_to_back_ratio(make))
-        if on_point is not None:
-            on_point(point_id)
-    cascade.set_thresholds(calibrated)
-    if not paths["confidence"].exists():
-        write_json_atomic(paths["confidence"], _confidences(cascade, test))
+    with sharded(ranks):
+        todo_ids = from_main([pid for pid, _, _ in points if pid not in store])  # before rank 0 appends any
+        todo = [(pid, make, spec) for pid, make, spec in points if pid in todo_ids]
+        for point_id, make, spec in tqdm(todo, desc=f"sweep {config.name}", unit="point", disable=not progress):
+            with using_rule(cascade, rule(spec)):
+                record = with_back_to_back_ratio(make)
+            if ranks.is_main:
+                store.append(record)
+            if on_point is not None:
+                on_point(point_id)
+        cascade.set_thresholds(calibrated)
+        confidences = None if paths["confidence"].exists() else _confidences(cascade, test)
+    if not ranks.is_main:
+        return paths
+    if confidences is not None:
+        write_json_atomic(paths["confidence"], confidences)
     from .plots import make_plots
     from .reports import write_report
 
@@ -428,14 +454,14 @@ def _confidences(cascade: Ensemble, batches) -> dict:
     """Histogram of each non-last stage's confidences on the test split (no exit: every token)."""
     values = [[] for _ in range(len(cascade) - 1)]
     with evaluation_mode(cascade), torch.inference_mode():
-        for batch in batches:
+        for batch in shard(batches):
             out = evaluate_pass(cascade, batch)
             for k in range(len(cascade) - 1):
                 conf = out.stage_confidence[k]
                 values[k].append(conf[~torch.isnan(conf)])
     histograms = []
     for k, parts in enumerate(values):
-        conf = torch.cat(parts).float()
+        conf = gathered(torch.cat(parts)).float()
         low, high = float(conf.min()), float(conf.max())
         counts = torch.histc(conf, bins=50, min=low, max=high if high > low else low + 1e-6)
         histograms.append({"stage": k, "exit_fn": cascade[k].exit_function.name, "min": low, "max": high,

@@ -330,6 +330,16 @@ def _kv_lines(kv: pd.DataFrame, reference: str) -> list[str]:
             f"costs are relative to {reference}.", "", to_markdown(kv)]
 
 
+def _processes(records: list[dict]) -> str:
+    """How many processes evaluated the points (torchrun data-parallel runs record their ranks)."""
+    counts = sorted({(r.get("conditions") or {}).get("ranks") or 1 for r in records})
+    if counts == [1]:
+        return "1 process"
+    if len(counts) == 1:
+        return f"data-parallel over {counts[0]} processes (torchrun)"
+    return f"points measured on {' and '.join(map(str, counts))} processes (a resumed sweep; see each record)"
+
+
 def write_report(records: Sequence[dict], config, paths: dict) -> Path:
     """Write the three tables (md/tex/csv) and report.md; return report.md's path."""
     frame = records_frame(records)
@@ -368,7 +378,7 @@ def write_report(records: Sequence[dict], config, paths: dict) -> Path:
             f"{' (leaky seed protocol: hard tokens collected from validation and scored there)' if config.leaky_seed_protocol else ''}"
             f", preset {config.preset}: {training.get('grows', 'n/a')}")
         + f". Exit rule {config.exit_fn}, "
-        f"{config.device}/{config.dtype}, {config.threads} threads, seed {config.seed}, "
+        f"{config.device}/{config.dtype}, {config.threads} threads, {_processes(records)}, seed {config.seed}, "
         f"torch {first.get('torch')}, transformers {first.get('transformers')}, commit {first.get('git_commit')}.",
         "", f"How it was measured: {first.get('measured', 'n/a')}."
         + "".join(f" Not run: {point}, because {reason}." for point, reason in (first.get("not_run") or {}).items()),

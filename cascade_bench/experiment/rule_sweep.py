@@ -16,6 +16,7 @@ from typing import Iterable, Optional
 import torch
 
 from ..data.batch import most_frequent_ids, unpack_batch
+from ..measure.distributed import gathered, same_parameters, shard
 from ..routing.passes import forward_cascade
 from ..stages.ensemble import Ensemble, evaluation_mode
 from ..stages.exit_rules import MLP_HIDDEN_UNITS, low_rank_max_prob, parse_rule_spec, top_k_max_prob
@@ -57,6 +58,7 @@ def build_rule(spec: str, cascade: Ensemble, train: list, validation: list, clas
                                            max_epochs=min(CLASSIFIER_TRAIN_CONFIG.max_epochs,
                                                           max_epochs or CLASSIFIER_TRAIN_CONFIG.max_epochs),
                                            max_steps_per_epoch=max_steps_per_epoch))
+            same_parameters([classifier])  # data-parallel runs: every rank trained it alike; rank 0's counts
             per_stage.append(classifier)
             summary = history.summary()
             training.append({"stage": k, "rule": spec, "target": classifier_target, "epochs": summary["epochs"],
@@ -95,12 +97,12 @@ def stage0_confidences(cascade: Ensemble, batches: Iterable) -> torch.Tensor:
     """Stage 0's confidence under its current rule for every scored token of ``batches`` (no exit)."""
     collected = []
     with evaluation_mode(cascade), torch.inference_mode():
-        for item in batches:
+        for item in shard(batches):
             ids, mask, targets = unpack_batch(item)
             out = forward_cascade(cascade, ids, mask, targets, method="masked",
                                   thresholds=[float("inf")] * (len(cascade) - 1))
             collected.append(out.stage_confidence[0][out.scored])
-    return torch.cat(collected)
+    return gathered(torch.cat(collected))
 
 
 def decision_agreement(confidence: torch.Tensor, threshold: float, reference: torch.Tensor,

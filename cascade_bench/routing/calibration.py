@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from ..data.batch import unpack_batch
+from ..measure.distributed import gathered, shard
 from ..stages.ensemble import Ensemble, evaluation_mode
 from .passes import forward_cascade
 
@@ -45,6 +46,8 @@ def calibrate_thresholds(ensemble: Ensemble, batches: Iterable, hard_ratios: "fl
     Stage k's threshold is calibrated on the confidences of the tokens that actually reach it
     under the thresholds already set for stages < k, so ``hard_ratios[i]`` of them continue.
     ``batches`` is iterated once per calibrated stage (pass a list or a re-iterable loader).
+    Inside ``measure.distributed.sharded`` each rank runs its share and the confidences of all are
+    gathered, so the thresholds are the same exact quantiles as in one process.
     """
     stages = list(range(len(ensemble) - 1)) if stages is None else sorted(stages)
     if any(not 0 <= k < len(ensemble) - 1 for k in stages):
@@ -57,7 +60,7 @@ def calibrate_thresholds(ensemble: Ensemble, batches: Iterable, hard_ratios: "fl
     for k in stages:
         collected = []
         with evaluation_mode(ensemble), torch.inference_mode():
-            for item in batches:
+            for item in shard(batches):
                 input_ids, attention_mask, targets = unpack_batch(item)
                 out = forward_cascade(ensemble, input_ids, attention_mask, targets, method="routed",
                                       thresholds=thresholds[:k] + [math.inf], num_stages=k + 1,
@@ -66,6 +69,6 @@ def calibrate_thresholds(ensemble: Ensemble, batches: Iterable, hard_ratios: "fl
                 collected.append(confidence[out.exit_stage == k])
         if not collected:
             raise ValueError("calibration got no batches")
-        thresholds[k] = threshold_for_hard_ratio(torch.cat(collected), ratios[k])
+        thresholds[k] = threshold_for_hard_ratio(gathered(torch.cat(collected)), ratios[k])
         ensemble[k].threshold = thresholds[k]
     return tuple(thresholds[k] for k in stages)

@@ -9,6 +9,7 @@ from typing import Iterable, Optional
 import torch
 
 from ..data.batch import unpack_batch
+from ..measure.distributed import all_ranks, current_ranks, shard, summed
 from ..measure.environment import environment_conditions
 from ..stages.ensemble import Ensemble, evaluation_mode
 from .passes import forward_cascade
@@ -58,7 +59,8 @@ def evaluate(ensemble: Ensemble, batches: Iterable, method: str = "routed", cond
     """Run ``method`` (see routing.METHODS) over every batch and aggregate.
 
     Runs in eval mode (each module's own mode restored afterwards) under ``torch.inference_mode``.
-    ``conditions`` (dataset, split, window, stride, tokenizer, seed, ...) is merged with the
+    Inside ``measure.distributed.sharded`` each rank evaluates its share of ``batches`` and the
+    result covers all of them. ``conditions`` (dataset, split, window, stride, tokenizer, seed, ...) is merged with the
     environment (device, dtype, threads, versions, git commit) into the record.
     """
     if progress:
@@ -67,7 +69,7 @@ def evaluate(ensemble: Ensemble, batches: Iterable, method: str = "routed", cond
         batches = tqdm(batches, desc=f"evaluate {method}", unit="batch")
     totals = Totals(ensemble.device)
     with evaluation_mode(ensemble), torch.inference_mode():
-        for item in batches:
+        for item in shard(batches):
             input_ids, attention_mask, targets = unpack_batch(item)
             totals.add(forward_cascade(ensemble, input_ids, attention_mask, targets, method=method, **forward_kwargs))
     return totals.result(ensemble, method, conditions)
@@ -108,17 +110,29 @@ class Totals:
         self.slots = _add(self.slots, out.slots_computed)
         self.last = out
 
+    def _combined(self) -> tuple[list, ...]:
+        """The sums of every rank's share (this process's alone when not sharded): float64 sums in rank
+        order, token counts as exact ints."""
+        counts = [self.entered, self.computed, self.propagated, self.exited, self.slots]
+        flat = summed(self.sums.tolist() + [n for part in counts for n in part])
+        sums, rest = flat[:8], flat[8:]
+        stages = len(self.entered)
+        parts = [[int(n) for n in rest[i * stages:(i + 1) * stages]] for i in range(len(counts))]
+        shapes = set().union(*all_ranks(self.shapes))
+        return (sums, *parts, shapes)
+
     def result(self, ensemble: Ensemble, method: str, conditions: Optional[dict] = None) -> EvalResult:
         out = self.last
         if out is None:
             raise ValueError("evaluate got no batches")
-        tokens, nll_sum, correct, hard_n, hard_sum, easy_sum, hard0_n, hard0_sum = self.sums.tolist()
-        entered, exited, slots = self.entered, self.exited, self.slots
+        sums, entered, computed, propagated, exited, slots, shapes = self._combined()
+        tokens, nll_sum, correct, hard_n, hard_sum, easy_sum, hard0_n, hard0_sum = sums
         routed = entered[0]
         total_layers = sum(out.layers_per_stage)
         record_conditions = {
             **environment_conditions(ensemble.device, ensemble.dtype),
-            "batch_shapes": sorted(self.shapes),
+            "batch_shapes": sorted(shapes),
+            **current_ranks().summary(),
             **(conditions or {}),
         }
         return EvalResult(
@@ -137,10 +151,10 @@ class Totals:
             tokens_entered=tuple(entered),
             tokens_exited=tuple(exited),
             exit_ratios=tuple(e / routed for e in exited),
-            layer_cost=sum(n * l for n, l in zip(self.computed, out.layers_per_stage)) / (routed * total_layers),
-            padding_waste=tuple((s - n) / s if s else 0.0 for s, n in zip(slots, self.computed)),
-            conditions=record_conditions, kv_policy=out.kv_policy, tokens_computed=tuple(self.computed),
-            tokens_propagated=tuple(self.propagated),
+            layer_cost=sum(n * l for n, l in zip(computed, out.layers_per_stage)) / (routed * total_layers),
+            padding_waste=tuple((s - n) / s if s else 0.0 for s, n in zip(slots, computed)),
+            conditions=record_conditions, kv_policy=out.kv_policy, tokens_computed=tuple(computed),
+            tokens_propagated=tuple(propagated),
         )
 
 

@@ -16,6 +16,7 @@ from typing import Iterable
 import torch
 
 from ..data.batch import unpack_batch
+from ..measure.distributed import shard, summed
 from ..measure.analytic import routed_cost
 from ..stages.ensemble import Ensemble, evaluation_mode
 from .passes import forward_cascade
@@ -41,7 +42,7 @@ def oracle_bound(ensemble: Ensemble, batches: Iterable, tolerance: float = 0.0) 
     entered = [0] * num_stages
     flops = 0
     with evaluation_mode(ensemble), torch.inference_mode():
-        for item in batches:
+        for item in shard(batches):
             input_ids, attention_mask, targets = unpack_batch(item)
             out = forward_cascade(ensemble, input_ids, attention_mask, targets, method="masked",
                                   thresholds=[math.inf] * num_stages)
@@ -60,6 +61,7 @@ def oracle_bound(ensemble: Ensemble, batches: Iterable, tolerance: float = 0.0) 
                 shapes.append([(1, int(n)) for n in per_row.tolist() if n > 0])
                 heads.append(int(per_row.sum()))
             flops += sum(c.total for c in routed_cost(configs, shapes, heads))
+    nll_sum, scored_total, flops, *entered = summed([nll_sum, scored_total, flops, *entered])
     layers = [stage.num_layers for stage in ensemble]
     total = entered[0]
     exited = [entered[k] - (entered[k + 1] if k + 1 < num_stages else 0) for k in range(num_stages)]

@@ -27,6 +27,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 
 from ..data.batch import unpack_batch
+from ..measure.distributed import shard, summed
 from ..stages.ensemble import Ensemble, evaluation_mode
 from .calibration import calibrate_thresholds
 from .passes import forward_cascade
@@ -123,7 +124,7 @@ def routed_violations(ensemble: Ensemble, batches: Iterable, thresholds: Sequenc
     violations, tokens = 0, 0
     last = len(ensemble) - 1
     with evaluation_mode(ensemble), torch.inference_mode():
-        for item in batches:
+        for item in shard(batches):
             ids, mask, targets = unpack_batch(item)
             routed = forward_cascade(ensemble, ids, mask, targets, method="routed", thresholds=thresholds,
                                      **forward_kwargs)
@@ -136,6 +137,7 @@ def routed_violations(ensemble: Ensemble, batches: Iterable, thresholds: Sequenc
                 bad = routed.nll > full.nll + nll_tolerance
             violations += int((bad & scored).sum())
             tokens += int(scored.sum())
+    violations, tokens = summed([violations, tokens])
     return violations, tokens
 
 

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from cascade_bench.cli import main
 from cascade_bench.experiment import pipeline as experiment
@@ -324,3 +329,38 @@ def test_a_memory_layer_preset_trains_and_evaluates_through_run(tmp_path):
     assert all(math.isfinite(r["ppl"]) for r in records)
     report = paths["report"].read_text()
     assert "preset memory-tiny" in report and "Not run: kv[policy], because K/V policies need every layer" in report
+
+
+def _flags(values: dict) -> list[str]:
+    return [part for key, value in values.items() for part in
+            ("--" + key.replace("_", "-"), ",".join(map(str, value)) if isinstance(value, tuple) else str(value))]
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
+def test_torchrun_two_ranks_measure_what_one_process_measured(finished, tmp_path):
+    """`torchrun --nproc-per-node 2 -m cascade_bench run` on the same config (its own name, and every
+    rank timing one batch): it loads the models the one-process run trained, shards every point over
+    2 gloo processes, and stores the same quality, exit counts, thresholds and FLOPs; rank 0 alone
+    writes and prints."""
+    config, paths = finished
+    out = tmp_path / "ranks"
+    for folder in ("models", "cache"):  # the trained models and tokenizer of the one-process run
+        shutil.copytree(Path(config.out) / folder, out / folder)
+    # (a torchrun run trains too, on rank 0; reusing them keeps this test to the sweep)
+    values = {**TINY, "name": "tiny-ranks", "timing_batches": 2, "out": str(out)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "cascade_bench", "run", "--quiet", *_flags(values)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("tiny-ranks: done in") == 1
+    single = {r["point_id"]: r for r in ResultsStore(paths["results"])}
+    parallel = {r["point_id"]: r for r in ResultsStore(out / "results" / "tiny-ranks.jsonl")}
+    assert list(parallel) == list(single)
+    for point_id, record in parallel.items():
+        assert record["conditions"]["ranks"] == 2 and single[point_id]["conditions"].get("ranks", 1) == 1
+        for key in ("tokens", "exit_ratios", "tokens_entered", "thresholds", "flops", "flops_analytic", "layer_cost"):
+            assert record.get(key) == single[point_id].get(key), (point_id, key)
+        assert record["ppl"] == pytest.approx(single[point_id]["ppl"], rel=1e-9), point_id
+    assert "2 processes" in (out / "report.md").read_text()
+    assert sorted(p.name for p in (out / "models").iterdir()) == sorted(
+        p.name for p in (Path(config.out) / "models").iterdir())  # nothing trained anew

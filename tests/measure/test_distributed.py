@@ -1,0 +1,151 @@
+"""Data-parallel evaluation (measure.distributed): two gloo processes give the one-process results.
+
+Each worker evaluates inside ``sharded`` and rank 0 then computes the same calls ``unsharded`` in
+the same process (same threads, same weights), so the comparison is exact: counts and thresholds
+equal, float64 sums equal up to the order they were added in.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from cascade_bench.cost.measurement import measure_cost
+from cascade_bench.data.corpus import embedded_documents
+from cascade_bench.measure.distributed import (ONE_PROCESS, Ranks, first_share, join_launch, leave_launch, shard,
+                                               sharded, summed, unsharded)
+from cascade_bench.routing.calibration import calibrate_thresholds
+from cascade_bench.routing.evaluation import evaluate
+from cascade_bench.routing.oracle import oracle_bound
+from cascade_bench.routing.risk_control import risk_controlled_thresholds, routed_violations
+from tests.helpers import tiny_ensemble, token_batch
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
+
+
+def test_one_process_shards_nothing_and_combines_nothing():
+    batches = [1, 2, 3]
+    assert shard(batches) is batches and first_share(2) == 2 and summed([1, 2.5]) == [1, 2.5]
+    with sharded(ONE_PROCESS):
+        assert shard(batches) is batches
+    assert join_launch() == ONE_PROCESS  # no torchrun environment here
+    assert ONE_PROCESS.summary() == {"ranks": 1, "backend": None}
+
+
+def test_shares_stride_over_ranks_and_every_rank_needs_one(monkeypatch):
+    # shard's arithmetic, read without a process group (nothing is combined here)
+    with sharded(Ranks(rank=1, world_size=3, backend="gloo")):
+        assert shard(range(8)) == [1, 4, 7] and first_share(5) == 2  # batches 1, 4 of the first 5
+        with pytest.raises(ValueError, match="cannot shard 2 batches over 3 ranks"):
+            shard([0, 1])
+        with pytest.raises(ValueError, match="cannot time the first 2 batches over 3 ranks"):
+            first_share(2)
+        with unsharded():
+            assert shard([0, 1]) == [0, 1]
+
+
+def test_torchrun_environment_is_checked(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(ValueError, match="WORLD_SIZE must be an integer"):
+        join_launch()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "2")
+    with pytest.raises(ValueError, match="RANK 2 must be in 0..WORLD_SIZE-1"):
+        join_launch()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _calls(ensemble, batches) -> dict:
+    """Every sharded evaluation function once, on ``batches``."""
+    thresholds = calibrate_thresholds(ensemble, batches, 0.4)
+    cost = measure_cost(ensemble, batches, "routed", thresholds=list(thresholds), repeats=1, fvcore=False,
+                        spans=False, timing_batches=2)
+    risk = risk_controlled_thresholds(ensemble, batches, delta=0.3, epsilon=0.2)
+    return {
+        "thresholds": thresholds,
+        "evaluate": evaluate(ensemble, batches, method="routed", thresholds=list(thresholds)),
+        "cost": cost,
+        "oracle": oracle_bound(ensemble, batches),
+        "risk": risk.summary(),
+        "violations": routed_violations(ensemble, batches, risk.thresholds),
+    }
+
+
+def _worker(rank: int, world_size: int, port: int, out: str) -> None:
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    ranks = join_launch("cpu")
+    text = "\n\n".join(body for _, body in embedded_documents())
+    # 5 batches, uneven over 2 ranks; padding in one of them
+    batches = [token_batch(text, 3, 24, offset=700 * i) for i in range(5)]
+    mask = torch.ones_like(batches[1])
+    mask[0, 18:] = 0
+    batches[1] = {"input_ids": batches[1], "attention_mask": mask}
+    ensemble = tiny_ensemble("gpt2-tiny", layers=(1, 1, 1), seed=0)
+    with sharded(ranks):
+        parallel = _calls(ensemble, batches)
+        if ranks.is_main:
+            with unsharded():
+                single = _calls(ensemble, batches)
+            with open(out, "wb") as f:
+                pickle.dump({"parallel": parallel, "single": single, "ranks": ranks}, f)
+    leave_launch()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("ranks") / "results.pkl")
+    mp.start_processes(_worker, args=(2, _free_port(), out), nprocs=2, join=True, start_method="spawn")
+    with open(out, "rb") as f:
+        return pickle.load(f)
+
+
+def test_two_ranks_calibrate_the_same_exact_quantiles(two_ranks):
+    assert two_ranks["ranks"] == Ranks(rank=0, world_size=2, backend="gloo")
+    assert two_ranks["parallel"]["thresholds"] == two_ranks["single"]["thresholds"]
+    assert two_ranks["parallel"]["risk"] == two_ranks["single"]["risk"]
+    assert two_ranks["parallel"]["violations"] == two_ranks["single"]["violations"]
+
+
+def test_two_ranks_evaluate_every_token_once(two_ranks):
+    parallel, single = two_ranks["parallel"]["evaluate"], two_ranks["single"]["evaluate"]
+    for key in ("tokens", "routed_tokens", "hard_tokens", "tokens_entered", "tokens_exited", "exit_ratios",
+                "layer_cost", "padding_waste", "tokens_computed"):
+        assert getattr(parallel, key) == getattr(single, key), key
+    assert parallel.nll_sum == pytest.approx(single.nll_sum, rel=1e-12)
+    for key in ("ppl", "accuracy", "hard_ppl", "easy_ppl", "hard_ppl_stage0"):
+        assert getattr(parallel, key) == pytest.approx(getattr(single, key), rel=1e-12), key
+    assert parallel.conditions["ranks"] == 2 and single.conditions["ranks"] == 1
+    assert parallel.conditions["batch_shapes"] == single.conditions["batch_shapes"]
+
+
+def test_two_ranks_count_the_same_flops_and_time_the_same_batches(two_ranks):
+    parallel, single = two_ranks["parallel"]["cost"], two_ranks["single"]["cost"]
+    assert parallel.flops == single.flops == parallel.flops_analytic == single.flops_analytic
+    assert parallel.flops_by_op == single.flops_by_op
+    assert parallel.stages == single.stages
+    assert parallel.quality.ppl == pytest.approx(single.quality.ppl, rel=1e-12)
+    for key in ("timed_batches", "timed_tokens", "batches"):
+        assert parallel.conditions[key] == single.conditions[key], key
+    assert parallel.conditions["timed_batches"] == 2 and parallel.conditions["batches"] == 5
+    assert parallel.conditions["ranks"] == 2
+    assert math.isfinite(parallel.time_median_s) and parallel.tokens_per_s > 0
+
+
+def test_two_ranks_give_the_same_oracle_bound(two_ranks):
+    parallel, single = two_ranks["parallel"]["oracle"], two_ranks["single"]["oracle"]
+    assert parallel.tokens_entered == single.tokens_entered and parallel.flops_analytic == single.flops_analytic
+    assert parallel.ppl == pytest.approx(single.ppl, rel=1e-12)
