@@ -82,6 +82,8 @@ def join_launch(device: str = "cpu") -> Ranks:
         raise ValueError(f"WORLD_SIZE={world_size} asks for {world_size} processes, but this torch build has no "
                          f"torch.distributed")
     cuda = torch.device(device).type == "cuda"
+    if cuda and torch.device(device).index is not None:
+        raise ValueError(f"under torchrun give device 'cuda' (each rank uses the GPU of its LOCAL_RANK), got {device!r}")
     if not dist.is_initialized():
         if cuda:
             torch.cuda.set_device(_env_int("LOCAL_RANK", 0))

@@ -57,6 +57,9 @@ def test_torchrun_environment_is_checked(monkeypatch):
     monkeypatch.setenv("RANK", "2")
     with pytest.raises(ValueError, match="RANK 2 must be in 0..WORLD_SIZE-1"):
         join_launch()
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(ValueError, match="under torchrun give device 'cuda'.*got 'cuda:1'"):
+        join_launch("cuda:1")
 
 
 def _free_port() -> int:
@@ -81,20 +84,22 @@ def _calls(ensemble, batches) -> dict:
     }
 
 
-def _worker(rank: int, world_size: int, port: int, out: str) -> None:
+def _worker(rank: int, world_size: int, port: int, out: str, device: str = "cpu") -> None:
     import os
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    ranks = join_launch("cpu")
+    ranks = join_launch(device)
     text = "\n\n".join(body for _, body in embedded_documents())
     # 5 batches, uneven over 2 ranks; padding in one of them
     batches = [token_batch(text, 3, 24, offset=700 * i) for i in range(5)]
     mask = torch.ones_like(batches[1])
     mask[0, 18:] = 0
     batches[1] = {"input_ids": batches[1], "attention_mask": mask}
-    ensemble = tiny_ensemble("gpt2-tiny", layers=(1, 1, 1), seed=0)
+    if device != "cpu":
+        batches = [{k: v.to(device) for k, v in b.items()} if isinstance(b, dict) else b.to(device) for b in batches]
+    ensemble = tiny_ensemble("gpt2-tiny", layers=(1, 1, 1), seed=0).to(device)
     with sharded(ranks):
         parallel = _calls(ensemble, batches)
         if ranks.is_main:
@@ -105,12 +110,15 @@ def _worker(rank: int, world_size: int, port: int, out: str) -> None:
     leave_launch()
 
 
-@pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("ranks") / "results.pkl")
-    mp.start_processes(_worker, args=(2, _free_port(), out), nprocs=2, join=True, start_method="spawn")
+def _launch(out: str, device: str = "cpu") -> dict:
+    mp.start_processes(_worker, args=(2, _free_port(), out, device), nprocs=2, join=True, start_method="spawn")
     with open(out, "rb") as f:
         return pickle.load(f)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    return _launch(str(tmp_path_factory.mktemp("ranks") / "results.pkl"))
 
 
 def test_two_ranks_calibrate_the_same_exact_quantiles(two_ranks):
@@ -149,3 +157,15 @@ def test_two_ranks_give_the_same_oracle_bound(two_ranks):
     parallel, single = two_ranks["parallel"]["oracle"], two_ranks["single"]["oracle"]
     assert parallel.tokens_entered == single.tokens_entered and parallel.flops_analytic == single.flops_analytic
     assert parallel.ppl == pytest.approx(single.ppl, rel=1e-12)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices (NCCL: one rank per GPU)")
+def test_two_nccl_ranks_on_two_gpus_calibrate_and_count_like_one(tmp_path):
+    results = _launch(str(tmp_path / "results.pkl"), device="cuda")
+    assert results["ranks"].backend == "nccl"
+    assert results["parallel"]["thresholds"] == results["single"]["thresholds"]
+    parallel, single = results["parallel"]["evaluate"], results["single"]["evaluate"]
+    assert parallel.tokens_entered == single.tokens_entered
+    assert parallel.ppl == pytest.approx(single.ppl, rel=1e-12)
+    assert results["parallel"]["cost"].flops_analytic == results["single"]["cost"].flops_analytic
