@@ -283,7 +283,7 @@ def measure_cost(ensemble: Ensemble, batches: Iterable, method: str = "routed", 
     share = _combined(all_ranks(share))
     counted, fv_total, stage_records, wall = share.counted, share.fvcore, share.stages, TimingStats(share.wall)
     analytic_total = sum(record.analytic_flops for record in stage_records)
-    timed, timed_tokens, syncs = range(share.timed_batches), share.timed_tokens, share.syncs
+    timed_tokens, syncs = share.timed_tokens, share.syncs
     # Seconds per token of the counted pass over those of the median uncounted pass.
     overhead = (share.counted_pass_s / quality.routed_tokens) / (wall.median / timed_tokens)
     return CostRecord(
@@ -298,9 +298,9 @@ def measure_cost(ensemble: Ensemble, batches: Iterable, method: str = "routed", 
         spans_wall_median_s=share.span_wall, counted_pass_s=share.counted_pass_s,
         counting_overhead=overhead, peak_memory_bytes=share.peak, memory_measure=how,
         peak_rss_bytes=share.peak_rss,
-        host_syncs_per_forward=None if syncs is None else syncs / len(timed),
+        host_syncs_per_forward=None if syncs is None else syncs / share.timed_batches,
         conditions={**quality.conditions, "warmup": warmup, "repeats": repeats,
                     "timer": "cuda_events" if device.type == "cuda" else "perf_counter_ns",
-                    "timed_batches": len(timed), "timed_tokens": timed_tokens, "batches": share.batches,
+                    "timed_batches": share.timed_batches, "timed_tokens": timed_tokens, "batches": share.batches,
                     "flops_counted": count_flops},
     )

@@ -35,7 +35,7 @@ from ..cost.measurement import measure_cost
 from ..data.prepare import PreparedData, prepare_data
 from ..data.storage import write_json_atomic
 from ..measure.distributed import (all_ranks, from_main, gathered, join_launch, main_first, same_parameters, shard,
-                                   sharded, unsharded)
+                                   sharded)
 from ..measure.timing import interleaved_ratio
 from ..routing.calibration import calibrate_thresholds
 from ..routing.oracle import oracle_bound
@@ -235,11 +235,10 @@ def run_experiment(config: ExperimentConfig, progress: bool = True,
     scored = data.test if config.eval_split == "test" else data.validation
     test = scored[:config.eval_batches] if config.eval_batches else scored
     if pretrained is not None:
-        with sharded(ranks):
-            with unsharded():  # every rank trains the same heads (if any); rank 0's are kept
-                cascade, training = _pretrained_blocks(config, pretrained, data, progress)
-            if config.block_heads == "trained":
-                same_parameters([cascade])
+        cascade, training = _pretrained_blocks(config, pretrained, data, progress)  # on every rank alike
+        if config.block_heads == "trained":
+            with sharded(ranks):
+                same_parameters([cascade])  # rank 0's trained heads on every rank
     else:
         with main_first(ranks):  # rank 0 trains and saves; the others load what it saved
             cascade, training = _trained_cascade(config, data, paths, progress)
