@@ -245,7 +245,28 @@ def build_parser() -> argparse.ArgumentParser:
                     "goes to lm_eval. Afterwards prints the cascade's cost columns (exit ratios, layer cost, "
                     "FLOPs, FLOP ratio to full depth).")
     harness.add_argument("harness_args", nargs=argparse.REMAINDER)
+    lock = commands.add_parser(
+        "check-lock", help="is this install the locked one? (exit 1 naming every package that differs)",
+        description="Compare every installed distribution with the lock file's pins (markers evaluated for this "
+                    "interpreter; local build labels such as +cpu ignored). Exit 0 when the install is the "
+                    "locked one, 1 with one line per difference otherwise.")
+    lock.add_argument("lock_file", nargs="?", type=Path, default=None, metavar="LOCK",
+                      help="lock file (default: requirements.lock of this clone)")
     return parser
+
+
+def _check_lock(lock_file: Optional[Path]) -> int:
+    from .measure.lockfile import LOCK_NAME, installed_versions, lock_mismatches, read_lock, repository_lock
+
+    lock_file = lock_file or repository_lock()
+    if lock_file is None or not lock_file.is_file():
+        raise ValueError(f"no lock file {lock_file or LOCK_NAME!s}: pass the path of requirements.lock")
+    problems = lock_mismatches(read_lock(lock_file.read_text()), installed_versions())
+    for line in problems:
+        print(line)
+    print(f"{lock_file}: " + ("the install matches the lock" if not problems else
+                             f"{len(problems)} installed package(s) differ from the lock"))
+    return 1 if problems else 0
 
 
 def _lm_eval(harness_args: Sequence[str]) -> int:
@@ -528,6 +549,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             for path in write_local_tasks(args.out):
                 print(f"wrote {path}")
             return 0
+        if args.command == "check-lock":
+            return _check_lock(args.lock_file)
         if args.command == "cost":
             return _cost(args)
         if args.command in ("run", "report", "plot"):

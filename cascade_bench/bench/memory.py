@@ -40,6 +40,7 @@ from ..data.storage import write_json_atomic
 from ..data.windows import sliding_windows
 from ..measure.flops import count_flops
 from ..measure.memory import peak_memory_bytes
+from ..models.hf_compat import with_cache
 from ..stages.families import register_own_families
 from ..stages.presets import stage_config
 from ..training.memory_streams import TRAINING_ORDERS, stream_chunks, train_on_streams
@@ -162,7 +163,7 @@ def context_costs(model, ids: Tensor, repeats: int = 3) -> dict:
         model(input_ids=ids)
         seconds.append(time.perf_counter() - started)
     cache = DynamicCache()
-    model(input_ids=ids, past_key_values=cache, use_cache=True)
+    model(input_ids=ids, use_cache=True, **with_cache(cache))
     return {"FLOPs / token": counted.flops / length, "ms / token": 1e3 * statistics.median(seconds) / length,
             "peak MB": peak / 2 ** 20, "cache KB": cache_bytes(cache) / 2 ** 10, "peak_measured_as": how}
 

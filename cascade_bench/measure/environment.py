@@ -9,6 +9,8 @@ from typing import Optional
 
 import torch
 
+from .lockfile import lock_status
+
 
 def git_commit(path: Optional[Path] = None) -> str:
     """Commit of the cascade_bench checkout (with '+dirty' if it has changes), or 'unknown'."""
@@ -85,5 +87,6 @@ def environment_conditions(device: "torch.device | str", dtype: torch.dtype) -> 
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
+        "install": lock_status(),
         "git_commit": git_commit(),
     }

@@ -100,7 +100,7 @@ def stage_call(stage, cache: StageCache, rows: Tensor, new_valid: Tensor, positi
     past = cache.begin(rows, new_valid.shape[1])
     mask = cache.attention_mask(new_valid, stage.dtype) if attention_mask is None else attention_mask
     out = stage(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids,
-                past_key_values=past, use_cache=True, capture_input_state=capture)
+                cache=past, use_cache=True, capture_input_state=capture)
     cache.commit(new_valid)
     return out.hidden, out.input_state
 

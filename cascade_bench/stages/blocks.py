@@ -22,6 +22,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..models.hf_compat import causal_mask, layer_cache_keyword
 from ..models.masks import new_token_validity
 from .exits import ExitFunction, HoldsExitFunction
 from .families import config_for_layers, family_parts, layer_slice_recipe
@@ -85,6 +86,7 @@ class Block(HoldsExitFunction, nn.Module):
         self.embedding_dropout = (getattr(base, recipe.embedding_dropout)
                                   if reads_tokens and recipe.embedding_dropout else None)
         self.rotary = getattr(base, recipe.rotary) if recipe.rotary else None
+        self.cache_keyword = layer_cache_keyword(self.layers[0])  # what this transformers release calls it
         self.head = head
         self.exit_function = exit_fn
         self.threshold = check_threshold(threshold)
@@ -135,16 +137,15 @@ class Block(HoldsExitFunction, nn.Module):
     def forward(self, input_ids: Optional[Tensor] = None, inputs_embeds: Optional[Tensor] = None,
                 attention_mask: Optional[Tensor] = None, position_ids: Optional[Tensor] = None,
                 capture_input_state: bool = False, logits_at: Optional[Tensor] = None,
-                past_key_values=None, use_cache: bool = False) -> StageOutput:
+                cache=None, use_cache: bool = False) -> StageOutput:
         """Run the block's layers on token ids (R, L) (first block) or residual states (R, L, d).
 
         For the first block ``inputs_embeds`` are token embeddings (absolute positions are still
         added), as in Hugging Face; for later blocks they are the residual stream. Returns the
         residual stream after the last layer (R, L, d), not normed; the rest as ``LLM.forward``.
-        ``past_key_values``: a cache holding this block's layers only (index 0 = layer ``start``).
+        ``cache``: a cache holding this block's layers only (index 0 = layer ``start``).
         """
         from transformers import DynamicCache
-        from transformers.masking_utils import create_causal_mask
 
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -155,22 +156,21 @@ class Block(HoldsExitFunction, nn.Module):
             hidden = self.embedding(input_ids)
         else:
             hidden = inputs_embeds
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache()
+        if use_cache and cache is None:
+            cache = DynamicCache()
         if position_ids is None:
-            seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+            seen = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(seen, seen + hidden.shape[1], device=hidden.device)[None]
         if self.position_embedding is not None:
             hidden = hidden + self.position_embedding(position_ids).to(hidden.dtype)
         if self.embedding_dropout is not None:
             hidden = self.embedding_dropout(hidden)
-        mask = create_causal_mask(config=self.source.config, inputs_embeds=hidden, attention_mask=attention_mask,
-                                  past_key_values=past_key_values, position_ids=position_ids)
+        mask = causal_mask(self.source.config, hidden, attention_mask, cache, position_ids)
         extra = {}
         if self.rotary is not None:
             extra["position_embeddings"] = self.rotary(hidden, position_ids=position_ids)
-        if past_key_values is not None:
-            extra[self.recipe.cache_argument] = _BlockCacheView(past_key_values, self.start)
+        if cache is not None:
+            extra[self.cache_keyword] = _BlockCacheView(cache, self.start)
         if self.recipe.padding_argument is not None:
             extra[self.recipe.padding_argument] = new_token_validity(attention_mask, hidden.shape[1])
         input_state = None
@@ -179,7 +179,7 @@ class Block(HoldsExitFunction, nn.Module):
                 input_state = hidden
             hidden = layer(hidden, attention_mask=mask, position_ids=position_ids, use_cache=use_cache, **extra)
         return StageOutput(hidden=hidden, input_state=input_state, logits=logits_at_positions(self, hidden, logits_at),
-                           past_key_values=past_key_values if use_cache else None)
+                           cache=cache if use_cache else None)
 
     def logits(self, hidden: Tensor) -> Tensor:
         """Vocabulary logits (..., V) of residual states (..., d): final norm, then lm_head."""

@@ -113,15 +113,14 @@ class LayerSliceRecipe:
     position_embedding: base-model attribute of absolute position embeddings, added once to the
     token embeddings (GPT-2), or None. rotary: base-model attribute computing the rotary (cos, sin)
     for the position ids that actually run, or None. embedding_dropout: dropout applied after the
-    embeddings, or None. cache_argument: the keyword a decoder layer takes its KV cache under.
-    padding_argument: the keyword a decoder layer takes the (rows, new tokens) bool mask of real
+    embeddings, or None. (The keyword a decoder layer takes its KV cache under is read off the
+    layer's signature: ``models.hf_compat.layer_cache_keyword``.) padding_argument: the keyword a decoder layer takes the (rows, new tokens) bool mask of real
     tokens under, for layers that need it beyond the attention mask (memory writes), or None.
     """
 
     position_embedding: "str | None" = None
     rotary: "str | None" = None
     embedding_dropout: "str | None" = None
-    cache_argument: str = "past_key_values"
     padding_argument: Optional[str] = None
 
 
@@ -131,7 +130,7 @@ LAYER_SLICE_RECIPES: dict[str, LayerSliceRecipe] = {
     "llama": LayerSliceRecipe(rotary="rotary_emb"),
     "mistral": LayerSliceRecipe(rotary="rotary_emb"),
     "qwen2": LayerSliceRecipe(rotary="rotary_emb"),
-    "gpt_neox": LayerSliceRecipe(rotary="rotary_emb", embedding_dropout="emb_dropout", cache_argument="layer_past"),
+    "gpt_neox": LayerSliceRecipe(rotary="rotary_emb", embedding_dropout="emb_dropout"),
     "cascade_memory_lm": LayerSliceRecipe(rotary="rotary", padding_argument="padding_mask"),
 }
 
@@ -143,8 +142,8 @@ def layer_slice_recipe(model: nn.Module) -> LayerSliceRecipe:
         raise ValueError(
             f"cannot cut a {model_type!r} model ({type(model).__name__}) into blocks: "
             f"cascade_bench.stages.families.LAYER_SLICE_RECIPES has no entry for it (it needs: where the decoder "
-            f"layers and final norm sit, how positions enter (absolute embedding or rotary), and the "
-            f"layers' cache argument); supported: {sorted(LAYER_SLICE_RECIPES)}")
+            f"layers and final norm sit, and how positions enter (absolute embedding or rotary)); "
+            f"supported: {sorted(LAYER_SLICE_RECIPES)}")
     recipe = LAYER_SLICE_RECIPES[model_type]
     base = model.base_model
     for what, name in (("position embedding", recipe.position_embedding), ("rotary embedding", recipe.rotary),

@@ -12,6 +12,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from ..models.hf_compat import output_cache, with_cache
 from .exits import ExitFunction, HoldsExitFunction
 from .families import config_for_layers, family_parts, register_own_families
 
@@ -25,12 +26,13 @@ class StageOutput:
         Block's residual stream (its exit head applies the norm).
     input_state: (R, L, d) input of the stage's last decoder layer, or None if not captured.
     logits: (n, V) logits at the positions asked for (``logits_at``), in row-major order, or None.
+    cache: the extended key/value cache when the call used one, else None.
     """
 
     hidden: Tensor
     input_state: Optional[Tensor] = None
     logits: Optional[Tensor] = None
-    past_key_values: object = None
+    cache: object = None
 
 
 def check_threshold(threshold) -> float:
@@ -139,14 +141,14 @@ class LLM(HoldsExitFunction, nn.Module):
     def forward(self, input_ids: Optional[Tensor] = None, inputs_embeds: Optional[Tensor] = None,
                 attention_mask: Optional[Tensor] = None, position_ids: Optional[Tensor] = None,
                 capture_input_state: bool = False, logits_at: Optional[Tensor] = None,
-                past_key_values=None, use_cache: bool = False) -> StageOutput:
+                cache=None, use_cache: bool = False) -> StageOutput:
         """Run the stage on token ids (R, L) or hidden states (R, L, d).
 
         attention_mask: (R, L), 1 = real token. position_ids: (R, L). Returns final hidden states
         (R, L, d), if ``capture_input_state`` the input of the last decoder layer (R, L, d), and
         logits only at the positions of the (R, L) bool mask ``logits_at`` (none by default).
-        ``past_key_values`` / ``use_cache``: a Hugging Face cache to attend over and extend
-        (generation); the extended cache is returned in ``past_key_values``.
+        ``cache`` / ``use_cache``: a Hugging Face cache to attend over and extend (generation); the
+        extended cache is returned in ``cache``.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -160,14 +162,14 @@ class LLM(HoldsExitFunction, nn.Module):
         try:
             out = self.parts.base_model(input_ids=input_ids, inputs_embeds=inputs_embeds,
                                         attention_mask=attention_mask, position_ids=position_ids,
-                                        past_key_values=past_key_values, use_cache=use_cache)
+                                        use_cache=use_cache, **with_cache(cache))
         finally:
             if handle is not None:
                 handle.remove()
         hidden = out.last_hidden_state
         return StageOutput(hidden=hidden, input_state=captured[0] if captured else None,
                            logits=logits_at_positions(self, hidden, logits_at),
-                           past_key_values=out.past_key_values if use_cache else None)
+                           cache=output_cache(out) if use_cache else None)
 
     def logits(self, hidden: Tensor) -> Tensor:
         """Vocabulary logits (..., V) for the given final hidden states (..., d)."""

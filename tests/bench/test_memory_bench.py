@@ -19,7 +19,7 @@ def _prefilled(model, length):
 
     cache = DynamicCache()
     with torch.no_grad():
-        model(input_ids=torch.randint(0, 64, (1, length)), past_key_values=cache, use_cache=True)
+        model(input_ids=torch.randint(0, 64, (1, length)), cache=cache, use_cache=True)
     return cache
 
 

@@ -163,7 +163,7 @@ def test_memory_layers_decode_with_a_fixed_size_cache_as_without_one(kind, chunk
         whole = model(x).logits
         cache, parts, start = DynamicCache(), [], 0
         for size in chunks:
-            out = model(x[:, start:start + size], past_key_values=cache, use_cache=True)
+            out = model(x[:, start:start + size], cache=cache, use_cache=True)
             parts.append(out.logits)
             start += size
             slots = [layer for layer in cache.layers if isinstance(layer, SegmentLayer)]
@@ -238,3 +238,30 @@ def test_bad_config_values_name_the_key(options, key):
 def test_unknown_preset_names_the_presets():
     with pytest.raises(ValueError, match="unknown memory-LM preset 'mamba'.*hierarchical"):
         create_model("mamba")
+
+
+def test_unknown_keywords_are_refused_not_swallowed():
+    """A keyword the model does not know (a misspelling, or a name a future transformers passes)
+    is a TypeError naming it: a generate() that hands the cache under a new name fails loudly
+    instead of decoding without its cache (what happened on transformers 5.24)."""
+    model = tiny("infini")
+    x = ids(1, 5)
+    with pytest.raises(TypeError, match="update_memroy"):
+        model(x, update_memroy=False)
+    with pytest.raises(TypeError, match="bogus"):
+        model.model(x, bogus=1)
+
+
+def test_the_cache_is_one_argument_under_either_name():
+    from transformers import DynamicCache
+
+    model = tiny("pythia")
+    x = ids(1, 6)
+    with torch.no_grad():
+        new, old = DynamicCache(), DynamicCache()
+        a = model(x[:, :4], cache=new, use_cache=True)
+        b = model(x[:, :4], past_key_values=old, use_cache=True)
+        torch.testing.assert_close(a.logits, b.logits)
+        assert new.get_seq_length() == old.get_seq_length() == 4
+        with pytest.raises(ValueError, match="not both"):
+            model(x[:, 4:], cache=new, past_key_values=old, use_cache=True)

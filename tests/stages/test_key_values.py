@@ -29,7 +29,7 @@ def test_layer_key_values_equal_the_models_own_cache(kind, preset, overrides, te
     with torch.inference_mode():
         state = ensemble[0](input_ids=ids).hidden
         cache = DynamicCache()
-        stage(inputs_embeds=state, position_ids=positions, past_key_values=cache, use_cache=True)
+        stage(inputs_embeds=state, position_ids=positions, cache=cache, use_cache=True)
         for hook in hooks:
             hook.remove()
         for i, layer in enumerate(stage.layers):

@@ -13,7 +13,7 @@ def _run(stage, cache, rows, ids, positions, new_valid=None):
     new_valid = torch.ones(ids.shape, dtype=torch.bool) if new_valid is None else new_valid
     past = cache.begin(rows, ids.shape[1])
     out = stage(input_ids=ids, attention_mask=cache.attention_mask(new_valid), position_ids=positions,
-                past_key_values=past, use_cache=True)
+                cache=past, use_cache=True)
     cache.commit(new_valid)
     return out.hidden
 
@@ -85,7 +85,7 @@ def test_the_finished_4d_mask_gives_what_the_models_own_mask_construction_gives(
             mask = cache.attention_mask(new_valid, stage.dtype if finished else None)
             assert mask.shape == ((3, 1, 2, 8) if finished else (3, 8))
             positions = cache.count[:, None] + torch.arange(2)[None]
-            hidden = stage(input_ids=ids[:, 6:8], attention_mask=mask, position_ids=positions, past_key_values=past,
+            hidden = stage(input_ids=ids[:, 6:8], attention_mask=mask, position_ids=positions, cache=past,
                            use_cache=True).hidden
             cache.commit(new_valid)
         outputs.append(hidden[new_valid])

@@ -62,25 +62,29 @@ class Layer(nn.Module):
         self.config = config
 
     def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None,
-                position_embeddings: Optional[tuple[Tensor, Tensor]] = None, past_key_values=None,
-                padding_mask: Optional[Tensor] = None, memory: Optional[MemoryContext] = None, **kwargs) -> Tensor:
-        mixed = self.mix(self.ln_1(hidden_states), attention_mask, position_embeddings, past_key_values,
-                         padding_mask, memory)
+                position_embeddings: Optional[tuple[Tensor, Tensor]] = None, cache=None,
+                padding_mask: Optional[Tensor] = None, memory: Optional[MemoryContext] = None,
+                position_ids: Optional[Tensor] = None, use_cache: Optional[bool] = None) -> Tensor:
+        """(B, T, d) -> (B, T, d). ``cache``: the model's cache (written when given). Positions
+        enter through ``position_embeddings`` (rotary cos/sin); ``position_ids`` and ``use_cache``
+        are accepted because block stages pass every family's layers the same keywords, and
+        unused here (a cache given is a cache used)."""
+        mixed = self.mix(self.ln_1(hidden_states), attention_mask, position_embeddings, cache, padding_mask, memory)
         return hidden_states + mixed + self.mlp(self.ln_2(hidden_states))
 
-    def mix(self, x, attention_mask, position_embeddings, past_key_values, padding_mask, memory) -> Tensor:
+    def mix(self, x, attention_mask, position_embeddings, cache, padding_mask, memory) -> Tensor:
         raise NotImplementedError
 
 
 class PythiaLayer(Layer):
     """Rotary softmax attention over the whole context."""
 
-    def mix(self, x, attention_mask, position_embeddings, past_key_values, padding_mask, memory) -> Tensor:
+    def mix(self, x, attention_mask, position_embeddings, cache, padding_mask, memory) -> Tensor:
         q, k, v = (self.attention.heads(t) for t in self.attention.project(x))
         cos, sin = position_embeddings
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_idx)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
         return self.attention.out(self.attention.attend(q, k, v, attention_mask))
 
 
@@ -92,9 +96,9 @@ class SegmentMemoryLayer(Layer):
         super().__init__(config, layer_idx)
         self.gate = nn.Parameter(torch.zeros(config.hidden_size))  # sigmoid(0) = 0.5: both paths at first
 
-    def mix(self, x, attention_mask, position_embeddings, past_key_values, padding_mask, memory) -> Tensor:
-        if past_key_values is not None:
-            return self._mix_cached(x, position_embeddings, decode_slot(past_key_values, self.layer_idx),
+    def mix(self, x, attention_mask, position_embeddings, cache, padding_mask, memory) -> Tensor:
+        if cache is not None:
+            return self._mix_cached(x, position_embeddings, decode_slot(cache, self.layer_idx),
                                     padding_mask, memory)
         batch, length, dim = x.shape
         n = self.config.segment_length

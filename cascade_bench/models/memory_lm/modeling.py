@@ -18,10 +18,11 @@ from torch import Tensor, nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from ..hf_compat import cache_keyword, causal_mask
+from ..masks import new_token_validity
 from .attention import RotaryEmbedding
 from .compressive import CompressiveMemory
 from .configuration import MEMORY_LAYER_KINDS, MemoryLMConfig
-from ..masks import new_token_validity
 from .layers import LAYER_CLASSES, MemoryContext
 
 
@@ -93,36 +94,57 @@ class MemoryLMModel(MemoryLMPreTrainedModel):
         self.embed_tokens = value
 
     def forward(self, input_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
-                position_ids: Optional[Tensor] = None, past_key_values=None, inputs_embeds: Optional[Tensor] = None,
+                position_ids: Optional[Tensor] = None, cache=None, inputs_embeds: Optional[Tensor] = None,
                 use_cache: Optional[bool] = None, memory: Optional[MemoryContext] = None,
-                output_hidden_states: Optional[bool] = None, **kwargs) -> BaseModelOutputWithPast:
-        """``output_hidden_states``: the embeddings, the residual stream after each layer but the
-        last, and the final normed states (Hugging Face's convention)."""
-        from transformers import DynamicCache
-        from transformers.masking_utils import create_causal_mask
+                output_hidden_states: Optional[bool] = None, output_attentions: Optional[bool] = None,
+                return_dict: Optional[bool] = None, past_key_values=None) -> BaseModelOutputWithPast:
+        """(B, T) ids or (B, T, d) embeddings -> final normed states (B, T, d).
 
+        ``cache``: the key/value cache to attend over and extend (``past_key_values`` is the same
+        argument under the name transformers used before 5.24; give one of them).
+        ``output_hidden_states``: the embeddings, the residual stream after each layer but the
+        last, and the final normed states (Hugging Face's convention). Any other keyword is a
+        TypeError: nothing passed to this model is silently ignored."""
+        from transformers import DynamicCache
+
+        cache = _one_cache(cache, past_key_values)
+        _refuse_attentions(output_attentions)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache()
+        if use_cache and cache is None:
+            cache = DynamicCache()
         if position_ids is None:
-            seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+            seen = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(seen, seen + hidden.shape[1], device=hidden.device)[None]
         position_ids = position_ids.expand(hidden.shape[0], -1)
-        mask = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask,
-                                  past_key_values=past_key_values, position_ids=position_ids)
+        mask = causal_mask(self.config, hidden, attention_mask, cache, position_ids)
         padding = new_token_validity(attention_mask, hidden.shape[1])
         rotary = self.rotary(hidden, position_ids)
         states = [hidden]
         for layer in self.layers:
             hidden = layer(hidden, attention_mask=mask, position_embeddings=rotary,
-                           past_key_values=past_key_values if use_cache else None, padding_mask=padding,
-                           memory=memory)
+                           cache=cache if use_cache else None, padding_mask=padding, memory=memory)
             states.append(hidden)
         hidden = self.norm(hidden)
-        return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=past_key_values if use_cache else None,
-                                       hidden_states=tuple(states[:-1]) + (hidden,) if output_hidden_states else None)
+        out = BaseModelOutputWithPast(last_hidden_state=hidden,
+                                      hidden_states=tuple(states[:-1]) + (hidden,) if output_hidden_states else None,
+                                      **{cache_keyword(): cache if use_cache else None})
+        return out if return_dict is not False else out.to_tuple()
+
+
+def _one_cache(cache, past_key_values):
+    """The cache given under either of its names (ValueError when given under both)."""
+    if cache is not None and past_key_values is not None:
+        raise ValueError("pass the cache once: as cache (transformers >= 5.24) or as past_key_values (earlier "
+                         "releases), not both")
+    return cache if cache is not None else past_key_values
+
+
+def _refuse_attentions(output_attentions) -> None:
+    if output_attentions:
+        raise ValueError("output_attentions=True: memory-layer models do not return attention weights (memory "
+                         "reads have none)")
 
 
 class MemoryLMForCausalLM(MemoryLMPreTrainedModel, GenerationMixin):
@@ -185,15 +207,23 @@ class MemoryLMForCausalLM(MemoryLMPreTrainedModel, GenerationMixin):
 
     # -- forward ---------------------------------------------------------------------------------
     def forward(self, input_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
-                position_ids: Optional[Tensor] = None, past_key_values=None, inputs_embeds: Optional[Tensor] = None,
+                position_ids: Optional[Tensor] = None, cache=None, inputs_embeds: Optional[Tensor] = None,
                 labels: Optional[Tensor] = None, use_cache: Optional[bool] = None,
                 memory_state: Optional[dict] = None, logits_to_keep: int = 0,
-                output_hidden_states: Optional[bool] = None, **kwargs) -> MemoryLMOutput:
+                output_hidden_states: Optional[bool] = None, output_attentions: Optional[bool] = None,
+                return_dict: Optional[bool] = None, past_key_values=None) -> MemoryLMOutput:
+        """Logits (B, T, V) (the last ``logits_to_keep`` positions when it is > 0), the loss of
+        ``labels`` (next-token, -100 ignored), the cache and the memories after this forward.
+
+        ``cache`` / ``past_key_values``: one argument under transformers' new and old name (see
+        ``MemoryLMModel.forward``). Any other keyword is a TypeError."""
+        cache = _one_cache(cache, past_key_values)
+        _refuse_attentions(output_attentions)
         start = memory_state if memory_state is not None else (self._memory_state if self.carry_memory else None)
         device = (input_ids if input_ids is not None else inputs_embeds).device
         context = MemoryContext({int(k): _memories(v, device) for k, v in (start or {}).items()})
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                         cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache,
                          memory=context, output_hidden_states=output_hidden_states)
         hidden = out.last_hidden_state
         logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
@@ -203,8 +233,9 @@ class MemoryLMForCausalLM(MemoryLMPreTrainedModel, GenerationMixin):
                                                labels[:, 1:].reshape(-1), ignore_index=-100)
         state = {i: _plain(s) for i, s in context.states.items()} or None
         self._memory_state = state
-        return MemoryLMOutput(loss=loss, logits=logits, past_key_values=out.past_key_values, memory_state=state,
-                              hidden_states=out.hidden_states)
+        result = MemoryLMOutput(loss=loss, logits=logits, memory_state=state, hidden_states=out.hidden_states,
+                                **{cache_keyword(): out.get(cache_keyword())})
+        return result if return_dict is not False else result.to_tuple()
 
 
 def register_memory_lm() -> None:
