@@ -6,9 +6,11 @@ not) and attention kernels. Elementwise work (norms, activations, softmax, rotar
 confidence) has no FlopCounterMode formula and counts 0, here and in the analytic model.
 
 Gap fixed here: on CPU, SDPA dispatches to ``aten._scaled_dot_product_flash_attention_for_cpu``,
-which FlopCounterMode counts as 0 in torch 2.13. We map torch's own SDPA formula onto it, so
-attention is counted like on CUDA: as *full* (non-causal) QK^T and PV products,
-4 * B * H * S_q * S_k * D FLOPs, whatever the mask.
+which FlopCounterMode counts as 0 in torch 2.13. We map the SDPA formula onto it, so attention is
+counted like on CUDA: as *full* (non-causal) QK^T and PV products, 2 * B * H * S_q * S_k * (D_qk +
+D_v) FLOPs, whatever the mask, with H the query heads. The formula is ours, not torch's
+``sdpa_flop_count``: before torch 2.11 that one rejects grouped-query shapes (fewer key/value
+heads than query heads, as in Llama), which the CPU kernel takes as they are.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+from torch.utils.flop_counter import FlopCounterMode
 
 from .probes import Probe
 
@@ -25,7 +27,11 @@ aten = torch.ops.aten
 
 
 def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_flop_count(query_shape, key_shape, value_shape)
+    """QK^T and PV of (B, H, S_q, D) queries against (B, H_kv, S_k, D) keys and (B, H_kv, S_k, D_v)
+    values: 2 FLOPs per multiply-add, every query head (grouped-query attention repeats the keys)."""
+    batch, heads, queries, dim = query_shape
+    keys, value_dim = key_shape[-2], value_shape[-1]
+    return 2 * batch * heads * queries * keys * (dim + value_dim)
 
 
 #: Attention kernels FlopCounterMode misses, mapped to torch's SDPA formula.
