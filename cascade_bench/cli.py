@@ -81,8 +81,10 @@ def _build_cascade(args: argparse.Namespace):
         origin = (f"preset {args.preset} as one {sum(args.layers)}-layer model in blocks of "
                   f"{'/'.join(map(str, args.layers))}, seed {args.seed}")
     elif getattr(args, "cascade", None) is not None:
+        from .experiment.pipeline import saved_cascade
         from .training.persistence import load_ensemble
 
+        args.cascade = saved_cascade(args.cascade)
         if not (args.cascade / "cascade.json").is_file():
             raise ValueError(f"{args.cascade} is not a saved cascade (no cascade.json); `cascade-bench run` saves its "
                              f"trained cascade under models/<training key>/cascade")
@@ -197,8 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "cost of a real exit rule; quality against full-depth greedy; and the K/V policies teacher-forced.")
     _add_cascade_args(decode)
     decode.add_argument("--cascade", type=Path, default=None, metavar="FOLDER",
-                        help="a saved cascade (e.g. models/<key>/cascade from `cascade-bench run`); prompts then come "
-                             "from the embedded test split through its own tokenizer")
+                        help="a saved cascade (models/<key>/cascade from `cascade-bench run`), or the TOML config "
+                             "of such a run (its saved cascade); prompts then come from the embedded test split "
+                             "through its own tokenizer")
     decode.add_argument("--batch-sizes", type=_positive_int, nargs="+", default=[1, 8, 32])
     decode.add_argument("--exit-ratio", type=_ratio, default=0.5,
                         help="forced share of decode tokens (per_token) or steps (batch) exiting after stage 0")
@@ -320,7 +323,7 @@ def _bench_generate(args: argparse.Namespace) -> int:
         write_decoding_bench,
     )
     from .measure.environment import environment_conditions
-    from .routing.calibration import calibrate_thresholds
+    from .routing.calibration import calibrate_thresholds, hard_ratio_of_exit_ratio
 
     if args.new_tokens < 3:
         raise ValueError(f"--new-tokens must be at least 3, got {args.new_tokens}")
@@ -328,7 +331,7 @@ def _bench_generate(args: argparse.Namespace) -> int:
     widest = max(args.batch_sizes)
     prompt_rows, windows, calibration, data = _decode_prompts(args, ensemble, widest)
     prompts = {b: prompt_rows[:b].to(ensemble.device) for b in args.batch_sizes}
-    calibrate_thresholds(ensemble, calibration, hard_ratios=args.exit_ratio)
+    calibrate_thresholds(ensemble, calibration, hard_ratios=hard_ratio_of_exit_ratio(args.exit_ratio))
     teacher_forced = teacher_forced_policies(ensemble, windows)
     rows = bench_decoding(ensemble, prompts, new_tokens=args.new_tokens, rate=args.exit_ratio, rule=args.rule,
                           quorum=args.quorum, draft_length=args.draft_length, repeats=args.repeats,
@@ -339,7 +342,8 @@ def _bench_generate(args: argparse.Namespace) -> int:
                   "new_tokens": args.new_tokens, "repeats": args.repeats, "warmup": args.warmup, "seed": args.seed,
                   "data": data, "decoding": "greedy", "exit_ratio": args.exit_ratio, "rule": args.rule,
                   "quorum": args.quorum, "draft_length": args.draft_length,
-                  "teacher_forced": f"thresholds calibrated to {args.exit_ratio:.0%} hard on validation windows, "
+                  "teacher_forced": f"thresholds calibrated so that {args.exit_ratio:.0%} of validation tokens exit "
+                                    f"after stage 0 (hard ratio {hard_ratio_of_exit_ratio(args.exit_ratio):g}), "
                                     f"measured on {len(windows)} test batches"}
     if args.json is not None:
         write_decoding_bench(rows, teacher_forced, checks, conditions, args.json)

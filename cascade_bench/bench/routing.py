@@ -24,12 +24,12 @@ import torch
 
 from ..data.corpus import byte_token_windows, embedded_documents
 from ..data.storage import write_json_atomic
-from ..measure.analytic import decision_flops, exit_rule_macs, routed_cost
+from ..measure.analytic import decision_flops, exit_rule_macs, head_macs_of, routed_cost
 from ..measure.environment import environment_conditions
 from ..measure.flops import count_flops
 from ..measure.memory import peak_memory_bytes
 from ..measure.timing import TimingStats, wall_time_once
-from ..routing.calibration import threshold_for_hard_ratio
+from ..routing.calibration import hard_ratio_of_exit_ratio, threshold_for_hard_ratio
 from ..routing.passes import forward_cascade
 from ..stages.ensemble import Ensemble, evaluation_mode
 from ..stages.exit_rules import ExitClassifier, MLP_HIDDEN_UNITS, low_rank_max_prob, parse_rule_spec, top_k_max_prob
@@ -80,7 +80,7 @@ def bench_routing(ensemble: Ensemble, input_ids: torch.Tensor, exit_ratios: Sequ
         confidence = probe.stage_confidence[0].reshape(-1)
         later = [math.inf] * (len(ensemble) - 2)  # stages after 1 keep everyone (2-stage presets have none)
         for ratio in exit_ratios:
-            thresholds = [threshold_for_hard_ratio(confidence, 1.0 - ratio), *later]
+            thresholds = [threshold_for_hard_ratio(confidence, hard_ratio_of_exit_ratio(ratio)), *later]
             calls = {m: (lambda kw=BENCH_METHODS[m]: forward_cascade(ensemble, input_ids, thresholds=thresholds, **kw))
                      for m in methods}
             for _ in range(warmup):
@@ -212,7 +212,8 @@ def bench_exit_rules(ensemble: Ensemble, input_ids: torch.Tensor, rules: Sequenc
             calls = {("full", "-"): lambda: forward_cascade(ensemble, input_ids, method="full")}
             for spec, cascade in cascades.items():
                 probe = forward_cascade(cascade, input_ids, method="routed", num_stages=1, confidence_at_last_stage=True)
-                thresholds = [threshold_for_hard_ratio(probe.stage_confidence[0].reshape(-1), 1.0 - ratio), *later]
+                thresholds = [threshold_for_hard_ratio(probe.stage_confidence[0].reshape(-1),
+                                                       hard_ratio_of_exit_ratio(ratio)), *later]
                 for mode in batching:
                     calls[(spec, mode)] = (lambda c=cascade, th=thresholds, m=mode:
                                            forward_cascade(c, input_ids, method="routed", batching=m, thresholds=th))
@@ -231,7 +232,7 @@ def bench_exit_rules(ensemble: Ensemble, input_ids: torch.Tensor, rules: Sequenc
                 flops, out = count_flops(call)
                 stages = list(cascades[spec])
                 costs = routed_cost([s.config for s in stages], out.stage_batch_shapes, out.head_tokens,
-                                    exit_rule_macs(stages, out.decided_tokens))
+                                    exit_rule_macs(stages, out.decided_tokens), head_macs=head_macs_of(stages))
                 decision = sum(decision_flops(costs, out.head_tokens, out.tokens_exited))
                 rows.append(RuleRow(
                     target_exit_ratio=ratio, rule=spec, batching=mode, exit_ratio=out.exit_ratios[0],

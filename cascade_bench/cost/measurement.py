@@ -39,7 +39,7 @@ import torch
 
 from ..data.batch import unpack_batch
 from ..measure.distributed import all_ranks, first_share, shard
-from ..measure.analytic import decision_flops, exit_rule_macs, padding_flops, routed_cost
+from ..measure.analytic import decision_flops, exit_rule_macs, head_macs_of, padding_flops, routed_cost
 from ..measure.flops import FlopBreakdown, count_pass_flops
 from ..measure.memory import peak_memory_bytes
 from ..measure.probes import NO_PROBE, Probe
@@ -194,12 +194,14 @@ def _count_host_syncs(run, device: torch.device) -> Optional[int]:
 
 def measure_cost(ensemble: Ensemble, batches: Iterable, method: str = "routed", *, warmup: int = 1,
                  repeats: int = 5, fvcore: bool = True, spans: bool = True, conditions: Optional[dict] = None,
-                 count_flops: bool = True, timing_batches: Optional[int] = None, **forward_kwargs) -> CostRecord:
+                 count_flops: bool = True, timing_batches: Optional[int] = None, timed: bool = True,
+                 **forward_kwargs) -> CostRecord:
     """Quality and the full cost breakdown of ``method`` over ``batches`` (see module docstring).
 
     ``spans=False`` skips the span-timed repeats (sweeps that need only wall time).
     ``count_flops=False`` skips FlopCounterMode (the analytic count remains). ``timing_batches``:
-    time only the first n batches (None: all).
+    time only the first n batches (None: all). ``timed=False`` measures no time and no peak memory
+    at all (NaN and 0 in the record, "not timed" in its conditions): quality and FLOPs only.
     ``batches`` items are (B, T) tensors, (input_ids, attention_mask, targets) tuples or dicts;
     they are materialised once and moved to the ensemble's device. ``forward_kwargs`` go to
     ``forward_cascade`` (batching, positions, thresholds, ...).
@@ -210,11 +212,11 @@ def measure_cost(ensemble: Ensemble, batches: Iterable, method: str = "routed", 
     device = ensemble.device
     batches = list(batches)
     data = _prepared(shard(batches), device)
-    timed = data[:first_share(timing_batches)] if timing_batches else data
+    timed_data = data[:first_share(timing_batches)] if timing_batches else data
     stages = list(ensemble.stages)
     num_stages = forward_kwargs.get("num_stages") or len(stages)
 
-    def one_pass(probe: Probe = NO_PROBE, over=timed) -> list[RoutedOutput]:
+    def one_pass(probe: Probe = NO_PROBE, over=timed_data) -> list[RoutedOutput]:
         return [forward_cascade(ensemble, ids, mask, targets, method=method, probe=probe, **forward_kwargs)
                 for ids, mask, targets in over]
 
@@ -234,15 +236,15 @@ def measure_cost(ensemble: Ensemble, batches: Iterable, method: str = "routed", 
             totals.add(out)
             outputs.append(out)
         counted_pass_s = (time.perf_counter_ns() - start) / 1e9 if count_flops else math.nan
-        wall = time_call(one_pass, warmup=warmup, repeats=repeats, device=device)
-        span_wall, span_stats = (time_spans(one_pass, device=device, warmup=0, repeats=repeats) if spans
+        samples = time_call(one_pass, warmup=warmup, repeats=repeats, device=device).samples if timed else (math.nan,)
+        span_wall, span_stats = (time_spans(one_pass, device=device, warmup=0, repeats=repeats) if spans and timed
                                  else (None, {}))
-        peak, how = 0, ""
-        for ids, mask, targets in timed:
+        peak, how = 0, "" if timed else "not timed"
+        for ids, mask, targets in (timed_data if timed else ()):
             bytes_, how, _ = peak_memory_bytes(
                 lambda: forward_cascade(ensemble, ids, mask, targets, method=method, **forward_kwargs), device)
             peak = max(peak, bytes_)
-        syncs = _count_host_syncs(one_pass, device)
+        syncs = _count_host_syncs(one_pass, device) if timed else None
     quality = totals.result(ensemble, method, conditions)
 
     configs = [stage.config for stage in stages[:num_stages]]
@@ -253,7 +255,8 @@ def measure_cost(ensemble: Ensemble, batches: Iterable, method: str = "routed", 
         analytic_k, padding_k, rule_k, decision_k = 0, 0, 0, 0
         for out in outputs:
             costs = routed_cost(configs, out.stage_batch_shapes, out.head_tokens,
-                                exit_rule_macs(stages[:num_stages], out.decided_tokens), out.propagated_tokens)
+                                exit_rule_macs(stages[:num_stages], out.decided_tokens), out.propagated_tokens,
+                                head_macs_of(stages[:num_stages]))
             analytic_k += costs[k].total
             padding_k += padding_flops(configs[k], out.stage_batch_shapes[k], _row_lengths(out, k))
             rule_k += costs[k].exit_rule
@@ -274,8 +277,8 @@ def measure_cost(ensemble: Ensemble, batches: Iterable, method: str = "routed", 
         for out in outputs:
             fv_total.add(fv.count(out.stage_batch_shapes, out.head_tokens))
     share = _Share(counted=counted, stages=stage_records, fvcore=fv_total,
-                   timed_tokens=sum(int(out.tokens_entered[0]) for out in outputs[:len(timed)]),
-                   timed_batches=len(timed), batches=len(data), wall=wall.samples,
+                   timed_tokens=sum(int(out.tokens_entered[0]) for out in outputs[:len(timed_data)]),
+                   timed_batches=len(timed_data) if timed else 0, batches=len(data), wall=samples,
                    spans={name: stats.median for name, stats in span_stats.items()},
                    span_wall=span_wall.median if span_wall is not None else math.nan,
                    counted_pass_s=counted_pass_s, peak=peak,
@@ -293,14 +296,14 @@ def measure_cost(ensemble: Ensemble, batches: Iterable, method: str = "routed", 
         flops_fvcore_matmul=None if fv_total is None else fv_total.matmul_flops,
         fvcore_unsupported={} if fv_total is None else dict(sorted(fv_total.unsupported.items())),
         stages=tuple(stage_records), flops_by_op=counted.by_op if counted is not None else {},
-        time_median_s=wall.median, time_iqr_s=wall.iqr, tokens_per_s=timed_tokens / wall.median,
+        time_median_s=wall.median, time_iqr_s=wall.iqr if timed else math.nan, tokens_per_s=timed_tokens / wall.median,
         spans_median_s=dict(sorted(share.spans.items())),
         spans_wall_median_s=share.span_wall, counted_pass_s=share.counted_pass_s,
         counting_overhead=overhead, peak_memory_bytes=share.peak, memory_measure=how,
         peak_rss_bytes=share.peak_rss,
-        host_syncs_per_forward=None if syncs is None else syncs / share.timed_batches,
+        host_syncs_per_forward=None if syncs is None or not share.timed_batches else syncs / share.timed_batches,
         conditions={**quality.conditions, "warmup": warmup, "repeats": repeats,
                     "timer": "cuda_events" if device.type == "cuda" else "perf_counter_ns",
-                    "timed_batches": share.timed_batches, "timed_tokens": timed_tokens, "batches": share.batches,
-                    "flops_counted": count_flops},
+                    "timed_batches": share.timed_batches, "timed_tokens": timed_tokens if timed else 0,
+                    "batches": share.batches, "flops_counted": count_flops, "timed": timed},
     )

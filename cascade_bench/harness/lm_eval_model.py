@@ -36,7 +36,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from ..data.storage import write_json_atomic
-from ..measure.analytic import routed_cost
+from ..measure.analytic import head_macs_of, routed_cost
 from ..measure.environment import check_device
 from ..measure.flops import count_pass_flops
 from ..routing.generation import generate
@@ -70,18 +70,19 @@ class CostTally:
         self.generated_tokens = 0
         self.generated_exits = [0] * len(self.layers)
 
-    def add_pass(self, out, counted: int, configs) -> None:
+    def add_pass(self, out, counted: int, configs, head_macs=None) -> None:
         scored = out.scored
         self.scored += int(scored.sum())
         for k in range(len(self.layers)):
             self.exited[k] += int((out.exit_stage[scored] == k).sum())
             self.entered[k] += int((out.exit_stage[scored] >= k).sum())
         self.flops += counted
-        self.flops_analytic += sum(c.total for c in routed_cost(configs, out.stage_batch_shapes, out.head_tokens))
+        self.flops_analytic += sum(c.total for c in routed_cost(configs, out.stage_batch_shapes, out.head_tokens,
+                                                                head_macs=head_macs))
         rows, length = out.exit_stage.shape
         full = [[(rows, length)]] * len(configs)
         heads = [0] * (len(configs) - 1) + [int((out.exit_stage >= 0).sum())]
-        self.flops_full_depth += sum(c.total for c in routed_cost(configs, full, heads))
+        self.flops_full_depth += sum(c.total for c in routed_cost(configs, full, heads, head_macs=head_macs))
 
     def summary(self) -> dict:
         tokens = max(self.scored, 1)
@@ -167,7 +168,9 @@ class EarlyExitLM(LM):
             raise ValueError("model_args need exactly one of cascade=FOLDER (a saved cascade) or pretrained=FOLDER "
                              "with boundaries=I;J")
         if cascade is not None:
-            folder = Path(cascade)
+            from ..experiment.pipeline import saved_cascade
+
+            folder = saved_cascade(cascade)
             if not folder.is_dir():
                 raise ValueError(f"cascade={cascade!r}: no such folder (expected one written by save_ensemble)")
             return load_ensemble(folder, device=device, dtype=dtype).eval(), load_saved_tokenizer(folder)
@@ -224,7 +227,7 @@ class EarlyExitLM(LM):
                 counted, out = count_pass_flops(lambda probe: forward_cascade(
                     self.ensemble, ids, mask, targets, thresholds=self.thresholds, probe=probe),
                     len(self.ensemble))
-            self.costs.add_pass(out, counted.total, configs)
+            self.costs.add_pass(out, counted.total, configs, head_macs_of(self.ensemble))
             for i in range(len(rows)):
                 scored = out.scored[i]
                 results.append((-float(out.nll[i][scored].double().sum()), bool(out.correct[i][scored].all())))

@@ -4,7 +4,8 @@ Same conventions as the counted FLOPs (``flops.py``), so the two agree exactly:
 2 FLOPs per multiply-add; per decoder layer and token the projections
 ``d*(H*hd) + 2*d*(Hkv*hd) + (H*hd)*d`` and the MLP ``m*d*I`` MACs (m = 2 up/down or 3 gated);
 attention counted **full** (non-causal), ``2*H*hd*L*L`` MACs per layer for a row of length L
-padded or not; the exit head ``d*V`` per token whose logits are computed. Norms, activations,
+padded or not; the exit head ``d*V`` per token whose logits are computed (plus ``d*d`` where a
+translator reads the residual stream for it: ``stages.blocks.Translator``). Norms, activations,
 rotary embeddings, softmax and the built-in exit confidences are elementwise and count 0, as in
 the counter; an exit rule with matmuls of its own (a learned classifier, a reduced head) adds its
 ``macs_per_token`` for every token it decides on.
@@ -86,10 +87,12 @@ class StageCost:
 
 
 def stage_cost(config, batch_shapes: Sequence[tuple[int, ...]], head_tokens: int,
-               exit_rule_macs: int = 0, propagated_tokens: int = 0) -> StageCost:
+               exit_rule_macs: int = 0, propagated_tokens: int = 0,
+               head_macs_per_token: Optional[int] = None) -> StageCost:
     """FLOPs of one stage that ran dense batches of the given (rows, length) or (rows, length, keys),
-    computed logits for ``head_tokens`` tokens, spent ``exit_rule_macs`` multiply-adds deciding and
-    propagated the keys/values of ``propagated_tokens`` exited tokens into its layers."""
+    computed logits for ``head_tokens`` tokens (``head_macs_per_token`` multiply-adds each; default
+    d x V), spent ``exit_rule_macs`` multiply-adds deciding and propagated the keys/values of
+    ``propagated_tokens`` exited tokens into its layers."""
     shape = layer_shape(config)
     slots = sum(rows * length for rows, length, *_ in batch_shapes)
     dense = shape.num_layers * (dense_macs_per_token(shape) * slots + kv_projection_macs(shape) * propagated_tokens)
@@ -101,20 +104,29 @@ def stage_cost(config, batch_shapes: Sequence[tuple[int, ...]], head_tokens: int
         for rows, length, *_ in batch_shapes:
             memory, local = memory_layer_macs(config, kind, rows, length)
             dense, attention = dense + memory, attention + local
-    head = head_tokens * shape.hidden_size * shape.vocab_size
+    per_token = shape.hidden_size * shape.vocab_size if head_macs_per_token is None else head_macs_per_token
+    head = head_tokens * per_token
     return StageCost(dense=2 * dense, attention=2 * attention, exit_head=2 * head, exit_rule=2 * exit_rule_macs)
 
 
 def routed_cost(configs: Sequence, stage_batch_shapes, head_tokens: Sequence[int],
                 exit_rule_macs: Optional[Sequence[int]] = None,
-                propagated_tokens: Optional[Sequence[int]] = None) -> tuple[StageCost, ...]:
+                propagated_tokens: Optional[Sequence[int]] = None,
+                head_macs: Optional[Sequence[int]] = None) -> tuple[StageCost, ...]:
     """Per-stage analytic FLOPs of a pass, from RoutedOutput.stage_batch_shapes and .head_tokens;
     ``exit_rule_macs`` per stage: RoutedOutput.decided_tokens x the rule's ``macs_per_token``;
-    ``propagated_tokens``: RoutedOutput.propagated_tokens (K/V propagation)."""
+    ``propagated_tokens``: RoutedOutput.propagated_tokens (K/V propagation); ``head_macs``: per
+    stage, its exit head's multiply-adds per token (``head_macs_of(stages)``; default d x V)."""
     rule = exit_rule_macs if exit_rule_macs is not None else [0] * len(configs)
     kv = propagated_tokens if propagated_tokens else [0] * len(configs)
-    return tuple(stage_cost(c, shapes, n, m, p)
-                 for c, shapes, n, m, p in zip(configs, stage_batch_shapes, head_tokens, rule, kv))
+    heads = head_macs if head_macs is not None else [None] * len(configs)
+    return tuple(stage_cost(c, shapes, n, m, p, h)
+                 for c, shapes, n, m, p, h in zip(configs, stage_batch_shapes, head_tokens, rule, kv, heads))
+
+
+def head_macs_of(stages: Sequence) -> list[int]:
+    """Per stage, its exit head's multiply-adds per token (``head_macs_per_token``)."""
+    return [stage.head_macs_per_token for stage in stages]
 
 
 def exit_rule_macs(stages: Sequence, decided_tokens: Sequence[int]) -> list[int]:

@@ -20,6 +20,15 @@ def _check_ratio(hard_ratio) -> float:
     return float(hard_ratio)
 
 
+def hard_ratio_of_exit_ratio(exit_ratio: float) -> float:
+    """The hard ratio (share of tokens that continue past stage 0) that makes ``exit_ratio`` of them
+    exit there: 1 - exit_ratio. The one place the two are converted; flags, fields and tables name
+    which of the two they mean."""
+    if isinstance(exit_ratio, bool) or not isinstance(exit_ratio, (int, float)) or not 0.0 <= exit_ratio <= 1.0:
+        raise ValueError(f"exit ratio must be a number in [0, 1] (fraction of tokens that exit), got {exit_ratio!r}")
+    return 1.0 - float(exit_ratio)
+
+
 def threshold_for_hard_ratio(confidence: Tensor, hard_ratio: float) -> float:
     """Threshold t over per-token confidences (N,) such that ceil(hard_ratio * N) tokens have
     confidence < t (they continue) and the rest exit (confidence >= t).
@@ -72,3 +81,35 @@ def calibrate_thresholds(ensemble: Ensemble, batches: Iterable, hard_ratios: "fl
         thresholds[k] = threshold_for_hard_ratio(gathered(torch.cat(collected)), ratios[k])
         ensemble[k].threshold = thresholds[k]
     return tuple(thresholds[k] for k in stages)
+
+
+def calibrate_sweep(ensemble: Ensemble, batches: Iterable, hard_ratios: Sequence[float],
+                    **forward_kwargs) -> dict[float, tuple[float, ...]]:
+    """{ratio: thresholds} for every ratio of a sweep, each equal to what ``calibrate_thresholds``
+    gives for that ratio alone (same order statistics), but stage 0's confidences are collected
+    once for all ratios (they do not depend on any threshold); later stages are calibrated per
+    ratio. The ensemble's thresholds are left as they were."""
+    ratios = [_check_ratio(r) for r in hard_ratios]
+    before = ensemble.thresholds
+    collected = []
+    with evaluation_mode(ensemble), torch.inference_mode():
+        for item in shard(batches):
+            input_ids, attention_mask, targets = unpack_batch(item)
+            out = forward_cascade(ensemble, input_ids, attention_mask, targets, method="routed",
+                                  thresholds=[math.inf], num_stages=1, confidence_at_last_stage=True,
+                                  **forward_kwargs)
+            collected.append(out.stage_confidence[0][out.exit_stage == 0])
+    if not collected:
+        raise ValueError("calibration got no batches")
+    confidence = gathered(torch.cat(collected))
+    sweep = {}
+    try:
+        for ratio in ratios:
+            first = threshold_for_hard_ratio(confidence, ratio)
+            ensemble[0].threshold = first
+            later = calibrate_thresholds(ensemble, batches, ratio, stages=range(1, len(ensemble) - 1),
+                                         **forward_kwargs) if len(ensemble) > 2 else ()
+            sweep[ratio] = (first, *later)
+    finally:
+        ensemble.set_thresholds(before)
+    return sweep

@@ -17,7 +17,7 @@ import torch
 
 from ..data.batch import unpack_batch
 from ..measure.distributed import shard, summed
-from ..measure.analytic import routed_cost
+from ..measure.analytic import head_macs_of, routed_cost
 from ..stages.ensemble import Ensemble, evaluation_mode
 from .passes import forward_cascade
 
@@ -60,7 +60,7 @@ def oracle_bound(ensemble: Ensemble, batches: Iterable, tolerance: float = 0.0) 
                 entered[k] += int(per_row.sum())
                 shapes.append([(1, int(n)) for n in per_row.tolist() if n > 0])
                 heads.append(int(per_row.sum()))
-            flops += sum(c.total for c in routed_cost(configs, shapes, heads))
+            flops += sum(c.total for c in routed_cost(configs, shapes, heads, head_macs=head_macs_of(ensemble)))
     nll_sum, scored_total, flops, *entered = summed([nll_sum, scored_total, flops, *entered])
     layers = [stage.num_layers for stage in ensemble]
     total = entered[0]

@@ -28,19 +28,60 @@ from .exits import ExitFunction, HoldsExitFunction
 from .families import config_for_layers, family_parts, layer_slice_recipe
 from .llm import StageOutput, check_threshold, logits_at_positions
 
-HEAD_KINDS = ("shared", "own")
+#: How non-last blocks exit: through the model's own final norm + lm_head ("shared"), a trainable copy
+#: of them ("own"), or the shared ones behind a trainable translator of the residual stream ("translator").
+HEAD_KINDS = ("shared", "own", "translator")
+
+
+class Translator(nn.Module):
+    """An affine map of the residual stream, ``h + W h + b``, learned per exit layer so that the
+    model's own final norm + lm_head read an earlier layer as they read the last one (the "tuned
+    lens"). ``rank``: W = B A of that rank (2 d r parameters) instead of a full d x d matrix. Starts
+    as the identity (the last factor and b are 0): untrained, the head is the shared one."""
+
+    def __init__(self, hidden_size: int, rank: Optional[int] = None):
+        super().__init__()
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank < hidden_size):
+            raise ValueError(f"translator rank must be None (full) or an int in [1, {hidden_size}), got {rank!r}")
+        self.rank = rank
+        if rank is None:
+            self.down = None
+            self.linear = nn.Linear(hidden_size, hidden_size)
+        else:
+            self.down = nn.Linear(hidden_size, rank, bias=False)
+            self.linear = nn.Linear(rank, hidden_size)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return hidden + self.linear(hidden if self.down is None else self.down(hidden))
+
+    @property
+    def macs_per_token(self) -> int:
+        down = 0 if self.down is None else self.down.in_features * self.down.out_features
+        return down + self.linear.in_features * self.linear.out_features
 
 
 class ExitHead(nn.Module):
-    """final norm, then ``lm_head``: (..., d) residual stream -> (..., V) logits."""
+    """final norm, then ``lm_head``: (..., d) residual stream -> (..., V) logits; with a
+    ``translator``, the stream is translated first."""
 
-    def __init__(self, norm: nn.Module, lm_head: nn.Module):
+    def __init__(self, norm: nn.Module, lm_head: nn.Module, translator: Optional[Translator] = None):
         super().__init__()
         self.norm = norm
         self.lm_head = lm_head
+        self.translator = translator
 
     def forward(self, hidden: Tensor) -> Tensor:
+        if self.translator is not None:
+            hidden = self.translator(hidden)
         return self.lm_head(self.norm(hidden))
+
+    @property
+    def macs_per_token(self) -> int:
+        """Multiply-adds of one token's logits: d x V, plus the translator's d x d."""
+        weight = self.lm_head.weight
+        return int(weight.shape[0] * weight.shape[1]) + (self.translator.macs_per_token if self.translator else 0)
 
 
 class _BlockCacheView:
@@ -133,6 +174,11 @@ class Block(HoldsExitFunction, nn.Module):
     def reads_tokens(self) -> bool:
         return self.embedding is not None
 
+    @property
+    def head_macs_per_token(self) -> int:
+        """Multiply-adds of this block's exit head per token whose logits it computes."""
+        return self.head.macs_per_token
+
     # -- inference ----------------------------------------------------------------------------------
     def forward(self, input_ids: Optional[Tensor] = None, inputs_embeds: Optional[Tensor] = None,
                 attention_mask: Optional[Tensor] = None, position_ids: Optional[Tensor] = None,
@@ -203,13 +249,16 @@ class Block(HoldsExitFunction, nn.Module):
 
 
 def cut_into_blocks(model: nn.Module, boundaries: Sequence[int], exit_fn: "str | Callable | ExitFunction" = "max_prob",
-                    thresholds: Optional[Sequence[float]] = None, heads: str = "shared") -> list[Block]:
+                    thresholds: Optional[Sequence[float]] = None, heads: str = "shared",
+                    translator_rank: Optional[int] = None) -> list[Block]:
     """Blocks of ``model`` cut before each layer index in ``boundaries``.
 
     boundaries: strictly increasing layer indices in (0, num_layers): ``[4, 8]`` on 12 layers gives
     blocks [0, 4), [4, 8), [8, 12); ``[]`` gives the whole model as one block. heads: "shared" (every
-    block exits through the model's final norm + lm_head) or "own" (non-last blocks get a trainable
-    copy, initialised from the model's). thresholds: one per non-last block (default +inf).
+    block exits through the model's final norm + lm_head), "own" (non-last blocks get a trainable
+    copy, initialised from the model's) or "translator" (non-last blocks read the shared norm +
+    lm_head through a ``Translator`` of their own, of ``translator_rank`` (None = full), initialised
+    to the identity). thresholds: one per non-last block (default +inf).
     """
     layer_slice_recipe(model)  # first: an unsupported family is named before anything else
     parts = family_parts(model)
@@ -236,16 +285,29 @@ def cut_into_blocks(model: nn.Module, boundaries: Sequence[int], exit_fn: "str |
     blocks = []
     for k, ((start, end), threshold) in enumerate(zip(spans, thresholds)):
         last = k == len(spans) - 1
-        head = shared if heads == "shared" or last else ExitHead(copy.deepcopy(shared.norm),
-                                                                 copy.deepcopy(shared.lm_head))
+        if heads == "shared" or last:
+            head = shared
+        elif heads == "own":
+            head = ExitHead(copy.deepcopy(shared.norm), copy.deepcopy(shared.lm_head))
+        else:
+            weight = shared.lm_head.weight
+            translator = Translator(weight.shape[1], translator_rank).to(device=weight.device, dtype=weight.dtype)
+            head = ExitHead(shared.norm, shared.lm_head, translator)
         blocks.append(Block(model, start, end, head, reads_tokens=k == 0, exit_fn=exit_fn, threshold=threshold))
     return blocks
 
 
 def head_sharing(blocks: Sequence[Block]) -> str:
     """``"shared"`` when every non-last block exits through the last block's own head module,
-    else ``"own"`` (each non-last block has its own copy, as after ``extend`` or ``heads="own"``)."""
-    return "shared" if all(block.head is blocks[-1].head for block in blocks[:-1]) else "own"
+    ``"translator"`` when they read its norm and lm_head through translators of their own, else
+    ``"own"`` (each non-last block has its own copy, as after ``extend`` or ``heads="own"``)."""
+    last = blocks[-1].head
+    if all(block.head is last for block in blocks[:-1]):
+        return "shared"
+    if all(block.head.translator is not None and block.head.norm is last.norm and block.head.lm_head is last.lm_head
+           for block in blocks[:-1]):
+        return "translator"
+    return "own"
 
 
 def assemble_model(blocks: Sequence[Block]) -> nn.Module:

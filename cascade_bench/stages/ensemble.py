@@ -45,12 +45,15 @@ class Ensemble(nn.Module):
     @classmethod
     def from_blocks(cls, model: nn.Module, boundaries: Sequence[int],
                     exit_fn: "str | Callable | ExitFunction" = "max_prob",
-                    thresholds: Optional[Sequence[float]] = None, heads: str = "shared") -> "Ensemble":
+                    thresholds: Optional[Sequence[float]] = None, heads: str = "shared",
+                    translator_rank: Optional[int] = None) -> "Ensemble":
         """Early exit inside one pretrained causal LM: its layers cut before each index in
         ``boundaries`` (``[4, 8]`` on 12 layers: blocks of 4/4/4), weights shared with ``model``.
         Non-last blocks exit through the model's final norm + lm_head (``heads="shared"``) or a
-        trainable copy each (``heads="own"``). See ``blocks.cut_into_blocks``."""
-        return cls(cut_into_blocks(model, boundaries, exit_fn=exit_fn, thresholds=thresholds, heads=heads))
+        trainable copy each (``heads="own"``) or a trainable translator in front of the shared ones
+        (``heads="translator"``, of ``translator_rank``). See ``blocks.cut_into_blocks``."""
+        return cls(cut_into_blocks(model, boundaries, exit_fn=exit_fn, thresholds=thresholds, heads=heads,
+                                   translator_rank=translator_rank))
 
     def add_llm(self, llm: "LLM | Block | nn.Module", exit_fn: "str | Callable | ExitFunction | None" = None,
                 threshold: Optional[float] = None) -> "LLM | Block":

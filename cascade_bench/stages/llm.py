@@ -133,6 +133,12 @@ class LLM(HoldsExitFunction, nn.Module):
         return self.model.get_output_embeddings()
 
     @property
+    def head_macs_per_token(self) -> int:
+        """Multiply-adds of this stage's exit head (``lm_head``) per token whose logits it computes."""
+        weight = self.lm_head.weight
+        return int(weight.shape[0] * weight.shape[1])
+
+    @property
     def layers(self) -> nn.ModuleList:
         """The decoder layers (shared with the wrapped model)."""
         return self.parts.layers

@@ -7,7 +7,8 @@ reduced head: ``stages.exit_rules``) is written as its spec in the manifest plus
 - A cascade of LLMs: each stage with ``save_pretrained`` (``stage{k}/``).
 - Blocks (a model grown with ``extend``, or cut with ``from_blocks``): ONE ``save_pretrained``
   checkpoint of the whole model (``model/``, ``blocks.assemble_model``), where to cut it, and the
-  non-last blocks' own exit heads (``heads/stage{k}.safetensors``) when they have their own. Any
+  non-last blocks' own exit heads (``heads/stage{k}.safetensors``) when they have their own (for
+  translator heads, the translator alone: the norm and lm_head are the model's). Any
   Hugging Face tool can load ``model/`` as a plain causal LM of the total depth.
 """
 
@@ -123,14 +124,18 @@ def _write_blocks(ensemble: Ensemble, staging: Path) -> dict:
     stages = []
     for k, block in enumerate(blocks):
         entry = _stage_entry(block, k, staging)
-        if heads == "own" and k < len(blocks) - 1:
+        if heads != "shared" and k < len(blocks) - 1:
             (staging / "heads").mkdir(exist_ok=True)
             entry["head"] = f"heads/stage{k}.safetensors"
-            save_file({name: t.detach().contiguous().cpu() for name, t in block.head.state_dict().items()},
+            own = block.head.translator if heads == "translator" else block.head  # not the shared norm and head
+            save_file({name: t.detach().contiguous().cpu() for name, t in own.state_dict().items()},
                       str(staging / entry["head"]))
         stages.append(entry)
     boundaries = [sum(block.num_layers for block in blocks[:k]) for k in range(1, len(blocks))]
-    return {"kind": "blocks", "model": "model", "boundaries": boundaries, "heads": heads, "stages": stages}
+    entry = {"kind": "blocks", "model": "model", "boundaries": boundaries, "heads": heads, "stages": stages}
+    if heads == "translator":
+        entry["translator_rank"] = blocks[0].head.translator.rank
+    return entry
 
 
 def load_manifest(folder: "Path | str") -> dict:
@@ -168,10 +173,12 @@ def _read_blocks(folder: Path, manifest: dict, device, dtype) -> Ensemble:
     model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
     entries = manifest["stages"]
     ensemble = Ensemble.from_blocks(model.eval(), manifest["boundaries"], heads=manifest["heads"],
-                                    thresholds=[float(entry["threshold"]) for entry in entries])
+                                    thresholds=[float(entry["threshold"]) for entry in entries],
+                                    translator_rank=manifest.get("translator_rank"))
     for block, entry in zip(ensemble, entries):
         if "head" in entry:
-            block.head.load_state_dict(load_file(str(folder / entry["head"])))
+            own = block.head.translator if manifest["heads"] == "translator" else block.head
+            own.load_state_dict(load_file(str(folder / entry["head"])))
         _attach_exit_rule(block, entry, folder)
     return ensemble.eval()
 

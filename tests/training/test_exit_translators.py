@@ -1,0 +1,92 @@
+"""Exit translators: identity at first, trained with the model frozen, better than the shared head
+on the tokens they trained on, and usable as the exit heads of blocks."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from cascade_bench import Ensemble
+from cascade_bench.measure.layer_exits import collect_layer_states, exit_curve, shared_head
+from cascade_bench.routing.passes import forward_cascade
+from cascade_bench.stages.presets import stage_config
+from cascade_bench.training.exit_translators import new_translators, train_translators, translated_head
+from cascade_bench.training.loops import TrainConfig
+from tests.helpers import token_batch
+
+
+def _setup(text):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(stage_config("llama-tiny", num_hidden_layers=4)).eval()
+    ids = token_batch(text, 4, 24, offset=10)
+    targets = ids.roll(-1, dims=1)
+    targets[:, -1] = -100
+    states = collect_layer_states(model, [{"input_ids": ids, "targets": targets}], [1, 2, 3])
+    return model, states
+
+
+def test_translators_start_as_the_shared_head(text):
+    model, states = _setup(text)
+    translators = new_translators(model, states.layers, rank=4)
+    before = exit_curve(states, translated_head(model, {int(k): t for k, t in translators.items()}))
+    shared = exit_curve(states, shared_head(model))
+    assert [p.ppl for p in before] == [p.ppl for p in shared]
+
+
+def test_training_moves_only_the_translators_and_lowers_their_loss(text):
+    model, states = _setup(text)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    translators = new_translators(model, states.layers)
+    history = train_translators(model, translators, states, states, TrainConfig(lr=1e-2, max_epochs=3, patience=3),
+                                batch_tokens=32, progress=False)
+    assert history.epochs == 3
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())  # the trunk is frozen
+    trained = exit_curve(states, translated_head(model, {int(k): t for k, t in translators.items()}))
+    shared = exit_curve(states, shared_head(model))
+    assert all(t.ppl < s.ppl for t, s in zip(trained, shared))
+
+
+def test_trained_translators_are_the_blocks_exit_heads(text):
+    model, states = _setup(text)
+    translators = new_translators(model, states.layers)
+    with torch.no_grad():
+        translators["2"].linear.weight.normal_(0, 0.1)
+    blocks = Ensemble.from_blocks(model, [2], heads="translator")
+    blocks[0].head.translator.load_state_dict(translators["2"].state_dict())
+    ids = token_batch(text, 4, 24, offset=10)
+    with torch.inference_mode():
+        out = forward_cascade(blocks, ids, thresholds=[-float("inf")], return_logits=True)  # everyone exits at 2
+        direct = exit_curve(states, translated_head(model, {int(k): t for k, t in translators.items()}))[1]
+    assert torch.equal(out.logits[:, :-1].reshape(-1, out.logits.shape[-1]).argmax(-1), direct.argmax)
+
+
+def test_least_squares_recovers_an_affine_map_of_the_stream(text):
+    """When the last layer's stream is exactly an affine map of layer 1's, the fit finds it."""
+    from dataclasses import replace
+
+    from cascade_bench.training.exit_translators import fit_translators_lstsq
+
+    model, states = _setup(text)
+    d = model.config.hidden_size
+    generator = torch.Generator().manual_seed(1)
+    matrix = torch.eye(d) + 0.1 * torch.randn(d, d, generator=generator)
+    shift = torch.randn(d, generator=generator)
+    first = states.states[:, 0]
+    train = replace(states, layers=(1,), states=states.states[:, :1], final_states=first @ matrix + shift)
+    translators = new_translators(model, (1,))
+    chosen = fit_translators_lstsq(model, translators, train, replace(train, final_states=None), ridges=(1e-12, 1.0))
+    assert chosen["layers"][1]["ridge"] in (1e-12, 1.0)
+    exact = new_translators(model, (1,))
+    fit_translators_lstsq(model, exact, train, replace(train, final_states=None), ridges=(1e-12,))
+    with torch.no_grad():
+        torch.testing.assert_close(exact["1"](first), first @ matrix + shift, atol=1e-3, rtol=1e-3)
+
+
+def test_least_squares_needs_the_last_layers_states(text):
+    import pytest
+
+    from cascade_bench.training.exit_translators import fit_translators_lstsq
+
+    model, states = _setup(text)
+    with pytest.raises(ValueError, match="keep_final=True"):
+        fit_translators_lstsq(model, new_translators(model, states.layers), states, states)
