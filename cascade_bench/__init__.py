@@ -9,6 +9,7 @@ below are the public API; everything else is importable from its module.
 from .cost import CostRecord, format_cost, measure_cost
 from .data import byte_token_windows, embedded_documents, load_corpus, prepare_data
 from .measure import count_flops
+from .models import memory_lm as _memory_lm  # noqa: F401  (registers the memory-layer family with the Auto classes)
 from .routing import (RoutedOutput, calibrate_thresholds, evaluate, forward_cascade, full_forward, generate,
                       masked_forward, risk_controlled_thresholds, routed_forward)
 from .stages import (BUILTIN_EXIT_FUNCTIONS, LLM, Block, Ensemble, ExitClassifier, ExitFunction, build_blocks,

@@ -111,8 +111,9 @@ class RoutedOutput:
 
     @property
     def padding_waste(self) -> tuple[float, ...]:
-        """Per stage, fraction of computed slots that were padding."""
-        return tuple((s - n) / s if s else 0.0 for s, n in zip(self.slots_computed, self.tokens_entered))
+        """Per stage, fraction of computed slots that were padding (recomputed tokens are real work,
+        not padding)."""
+        return tuple((s - n) / s if s else 0.0 for s, n in zip(self.slots_computed, self.tokens_computed))
 
 
 def resolve_thresholds(ensemble: Ensemble, thresholds: Optional[Sequence[float]], num_stages: int) -> tuple[float, ...]:

@@ -1,11 +1,14 @@
 """Lossless self-speculative decoding over a cascade (LayerSkip's self-speculation, on stages).
 
-Each round, every unfinished row drafts ``draft_length`` tokens greedily with the first
-``draft_stages`` stages through the last draft stage's exit head, one token at a time. The
-remaining stages then verify all drafts in one pass, reading the draft stages' output states
-(nothing is computed twice). A row keeps its longest prefix of drafts that equal the full
-cascade's greedy choice, plus the full cascade's token at the first mismatch (at least one token
-per round); the rejected drafts' cache slots become invalid in every stage. The output is
+Each round, every unfinished row drafts up to ``draft_length`` tokens greedily with the first
+``draft_stages`` stages through the last draft stage's exit head, one token at a time, but never
+more than it has tokens left to generate (so no draft sits at a position full-depth greedy never
+uses: learned position tables end where generation ends). The remaining stages then verify all
+drafts in one pass, reading the draft stages' output states (nothing is computed twice). A row
+keeps its longest prefix of drafts that equal the full cascade's greedy choice, plus the full
+cascade's token at the first mismatch (at least one token per round); the rejected drafts' cache
+slots become invalid in every stage, and slots that no row uses any more are given back at the end
+of the round (at batch 1, all of them: the caches hold exactly the tokens fed). The output is
 exactly full-depth greedy decoding, at any batch size, with EOS.
 
 Cost per round: ``draft_length`` draft steps plus one verification pass over ``draft_length``
@@ -37,7 +40,7 @@ class SpeculativeOutput:
     round counts only the drafts it could still use); rounds: draft-verify rounds, summed over rows;
     emitted: tokens those rounds produced (the first token comes from the prompt's pass);
     loop_rounds: rounds of the batch's loop, which runs until its slowest row is done (at batch 1,
-    ``rounds``);
+    ``rounds``); cache_slots: per stage, the slots its cache holds at the end (real or not);
     seconds_per_token: decode-loop wall time / tokens generated (all rows together);
     verify_seconds: the part of it spent in verification passes."""
 
@@ -53,6 +56,7 @@ class SpeculativeOutput:
     cache_lengths: tuple
     emitted: int
     loop_rounds: int
+    cache_slots: tuple = ()
     counted_flops: Optional[int] = None
 
     @property
@@ -141,28 +145,37 @@ def _speculate(ensemble, input_ids, attention_mask, max_new_tokens, gamma, draft
         while not bool(done.all()):
             rows = (~done).nonzero().squeeze(1)
             n = rows.numel()
-            span = gamma
+            room = max_new_tokens - emitted[rows]
+            row_span = torch.clamp(room, max=gamma)  # drafts per row: never past what is left to generate
+            span = int(row_span.max())
             loop_rounds += 1
-            # Draft: span tokens per row through the draft stages, one at a time.
-            x, states, drafts = next_input[rows], [], []
+            # Draft: up to span tokens per row through the draft stages, one at a time; a row whose
+            # span is used up sits out (its slot stays invalid).
+            x = next_input[rows].clone()
+            hidden_size = drafters[-1].hidden_size
+            states = torch.zeros(n, span, hidden_size, device=device, dtype=drafters[-1].dtype)
+            drafts_t = torch.zeros(n, span, dtype=torch.long, device=device)
             for i in range(span):
-                position = (length[rows] + i)[:, None]
-                state = None
+                active = (row_span > i).nonzero().squeeze(1)  # rows still drafting at step i
+                position = (length[rows[active]] + i)[:, None]
+                state, step_input = None, x[active]
                 for k, stage in enumerate(drafters):
-                    kwargs = {"input_ids": x[:, None]} if k == 0 else {"inputs_embeds": state[:, None]}
-                    hidden, _ = stage_call(stage, caches[k], rows, torch.ones(n, 1, dtype=torch.bool, device=device),
+                    kwargs = {"input_ids": step_input[:, None]} if k == 0 else {"inputs_embeds": state[:, None]}
+                    hidden, _ = stage_call(stage, caches[k], rows[active],
+                                           torch.ones(active.numel(), 1, dtype=torch.bool, device=device),
                                            position, False, **kwargs)
                     state = hidden[:, 0]
-                states.append(state)
-                x = drafters[-1].logits(state).argmax(-1)
-                drafts.append(x)
-            drafts_t = torch.stack(drafts, dim=1)  # (n, span): d_1..d_span
+                states[active, i] = state
+                x[active] = drafters[-1].logits(state).argmax(-1)
+                drafts_t[active, i] = x[active]
             # Verify: the remaining stages on all drafted positions at once.
             synchronize(device)
             verify_start = time.perf_counter()
-            state = torch.stack(states, dim=1)
-            positions = length[rows][:, None] + torch.arange(span, device=device)[None]
-            valid = torch.ones(n, span, dtype=torch.bool, device=device)
+            state = states
+            valid = torch.arange(span, device=device)[None] < row_span[:, None]
+            # slots past a row's span are not real (masked out); their positions repeat its last one
+            positions = length[rows][:, None] + torch.minimum(torch.arange(span, device=device)[None],
+                                                              row_span[:, None] - 1)
             for j, stage in enumerate(verifiers):
                 state, _ = stage_call(stage, caches[draft_stages + j], rows, valid, positions, False,
                                       inputs_embeds=state)
@@ -170,11 +183,9 @@ def _speculate(ensemble, input_ids, attention_mask, max_new_tokens, gamma, draft
             synchronize(device)
             verify_seconds += time.perf_counter() - verify_start
             choice = full_logits.argmax(-1)
-            agree = (choice == drafts_t).long().cumprod(dim=1)
+            agree = ((choice == drafts_t) & valid).long().cumprod(dim=1)
             kept = agree.sum(dim=1)  # accepted drafts per row
-            gain = torch.clamp(kept + 1, max=span)  # tokens this round: accepted + the verifier's own
-            room = max_new_tokens - emitted[rows]
-            gain = torch.minimum(gain, room)
+            gain = torch.minimum(kept + 1, row_span)  # tokens this round: accepted + the verifier's own
             chosen = choice  # equal to the drafts on the accepted prefix
             token_nll = -full_logits.log_softmax(-1).gather(2, chosen[..., None]).squeeze(2)
             offsets = torch.arange(span, device=device)[None]
@@ -194,7 +205,8 @@ def _speculate(ensemble, input_ids, attention_mask, max_new_tokens, gamma, draft
             # The fed inputs x_0..x_{gain-1} stay in every cache; the rest were rejected.
             for cache in caches:
                 cache.reject(rows, gain, span)
-            drafted += int(torch.minimum(torch.full_like(room, span), room).sum())
+                cache.trim()
+            drafted += int(row_span.sum())
             accepted += int(torch.minimum(kept, gain).sum())
             rounds += n
             emitted_total += int(gain.sum())
@@ -209,4 +221,4 @@ def _speculate(ensemble, input_ids, attention_mask, max_new_tokens, gamma, draft
                              seconds_per_token=elapsed / max(generated, 1), verify_seconds=verify_seconds,
                              draft_length=gamma, draft_stages=draft_stages,
                              cache_lengths=tuple(c.count.clone() for c in caches), emitted=emitted_total,
-                             loop_rounds=loop_rounds)
+                             loop_rounds=loop_rounds, cache_slots=tuple(c.length for c in caches))

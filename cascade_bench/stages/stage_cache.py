@@ -149,6 +149,18 @@ class StageCache:
         if bool(drop.any()):
             self.has_gaps = True
 
+    def trim(self) -> int:
+        """Give back the trailing slots that no row holds a real token in (rejected drafts); returns
+        how many. Later calls write over them; buffers keep their capacity."""
+        real = self.valid[:, :self.length].any(dim=0)
+        last = int(real.nonzero().max()) + 1 if bool(real.any()) else 0
+        dropped = self.length - last
+        if dropped:
+            self.valid[:, last:self.length] = False
+            self.length = last
+            self.has_gaps = not bool(self.valid[:, :last].all())
+        return dropped
+
     # -- what the layers call ------------------------------------------------------------------
     def write(self, layer: int, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
         """Store the running call's new keys/values (len(rows), H, new, D) of ``layer``; return the

@@ -158,3 +158,25 @@ def test_bench_generate_command_names_bad_arguments(capsys):
     assert "--new-tokens must be at least 3" in capsys.readouterr().err
     assert main(["bench-generate", "--cascade", "/nonexistent/cascade"]) == 2
     assert "is not a saved cascade (no cascade.json)" in capsys.readouterr().err
+
+
+def test_bench_generate_exit_ratio_is_the_share_that_exits(tmp_path, monkeypatch):
+    """--exit-ratio 0.25: a quarter of the tokens exit after stage 0, so thresholds are calibrated
+    for a hard ratio of 0.75 (it used to pass 0.25 on as the hard ratio: three quarters exited)."""
+    import cascade_bench.routing.calibration as calibration
+
+    asked = []
+    original = calibration.calibrate_thresholds
+
+    def spy(ensemble, batches, hard_ratios, **kwargs):
+        asked.append(hard_ratios)
+        return original(ensemble, batches, hard_ratios, **kwargs)
+
+    monkeypatch.setattr(calibration, "calibrate_thresholds", spy)
+    out = tmp_path / "generate.json"
+    assert main(["bench-generate", "--preset", "gpt2-tiny", "--layers", "1", "1", "--batch-sizes", "1",
+                 "--prompt-len", "8", "--new-tokens", "5", "--repeats", "1", "--warmup", "0", "--exit-ratio", "0.25",
+                 "--json", str(out)]) == 0
+    assert asked == [0.75]
+    stored = json.loads(out.read_text())
+    assert all(abs(r["exit_ratio_stage0"] - 0.25) < 0.15 for r in stored["teacher_forced"])

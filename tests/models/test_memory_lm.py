@@ -105,12 +105,11 @@ def test_memory_updates_leave_no_graph(name):
 
 TRANSFER = r"""
 import sys, torch
-import cascade_bench.models.memory_lm  # registers the family
+import cascade_bench  # registers the family: nothing else needed to load a saved memory model
 from transformers import AutoModelForCausalLM
 folder = sys.argv[1]
 model = AutoModelForCausalLM.from_pretrained(folder).eval()
-model.set_memory_state(torch.load(f"{folder}/memory.pt"))
-model.carry_memory = True
+model.set_memory_state(torch.load(f"{folder}/memory.pt"))  # the next forward starts from it
 with torch.no_grad():
     logits = model(torch.load(f"{folder}/ids.pt")).logits
 torch.save(logits, f"{folder}/logits.pt")
@@ -265,3 +264,39 @@ def test_the_cache_is_one_argument_under_either_name():
         assert new.get_seq_length() == old.get_seq_length() == 4
         with pytest.raises(ValueError, match="not both"):
             model(x[:, 4:], cache=new, past_key_values=old, use_cache=True)
+
+
+@pytest.mark.parametrize("name", MEMORY_TYPES)
+def test_every_parameter_that_shapes_the_output_learns(name):
+    """After one backward every parameter of every layer kind gets a gradient: the projections
+    that only write the memories (multi_memory's memory_keys_values) learn through the later
+    segments' reads in the same forward (they used to get none: writes were detached)."""
+    model = tiny(name).train()
+    x = ids(2, 13)  # segments of 4: three writes read by later segments
+    model(x, labels=x).loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
+    assert not missing, f"no gradient for {missing}"
+
+
+def test_the_seeds_names_are_refused_with_the_name_to_use():
+    with pytest.raises(TypeError, match="this family calls it delta_rule"):
+        MemoryLMConfig(use_delta_rule=True)
+    model = tiny("infini")
+    with pytest.raises(TypeError, match="update_memory .* get_memory_state"):
+        model(ids(1, 5), update_memory=False)
+
+
+def test_a_state_set_is_the_state_the_next_forward_starts_from():
+    model = tiny("infini")  # carry_memory stays False
+    x = ids(1, 8)
+    with torch.no_grad():
+        state = model(x[:, :4]).memory_state
+        explicit = model(x[:, 4:], memory_state=state).logits
+        model.set_memory_state(state)
+        from_set = model(x[:, 4:]).logits
+        after = model(x[:, 4:]).logits  # not carried on without carry_memory: starts empty again
+        fresh = model.__class__(model.config).eval()
+        fresh.load_state_dict(model.state_dict())
+        empty = fresh(x[:, 4:]).logits
+    torch.testing.assert_close(from_set, explicit, rtol=0, atol=0)
+    torch.testing.assert_close(after, empty, rtol=0, atol=0)

@@ -150,3 +150,36 @@ def test_schedule_policy_exits_where_the_schedule_says(text):
         generate(ensemble, ids, mask, exit_policy="rows")
     with pytest.raises(ValueError, match=r"quorum must be a fraction in \(0, 1\]"):
         generate(ensemble, ids, mask, exit_policy="batch", quorum=0)
+
+
+@pytest.mark.parametrize("preset", FAMILIES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_recompute_equals_masked_early_exit_where_tokens_exit(kind, preset, text):
+    """Under ``recompute`` a later stage runs over every earlier token of the row at its original
+    position, which is the context masked early exit gives every token: same NLL, same exits."""
+    ensemble = tiny_ensemble(preset, layers=(2, 2, 2), kind=kind)
+    ids, mask = _ragged_prompts(text, [9, 14, 5, 11], "right")
+    threshold = _median_threshold(ensemble, ids, mask)
+    with torch.inference_mode():
+        recomputed = routed_forward(ensemble, ids, mask, thresholds=[threshold, threshold], kv_policy="recompute")
+        masked = forward_cascade(ensemble, ids, mask, thresholds=[threshold, threshold], method="masked")
+    assert 0 < recomputed.tokens_exited[0] < recomputed.num_tokens and sum(recomputed.recomputed_tokens) > 0
+    assert torch.equal(recomputed.exit_stage, masked.exit_stage)
+    real = mask.bool()
+    torch.testing.assert_close(recomputed.nll[real], masked.nll[real], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kv_policy", ("absent",) + POLICIES)
+def test_padding_waste_counts_only_padding(kv_policy, text):
+    """Padding waste = slots computed that hold no real work; a recomputed token is real work."""
+    ensemble = tiny_ensemble("llama-tiny", layers=(2, 2, 2))
+    ids, mask = _ragged_prompts(text, [9, 14, 5, 11], "right")
+    threshold = _median_threshold(ensemble, ids, mask)
+    with torch.inference_mode():
+        out = routed_forward(ensemble, ids, mask, thresholds=[threshold, threshold], kv_policy=kv_policy)
+    assert 0 < out.tokens_exited[0] < out.num_tokens
+    for k, (slots, shapes) in enumerate(zip(out.slots_computed, out.stage_batch_shapes)):
+        assert slots == sum(rows * length for rows, length, *_ in shapes)
+        real_work = out.tokens_entered[k] + (out.recomputed_tokens[k] if out.recomputed_tokens else 0)
+        assert out.padding_waste[k] == pytest.approx((slots - real_work) / slots if slots else 0.0)
+        assert 0.0 <= out.padding_waste[k] < 1.0

@@ -53,3 +53,41 @@ def test_speculative_input_errors(text):
         self_speculative_generate(ensemble, ids, mask, draft_stages=2)
     with pytest.raises(ValueError, match="draft_length must be a positive int"):
         self_speculative_generate(ensemble, ids, mask, draft_length=0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_drafts_stop_at_the_position_limit(kind, text):
+    """A 127-token prompt on a 128-position GPT-2 cascade, 2 new tokens, drafts of 4: full-depth
+    greedy uses positions up to 127 only, and so must the drafts (they used to run to 130 and
+    raise IndexError in the position table)."""
+    from tests.helpers import token_batch
+
+    ensemble = tiny_ensemble("gpt2-tiny", layers=(1, 1), kind=kind)
+    assert ensemble[0].max_positions == 128
+    ids = token_batch(text, 1, 127, offset=40)
+    full = generate(ensemble, ids, max_new_tokens=2, method="full")
+    out = self_speculative_generate(ensemble, ids, max_new_tokens=2, draft_length=4)
+    assert torch.equal(out.tokens, full.tokens)
+    assert out.drafted == 1  # one token left to generate after the prompt's pass: one draft
+
+
+@pytest.mark.parametrize("max_new_tokens", [2, 3, 5, 9])
+def test_rows_with_less_room_than_a_draft_draft_only_what_they_can_use(max_new_tokens, text):
+    ensemble = tiny_ensemble("llama-tiny", layers=(2, 2))
+    ids, mask = _ragged_prompts(text, [9, 14, 5], "left")
+    full = generate(ensemble, ids, mask, max_new_tokens=max_new_tokens, method="full")
+    out = self_speculative_generate(ensemble, ids, mask, max_new_tokens=max_new_tokens, draft_length=4)
+    assert torch.equal(out.tokens, full.tokens)
+    assert out.drafted <= out.rounds * min(4, max_new_tokens - 1)  # a round drafts at most what is left
+    if max_new_tokens == 2:  # one token left after the prompt's pass: one round of one draft per row
+        assert out.drafted == out.rounds == 3
+
+
+def test_rejected_slots_are_given_back(text):
+    """At batch 1 the caches end holding exactly the tokens fed (prompt + generated but the last):
+    no slot of a rejected draft is kept, so speculative timings carry no dead cache."""
+    ensemble = tiny_ensemble("llama-tiny", layers=(2, 2))
+    ids, mask = _ragged_prompts(text, [13], "left")
+    out = self_speculative_generate(ensemble, ids, mask, max_new_tokens=20, draft_length=4)
+    assert out.accepted < out.drafted  # some drafts were rejected
+    assert out.cache_slots == (13 + 20 - 1,) * 2

@@ -4,8 +4,10 @@ Writing a segment's keys K and values V adds ``phi(K)^T V`` to the memory matrix
 ``sum phi(K)`` to the normaliser z (d); reading with queries Q returns
 ``phi(Q) M / (phi(Q) z)`` (zero while nothing is written). No positional encoding enters the
 memory path. With the delta rule a write adds only ``V - read(K)``: what the memory does not
-already return for those keys. Writes are detached (no graph links one segment's memory to the
-next: the seed's double-backward bug).
+already return for those keys. Inside one forward pass a write keeps its graph, so the key and
+value projections that write the memory learn from the later segments' reads; the state a model
+carries from one call to the next is detached (``modeling``: no graph links one call's memory to
+the next one's, the seed's double-backward bug).
 
 The memory is a ring of banks: each bank takes ``segments_per_bank`` segments' writes (0 = one
 bank, never reset), then the next bank, cleared, takes over; reads pool every bank. Its state is
@@ -62,23 +64,30 @@ class CompressiveMemory:
     def written(self, keys: Tensor, values: Tensor, valid: Optional[Tensor], delta_rule: bool,
                 segments_per_bank: int) -> "CompressiveMemory":
         """The memory after writing one segment's (B, N, d) keys/values (``valid``: (B, N) real
-        tokens; padding writes nothing), detached."""
+        tokens; padding writes nothing), with the write's graph (the carried state is detached by
+        the model, between calls)."""
         memory, normaliser, bank, filled = self.memory.clone(), self.normaliser.clone(), self.bank, self.filled
         if segments_per_bank and filled == segments_per_bank:  # this bank is full: the next one, cleared
             bank, filled = (bank + 1) % memory.shape[0], 0
             memory[bank], normaliser[bank] = 0.0, 0.0
-        k = features(keys.detach()).to(memory.dtype)
-        v = values.detach().to(memory.dtype)
+        k = features(keys).to(memory.dtype)
+        v = values.to(memory.dtype)
         if valid is not None:
             k = k * valid[..., None].to(k.dtype)
         if delta_rule:
             v = v - _retrieved(k, memory[bank], normaliser[bank])
-        memory[bank] += torch.matmul(k.transpose(1, 2), v)
-        normaliser[bank] += k.sum(dim=1)
+        memory[bank] = memory[bank] + torch.matmul(k.transpose(1, 2), v)
+        normaliser[bank] = normaliser[bank] + k.sum(dim=1)
         return CompressiveMemory(memory, normaliser, bank, filled + 1)
 
+    def detached(self) -> "CompressiveMemory":
+        """The same state without its graph (what a model carries to its next call)."""
+        return CompressiveMemory(self.memory.detach(), self.normaliser.detach(), self.bank, self.filled)
+
     def state(self) -> dict:
-        return {"memory": self.memory, "normaliser": self.normaliser, "bank": self.bank, "filled": self.filled}
+        """Plain tensors (detached) and ints: what ``torch.save`` writes."""
+        return {"memory": self.memory.detach(), "normaliser": self.normaliser.detach(), "bank": self.bank,
+                "filled": self.filled}
 
     @classmethod
     def from_state(cls, state: dict) -> "CompressiveMemory":

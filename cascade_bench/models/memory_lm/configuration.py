@@ -10,6 +10,11 @@ LAYER_KINDS = ("pythia", "infini", "multi_memory", "hierarchical")
 MEMORY_LAYER_KINDS = ("infini", "multi_memory", "hierarchical")
 
 
+#: Names the seed code used for this family's options -> the names used here (refused, never stored
+#: as stray attributes that change nothing).
+SEED_NAMES = {"use_delta_rule": "delta_rule", "num_banks": "num_memory_banks", "segment_len": "segment_length"}
+
+
 class MemoryLMConfig(PretrainedConfig):
     """A causal LM of ``layer_kinds`` (one entry per layer, drawn from ``LAYER_KINDS``).
 
@@ -32,6 +37,9 @@ class MemoryLMConfig(PretrainedConfig):
                  segment_length: int = 64, delta_rule: bool = False, num_memory_banks: int = 1,
                  segments_per_bank: int = 0, num_memories: int = 4, initializer_range: float = 0.02,
                  tie_word_embeddings: bool = False, **kwargs):
+        for seed_name, ours in SEED_NAMES.items():
+            if seed_name in kwargs:
+                raise TypeError(f"MemoryLMConfig got {seed_name}={kwargs[seed_name]!r}: this family calls it {ours}")
         layer_kinds = tuple(layer_kinds)
         num_hidden_layers = kwargs.pop("num_hidden_layers", None)
         self.vocab_size = vocab_size

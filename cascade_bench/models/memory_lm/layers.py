@@ -156,8 +156,9 @@ class SegmentMemoryLayer(Layer):
             keys, values = slot.extend(k_heads[:, :, part], v_heads[:, :, part], k[:, part], v[:, part], x[:, part])
             local.append(self.attention.attend(q_heads[:, :, part], keys, values, None))
             reads.append(self.read(slot.memories, q[:, part], x[:, part]))
-            if slot.seen % n == 0:  # the segment is full: into the memories, out of the cache
-                slot.memories = self.write(slot.memories, *slot.finished_segment(), None)
+            if slot.seen % n == 0:  # the segment is full: into the memories, out of the cache (carried
+                # to later calls, so without its graph)
+                slot.memories = detached(self.write(slot.memories, *slot.finished_segment(), None))
             start = part.stop
         if memory is not None:
             memory.states[self.layer_idx] = slot.memories
@@ -197,6 +198,15 @@ class SegmentMemoryLayer(Layer):
     def write(self, state, keys: Tensor, values: Tensor, x: Tensor, valid: Optional[Tensor]):
         """The memories after writing one segment (``valid``: its real tokens)."""
         raise NotImplementedError
+
+
+def detached(memories):
+    """A layer's memories (one ``CompressiveMemory``, or a list or dict of them) without their graph."""
+    if isinstance(memories, dict):
+        return {k: detached(v) for k, v in memories.items()}
+    if isinstance(memories, (list, tuple)):
+        return [detached(v) for v in memories]
+    return memories.detached()
 
 
 def _empty(config: MemoryLMConfig, batch: int, x: Tensor) -> CompressiveMemory:

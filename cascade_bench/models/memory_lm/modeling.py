@@ -158,6 +158,7 @@ class MemoryLMForCausalLM(MemoryLMPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.carry_memory = False
         self._memory_state: Optional[dict] = None
+        self._start_from_set_state = False  # set_memory_state: the next forward starts from that state
         self.post_init()
 
     def get_output_embeddings(self):
@@ -175,6 +176,7 @@ class MemoryLMForCausalLM(MemoryLMPreTrainedModel, GenerationMixin):
     def reset_memory(self) -> None:
         """Forget the memories: the next forward starts empty."""
         self._memory_state = None
+        self._start_from_set_state = False
 
     def get_memory_state(self) -> Optional[dict]:
         """The memories after the last forward (or as set): {layer index: memories}, plain tensors
@@ -183,13 +185,15 @@ class MemoryLMForCausalLM(MemoryLMPreTrainedModel, GenerationMixin):
 
     def set_memory_state(self, state: Optional[dict]) -> None:
         """Use ``state`` (from ``get_memory_state``, possibly saved and loaded elsewhere) as the
-        memories; with ``carry_memory`` the next forward starts from it."""
+        memories: the next forward starts from it (without ``carry_memory`` too; later forwards
+        carry their memories on only with ``carry_memory``). None: the next forward starts empty."""
         if state is not None:
             unknown = sorted(set(int(k) for k in state) - set(self.memory_layers))
             if unknown:
                 raise ValueError(f"memory state has layers {unknown}, but this model's memory layers are "
                                  f"{self.memory_layers}")
         self._memory_state = state
+        self._start_from_set_state = True
 
     def memory_state_bytes(self, state: Optional[dict] = None) -> int:
         """Bytes of a memory state (default: the model's own)."""
@@ -211,15 +215,25 @@ class MemoryLMForCausalLM(MemoryLMPreTrainedModel, GenerationMixin):
                 labels: Optional[Tensor] = None, use_cache: Optional[bool] = None,
                 memory_state: Optional[dict] = None, logits_to_keep: int = 0,
                 output_hidden_states: Optional[bool] = None, output_attentions: Optional[bool] = None,
-                return_dict: Optional[bool] = None, past_key_values=None) -> MemoryLMOutput:
+                return_dict: Optional[bool] = None, past_key_values=None, update_memory=None) -> MemoryLMOutput:
         """Logits (B, T, V) (the last ``logits_to_keep`` positions when it is > 0), the loss of
         ``labels`` (next-token, -100 ignored), the cache and the memories after this forward.
 
         ``cache`` / ``past_key_values``: one argument under transformers' new and old name (see
-        ``MemoryLMModel.forward``). Any other keyword is a TypeError."""
+        ``MemoryLMModel.forward``). ``memory_state``: start from these memories (default: the
+        state ``set_memory_state`` gave, else the carried one with ``carry_memory``, else empty).
+        The seed's ``update_memory`` has no counterpart: a forward always returns the memories after
+        it in ``output.memory_state``; to leave the model's own state as it was, take it with
+        ``get_memory_state`` and ``set_memory_state`` it back. Any other keyword is a TypeError."""
+        if update_memory is not None:
+            raise TypeError("update_memory (the seed's name) is not an argument here: a forward always returns the "
+                            "memories after it in output.memory_state; to keep the model's own state, take it with "
+                            "get_memory_state() and give it back with set_memory_state()")
         cache = _one_cache(cache, past_key_values)
         _refuse_attentions(output_attentions)
-        start = memory_state if memory_state is not None else (self._memory_state if self.carry_memory else None)
+        carried = self.carry_memory or self._start_from_set_state
+        start = memory_state if memory_state is not None else (self._memory_state if carried else None)
+        self._start_from_set_state = False
         device = (input_ids if input_ids is not None else inputs_embeds).device
         context = MemoryContext({int(k): _memories(v, device) for k, v in (start or {}).items()})
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
