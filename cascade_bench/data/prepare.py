@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -51,3 +51,20 @@ def prepare_data(source: "str | Path | dict" = "embedded", tokenizer: str = "bpe
         validation=sliding_windows(streams["validation"], seq_len, stride, batch_size, max_positions),
         test=sliding_windows(streams["test"], seq_len, stride, batch_size, max_positions),
         tokenizer=tok, corpus=corpus, conditions=conditions)
+
+
+def hold_out_validation(data: PreparedData, batches: int) -> tuple[PreparedData, list]:
+    """Split off the last ``batches`` validation batches: (the data without them, the held-out
+    batches). Whatever uses the returned data never sees the held-out batches; 0 holds out nothing.
+    With sliding windows (stride < window) the first held-out window's unscored context overlaps
+    the last kept one; scored tokens are disjoint."""
+    if isinstance(batches, bool) or not isinstance(batches, int) or batches < 0:
+        raise ValueError(f"batches to hold out must be a non-negative integer, got {batches!r}")
+    if batches == 0:
+        return data, []
+    if batches >= len(data.validation):
+        raise ValueError(f"cannot hold out {batches} of the validation split's {len(data.validation)} batches: "
+                         f"at least one must stay for early stopping and calibration")
+    kept, held = data.validation[:-batches], data.validation[-batches:]
+    conditions = {**data.conditions, "validation_batches_held_out": batches}
+    return replace(data, validation=kept, conditions=conditions), held

@@ -11,7 +11,7 @@ flag and gives the figures behind it. Flags are findings to explain, not failure
   causal mask; above the ceiling, under-training);
 - routed and masked early exit taking different stage-0 decisions at the same thresholds;
 - counted FLOPs that differ from the analytic count where both exist;
-- a risk-controlled point whose realised risk on the test split exceeds its delta (allowed with
+- a risk-controlled point whose realised risk on the scored split exceeds its delta (allowed with
   probability epsilon; a finding to explain, not a bug by itself).
 
 Checks of the sweep read the routed points of the run's own exit rule (``main_routed``); the other
@@ -197,20 +197,26 @@ def check_flop_counts(records: Sequence[dict]) -> Check:
 
 
 def check_risk_control(records: Sequence[dict]) -> Check:
-    """Each risk-controlled point's realised risk on the test split against its delta."""
+    """Each risk-controlled point's realised risk on the scored split against its delta. When risk
+    control calibrated on the very batches the run scores (``risk_batches = 0`` with ``eval_split =
+    "validation"``), the realised risk is no test of the guarantee, and the text says so."""
+    name = "risk-controlled point above its delta on the scored split"
     points = [r for r in records if r["method"] == "risk_controlled" and r.get("risk_control")]
     if not points:
-        return Check("risk-controlled point above its delta on the test split", False, "n/a: no risk-controlled points")
+        return Check(name, False, "n/a: no risk-controlled points")
     parts, over = [], []
     for r in points:
         control = r["risk_control"]
-        text = (f"{r.get('exit_rule')}: {control['risk']} {r['realised_risk']:.3f} on test "
+        split = (r.get("conditions") or {}).get("split", "test")
+        reused = split == "validation" and str(control.get("calibration", "")).startswith("shared")
+        where = f"on {split}" + (" (the batches it calibrated on: not an independent test)" if reused else "")
+        text = (f"{r.get('exit_rule')}: {control['risk']} {r['realised_risk']:.3f} {where} "
                 f"(delta {control['delta']:g}, epsilon {control['epsilon']:g}, hard ratio "
                 f"{'none passed' if control['hard_ratio'] is None else format(control['hard_ratio'], 'g')})")
         parts.append(text)
         if r["realised_risk"] > control["delta"]:
             over.append(text)
-    return Check("risk-controlled point above its delta on the test split", bool(over), "; ".join(over or parts))
+    return Check(name, bool(over), "; ".join(over or parts))
 
 
 def run_checks(records: Sequence[dict], plausible_ppl: Sequence[float] = PLAUSIBLE_PPL) -> list[Check]:

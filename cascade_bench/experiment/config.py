@@ -65,7 +65,11 @@ class ExperimentConfig:
     the dense baseline follows stage 0's unless ``dense_patience`` is set. ``validation_batches``: the
     sweep calibrates thresholds, risk-controls and early-stops its exit rules (and the exit study
     chooses its translators) on the first N validation batches (0 = all); training the cascade
-    itself always early-stops on the whole split."""
+    itself always early-stops on the whole split. ``risk_batches``: the last N batches of the
+    validation split are held out for risk control and nothing else (training, early stopping,
+    the exit study, threshold calibration and the exit classifiers never see them, and an
+    ``eval_split = "validation"`` run does not score them); 0 = risk control calibrates on the
+    validation batches the rest uses, and the report says its guarantee rests on reused data."""
 
     name: str = "ashem-embedded"
     corpus: str = "embedded"
@@ -84,6 +88,7 @@ class ExperimentConfig:
     risk_delta: float = 0.1
     risk_epsilon: float = 0.1
     risk_nll_tolerance: float = 0.0
+    risk_batches: int = 4
     kv_policies: tuple = KV_POLICIES
     patience: tuple = ()
     dense_patience: int = 0
@@ -123,7 +128,7 @@ class ExperimentConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 bad(key, "a positive integer")
         for key in ("max_steps_per_epoch", "eval_batches", "timing_batches", "dense_patience", "seed",
-                    "exit_train_tokens", "validation_batches"):
+                    "exit_train_tokens", "validation_batches", "risk_batches"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 bad(key, "a non-negative integer (0 = no limit)" if key != "seed" else "a non-negative integer")
@@ -165,6 +170,9 @@ class ExperimentConfig:
         if isinstance(self.risk_nll_tolerance, bool) or not isinstance(self.risk_nll_tolerance, (int, float)) \
                 or self.risk_nll_tolerance < 0:
             bad("risk_nll_tolerance", "a non-negative number (nats)")
+        if self.risk_batches == 1:
+            bad("risk_batches", "0 (risk control on the shared validation batches) or at least 2 (one half "
+                                "proposes thresholds, the other tests them)")
         if not isinstance(self.kv_policies, tuple) or len(set(self.kv_policies)) != len(self.kv_policies) or any(
                 policy not in KV_POLICIES for policy in self.kv_policies):
             bad("kv_policies", f"a list of distinct K/V policies drawn from {list(KV_POLICIES)} (empty: none)")
@@ -241,7 +249,7 @@ class ExperimentConfig:
         """Hash of everything that changes the trained models (not the sweep or timing): the config keys
         that feed training, the protocol's definition and the preset's config."""
         keys = ("corpus", "corpus_config", "tokenizer", "seq_len", "batch_size", "preset", "protocol",
-                "leaky_seed_protocol", "exit_fn", "max_epochs", "max_steps_per_epoch", "seed", "dtype")
+                "leaky_seed_protocol", "exit_fn", "max_epochs", "max_steps_per_epoch", "seed", "dtype", "risk_batches")
         if self.model:
             keys += ("model", "boundaries", "block_heads", "exit_layers", "auto_boundaries", "translator_fit",
                      "exit_train_tokens")
@@ -268,7 +276,7 @@ class ExperimentConfig:
         depth and stage 0's recipe (lr, patience), but not the rest of the protocol, so runs of different
         protocols with the same depth and stage-0 recipe share one dense model."""
         keys = ("corpus", "corpus_config", "tokenizer", "seq_len", "batch_size", "preset", "max_epochs",
-                "max_steps_per_epoch", "seed", "dtype")
+                "max_steps_per_epoch", "seed", "dtype", "risk_batches")
         protocol = self.training_protocol
         values = {k: getattr(self, k) for k in keys}
         values.update(dense_layers=sum(protocol.layers), lr=protocol.lrs[0], patience=self.dense_recipe[1],
@@ -280,7 +288,7 @@ class ExperimentConfig:
         stage 0's kind and recipe (layers, lr, patience), but not the later stages nor the data protocol,
         so e.g. the leaky and leak-free runs of one setting, or ``ashem`` and ``lego-3``, share stage 0."""
         keys = ("corpus", "corpus_config", "tokenizer", "seq_len", "batch_size", "preset", "exit_fn", "max_epochs",
-                "max_steps_per_epoch", "seed", "dtype")
+                "max_steps_per_epoch", "seed", "dtype", "risk_batches")
         protocol = self.training_protocol
         values = {k: getattr(self, k) for k in keys}
         values.update(stage_kind=protocol.stage_kind, layers=protocol.layers[0], lr=protocol.lrs[0],

@@ -55,7 +55,7 @@ class ExitStudy:
 def study_key(config) -> str:
     """Hash of what trains the translators (the model, data, candidate layers and the recipe)."""
     keys = ("model", "corpus", "corpus_config", "tokenizer", "seq_len", "batch_size", "exit_layers", "translator_fit",
-            "exit_train_tokens", "validation_batches", "max_epochs", "seed", "dtype")
+            "exit_train_tokens", "validation_batches", "risk_batches", "max_epochs", "seed", "dtype")
     values = {k: getattr(config, k) for k in keys}
     values["lr"], values["patience"] = TRANSLATOR_RECIPE
     return "translators-" + hashlib.sha256(json.dumps(values, sort_keys=True, default=list).encode()).hexdigest()[:12]

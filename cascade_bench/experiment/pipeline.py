@@ -32,7 +32,7 @@ from typing import Callable, Optional
 import torch
 
 from ..cost.measurement import measure_cost
-from ..data.prepare import PreparedData, prepare_data
+from ..data.prepare import PreparedData, hold_out_validation, prepare_data
 from ..data.storage import write_json_atomic
 from ..measure.distributed import (all_ranks, from_main, gathered, join_launch, main_first, same_parameters, shard,
                                    sharded)
@@ -241,6 +241,15 @@ def _anchor_ratio(config: ExperimentConfig) -> float:
     return min(config.hard_ratios, key=lambda r: (abs(r - 0.5), r))
 
 
+def _risk_calibration_note(config: ExperimentConfig) -> str:
+    """Which batches risk control calibrated and tested on, and what else used them."""
+    if config.risk_batches:
+        return (f"held out: the last {config.risk_batches} validation batches, which nothing else uses "
+                f"(training, early stopping, calibration and scoring never see them)")
+    return ("shared: the validation batches that also early-stopped training and calibrated the sweep "
+            "(risk_batches = 0), so the guarantee rests on reused data")
+
+
 def run_experiment(config: ExperimentConfig, progress: bool = True,
                    on_point: Optional[Callable[[str], None]] = None) -> dict[str, Path]:
     """Run (or resume) the experiment; returns the paths it wrote. ``on_point(point_id)`` is called
@@ -266,6 +275,8 @@ def run_experiment(config: ExperimentConfig, progress: bool = True,
         data = prepare_data(config.corpus, tokenizer, config.seq_len, config.batch_size, config.eval_stride,
                             config.corpus_config or None, cache_dir=paths["tokenizers"], max_positions=max_positions,
                             model_vocab_size=model_vocab)
+    # risk control's own batches: nothing below (training, calibration, scoring) sees them
+    data, risk_calibration = hold_out_validation(data, config.risk_batches)
     scored = data.test if config.eval_split == "test" else data.validation
     # what the sweep calibrates, risk-controls and early-stops its exit rules on
     validation = data.validation[:config.validation_batches] if config.validation_batches else data.validation
@@ -357,14 +368,15 @@ def run_experiment(config: ExperimentConfig, progress: bool = True,
         return _record(point_id, "routed", cost, hard_ratio=ratio, **extra)
 
     def risk_point(spec: str) -> dict:
-        result = risk_controlled_thresholds(cascade, validation, config.risk_delta, config.risk_epsilon,
-                                            config.risk, config.risk_nll_tolerance, batching=config.batching)
+        result = risk_controlled_thresholds(cascade, risk_calibration or validation, config.risk_delta,
+                                            config.risk_epsilon, config.risk, config.risk_nll_tolerance,
+                                            batching=config.batching)
         cost = measure_cost(cascade, test, "routed", thresholds=list(result.thresholds), batching=config.batching,
                             count_flops=False, timed=config.timing_points == "all", **common)
         violations, tokens = routed_violations(cascade, test, result.thresholds, config.risk,
                                                config.risk_nll_tolerance, batching=config.batching)
         return _record(f"risk[{spec}]", "risk_controlled", cost, hard_ratio=result.hard_ratio, exit_rule=spec,
-                       risk_control=result.summary(),
+                       risk_control={**result.summary(), "calibration": _risk_calibration_note(config)},
                        realised_risk=violations / tokens, realised_violations=violations,
                        **({"rule_training": built[spec].training} if spec in built else {}))
 

@@ -232,6 +232,13 @@ def kv_table(frame: pd.DataFrame) -> Optional[pd.DataFrame]:
         "propagated K/V (token x stage)": points.tokens_propagated.map(sum)})
 
 
+def _risk_calibration(frame: pd.DataFrame) -> str:
+    """What the risk-controlled points calibrated on, as their records say."""
+    notes = {point.risk_control.get("calibration", "the validation batches (not recorded which)")
+             for _, point in frame[frame.method == "risk_controlled"].iterrows()}
+    return "; ".join(sorted(notes))
+
+
 def risk_table(frame: pd.DataFrame) -> Optional[pd.DataFrame]:
     """Risk-controlled points: what was bounded, the level, the point chosen, its bound on the
     calibration split's testing half and the realised risk on the scored split."""
@@ -309,15 +316,17 @@ def _rule_training_lines(records: Sequence[dict]) -> list[str]:
                 "the validation BCE):", "", to_markdown(table)]
 
 
-def _risk_lines(risks: pd.DataFrame) -> list[str]:
+def _risk_lines(risks: pd.DataFrame, calibration: str) -> list[str]:
     return ["## Risk-controlled thresholds", "",
             "Thresholds chosen by Learn-then-Test (fixed-sequence binomial tests over hard ratios 0.9, 0.8, ..., 0.1): "
-            "candidates calibrated on the even validation batches, tested on the odd ones, so that with probability "
-            "at least 1 - epsilon the routed pass's risk (disagreement: its prediction differs from the full "
-            "cascade's; nll_increase: its NLL exceeds the full cascade's by more than the tolerance) is at most delta. "
+            "candidates calibrated on the even batches of risk control's calibration batches, tested on the odd ones, "
+            "so that with probability at least 1 - epsilon the routed pass's risk (disagreement: its prediction "
+            "differs from the full cascade's; nll_increase: its NLL exceeds the full cascade's by more than the "
+            f"tolerance) is at most delta. Calibration batches: {calibration}. "
             "Tokens are treated as independent draws, which tokens of one sequence are not: the guarantee is "
             "approximate in that respect. 'Upper bound' is the (1 - epsilon) Clopper-Pearson bound of the chosen "
-            "point's risk on the testing half; 'realised risk' is measured on the scored split.", "",
+            "point's risk on the testing half; where no hard ratio passed, nobody exits and the bound is exactly 0. "
+            "'Realised risk' is measured on the scored split.", "",
             to_markdown(risks)]
 
 
@@ -454,7 +463,7 @@ def write_report(records: Sequence[dict], config, paths: dict) -> Path:
         "decision is the same as exact max_prob's, each at its own calibrated threshold.", "",
         to_markdown(rules), *_rule_training_lines(records),
         *(_kv_lines(kv, reference) if kv is not None else []),
-        *(_risk_lines(risks) if risks is not None else []),
+        *(_risk_lines(risks, _risk_calibration(frame)) if risks is not None else []),
         *_exit_study_lines(paths),
         "## Sweep", "", to_markdown(thresholds),
         "## Seed-protocol layout", "",

@@ -15,7 +15,9 @@ candidate that passed; then, with probability at least 1 - epsilon over the cali
 the chosen thresholds' risk is at most delta. Assumption (stated in every report): tokens are
 exchangeable draws from the deployment distribution, treated as independent (tokens of one
 sequence are not, so the guarantee is approximate in that respect). If no candidate passes, no
-token exits (all thresholds +inf).
+token exits (all thresholds +inf): the routed pass is then the full cascade, its risk is exactly 0,
+and that is the bound reported (``bound = "exact"``), with the most cautious candidate's own
+Clopper-Pearson bound beside it (``first_candidate_bound``) to say how far the grid was from passing.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import torch
 from ..data.batch import unpack_batch
 from ..measure.distributed import shard, summed
 from ..stages.ensemble import Ensemble, evaluation_mode
-from .calibration import calibrate_thresholds
+from .calibration import calibrate_sweep
 from .passes import forward_cascade
 
 RISKS = ("disagreement", "nll_increase")
@@ -93,7 +95,10 @@ class RiskControlResult:
 
     hard_ratio: the grid point chosen (None: no candidate passed, nobody exits). thresholds: per
     non-last stage. tokens: scored tokens on the testing half; violations / empirical_risk: the chosen
-    point's there. upper_bound: its (1 - epsilon) Clopper-Pearson bound. p_values: per candidate tested.
+    point's there. upper_bound: the bound that holds for the thresholds returned: the chosen point's
+    (1 - epsilon) Clopper-Pearson bound (``bound = "clopper-pearson"``), or 0 when none passed and
+    nobody exits (``bound = "exact"``). first_candidate_bound: the most cautious candidate's
+    Clopper-Pearson bound. p_values: per candidate tested.
     """
 
     risk: str
@@ -108,33 +113,50 @@ class RiskControlResult:
     upper_bound: float
     candidates: tuple[float, ...]
     p_values: tuple[float, ...]
+    bound: str = "clopper-pearson"
+    first_candidate_bound: float = math.nan
 
     def summary(self) -> dict:
         return {"risk": self.risk, "delta": self.delta, "epsilon": self.epsilon, "nll_tolerance": self.nll_tolerance,
                 "hard_ratio": self.hard_ratio, "thresholds": list(self.thresholds), "tokens": self.tokens,
                 "violations": self.violations, "empirical_risk": self.empirical_risk,
-                "upper_bound": self.upper_bound, "candidates": list(self.candidates), "p_values": list(self.p_values)}
+                "upper_bound": self.upper_bound, "bound": self.bound, "first_candidate_bound": self.first_candidate_bound,
+                "candidates": list(self.candidates), "p_values": list(self.p_values)}
 
 
-def routed_violations(ensemble: Ensemble, batches: Iterable, thresholds: Sequence[float], risk: str = "disagreement",
-                      nll_tolerance: float = 0.0, **forward_kwargs) -> tuple[int, int]:
-    """(violations, scored tokens) of the routed pass with ``thresholds`` against the full cascade."""
-    if risk not in RISKS:
-        raise ValueError(f"risk must be one of {RISKS}, got {risk!r}")
-    violations, tokens = 0, 0
-    last = len(ensemble) - 1
+def full_reference(ensemble: Ensemble, batches: Iterable) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The full cascade's (last-stage prediction, NLL) per batch of this rank's shard: what every
+    candidate is compared with, computed once (``routed_violations(reference=...)``)."""
+    reference = []
     with evaluation_mode(ensemble), torch.inference_mode():
         for item in shard(batches):
             ids, mask, targets = unpack_batch(item)
+            full = forward_cascade(ensemble, ids, mask, targets, method="full")
+            reference.append((full.stage_prediction[len(ensemble) - 1], full.nll))
+    return reference
+
+
+def routed_violations(ensemble: Ensemble, batches: Iterable, thresholds: Sequence[float], risk: str = "disagreement",
+                      nll_tolerance: float = 0.0, reference: Optional[Sequence] = None,
+                      **forward_kwargs) -> tuple[int, int]:
+    """(violations, scored tokens) of the routed pass with ``thresholds`` against the full cascade
+    (``reference``: ``full_reference`` of the same batches, else computed here)."""
+    if risk not in RISKS:
+        raise ValueError(f"risk must be one of {RISKS}, got {risk!r}")
+    batches = list(batches)
+    reference = full_reference(ensemble, batches) if reference is None else list(reference)
+    violations, tokens = 0, 0
+    with evaluation_mode(ensemble), torch.inference_mode():
+        for item, (full_prediction, full_nll) in zip(shard(batches), reference, strict=True):
+            ids, mask, targets = unpack_batch(item)
             routed = forward_cascade(ensemble, ids, mask, targets, method="routed", thresholds=thresholds,
                                      **forward_kwargs)
-            full = forward_cascade(ensemble, ids, mask, targets, method="full")
             scored = routed.scored
             if risk == "disagreement":
                 exit_prediction = routed.stage_prediction.gather(0, routed.exit_stage.clamp(min=0)[None])[0]
-                bad = exit_prediction != full.stage_prediction[last]
+                bad = exit_prediction != full_prediction
             else:
-                bad = routed.nll > full.nll + nll_tolerance
+                bad = routed.nll > full_nll + nll_tolerance
             violations += int((bad & scored).sum())
             tokens += int(scored.sum())
     violations, tokens = summed([violations, tokens])
@@ -163,10 +185,13 @@ def risk_controlled_thresholds(ensemble: Ensemble, batches: Sequence, delta: flo
     proposing, testing = batches[0::2], batches[1::2]
     original = ensemble.thresholds
     candidates, counts, tokens = [], [], 0
+    proposed = calibrate_sweep(ensemble, proposing, grid)  # one stage-0 pass for every candidate
+    reference = full_reference(ensemble, testing)  # the full cascade on the testing half, once
     try:
         for ratio in grid:
-            thresholds = calibrate_thresholds(ensemble, proposing, ratio)
-            violations, tokens = routed_violations(ensemble, testing, thresholds, risk, nll_tolerance, **forward_kwargs)
+            thresholds = proposed[ratio]
+            violations, tokens = routed_violations(ensemble, testing, thresholds, risk, nll_tolerance,
+                                                   reference=reference, **forward_kwargs)
             candidates.append(thresholds)
             counts.append(violations)
             if binomial_cdf(violations, tokens, delta) > epsilon:
@@ -174,12 +199,15 @@ def risk_controlled_thresholds(ensemble: Ensemble, batches: Sequence, delta: flo
     finally:
         ensemble.set_thresholds(original)
     chosen, p_values = fixed_sequence_test(counts, tokens, delta, epsilon)
-    if chosen < 0:
+    first_bound = binomial_upper_bound(counts[0], tokens, epsilon)
+    if chosen < 0:  # nobody exits: the routed pass is the full cascade, whose risk is 0 by definition
         thresholds, ratio, violations = (math.inf,) * (len(ensemble) - 1), None, 0
+        bound, upper = "exact", 0.0
     else:
         thresholds, ratio, violations = tuple(candidates[chosen]), grid[chosen], counts[chosen]
+        bound, upper = "clopper-pearson", binomial_upper_bound(violations, tokens, epsilon)
     ensemble.set_thresholds(list(thresholds))
     return RiskControlResult(risk=risk, delta=float(delta), epsilon=float(epsilon), nll_tolerance=float(nll_tolerance),
                              hard_ratio=ratio, thresholds=tuple(thresholds), tokens=tokens, violations=violations,
-                             empirical_risk=violations / tokens, upper_bound=binomial_upper_bound(violations, tokens, epsilon),
-                             candidates=grid[:len(counts)], p_values=tuple(p_values))
+                             empirical_risk=violations / tokens, upper_bound=upper, candidates=grid[:len(counts)],
+                             p_values=tuple(p_values), bound=bound, first_candidate_bound=first_bound)

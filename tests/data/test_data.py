@@ -7,7 +7,7 @@ import torch
 
 from cascade_bench.data.batch import IGNORE_INDEX
 from cascade_bench.data.corpus import balanced_assignment, complete_splits, embedded_corpus, load_corpus
-from cascade_bench.data.prepare import prepare_data
+from cascade_bench.data.prepare import hold_out_validation, prepare_data
 from cascade_bench.data.tokenization import bpe_cache_path, check_vocab_fits, load_tokenizer
 from cascade_bench.data.windows import encode_documents, sliding_windows, training_windows
 
@@ -155,6 +155,20 @@ def test_prepare_data_on_the_embedded_corpus(tmp_path):
         prepare_data("embedded", tokenizer="bpe:512", seq_len=64, cache_dir=tmp_path, max_positions=32)
     with pytest.raises(ValueError, match="tokenizer vocab 512 exceeds the model's vocab size 256"):
         prepare_data("embedded", tokenizer="bpe:512", seq_len=64, cache_dir=tmp_path, model_vocab_size=256)
+
+
+def test_held_out_validation_batches_leave_the_rest_untouched(tmp_path):
+    data = prepare_data("embedded", tokenizer="bpe:512", seq_len=64, batch_size=4, cache_dir=tmp_path)
+    batches = len(data.validation)
+    kept, held = hold_out_validation(data, 3)
+    assert len(held) == 3 and len(kept.validation) == batches - 3
+    assert all(a is b for a, b in zip(kept.validation + held, data.validation))
+    assert kept.train is data.train and kept.test is data.test and kept.conditions["validation_batches_held_out"] == 3
+    assert hold_out_validation(data, 0) == (data, [])
+    with pytest.raises(ValueError, match=f"cannot hold out {batches} of the validation split's {batches} batches"):
+        hold_out_validation(data, batches)
+    with pytest.raises(ValueError, match="non-negative integer, got -1"):
+        hold_out_validation(data, -1)
 
 
 def test_a_single_text_file_is_cut_in_order_at_line_boundaries(tmp_path, text):

@@ -120,11 +120,25 @@ def _risk_point(rule, realised, delta=0.1):
 
 def test_a_risk_controlled_point_above_its_delta_is_flagged():
     records = good_records() + [_risk_point("max_prob", 0.08), _risk_point("cos_sim", 0.13)]
-    check = {c.name: c for c in run_checks(records)}["risk-controlled point above its delta on the test split"]
+    check = {c.name: c for c in run_checks(records)}["risk-controlled point above its delta on the scored split"]
     assert check.flagged
     assert check.detail == "cos_sim: disagreement 0.130 on test (delta 0.1, epsilon 0.1, hard ratio 0.4)"
     records[-1]["realised_risk"] = 0.1  # at delta is within it
-    assert not {c.name: c for c in run_checks(records)}["risk-controlled point above its delta on the test split"].flagged
+    assert not {c.name: c for c in run_checks(records)}["risk-controlled point above its delta on the scored split"].flagged
+
+
+def test_realised_risk_on_the_batches_risk_control_used_is_labelled_as_no_test():
+    point = _risk_point("max_prob", 0.05)
+    point["conditions"] = {**point.get("conditions", {}), "split": "validation"}
+    point["risk_control"]["calibration"] = "shared: the validation batches that also early-stopped training"
+    check = {c.name: c for c in run_checks(good_records() + [point])}[
+        "risk-controlled point above its delta on the scored split"]
+    assert check.detail == ("max_prob: disagreement 0.050 on validation (the batches it calibrated on: not an "
+                            "independent test) (delta 0.1, epsilon 0.1, hard ratio 0.4)")
+    point["risk_control"]["calibration"] = "held out: the last 4 validation batches"
+    check = {c.name: c for c in run_checks(good_records() + [point])}[
+        "risk-controlled point above its delta on the scored split"]
+    assert check.detail.startswith("max_prob: disagreement 0.050 on validation (delta")
 
 
 def test_sweep_checks_read_only_the_trained_with_rule():

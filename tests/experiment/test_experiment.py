@@ -13,6 +13,8 @@ import pytest
 import torch
 
 from cascade_bench.cli import main
+from cascade_bench.data.batch import IGNORE_INDEX
+from cascade_bench.data.prepare import prepare_data
 from cascade_bench.experiment import pipeline as experiment
 from cascade_bench.experiment.config import make_config
 from cascade_bench.experiment.pipeline import run_experiment
@@ -89,9 +91,16 @@ def test_run_writes_results_tables_plots_and_report(finished):
     assert list(rules_table["exit rule"]) == ["max_prob (trained with)", *rules]
     risk = pd.read_csv(tables / "tiny.risk.csv")
     assert list(risk["exit rule"]) == ["max_prob", *rules] and set(risk.delta) == {0.1}
+    # risk control tested on the odd batches of its own held-out part of validation (the last 4)
+    data = prepare_data(config.corpus, config.tokenizer, config.seq_len, config.batch_size, config.eval_stride,
+                        cache_dir=paths["tokenizers"])
+    held = data.validation[-config.risk_batches:]
+    assert config.risk_batches == 4 and routed["conditions"]["validation_batches_held_out"] == 4
+    testing_tokens = sum(int((batch["targets"] != IGNORE_INDEX).sum()) for batch in held[1::2])
     for rule in ["max_prob", *rules]:
         control = by_id[f"risk[{rule}]"]["risk_control"]
-        assert control["hard_ratio"] is None or control["empirical_risk"] <= control["upper_bound"]
+        assert control["tokens"] == testing_tokens and control["calibration"].startswith("held out: the last 4")
+        assert control["empirical_risk"] <= control["upper_bound"] or control["bound"] == "exact"
         assert 0 <= by_id[f"risk[{rule}]"]["realised_risk"] <= 1
     # K/V policies at the routed point's thresholds: padded batching decides exactly as bucketed does,
     # stage 0 is the same under every policy, and each policy's extra work is what it says.

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from cascade_bench.routing.calibration import calibrate_thresholds
 from cascade_bench.routing.risk_control import (RISK_GRID, binomial_cdf, binomial_upper_bound, fixed_sequence_test,
                                                 risk_controlled_thresholds, routed_violations)
 from tests.helpers import tiny_ensemble, token_batch
@@ -82,6 +83,21 @@ def test_risk_controlled_thresholds_on_an_ensemble(text):
         assert all(p <= 0.2 for p in result.p_values[:RISK_GRID.index(result.hard_ratio) + 1])
         # what it certified is what the routed pass does on the testing half
         assert routed_violations(ensemble, batches[1::2], result.thresholds) == (result.violations, result.tokens)
+
+
+def test_when_no_candidate_passes_nobody_exits_and_the_bound_is_exact(text):
+    ensemble = tiny_ensemble("gpt2-tiny")
+    batches = [token_batch(text, 2, 32, offset=300 * i) for i in range(4)]
+    # 124 tokens on the testing half: even 0 violations give p = (1 - 1e-4)^124 > 0.1, so nothing passes
+    result = risk_controlled_thresholds(ensemble, batches, delta=1e-4, epsilon=0.1)
+    assert result.hard_ratio is None and result.thresholds == (math.inf,) and ensemble.thresholds[0] == math.inf
+    assert (result.bound, result.upper_bound, result.violations) == ("exact", 0.0, 0)
+    # the reported bound holds: the thresholds returned route nobody out, so nothing disagrees
+    assert routed_violations(ensemble, batches[1::2], result.thresholds) == (0, result.tokens)
+    assert result.first_candidate_bound == binomial_upper_bound(
+        routed_violations(ensemble, batches[1::2], calibrate_thresholds(ensemble, batches[0::2], RISK_GRID[0]))[0],
+        result.tokens, 0.1)
+    assert result.summary()["bound"] == "exact"
 
 
 def test_risk_control_errors_name_the_value(text):
