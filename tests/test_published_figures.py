@@ -42,6 +42,8 @@ def test_the_stored_run_is_the_default_config_on_the_locked_install(records):
         conditions = record["conditions"]
         stored = {k: v for k, v in conditions["config"].items() if k != "out"}
         assert stored == default, "the stored run is not the default config: rerun it and store its records"
+        if record["method"] == "oracle" and "install" not in conditions:
+            continue  # the oracle's record carries no environment before ff54488's successor (analytic only)
         assert conditions["install"] == "matches requirements.lock"
         assert not conditions["git_commit"].endswith("+dirty")
 

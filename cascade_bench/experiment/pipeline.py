@@ -36,6 +36,7 @@ from ..data.prepare import PreparedData, hold_out_validation, prepare_data
 from ..data.storage import write_json_atomic
 from ..measure.distributed import (all_ranks, from_main, gathered, join_launch, main_first, same_parameters, shard,
                                    sharded)
+from ..measure.environment import environment_conditions
 from ..measure.timing import interleaved_ratio
 from ..routing.calibration import calibrate_sweep
 from ..routing.oracle import oracle_bound
@@ -426,14 +427,16 @@ def run_experiment(config: ExperimentConfig, progress: bool = True,
     if "oracle" in config.baselines:
         def oracle_point():
             result = oracle_bound(cascade, test, config.oracle_tolerance)
+            parameter = next(iter(cascade.parameters()))
             return {"point_id": "oracle", "method": "oracle", "hard_ratio": None, "ppl": result.ppl,
                     "accuracy": None, "exit_ratios": list(result.exit_ratios),
                     "tokens_entered": list(result.tokens_entered), "layer_cost": result.layer_cost,
                     "flops": None, "flops_analytic": result.flops_analytic, "time_median_s": None,
                     "tokens": result.tokens, "oracle_tolerance": result.tolerance,
                     "layers_per_stage": list(cascade.layers_per_stage),
-                    "conditions": {**conditions, "note": "analytic cost only; per-stage NLL from the no-exit "
-                                                          "cascade (later stages see full context)"}}
+                    "conditions": {**conditions, **environment_conditions(parameter.device, parameter.dtype),
+                                   "note": "analytic cost only; per-stage NLL from the no-exit "
+                                           "cascade (later stages see full context)"}}
         points.append(("oracle", oracle_point, main_rule))
 
     timed_test = test[:timed]  # each rank reruns its share of them for the back-to-back ratio

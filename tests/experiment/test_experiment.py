@@ -91,6 +91,7 @@ def test_run_writes_results_tables_plots_and_report(finished):
     assert list(rules_table["exit rule"]) == ["max_prob (trained with)", *rules]
     risk = pd.read_csv(tables / "tiny.risk.csv")
     assert list(risk["exit rule"]) == ["max_prob", *rules] and set(risk.delta) == {0.1}
+    assert {"torch", "transformers", "install", "git_commit"} <= set(by_id["oracle"]["conditions"])
     # risk control tested on the odd batches of its own held-out part of validation (the last 4)
     data = prepare_data(config.corpus, config.tokenizer, config.seq_len, config.batch_size, config.eval_stride,
                         cache_dir=paths["tokenizers"])
