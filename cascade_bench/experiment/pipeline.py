@@ -331,7 +331,7 @@ def run_experiment(config: ExperimentConfig, progress: bool = True,
             built[spec] = build_rule(spec, cascade, data.train, validation, config.classifier_target,
                                      config.seed, progress, max_epochs=config.max_epochs,
                                      max_steps_per_epoch=config.max_steps_per_epoch or None,
-                                     max_tokens=config.exit_train_tokens or None)
+                                     max_tokens=config.exit_train_tokens or None, anchor_ratio=anchor)
         return built[spec]
 
     thresholds_cache: dict[tuple[str, float], list[float]] = {}

@@ -4,11 +4,18 @@ A rule spec (``stages.exit_rules.RULE_SPECS``) becomes one exit function per non
 built-ins by name; ``classifier`` / ``classifier-mlp`` trained per stage with everything else frozen
 (train split, early stopping on the validation split); ``lowrank:R`` from the SVD of each stage's
 lm_head; ``topk:K`` from the K most frequent ids of the training split.
+
+Classifiers train in stage order. Stage k >= 1 trains on the states the routed pass gives it, so
+the earlier stages must route: each earlier stage uses the classifier just trained for it, at the
+threshold calibrated (on the validation split) to ``anchor_ratio``, the sweep's hard ratio nearest
+0.5. One classifier then serves every swept ratio; at other ratios stage k sees a somewhat
+different set of tokens than it was trained on.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
@@ -17,6 +24,7 @@ import torch
 
 from ..data.batch import most_frequent_ids, unpack_batch
 from ..measure.distributed import gathered, same_parameters, shard
+from ..routing.calibration import calibrate_thresholds
 from ..routing.passes import forward_cascade
 from ..stages.ensemble import Ensemble, evaluation_mode
 from ..stages.exit_rules import MLP_HIDDEN_UNITS, low_rank_max_prob, parse_rule_spec, top_k_max_prob
@@ -39,7 +47,8 @@ class BuiltRule:
 
 def build_rule(spec: str, cascade: Ensemble, train: list, validation: list, classifier_target: str = "consistency",
                seed: int = 0, progress: bool = False, max_epochs: Optional[int] = None,
-               max_steps_per_epoch: Optional[int] = None, max_tokens: Optional[int] = None) -> BuiltRule:
+               max_steps_per_epoch: Optional[int] = None, max_tokens: Optional[int] = None,
+               anchor_ratio: float = 0.5) -> BuiltRule:
     """Build ``spec`` for every non-last stage of ``cascade`` (see the module doc). ``max_epochs`` /
     ``max_steps_per_epoch`` cap a classifier's training below its own recipe (the run's caps); with a
     step cap, it also sees only the tokens those steps can use. ``max_tokens``: a classifier's
@@ -50,21 +59,22 @@ def build_rule(spec: str, cascade: Ensemble, train: list, validation: list, clas
         per_stage, training = [], []
         for k in non_last:
             torch.manual_seed(seed + k)
-            classifier, history = train_exit_classifier(
-                cascade, k, train, validation, target=classifier_target,
-                hidden_units=MLP_HIDDEN_UNITS if kind == "classifier-mlp" else 0, progress=progress,
-                max_tokens=min(CLASSIFIER_MAX_TOKENS,
-                               max_tokens or CLASSIFIER_MAX_TOKENS,
-                               CLASSIFIER_MAX_TOKENS if max_steps_per_epoch is None else
-                               max_steps_per_epoch * CLASSIFIER_BATCH_TOKENS),
-                config=dataclasses.replace(CLASSIFIER_TRAIN_CONFIG, seed=seed + k,
-                                           max_epochs=min(CLASSIFIER_TRAIN_CONFIG.max_epochs,
-                                                          max_epochs or CLASSIFIER_TRAIN_CONFIG.max_epochs),
-                                           max_steps_per_epoch=max_steps_per_epoch))
+            with routing_through(cascade, per_stage, validation, anchor_ratio):
+                classifier, history = _train_classifier(
+                    cascade, k, train, validation, classifier_target, kind, progress, seed,
+                    max_tokens=min(CLASSIFIER_MAX_TOKENS,
+                                   max_tokens or CLASSIFIER_MAX_TOKENS,
+                                   CLASSIFIER_MAX_TOKENS if max_steps_per_epoch is None else
+                                   max_steps_per_epoch * CLASSIFIER_BATCH_TOKENS),
+                    max_epochs=max_epochs, max_steps_per_epoch=max_steps_per_epoch)
             same_parameters([classifier])  # data-parallel runs: every rank trained it alike; rank 0's counts
             per_stage.append(classifier)
             summary = history.summary()
-            training.append({"stage": k, "rule": spec, "target": classifier_target, "epochs": summary["epochs"],
+            training.append({"stage": k, "rule": spec, "target": classifier_target,
+                             "features": ("every token (stage 0 sees all)" if k == 0 else
+                                          f"routed: the tokens continuing past stages 0..{k - 1} at hard ratio "
+                                          f"{anchor_ratio:g} under this rule"),
+                             "epochs": summary["epochs"],
                              "best_epoch": summary["best_epoch"], "best_validation_bce": summary["best_val_ppl"],
                              "stop_reason": summary["stop_reason"], "max_epochs": summary["max_epochs"],
                              "patience": summary["patience"], "seconds": summary["seconds"],
@@ -76,6 +86,39 @@ def build_rule(spec: str, cascade: Ensemble, train: list, validation: list, clas
         ids = most_frequent_ids(train, cascade.vocab_size, size)
         return BuiltRule(spec, [top_k_max_prob(cascade[k], ids) for k in non_last])
     return BuiltRule(spec, [kind for _ in non_last])
+
+
+def _train_classifier(cascade: Ensemble, k: int, train: list, validation: list, target: str, kind: str,
+                      progress: bool, seed: int, max_tokens: int, max_epochs: Optional[int],
+                      max_steps_per_epoch: Optional[int]):
+    """Stage ``k``'s classifier with the run's caps on the classifier recipe."""
+    config = dataclasses.replace(CLASSIFIER_TRAIN_CONFIG, seed=seed + k,
+                                 max_epochs=min(CLASSIFIER_TRAIN_CONFIG.max_epochs,
+                                                max_epochs or CLASSIFIER_TRAIN_CONFIG.max_epochs),
+                                 max_steps_per_epoch=max_steps_per_epoch)
+    return train_exit_classifier(cascade, k, train, validation, target=target,
+                                 hidden_units=MLP_HIDDEN_UNITS if kind == "classifier-mlp" else 0, progress=progress,
+                                 max_tokens=max_tokens, config=config)
+
+
+@contextmanager
+def routing_through(cascade: Ensemble, earlier: list, validation: list, hard_ratio: float):
+    """Inside the block the first ``len(earlier)`` stages use those exit functions, at thresholds
+    calibrated on ``validation`` to ``hard_ratio``; the later stages never exit. Everything is
+    restored after it."""
+    saved = [(stage.exit_function, stage.threshold) for stage in cascade]
+    try:
+        for stage in cascade:
+            stage.threshold = math.inf
+        for stage, exit_fn in zip(cascade, earlier):
+            stage.exit_function = exit_fn
+        if earlier:
+            calibrate_thresholds(cascade, validation, hard_ratio, stages=range(len(earlier)))
+        yield cascade
+    finally:
+        for stage, (exit_fn, threshold) in zip(cascade, saved):
+            stage.exit_function = exit_fn
+            stage.threshold = threshold
 
 
 @contextmanager

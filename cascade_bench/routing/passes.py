@@ -192,26 +192,37 @@ def full_forward(ensemble: Ensemble, input_ids: Tensor, attention_mask: Optional
 
 @dataclass
 class StageStates:
-    """Per-token states of every stage run on every real token (no exit, as in ``full``).
+    """Per-token states of each stage over the tokens that stage ran on.
 
-    flat_index: (N,) flat positions (b * T + t) of the real tokens, in the order of the rows below.
-    targets: (N,) next-token targets (negative = not scored).
-    hidden: per stage, (N, d) output state (what the stage's exit rule and lm_head read).
-    input_state: per stage, (N, d) input of its last decoder layer, or None where not captured.
+    flat_index: (N,) flat positions (b * T + t) of the real tokens (what stage 0 runs on).
+    targets: (N,) their next-token targets (negative = not scored).
+    hidden: per stage, (N_k, d) output state (what the stage's exit rule and lm_head read), rows in
+    the order of ``reach[k]``.
+    input_state: per stage, (N_k, d) input of its last decoder layer, or None where not captured.
+    reach: per stage, (N_k,) flat positions of the tokens it ran on (all N without exits).
+    stage_targets: per stage, (N_k,) their targets.
     """
 
     flat_index: Tensor
     targets: Tensor
     hidden: list[Tensor]
     input_state: list[Optional[Tensor]]
+    reach: list[Tensor] = field(default_factory=list)
+    stage_targets: list[Tensor] = field(default_factory=list)
 
 
 def stage_states(ensemble: Ensemble, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
                  targets: Optional[Tensor] = None, *, num_stages: Optional[int] = None,
-                 capture_input_state: bool = False, positions: str = "compact") -> StageStates:
-    """Run the first ``num_stages`` stages on every real token of a (B, T) batch, laid out exactly as
-    the ``full`` pass lays them out, and return each stage's per-token states (for training exit
-    classifiers and probes on what the routed pass's first stage sees)."""
+                 capture_input_state: bool = False, positions: str = "compact",
+                 routed_thresholds: Optional[Sequence[float]] = None, batching: str = "bucketed") -> StageStates:
+    """Each of the first ``num_stages`` stages' per-token states (for training exit classifiers and
+    probes on what a stage sees when routed).
+
+    Without ``routed_thresholds``: every stage on every real token, laid out as the ``full`` pass
+    lays them out (which is what the routed pass's stage 0 sees). With them (one per stage, as
+    ``forward_cascade(method="routed")`` takes them): the routed pass itself runs, tokens exit
+    under the stages' exit rules at those thresholds, and stage k's states are the ones the routed
+    pass computes for the tokens that reach it (gathered, compact positions, ``batching``)."""
     num_stages = len(ensemble) if num_stages is None else num_stages
     if isinstance(num_stages, bool) or not isinstance(num_stages, int) or not 1 <= num_stages <= len(ensemble):
         raise ValueError(f"num_stages must be an int in [1, {len(ensemble)}], got {num_stages!r}")
@@ -219,15 +230,23 @@ def stage_states(ensemble: Ensemble, input_ids: Tensor, attention_mask: Optional
     stages = list(ensemble.stages)[:num_stages]
     batch = make_token_batch(input_ids, attention_mask, targets, vocab_size=ensemble.vocab_size, device=ensemble.device)
     _check_lengths(stages, batch, positions)
-    runner = _Pass(stages, batch, "full", "padded", positions, (math.inf,) * num_stages, False, None, False)
-    reach = batch.tokens
-    layouts = plan_layouts(reach, batch.seq_len, batch.batch_size, "padded")
-    state, hidden, inputs = None, [], []
-    for k, stage in enumerate(stages):
-        state, captured = runner._run_stage(stage, k, reach, state, layouts, capture_input_state)
-        hidden.append(state)
-        inputs.append(captured)
-    return StageStates(flat_index=reach, targets=batch.targets[reach], hidden=hidden, input_state=inputs)
+    if routed_thresholds is not None:
+        thresholds = resolve_thresholds(ensemble, routed_thresholds, num_stages)
+        runner = _Pass(stages, batch, "routed", batching, positions, thresholds, False, None, False,
+                       kept=capture_input_state)
+        runner.run()
+        reach, hidden, inputs = (list(column) for column in zip(*runner.states))
+    else:
+        runner = _Pass(stages, batch, "full", "padded", positions, (math.inf,) * num_stages, False, None, False)
+        layouts = plan_layouts(batch.tokens, batch.seq_len, batch.batch_size, "padded")
+        state, hidden, inputs = None, [], []
+        for k, stage in enumerate(stages):
+            state, captured = runner._run_stage(stage, k, batch.tokens, state, layouts, capture_input_state)
+            hidden.append(state)
+            inputs.append(captured)
+        reach = [batch.tokens] * num_stages
+    return StageStates(flat_index=batch.tokens, targets=batch.targets[batch.tokens], hidden=hidden,
+                       input_state=inputs, reach=reach, stage_targets=[batch.targets[r] for r in reach])
 
 
 def _check_lengths(stages: list[LLM], batch: TokenBatch, positions: str) -> None:
@@ -253,6 +272,10 @@ class _Pass:
     last_confidence: bool
     probe: Probe = NO_PROBE
     open_end: bool = False
+    #: None: keep nothing; False/True: keep each stage's (reach, hidden, input state or None) in
+    #: ``states``, capturing the input state when True (``stage_states``)
+    kept: Optional[bool] = None
+    states: list[tuple] = field(default_factory=list)
     entered: list[int] = field(default_factory=list)
     exited: list[int] = field(default_factory=list)
     slots: list[int] = field(default_factory=list)
@@ -286,6 +309,8 @@ class _Pass:
             if reach.numel() == 0:  # everyone exited earlier: this stage does no work at all
                 for counts in (self.entered, self.exited, self.slots, self.head_tokens, self.decided):
                     counts.append(0)
+                if self.kept is not None:
+                    self.states.append((reach, torch.empty(0, stage.hidden_size, device=device), None))
                 self.shapes.append(())
                 continue
             with self.probe.span(f"stage{k}"):
@@ -295,8 +320,10 @@ class _Pass:
                                                self.batching if self.method == "routed" else "padded")
                 last = k == num_stages - 1 and not self.open_end
                 decides = (not last or self.last_confidence) and self.method != "full"
-                capture = decides and stage.exit_function.needs_input_state
+                capture = (decides and stage.exit_function.needs_input_state) or bool(self.kept)
                 hidden, input_state = self._run_stage(stage, k, reach, state, layouts, capture)
+                if self.kept is not None:
+                    self.states.append((reach, hidden, input_state if self.kept else None))
                 self.entered.append(reach.numel())
                 self.slots.append(sum(layout.slots for layout in layouts))
                 self.shapes.append(tuple((layout.num_rows, layout.length) for layout in layouts))

@@ -1,10 +1,13 @@
 """Training a learned exit classifier (CALM) for one non-last stage, everything else frozen.
 
-Features: the stage's output state (and, if asked, the input state of its last layer) on every
-scored token, laid out as the ``full`` pass lays them out (which is also exactly what stage 0 sees in
-the routed pass). Labels, by ``target``:
+Features: the stage's output state (and, if asked, the input state of its last layer) as the
+routed pass computes it. Stage 0 sees every token (its states are the ``full`` pass's); stage
+k >= 1 sees only the tokens that continue past the earlier stages, gathered at compact positions,
+so its features come from the routed pass at the earlier stages' current exit rules and thresholds
+(``stage_states(routed_thresholds=...)``), over the tokens that reach stage k. Labels, by ``target``:
 
-- ``"consistency"`` (CALM): stage k's argmax equals the last stage's argmax (full depth);
+- ``"consistency"`` (CALM): stage k's argmax equals the last stage's argmax (full depth from
+  stage k on: nobody exits at or after stage k);
 - ``"correctness"``: stage k's argmax equals the target token.
 
 Binary cross-entropy, AdamW, early stopping on the validation BCE (``loops.fit``); the classifier's
@@ -13,6 +16,7 @@ sigmoid becomes the stage's confidence.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
@@ -57,17 +61,23 @@ def exit_labels(ensemble: Ensemble, stage_index: int, batches: Iterable, target:
     if target not in ("consistency", "correctness"):
         raise ValueError(f"target must be 'consistency' or 'correctness', got {target!r}")
     depth = len(ensemble) if target == "consistency" else stage_index + 1
+    # stage k >= 1: the routed pass, earlier stages at their thresholds, nobody exiting from stage k on
+    routed = (*ensemble.thresholds[:stage_index], *(math.inf,) * (depth - stage_index)) if stage_index else None
     outs, ins, labels, kept = [], [], [], 0
     with evaluation_mode(ensemble), torch.inference_mode():
         for item in batches:
             ids, mask, targets = unpack_batch(item)
-            states = stage_states(ensemble, ids, mask, targets, num_stages=depth, capture_input_state=use_input_state)
-            scored = states.targets >= 0
-            targets_k = states.targets[scored]
+            states = stage_states(ensemble, ids, mask, targets, num_stages=depth, capture_input_state=use_input_state,
+                                  routed_thresholds=routed)
+            scored = states.stage_targets[stage_index] >= 0
+            targets_k = states.stage_targets[stage_index][scored]
             hidden = states.hidden[stage_index][scored]
             prediction = run_exit_head(ensemble[stage_index], stage_index, hidden, targets_k).prediction
             if target == "consistency":
                 last = len(ensemble) - 1
+                if not torch.equal(states.reach[last], states.reach[stage_index]):
+                    raise RuntimeError("the tokens reaching the last stage are not those reaching stage "
+                                       f"{stage_index}, though nobody exits in between")
                 reference = run_exit_head(ensemble[last], last, states.hidden[last][scored], targets_k).prediction
             else:
                 reference = targets_k

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from cascade_bench import calibrate_thresholds, routed_forward
+from cascade_bench.routing.exit_head import run_exit_head
 from cascade_bench.routing.passes import forward_cascade
 from cascade_bench.training.exit_classifier import classifier_bce, exit_labels, train_exit_classifier
 from cascade_bench.training.loops import TrainConfig
@@ -51,6 +52,40 @@ def test_training_lowers_the_loss_and_leaves_the_stages_alone(text):
     with torch.inference_mode():
         out = routed_forward(ensemble, validation[0])
     assert out.tokens_exited[0] == pytest.approx(0.5 * out.tokens_entered[0], abs=2)
+
+
+@pytest.mark.parametrize("target", ["consistency", "correctness"])
+def test_later_stage_features_are_the_routed_pass_states_of_the_continuing_tokens(text, target):
+    """Stage 1 of 3 sees, when routed, only the tokens that continue past stage 0, gathered at
+    compact positions: its classifier's features must be those states (not the no-exit pass's)."""
+    ensemble = tiny_ensemble("gpt2-tiny", layers=(1, 1, 1))
+    batches = _batches(text, 2)
+    calibrate_thresholds(ensemble, batches, [0.5, 0.5])
+    stage0_threshold = ensemble[0].threshold
+    data = exit_labels(ensemble, 1, batches, target=target)
+    predictions, confidences, labels = [], [], []
+    with torch.inference_mode():
+        for batch in batches:
+            # the routed pass at stage 0's threshold; nobody exits from stage 1 on
+            out = forward_cascade(ensemble, batch, method="routed", thresholds=[stage0_threshold, float("inf")],
+                                  confidence_at_last_stage=True)
+            reached = (out.exit_stage.flatten() >= 1) & out.scored.flatten()
+            first = out.stage_prediction[1].flatten()[reached]
+            predictions.append(first)
+            confidences.append(out.stage_confidence[1].flatten()[reached])
+            if target == "consistency":
+                reference = out.stage_prediction[2].flatten()[reached]
+            else:
+                reference = torch.cat([batch[:, 1:], torch.full((batch.shape[0], 1), -1)], dim=1).flatten()[reached]
+            labels.append((first == reference).float())
+    with torch.inference_mode():
+        head = run_exit_head(ensemble[1], 1, data.h_out, torch.full((data.h_out.shape[0],), -1),
+                             exit_function=ensemble[1].exit_function)
+    assert data.h_out.shape[0] == int(torch.cat(predictions).numel()) < sum(b.numel() for b in batches)
+    assert torch.equal(head.prediction, torch.cat(predictions))
+    torch.testing.assert_close(head.confidence, torch.cat(confidences), rtol=1e-5, atol=1e-6)
+    assert torch.equal(data.label, torch.cat(labels))
+    assert ensemble[0].threshold == stage0_threshold  # nothing was changed
 
 
 def test_classifier_errors_name_the_value(text):
