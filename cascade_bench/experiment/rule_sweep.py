@@ -105,20 +105,13 @@ def _train_classifier(cascade: Ensemble, k: int, train: list, validation: list, 
 def routing_through(cascade: Ensemble, earlier: list, validation: list, hard_ratio: float):
     """Inside the block the first ``len(earlier)`` stages use those exit functions, at thresholds
     calibrated on ``validation`` to ``hard_ratio``; the later stages never exit. Everything is
-    restored after it."""
-    saved = [(stage.exit_function, stage.threshold) for stage in cascade]
-    try:
+    restored after it (``using_rule``)."""
+    with using_rule(cascade, BuiltRule("routing", list(earlier))):
         for stage in cascade:
             stage.threshold = math.inf
-        for stage, exit_fn in zip(cascade, earlier):
-            stage.exit_function = exit_fn
         if earlier:
             calibrate_thresholds(cascade, validation, hard_ratio, stages=range(len(earlier)))
         yield cascade
-    finally:
-        for stage, (exit_fn, threshold) in zip(cascade, saved):
-            stage.exit_function = exit_fn
-            stage.threshold = threshold
 
 
 @contextmanager

@@ -94,3 +94,16 @@ def test_classifier_errors_name_the_value(text):
         exit_labels(ensemble, 1, [token_batch(text, 1, 16)])
     with pytest.raises(ValueError, match="target must be 'consistency' or 'correctness', got 'agree'"):
         exit_labels(ensemble, 0, [token_batch(text, 1, 16)], target="agree")
+
+
+def test_a_three_stage_classifier_rule_trains_stage_1_on_routed_states_and_restores_the_cascade(text):
+    from cascade_bench.experiment.rule_sweep import build_rule
+
+    ensemble = tiny_ensemble("gpt2-tiny", layers=(1, 1, 1))
+    batches = _batches(text, 2)
+    calibrate_thresholds(ensemble, batches, [0.5, 0.5])
+    before = [(stage.exit_function, stage.threshold) for stage in ensemble]
+    rule = build_rule("classifier", ensemble, batches, batches, max_epochs=1, max_steps_per_epoch=2)
+    assert [part["stage"] for part in rule.training] == [0, 1] and len(rule.per_stage) == 2
+    assert rule.training[1]["features"].startswith("routed: the tokens continuing past stages 0..0 at hard ratio 0.5")
+    assert [(stage.exit_function, stage.threshold) for stage in ensemble] == before
