@@ -131,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--out", type=Path, default=Path("."), help="the runs' output folder (default .)")
     compare.add_argument("--to", type=Path, default=Path("results/comparison"), metavar="STEM",
                          help="write STEM.md, STEM.tex and STEM.csv (default %(default)s)")
+    compare.add_argument("--exit-rule", default=None, metavar="RULE",
+                         help="protocols layout: every run's sweep under this exit rule (default: each run's own "
+                              "rule, named in the table)")
     compare.add_argument("--layout", choices=["protocols", "seed"], default="protocols",
                          help="protocols: PPL at matched FLOPs; seed: the ASHEM report's quantities, the seed's "
                               "published figures beside each run")
@@ -517,8 +520,9 @@ def _compare(args: argparse.Namespace) -> int:
         table = seed_comparison_table(runs)
         caption = "The ASHEM report's quantities: the seed's published figures and these runs"
     else:
-        table = comparison_table(runs)
-        caption = "Protocols at matched FLOPs (FLOPs ratios relative to the dense model of the same depth)"
+        table = comparison_table(runs, rule=args.exit_rule)
+        rule = args.exit_rule or "each run's own"
+        caption = f"Protocols at matched FLOPs (FLOPs ratios relative to the dense model of the same depth; exit rule: {rule})"
     paths = write_table(table, args.to, caption)
     print(to_markdown(table))
     for path in paths:

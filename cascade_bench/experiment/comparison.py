@@ -12,11 +12,11 @@ extrapolated ("n/a" where it does not reach a budget).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import pandas as pd
 
-from .checks import main_routed
+from .checks import is_main_rule, main_routed, main_rule
 
 #: Default budgets, as fractions of the dense model's FLOPs per token.
 BUDGETS = (0.7, 0.8, 0.9, 1.0)
@@ -26,8 +26,12 @@ def flops_per_token(record: dict) -> float:
     return float(record["flops_analytic"]) / float(record["tokens_entered"][0])
 
 
-def _curve(records: Sequence[dict]) -> list[tuple[float, float]]:
-    return sorted((flops_per_token(r), r["ppl"]) for r in main_routed(records))
+def _routed(records: Sequence[dict], rule: Optional[str]) -> list[dict]:
+    """The run's routed sweep under ``rule`` (None: the run's own exit rule)."""
+    if rule is None:
+        return main_routed(records)
+    return [r for r in records if r["method"] == "routed" and is_main_rule(r, rule)
+            and (r.get("exit_rule") is not None or main_rule(records) == rule)]
 
 
 def ppl_at(curve: Sequence[tuple[float, float]], budget: float) -> float:
@@ -51,9 +55,12 @@ def _protocol_name(records: Sequence[dict], fallback: str) -> str:
     return fallback
 
 
-def comparison_table(runs: dict[str, Sequence[dict]], budgets: Sequence[float] = BUDGETS) -> pd.DataFrame:
+def comparison_table(runs: dict[str, Sequence[dict]], budgets: Sequence[float] = BUDGETS,
+                     rule: Optional[str] = None) -> pd.DataFrame:
     """One row per run (its protocol's routed early exit) plus the dense model; columns: stage 0 alone,
-    full depth, routed at hard ratio 0.5, and PPL at each budget (fraction of the dense FLOPs/token)."""
+    full depth, the exit rule, routed at hard ratio 0.5, and PPL at each budget (fraction of the dense
+    FLOPs/token). ``rule``: the exit rule whose sweep every run contributes (None: each run's own, which
+    the ``exit rule`` column names)."""
     if not runs:
         raise ValueError("compare needs at least one run")
     dense = next((r for records in runs.values() for r in records if r["method"] == "dense"), None)
@@ -67,22 +74,24 @@ def comparison_table(runs: dict[str, Sequence[dict]], budgets: Sequence[float] =
     rows = []
     for name, records in runs.items():
         points = {r["point_id"]: r for r in records}
-        routed = main_routed(records)
+        routed = _routed(records, rule)
         if not routed or "full" not in points:
-            raise ValueError(f"run {name!r} has no routed sweep or no full point to compare")
+            raise ValueError(f"run {name!r} has no routed sweep{f' of exit rule {rule!r}' if rule else ''} or no "
+                             f"full point to compare")
         half = min(routed, key=lambda r: (abs(r["hard_ratio"] - 0.5), r["hard_ratio"]))
-        curve = _curve(records)
+        curve = sorted((flops_per_token(r), r["ppl"]) for r in routed)
         prefix = points.get("prefix-0")
         row = {"method": f"{_protocol_name(records, name)} ({name})",
                "stage 0 alone PPL": prefix["ppl"] if prefix else math.nan,
                "full depth PPL": points["full"]["ppl"],
                "full depth FLOPs ratio": flops_per_token(points["full"]) / reference,
+               "exit rule": rule or main_rule(records),
                f"routed @ hard {half['hard_ratio']:g} PPL": half["ppl"],
                f"routed @ hard {half['hard_ratio']:g} FLOPs ratio": flops_per_token(half) / reference}
         row.update({f"PPL @ {b:g}x FLOPs": ppl_at(curve, b * reference) for b in budgets})
         rows.append(row)
     dense_row = {"method": "dense, same depth", "stage 0 alone PPL": math.nan, "full depth PPL": dense["ppl"],
-                 "full depth FLOPs ratio": 1.0}
+                 "full depth FLOPs ratio": 1.0, "exit rule": "no exit"}
     dense_row.update({f"PPL @ {b:g}x FLOPs": dense["ppl"] if b == 1.0 else math.nan for b in budgets})
     rows.append(dense_row)
     return pd.DataFrame(rows)

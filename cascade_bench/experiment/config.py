@@ -16,7 +16,7 @@ from ..routing.cached_pass import KV_POLICIES
 from ..routing.risk_control import RISKS
 from ..stages.exit_rules import CLASSIFIER_TARGETS, RULE_SPECS, parse_rule_spec
 from ..stages.presets import STAGE_PRESETS
-from ..training.protocols import PROTOCOLS
+from ..training.protocols import EXIT_HEADS, PROTOCOLS, decayed_lrs
 
 METHOD_BASELINES = ("full", "prefix", "masked", "dense", "oracle")
 #: Exit heads of a pretrained model's non-last blocks: the model's own norm + lm_head, trained copies of
@@ -30,7 +30,7 @@ COUNT_FLOPS = ("anchors", "all")
 TIMING_POINTS = ("all", "anchors")
 #: Tuple keys whose empty default does not tell the element type (or whose default's elements mislead).
 _ELEMENT_TYPES = {"boundaries": int, "plausible_ppl": float, "patience": int, "exit_layers": int,
-                  "auto_boundaries": float}
+                  "auto_boundaries": float, "layers": int, "layer_weights": float, "training_hard_ratios": float}
 #: How the exit study fits its translators (``training.exit_translators``): ridge least squares onto the
 #: last layer's stream, or that followed by cross-entropy training through the head.
 TRANSLATOR_FITS = ("lstsq", "lstsq+ce")
@@ -77,11 +77,16 @@ class ExperimentConfig:
     tokenizer: str = "bpe:1024"
     seq_len: int = 128
     batch_size: int = 8
-    eval_stride: int = 128
+    eval_stride: int = 0
     preset: str = "gpt2-mini"
     protocol: str = "ashem"
+    layers: tuple = ()
+    layer_weights: tuple = ()
+    training_hard_ratios: tuple = ()
+    lr_decay: float = 0.0
+    exit_head: str = ""
     leaky_seed_protocol: bool = False
-    exit_fn: str = "max_prob"
+    exit_fn: str = ""
     exit_rules: tuple = ("max_prob", "cos_sim", "classifier", "lowrank:32")
     classifier_target: str = "consistency"
     risk: str = "disagreement"
@@ -123,6 +128,12 @@ class ExperimentConfig:
         def bad(key: str, expected: str):
             raise ValueError(f"config key {key!r}: expected {expected}, got {getattr(self, key)!r}")
 
+        # Keys whose empty value means "what the setting implies", resolved here so the stored config
+        # holds what ran: eval_stride 0 = half the window, exit_fn '' = the protocol's rule.
+        if self.eval_stride == 0 and isinstance(self.seq_len, int) and not isinstance(self.seq_len, bool):
+            object.__setattr__(self, "eval_stride", max(1, self.seq_len // 2))
+        if self.exit_fn == "" and self.protocol in PROTOCOLS:
+            object.__setattr__(self, "exit_fn", PROTOCOLS[self.protocol].exit_fn)
         for key in ("seq_len", "batch_size", "eval_stride", "max_epochs", "timing_repeats", "threads"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -135,14 +146,33 @@ class ExperimentConfig:
         if not isinstance(self.patience, tuple) or any(
                 isinstance(p, bool) or not isinstance(p, int) or p < 1 for p in self.patience):
             bad("patience", "a list of positive integers, one per stage (empty: the protocol's)")
-        if self.patience and self.protocol in PROTOCOLS:
-            stages = len(PROTOCOLS[self.protocol].layers)
-            if len(self.patience) != stages:
-                bad("patience", f"one entry per stage of protocol {self.protocol!r} ({stages}), or none")
+        if not isinstance(self.layers, tuple) or any(
+                isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in self.layers):
+            bad("layers", "a list of positive integers, layers per stage (empty: the protocol's)")
+        for key in ("layer_weights", "training_hard_ratios"):
+            if not isinstance(getattr(self, key), tuple) or any(
+                    isinstance(v, bool) or not isinstance(v, (int, float)) for v in getattr(self, key)):
+                bad(key, "a list of numbers (empty: the protocol's)")
+        if isinstance(self.lr_decay, bool) or not isinstance(self.lr_decay, (int, float)) or \
+                not 0 <= self.lr_decay <= 1:
+            bad("lr_decay", "a number in (0, 1]: stage k trains at stage 0's lr x lr_decay^k (0 = the protocol's)")
+        if self.exit_head not in ("", *EXIT_HEADS):
+            bad("exit_head", f"one of {list(EXIT_HEADS)} ('' = the protocol's)")
+        if self.protocol in PROTOCOLS:
+            stages = len(self.layers or PROTOCOLS[self.protocol].layers)
+            for key in ("patience", "layer_weights"):
+                if getattr(self, key) and len(getattr(self, key)) != stages:
+                    bad(key, f"one entry per stage ({stages}: protocol {self.protocol!r}"
+                             f"{' with layers ' + str(list(self.layers)) if self.layers else ''}), or none")
+            if self.training_hard_ratios and len(self.training_hard_ratios) not in (1, stages - 1):
+                bad("training_hard_ratios", f"one hard ratio for every stage boundary or one per boundary "
+                                            f"({stages - 1}), or none")
             try:
                 self.training_protocol
             except ValueError as error:
-                raise ValueError(f"config key 'patience': {error}") from None
+                keys = [k for k in ("layers", "patience", "layer_weights", "training_hard_ratios", "lr_decay",
+                                    "exit_head", "exit_fn") if getattr(self, k)]
+                raise ValueError(f"config key {keys[0] if keys else 'protocol'!r}: {error}") from None
         if self.eval_stride > self.seq_len:
             bad("eval_stride", f"at most seq_len ({self.seq_len})")
         if self.preset not in STAGE_PRESETS:
@@ -150,7 +180,7 @@ class ExperimentConfig:
         if self.protocol not in PROTOCOLS:
             bad("protocol", f"one of {sorted(PROTOCOLS)}")
         if self.exit_fn not in ("max_prob", "cos_sim", "margin", "neg_entropy"):
-            bad("exit_fn", "one of ['cos_sim', 'margin', 'max_prob', 'neg_entropy']")
+            bad("exit_fn", "one of ['cos_sim', 'margin', 'max_prob', 'neg_entropy'] ('' = the protocol's)")
         if not isinstance(self.exit_rules, tuple) or not self.exit_rules or \
                 len(set(self.exit_rules)) != len(self.exit_rules):
             bad("exit_rules", f"a non-empty list of distinct exit rules drawn from {list(RULE_SPECS)}")
@@ -248,7 +278,7 @@ class ExperimentConfig:
     def training_key(self) -> str:
         """Hash of everything that changes the trained models (not the sweep or timing): the config keys
         that feed training, the protocol's definition and the preset's config."""
-        keys = ("corpus", "corpus_config", "tokenizer", "seq_len", "batch_size", "preset", "protocol",
+        keys = ("corpus", "corpus_config", "tokenizer", "seq_len", "batch_size", "eval_stride", "preset", "protocol",
                 "leaky_seed_protocol", "exit_fn", "max_epochs", "max_steps_per_epoch", "seed", "dtype", "risk_batches")
         if self.model:
             keys += ("model", "boundaries", "block_heads", "exit_layers", "auto_boundaries", "translator_fit",
@@ -261,9 +291,28 @@ class ExperimentConfig:
 
     @property
     def training_protocol(self):
-        """The protocol named by ``protocol``, with ``patience`` (when set) in place of its own."""
+        """The protocol named by ``protocol`` with the keys that are set in place of its own: ``layers``
+        (stages beyond the protocol's follow its last stage's recipe: ``Protocol.with_stages``),
+        ``patience``, ``layer_weights`` (joint training), ``training_hard_ratios`` (one, or one per stage
+        boundary: LASH's staged thresholds), ``lr_decay`` (stage k at stage 0's lr x lr_decay^k) and
+        ``exit_head`` ("copy" or "frozen")."""
         protocol = PROTOCOLS[self.protocol]
-        return dataclasses.replace(protocol, patience=self.patience) if self.patience else protocol
+        if self.layers:
+            protocol = protocol.with_stages(self.layers)
+        changes = {}
+        if self.patience:
+            changes["patience"] = self.patience
+        if self.layer_weights:
+            changes["layer_weights"] = tuple(float(w) for w in self.layer_weights)
+        if self.training_hard_ratios:
+            ratios = tuple(float(r) for r in self.training_hard_ratios)
+            changes["hard_ratio"] = ratios[0] if len(ratios) == 1 else ratios
+        if self.lr_decay:
+            changes.update(lr_decay=float(self.lr_decay),
+                           lrs=decayed_lrs(protocol.lrs[0], float(self.lr_decay), len(protocol.layers)))
+        if self.exit_head:
+            changes["exit_head"] = self.exit_head
+        return dataclasses.replace(protocol, **changes) if changes else protocol
 
     @property
     def dense_recipe(self) -> tuple[float, int]:
@@ -275,7 +324,7 @@ class ExperimentConfig:
         """Hash of what trains the dense baseline: the data, preset, seed and caps, the cascade's total
         depth and stage 0's recipe (lr, patience), but not the rest of the protocol, so runs of different
         protocols with the same depth and stage-0 recipe share one dense model."""
-        keys = ("corpus", "corpus_config", "tokenizer", "seq_len", "batch_size", "preset", "max_epochs",
+        keys = ("corpus", "corpus_config", "tokenizer", "seq_len", "batch_size", "eval_stride", "preset", "max_epochs",
                 "max_steps_per_epoch", "seed", "dtype", "risk_batches")
         protocol = self.training_protocol
         values = {k: getattr(self, k) for k in keys}
@@ -287,8 +336,8 @@ class ExperimentConfig:
         """Hash of what trains stage 0 of a staged protocol: the data, preset, seed, caps, exit rule and
         stage 0's kind and recipe (layers, lr, patience), but not the later stages nor the data protocol,
         so e.g. the leaky and leak-free runs of one setting, or ``ashem`` and ``lego-3``, share stage 0."""
-        keys = ("corpus", "corpus_config", "tokenizer", "seq_len", "batch_size", "preset", "exit_fn", "max_epochs",
-                "max_steps_per_epoch", "seed", "dtype", "risk_batches")
+        keys = ("corpus", "corpus_config", "tokenizer", "seq_len", "batch_size", "eval_stride", "preset", "exit_fn",
+                "max_epochs", "max_steps_per_epoch", "seed", "dtype", "risk_batches")
         protocol = self.training_protocol
         values = {k: getattr(self, k) for k in keys}
         values.update(stage_kind=protocol.stage_kind, layers=protocol.layers[0], lr=protocol.lrs[0],

@@ -96,7 +96,8 @@ def _stage_summary(protocol, report) -> list[dict]:
     return [{"stage": s.stage, "layers": protocol.layers[s.stage], "lr": protocol.lrs[s.stage],
              "hard_tokens_trained_on": s.hard_tokens, "threshold_calibrated": s.threshold_before,
              "validation_ppl": s.validation.ppl, "validation_hard_ppl": s.validation.hard_ppl,
-             "validation_hard_ppl_stage0": s.validation.hard_ppl_stage0, **s.history.summary()}
+             "validation_hard_ppl_stage0": s.validation.hard_ppl_stage0,
+             "trainable_parameters": s.trainable_parameters, "parameters": s.parameters, **s.history.summary()}
             for s in report.stages]
 
 
@@ -122,7 +123,8 @@ def _trained_cascade(config: ExperimentConfig, data: PreparedData, paths: dict, 
         return load_ensemble(folder, config.device, _dtype(config)), load_manifest(folder)["extra"]
     protocol = _protocol(config)
     summary = {"protocol": protocol.name, "stage_kind": protocol.stage_kind, "training": protocol.training,
-               "grows": protocol.grows, "hard_ratio": protocol.hard_ratio}
+               "grows": protocol.grows, "hard_ratio": protocol.hard_ratio, "exit_head": protocol.exit_head,
+               "lr_decay": protocol.lr_decay}
     if protocol.training == "staged":
         ensemble, stages = _trained_stage0(config, protocol, data, paths["stage0"], progress)
         report = train_protocol(ensemble, data.train, data.validation, protocol, seed=config.seed,

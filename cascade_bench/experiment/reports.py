@@ -298,7 +298,25 @@ def training_table(records: Sequence[dict]) -> Optional[pd.DataFrame]:
         "trained on (tokens)": part.get("hard_tokens_trained_on", math.nan), "epochs": part["epochs"],
         "best epoch": part["best_epoch"], "best validation PPL": part["best_val_ppl"],
         "stopped by": part["stop_reason"], "epoch cap": part["max_epochs"], "patience": part["patience"],
+        "trainable / all parameters": (f"{part['trainable_parameters']:,} / {part['parameters']:,}"
+                                       if part.get("parameters") else "n/a"),
         "seconds": part.get("seconds", math.nan)} for name, part in parts])
+
+
+def epoch_log_lines(records: Sequence[dict]) -> list[str]:
+    """Per later stage, its validation PPL and the PPL of the tokens past stage 0 ("hard PPL") after
+    every epoch: the seeds' "Val PPL | Hard PPL" log."""
+    training = next((r["conditions"]["training"] for r in records if (r.get("conditions") or {}).get("training")),
+                    {})
+    lines = []
+    for part in training.get("stages", []):
+        logged = part.get("val_logged") or []
+        if any("hard PPL" in entry for entry in logged):
+            epochs = "; ".join(f"{i + 1}: {ppl:.2f} | {entry.get('hard PPL', math.nan):.2f}"
+                               for i, (ppl, entry) in enumerate(zip(part["val_ppl"], logged)))
+            lines.append(f"- stage {part['stage']}, per epoch (validation PPL | hard PPL): {epochs}")
+    return ["", "Validation after every epoch (hard PPL: the tokens that continued past stage 0, as the seeds "
+                "log it):", "", *lines] if lines else []
 
 
 def _rule_training_lines(records: Sequence[dict]) -> list[str]:
@@ -445,7 +463,8 @@ def write_report(records: Sequence[dict], config, paths: dict) -> Path:
         "## Training", "",
         (to_markdown(trained) + "\nEvery part trains with AdamW and stops after `patience` epochs without a new "
          "best validation PPL (the best state is restored); `epoch cap` is a safety limit, and a part that reaches "
-         "it is flagged above." if trained is not None else "Nothing was trained in this run."), "",
+         "it is flagged above." if trained is not None else "Nothing was trained in this run."),
+        *epoch_log_lines(records), "",
         "## Methods", "",
         f"Costs are relative to {reference}; wall ratios were timed back to back with it. "
         f"'PPL at matched FLOPs' interpolates each swept curve at "

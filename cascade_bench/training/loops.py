@@ -65,7 +65,8 @@ STOP_REASONS = ("early stopping", "epoch cap")
 class TrainHistory:
     """Per epoch: mean training loss and validation PPL; the epoch restored (0-based); throughput;
     why training ended (``stop_reason``, one of ``STOP_REASONS``) and the limits it ran under.
-    ``seconds``: wall time of the whole run, validation included."""
+    ``seconds``: wall time of the whole run, validation included. ``val_logged``: per epoch, the values
+    logged beside the validation score (e.g. ``{"hard PPL": ...}``), empty dicts when none."""
 
     train_loss: tuple[float, ...]
     val_ppl: tuple[float, ...]
@@ -79,6 +80,7 @@ class TrainHistory:
     patience: int = 0
     max_steps_per_epoch: Optional[int] = None
     seconds: float = math.nan
+    val_logged: tuple[dict, ...] = ()
 
     @property
     def epochs(self) -> int:
@@ -95,7 +97,8 @@ class TrainHistory:
                 "stop_reason": self.stop_reason, "max_epochs": self.max_epochs, "patience": self.patience,
                 "max_steps_per_epoch": self.max_steps_per_epoch, "converged": self.converged,
                 "val_ppl": list(self.val_ppl), "train_loss": list(self.train_loss), "steps": self.steps,
-                "train_tokens_per_s": self.tokens_per_s, "seconds": self.seconds}
+                "train_tokens_per_s": self.tokens_per_s, "seconds": self.seconds,
+                **({"val_logged": list(self.val_logged)} if any(self.val_logged) else {})}
 
 
 def _stage_loss(stage: LLM, batch: dict) -> tuple[Tensor, int]:
@@ -122,13 +125,14 @@ def fit(parameters: Sequence[torch.nn.Parameter], modules: Sequence[torch.nn.Mod
     """The training loop shared by every protocol: AdamW, early stopping on ``validate()`` (a PPL,
     or the validation loss named by ``metric``; lower is better) with patience, best state restored
     at the end. ``epoch_batches(epoch)`` gives that epoch's batches (already shuffled as the caller
-    wants)."""
+    wants). ``validate`` may also return ``(score, {name: value})``: the named values are logged beside
+    the score each epoch (``TrainHistory.val_logged``) and do not steer training."""
     from tqdm.auto import tqdm
 
     torch.manual_seed(config.seed)
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
     best_ppl, best_epoch, best_state, bad = math.inf, -1, None, 0
-    losses, ppls, steps, tokens = [], [], 0, 0
+    losses, ppls, extras, steps, tokens = [], [], [], 0, 0
     elapsed = 0.0
     stop_reason = "epoch cap"
     run_start = time.perf_counter()
@@ -154,11 +158,16 @@ def fit(parameters: Sequence[torch.nn.Parameter], modules: Sequence[torch.nn.Mod
         tokens += count
         for module in modules:
             module.eval()
-        ppl = float(validate())
+        score = validate()
+        score, logged = score if isinstance(score, tuple) else (score, {})
+        ppl = float(score)
         losses.append(total / max(count, 1))
         ppls.append(ppl)
+        extras.append({name: float(value) for name, value in logged.items()})
         if progress:
-            print(f"{desc} epoch {epoch + 1}: train loss {losses[-1]:.4f}, validation {metric} {ppl:.4f}", flush=True)
+            shown = "".join(f" | {name} {value:.4f}" for name, value in extras[-1].items())
+            print(f"{desc} epoch {epoch + 1}: train loss {losses[-1]:.4f}, validation {metric} {ppl:.4f}{shown}",
+                  flush=True)
         if ppl < best_ppl:
             best_ppl, best_epoch, bad = ppl, epoch, 0
             best_state = [copy.deepcopy(m.state_dict()) for m in modules]
@@ -176,7 +185,8 @@ def fit(parameters: Sequence[torch.nn.Parameter], modules: Sequence[torch.nn.Mod
     return TrainHistory(train_loss=tuple(losses), val_ppl=tuple(ppls), best_epoch=best_epoch, best_val_ppl=best_ppl,
                         steps=steps, train_tokens=tokens, tokens_per_s=tokens / elapsed if elapsed else math.nan,
                         stop_reason=stop_reason, max_epochs=config.max_epochs, patience=config.patience,
-                        max_steps_per_epoch=config.max_steps_per_epoch, seconds=time.perf_counter() - run_start)
+                        max_steps_per_epoch=config.max_steps_per_epoch, seconds=time.perf_counter() - run_start,
+                        val_logged=tuple(extras))
 
 
 def shuffled(batches: Sequence, seed: int) -> Callable[[int], list]:

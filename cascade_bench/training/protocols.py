@@ -62,21 +62,41 @@ class Protocol:
     layers: tuple[int, ...]
     lrs: tuple[float, ...]
     patience: tuple[int, ...]
-    hard_ratio: float = 0.5
+    hard_ratio: "float | tuple[float, ...]" = 0.5
     exit_fn: str = "max_prob"
     max_epochs: int = 10
     leaky_seed_protocol: bool = False
     stage_kind: str = "block"
     training: str = "staged"
     layer_weights: tuple[float, ...] = ()
+    exit_head: str = "copy"
+    lr_decay: Optional[float] = None
 
     def __post_init__(self):
         n = len(self.layers)
         if n < 1 or len(self.lrs) != n or len(self.patience) != n:
             raise ValueError(f"protocol {self.name!r}: layers, lrs and patience need one entry per stage, got "
                              f"{len(self.layers)}, {len(self.lrs)}, {len(self.patience)}")
-        if not 0.0 < self.hard_ratio < 1.0:
-            raise ValueError(f"protocol {self.name!r}: hard_ratio must be in (0, 1), got {self.hard_ratio}")
+        ratios = self.hard_ratio if isinstance(self.hard_ratio, tuple) else (self.hard_ratio,) * (n - 1)
+        if len(ratios) != n - 1 or any(isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 < r < 1.0
+                                       for r in ratios):
+            raise ValueError(f"protocol {self.name!r}: hard_ratio must be one number in (0, 1), or one per stage "
+                             f"boundary ({n - 1} for {n} stages), got {self.hard_ratio!r}")
+        if self.exit_head not in EXIT_HEADS:
+            raise ValueError(f"protocol {self.name!r}: exit_head must be one of {list(EXIT_HEADS)}, got "
+                             f"{self.exit_head!r}")
+        if self.exit_head == "frozen" and (self.stage_kind != "block" or self.training != "staged"):
+            raise ValueError(f"protocol {self.name!r}: exit_head 'frozen' applies to block stages trained one "
+                             f"by one (a later block exits through a frozen copy of the trained head); got "
+                             f"stage_kind {self.stage_kind!r}, training {self.training!r}")
+        if self.lr_decay is not None:
+            if isinstance(self.lr_decay, bool) or not isinstance(self.lr_decay, (int, float)) or \
+                    not 0.0 < self.lr_decay <= 1.0:
+                raise ValueError(f"protocol {self.name!r}: lr_decay must be in (0, 1] or None, got {self.lr_decay!r}")
+            expected = decayed_lrs(self.lrs[0], self.lr_decay, n)
+            if any(not math.isclose(a, b, rel_tol=1e-9) for a, b in zip(self.lrs, expected)):
+                raise ValueError(f"protocol {self.name!r}: lr_decay {self.lr_decay} gives lrs {expected} from "
+                                 f"stage 0's {self.lrs[0]}, got {self.lrs} (build them with decayed_lrs)")
         if self.stage_kind not in STAGE_KINDS:
             raise ValueError(f"protocol {self.name!r}: stage_kind must be one of {sorted(STAGE_KINDS)}, got "
                              f"{self.stage_kind!r}")
@@ -92,15 +112,45 @@ class Protocol:
             raise ValueError(f"protocol {self.name!r}: layer_weights apply to joint training only")
 
     @property
+    def boundary_hard_ratios(self) -> tuple[float, ...]:
+        """The hard ratio at each stage boundary (stage k's threshold leaves this share of the tokens
+        reaching it to continue): one per non-last stage. A falling sequence is LASH's staged thresholds."""
+        n = len(self.layers)
+        return tuple(self.hard_ratio) if isinstance(self.hard_ratio, tuple) else (self.hard_ratio,) * (n - 1)
+
+    @property
     def grows(self) -> str:
         """In words: what the protocol builds (for reports)."""
         if self.training == "joint":
             return (f"one model of {sum(self.layers)} layers in blocks of {'/'.join(map(str, self.layers))}, "
                     f"every block trained at once on every token (exit loss weights {self.layer_weights}), each "
                     f"non-last block exiting through its own head")
-        return ("one model grown block by block (extend: new layers on the residual stream, a trainable copy of "
-                "the trained exit head, embedding and lower blocks frozen)" if self.stage_kind == "block" else
-                "separate whole models (stage k+1 reads stage k's final hidden states; its own norm and head)")
+        if self.stage_kind == "block":
+            head = ("a frozen copy of the trained exit head (only the new layers train: the ASHEM stage spec)"
+                    if self.exit_head == "frozen" else "a trainable copy of the trained exit head")
+            return (f"one model grown block by block (extend: new layers on the residual stream, {head}, embedding "
+                    f"and lower blocks frozen)")
+        decay = f"; lr x{self.lr_decay:g} per later model" if self.lr_decay is not None else ""
+        return f"separate whole models (stage k+1 reads stage k's final hidden states; its own norm and head{decay})"
+
+    def with_stages(self, layers: Sequence[int]) -> "Protocol":
+        """The protocol with ``layers`` per stage: stages beyond its own follow its last stage's recipe
+        (lr, patience, hard ratio; under ``lr_decay`` the lr keeps decaying), extra stages are dropped."""
+        layers = tuple(layers)
+        n, own = len(layers), len(self.layers)
+        if n < 1:
+            raise ValueError(f"protocol {self.name!r}: layers needs at least one stage, got {layers!r}")
+
+        def grow(values: tuple) -> tuple:
+            return tuple(values[:n]) + (values[-1],) * max(0, n - own)
+
+        ratios = self.boundary_hard_ratios
+        hard = (self.hard_ratio if not isinstance(self.hard_ratio, tuple) else
+                tuple(ratios[:n - 1]) + (ratios[-1],) * max(0, n - 1 - len(ratios)))
+        lrs = decayed_lrs(self.lrs[0], self.lr_decay, n) if self.lr_decay is not None else grow(self.lrs)
+        weights = grow(self.layer_weights) if self.layer_weights else ()
+        return replace(self, layers=layers, lrs=lrs, patience=grow(self.patience), hard_ratio=hard,
+                       layer_weights=weights)
 
     def prefix(self, n: int) -> "Protocol":
         """The protocol's first ``n`` stages (same recipes): ``train_ensemble`` on ``prefix(1)`` trains stage
@@ -108,22 +158,35 @@ class Protocol:
         if not 1 <= n <= len(self.layers):
             raise ValueError(f"protocol {self.name!r} has {len(self.layers)} stages; prefix needs 1..{len(self.layers)}, "
                              f"got {n}")
+        hard = self.hard_ratio[:n - 1] if isinstance(self.hard_ratio, tuple) else self.hard_ratio
         return replace(self, layers=self.layers[:n], lrs=self.lrs[:n], patience=self.patience[:n],
-                       layer_weights=self.layer_weights[:n])
+                       layer_weights=self.layer_weights[:n], hard_ratio=hard)
 
     def stage_config(self, k: int, seed: int, max_steps_per_epoch: Optional[int] = None) -> TrainConfig:
         return TrainConfig(lr=self.lrs[k], patience=self.patience[k], max_epochs=self.max_epochs, seed=seed + k,
                            max_steps_per_epoch=max_steps_per_epoch)
 
 
+#: How a later block exits (block protocols): through a trainable copy of the trained exit head (our
+#: default), or through a frozen copy, so only its new layers train (the ASHEM stage spec: embedding,
+#: lower layers and output head frozen).
+EXIT_HEADS = ("copy", "frozen")
+
+
+def decayed_lrs(first: float, decay: float, stages: int) -> tuple[float, ...]:
+    """CASCADE's learning rates: stage k trains at ``first * decay**k``."""
+    return tuple(first * decay ** k for k in range(stages))
+
+
 #: The seeds' recipes. ASHEM: a 2-layer model on all data (lr 1e-3, patience 1), then grown by 2 layers
 #: trained on the hard half (lr 1e-4, patience 3). LEGO-3: the same grown once more. CASCADE: the
-#: same schedule with a separate 2-layer model as stage 1 (the CASCADE seed's design).
+#: CASCADE spec: a separate 2-layer model as stage 1, lr halved per later model (lr_decay 0.5), its
+#: hard tokens chosen by cos_sim.
 PROTOCOLS: dict[str, Protocol] = {
     "ashem": Protocol("ashem", layers=(2, 2), lrs=(1e-3, 1e-4), patience=(1, 3), hard_ratio=0.5),
     "lego-3": Protocol("lego-3", layers=(2, 2, 2), lrs=(1e-3, 1e-4, 1e-4), patience=(1, 3, 3), hard_ratio=0.5),
-    "cascade": Protocol("cascade", layers=(2, 2), lrs=(1e-3, 1e-4), patience=(1, 3), hard_ratio=0.5,
-                        stage_kind="llm"),
+    "cascade": Protocol("cascade", layers=(2, 2), lrs=decayed_lrs(1e-3, 0.5, 2), patience=(1, 3), hard_ratio=0.5,
+                        stage_kind="llm", exit_fn="cos_sim", lr_decay=0.5),
     # Deep supervision (LASH-style weights): one 4-layer model, both exits trained together from scratch.
     "deep": Protocol("deep", layers=(2, 2), lrs=(1e-3, 1e-3), patience=(1, 1), hard_ratio=0.5,
                      training="joint", layer_weights=(1.0, 1.0)),
@@ -133,7 +196,8 @@ PROTOCOLS: dict[str, Protocol] = {
 @dataclass(frozen=True)
 class StageReport:
     """What training stage k did: its history, the threshold set on stage k-1, how many hard
-    tokens it trained on, and routed validation results of stages 0..k afterwards."""
+    tokens it trained on, routed validation results of stages 0..k afterwards, and the parameters
+    it trained out of those of stages 0..k (each tensor counted once)."""
 
     stage: int
     history: TrainHistory
@@ -141,6 +205,8 @@ class StageReport:
     hard_tokens: int
     hard_tokens_spilled_shards: int
     validation: EvalResult
+    trainable_parameters: int = 0
+    parameters: int = 0
 
 
 @dataclass(frozen=True)
@@ -154,8 +220,19 @@ class TrainingReport:
     validation: Optional[EvalResult] = None
 
 
-def _routed_ppl(ensemble: Ensemble, batches, num_stages: int) -> float:
-    return evaluate(ensemble, batches, method="routed", num_stages=num_stages).ppl
+def _validation(ensemble: Ensemble, batches, k: int):
+    """Stage k's early-stopping score: the routed validation PPL of stages 0..k (later stages are not
+    trained yet). From stage 1 on, the PPL of the tokens that continued past stage 0 is logged beside it
+    (the seeds' "Val PPL | Hard PPL")."""
+    def score():
+        result = evaluate(ensemble, batches, method="routed", num_stages=k + 1)
+        return result.ppl if k == 0 else (result.ppl, {"hard PPL": result.hard_ppl})
+    return score
+
+
+def _count(parameters) -> int:
+    """Parameters counted once each (a tied embedding and head is one tensor)."""
+    return sum(p.numel() for p in {id(p): p for p in parameters}.values())
 
 
 def start_ensemble(protocol: Protocol, preset: str, exit_fn=None, seed: Optional[int] = 0,
@@ -214,22 +291,27 @@ def train_ensemble(ensemble: Ensemble, train_batches: Sequence, validation_batch
         else:
             torch.manual_seed(seed + k)
             stage = ensemble.extend(protocol.layers[k])
-            threshold = calibrate_thresholds(ensemble, validation_batches, protocol.hard_ratio, stages=[k - 1])[0]
+            hard_ratio = protocol.boundary_hard_ratios[k - 1]
+            threshold = calibrate_thresholds(ensemble, validation_batches, hard_ratio, stages=[k - 1])[0]
             source = validation_batches if protocol.leaky_seed_protocol else train_batches
             hard = collect_hard_tokens(ensemble, k, source, memory_budget_bytes=memory_budget_bytes,
                                        progress=progress)
             data, hard_count, spilled = hard, hard.num_tokens, hard.spilled
             if hard_count == 0:
-                raise ValueError(f"no token continued past stage {k - 1} at hard ratio {protocol.hard_ratio}; "
+                raise ValueError(f"no token continued past stage {k - 1} at hard ratio {hard_ratio}; "
                                  f"nothing to train stage {k} on")
             freeze(ensemble.stages[:k])
+            if protocol.exit_head == "frozen":
+                freeze([stage.head])
         # Stages after k are not trained yet: route everyone through 0..k only.
-        history = train_llm(stage, data, lambda k=k: _routed_ppl(ensemble, validation_batches, k + 1), config,
+        history = train_llm(stage, data, _validation(ensemble, validation_batches, k), config,
                             progress=progress, desc=f"{protocol.name} stage {k}")
         validation = evaluate(ensemble, validation_batches, num_stages=k + 1,
                               conditions={"split": "validation", "protocol": protocol.name})
         reports.append(StageReport(stage=k, history=history, threshold_before=threshold, hard_tokens=hard_count,
-                                   hard_tokens_spilled_shards=spilled, validation=validation))
+                                   hard_tokens_spilled_shards=spilled, validation=validation,
+                                   trainable_parameters=_count(p for p in stage.parameters() if p.requires_grad),
+                                   parameters=_count(ensemble.parameters())))
     return TrainingReport(protocol=protocol, stages=tuple(reports))
 
 
@@ -248,13 +330,13 @@ def train_joint_protocol(ensemble: Ensemble, train_batches: Sequence, validation
                          f"{ensemble.layers_per_stage} layers)")
 
     def routed_validation_ppl() -> float:
-        calibrate_thresholds(ensemble, validation_batches, protocol.hard_ratio)
+        calibrate_thresholds(ensemble, validation_batches, protocol.boundary_hard_ratios)
         return evaluate(ensemble, validation_batches, method="routed").ppl
 
     history = train_jointly(ensemble, train_batches, routed_validation_ppl, protocol.layer_weights,
                             protocol.stage_config(0, seed, max_steps_per_epoch), progress=progress,
                             desc=f"{protocol.name} (joint)")
-    calibrate_thresholds(ensemble, validation_batches, protocol.hard_ratio)
+    calibrate_thresholds(ensemble, validation_batches, protocol.boundary_hard_ratios)
     validation = evaluate(ensemble, validation_batches, conditions={"split": "validation", "protocol": protocol.name})
     return TrainingReport(protocol=protocol, joint=history, validation=validation)
 
@@ -349,6 +431,6 @@ def with_leaky_seed_protocol(protocol: Protocol) -> Protocol:
     return replace(protocol, name=protocol.name + "-leaky", leaky_seed_protocol=True)
 
 
-__all__ = ["PROTOCOLS", "STAGE_KINDS", "TRAINERS", "Protocol", "StageReport", "TrainingReport", "exit_heads_ppl",
+__all__ = ["EXIT_HEADS", "PROTOCOLS", "STAGE_KINDS", "TRAINERS", "Protocol", "StageReport", "TrainingReport", "exit_heads_ppl",
            "start_ensemble", "train_dense_baseline", "train_ensemble", "train_exit_heads", "train_joint_baseline",
-           "train_joint_protocol", "train_protocol", "with_leaky_seed_protocol"]
+           "train_joint_protocol", "train_protocol", "with_leaky_seed_protocol", "decayed_lrs"]

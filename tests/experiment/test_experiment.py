@@ -16,7 +16,7 @@ from cascade_bench.cli import main
 from cascade_bench.data.batch import IGNORE_INDEX
 from cascade_bench.data.prepare import prepare_data
 from cascade_bench.experiment import pipeline as experiment
-from cascade_bench.experiment.config import make_config
+from cascade_bench.experiment.config import ExperimentConfig, make_config
 from cascade_bench.experiment.pipeline import run_experiment
 from cascade_bench.experiment.results_store import SCHEMA_VERSION, ResultsStore
 
@@ -188,6 +188,16 @@ def test_compare_runs_of_two_protocols_at_matched_flops_sharing_one_dense_model(
     assert main(["compare", "tiny", "tiny-cascade", "--out", config.out, "--to", str(stem)]) == 0
     table = pd.read_csv(stem.with_suffix(".csv"))
     assert list(table.method) == ["ashem (tiny)", "cascade (tiny-cascade)", "dense, same depth"]
+    assert list(table["exit rule"]) == ["max_prob", "cos_sim", "no exit"]  # cascade's own rule (its spec's)
+    assert main(["compare", "tiny", "tiny-cascade", "--out", config.out, "--to", str(stem), "--exit-rule",
+                 "max_prob"]) == 0
+    same_rule = pd.read_csv(stem.with_suffix(".csv"))
+    assert list(same_rule["exit rule"]) == ["max_prob", "max_prob", "no exit"]
+    cascade_records = list(ResultsStore(config.out_dir / "results" / "tiny-cascade.jsonl"))
+    by_rule = {r["exit_rule"]: r for r in cascade_records if r["method"] == "routed" and r["hard_ratio"] == 0.6}
+    assert set(by_rule) == {"max_prob", "cos_sim"}
+    assert same_rule.loc[1, "routed @ hard 0.6 PPL"] == pytest.approx(by_rule["max_prob"]["ppl"])
+    assert table.loc[1, "routed @ hard 0.6 PPL"] == pytest.approx(by_rule["cos_sim"]["ppl"])
     assert table["full depth FLOPs ratio"].tolist() == [1.0, 1.0, 1.0]  # same layers, one head at the end
     assert table.loc[2, "PPL @ 1x FLOPs"] == table.loc[2, "full depth PPL"]
     assert "| method |" in capsys.readouterr().out
@@ -233,6 +243,30 @@ def test_patience_replaces_the_protocols_and_keys_what_it_trains():
     for key in ("training_key", "stage0_key", "dense_key"):
         assert getattr(patient, key)() != getattr(config, key)()
     assert make_config({**TINY, "patience": "3,3", "dense_patience": 2}).dense_recipe[1] == 2
+
+
+def test_protocol_keys_set_from_the_config_and_what_the_empty_ones_mean():
+    config = make_config(TINY)
+    assert make_config({**TINY, "eval_stride": 0}).eval_stride == 16  # 0: half the window
+    assert ExperimentConfig().eval_stride == ExperimentConfig().seq_len // 2 == 64
+    for key in ("training_key", "stage0_key", "dense_key"):  # validation windows steer early stopping
+        assert getattr(make_config({**TINY, "eval_stride": 16}), key)() != getattr(config, key)()
+    assert config.exit_fn == "max_prob" and make_config({**TINY, "protocol": "cascade"}).exit_fn == "cos_sim"
+    lash = make_config({**TINY, "layers": "2,2,2", "training_hard_ratios": "0.5,0.25", "exit_head": "frozen"})
+    protocol = lash.training_protocol
+    assert (protocol.layers, protocol.boundary_hard_ratios, protocol.exit_head) == ((2, 2, 2), (0.5, 0.25), "frozen")
+    assert protocol.lrs == (1e-3, 1e-4, 1e-4) and protocol.patience == (1, 3, 3)  # the last stage's recipe again
+    assert lash.training_key() != config.training_key() and lash.stage0_key() == config.stage0_key()
+    deep = make_config({**TINY, "protocol": "deep", "layers": "1,1,1", "layer_weights": "0.5,0.5,1"})
+    assert deep.training_protocol.layer_weights == (0.5, 0.5, 1.0)
+    decayed = make_config({**TINY, "protocol": "cascade", "lr_decay": 0.25}).training_protocol
+    assert decayed.lrs == (1e-3, 2.5e-4) and decayed.lr_decay == 0.25
+    for values, key in (({"layers": "1,1", "layer_weights": "1,1,1"}, "layer_weights"),
+                        ({"protocol": "lego-3", "training_hard_ratios": "0.5,0.4,0.3"}, "training_hard_ratios"),
+                        ({"exit_head": "own"}, "exit_head"), ({"lr_decay": 1.5}, "lr_decay"),
+                        ({"layers": "2,0"}, "layers")):
+        with pytest.raises(ValueError, match=f"config key '{key}'"):
+            make_config({**TINY, **values})
 
 
 def test_report_and_plot_commands_reuse_stored_results(finished, capsys):

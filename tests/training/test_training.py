@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -16,8 +17,8 @@ from cascade_bench.stages.llm import LLM
 from cascade_bench.stages.presets import build_ensemble
 from cascade_bench.training.loops import TrainConfig, collect_hard_tokens, freeze, train_llm
 from cascade_bench.training.persistence import load_ensemble, load_saved_tokenizer, save_ensemble
-from cascade_bench.training.protocols import (PROTOCOLS, Protocol, start_ensemble, train_ensemble, train_joint_baseline,
-                                              with_leaky_seed_protocol)
+from cascade_bench.training.protocols import (PROTOCOLS, Protocol, decayed_lrs, start_ensemble, train_ensemble,
+                                              train_joint_baseline, with_leaky_seed_protocol)
 
 QUICK = dict(max_epochs=2, max_steps_per_epoch=6)
 
@@ -197,8 +198,71 @@ def test_named_protocols_grow_the_kind_of_stage_the_seeds_grow(data, name):
     assert len(ensemble) == 1 and ensemble.layers_per_stage == protocol.layers[:1]
     kind = Block if protocol.stage_kind == "block" else LLM
     assert isinstance(ensemble[0], kind)
-    assert (protocol.stage_kind, protocol.lrs[:2], protocol.patience[:2]) == (
-        "llm" if name == "cascade" else "block", (1e-3, 1e-4), (1, 3))
+    expected = ("llm", (1e-3, 5e-4), "cos_sim") if name == "cascade" else ("block", (1e-3, 1e-4), "max_prob")
+    assert (protocol.stage_kind, protocol.lrs[:2], protocol.exit_fn) == expected
+    assert protocol.patience[:2] == (1, 3)
+
+
+def test_cascade_halves_the_lr_per_later_model_and_the_decay_is_checked():
+    assert decayed_lrs(1e-3, 0.5, 3) == (1e-3, 5e-4, 2.5e-4)
+    cascade = PROTOCOLS["cascade"]
+    assert cascade.lr_decay == 0.5 and cascade.stage_config(1, seed=0).lr == 5e-4
+    assert cascade.with_stages((2, 2, 2)).lrs == (1e-3, 5e-4, 2.5e-4)  # a third model keeps decaying
+    with pytest.raises(ValueError, match="lr_decay 0.5 gives lrs \\(0.001, 0.0005\\)"):
+        Protocol("bad", layers=(2, 2), lrs=(1e-3, 1e-4), patience=(1, 3), stage_kind="llm", lr_decay=0.5)
+    with pytest.raises(ValueError, match="exit_head 'frozen' applies to block stages"):
+        Protocol("bad", layers=(2, 2), lrs=(1e-3, 1e-4), patience=(1, 3), stage_kind="llm", exit_head="frozen")
+
+
+def test_lego3_is_ashem_grown_by_one_more_stage_with_the_last_stages_recipe():
+    assert dataclasses.replace(PROTOCOLS["ashem"].with_stages((2, 2, 2)), name="lego-3") == PROTOCOLS["lego-3"]
+    assert PROTOCOLS["lego-3"].with_stages((2, 2)) == dataclasses.replace(PROTOCOLS["ashem"], name="lego-3")
+    staged = dataclasses.replace(PROTOCOLS["lego-3"], hard_ratio=(0.5, 0.25))
+    assert staged.boundary_hard_ratios == (0.5, 0.25) and staged.prefix(2).boundary_hard_ratios == (0.5,)
+    assert PROTOCOLS["lego-3"].boundary_hard_ratios == (0.5, 0.5)
+    with pytest.raises(ValueError, match="one per stage boundary \\(2 for 3 stages\\), got \\(0.5,\\)"):
+        dataclasses.replace(PROTOCOLS["lego-3"], hard_ratio=(0.5,))
+
+
+def test_staged_hard_ratios_set_each_boundary_on_the_tokens_that_reach_it(data):
+    """LASH's falling thresholds: stage 0 leaves half of all tokens to continue, stage 1 a quarter of
+    those that reach it."""
+    protocol = _protocol("block", layers=(1, 1, 1), lrs=(3e-3, 1e-3, 1e-3), patience=(1, 1, 1),
+                         hard_ratio=(0.5, 0.25), max_epochs=1)
+    ensemble = _start(data, protocol)
+    report = train_ensemble(ensemble, data.train, data.validation, protocol, max_steps_per_epoch=3, progress=False)
+    final = report.stages[2].validation  # validation: the split the thresholds were calibrated on
+    reached = final.tokens_entered
+    assert reached[1] / reached[0] == pytest.approx(0.5, abs=0.03)
+    assert reached[2] / reached[1] == pytest.approx(0.25, abs=0.03)
+
+
+def test_frozen_exit_head_trains_only_the_new_layers_and_logs_hard_ppl_per_epoch(data):
+    """The ASHEM stage spec: the grown block exits through the trained head, frozen; only its layers train.
+    Every epoch of stage 1 logs the validation PPL and the PPL of the tokens past stage 0."""
+    reports = {}
+    for head in ("copy", "frozen"):
+        protocol = _protocol("block", exit_head=head, max_epochs=2)
+        ensemble = _start(data, protocol)
+        report = train_ensemble(ensemble, data.train, data.validation, protocol, max_steps_per_epoch=4, progress=False)
+        reports[head] = (ensemble, report.stages[1])
+    (copied, copy_stage), (frozen, frozen_stage) = reports["copy"], reports["frozen"]
+    lower, grown = frozen
+    for name, value in grown.head.state_dict().items():
+        assert torch.equal(value, lower.head.state_dict()[name]), name  # still the trained head
+    assert all(not p.requires_grad for p in grown.head.parameters())
+    layer_params = sum(p.numel() for p in grown.layers.parameters())
+    assert frozen_stage.trainable_parameters == layer_params
+    head_params = sum(p.numel() for p in copied[1].head.parameters())
+    assert copy_stage.trainable_parameters == layer_params + head_params
+    assert frozen_stage.parameters == sum(p.numel() for p in frozen.parameters())  # tied head counted once
+    history = frozen_stage.history
+    assert len(history.val_logged) == history.epochs and all("hard PPL" in e for e in history.val_logged)
+    # the best epoch's logged hard PPL is that of the restored state, measured again here
+    again = evaluate(frozen, data.validation, method="routed")
+    assert history.val_logged[history.best_epoch]["hard PPL"] == pytest.approx(again.hard_ppl, rel=1e-6)
+    assert history.val_ppl[history.best_epoch] == pytest.approx(again.ppl, rel=1e-6)
+    assert history.summary()["val_logged"] == [dict(e) for e in history.val_logged]
 
 
 def test_protocol_runs_are_deterministic(data):
@@ -269,7 +333,7 @@ def test_configuration_errors_name_the_value(data, tmp_path):
         TrainConfig(lr=-1)
     with pytest.raises(ValueError, match="patience must be an int >= 1"):
         TrainConfig(patience=-2)
-    with pytest.raises(ValueError, match="hard_ratio must be in \\(0, 1\\)"):
+    with pytest.raises(ValueError, match="hard_ratio must be one number in \\(0, 1\\), or one per stage boundary"):
         Protocol("x", (1, 1), (1e-3, 1e-3), (1, 1), hard_ratio=1.0)
     with pytest.raises(ValueError, match="stage_kind must be one of \\['block', 'llm'\\], got 'tree'"):
         Protocol("x", (1, 1), (1e-3, 1e-3), (1, 1), stage_kind="tree")
