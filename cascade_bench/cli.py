@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+from .bench.memory import MEMORY_PARTS
 from .bench.routing import BENCH_RULES
 from .stages.families import register_own_families
 from .stages.presets import STAGE_PRESETS
@@ -219,22 +220,24 @@ def build_parser() -> argparse.ArgumentParser:
     decode.add_argument("--json", type=Path, default=Path("results/bench-generate.json"),
                         help="where to write rows, checks and conditions (atomically); default %(default)s")
     memory = commands.add_parser(
-        "bench-memory", help="the memory-layer presets: LCT vs sequential training, cost vs context length, "
-                             "reversal curse",
+        "bench-memory", help="the memory-layer presets (sequential vs lagged chunk memories, cost vs context length, "
+                             "reversal curse) and Lagged Cache Training of a recurrent context model",
         description="The four memory-layer presets (pythia, infini, multi_memory, hierarchical) on the embedded "
-                    "corpus: training on chunked streams in stream order vs Lagged Cache Training (time per epoch, "
-                    "validation PPL); sliding-window PPL, counted FLOPs, wall time, peak memory and cache bytes per "
-                    "token from 256 to 8,192 tokens of context, with a plot; forward vs backward PPL on a one-to-one "
-                    "relation from the standard library (HTML entities). Trained models are kept under --out and "
-                    "reused.")
-    memory.add_argument("--parts", nargs="+", choices=["training", "context", "reversal"],
-                        default=["training", "context", "reversal"], help="which parts to run (context needs training)")
+                    "corpus: training on chunked streams in stream order vs with lagged chunk memories (time per "
+                    "epoch, validation PPL); sliding-window PPL, counted FLOPs, wall time, peak memory and cache bytes "
+                    "per token from 256 to 8,192 tokens of context, with a plot; forward vs backward PPL on a "
+                    "one-to-one relation from the standard library (HTML entities). Part 'recurrent': Lagged Cache "
+                    "Training as its seed describes it (every position reads the previous pass's context at t-1) vs "
+                    "training through the recurrence, on one recurrent context model. Trained models are kept under "
+                    "--out and reused.")
+    memory.add_argument("--parts", nargs="+", choices=list(MEMORY_PARTS), default=list(MEMORY_PARTS),
+                        help="which parts to run (context needs training)")
     memory.add_argument("--presets", nargs="+", choices=["pythia", "infini", "multi_memory", "hierarchical"],
                         default=["pythia", "infini", "multi_memory", "hierarchical"])
     memory.add_argument("--contexts", type=_positive_int, nargs="+", default=[256, 512, 1024, 2048, 4096, 8192],
                         help="context lengths of the context part (tokens)")
     memory.add_argument("--max-epochs", type=_positive_int, default=None,
-                        help="safety cap on epochs (default: 20 for training, 150 for reversal; both stop early)")
+                        help="safety cap on epochs (default: 20 for training, 150 for reversal, 40 for recurrent; all stop early)")
     memory.add_argument("--threads", type=_positive_int, default=2)
     memory.add_argument("--out", type=Path, default=Path("memory_bench"),
                         help="folder for models, results/ and plots/ (default %(default)s)")

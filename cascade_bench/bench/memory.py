@@ -5,9 +5,9 @@ Three parts, each on the four presets of ``models.memory_lm.MEMORY_PRESETS`` at 
 
 - ``training``: each preset trained on streams of the embedded corpus's train split cut into
   consecutive chunks (``training.memory_streams``), in stream order (``sequential``) and, for the
-  memory presets, with Lagged Cache Training (``lagged``), both to early stopping on the streamed
-  validation PPL; time per epoch (median) and best validation PPL.
-- ``context``: the trained models (LCT for memory presets) at context lengths from 256 to 8,192
+  memory presets, with lagged chunk memories (``lagged-chunks``), both to early stopping on the
+  streamed validation PPL; time per epoch (median) and best validation PPL.
+- ``context``: the trained models (lagged chunk memories for memory presets) at context lengths from 256 to 8,192
   tokens: sliding-window PPL over the test split (stride half the window; never independent
   segments: every scored token sees up to a window of context), and per token at that length the
   counted FLOPs of one full window, its wall time (median of ``repeats``), the peak live tensor
@@ -18,6 +18,8 @@ Three parts, each on the four presets of ``models.memory_lm.MEMORY_PRESETS`` at 
   until their answers' PPL stops improving; then forward PPL, backward PPL (the converse, never
   seen) and, as a control, backward statements with a wrong answer (another pair's), each over the
   answer tokens only; bytes as token ids.
+- ``recurrent``: Lagged Cache Training as its seed describes it, against training through the
+  recurrence, on a recurrent context model (``bench.lagged_cache``); not a memory-layer preset.
 
 Models, histories and tables go under ``out``; a part that finds its trained model there reuses it.
 """
@@ -44,8 +46,10 @@ from ..models.hf_compat import with_cache
 from ..stages.families import register_own_families
 from ..stages.presets import stage_config
 from ..training.memory_streams import TRAINING_ORDERS, stream_chunks, train_on_streams
+from .lagged_cache import recurrent_part
 
 PRESETS = ("pythia", "infini", "multi_memory", "hierarchical")
+MEMORY_PARTS = ("training", "context", "reversal", "recurrent")
 CONTEXT_LENGTHS = (256, 512, 1024, 2048, 4096, 8192)
 
 
@@ -85,7 +89,7 @@ def corpus_streams(tokenizer: str = "bpe:1024", cache_dir: "Path | str | None" =
     return tok, {split: encode_documents(tok, corpus.documents(split)) for split in ("train", "validation", "test")}
 
 
-# -- training: sequential vs lagged ---------------------------------------------------------------------
+# -- training: sequential vs lagged chunk memories ---------------------------------------------------------------------
 
 def training_part(streams: dict, out: Path, presets: Sequence[str] = PRESETS, chunk_len: int = 256,
                   train_streams: int = 32, train_chunks: int = 8, batch_size: int = 8, max_epochs: int = 20,
@@ -178,7 +182,7 @@ def context_part(streams: dict, out: Path, presets: Sequence[str] = PRESETS,
                          f"{max(lengths)} + 1")
     rows = []
     for preset in presets:
-        model, _ = _saved(out / "models" / f"{preset}-{'sequential' if preset == 'pythia' else 'lagged'}")
+        model, _ = _saved(out / "models" / f"{preset}-{'sequential' if preset == 'pythia' else 'lagged-chunks'}")
         if model is None:
             raise ValueError(f"no trained {preset} model under {out / 'models'}: run the training part first")
         for length in lengths:
@@ -311,7 +315,7 @@ def reversal_part(out: Path, presets: Sequence[str] = PRESETS, max_epochs: int =
     return rows
 
 
-def run_memory_bench(out: "Path | str" = "memory_bench", parts: Sequence[str] = ("training", "context", "reversal"),
+def run_memory_bench(out: "Path | str" = "memory_bench", parts: Sequence[str] = MEMORY_PARTS,
                      presets: Sequence[str] = PRESETS, lengths: Sequence[int] = CONTEXT_LENGTHS,
                      max_epochs: Optional[int] = None, progress: bool = True) -> dict[str, Path]:
     """Run the named parts; write ``results/memory_<part>.{md,tex,csv}`` and ``plots/memory_context.*``
@@ -321,22 +325,23 @@ def run_memory_bench(out: "Path | str" = "memory_bench", parts: Sequence[str] = 
     from ..experiment.reports import write_table
     from ..measure.environment import environment_conditions
 
-    unknown = sorted(set(parts) - {"training", "context", "reversal"})
+    unknown = sorted(set(parts) - set(MEMORY_PARTS))
     if unknown:
-        raise ValueError(f"unknown parts {unknown}; expected some of ['training', 'context', 'reversal']")
+        raise ValueError(f"unknown parts {unknown}; expected some of {list(MEMORY_PARTS)}")
     bad = sorted(set(presets) - set(PRESETS))
     if bad:
         raise ValueError(f"unknown presets {bad}; expected some of {list(PRESETS)}")
     out = Path(out)
     results = out / "results"
     written: dict[str, Path] = {}
-    captions = {"training": "memory-layer presets: sequential vs lagged cache training",
+    captions = {"training": "memory-layer presets: sequential vs lagged chunk memories",
+                "recurrent": "recurrent context model: Lagged Cache Training vs training through the recurrence",
                 "context": "memory-layer presets: cost and PPL against context length",
                 "reversal": "memory-layer presets: reversal curse on HTML entities"}
     streams = None
-    if "training" in parts or "context" in parts:
-        _, streams = corpus_streams(cache_dir=out / "tokenizers")
-    for part in ("training", "context", "reversal"):
+    if {"training", "context", "recurrent"} & set(parts):
+        tokenizer, streams = corpus_streams(cache_dir=out / "tokenizers")
+    for part in MEMORY_PARTS:
         if part not in parts:
             continue
         epochs = {} if max_epochs is None else {"max_epochs": max_epochs}
@@ -345,6 +350,8 @@ def run_memory_bench(out: "Path | str" = "memory_bench", parts: Sequence[str] = 
         elif part == "context":
             rows = context_part(streams, out, presets, lengths, progress=progress)
             written.update({f"plot_{p.suffix[1:]}": p for p in plot_context(rows, out / "plots" / "memory_context")})
+        elif part == "recurrent":
+            rows = recurrent_part(streams, len(tokenizer), progress=progress, **epochs)
         else:
             rows = reversal_part(out, presets, progress=progress, **epochs)
         frame = pd.DataFrame(rows).drop(columns=["peak_measured_as"], errors="ignore")

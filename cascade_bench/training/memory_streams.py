@@ -1,4 +1,4 @@
-"""Training a memory-layer model on long token streams: sequential order vs Lagged Cache Training.
+"""Training a memory-layer model on long token streams: sequential order vs lagged chunk memories.
 
 A stream is cut into consecutive chunks; a chunk's forward starts from the memories its
 predecessor left (``MemoryLMForCausalLM(memory_state=...)``; memory writes are detached, so no
@@ -6,7 +6,8 @@ gradient crosses chunks either way). Streams are trained in groups of ``batch_si
 
 - ``"sequential"``: each group's chunks in stream order, chunk i starting from the memories chunk
   i-1 left in this same pass: every step waits for the one before it.
-- ``"lagged"`` (Lagged Cache Training, LCT): steps over (group, chunk) pairs in shuffled order;
+- ``"lagged-chunks"`` (lagged chunk memories: Lagged Cache Training's idea at the level of chunks, not
+  its seed's per-position method, which ``training.lagged_cache`` has): steps over (group, chunk) pairs in shuffled order;
   chunk i starts from the memories its predecessor left the last time that one was trained (an
   epoch ago, or earlier in this one; empty before that), kept in a cache. No step needs another
   step of the same pass, so chunks batch and shuffle like independent windows; the price is
@@ -27,7 +28,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-TRAINING_ORDERS = ("sequential", "lagged")
+TRAINING_ORDERS = ("sequential", "lagged-chunks")
 
 
 def stream_chunks(stream: Tensor, streams: int, chunk_len: int, max_chunks: Optional[int] = None) -> Tensor:

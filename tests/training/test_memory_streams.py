@@ -1,4 +1,4 @@
-"""Training a memory-layer model on chunked streams: sequential order vs Lagged Cache Training."""
+"""Training a memory-layer model on chunked streams: sequential order vs lagged chunk memories."""
 
 from __future__ import annotations
 
@@ -38,10 +38,10 @@ def test_lagged_and_sequential_take_the_same_first_step_from_the_same_state(name
     """One stream group, one chunk: both orders take exactly one step, from the same weights and the
     same (empty) memories, so they end with the same weights."""
     train, validation = _chunks(text, 4, 1), _chunks(text, 2, 2, offset=3000)
-    models = {order: tiny(name) for order in ("sequential", "lagged")}
+    models = {order: tiny(name) for order in ("sequential", "lagged-chunks")}
     for order, model in models.items():
         train_on_streams(model, train, validation, order, batch_size=4, max_epochs=1)
-    for (key, a), b in zip(models["sequential"].state_dict().items(), models["lagged"].state_dict().values()):
+    for (key, a), b in zip(models["sequential"].state_dict().items(), models["lagged-chunks"].state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=key)
 
 
@@ -80,7 +80,7 @@ def test_training_improves_validation_and_records_its_history(text):
     model = tiny()
     train, validation = _chunks(text, 8, 4), _chunks(text, 2, 2, offset=5000)
     before = streamed_nll(model, validation)[0]
-    history = train_on_streams(model, train, validation, "lagged", batch_size=4, max_epochs=3, patience=1)
+    history = train_on_streams(model, train, validation, "lagged-chunks", batch_size=4, max_epochs=3, patience=1)
     assert history.steps_per_epoch == 2 * 4 and len(history.epoch_seconds) == len(history.validation_ppl) >= 1
     assert history.stopped_by in ("early stopping", "epoch cap")
     assert streamed_nll(model, validation)[0] < before
