@@ -16,7 +16,7 @@ from ..routing.cached_pass import KV_POLICIES
 from ..routing.risk_control import RISKS
 from ..stages.exit_rules import CLASSIFIER_TARGETS, RULE_SPECS, parse_rule_spec
 from ..stages.presets import STAGE_PRESETS
-from ..training.protocols import EXIT_HEADS, PROTOCOLS, decayed_lrs
+from ..training.protocols import EXIT_HEADS, HARD_EXAMPLES, PROTOCOLS, decayed_lrs
 
 METHOD_BASELINES = ("full", "prefix", "masked", "dense", "oracle")
 #: Exit heads of a pretrained model's non-last blocks: the model's own norm + lm_head, trained copies of
@@ -54,7 +54,14 @@ class ExperimentConfig:
     the validation tokens. ``tokenizer = "model"`` is the model's own. Nothing else is trained, and
     the unsplit model is the full-depth baseline ("dense" does not apply and is skipped).
 
-    ``exit_fn`` is the rule the cascade trains and is swept with (points ``routed@r``, ``masked@r``);
+    The protocol's recipe can be changed key by key (each empty value means the protocol's own):
+    ``layers`` per stage, ``patience``, ``training_hard_ratios`` (one, or one per stage boundary),
+    ``layer_weights`` (joint training), ``lr_decay``, ``exit_head`` ("copy" | "frozen") and
+    ``hard_examples`` ("tokens" | "sequences"); see ``ExperimentConfig.training_protocol``.
+    ``eval_stride`` 0 (the default) is half the window: validation and test are scored by sliding
+    windows, each token after at least half a window of context.
+
+    ``exit_fn`` ('' = the protocol's) is the rule the cascade trains and is swept with (points ``routed@r``, ``masked@r``);
     every other rule in ``exit_rules`` is swept over the same hard ratios on the same trained
     cascade (points ``routed[rule]@r``). ``risk`` (with ``risk_delta``, ``risk_epsilon``) adds one
     point per rule whose thresholds are risk-controlled (``routing.risk_control``); '' skips them.
@@ -85,6 +92,7 @@ class ExperimentConfig:
     training_hard_ratios: tuple = ()
     lr_decay: float = 0.0
     exit_head: str = ""
+    hard_examples: str = ""
     leaky_seed_protocol: bool = False
     exit_fn: str = ""
     exit_rules: tuple = ("max_prob", "cos_sim", "classifier", "lowrank:32")
@@ -158,6 +166,8 @@ class ExperimentConfig:
             bad("lr_decay", "a number in (0, 1]: stage k trains at stage 0's lr x lr_decay^k (0 = the protocol's)")
         if self.exit_head not in ("", *EXIT_HEADS):
             bad("exit_head", f"one of {list(EXIT_HEADS)} ('' = the protocol's)")
+        if self.hard_examples not in ("", *HARD_EXAMPLES):
+            bad("hard_examples", f"one of {list(HARD_EXAMPLES)} ('' = the protocol's)")
         if self.protocol in PROTOCOLS:
             stages = len(self.layers or PROTOCOLS[self.protocol].layers)
             for key in ("patience", "layer_weights"):
@@ -171,7 +181,7 @@ class ExperimentConfig:
                 self.training_protocol
             except ValueError as error:
                 keys = [k for k in ("layers", "patience", "layer_weights", "training_hard_ratios", "lr_decay",
-                                    "exit_head", "exit_fn") if getattr(self, k)]
+                                    "exit_head", "hard_examples", "exit_fn") if getattr(self, k)]
                 raise ValueError(f"config key {keys[0] if keys else 'protocol'!r}: {error}") from None
         if self.eval_stride > self.seq_len:
             bad("eval_stride", f"at most seq_len ({self.seq_len})")
@@ -295,7 +305,7 @@ class ExperimentConfig:
         (stages beyond the protocol's follow its last stage's recipe: ``Protocol.with_stages``),
         ``patience``, ``layer_weights`` (joint training), ``training_hard_ratios`` (one, or one per stage
         boundary: LASH's staged thresholds), ``lr_decay`` (stage k at stage 0's lr x lr_decay^k) and
-        ``exit_head`` ("copy" or "frozen")."""
+        ``exit_head`` ("copy" or "frozen") and ``hard_examples`` ("tokens" or "sequences")."""
         protocol = PROTOCOLS[self.protocol]
         if self.layers:
             protocol = protocol.with_stages(self.layers)
@@ -312,6 +322,8 @@ class ExperimentConfig:
                            lrs=decayed_lrs(protocol.lrs[0], float(self.lr_decay), len(protocol.layers)))
         if self.exit_head:
             changes["exit_head"] = self.exit_head
+        if self.hard_examples:
+            changes["hard_examples"] = self.hard_examples
         return dataclasses.replace(protocol, **changes) if changes else protocol
 
     @property

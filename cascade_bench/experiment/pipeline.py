@@ -97,7 +97,8 @@ def _stage_summary(protocol, report) -> list[dict]:
              "hard_tokens_trained_on": s.hard_tokens, "threshold_calibrated": s.threshold_before,
              "validation_ppl": s.validation.ppl, "validation_hard_ppl": s.validation.hard_ppl,
              "validation_hard_ppl_stage0": s.validation.hard_ppl_stage0,
-             "trainable_parameters": s.trainable_parameters, "parameters": s.parameters, **s.history.summary()}
+             "trainable_parameters": s.trainable_parameters, "parameters": s.parameters, **s.selection,
+             **s.history.summary()}
             for s in report.stages]
 
 
@@ -124,7 +125,7 @@ def _trained_cascade(config: ExperimentConfig, data: PreparedData, paths: dict, 
     protocol = _protocol(config)
     summary = {"protocol": protocol.name, "stage_kind": protocol.stage_kind, "training": protocol.training,
                "grows": protocol.grows, "hard_ratio": protocol.hard_ratio, "exit_head": protocol.exit_head,
-               "lr_decay": protocol.lr_decay}
+               "lr_decay": protocol.lr_decay, "hard_examples": protocol.hard_examples}
     if protocol.training == "staged":
         ensemble, stages = _trained_stage0(config, protocol, data, paths["stage0"], progress)
         report = train_protocol(ensemble, data.train, data.validation, protocol, seed=config.seed,

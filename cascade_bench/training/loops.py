@@ -351,6 +351,51 @@ def collect_hard_tokens(ensemble: Ensemble, stage_index: int, batches: Iterable,
     return collected
 
 
+def collect_hard_sequences(ensemble: Ensemble, stage_index: int, batches: Iterable, threshold: float, *,
+                           memory_budget_bytes: int = 1 << 30, spill_dir: "Path | str | None" = None,
+                           progress: bool = False) -> HardTokens:
+    """Sequence-level hard examples (the ASHEM seed's): every token of every sequence runs through
+    stages 0..stage_index-1 with nobody exiting; a sequence is hard when the mean confidence of
+    stage stage_index-1 over its scored tokens is below ``threshold`` (the token-level threshold
+    calibrated at the hard ratio), and then all its tokens, at their own positions, are kept for
+    stage ``stage_index`` to train on. ``flat_indices`` holds, per source batch, the kept sequences'
+    row indices; ``mean_confidences`` every sequence's mean confidence."""
+    from tqdm.auto import tqdm
+
+    if isinstance(stage_index, bool) or not isinstance(stage_index, int) or not 1 <= stage_index <= len(ensemble):
+        raise ValueError(f"stage_index must be an int in [1, {len(ensemble)}], got {stage_index!r}")
+    collected = HardTokens(memory_budget_bytes, spill_dir)
+    collected.mean_confidences = []
+    everyone = [math.inf] * stage_index
+    with evaluation_mode(ensemble), torch.no_grad():
+        for item in tqdm(batches, desc=f"collect hard sequences for stage {stage_index}", disable=not progress,
+                         leave=False):
+            start = time.perf_counter()
+            input_ids, attention_mask, targets = unpack_batch(item)
+            targets = targets if targets is not None else next_token_targets(input_ids, attention_mask)
+            scored = targets != IGNORE_INDEX
+            judged = forward_cascade(ensemble, input_ids, attention_mask, targets, method="routed",
+                                     thresholds=everyone, num_stages=stage_index, confidence_at_last_stage=True)
+            confidence = judged.stage_confidence[stage_index - 1].to(scored.device)
+            mean = (confidence.nan_to_num(0.0) * scored).sum(1) / scored.sum(1).clamp(min=1)
+            hard = (mean < threshold) & scored.any(1)
+            collected.mean_confidences.append(mean.cpu())
+            collected.flat_indices.append(hard.nonzero().flatten().cpu())
+            collected.source_tokens += judged.num_tokens
+            if hard.any():
+                out = forward_cascade(ensemble, input_ids, attention_mask, targets, num_stages=stage_index,
+                                      thresholds=everyone, open_end=True)
+                batch_size, seq_len = input_ids.shape
+                states = out.continuing_state.new_zeros(batch_size * seq_len, out.continuing_state.shape[-1])
+                states[out.continuing_index] = out.continuing_state
+                states = states.view(batch_size, seq_len, -1)
+                rows = hard.to(states.device)
+                collected.add({"inputs_embeds": states[rows].cpu(),
+                               "targets": torch.where(scored, targets, IGNORE_INDEX)[hard].cpu()})
+            collected.seconds += time.perf_counter() - start
+    return collected
+
+
 def freeze(stages: Iterable[LLM]) -> None:
     """requires_grad=False on every parameter of the given stages."""
     for stage in stages:

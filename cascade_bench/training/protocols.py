@@ -3,19 +3,24 @@ separate models; plus the dense, standard and deep-supervision baselines.
 
 ``train_ensemble`` starts from stage 0 alone (``start_ensemble``) and trains it on all training
 data; then, for each later stage k, it grows the cascade with ``Ensemble.extend`` (after stage k-1
-is trained), calibrates stage k-1's threshold at the target hard ratio on the validation split
-(with the earlier thresholds in place), collects the tokens that continue past stage k-1, freezes
-stages < k, and trains stage k on those tokens only, early-stopping on the validation PPL of
-stages 0..k **with early exit on**.
+is trained), calibrates stage k-1's threshold at the boundary's hard ratio on the validation split
+(with the earlier thresholds in place; ``Protocol.hard_ratio`` is one ratio for every boundary or one
+per boundary, LASH's staged thresholds), collects the tokens that continue past stage k-1 (or, with
+``hard_examples="sequences"``, the whole sequences whose mean confidence is below the threshold:
+the ASHEM seed's hard examples), freezes stages < k, and trains stage k on them only,
+early-stopping on the validation PPL of stages 0..k **with early exit on** (the PPL of the tokens
+past stage 0 is logged beside it every epoch, as the seeds log "Val PPL | Hard PPL").
 
 What ``extend`` appends depends on the kind of stage the protocol grows (``Protocol.stage_kind``):
 
 - ``"block"`` (ASHEM, LEGO): one model. Stage 0 is a whole small model used as one block (its
   embedding, layers, final norm and head); each later stage is a block of new layers reading the
-  residual stream, exiting through a trainable copy of the trained exit head. The embedding exists
-  once, in stage 0, and the lower blocks are frozen.
+  residual stream, exiting through a trainable copy of the trained exit head (``exit_head="copy"``)
+  or through a frozen one, so only the new layers train (``"frozen"``: the ASHEM stage spec). The
+  embedding exists once, in stage 0, and the lower blocks are frozen.
 - ``"llm"`` (CASCADE): separate whole models; stage k+1 is a fresh Hugging Face model of the same
-  config (its own norm and head) reading stage k's final hidden states.
+  config (its own norm and head) reading stage k's final hidden states; its spec halves the
+  learning rate per later model (``lr_decay``) and chooses hard tokens by ``cos_sim``.
 
 ``train_protocol`` runs a protocol's training (one function per kind of training, chosen once):
 ``"staged"`` is ``train_ensemble`` above; ``"joint"`` (deep supervision) trains every block of one
@@ -45,8 +50,8 @@ from ..stages.blocks import Block
 from ..stages.ensemble import Ensemble, evaluation_mode
 from ..stages.llm import LLM
 from ..stages.presets import build_blocks, build_ensemble
-from .loops import (TrainConfig, TrainHistory, collect_hard_tokens, exit_loss, fit, freeze, shuffled, train_jointly,
-                    train_llm)
+from .loops import (TrainConfig, TrainHistory, collect_hard_sequences, collect_hard_tokens, exit_loss, fit, freeze,
+                    shuffled, train_jointly, train_llm)
 
 #: The kinds of stage a protocol grows: blocks of one model, or separate whole models.
 STAGE_KINDS = {"block": Block, "llm": LLM}
@@ -71,6 +76,7 @@ class Protocol:
     layer_weights: tuple[float, ...] = ()
     exit_head: str = "copy"
     lr_decay: Optional[float] = None
+    hard_examples: str = "tokens"
 
     def __post_init__(self):
         n = len(self.layers)
@@ -89,6 +95,9 @@ class Protocol:
             raise ValueError(f"protocol {self.name!r}: exit_head 'frozen' applies to block stages trained one "
                              f"by one (a later block exits through a frozen copy of the trained head); got "
                              f"stage_kind {self.stage_kind!r}, training {self.training!r}")
+        if self.hard_examples not in HARD_EXAMPLES:
+            raise ValueError(f"protocol {self.name!r}: hard_examples must be one of {list(HARD_EXAMPLES)}, got "
+                             f"{self.hard_examples!r}")
         if self.lr_decay is not None:
             if isinstance(self.lr_decay, bool) or not isinstance(self.lr_decay, (int, float)) or \
                     not 0.0 < self.lr_decay <= 1.0:
@@ -167,6 +176,11 @@ class Protocol:
                            max_steps_per_epoch=max_steps_per_epoch)
 
 
+#: What stage k trains on: the tokens that continue past stage k-1 (token level, our default), or the
+#: whole sequences whose mean stage-(k-1) confidence is below the threshold (sequence level: the ASHEM
+#: seed's hard examples, 256 sequences of 128 tokens in its run).
+HARD_EXAMPLES = ("tokens", "sequences")
+
 #: How a later block exits (block protocols): through a trainable copy of the trained exit head (our
 #: default), or through a frozen copy, so only its new layers train (the ASHEM stage spec: embedding,
 #: lower layers and output head frozen).
@@ -197,7 +211,8 @@ PROTOCOLS: dict[str, Protocol] = {
 class StageReport:
     """What training stage k did: its history, the threshold set on stage k-1, how many hard
     tokens it trained on, routed validation results of stages 0..k afterwards, and the parameters
-    it trained out of those of stages 0..k (each tensor counted once)."""
+    it trained out of those of stages 0..k (each tensor counted once). ``selection`` (sequence-level
+    hard examples): hard and all sequences, and the mean of their mean confidences."""
 
     stage: int
     history: TrainHistory
@@ -207,6 +222,7 @@ class StageReport:
     validation: EvalResult
     trainable_parameters: int = 0
     parameters: int = 0
+    selection: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -283,7 +299,7 @@ def train_ensemble(ensemble: Ensemble, train_batches: Sequence, validation_batch
     reports = []
     for k in range(trained_stages, len(protocol.layers)):
         config = protocol.stage_config(k, seed, max_steps_per_epoch)
-        threshold, spilled = None, 0
+        threshold, spilled, selection = None, 0, {}
         if k == 0:
             stage = ensemble[0]
             data = list(train_batches)
@@ -294,12 +310,22 @@ def train_ensemble(ensemble: Ensemble, train_batches: Sequence, validation_batch
             hard_ratio = protocol.boundary_hard_ratios[k - 1]
             threshold = calibrate_thresholds(ensemble, validation_batches, hard_ratio, stages=[k - 1])[0]
             source = validation_batches if protocol.leaky_seed_protocol else train_batches
-            hard = collect_hard_tokens(ensemble, k, source, memory_budget_bytes=memory_budget_bytes,
-                                       progress=progress)
+            if protocol.hard_examples == "sequences":
+                hard = collect_hard_sequences(ensemble, k, source, threshold, memory_budget_bytes=memory_budget_bytes,
+                                              progress=progress)
+                means = torch.cat(hard.mean_confidences)
+                chosen = torch.cat([m[i] for m, i in zip(hard.mean_confidences, hard.flat_indices)])
+                selection = {"hard_sequences": int(chosen.numel()), "sequences": int(means.numel()),
+                             "mean_confidence": float(means.mean()),
+                             "hard_mean_confidence": float(chosen.mean()) if chosen.numel() else math.nan}
+            else:
+                hard = collect_hard_tokens(ensemble, k, source, memory_budget_bytes=memory_budget_bytes,
+                                           progress=progress)
+                selection = {}
             data, hard_count, spilled = hard, hard.num_tokens, hard.spilled
             if hard_count == 0:
-                raise ValueError(f"no token continued past stage {k - 1} at hard ratio {hard_ratio}; "
-                                 f"nothing to train stage {k} on")
+                raise ValueError(f"no {'sequence' if protocol.hard_examples == 'sequences' else 'token'} was hard "
+                                 f"past stage {k - 1} at hard ratio {hard_ratio}; nothing to train stage {k} on")
             freeze(ensemble.stages[:k])
             if protocol.exit_head == "frozen":
                 freeze([stage.head])
@@ -311,7 +337,7 @@ def train_ensemble(ensemble: Ensemble, train_batches: Sequence, validation_batch
         reports.append(StageReport(stage=k, history=history, threshold_before=threshold, hard_tokens=hard_count,
                                    hard_tokens_spilled_shards=spilled, validation=validation,
                                    trainable_parameters=_count(p for p in stage.parameters() if p.requires_grad),
-                                   parameters=_count(ensemble.parameters())))
+                                   parameters=_count(ensemble.parameters()), selection=selection))
     return TrainingReport(protocol=protocol, stages=tuple(reports))
 
 
@@ -431,6 +457,6 @@ def with_leaky_seed_protocol(protocol: Protocol) -> Protocol:
     return replace(protocol, name=protocol.name + "-leaky", leaky_seed_protocol=True)
 
 
-__all__ = ["EXIT_HEADS", "PROTOCOLS", "STAGE_KINDS", "TRAINERS", "Protocol", "StageReport", "TrainingReport", "exit_heads_ppl",
+__all__ = ["EXIT_HEADS", "HARD_EXAMPLES", "PROTOCOLS", "STAGE_KINDS", "TRAINERS", "Protocol", "StageReport", "TrainingReport", "exit_heads_ppl",
            "start_ensemble", "train_dense_baseline", "train_ensemble", "train_exit_heads", "train_joint_baseline",
            "train_joint_protocol", "train_protocol", "with_leaky_seed_protocol", "decayed_lrs"]

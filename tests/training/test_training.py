@@ -15,7 +15,7 @@ from cascade_bench.routing.evaluation import evaluate
 from cascade_bench.stages.blocks import Block
 from cascade_bench.stages.llm import LLM
 from cascade_bench.stages.presets import build_ensemble
-from cascade_bench.training.loops import TrainConfig, collect_hard_tokens, freeze, train_llm
+from cascade_bench.training.loops import TrainConfig, collect_hard_sequences, collect_hard_tokens, freeze, train_llm
 from cascade_bench.training.persistence import load_ensemble, load_saved_tokenizer, save_ensemble
 from cascade_bench.training.protocols import (PROTOCOLS, Protocol, decayed_lrs, start_ensemble, train_ensemble,
                                               train_joint_baseline, with_leaky_seed_protocol)
@@ -348,3 +348,38 @@ def test_configuration_errors_name_the_value(data, tmp_path):
     assert not (tmp_path / "bad").exists()
     with pytest.raises(ValueError, match="no saved cascade"):
         load_ensemble(tmp_path)
+
+
+def test_sequence_level_hard_examples_are_whole_sequences_below_the_threshold_in_mean(data):
+    """The ASHEM seed's hard examples: a sequence is hard when its mean stage-0 confidence over scored
+    tokens is below the token-level threshold; all its tokens, at their own positions, train stage 1."""
+    ensemble = _ensemble(data)
+    threshold = calibrate_thresholds(ensemble, data.validation, 0.5)[0]
+    batches = data.train[:4]
+    hard = collect_hard_sequences(ensemble, 1, batches, threshold)
+    shards = iter(hard)
+    for batch, means, rows in zip(batches, hard.mean_confidences, hard.flat_indices):
+        with torch.inference_mode():
+            out = routed_forward(ensemble, batch["input_ids"], targets=batch["targets"],
+                                 thresholds=[float("inf")], confidence_at_last_stage=True)
+            expected = out.stage_confidence[0].mean(dim=1)  # every token of a training window is scored
+            states = ensemble[0](input_ids=batch["input_ids"]).hidden
+        torch.testing.assert_close(means, expected, rtol=1e-5, atol=1e-6)
+        assert torch.equal(rows, (expected < threshold).nonzero().flatten())
+        if not len(rows):
+            continue  # no shard for a batch without a hard sequence
+        shard = next(shards)
+        torch.testing.assert_close(shard["inputs_embeds"], states[rows], rtol=1e-5, atol=1e-5)
+        assert torch.equal(shard["targets"], batch["targets"][rows])
+    assert hard.num_tokens == sum(len(r) for r in hard.flat_indices) * batches[0]["targets"].shape[1]
+    assert len(hard) == sum(len(r) > 0 for r in hard.flat_indices) > 0 and next(shards, None) is None
+
+    protocol = _protocol("block", hard_examples="sequences", max_epochs=1)
+    grown = _start(data, protocol)
+    report = train_ensemble(grown, data.train, data.validation, protocol, max_steps_per_epoch=3, progress=False)
+    selection = report.stages[1].selection
+    assert 0 < selection["hard_sequences"] < selection["sequences"]
+    assert selection["hard_mean_confidence"] < report.stages[1].threshold_before <= 1.0
+    assert report.stages[1].hard_tokens == selection["hard_sequences"] * data.train[0]["targets"].shape[1]
+    with pytest.raises(ValueError, match="hard_examples must be one of \\['tokens', 'sequences'\\], got 'rows'"):
+        _protocol("block", hard_examples="rows")
