@@ -21,8 +21,11 @@ from ..data.storage import write_text_atomic
 from .checks import format_checks, main_rule, run_checks
 
 #: ASHEM's published WikiText-2 figures (DESIGN.md section 4).
-ASHEM_SEED_FIGURES = {"stage-0 PPL": 986.43, "hard PPL before": 2763.69, "hard PPL after": 668.08,
-                      "overall PPL": 830.0, "shallow exits": 0.704, "layer cost": 0.6482}
+ASHEM_SEED_FIGURES = {"stage-0 PPL": 986.43, "threshold": 0.1499, "hard tokens trained on": 32768,
+                      "hard sequences trained on": 256, "hard PPL before": 2763.69, "hard PPL after": 668.08,
+                      "overall PPL": 830.0, "stage-0 accuracy": 0.1603, "overall accuracy": 0.1577,
+                      "shallow exits": 0.704, "deep exits": 0.296, "layer cost": 0.6482,
+                      "stage-1 best epoch": 7, "stage-1 epochs run": 10}
 
 
 def records_frame(records: Sequence[dict]) -> pd.DataFrame:
@@ -258,18 +261,34 @@ def risk_table(frame: pd.DataFrame) -> Optional[pd.DataFrame]:
 
 
 def seed_table(frame: pd.DataFrame, config) -> tuple[pd.DataFrame, bool]:
-    """ASHEM-style table for the routed point nearest hard ratio 0.5; seed figures beside it when
-    the config reproduces the seed (ASHEM protocol, WikiText-2, leaky seed protocol)."""
+    """ASHEM-style table for the routed point nearest hard ratio 0.5 and stage 1's training; seed figures
+    beside it when the config reproduces the seed (ASHEM protocol, WikiText-2, leaky seed protocol). The
+    seed's own variant is sequence-level hard examples and a frozen exit head (``hard_examples``,
+    ``exit_head``); its accuracies are given in the order it lists them (16.03%, 15.77%)."""
     routed = main_routed_frame(frame)
     prefix = frame[(frame.method == "prefix") & (frame.get("stages", 1) == 1)] if "stages" in frame else frame[:0]
     if routed.empty:
         raise ValueError("the results have no routed point for the seed-protocol table")
     point = routed.iloc[(routed.hard_ratio - 0.5).abs().argsort().iloc[0]]
+    training = next((c["training"] for c in frame.get("conditions", []) if isinstance(c, dict) and c.get("training")),
+                    {})
+    stage1 = next((s for s in training.get("stages", []) if s.get("stage") == 1), {})
     ours = {"stage-0 PPL": prefix.ppl.iloc[0] if not prefix.empty else math.nan,
-            "threshold": point.thresholds[0], "hard tokens": point.hard_tokens,
+            "threshold": point.thresholds[0],
+            "hard tokens trained on": stage1.get("hard_tokens_trained_on", math.nan),
+            "hard sequences trained on": stage1.get("hard_sequences", math.nan),
+            "mean confidence (all sequences)": stage1.get("mean_confidence", math.nan),
+            "mean confidence (hard sequences)": stage1.get("hard_mean_confidence", math.nan),
+            "hard tokens": point.hard_tokens,
             "hard PPL before": point.hard_ppl_stage0, "hard PPL after": point.hard_ppl, "overall PPL": point.ppl,
+            "stage-0 accuracy": prefix.accuracy.iloc[0] if not prefix.empty else math.nan,
+            "overall accuracy": point.accuracy,
             "shallow exits": point.exit_ratios[0], "deep exits": 1 - point.exit_ratios[0],
-            "layer cost": point.layer_cost, "FLOP ratio": point.flop_ratio, "wall ratio": point.wall_ratio}
+            "layer cost": point.layer_cost, "FLOP ratio": point.flop_ratio, "wall ratio": point.wall_ratio,
+            "stage-1 trainable parameters": stage1.get("trainable_parameters", math.nan),
+            "parameters (all stages)": stage1.get("parameters", math.nan),
+            "stage-1 best epoch": stage1.get("best_epoch", math.nan),
+            "stage-1 epochs run": stage1.get("epochs", math.nan)}
     is_seed = (config.protocol == "ashem" and config.leaky_seed_protocol and "wikitext" in str(config.corpus).lower())
     table = pd.DataFrame({"quantity": list(ours), "this run": list(ours.values())})
     if is_seed:

@@ -205,6 +205,12 @@ def test_compare_runs_of_two_protocols_at_matched_flops_sharing_one_dense_model(
     seed = pd.read_csv(stem.with_suffix(".csv")).set_index("quantity")
     assert list(seed.columns) == ["ASHEM seed (published)", "tiny", "tiny-cascade"]
     assert seed.loc["hard PPL after", "ASHEM seed (published)"] == 668.08
+    assert seed.loc["hard tokens trained on", "ASHEM seed (published)"] == 32768 == 256 * 128
+    stage1 = next(s for s in next(iter(ResultsStore(paths["results"])))["conditions"]["training"]["stages"]
+                  if s["stage"] == 1)
+    assert seed.loc["hard tokens trained on", "tiny"] == stage1["hard_tokens_trained_on"]
+    assert seed.loc["stage-1 best epoch", "tiny"] == stage1["best_epoch"]
+    assert seed.loc["stage-1 trainable parameters", "tiny"] == stage1["trainable_parameters"] > 0
     prefix = next(r for r in ResultsStore(paths["results"]) if r["point_id"] == "prefix-0")
     assert seed.loc["stage-0 PPL", "tiny"] == pytest.approx(prefix["ppl"])
     capsys.readouterr()
