@@ -1,4 +1,4 @@
-"""fvcore ``FlopCountAnalysis`` as a cross-check of the counted FLOPs (DESIGN.md section 3).
+"""fvcore ``FlopCountAnalysis`` as a cross-check of the counted FLOPs (docs/design.md section 3).
 
 fvcore traces with TorchScript, so each stage is traced on its own through a wrapper that
 returns a plain tensor (HF models return DynamicCache/ModelOutput objects that jit tracing can't

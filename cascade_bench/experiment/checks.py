@@ -1,4 +1,4 @@
-"""Plausibility checks on stored results (DESIGN.md section 4: "the report flags what is
+"""Plausibility checks on stored results (docs/design.md section 4: "the report flags what is
 implausible"). Pure functions over the records of one run: each check says whether it raised a
 flag and gives the figures behind it. Flags are findings to explain, not failures.
 

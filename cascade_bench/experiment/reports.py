@@ -20,7 +20,7 @@ import pandas as pd
 from ..data.storage import write_text_atomic
 from .checks import format_checks, main_rule, run_checks
 
-#: ASHEM's published WikiText-2 figures (DESIGN.md section 4).
+#: ASHEM's published WikiText-2 figures (docs/design.md section 4).
 ASHEM_SEED_FIGURES = {"stage-0 PPL": 986.43, "threshold": 0.1499, "hard tokens trained on": 32768,
                       "hard sequences trained on": 256, "hard PPL before": 2763.69, "hard PPL after": 668.08,
                       "overall PPL": 830.0, "stage-0 accuracy": 0.1603, "overall accuracy": 0.1577,

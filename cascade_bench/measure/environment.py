@@ -1,4 +1,4 @@
-"""The conditions a result was obtained under (DESIGN.md section 2, item 5)."""
+"""The conditions a result was obtained under (docs/design.md section 2, item 5)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Calibration: per-stage thresholds such that a target fraction of tokens continues (DESIGN.md section 1)."""
+"""Calibration: per-stage thresholds such that a target fraction of tokens continues (docs/design.md section 1)."""
 
 from __future__ import annotations
 

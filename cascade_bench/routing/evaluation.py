@@ -22,7 +22,7 @@ class EvalResult:
     Perplexities are exp(mean NLL) over scored tokens. Hard tokens are those that continued past
     stage 0 (exit stage > 0), easy ones exited at stage 0. ``hard_ppl_stage0`` is the stage-0
     perplexity of the hard tokens (NaN when stage 0's head was not computed for them, e.g. with
-    a logit-free exit rule). ``layer_cost`` is DESIGN.md section 3's ratio over real tokens, with
+    a logit-free exit rule). ``layer_cost`` is docs/design.md section 3's ratio over real tokens, with
     the tokens a stage computed (``tokens_computed``: reached + recomputed under the ``recompute``
     K/V policy); ``tokens_propagated``: exited tokens whose keys/values entered each stage.
     """

@@ -1,4 +1,4 @@
-"""Early-exit generation with one KV cache per stage (DESIGN.md section 1, Generation).
+"""Early-exit generation with one KV cache per stage (docs/design.md section 1, Generation).
 
 The prompt is prefilled with the same routing as teacher forcing (``cached_pass``); then every
 new token runs through stage 0 and onwards until it exits, and the next token comes from the

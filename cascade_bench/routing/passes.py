@@ -105,7 +105,7 @@ class RoutedOutput:
 
     @property
     def layer_cost(self) -> float:
-        """DESIGN.md section 3: sum_k tokens computed at k x layers_k / (tokens x all layers)."""
+        """docs/design.md section 3: sum_k tokens computed at k x layers_k / (tokens x all layers)."""
         done = sum(n * layers for n, layers in zip(self.tokens_computed, self.layers_per_stage))
         return done / (self.num_tokens * sum(self.layers_per_stage))
 

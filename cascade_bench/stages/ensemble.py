@@ -13,7 +13,7 @@ from .blocks import Block, cut_into_blocks
 from .exits import ExitFunction
 from .llm import LLM, check_threshold
 
-#: The two kinds of stage (DESIGN.md section 1): a whole causal LM, or a block of one model's layers.
+#: The two kinds of stage (docs/design.md section 1): a whole causal LM, or a block of one model's layers.
 STAGE_TYPES = (LLM, Block)
 
 

@@ -1,4 +1,4 @@
-"""Exit functions: per-token confidence, higher = easier (DESIGN.md section 1).
+"""Exit functions: per-token confidence, higher = easier (docs/design.md section 1).
 
 Every exit function has the signature ``confidence = fn(h_in, h_out, logits)``:
 

@@ -1,4 +1,4 @@
-"""Staged training protocols (DESIGN.md section 4): ASHEM and LEGO grow one model, CASCADE chains
+"""Staged training protocols (docs/design.md section 4): ASHEM and LEGO grow one model, CASCADE chains
 separate models; plus the dense, standard and deep-supervision baselines.
 
 ``train_ensemble`` starts from stage 0 alone (``start_ensemble``) and trains it on all training

@@ -1,4 +1,4 @@
-"""Early-exit generation with per-stage KV caches (DESIGN.md invariant 4 and the extremes)."""
+"""Early-exit generation with per-stage KV caches (docs/design.md invariant 4 and the extremes)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""DESIGN.md section 2, invariants 1-3, for GPT-2, Llama and GPT-NeoX tiny configs, both batching modes,
+"""docs/design.md section 2, invariants 1-3, for GPT-2, Llama and GPT-NeoX tiny configs, both batching modes,
 and both kinds of stage (whole LLMs, blocks of one model)."""
 
 from __future__ import annotations
