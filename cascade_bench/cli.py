@@ -177,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=_positive_int, default=7)
     bench.add_argument("--exit-rules", default=",".join(BENCH_RULES), metavar="RULES",
                        help="comma-separated exit rules for the per-rule table ('' = skip it); default %(default)s")
+    bench.add_argument("--profile", action="store_true",
+                       help="instead of the bench: where each pass spends its time, per stage and phase (layers, "
+                            "gather, exit head, exit rule, scatter, the rest), written beside --json as .profile.json")
     bench.add_argument("--json", type=Path, default=Path("results/bench-routing.json"),
                        help="where to write rows, checks and conditions (atomically); default %(default)s")
     blocks = commands.add_parser(
@@ -415,9 +418,39 @@ def _bench_blocks(args: argparse.Namespace) -> int:
     return 0
 
 
+def _profile_routing(args: argparse.Namespace) -> int:
+    from .bench.routing_profile import format_profile, routing_profile
+    from .data.corpus import byte_token_windows, embedded_documents
+    from .data.storage import write_json_atomic
+    from .measure.environment import environment_conditions
+
+    ensemble, origin = _build_cascade(args)
+    text = "\n\n".join(body for _, body in embedded_documents())
+    input_ids = byte_token_windows(text, args.batch_size, args.seq_len).to(ensemble.device)
+    rows = [row for ratio in args.exit_ratios
+            for row in routing_profile(ensemble, input_ids, ratio, warmup=args.warmup, repeats=args.repeats)]
+    conditions = {**environment_conditions(ensemble.device, ensemble.dtype), "model": str(origin),
+                  "layers_per_stage": list(ensemble.layers_per_stage), "batch_size": args.batch_size,
+                  "seq_len": args.seq_len, "exit_fn": args.exit_fn, "warmup": args.warmup, "repeats": args.repeats}
+    print(f"\n{origin}, batch {args.batch_size} x {args.seq_len}, {conditions['dtype']} on "
+          f"{conditions['device_name']} ({conditions['threads']} threads), exit_fn {args.exit_fn}, milliseconds "
+          f"of the median of {args.repeats} repeats\n")
+    for ratio in args.exit_ratios:
+        print(f"exit ratio {ratio:g}:\n")
+        print(format_profile([r for r in rows if r["exit ratio"] == ratio]) + "\n")
+    if args.json is not None:
+        path = args.json.with_name(args.json.stem + ".profile.json")
+        write_json_atomic(path, {"conditions": conditions, "rows": rows})
+        print(f"wrote {path}")
+    return 0
+
+
 def _bench_routing(args: argparse.Namespace) -> int:
     from .bench.routing import format_rule_table, format_table, run_routing_bench
     from .stages.exit_rules import parse_rule_spec
+
+    if args.profile:
+        return _profile_routing(args)
 
     rules = [spec.strip() for spec in args.exit_rules.split(",") if spec.strip()]
     for spec in rules:

@@ -37,6 +37,27 @@ def test_bench_routing_writes_rows_checks_and_conditions(tmp_path, capsys):
     assert "| forced exit | exit rule | batching |" in printed
 
 
+def test_bench_routing_profile_splits_each_pass_into_parts_that_add_up(tmp_path, capsys):
+    code = main(["bench-routing", "--preset", "gpt2-tiny", "--layers", "1", "1", "--batch-size", "2",
+                 "--seq-len", "32", "--profile", "--exit-ratios", "0.5", "--repeats", "3", "--warmup", "1",
+                 "--json", str(tmp_path / "bench.json")])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "| method | stage | gather | layers | exit_head | exit_fn | exit other | scatter | stage other |" in out
+    rows = json.loads((tmp_path / "bench.profile.json").read_text())["rows"]
+    assert {r["method"] for r in rows} == {"full", "routed-padded", "routed-bucketed"}
+    parts = ("gather", "layers", "exit_head", "exit_fn", "exit other", "scatter", "stage other")
+    for method in ("full", "routed-padded", "routed-bucketed"):
+        mine = {r["stage"]: r for r in rows if r["method"] == method}
+        assert set(mine) == {"0", "1", "outside", "pass"}
+        for k in ("0", "1"):
+            assert sum(mine[k][p] for p in parts) == pytest.approx(mine[k]["total"])
+            assert mine[k]["layers"] > 0 and 0 < mine[k]["layers share"] <= 1
+        assert mine["0"]["total"] + mine["1"]["total"] + mine["outside"]["total"] == pytest.approx(mine["pass"]["total"])
+    # the last stage decides nothing: no confidence is computed there
+    assert all(r["exit_fn"] == 0.0 for r in rows if r["stage"] == "1")
+
+
 def test_bench_routing_names_a_bad_exit_rule(capsys):
     assert main(["bench-routing", "--preset", "gpt2-tiny", "--layers", "1", "1", "--exit-rules", "max_prob,lowrank"]) == 2
     assert "exit rule 'lowrank' needs a positive integer size" in capsys.readouterr().err

@@ -1,0 +1,85 @@
+"""Where a routed pass spends its time: per stage, the layers against everything around them.
+
+``routing_profile`` times the full cascade and routed early exit (each batching mode) on one batch
+with a ``SpanTimer`` in the pass: per stage the router's own spans (``measure.probes``) ``gather``
+(laying out the tokens that reached the stage: masks, indices, compaction), ``layers`` (the stage's
+model), ``exit_head`` (lm_head and NLL), ``exit_fn`` (the confidence), the rest of ``exit`` (the
+decision and its bookkeeping), ``scatter`` (results back to original positions, continuing tokens
+split off) and what the stage span holds beyond those; then the time outside every stage span
+(setting up the pass, assembling the output). Milliseconds of the repeat whose pass time is the
+median (one repeat, so the parts add up to the pass); the span timer's own calls are inside the
+figures (tens of nanoseconds each).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from ..measure.timing import time_spans
+from ..routing.calibration import hard_ratio_of_exit_ratio, threshold_for_hard_ratio
+from ..routing.passes import forward_cascade
+from ..stages.ensemble import Ensemble, evaluation_mode
+from .routing import BENCH_METHODS
+
+#: The columns of the profile, in pass order; "exit other" and "stage other" are what the enclosing
+#: span holds beyond its named parts.
+PHASES = ("gather", "layers", "exit_head", "exit_fn", "exit other", "scatter", "stage other")
+
+
+def routing_profile(ensemble: Ensemble, input_ids: torch.Tensor, exit_ratio: float = 0.5,
+                    methods: Sequence[str] = ("full", "routed-padded", "routed-bucketed"), warmup: int = 2,
+                    repeats: int = 7) -> list[dict]:
+    """Rows: one per (method, stage) with each phase's milliseconds (median repeat), and one per method for
+    the time outside the stages (``stage = "outside"``) and the whole pass (``stage = "pass"``)."""
+    unknown = [m for m in methods if m not in BENCH_METHODS]
+    if unknown:
+        raise ValueError(f"methods must come from {list(BENCH_METHODS)}, got {list(methods)}")
+    rows = []
+    with evaluation_mode(ensemble), torch.inference_mode():
+        probe = forward_cascade(ensemble, input_ids, method="routed", num_stages=1, confidence_at_last_stage=True)
+        confidence = probe.stage_confidence[0].reshape(-1)
+        thresholds = [threshold_for_hard_ratio(confidence, hard_ratio_of_exit_ratio(exit_ratio)),
+                      *[math.inf] * (len(ensemble) - 2)]
+        for method in methods:
+            wall, spans = time_spans(lambda p, kw=BENCH_METHODS[method]: forward_cascade(
+                ensemble, input_ids, thresholds=thresholds, probe=p, **kw), input_ids.device, warmup, repeats)
+            # One repeat's spans (the repeat whose pass time is the median), so the parts add up to the pass.
+            order = sorted(range(len(wall.samples)), key=wall.samples.__getitem__)
+            pick = order[(len(order) - 1) // 2]
+            ms = {name: stats.samples[pick] * 1e3 for name, stats in spans.items() if len(stats.samples) == len(order)}
+            inside = 0.0
+            for k in range(len(ensemble)):
+                stage = ms.get(f"stage{k}", 0.0)
+                inside += stage
+                part = {p: ms.get(f"stage{k}.{p}", 0.0) for p in ("gather", "layers", "exit_head", "exit_fn",
+                                                                    "scatter")}
+                part["exit other"] = ms.get(f"stage{k}.exit", 0.0) - part["exit_head"] - part["exit_fn"]
+                part["stage other"] = stage - part["gather"] - part["layers"] - ms.get(f"stage{k}.exit", 0.0) - \
+                    part["scatter"]
+                rows.append({"method": method, "exit ratio": exit_ratio, "stage": str(k), **part, "total": stage,
+                             "layers share": part["layers"] / stage if stage else math.nan})
+            total = wall.samples[pick] * 1e3
+            rows.append({"method": method, "exit ratio": exit_ratio, "stage": "outside",
+                         **{p: math.nan for p in PHASES}, "total": total - inside, "layers share": math.nan})
+            layers = sum(r["layers"] for r in rows if r["method"] == method and r["stage"].isdigit())
+            rows.append({"method": method, "exit ratio": exit_ratio, "stage": "pass", **{p: math.nan for p in PHASES},
+                         "total": total, "layers share": layers / total})
+    return rows
+
+
+def format_profile(rows: Sequence[dict]) -> str:
+    """Markdown: milliseconds per phase (n/a where a phase does not apply)."""
+    header = ["method", "stage", *PHASES, "total", "layers share"]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for row in rows:
+        cells = [row["method"], row["stage"]]
+        cells += ["n/a" if math.isnan(row[p]) else f"{row[p]:.3f}" for p in PHASES]
+        cells += [f"{row['total']:.3f}", "n/a" if math.isnan(row["layers share"]) else f"{row['layers share']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+__all__ = ["PHASES", "format_profile", "routing_profile"]
