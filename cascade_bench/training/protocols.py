@@ -98,6 +98,9 @@ class Protocol:
         if self.hard_examples not in HARD_EXAMPLES:
             raise ValueError(f"protocol {self.name!r}: hard_examples must be one of {list(HARD_EXAMPLES)}, got "
                              f"{self.hard_examples!r}")
+        if self.hard_examples != "tokens" and self.training != "staged":
+            raise ValueError(f"protocol {self.name!r}: hard_examples {self.hard_examples!r} applies to staged "
+                             f"training (joint training trains every stage on every token)")
         if self.lr_decay is not None:
             if isinstance(self.lr_decay, bool) or not isinstance(self.lr_decay, (int, float)) or \
                     not 0.0 < self.lr_decay <= 1.0:

@@ -383,3 +383,5 @@ def test_sequence_level_hard_examples_are_whole_sequences_below_the_threshold_in
     assert report.stages[1].hard_tokens == selection["hard_sequences"] * data.train[0]["targets"].shape[1]
     with pytest.raises(ValueError, match="hard_examples must be one of \\['tokens', 'sequences'\\], got 'rows'"):
         _protocol("block", hard_examples="rows")
+    with pytest.raises(ValueError, match="hard_examples 'sequences' applies to staged training"):
+        dataclasses.replace(PROTOCOLS["deep"], hard_examples="sequences")
