@@ -66,6 +66,18 @@ class BenchRow:
         return self.wall_ratio / self.flop_ratio
 
 
+def stage0_confidence(ensemble: Ensemble, input_ids: torch.Tensor) -> torch.Tensor:
+    """Stage 0's confidence of every token of the batch (flat), to force exit ratios from."""
+    probe = forward_cascade(ensemble, input_ids, method="routed", num_stages=1, confidence_at_last_stage=True)
+    return probe.stage_confidence[0].reshape(-1)
+
+
+def forced_thresholds(ensemble: Ensemble, confidence: torch.Tensor, exit_ratio: float) -> list[float]:
+    """Thresholds that make ``exit_ratio`` of the batch exit at stage 0; later stages keep everyone."""
+    return [threshold_for_hard_ratio(confidence, hard_ratio_of_exit_ratio(exit_ratio)),
+            *[math.inf] * (len(ensemble) - 2)]
+
+
 def bench_routing(ensemble: Ensemble, input_ids: torch.Tensor, exit_ratios: Sequence[float] = (0.25, 0.5, 0.75),
                   methods: Sequence[str] = tuple(BENCH_METHODS), warmup: int = 2, repeats: int = 7,
                   progress: bool = True) -> list[BenchRow]:
@@ -76,11 +88,9 @@ def bench_routing(ensemble: Ensemble, input_ids: torch.Tensor, exit_ratios: Sequ
     num_tokens = input_ids.numel()
     rows: list[BenchRow] = []
     with evaluation_mode(ensemble), torch.inference_mode():
-        probe = forward_cascade(ensemble, input_ids, method="routed", num_stages=1, confidence_at_last_stage=True)
-        confidence = probe.stage_confidence[0].reshape(-1)
-        later = [math.inf] * (len(ensemble) - 2)  # stages after 1 keep everyone (2-stage presets have none)
+        confidence = stage0_confidence(ensemble, input_ids)
         for ratio in exit_ratios:
-            thresholds = [threshold_for_hard_ratio(confidence, hard_ratio_of_exit_ratio(ratio)), *later]
+            thresholds = forced_thresholds(ensemble, confidence, ratio)
             calls = {m: (lambda kw=BENCH_METHODS[m]: forward_cascade(ensemble, input_ids, thresholds=thresholds, **kw))
                      for m in methods}
             for _ in range(warmup):
@@ -204,16 +214,13 @@ def bench_exit_rules(ensemble: Ensemble, input_ids: torch.Tensor, rules: Sequenc
     candidates = most_frequent_ids([input_ids], ensemble.vocab_size, ensemble.vocab_size)
     cascades = {spec: with_rule(ensemble, spec, candidates) for spec in rules}
     rows: list[RuleRow] = []
-    later = [math.inf] * (len(ensemble) - 2)
     with torch.inference_mode():
         for cascade in cascades.values():
             cascade.eval()
         for ratio in exit_ratios:
             calls = {("full", "-"): lambda: forward_cascade(ensemble, input_ids, method="full")}
             for spec, cascade in cascades.items():
-                probe = forward_cascade(cascade, input_ids, method="routed", num_stages=1, confidence_at_last_stage=True)
-                thresholds = [threshold_for_hard_ratio(probe.stage_confidence[0].reshape(-1),
-                                                       hard_ratio_of_exit_ratio(ratio)), *later]
+                thresholds = forced_thresholds(cascade, stage0_confidence(cascade, input_ids), ratio)
                 for mode in batching:
                     calls[(spec, mode)] = (lambda c=cascade, th=thresholds, m=mode:
                                            forward_cascade(c, input_ids, method="routed", batching=m, thresholds=th))

@@ -19,10 +19,9 @@ from typing import Sequence
 import torch
 
 from ..measure.timing import time_spans
-from ..routing.calibration import hard_ratio_of_exit_ratio, threshold_for_hard_ratio
 from ..routing.passes import forward_cascade
 from ..stages.ensemble import Ensemble, evaluation_mode
-from .routing import BENCH_METHODS
+from .routing import BENCH_METHODS, forced_thresholds, stage0_confidence
 
 #: The columns of the profile, in pass order; "exit other" and "stage other" are what the enclosing
 #: span holds beyond its named parts.
@@ -39,10 +38,7 @@ def routing_profile(ensemble: Ensemble, input_ids: torch.Tensor, exit_ratio: flo
         raise ValueError(f"methods must come from {list(BENCH_METHODS)}, got {list(methods)}")
     rows = []
     with evaluation_mode(ensemble), torch.inference_mode():
-        probe = forward_cascade(ensemble, input_ids, method="routed", num_stages=1, confidence_at_last_stage=True)
-        confidence = probe.stage_confidence[0].reshape(-1)
-        thresholds = [threshold_for_hard_ratio(confidence, hard_ratio_of_exit_ratio(exit_ratio)),
-                      *[math.inf] * (len(ensemble) - 2)]
+        thresholds = forced_thresholds(ensemble, stage0_confidence(ensemble, input_ids), exit_ratio)
         for method in methods:
             wall, spans = time_spans(lambda p, kw=BENCH_METHODS[method]: forward_cascade(
                 ensemble, input_ids, thresholds=thresholds, probe=p, **kw), input_ids.device, warmup, repeats)
