@@ -12,9 +12,11 @@ import pytest
 import torch
 
 from cascade_bench.data.corpus import embedded_documents
+from cascade_bench.measure.allocator import retain_freed_memory
 from cascade_bench.stages.presets import build_blocks, build_ensemble
 
 THREADS = 2
+retain_freed_memory()  # as the cascade-bench commands do (measure.allocator)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from typing import Optional, Sequence
 
 from .bench.memory import MEMORY_PARTS
 from .bench.routing import BENCH_RULES
+from .measure.allocator import retain_freed_memory
 from .stages.families import register_own_families
 from .stages.presets import STAGE_PRESETS
 
@@ -568,6 +569,11 @@ def _compare(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        retain_freed_memory()  # before anything is timed (measure.allocator)
+    except ValueError as error:
+        print(f"cascade-bench: error: {error}", file=sys.stderr)
+        return 2
     if argv[:1] == ["lm-eval"]:  # every later argument is lm_eval's own, options included
         try:
             return _lm_eval(argv[1:])

@@ -14,6 +14,15 @@ def _deterministic():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _every_length_class_its_own_call(monkeypatch):
+    """Tiny test batches are far below a stage call's fixed cost, so bucketed batching would merge them
+    into one call (``compaction.CALL_OVERHEAD_SLOTS``) and every bucketed test would rerun the padded
+    path. Tests keep each length class apart (several calls per stage) unless they pass
+    ``call_overhead_slots``; the merging has its own tests (test_compaction, test_invariants)."""
+    monkeypatch.setattr("cascade_bench.routing.compaction.CALL_OVERHEAD_SLOTS", 0)
+
+
 @pytest.fixture(scope="session")
 def text() -> str:
     return "\n\n".join(body for _, body in embedded_documents())

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
+import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -111,15 +112,30 @@ def bench_routing(ensemble: Ensemble, input_ids: torch.Tensor, exit_ratios: Sequ
                     target_exit_ratio=ratio, method=m, exit_ratio=out.exit_ratios[0], median_s=stats.median,
                     iqr_s=stats.iqr, tokens_per_s=num_tokens / stats.median, flops=flops, peak_bytes=peak,
                     layer_cost=out.layer_cost, padding_waste=max(out.padding_waste),
-                    wall_ratio=stats.median / full_time.median, flop_ratio=flops / full_flops,
+                    wall_ratio=paired_ratio(samples[m], samples["full"]), flop_ratio=flops / full_flops,
                     memory_ratio=peak / full_peak))
             if progress:
                 print(f"  exit ratio {ratio:.2f}: done", flush=True)
     return rows
 
 
-def check_bars(rows: Sequence[BenchRow], wall_over_flop_max: float = 1.08) -> list[tuple[str, bool]]:
-    """The core issue's performance bars, as (description, met) pairs."""
+def paired_ratio(samples: Sequence[float], reference: Sequence[float]) -> float:
+    """Median over repeats of one method's time over the full cascade's in the same repeat (the two
+    timed back to back), so a shared machine's drift between repeats stays out of the ratio."""
+    if len(samples) != len(reference) or not samples:
+        raise ValueError(f"need one reference time per sample, got {len(samples)} and {len(reference)}")
+    return statistics.median(a / b for a, b in zip(samples, reference))
+
+
+#: Routed wall ratio at most this times its FLOP ratio (wall time follows FLOPs): 1.05 on CPU (the
+#: routing-overhead issue's bar), 1.10 on a GPU (kernel launches the FLOP count does not see).
+WALL_OVER_FLOP_MAX = 1.05
+GPU_WALL_OVER_FLOP_MAX = 1.10
+
+
+def check_bars(rows: Sequence[BenchRow], wall_over_flop_max: float = WALL_OVER_FLOP_MAX) -> list[tuple[str, bool]]:
+    """The performance bars, as (description, met) pairs: wall follows FLOPs, routed is not slower
+    than masked, and needs no more peak memory than the full cascade."""
     checks = []
     by_ratio: dict[float, dict[str, BenchRow]] = {}
     for row in rows:
@@ -252,7 +268,7 @@ def bench_exit_rules(ensemble: Ensemble, input_ids: torch.Tensor, rules: Sequenc
     return rows
 
 
-def check_rule_bars(rows: Sequence[RuleRow], wall_over_flop_max: float = 1.08) -> list[tuple[str, bool]]:
+def check_rule_bars(rows: Sequence[RuleRow], wall_over_flop_max: float = WALL_OVER_FLOP_MAX) -> list[tuple[str, bool]]:
     """Issue 15's bars at 50% exit for the learned classifier: FLOP ratio <= layer cost + 0.05 and
     wall ratio <= ``wall_over_flop_max`` x FLOP ratio (each batching mode)."""
     checks = []
@@ -288,7 +304,7 @@ def run_routing_bench(ensemble: Ensemble, model: str, batch_size: int = 8, seq_l
     text = "\n\n".join(text for _, text in embedded_documents())
     input_ids = byte_token_windows(text, batch_size, seq_len).to(ensemble.device)
     rows = bench_routing(ensemble, input_ids, exit_ratios, warmup=warmup, repeats=repeats)
-    bar = 1.08 if ensemble.device.type == "cpu" else 1.10
+    bar = WALL_OVER_FLOP_MAX if ensemble.device.type == "cpu" else GPU_WALL_OVER_FLOP_MAX
     checks = check_bars(rows, wall_over_flop_max=bar)
     rule_rows = (bench_exit_rules(ensemble, input_ids, rules, exit_ratios, warmup=warmup, repeats=repeats)
                  if rules else [])

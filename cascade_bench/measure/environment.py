@@ -9,6 +9,7 @@ from typing import Optional
 
 import torch
 
+from .allocator import allocator_setting
 from .lockfile import lock_status
 
 
@@ -84,6 +85,7 @@ def environment_conditions(device: "torch.device | str", dtype: torch.dtype) -> 
         "device_name": device_name(device),
         "dtype": str(dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(),
+        "allocator": allocator_setting(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),

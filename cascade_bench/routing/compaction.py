@@ -11,7 +11,9 @@ Batching modes (``BATCHING_MODES``):
 - ``"bucketed"``: rows grouped by length into at most ``max_buckets`` geometric length classes
   (each spanning a factor of at least ``1 + bucket_tolerance``, wide enough that the classes
   cover the shortest row), each padded only to its own longest row: little padding, one stage
-  call per non-empty bucket.
+  call per bucket. Adjacent classes are merged where the padding a merge adds costs less than the
+  stage call it saves (``call_overhead_slots``: a call's fixed cost counted in slots), so small
+  batches get one call and large ones keep their buckets.
 
 No Python loop runs over tokens or sequences: planning costs one host sync per stage
 (to learn the dense shapes), gathers and scatters are single indexing ops.
@@ -26,6 +28,13 @@ import torch
 from torch import Tensor
 
 BATCHING_MODES = ("padded", "bucketed")
+
+#: A stage call's fixed cost in dense slots: what the bucketed layout weighs one more call against
+#: (the padding slots a merged call computes instead). Measured on the default run's stages (GPT-2
+#: style, hidden 128, 2 layers, 2 CPU threads): a call costs about 1.4 ms plus 12-15 us per slot, so
+#: one call is worth about 100 slots; rounded up to one 128-token row. On a GPU the fixed cost is
+#: larger still against a slot's, so merging more is the right direction there too.
+CALL_OVERHEAD_SLOTS = 128
 
 
 @dataclass(frozen=True)
@@ -63,10 +72,18 @@ def rank_in_sequence(flat_index: Tensor, seq_len: int, batch_size: int) -> tuple
 
 
 def plan_layouts(flat_index: Tensor, seq_len: int, batch_size: int, batching: str = "padded",
-                 max_buckets: int = 4, bucket_tolerance: float = 0.15) -> list[Layout]:
-    """Lay out the routed tokens (sorted flat indices, (N,)) as one or more dense batches."""
+                 max_buckets: int = 4, bucket_tolerance: float = 0.15,
+                 call_overhead_slots: Optional[int] = None) -> list[Layout]:
+    """Lay out the routed tokens (sorted flat indices, (N,)) as one or more dense batches.
+
+    call_overhead_slots (bucketed only): a stage call's fixed cost in slots (None: the module's
+    ``CALL_OVERHEAD_SLOTS`` when called); 0 keeps every length class apart (least padding, most calls)."""
     if batching not in BATCHING_MODES:
         raise ValueError(f"batching must be one of {BATCHING_MODES}, got {batching!r}")
+    if call_overhead_slots is None:
+        call_overhead_slots = CALL_OVERHEAD_SLOTS
+    if isinstance(call_overhead_slots, bool) or not isinstance(call_overhead_slots, int) or call_overhead_slots < 0:
+        raise ValueError(f"call_overhead_slots must be an int >= 0, got {call_overhead_slots!r}")
     if flat_index.numel() == 0:
         return []
     seq, rank, counts = rank_in_sequence(flat_index, seq_len, batch_size)
@@ -75,11 +92,11 @@ def plan_layouts(flat_index: Tensor, seq_len: int, batch_size: int, batching: st
         num_rows, length = torch.stack([present.sum(), counts.max()]).tolist()
         row_of_seq = torch.cumsum(present, 0) - 1
         return [Layout(members=None, rows=row_of_seq[seq], cols=rank, num_rows=num_rows, length=length)]
-    return _bucketed_layouts(seq, rank, counts, max_buckets, bucket_tolerance)
+    return _bucketed_layouts(seq, rank, counts, max_buckets, bucket_tolerance, call_overhead_slots)
 
 
 def _bucketed_layouts(seq: Tensor, rank: Tensor, counts: Tensor, max_buckets: int,
-                      tolerance: float) -> list[Layout]:
+                      tolerance: float, call_overhead_slots: int) -> list[Layout]:
     # Length class of each sequence: how many factors `step` below the longest row it is, with
     # step = max(1 + tolerance, (longest / shortest) ** (1 / max_buckets)) so that the classes
     # span every length present. Rows of one class differ in length by at most `step`.
@@ -89,28 +106,51 @@ def _bucketed_layouts(seq: Tensor, rank: Tensor, counts: Tensor, max_buckets: in
     step = torch.clamp((longest / shortest) ** (1.0 / max_buckets) * (1 + 1e-6), min=1.0 + tolerance)
     ratio = longest / counts.clamp(min=1).float()
     bucket = torch.floor(torch.log(ratio) / torch.log(step)).long().clamp(max=max_buckets - 1)
-    bucket = torch.where(counts > 0, bucket, torch.full_like(bucket, -1))
-    # Row of each sequence inside its bucket: rank among present sequences of the same bucket.
-    one_hot = torch.nn.functional.one_hot(bucket.clamp(min=0), max_buckets) * (bucket >= 0)[:, None]
-    row_of_seq = (torch.cumsum(one_hot, 0) - one_hot).gather(1, bucket.clamp(min=0)[:, None]).squeeze(1)
-    rows_per_bucket = one_hot.sum(0)
+    one_hot = torch.nn.functional.one_hot(bucket, max_buckets) * present[:, None]
     length_per_bucket = torch.zeros(max_buckets, dtype=counts.dtype, device=counts.device).scatter_reduce(
-        0, bucket.clamp(min=0), counts * (bucket >= 0), reduce="amax")
-    bucket_of_token = bucket[seq]
-    shapes = torch.stack([rows_per_bucket, length_per_bucket]).tolist()
-    if sum(1 for rows in shapes[0] if rows) == 1:  # one bucket holds everyone: same as padded, no member copy
-        only = next(b for b, rows in enumerate(shapes[0]) if rows)
-        return [Layout(members=None, rows=row_of_seq[seq], cols=rank, num_rows=shapes[0][only],
-                       length=shapes[1][only])]
+        0, bucket, counts * present, reduce="amax")
+    rows, lengths = torch.stack([one_hot.sum(0), length_per_bucket]).tolist()  # the one host sync
+    classes = [(b, rows[b], lengths[b]) for b in range(max_buckets) if rows[b]]
+    groups = cheapest_grouping([(r, n) for _, r, n in classes], call_overhead_slots)
+    if len(groups) == 1:  # one call holds everyone: the padded layout, no member copy
+        row_of_seq = torch.cumsum(present, 0) - 1
+        return [Layout(members=None, rows=row_of_seq[seq], cols=rank, num_rows=sum(rows), length=max(lengths))]
+    group_of_class = [0] * max_buckets
+    for g, members in enumerate(groups):
+        for c in members:
+            group_of_class[classes[c][0]] = g
+    group = torch.tensor(group_of_class, device=counts.device)[bucket]
+    # Row of each sequence inside its group: rank among the present sequences of the same group.
+    in_group = torch.nn.functional.one_hot(group, len(groups)) * present[:, None]
+    row_of_seq = (torch.cumsum(in_group, 0) - in_group).gather(1, group[:, None]).squeeze(1)
+    group_of_token = group[seq]
     layouts = []
-    for b in range(max_buckets):
-        num_rows, length = shapes[0][b], shapes[1][b]
-        if num_rows == 0:
-            continue
-        members = (bucket_of_token == b).nonzero().squeeze(1)
-        layouts.append(Layout(members=members, rows=row_of_seq[seq[members]], cols=rank[members],
-                              num_rows=num_rows, length=length))
+    for g, members in enumerate(groups):
+        token_members = (group_of_token == g).nonzero().squeeze(1)
+        layouts.append(Layout(members=token_members, rows=row_of_seq[seq[token_members]], cols=rank[token_members],
+                              num_rows=sum(classes[c][1] for c in members),
+                              length=max(classes[c][2] for c in members)))
     return layouts
+
+
+def cheapest_grouping(classes: list[tuple[int, int]], call_overhead_slots: int) -> list[list[int]]:
+    """Split length classes (rows, length), longest first, into runs of adjacent classes that each
+    become one stage call, minimising padded slots + ``call_overhead_slots`` per call. Returns the
+    runs as lists of class positions. Ties keep more calls (less padding); with no overhead every
+    class stays apart."""
+    best_cost, best = None, None
+    for cuts in range(1 << max(len(classes) - 1, 0)):  # bit i set: a new call starts after class i
+        groups, current = [], [0]
+        for i in range(1, len(classes)):
+            if cuts >> (i - 1) & 1:
+                groups.append(current)
+                current = []
+            current.append(i)
+        groups.append(current)
+        cost = sum(sum(classes[c][0] for c in g) * classes[g[0]][1] for g in groups) + call_overhead_slots * len(groups)
+        if best_cost is None or cost < best_cost or (cost == best_cost and len(groups) > len(best)):
+            best_cost, best = cost, groups
+    return best
 
 
 def to_dense(values: Tensor, layout: Layout, fill: float | int = 0) -> Tensor:

@@ -135,7 +135,8 @@ def forward_cascade(ensemble: Ensemble, input_ids: Tensor, attention_mask: Optio
                     num_stages: Optional[int] = None, return_logits: bool = False,
                     logits_chunk_tokens: Optional[int] = None,
                     confidence_at_last_stage: bool = False, probe: Probe = NO_PROBE,
-                    open_end: bool = False, kv_policy: str = "absent") -> RoutedOutput:
+                    open_end: bool = False, kv_policy: str = "absent",
+                    call_overhead_slots: Optional[int] = None) -> RoutedOutput:
     """Run ``method`` over the batch. See the module docstring for the methods.
 
     input_ids, attention_mask, targets: (B, T); targets are already shifted (the token to predict at
@@ -150,6 +151,9 @@ def forward_cascade(ensemble: Ensemble, input_ids: Tensor, attention_mask: Optio
     kv_policy: what a later stage's attention sees of tokens that exited before it (routed only;
     ``cached_pass``): "absent" (the compaction rule), "propagate" or "recompute" (padded batching,
     original positions: every earlier token then holds a slot).
+    call_overhead_slots: with bucketed batching, a stage call's fixed cost in slots: length classes
+    merge where the padding costs less (``compaction.plan_layouts``; None = ``CALL_OVERHEAD_SLOTS``,
+    0 keeps every class apart).
     """
     check_kv_policy(kv_policy)
     if kv_policy != "absent" and (method != "routed" or batching != "padded" or open_end):
@@ -170,7 +174,7 @@ def forward_cascade(ensemble: Ensemble, input_ids: Tensor, attention_mask: Optio
     batch = make_token_batch(input_ids, attention_mask, targets, vocab_size=ensemble.vocab_size, device=ensemble.device)
     _check_lengths(stages, batch, positions)
     runner = _Pass(stages, batch, method, batching, positions, thresholds, return_logits, logits_chunk_tokens,
-                   confidence_at_last_stage, probe, open_end)
+                   confidence_at_last_stage, probe, open_end, call_overhead_slots=call_overhead_slots)
     return runner.run() if kv_policy == "absent" else runner.run_cached(kv_policy)
 
 
@@ -275,6 +279,7 @@ class _Pass:
     #: None: keep nothing; False/True: keep each stage's (reach, hidden, input state or None) in
     #: ``states``, capturing the input state when True (``stage_states``)
     kept: Optional[bool] = None
+    call_overhead_slots: Optional[int] = None
     states: list[tuple] = field(default_factory=list)
     entered: list[int] = field(default_factory=list)
     exited: list[int] = field(default_factory=list)
@@ -317,7 +322,8 @@ class _Pass:
                 if layouts is None or self.method == "routed":
                     with self.probe.span(f"stage{k}.gather"):
                         layouts = plan_layouts(reach, batch.seq_len, batch.batch_size,
-                                               self.batching if self.method == "routed" else "padded")
+                                               self.batching if self.method == "routed" else "padded",
+                                               call_overhead_slots=self.call_overhead_slots)
                 last = k == num_stages - 1 and not self.open_end
                 decides = (not last or self.last_confidence) and self.method != "full"
                 capture = (decides and stage.exit_function.needs_input_state) or bool(self.kept)

@@ -5,7 +5,10 @@ from __future__ import annotations
 import torch
 
 from cascade_bench.data.batch import IGNORE_INDEX, next_token_targets
-from cascade_bench.routing.compaction import from_dense, plan_layouts, rank_in_sequence, scatter_members, to_dense
+import pytest
+
+from cascade_bench.routing.compaction import (cheapest_grouping, from_dense, plan_layouts, rank_in_sequence,
+                                              scatter_members, to_dense)
 
 # B=3 sequences of T=4: sequence 0 keeps t=0,1; sequence 1 keeps t=1; sequence 2 keeps all four.
 REACH = torch.tensor([0, 1, 5, 8, 9, 10, 11])
@@ -37,7 +40,8 @@ def test_rows_without_tokens_are_dropped():
 
 def test_bucketed_layout_groups_by_length_and_round_trips():
     # lengths 2, 1, 4 with tolerance 0.15: each in its own length class (4 / 2 = 2 > 1.15)
-    layouts = plan_layouts(REACH, 4, 3, "bucketed", max_buckets=4, bucket_tolerance=0.15)
+    layouts = plan_layouts(REACH, 4, 3, "bucketed", max_buckets=4, bucket_tolerance=0.15,
+                           call_overhead_slots=0)
     shapes = sorted((lay.num_rows, lay.length) for lay in layouts)
     assert shapes == [(1, 1), (1, 2), (1, 4)]
     assert sum(lay.slots for lay in layouts) == REACH.numel()  # no padding at all
@@ -51,8 +55,58 @@ def test_bucketed_layout_groups_by_length_and_round_trips():
 def test_bucketed_layout_merges_rows_within_tolerance():
     # counts 10, 9, 3 with tolerance 0.15: 10/9 < 1.15 -> same bucket; 3 alone
     reach = torch.cat([torch.arange(10), 16 + torch.arange(9), 32 + torch.arange(3)])
-    layouts = plan_layouts(reach, 16, 3, "bucketed", bucket_tolerance=0.15)
+    layouts = plan_layouts(reach, 16, 3, "bucketed", bucket_tolerance=0.15, call_overhead_slots=0)
     assert sorted((lay.num_rows, lay.length) for lay in layouts) == [(1, 3), (2, 10)]
+
+
+def test_a_merge_happens_when_its_padding_costs_less_than_the_call_it_saves():
+    # counts 10, 9, 3 (classes (2 rows, 10) and (1 row, 3)): apart 20 + 3 = 23 slots in two calls,
+    # merged 3 x 10 = 30 slots in one. Merged when a call costs more than the 7 padding slots.
+    reach = torch.cat([torch.arange(10), 16 + torch.arange(9), 32 + torch.arange(3)])
+    apart = plan_layouts(reach, 16, 3, "bucketed", bucket_tolerance=0.15, call_overhead_slots=7)
+    assert sorted((lay.num_rows, lay.length) for lay in apart) == [(1, 3), (2, 10)]  # a tie keeps the calls
+    (merged,) = plan_layouts(reach, 16, 3, "bucketed", bucket_tolerance=0.15, call_overhead_slots=8)
+    (padded,) = plan_layouts(reach, 16, 3, "padded")
+    assert (merged.num_rows, merged.length) == (3, 10) and merged.members is None
+    assert torch.equal(merged.rows, padded.rows) and torch.equal(merged.cols, padded.cols)
+
+
+def test_cheapest_grouping_by_hand():
+    # classes longest first: (rows, length) = (1, 100), (4, 60), (4, 50), (8, 10)
+    classes = [(1, 100), (4, 60), (4, 50), (8, 10)]
+    # no overhead: every class its own call (100 + 240 + 200 + 80 = 620 slots)
+    assert cheapest_grouping(classes, 0) == [[0], [1], [2], [3]]
+    # overhead 50: merging 60 and 50 adds 40 slots and saves 50 -> 660 + 150 = 810 beats 620 + 200 = 820;
+    # the 100-row merged with both: 9 x 100 = 900 (+ 100 + 80 + 100) is worse
+    assert cheapest_grouping(classes, 50) == [[0], [1, 2], [3]]
+    # overhead 1000: everything in one call (17 x 100 = 1,700 + 1,000 beats any split)
+    assert cheapest_grouping(classes, 1000) == [[0, 1, 2, 3]]
+    assert cheapest_grouping([(3, 7)], 10) == [[0]]
+
+
+def test_merged_groups_round_trip_in_order():
+    # lengths 16, 15, 8, 7, 2 on B=5, T=16: tolerance 0.05 gives several classes; a middle overhead
+    # merges some of them; every token still goes out and comes back to its place
+    counts = [16, 15, 8, 7, 2]
+    reach = torch.cat([16 * b + torch.arange(n) for b, n in enumerate(counts)])
+    values = torch.randn(reach.numel(), 3)
+    for overhead in (0, 4, 16, 1000):
+        layouts = plan_layouts(reach, 16, 5, "bucketed", bucket_tolerance=0.05, call_overhead_slots=overhead)
+        rebuilt = torch.zeros_like(values)
+        for layout in layouts:
+            scatter_members(rebuilt, layout, from_dense(to_dense(values, layout), layout))
+        assert torch.equal(rebuilt, values)
+        assert sum(lay.num_rows for lay in layouts) == 5
+        for layout in layouts:  # each row holds one sequence's tokens left-aligned, in order
+            assert layout.cols.max() < layout.length and layout.rows.max() < layout.num_rows
+    assert len(plan_layouts(reach, 16, 5, "bucketed", bucket_tolerance=0.05, call_overhead_slots=1000)) == 1
+    assert len(plan_layouts(reach, 16, 5, "bucketed", bucket_tolerance=0.05, call_overhead_slots=0)) > 2
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "8"])
+def test_a_bad_call_overhead_is_refused(bad):
+    with pytest.raises(ValueError, match="call_overhead_slots"):
+        plan_layouts(REACH, 4, 3, "bucketed", call_overhead_slots=bad)
 
 
 def test_dense_layout_is_a_reshape():

@@ -211,3 +211,25 @@ def _resolve(fn):
     from cascade_bench.stages.exits import resolve_exit_function
 
     return resolve_exit_function(fn)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_merged_buckets_give_the_same_pass_in_fewer_calls(kind, text):
+    """Bucketed batching with the default call cost merges the tiny batch's length classes into one
+    call: the same per-token results as keeping them apart, fewer stage calls, more padding."""
+    shipped_call_overhead = 128  # compaction.CALL_OVERHEAD_SLOTS (tests/conftest.py sets it to 0)
+    ensemble = tiny_ensemble("gpt2-tiny", kind=kind)
+    ids = token_batch(text, 6, 24, offset=300)
+    exits = torch.rand(6, 24) < torch.linspace(0.1, 0.9, 6)[:, None]  # rows of very different lengths
+    scripted, exits = scripted_exit(ensemble, ids, exits)
+    ensemble[0].exit_function = _resolve(scripted)
+    with torch.inference_mode():
+        apart = routed_forward(ensemble, ids, thresholds=[0.5], batching="bucketed", call_overhead_slots=0)
+        merged = routed_forward(ensemble, ids, thresholds=[0.5], batching="bucketed",
+                                call_overhead_slots=shipped_call_overhead)
+        padded = routed_forward(ensemble, ids, thresholds=[0.5], batching="padded")
+    assert len(apart.stage_batch_shapes[1]) > 1 and len(merged.stage_batch_shapes[1]) == 1
+    assert merged.stage_batch_shapes == padded.stage_batch_shapes
+    assert merged.slots_computed[1] > apart.slots_computed[1]
+    torch.testing.assert_close(merged.nll, apart.nll, atol=ATOL, rtol=0)
+    assert torch.equal(merged.exit_stage, apart.exit_stage) and torch.equal(merged.correct, apart.correct)
