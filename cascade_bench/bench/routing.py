@@ -30,6 +30,7 @@ from ..measure.environment import environment_conditions
 from ..measure.flops import count_flops
 from ..measure.memory import peak_memory_bytes
 from ..measure.timing import TimingStats, wall_time_once
+from ..routing import compaction
 from ..routing.calibration import hard_ratio_of_exit_ratio, threshold_for_hard_ratio
 from ..routing.passes import forward_cascade
 from ..stages.ensemble import Ensemble, evaluation_mode
@@ -317,6 +318,7 @@ def run_routing_bench(ensemble: Ensemble, model: str, batch_size: int = 8, seq_l
         "memory_measure": "peak_live_tensor_bytes" if ensemble.device.type == "cpu" else "cuda_max_allocated",
         "attention_flops": "full (non-causal) QK^T and PV, torch's SDPA formula",
         "exit_rules": list(rules),
+        "call_overhead_slots": compaction.CALL_OVERHEAD_SLOTS,
         "exit_rules_note": "rules on copies of the same cascade; the classifier keeps random initial weights (cost "
                            "only); topk:K takes the K most frequent ids of the benchmark batch",
     }

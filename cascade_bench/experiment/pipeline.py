@@ -38,6 +38,7 @@ from ..measure.distributed import (all_ranks, from_main, gathered, join_launch, 
                                    sharded)
 from ..measure.environment import environment_conditions
 from ..measure.timing import interleaved_ratio
+from ..routing import compaction
 from ..routing.calibration import calibrate_sweep
 from ..routing.oracle import oracle_bound
 from ..routing.passes import forward_cascade
@@ -312,6 +313,7 @@ def run_experiment(config: ExperimentConfig, progress: bool = True,
     timed = min(config.timing_batches, len(test)) if config.timing_batches else len(test)
     conditions = {**data.conditions, "split": config.eval_split, "config": config.as_dict(),
                   "training_key": config.training_key(), "training": training, "seed": config.seed,
+                  "call_overhead_slots": compaction.CALL_OVERHEAD_SLOTS,
                   "measured": _measurement_note(config, timed, len(test)), "not_run": not_run, **ranks.summary()}
     common = dict(warmup=1, repeats=config.timing_repeats, fvcore=False, spans=False, conditions=conditions,
                   timing_batches=timed)
@@ -444,10 +446,12 @@ def run_experiment(config: ExperimentConfig, progress: bool = True,
 
     timed_test = test[:timed]  # each rank reruns its share of them for the back-to-back ratio
 
-    def full_pass():
-        for batch in shard(timed_test):
-            forward_cascade(cascade, batch["input_ids"], batch.get("attention_mask"), batch.get("targets"),
-                            method="full")
+    def full_pass() -> list[Callable[[], object]]:
+        """The full cascade on this rank's timed batches, one call per batch (so each point's batch and
+        the full cascade's same batch are timed back to back)."""
+        return [lambda batch=batch: forward_cascade(cascade, batch["input_ids"], batch.get("attention_mask"),
+                                                    batch.get("targets"), method="full")
+                for batch in shard(timed_test)]
 
     def with_back_to_back_ratio(make: Callable[[], dict]) -> dict:
         """The point's record plus its wall time over the full cascade's, timed back to back."""
@@ -458,7 +462,7 @@ def run_experiment(config: ExperimentConfig, progress: bool = True,
                                                                              config, paths, data, progress)
         if rerun is not None:
             with evaluation_mode(cascade), torch.inference_mode():
-                ratio = interleaved_ratio(rerun, full_pass, pairs=2)
+                ratio = interleaved_ratio(rerun, full_pass(), pairs=3)
             record["wall_ratio_interleaved"] = statistics.median(all_ranks(ratio))
         return record
 
@@ -513,12 +517,13 @@ def _measurement_note(config: ExperimentConfig, timed: int, batches: int) -> str
             f"count (equal to the counted one wherever both exist: see the checks) everywhere; wall time{where}: median of "
             f"{config.timing_repeats} passes over the first {timed} of the {batches} {config.eval_split} batches after one "
             f"warm-up, "
-            f"and the ratio to the full cascade timed back to back on them (median of 2 pairs)")
+            f"and the ratio to the full cascade timed back to back on them, batch by batch (median of 3 pairs)")
 
 
 def _pass_of(record: dict, cascade: Ensemble, batches, config: ExperimentConfig, paths, data,
-             progress: bool) -> Optional[Callable[[], None]]:
-    """A callable that reruns the pass a record measured over ``batches`` (None for the oracle, which never runs)."""
+             progress: bool) -> Optional[list[Callable[[], None]]]:
+    """Calls, one per batch, that rerun the pass a record measured over ``batches`` (None for the oracle,
+    which never runs)."""
     method = record["method"]
     if method == "oracle":
         return None
@@ -538,10 +543,8 @@ def _pass_of(record: dict, cascade: Ensemble, batches, config: ExperimentConfig,
         kwargs = dict(method=method, thresholds=record["thresholds"],
                       **({"batching": config.batching} if method == "routed" else {}))
 
-    def rerun():
-        for batch in batches:
-            forward_cascade(model, batch["input_ids"], batch.get("attention_mask"), batch.get("targets"), **kwargs)
-    return rerun
+    return [lambda batch=batch: forward_cascade(model, batch["input_ids"], batch.get("attention_mask"),
+                                                batch.get("targets"), **kwargs) for batch in batches]
 
 
 def _confidences(cascade: Ensemble, batches) -> dict:

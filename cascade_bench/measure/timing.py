@@ -11,7 +11,7 @@ import statistics
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -121,16 +121,29 @@ def time_spans(fn: Callable[[Probe], object], device: "torch.device | str" = "cp
     return TimingStats(tuple(walls)), {name: TimingStats(tuple(v)) for name, v in spans.items()}
 
 
-def interleaved_ratio(fn: Callable[[], object], reference: Callable[[], object], pairs: int = 3,
+def interleaved_ratio(fn: "Callable[[], object] | Sequence[Callable[[], object]]",
+                      reference: "Callable[[], object] | Sequence[Callable[[], object]]", pairs: int = 3,
                       device: Optional[torch.device] = None) -> float:
     """Median over ``pairs`` of time(fn) / time(reference), the two timed back to back (after one
-    untimed call of each), so drift of a shared machine between measurements stays out of the ratio."""
+    untimed call of each), so drift of a shared machine between measurements stays out of the ratio.
+
+    ``fn`` and ``reference`` may be equally long sequences of calls (one per batch): each pair then
+    times ``fn[i]`` and ``reference[i]`` back to back for every i and compares the sums, so the two
+    sides are never more than one batch apart in time."""
     if pairs < 1:
         raise ValueError(f"pairs must be >= 1, got {pairs}")
-    fn(), reference()
+    mine_calls = [fn] if callable(fn) else list(fn)
+    their_calls = [reference] if callable(reference) else list(reference)
+    if len(mine_calls) != len(their_calls) or not mine_calls:
+        raise ValueError(f"fn and reference must be one call each or equally long sequences, got "
+                         f"{len(mine_calls)} and {len(their_calls)}")
+    for mine, theirs in zip(mine_calls, their_calls):
+        mine(), theirs()
     ratios = []
     for _ in range(pairs):
-        mine = wall_time_once(fn, device)
-        theirs = wall_time_once(reference, device)
-        ratios.append(mine / theirs)
+        mine_total = theirs_total = 0.0
+        for mine, theirs in zip(mine_calls, their_calls):
+            mine_total += wall_time_once(mine, device)
+            theirs_total += wall_time_once(theirs, device)
+        ratios.append(mine_total / theirs_total)
     return statistics.median(ratios)

@@ -21,6 +21,7 @@ No Python loop runs over tokens or sequences: planning costs one host sync per s
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -34,7 +35,21 @@ BATCHING_MODES = ("padded", "bucketed")
 #: style, hidden 128, 2 layers, 2 CPU threads): a call costs about 1.4 ms plus 12-15 us per slot, so
 #: one call is worth about 100 slots; rounded up to one 128-token row. On a GPU the fixed cost is
 #: larger still against a slot's, so merging more is the right direction there too.
-CALL_OVERHEAD_SLOTS = 128
+#: ``CASCADE_BENCH_CALL_OVERHEAD_SLOTS`` (an int >= 0) sets it for a process and its workers; records
+#: name the value their batches were laid out with.
+CALL_OVERHEAD_ENV = "CASCADE_BENCH_CALL_OVERHEAD_SLOTS"
+
+
+def _call_overhead_from_environment(default: int = 128) -> int:
+    value = os.environ.get(CALL_OVERHEAD_ENV, "")
+    if not value:
+        return default
+    if not value.isdigit():
+        raise ValueError(f"{CALL_OVERHEAD_ENV}={value!r}: expected an int >= 0 (a stage call's fixed cost in slots)")
+    return int(value)
+
+
+CALL_OVERHEAD_SLOTS = _call_overhead_from_environment()
 
 
 @dataclass(frozen=True)

@@ -123,3 +123,15 @@ def test_next_token_targets_with_padding_on_either_side():
     ignore = IGNORE_INDEX
     assert targets.tolist() == [[6, 7, ignore, ignore], [ignore, ignore, 9, ignore]]
     assert next_token_targets(ids).tolist() == [[6, 7, 0, ignore], [0, 8, 9, ignore]]
+
+
+def test_the_call_overhead_can_be_set_from_the_environment(monkeypatch):
+    from cascade_bench.routing.compaction import CALL_OVERHEAD_ENV, _call_overhead_from_environment
+
+    monkeypatch.setenv(CALL_OVERHEAD_ENV, "32")
+    assert _call_overhead_from_environment() == 32
+    monkeypatch.setenv(CALL_OVERHEAD_ENV, "")
+    assert _call_overhead_from_environment(default=128) == 128
+    monkeypatch.setenv(CALL_OVERHEAD_ENV, "-4")
+    with pytest.raises(ValueError, match=r"CASCADE_BENCH_CALL_OVERHEAD_SLOTS='-4'.*int >= 0"):
+        _call_overhead_from_environment()
