@@ -2,7 +2,7 @@
 
 The package follows the pipeline, each subpackage importing only from those above it in this list:
 ``data`` and ``stages`` (bottom), ``measure``, ``routing``, ``training``, ``cost``, ``experiment``,
-``bench``, and ``cli`` on top (README "Layout"; ``tests/test_layering.py`` keeps it so). The names
+``bench``, and ``cli`` on top (docs/layout.md; ``tests/test_layering.py`` keeps it so). The names
 below are the public API; everything else is importable from its module.
 """
 

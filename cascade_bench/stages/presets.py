@@ -17,7 +17,7 @@ STAGE_PRESETS: dict[str, dict] = {
     "gpt2-cpu": dict(model_type="gpt2", hidden_size=256, num_attention_heads=4, num_hidden_layers=4,
                      vocab_size=8192, max_position_embeddings=1024),
     # The default experiment's stages: small enough that stages and the dense baseline train to convergence
-    # within the run's 10-minute CPU budget (README, "The main job"). Exact GELU instead of GPT-2's tanh
+    # within the run's 10-minute CPU budget (docs/results.md, "The default run"). Exact GELU instead of GPT-2's tanh
     # approximation and no dropout on attention probabilities: together a third of a CPU training step here,
     # for no loss of quality at this size; residual and embedding dropout (0.1) stay.
     "gpt2-mini": dict(model_type="gpt2", hidden_size=128, num_attention_heads=4, num_hidden_layers=2,
