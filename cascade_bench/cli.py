@@ -11,6 +11,7 @@ from typing import Optional, Sequence
 from .bench.memory import MEMORY_PARTS
 from .bench.routing import BENCH_RULES
 from .measure.allocator import retain_freed_memory
+from .stages.exits import BUILTIN_EXIT_FUNCTIONS
 from .stages.families import register_own_families
 from .stages.presets import STAGE_PRESETS
 
@@ -30,7 +31,7 @@ def _ratio(text: str) -> float:
 
 
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
-EXIT_FNS = ["max_prob", "cos_sim", "margin", "neg_entropy"]
+EXIT_FNS = sorted(BUILTIN_EXIT_FUNCTIONS)  # the one registry of built-in rules (stages.exits)
 
 
 def _add_cascade_args(command: argparse.ArgumentParser) -> None:
@@ -424,6 +425,7 @@ def _profile_routing(args: argparse.Namespace) -> int:
     from .data.corpus import byte_token_windows, embedded_documents
     from .data.storage import write_json_atomic
     from .measure.environment import environment_conditions
+    from .routing import compaction
 
     ensemble, origin = _build_cascade(args)
     text = "\n\n".join(body for _, body in embedded_documents())
@@ -432,7 +434,8 @@ def _profile_routing(args: argparse.Namespace) -> int:
             for row in routing_profile(ensemble, input_ids, ratio, warmup=args.warmup, repeats=args.repeats)]
     conditions = {**environment_conditions(ensemble.device, ensemble.dtype), "model": str(origin),
                   "layers_per_stage": list(ensemble.layers_per_stage), "batch_size": args.batch_size,
-                  "seq_len": args.seq_len, "exit_fn": args.exit_fn, "warmup": args.warmup, "repeats": args.repeats}
+                  "seq_len": args.seq_len, "exit_fn": args.exit_fn, "warmup": args.warmup, "repeats": args.repeats,
+                  "call_overhead_slots": compaction.CALL_OVERHEAD_SLOTS}
     print(f"\n{origin}, batch {args.batch_size} x {args.seq_len}, {conditions['dtype']} on "
           f"{conditions['device_name']} ({conditions['threads']} threads), exit_fn {args.exit_fn}, milliseconds "
           f"of the median of {args.repeats} repeats\n")

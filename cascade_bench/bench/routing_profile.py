@@ -8,7 +8,8 @@ decision and its bookkeeping), ``scatter`` (results back to original positions, 
 split off) and what the stage span holds beyond those; then the time outside every stage span
 (setting up the pass, assembling the output). Milliseconds of the repeat whose pass time is the
 median (one repeat, so the parts add up to the pass); the span timer's own calls are inside the
-figures (tens of nanoseconds each).
+figures (tens of nanoseconds each). Each pass row also gives the minor page faults per pass (warm-up
+and repeats averaged): memory the kernel mapped in again, which ``measure.allocator`` removes.
 """
 
 from __future__ import annotations
@@ -40,8 +41,10 @@ def routing_profile(ensemble: Ensemble, input_ids: torch.Tensor, exit_ratio: flo
     with evaluation_mode(ensemble), torch.inference_mode():
         thresholds = forced_thresholds(ensemble, stage0_confidence(ensemble, input_ids), exit_ratio)
         for method in methods:
+            faults_before = minor_page_faults()
             wall, spans = time_spans(lambda p, kw=BENCH_METHODS[method]: forward_cascade(
                 ensemble, input_ids, thresholds=thresholds, probe=p, **kw), input_ids.device, warmup, repeats)
+            faults = (minor_page_faults() - faults_before) / (warmup + repeats)
             # One repeat's spans (the repeat whose pass time is the median), so the parts add up to the pass.
             order = sorted(range(len(wall.samples)), key=wall.samples.__getitem__)
             pick = order[(len(order) - 1) // 2]
@@ -62,18 +65,29 @@ def routing_profile(ensemble: Ensemble, input_ids: torch.Tensor, exit_ratio: flo
                          **{p: math.nan for p in PHASES}, "total": total - inside, "layers share": math.nan})
             layers = sum(r["layers"] for r in rows if r["method"] == method and r["stage"].isdigit())
             rows.append({"method": method, "exit ratio": exit_ratio, "stage": "pass", **{p: math.nan for p in PHASES},
-                         "total": total, "layers share": layers / total})
+                         "total": total, "layers share": layers / total, "page faults": faults})
     return rows
+
+
+def minor_page_faults() -> float:
+    """Minor page faults of this process so far (memory the kernel had to map in), NaN where unknown."""
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return math.nan
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
 
 
 def format_profile(rows: Sequence[dict]) -> str:
     """Markdown: milliseconds per phase (n/a where a phase does not apply)."""
-    header = ["method", "stage", *PHASES, "total", "layers share"]
+    header = ["method", "stage", *PHASES, "total", "layers share", "page faults per pass"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for row in rows:
         cells = [row["method"], row["stage"]]
         cells += ["n/a" if math.isnan(row[p]) else f"{row[p]:.3f}" for p in PHASES]
         cells += [f"{row['total']:.3f}", "n/a" if math.isnan(row["layers share"]) else f"{row['layers share']:.2f}"]
+        faults = row.get("page faults", math.nan)
+        cells.append("" if math.isnan(faults) else f"{faults:,.0f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -15,6 +15,7 @@ from ..measure.environment import check_device
 from ..routing.cached_pass import KV_POLICIES
 from ..routing.risk_control import RISKS
 from ..stages.exit_rules import CLASSIFIER_TARGETS, RULE_SPECS, parse_rule_spec
+from ..stages.exits import BUILTIN_EXIT_FUNCTIONS
 from ..stages.presets import STAGE_PRESETS
 from ..training.protocols import EXIT_HEADS, HARD_EXAMPLES, PROTOCOLS, decayed_lrs
 
@@ -189,8 +190,8 @@ class ExperimentConfig:
             bad("preset", f"one of {sorted(STAGE_PRESETS)}")
         if self.protocol not in PROTOCOLS:
             bad("protocol", f"one of {sorted(PROTOCOLS)}")
-        if self.exit_fn not in ("max_prob", "cos_sim", "margin", "neg_entropy"):
-            bad("exit_fn", "one of ['cos_sim', 'margin', 'max_prob', 'neg_entropy'] ('' = the protocol's)")
+        if self.exit_fn not in BUILTIN_EXIT_FUNCTIONS:
+            bad("exit_fn", f"one of {sorted(BUILTIN_EXIT_FUNCTIONS)} ('' = the protocol's)")
         if not isinstance(self.exit_rules, tuple) or not self.exit_rules or \
                 len(set(self.exit_rules)) != len(self.exit_rules):
             bad("exit_rules", f"a non-empty list of distinct exit rules drawn from {list(RULE_SPECS)}")
