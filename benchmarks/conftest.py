@@ -1,7 +1,7 @@
 """Benchmark presets, fixed threads, real text.
 
-    pytest benchmarks/ --benchmark-only                           # CPU preset
-    pytest benchmarks/ --benchmark-only --cascade-preset gpu      # GPU preset, on a CUDA machine
+pytest benchmarks/ --benchmark-only                           # CPU preset
+pytest benchmarks/ --benchmark-only --cascade-preset gpu      # GPU preset, on a CUDA machine
 """
 
 from __future__ import annotations
@@ -41,8 +41,12 @@ BENCH_PRESETS = {
 
 
 def pytest_addoption(parser):
-    parser.addoption("--cascade-preset", default="cpu", choices=sorted(BENCH_PRESETS),
-                     help="benchmark model sizes: cpu (default) or gpu (GPT-2-small-like stages, bf16, CUDA)")
+    parser.addoption(
+        "--cascade-preset",
+        default="cpu",
+        choices=sorted(BENCH_PRESETS),
+        help="benchmark model sizes: cpu (default) or gpu (GPT-2-small-like stages, bf16, CUDA)",
+    )
 
 
 @pytest.fixture(scope="session")

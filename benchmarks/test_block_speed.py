@@ -30,7 +30,7 @@ def block_batch(bench_preset, blocks, text):
     """(measured ids, calibration ids, counted FLOPs of the unsplit model)."""
     shape = bench_preset.shapes[0]
     windows = byte_token_windows(text, 2 * shape[0], shape[1]).to(bench_preset.device)
-    ids, calibration = windows[:shape[0]], windows[shape[0]:]
+    ids, calibration = windows[: shape[0]], windows[shape[0] :]
     with torch.inference_mode():
         unsplit_flops = count_flops(forward_cascade, blocks, ids, method="full")[0].flops
         hf_flops = count_flops(blocks[0].source, input_ids=ids)[0].flops
@@ -44,6 +44,7 @@ def _forward(ensemble, ids, device, **kwargs):
             out = forward_cascade(ensemble, ids, **kwargs)
         synchronize(device)
         return out
+
     return forward
 
 
@@ -51,8 +52,13 @@ def test_unsplit_model(benchmark, bench_preset, blocks, block_batch):
     ids, _, unsplit_flops = block_batch
     benchmark.group = f"blocks {'/'.join(map(str, bench_preset.block_layers))}, {tuple(ids.shape)}"
     out = benchmark.pedantic(_forward(blocks, ids, bench_preset.device, method="full"), rounds=5, warmup_rounds=1)
-    benchmark.extra_info.update(counted_flops=unsplit_flops, flop_ratio=1.0, layer_cost=out.layer_cost,
-                                exit_ratios=list(out.exit_ratios), tokens=out.num_tokens)
+    benchmark.extra_info.update(
+        counted_flops=unsplit_flops,
+        flop_ratio=1.0,
+        layer_cost=out.layer_cost,
+        exit_ratios=list(out.exit_ratios),
+        tokens=out.num_tokens,
+    )
     assert out.layer_cost == 1.0
 
 
@@ -70,7 +76,8 @@ def test_routed_blocks(benchmark, bench_preset, blocks, block_batch, exit_fn, ha
         out = benchmark.pedantic(routed, rounds=5, warmup_rounds=1)
         with torch.inference_mode():
             counted, _ = count_pass_flops(
-                lambda probe: forward_cascade(blocks, ids, thresholds=thresholds, probe=probe), len(blocks))
+                lambda probe: forward_cascade(blocks, ids, thresholds=thresholds, probe=probe), len(blocks)
+            )
         if not benchmark.disabled:
             unsplit = _forward(blocks, ids, bench_preset.device, method="full")
             benchmark.extra_info["wall_ratio_interleaved"] = interleaved_ratio(routed, unsplit, pairs=2)
@@ -78,9 +85,16 @@ def test_routed_blocks(benchmark, bench_preset, blocks, block_batch, exit_fn, ha
         for block, (fn, threshold) in zip(blocks, saved):
             block.exit_function, block.threshold = fn, threshold
     heads = sum(s.exit_head + s.exit_fn for s in counted.stages)
-    benchmark.extra_info.update(counted_flops=counted.total, flop_ratio=counted.total / unsplit_flops,
-                                exit_head_flops=heads, layer_cost=out.layer_cost, exit_ratios=list(out.exit_ratios),
-                                tokens=out.num_tokens, exit_fn=exit_fn, hard_ratio=hard_ratio)
+    benchmark.extra_info.update(
+        counted_flops=counted.total,
+        flop_ratio=counted.total / unsplit_flops,
+        exit_head_flops=heads,
+        layer_cost=out.layer_cost,
+        exit_ratios=list(out.exit_ratios),
+        tokens=out.num_tokens,
+        exit_fn=exit_fn,
+        hard_ratio=hard_ratio,
+    )
     assert out.tokens_entered[1] < out.tokens_entered[0] and out.layer_cost < 1.0
     if exit_fn == "cos_sim":  # logit-free: each token's head runs once, at the block it leaves
         assert sum(out.head_tokens) == out.num_tokens

@@ -42,6 +42,7 @@ def test_decode_throughput(benchmark, bench_preset, decode_setup, batch, exit_ra
     original = cascade[0].exit_function
     cascade[0].exit_function = resolve_exit_function(ForcedExitRate(exit_ratio, rule))
     try:
+
         def routed():
             return generate(cascade, ids, max_new_tokens=NEW_TOKENS, thresholds=[0.5])
 
@@ -49,9 +50,15 @@ def test_decode_throughput(benchmark, bench_preset, decode_setup, batch, exit_ra
             return generate(cascade, ids, max_new_tokens=NEW_TOKENS, method="full")
 
         out = benchmark.pedantic(routed, rounds=3, warmup_rounds=1, iterations=1)
-        info = dict(tokens_per_s=1 / out.seconds_per_token, exit_counts=list(out.exit_counts),
-                    layer_cost=out.layer_cost, batch=batch, new_tokens=NEW_TOKENS, device=str(ids.device),
-                    decode_exit_at_stage_0=out.exit_counts[0] / out.decode_tokens)
+        info = dict(
+            tokens_per_s=1 / out.seconds_per_token,
+            exit_counts=list(out.exit_counts),
+            layer_cost=out.layer_cost,
+            batch=batch,
+            new_tokens=NEW_TOKENS,
+            device=str(ids.device),
+            decode_exit_at_stage_0=out.exit_counts[0] / out.decode_tokens,
+        )
         if not benchmark.disabled:
             pairs = [(routed().seconds_per_token, full().seconds_per_token) for _ in range(3)]
             info["full_tokens_per_s"] = 1 / statistics.median(f for _, f in pairs)
@@ -85,8 +92,10 @@ def _policy_run(cascade, ids, policy: str):
 
 
 @pytest.mark.parametrize("batch", [1, 8])
-@pytest.mark.parametrize("policy", ["per_token:absent", "per_token:propagate", "per_token:recompute", "batch",
-                                    "schedule", "self-speculative"])
+@pytest.mark.parametrize(
+    "policy",
+    ["per_token:absent", "per_token:propagate", "per_token:recompute", "batch", "schedule", "self-speculative"],
+)
 def test_decode_policy_throughput(benchmark, decode_setup, batch, policy):
     """Each decoding policy at 50% exit after stage 0 (cos_sim cost), with its speedup over full
     depth from back-to-back pairs (``cascade-bench bench-generate`` has the quality columns)."""
@@ -99,8 +108,10 @@ def test_decode_policy_throughput(benchmark, decode_setup, batch, policy):
         out = benchmark.pedantic(run, rounds=3, warmup_rounds=1, iterations=1)
         info = dict(tokens_per_s=1 / out.seconds_per_token, batch=batch, new_tokens=NEW_TOKENS, policy=policy)
         if not benchmark.disabled:
+
             def full():
                 return generate(cascade, ids, max_new_tokens=NEW_TOKENS, method="full")
+
             pairs = [(run().seconds_per_token, full().seconds_per_token) for _ in range(5)]
             info["decode_speedup_vs_full_back_to_back"] = statistics.median(f / r for r, f in pairs)
         benchmark.extra_info.update(info)

@@ -29,9 +29,11 @@ from cascade_bench.routing.compaction import from_dense, plan_layouts, to_dense
 from cascade_bench.routing.passes import forward_cascade
 
 EXIT_RATIOS = (0.0, 0.25, 0.5, 0.75, 1.0)
-EE_METHODS = {"routed-padded": dict(method="routed", batching="padded"),
-              "routed-bucketed": dict(method="routed", batching="bucketed"),
-              "masked": dict(method="masked")}
+EE_METHODS = {
+    "routed-padded": dict(method="routed", batching="padded"),
+    "routed-bucketed": dict(method="routed", batching="bucketed"),
+    "masked": dict(method="masked"),
+}
 SHAPE_INDEX = (0, 1)
 
 
@@ -75,10 +77,19 @@ def _run(benchmark, ensemble, ids, full_flops, device, full_cascade=None, **kwar
             spans = {name: seconds * 1e3 for name, seconds in timer.results().items()}
     nll = float(out.nll[out.scored].double().mean())
     benchmark.extra_info.update(
-        counted_flops=flops, flop_ratio=flops / full_flops, layer_cost=out.layer_cost,
-        exit_ratios=list(out.exit_ratios), tokens=out.num_tokens, nll=nll, ppl=math.exp(nll),
-        batch_shape=list(ids.shape), device=str(ids.device), dtype=str(ensemble.dtype).removeprefix("torch."),
-        threads=torch.get_num_threads(), cuda_span_ms=spans)
+        counted_flops=flops,
+        flop_ratio=flops / full_flops,
+        layer_cost=out.layer_cost,
+        exit_ratios=list(out.exit_ratios),
+        tokens=out.num_tokens,
+        nll=nll,
+        ppl=math.exp(nll),
+        batch_shape=list(ids.shape),
+        device=str(ids.device),
+        dtype=str(ensemble.dtype).removeprefix("torch."),
+        threads=torch.get_num_threads(),
+        cuda_span_ms=spans,
+    )
     return out, flops
 
 
@@ -89,8 +100,15 @@ def test_baselines(benchmark, bench_preset, cascades, setup, shape_index, baseli
     ids, _, full_flops = setup[shape_index]
     benchmark.group = f"{tuple(bench_preset.shapes[shape_index])}: baselines"
     model = cascade if baseline == "full" else dense
-    out, flops = _run(benchmark, model, ids, full_flops, bench_preset.device,
-                      full_cascade=cascade if baseline == "dense" else None, method="full")
+    out, flops = _run(
+        benchmark,
+        model,
+        ids,
+        full_flops,
+        bench_preset.device,
+        full_cascade=cascade if baseline == "dense" else None,
+        method="full",
+    )
     assert out.layer_cost == 1.0 and out.exit_ratios[-1] == 1.0
     if baseline == "full":
         assert flops == full_flops
@@ -105,8 +123,16 @@ def test_early_exit(benchmark, bench_preset, cascades, setup, shape_index, exit_
     cascade, _ = cascades
     ids, thresholds, full_flops = setup[shape_index]
     benchmark.group = f"{tuple(bench_preset.shapes[shape_index])}: exit {exit_ratio:.0%} after stage 0"
-    out, flops = _run(benchmark, cascade, ids, full_flops, bench_preset.device, full_cascade=cascade,
-                      thresholds=[thresholds[exit_ratio]], **EE_METHODS[method])
+    out, flops = _run(
+        benchmark,
+        cascade,
+        ids,
+        full_flops,
+        bench_preset.device,
+        full_cascade=cascade,
+        thresholds=[thresholds[exit_ratio]],
+        **EE_METHODS[method],
+    )
     assert out.exit_ratios[0] == pytest.approx(exit_ratio, abs=1 / out.num_tokens)
     if method.startswith("routed"):
         assert out.layer_cost == pytest.approx(1 - exit_ratio / 2, abs=1e-3)
@@ -168,10 +194,17 @@ def test_routing_primitives(benchmark, bench_preset, cascades, mid_route, primit
         spans = timer.results()
     total = sum(spans[f"stage{k}"] for k in range(2))
     own = sum(spans.get(f"stage{k}.{part}", 0.0) for k in range(2) for part in ("gather", "scatter"))
-    benchmark.extra_info.update(routing_share_of_forward=own / total, tokens=ids.numel(),
-                                continuing=int(continuing.numel()), device=str(ids.device))
+    benchmark.extra_info.update(
+        routing_share_of_forward=own / total,
+        tokens=ids.numel(),
+        continuing=int(continuing.numel()),
+        device=str(ids.device),
+    )
     rows = result[0].shape[0] if primitive == "exit decision" else result.shape[0]
-    assert rows == {"exit decision": continuing.numel(), "gather": layout.num_rows, "scatter": continuing.numel()}[primitive]
+    assert (
+        rows
+        == {"exit decision": continuing.numel(), "gather": layout.num_rows, "scatter": continuing.numel()}[primitive]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -203,8 +236,17 @@ def test_exit_rules(benchmark, bench_preset, cascades, setup, rule_cascades, rul
     ids, _, full_flops = setup[0]
     ruled, threshold = rule_cascades[rule]
     benchmark.group = f"{tuple(bench_preset.shapes[0])}: exit rules at 50% exit"
-    out, flops = _run(benchmark, ruled, ids, full_flops, bench_preset.device, full_cascade=cascade,
-                      thresholds=[threshold], method="routed", batching="bucketed")
+    out, flops = _run(
+        benchmark,
+        ruled,
+        ids,
+        full_flops,
+        bench_preset.device,
+        full_cascade=cascade,
+        thresholds=[threshold],
+        method="routed",
+        batching="bucketed",
+    )
     benchmark.extra_info["rule_macs_per_token"] = ruled[0].exit_function.macs_per_token
     assert out.exit_ratios[0] == pytest.approx(0.5, abs=1 / out.num_tokens)
     if rule == "classifier":

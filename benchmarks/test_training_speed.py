@@ -1,6 +1,6 @@
 """Training and hard-token collection throughput on the embedded corpus (tokens/s in extra_info).
 
-    pytest benchmarks/test_training_speed.py --benchmark-only
+pytest benchmarks/test_training_speed.py --benchmark-only
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ STEPS = 8
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     torch.set_num_threads(2)
-    data = prepare_data("embedded", tokenizer="bpe:4096", seq_len=128, batch_size=16,
-                        cache_dir=tmp_path_factory.mktemp("tok"))
+    data = prepare_data(
+        "embedded", tokenizer="bpe:4096", seq_len=128, batch_size=16, cache_dir=tmp_path_factory.mktemp("tok")
+    )
     ensemble = build_ensemble("gpt2-cpu", (2, 2), vocab_size=len(data.tokenizer)).eval()
     return data, ensemble
 
@@ -29,10 +30,16 @@ def setup(tmp_path_factory):
 def test_stage0_training_throughput(benchmark, setup):
     data, ensemble = setup
     config = TrainConfig(lr=1e-3, max_epochs=1, max_steps_per_epoch=STEPS)
-    history = benchmark.pedantic(lambda: train_llm(ensemble[0], data.train, lambda: 1.0, config, progress=False),
-                                 rounds=1, iterations=1)
-    benchmark.extra_info.update(tokens_per_s=history.tokens_per_s, tokens=history.train_tokens, steps=history.steps,
-                                batch=list(data.train[0]["input_ids"].shape), threads=torch.get_num_threads())
+    history = benchmark.pedantic(
+        lambda: train_llm(ensemble[0], data.train, lambda: 1.0, config, progress=False), rounds=1, iterations=1
+    )
+    benchmark.extra_info.update(
+        tokens_per_s=history.tokens_per_s,
+        tokens=history.train_tokens,
+        steps=history.steps,
+        batch=list(data.train[0]["input_ids"].shape),
+        threads=torch.get_num_threads(),
+    )
     assert history.steps == STEPS and history.train_tokens == STEPS * 16 * 128
 
 
@@ -42,6 +49,10 @@ def test_hard_token_collection_throughput(benchmark, setup):
     calibrate_thresholds(ensemble, data.validation, 0.5)
     batches = data.train[:STEPS]
     hard = benchmark.pedantic(lambda: collect_hard_tokens(ensemble, 1, batches), rounds=1, iterations=1)
-    benchmark.extra_info.update(tokens_per_s=hard.tokens_per_s, source_tokens=hard.source_tokens,
-                                hard_tokens=hard.num_tokens, threads=torch.get_num_threads())
+    benchmark.extra_info.update(
+        tokens_per_s=hard.tokens_per_s,
+        source_tokens=hard.source_tokens,
+        hard_tokens=hard.num_tokens,
+        threads=torch.get_num_threads(),
+    )
     assert hard.source_tokens == STEPS * 16 * 128 and 0 < hard.num_tokens < hard.source_tokens

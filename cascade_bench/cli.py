@@ -35,19 +35,40 @@ EXIT_FNS = sorted(BUILTIN_EXIT_FUNCTIONS)  # the one registry of built-in rules 
 
 
 def _add_cascade_args(command: argparse.ArgumentParser) -> None:
-    command.add_argument("--preset", default="gpt2-cpu", choices=sorted(STAGE_PRESETS),
-                         help="stage config preset (default %(default)s)")
+    command.add_argument(
+        "--preset", default="gpt2-cpu", choices=sorted(STAGE_PRESETS), help="stage config preset (default %(default)s)"
+    )
     command.add_argument("--layers", type=_positive_int, nargs="+", default=[4, 4], help="layers per preset stage")
-    command.add_argument("--stage", type=Path, action="append", default=None, metavar="FOLDER",
-                         help="a stage loaded with from_pretrained from a local folder; repeat in cascade order "
-                              "(replaces --preset/--layers)")
-    command.add_argument("--model", type=Path, default=None, metavar="FOLDER",
-                         help="early exit inside one pretrained causal LM (a save_pretrained folder): cut it into "
-                              "blocks at --boundaries (replaces --preset/--layers/--stage)")
-    command.add_argument("--boundaries", type=_positive_int, nargs="+", default=None, metavar="LAYER",
-                         help="with --model: cut before these layer indices (e.g. 4 8 on 12 layers: 4/4/4)")
-    command.add_argument("--as-blocks", action="store_true",
-                         help="build the preset as ONE model of sum(--layers) layers cut into blocks of --layers")
+    command.add_argument(
+        "--stage",
+        type=Path,
+        action="append",
+        default=None,
+        metavar="FOLDER",
+        help="a stage loaded with from_pretrained from a local folder; repeat in cascade order "
+        "(replaces --preset/--layers)",
+    )
+    command.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        metavar="FOLDER",
+        help="early exit inside one pretrained causal LM (a save_pretrained folder): cut it into "
+        "blocks at --boundaries (replaces --preset/--layers/--stage)",
+    )
+    command.add_argument(
+        "--boundaries",
+        type=_positive_int,
+        nargs="+",
+        default=None,
+        metavar="LAYER",
+        help="with --model: cut before these layer indices (e.g. 4 8 on 12 layers: 4/4/4)",
+    )
+    command.add_argument(
+        "--as-blocks",
+        action="store_true",
+        help="build the preset as ONE model of sum(--layers) layers cut into blocks of --layers",
+    )
     command.add_argument("--exit-fn", default="max_prob", choices=EXIT_FNS)
     command.add_argument("--device", default="cpu")
     command.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
@@ -58,11 +79,10 @@ def _add_cascade_args(command: argparse.ArgumentParser) -> None:
 def _build_cascade(args: argparse.Namespace):
     import torch
 
+    from .measure.environment import check_device
     from .stages.ensemble import Ensemble
     from .stages.llm import LLM
     from .stages.presets import build_blocks, build_ensemble
-
-    from .measure.environment import check_device
 
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, DTYPES[args.dtype])
@@ -79,34 +99,42 @@ def _build_cascade(args: argparse.Namespace):
         ensemble = Ensemble.from_blocks(model, args.boundaries, exit_fn=args.exit_fn)
         origin = f"{args.model} cut before layers {args.boundaries}"
     elif args.as_blocks:
-        ensemble = build_blocks(args.preset, args.layers, exit_fn=args.exit_fn, seed=args.seed, device=args.device,
-                                dtype=dtype)
-        origin = (f"preset {args.preset} as one {sum(args.layers)}-layer model in blocks of "
-                  f"{'/'.join(map(str, args.layers))}, seed {args.seed}")
+        ensemble = build_blocks(
+            args.preset, args.layers, exit_fn=args.exit_fn, seed=args.seed, device=args.device, dtype=dtype
+        )
+        origin = (
+            f"preset {args.preset} as one {sum(args.layers)}-layer model in blocks of "
+            f"{'/'.join(map(str, args.layers))}, seed {args.seed}"
+        )
     elif getattr(args, "cascade", None) is not None:
         from .experiment.pipeline import saved_cascade
         from .training.persistence import load_ensemble
 
         args.cascade = saved_cascade(args.cascade)
         if not (args.cascade / "cascade.json").is_file():
-            raise ValueError(f"{args.cascade} is not a saved cascade (no cascade.json); `cascade-bench run` saves its "
-                             f"trained cascade under models/<training key>/cascade")
+            raise ValueError(
+                f"{args.cascade} is not a saved cascade (no cascade.json); `cascade-bench run` saves its "
+                f"trained cascade under models/<training key>/cascade"
+            )
         ensemble = load_ensemble(args.cascade, device=args.device, dtype=dtype)
         origin = f"trained cascade {args.cascade}"
     elif args.stage:
         torch.manual_seed(args.seed)
-        ensemble = Ensemble([LLM.from_pretrained(folder, exit_fn=args.exit_fn).to(args.device, dtype)
-                             for folder in args.stage])
+        ensemble = Ensemble(
+            [LLM.from_pretrained(folder, exit_fn=args.exit_fn).to(args.device, dtype) for folder in args.stage]
+        )
         origin = [str(folder) for folder in args.stage]
     else:
-        ensemble = build_ensemble(args.preset, args.layers, exit_fn=args.exit_fn, seed=args.seed,
-                                  device=args.device, dtype=dtype)
+        ensemble = build_ensemble(
+            args.preset, args.layers, exit_fn=args.exit_fn, seed=args.seed, device=args.device, dtype=dtype
+        )
         origin = f"preset {args.preset}, layers {'+'.join(map(str, args.layers))}, seed {args.seed}"
     if len(ensemble) < 2:
         raise ValueError(f"early exit needs at least two stages, got {len(ensemble)}")
     if ensemble.vocab_size < 256:
-        raise ValueError(f"the embedded text is fed as byte ids 0..255; the cascade's vocab size "
-                         f"{ensemble.vocab_size} is smaller")
+        raise ValueError(
+            f"the embedded text is fed as byte ids 0..255; the cascade's vocab size {ensemble.vocab_size} is smaller"
+        )
     return ensemble.eval(), origin
 
 
@@ -115,157 +143,275 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="cascade-bench", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    for name, text in (("run", "train (or load) the cascade and its baselines, sweep thresholds, measure, "
-                                "write results, tables, plots and report.md"),
-                       ("report", "write the tables and report.md from stored results"),
-                       ("plot", "draw the figures from stored results")):
-        command = commands.add_parser(name, help=text, description=text + ". Every config key is a flag; "
-                                      "a TOML file gives the rest.")
-        command.add_argument("config_file", nargs="?", default=None, metavar="CONFIG",
-                             help="TOML config file (keys as the flags below, without dashes)")
+    for name, text in (
+        (
+            "run",
+            "train (or load) the cascade and its baselines, sweep thresholds, measure, "
+            "write results, tables, plots and report.md",
+        ),
+        ("report", "write the tables and report.md from stored results"),
+        ("plot", "draw the figures from stored results"),
+    ):
+        command = commands.add_parser(
+            name, help=text, description=text + ". Every config key is a flag; a TOML file gives the rest."
+        )
+        command.add_argument(
+            "config_file",
+            nargs="?",
+            default=None,
+            metavar="CONFIG",
+            help="TOML config file (keys as the flags below, without dashes)",
+        )
         command.add_argument("--quiet", action="store_true", help="no progress bars")
         add_config_arguments(command)
     compare = commands.add_parser(
-        "compare", help="several runs (e.g. one per protocol) at matched FLOPs, from their stored records",
+        "compare",
+        help="several runs (e.g. one per protocol) at matched FLOPs, from their stored records",
         description="Compare runs of `cascade-bench run` on the same data (e.g. --protocol ashem, cascade, deep): "
-                    "stage 0 alone, full depth, routed early exit near hard ratio 0.5, and the PPL of each routed "
-                    "curve at fixed fractions of the dense model's FLOPs per token.")
+        "stage 0 alone, full depth, routed early exit near hard ratio 0.5, and the PPL of each routed "
+        "curve at fixed fractions of the dense model's FLOPs per token.",
+    )
     compare.add_argument("names", nargs="+", metavar="NAME", help="run names (results/NAME.jsonl under --out)")
     compare.add_argument("--out", type=Path, default=Path("."), help="the runs' output folder (default .)")
-    compare.add_argument("--to", type=Path, default=Path("results/comparison"), metavar="STEM",
-                         help="write STEM.md, STEM.tex and STEM.csv (default %(default)s)")
-    compare.add_argument("--exit-rule", default=None, metavar="RULE",
-                         help="protocols layout: every run's sweep under this exit rule (default: each run's own "
-                              "rule, named in the table)")
-    compare.add_argument("--layout", choices=["protocols", "seed"], default="protocols",
-                         help="protocols: PPL at matched FLOPs; seed: the ASHEM report's quantities, the seed's "
-                              "published figures beside each run")
+    compare.add_argument(
+        "--to",
+        type=Path,
+        default=Path("results/comparison"),
+        metavar="STEM",
+        help="write STEM.md, STEM.tex and STEM.csv (default %(default)s)",
+    )
+    compare.add_argument(
+        "--exit-rule",
+        default=None,
+        metavar="RULE",
+        help="protocols layout: every run's sweep under this exit rule (default: each run's own "
+        "rule, named in the table)",
+    )
+    compare.add_argument(
+        "--layout",
+        choices=["protocols", "seed"],
+        default="protocols",
+        help="protocols: PPL at matched FLOPs; seed: the ASHEM report's quantities, the seed's "
+        "published figures beside each run",
+    )
     bench_report = commands.add_parser(
-        "bench-report", help="tables and a cost-vs-time plot from a pytest-benchmark JSON file",
+        "bench-report",
+        help="tables and a cost-vs-time plot from a pytest-benchmark JSON file",
         description="Turn `pytest benchmarks/ --benchmark-only --benchmark-json FILE` into tables (Markdown, LaTeX, "
-                    "CSV) and a cost-vs-time plot.")
+        "CSV) and a cost-vs-time plot.",
+    )
     bench_report.add_argument("json_file", type=Path, help="the --benchmark-json file")
     bench_report.add_argument("--out", type=Path, default=Path("results"), help="folder for the outputs")
     cost = commands.add_parser(
-        "cost", help="full cost breakdown of one method over batches of the embedded text",
+        "cost",
+        help="full cost breakdown of one method over batches of the embedded text",
         description="Quality and cost of a cascade over batches of the embedded text (CPython documentation "
-                    "topics, UTF-8 bytes as token ids): counted FLOPs per stage and component, analytic and "
-                    "fvcore cross-checks, wall time and span times, peak memory, host syncs on CUDA.")
+        "topics, UTF-8 bytes as token ids): counted FLOPs per stage and component, analytic and "
+        "fvcore cross-checks, wall time and span times, peak memory, host syncs on CUDA.",
+    )
     _add_cascade_args(cost)
     cost.add_argument("--method", default="routed", choices=["routed", "masked", "full"])
     cost.add_argument("--batching", default="padded", choices=["padded", "bucketed"])
     cost.add_argument("--positions", default="compact", choices=["compact", "original"])
-    cost.add_argument("--hard-ratio", type=_ratio, default=0.5,
-                      help="fraction of tokens that continue past each stage, calibrated on separate batches")
+    cost.add_argument(
+        "--hard-ratio",
+        type=_ratio,
+        default=0.5,
+        help="fraction of tokens that continue past each stage, calibrated on separate batches",
+    )
     cost.add_argument("--batch-size", type=_positive_int, default=8)
     cost.add_argument("--seq-len", type=_positive_int, default=512)
     cost.add_argument("--num-batches", type=_positive_int, default=2)
     cost.add_argument("--warmup", type=int, default=1)
     cost.add_argument("--repeats", type=_positive_int, default=5)
     cost.add_argument("--no-fvcore", action="store_true", help="skip the fvcore cross-check")
-    cost.add_argument("--json", type=Path, default=Path("results/cost.json"),
-                      help="where to write the record (atomically); default %(default)s")
+    cost.add_argument(
+        "--json",
+        type=Path,
+        default=Path("results/cost.json"),
+        help="where to write the record (atomically); default %(default)s",
+    )
     bench = commands.add_parser(
         "bench-routing",
         help="time full cascade vs routed (padded, bucketed) vs masked early exit at forced exit ratios",
         description="Full cascade vs routed early exit vs masked early exit on one batch of real text, "
-                    "exit ratio after stage 0 forced by calibration; wall time, counted FLOPs, peak memory, "
-                    "all ratios from one run.")
+        "exit ratio after stage 0 forced by calibration; wall time, counted FLOPs, peak memory, "
+        "all ratios from one run.",
+    )
     _add_cascade_args(bench)
     bench.add_argument("--batch-size", type=_positive_int, default=8)
     bench.add_argument("--seq-len", type=_positive_int, default=512)
     bench.add_argument("--exit-ratios", type=_ratio, nargs="+", default=[0.25, 0.5, 0.75])
     bench.add_argument("--warmup", type=int, default=2)
     bench.add_argument("--repeats", type=_positive_int, default=7)
-    bench.add_argument("--exit-rules", default=",".join(BENCH_RULES), metavar="RULES",
-                       help="comma-separated exit rules for the per-rule table ('' = skip it); default %(default)s")
-    bench.add_argument("--profile", action="store_true",
-                       help="instead of the bench: where each pass spends its time, per stage and phase (layers, "
-                            "gather, exit head, exit rule, scatter, the rest), written beside --json as .profile.json")
-    bench.add_argument("--json", type=Path, default=Path("results/bench-routing.json"),
-                       help="where to write rows, checks and conditions (atomically); default %(default)s")
+    bench.add_argument(
+        "--exit-rules",
+        default=",".join(BENCH_RULES),
+        metavar="RULES",
+        help="comma-separated exit rules for the per-rule table ('' = skip it); default %(default)s",
+    )
+    bench.add_argument(
+        "--profile",
+        action="store_true",
+        help="instead of the bench: where each pass spends its time, per stage and phase (layers, "
+        "gather, exit head, exit rule, scatter, the rest), written beside --json as .profile.json",
+    )
+    bench.add_argument(
+        "--json",
+        type=Path,
+        default=Path("results/bench-routing.json"),
+        help="where to write rows, checks and conditions (atomically); default %(default)s",
+    )
     blocks = commands.add_parser(
-        "bench-blocks", help="early exit inside one model: blocks vs the unsplit model, max_prob vs cos_sim",
+        "bench-blocks",
+        help="early exit inside one model: blocks vs the unsplit model, max_prob vs cos_sim",
         description="Blocks of one model (default: the gpt2-cpu preset as one 12-layer model split 4/4/4, or "
-                    "--model FOLDER --boundaries ...) against the unsplit model at several per-block hard ratios "
-                    "and exit rules: counted FLOPs (exit heads apart), layer cost, wall time back to back.")
+        "--model FOLDER --boundaries ...) against the unsplit model at several per-block hard ratios "
+        "and exit rules: counted FLOPs (exit heads apart), layer cost, wall time back to back.",
+    )
     _add_cascade_args(blocks)
     blocks.set_defaults(layers=[4, 4, 4], as_blocks=True)
-    blocks.add_argument("--hard-ratios", type=_ratio, nargs="+", default=[1.0, 0.75, 0.5, 0.25],
-                        help="fraction of the tokens reaching each non-last block that continue")
+    blocks.add_argument(
+        "--hard-ratios",
+        type=_ratio,
+        nargs="+",
+        default=[1.0, 0.75, 0.5, 0.25],
+        help="fraction of the tokens reaching each non-last block that continue",
+    )
     blocks.add_argument("--exit-fns", nargs="+", choices=EXIT_FNS, default=["max_prob", "cos_sim"])
     blocks.add_argument("--batch-size", type=_positive_int, default=8)
     blocks.add_argument("--seq-len", type=_positive_int, default=512)
     blocks.add_argument("--warmup", type=int, default=1)
     blocks.add_argument("--repeats", type=_positive_int, default=5)
-    blocks.add_argument("--json", type=Path, default=Path("results/bench-blocks.json"),
-                        help="where to write rows and conditions (atomically); default %(default)s")
+    blocks.add_argument(
+        "--json",
+        type=Path,
+        default=Path("results/bench-blocks.json"),
+        help="where to write rows and conditions (atomically); default %(default)s",
+    )
     decode = commands.add_parser(
-        "bench-generate", help="decoding policies side by side: speed and quality against full depth",
+        "bench-generate",
+        help="decoding policies side by side: speed and quality against full depth",
         description="Every way to decode one cascade on the same prompts at each batch size: full depth, per-token "
-                    "early exit under each K/V policy, the batch exit policy, a SkipDecode-style schedule, lossless "
-                    "self-speculative decoding and Hugging Face's generate; exit share after stage 0 forced at the "
-                    "cost of a real exit rule; quality against full-depth greedy; and the K/V policies teacher-forced.")
+        "early exit under each K/V policy, the batch exit policy, a SkipDecode-style schedule, lossless "
+        "self-speculative decoding and Hugging Face's generate; exit share after stage 0 forced at the "
+        "cost of a real exit rule; quality against full-depth greedy; and the K/V policies teacher-forced.",
+    )
     _add_cascade_args(decode)
-    decode.add_argument("--cascade", type=Path, default=None, metavar="FOLDER",
-                        help="a saved cascade (models/<key>/cascade from `cascade-bench run`), or the TOML config "
-                             "of such a run (its saved cascade); prompts then come from the embedded test split "
-                             "through its own tokenizer")
+    decode.add_argument(
+        "--cascade",
+        type=Path,
+        default=None,
+        metavar="FOLDER",
+        help="a saved cascade (models/<key>/cascade from `cascade-bench run`), or the TOML config "
+        "of such a run (its saved cascade); prompts then come from the embedded test split "
+        "through its own tokenizer",
+    )
     decode.add_argument("--batch-sizes", type=_positive_int, nargs="+", default=[1, 8, 32])
-    decode.add_argument("--exit-ratio", type=_ratio, default=0.5,
-                        help="forced share of decode tokens (per_token) or steps (batch) exiting after stage 0")
-    decode.add_argument("--rule", choices=EXIT_FNS, default="max_prob", help="exit rule whose cost the forced rule pays")
+    decode.add_argument(
+        "--exit-ratio",
+        type=_ratio,
+        default=0.5,
+        help="forced share of decode tokens (per_token) or steps (batch) exiting after stage 0",
+    )
+    decode.add_argument(
+        "--rule", choices=EXIT_FNS, default="max_prob", help="exit rule whose cost the forced rule pays"
+    )
     decode.add_argument("--quorum", type=_ratio, default=1.0, help="the batch policy's quorum")
     decode.add_argument("--draft-length", type=_positive_int, default=4, help="self-speculative draft tokens per round")
     decode.add_argument("--prompt-len", type=_positive_int, default=64)
-    decode.add_argument("--new-tokens", type=_positive_int, default=65,
-                        help="tokens generated per row (default %(default)s: 64 decode steps)")
+    decode.add_argument(
+        "--new-tokens",
+        type=_positive_int,
+        default=65,
+        help="tokens generated per row (default %(default)s: 64 decode steps)",
+    )
     decode.add_argument("--warmup", type=int, default=1)
     decode.add_argument("--repeats", type=_positive_int, default=15)
-    decode.add_argument("--json", type=Path, default=Path("results/bench-generate.json"),
-                        help="where to write rows, checks and conditions (atomically); default %(default)s")
+    decode.add_argument(
+        "--json",
+        type=Path,
+        default=Path("results/bench-generate.json"),
+        help="where to write rows, checks and conditions (atomically); default %(default)s",
+    )
     memory = commands.add_parser(
-        "bench-memory", help="the memory-layer presets (sequential vs lagged chunk memories, cost vs context length, "
-                             "reversal curse) and Lagged Cache Training of a recurrent context model",
+        "bench-memory",
+        help="the memory-layer presets (sequential vs lagged chunk memories, cost vs context length, "
+        "reversal curse) and Lagged Cache Training of a recurrent context model",
         description="The four memory-layer presets (pythia, infini, multi_memory, hierarchical) on the embedded "
-                    "corpus: training on chunked streams in stream order vs with lagged chunk memories (time per "
-                    "epoch, validation PPL); sliding-window PPL, counted FLOPs, wall time, peak memory and cache bytes "
-                    "per token from 256 to 8,192 tokens of context, with a plot; forward vs backward PPL on a "
-                    "one-to-one relation from the standard library (HTML entities). Part 'recurrent': Lagged Cache "
-                    "Training as its seed describes it (every position reads the previous pass's context at t-1) vs "
-                    "training through the recurrence, on one recurrent context model. Trained models are kept under "
-                    "--out and reused.")
-    memory.add_argument("--parts", nargs="+", choices=list(MEMORY_PARTS), default=list(MEMORY_PARTS),
-                        help="which parts to run (context needs training)")
-    memory.add_argument("--presets", nargs="+", choices=["pythia", "infini", "multi_memory", "hierarchical"],
-                        default=["pythia", "infini", "multi_memory", "hierarchical"])
-    memory.add_argument("--contexts", type=_positive_int, nargs="+", default=[256, 512, 1024, 2048, 4096, 8192],
-                        help="context lengths of the context part (tokens)")
-    memory.add_argument("--max-epochs", type=_positive_int, default=None,
-                        help="safety cap on epochs (default: 20 for training, 150 for reversal, 40 for recurrent; all stop early)")
+        "corpus: training on chunked streams in stream order vs with lagged chunk memories (time per "
+        "epoch, validation PPL); sliding-window PPL, counted FLOPs, wall time, peak memory and cache bytes "
+        "per token from 256 to 8,192 tokens of context, with a plot; forward vs backward PPL on a "
+        "one-to-one relation from the standard library (HTML entities). Part 'recurrent': Lagged Cache "
+        "Training as its seed describes it (every position reads the previous pass's context at t-1) vs "
+        "training through the recurrence, on one recurrent context model. Trained models are kept under "
+        "--out and reused.",
+    )
+    memory.add_argument(
+        "--parts",
+        nargs="+",
+        choices=list(MEMORY_PARTS),
+        default=list(MEMORY_PARTS),
+        help="which parts to run (context needs training)",
+    )
+    memory.add_argument(
+        "--presets",
+        nargs="+",
+        choices=["pythia", "infini", "multi_memory", "hierarchical"],
+        default=["pythia", "infini", "multi_memory", "hierarchical"],
+    )
+    memory.add_argument(
+        "--contexts",
+        type=_positive_int,
+        nargs="+",
+        default=[256, 512, 1024, 2048, 4096, 8192],
+        help="context lengths of the context part (tokens)",
+    )
+    memory.add_argument(
+        "--max-epochs",
+        type=_positive_int,
+        default=None,
+        help="safety cap on epochs (default: 20 for training, 150 for reversal, 40 for recurrent; all stop early)",
+    )
     memory.add_argument("--threads", type=_positive_int, default=2)
-    memory.add_argument("--out", type=Path, default=Path("memory_bench"),
-                        help="folder for models, results/ and plots/ (default %(default)s)")
+    memory.add_argument(
+        "--out",
+        type=Path,
+        default=Path("memory_bench"),
+        help="folder for models, results/ and plots/ (default %(default)s)",
+    )
     tasks = commands.add_parser(
-        "lm-eval-tasks", help="write offline lm-evaluation-harness tasks over data that ships with Python",
+        "lm-eval-tasks",
+        help="write offline lm-evaluation-harness tasks over data that ships with Python",
         description="Write JSONL data and task YAMLs for lm-evaluation-harness: the embedded corpus's test split "
-                    "(loglikelihood_rolling), HTML entities as multiple choice (loglikelihood) and as generation "
-                    "(generate_until). Use the folder as --include_path.")
+        "(loglikelihood_rolling), HTML entities as multiple choice (loglikelihood) and as generation "
+        "(generate_until). Use the folder as --include_path.",
+    )
     tasks.add_argument("--out", type=Path, default=Path("lm_eval_tasks"), help="folder (default %(default)s)")
     harness = commands.add_parser(
-        "lm-eval", add_help=False,
+        "lm-eval",
+        add_help=False,
         help="lm-evaluation-harness with the cascade_bench model registered (needs the [eval] extra)",
         description="Runs lm_eval's own command line with the model 'cascade_bench' registered; every argument "
-                    "goes to lm_eval. Afterwards prints the cascade's cost columns (exit ratios, layer cost, "
-                    "FLOPs, FLOP ratio to full depth).")
+        "goes to lm_eval. Afterwards prints the cascade's cost columns (exit ratios, layer cost, "
+        "FLOPs, FLOP ratio to full depth).",
+    )
     harness.add_argument("harness_args", nargs=argparse.REMAINDER)
     lock = commands.add_parser(
-        "check-lock", help="is this install the locked one? (exit 1 naming every package that differs)",
+        "check-lock",
+        help="is this install the locked one? (exit 1 naming every package that differs)",
         description="Compare every installed distribution with the lock file's pins (markers evaluated for this "
-                    "interpreter; local build labels such as +cpu ignored). Exit 0 when the install is the "
-                    "locked one, 1 with one line per difference otherwise.")
-    lock.add_argument("lock_file", nargs="?", type=Path, default=None, metavar="LOCK",
-                      help="lock file (default: requirements.lock of this clone)")
+        "interpreter; local build labels such as +cpu ignored). Exit 0 when the install is the "
+        "locked one, 1 with one line per difference otherwise.",
+    )
+    lock.add_argument(
+        "lock_file",
+        nargs="?",
+        type=Path,
+        default=None,
+        metavar="LOCK",
+        help="lock file (default: requirements.lock of this clone)",
+    )
     return parser
 
 
@@ -278,8 +424,14 @@ def _check_lock(lock_file: Optional[Path]) -> int:
     problems = lock_mismatches(read_lock(lock_file.read_text()), installed_versions())
     for line in problems:
         print(line)
-    print(f"{lock_file}: " + ("the install matches the lock" if not problems else
-                             f"{len(problems)} installed package(s) differ from the lock"))
+    print(
+        f"{lock_file}: "
+        + (
+            "the install matches the lock"
+            if not problems
+            else f"{len(problems)} installed package(s) differ from the lock"
+        )
+    )
     return 1 if problems else 0
 
 
@@ -288,11 +440,13 @@ def _lm_eval(harness_args: Sequence[str]) -> int:
     import tempfile
 
     try:
-        from .harness import lm_eval_model  # noqa: F401  (registers the model)
         from lm_eval.__main__ import cli_evaluate
+
+        from .harness import lm_eval_model  # noqa: F401  (registers the model)
     except ImportError as error:
-        raise ValueError(f"lm-evaluation-harness is not installed ({error}); pip install 'cascade-bench[eval]'") \
-            from None
+        raise ValueError(
+            f"lm-evaluation-harness is not installed ({error}); pip install 'cascade-bench[eval]'"
+        ) from None
     argv = list(harness_args)
     costs = None
     if "--model_args" in argv and "cost_json=" not in argv[argv.index("--model_args") + 1]:
@@ -307,8 +461,17 @@ def _lm_eval(harness_args: Sequence[str]) -> int:
     if costs is not None and costs.is_file():
         summary = json.loads(costs.read_text())
         print("\ncascade_bench costs over the scored tokens:")
-        for key in ("scored_tokens", "exit_ratios", "layer_cost", "flops_counted", "flops_full_depth",
-                    "flop_ratio_to_full_depth", "generated_tokens", "generation_exit_ratios", "thresholds"):
+        for key in (
+            "scored_tokens",
+            "exit_ratios",
+            "layer_cost",
+            "flops_counted",
+            "flops_full_depth",
+            "flop_ratio_to_full_depth",
+            "generated_tokens",
+            "generation_exit_ratios",
+            "thresholds",
+        ):
             print(f"  {key}: {summary.get(key)}")
     return 0
 
@@ -344,22 +507,44 @@ def _bench_generate(args: argparse.Namespace) -> int:
     prompts = {b: prompt_rows[:b].to(ensemble.device) for b in args.batch_sizes}
     calibrate_thresholds(ensemble, calibration, hard_ratios=hard_ratio_of_exit_ratio(args.exit_ratio))
     teacher_forced = teacher_forced_policies(ensemble, windows)
-    rows = bench_decoding(ensemble, prompts, new_tokens=args.new_tokens, rate=args.exit_ratio, rule=args.rule,
-                          quorum=args.quorum, draft_length=args.draft_length, repeats=args.repeats,
-                          warmup=args.warmup, seed=args.seed)
+    rows = bench_decoding(
+        ensemble,
+        prompts,
+        new_tokens=args.new_tokens,
+        rate=args.exit_ratio,
+        rule=args.rule,
+        quorum=args.quorum,
+        draft_length=args.draft_length,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        seed=args.seed,
+    )
     checks = decoding_checks(rows, args.draft_length, args.exit_ratio)
-    conditions = {**environment_conditions(ensemble.device, ensemble.dtype), "model": origin,
-                  "layers_per_stage": list(ensemble.layers_per_stage), "prompt_len": args.prompt_len,
-                  "new_tokens": args.new_tokens, "repeats": args.repeats, "warmup": args.warmup, "seed": args.seed,
-                  "data": data, "decoding": "greedy", "exit_ratio": args.exit_ratio, "rule": args.rule,
-                  "quorum": args.quorum, "draft_length": args.draft_length,
-                  "teacher_forced": f"thresholds calibrated so that {args.exit_ratio:.0%} of validation tokens exit "
-                                    f"after stage 0 (hard ratio {hard_ratio_of_exit_ratio(args.exit_ratio):g}), "
-                                    f"measured on {len(windows)} test batches"}
+    conditions = {
+        **environment_conditions(ensemble.device, ensemble.dtype),
+        "model": origin,
+        "layers_per_stage": list(ensemble.layers_per_stage),
+        "prompt_len": args.prompt_len,
+        "new_tokens": args.new_tokens,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "seed": args.seed,
+        "data": data,
+        "decoding": "greedy",
+        "exit_ratio": args.exit_ratio,
+        "rule": args.rule,
+        "quorum": args.quorum,
+        "draft_length": args.draft_length,
+        "teacher_forced": f"thresholds calibrated so that {args.exit_ratio:.0%} of validation tokens exit "
+        f"after stage 0 (hard ratio {hard_ratio_of_exit_ratio(args.exit_ratio):g}), "
+        f"measured on {len(windows)} test batches",
+    }
     if args.json is not None:
         write_decoding_bench(rows, teacher_forced, checks, conditions, args.json)
-    print(f"\n{origin}, prompts {args.prompt_len} tokens, {args.new_tokens} new tokens, {conditions['dtype']} on "
-          f"{conditions['device_name']} ({conditions['threads']} threads), median of {args.repeats}; {data}\n")
+    print(
+        f"\n{origin}, prompts {args.prompt_len} tokens, {args.new_tokens} new tokens, {conditions['dtype']} on "
+        f"{conditions['device_name']} ({conditions['threads']} threads), median of {args.repeats}; {data}\n"
+    )
     print(format_decoding_table(rows))
     print("\nTeacher-forced, per K/V policy (" + conditions["teacher_forced"] + "):\n")
     print(format_teacher_forced_table(teacher_forced))
@@ -380,19 +565,31 @@ def _decode_prompts(args: argparse.Namespace, ensemble, rows: int):
     if folder is not None and (folder / "tokenizer").is_dir():
         from .data.prepare import prepare_data
 
-        prepared = prepare_data("embedded", tokenizer=str(folder / "tokenizer"), seq_len=args.prompt_len,
-                                batch_size=8)
-        test = torch.cat([b["input_ids"] if "attention_mask" not in b
-                          else b["input_ids"][b["attention_mask"].bool().all(dim=1)] for b in prepared.test])
+        prepared = prepare_data("embedded", tokenizer=str(folder / "tokenizer"), seq_len=args.prompt_len, batch_size=8)
+        test = torch.cat(
+            [
+                b["input_ids"] if "attention_mask" not in b else b["input_ids"][b["attention_mask"].bool().all(dim=1)]
+                for b in prepared.test
+            ]
+        )
         if test.shape[0] < rows:
-            raise ValueError(f"the test split gives {test.shape[0]} prompts of {args.prompt_len} tokens, fewer than "
-                             f"batch {rows}")
-        return (test, prepared.test[:4], prepared.validation[:4],
-                f"embedded corpus, test split through {folder / 'tokenizer'}")
+            raise ValueError(
+                f"the test split gives {test.shape[0]} prompts of {args.prompt_len} tokens, fewer than batch {rows}"
+            )
+        return (
+            test,
+            prepared.test[:4],
+            prepared.validation[:4],
+            f"embedded corpus, test split through {folder / 'tokenizer'}",
+        )
     text = "\n\n".join(body for _, body in embedded_documents())
     windows = byte_token_windows(text, rows + 16, args.prompt_len)
-    return (windows[:rows], [windows[rows:rows + 8]], [windows[rows + 8:]],
-            "CPython pydoc_data topics, UTF-8 bytes as token ids (untrained weights unless loaded)")
+    return (
+        windows[:rows],
+        [windows[rows : rows + 8]],
+        [windows[rows + 8 :]],
+        "CPython pydoc_data topics, UTF-8 bytes as token ids (untrained weights unless loaded)",
+    )
 
 
 def _bench_blocks(args: argparse.Namespace) -> int:
@@ -403,19 +600,30 @@ def _bench_blocks(args: argparse.Namespace) -> int:
     ensemble, origin = _build_cascade(args)
     text = "\n\n".join(body for _, body in embedded_documents())
     windows = byte_token_windows(text, 2 * args.batch_size, args.seq_len).to(ensemble.device)
-    measured, calibration = windows[:args.batch_size], windows[args.batch_size:]
-    rows = bench_blocks(ensemble, measured, calibration, args.hard_ratios, args.exit_fns, warmup=args.warmup,
-                        repeats=args.repeats)
-    conditions = {**environment_conditions(ensemble.device, ensemble.dtype), "model": origin,
-                  "layers_per_block": list(ensemble.layers_per_stage), "batch_size": args.batch_size,
-                  "seq_len": args.seq_len, "repeats": args.repeats, "warmup": args.warmup, "seed": args.seed,
-                  "data": "CPython pydoc_data topics, UTF-8 bytes as token ids; thresholds calibrated on the "
-                          "next batch of windows", "note": "untrained weights unless --model: exit ratios are "
-                          "forced by calibration, costs do not depend on what the weights predict"}
+    measured, calibration = windows[: args.batch_size], windows[args.batch_size :]
+    rows = bench_blocks(
+        ensemble, measured, calibration, args.hard_ratios, args.exit_fns, warmup=args.warmup, repeats=args.repeats
+    )
+    conditions = {
+        **environment_conditions(ensemble.device, ensemble.dtype),
+        "model": origin,
+        "layers_per_block": list(ensemble.layers_per_stage),
+        "batch_size": args.batch_size,
+        "seq_len": args.seq_len,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "seed": args.seed,
+        "data": "CPython pydoc_data topics, UTF-8 bytes as token ids; thresholds calibrated on the "
+        "next batch of windows",
+        "note": "untrained weights unless --model: exit ratios are "
+        "forced by calibration, costs do not depend on what the weights predict",
+    }
     if args.json is not None:
         write_block_bench(rows, conditions, args.json)
-    print(f"\n{origin}, batch {args.batch_size} x {args.seq_len}, {conditions['dtype']} on "
-          f"{conditions['device_name']} ({conditions['threads']} threads), median of {args.repeats}\n")
+    print(
+        f"\n{origin}, batch {args.batch_size} x {args.seq_len}, {conditions['dtype']} on "
+        f"{conditions['device_name']} ({conditions['threads']} threads), median of {args.repeats}\n"
+    )
     print(format_block_table(rows))
     return 0
 
@@ -430,15 +638,27 @@ def _profile_routing(args: argparse.Namespace) -> int:
     ensemble, origin = _build_cascade(args)
     text = "\n\n".join(body for _, body in embedded_documents())
     input_ids = byte_token_windows(text, args.batch_size, args.seq_len).to(ensemble.device)
-    rows = [row for ratio in args.exit_ratios
-            for row in routing_profile(ensemble, input_ids, ratio, warmup=args.warmup, repeats=args.repeats)]
-    conditions = {**environment_conditions(ensemble.device, ensemble.dtype), "model": str(origin),
-                  "layers_per_stage": list(ensemble.layers_per_stage), "batch_size": args.batch_size,
-                  "seq_len": args.seq_len, "exit_fn": args.exit_fn, "warmup": args.warmup, "repeats": args.repeats,
-                  "call_overhead_slots": compaction.CALL_OVERHEAD_SLOTS}
-    print(f"\n{origin}, batch {args.batch_size} x {args.seq_len}, {conditions['dtype']} on "
-          f"{conditions['device_name']} ({conditions['threads']} threads), exit_fn {args.exit_fn}, milliseconds "
-          f"of the median of {args.repeats} repeats\n")
+    rows = [
+        row
+        for ratio in args.exit_ratios
+        for row in routing_profile(ensemble, input_ids, ratio, warmup=args.warmup, repeats=args.repeats)
+    ]
+    conditions = {
+        **environment_conditions(ensemble.device, ensemble.dtype),
+        "model": str(origin),
+        "layers_per_stage": list(ensemble.layers_per_stage),
+        "batch_size": args.batch_size,
+        "seq_len": args.seq_len,
+        "exit_fn": args.exit_fn,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "call_overhead_slots": compaction.CALL_OVERHEAD_SLOTS,
+    }
+    print(
+        f"\n{origin}, batch {args.batch_size} x {args.seq_len}, {conditions['dtype']} on "
+        f"{conditions['device_name']} ({conditions['threads']} threads), exit_fn {args.exit_fn}, milliseconds "
+        f"of the median of {args.repeats} repeats\n"
+    )
     for ratio in args.exit_ratios:
         print(f"exit ratio {ratio:g}:\n")
         print(format_profile([r for r in rows if r["exit ratio"] == ratio]) + "\n")
@@ -461,11 +681,22 @@ def _bench_routing(args: argparse.Namespace) -> int:
         parse_rule_spec(spec)
     ensemble, origin = _build_cascade(args)
     rows, checks, conditions, rule_rows = run_routing_bench(
-        ensemble, str(origin), batch_size=args.batch_size, seq_len=args.seq_len, exit_ratios=args.exit_ratios,
-        warmup=args.warmup, repeats=args.repeats, seed=args.seed, json_path=args.json, rules=rules)
-    print(f"\n{origin}, batch {args.batch_size} x {args.seq_len}, {conditions['dtype']} on "
-          f"{conditions['device_name']} ({conditions['threads']} threads), exit_fn {args.exit_fn}, "
-          f"median of {args.repeats}\n")
+        ensemble,
+        str(origin),
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        exit_ratios=args.exit_ratios,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        seed=args.seed,
+        json_path=args.json,
+        rules=rules,
+    )
+    print(
+        f"\n{origin}, batch {args.batch_size} x {args.seq_len}, {conditions['dtype']} on "
+        f"{conditions['device_name']} ({conditions['threads']} threads), exit_fn {args.exit_fn}, "
+        f"median of {args.repeats}\n"
+    )
     print(format_table(rows))
     if rule_rows:
         print("\nRouted early exit per exit rule (decision share: the decision's own FLOPs over the pass's):\n")
@@ -489,17 +720,32 @@ def _cost(args: argparse.Namespace) -> int:
     text = "\n\n".join(body for _, body in embedded_documents())
     per_batch = args.batch_size * args.seq_len
     windows = byte_token_windows(text, 2 * args.num_batches * args.batch_size, args.seq_len)
-    batches = list(windows[:args.num_batches * args.batch_size].split(args.batch_size))
-    calibration = list(windows[args.num_batches * args.batch_size:].split(args.batch_size))
+    batches = list(windows[: args.num_batches * args.batch_size].split(args.batch_size))
+    calibration = list(windows[args.num_batches * args.batch_size :].split(args.batch_size))
     thresholds = calibrate_thresholds(ensemble, calibration, args.hard_ratio)
-    conditions = {"dataset": "CPython pydoc_data topics (embedded)", "tokenizer": "UTF-8 bytes as ids",
-                  "split": f"first {args.num_batches * per_batch} bytes; calibration on the next "
-                           f"{args.num_batches * per_batch}", "window": args.seq_len, "stride": args.seq_len,
-                  "batch_size": args.batch_size, "seed": args.seed, "model": origin,
-                  "hard_ratio": args.hard_ratio, "calibrated_thresholds": list(thresholds)}
-    record = measure_cost(ensemble, batches, args.method, warmup=args.warmup, repeats=args.repeats,
-                          fvcore=not args.no_fvcore, conditions=conditions, batching=args.batching,
-                          positions=args.positions)
+    conditions = {
+        "dataset": "CPython pydoc_data topics (embedded)",
+        "tokenizer": "UTF-8 bytes as ids",
+        "split": f"first {args.num_batches * per_batch} bytes; calibration on the next {args.num_batches * per_batch}",
+        "window": args.seq_len,
+        "stride": args.seq_len,
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+        "model": origin,
+        "hard_ratio": args.hard_ratio,
+        "calibrated_thresholds": list(thresholds),
+    }
+    record = measure_cost(
+        ensemble,
+        batches,
+        args.method,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        fvcore=not args.no_fvcore,
+        conditions=conditions,
+        batching=args.batching,
+        positions=args.positions,
+    )
     print(format_cost(record))
     if args.json is not None:
         write_json_atomic(args.json, asdict(record))
@@ -526,8 +772,10 @@ def _experiment(args: argparse.Namespace) -> int:
             return 0
         records = list(ResultsStore(paths["results"]))
         print(f"\nchecks ({config.name}):\n" + format_checks(run_checks(records, config.plausible_ppl)))
-        print(f"{config.name}: done in {time.perf_counter() - start:.0f} s; report {paths['report']}, "
-              f"records {paths['results']}, plots in {paths['plots']}")
+        print(
+            f"{config.name}: done in {time.perf_counter() - start:.0f} s; report {paths['report']}, "
+            f"records {paths['results']}, plots in {paths['plots']}"
+        )
         return 0
     records = list(ResultsStore(paths["results"]))
     if not records:
@@ -553,8 +801,9 @@ def _compare(args: argparse.Namespace) -> int:
     for name in args.names:
         path = args.out / "results" / f"{name}.jsonl"
         if not path.is_file():
-            raise ValueError(f"no results for run {name!r}: missing {path} (run `cascade-bench run --name {name}` "
-                             f"first)")
+            raise ValueError(
+                f"no results for run {name!r}: missing {path} (run `cascade-bench run --name {name}` first)"
+            )
         runs[name] = list(ResultsStore(path))
     if args.layout == "seed":
         table = seed_comparison_table(runs)
@@ -562,7 +811,7 @@ def _compare(args: argparse.Namespace) -> int:
     else:
         table = comparison_table(runs, rule=args.exit_rule)
         rule = args.exit_rule or "each run's own"
-        caption = f"Protocols at matched FLOPs (FLOPs ratios relative to the dense model of the same depth; exit rule: {rule})"
+        caption = f"Protocols at matched FLOPs (FLOPs ratios relative to the dense model of the same depth; exit rule: {rule})"  # noqa: E501
     paths = write_table(table, args.to, caption)
     print(to_markdown(table))
     for path in paths:

@@ -12,16 +12,42 @@ from cascade_bench.cli import main
 
 def test_bench_routing_writes_rows_checks_and_conditions(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    code = main(["bench-routing", "--preset", "gpt2-tiny", "--layers", "1", "1", "--batch-size", "2",
-                 "--seq-len", "32", "--exit-ratios", "0.5", "--repeats", "1", "--warmup", "0", "--json", str(out),
-                 "--exit-rules", "max_prob,cos_sim,classifier,lowrank:8,topk:64"])
+    code = main(
+        [
+            "bench-routing",
+            "--preset",
+            "gpt2-tiny",
+            "--layers",
+            "1",
+            "1",
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "32",
+            "--exit-ratios",
+            "0.5",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--json",
+            str(out),
+            "--exit-rules",
+            "max_prob,cos_sim,classifier,lowrank:8,topk:64",
+        ]
+    )
     assert code == 0
     payload = json.loads(out.read_text())
     rules = [(row["rule"], row["batching"]) for row in payload["rule_rows"]]
-    assert rules == [(rule, mode) for rule in ("max_prob", "cos_sim", "classifier", "lowrank:8", "topk:64")
-                     for mode in ("padded", "bucketed")]
+    assert rules == [
+        (rule, mode)
+        for rule in ("max_prob", "cos_sim", "classifier", "lowrank:8", "topk:64")
+        for mode in ("padded", "bucketed")
+    ]
     by_rule = {row["rule"]: row for row in payload["rule_rows"]}
-    assert by_rule["classifier"]["rule_macs_per_token"] == 32 and by_rule["lowrank:8"]["rule_macs_per_token"] == 8 * (32 + 256)
+    assert by_rule["classifier"]["rule_macs_per_token"] == 32 and by_rule["lowrank:8"]["rule_macs_per_token"] == 8 * (
+        32 + 256
+    )
     assert by_rule["cos_sim"]["decision_share"] == 0.0 < by_rule["max_prob"]["decision_share"]
     assert all(row["exit_ratio"] == 0.5 and row["layer_cost"] == 0.75 for row in payload["rule_rows"])
     methods = [row["method"] for row in payload["rows"]]
@@ -38,9 +64,29 @@ def test_bench_routing_writes_rows_checks_and_conditions(tmp_path, capsys):
 
 
 def test_bench_routing_profile_splits_each_pass_into_parts_that_add_up(tmp_path, capsys):
-    code = main(["bench-routing", "--preset", "gpt2-tiny", "--layers", "1", "1", "--batch-size", "2",
-                 "--seq-len", "32", "--profile", "--exit-ratios", "0.5", "--repeats", "3", "--warmup", "1",
-                 "--json", str(tmp_path / "bench.json")])
+    code = main(
+        [
+            "bench-routing",
+            "--preset",
+            "gpt2-tiny",
+            "--layers",
+            "1",
+            "1",
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "32",
+            "--profile",
+            "--exit-ratios",
+            "0.5",
+            "--repeats",
+            "3",
+            "--warmup",
+            "1",
+            "--json",
+            str(tmp_path / "bench.json"),
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     assert "| method | stage | gather | layers | exit_head | exit_fn | exit other | scatter | stage other |" in out
@@ -53,13 +99,17 @@ def test_bench_routing_profile_splits_each_pass_into_parts_that_add_up(tmp_path,
         for k in ("0", "1"):
             assert sum(mine[k][p] for p in parts) == pytest.approx(mine[k]["total"])
             assert mine[k]["layers"] > 0 and 0 < mine[k]["layers share"] <= 1
-        assert mine["0"]["total"] + mine["1"]["total"] + mine["outside"]["total"] == pytest.approx(mine["pass"]["total"])
+        assert mine["0"]["total"] + mine["1"]["total"] + mine["outside"]["total"] == pytest.approx(
+            mine["pass"]["total"]
+        )
     # the last stage decides nothing: no confidence is computed there
     assert all(r["exit_fn"] == 0.0 for r in rows if r["stage"] == "1")
 
 
 def test_bench_routing_names_a_bad_exit_rule(capsys):
-    assert main(["bench-routing", "--preset", "gpt2-tiny", "--layers", "1", "1", "--exit-rules", "max_prob,lowrank"]) == 2
+    assert (
+        main(["bench-routing", "--preset", "gpt2-tiny", "--layers", "1", "1", "--exit-rules", "max_prob,lowrank"]) == 2
+    )
     assert "exit rule 'lowrank' needs a positive integer size" in capsys.readouterr().err
 
 
@@ -70,13 +120,38 @@ def test_bench_routing_rejects_a_single_stage(capsys):
 
 def test_bench_blocks_compares_blocks_with_the_unsplit_model(tmp_path, capsys):
     out = tmp_path / "blocks.json"
-    code = main(["bench-blocks", "--preset", "gpt2-tiny", "--layers", "1", "1", "1", "--batch-size", "2",
-                 "--seq-len", "32", "--hard-ratios", "1.0", "0.5", "--repeats", "1", "--warmup", "0",
-                 "--json", str(out)])
+    code = main(
+        [
+            "bench-blocks",
+            "--preset",
+            "gpt2-tiny",
+            "--layers",
+            "1",
+            "1",
+            "1",
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "32",
+            "--hard-ratios",
+            "1.0",
+            "0.5",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--json",
+            str(out),
+        ]
+    )
     assert code == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["exit_fn"], r["hard_ratio"]) for r in rows] == [("max_prob", 1.0), ("max_prob", 0.5),
-                                                                 ("cos_sim", 1.0), ("cos_sim", 0.5)]
+    assert [(r["exit_fn"], r["hard_ratio"]) for r in rows] == [
+        ("max_prob", 1.0),
+        ("max_prob", 0.5),
+        ("cos_sim", 1.0),
+        ("cos_sim", 0.5),
+    ]
     by = {(r["exit_fn"], r["hard_ratio"]): r for r in rows}
     # cos_sim with nobody exiting runs exactly the unsplit model (one head at the end); max_prob pays
     # the shared lm_head at every block on top of it.
@@ -92,8 +167,25 @@ def test_cost_runs_on_a_saved_checkpoint_cut_into_blocks(tmp_path, capsys):
     from cascade_bench.stages.presets import stage_config
 
     AutoModelForCausalLM.from_config(stage_config("llama-tiny", num_hidden_layers=4)).save_pretrained(tmp_path / "m")
-    code = main(["cost", "--model", str(tmp_path / "m"), "--boundaries", "2", "--batch-size", "2", "--seq-len", "32",
-                 "--num-batches", "1", "--repeats", "1", "--json", str(tmp_path / "cost.json")])
+    code = main(
+        [
+            "cost",
+            "--model",
+            str(tmp_path / "m"),
+            "--boundaries",
+            "2",
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "32",
+            "--num-batches",
+            "1",
+            "--repeats",
+            "1",
+            "--json",
+            str(tmp_path / "cost.json"),
+        ]
+    )
     assert code == 0
     record = json.loads((tmp_path / "cost.json").read_text())
     assert record["flops"] == record["flops_analytic"] and [s["layers_in_stage"] for s in record["stages"]] == [2, 2]

@@ -9,8 +9,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _sources() -> list[Path]:
-    return [*ROOT.glob("cascade_bench/**/*.py"), *ROOT.glob("tests/**/*.py"), ROOT / "README.md",
-            *ROOT.glob("docs/**/*.md")]
+    return [
+        *ROOT.glob("cascade_bench/**/*.py"),
+        *ROOT.glob("tests/**/*.py"),
+        ROOT / "README.md",
+        *ROOT.glob("docs/**/*.md"),
+    ]
 
 
 def test_citations_point_into_the_repository_at_sections_that_exist():

@@ -121,14 +121,17 @@ def test_nan_logits_raise_instead_of_a_silent_perplexity(text):
         routed_forward(ensemble, ids, thresholds=[INF])
 
 
-@pytest.mark.parametrize("bad, match", [
-    (dict(method="cascade"), r"method must be one of"),
-    (dict(batching="packed"), r"batching must be one of"),
-    (dict(positions="absolute"), r"positions must be one of"),
-    (dict(thresholds=[0.1, 0.2, 0.3]), r"expected 1 \(or 2\) thresholds"),
-    (dict(thresholds=[math.nan]), r"threshold must not be NaN"),
-    (dict(num_stages=3), r"num_stages must be an int in \[1, 2\]"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (dict(method="cascade"), r"method must be one of"),
+        (dict(batching="packed"), r"batching must be one of"),
+        (dict(positions="absolute"), r"positions must be one of"),
+        (dict(thresholds=[0.1, 0.2, 0.3]), r"expected 1 \(or 2\) thresholds"),
+        (dict(thresholds=[math.nan]), r"threshold must not be NaN"),
+        (dict(num_stages=3), r"num_stages must be an int in \[1, 2\]"),
+    ],
+)
 def test_bad_arguments_name_the_value(bad, match, text):
     ensemble = tiny_ensemble("gpt2-tiny")
     with pytest.raises(ValueError, match=match):

@@ -18,8 +18,20 @@ import cascade_bench
 PACKAGE_ROOT = Path(cascade_bench.__file__).resolve().parent
 
 #: Bottom to top. ``__init__`` is the package root: the public API re-exported from below.
-LAYERS = ("data", "models", "stages", "measure", "routing", "training", "cost", "experiment", "bench", "harness",
-          "cli", "__main__")
+LAYERS = (
+    "data",
+    "models",
+    "stages",
+    "measure",
+    "routing",
+    "training",
+    "cost",
+    "experiment",
+    "bench",
+    "harness",
+    "cli",
+    "__main__",
+)
 
 #: What each package may import (besides itself).
 ALLOWED: dict[str, frozenset[str]] = {
@@ -33,8 +45,9 @@ ALLOWED: dict[str, frozenset[str]] = {
     "experiment": frozenset({"data", "models", "stages", "measure", "routing", "training", "cost"}),
     "bench": frozenset({"data", "models", "stages", "measure", "routing", "training", "cost", "experiment"}),
     "harness": frozenset({"data", "models", "stages", "measure", "routing", "training", "cost", "experiment"}),
-    "cli": frozenset({"data", "models", "stages", "measure", "routing", "training", "cost", "experiment", "bench",
-                      "harness"}),
+    "cli": frozenset(
+        {"data", "models", "stages", "measure", "routing", "training", "cost", "experiment", "bench", "harness"}
+    ),
     "__init__": frozenset({"data", "models", "stages", "measure", "routing", "training", "cost"}),
     "__main__": frozenset({"cli"}),  # ``python -m cascade_bench`` (and torchrun -m): the CLI only
 }
@@ -109,42 +122,55 @@ def test_every_module_sits_in_a_known_layer():
 
 
 def test_no_module_imports_up_the_pipeline():
-    bad = [line for path in package_modules()
-           for line in violations(path.read_text(), module_name(path))]
+    bad = [line for path in package_modules() for line in violations(path.read_text(), module_name(path))]
     assert bad == []
 
 
 def test_every_imported_module_exists():
     """Lazy imports inside functions run only when called: a stale path after a move shows here."""
-    missing = sorted({f"{module_name(path)} -> {target}" for path in package_modules()
-                      for target in imported_modules(path.read_text(), module_name(path))
-                      if target.startswith("cascade_bench") and importlib.util.find_spec(target) is None})
+    missing = sorted(
+        {
+            f"{module_name(path)} -> {target}"
+            for path in package_modules()
+            for target in imported_modules(path.read_text(), module_name(path))
+            if target.startswith("cascade_bench") and importlib.util.find_spec(target) is None
+        }
+    )
     assert missing == []
 
 
 def test_the_checker_sees_upward_and_lazy_imports():
-    source = ("from .exits import ExitFunction\n"
-              "def f():\n"
-              "    from ..routing.passes import forward_cascade\n"
-              "    import cascade_bench.experiment.config\n"
-              "from .. import cost\n")
+    source = (
+        "from .exits import ExitFunction\n"
+        "def f():\n"
+        "    from ..routing.passes import forward_cascade\n"
+        "    import cascade_bench.experiment.config\n"
+        "from .. import cost\n"
+    )
     assert imported_modules(source, "cascade_bench.stages.llm") == {
-        "cascade_bench.stages.exits", "cascade_bench.routing.passes", "cascade_bench.experiment.config",
-        "cascade_bench.cost"}
+        "cascade_bench.stages.exits",
+        "cascade_bench.routing.passes",
+        "cascade_bench.experiment.config",
+        "cascade_bench.cost",
+    }
     assert violations(source, "cascade_bench.stages.llm") == [
         "cascade_bench.stages.llm -> cascade_bench.cost",
         "cascade_bench.stages.llm -> cascade_bench.experiment.config",
-        "cascade_bench.stages.llm -> cascade_bench.routing.passes"]
+        "cascade_bench.stages.llm -> cascade_bench.routing.passes",
+    ]
     # Relative imports in a package's __init__ resolve against the package itself.
     assert imported_modules("from .passes import x\n", "cascade_bench.routing.__init__") == {
-        "cascade_bench.routing.passes"}
+        "cascade_bench.routing.passes"
+    }
     assert violations("from ..bench.routing import x\n", "cascade_bench.experiment.reports") == [
-        "cascade_bench.experiment.reports -> cascade_bench.bench.routing"]
+        "cascade_bench.experiment.reports -> cascade_bench.bench.routing"
+    ]
 
 
 def test_sideways_between_training_and_cost_is_refused():
     assert violations("from ..training.loops import fit\n", "cascade_bench.cost.measurement") == [
-        "cascade_bench.cost.measurement -> cascade_bench.training.loops"]
+        "cascade_bench.cost.measurement -> cascade_bench.training.loops"
+    ]
 
 
 @pytest.mark.parametrize("name", cascade_bench.__all__)

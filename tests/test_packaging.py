@@ -43,7 +43,7 @@ def test_readme_and_ci_install_from_the_lock_with_the_locked_torch():
     torch_pin = read_lock((ROOT / "requirements.lock").read_text())["torch"]
     for text in (readme, ci):
         assert re.search(rf"pip install (--quiet )?torch=={re.escape(torch_pin)}\b", text)
-        assert "-c requirements.lock -e \".[test]\"" in text
+        assert '-c requirements.lock -e ".[test]"' in text
     assert "cascade-bench check-lock" in ci
 
 

@@ -45,7 +45,7 @@ def ragged_batch(draw, max_rows: int = 4, max_len: int = 20):
     mask = torch.zeros(rows, width, dtype=torch.long)
     for i, n in enumerate(lengths):
         if side == "left":
-            mask[i, width - n:] = 1
+            mask[i, width - n :] = 1
         else:
             mask[i, :n] = 1
     return ids * mask, mask
@@ -66,8 +66,13 @@ def _threshold(ensemble, ids, mask, quantile: float) -> float:
 
 
 @PROPERTY
-@given(preset=st.sampled_from(ROUTED_FAMILIES), kind=st.sampled_from(KINDS), batch=ragged_batch(),
-       batching=st.sampled_from(["padded", "bucketed"]), quantile=st.floats(0.0, 1.0))
+@given(
+    preset=st.sampled_from(ROUTED_FAMILIES),
+    kind=st.sampled_from(KINDS),
+    batch=ragged_batch(),
+    batching=st.sampled_from(["padded", "bucketed"]),
+    quantile=st.floats(0.0, 1.0),
+)
 def test_batched_routing_equals_one_row_at_a_time(preset, kind, batch, batching, quantile):
     """Invariant 2: padding and packing change nothing; each row routed alone gives the same NLL
     and exits as the batch."""
@@ -78,7 +83,7 @@ def test_batched_routing_equals_one_row_at_a_time(preset, kind, batch, batching,
         together = routed_forward(ensemble, ids, mask, thresholds=[threshold], batching=batching)
         for row in range(ids.shape[0]):
             real = mask[row].bool()
-            alone = routed_forward(ensemble, ids[row:row + 1, real], thresholds=[threshold], batching=batching)
+            alone = routed_forward(ensemble, ids[row : row + 1, real], thresholds=[threshold], batching=batching)
             assert torch.equal(together.exit_stage[row, real], alone.exit_stage[0])
             scored = together.scored[row, real]
             torch.testing.assert_close(together.nll[row, real][scored], alone.nll[0][scored], atol=ATOL, rtol=0)
@@ -118,17 +123,22 @@ def test_self_speculative_is_full_depth_greedy_up_to_the_position_limit(preset, 
     ids = torch.randint(0, 256, (rows, longest), generator=torch.Generator().manual_seed(seed))
     mask = torch.zeros_like(ids)
     for i, n in enumerate(lengths):
-        mask[i, longest - n:] = 1  # left padding: every prompt ends at the last column
+        mask[i, longest - n :] = 1  # left padding: every prompt ends at the last column
     full = generate(ensemble, ids, mask, max_new_tokens=new_tokens, method="full")
-    out = self_speculative_generate(ensemble, ids, mask, max_new_tokens=new_tokens, draft_length=draft_length,
-                                    draft_stages=draft_stages)
+    out = self_speculative_generate(
+        ensemble, ids, mask, max_new_tokens=new_tokens, draft_length=draft_length, draft_stages=draft_stages
+    )
     assert torch.equal(out.tokens, full.tokens)
     assert out.drafted <= out.rounds * min(draft_length, max(new_tokens - 1, 0))  # a round drafts what is left
 
 
 @PROPERTY
-@given(preset=st.sampled_from(FAMILIES), kind=st.sampled_from(KINDS), kv_policy=st.sampled_from(
-    ["absent", "propagate", "recompute"]), data=st.data())
+@given(
+    preset=st.sampled_from(FAMILIES),
+    kind=st.sampled_from(KINDS),
+    kv_policy=st.sampled_from(["absent", "propagate", "recompute"]),
+    data=st.data(),
+)
 def test_generation_matches_teacher_forcing_under_every_kv_policy(preset, kind, kv_policy, data):
     """Invariant 4: the NLL and exits of early-exit generation equal routed teacher forcing of the
     prompt plus what was generated, under the same K/V policy."""
@@ -141,7 +151,7 @@ def test_generation_matches_teacher_forcing_under_every_kv_policy(preset, kind, 
     ids = torch.randint(0, 256, (rows, width), generator=torch.Generator().manual_seed(seed))
     mask = torch.zeros_like(ids)
     for i, n in enumerate(lengths):
-        mask[i, width - n:] = 1
+        mask[i, width - n :] = 1
     threshold = _threshold(ensemble, ids, mask, data.draw(st.floats(0.2, 0.8)))
     out = generate(ensemble, ids, mask, max_new_tokens=new_tokens, thresholds=[threshold], kv_policy=kv_policy)
     sequences = [torch.cat([ids[i][mask[i].bool()], out.tokens[i]]) for i in range(rows)]
@@ -149,7 +159,7 @@ def test_generation_matches_teacher_forcing_under_every_kv_policy(preset, kind, 
     fed = torch.zeros(rows, longest, dtype=torch.long)
     fed_mask = torch.zeros_like(fed)
     for i, s in enumerate(sequences):
-        fed[i, :s.numel()], fed_mask[i, :s.numel()] = s, 1
+        fed[i, : s.numel()], fed_mask[i, : s.numel()] = s, 1
     with torch.inference_mode():
         forced = routed_forward(ensemble, fed, fed_mask, thresholds=[threshold], kv_policy=kv_policy)
     for i, n in enumerate(lengths):

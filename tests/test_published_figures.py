@@ -26,9 +26,11 @@ RECORDS = ROOT / "docs" / "results" / "ashem-embedded.jsonl"
 def published_tables(records: list[dict]) -> dict[str, str]:
     """The Markdown blocks the README quotes from one default run's records."""
     paper, _ = paper_table(records_frame(records))
-    return {"quality and cost": to_markdown(paper.drop(columns=["wall ratio"])),
-            "wall time": to_markdown(paper[["method", "wall ratio"]]),
-            "checks": format_checks(run_checks(records))}
+    return {
+        "quality and cost": to_markdown(paper.drop(columns=["wall ratio"])),
+        "wall time": to_markdown(paper[["method", "wall ratio"]]),
+        "checks": format_checks(run_checks(records)),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +52,15 @@ def test_the_stored_run_is_the_default_config_on_the_locked_install(records):
         assert not conditions["git_commit"].endswith("+dirty")
 
 
-@pytest.mark.parametrize("page, block", [("README.md", "quality and cost"), ("docs/results.md", "quality and cost"),
-                                         ("docs/results.md", "wall time"), ("docs/results.md", "checks")])
+@pytest.mark.parametrize(
+    "page, block",
+    [
+        ("README.md", "quality and cost"),
+        ("docs/results.md", "quality and cost"),
+        ("docs/results.md", "wall time"),
+        ("docs/results.md", "checks"),
+    ],
+)
 def test_the_published_pages_quote_the_stored_run(records, page, block):
     text = (ROOT / page).read_text()
     expected = published_tables(records)[block]

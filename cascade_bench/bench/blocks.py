@@ -60,9 +60,16 @@ class BlockBenchRow:
         return self.head_flops / self.flops
 
 
-def bench_blocks(ensemble: Ensemble, input_ids: torch.Tensor, calibration_ids: torch.Tensor,
-                 hard_ratios: Sequence[float] = (1.0, 0.75, 0.5, 0.25), exit_fns: Sequence[str] = ("max_prob", "cos_sim"),
-                 warmup: int = 1, repeats: int = 5, batching: str = "bucketed") -> list[BlockBenchRow]:
+def bench_blocks(
+    ensemble: Ensemble,
+    input_ids: torch.Tensor,
+    calibration_ids: torch.Tensor,
+    hard_ratios: Sequence[float] = (1.0, 0.75, 0.5, 0.25),
+    exit_fns: Sequence[str] = ("max_prob", "cos_sim"),
+    warmup: int = 1,
+    repeats: int = 5,
+    batching: str = "bucketed",
+) -> list[BlockBenchRow]:
     """Measure the routed pass against the unsplit model (see module docstring). The blocks'
     exit functions and thresholds are restored afterwards."""
     saved = [(stage.exit_function, stage.threshold) for stage in ensemble]
@@ -70,6 +77,7 @@ def bench_blocks(ensemble: Ensemble, input_ids: torch.Tensor, calibration_ids: t
     rows = []
     try:
         with evaluation_mode(ensemble), torch.inference_mode():
+
             def unsplit(probe=None):
                 kwargs = {} if probe is None else {"probe": probe}
                 return forward_cascade(ensemble, input_ids, method="full", **kwargs)
@@ -86,8 +94,7 @@ def bench_blocks(ensemble: Ensemble, input_ids: torch.Tensor, calibration_ids: t
 
                     def routed(probe=None, thresholds=thresholds):
                         kwargs = {} if probe is None else {"probe": probe}
-                        return forward_cascade(ensemble, input_ids, thresholds=thresholds, batching=batching,
-                                               **kwargs)
+                        return forward_cascade(ensemble, input_ids, thresholds=thresholds, batching=batching, **kwargs)
 
                     counted, out = count_pass_flops(routed, num_stages)
                     for _ in range(warmup):
@@ -96,13 +103,21 @@ def bench_blocks(ensemble: Ensemble, input_ids: torch.Tensor, calibration_ids: t
                     for _ in range(repeats):
                         mine.append(wall_time_once(routed, input_ids.device))
                         theirs.append(wall_time_once(unsplit, input_ids.device))
-                    rows.append(BlockBenchRow(
-                        exit_fn=name, hard_ratio=ratio, exit_ratios=out.exit_ratios, layer_cost=out.layer_cost,
-                        flops=counted.total, flops_unsplit=unsplit_flops.total,
-                        head_flops=sum(s.exit_head + s.exit_fn for s in counted.stages),
-                        head_flops_unsplit=sum(s.exit_head + s.exit_fn for s in unsplit_flops.stages),
-                        median_s=statistics.median(mine), median_s_unsplit=statistics.median(theirs),
-                        wall_ratio=statistics.median(a / b for a, b in zip(mine, theirs))))
+                    rows.append(
+                        BlockBenchRow(
+                            exit_fn=name,
+                            hard_ratio=ratio,
+                            exit_ratios=out.exit_ratios,
+                            layer_cost=out.layer_cost,
+                            flops=counted.total,
+                            flops_unsplit=unsplit_flops.total,
+                            head_flops=sum(s.exit_head + s.exit_fn for s in counted.stages),
+                            head_flops_unsplit=sum(s.exit_head + s.exit_fn for s in unsplit_flops.stages),
+                            median_s=statistics.median(mine),
+                            median_s_unsplit=statistics.median(theirs),
+                            wall_ratio=statistics.median(a / b for a, b in zip(mine, theirs)),
+                        )
+                    )
     finally:
         for stage, (fn, threshold) in zip(ensemble, saved):
             stage.exit_function, stage.threshold = fn, threshold
@@ -111,19 +126,27 @@ def bench_blocks(ensemble: Ensemble, input_ids: torch.Tensor, calibration_ids: t
 
 def format_block_table(rows: Sequence[BlockBenchRow]) -> str:
     """Markdown table of the rows."""
-    lines = ["| exit rule | hard ratio per block | exits per block | layer cost | GFLOPs | FLOP ratio | "
-             "exit-head GFLOPs | heads' share | routed ms | unsplit ms | wall ratio |",
-             "|" + "|".join([" --- "] * 11) + "|"]
+    lines = [
+        "| exit rule | hard ratio per block | exits per block | layer cost | GFLOPs | FLOP ratio | "
+        "exit-head GFLOPs | heads' share | routed ms | unsplit ms | wall ratio |",
+        "|" + "|".join([" --- "] * 11) + "|",
+    ]
     for r in rows:
         exits = " / ".join(f"{e:.0%}" for e in r.exit_ratios)
-        lines.append(f"| {r.exit_fn} | {r.hard_ratio:g} | {exits} | {r.layer_cost:.3f} | {r.flops / 1e9:.2f} | "
-                     f"{r.flop_ratio:.3f} | {r.head_flops / 1e9:.2f} | {r.head_share:.1%} | "
-                     f"{r.median_s * 1e3:.1f} | {r.median_s_unsplit * 1e3:.1f} | {r.wall_ratio:.3f} |")
+        lines.append(
+            f"| {r.exit_fn} | {r.hard_ratio:g} | {exits} | {r.layer_cost:.3f} | {r.flops / 1e9:.2f} | "
+            f"{r.flop_ratio:.3f} | {r.head_flops / 1e9:.2f} | {r.head_share:.1%} | "
+            f"{r.median_s * 1e3:.1f} | {r.median_s_unsplit * 1e3:.1f} | {r.wall_ratio:.3f} |"
+        )
     return "\n".join(lines)
 
 
 def write_block_bench(rows: Sequence[BlockBenchRow], conditions: dict, path: "Path | str") -> None:
     """Rows and conditions as JSON, written atomically."""
-    write_json_atomic(Path(path), {"conditions": conditions,
-                                   "rows": [{**asdict(r), "flop_ratio": r.flop_ratio, "head_share": r.head_share}
-                                            for r in rows]})
+    write_json_atomic(
+        Path(path),
+        {
+            "conditions": conditions,
+            "rows": [{**asdict(r), "flop_ratio": r.flop_ratio, "head_share": r.head_share} for r in rows],
+        },
+    )

@@ -9,7 +9,8 @@ self-speculative decoding, stage 0 alone (the draft/exit step cost), and Hugging
 The exit share after stage 0 is forced (``generation.ForcedExitRate``, at the cost of the named
 rule): per token for ``per_token`` (rows decide independently) and once per step for ``batch``
 (every row gets the step's decision, which is what a quorum produces; the rule still runs on
-every row), at the named rule's cost and at ``cos_sim``'s (no head for continuing rows). The schedule exits the first half of the decode steps at full depth and the rest
+every row), at the named rule's cost and at ``cos_sim``'s (no head for continuing rows). The schedule exits the
+first half of the decode steps at full depth and the rest
 after stage 0 (no rule at all). Each variant is timed back to back with full depth, the order
 alternating within pairs; speedup is the median over pairs of full-depth time over its time
 (on a shared machine one run of the same call varies by 30% or more, so the default takes 15
@@ -83,8 +84,9 @@ class ForcedStepExit(ForcedExitRate):
     (exactly ``rate`` of every 8 steps exit), while ``rule`` still runs on every row."""
 
     def __call__(self, h_in: Optional[Tensor], h_out: Tensor, logits: Optional[Tensor]) -> Tensor:
-        one = super().__call__(h_in[:1] if h_in is not None else None, h_out[:1],
-                               logits[:1] if logits is not None else None)
+        one = super().__call__(
+            h_in[:1] if h_in is not None else None, h_out[:1], logits[:1] if logits is not None else None
+        )
         if h_out.shape[0] > 1:
             self.rule(h_in[1:] if h_in is not None else None, h_out[1:], logits[1:] if logits is not None else None)
         return one.expand(h_out.shape[0])
@@ -97,12 +99,17 @@ def _quality(ensemble: Ensemble, prompts: Tensor, tokens: Tensor, reference: Ten
     with torch.inference_mode():
         out = forward_cascade(ensemble, joined, method="full")
     start = prompts.shape[1] - 1
-    nll = out.nll[:, start:start + tokens.shape[1]].double().mean()
+    nll = out.nll[:, start : start + tokens.shape[1]].double().mean()
     return same, float(equal_prefix.mean()), float(nll)
 
 
-def _paired(variant: Callable[[], object], full: Callable[[], object], repeats: int, warmup: int,
-            seconds: Callable[[object], float]) -> tuple[object, float, float, float]:
+def _paired(
+    variant: Callable[[], object],
+    full: Callable[[], object],
+    repeats: int,
+    warmup: int,
+    seconds: Callable[[object], float],
+) -> tuple[object, float, float, float]:
     for _ in range(warmup):
         variant(), full()
     mine, theirs, out = [], [], None
@@ -113,8 +120,12 @@ def _paired(variant: Callable[[], object], full: Callable[[], object], repeats: 
         mine.append(seconds(out))
         if not i % 2:
             theirs.append(full().seconds_per_token)
-    return (out, statistics.median(mine), statistics.median(theirs),
-            statistics.median(b / a for a, b in zip(mine, theirs)))
+    return (
+        out,
+        statistics.median(mine),
+        statistics.median(theirs),
+        statistics.median(b / a for a, b in zip(mine, theirs)),
+    )
 
 
 def _hf_model(ensemble: Ensemble):
@@ -141,16 +152,34 @@ def _hf_seconds_per_token(model, ids: Tensor, new_tokens: int, **options) -> tup
             return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
     with torch.inference_mode():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, eos_token_id=None,
-                             stopping_criteria=StoppingCriteriaList([Stamp()]), **options)
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=None,
+            stopping_criteria=StoppingCriteriaList([Stamp()]),
+            **options,
+        )
     (t0, n0), (t1, n1) = stamps[0], stamps[-1]
-    return (t1 - t0) / ((n1 - n0) * ids.shape[0]), out[:, ids.shape[1]:]
+    return (t1 - t0) / ((n1 - n0) * ids.shape[0]), out[:, ids.shape[1] :]
 
 
-def bench_decoding(ensemble: Ensemble, prompts: dict[int, Tensor], new_tokens: int = 65, rate: float = 0.5,
-                   rule: str = "max_prob", quorum: float = 1.0, draft_length: int = 4, repeats: int = 15,
-                   warmup: int = 1, seed: int = 0, hf_peer: bool = True) -> list[DecodingRow]:
+def bench_decoding(
+    ensemble: Ensemble,
+    prompts: dict[int, Tensor],
+    new_tokens: int = 65,
+    rate: float = 0.5,
+    rule: str = "max_prob",
+    quorum: float = 1.0,
+    draft_length: int = 4,
+    repeats: int = 15,
+    warmup: int = 1,
+    seed: int = 0,
+    hf_peer: bool = True,
+) -> list[DecodingRow]:
     """Every decoding variant at every batch size (see the module docstring). ``prompts`` maps a
     batch size to its (B, P) prompt ids. Stage 0's exit function is restored afterwards."""
     if len(ensemble) < 2:
@@ -166,6 +195,7 @@ def bench_decoding(ensemble: Ensemble, prompts: dict[int, Tensor], new_tokens: i
     rows: list[DecodingRow] = []
     try:
         for batch, ids in prompts.items():
+
             def full():
                 return generate(ensemble, ids, max_new_tokens=new_tokens, method="full")
 
@@ -177,47 +207,96 @@ def bench_decoding(ensemble: Ensemble, prompts: dict[int, Tensor], new_tokens: i
                 same, prefix, nll = _quality(ensemble, ids, out_.tokens, reference)
                 stage_rows = getattr(out_, "stage_rows", None)
                 decode = getattr(out_, "decode_tokens", 0)
-                rows.append(DecodingRow(
-                    batch_size=batch, variant=variant, exit_policy=exit_policy, kv_policy=kv_policy,
-                    decode_exit_ratio=out_.exit_counts[0] / decode if decode else math.nan,
-                    layer_cost=getattr(out_, "layer_cost", math.nan),
-                    stage1_rows_per_step=(float(stage_rows[:, 1].float().mean())
-                                          if stage_rows is not None and stage_rows.numel() else math.nan),
-                    seconds_per_token=mine, seconds_per_token_full=theirs, speedup=speedup, same_tokens=same,
-                    common_prefix=prefix, continuation_nll=nll, **extra))
+                rows.append(
+                    DecodingRow(
+                        batch_size=batch,
+                        variant=variant,
+                        exit_policy=exit_policy,
+                        kv_policy=kv_policy,
+                        decode_exit_ratio=out_.exit_counts[0] / decode if decode else math.nan,
+                        layer_cost=getattr(out_, "layer_cost", math.nan),
+                        stage1_rows_per_step=(
+                            float(stage_rows[:, 1].float().mean())
+                            if stage_rows is not None and stage_rows.numel()
+                            else math.nan
+                        ),
+                        seconds_per_token=mine,
+                        seconds_per_token_full=theirs,
+                        speedup=speedup,
+                        same_tokens=same,
+                        common_prefix=prefix,
+                        continuation_nll=nll,
+                        **extra,
+                    )
+                )
 
             def timed(make):
                 return _paired(make, full, repeats, warmup, lambda o: o.seconds_per_token)
 
             record("full depth", timed(full), exit_policy="-")
             first.exit_function = resolve_exit_function(ForcedExitRate(0.0, rule))
-            record("stage 0 only (exit/draft step)", timed(lambda: generate(
-                ensemble, ids, max_new_tokens=new_tokens, thresholds=[-math.inf] + exit_at_0[1:])))
+            record(
+                "stage 0 only (exit/draft step)",
+                timed(
+                    lambda: generate(ensemble, ids, max_new_tokens=new_tokens, thresholds=[-math.inf] + exit_at_0[1:])
+                ),
+            )
             for kv in ("absent", "propagate", "recompute"):
                 first.exit_function = resolve_exit_function(ForcedExitRate(rate, rule, seed=seed))
-                record(f"per_token, {rate:.0%} forced", timed(lambda kv=kv: generate(
-                    ensemble, ids, max_new_tokens=new_tokens, thresholds=exit_at_0, kv_policy=kv)), kv_policy=kv)
+                record(
+                    f"per_token, {rate:.0%} forced",
+                    timed(
+                        lambda kv=kv: generate(
+                            ensemble, ids, max_new_tokens=new_tokens, thresholds=exit_at_0, kv_policy=kv
+                        )
+                    ),
+                    kv_policy=kv,
+                )
             for cost in dict.fromkeys((rule, "cos_sim")):  # the named rule's cost, and the cheapest rule's
                 first.exit_function = resolve_exit_function(ForcedStepExit(rate, cost, seed=seed))
-                record(f"batch (quorum {quorum:g}), {rate:.0%} of steps forced, {cost} cost", timed(lambda: generate(
-                    ensemble, ids, max_new_tokens=new_tokens, thresholds=exit_at_0, exit_policy="batch",
-                    quorum=quorum)), exit_policy="batch")
+                record(
+                    f"batch (quorum {quorum:g}), {rate:.0%} of steps forced, {cost} cost",
+                    timed(
+                        lambda: generate(
+                            ensemble,
+                            ids,
+                            max_new_tokens=new_tokens,
+                            thresholds=exit_at_0,
+                            exit_policy="batch",
+                            quorum=quorum,
+                        )
+                    ),
+                    exit_policy="batch",
+                )
             first.exit_function = saved
-            record(f"schedule: {steps // 2} steps full, then stage 0", timed(lambda: generate(
-                ensemble, ids, max_new_tokens=new_tokens, exit_policy="schedule", exit_schedule=schedule)),
-                exit_policy="schedule")
-            spec = timed(lambda: self_speculative_generate(ensemble, ids, max_new_tokens=new_tokens,
-                                                           draft_length=draft_length))
+            record(
+                f"schedule: {steps // 2} steps full, then stage 0",
+                timed(
+                    lambda: generate(
+                        ensemble, ids, max_new_tokens=new_tokens, exit_policy="schedule", exit_schedule=schedule
+                    )
+                ),
+                exit_policy="schedule",
+            )
+            spec = timed(
+                lambda: self_speculative_generate(ensemble, ids, max_new_tokens=new_tokens, draft_length=draft_length)
+            )
             out = spec[0]
-            record(f"self-speculative, draft {draft_length}", spec, exit_policy="speculative",
-                   acceptance_rate=out.acceptance_rate, mean_accepted_length=out.mean_accepted_length,
-                   verify_share=out.verify_seconds / (out.seconds_per_token * out.tokens.numel()),
-                   tokens_per_loop_round=(out.tokens.shape[1] - 1) / out.loop_rounds)
+            record(
+                f"self-speculative, draft {draft_length}",
+                spec,
+                exit_policy="speculative",
+                acceptance_rate=out.acceptance_rate,
+                mean_accepted_length=out.mean_accepted_length,
+                verify_share=out.verify_seconds / (out.seconds_per_token * out.tokens.numel()),
+                tokens_per_loop_round=(out.tokens.shape[1] - 1) / out.loop_rounds,
+            )
             if hf_model is not None:
                 peers = [("HF generate (unsplit model)", {})]
                 if batch == 1:  # HF's assisted generation takes batch 1 only
-                    peers.append((f"HF assistant_early_exit={first.num_layers}",
-                                  {"assistant_early_exit": first.num_layers}))
+                    peers.append(
+                        (f"HF assistant_early_exit={first.num_layers}", {"assistant_early_exit": first.num_layers})
+                    )
                 for name, options in peers:
                     result = _hf_result(hf_model, ids, new_tokens, options, full, repeats, warmup)
                     if result is not None:
@@ -269,15 +348,24 @@ def teacher_forced_policies(ensemble: Ensemble, windows: Sequence[Tensor]) -> li
     for kv in ("absent", "propagate", "recompute"):
         record = measure("routed", kv_policy=kv)
         q = record.quality
-        rows.append(TeacherForcedRow(
-            kv_policy=kv, ppl=q.ppl, exit_ratio_stage0=q.exit_ratios[0], layer_cost=q.layer_cost, flops=record.flops,
-            flop_ratio=record.flops / full.flops, recomputed_tokens=sum(q.tokens_computed) - sum(q.tokens_entered),
-            propagated_tokens=sum(q.tokens_propagated)))
+        rows.append(
+            TeacherForcedRow(
+                kv_policy=kv,
+                ppl=q.ppl,
+                exit_ratio_stage0=q.exit_ratios[0],
+                layer_cost=q.layer_cost,
+                flops=record.flops,
+                flop_ratio=record.flops / full.flops,
+                recomputed_tokens=sum(q.tokens_computed) - sum(q.tokens_entered),
+                propagated_tokens=sum(q.tokens_propagated),
+            )
+        )
     return rows
 
 
-def predicted_speculative_speedup(row: DecodingRow, stage0_row: DecodingRow, draft_length: int,
-                                  slowest_row: bool = False) -> float:
+def predicted_speculative_speedup(
+    row: DecodingRow, stage0_row: DecodingRow, draft_length: int, slowest_row: bool = False
+) -> float:
     """Speedup over full depth that the acceptance and the measured step costs predict. In units of
     one full-depth step (each from its own back-to-back pairs): a round costs ``draft_length`` draft
     steps (1 / stage 0's speedup each) plus the verification it measured, for the round's tokens:
@@ -294,56 +382,92 @@ def decoding_checks(rows: Sequence[DecodingRow], draft_length: int, rate: float 
     by = {(r.batch_size, r.variant, r.kv_policy): r for r in rows}
     for r in rows:
         if r.batch_size == 8 and r.exit_policy == "batch":
-            checks.append((f"batch 8, batch policy ({r.variant.rsplit(', ', 1)[-1]}), {rate:.0%} of steps exit after "
-                           f"stage 0: {r.speedup:.3f}x full depth >= 1.15", r.speedup >= 1.15))
+            checks.append(
+                (
+                    f"batch 8, batch policy ({r.variant.rsplit(', ', 1)[-1]}), {rate:.0%} of steps exit after "
+                    f"stage 0: {r.speedup:.3f}x full depth >= 1.15",
+                    r.speedup >= 1.15,
+                )
+            )
         if r.batch_size == 1 and r.exit_policy == "per_token" and r.kv_policy == "absent" and "forced" in r.variant:
             stage0 = by[(1, "stage 0 only (exit/draft step)", "absent")]
             # In units of a full-depth step: an exiting step costs 1 / stage 0's speedup, a continuing one 1.
             ideal = 1.0 / (rate / stage0.speedup + (1 - rate))
             share = r.speedup / ideal
-            checks.append((f"batch 1, per_token, {rate:.0%} exit: {r.speedup:.3f}x vs ideal {ideal:.3f}x from the "
-                           f"measured steps (stage 0 + head = {1 / stage0.speedup:.3f} of a full step) = {share:.3f} "
-                           f">= 0.9", share >= 0.9))
+            checks.append(
+                (
+                    f"batch 1, per_token, {rate:.0%} exit: {r.speedup:.3f}x vs ideal {ideal:.3f}x from the "
+                    f"measured steps (stage 0 + head = {1 / stage0.speedup:.3f} of a full step) = {share:.3f} "
+                    f">= 0.9",
+                    share >= 0.9,
+                )
+            )
         if r.exit_policy == "speculative":
             stage0 = by[(r.batch_size, "stage 0 only (exit/draft step)", "absent")]
             predicted = predicted_speculative_speedup(r, stage0, draft_length)
-            checks.append((f"batch {r.batch_size}, self-speculative (acceptance {r.acceptance_rate:.1%}, "
-                           f"{r.mean_accepted_length:.2f} tokens/round): {r.speedup:.3f}x vs predicted "
-                           f"{predicted:.3f}x = {r.speedup / predicted:.3f} >= 0.9", r.speedup / predicted >= 0.9))
+            checks.append(
+                (
+                    f"batch {r.batch_size}, self-speculative (acceptance {r.acceptance_rate:.1%}, "
+                    f"{r.mean_accepted_length:.2f} tokens/round): {r.speedup:.3f}x vs predicted "
+                    f"{predicted:.3f}x = {r.speedup / predicted:.3f} >= 0.9",
+                    r.speedup / predicted >= 0.9,
+                )
+            )
             if r.batch_size > 1:  # a batch waits for its slowest row: the same bar on the loop's own rounds
                 waiting = predicted_speculative_speedup(r, stage0, draft_length, slowest_row=True)
-                checks.append((f"batch {r.batch_size}, self-speculative with the loop's rounds (slowest row: "
-                               f"{r.tokens_per_loop_round:.2f} tokens per row per round): {r.speedup:.3f}x vs "
-                               f"predicted {waiting:.3f}x = {r.speedup / waiting:.3f} >= 0.9",
-                               r.speedup / waiting >= 0.9))
+                checks.append(
+                    (
+                        f"batch {r.batch_size}, self-speculative with the loop's rounds (slowest row: "
+                        f"{r.tokens_per_loop_round:.2f} tokens per row per round): {r.speedup:.3f}x vs "
+                        f"predicted {waiting:.3f}x = {r.speedup / waiting:.3f} >= 0.9",
+                        r.speedup / waiting >= 0.9,
+                    )
+                )
     return checks
 
 
 def format_decoding_table(rows: Sequence[DecodingRow]) -> str:
-    lines = ["| batch | variant | K/V | exit after stage 0 | layer cost | stage-1 rows/step | ms/token | "
-             "tokens/s | speedup vs full | same tokens | common prefix | continuation NLL | acceptance |",
-             "|" + "|".join([" --- "] * 13) + "|"]
+    lines = [
+        "| batch | variant | K/V | exit after stage 0 | layer cost | stage-1 rows/step | ms/token | "
+        "tokens/s | speedup vs full | same tokens | common prefix | continuation NLL | acceptance |",
+        "|" + "|".join([" --- "] * 13) + "|",
+    ]
     for r in rows:
+
         def show(x, fmt):
             return "n/a" if isinstance(x, float) and math.isnan(x) else format(x, fmt)
-        lines.append(f"| {r.batch_size} | {r.variant} | {r.kv_policy if r.exit_policy == 'per_token' else '-'} | "
-                     f"{show(r.decode_exit_ratio, '.1%')} | {show(r.layer_cost, '.3f')} | "
-                     f"{show(r.stage1_rows_per_step, '.2f')} | {r.seconds_per_token * 1e3:.3f} | "
-                     f"{1 / r.seconds_per_token:,.0f} | {r.speedup:.3f} | {r.same_tokens:.3f} | "
-                     f"{r.common_prefix:.3f} | {r.continuation_nll:.3f} | {show(r.acceptance_rate, '.1%')} |")
+
+        lines.append(
+            f"| {r.batch_size} | {r.variant} | {r.kv_policy if r.exit_policy == 'per_token' else '-'} | "
+            f"{show(r.decode_exit_ratio, '.1%')} | {show(r.layer_cost, '.3f')} | "
+            f"{show(r.stage1_rows_per_step, '.2f')} | {r.seconds_per_token * 1e3:.3f} | "
+            f"{1 / r.seconds_per_token:,.0f} | {r.speedup:.3f} | {r.same_tokens:.3f} | "
+            f"{r.common_prefix:.3f} | {r.continuation_nll:.3f} | {show(r.acceptance_rate, '.1%')} |"
+        )
     return "\n".join(lines)
 
 
 def format_teacher_forced_table(rows: Sequence[TeacherForcedRow]) -> str:
-    lines = ["| K/V policy | PPL | exit at stage 0 | layer cost | counted FLOP ratio | recomputed tokens | "
-             "propagated K/V (token x stage) |", "|" + "|".join([" --- "] * 7) + "|"]
+    lines = [
+        "| K/V policy | PPL | exit at stage 0 | layer cost | counted FLOP ratio | recomputed tokens | "
+        "propagated K/V (token x stage) |",
+        "|" + "|".join([" --- "] * 7) + "|",
+    ]
     for r in rows:
-        lines.append(f"| {r.kv_policy} | {r.ppl:.3f} | {r.exit_ratio_stage0:.3f} | {r.layer_cost:.3f} | "
-                     f"{r.flop_ratio:.3f} | {r.recomputed_tokens:,} | {r.propagated_tokens:,} |")
+        lines.append(
+            f"| {r.kv_policy} | {r.ppl:.3f} | {r.exit_ratio_stage0:.3f} | {r.layer_cost:.3f} | "
+            f"{r.flop_ratio:.3f} | {r.recomputed_tokens:,} | {r.propagated_tokens:,} |"
+        )
     return "\n".join(lines)
 
 
 def write_decoding_bench(rows, teacher_forced, checks, conditions: dict, path: "Path | str") -> None:
-    write_json_atomic(Path(path), {
-        "conditions": conditions, "checks": [{"check": text, "met": met} for text, met in checks],
-        "rows": [asdict(r) for r in rows], "teacher_forced": [asdict(r) for r in teacher_forced]})
+    write_json_atomic(
+        Path(path),
+        {
+            "conditions": conditions,
+            "checks": [{"check": text, "met": met} for text, met in checks],
+            "rows": [asdict(r) for r in rows],
+            "teacher_forced": [asdict(r) for r in teacher_forced],
+        },
+    )

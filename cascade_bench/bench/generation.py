@@ -61,6 +61,6 @@ class ForcedExitRate:
         end = self._used + n
         if end > self._pattern.numel() or self._pattern.device != h_out.device:
             self._extend(max(end, 2 * self._pattern.numel()), h_out.device)
-        decisions = self._pattern[self._used:end]
+        decisions = self._pattern[self._used : end]
         self._used = end
         return decisions

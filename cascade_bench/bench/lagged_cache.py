@@ -22,25 +22,50 @@ from ..training.loops import TrainConfig
 SEED_SPEEDUP_CLAIM = 22.0
 
 
-def recurrent_part(streams: dict, vocab_size: int, window: int = 128, batch_size: int = 16, max_epochs: int = 40,
-                   patience: int = 2, lr: float = 1e-3, seed: int = 0, orders: Sequence[str] = RECURRENT_ORDERS,
-                   progress: bool = True) -> list[dict]:
+def recurrent_part(
+    streams: dict,
+    vocab_size: int,
+    window: int = 128,
+    batch_size: int = 16,
+    max_epochs: int = 40,
+    patience: int = 2,
+    lr: float = 1e-3,
+    seed: int = 0,
+    orders: Sequence[str] = RECURRENT_ORDERS,
+    progress: bool = True,
+) -> list[dict]:
     """Rows of the table: one per training order (see module docstring)."""
     train, validation, test = (recurrent_windows(streams[s], window) for s in ("train", "validation", "test"))
     rows, reference = [], None
     for order in orders:
         torch.manual_seed(seed)
         model = RecurrentContextLM(vocab_size)
-        history = train_recurrent(model, train, validation, order,
-                                  TrainConfig(lr=lr, max_epochs=max_epochs, patience=patience, seed=seed),
-                                  batch_size=batch_size, progress=progress)
+        history = train_recurrent(
+            model,
+            train,
+            validation,
+            order,
+            TrainConfig(lr=lr, max_epochs=max_epochs, patience=patience, seed=seed),
+            batch_size=batch_size,
+            progress=progress,
+        )
         total, count = recurrent_nll(model, test)
         tokens_per_s = history.tokens_per_s
         reference = reference or tokens_per_s
-        rows.append({"order": order, "window": window, "epochs": history.epochs, "best epoch": history.best_epoch + 1,
-                     "stopped by": history.stop_reason, "train s / epoch": history.train_tokens / tokens_per_s /
-                     history.epochs, "tokens / s": tokens_per_s, "speedup": tokens_per_s / reference,
-                     "validation PPL": history.best_val_ppl, "test PPL": float(torch.tensor(total / count).exp())})
+        rows.append(
+            {
+                "order": order,
+                "window": window,
+                "epochs": history.epochs,
+                "best epoch": history.best_epoch + 1,
+                "stopped by": history.stop_reason,
+                "train s / epoch": history.train_tokens / tokens_per_s / history.epochs,
+                "tokens / s": tokens_per_s,
+                "speedup": tokens_per_s / reference,
+                "validation PPL": history.best_val_ppl,
+                "test PPL": float(torch.tensor(total / count).exp()),
+            }
+        )
         if progress:
             print(f"[recurrent] {order}: {rows[-1]}", flush=True)
     return rows

@@ -78,6 +78,7 @@ def _save(model, folder: Path, history: dict) -> None:
 
 # -- data ----------------------------------------------------------------------------------------------
 
+
 def corpus_streams(tokenizer: str = "bpe:1024", cache_dir: "Path | str | None" = None):
     """(tokenizer, {split: 1-D token stream}) of the embedded corpus, documents joined with EOS."""
     from ..data.corpus import load_corpus
@@ -91,38 +92,71 @@ def corpus_streams(tokenizer: str = "bpe:1024", cache_dir: "Path | str | None" =
 
 # -- training: sequential vs lagged chunk memories ---------------------------------------------------------------------
 
-def training_part(streams: dict, out: Path, presets: Sequence[str] = PRESETS, chunk_len: int = 256,
-                  train_streams: int = 32, train_chunks: int = 8, batch_size: int = 8, max_epochs: int = 20,
-                  patience: int = 2, seed: int = 0, progress: bool = True) -> list[dict]:
+
+def training_part(
+    streams: dict,
+    out: Path,
+    presets: Sequence[str] = PRESETS,
+    chunk_len: int = 256,
+    train_streams: int = 32,
+    train_chunks: int = 8,
+    batch_size: int = 8,
+    max_epochs: int = 20,
+    patience: int = 2,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[dict]:
     """Train each preset in each order (pythia: sequential only; it has no memory to lag); rows of the
     table, models saved under ``out/models/<preset>-<order>``."""
     train = stream_chunks(streams["train"], train_streams, chunk_len, train_chunks)
     validation = stream_chunks(streams["validation"], 8, chunk_len, 4)
     rows = []
     for preset in presets:
-        for order in (("sequential",) if preset == "pythia" else TRAINING_ORDERS):
+        for order in ("sequential",) if preset == "pythia" else TRAINING_ORDERS:
             folder = out / "models" / f"{preset}-{order}"
             model, history = _saved(folder)
             if model is None:
                 model = build_model(preset, seed)
-                trained = train_on_streams(model, train, validation, order, batch_size=batch_size,
-                                           patience=patience, max_epochs=max_epochs, seed=seed)
-                history = {"order": order, "epoch_seconds": trained.epoch_seconds,
-                           "validation_ppl": trained.validation_ppl, "best_epoch": trained.best_epoch,
-                           "stopped_by": trained.stopped_by, "steps_per_epoch": trained.steps_per_epoch,
-                           "train_tokens_per_epoch": int(train.numel())}
+                trained = train_on_streams(
+                    model,
+                    train,
+                    validation,
+                    order,
+                    batch_size=batch_size,
+                    patience=patience,
+                    max_epochs=max_epochs,
+                    seed=seed,
+                )
+                history = {
+                    "order": order,
+                    "epoch_seconds": trained.epoch_seconds,
+                    "validation_ppl": trained.validation_ppl,
+                    "best_epoch": trained.best_epoch,
+                    "stopped_by": trained.stopped_by,
+                    "steps_per_epoch": trained.steps_per_epoch,
+                    "train_tokens_per_epoch": int(train.numel()),
+                }
                 _save(model, folder, history)
             seconds = statistics.median(history["epoch_seconds"])
-            rows.append({"preset": preset, "order": order, "epochs": len(history["epoch_seconds"]),
-                         "best epoch": history["best_epoch"], "stopped by": history["stopped_by"],
-                         "s / epoch": seconds, "tokens / s": history["train_tokens_per_epoch"] / seconds,
-                         "validation PPL": history["validation_ppl"][history["best_epoch"] - 1]})
+            rows.append(
+                {
+                    "preset": preset,
+                    "order": order,
+                    "epochs": len(history["epoch_seconds"]),
+                    "best epoch": history["best_epoch"],
+                    "stopped by": history["stopped_by"],
+                    "s / epoch": seconds,
+                    "tokens / s": history["train_tokens_per_epoch"] / seconds,
+                    "validation PPL": history["validation_ppl"][history["best_epoch"] - 1],
+                }
+            )
             if progress:
                 print(f"[training] {preset}/{order}: {rows[-1]}", flush=True)
     return rows
 
 
 # -- context length -----------------------------------------------------------------------------------
+
 
 def cache_bytes(cache) -> int:
     """Bytes of every tensor a decoding cache holds (K/V of attention layers; a memory layer's current
@@ -168,18 +202,28 @@ def context_costs(model, ids: Tensor, repeats: int = 3) -> dict:
         seconds.append(time.perf_counter() - started)
     cache = DynamicCache()
     model(input_ids=ids, use_cache=True, **with_cache(cache))
-    return {"FLOPs / token": counted.flops / length, "ms / token": 1e3 * statistics.median(seconds) / length,
-            "peak MB": peak / 2 ** 20, "cache KB": cache_bytes(cache) / 2 ** 10, "peak_measured_as": how}
+    return {
+        "FLOPs / token": counted.flops / length,
+        "ms / token": 1e3 * statistics.median(seconds) / length,
+        "peak MB": peak / 2**20,
+        "cache KB": cache_bytes(cache) / 2**10,
+        "peak_measured_as": how,
+    }
 
 
-def context_part(streams: dict, out: Path, presets: Sequence[str] = PRESETS,
-                 lengths: Sequence[int] = CONTEXT_LENGTHS, eval_tokens: int = 16385, repeats: int = 3,
-                 progress: bool = True) -> list[dict]:
+def context_part(
+    streams: dict,
+    out: Path,
+    presets: Sequence[str] = PRESETS,
+    lengths: Sequence[int] = CONTEXT_LENGTHS,
+    eval_tokens: int = 16385,
+    repeats: int = 3,
+    progress: bool = True,
+) -> list[dict]:
     """The trained models (``training_part``) at each context length: rows of the table."""
     test = streams["test"][:eval_tokens]
     if test.numel() < max(lengths) + 1:
-        raise ValueError(f"the test split has {test.numel()} tokens, fewer than the longest context "
-                         f"{max(lengths)} + 1")
+        raise ValueError(f"the test split has {test.numel()} tokens, fewer than the longest context {max(lengths)} + 1")
     rows = []
     for preset in presets:
         model, _ = _saved(out / "models" / f"{preset}-{'sequential' if preset == 'pythia' else 'lagged-chunks'}")
@@ -187,8 +231,13 @@ def context_part(streams: dict, out: Path, presets: Sequence[str] = PRESETS,
             raise ValueError(f"no trained {preset} model under {out / 'models'}: run the training part first")
         for length in lengths:
             ppl, scored = sliding_ppl(model, test, length, length // 2)
-            row = {"preset": preset, "context": length, "PPL": ppl, "scored tokens": scored,
-                   **context_costs(model, test[None, :length], repeats)}
+            row = {
+                "preset": preset,
+                "context": length,
+                "PPL": ppl,
+                "scored tokens": scored,
+                **context_costs(model, test[None, :length], repeats),
+            }
             rows.append(row)
             if progress:
                 print(f"[context] {preset} @ {length}: {row}", flush=True)
@@ -200,8 +249,12 @@ def plot_context(rows: Sequence[dict], stem: Path) -> list[Path]:
     from ..experiment.plots import _pyplot, _save
 
     plt = _pyplot()
-    panels = (("FLOPs / token", "counted FLOPs per token"), ("ms / token", "wall ms per token (CPU)"),
-              ("cache KB", "decoding cache after prefill (KB)"), ("PPL", "sliding-window PPL"))
+    panels = (
+        ("FLOPs / token", "counted FLOPs per token"),
+        ("ms / token", "wall ms per token (CPU)"),
+        ("cache KB", "decoding cache after prefill (KB)"),
+        ("PPL", "sliding-window PPL"),
+    )
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
     for ax, (column, title) in zip(axes, panels):
         for preset in dict.fromkeys(r["preset"] for r in rows):
@@ -240,16 +293,16 @@ def answer_ppl(model, statements: Sequence[tuple[str, str]], batch_size: int = 6
     model.eval()
     nll, tokens = 0.0, 0
     for start in range(0, len(statements), batch_size):
-        group = statements[start:start + batch_size]
+        group = statements[start : start + batch_size]
         encoded = [([EOS_BYTE] + _encode(p), _encode(a)) for p, a in group]
         length = max(len(p) + len(a) for p, a in encoded)
         ids = torch.zeros(len(group), length, dtype=torch.long)
         mask = torch.zeros(len(group), length, dtype=torch.long)
         targets = torch.full((len(group), length), IGNORE_INDEX)
         for row, (p, a) in enumerate(encoded):
-            ids[row, :len(p) + len(a)] = torch.tensor(p + a)
-            mask[row, :len(p) + len(a)] = 1
-            targets[row, len(p) - 1:len(p) + len(a) - 1] = torch.tensor(a)  # position t predicts token t + 1
+            ids[row, : len(p) + len(a)] = torch.tensor(p + a)
+            mask[row, : len(p) + len(a)] = 1
+            targets[row, len(p) - 1 : len(p) + len(a) - 1] = torch.tensor(a)  # position t predicts token t + 1
         logits = model(input_ids=ids, attention_mask=mask).logits
         scored = targets != IGNORE_INDEX
         nll += float(torch.nn.functional.cross_entropy(logits[scored].float(), targets[scored], reduction="sum"))
@@ -257,21 +310,29 @@ def answer_ppl(model, statements: Sequence[tuple[str, str]], batch_size: int = 6
     return math.exp(nll / tokens)
 
 
-def train_on_relation(model, pairs, window: int = 128, batch_size: int = 8, lr: float = 1e-3, patience: int = 3,
-                      max_epochs: int = 150, seed: int = 0) -> dict:
+def train_on_relation(
+    model,
+    pairs,
+    window: int = 128,
+    batch_size: int = 8,
+    lr: float = 1e-3,
+    patience: int = 3,
+    max_epochs: int = 150,
+    seed: int = 0,
+) -> dict:
     """Train on forward statements (a freshly shuffled EOS-joined stream each epoch, cut into windows,
     never padded) until the forward answers' PPL has not improved for ``patience`` epochs."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     forward = [statement(*pair, "forward") for pair in pairs]
     best, best_state, waited, history = math.inf, None, 0, []
-    for epoch in range(1, max_epochs + 1):
+    for _epoch in range(1, max_epochs + 1):
         model.train()
         stream = relation_stream(pairs, generator)
-        windows = stream[:stream.numel() // window * window].view(-1, window)
+        windows = stream[: stream.numel() // window * window].view(-1, window)
         windows = windows[torch.randperm(windows.shape[0], generator=generator)]
         for start in range(0, windows.shape[0], batch_size):
-            ids = windows[start:start + batch_size]
+            ids = windows[start : start + batch_size]
             loss = model(input_ids=ids, labels=ids).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -287,12 +348,16 @@ def train_on_relation(model, pairs, window: int = 128, batch_size: int = 8, lr: 
                 break
     model.load_state_dict(best_state)
     model.eval()
-    return {"forward_answer_ppl_per_epoch": history, "epochs": len(history),
-            "stopped_by": "early stopping" if len(history) < max_epochs else "epoch cap"}
+    return {
+        "forward_answer_ppl_per_epoch": history,
+        "epochs": len(history),
+        "stopped_by": "early stopping" if len(history) < max_epochs else "epoch cap",
+    }
 
 
-def reversal_part(out: Path, presets: Sequence[str] = PRESETS, max_epochs: int = 150, seed: int = 0,
-                  progress: bool = True) -> list[dict]:
+def reversal_part(
+    out: Path, presets: Sequence[str] = PRESETS, max_epochs: int = 150, seed: int = 0, progress: bool = True
+) -> list[dict]:
     pairs = entity_pairs()
     forward = [statement(*pair, "forward") for pair in pairs]
     backward = [statement(*pair, "backward") for pair in pairs]
@@ -307,17 +372,30 @@ def reversal_part(out: Path, presets: Sequence[str] = PRESETS, max_epochs: int =
             history = train_on_relation(model, pairs, max_epochs=max_epochs, seed=seed)
             _save(model, folder, history)
         f, b, m = answer_ppl(model, forward), answer_ppl(model, backward), answer_ppl(model, mismatched)
-        rows.append({"preset": preset, "epochs": history["epochs"], "stopped by": history["stopped_by"],
-                     "forward PPL": f, "backward PPL": b, "gap (nats)": math.log(b) - math.log(f),
-                     "backward, wrong answer PPL": m})
+        rows.append(
+            {
+                "preset": preset,
+                "epochs": history["epochs"],
+                "stopped by": history["stopped_by"],
+                "forward PPL": f,
+                "backward PPL": b,
+                "gap (nats)": math.log(b) - math.log(f),
+                "backward, wrong answer PPL": m,
+            }
+        )
         if progress:
             print(f"[reversal] {preset}: {rows[-1]}", flush=True)
     return rows
 
 
-def run_memory_bench(out: "Path | str" = "memory_bench", parts: Sequence[str] = MEMORY_PARTS,
-                     presets: Sequence[str] = PRESETS, lengths: Sequence[int] = CONTEXT_LENGTHS,
-                     max_epochs: Optional[int] = None, progress: bool = True) -> dict[str, Path]:
+def run_memory_bench(
+    out: "Path | str" = "memory_bench",
+    parts: Sequence[str] = MEMORY_PARTS,
+    presets: Sequence[str] = PRESETS,
+    lengths: Sequence[int] = CONTEXT_LENGTHS,
+    max_epochs: Optional[int] = None,
+    progress: bool = True,
+) -> dict[str, Path]:
     """Run the named parts; write ``results/memory_<part>.{md,tex,csv}`` and ``plots/memory_context.*``
     under ``out``; return the paths."""
     import pandas as pd
@@ -334,10 +412,12 @@ def run_memory_bench(out: "Path | str" = "memory_bench", parts: Sequence[str] = 
     out = Path(out)
     results = out / "results"
     written: dict[str, Path] = {}
-    captions = {"training": "memory-layer presets: sequential vs lagged chunk memories",
-                "recurrent": "recurrent context model: Lagged Cache Training vs training through the recurrence",
-                "context": "memory-layer presets: cost and PPL against context length",
-                "reversal": "memory-layer presets: reversal curse on HTML entities"}
+    captions = {
+        "training": "memory-layer presets: sequential vs lagged chunk memories",
+        "recurrent": "recurrent context model: Lagged Cache Training vs training through the recurrence",
+        "context": "memory-layer presets: cost and PPL against context length",
+        "reversal": "memory-layer presets: reversal curse on HTML entities",
+    }
     streams = None
     if {"training", "context", "recurrent"} & set(parts):
         tokenizer, streams = corpus_streams(cache_dir=out / "tokenizers")
@@ -357,6 +437,8 @@ def run_memory_bench(out: "Path | str" = "memory_bench", parts: Sequence[str] = 
         frame = pd.DataFrame(rows).drop(columns=["peak_measured_as"], errors="ignore")
         for path in write_table(frame, results / f"memory_{part}", captions[part]):
             written[f"{part}_{path.suffix[1:]}"] = path
-        write_json_atomic(results / f"memory_{part}.json",
-                          {"rows": rows, "conditions": environment_conditions(torch.device("cpu"), torch.float32)})
+        write_json_atomic(
+            results / f"memory_{part}.json",
+            {"rows": rows, "conditions": environment_conditions(torch.device("cpu"), torch.float32)},
+        )
     return written

@@ -37,17 +37,29 @@ def benchmark_frame(path: "Path | str") -> pd.DataFrame:
         method = params.get("method") or params.get("baseline")
         if method is None:
             continue
-        rows.append({
-            "shape": "x".join(map(str, info.get("batch_shape", []))), "method": method,
-            "exit ratio": params.get("exit_ratio"), "median ms": bench["stats"]["median"] * 1e3,
-            "IQR ms": bench["stats"]["iqr"] * 1e3, "rounds": bench["stats"]["rounds"],
-            "FLOP ratio": info["flop_ratio"], "layer cost": info["layer_cost"],
-            "exit at stage 0": info["exit_ratios"][0], "PPL": info["ppl"], "tokens": info["tokens"],
-            "device": info.get("device"), "dtype": info.get("dtype"),
-            "wall ratio (interleaved)": info.get("wall_ratio_interleaved", float("nan"))})
+        rows.append(
+            {
+                "shape": "x".join(map(str, info.get("batch_shape", []))),
+                "method": method,
+                "exit ratio": params.get("exit_ratio"),
+                "median ms": bench["stats"]["median"] * 1e3,
+                "IQR ms": bench["stats"]["iqr"] * 1e3,
+                "rounds": bench["stats"]["rounds"],
+                "FLOP ratio": info["flop_ratio"],
+                "layer cost": info["layer_cost"],
+                "exit at stage 0": info["exit_ratios"][0],
+                "PPL": info["ppl"],
+                "tokens": info["tokens"],
+                "device": info.get("device"),
+                "dtype": info.get("dtype"),
+                "wall ratio (interleaved)": info.get("wall_ratio_interleaved", float("nan")),
+            }
+        )
     if not rows:
-        raise ValueError(f"{path} has no routing benchmarks with extra_info (run pytest benchmarks/ "
-                         f"--benchmark-only --benchmark-json FILE; block benchmarks: cascade-bench bench-blocks)")
+        raise ValueError(
+            f"{path} has no routing benchmarks with extra_info (run pytest benchmarks/ "
+            f"--benchmark-only --benchmark-json FILE; block benchmarks: cascade-bench bench-blocks)"
+        )
     frame = pd.DataFrame(rows)
     full = frame[frame.method == "full"].set_index("shape")["median ms"]
     frame["wall ratio"] = frame.apply(lambda r: r["median ms"] / full.get(r["shape"], float("nan")), axis=1)

@@ -34,7 +34,7 @@ from ..routing import compaction
 from ..routing.calibration import hard_ratio_of_exit_ratio, threshold_for_hard_ratio
 from ..routing.passes import forward_cascade
 from ..stages.ensemble import Ensemble, evaluation_mode
-from ..stages.exit_rules import ExitClassifier, MLP_HIDDEN_UNITS, low_rank_max_prob, parse_rule_spec, top_k_max_prob
+from ..stages.exit_rules import MLP_HIDDEN_UNITS, ExitClassifier, low_rank_max_prob, parse_rule_spec, top_k_max_prob
 
 #: name -> forward_cascade keyword arguments
 BENCH_METHODS: dict[str, dict] = {
@@ -76,13 +76,21 @@ def stage0_confidence(ensemble: Ensemble, input_ids: torch.Tensor) -> torch.Tens
 
 def forced_thresholds(ensemble: Ensemble, confidence: torch.Tensor, exit_ratio: float) -> list[float]:
     """Thresholds that make ``exit_ratio`` of the batch exit at stage 0; later stages keep everyone."""
-    return [threshold_for_hard_ratio(confidence, hard_ratio_of_exit_ratio(exit_ratio)),
-            *[math.inf] * (len(ensemble) - 2)]
+    return [
+        threshold_for_hard_ratio(confidence, hard_ratio_of_exit_ratio(exit_ratio)),
+        *[math.inf] * (len(ensemble) - 2),
+    ]
 
 
-def bench_routing(ensemble: Ensemble, input_ids: torch.Tensor, exit_ratios: Sequence[float] = (0.25, 0.5, 0.75),
-                  methods: Sequence[str] = tuple(BENCH_METHODS), warmup: int = 2, repeats: int = 7,
-                  progress: bool = True) -> list[BenchRow]:
+def bench_routing(
+    ensemble: Ensemble,
+    input_ids: torch.Tensor,
+    exit_ratios: Sequence[float] = (0.25, 0.5, 0.75),
+    methods: Sequence[str] = tuple(BENCH_METHODS),
+    warmup: int = 2,
+    repeats: int = 7,
+    progress: bool = True,
+) -> list[BenchRow]:
     """Measure every method at every forced exit ratio after stage 0 (see module docstring)."""
     unknown = [m for m in methods if m not in BENCH_METHODS]
     if unknown or "full" not in methods:
@@ -93,8 +101,10 @@ def bench_routing(ensemble: Ensemble, input_ids: torch.Tensor, exit_ratios: Sequ
         confidence = stage0_confidence(ensemble, input_ids)
         for ratio in exit_ratios:
             thresholds = forced_thresholds(ensemble, confidence, ratio)
-            calls = {m: (lambda kw=BENCH_METHODS[m]: forward_cascade(ensemble, input_ids, thresholds=thresholds, **kw))
-                     for m in methods}
+            calls = {
+                m: (lambda kw=BENCH_METHODS[m]: forward_cascade(ensemble, input_ids, thresholds=thresholds, **kw))
+                for m in methods
+            }
             for _ in range(warmup):
                 for call in calls.values():
                     call()
@@ -109,12 +119,23 @@ def bench_routing(ensemble: Ensemble, input_ids: torch.Tensor, exit_ratios: Sequ
                 measured[m] = (TimingStats(tuple(samples[m])), flops.flops, peak, out)
             full_time, full_flops, full_peak, _ = measured["full"]
             for m, (stats, flops, peak, out) in measured.items():
-                rows.append(BenchRow(
-                    target_exit_ratio=ratio, method=m, exit_ratio=out.exit_ratios[0], median_s=stats.median,
-                    iqr_s=stats.iqr, tokens_per_s=num_tokens / stats.median, flops=flops, peak_bytes=peak,
-                    layer_cost=out.layer_cost, padding_waste=max(out.padding_waste),
-                    wall_ratio=paired_ratio(samples[m], samples["full"]), flop_ratio=flops / full_flops,
-                    memory_ratio=peak / full_peak))
+                rows.append(
+                    BenchRow(
+                        target_exit_ratio=ratio,
+                        method=m,
+                        exit_ratio=out.exit_ratios[0],
+                        median_s=stats.median,
+                        iqr_s=stats.iqr,
+                        tokens_per_s=num_tokens / stats.median,
+                        flops=flops,
+                        peak_bytes=peak,
+                        layer_cost=out.layer_cost,
+                        padding_waste=max(out.padding_waste),
+                        wall_ratio=paired_ratio(samples[m], samples["full"]),
+                        flop_ratio=flops / full_flops,
+                        memory_ratio=peak / full_peak,
+                    )
+                )
             if progress:
                 print(f"  exit ratio {ratio:.2f}: done", flush=True)
     return rows
@@ -145,28 +166,46 @@ def check_bars(rows: Sequence[BenchRow], wall_over_flop_max: float = WALL_OVER_F
         for name, row in group.items():
             if not name.startswith("routed"):
                 continue
-            checks.append((f"exit {ratio:.0%} {name}: wall ratio {row.wall_ratio:.3f} <= "
-                           f"{wall_over_flop_max} x FLOP ratio {row.flop_ratio:.3f} "
-                           f"(= {wall_over_flop_max * row.flop_ratio:.3f})",
-                           row.wall_ratio <= wall_over_flop_max * row.flop_ratio))
+            checks.append(
+                (
+                    f"exit {ratio:.0%} {name}: wall ratio {row.wall_ratio:.3f} <= "
+                    f"{wall_over_flop_max} x FLOP ratio {row.flop_ratio:.3f} "
+                    f"(= {wall_over_flop_max * row.flop_ratio:.3f})",
+                    row.wall_ratio <= wall_over_flop_max * row.flop_ratio,
+                )
+            )
             if "masked" in group:
-                checks.append((f"exit {ratio:.0%} {name}: {row.median_s * 1e3:.1f} ms not slower than masked "
-                               f"{group['masked'].median_s * 1e3:.1f} ms", row.median_s <= group["masked"].median_s))
-            checks.append((f"exit {ratio:.0%} {name}: peak memory {row.peak_bytes / 2**20:.1f} MiB <= full "
-                           f"{group['full'].peak_bytes / 2**20:.1f} MiB", row.peak_bytes <= group["full"].peak_bytes))
+                checks.append(
+                    (
+                        f"exit {ratio:.0%} {name}: {row.median_s * 1e3:.1f} ms not slower than masked "
+                        f"{group['masked'].median_s * 1e3:.1f} ms",
+                        row.median_s <= group["masked"].median_s,
+                    )
+                )
+            checks.append(
+                (
+                    f"exit {ratio:.0%} {name}: peak memory {row.peak_bytes / 2**20:.1f} MiB <= full "
+                    f"{group['full'].peak_bytes / 2**20:.1f} MiB",
+                    row.peak_bytes <= group["full"].peak_bytes,
+                )
+            )
     return checks
 
 
 def format_table(rows: Sequence[BenchRow]) -> str:
     """A Markdown table of the rows."""
-    header = ("| forced exit | method | exit at stage 0 | median ms | IQR ms | tokens/s | wall ratio | FLOP ratio | "
-              "wall/FLOP | layer cost | padding | peak MiB | memory ratio |")
+    header = (
+        "| forced exit | method | exit at stage 0 | median ms | IQR ms | tokens/s | wall ratio | FLOP ratio | "
+        "wall/FLOP | layer cost | padding | peak MiB | memory ratio |"
+    )
     lines = [header, "|" + "|".join([" --- "] * 13) + "|"]
     for r in rows:
-        lines.append(f"| {r.target_exit_ratio:.0%} | {r.method} | {r.exit_ratio:.1%} | {r.median_s * 1e3:.1f} | "
-                     f"{r.iqr_s * 1e3:.1f} | "
-                     f"{r.tokens_per_s:,.0f} | {r.wall_ratio:.3f} | {r.flop_ratio:.3f} | {r.wall_over_flop:.3f} | "
-                     f"{r.layer_cost:.3f} | {r.padding_waste:.1%} | {r.peak_bytes / 2**20:.1f} | {r.memory_ratio:.3f} |")
+        lines.append(
+            f"| {r.target_exit_ratio:.0%} | {r.method} | {r.exit_ratio:.1%} | {r.median_s * 1e3:.1f} | "
+            f"{r.iqr_s * 1e3:.1f} | "
+            f"{r.tokens_per_s:,.0f} | {r.wall_ratio:.3f} | {r.flop_ratio:.3f} | {r.wall_over_flop:.3f} | "
+            f"{r.layer_cost:.3f} | {r.padding_waste:.1%} | {r.peak_bytes / 2**20:.1f} | {r.memory_ratio:.3f} |"
+        )
     return "\n".join(lines)
 
 
@@ -221,9 +260,16 @@ def with_rule(ensemble: Ensemble, spec: str, candidate_ids: Optional[torch.Tenso
     return copied.eval()
 
 
-def bench_exit_rules(ensemble: Ensemble, input_ids: torch.Tensor, rules: Sequence[str] = BENCH_RULES,
-                     exit_ratios: Sequence[float] = (0.25, 0.5, 0.75), batching: Sequence[str] = ("padded", "bucketed"),
-                     warmup: int = 2, repeats: int = 7, progress: bool = True) -> list[RuleRow]:
+def bench_exit_rules(
+    ensemble: Ensemble,
+    input_ids: torch.Tensor,
+    rules: Sequence[str] = BENCH_RULES,
+    exit_ratios: Sequence[float] = (0.25, 0.5, 0.75),
+    batching: Sequence[str] = ("padded", "bucketed"),
+    warmup: int = 2,
+    repeats: int = 7,
+    progress: bool = True,
+) -> list[RuleRow]:
     """Routed early exit under every rule (each batching mode) against the full cascade, at every
     forced exit ratio after stage 0; timed repeats interleaved across all of them."""
     from ..data.batch import most_frequent_ids
@@ -239,8 +285,9 @@ def bench_exit_rules(ensemble: Ensemble, input_ids: torch.Tensor, rules: Sequenc
             for spec, cascade in cascades.items():
                 thresholds = forced_thresholds(cascade, stage0_confidence(cascade, input_ids), ratio)
                 for mode in batching:
-                    calls[(spec, mode)] = (lambda c=cascade, th=thresholds, m=mode:
-                                           forward_cascade(c, input_ids, method="routed", batching=m, thresholds=th))
+                    calls[(spec, mode)] = lambda c=cascade, th=thresholds, m=mode: forward_cascade(
+                        c, input_ids, method="routed", batching=m, thresholds=th
+                    )
             for _ in range(warmup):
                 for call in calls.values():
                     call()
@@ -255,15 +302,28 @@ def bench_exit_rules(ensemble: Ensemble, input_ids: torch.Tensor, rules: Sequenc
                     continue
                 flops, out = count_flops(call)
                 stages = list(cascades[spec])
-                costs = routed_cost([s.config for s in stages], out.stage_batch_shapes, out.head_tokens,
-                                    exit_rule_macs(stages, out.decided_tokens), head_macs=head_macs_of(stages))
+                costs = routed_cost(
+                    [s.config for s in stages],
+                    out.stage_batch_shapes,
+                    out.head_tokens,
+                    exit_rule_macs(stages, out.decided_tokens),
+                    head_macs=head_macs_of(stages),
+                )
                 decision = sum(decision_flops(costs, out.head_tokens, out.tokens_exited))
-                rows.append(RuleRow(
-                    target_exit_ratio=ratio, rule=spec, batching=mode, exit_ratio=out.exit_ratios[0],
-                    median_s=TimingStats(tuple(samples[(spec, mode)])).median, layer_cost=out.layer_cost,
-                    flop_ratio=flops.flops / full_flops,
-                    wall_ratio=TimingStats(tuple(samples[(spec, mode)])).median / full_time,
-                    decision_share=decision / flops.flops, rule_macs_per_token=stages[0].exit_function.macs_per_token))
+                rows.append(
+                    RuleRow(
+                        target_exit_ratio=ratio,
+                        rule=spec,
+                        batching=mode,
+                        exit_ratio=out.exit_ratios[0],
+                        median_s=TimingStats(tuple(samples[(spec, mode)])).median,
+                        layer_cost=out.layer_cost,
+                        flop_ratio=flops.flops / full_flops,
+                        wall_ratio=TimingStats(tuple(samples[(spec, mode)])).median / full_time,
+                        decision_share=decision / flops.flops,
+                        rule_macs_per_token=stages[0].exit_function.macs_per_token,
+                    )
+                )
             if progress:
                 print(f"  exit rules at exit ratio {ratio:.2f}: done", flush=True)
     return rows
@@ -276,30 +336,51 @@ def check_rule_bars(rows: Sequence[RuleRow], wall_over_flop_max: float = WALL_OV
     for row in rows:
         if row.rule != "classifier" or abs(row.target_exit_ratio - 0.5) > 1e-9:
             continue
-        checks.append((f"exit 50% classifier ({row.batching}): FLOP ratio {row.flop_ratio:.3f} <= layer cost "
-                       f"{row.layer_cost:.3f} + {CLASSIFIER_FLOP_MARGIN} (= {row.layer_cost + CLASSIFIER_FLOP_MARGIN:.3f})",
-                       row.flop_ratio <= row.layer_cost + CLASSIFIER_FLOP_MARGIN))
-        checks.append((f"exit 50% classifier ({row.batching}): wall ratio {row.wall_ratio:.3f} <= {wall_over_flop_max} "
-                       f"x FLOP ratio {row.flop_ratio:.3f} (= {wall_over_flop_max * row.flop_ratio:.3f})",
-                       row.wall_ratio <= wall_over_flop_max * row.flop_ratio))
+        checks.append(
+            (
+                f"exit 50% classifier ({row.batching}): FLOP ratio {row.flop_ratio:.3f} <= layer cost "
+                f"{row.layer_cost:.3f} + {CLASSIFIER_FLOP_MARGIN} (= {row.layer_cost + CLASSIFIER_FLOP_MARGIN:.3f})",
+                row.flop_ratio <= row.layer_cost + CLASSIFIER_FLOP_MARGIN,
+            )
+        )
+        checks.append(
+            (
+                f"exit 50% classifier ({row.batching}): wall ratio {row.wall_ratio:.3f} <= {wall_over_flop_max} "
+                f"x FLOP ratio {row.flop_ratio:.3f} (= {wall_over_flop_max * row.flop_ratio:.3f})",
+                row.wall_ratio <= wall_over_flop_max * row.flop_ratio,
+            )
+        )
     return checks
 
 
 def format_rule_table(rows: Sequence[RuleRow]) -> str:
     """A Markdown table of the exit-rule rows."""
-    lines = ["| forced exit | exit rule | batching | exit at stage 0 | rule MACs/token | median ms | layer cost | "
-             "FLOP ratio | decision share | wall ratio | wall/FLOP |", "|" + "|".join([" --- "] * 11) + "|"]
+    lines = [
+        "| forced exit | exit rule | batching | exit at stage 0 | rule MACs/token | median ms | layer cost | "
+        "FLOP ratio | decision share | wall ratio | wall/FLOP |",
+        "|" + "|".join([" --- "] * 11) + "|",
+    ]
     for r in rows:
-        lines.append(f"| {r.target_exit_ratio:.0%} | {r.rule} | {r.batching} | {r.exit_ratio:.1%} | "
-                     f"{r.rule_macs_per_token:,} | {r.median_s * 1e3:.1f} | {r.layer_cost:.3f} | {r.flop_ratio:.3f} | "
-                     f"{r.decision_share:.1%} | {r.wall_ratio:.3f} | {r.wall_over_flop:.3f} |")
+        lines.append(
+            f"| {r.target_exit_ratio:.0%} | {r.rule} | {r.batching} | {r.exit_ratio:.1%} | "
+            f"{r.rule_macs_per_token:,} | {r.median_s * 1e3:.1f} | {r.layer_cost:.3f} | {r.flop_ratio:.3f} | "
+            f"{r.decision_share:.1%} | {r.wall_ratio:.3f} | {r.wall_over_flop:.3f} |"
+        )
     return "\n".join(lines)
 
 
-def run_routing_bench(ensemble: Ensemble, model: str, batch_size: int = 8, seq_len: int = 512,
-                      exit_ratios: Sequence[float] = (0.25, 0.5, 0.75), warmup: int = 2, repeats: int = 7,
-                      seed: int = 0, json_path: "Path | None" = None, rules: Sequence[str] = BENCH_RULES,
-                      ) -> tuple[list[BenchRow], list[tuple[str, bool]], dict, list[RuleRow]]:
+def run_routing_bench(
+    ensemble: Ensemble,
+    model: str,
+    batch_size: int = 8,
+    seq_len: int = 512,
+    exit_ratios: Sequence[float] = (0.25, 0.5, 0.75),
+    warmup: int = 2,
+    repeats: int = 7,
+    seed: int = 0,
+    json_path: "Path | None" = None,
+    rules: Sequence[str] = BENCH_RULES,
+) -> tuple[list[BenchRow], list[tuple[str, bool]], dict, list[RuleRow]]:
     """Run :func:`bench_routing` and :func:`bench_exit_rules` (``rules``; empty = skip) on the embedded
     real text and check the bars; ``model`` describes where the cascade came from, for the conditions."""
     text = "\n\n".join(text for _, text in embedded_documents())
@@ -307,23 +388,36 @@ def run_routing_bench(ensemble: Ensemble, model: str, batch_size: int = 8, seq_l
     rows = bench_routing(ensemble, input_ids, exit_ratios, warmup=warmup, repeats=repeats)
     bar = WALL_OVER_FLOP_MAX if ensemble.device.type == "cpu" else GPU_WALL_OVER_FLOP_MAX
     checks = check_bars(rows, wall_over_flop_max=bar)
-    rule_rows = (bench_exit_rules(ensemble, input_ids, rules, exit_ratios, warmup=warmup, repeats=repeats)
-                 if rules else [])
+    rule_rows = (
+        bench_exit_rules(ensemble, input_ids, rules, exit_ratios, warmup=warmup, repeats=repeats) if rules else []
+    )
     checks += check_rule_bars(rule_rows, wall_over_flop_max=bar)
     conditions = {
         **environment_conditions(ensemble.device, ensemble.dtype),
-        "model": model, "layers_per_stage": list(ensemble.layers_per_stage), "batch_size": batch_size,
-        "seq_len": seq_len, "exit_fn": ensemble[0].exit_function.name, "warmup": warmup, "repeats": repeats,
-        "seed": seed, "data": "CPython pydoc_data topics, UTF-8 bytes as token ids (byte-level stand-in tokenizer)",
+        "model": model,
+        "layers_per_stage": list(ensemble.layers_per_stage),
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        "exit_fn": ensemble[0].exit_function.name,
+        "warmup": warmup,
+        "repeats": repeats,
+        "seed": seed,
+        "data": "CPython pydoc_data topics, UTF-8 bytes as token ids (byte-level stand-in tokenizer)",
         "memory_measure": "peak_live_tensor_bytes" if ensemble.device.type == "cpu" else "cuda_max_allocated",
         "attention_flops": "full (non-causal) QK^T and PV, torch's SDPA formula",
         "exit_rules": list(rules),
         "call_overhead_slots": compaction.CALL_OVERHEAD_SLOTS,
         "exit_rules_note": "rules on copies of the same cascade; the classifier keeps random initial weights (cost "
-                           "only); topk:K takes the K most frequent ids of the benchmark batch",
+        "only); topk:K takes the K most frequent ids of the benchmark batch",
     }
     if json_path is not None:
-        write_json_atomic(Path(json_path), {"conditions": conditions, "rows": [asdict(r) for r in rows],
-                                            "rule_rows": [asdict(r) for r in rule_rows],
-                                            "checks": [{"check": c, "met": ok} for c, ok in checks]})
+        write_json_atomic(
+            Path(json_path),
+            {
+                "conditions": conditions,
+                "rows": [asdict(r) for r in rows],
+                "rule_rows": [asdict(r) for r in rule_rows],
+                "checks": [{"check": c, "met": ok} for c, ok in checks],
+            },
+        )
     return rows, checks, conditions, rule_rows

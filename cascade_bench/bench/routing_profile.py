@@ -29,9 +29,14 @@ from .routing import BENCH_METHODS, forced_thresholds, stage0_confidence
 PHASES = ("gather", "layers", "exit_head", "exit_fn", "exit other", "scatter", "stage other")
 
 
-def routing_profile(ensemble: Ensemble, input_ids: torch.Tensor, exit_ratio: float = 0.5,
-                    methods: Sequence[str] = ("full", "routed-padded", "routed-bucketed"), warmup: int = 2,
-                    repeats: int = 7) -> list[dict]:
+def routing_profile(
+    ensemble: Ensemble,
+    input_ids: torch.Tensor,
+    exit_ratio: float = 0.5,
+    methods: Sequence[str] = ("full", "routed-padded", "routed-bucketed"),
+    warmup: int = 2,
+    repeats: int = 7,
+) -> list[dict]:
     """Rows: one per (method, stage) with each phase's milliseconds (median repeat), and one per method for
     the time outside the stages (``stage = "outside"``) and the whole pass (``stage = "pass"``)."""
     unknown = [m for m in methods if m not in BENCH_METHODS]
@@ -42,8 +47,14 @@ def routing_profile(ensemble: Ensemble, input_ids: torch.Tensor, exit_ratio: flo
         thresholds = forced_thresholds(ensemble, stage0_confidence(ensemble, input_ids), exit_ratio)
         for method in methods:
             faults_before = minor_page_faults()
-            wall, spans = time_spans(lambda p, kw=BENCH_METHODS[method]: forward_cascade(
-                ensemble, input_ids, thresholds=thresholds, probe=p, **kw), input_ids.device, warmup, repeats)
+            wall, spans = time_spans(
+                lambda p, kw=BENCH_METHODS[method]: forward_cascade(
+                    ensemble, input_ids, thresholds=thresholds, probe=p, **kw
+                ),
+                input_ids.device,
+                warmup,
+                repeats,
+            )
             faults = (minor_page_faults() - faults_before) / (warmup + repeats)
             # One repeat's spans (the repeat whose pass time is the median), so the parts add up to the pass.
             order = sorted(range(len(wall.samples)), key=wall.samples.__getitem__)
@@ -53,19 +64,46 @@ def routing_profile(ensemble: Ensemble, input_ids: torch.Tensor, exit_ratio: flo
             for k in range(len(ensemble)):
                 stage = ms.get(f"stage{k}", 0.0)
                 inside += stage
-                part = {p: ms.get(f"stage{k}.{p}", 0.0) for p in ("gather", "layers", "exit_head", "exit_fn",
-                                                                    "scatter")}
+                part = {
+                    p: ms.get(f"stage{k}.{p}", 0.0) for p in ("gather", "layers", "exit_head", "exit_fn", "scatter")
+                }
                 part["exit other"] = ms.get(f"stage{k}.exit", 0.0) - part["exit_head"] - part["exit_fn"]
-                part["stage other"] = stage - part["gather"] - part["layers"] - ms.get(f"stage{k}.exit", 0.0) - \
-                    part["scatter"]
-                rows.append({"method": method, "exit ratio": exit_ratio, "stage": str(k), **part, "total": stage,
-                             "layers share": part["layers"] / stage if stage else math.nan})
+                part["stage other"] = (
+                    stage - part["gather"] - part["layers"] - ms.get(f"stage{k}.exit", 0.0) - part["scatter"]
+                )
+                rows.append(
+                    {
+                        "method": method,
+                        "exit ratio": exit_ratio,
+                        "stage": str(k),
+                        **part,
+                        "total": stage,
+                        "layers share": part["layers"] / stage if stage else math.nan,
+                    }
+                )
             total = wall.samples[pick] * 1e3
-            rows.append({"method": method, "exit ratio": exit_ratio, "stage": "outside",
-                         **{p: math.nan for p in PHASES}, "total": total - inside, "layers share": math.nan})
+            rows.append(
+                {
+                    "method": method,
+                    "exit ratio": exit_ratio,
+                    "stage": "outside",
+                    **{p: math.nan for p in PHASES},
+                    "total": total - inside,
+                    "layers share": math.nan,
+                }
+            )
             layers = sum(r["layers"] for r in rows if r["method"] == method and r["stage"].isdigit())
-            rows.append({"method": method, "exit ratio": exit_ratio, "stage": "pass", **{p: math.nan for p in PHASES},
-                         "total": total, "layers share": layers / total, "page faults": faults})
+            rows.append(
+                {
+                    "method": method,
+                    "exit ratio": exit_ratio,
+                    "stage": "pass",
+                    **{p: math.nan for p in PHASES},
+                    "total": total,
+                    "layers share": layers / total,
+                    "page faults": faults,
+                }
+            )
     return rows
 
 

@@ -136,8 +136,10 @@ class FvcoreCounter:
         for k, (shapes, tokens) in enumerate(zip(stage_batch_shapes, head_tokens)):
             for shape in shapes:
                 if len(shape) != 2:
-                    raise ValueError(f"the fvcore cross-check traces stage batches without extra keys; stage {k} ran "
-                                     f"{shape} (rows, queries, keys: K/V propagation); pass fvcore=False")
+                    raise ValueError(
+                        f"the fvcore cross-check traces stage batches without extra keys; stage {k} ran "
+                        f"{shape} (rows, queries, keys: K/V propagation); pass fvcore=False"
+                    )
                 total.add(self._stage_shape(k, *shape))
             if tokens:
                 total.add(self._head(k, tokens))

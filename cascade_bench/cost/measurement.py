@@ -38,8 +38,8 @@ from typing import Iterable, Optional
 import torch
 
 from ..data.batch import unpack_batch
-from ..measure.distributed import all_ranks, first_share, shard
 from ..measure.analytic import decision_flops, exit_rule_macs, head_macs_of, padding_flops, routed_cost
+from ..measure.distributed import all_ranks, first_share, shard
 from ..measure.flops import FlopBreakdown, count_pass_flops
 from ..measure.memory import peak_memory_bytes
 from ..measure.probes import NO_PROBE, Probe
@@ -145,17 +145,29 @@ def _combined(shares: list) -> _Share:
             fvcore_total.add(s.fvcore)
     stages = []
     for parts in zip(*(s.stages for s in shares)):
-        summed_fields = {f.name: (None if getattr(parts[0], f.name) is None else sum(getattr(p, f.name) for p in parts))
-                         for f in fields(StageCostRecord) if f.name not in ("stage", "layers_in_stage")}
+        summed_fields = {
+            f.name: (None if getattr(parts[0], f.name) is None else sum(getattr(p, f.name) for p in parts))
+            for f in fields(StageCostRecord)
+            if f.name not in ("stage", "layers_in_stage")
+        }
         stages.append(dataclasses.replace(parts[0], **summed_fields))
     slowest = [max(samples) for samples in zip(*(s.wall for s in shares))]
     spans = {name: max(s.spans[name] for s in shares) for name in shares[0].spans}
-    return _Share(counted=counted, stages=stages, fvcore=fvcore_total,
-                  timed_tokens=sum(s.timed_tokens for s in shares), timed_batches=sum(s.timed_batches for s in shares),
-                  batches=sum(s.batches for s in shares), wall=tuple(slowest), spans=spans,
-                  span_wall=max(s.span_wall for s in shares), counted_pass_s=max(s.counted_pass_s for s in shares),
-                  peak=max(s.peak for s in shares), peak_rss=max(s.peak_rss for s in shares),
-                  syncs=None if shares[0].syncs is None else sum(s.syncs for s in shares))
+    return _Share(
+        counted=counted,
+        stages=stages,
+        fvcore=fvcore_total,
+        timed_tokens=sum(s.timed_tokens for s in shares),
+        timed_batches=sum(s.timed_batches for s in shares),
+        batches=sum(s.batches for s in shares),
+        wall=tuple(slowest),
+        spans=spans,
+        span_wall=max(s.span_wall for s in shares),
+        counted_pass_s=max(s.counted_pass_s for s in shares),
+        peak=max(s.peak for s in shares),
+        peak_rss=max(s.peak_rss for s in shares),
+        syncs=None if shares[0].syncs is None else sum(s.syncs for s in shares),
+    )
 
 
 def _prepared(batches: Iterable, device: torch.device) -> list[tuple]:
@@ -192,10 +204,21 @@ def _count_host_syncs(run, device: torch.device) -> Optional[int]:
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
-def measure_cost(ensemble: Ensemble, batches: Iterable, method: str = "routed", *, warmup: int = 1,
-                 repeats: int = 5, fvcore: bool = True, spans: bool = True, conditions: Optional[dict] = None,
-                 count_flops: bool = True, timing_batches: Optional[int] = None, timed: bool = True,
-                 **forward_kwargs) -> CostRecord:
+def measure_cost(
+    ensemble: Ensemble,
+    batches: Iterable,
+    method: str = "routed",
+    *,
+    warmup: int = 1,
+    repeats: int = 5,
+    fvcore: bool = True,
+    spans: bool = True,
+    conditions: Optional[dict] = None,
+    count_flops: bool = True,
+    timing_batches: Optional[int] = None,
+    timed: bool = True,
+    **forward_kwargs,
+) -> CostRecord:
     """Quality and the full cost breakdown of ``method`` over ``batches`` (see module docstring).
 
     ``spans=False`` skips the span-timed repeats (sweeps that need only wall time).
@@ -206,19 +229,22 @@ def measure_cost(ensemble: Ensemble, batches: Iterable, method: str = "routed", 
     they are materialised once and moved to the ensemble's device. ``forward_kwargs`` go to
     ``forward_cascade`` (batching, positions, thresholds, ...).
     """
-    if timing_batches is not None and (isinstance(timing_batches, bool) or not isinstance(timing_batches, int)
-                                       or timing_batches < 1):
+    if timing_batches is not None and (
+        isinstance(timing_batches, bool) or not isinstance(timing_batches, int) or timing_batches < 1
+    ):
         raise ValueError(f"timing_batches must be None (all) or a positive int, got {timing_batches!r}")
     device = ensemble.device
     batches = list(batches)
     data = _prepared(shard(batches), device)
-    timed_data = data[:first_share(timing_batches)] if timing_batches else data
+    timed_data = data[: first_share(timing_batches)] if timing_batches else data
     stages = list(ensemble.stages)
     num_stages = forward_kwargs.get("num_stages") or len(stages)
 
     def one_pass(probe: Probe = NO_PROBE, over=timed_data) -> list[RoutedOutput]:
-        return [forward_cascade(ensemble, ids, mask, targets, method=method, probe=probe, **forward_kwargs)
-                for ids, mask, targets in over]
+        return [
+            forward_cascade(ensemble, ids, mask, targets, method=method, probe=probe, **forward_kwargs)
+            for ids, mask, targets in over
+        ]
 
     with evaluation_mode(ensemble), torch.inference_mode():
         totals = Totals(device)
@@ -228,8 +254,11 @@ def measure_cost(ensemble: Ensemble, batches: Iterable, method: str = "routed", 
         for ids, mask, targets in data:
             if count_flops:
                 breakdown, out = count_pass_flops(
-                    lambda probe: forward_cascade(ensemble, ids, mask, targets, method=method, probe=probe,
-                                                  **forward_kwargs), num_stages)
+                    lambda probe: forward_cascade(
+                        ensemble, ids, mask, targets, method=method, probe=probe, **forward_kwargs
+                    ),
+                    num_stages,
+                )
                 counted = breakdown if counted is None else counted + breakdown
             else:
                 out = forward_cascade(ensemble, ids, mask, targets, method=method, **forward_kwargs)
@@ -237,12 +266,14 @@ def measure_cost(ensemble: Ensemble, batches: Iterable, method: str = "routed", 
             outputs.append(out)
         counted_pass_s = (time.perf_counter_ns() - start) / 1e9 if count_flops else math.nan
         samples = time_call(one_pass, warmup=warmup, repeats=repeats, device=device).samples if timed else (math.nan,)
-        span_wall, span_stats = (time_spans(one_pass, device=device, warmup=0, repeats=repeats) if spans and timed
-                                 else (None, {}))
+        span_wall, span_stats = (
+            time_spans(one_pass, device=device, warmup=0, repeats=repeats) if spans and timed else (None, {})
+        )
         peak, how = 0, "" if timed else "not timed"
-        for ids, mask, targets in (timed_data if timed else ()):
+        for ids, mask, targets in timed_data if timed else ():
             bytes_, how, _ = peak_memory_bytes(
-                lambda: forward_cascade(ensemble, ids, mask, targets, method=method, **forward_kwargs), device)
+                lambda: forward_cascade(ensemble, ids, mask, targets, method=method, **forward_kwargs), device
+            )
             peak = max(peak, bytes_)
         syncs = _count_host_syncs(one_pass, device) if timed else None
     quality = totals.result(ensemble, method, conditions)
@@ -254,35 +285,59 @@ def measure_cost(ensemble: Ensemble, batches: Iterable, method: str = "routed", 
     for k in range(num_stages):
         analytic_k, padding_k, rule_k, decision_k = 0, 0, 0, 0
         for out in outputs:
-            costs = routed_cost(configs, out.stage_batch_shapes, out.head_tokens,
-                                exit_rule_macs(stages[:num_stages], out.decided_tokens), out.propagated_tokens,
-                                head_macs_of(stages[:num_stages]))
+            costs = routed_cost(
+                configs,
+                out.stage_batch_shapes,
+                out.head_tokens,
+                exit_rule_macs(stages[:num_stages], out.decided_tokens),
+                out.propagated_tokens,
+                head_macs_of(stages[:num_stages]),
+            )
             analytic_k += costs[k].total
             padding_k += padding_flops(configs[k], out.stage_batch_shapes[k], _row_lengths(out, k))
             rule_k += costs[k].exit_rule
             decision_k += decision_flops(costs, out.head_tokens, out.tokens_exited)[k]
         c = counted.stages[k] if counted is not None else None
-        stage_records.append(StageCostRecord(
-            stage=k, layers_in_stage=stages[k].num_layers,
-            tokens_entered=sum(o.tokens_entered[k] for o in outputs),
-            slots_computed=sum(o.slots_computed[k] for o in outputs),
-            head_tokens=sum(o.head_tokens[k] for o in outputs),
-            flops=c and c.total, layers_flops=c and c.layers, attention_flops=c and c.attention,
-            exit_head_flops=c and c.exit_head, exit_fn_flops=c and c.exit_fn, other_flops=c and c.other,
-            padding_flops=padding_k, analytic_flops=analytic_k, exit_rule_flops=rule_k, decision_flops=decision_k))
+        stage_records.append(
+            StageCostRecord(
+                stage=k,
+                layers_in_stage=stages[k].num_layers,
+                tokens_entered=sum(o.tokens_entered[k] for o in outputs),
+                slots_computed=sum(o.slots_computed[k] for o in outputs),
+                head_tokens=sum(o.head_tokens[k] for o in outputs),
+                flops=c and c.total,
+                layers_flops=c and c.layers,
+                attention_flops=c and c.attention,
+                exit_head_flops=c and c.exit_head,
+                exit_fn_flops=c and c.exit_fn,
+                other_flops=c and c.other,
+                padding_flops=padding_k,
+                analytic_flops=analytic_k,
+                exit_rule_flops=rule_k,
+                decision_flops=decision_k,
+            )
+        )
     if fv is not None:
         from .fvcore_check import FvcoreCount
 
         fv_total = FvcoreCount()
         for out in outputs:
             fv_total.add(fv.count(out.stage_batch_shapes, out.head_tokens))
-    share = _Share(counted=counted, stages=stage_records, fvcore=fv_total,
-                   timed_tokens=sum(int(out.tokens_entered[0]) for out in outputs[:len(timed_data)]),
-                   timed_batches=len(timed_data) if timed else 0, batches=len(data), wall=samples,
-                   spans={name: stats.median for name, stats in span_stats.items()},
-                   span_wall=span_wall.median if span_wall is not None else math.nan,
-                   counted_pass_s=counted_pass_s, peak=peak,
-                   peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, syncs=syncs)
+    share = _Share(
+        counted=counted,
+        stages=stage_records,
+        fvcore=fv_total,
+        timed_tokens=sum(int(out.tokens_entered[0]) for out in outputs[: len(timed_data)]),
+        timed_batches=len(timed_data) if timed else 0,
+        batches=len(data),
+        wall=samples,
+        spans={name: stats.median for name, stats in span_stats.items()},
+        span_wall=span_wall.median if span_wall is not None else math.nan,
+        counted_pass_s=counted_pass_s,
+        peak=peak,
+        peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        syncs=syncs,
+    )
     share = _combined(all_ranks(share))
     counted, fv_total, stage_records, wall = share.counted, share.fvcore, share.stages, TimingStats(share.wall)
     analytic_total = sum(record.analytic_flops for record in stage_records)
@@ -290,20 +345,36 @@ def measure_cost(ensemble: Ensemble, batches: Iterable, method: str = "routed", 
     # Seconds per token of the counted pass over those of the median uncounted pass.
     overhead = (share.counted_pass_s / quality.routed_tokens) / (wall.median / timed_tokens)
     return CostRecord(
-        method=method, quality=quality, flops=counted and counted.total, macs=counted and counted.macs,
+        method=method,
+        quality=quality,
+        flops=counted and counted.total,
+        macs=counted and counted.macs,
         flops_analytic=analytic_total,
         flops_fvcore=None if fv_total is None else fv_total.flops,
         flops_fvcore_matmul=None if fv_total is None else fv_total.matmul_flops,
         fvcore_unsupported={} if fv_total is None else dict(sorted(fv_total.unsupported.items())),
-        stages=tuple(stage_records), flops_by_op=counted.by_op if counted is not None else {},
-        time_median_s=wall.median, time_iqr_s=wall.iqr if timed else math.nan, tokens_per_s=timed_tokens / wall.median,
+        stages=tuple(stage_records),
+        flops_by_op=counted.by_op if counted is not None else {},
+        time_median_s=wall.median,
+        time_iqr_s=wall.iqr if timed else math.nan,
+        tokens_per_s=timed_tokens / wall.median,
         spans_median_s=dict(sorted(share.spans.items())),
-        spans_wall_median_s=share.span_wall, counted_pass_s=share.counted_pass_s,
-        counting_overhead=overhead, peak_memory_bytes=share.peak, memory_measure=how,
+        spans_wall_median_s=share.span_wall,
+        counted_pass_s=share.counted_pass_s,
+        counting_overhead=overhead,
+        peak_memory_bytes=share.peak,
+        memory_measure=how,
         peak_rss_bytes=share.peak_rss,
         host_syncs_per_forward=None if syncs is None or not share.timed_batches else syncs / share.timed_batches,
-        conditions={**quality.conditions, "warmup": warmup, "repeats": repeats,
-                    "timer": "cuda_events" if device.type == "cuda" else "perf_counter_ns",
-                    "timed_batches": share.timed_batches, "timed_tokens": timed_tokens if timed else 0,
-                    "batches": share.batches, "flops_counted": count_flops, "timed": timed},
+        conditions={
+            **quality.conditions,
+            "warmup": warmup,
+            "repeats": repeats,
+            "timer": "cuda_events" if device.type == "cuda" else "perf_counter_ns",
+            "timed_batches": share.timed_batches,
+            "timed_tokens": timed_tokens if timed else 0,
+            "batches": share.batches,
+            "flops_counted": count_flops,
+            "timed": timed,
+        },
     )

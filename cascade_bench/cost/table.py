@@ -14,7 +14,11 @@ def _g(flops: Optional[float]) -> str:
 def format_cost(record: CostRecord) -> str:
     """Markdown: a summary, the per-stage FLOP breakdown, and the span times."""
     q = record.quality
-    fv = "n/a" if record.flops_fvcore is None else f"{_g(record.flops_fvcore)} (matmul classes {_g(record.flops_fvcore_matmul)})"
+    fv = (
+        "n/a"
+        if record.flops_fvcore is None
+        else f"{_g(record.flops_fvcore)} (matmul classes {_g(record.flops_fvcore_matmul)})"
+    )
     syncs = "n/a on CPU" if record.host_syncs_per_forward is None else f"{record.host_syncs_per_forward:g}"
     lines = [
         f"method {record.method}: PPL {q.ppl:.3f}, accuracy {q.accuracy:.4f}, exit ratios "
@@ -39,9 +43,11 @@ def format_cost(record: CostRecord) -> str:
         "|" + "|".join([" --- "] * 13) + "|",
     ]
     for s in record.stages:
-        lines.append(f"| {s.stage} | {s.layers_in_stage} | {s.tokens_entered} | {s.slots_computed} | {s.head_tokens} | "
-                     f"{_g(s.flops)} | {_g(s.layers_flops)} | {_g(s.attention_flops)} | {_g(s.exit_head_flops)} | "
-                     f"{_g(s.exit_fn_flops)} | {_g(s.other_flops)} | {_g(s.padding_flops)} | {_g(s.analytic_flops)} |")
+        lines.append(
+            f"| {s.stage} | {s.layers_in_stage} | {s.tokens_entered} | {s.slots_computed} | {s.head_tokens} | "
+            f"{_g(s.flops)} | {_g(s.layers_flops)} | {_g(s.attention_flops)} | {_g(s.exit_head_flops)} | "
+            f"{_g(s.exit_fn_flops)} | {_g(s.other_flops)} | {_g(s.padding_flops)} | {_g(s.analytic_flops)} |"
+        )
     lines += ["", "| span | median ms |", "| --- | --- |"]
     for name, seconds in record.spans_median_s.items():
         lines.append(f"| {name} | {seconds * 1e3:.3f} |")

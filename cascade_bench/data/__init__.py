@@ -15,7 +15,18 @@ from .storage import write_json_atomic, write_text_atomic
 from .tokenization import load_tokenizer
 
 __all__ = [
-    "IGNORE_INDEX", "Corpus", "PreparedData", "TokenBatch", "byte_token_windows", "embedded_documents",
-    "hold_out_validation", "load_corpus", "load_tokenizer", "make_token_batch", "prepare_data", "unpack_batch",
-    "write_json_atomic", "write_text_atomic",
+    "IGNORE_INDEX",
+    "Corpus",
+    "PreparedData",
+    "TokenBatch",
+    "byte_token_windows",
+    "embedded_documents",
+    "hold_out_validation",
+    "load_corpus",
+    "load_tokenizer",
+    "make_token_batch",
+    "prepare_data",
+    "unpack_batch",
+    "write_json_atomic",
+    "write_text_atomic",
 ]

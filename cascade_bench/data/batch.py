@@ -40,14 +40,20 @@ def next_token_targets(input_ids: Tensor, attention_mask: Optional[Tensor] = Non
         targets.view(batch_size, seq_len)[:, :-1] = input_ids[:, 1:]
         return targets.view(batch_size, seq_len)
     real = attention_mask.reshape(-1).bool().nonzero().squeeze(1)
-    same_row = torch.div(real[1:], seq_len, rounding_mode="floor") == torch.div(real[:-1], seq_len, rounding_mode="floor")
+    same_row = torch.div(real[1:], seq_len, rounding_mode="floor") == torch.div(
+        real[:-1], seq_len, rounding_mode="floor"
+    )
     targets[real[:-1][same_row]] = ids[real[1:][same_row]]
     return targets.view(batch_size, seq_len)
 
 
-def make_token_batch(input_ids: Tensor, attention_mask: Optional[Tensor] = None,
-                     targets: Optional[Tensor] = None, vocab_size: Optional[int] = None,
-                     device: "torch.device | str | None" = None) -> TokenBatch:
+def make_token_batch(
+    input_ids: Tensor,
+    attention_mask: Optional[Tensor] = None,
+    targets: Optional[Tensor] = None,
+    vocab_size: Optional[int] = None,
+    device: "torch.device | str | None" = None,
+) -> TokenBatch:
     """Validate, move to ``device`` and flatten a batch.
 
     targets (B, T), if given, are already shifted (target of position t).
@@ -60,19 +66,25 @@ def make_token_batch(input_ids: Tensor, attention_mask: Optional[Tensor] = None,
         attention_mask = None if attention_mask is None else attention_mask.to(device)
         targets = None if targets is None else targets.to(device)
     if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"input_ids must be an integer tensor of shape (B, T), got dtype {input_ids.dtype} "
-                         f"and shape {tuple(input_ids.shape)}")
+        raise ValueError(
+            f"input_ids must be an integer tensor of shape (B, T), got dtype {input_ids.dtype} "
+            f"and shape {tuple(input_ids.shape)}"
+        )
     if input_ids.numel() == 0:
         raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}); expected at least one token")
     input_ids = input_ids.long()
     for name, other in (("attention_mask", attention_mask), ("targets", targets)):
         if other is not None and tuple(other.shape) != tuple(input_ids.shape):
-            raise ValueError(f"{name} must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(other.shape)}")
+            raise ValueError(
+                f"{name} must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(other.shape)}"
+            )
     if vocab_size is not None:
         low, high = torch.stack([input_ids.min(), input_ids.max()]).tolist()
         if low < 0 or high >= vocab_size:
-            raise ValueError(f"token ids must lie in [0, {vocab_size}) for a vocabulary of {vocab_size}, "
-                             f"got ids from {low} to {high}")
+            raise ValueError(
+                f"token ids must lie in [0, {vocab_size}) for a vocabulary of {vocab_size}, "
+                f"got ids from {low} to {high}"
+            )
     batch_size, seq_len = input_ids.shape
     if attention_mask is not None and bool(attention_mask.bool().all()):
         attention_mask = None
@@ -87,8 +99,14 @@ def make_token_batch(input_ids: Tensor, attention_mask: Optional[Tensor] = None,
             raise ValueError("attention_mask marks no token as real; expected at least one 1")
     if targets is None:
         targets = next_token_targets(input_ids, attention_mask)
-    return TokenBatch(batch_size=batch_size, seq_len=seq_len, tokens=tokens, ids=input_ids.reshape(-1),
-                      targets=targets.long().reshape(-1), positions=positions)
+    return TokenBatch(
+        batch_size=batch_size,
+        seq_len=seq_len,
+        tokens=tokens,
+        ids=input_ids.reshape(-1),
+        targets=targets.long().reshape(-1),
+        positions=positions,
+    )
 
 
 def unpack_batch(item) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
@@ -103,8 +121,10 @@ def unpack_batch(item) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     if isinstance(item, (tuple, list)) and 1 <= len(item) <= 3:
         padded = list(item) + [None] * (3 - len(item))
         return padded[0], padded[1], padded[2]
-    raise TypeError(f"a batch must be a (B, T) tensor, a tuple (input_ids, attention_mask, targets) or a dict, "
-                    f"got {type(item).__name__}")
+    raise TypeError(
+        f"a batch must be a (B, T) tensor, a tuple (input_ids, attention_mask, targets) or a dict, "
+        f"got {type(item).__name__}"
+    )
 
 
 def most_frequent_ids(batches: Iterable, vocab_size: int, count: int) -> Tensor:

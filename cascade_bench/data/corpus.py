@@ -112,10 +112,15 @@ def embedded_corpus() -> Corpus:
     pieces = [piece for doc in docs for piece in paragraph_pieces(doc, EMBEDDED_PIECE_CHARS)]
     parts = balanced_assignment(pieces, (0.8, 0.1, 0.1))
     splits = {split: [d for d, p in zip(pieces, parts) if p == i] for i, split in enumerate(SPLITS)}
-    return Corpus("embedded:pydoc_data.topics", splits,
-                  (f"distinct documents in name order cut into pieces of whole paragraphs (at least "
-                   f"{EMBEDDED_PIECE_CHARS} characters), each piece to the split furthest below its 80/10/10 share "
-                   f"of characters",))
+    return Corpus(
+        "embedded:pydoc_data.topics",
+        splits,
+        (
+            f"distinct documents in name order cut into pieces of whole paragraphs (at least "
+            f"{EMBEDDED_PIECE_CHARS} characters), each piece to the split furthest below its 80/10/10 share "
+            f"of characters",
+        ),
+    )
 
 
 def _split_of(path: Path) -> Optional[str]:
@@ -127,8 +132,11 @@ def _split_of(path: Path) -> Optional[str]:
 
 
 def _corpus_files(folder: Path) -> list[Path]:
-    return [path for path in sorted(folder.iterdir())
-            if path.is_file() and (path.suffix.lower() in _TEXT_SUFFIXES or path.suffix.lower() in _BUILDERS)]
+    return [
+        path
+        for path in sorted(folder.iterdir())
+        if path.is_file() and (path.suffix.lower() in _TEXT_SUFFIXES or path.suffix.lower() in _BUILDERS)
+    ]
 
 
 def _find_split_files(folder: Path) -> dict[str, Path]:
@@ -141,9 +149,11 @@ def _find_split_files(folder: Path) -> dict[str, Path]:
             raise ValueError(f"two files for split {split!r} in {folder}: {found[split].name} and {path.name}")
         found[split] = path
     if not found:
-        raise ValueError(f"no split files in {folder}: expected names containing train / valid(ation) / test "
-                         f"with suffix {sorted(_TEXT_SUFFIXES | set(_BUILDERS))}, or exactly one such file "
-                         f"(split {'/'.join(str(round(100 * s)) for s in SINGLE_FILE_SHARES)} in order)")
+        raise ValueError(
+            f"no split files in {folder}: expected names containing train / valid(ation) / test "
+            f"with suffix {sorted(_TEXT_SUFFIXES | set(_BUILDERS))}, or exactly one such file "
+            f"(split {'/'.join(str(round(100 * s)) for s in SINGLE_FILE_SHARES)} in order)"
+        )
     return found
 
 
@@ -152,7 +162,7 @@ def cut_in_order(documents: list[str], shares: tuple[float, ...] = SINGLE_FILE_S
     whole documents when there are at least 20, else the joined text at line boundaries (a part
     ends at the last line end before its share is reached). Returns the parts and the boundary kind."""
     total = sum(map(len, documents))
-    bounds = [round(total * sum(shares[:k + 1])) for k in range(len(shares) - 1)]
+    bounds = [round(total * sum(shares[: k + 1])) for k in range(len(shares) - 1)]
     if len(documents) >= 20:
         parts, ends, done = [[] for _ in shares], [*bounds, math.inf], 0
         for doc in documents:
@@ -178,8 +188,10 @@ def _single_file(path: Path, text_column: str) -> tuple[dict[str, list[str]], tu
         raise ValueError(f"{path} holds no text")
     parts, boundary = cut_in_order(documents)
     shares = "/".join(str(round(100 * s)) for s in SINGLE_FILE_SHARES)
-    note = (f"one file {path.name}: train / validation / test = consecutive {shares}% of its characters, "
-            f"cut at {boundary} boundaries")
+    note = (
+        f"one file {path.name}: train / validation / test = consecutive {shares}% of its characters, "
+        f"cut at {boundary} boundaries"
+    )
     return dict(zip(SPLITS, parts)), (note,)
 
 
@@ -216,8 +228,10 @@ def _load_hub(name: str, config: Optional[str], text_column: str, rows_are_lines
     try:
         loaded = datasets.load_dataset(name, config)
     except Exception as error:  # network, unknown name: say which dataset and why, in one line
-        raise ValueError(f"could not load hub dataset {name!r} (config {config!r}): {error}; offline, use a "
-                         f"local folder of split files or 'embedded'") from error
+        raise ValueError(
+            f"could not load hub dataset {name!r} (config {config!r}): {error}; offline, use a "
+            f"local folder of split files or 'embedded'"
+        ) from error
     splits = {}
     for split in loaded:
         target = {"valid": "validation", "dev": "validation"}.get(split, split)
@@ -260,8 +274,12 @@ def complete_splits(splits: dict[str, list[str]]) -> tuple[dict[str, list[str]],
     return {split: splits[split] for split in SPLITS}, tuple(notes)
 
 
-def load_corpus(source: "str | Path | dict" = "embedded", config: Optional[str] = None,
-                text_column: str = "text", rows_are_lines: Optional[bool] = None) -> Corpus:
+def load_corpus(
+    source: "str | Path | dict" = "embedded",
+    config: Optional[str] = None,
+    text_column: str = "text",
+    rows_are_lines: Optional[bool] = None,
+) -> Corpus:
     """Load a corpus: ``"embedded"``, a local folder, ``{split: file}``, or a hub dataset name.
 
     ``rows_are_lines`` (hub datasets): rows are lines of one text (WikiText) rather than documents;
@@ -280,8 +298,9 @@ def load_corpus(source: "str | Path | dict" = "embedded", config: Optional[str] 
             name = f"file:{files[0]}"
             for split, docs in splits.items():
                 if not docs or not any(d.strip() for d in docs):
-                    raise ValueError(f"split {split!r} of {name} is empty: the file is too small to split "
-                                     f"{SINGLE_FILE_SHARES}")
+                    raise ValueError(
+                        f"split {split!r} of {name} is empty: the file is too small to split {SINGLE_FILE_SHARES}"
+                    )
             return Corpus(name, splits, cut)
         splits = _load_files(_find_split_files(path), text_column)
         name = f"folder:{path}"

@@ -24,10 +24,17 @@ class PreparedData:
     conditions: dict = field(default_factory=dict)
 
 
-def prepare_data(source: "str | Path | dict" = "embedded", tokenizer: str = "bpe:8192", seq_len: int = 128,
-                 batch_size: int = 16, eval_stride: Optional[int] = None, config: Optional[str] = None,
-                 cache_dir: "Path | str | None" = None, max_positions: Optional[int] = None,
-                 model_vocab_size: Optional[int] = None) -> PreparedData:
+def prepare_data(
+    source: "str | Path | dict" = "embedded",
+    tokenizer: str = "bpe:8192",
+    seq_len: int = 128,
+    batch_size: int = 16,
+    eval_stride: Optional[int] = None,
+    config: Optional[str] = None,
+    cache_dir: "Path | str | None" = None,
+    max_positions: Optional[int] = None,
+    model_vocab_size: Optional[int] = None,
+) -> PreparedData:
     """Load ``source`` (see ``corpus.load_corpus``), load or train the tokenizer (a BPE trains on the
     train split only), and cut each split's EOS-joined token stream into windows.
 
@@ -42,15 +49,23 @@ def prepare_data(source: "str | Path | dict" = "embedded", tokenizer: str = "bpe
     stride = seq_len if eval_stride is None else eval_stride
     streams = {split: encode_documents(tok, corpus.documents(split)) for split in ("train", "validation", "test")}
     conditions = {
-        "dataset": corpus.name, "split_notes": list(corpus.notes), "tokenizer": tokenizer,
-        "tokenizer_vocab": len(tok), "window": seq_len, "stride": stride, "batch_size": batch_size,
+        "dataset": corpus.name,
+        "split_notes": list(corpus.notes),
+        "tokenizer": tokenizer,
+        "tokenizer_vocab": len(tok),
+        "window": seq_len,
+        "stride": stride,
+        "batch_size": batch_size,
         "stream_tokens": {split: int(s.numel()) for split, s in streams.items()},
     }
     return PreparedData(
         train=training_windows(streams["train"], seq_len, batch_size, max_positions),
         validation=sliding_windows(streams["validation"], seq_len, stride, batch_size, max_positions),
         test=sliding_windows(streams["test"], seq_len, stride, batch_size, max_positions),
-        tokenizer=tok, corpus=corpus, conditions=conditions)
+        tokenizer=tok,
+        corpus=corpus,
+        conditions=conditions,
+    )
 
 
 def hold_out_validation(data: PreparedData, batches: int) -> tuple[PreparedData, list]:
@@ -63,8 +78,10 @@ def hold_out_validation(data: PreparedData, batches: int) -> tuple[PreparedData,
     if batches == 0:
         return data, []
     if batches >= len(data.validation):
-        raise ValueError(f"cannot hold out {batches} of the validation split's {len(data.validation)} batches: "
-                         f"at least one must stay for early stopping and calibration")
+        raise ValueError(
+            f"cannot hold out {batches} of the validation split's {len(data.validation)} batches: "
+            f"at least one must stay for early stopping and calibration"
+        )
     kept, held = data.validation[:-batches], data.validation[-batches:]
     conditions = {**data.conditions, "validation_batches_held_out": batches}
     return replace(data, validation=kept, conditions=conditions), held

@@ -22,8 +22,12 @@ def _train_bpe(texts: Sequence[str], vocab_size: int):
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS_TOKEN], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS_TOKEN],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tokenizer.train_from_iterator(texts, trainer=trainer)
     return tokenizer
 
@@ -36,8 +40,7 @@ def bpe_cache_path(texts: Sequence[str], vocab_size: int, cache_dir: Path) -> Pa
     return Path(cache_dir) / f"bpe-{vocab_size}-{digest.hexdigest()[:16]}.json"
 
 
-def load_tokenizer(spec: str, train_texts: Optional[Sequence[str]] = None,
-                   cache_dir: "Path | str | None" = None):
+def load_tokenizer(spec: str, train_texts: Optional[Sequence[str]] = None, cache_dir: "Path | str | None" = None):
     """A ``PreTrainedTokenizerFast`` with an EOS token, from ``spec`` (see module docstring).
 
     ``"bpe:N"`` trains (or loads from ``cache_dir``) a byte-level BPE of N tokens on ``train_texts``,
@@ -85,5 +88,7 @@ def check_vocab_fits(tokenizer, model_vocab_size: int) -> None:
     """ValueError if the tokenizer can emit ids the model has no embedding for."""
     size = tokenizer_vocab_size(tokenizer)
     if size > model_vocab_size:
-        raise ValueError(f"tokenizer vocab {size} exceeds the model's vocab size {model_vocab_size}; "
-                         f"use a model with vocab_size >= {size} or a smaller tokenizer")
+        raise ValueError(
+            f"tokenizer vocab {size} exceeds the model's vocab size {model_vocab_size}; "
+            f"use a model with vocab_size >= {size} or a smaller tokenizer"
+        )

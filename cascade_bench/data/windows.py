@@ -47,8 +47,13 @@ def _check(seq_len: int, stream: Tensor, max_positions: Optional[int], what: str
         raise ValueError(f"a stream of {stream.numel()} tokens has nothing to predict")
 
 
-def training_windows(stream: Tensor, seq_len: int, batch_size: int, max_positions: Optional[int] = None,
-                     generator: Optional[torch.Generator] = None) -> list[dict]:
+def training_windows(
+    stream: Tensor,
+    seq_len: int,
+    batch_size: int,
+    max_positions: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+) -> list[dict]:
     """Non-overlapping windows of ``seq_len`` tokens in batches; shuffled when a generator is given."""
     _check(seq_len, stream, max_positions, "seq_len")
     count = (stream.numel() - 1) // seq_len
@@ -65,8 +70,9 @@ def training_windows(stream: Tensor, seq_len: int, batch_size: int, max_position
     return batches
 
 
-def sliding_windows(stream: Tensor, context_len: int, stride: int, batch_size: int,
-                    max_positions: Optional[int] = None) -> list[dict]:
+def sliding_windows(
+    stream: Tensor, context_len: int, stride: int, batch_size: int, max_positions: Optional[int] = None
+) -> list[dict]:
     """Evaluation windows (see module docstring), batched; the last batch may be ragged (masked)."""
     _check(context_len, stream, max_positions, "context_len")
     if not 1 <= stride <= context_len:
@@ -83,19 +89,19 @@ def sliding_windows(stream: Tensor, context_len: int, stride: int, batch_size: i
         # past the window); score it if no earlier window did and the stream has that token
         low = max(scored_until - begin - 1, 0)
         high = min(end - begin, n - begin - 1)
-        targets[low:high] = stream[begin + low + 1:begin + high + 1]
+        targets[low:high] = stream[begin + low + 1 : begin + high + 1]
         windows.append((ids, targets))
         scored_until = begin + high + 1
         begin += stride
     batches = []
     for i in range(0, len(windows), batch_size):
-        group = windows[i:i + batch_size]
+        group = windows[i : i + batch_size]
         length = max(ids.numel() for ids, _ in group)
         input_ids = torch.zeros(len(group), length, dtype=torch.long)
         targets = torch.full((len(group), length), IGNORE_INDEX, dtype=torch.long)
         mask = torch.zeros(len(group), length, dtype=torch.long)
         for row, (ids, tgt) in enumerate(group):
-            input_ids[row, :ids.numel()], targets[row, :ids.numel()], mask[row, :ids.numel()] = ids, tgt, 1
+            input_ids[row, : ids.numel()], targets[row, : ids.numel()], mask[row, : ids.numel()] = ids, tgt, 1
         batch = {"input_ids": input_ids, "targets": targets}
         if not bool(mask.all()):
             batch["attention_mask"] = mask

@@ -86,28 +86,39 @@ def check_prefixes(records: Sequence[dict]) -> Check:
     worse = [f"{b} PPL {_ppl(pb)} > {a} {_ppl(pa)}" for (a, pa), (b, pb) in zip(chain, chain[1:]) if pb > pa]
     if worse:
         return Check("later stage worse than its prefix", True, "; ".join(worse))
-    return Check("later stage worse than its prefix", False,
-                 " -> ".join(f"{name} {_ppl(value)}" for name, value in chain))
+    return Check(
+        "later stage worse than its prefix", False, " -> ".join(f"{name} {_ppl(value)}" for name, value in chain)
+    )
 
 
 def check_hard_tokens(records: Sequence[dict]) -> Check:
     """Hard-token PPL after the later stages vs at stage 0, at every swept hard ratio."""
     routed = sorted(main_routed(records), key=lambda r: r["hard_ratio"])
     pairs = [(r["hard_ratio"], r.get("hard_ppl_stage0"), r.get("hard_ppl")) for r in routed]
-    pairs = [(h, before, after) for h, before, after in pairs
-             if isinstance(before, (int, float)) and math.isfinite(before) and math.isfinite(after)]
+    pairs = [
+        (h, before, after)
+        for h, before, after in pairs
+        if isinstance(before, (int, float)) and math.isfinite(before) and math.isfinite(after)
+    ]
     if not pairs:
-        return Check("hard tokens worse after the later stages", False,
-                     "n/a: no routed point has stage-0 NLL for its hard tokens (a logit-free exit rule)")
+        return Check(
+            "hard tokens worse after the later stages",
+            False,
+            "n/a: no routed point has stage-0 NLL for its hard tokens (a logit-free exit rule)",
+        )
     worse = [(h, b, a) for h, b, a in pairs if a >= b]
     h, before, after = min(pairs, key=lambda p: abs(p[0] - 0.5))
     at_half = f"at hard ratio {h:g}: {_ppl(before)} at stage 0 -> {_ppl(after)} after ({after / before - 1:+.1%})"
     if worse:
         listed = ", ".join(f"{h:g} ({_ppl(b)} -> {_ppl(a)})" for h, b, a in worse)
-        return Check("hard tokens worse after the later stages", True,
-                     f"hard-token PPL did not improve at hard ratio {listed}; {at_half}")
-    return Check("hard tokens worse after the later stages", False,
-                 f"improved at all {len(pairs)} hard ratios; {at_half}")
+        return Check(
+            "hard tokens worse after the later stages",
+            True,
+            f"hard-token PPL did not improve at hard ratio {listed}; {at_half}",
+        )
+    return Check(
+        "hard tokens worse after the later stages", False, f"improved at all {len(pairs)} hard ratios; {at_half}"
+    )
 
 
 def check_dense(records: Sequence[dict]) -> Check:
@@ -145,26 +156,44 @@ def check_training_stops(records: Sequence[dict]) -> Check:
     stops = _stops(records)
     if not stops:
         return Check("training cut before convergence", False, "n/a: nothing was trained in this run")
-    cut = [f"{name} stopped at the epoch cap ({s['epochs']} of {s['max_epochs']} epochs, best epoch "
-           f"{s['best_epoch']})" for name, s in stops if s["stop_reason"] != "early stopping"]
-    cut += [f"{name} ran partial epochs (max_steps_per_epoch {s['max_steps_per_epoch']})"
-            for name, s in stops if s.get("max_steps_per_epoch")]
-    summary = "; ".join(f"{name}: {s['epochs']} epochs, best {s['best_epoch']}, {s['stop_reason']}"
-                        for name, s in stops)
+    cut = [
+        f"{name} stopped at the epoch cap ({s['epochs']} of {s['max_epochs']} epochs, best epoch {s['best_epoch']})"
+        for name, s in stops
+        if s["stop_reason"] != "early stopping"
+    ]
+    cut += [
+        f"{name} ran partial epochs (max_steps_per_epoch {s['max_steps_per_epoch']})"
+        for name, s in stops
+        if s.get("max_steps_per_epoch")
+    ]
+    summary = "; ".join(
+        f"{name}: {s['epochs']} epochs, best {s['best_epoch']}, {s['stop_reason']}" for name, s in stops
+    )
     return Check("training cut before convergence", bool(cut), "; ".join(cut) if cut else summary)
 
 
 def check_ppl_range(records: Sequence[dict], plausible: Sequence[float] = PLAUSIBLE_PPL) -> Check:
     low, high = plausible
-    outside = [f"{r['point_id']} {_ppl(r['ppl'])}" for r in records
-               if isinstance(r.get("ppl"), (int, float)) and not low <= r["ppl"] <= high]
+    outside = [
+        f"{r['point_id']} {_ppl(r['ppl'])}"
+        for r in records
+        if isinstance(r.get("ppl"), (int, float)) and not low <= r["ppl"] <= high
+    ]
     name = f"PPL outside [{low:g}, {high:g}]"
     if outside:
-        return Check(name, True, ", ".join(outside) + f" (below {low:g}: leakage or a broken causal mask? above "
-                                                      f"{high:g}: under-trained?)")
+        return Check(
+            name,
+            True,
+            ", ".join(outside) + f" (below {low:g}: leakage or a broken causal mask? above {high:g}: under-trained?)",
+        )
     values = [r["ppl"] for r in records if isinstance(r.get("ppl"), (int, float))]
-    return Check(name, False, f"all {len(values)} points between {_ppl(min(values))} and {_ppl(max(values))}"
-                 if values else "n/a: no perplexities")
+    return Check(
+        name,
+        False,
+        f"all {len(values)} points between {_ppl(min(values))} and {_ppl(max(values))}"
+        if values
+        else "n/a: no perplexities",
+    )
 
 
 def _stage0_exits(record: dict) -> Optional[int]:
@@ -179,21 +208,34 @@ def check_routed_vs_masked(records: Sequence[dict]) -> Check:
     pairs = [(r, m) for r, m in pairs if m is not None]
     if not pairs:
         return Check("routed and masked stage-0 decisions differ", False, "n/a: no masked points")
-    differ = [f"hard {r['hard_ratio']:g}: routed {_stage0_exits(r)} vs masked {_stage0_exits(m)} tokens exit at "
-              f"stage 0" for r, m in pairs if _stage0_exits(r) != _stage0_exits(m)]
-    return Check("routed and masked stage-0 decisions differ", bool(differ),
-                 "; ".join(differ) if differ else f"identical at all {len(pairs)} hard ratios")
+    differ = [
+        f"hard {r['hard_ratio']:g}: routed {_stage0_exits(r)} vs masked {_stage0_exits(m)} tokens exit at stage 0"
+        for r, m in pairs
+        if _stage0_exits(r) != _stage0_exits(m)
+    ]
+    return Check(
+        "routed and masked stage-0 decisions differ",
+        bool(differ),
+        "; ".join(differ) if differ else f"identical at all {len(pairs)} hard ratios",
+    )
 
 
 def check_flop_counts(records: Sequence[dict]) -> Check:
     counted = [r for r in records if r.get("flops") is not None and r.get("flops_analytic") is not None]
     if not counted:
         return Check("counted FLOPs differ from the analytic count", False, "n/a: no counted point")
-    differ = [f"{r['point_id']}: counted {r['flops']:,} vs analytic {r['flops_analytic']:,}" for r in counted
-              if r["flops"] != r["flops_analytic"]]
-    return Check("counted FLOPs differ from the analytic count", bool(differ),
-                 "; ".join(differ) if differ else
-                 f"equal at all {len(counted)} counted points ({', '.join(r['point_id'] for r in counted)})")
+    differ = [
+        f"{r['point_id']}: counted {r['flops']:,} vs analytic {r['flops_analytic']:,}"
+        for r in counted
+        if r["flops"] != r["flops_analytic"]
+    ]
+    return Check(
+        "counted FLOPs differ from the analytic count",
+        bool(differ),
+        "; ".join(differ)
+        if differ
+        else f"equal at all {len(counted)} counted points ({', '.join(r['point_id'] for r in counted)})",
+    )
 
 
 def check_risk_control(records: Sequence[dict]) -> Check:
@@ -210,9 +252,11 @@ def check_risk_control(records: Sequence[dict]) -> Check:
         split = (r.get("conditions") or {}).get("split", "test")
         reused = split == "validation" and str(control.get("calibration", "")).startswith("shared")
         where = f"on {split}" + (" (the batches it calibrated on: not an independent test)" if reused else "")
-        text = (f"{r.get('exit_rule')}: {control['risk']} {r['realised_risk']:.3f} {where} "
-                f"(delta {control['delta']:g}, epsilon {control['epsilon']:g}, hard ratio "
-                f"{'none passed' if control['hard_ratio'] is None else format(control['hard_ratio'], 'g')})")
+        text = (
+            f"{r.get('exit_rule')}: {control['risk']} {r['realised_risk']:.3f} {where} "
+            f"(delta {control['delta']:g}, epsilon {control['epsilon']:g}, hard ratio "
+            f"{'none passed' if control['hard_ratio'] is None else format(control['hard_ratio'], 'g')})"
+        )
         parts.append(text)
         if r["realised_risk"] > control["delta"]:
             over.append(text)
@@ -223,9 +267,16 @@ def run_checks(records: Sequence[dict], plausible_ppl: Sequence[float] = PLAUSIB
     """Every check above over one run's records, in a fixed order."""
     if not records:
         raise ValueError("no records to check; run `cascade-bench run` first")
-    return [check_prefixes(records), check_hard_tokens(records), check_dense(records),
-            check_training_stops(records), check_ppl_range(records, plausible_ppl),
-            check_routed_vs_masked(records), check_flop_counts(records), check_risk_control(records)]
+    return [
+        check_prefixes(records),
+        check_hard_tokens(records),
+        check_dense(records),
+        check_training_stops(records),
+        check_ppl_range(records, plausible_ppl),
+        check_routed_vs_masked(records),
+        check_flop_counts(records),
+        check_risk_control(records),
+    ]
 
 
 def format_checks(checks: Sequence[Check]) -> str:

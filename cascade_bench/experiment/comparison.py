@@ -30,8 +30,13 @@ def _routed(records: Sequence[dict], rule: Optional[str]) -> list[dict]:
     """The run's routed sweep under ``rule`` (None: the run's own exit rule)."""
     if rule is None:
         return main_routed(records)
-    return [r for r in records if r["method"] == "routed" and is_main_rule(r, rule)
-            and (r.get("exit_rule") is not None or main_rule(records) == rule)]
+    return [
+        r
+        for r in records
+        if r["method"] == "routed"
+        and is_main_rule(r, rule)
+        and (r.get("exit_rule") is not None or main_rule(records) == rule)
+    ]
 
 
 def ppl_at(curve: Sequence[tuple[float, float]], budget: float) -> float:
@@ -55,8 +60,9 @@ def _protocol_name(records: Sequence[dict], fallback: str) -> str:
     return fallback
 
 
-def comparison_table(runs: dict[str, Sequence[dict]], budgets: Sequence[float] = BUDGETS,
-                     rule: Optional[str] = None) -> pd.DataFrame:
+def comparison_table(
+    runs: dict[str, Sequence[dict]], budgets: Sequence[float] = BUDGETS, rule: Optional[str] = None
+) -> pd.DataFrame:
     """One row per run (its protocol's routed early exit) plus the dense model; columns: stage 0 alone,
     full depth, the exit rule, routed at hard ratio 0.5, and PPL at each budget (fraction of the dense
     FLOPs/token). ``rule``: the exit rule whose sweep every run contributes (None: each run's own, which
@@ -69,29 +75,40 @@ def comparison_table(runs: dict[str, Sequence[dict]], budgets: Sequence[float] =
     reference = flops_per_token(dense)
     test_tokens = {name: next(r["tokens"] for r in records if r["method"] == "full") for name, records in runs.items()}
     if len(set(test_tokens.values()) | {dense["tokens"]}) != 1:
-        raise ValueError(f"runs were scored on different test tokens ({test_tokens}, dense {dense['tokens']}); "
-                         f"compare runs of the same data and windows only")
+        raise ValueError(
+            f"runs were scored on different test tokens ({test_tokens}, dense {dense['tokens']}); "
+            f"compare runs of the same data and windows only"
+        )
     rows = []
     for name, records in runs.items():
         points = {r["point_id"]: r for r in records}
         routed = _routed(records, rule)
         if not routed or "full" not in points:
-            raise ValueError(f"run {name!r} has no routed sweep{f' of exit rule {rule!r}' if rule else ''} or no "
-                             f"full point to compare")
+            raise ValueError(
+                f"run {name!r} has no routed sweep{f' of exit rule {rule!r}' if rule else ''} or no "
+                f"full point to compare"
+            )
         half = min(routed, key=lambda r: (abs(r["hard_ratio"] - 0.5), r["hard_ratio"]))
         curve = sorted((flops_per_token(r), r["ppl"]) for r in routed)
         prefix = points.get("prefix-0")
-        row = {"method": f"{_protocol_name(records, name)} ({name})",
-               "stage 0 alone PPL": prefix["ppl"] if prefix else math.nan,
-               "full depth PPL": points["full"]["ppl"],
-               "full depth FLOPs ratio": flops_per_token(points["full"]) / reference,
-               "exit rule": rule or main_rule(records),
-               f"routed @ hard {half['hard_ratio']:g} PPL": half["ppl"],
-               f"routed @ hard {half['hard_ratio']:g} FLOPs ratio": flops_per_token(half) / reference}
+        row = {
+            "method": f"{_protocol_name(records, name)} ({name})",
+            "stage 0 alone PPL": prefix["ppl"] if prefix else math.nan,
+            "full depth PPL": points["full"]["ppl"],
+            "full depth FLOPs ratio": flops_per_token(points["full"]) / reference,
+            "exit rule": rule or main_rule(records),
+            f"routed @ hard {half['hard_ratio']:g} PPL": half["ppl"],
+            f"routed @ hard {half['hard_ratio']:g} FLOPs ratio": flops_per_token(half) / reference,
+        }
         row.update({f"PPL @ {b:g}x FLOPs": ppl_at(curve, b * reference) for b in budgets})
         rows.append(row)
-    dense_row = {"method": "dense, same depth", "stage 0 alone PPL": math.nan, "full depth PPL": dense["ppl"],
-                 "full depth FLOPs ratio": 1.0, "exit rule": "no exit"}
+    dense_row = {
+        "method": "dense, same depth",
+        "stage 0 alone PPL": math.nan,
+        "full depth PPL": dense["ppl"],
+        "full depth FLOPs ratio": 1.0,
+        "exit rule": "no exit",
+    }
     dense_row.update({f"PPL @ {b:g}x FLOPs": dense["ppl"] if b == 1.0 else math.nan for b in budgets})
     rows.append(dense_row)
     return pd.DataFrame(rows)

@@ -30,8 +30,16 @@ COUNT_FLOPS = ("anchors", "all")
 #: per swept method the hard ratio nearest 0.5); the others get quality and FLOPs only.
 TIMING_POINTS = ("all", "anchors")
 #: Tuple keys whose empty default does not tell the element type (or whose default's elements mislead).
-_ELEMENT_TYPES = {"boundaries": int, "plausible_ppl": float, "patience": int, "exit_layers": int,
-                  "auto_boundaries": float, "layers": int, "layer_weights": float, "training_hard_ratios": float}
+_ELEMENT_TYPES = {
+    "boundaries": int,
+    "plausible_ppl": float,
+    "patience": int,
+    "exit_layers": int,
+    "auto_boundaries": float,
+    "layers": int,
+    "layer_weights": float,
+    "training_hard_ratios": float,
+}
 #: How the exit study fits its translators (``training.exit_translators``): ridge least squares onto the
 #: last layer's stream, or that followed by cross-entropy training through the head.
 TRANSLATOR_FITS = ("lstsq", "lstsq+ce")
@@ -50,7 +58,8 @@ class ExperimentConfig:
     (``"trained"``), or through the exit study's translators (``"translator"``). ``exit_layers``
     runs the exit study first (``experiment.exit_study``): every layer through the shared head, a
     translator fitted per candidate layer (``translator_fit``) on up to ``exit_train_tokens`` train
-    tokens (0 = all; exit classifiers use the same train tokens), chosen on the validation batches. ``auto_boundaries`` (agreement levels, instead of ``boundaries``)
+    tokens (0 = all; exit classifiers use the same train tokens), chosen on the validation batches.
+    ``auto_boundaries`` (agreement levels, instead of ``boundaries``)
     cuts at the first candidate whose translator agrees with full depth on at least that share of
     the validation tokens. ``tokenizer = "model"`` is the model's own. Nothing else is trained, and
     the unsplit model is the full-depth baseline ("dense" does not apply and is skipped).
@@ -62,7 +71,8 @@ class ExperimentConfig:
     ``eval_stride`` 0 (the default) is half the window: validation and test are scored by sliding
     windows, each token after at least half a window of context.
 
-    ``exit_fn`` ('' = the protocol's) is the rule the cascade trains and is swept with (points ``routed@r``, ``masked@r``);
+    ``exit_fn`` ('' = the protocol's) is the rule the cascade trains and is swept with (points ``routed@r``,
+    ``masked@r``);
     every other rule in ``exit_rules`` is swept over the same hard ratios on the same trained
     cascade (points ``routed[rule]@r``). ``risk`` (with ``risk_delta``, ``risk_epsilon``) adds one
     point per rule whose thresholds are risk-controlled (``routing.risk_control``); '' skips them.
@@ -147,23 +157,37 @@ class ExperimentConfig:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 bad(key, "a positive integer")
-        for key in ("max_steps_per_epoch", "eval_batches", "timing_batches", "dense_patience", "seed",
-                    "exit_train_tokens", "validation_batches", "risk_batches"):
+        for key in (
+            "max_steps_per_epoch",
+            "eval_batches",
+            "timing_batches",
+            "dense_patience",
+            "seed",
+            "exit_train_tokens",
+            "validation_batches",
+            "risk_batches",
+        ):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 bad(key, "a non-negative integer (0 = no limit)" if key != "seed" else "a non-negative integer")
         if not isinstance(self.patience, tuple) or any(
-                isinstance(p, bool) or not isinstance(p, int) or p < 1 for p in self.patience):
+            isinstance(p, bool) or not isinstance(p, int) or p < 1 for p in self.patience
+        ):
             bad("patience", "a list of positive integers, one per stage (empty: the protocol's)")
         if not isinstance(self.layers, tuple) or any(
-                isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in self.layers):
+            isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in self.layers
+        ):
             bad("layers", "a list of positive integers, layers per stage (empty: the protocol's)")
         for key in ("layer_weights", "training_hard_ratios"):
             if not isinstance(getattr(self, key), tuple) or any(
-                    isinstance(v, bool) or not isinstance(v, (int, float)) for v in getattr(self, key)):
+                isinstance(v, bool) or not isinstance(v, (int, float)) for v in getattr(self, key)
+            ):
                 bad(key, "a list of numbers (empty: the protocol's)")
-        if isinstance(self.lr_decay, bool) or not isinstance(self.lr_decay, (int, float)) or \
-                not 0 <= self.lr_decay <= 1:
+        if (
+            isinstance(self.lr_decay, bool)
+            or not isinstance(self.lr_decay, (int, float))
+            or not 0 <= self.lr_decay <= 1
+        ):
             bad("lr_decay", "a number in (0, 1]: stage k trains at stage 0's lr x lr_decay^k (0 = the protocol's)")
         if self.exit_head not in ("", *EXIT_HEADS):
             bad("exit_head", f"one of {list(EXIT_HEADS)} ('' = the protocol's)")
@@ -173,16 +197,33 @@ class ExperimentConfig:
             stages = len(self.layers or PROTOCOLS[self.protocol].layers)
             for key in ("patience", "layer_weights"):
                 if getattr(self, key) and len(getattr(self, key)) != stages:
-                    bad(key, f"one entry per stage ({stages}: protocol {self.protocol!r}"
-                             f"{' with layers ' + str(list(self.layers)) if self.layers else ''}), or none")
+                    bad(
+                        key,
+                        f"one entry per stage ({stages}: protocol {self.protocol!r}"
+                        f"{' with layers ' + str(list(self.layers)) if self.layers else ''}), or none",
+                    )
             if self.training_hard_ratios and len(self.training_hard_ratios) not in (1, stages - 1):
-                bad("training_hard_ratios", f"one hard ratio for every stage boundary or one per boundary "
-                                            f"({stages - 1}), or none")
+                bad(
+                    "training_hard_ratios",
+                    f"one hard ratio for every stage boundary or one per boundary ({stages - 1}), or none",
+                )
             try:
-                self.training_protocol
+                _ = self.training_protocol  # builds it, raising what a bad key combination makes it raise
             except ValueError as error:
-                keys = [k for k in ("layers", "patience", "layer_weights", "training_hard_ratios", "lr_decay",
-                                    "exit_head", "hard_examples", "exit_fn") if getattr(self, k)]
+                keys = [
+                    k
+                    for k in (
+                        "layers",
+                        "patience",
+                        "layer_weights",
+                        "training_hard_ratios",
+                        "lr_decay",
+                        "exit_head",
+                        "hard_examples",
+                        "exit_fn",
+                    )
+                    if getattr(self, k)
+                ]
                 raise ValueError(f"config key {keys[0] if keys else 'protocol'!r}: {error}") from None
         if self.eval_stride > self.seq_len:
             bad("eval_stride", f"at most seq_len ({self.seq_len})")
@@ -192,8 +233,11 @@ class ExperimentConfig:
             bad("protocol", f"one of {sorted(PROTOCOLS)}")
         if self.exit_fn not in BUILTIN_EXIT_FUNCTIONS:
             bad("exit_fn", f"one of {sorted(BUILTIN_EXIT_FUNCTIONS)} ('' = the protocol's)")
-        if not isinstance(self.exit_rules, tuple) or not self.exit_rules or \
-                len(set(self.exit_rules)) != len(self.exit_rules):
+        if (
+            not isinstance(self.exit_rules, tuple)
+            or not self.exit_rules
+            or len(set(self.exit_rules)) != len(self.exit_rules)
+        ):
             bad("exit_rules", f"a non-empty list of distinct exit rules drawn from {list(RULE_SPECS)}")
         for spec in self.exit_rules:
             try:
@@ -208,14 +252,23 @@ class ExperimentConfig:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
                 bad(key, "a number strictly between 0 and 1")
-        if isinstance(self.risk_nll_tolerance, bool) or not isinstance(self.risk_nll_tolerance, (int, float)) \
-                or self.risk_nll_tolerance < 0:
+        if (
+            isinstance(self.risk_nll_tolerance, bool)
+            or not isinstance(self.risk_nll_tolerance, (int, float))
+            or self.risk_nll_tolerance < 0
+        ):
             bad("risk_nll_tolerance", "a non-negative number (nats)")
         if self.risk_batches == 1:
-            bad("risk_batches", "0 (risk control on the shared validation batches) or at least 2 (one half "
-                                "proposes thresholds, the other tests them)")
-        if not isinstance(self.kv_policies, tuple) or len(set(self.kv_policies)) != len(self.kv_policies) or any(
-                policy not in KV_POLICIES for policy in self.kv_policies):
+            bad(
+                "risk_batches",
+                "0 (risk control on the shared validation batches) or at least 2 (one half "
+                "proposes thresholds, the other tests them)",
+            )
+        if (
+            not isinstance(self.kv_policies, tuple)
+            or len(set(self.kv_policies)) != len(self.kv_policies)
+            or any(policy not in KV_POLICIES for policy in self.kv_policies)
+        ):
             bad("kv_policies", f"a list of distinct K/V policies drawn from {list(KV_POLICIES)} (empty: none)")
         if self.eval_split not in ("test", "validation"):
             bad("eval_split", "'test' or 'validation' (the seeds scored their hard tokens on validation)")
@@ -224,9 +277,12 @@ class ExperimentConfig:
         if self.timing_points not in TIMING_POINTS:
             bad("timing_points", f"one of {list(TIMING_POINTS)}")
         plausible = self.plausible_ppl
-        if not isinstance(plausible, tuple) or len(plausible) != 2 or any(
-                isinstance(v, bool) or not isinstance(v, (int, float)) for v in plausible) or \
-                not 0 < plausible[0] < plausible[1]:
+        if (
+            not isinstance(plausible, tuple)
+            or len(plausible) != 2
+            or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in plausible)
+            or not 0 < plausible[0] < plausible[1]
+        ):
             bad("plausible_ppl", "two numbers low,high with 0 < low < high")
         if self.batching not in ("padded", "bucketed"):
             bad("batching", "'padded' or 'bucketed'")
@@ -237,8 +293,11 @@ class ExperimentConfig:
         except ValueError as error:
             raise ValueError(f"config key 'device': {error}") from None
         ratios = self.hard_ratios
-        if not isinstance(ratios, tuple) or not ratios or any(
-                isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r < 1 for r in ratios):
+        if (
+            not isinstance(ratios, tuple)
+            or not ratios
+            or any(isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r < 1 for r in ratios)
+        ):
             bad("hard_ratios", "a non-empty list of fractions strictly between 0 and 1")
         if not isinstance(self.baselines, tuple) or any(b not in METHOD_BASELINES for b in self.baselines):
             bad("baselines", f"a list drawn from {list(METHOD_BASELINES)}")
@@ -249,34 +308,51 @@ class ExperimentConfig:
         if not isinstance(self.model, str):
             bad("model", "a checkpoint folder or hub name ('' = train the preset cascade)")
         if not isinstance(self.boundaries, tuple) or any(
-                isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in self.boundaries):
+            isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in self.boundaries
+        ):
             bad("boundaries", "a list of layer indices >= 1, e.g. 4,8")
         if self.block_heads not in BLOCK_HEADS:
             bad("block_heads", f"one of {list(BLOCK_HEADS)}")
         if not isinstance(self.exit_layers, tuple) or any(
-                isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in self.exit_layers):
+            isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in self.exit_layers
+        ):
             bad("exit_layers", "a list of layer indices >= 1 (the exit study's candidates), e.g. 8,16,24")
         if self.translator_fit not in TRANSLATOR_FITS:
             bad("translator_fit", f"one of {list(TRANSLATOR_FITS)}")
         levels = self.auto_boundaries
-        if not isinstance(levels, tuple) or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1
-                                                for v in levels) or list(levels) != sorted(set(levels)):
+        if (
+            not isinstance(levels, tuple)
+            or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1 for v in levels)
+            or list(levels) != sorted(set(levels))
+        ):
             bad("auto_boundaries", "increasing agreement levels strictly between 0 and 1, e.g. 0.5,0.75")
         if self.model:
             if not self.boundaries and not levels:
-                bad("boundaries", "at least one layer index to cut the model at (early exit needs two blocks), or "
-                                  "auto_boundaries")
+                bad(
+                    "boundaries",
+                    "at least one layer index to cut the model at (early exit needs two blocks), or auto_boundaries",
+                )
             if levels and (self.boundaries or not self.exit_layers or self.block_heads != "translator"):
-                bad("auto_boundaries", "with boundaries unset, exit_layers set and block_heads = 'translator' (it "
-                                       "cuts where the exit study's translators reach each agreement level)")
+                bad(
+                    "auto_boundaries",
+                    "with boundaries unset, exit_layers set and block_heads = 'translator' (it "
+                    "cuts where the exit study's translators reach each agreement level)",
+                )
             if self.tokenizer.startswith("bpe:"):
                 bad("tokenizer", "the pretrained model's own tokenizer ('model', or a folder), not a new BPE")
             if self.block_heads == "translator" and not set(self.boundaries) <= set(self.exit_layers):
-                bad("boundaries", f"layers among exit_layers {list(self.exit_layers)} (block_heads = 'translator' "
-                                  f"uses the exit study's translators at the boundaries)")
+                bad(
+                    "boundaries",
+                    f"layers among exit_layers {list(self.exit_layers)} (block_heads = 'translator' "
+                    f"uses the exit study's translators at the boundaries)",
+                )
         else:
-            for key, unset in (("boundaries", ()), ("block_heads", "shared"), ("exit_layers", ()),
-                               ("auto_boundaries", ())):
+            for key, unset in (
+                ("boundaries", ()),
+                ("block_heads", "shared"),
+                ("exit_layers", ()),
+                ("auto_boundaries", ()),
+            ):
                 if getattr(self, key) != unset:
                     bad(key, "to be left unset unless 'model' is set")
             if self.tokenizer == "model":
@@ -289,11 +365,33 @@ class ExperimentConfig:
     def training_key(self) -> str:
         """Hash of everything that changes the trained models (not the sweep or timing): the config keys
         that feed training, the protocol's definition and the preset's config."""
-        keys = ("corpus", "corpus_config", "tokenizer", "seq_len", "batch_size", "eval_stride", "preset", "protocol",
-                "leaky_seed_protocol", "exit_fn", "max_epochs", "max_steps_per_epoch", "seed", "dtype", "risk_batches")
+        keys = (
+            "corpus",
+            "corpus_config",
+            "tokenizer",
+            "seq_len",
+            "batch_size",
+            "eval_stride",
+            "preset",
+            "protocol",
+            "leaky_seed_protocol",
+            "exit_fn",
+            "max_epochs",
+            "max_steps_per_epoch",
+            "seed",
+            "dtype",
+            "risk_batches",
+        )
         if self.model:
-            keys += ("model", "boundaries", "block_heads", "exit_layers", "auto_boundaries", "translator_fit",
-                     "exit_train_tokens")
+            keys += (
+                "model",
+                "boundaries",
+                "block_heads",
+                "exit_layers",
+                "auto_boundaries",
+                "translator_fit",
+                "exit_train_tokens",
+            )
         values = {k: getattr(self, k) for k in keys}
         values["protocol_definition"] = dataclasses.asdict(self.training_protocol)
         values["preset_config"] = STAGE_PRESETS[self.preset]
@@ -319,8 +417,10 @@ class ExperimentConfig:
             ratios = tuple(float(r) for r in self.training_hard_ratios)
             changes["hard_ratio"] = ratios[0] if len(ratios) == 1 else ratios
         if self.lr_decay:
-            changes.update(lr_decay=float(self.lr_decay),
-                           lrs=decayed_lrs(protocol.lrs[0], float(self.lr_decay), len(protocol.layers)))
+            changes.update(
+                lr_decay=float(self.lr_decay),
+                lrs=decayed_lrs(protocol.lrs[0], float(self.lr_decay), len(protocol.layers)),
+            )
         if self.exit_head:
             changes["exit_head"] = self.exit_head
         if self.hard_examples:
@@ -337,24 +437,58 @@ class ExperimentConfig:
         """Hash of what trains the dense baseline: the data, preset, seed and caps, the cascade's total
         depth and stage 0's recipe (lr, patience), but not the rest of the protocol, so runs of different
         protocols with the same depth and stage-0 recipe share one dense model."""
-        keys = ("corpus", "corpus_config", "tokenizer", "seq_len", "batch_size", "eval_stride", "preset", "max_epochs",
-                "max_steps_per_epoch", "seed", "dtype", "risk_batches")
+        keys = (
+            "corpus",
+            "corpus_config",
+            "tokenizer",
+            "seq_len",
+            "batch_size",
+            "eval_stride",
+            "preset",
+            "max_epochs",
+            "max_steps_per_epoch",
+            "seed",
+            "dtype",
+            "risk_batches",
+        )
         protocol = self.training_protocol
         values = {k: getattr(self, k) for k in keys}
-        values.update(dense_layers=sum(protocol.layers), lr=protocol.lrs[0], patience=self.dense_recipe[1],
-                      preset_config=STAGE_PRESETS[self.preset])
+        values.update(
+            dense_layers=sum(protocol.layers),
+            lr=protocol.lrs[0],
+            patience=self.dense_recipe[1],
+            preset_config=STAGE_PRESETS[self.preset],
+        )
         return "dense-" + hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
 
     def stage0_key(self) -> str:
         """Hash of what trains stage 0 of a staged protocol: the data, preset, seed, caps, exit rule and
         stage 0's kind and recipe (layers, lr, patience), but not the later stages nor the data protocol,
         so e.g. the leaky and leak-free runs of one setting, or ``ashem`` and ``lego-3``, share stage 0."""
-        keys = ("corpus", "corpus_config", "tokenizer", "seq_len", "batch_size", "eval_stride", "preset", "exit_fn",
-                "max_epochs", "max_steps_per_epoch", "seed", "dtype", "risk_batches")
+        keys = (
+            "corpus",
+            "corpus_config",
+            "tokenizer",
+            "seq_len",
+            "batch_size",
+            "eval_stride",
+            "preset",
+            "exit_fn",
+            "max_epochs",
+            "max_steps_per_epoch",
+            "seed",
+            "dtype",
+            "risk_batches",
+        )
         protocol = self.training_protocol
         values = {k: getattr(self, k) for k in keys}
-        values.update(stage_kind=protocol.stage_kind, layers=protocol.layers[0], lr=protocol.lrs[0],
-                      patience=protocol.patience[0], preset_config=STAGE_PRESETS[self.preset])
+        values.update(
+            stage_kind=protocol.stage_kind,
+            layers=protocol.layers[0],
+            lr=protocol.lrs[0],
+            patience=protocol.patience[0],
+            preset_config=STAGE_PRESETS[self.preset],
+        )
         return "stage0-" + hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
 
     def as_dict(self) -> dict:
@@ -422,8 +556,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     for f in fields(ExperimentConfig):
         default = f.default
         hint = ",".join(map(str, default)) if isinstance(default, tuple) else default
-        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None, metavar="VALUE",
-                            help=f"(default {hint})")
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"), dest=f.name, default=None, metavar="VALUE", help=f"(default {hint})"
+        )
 
 
 def config_from_args(args: argparse.Namespace, path: Optional[str]) -> ExperimentConfig:

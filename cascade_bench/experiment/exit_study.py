@@ -29,13 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import torch
 from torch import nn
 
 from ..data.storage import write_json_atomic
 from ..measure.layer_exits import LayerStates, collect_layer_states, exit_curve, layers_needed, shared_head
-from ..training.exit_translators import (fit_translators_lstsq, new_translators, train_translators,
-                                         translated_head)
+from ..training.exit_translators import fit_translators_lstsq, new_translators, train_translators, translated_head
 from ..training.loops import TrainConfig
 
 STUDY_VERSION = 1
@@ -54,8 +52,22 @@ class ExitStudy:
 
 def study_key(config) -> str:
     """Hash of what trains the translators (the model, data, candidate layers and the recipe)."""
-    keys = ("model", "corpus", "corpus_config", "tokenizer", "seq_len", "batch_size", "exit_layers", "translator_fit",
-            "exit_train_tokens", "validation_batches", "risk_batches", "max_epochs", "seed", "dtype")
+    keys = (
+        "model",
+        "corpus",
+        "corpus_config",
+        "tokenizer",
+        "seq_len",
+        "batch_size",
+        "exit_layers",
+        "translator_fit",
+        "exit_train_tokens",
+        "validation_batches",
+        "risk_batches",
+        "max_epochs",
+        "seed",
+        "dtype",
+    )
     values = {k: getattr(config, k) for k in keys}
     values["lr"], values["patience"] = TRANSLATOR_RECIPE
     return "translators-" + hashlib.sha256(json.dumps(values, sort_keys=True, default=list).encode()).hexdigest()[:12]
@@ -75,12 +87,26 @@ def _curve_rows(curve) -> list[dict]:
 def _columns(states: LayerStates, layers) -> LayerStates:
     """The same states restricted to ``layers`` (a subset of ``states.layers``)."""
     index = [states.layers.index(layer) for layer in layers]
-    return LayerStates(layers=tuple(layers), num_layers=states.num_layers, states=states.states[:, index],
-                       targets=states.targets, final_argmax=states.final_argmax, final_nll=states.final_nll)
+    return LayerStates(
+        layers=tuple(layers),
+        num_layers=states.num_layers,
+        states=states.states[:, index],
+        targets=states.targets,
+        final_argmax=states.final_argmax,
+        final_nll=states.final_nll,
+    )
 
 
-def run_exit_study(config, model, train_batches, validation_batches, scored_batches, folder: Path,
-                   progress: bool = True, source: Optional[dict] = None) -> ExitStudy:
+def run_exit_study(
+    config,
+    model,
+    train_batches,
+    validation_batches,
+    scored_batches,
+    folder: Path,
+    progress: bool = True,
+    source: Optional[dict] = None,
+) -> ExitStudy:
     """Steps 1-4 of the module docstring; translators are read from ``folder`` when a run with the
     same ``study_key`` saved them there, else trained and saved."""
     from safetensors.torch import load_file, save_file
@@ -99,8 +125,7 @@ def run_exit_study(config, model, train_batches, validation_batches, scored_batc
         training = json.loads(record.read_text())
         training["reused"] = True
     else:
-        training = _fit_translators(config, model, train_batches, validation_batches, candidates, translators,
-                                    progress)
+        training = _fit_translators(config, model, train_batches, validation_batches, candidates, translators, progress)
         folder.mkdir(parents=True, exist_ok=True)
         save_file({k: v.detach().contiguous().cpu() for k, v in translators.state_dict().items()}, str(weights))
         write_json_atomic(record, training)
@@ -114,48 +139,83 @@ def run_exit_study(config, model, train_batches, validation_batches, scored_batc
     rows = []
     for point in trained:
         base = shared_at[point.layer]
-        rows.append({"layer": point.layer, "shared_ppl": base.ppl, "trained_ppl": point.ppl,
-                     "ppl_ratio": point.ppl / base.ppl, "shared_agreement": base.agreement,
-                     "trained_agreement": point.agreement, "shared_accuracy": base.accuracy,
-                     "trained_accuracy": point.accuracy})
+        rows.append(
+            {
+                "layer": point.layer,
+                "shared_ppl": base.ppl,
+                "trained_ppl": point.ppl,
+                "ppl_ratio": point.ppl / base.ppl,
+                "shared_agreement": base.agreement,
+                "trained_agreement": point.agreement,
+                "shared_accuracy": base.accuracy,
+                "trained_accuracy": point.accuracy,
+            }
+        )
     oracle_shared = layers_needed(shared, every.final_argmax, num_layers)
     oracle_trained = layers_needed(trained, every.final_argmax, num_layers)
     summary = {
-        "version": STUDY_VERSION, "model": config.model, "source": source, "num_layers": num_layers,
-        "candidates": list(candidates), "scored_tokens": every.tokens, "full_depth_ppl": every.final_ppl,
-        "shared_curve": _curve_rows(shared), "candidate_rows": rows,
+        "version": STUDY_VERSION,
+        "model": config.model,
+        "source": source,
+        "num_layers": num_layers,
+        "candidates": list(candidates),
+        "scored_tokens": every.tokens,
+        "full_depth_ppl": every.final_ppl,
+        "shared_curve": _curve_rows(shared),
+        "candidate_rows": rows,
         "trained_beats_shared_everywhere": all(r["trained_ppl"] < r["shared_ppl"] for r in rows),
         "layers_needed": {
-            "shared": {"first_agreement": oracle_shared.first_agreement, "settled": oracle_shared.settled,
-                       "grid": "every layer 1..L-1"},
-            "trained": {"first_agreement": oracle_trained.first_agreement, "settled": oracle_trained.settled,
-                        "grid": f"candidates {list(candidates)}"}},
-        "translators": training, "seconds": {"collect": collect_s, "shared_curve": shared_s,
-                                             "total": time.perf_counter() - started},
+            "shared": {
+                "first_agreement": oracle_shared.first_agreement,
+                "settled": oracle_shared.settled,
+                "grid": "every layer 1..L-1",
+            },
+            "trained": {
+                "first_agreement": oracle_trained.first_agreement,
+                "settled": oracle_trained.settled,
+                "grid": f"candidates {list(candidates)}",
+            },
+        },
+        "translators": training,
+        "seconds": {"collect": collect_s, "shared_curve": shared_s, "total": time.perf_counter() - started},
     }
     return ExitStudy(summary=summary, translators=translators)
 
 
-def _fit_translators(config, model, train_batches, validation_batches, candidates, translators: nn.ModuleDict,
-                     progress: bool) -> dict:
+def _fit_translators(
+    config, model, train_batches, validation_batches, candidates, translators: nn.ModuleDict, progress: bool
+) -> dict:
     """Fit the translators (step 3 of the module docstring); returns what the report says of it."""
     begin = time.perf_counter()
-    train = collect_layer_states(model, train_batches, candidates, max_tokens=config.exit_train_tokens or None,
-                                 keep_final=True)
+    train = collect_layer_states(
+        model, train_batches, candidates, max_tokens=config.exit_train_tokens or None, keep_final=True
+    )
     validation = collect_layer_states(model, validation_batches, candidates)
     collected = time.perf_counter() - begin
     lstsq = fit_translators_lstsq(model, translators, train, validation)
     parameters = sum(p.numel() for p in translators.parameters())
-    training = {"fit": config.translator_fit, "train_tokens": train.tokens, "validation_tokens": validation.tokens,
-                "split": "train", "validation_split": "validation", "parameters": parameters,
-                "parameters_per_layer": parameters // len(candidates), "collect_seconds": collected,
-                "lstsq": lstsq}
+    training = {
+        "fit": config.translator_fit,
+        "train_tokens": train.tokens,
+        "validation_tokens": validation.tokens,
+        "split": "train",
+        "validation_split": "validation",
+        "parameters": parameters,
+        "parameters_per_layer": parameters // len(candidates),
+        "collect_seconds": collected,
+        "lstsq": lstsq,
+    }
     if config.translator_fit == "lstsq+ce":
         lr, patience = TRANSLATOR_RECIPE
-        history = train_translators(model, translators, train, validation,
-                                    TrainConfig(lr=lr, patience=patience, max_epochs=config.max_epochs,
-                                                seed=config.seed),
-                                    batch_tokens=TRANSLATOR_BATCH_TOKENS, progress=progress)
+        history = train_translators(
+            model,
+            translators,
+            train,
+            validation,
+            TrainConfig(lr=lr, patience=patience, max_epochs=config.max_epochs, seed=config.seed),
+            batch_tokens=TRANSLATOR_BATCH_TOKENS,
+            progress=progress,
+        )
         training.update(lr=lr, patience=patience, batch_tokens=TRANSLATOR_BATCH_TOKENS, cross_entropy=history.summary())
     by_layer = {int(k): t.eval() for k, t in translators.items()}
     training["validation_curve"] = _curve_rows(exit_curve(validation, translated_head(model, by_layer)))
@@ -171,13 +231,17 @@ def auto_boundaries(levels, validation_curve: list[dict]) -> list[int]:
         reached = [row["layer"] for row in validation_curve if row["agreement"] >= level]
         if not reached:
             best = max(row["agreement"] for row in validation_curve)
-            raise ValueError(f"config key 'auto_boundaries': no candidate layer's translator agrees with full depth on "
-                             f"{level:g} of the validation tokens (best {best:.3f}); lower the level or add later "
-                             f"exit_layers")
+            raise ValueError(
+                f"config key 'auto_boundaries': no candidate layer's translator agrees with full depth on "
+                f"{level:g} of the validation tokens (best {best:.3f}); lower the level or add later "
+                f"exit_layers"
+            )
         cuts.append(reached[0])
     if len(set(cuts)) != len(cuts):
-        raise ValueError(f"config key 'auto_boundaries': levels {list(levels)} give the cut points {cuts}, not "
-                         f"distinct; use levels further apart or a finer exit_layers grid")
+        raise ValueError(
+            f"config key 'auto_boundaries': levels {list(levels)} give the cut points {cuts}, not "
+            f"distinct; use levels further apart or a finer exit_layers grid"
+        )
     return cuts
 
 
@@ -190,12 +254,25 @@ def exit_curve_table(summary: dict):
     """One row per candidate layer: shared vs trained PPL and agreement (a pandas DataFrame)."""
     import pandas as pd
 
-    rows = [{"exit after layer": str(r["layer"]), "PPL, shared head": _ppl_text(r["shared_ppl"]),
-             "PPL, translator": _ppl_text(r["trained_ppl"]), "agreement, shared head": r["shared_agreement"],
-             "agreement, translator": r["trained_agreement"]} for r in summary["candidate_rows"]]
-    rows.append({"exit after layer": f"{summary['num_layers']} (full depth)",
-                 "PPL, shared head": _ppl_text(summary["full_depth_ppl"]), "PPL, translator": "n/a",
-                 "agreement, shared head": 1.0, "agreement, translator": math.nan})
+    rows = [
+        {
+            "exit after layer": str(r["layer"]),
+            "PPL, shared head": _ppl_text(r["shared_ppl"]),
+            "PPL, translator": _ppl_text(r["trained_ppl"]),
+            "agreement, shared head": r["shared_agreement"],
+            "agreement, translator": r["trained_agreement"],
+        }
+        for r in summary["candidate_rows"]
+    ]
+    rows.append(
+        {
+            "exit after layer": f"{summary['num_layers']} (full depth)",
+            "PPL, shared head": _ppl_text(summary["full_depth_ppl"]),
+            "PPL, translator": "n/a",
+            "agreement, shared head": 1.0,
+            "agreement, translator": math.nan,
+        }
+    )
     return pd.DataFrame(rows)
 
 
@@ -207,18 +284,36 @@ def plot_exit_curve(summary: dict, stem: Path) -> list[Path]:
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
     shared = summary["shared_curve"]
     rows = summary["candidate_rows"]
-    left.semilogy([p["layer"] for p in shared], [p["ppl"] for p in shared], "o-", color="tab:gray", ms=3,
-                  label="shared norm + lm_head")
-    left.semilogy([r["layer"] for r in rows], [r["trained_ppl"] for r in rows], "s-", color="tab:blue",
-                  label="trained translator")
+    left.semilogy(
+        [p["layer"] for p in shared],
+        [p["ppl"] for p in shared],
+        "o-",
+        color="tab:gray",
+        ms=3,
+        label="shared norm + lm_head",
+    )
+    left.semilogy(
+        [r["layer"] for r in rows], [r["trained_ppl"] for r in rows], "s-", color="tab:blue", label="trained translator"
+    )
     left.axhline(summary["full_depth_ppl"], color="black", ls="--", lw=1, label="full depth")
     left.set_xlabel("exit after layer")
     left.set_ylabel("PPL (log scale)")
     left.legend()
-    right.plot([p["layer"] for p in shared], [p["agreement"] for p in shared], "o-", color="tab:gray", ms=3,
-               label="shared norm + lm_head")
-    right.plot([r["layer"] for r in rows], [r["trained_agreement"] for r in rows], "s-", color="tab:blue",
-               label="trained translator")
+    right.plot(
+        [p["layer"] for p in shared],
+        [p["agreement"] for p in shared],
+        "o-",
+        color="tab:gray",
+        ms=3,
+        label="shared norm + lm_head",
+    )
+    right.plot(
+        [r["layer"] for r in rows],
+        [r["trained_agreement"] for r in rows],
+        "s-",
+        color="tab:blue",
+        label="trained translator",
+    )
     right.set_xlabel("exit after layer")
     right.set_ylabel("top-1 agreement with full depth")
     right.set_ylim(0, 1)

@@ -14,15 +14,23 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-COLORS = {"routed": "tab:blue", "masked": "tab:orange", "full": "black", "prefix": "tab:gray",
-          "dense": "tab:green", "oracle": "tab:red"}
+COLORS = {
+    "routed": "tab:blue",
+    "masked": "tab:orange",
+    "full": "black",
+    "prefix": "tab:gray",
+    "dense": "tab:green",
+    "oracle": "tab:red",
+}
 #: Colours of the routed curves of the other exit rules, in the order of ``exit_rules``.
 RULE_COLORS = ("tab:purple", "tab:cyan", "tab:olive", "tab:brown", "tab:pink", "goldenrod")
 #: Markers of the K/V-policy points (one routed operating point under each policy).
 KV_MARKERS = ("x", "P", "X")
-PANELS = (("layer_cost", "layer cost (fraction of all layers x tokens)"),
-          ("flop_ratio", "FLOPs / full depth (counted = analytic)"),
-          ("wall_ratio", "wall time / full depth"))
+PANELS = (
+    ("layer_cost", "layer cost (fraction of all layers x tokens)"),
+    ("flop_ratio", "FLOPs / full depth (counted = analytic)"),
+    ("wall_ratio", "wall time / full depth"),
+)
 
 
 def _pyplot():
@@ -66,8 +74,15 @@ def plot_cost_vs_ppl(frame, stem: Path) -> list[Path]:
             ax.plot(curve[column], curve.ppl, "o-", color=COLORS[method], label=f"{method} early exit{rule}")
             if method == "routed":
                 front = pareto_front(list(zip(curve[column], curve.ppl)))
-                ax.scatter(curve[column].iloc[front], curve.ppl.iloc[front], s=160, facecolors="none",
-                           edgecolors=COLORS[method], linewidths=1.5, label="Pareto front (routed)")
+                ax.scatter(
+                    curve[column].iloc[front],
+                    curve.ppl.iloc[front],
+                    s=160,
+                    facecolors="none",
+                    edgecolors=COLORS[method],
+                    linewidths=1.5,
+                    label="Pareto front (routed)",
+                )
         others = frame[(frame.method == "routed") & ~frame.main & frame[column].notna()]
         for color, rule in zip(RULE_COLORS, dict.fromkeys(others.exit_rule)):
             curve = others[others.exit_rule == rule].sort_values("hard_ratio")
@@ -75,15 +90,32 @@ def plot_cost_vs_ppl(frame, stem: Path) -> list[Path]:
         kv = frame[(frame.method == "kv_routed") & frame[column].notna()] if "kv_policy" in frame else None
         for policy, marker in zip(kv.kv_policy if kv is not None else (), KV_MARKERS):
             point = kv[kv.kv_policy == policy]
-            ax.scatter(point[column], point.ppl, marker=marker, s=70, color="tab:blue", zorder=3,
-                       label=f"K/V {policy} (padded, hard {point.hard_ratio.iloc[0]:g})")
+            ax.scatter(
+                point[column],
+                point.ppl,
+                marker=marker,
+                s=70,
+                color="tab:blue",
+                zorder=3,
+                label=f"K/V {policy} (padded, hard {point.hard_ratio.iloc[0]:g})",
+            )
         for method, marker in (("full", "s"), ("prefix", "v"), ("dense", "D"), ("oracle", "*")):
             part = frame[(frame.method == method) & frame[column].notna()]
             if not part.empty:
-                ax.scatter(part[column], part.ppl, marker=marker, s=90, color=COLORS[method], zorder=3,
-                           label={"full": part.label.iloc[0],  # "full cascade" or "unsplit model"
-                                  "prefix": "prefix alone", "dense": "dense, same depth",
-                                  "oracle": "oracle bound"}[method])
+                ax.scatter(
+                    part[column],
+                    part.ppl,
+                    marker=marker,
+                    s=90,
+                    color=COLORS[method],
+                    zorder=3,
+                    label={
+                        "full": part.label.iloc[0],  # "full cascade" or "unsplit model"
+                        "prefix": "prefix alone",
+                        "dense": "dense, same depth",
+                        "oracle": "oracle bound",
+                    }[method],
+                )
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("test perplexity")
@@ -143,5 +175,7 @@ def make_plots(records: Sequence[dict], confidence_path: Path, plots_dir: Path, 
     paths = plot_cost_vs_ppl(frame, plots_dir / f"{name}.cost_vs_ppl")
     paths += plot_exit_ratios(frame, plots_dir / f"{name}.exit_ratios")
     if Path(confidence_path).exists():
-        paths += plot_confidences(json.loads(Path(confidence_path).read_text()), frame, plots_dir / f"{name}.confidence")
+        paths += plot_confidences(
+            json.loads(Path(confidence_path).read_text()), frame, plots_dir / f"{name}.confidence"
+        )
     return paths

@@ -21,11 +21,22 @@ from ..data.storage import write_text_atomic
 from .checks import format_checks, main_rule, run_checks
 
 #: ASHEM's published WikiText-2 figures (docs/design.md section 4).
-ASHEM_SEED_FIGURES = {"stage-0 PPL": 986.43, "threshold": 0.1499, "hard tokens trained on": 32768,
-                      "hard sequences trained on": 256, "hard PPL before": 2763.69, "hard PPL after": 668.08,
-                      "overall PPL": 830.0, "stage-0 accuracy": 0.1603, "overall accuracy": 0.1577,
-                      "shallow exits": 0.704, "deep exits": 0.296, "layer cost": 0.6482,
-                      "stage-1 best epoch": 7, "stage-1 epochs run": 10}
+ASHEM_SEED_FIGURES = {
+    "stage-0 PPL": 986.43,
+    "threshold": 0.1499,
+    "hard tokens trained on": 32768,
+    "hard sequences trained on": 256,
+    "hard PPL before": 2763.69,
+    "hard PPL after": 668.08,
+    "overall PPL": 830.0,
+    "stage-0 accuracy": 0.1603,
+    "overall accuracy": 0.1577,
+    "shallow exits": 0.704,
+    "deep exits": 0.296,
+    "layer cost": 0.6482,
+    "stage-1 best epoch": 7,
+    "stage-1 epochs run": 10,
+}
 
 
 def records_frame(records: Sequence[dict]) -> pd.DataFrame:
@@ -48,7 +59,8 @@ def records_frame(records: Sequence[dict]) -> pd.DataFrame:
     apart = frame.time_median_s.astype(float) / float(full.time_median_s)
     if "wall_ratio_interleaved" in frame:
         frame["wall_ratio"] = frame.wall_ratio_interleaved.astype(float).where(
-            frame.wall_ratio_interleaved.notna(), apart)
+            frame.wall_ratio_interleaved.notna(), apart
+        )
         frame.loc[frame.method == "full", "wall_ratio"] = 1.0
     else:
         frame["wall_ratio"] = apart
@@ -126,9 +138,15 @@ def _latex_escape(text: str) -> str:
 def to_latex(frame: pd.DataFrame, caption: str) -> str:
     """A booktabs table (needs \\usepackage{booktabs})."""
     align = "l" + "r" * (len(frame.columns) - 1)
-    lines = [r"\begin{table}[t]", r"\centering", rf"\caption{{{_latex_escape(caption)}}}",
-             rf"\begin{{tabular}}{{{align}}}", r"\toprule",
-             " & ".join(_latex_escape(str(c)) for c in frame.columns) + r" \\", r"\midrule"]
+    lines = [
+        r"\begin{table}[t]",
+        r"\centering",
+        rf"\caption{{{_latex_escape(caption)}}}",
+        rf"\begin{{tabular}}{{{align}}}",
+        r"\toprule",
+        " & ".join(_latex_escape(str(c)) for c in frame.columns) + r" \\",
+        r"\midrule",
+    ]
     for _, row in frame.iterrows():
         lines.append(" & ".join(_latex_escape(_fmt(v)) for v in row.values) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
@@ -145,11 +163,21 @@ def write_table(frame: pd.DataFrame, stem: Path, caption: str) -> list[Path]:
 
 def threshold_table(frame: pd.DataFrame) -> pd.DataFrame:
     swept = frame[frame.method.isin(["routed", "masked"]) & frame.main].sort_values(["method", "hard_ratio"])
-    return pd.DataFrame({
-        "method": swept.method, "hard ratio": swept.hard_ratio, "threshold": swept.thresholds.map(lambda t: t[0]),
-        "exit at stage 0": swept.exit_ratio_0, "PPL": swept.ppl, "hard PPL": swept.hard_ppl,
-        "easy PPL": swept.easy_ppl, "layer cost": swept.layer_cost, "FLOP ratio": swept.flop_ratio,
-        "wall ratio": swept.wall_ratio, "tokens/s": swept.tokens_per_s})
+    return pd.DataFrame(
+        {
+            "method": swept.method,
+            "hard ratio": swept.hard_ratio,
+            "threshold": swept.thresholds.map(lambda t: t[0]),
+            "exit at stage 0": swept.exit_ratio_0,
+            "PPL": swept.ppl,
+            "hard PPL": swept.hard_ppl,
+            "easy PPL": swept.easy_ppl,
+            "layer cost": swept.layer_cost,
+            "FLOP ratio": swept.flop_ratio,
+            "wall ratio": swept.wall_ratio,
+            "tokens/s": swept.tokens_per_s,
+        }
+    )
 
 
 def _interpolate(curve: pd.DataFrame, cost: float) -> float:
@@ -191,10 +219,17 @@ def paper_table(frame: pd.DataFrame, match_hard_ratio: float = 0.5) -> tuple[pd.
 
 
 def _paper_row(row, matched: float) -> dict:
-    return {"method": row.label, "PPL": row.ppl, "accuracy": row.accuracy if row.accuracy is not None else math.nan,
-            "exit at stage 0": row.exit_ratio_0, "layer cost": row.layer_cost, "FLOP ratio": row.flop_ratio,
-            "decision share of FLOPs": row.decision_share, "wall ratio": row.wall_ratio,
-            "PPL at matched FLOPs": matched}
+    return {
+        "method": row.label,
+        "PPL": row.ppl,
+        "accuracy": row.accuracy if row.accuracy is not None else math.nan,
+        "exit at stage 0": row.exit_ratio_0,
+        "layer cost": row.layer_cost,
+        "FLOP ratio": row.flop_ratio,
+        "decision share of FLOPs": row.decision_share,
+        "wall ratio": row.wall_ratio,
+        "PPL at matched FLOPs": matched,
+    }
 
 
 #: FLOP budgets (fractions of the full cascade's) at which the rules table compares the exit rules.
@@ -211,11 +246,16 @@ def rules_table(frame: pd.DataFrame, match_hard_ratio: float = 0.5) -> pd.DataFr
             continue
         point = _nearest(curve, match_hard_ratio)
         agreement = point.get("agreement_with_max_prob", math.nan)
-        row = {"exit rule": point.exit_rule + (" (trained with)" if point.main else ""),
-               "hard ratio": point.hard_ratio, "PPL": point.ppl, "layer cost": point.layer_cost,
-               "FLOP ratio": point.flop_ratio, "decision share of FLOPs": point.decision_share,
-               "wall ratio": point.wall_ratio,
-               "agreement with max_prob": agreement if isinstance(agreement, float) else math.nan}
+        row = {
+            "exit rule": point.exit_rule + (" (trained with)" if point.main else ""),
+            "hard ratio": point.hard_ratio,
+            "PPL": point.ppl,
+            "layer cost": point.layer_cost,
+            "FLOP ratio": point.flop_ratio,
+            "decision share of FLOPs": point.decision_share,
+            "wall ratio": point.wall_ratio,
+            "agreement with max_prob": agreement if isinstance(agreement, float) else math.nan,
+        }
         row.update({f"PPL @ {b:g}x FLOPs": _interpolate(curve, b) for b in RULE_BUDGETS})
         rows.append(row)
     return pd.DataFrame(rows)
@@ -227,18 +267,27 @@ def kv_table(frame: pd.DataFrame) -> Optional[pd.DataFrame]:
     points = frame[frame.method == "kv_routed"]
     if points.empty:
         return None
-    return pd.DataFrame({
-        "K/V policy": points.kv_policy, "hard ratio": points.hard_ratio, "PPL": points.ppl,
-        "exit at stage 0": points.exit_ratio_0, "layer cost": points.layer_cost, "FLOP ratio": points.flop_ratio,
-        "wall ratio": points.wall_ratio,
-        "recomputed tokens": [sum(c) - sum(e) for c, e in zip(points.tokens_computed, points.tokens_entered)],
-        "propagated K/V (token x stage)": points.tokens_propagated.map(sum)})
+    return pd.DataFrame(
+        {
+            "K/V policy": points.kv_policy,
+            "hard ratio": points.hard_ratio,
+            "PPL": points.ppl,
+            "exit at stage 0": points.exit_ratio_0,
+            "layer cost": points.layer_cost,
+            "FLOP ratio": points.flop_ratio,
+            "wall ratio": points.wall_ratio,
+            "recomputed tokens": [sum(c) - sum(e) for c, e in zip(points.tokens_computed, points.tokens_entered)],
+            "propagated K/V (token x stage)": points.tokens_propagated.map(sum),
+        }
+    )
 
 
 def _risk_calibration(frame: pd.DataFrame) -> str:
     """What the risk-controlled points calibrated on, as their records say."""
-    notes = {point.risk_control.get("calibration", "the validation batches (not recorded which)")
-             for _, point in frame[frame.method == "risk_controlled"].iterrows()}
+    notes = {
+        point.risk_control.get("calibration", "the validation batches (not recorded which)")
+        for _, point in frame[frame.method == "risk_controlled"].iterrows()
+    }
     return "; ".join(sorted(notes))
 
 
@@ -251,12 +300,21 @@ def risk_table(frame: pd.DataFrame) -> Optional[pd.DataFrame]:
     rows = []
     for _, point in points.iterrows():
         control = point.risk_control
-        rows.append({"exit rule": point.exit_rule, "risk": control["risk"], "delta": control["delta"],
-                     "epsilon": control["epsilon"],
-                     "hard ratio chosen": control["hard_ratio"] if control["hard_ratio"] is not None else "none",
-                     "calibration risk": control["empirical_risk"], "upper bound (1-eps)": control["upper_bound"],
-                     "realised risk": point.realised_risk, "PPL": point.ppl, "FLOP ratio": point.flop_ratio,
-                     "wall ratio": point.wall_ratio})
+        rows.append(
+            {
+                "exit rule": point.exit_rule,
+                "risk": control["risk"],
+                "delta": control["delta"],
+                "epsilon": control["epsilon"],
+                "hard ratio chosen": control["hard_ratio"] if control["hard_ratio"] is not None else "none",
+                "calibration risk": control["empirical_risk"],
+                "upper bound (1-eps)": control["upper_bound"],
+                "realised risk": point.realised_risk,
+                "PPL": point.ppl,
+                "FLOP ratio": point.flop_ratio,
+                "wall ratio": point.wall_ratio,
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -270,26 +328,34 @@ def seed_table(frame: pd.DataFrame, config) -> tuple[pd.DataFrame, bool]:
     if routed.empty:
         raise ValueError("the results have no routed point for the seed-protocol table")
     point = routed.iloc[(routed.hard_ratio - 0.5).abs().argsort().iloc[0]]
-    training = next((c["training"] for c in frame.get("conditions", []) if isinstance(c, dict) and c.get("training")),
-                    {})
+    training = next(
+        (c["training"] for c in frame.get("conditions", []) if isinstance(c, dict) and c.get("training")), {}
+    )
     stage1 = next((s for s in training.get("stages", []) if s.get("stage") == 1), {})
-    ours = {"stage-0 PPL": prefix.ppl.iloc[0] if not prefix.empty else math.nan,
-            "threshold": point.thresholds[0],
-            "hard tokens trained on": stage1.get("hard_tokens_trained_on", math.nan),
-            "hard sequences trained on": stage1.get("hard_sequences", math.nan),
-            "mean confidence (all sequences)": stage1.get("mean_confidence", math.nan),
-            "mean confidence (hard sequences)": stage1.get("hard_mean_confidence", math.nan),
-            "hard tokens": point.hard_tokens,
-            "hard PPL before": point.hard_ppl_stage0, "hard PPL after": point.hard_ppl, "overall PPL": point.ppl,
-            "stage-0 accuracy": prefix.accuracy.iloc[0] if not prefix.empty else math.nan,
-            "overall accuracy": point.accuracy,
-            "shallow exits": point.exit_ratios[0], "deep exits": 1 - point.exit_ratios[0],
-            "layer cost": point.layer_cost, "FLOP ratio": point.flop_ratio, "wall ratio": point.wall_ratio,
-            "stage-1 trainable parameters": stage1.get("trainable_parameters", math.nan),
-            "parameters (all stages)": stage1.get("parameters", math.nan),
-            "stage-1 best epoch": stage1.get("best_epoch", math.nan),
-            "stage-1 epochs run": stage1.get("epochs", math.nan)}
-    is_seed = (config.protocol == "ashem" and config.leaky_seed_protocol and "wikitext" in str(config.corpus).lower())
+    ours = {
+        "stage-0 PPL": prefix.ppl.iloc[0] if not prefix.empty else math.nan,
+        "threshold": point.thresholds[0],
+        "hard tokens trained on": stage1.get("hard_tokens_trained_on", math.nan),
+        "hard sequences trained on": stage1.get("hard_sequences", math.nan),
+        "mean confidence (all sequences)": stage1.get("mean_confidence", math.nan),
+        "mean confidence (hard sequences)": stage1.get("hard_mean_confidence", math.nan),
+        "hard tokens": point.hard_tokens,
+        "hard PPL before": point.hard_ppl_stage0,
+        "hard PPL after": point.hard_ppl,
+        "overall PPL": point.ppl,
+        "stage-0 accuracy": prefix.accuracy.iloc[0] if not prefix.empty else math.nan,
+        "overall accuracy": point.accuracy,
+        "shallow exits": point.exit_ratios[0],
+        "deep exits": 1 - point.exit_ratios[0],
+        "layer cost": point.layer_cost,
+        "FLOP ratio": point.flop_ratio,
+        "wall ratio": point.wall_ratio,
+        "stage-1 trainable parameters": stage1.get("trainable_parameters", math.nan),
+        "parameters (all stages)": stage1.get("parameters", math.nan),
+        "stage-1 best epoch": stage1.get("best_epoch", math.nan),
+        "stage-1 epochs run": stage1.get("epochs", math.nan),
+    }
+    is_seed = config.protocol == "ashem" and config.leaky_seed_protocol and "wikitext" in str(config.corpus).lower()
     table = pd.DataFrame({"quantity": list(ours), "this run": list(ours.values())})
     if is_seed:
         table["ASHEM seed (published)"] = [ASHEM_SEED_FIGURES.get(k, math.nan) for k in ours]
@@ -312,30 +378,52 @@ def training_table(records: Sequence[dict]) -> Optional[pd.DataFrame]:
         parts.append(("dense, same depth", dense))
     if not parts:
         return None
-    return pd.DataFrame([{
-        "trained": name, "layers": part.get("layers", math.nan), "lr": part.get("lr", math.nan),
-        "trained on (tokens)": part.get("hard_tokens_trained_on", math.nan), "epochs": part["epochs"],
-        "best epoch": part["best_epoch"], "best validation PPL": part["best_val_ppl"],
-        "stopped by": part["stop_reason"], "epoch cap": part["max_epochs"], "patience": part["patience"],
-        "trainable / all parameters": (f"{part['trainable_parameters']:,} / {part['parameters']:,}"
-                                       if part.get("parameters") else "n/a"),
-        "seconds": part.get("seconds", math.nan)} for name, part in parts])
+    return pd.DataFrame(
+        [
+            {
+                "trained": name,
+                "layers": part.get("layers", math.nan),
+                "lr": part.get("lr", math.nan),
+                "trained on (tokens)": part.get("hard_tokens_trained_on", math.nan),
+                "epochs": part["epochs"],
+                "best epoch": part["best_epoch"],
+                "best validation PPL": part["best_val_ppl"],
+                "stopped by": part["stop_reason"],
+                "epoch cap": part["max_epochs"],
+                "patience": part["patience"],
+                "trainable / all parameters": (
+                    f"{part['trainable_parameters']:,} / {part['parameters']:,}" if part.get("parameters") else "n/a"
+                ),
+                "seconds": part.get("seconds", math.nan),
+            }
+            for name, part in parts
+        ]
+    )
 
 
 def epoch_log_lines(records: Sequence[dict]) -> list[str]:
     """Per later stage, its validation PPL and the PPL of the tokens past stage 0 ("hard PPL") after
     every epoch: the seeds' "Val PPL | Hard PPL" log."""
-    training = next((r["conditions"]["training"] for r in records if (r.get("conditions") or {}).get("training")),
-                    {})
+    training = next((r["conditions"]["training"] for r in records if (r.get("conditions") or {}).get("training")), {})
     lines = []
     for part in training.get("stages", []):
         logged = part.get("val_logged") or []
         if any("hard PPL" in entry for entry in logged):
-            epochs = "; ".join(f"{i + 1}: {ppl:.2f} | {entry.get('hard PPL', math.nan):.2f}"
-                               for i, (ppl, entry) in enumerate(zip(part["val_ppl"], logged)))
+            epochs = "; ".join(
+                f"{i + 1}: {ppl:.2f} | {entry.get('hard PPL', math.nan):.2f}"
+                for i, (ppl, entry) in enumerate(zip(part["val_ppl"], logged))
+            )
             lines.append(f"- stage {part['stage']}, per epoch (validation PPL | hard PPL): {epochs}")
-    return ["", "Validation after every epoch (hard PPL: the tokens that continued past stage 0, as the seeds "
-                "log it):", "", *lines] if lines else []
+    return (
+        [
+            "",
+            "Validation after every epoch (hard PPL: the tokens that continued past stage 0, as the seeds log it):",
+            "",
+            *lines,
+        ]
+        if lines
+        else []
+    )
 
 
 def _rule_training_lines(records: Sequence[dict]) -> list[str]:
@@ -345,35 +433,60 @@ def _rule_training_lines(records: Sequence[dict]) -> list[str]:
             trained[(part["rule"], part["stage"])] = part
     if not trained:
         return []
-    table = pd.DataFrame([{"exit rule": rule, "stage": stage, "target": part["target"], "epochs": part["epochs"],
-                           "best epoch": part["best_epoch"], "best validation BCE": part["best_validation_bce"],
-                           "stopped by": part["stop_reason"], "seconds": part["seconds"]}
-                          for (rule, stage), part in sorted(trained.items())])
-    return ["", "Learned exit classifiers (trained on the train split with the cascade frozen, early stopping on "
-                "the validation BCE):", "", to_markdown(table)]
+    table = pd.DataFrame(
+        [
+            {
+                "exit rule": rule,
+                "stage": stage,
+                "target": part["target"],
+                "epochs": part["epochs"],
+                "best epoch": part["best_epoch"],
+                "best validation BCE": part["best_validation_bce"],
+                "stopped by": part["stop_reason"],
+                "seconds": part["seconds"],
+            }
+            for (rule, stage), part in sorted(trained.items())
+        ]
+    )
+    return [
+        "",
+        "Learned exit classifiers (trained on the train split with the cascade frozen, early stopping on "
+        "the validation BCE):",
+        "",
+        to_markdown(table),
+    ]
 
 
 def _risk_lines(risks: pd.DataFrame, calibration: str) -> list[str]:
-    return ["## Risk-controlled thresholds", "",
-            "Thresholds chosen by Learn-then-Test (fixed-sequence binomial tests over hard ratios 0.9, 0.8, ..., 0.1): "
-            "candidates calibrated on the even batches of risk control's calibration batches, tested on the odd ones, "
-            "so that with probability at least 1 - epsilon the routed pass's risk (disagreement: its prediction "
-            "differs from the full cascade's; nll_increase: its NLL exceeds the full cascade's by more than the "
-            f"tolerance) is at most delta. Calibration batches: {calibration}. "
-            "Tokens are treated as independent draws, which tokens of one sequence are not: the guarantee is "
-            "approximate in that respect. 'Upper bound' is the (1 - epsilon) Clopper-Pearson bound of the chosen "
-            "point's risk on the testing half; where no hard ratio passed, nobody exits and the bound is exactly 0. "
-            "'Realised risk' is measured on the scored split.", "",
-            to_markdown(risks)]
+    return [
+        "## Risk-controlled thresholds",
+        "",
+        "Thresholds chosen by Learn-then-Test (fixed-sequence binomial tests over hard ratios 0.9, 0.8, ..., 0.1): "
+        "candidates calibrated on the even batches of risk control's calibration batches, tested on the odd ones, "
+        "so that with probability at least 1 - epsilon the routed pass's risk (disagreement: its prediction "
+        "differs from the full cascade's; nll_increase: its NLL exceeds the full cascade's by more than the "
+        f"tolerance) is at most delta. Calibration batches: {calibration}. "
+        "Tokens are treated as independent draws, which tokens of one sequence are not: the guarantee is "
+        "approximate in that respect. 'Upper bound' is the (1 - epsilon) Clopper-Pearson bound of the chosen "
+        "point's risk on the testing half; where no hard ratio passed, nobody exits and the bound is exactly 0. "
+        "'Realised risk' is measured on the scored split.",
+        "",
+        to_markdown(risks),
+    ]
 
 
 def _kv_lines(kv: pd.DataFrame, reference: str) -> list[str]:
-    return ["## K/V policies for exited tokens", "",
-            "The routed point at the same thresholds under each K/V policy: `absent` (a later stage never sees "
-            "a token that exited before it), `propagate` (the exited token's state fills the later stages' caches, "
-            "its K/V projections charged) and `recompute` (later stages run on the exited tokens once a later token "
-            "of the sequence reaches them). All three use padded batching, so their costs compare with each other; "
-            f"costs are relative to {reference}.", "", to_markdown(kv)]
+    return [
+        "## K/V policies for exited tokens",
+        "",
+        "The routed point at the same thresholds under each K/V policy: `absent` (a later stage never sees "
+        "a token that exited before it), `propagate` (the exited token's state fills the later stages' caches, "
+        "its K/V projections charged) and `recompute` (later stages run on the exited tokens once a later token "
+        "of the sequence reaches them). All three use padded batching, so their costs compare with each other; "
+        f"costs are relative to {reference}.",
+        "",
+        to_markdown(kv),
+    ]
 
 
 def _processes(records: list[dict]) -> str:
@@ -400,8 +513,11 @@ def _exit_study_lines(paths: dict) -> list[str]:
     needed, heads = summary["layers_needed"], summary["translators"]
     lines = ["## Where could this model exit?", ""]
     if source:
-        lines += [f"Weights: {source.get('gguf_file')} ({source.get('note')}; sha256 "
-                  f"{str(source.get('gguf_sha256'))[:12]}...{', from ' + source['distribution'] if 'distribution' in source else ''}).", ""]
+        lines += [
+            f"Weights: {source.get('gguf_file')} ({source.get('note')}; sha256 "
+            f"{str(source.get('gguf_sha256'))[:12]}...{', from ' + source['distribution'] if 'distribution' in source else ''}).",  # noqa: E501
+            "",
+        ]
     lines += [
         f"The unsplit model on {summary['scored_tokens']:,} scored tokens: PPL {_fmt(summary['full_depth_ppl'])}. Per "
         f"candidate layer, the model's own final norm + lm_head (shared head) and a translator fitted for that layer "
@@ -413,8 +529,11 @@ def _exit_study_lines(paths: dict) -> list[str]:
         f"with the shared head ({needed['shared']['grid']}); first agreement "
         f"{_fmt(needed['trained']['first_agreement'], 2)} and settled {_fmt(needed['trained']['settled'], 2)} with "
         f"translators ({needed['trained']['grid']}). Trained translators beat the shared head at every candidate: "
-        f"{'yes' if summary['trained_beats_shared_everywhere'] else 'NO'}.", "",
-        f"![exit curve](plots/{Path(path).name.replace('.exit_study.json', '')}.exit_curve.png)", ""]
+        f"{'yes' if summary['trained_beats_shared_everywhere'] else 'NO'}.",
+        "",
+        f"![exit curve](plots/{Path(path).name.replace('.exit_study.json', '')}.exit_curve.png)",
+        "",
+    ]
     return lines
 
 
@@ -422,14 +541,18 @@ def _translator_fit(heads: dict) -> str:
     """How the exit study's translators were fitted, in one clause."""
     lstsq = heads.get("lstsq") or {}
     ridges = sorted({layer["ridge"] for layer in (lstsq.get("layers") or {}).values()})
-    text = (f"{heads.get('parameters_per_layer', 0):,} parameters per layer; ridge least squares onto the last "
-            f"layer's stream from {heads.get('train_tokens', 0):,} train-split tokens, ridge "
-            f"{'/'.join(f'{r:g}' for r in ridges)} chosen on {heads.get('validation_tokens', 0):,} validation-split "
-            f"tokens")
+    text = (
+        f"{heads.get('parameters_per_layer', 0):,} parameters per layer; ridge least squares onto the last "
+        f"layer's stream from {heads.get('train_tokens', 0):,} train-split tokens, ridge "
+        f"{'/'.join(f'{r:g}' for r in ridges)} chosen on {heads.get('validation_tokens', 0):,} validation-split "
+        f"tokens"
+    )
     cross_entropy = heads.get("cross_entropy")
     if cross_entropy:
-        text += (f", then cross-entropy training: {cross_entropy['epochs']} epochs, best {cross_entropy['best_epoch']}, "
-                 f"{cross_entropy['stop_reason']}")
+        text += (
+            f", then cross-entropy training: {cross_entropy['epochs']} epochs, best {cross_entropy['best_epoch']}, "
+            f"{cross_entropy['stop_reason']}"
+        )
     text += f"; {_fmt(heads.get('seconds'))} s with the state collection"
     return text + (", reused from an earlier run" if heads.get("reused") else "")
 
@@ -460,37 +583,58 @@ def write_report(records: Sequence[dict], config, paths: dict) -> Path:
     trained = training_table(records)
     checks = run_checks(records, getattr(config, "plausible_ppl", (5.0, 1000.0)))
     lines = [
-        f"# {name}", "",
+        f"# {name}",
+        "",
         f"Dataset {first.get('dataset')} ({', '.join(first.get('split_notes') or []) or 'its own splits'}), "
         f"tokenizer {first.get('tokenizer')} ({first.get('tokenizer_vocab')} ids), windows of {first.get('window')} "
         f"tokens, stride {first.get('stride')}, evaluated on the {split} split"
-        + (" (the split whose hard tokens stage 1 trained on: the seeds' leaky report)"
-           if split == "validation" and config.leaky_seed_protocol else "") + ". " + (
+        + (
+            " (the split whose hard tokens stage 1 trained on: the seeds' leaky report)"
+            if split == "validation" and config.leaky_seed_protocol
+            else ""
+        )
+        + ". "
+        + (
             f"Model {config.model} cut into blocks before layers {training.get('boundaries', list(config.boundaries))} "
-            f"({training.get('boundaries_chosen_by', 'config')}; {config.block_heads} exit heads)" if config.model else
-            f"Protocol {training.get('protocol', config.protocol)}"
-            f"{' (leaky seed protocol: hard tokens collected from validation and scored there)' if config.leaky_seed_protocol else ''}"
-            f", preset {config.preset}: {training.get('grows', 'n/a')}")
+            f"({training.get('boundaries_chosen_by', 'config')}; {config.block_heads} exit heads)"
+            if config.model
+            else f"Protocol {training.get('protocol', config.protocol)}"
+            f"{' (leaky seed protocol: hard tokens collected from validation and scored there)' if config.leaky_seed_protocol else ''}"  # noqa: E501
+            f", preset {config.preset}: {training.get('grows', 'n/a')}"
+        )
         + f". Exit rule {config.exit_fn}, "
         f"{config.device}/{config.dtype}, {config.threads} threads, {_processes(records)}, seed {config.seed}, "
         f"torch {first.get('torch')}, transformers {first.get('transformers')}, commit {first.get('git_commit')}.",
-        "", f"How it was measured: {first.get('measured', 'n/a')}."
+        "",
+        f"How it was measured: {first.get('measured', 'n/a')}."
         + "".join(f" Not run: {point}, because {reason}." for point, reason in (first.get("not_run") or {}).items()),
-        "", "## Checks", "",
-        "Flags are findings to explain, with the figures that raised them; none stops the run.", "",
+        "",
+        "## Checks",
+        "",
+        "Flags are findings to explain, with the figures that raised them; none stops the run.",
+        "",
         format_checks(checks),
-        "## Training", "",
-        (to_markdown(trained) + "\nEvery part trains with AdamW and stops after `patience` epochs without a new "
-         "best validation PPL (the best state is restored); `epoch cap` is a safety limit, and a part that reaches "
-         "it is flagged above." if trained is not None else "Nothing was trained in this run."),
-        *epoch_log_lines(records), "",
-        "## Methods", "",
+        "## Training",
+        "",
+        (
+            to_markdown(trained) + "\nEvery part trains with AdamW and stops after `patience` epochs without a new "
+            "best validation PPL (the best state is restored); `epoch cap` is a safety limit, and a part that reaches "
+            "it is flagged above."
+            if trained is not None
+            else "Nothing was trained in this run."
+        ),
+        *epoch_log_lines(records),
+        "",
+        "## Methods",
+        "",
         f"Costs are relative to {reference}; wall ratios were timed back to back with it. "
         f"'PPL at matched FLOPs' interpolates each swept curve at "
         f"the FLOP ratio of routed early exit at the hard ratio nearest 0.5 ({_fmt(target)}); n/a where the "
-        f"curve never reaches that cost. The oracle's cost is analytic and it has no wall time.", "",
+        f"curve never reaches that cost. The oracle's cost is analytic and it has no wall time.",
+        "",
         to_markdown(paper),
-        "## Exit rules", "",
+        "## Exit rules",
+        "",
         f"Every exit rule on the same trained cascade, at its point nearest hard ratio 0.5 and at fixed FLOP "
         f"budgets (fractions of {reference}'s FLOPs; n/a where a curve does not reach one). 'Decision share' is "
         "the part of the point's FLOPs that the exit decisions computed and no token's prediction uses: the "
@@ -498,20 +642,34 @@ def write_report(records: Sequence[dict], config, paths: dict) -> Path:
         "logits (cos_sim, classifier, lowrank, topk) run a stage's lm_head only for the tokens that exit there. "
         "lowrank:R and topk:K approximate max_prob (logits from a rank-R factorisation of lm_head or from its K "
         "most frequent training ids); 'agreement with max_prob' is the fraction of scored tokens whose stage-0 "
-        "decision is the same as exact max_prob's, each at its own calibrated threshold.", "",
-        to_markdown(rules), *_rule_training_lines(records),
+        "decision is the same as exact max_prob's, each at its own calibrated threshold.",
+        "",
+        to_markdown(rules),
+        *_rule_training_lines(records),
         *(_kv_lines(kv, reference) if kv is not None else []),
         *(_risk_lines(risks, _risk_calibration(frame)) if risks is not None else []),
         *_exit_study_lines(paths),
-        "## Sweep", "", to_markdown(thresholds),
-        "## Seed-protocol layout", "",
-        ("Seed figures beside ours: this config reproduces the seed." if is_seed else
-         "This config is not the seed's (ASHEM, WikiText-2, leaky seed protocol), so the seed's published "
-         "figures are not shown beside it."), "", to_markdown(seed),
-        "## Plots", "",
-        f"![cost vs PPL](plots/{name}.cost_vs_ppl.png)", "",
-        f"![exit ratios](plots/{name}.exit_ratios.png)", "",
-        f"![confidences](plots/{name}.confidence.png)", "",
+        "## Sweep",
+        "",
+        to_markdown(thresholds),
+        "## Seed-protocol layout",
+        "",
+        (
+            "Seed figures beside ours: this config reproduces the seed."
+            if is_seed
+            else "This config is not the seed's (ASHEM, WikiText-2, leaky seed protocol), so the seed's published "
+            "figures are not shown beside it."
+        ),
+        "",
+        to_markdown(seed),
+        "## Plots",
+        "",
+        f"![cost vs PPL](plots/{name}.cost_vs_ppl.png)",
+        "",
+        f"![exit ratios](plots/{name}.exit_ratios.png)",
+        "",
+        f"![confidences](plots/{name}.confidence.png)",
+        "",
         f"Tables as LaTeX (booktabs) and CSV beside the Markdown in `results/`; records in `results/{name}.jsonl`.",
     ]
     write_text_atomic(paths["report"], "\n".join(lines) + "\n")

@@ -28,8 +28,10 @@ class ResultsStore:
                 except json.JSONDecodeError as error:
                     raise ValueError(f"{self.path}:{number} is not a JSON record ({error})") from None
                 if record.get("schema_version") != SCHEMA_VERSION:
-                    raise ValueError(f"{self.path}:{number} has schema_version {record.get('schema_version')!r}, "
-                                     f"this cascade_bench reads {SCHEMA_VERSION}")
+                    raise ValueError(
+                        f"{self.path}:{number} has schema_version {record.get('schema_version')!r}, "
+                        f"this cascade_bench reads {SCHEMA_VERSION}"
+                    )
                 self._records.append(record)
 
     def __contains__(self, point_id: str) -> bool:

@@ -28,8 +28,12 @@ from ..routing.calibration import calibrate_thresholds
 from ..routing.passes import forward_cascade
 from ..stages.ensemble import Ensemble, evaluation_mode
 from ..stages.exit_rules import MLP_HIDDEN_UNITS, low_rank_max_prob, parse_rule_spec, top_k_max_prob
-from ..training.exit_classifier import (CLASSIFIER_BATCH_TOKENS, CLASSIFIER_MAX_TOKENS, CLASSIFIER_TRAIN_CONFIG,
-                                       train_exit_classifier)
+from ..training.exit_classifier import (
+    CLASSIFIER_BATCH_TOKENS,
+    CLASSIFIER_MAX_TOKENS,
+    CLASSIFIER_TRAIN_CONFIG,
+    train_exit_classifier,
+)
 
 
 @dataclass
@@ -45,10 +49,19 @@ class BuiltRule:
         return parse_rule_spec(self.spec)[0] in ("lowrank", "topk")
 
 
-def build_rule(spec: str, cascade: Ensemble, train: list, validation: list, classifier_target: str = "consistency",
-               seed: int = 0, progress: bool = False, max_epochs: Optional[int] = None,
-               max_steps_per_epoch: Optional[int] = None, max_tokens: Optional[int] = None,
-               anchor_ratio: float = 0.5) -> BuiltRule:
+def build_rule(
+    spec: str,
+    cascade: Ensemble,
+    train: list,
+    validation: list,
+    classifier_target: str = "consistency",
+    seed: int = 0,
+    progress: bool = False,
+    max_epochs: Optional[int] = None,
+    max_steps_per_epoch: Optional[int] = None,
+    max_tokens: Optional[int] = None,
+    anchor_ratio: float = 0.5,
+) -> BuiltRule:
     """Build ``spec`` for every non-last stage of ``cascade`` (see the module doc). ``max_epochs`` /
     ``max_steps_per_epoch`` cap a classifier's training below its own recipe (the run's caps); with a
     step cap, it also sees only the tokens those steps can use. ``max_tokens``: a classifier's
@@ -61,24 +74,48 @@ def build_rule(spec: str, cascade: Ensemble, train: list, validation: list, clas
             torch.manual_seed(seed + k)
             with routing_through(cascade, per_stage, validation, anchor_ratio):
                 classifier, history = _train_classifier(
-                    cascade, k, train, validation, classifier_target, kind, progress, seed,
-                    max_tokens=min(CLASSIFIER_MAX_TOKENS,
-                                   max_tokens or CLASSIFIER_MAX_TOKENS,
-                                   CLASSIFIER_MAX_TOKENS if max_steps_per_epoch is None else
-                                   max_steps_per_epoch * CLASSIFIER_BATCH_TOKENS),
-                    max_epochs=max_epochs, max_steps_per_epoch=max_steps_per_epoch)
+                    cascade,
+                    k,
+                    train,
+                    validation,
+                    classifier_target,
+                    kind,
+                    progress,
+                    seed,
+                    max_tokens=min(
+                        CLASSIFIER_MAX_TOKENS,
+                        max_tokens or CLASSIFIER_MAX_TOKENS,
+                        CLASSIFIER_MAX_TOKENS
+                        if max_steps_per_epoch is None
+                        else max_steps_per_epoch * CLASSIFIER_BATCH_TOKENS,
+                    ),
+                    max_epochs=max_epochs,
+                    max_steps_per_epoch=max_steps_per_epoch,
+                )
             same_parameters([classifier])  # data-parallel runs: every rank trained it alike; rank 0's counts
             per_stage.append(classifier)
             summary = history.summary()
-            training.append({"stage": k, "rule": spec, "target": classifier_target,
-                             "features": ("every token (stage 0 sees all)" if k == 0 else
-                                          f"routed: the tokens continuing past stages 0..{k - 1} at hard ratio "
-                                          f"{anchor_ratio:g} under this rule"),
-                             "epochs": summary["epochs"],
-                             "best_epoch": summary["best_epoch"], "best_validation_bce": summary["best_val_ppl"],
-                             "stop_reason": summary["stop_reason"], "max_epochs": summary["max_epochs"],
-                             "patience": summary["patience"], "seconds": summary["seconds"],
-                             "validation_bce": summary["val_ppl"]})
+            training.append(
+                {
+                    "stage": k,
+                    "rule": spec,
+                    "target": classifier_target,
+                    "features": (
+                        "every token (stage 0 sees all)"
+                        if k == 0
+                        else f"routed: the tokens continuing past stages 0..{k - 1} at hard ratio "
+                        f"{anchor_ratio:g} under this rule"
+                    ),
+                    "epochs": summary["epochs"],
+                    "best_epoch": summary["best_epoch"],
+                    "best_validation_bce": summary["best_val_ppl"],
+                    "stop_reason": summary["stop_reason"],
+                    "max_epochs": summary["max_epochs"],
+                    "patience": summary["patience"],
+                    "seconds": summary["seconds"],
+                    "validation_bce": summary["val_ppl"],
+                }
+            )
         return BuiltRule(spec, per_stage, training)
     if kind == "lowrank":
         return BuiltRule(spec, [low_rank_max_prob(cascade[k], size) for k in non_last])
@@ -88,17 +125,37 @@ def build_rule(spec: str, cascade: Ensemble, train: list, validation: list, clas
     return BuiltRule(spec, [kind for _ in non_last])
 
 
-def _train_classifier(cascade: Ensemble, k: int, train: list, validation: list, target: str, kind: str,
-                      progress: bool, seed: int, max_tokens: int, max_epochs: Optional[int],
-                      max_steps_per_epoch: Optional[int]):
+def _train_classifier(
+    cascade: Ensemble,
+    k: int,
+    train: list,
+    validation: list,
+    target: str,
+    kind: str,
+    progress: bool,
+    seed: int,
+    max_tokens: int,
+    max_epochs: Optional[int],
+    max_steps_per_epoch: Optional[int],
+):
     """Stage ``k``'s classifier with the run's caps on the classifier recipe."""
-    config = dataclasses.replace(CLASSIFIER_TRAIN_CONFIG, seed=seed + k,
-                                 max_epochs=min(CLASSIFIER_TRAIN_CONFIG.max_epochs,
-                                                max_epochs or CLASSIFIER_TRAIN_CONFIG.max_epochs),
-                                 max_steps_per_epoch=max_steps_per_epoch)
-    return train_exit_classifier(cascade, k, train, validation, target=target,
-                                 hidden_units=MLP_HIDDEN_UNITS if kind == "classifier-mlp" else 0, progress=progress,
-                                 max_tokens=max_tokens, config=config)
+    config = dataclasses.replace(
+        CLASSIFIER_TRAIN_CONFIG,
+        seed=seed + k,
+        max_epochs=min(CLASSIFIER_TRAIN_CONFIG.max_epochs, max_epochs or CLASSIFIER_TRAIN_CONFIG.max_epochs),
+        max_steps_per_epoch=max_steps_per_epoch,
+    )
+    return train_exit_classifier(
+        cascade,
+        k,
+        train,
+        validation,
+        target=target,
+        hidden_units=MLP_HIDDEN_UNITS if kind == "classifier-mlp" else 0,
+        progress=progress,
+        max_tokens=max_tokens,
+        config=config,
+    )
 
 
 @contextmanager
@@ -138,14 +195,16 @@ def stage0_confidences(cascade: Ensemble, batches: Iterable) -> torch.Tensor:
     with evaluation_mode(cascade), torch.inference_mode():
         for item in shard(batches):
             ids, mask, targets = unpack_batch(item)
-            out = forward_cascade(cascade, ids, mask, targets, method="masked",
-                                  thresholds=[float("inf")] * (len(cascade) - 1))
+            out = forward_cascade(
+                cascade, ids, mask, targets, method="masked", thresholds=[float("inf")] * (len(cascade) - 1)
+            )
             collected.append(out.stage_confidence[0][out.scored])
     return gathered(torch.cat(collected))
 
 
-def decision_agreement(confidence: torch.Tensor, threshold: float, reference: torch.Tensor,
-                       reference_threshold: float) -> float:
+def decision_agreement(
+    confidence: torch.Tensor, threshold: float, reference: torch.Tensor, reference_threshold: float
+) -> float:
     """Fraction of tokens whose stage-0 exit decision is the same under both rules at their thresholds."""
     if confidence.shape != reference.shape:
         raise ValueError(f"confidences of different token sets: {tuple(confidence.shape)} vs {tuple(reference.shape)}")

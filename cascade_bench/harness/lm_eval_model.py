@@ -77,8 +77,9 @@ class CostTally:
             self.exited[k] += int((out.exit_stage[scored] == k).sum())
             self.entered[k] += int((out.exit_stage[scored] >= k).sum())
         self.flops += counted
-        self.flops_analytic += sum(c.total for c in routed_cost(configs, out.stage_batch_shapes, out.head_tokens,
-                                                                head_macs=head_macs))
+        self.flops_analytic += sum(
+            c.total for c in routed_cost(configs, out.stage_batch_shapes, out.head_tokens, head_macs=head_macs)
+        )
         rows, length = out.exit_stage.shape
         full = [[(rows, length)]] * len(configs)
         heads = [0] * (len(configs) - 1) + [int((out.exit_stage >= 0).sum())]
@@ -90,13 +91,14 @@ class CostTally:
             "scored_tokens": self.scored,
             "exit_ratios": [e / tokens for e in self.exited],
             "layer_cost": sum(n * l for n, l in zip(self.entered, self.layers)) / (tokens * sum(self.layers)),
-            "flops_counted": self.flops, "flops_analytic": self.flops_analytic,
+            "flops_counted": self.flops,
+            "flops_analytic": self.flops_analytic,
             "flops_full_depth": self.flops_full_depth,
             "flop_ratio_to_full_depth": self.flops_analytic / self.flops_full_depth if self.flops_full_depth else None,
             "generated_tokens": self.generated_tokens,
             "generation_exit_ratios": [e / max(self.generated_tokens, 1) for e in self.generated_exits],
             "note": "scored tokens of loglikelihood requests; full depth = the same padded batches through every "
-                    "stage, one head per token at the last (analytic, equal to counted where both exist)",
+            "stage, one head per token at the last (analytic, equal to counted where both exist)",
         }
 
 
@@ -104,11 +106,25 @@ class CostTally:
 class EarlyExitLM(LM):
     """An ``Ensemble`` with its tokenizer, answering harness requests with early exit (module docstring)."""
 
-    def __init__(self, cascade: Optional[str] = None, pretrained: Optional[str] = None, boundaries=None,
-                 tokenizer: Optional[str] = None, thresholds=None, exit_fn: str = "max_prob",
-                 max_length: Optional[int] = None, batch_size=8, max_batch_size=None, device: Optional[str] = None,
-                 dtype: str = "float32", max_gen_toks: int = 256, cost_json: Optional[str] = None,
-                 ensemble: Optional[Ensemble] = None, harness_device: Optional[str] = None, **unused):
+    def __init__(
+        self,
+        cascade: Optional[str] = None,
+        pretrained: Optional[str] = None,
+        boundaries=None,
+        tokenizer: Optional[str] = None,
+        thresholds=None,
+        exit_fn: str = "max_prob",
+        max_length: Optional[int] = None,
+        batch_size=8,
+        max_batch_size=None,
+        device: Optional[str] = None,
+        dtype: str = "float32",
+        max_gen_toks: int = 256,
+        cost_json: Optional[str] = None,
+        ensemble: Optional[Ensemble] = None,
+        harness_device: Optional[str] = None,
+        **unused,
+    ):
         super().__init__()
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
@@ -119,13 +135,16 @@ class EarlyExitLM(LM):
                 logger.warning("%s; running on cpu (put device=... in --model_args to require one)", error)
         device = str(check_device(device or "cpu", dtype))
         torch_dtype = getattr(torch, dtype)
-        self.ensemble, self.tokenizer = self._load(cascade, pretrained, boundaries, tokenizer, exit_fn, device,
-                                                   torch_dtype, ensemble)
-        self.thresholds = (_floats(thresholds, "thresholds") if thresholds is not None
-                           else list(self.ensemble.thresholds[:-1]))
+        self.ensemble, self.tokenizer = self._load(
+            cascade, pretrained, boundaries, tokenizer, exit_fn, device, torch_dtype, ensemble
+        )
+        self.thresholds = (
+            _floats(thresholds, "thresholds") if thresholds is not None else list(self.ensemble.thresholds[:-1])
+        )
         if len(self.thresholds) != len(self.ensemble) - 1:
-            raise ValueError(f"thresholds: expected {len(self.ensemble) - 1} (one per non-last stage), got "
-                             f"{len(self.thresholds)}")
+            raise ValueError(
+                f"thresholds: expected {len(self.ensemble) - 1} (one per non-last stage), got {len(self.thresholds)}"
+            )
         limits = [s.max_positions for s in self.ensemble if s.max_positions]
         self.max_length = int(max_length) if max_length is not None else min([2048, *limits])
         if self.max_length < 2:
@@ -165,8 +184,10 @@ class EarlyExitLM(LM):
                 raise ValueError("with ensemble=..., pass the tokenizer object as tokenizer=...")
             return ensemble.to(device=device, dtype=dtype).eval(), tokenizer
         if (cascade is None) == (pretrained is None):
-            raise ValueError("model_args need exactly one of cascade=FOLDER (a saved cascade) or pretrained=FOLDER "
-                             "with boundaries=I;J")
+            raise ValueError(
+                "model_args need exactly one of cascade=FOLDER (a saved cascade) or pretrained=FOLDER "
+                "with boundaries=I;J"
+            )
         if cascade is not None:
             from ..experiment.pipeline import saved_cascade
 
@@ -179,8 +200,10 @@ class EarlyExitLM(LM):
         register_own_families()
         model = AutoModelForCausalLM.from_pretrained(pretrained, dtype=dtype).to(device).eval()
         cuts = [int(b) for b in _floats(boundaries, "boundaries")]
-        return (Ensemble.from_blocks(model, cuts, exit_fn=exit_fn).eval(),
-                AutoTokenizer.from_pretrained(tokenizer or pretrained))
+        return (
+            Ensemble.from_blocks(model, cuts, exit_fn=exit_fn).eval(),
+            AutoTokenizer.from_pretrained(tokenizer or pretrained),
+        )
 
     # -- what the harness reads ------------------------------------------------------------------
     @property
@@ -194,8 +217,11 @@ class EarlyExitLM(LM):
         return self.tokenizer.decode(ids)
 
     def cost_summary(self) -> dict:
-        return {**self.costs.summary(), "thresholds": list(self.thresholds),
-                "layers_per_stage": list(self.ensemble.layers_per_stage)}
+        return {
+            **self.costs.summary(),
+            "thresholds": list(self.thresholds),
+            "layers_per_stage": list(self.ensemble.layers_per_stage),
+        }
 
     def _write_costs(self) -> None:
         if self.cost_json is not None:
@@ -208,25 +234,28 @@ class EarlyExitLM(LM):
         device = self.ensemble.device
         configs = [stage.config for stage in self.ensemble]
         for start in range(0, len(pairs), self.batch_size):
-            group = pairs[start:start + self.batch_size]
+            group = pairs[start : start + self.batch_size]
             rows = []
             for context, continuation in group:
                 if not continuation:
                     raise ValueError("a loglikelihood request has an empty continuation")
-                whole = (context + continuation)[-(self.max_length + 1):]
+                whole = (context + continuation)[-(self.max_length + 1) :]
                 rows.append((whole[:-1], whole[1:], min(len(continuation), len(whole) - 1)))
             length = max(len(ids) for ids, _, _ in rows)
             ids = torch.zeros(len(rows), length, dtype=torch.long)
             targets = torch.full((len(rows), length), -100, dtype=torch.long)
             mask = torch.zeros(len(rows), length, dtype=torch.long)
             for i, (inp, tgt, n) in enumerate(rows):
-                ids[i, :len(inp)], mask[i, :len(inp)] = torch.tensor(inp), 1
-                targets[i, len(inp) - n:len(inp)] = torch.tensor(tgt[-n:])  # the continuation's tokens only
+                ids[i, : len(inp)], mask[i, : len(inp)] = torch.tensor(inp), 1
+                targets[i, len(inp) - n : len(inp)] = torch.tensor(tgt[-n:])  # the continuation's tokens only
             ids, targets, mask = ids.to(device), targets.to(device), mask.to(device)
             with torch.inference_mode():
-                counted, out = count_pass_flops(lambda probe: forward_cascade(
-                    self.ensemble, ids, mask, targets, thresholds=self.thresholds, probe=probe),
-                    len(self.ensemble))
+                counted, out = count_pass_flops(
+                    lambda probe: forward_cascade(
+                        self.ensemble, ids, mask, targets, thresholds=self.thresholds, probe=probe
+                    ),
+                    len(self.ensemble),
+                )
             self.costs.add_pass(out, counted.total, configs, head_macs_of(self.ensemble))
             for i in range(len(rows)):
                 scored = out.scored[i]
@@ -249,9 +278,15 @@ class EarlyExitLM(LM):
         totals = []
         for request in requests:
             (text,) = request.args
-            windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
-                token_list=self.tok_encode(text), prefix_token=self.eos_token_id, max_seq_len=self.max_length,
-                context_len=1)]
+            windows = [
+                make_disjoint_window(w)
+                for w in get_rolling_token_windows(
+                    token_list=self.tok_encode(text),
+                    prefix_token=self.eos_token_id,
+                    max_seq_len=self.max_length,
+                    context_len=1,
+                )
+            ]
             totals.append(sum(ll for ll, _ in self._score(windows)))
         self._write_costs()
         return totals
@@ -266,11 +301,16 @@ class EarlyExitLM(LM):
             budget = int(options.pop("max_gen_toks", self.max_gen_toks))
             if options.get("do_sample"):
                 raise ValueError("generate_until: only greedy decoding (do_sample=False) is supported")
-            prompt = (self.tok_encode(context) or [self.eos_token_id])[-(self.max_length - budget):]
+            prompt = (self.tok_encode(context) or [self.eos_token_id])[-(self.max_length - budget) :]
             ids = torch.tensor([prompt], device=self.ensemble.device)
             with torch.inference_mode():
-                out = generate(self.ensemble, ids, max_new_tokens=budget, thresholds=self.thresholds,
-                               eos_token_id=self.eos_token_id)
+                out = generate(
+                    self.ensemble,
+                    ids,
+                    max_new_tokens=budget,
+                    thresholds=self.thresholds,
+                    eos_token_id=self.eos_token_id,
+                )
             produced = out.tokens[0].tolist()
             self.costs.generated_tokens += out.decode_tokens
             for k, n in enumerate(out.exit_counts):
@@ -288,8 +328,11 @@ def evaluate(model_args: "str | dict", tasks: Sequence[str], include_path: Optio
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    args = model_args if isinstance(model_args, dict) else dict(
-        part.split("=", 1) for part in model_args.split(",") if part)
+    args = (
+        model_args
+        if isinstance(model_args, dict)
+        else dict(part.split("=", 1) for part in model_args.split(",") if part)
+    )
     model = EarlyExitLM(**args)
     manager = TaskManager(include_path=include_path) if include_path else None
     results = simple_evaluate(model=model, tasks=list(tasks), task_manager=manager, **kwargs)

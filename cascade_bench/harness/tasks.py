@@ -26,8 +26,10 @@ TASKS = ("cascade_embedded_rolling", "cascade_entities_choice", "cascade_entitie
 
 
 def _yaml(task: str, data: Path, body: str) -> str:
-    return (f"task: {task}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {json.dumps(str(data))}\n"
-            f"test_split: test\n{body}")
+    return (
+        f"task: {task}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {json.dumps(str(data))}\n"
+        f"test_split: test\n{body}"
+    )
 
 
 def _entity_docs() -> list[dict]:
@@ -54,18 +56,33 @@ def write_local_tasks(folder: "Path | str") -> list[Path]:
     entities = folder / "html_entities.jsonl"
     write_text_atomic(entities, "".join(json.dumps(d) + "\n" for d in _entity_docs()))
     tasks = {
-        "cascade_embedded_rolling": _yaml("cascade_embedded_rolling", rolling_data, (
-            "output_type: loglikelihood_rolling\ndoc_to_text: \"\"\ndoc_to_target: \"{{text}}\"\n"
-            "metric_list:\n  - metric: word_perplexity\n  - metric: byte_perplexity\n  - metric: bits_per_byte\n")),
-        "cascade_entities_choice": _yaml("cascade_entities_choice", entities, (
-            "output_type: multiple_choice\ndoc_to_text: \"{{prompt}}\"\ndoc_to_choice: \"{{choices}}\"\n"
-            "doc_to_target: \"{{label}}\"\nmetric_list:\n  - metric: acc\n")),
-        "cascade_entities_generate": _yaml("cascade_entities_generate", entities, (
-            "output_type: generate_until\ndoc_to_text: \"{{prompt}}\"\ndoc_to_target: \"{{answer}}\"\n"
-            "generation_kwargs:\n  until: [\".\"]\n  max_gen_toks: 8\n  do_sample: false\n"
-            "filter_list:\n  - name: strip\n    filter:\n      - function: regex\n        regex_pattern: \"(\\\\d+)\"\n"
-            "      - function: take_first\n"
-            "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n")),
+        "cascade_embedded_rolling": _yaml(
+            "cascade_embedded_rolling",
+            rolling_data,
+            (
+                'output_type: loglikelihood_rolling\ndoc_to_text: ""\ndoc_to_target: "{{text}}"\n'
+                "metric_list:\n  - metric: word_perplexity\n  - metric: byte_perplexity\n  - metric: bits_per_byte\n"
+            ),
+        ),
+        "cascade_entities_choice": _yaml(
+            "cascade_entities_choice",
+            entities,
+            (
+                'output_type: multiple_choice\ndoc_to_text: "{{prompt}}"\ndoc_to_choice: "{{choices}}"\n'
+                'doc_to_target: "{{label}}"\nmetric_list:\n  - metric: acc\n'
+            ),
+        ),
+        "cascade_entities_generate": _yaml(
+            "cascade_entities_generate",
+            entities,
+            (
+                'output_type: generate_until\ndoc_to_text: "{{prompt}}"\ndoc_to_target: "{{answer}}"\n'
+                'generation_kwargs:\n  until: ["."]\n  max_gen_toks: 8\n  do_sample: false\n'
+                'filter_list:\n  - name: strip\n    filter:\n      - function: regex\n        regex_pattern: "(\\\\d+)"\n'  # noqa: E501
+                "      - function: take_first\n"
+                "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n"
+            ),
+        ),
     }
     paths = []
     for task, text in tasks.items():

@@ -16,7 +16,19 @@ from .probes import NO_PROBE, Probe
 from .timing import SpanTimer, TimingStats, time_call, time_spans
 
 __all__ = [
-    "NO_PROBE", "FlopBreakdown", "PeakTensorBytes", "Probe", "SpanTimer", "TimingStats", "count_flops",
-    "count_pass_flops", "environment_conditions", "expected_cost", "peak_memory_bytes", "routed_cost", "stage_cost",
-    "time_call", "time_spans",
+    "NO_PROBE",
+    "FlopBreakdown",
+    "PeakTensorBytes",
+    "Probe",
+    "SpanTimer",
+    "TimingStats",
+    "count_flops",
+    "count_pass_flops",
+    "environment_conditions",
+    "expected_cost",
+    "peak_memory_bytes",
+    "routed_cost",
+    "stage_cost",
+    "time_call",
+    "time_spans",
 ]

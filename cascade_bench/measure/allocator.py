@@ -62,9 +62,12 @@ def retain_freed_memory(mode: "str | None" = None) -> str:
         return _applied
     done = libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1
     done &= libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES) == 1
-    _applied = (f"glibc malloc retains freed memory (mmap threshold {MMAP_THRESHOLD_BYTES >> 20} MiB, "
-                f"trim threshold {TRIM_THRESHOLD_BYTES >> 20} MiB)" if done else
-                "system malloc defaults (glibc refused mallopt)")
+    _applied = (
+        f"glibc malloc retains freed memory (mmap threshold {MMAP_THRESHOLD_BYTES >> 20} MiB, "
+        f"trim threshold {TRIM_THRESHOLD_BYTES >> 20} MiB)"
+        if done
+        else "system malloc defaults (glibc refused mallopt)"
+    )
     return _applied
 
 

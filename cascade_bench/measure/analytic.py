@@ -86,9 +86,14 @@ class StageCost:
         return self.layers + self.exit_head + self.exit_rule
 
 
-def stage_cost(config, batch_shapes: Sequence[tuple[int, ...]], head_tokens: int,
-               exit_rule_macs: int = 0, propagated_tokens: int = 0,
-               head_macs_per_token: Optional[int] = None) -> StageCost:
+def stage_cost(
+    config,
+    batch_shapes: Sequence[tuple[int, ...]],
+    head_tokens: int,
+    exit_rule_macs: int = 0,
+    propagated_tokens: int = 0,
+    head_macs_per_token: Optional[int] = None,
+) -> StageCost:
     """FLOPs of one stage that ran dense batches of the given (rows, length) or (rows, length, keys),
     computed logits for ``head_tokens`` tokens (``head_macs_per_token`` multiply-adds each; default
     d x V), spent ``exit_rule_macs`` multiply-adds deciding and propagated the keys/values of
@@ -109,10 +114,14 @@ def stage_cost(config, batch_shapes: Sequence[tuple[int, ...]], head_tokens: int
     return StageCost(dense=2 * dense, attention=2 * attention, exit_head=2 * head, exit_rule=2 * exit_rule_macs)
 
 
-def routed_cost(configs: Sequence, stage_batch_shapes, head_tokens: Sequence[int],
-                exit_rule_macs: Optional[Sequence[int]] = None,
-                propagated_tokens: Optional[Sequence[int]] = None,
-                head_macs: Optional[Sequence[int]] = None) -> tuple[StageCost, ...]:
+def routed_cost(
+    configs: Sequence,
+    stage_batch_shapes,
+    head_tokens: Sequence[int],
+    exit_rule_macs: Optional[Sequence[int]] = None,
+    propagated_tokens: Optional[Sequence[int]] = None,
+    head_macs: Optional[Sequence[int]] = None,
+) -> tuple[StageCost, ...]:
     """Per-stage analytic FLOPs of a pass, from RoutedOutput.stage_batch_shapes and .head_tokens;
     ``exit_rule_macs`` per stage: RoutedOutput.decided_tokens x the rule's ``macs_per_token``;
     ``propagated_tokens``: RoutedOutput.propagated_tokens (K/V propagation); ``head_macs``: per
@@ -120,8 +129,10 @@ def routed_cost(configs: Sequence, stage_batch_shapes, head_tokens: Sequence[int
     rule = exit_rule_macs if exit_rule_macs is not None else [0] * len(configs)
     kv = propagated_tokens if propagated_tokens else [0] * len(configs)
     heads = head_macs if head_macs is not None else [None] * len(configs)
-    return tuple(stage_cost(c, shapes, n, m, p, h)
-                 for c, shapes, n, m, p, h in zip(configs, stage_batch_shapes, head_tokens, rule, kv, heads))
+    return tuple(
+        stage_cost(c, shapes, n, m, p, h)
+        for c, shapes, n, m, p, h in zip(configs, stage_batch_shapes, head_tokens, rule, kv, heads)
+    )
 
 
 def head_macs_of(stages: Sequence) -> list[int]:
@@ -137,8 +148,10 @@ def exit_rule_macs(stages: Sequence, decided_tokens: Sequence[int]) -> list[int]
 def decision_flops(costs: Sequence[StageCost], head_tokens: Sequence[int], tokens_exited: Sequence[int]) -> list[int]:
     """Per stage, the FLOPs its exit decision computed that no token's prediction uses: the rule's own
     matmuls plus the exit-head logits of tokens that reached the stage's head and did not exit there."""
-    return [cost.exit_rule + (cost.exit_head // heads * (heads - exited) if heads > exited else 0)
-            for cost, heads, exited in zip(costs, head_tokens, tokens_exited)]
+    return [
+        cost.exit_rule + (cost.exit_head // heads * (heads - exited) if heads > exited else 0)
+        for cost, heads, exited in zip(costs, head_tokens, tokens_exited)
+    ]
 
 
 def padding_flops(config, batch_shapes: Sequence[tuple[int, ...]], row_lengths: Sequence[int]) -> int:
@@ -149,8 +162,13 @@ def padding_flops(config, batch_shapes: Sequence[tuple[int, ...]], row_lengths: 
     return stage_cost(config, batch_shapes, 0).layers - unpadded.layers
 
 
-def expected_cost(configs: Sequence, continue_ratios: Sequence[float], seq_len: int, batch_size: int = 1,
-                  heads_on_all_reaching: bool = True) -> tuple[StageCost, ...]:
+def expected_cost(
+    configs: Sequence,
+    continue_ratios: Sequence[float],
+    seq_len: int,
+    batch_size: int = 1,
+    heads_on_all_reaching: bool = True,
+) -> tuple[StageCost, ...]:
     """Expected per-stage FLOPs for a configuration too large to run: stage k is reached by a
     fraction ``prod(continue_ratios[:k])`` of the tokens, spread evenly over the rows (no padding).
 
@@ -158,16 +176,18 @@ def expected_cost(configs: Sequence, continue_ratios: Sequence[float], seq_len: 
     the head for every token reaching a stage; logit-free rules (cos_sim) only for those exiting.
     """
     if len(continue_ratios) != len(configs) - 1:
-        raise ValueError(f"expected {len(configs) - 1} continue ratios for {len(configs)} stages, "
-                         f"got {len(continue_ratios)}")
+        raise ValueError(
+            f"expected {len(configs) - 1} continue ratios for {len(configs)} stages, got {len(continue_ratios)}"
+        )
     reaching, costs = 1.0, []
     for k, config in enumerate(configs):
         length = round(reaching * seq_len)
         last = k == len(configs) - 1
         leaving = reaching if last else reaching * (1 - continue_ratios[k])
         head_share = reaching if (heads_on_all_reaching or last) else leaving
-        costs.append(stage_cost(config, [(batch_size, length)] if length else [],
-                                round(head_share * seq_len * batch_size)))
+        costs.append(
+            stage_cost(config, [(batch_size, length)] if length else [], round(head_share * seq_len * batch_size))
+        )
         if not last:
             reaching *= continue_ratios[k]
     return tuple(costs)

@@ -79,11 +79,14 @@ def join_launch(device: str = "cpu") -> Ranks:
     if world_size == 1:
         return ONE_PROCESS
     if not dist.is_available():
-        raise ValueError(f"WORLD_SIZE={world_size} asks for {world_size} processes, but this torch build has no "
-                         f"torch.distributed")
+        raise ValueError(
+            f"WORLD_SIZE={world_size} asks for {world_size} processes, but this torch build has no torch.distributed"
+        )
     cuda = torch.device(device).type == "cuda"
     if cuda and torch.device(device).index is not None:
-        raise ValueError(f"under torchrun give device 'cuda' (each rank uses the GPU of its LOCAL_RANK), got {device!r}")
+        raise ValueError(
+            f"under torchrun give device 'cuda' (each rank uses the GPU of its LOCAL_RANK), got {device!r}"
+        )
     if not dist.is_initialized():
         if cuda:
             torch.cuda.set_device(_env_int("LOCAL_RANK", 0))
@@ -124,9 +127,11 @@ def shard(batches: Iterable) -> "Sequence | Iterable":
         return batches
     items = list(batches)
     if len(items) < ranks.world_size:
-        raise ValueError(f"cannot shard {len(items)} batches over {ranks.world_size} ranks: every rank needs at "
-                         f"least one batch (use fewer processes or more batches)")
-    return items[ranks.rank::ranks.world_size]
+        raise ValueError(
+            f"cannot shard {len(items)} batches over {ranks.world_size} ranks: every rank needs at "
+            f"least one batch (use fewer processes or more batches)"
+        )
+    return items[ranks.rank :: ranks.world_size]
 
 
 def first_share(n: int) -> int:
@@ -135,8 +140,10 @@ def first_share(n: int) -> int:
     if not ranks.parallel:
         return n
     if n < ranks.world_size:
-        raise ValueError(f"cannot time the first {n} batches over {ranks.world_size} ranks: every rank needs at "
-                         f"least one (set timing_batches to at least {ranks.world_size}, or 0 for all)")
+        raise ValueError(
+            f"cannot time the first {n} batches over {ranks.world_size} ranks: every rank needs at "
+            f"least one (set timing_batches to at least {ranks.world_size}, or 0 for all)"
+        )
     return len(range(ranks.rank, n, ranks.world_size))
 
 

@@ -17,10 +17,16 @@ def git_commit(path: Optional[Path] = None) -> str:
     """Commit of the cascade_bench checkout (with '+dirty' if it has changes), or 'unknown'."""
     where = path or Path(__file__).resolve().parent
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True,
-                                timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=where,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         return commit + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -43,29 +49,39 @@ def check_device(device: "str | torch.device", dtype: "str | torch.dtype" = "flo
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError) as error:
-        raise ValueError(f"device {device!r} is not a device name ({error}); available: "
-                         f"{', '.join(available_devices())}") from None
+        raise ValueError(
+            f"device {device!r} is not a device name ({error}); available: {', '.join(available_devices())}"
+        ) from None
     name = dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
     torch_dtype = getattr(torch, name, None) if isinstance(dtype, str) else dtype
     if not isinstance(torch_dtype, torch.dtype):
         raise ValueError(f"dtype {dtype!r} is not a torch dtype; expected e.g. 'float32', 'bfloat16' or 'float16'")
-    unavailable = {"cuda": not torch.cuda.is_available(),
-                   "mps": not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())}
+    unavailable = {
+        "cuda": not torch.cuda.is_available(),
+        "mps": not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()),
+    }
     if unavailable.get(resolved.type, False):
-        why = "torch was built without CUDA" if resolved.type == "cuda" and torch.version.cuda is None else \
-            f"no {resolved.type.upper()} device is available"
-        raise ValueError(f"device {str(device)!r} is not available here ({why}); available: "
-                         f"{', '.join(available_devices())}")
+        why = (
+            "torch was built without CUDA"
+            if resolved.type == "cuda" and torch.version.cuda is None
+            else f"no {resolved.type.upper()} device is available"
+        )
+        raise ValueError(
+            f"device {str(device)!r} is not available here ({why}); available: {', '.join(available_devices())}"
+        )
     if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
-        raise ValueError(f"device {str(device)!r} does not exist; this machine has {torch.cuda.device_count()} "
-                         f"CUDA device(s): cuda:0..cuda:{torch.cuda.device_count() - 1}")
+        raise ValueError(
+            f"device {str(device)!r} does not exist; this machine has {torch.cuda.device_count()} "
+            f"CUDA device(s): cuda:0..cuda:{torch.cuda.device_count() - 1}"
+        )
     try:  # one small product in the dtype: what every stage runs
         probe = torch.ones(2, 2, dtype=torch_dtype, device=resolved)
         (probe @ probe).sum().item()
     except (RuntimeError, TypeError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"dtype {name!r} is not supported on device {str(device)!r} here ({first}); use "
-                         f"'float32'") from None
+        raise ValueError(
+            f"dtype {name!r} is not supported on device {str(device)!r} here ({first}); use 'float32'"
+        ) from None
     return resolved
 
 

@@ -100,9 +100,17 @@ class FlopBreakdown:
     def __add__(self, other: "FlopBreakdown") -> "FlopBreakdown":
         if len(self.stages) != len(other.stages):
             raise ValueError(f"cannot add breakdowns of {len(self.stages)} and {len(other.stages)} stages")
-        stages = tuple(StageFlops(a.stage, a.total + b.total, a.layers + b.layers, a.attention + b.attention,
-                                  a.exit_head + b.exit_head, a.exit_fn + b.exit_fn)
-                       for a, b in zip(self.stages, other.stages))
+        stages = tuple(
+            StageFlops(
+                a.stage,
+                a.total + b.total,
+                a.layers + b.layers,
+                a.attention + b.attention,
+                a.exit_head + b.exit_head,
+                a.exit_fn + b.exit_fn,
+            )
+            for a, b in zip(self.stages, other.stages)
+        )
         by_op = dict(self.by_op)
         for op, n in other.by_op.items():
             by_op[op] = by_op.get(op, 0) + n
@@ -149,12 +157,21 @@ def count_pass_flops(run_pass: Callable[[Probe], object], num_stages: int) -> tu
     total, result = count_flops(run_pass, probe)
     stages = []
     for k in range(num_stages):
+
         def spent(part: str, k=k) -> int:
             return probe.per_span.get(f"stage{k}{part}", 0)
 
         attention = sum(n for op, n in probe.per_span_ops.get(f"stage{k}.layers", {}).items() if _is_attention(op))
-        stages.append(StageFlops(stage=k, total=spent(""), layers=spent(".layers"), attention=attention,
-                                 exit_head=spent(".exit_head"), exit_fn=spent(".exit_fn")))
+        stages.append(
+            StageFlops(
+                stage=k,
+                total=spent(""),
+                layers=spent(".layers"),
+                attention=attention,
+                exit_head=spent(".exit_head"),
+                exit_fn=spent(".exit_fn"),
+            )
+        )
     outside = total.flops - sum(s.total for s in stages)
     if outside:
         raise ValueError(f"{outside} counted FLOPs fell outside the stage spans; the breakdown is incomplete")

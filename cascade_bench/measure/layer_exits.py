@@ -62,14 +62,21 @@ def check_layers(layers: Sequence[int], num_layers: int) -> tuple[int, ...]:
     """Candidate exit layers as a sorted tuple; ValueError unless each is in [1, num_layers)."""
     chosen = tuple(sorted(set(int(x) for x in layers)))
     if not chosen or any(not 1 <= x < num_layers for x in chosen):
-        raise ValueError(f"candidate exit layers must be in [1, {num_layers}) for a model of {num_layers} layers, "
-                         f"got {list(layers)}")
+        raise ValueError(
+            f"candidate exit layers must be in [1, {num_layers}) for a model of {num_layers} layers, got {list(layers)}"
+        )
     return chosen
 
 
 @torch.inference_mode()
-def collect_layer_states(model, batches: Sequence[dict], layers: Sequence[int], max_tokens: Optional[int] = None,
-                         chunk: int = 1024, keep_final: bool = False) -> LayerStates:
+def collect_layer_states(
+    model,
+    batches: Sequence[dict],
+    layers: Sequence[int],
+    max_tokens: Optional[int] = None,
+    chunk: int = 1024,
+    keep_final: bool = False,
+) -> LayerStates:
     """Run the unsplit causal LM ``model`` over ``batches`` (dicts with ``input_ids``, ``targets``
     (-100 = not scored), optional ``attention_mask``) and keep the scored positions' states after
     each of ``layers``, up to ``max_tokens`` of them (the first ones, in batch order); with
@@ -79,8 +86,11 @@ def collect_layer_states(model, batches: Sequence[dict], layers: Sequence[int], 
     layers = check_layers(layers, num_layers)
     head = model.get_output_embeddings()
     kept = _Kept()
-    hook = parts.final_norm.register_forward_pre_hook(lambda module, args: kept.captured.__setitem__("x", args[0])) \
-        if keep_final else None
+    hook = (
+        parts.final_norm.register_forward_pre_hook(lambda module, args: kept.captured.__setitem__("x", args[0]))
+        if keep_final
+        else None
+    )
     try:
         for batch in batches:
             if max_tokens is not None and kept.count >= max_tokens:
@@ -91,9 +101,15 @@ def collect_layer_states(model, batches: Sequence[dict], layers: Sequence[int], 
             hook.remove()
     if not kept.targets:
         raise ValueError("no scored positions in the batches")
-    return LayerStates(layers=layers, num_layers=num_layers, states=torch.cat(kept.states),
-                       targets=torch.cat(kept.targets), final_argmax=torch.cat(kept.argmax),
-                       final_nll=torch.cat(kept.nll), final_states=torch.cat(kept.finals) if keep_final else None)
+    return LayerStates(
+        layers=layers,
+        num_layers=num_layers,
+        states=torch.cat(kept.states),
+        targets=torch.cat(kept.targets),
+        final_argmax=torch.cat(kept.argmax),
+        final_nll=torch.cat(kept.nll),
+        final_states=torch.cat(kept.finals) if keep_final else None,
+    )
 
 
 @dataclass
@@ -111,9 +127,12 @@ class _Kept:
     def add_batch(self, parts, head, batch: dict, layers, max_tokens: Optional[int], chunk: int) -> None:
         device = head.weight.device
         mask = batch.get("attention_mask")
-        out = parts.base_model(input_ids=batch["input_ids"].to(device),
-                               attention_mask=None if mask is None else mask.to(device),
-                               output_hidden_states=True, use_cache=False)
+        out = parts.base_model(
+            input_ids=batch["input_ids"].to(device),
+            attention_mask=None if mask is None else mask.to(device),
+            output_hidden_states=True,
+            use_cache=False,
+        )
         scored = batch["targets"].to(device) != IGNORE_INDEX
         if max_tokens is not None:  # keep the first scored positions only
             order = scored.reshape(-1).cumsum(0).reshape(scored.shape)
@@ -122,10 +141,11 @@ class _Kept:
         target = batch["targets"].to(device)[scored]
         final = out.last_hidden_state[scored]
         for start in range(0, final.shape[0], chunk):
-            logits = head(final[start:start + chunk]).float()
+            logits = head(final[start : start + chunk]).float()
             self.argmax.append(logits.argmax(dim=-1))
-            self.nll.append(torch.nn.functional.cross_entropy(logits, target[start:start + chunk],
-                                                              reduction="none").double())
+            self.nll.append(
+                torch.nn.functional.cross_entropy(logits, target[start : start + chunk], reduction="none").double()
+            )
         self.targets.append(target)
         if "x" in self.captured:
             self.finals.append(self.captured.pop("x")[scored])
@@ -154,14 +174,21 @@ def exit_curve(states: LayerStates, head: ExitHeadFn, chunk: int = 512) -> list[
     for index, layer in enumerate(states.layers):
         nll, predictions = 0.0, []
         for start in range(0, states.tokens, chunk):
-            logits = head(layer, states.states[start:start + chunk, index]).float()
-            nll += float(torch.nn.functional.cross_entropy(logits, states.targets[start:start + chunk],
-                                                           reduction="sum"))
+            logits = head(layer, states.states[start : start + chunk, index]).float()
+            nll += float(
+                torch.nn.functional.cross_entropy(logits, states.targets[start : start + chunk], reduction="sum")
+            )
             predictions.append(logits.argmax(dim=-1))
         argmax = torch.cat(predictions)
-        curve.append(LayerExit(layer=layer, ppl=math.exp(nll / states.tokens),
-                               accuracy=float((argmax == states.targets).float().mean()),
-                               agreement=float((argmax == states.final_argmax).float().mean()), argmax=argmax))
+        curve.append(
+            LayerExit(
+                layer=layer,
+                ppl=math.exp(nll / states.tokens),
+                accuracy=float((argmax == states.targets).float().mean()),
+                agreement=float((argmax == states.final_argmax).float().mean()),
+                argmax=argmax,
+            )
+        )
     return curve
 
 
@@ -184,11 +211,15 @@ def layers_needed(curve: Sequence[LayerExit], final_argmax: Tensor, num_layers: 
     first = depth[agree.int().argmax(dim=1)]
     # settled: after the last disagreeing candidate (all later ones agree)
     disagree = ~agree
-    last_bad = torch.where(disagree.any(dim=1), disagree.shape[1] - 1 - disagree.flip(1).int().argmax(dim=1),
-                           torch.full((agree.shape[0],), -1))
+    last_bad = torch.where(
+        disagree.any(dim=1),
+        disagree.shape[1] - 1 - disagree.flip(1).int().argmax(dim=1),
+        torch.full((agree.shape[0],), -1),
+    )
     settled = depth[(last_bad + 1).clamp(max=len(grid))]
-    return LayersNeeded(first_agreement=float(first.mean()), settled=float(settled.mean()), grid=grid,
-                        num_layers=num_layers)
+    return LayersNeeded(
+        first_agreement=float(first.mean()), settled=float(settled.mean()), grid=grid, num_layers=num_layers
+    )
 
 
 def shared_head(model) -> ExitHeadFn:

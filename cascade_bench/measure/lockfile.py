@@ -58,8 +58,9 @@ def read_lock(text: str, environment: Optional[Mapping[str, str]] = None) -> dic
 
 def installed_versions() -> dict[str, str]:
     """{canonical name: version} of every distribution installed in this interpreter."""
-    return {canonical_name(d.metadata["Name"]): d.version for d in importlib.metadata.distributions()
-            if d.metadata["Name"]}
+    return {
+        canonical_name(d.metadata["Name"]): d.version for d in importlib.metadata.distributions() if d.metadata["Name"]
+    }
 
 
 def lock_mismatches(pins: Mapping[str, str], installed: Mapping[str, str]) -> list[str]:

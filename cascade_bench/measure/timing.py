@@ -52,8 +52,9 @@ def wall_time_once(fn: Callable[[], object], device: Optional[torch.device] = No
     return (time.perf_counter_ns() - start) / 1e9
 
 
-def time_call(fn: Callable[[], object], warmup: int = 1, repeats: int = 5,
-              device: Optional[torch.device] = None) -> TimingStats:
+def time_call(
+    fn: Callable[[], object], warmup: int = 1, repeats: int = 5, device: Optional[torch.device] = None
+) -> TimingStats:
     """Run ``fn()`` ``warmup`` times untimed, then ``repeats`` timed times."""
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
@@ -105,8 +106,9 @@ class SpanTimer(Probe):
         return seconds
 
 
-def time_spans(fn: Callable[[Probe], object], device: "torch.device | str" = "cpu", warmup: int = 1,
-               repeats: int = 5) -> tuple[TimingStats, dict[str, TimingStats]]:
+def time_spans(
+    fn: Callable[[Probe], object], device: "torch.device | str" = "cpu", warmup: int = 1, repeats: int = 5
+) -> tuple[TimingStats, dict[str, TimingStats]]:
     """Time ``fn(probe)`` (a pass that reports spans to ``probe``): wall time around the whole call
     (synchronised) and every span, over ``repeats`` runs after ``warmup``."""
     device = torch.device(device)
@@ -121,9 +123,12 @@ def time_spans(fn: Callable[[Probe], object], device: "torch.device | str" = "cp
     return TimingStats(tuple(walls)), {name: TimingStats(tuple(v)) for name, v in spans.items()}
 
 
-def interleaved_ratio(fn: "Callable[[], object] | Sequence[Callable[[], object]]",
-                      reference: "Callable[[], object] | Sequence[Callable[[], object]]", pairs: int = 3,
-                      device: Optional[torch.device] = None) -> float:
+def interleaved_ratio(
+    fn: "Callable[[], object] | Sequence[Callable[[], object]]",
+    reference: "Callable[[], object] | Sequence[Callable[[], object]]",
+    pairs: int = 3,
+    device: Optional[torch.device] = None,
+) -> float:
     """Median over ``pairs`` of time(fn) / time(reference), the two timed back to back (after one
     untimed call of each), so drift of a shared machine between measurements stays out of the ratio.
 
@@ -135,8 +140,10 @@ def interleaved_ratio(fn: "Callable[[], object] | Sequence[Callable[[], object]]
     mine_calls = [fn] if callable(fn) else list(fn)
     their_calls = [reference] if callable(reference) else list(reference)
     if len(mine_calls) != len(their_calls) or not mine_calls:
-        raise ValueError(f"fn and reference must be one call each or equally long sequences, got "
-                         f"{len(mine_calls)} and {len(their_calls)}")
+        raise ValueError(
+            f"fn and reference must be one call each or equally long sequences, got "
+            f"{len(mine_calls)} and {len(their_calls)}"
+        )
     for mine, theirs in zip(mine_calls, their_calls):
         mine(), theirs()
     ratios = []

@@ -48,8 +48,10 @@ def layer_cache_keyword(layer) -> str:
     for name in LAYER_CACHE_NAMES:
         if name in parameters:
             return name
-    raise ValueError(f"decoder layer {type(layer).__name__} takes no cache argument (looked for "
-                     f"{LAYER_CACHE_NAMES}; its forward takes {tuple(parameters)})")
+    raise ValueError(
+        f"decoder layer {type(layer).__name__} takes no cache argument (looked for "
+        f"{LAYER_CACHE_NAMES}; its forward takes {tuple(parameters)})"
+    )
 
 
 def causal_mask(config, inputs_embeds, attention_mask, cache, position_ids):
@@ -58,5 +60,10 @@ def causal_mask(config, inputs_embeds, attention_mask, cache, position_ids):
     installed release's keywords."""
     from transformers.masking_utils import create_causal_mask
 
-    return create_causal_mask(config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                              position_ids=position_ids, **with_cache(cache))
+    return create_causal_mask(
+        config=config,
+        inputs_embeds=inputs_embeds,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        **with_cache(cache),
+    )

@@ -21,8 +21,10 @@ def new_token_validity(attention_mask: Optional[Tensor], length: int) -> Optiona
     if attention_mask.dim() == 2:
         return attention_mask[:, -length:].bool()
     if attention_mask.dim() != 4:
-        raise ValueError(f"attention_mask must be 2-D (rows, keys) or 4-D (rows, 1, queries, keys), "
-                         f"got shape {tuple(attention_mask.shape)}")
+        raise ValueError(
+            f"attention_mask must be 2-D (rows, keys) or 4-D (rows, 1, queries, keys), "
+            f"got shape {tuple(attention_mask.shape)}"
+        )
     block = attention_mask[:, 0, -length:, -length:]
     diagonal = torch.diagonal(block, dim1=-2, dim2=-1)
     return diagonal if diagonal.dtype == torch.bool else diagonal == 0

@@ -29,8 +29,9 @@ class RecurrentContextLM(nn.Module):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         self.vocab_size, self.hidden_size = vocab_size, hidden_size
         self.embedding = nn.Embedding(vocab_size, hidden_size)
-        self.update = nn.Sequential(nn.Linear(2 * hidden_size, inner_size), nn.GELU(),
-                                    nn.Linear(inner_size, hidden_size))
+        self.update = nn.Sequential(
+            nn.Linear(2 * hidden_size, inner_size), nn.GELU(), nn.Linear(inner_size, hidden_size)
+        )
         self.norm = nn.LayerNorm(hidden_size)
         self.head_norm = nn.LayerNorm(hidden_size)
         nn.init.normal_(self.embedding.weight, std=0.02)
@@ -43,8 +44,10 @@ class RecurrentContextLM(nn.Module):
         """Contexts after tokens ``ids`` (any shape S) from ``previous`` (S + (hidden,)): every
         position independently, so a whole sequence updates at once when ``previous`` is given."""
         if previous.shape != (*ids.shape, self.hidden_size):
-            raise ValueError(f"previous contexts must have shape {(*ids.shape, self.hidden_size)} for ids of shape "
-                             f"{tuple(ids.shape)}, got {tuple(previous.shape)}")
+            raise ValueError(
+                f"previous contexts must have shape {(*ids.shape, self.hidden_size)} for ids of shape "
+                f"{tuple(ids.shape)}, got {tuple(previous.shape)}"
+            )
         return self.norm(previous + self.update(torch.cat([previous, self.embedding(ids)], dim=-1)))
 
     def contexts(self, ids: Tensor, start: "Tensor | None" = None) -> Tensor:

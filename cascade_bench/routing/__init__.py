@@ -18,7 +18,19 @@ from .passes import RoutedOutput, forward_cascade, full_forward, masked_forward,
 from .risk_control import RiskControlResult, risk_controlled_thresholds
 
 __all__ = [
-    "EvalResult", "GenerationOutput", "OracleResult", "RiskControlResult", "RoutedOutput", "calibrate_thresholds",
-    "evaluate", "forward_cascade", "full_forward", "generate", "masked_forward", "oracle_bound",
-    "risk_controlled_thresholds", "routed_forward", "threshold_for_hard_ratio",
+    "EvalResult",
+    "GenerationOutput",
+    "OracleResult",
+    "RiskControlResult",
+    "RoutedOutput",
+    "calibrate_thresholds",
+    "evaluate",
+    "forward_cascade",
+    "full_forward",
+    "generate",
+    "masked_forward",
+    "oracle_bound",
+    "risk_controlled_thresholds",
+    "routed_forward",
+    "threshold_for_hard_ratio",
 ]

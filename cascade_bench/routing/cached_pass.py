@@ -59,9 +59,9 @@ class Pending:
         if need > self.states.shape[1]:
             capacity = max(need, 2 * self.states.shape[1], 16)
             grown = self.states.new_zeros(self.states.shape[0], capacity, self.states.shape[2])
-            grown[:, :self.states.shape[1]] = self.states
+            grown[:, : self.states.shape[1]] = self.states
             grown_pos = self.positions.new_zeros(self.positions.shape[0], capacity)
-            grown_pos[:, :self.positions.shape[1]] = self.positions
+            grown_pos[:, : self.positions.shape[1]] = self.positions
             self.states, self.positions = grown, grown_pos
         slot = self.count[seq] + rank
         self.states[seq, slot] = states.to(self.states.dtype)
@@ -91,16 +91,31 @@ class Pending:
         return states, positions, valid
 
 
-def stage_call(stage, cache: StageCache, rows: Tensor, new_valid: Tensor, position_ids: Tensor, capture: bool,
-               input_ids: Optional[Tensor] = None, inputs_embeds: Optional[Tensor] = None,
-               attention_mask: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
+def stage_call(
+    stage,
+    cache: StageCache,
+    rows: Tensor,
+    new_valid: Tensor,
+    position_ids: Tensor,
+    capture: bool,
+    input_ids: Optional[Tensor] = None,
+    inputs_embeds: Optional[Tensor] = None,
+    attention_mask: Optional[Tensor] = None,
+) -> tuple[Tensor, Optional[Tensor]]:
     """Run ``stage`` for ``rows`` on new slots (len(rows), S) over its cached context, writing their
     keys/values into the cache; return the hidden states (and the last layer's input when
     ``capture``). ``attention_mask``: a 4-D mask replacing the cache's own (K/V propagation)."""
     past = cache.begin(rows, new_valid.shape[1])
     mask = cache.attention_mask(new_valid, stage.dtype) if attention_mask is None else attention_mask
-    out = stage(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids,
-                cache=past, use_cache=True, capture_input_state=capture)
+    out = stage(
+        input_ids=input_ids,
+        inputs_embeds=inputs_embeds,
+        attention_mask=mask,
+        position_ids=position_ids,
+        cache=past,
+        use_cache=True,
+        capture_input_state=capture,
+    )
     cache.commit(new_valid)
     return out.hidden, out.input_state
 
@@ -127,9 +142,18 @@ class CachedPassCounts:
 Decide = Callable[[int, Tensor, Tensor, Optional[Tensor], bool], Tensor]
 
 
-def cached_pass(stages, caches: list[StageCache], input_ids: Tensor, real: Tensor, kv_policy: str, positions: str,
-                capture: list[bool], decide: Decide, pending: Optional[list[Optional[Pending]]] = None,
-                probe: Probe = NO_PROBE) -> CachedPassCounts:
+def cached_pass(
+    stages,
+    caches: list[StageCache],
+    input_ids: Tensor,
+    real: Tensor,
+    kv_policy: str,
+    positions: str,
+    capture: list[bool],
+    decide: Decide,
+    pending: Optional[list[Optional[Pending]]] = None,
+    probe: Probe = NO_PROBE,
+) -> CachedPassCounts:
     """Route every real token of ``input_ids`` (B, T) (``real``: (B, T) bool) through ``stages``,
     filling the empty ``caches`` under ``kv_policy`` (see the module doc). ``decide`` is asked at
     every stage for the tokens that reached it; ``capture[k]``: hand it stage k's last-layer
@@ -167,21 +191,30 @@ def cached_pass(stages, caches: list[StageCache], input_ids: Tensor, real: Tenso
                     position_ids = torch.arange(layout.length, device=device).expand(layout.num_rows, -1)
                 else:
                     position_ids = to_dense(original[tokens], layout, fill=0)
-                kwargs = ({"input_ids": to_dense(input_ids.reshape(-1)[tokens], layout)} if k == 0
-                          else {"inputs_embeds": to_dense(states, layout)})
+                kwargs = (
+                    {"input_ids": to_dense(input_ids.reshape(-1)[tokens], layout)}
+                    if k == 0
+                    else {"inputs_embeds": to_dense(states, layout)}
+                )
                 mask, keys = None, layout.length
                 if key_block is not None:
                     key_positions, key_valid = key_block
-                    mask = _position_mask(torch.cat([key_positions[rows], position_ids], dim=1),
-                                          torch.cat([key_valid[rows], new_valid], dim=1), position_ids, stage.dtype)
+                    mask = _position_mask(
+                        torch.cat([key_positions[rows], position_ids], dim=1),
+                        torch.cat([key_valid[rows], new_valid], dim=1),
+                        position_ids,
+                        stage.dtype,
+                    )
                     keys += key_positions.shape[1]
             with probe.span(f"stage{k}.layers"):
-                hidden, input_state = stage_call(stage, cache, rows, new_valid, position_ids, capture[k],
-                                                 attention_mask=mask, **kwargs)
+                hidden, input_state = stage_call(
+                    stage, cache, rows, new_valid, position_ids, capture[k], attention_mask=mask, **kwargs
+                )
             hidden = hidden[layout.rows, layout.cols]
             input_state = input_state[layout.rows, layout.cols] if capture[k] else None
-            shapes.append((layout.num_rows, layout.length) if keys == layout.length
-                          else (layout.num_rows, layout.length, keys))
+            shapes.append(
+                (layout.num_rows, layout.length) if keys == layout.length else (layout.num_rows, layout.length, keys)
+            )
             if kv_policy == "recompute":
                 at = torch.searchsorted(tokens, live)
                 live_hidden = hidden[at]
@@ -207,8 +240,9 @@ def cached_pass(stages, caches: list[StageCache], input_ids: Tensor, real: Tenso
     return counts
 
 
-def _propagate_block(stage, cache: StageCache, exited: Tensor, exited_state: Tensor, original: Tensor, seq_len: int,
-                     batch: int) -> tuple[Tensor, Tensor]:
+def _propagate_block(
+    stage, cache: StageCache, exited: Tensor, exited_state: Tensor, original: Tensor, seq_len: int, batch: int
+) -> tuple[Tensor, Tensor]:
     """Write the propagated K/V of every exited token into ``cache`` as a block of slots (left-aligned
     per row, for all B rows); return the block's (B, M) original positions and validity."""
     (layout,) = plan_layouts(exited, seq_len, batch, "padded")

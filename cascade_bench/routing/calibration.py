@@ -16,7 +16,9 @@ from .passes import forward_cascade
 
 def _check_ratio(hard_ratio) -> float:
     if isinstance(hard_ratio, bool) or not isinstance(hard_ratio, (int, float)) or not 0.0 <= hard_ratio <= 1.0:
-        raise ValueError(f"hard_ratio must be a number in [0, 1] (fraction of tokens that continue), got {hard_ratio!r}")
+        raise ValueError(
+            f"hard_ratio must be a number in [0, 1] (fraction of tokens that continue), got {hard_ratio!r}"
+        )
     return float(hard_ratio)
 
 
@@ -48,8 +50,13 @@ def threshold_for_hard_ratio(confidence: Tensor, hard_ratio: float) -> float:
     return float(torch.kthvalue(confidence.cpu(), continuing + 1).values)
 
 
-def calibrate_thresholds(ensemble: Ensemble, batches: Iterable, hard_ratios: "float | Sequence[float]",
-                         stages: Optional[Sequence[int]] = None, **forward_kwargs) -> tuple[float, ...]:
+def calibrate_thresholds(
+    ensemble: Ensemble,
+    batches: Iterable,
+    hard_ratios: "float | Sequence[float]",
+    stages: Optional[Sequence[int]] = None,
+    **forward_kwargs,
+) -> tuple[float, ...]:
     """Set and return the thresholds of ``stages`` (default: 0..S-2), in increasing order.
 
     Stage k's threshold is calibrated on the confidences of the tokens that actually reach it
@@ -71,9 +78,17 @@ def calibrate_thresholds(ensemble: Ensemble, batches: Iterable, hard_ratios: "fl
         with evaluation_mode(ensemble), torch.inference_mode():
             for item in shard(batches):
                 input_ids, attention_mask, targets = unpack_batch(item)
-                out = forward_cascade(ensemble, input_ids, attention_mask, targets, method="routed",
-                                      thresholds=thresholds[:k] + [math.inf], num_stages=k + 1,
-                                      confidence_at_last_stage=True, **forward_kwargs)
+                out = forward_cascade(
+                    ensemble,
+                    input_ids,
+                    attention_mask,
+                    targets,
+                    method="routed",
+                    thresholds=thresholds[:k] + [math.inf],
+                    num_stages=k + 1,
+                    confidence_at_last_stage=True,
+                    **forward_kwargs,
+                )
                 confidence = out.stage_confidence[k]
                 collected.append(confidence[out.exit_stage == k])
         if not collected:
@@ -83,8 +98,9 @@ def calibrate_thresholds(ensemble: Ensemble, batches: Iterable, hard_ratios: "fl
     return tuple(thresholds[k] for k in stages)
 
 
-def calibrate_sweep(ensemble: Ensemble, batches: Iterable, hard_ratios: Sequence[float],
-                    **forward_kwargs) -> dict[float, tuple[float, ...]]:
+def calibrate_sweep(
+    ensemble: Ensemble, batches: Iterable, hard_ratios: Sequence[float], **forward_kwargs
+) -> dict[float, tuple[float, ...]]:
     """{ratio: thresholds} for every ratio of a sweep, each equal to what ``calibrate_thresholds``
     gives for that ratio alone (same order statistics), but stage 0's confidences are collected
     once for all ratios (they do not depend on any threshold); later stages are calibrated per
@@ -95,9 +111,17 @@ def calibrate_sweep(ensemble: Ensemble, batches: Iterable, hard_ratios: Sequence
     with evaluation_mode(ensemble), torch.inference_mode():
         for item in shard(batches):
             input_ids, attention_mask, targets = unpack_batch(item)
-            out = forward_cascade(ensemble, input_ids, attention_mask, targets, method="routed",
-                                  thresholds=[math.inf], num_stages=1, confidence_at_last_stage=True,
-                                  **forward_kwargs)
+            out = forward_cascade(
+                ensemble,
+                input_ids,
+                attention_mask,
+                targets,
+                method="routed",
+                thresholds=[math.inf],
+                num_stages=1,
+                confidence_at_last_stage=True,
+                **forward_kwargs,
+            )
             collected.append(out.stage_confidence[0][out.exit_stage == 0])
     if not collected:
         raise ValueError("calibration got no batches")
@@ -107,8 +131,11 @@ def calibrate_sweep(ensemble: Ensemble, batches: Iterable, hard_ratios: Sequence
         for ratio in ratios:
             first = threshold_for_hard_ratio(confidence, ratio)
             ensemble[0].threshold = first
-            later = calibrate_thresholds(ensemble, batches, ratio, stages=range(1, len(ensemble) - 1),
-                                         **forward_kwargs) if len(ensemble) > 2 else ()
+            later = (
+                calibrate_thresholds(ensemble, batches, ratio, stages=range(1, len(ensemble) - 1), **forward_kwargs)
+                if len(ensemble) > 2
+                else ()
+            )
             sweep[ratio] = (first, *later)
     finally:
         ensemble.set_thresholds(before)

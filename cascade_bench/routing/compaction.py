@@ -86,9 +86,15 @@ def rank_in_sequence(flat_index: Tensor, seq_len: int, batch_size: int) -> tuple
     return seq, rank, counts
 
 
-def plan_layouts(flat_index: Tensor, seq_len: int, batch_size: int, batching: str = "padded",
-                 max_buckets: int = 4, bucket_tolerance: float = 0.15,
-                 call_overhead_slots: Optional[int] = None) -> list[Layout]:
+def plan_layouts(
+    flat_index: Tensor,
+    seq_len: int,
+    batch_size: int,
+    batching: str = "padded",
+    max_buckets: int = 4,
+    bucket_tolerance: float = 0.15,
+    call_overhead_slots: Optional[int] = None,
+) -> list[Layout]:
     """Lay out the routed tokens (sorted flat indices, (N,)) as one or more dense batches.
 
     call_overhead_slots (bucketed only): a stage call's fixed cost in slots (None: the module's
@@ -110,8 +116,9 @@ def plan_layouts(flat_index: Tensor, seq_len: int, batch_size: int, batching: st
     return _bucketed_layouts(seq, rank, counts, max_buckets, bucket_tolerance, call_overhead_slots)
 
 
-def _bucketed_layouts(seq: Tensor, rank: Tensor, counts: Tensor, max_buckets: int,
-                      tolerance: float, call_overhead_slots: int) -> list[Layout]:
+def _bucketed_layouts(
+    seq: Tensor, rank: Tensor, counts: Tensor, max_buckets: int, tolerance: float, call_overhead_slots: int
+) -> list[Layout]:
     # Length class of each sequence: how many factors `step` below the longest row it is, with
     # step = max(1 + tolerance, (longest / shortest) ** (1 / max_buckets)) so that the classes
     # span every length present. Rows of one class differ in length by at most `step`.
@@ -123,7 +130,8 @@ def _bucketed_layouts(seq: Tensor, rank: Tensor, counts: Tensor, max_buckets: in
     bucket = torch.floor(torch.log(ratio) / torch.log(step)).long().clamp(max=max_buckets - 1)
     one_hot = torch.nn.functional.one_hot(bucket, max_buckets) * present[:, None]
     length_per_bucket = torch.zeros(max_buckets, dtype=counts.dtype, device=counts.device).scatter_reduce(
-        0, bucket, counts * present, reduce="amax")
+        0, bucket, counts * present, reduce="amax"
+    )
     rows, lengths = torch.stack([one_hot.sum(0), length_per_bucket]).tolist()  # the one host sync
     classes = [(b, rows[b], lengths[b]) for b in range(max_buckets) if rows[b]]
     groups = cheapest_grouping([(r, n) for _, r, n in classes], call_overhead_slots)
@@ -142,9 +150,15 @@ def _bucketed_layouts(seq: Tensor, rank: Tensor, counts: Tensor, max_buckets: in
     layouts = []
     for g, members in enumerate(groups):
         token_members = (group_of_token == g).nonzero().squeeze(1)
-        layouts.append(Layout(members=token_members, rows=row_of_seq[seq[token_members]], cols=rank[token_members],
-                              num_rows=sum(classes[c][1] for c in members),
-                              length=max(classes[c][2] for c in members)))
+        layouts.append(
+            Layout(
+                members=token_members,
+                rows=row_of_seq[seq[token_members]],
+                cols=rank[token_members],
+                num_rows=sum(classes[c][1] for c in members),
+                length=max(classes[c][2] for c in members),
+            )
+        )
     return layouts
 
 

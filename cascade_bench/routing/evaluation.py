@@ -54,8 +54,14 @@ def _ppl(nll_sum: float, count: float) -> float:
     return math.exp(nll_sum / count) if count else math.nan
 
 
-def evaluate(ensemble: Ensemble, batches: Iterable, method: str = "routed", conditions: Optional[dict] = None,
-             progress: bool = False, **forward_kwargs) -> EvalResult:
+def evaluate(
+    ensemble: Ensemble,
+    batches: Iterable,
+    method: str = "routed",
+    conditions: Optional[dict] = None,
+    progress: bool = False,
+    **forward_kwargs,
+) -> EvalResult:
     """Run ``method`` (see routing.METHODS) over every batch and aggregate.
 
     Runs in eval mode (each module's own mode restored afterwards) under ``torch.inference_mode``.
@@ -98,11 +104,22 @@ class Totals:
         nll = out.nll.double()  # float64 sums: a long split must not lose digits
         stage0 = out.stage_nll[0].double()
         hard_has_stage0 = hard & ~torch.isnan(stage0)
-        self.sums += torch.stack([
-            scored.sum(), nll.sum(), out.correct.sum(),
-            hard.sum(), nll[hard].sum(), nll[easy].sum(),
-            hard_has_stage0.sum(), stage0[hard_has_stage0].sum(),
-        ]).double().to(self.sums.device)
+        self.sums += (
+            torch.stack(
+                [
+                    scored.sum(),
+                    nll.sum(),
+                    out.correct.sum(),
+                    hard.sum(),
+                    nll[hard].sum(),
+                    nll[easy].sum(),
+                    hard_has_stage0.sum(),
+                    stage0[hard_has_stage0].sum(),
+                ]
+            )
+            .double()
+            .to(self.sums.device)
+        )
         self.entered = _add(self.entered, out.tokens_entered)
         self.computed = _add(self.computed, out.tokens_computed)
         self.propagated = _add(self.propagated, out.propagated_tokens or (0,) * len(out.tokens_entered))
@@ -117,7 +134,7 @@ class Totals:
         flat = summed(self.sums.tolist() + [n for part in counts for n in part])
         sums, rest = flat[:8], flat[8:]
         stages = len(self.entered)
-        parts = [[int(n) for n in rest[i * stages:(i + 1) * stages]] for i in range(len(counts))]
+        parts = [[int(n) for n in rest[i * stages : (i + 1) * stages]] for i in range(len(counts))]
         shapes = set().union(*all_ranks(self.shapes))
         return (sums, *parts, shapes)
 
@@ -153,7 +170,9 @@ class Totals:
             exit_ratios=tuple(e / routed for e in exited),
             layer_cost=sum(n * l for n, l in zip(computed, out.layers_per_stage)) / (routed * total_layers),
             padding_waste=tuple((s - n) / s if s else 0.0 for s, n in zip(slots, computed)),
-            conditions=record_conditions, kv_policy=out.kv_policy, tokens_computed=tuple(computed),
+            conditions=record_conditions,
+            kv_policy=out.kv_policy,
+            tokens_computed=tuple(computed),
             tokens_propagated=tuple(propagated),
         )
 

@@ -44,10 +44,17 @@ class HeadResult:
     logits: Optional[Tensor] = None
 
 
-def run_exit_head(stage: LLM, stage_index: int, hidden: Tensor, targets: Tensor,
-                  exit_function: Optional[ExitFunction] = None, input_state: Optional[Tensor] = None,
-                  keep_logits: bool = False, chunk_tokens: Optional[int] = None,
-                  probe: Probe = NO_PROBE) -> HeadResult:
+def run_exit_head(
+    stage: LLM,
+    stage_index: int,
+    hidden: Tensor,
+    targets: Tensor,
+    exit_function: Optional[ExitFunction] = None,
+    input_state: Optional[Tensor] = None,
+    keep_logits: bool = False,
+    chunk_tokens: Optional[int] = None,
+    probe: Probe = NO_PROBE,
+) -> HeadResult:
     """Project ``hidden`` (n, d) through the stage's lm_head and reduce per token.
 
     targets: (n,) token ids, negative = not scored. If ``exit_function`` is given, its confidence
@@ -83,12 +90,16 @@ def run_exit_head(stage: LLM, stage_index: int, hidden: Tensor, targets: Tensor,
         if exit_function is not None:
             with probe.span(fn_span):
                 h_in = input_state[start:stop] if input_state is not None else None
-                confidence[start:stop] = exit_function(h_in, hidden[start:stop], logits32,
-                                                       log_normalizer=log_z, max_logit=max_logit)
+                confidence[start:stop] = exit_function(
+                    h_in, hidden[start:stop], logits32, log_normalizer=log_z, max_logit=max_logit
+                )
         if kept is not None:
             kept.append(logits)
     if n and bool(bad):
-        raise ValueError(f"stage {stage_index} produced non-finite logits (NaN or inf); refusing to report a "
-                         f"perplexity from them: check the model weights and dtype ({stage.dtype})")
-    return HeadResult(nll=nll, correct=correct, prediction=prediction, confidence=confidence,
-                      logits=torch.cat(kept) if kept else None)
+        raise ValueError(
+            f"stage {stage_index} produced non-finite logits (NaN or inf); refusing to report a "
+            f"perplexity from them: check the model weights and dtype ({stage.dtype})"
+        )
+    return HeadResult(
+        nll=nll, correct=correct, prediction=prediction, confidence=confidence, logits=torch.cat(kept) if kept else None
+    )

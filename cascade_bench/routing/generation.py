@@ -72,8 +72,9 @@ class GenerationOutput:
     kv_policy: str = "absent"
 
 
-def _pick(logits: Tensor, do_sample: bool, temperature: float, top_k: int, top_p: float,
-          generator: Optional[torch.Generator]) -> tuple[Tensor, Tensor]:
+def _pick(
+    logits: Tensor, do_sample: bool, temperature: float, top_k: int, top_p: float, generator: Optional[torch.Generator]
+) -> tuple[Tensor, Tensor]:
     """Next token per row and its NLL under the distribution it was drawn from (float32)."""
     logits = logits.float()
     if do_sample:
@@ -106,13 +107,28 @@ def check_exit_schedule(schedule, num_stages: int) -> tuple[int, ...]:
     return tuple(values)
 
 
-def generate(ensemble: Ensemble, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
-             max_new_tokens: int = 20, *, method: str = "routed", thresholds: Optional[Sequence[float]] = None,
-             do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             eos_token_id: Optional[int] = None, pad_token_id: int = 0, positions: str = "compact",
-             generator: Optional[torch.Generator] = None, count_flops: bool = False,
-             exit_policy: str = "per_token", quorum: float = 1.0, exit_schedule: Optional[Sequence[int]] = None,
-             kv_policy: str = "absent") -> GenerationOutput:
+def generate(
+    ensemble: Ensemble,
+    input_ids: Tensor,
+    attention_mask: Optional[Tensor] = None,
+    max_new_tokens: int = 20,
+    *,
+    method: str = "routed",
+    thresholds: Optional[Sequence[float]] = None,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_token_id: Optional[int] = None,
+    pad_token_id: int = 0,
+    positions: str = "compact",
+    generator: Optional[torch.Generator] = None,
+    count_flops: bool = False,
+    exit_policy: str = "per_token",
+    quorum: float = 1.0,
+    exit_schedule: Optional[Sequence[int]] = None,
+    kv_policy: str = "absent",
+) -> GenerationOutput:
     """Generate ``max_new_tokens`` per sequence with true early exit (``method="routed"``) or at full
     depth (``method="full"``: every token through every stage, one ``lm_head`` at the end).
 
@@ -148,8 +164,20 @@ def generate(ensemble: Ensemble, input_ids: Tensor, attention_mask: Optional[Ten
     if method == "full":
         schedule = None
     plan = _Plan(levels, positions, exit_policy, float(quorum), schedule, kv_policy)
-    args = (ensemble, input_ids, attention_mask, max_new_tokens, plan, do_sample, temperature, top_k, top_p,
-            eos_token_id, pad_token_id, generator)
+    args = (
+        ensemble,
+        input_ids,
+        attention_mask,
+        max_new_tokens,
+        plan,
+        do_sample,
+        temperature,
+        top_k,
+        top_p,
+        eos_token_id,
+        pad_token_id,
+        generator,
+    )
     if count_flops:
         from torch.utils.flop_counter import FlopCounterMode
 
@@ -177,19 +205,35 @@ class _Plan:
         return self.schedule[min(step, len(self.schedule) - 1)]
 
 
-def _generate(ensemble, input_ids, attention_mask, max_new_tokens, plan: _Plan, do_sample, temperature, top_k,
-              top_p, eos_token_id, pad_token_id, generator) -> GenerationOutput:
+def _generate(
+    ensemble,
+    input_ids,
+    attention_mask,
+    max_new_tokens,
+    plan: _Plan,
+    do_sample,
+    temperature,
+    top_k,
+    top_p,
+    eos_token_id,
+    pad_token_id,
+    generator,
+) -> GenerationOutput:
     device = ensemble.device
     input_ids = input_ids.to(device)
     batch, prompt_len = input_ids.shape
-    real = (attention_mask.to(device).bool() if attention_mask is not None
-            else torch.ones_like(input_ids, dtype=torch.bool))
+    real = (
+        attention_mask.to(device).bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+    )
     if not bool(real.any(dim=1).all()):
         raise ValueError("every prompt needs at least one real token (attention_mask row of zeros)")
     stages = list(ensemble.stages)
     caches = [StageCache(batch, stage.num_layers, device) for stage in stages]
-    pending = ([None] + [Pending(batch, stages[k - 1].hidden_size, device, stages[k - 1].dtype)
-                         for k in range(1, len(stages))] if plan.kv_policy == "recompute" else None)
+    pending = (
+        [None] + [Pending(batch, stages[k - 1].hidden_size, device, stages[k - 1].dtype) for k in range(1, len(stages))]
+        if plan.kv_policy == "recompute"
+        else None
+    )
     with evaluation_mode(ensemble), torch.inference_mode():
         logits, produced_by = _prefill(stages, caches, input_ids, real, plan, pending)
         tokens = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
@@ -220,8 +264,9 @@ def _generate(ensemble, input_ids, attention_mask, max_new_tokens, plan: _Plan, 
                 rows = every_row if all_alive else alive.nonzero().squeeze(1)
             if step == max_new_tokens - 1:
                 break
-            logits, produced_by, counts = _decode_step(stages, caches, token, rows, length, plan,
-                                                       plan.forced_stage(step), pending, extra)
+            logits, produced_by, counts = _decode_step(
+                stages, caches, token, rows, length, plan, plan.forced_stage(step), pending, extra
+            )
             if all_alive:
                 length += 1
             else:
@@ -236,13 +281,20 @@ def _generate(ensemble, input_ids, attention_mask, max_new_tokens, plan: _Plan, 
     computed = [n + r for n, r in zip(reached, extra[0])]
     generated = int((exit_stage >= 0).sum())
     return GenerationOutput(
-        tokens=tokens, nll=nll, exit_stage=exit_stage, cache_lengths=tuple(c.count.clone() for c in caches),
-        exit_counts=tuple(exits), layer_cost=(sum(n * l for n, l in zip(computed, layers)) / (fed * sum(layers))
-                                              if fed else math.nan),
-        seconds_per_token=elapsed / max(generated, 1), decode_tokens=fed,
+        tokens=tokens,
+        nll=nll,
+        exit_stage=exit_stage,
+        cache_lengths=tuple(c.count.clone() for c in caches),
+        exit_counts=tuple(exits),
+        layer_cost=(sum(n * l for n, l in zip(computed, layers)) / (fed * sum(layers)) if fed else math.nan),
+        seconds_per_token=elapsed / max(generated, 1),
+        decode_tokens=fed,
         stage_rows=torch.tensor(step_rows, dtype=torch.long).reshape(-1, len(stages)),
-        recomputed_tokens=tuple(extra[0]), propagated_tokens=tuple(extra[1]), exit_policy=plan.exit_policy,
-        kv_policy=plan.kv_policy)
+        recomputed_tokens=tuple(extra[0]),
+        propagated_tokens=tuple(extra[1]),
+        exit_policy=plan.exit_policy,
+        kv_policy=plan.kv_policy,
+    )
 
 
 def _decide(stage, hidden: Tensor, input_state: Optional[Tensor], threshold: float) -> tuple[Tensor, Optional[Tensor]]:
@@ -254,16 +306,16 @@ def _decide(stage, hidden: Tensor, input_state: Optional[Tensor], threshold: flo
 
 
 def _capture(stage, k: int, last: bool, plan: _Plan) -> bool:
-    return (not last and plan.levels[k] != math.inf and plan.schedule is None
-            and stage.exit_function.needs_input_state)
+    return not last and plan.levels[k] != math.inf and plan.schedule is None and stage.exit_function.needs_input_state
 
 
 def _prefill(stages, caches, input_ids, real, plan: _Plan, pending) -> tuple[Tensor, Tensor]:
     """Route the prompts as teacher forcing does (``cached_pass``), filling each stage's cache; return
     the logits of each row's last prompt token at its exit stage and that stage."""
     batch, prompt_len = input_ids.shape
-    last_flat = (torch.arange(batch, device=real.device) * prompt_len
-                 + (prompt_len - 1 - real.flip(1).int().argmax(dim=1)))  # index of each row's last real token
+    last_flat = torch.arange(batch, device=real.device) * prompt_len + (
+        prompt_len - 1 - real.flip(1).int().argmax(dim=1)
+    )  # index of each row's last real token
     is_last_token = torch.zeros(batch * prompt_len, dtype=torch.bool, device=real.device)
     is_last_token[last_flat] = True
     found: dict = {"logits": None}
@@ -290,8 +342,9 @@ def _prefill(stages, caches, input_ids, real, plan: _Plan, pending) -> tuple[Ten
     return found["logits"], out_stage
 
 
-def _decode_step(stages, caches, token: Tensor, rows: Tensor, length: Tensor, plan: _Plan, forced: Optional[int],
-                 pending, extra) -> tuple[Tensor, Tensor, list[int]]:
+def _decode_step(
+    stages, caches, token: Tensor, rows: Tensor, length: Tensor, plan: _Plan, forced: Optional[int], pending, extra
+) -> tuple[Tensor, Tensor, list[int]]:
     """Feed one new token for each row in ``rows``; return next-token logits (B, V) and the stage
     that produced them (B,) (zeros and -1 for rows not in ``rows``), and how many rows ran each
     stage. A stage where every row or no row exits costs no gather: one host sync per stage to
@@ -327,8 +380,11 @@ def _decode_step(stages, caches, token: Tensor, rows: Tensor, length: Tensor, pl
                 position = length if whole else length[active]
             position = position[:, None]
             new_valid = torch.ones(n, 1, dtype=torch.bool, device=active.device)
-            kwargs = ({"input_ids": (token if whole else token[active])[:, None]} if k == 0
-                      else {"inputs_embeds": state[:, None]})
+            kwargs = (
+                {"input_ids": (token if whole else token[active])[:, None]}
+                if k == 0
+                else {"inputs_embeds": state[:, None]}
+            )
             hidden, input_state = stage_call(stage, cache, active, new_valid, position, capture, **kwargs)
             newest = torch.zeros(n, dtype=torch.long, device=active.device)
         if plan.kv_policy == "recompute" and not last:

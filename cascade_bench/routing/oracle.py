@@ -16,8 +16,8 @@ from typing import Iterable
 import torch
 
 from ..data.batch import unpack_batch
-from ..measure.distributed import shard, summed
 from ..measure.analytic import head_macs_of, routed_cost
+from ..measure.distributed import shard, summed
 from ..stages.ensemble import Ensemble, evaluation_mode
 from .passes import forward_cascade
 
@@ -44,8 +44,9 @@ def oracle_bound(ensemble: Ensemble, batches: Iterable, tolerance: float = 0.0) 
     with evaluation_mode(ensemble), torch.inference_mode():
         for item in shard(batches):
             input_ids, attention_mask, targets = unpack_batch(item)
-            out = forward_cascade(ensemble, input_ids, attention_mask, targets, method="masked",
-                                  thresholds=[math.inf] * num_stages)
+            out = forward_cascade(
+                ensemble, input_ids, attention_mask, targets, method="masked", thresholds=[math.inf] * num_stages
+            )
             stage_nll = out.stage_nll.double()  # (S, B, T), every stage computed for every token
             real = out.exit_stage >= 0
             good_enough = stage_nll <= stage_nll[-1] + tolerance
@@ -66,6 +67,12 @@ def oracle_bound(ensemble: Ensemble, batches: Iterable, tolerance: float = 0.0) 
     total = entered[0]
     exited = [entered[k] - (entered[k + 1] if k + 1 < num_stages else 0) for k in range(num_stages)]
     return OracleResult(
-        tolerance=tolerance, tokens=scored_total, ppl=math.exp(nll_sum / scored_total),
-        accuracy_unavailable=True, exit_ratios=tuple(e / total for e in exited), tokens_entered=tuple(entered),
-        layer_cost=sum(n * l for n, l in zip(entered, layers)) / (total * sum(layers)), flops_analytic=flops)
+        tolerance=tolerance,
+        tokens=scored_total,
+        ppl=math.exp(nll_sum / scored_total),
+        accuracy_unavailable=True,
+        exit_ratios=tuple(e / total for e in exited),
+        tokens_entered=tuple(entered),
+        layer_cost=sum(n * l for n, l in zip(entered, layers)) / (total * sum(layers)),
+        flops_analytic=flops,
+    )

@@ -31,7 +31,7 @@ from ..measure.probes import NO_PROBE, Probe
 from ..stages.ensemble import Ensemble
 from ..stages.llm import LLM, check_threshold
 from ..stages.stage_cache import StageCache
-from .cached_pass import check_kv_policy, cached_pass
+from .cached_pass import cached_pass, check_kv_policy
 from .compaction import Layout, from_dense, plan_layouts, scatter_members, to_dense
 from .exit_head import HeadResult, run_exit_head
 
@@ -124,19 +124,32 @@ def resolve_thresholds(ensemble: Ensemble, thresholds: Optional[Sequence[float]]
     if len(values) == num_stages - 1:
         values.append(math.inf)
     if len(values) != num_stages:
-        raise ValueError(f"expected {num_stages - 1} (or {num_stages}) thresholds for {num_stages} stages, "
-                         f"got {len(values)}: {values}")
+        raise ValueError(
+            f"expected {num_stages - 1} (or {num_stages}) thresholds for {num_stages} stages, "
+            f"got {len(values)}: {values}"
+        )
     return tuple(values)
 
 
-def forward_cascade(ensemble: Ensemble, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
-                    targets: Optional[Tensor] = None, *, method: str = "routed", batching: str = "padded",
-                    positions: str = "compact", thresholds: Optional[Sequence[float]] = None,
-                    num_stages: Optional[int] = None, return_logits: bool = False,
-                    logits_chunk_tokens: Optional[int] = None,
-                    confidence_at_last_stage: bool = False, probe: Probe = NO_PROBE,
-                    open_end: bool = False, kv_policy: str = "absent",
-                    call_overhead_slots: Optional[int] = None) -> RoutedOutput:
+def forward_cascade(
+    ensemble: Ensemble,
+    input_ids: Tensor,
+    attention_mask: Optional[Tensor] = None,
+    targets: Optional[Tensor] = None,
+    *,
+    method: str = "routed",
+    batching: str = "padded",
+    positions: str = "compact",
+    thresholds: Optional[Sequence[float]] = None,
+    num_stages: Optional[int] = None,
+    return_logits: bool = False,
+    logits_chunk_tokens: Optional[int] = None,
+    confidence_at_last_stage: bool = False,
+    probe: Probe = NO_PROBE,
+    open_end: bool = False,
+    kv_policy: str = "absent",
+    call_overhead_slots: Optional[int] = None,
+) -> RoutedOutput:
     """Run ``method`` over the batch. See the module docstring for the methods.
 
     input_ids, attention_mask, targets: (B, T); targets are already shifted (the token to predict at
@@ -157,8 +170,10 @@ def forward_cascade(ensemble: Ensemble, input_ids: Tensor, attention_mask: Optio
     """
     check_kv_policy(kv_policy)
     if kv_policy != "absent" and (method != "routed" or batching != "padded" or open_end):
-        raise ValueError(f"kv_policy={kv_policy!r} needs method='routed', batching='padded' and no open_end; got "
-                         f"method={method!r}, batching={batching!r}, open_end={open_end!r}")
+        raise ValueError(
+            f"kv_policy={kv_policy!r} needs method='routed', batching='padded' and no open_end; got "
+            f"method={method!r}, batching={batching!r}, open_end={open_end!r}"
+        )
     if open_end and method != "routed":
         raise ValueError(f"open_end needs method='routed', got {method!r}")
     if method not in METHODS:
@@ -173,23 +188,44 @@ def forward_cascade(ensemble: Ensemble, input_ids: Tensor, attention_mask: Optio
     thresholds = resolve_thresholds(ensemble, thresholds, num_stages)
     batch = make_token_batch(input_ids, attention_mask, targets, vocab_size=ensemble.vocab_size, device=ensemble.device)
     _check_lengths(stages, batch, positions)
-    runner = _Pass(stages, batch, method, batching, positions, thresholds, return_logits, logits_chunk_tokens,
-                   confidence_at_last_stage, probe, open_end, call_overhead_slots=call_overhead_slots)
+    runner = _Pass(
+        stages,
+        batch,
+        method,
+        batching,
+        positions,
+        thresholds,
+        return_logits,
+        logits_chunk_tokens,
+        confidence_at_last_stage,
+        probe,
+        open_end,
+        call_overhead_slots=call_overhead_slots,
+    )
     return runner.run() if kv_policy == "absent" else runner.run_cached(kv_policy)
 
 
-def routed_forward(ensemble: Ensemble, input_ids: Tensor, attention_mask: Optional[Tensor] = None, **kwargs) -> RoutedOutput:
+def routed_forward(
+    ensemble: Ensemble, input_ids: Tensor, attention_mask: Optional[Tensor] = None, **kwargs
+) -> RoutedOutput:
     """True early exit (``method="routed"``)."""
     return forward_cascade(ensemble, input_ids, attention_mask, method="routed", **kwargs)
 
 
-def masked_forward(ensemble: Ensemble, input_ids: Tensor, attention_mask: Optional[Tensor] = None, **kwargs) -> RoutedOutput:
+def masked_forward(
+    ensemble: Ensemble, input_ids: Tensor, attention_mask: Optional[Tensor] = None, **kwargs
+) -> RoutedOutput:
     """Naive compute-then-mask early exit (``method="masked"``)."""
     return forward_cascade(ensemble, input_ids, attention_mask, method="masked", **kwargs)
 
 
-def full_forward(ensemble: Ensemble, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
-                 num_stages: Optional[int] = None, **kwargs) -> RoutedOutput:
+def full_forward(
+    ensemble: Ensemble,
+    input_ids: Tensor,
+    attention_mask: Optional[Tensor] = None,
+    num_stages: Optional[int] = None,
+    **kwargs,
+) -> RoutedOutput:
     """No early exit: the full cascade, or the first ``num_stages`` stages alone (a prefix)."""
     return forward_cascade(ensemble, input_ids, attention_mask, method="full", num_stages=num_stages, **kwargs)
 
@@ -215,10 +251,18 @@ class StageStates:
     stage_targets: list[Tensor] = field(default_factory=list)
 
 
-def stage_states(ensemble: Ensemble, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
-                 targets: Optional[Tensor] = None, *, num_stages: Optional[int] = None,
-                 capture_input_state: bool = False, positions: str = "compact",
-                 routed_thresholds: Optional[Sequence[float]] = None, batching: str = "bucketed") -> StageStates:
+def stage_states(
+    ensemble: Ensemble,
+    input_ids: Tensor,
+    attention_mask: Optional[Tensor] = None,
+    targets: Optional[Tensor] = None,
+    *,
+    num_stages: Optional[int] = None,
+    capture_input_state: bool = False,
+    positions: str = "compact",
+    routed_thresholds: Optional[Sequence[float]] = None,
+    batching: str = "bucketed",
+) -> StageStates:
     """Each of the first ``num_stages`` stages' per-token states (for training exit classifiers and
     probes on what a stage sees when routed).
 
@@ -236,8 +280,9 @@ def stage_states(ensemble: Ensemble, input_ids: Tensor, attention_mask: Optional
     _check_lengths(stages, batch, positions)
     if routed_thresholds is not None:
         thresholds = resolve_thresholds(ensemble, routed_thresholds, num_stages)
-        runner = _Pass(stages, batch, "routed", batching, positions, thresholds, False, None, False,
-                       kept=capture_input_state)
+        runner = _Pass(
+            stages, batch, "routed", batching, positions, thresholds, False, None, False, kept=capture_input_state
+        )
         runner.run()
         reach, hidden, inputs = (list(column) for column in zip(*runner.states))
     else:
@@ -249,16 +294,24 @@ def stage_states(ensemble: Ensemble, input_ids: Tensor, attention_mask: Optional
             hidden.append(state)
             inputs.append(captured)
         reach = [batch.tokens] * num_stages
-    return StageStates(flat_index=batch.tokens, targets=batch.targets[batch.tokens], hidden=hidden,
-                       input_state=inputs, reach=reach, stage_targets=[batch.targets[r] for r in reach])
+    return StageStates(
+        flat_index=batch.tokens,
+        targets=batch.targets[batch.tokens],
+        hidden=hidden,
+        input_state=inputs,
+        reach=reach,
+        stage_targets=[batch.targets[r] for r in reach],
+    )
 
 
 def _check_lengths(stages: list[LLM], batch: TokenBatch, positions: str) -> None:
     # Compact positions never exceed T-1; original positions are at most T-1 too.
     for k, stage in enumerate(stages):
         if stage.max_positions is not None and batch.seq_len > stage.max_positions:
-            raise ValueError(f"sequence length {batch.seq_len} exceeds stage {k}'s max_position_embeddings "
-                             f"{stage.max_positions}; use shorter windows")
+            raise ValueError(
+                f"sequence length {batch.seq_len} exceeds stage {k}'s max_position_embeddings "
+                f"{stage.max_positions}; use shorter windows"
+            )
 
 
 @dataclass
@@ -299,8 +352,11 @@ class _Pass:
         self.stage_nll = torch.full((num_stages, flat), math.nan, dtype=torch.float32, device=device)
         self.stage_conf = torch.full((num_stages, flat), math.nan, dtype=torch.float32, device=device)
         self.stage_pred = torch.full((num_stages, flat), -1, dtype=torch.long, device=device)
-        self.logits = (torch.zeros(flat, self.stages[0].vocab_size, dtype=self.stages[0].dtype, device=device)
-                       if self.return_logits else None)
+        self.logits = (
+            torch.zeros(flat, self.stages[0].vocab_size, dtype=self.stages[0].dtype, device=device)
+            if self.return_logits
+            else None
+        )
 
     def run(self) -> RoutedOutput:
         self._start()
@@ -321,9 +377,13 @@ class _Pass:
             with self.probe.span(f"stage{k}"):
                 if layouts is None or self.method == "routed":
                     with self.probe.span(f"stage{k}.gather"):
-                        layouts = plan_layouts(reach, batch.seq_len, batch.batch_size,
-                                               self.batching if self.method == "routed" else "padded",
-                                               call_overhead_slots=self.call_overhead_slots)
+                        layouts = plan_layouts(
+                            reach,
+                            batch.seq_len,
+                            batch.batch_size,
+                            self.batching if self.method == "routed" else "padded",
+                            call_overhead_slots=self.call_overhead_slots,
+                        )
                 last = k == num_stages - 1 and not self.open_end
                 decides = (not last or self.last_confidence) and self.method != "full"
                 capture = (decides and stage.exit_function.needs_input_state) or bool(self.kept)
@@ -345,8 +405,10 @@ class _Pass:
         self._start()
         batch, num_stages = self.batch, len(self.stages)
         caches = [StageCache(batch.batch_size, stage.num_layers, batch.ids.device) for stage in self.stages]
-        capture = [(k < num_stages - 1 or self.last_confidence) and stage.exit_function.needs_input_state
-                   for k, stage in enumerate(self.stages)]
+        capture = [
+            (k < num_stages - 1 or self.last_confidence) and stage.exit_function.needs_input_state
+            for k, stage in enumerate(self.stages)
+        ]
         real = torch.zeros(batch.batch_size * batch.seq_len, dtype=torch.bool, device=batch.ids.device)
         real[batch.tokens] = True
 
@@ -356,8 +418,17 @@ class _Pass:
             return self._route(self.stages[k], k, last, reach, hidden, input_state, self.batch.targets[reach])
 
         shape = (batch.batch_size, batch.seq_len)
-        counts = cached_pass(self.stages, caches, batch.ids.view(shape), real.view(shape), kv_policy, self.positions,
-                             capture, decide, probe=self.probe)
+        counts = cached_pass(
+            self.stages,
+            caches,
+            batch.ids.view(shape),
+            real.view(shape),
+            kv_policy,
+            self.positions,
+            capture,
+            decide,
+            probe=self.probe,
+        )
         ran = len(self.exited)
         for tally in (self.exited, self.head_tokens, self.decided):
             tally.extend([0] * (num_stages - ran))
@@ -381,23 +452,38 @@ class _Pass:
             stage_nll=self.stage_nll.view(num_stages, batch.batch_size, batch.seq_len),
             stage_confidence=self.stage_conf.view(num_stages, batch.batch_size, batch.seq_len),
             stage_prediction=self.stage_pred.view(num_stages, batch.batch_size, batch.seq_len),
-            tokens_entered=tuple(self.entered), tokens_exited=tuple(self.exited), slots_computed=tuple(self.slots),
-            layers_per_stage=tuple(s.num_layers for s in self.stages), thresholds=self.thresholds,
-            stage_batch_shapes=tuple(self.shapes), head_tokens=tuple(self.head_tokens),
+            tokens_entered=tuple(self.entered),
+            tokens_exited=tuple(self.exited),
+            slots_computed=tuple(self.slots),
+            layers_per_stage=tuple(s.num_layers for s in self.stages),
+            thresholds=self.thresholds,
+            stage_batch_shapes=tuple(self.shapes),
+            head_tokens=tuple(self.head_tokens),
             decided_tokens=tuple(self.decided),
             logits=None if self.logits is None else self.logits.view(batch.batch_size, batch.seq_len, -1),
             continuing_index=None if continuing is None else continuing[0],
             continuing_state=None if continuing is None else continuing[1],
         )
 
-    def _head(self, stage: LLM, k: int, hidden: Tensor, targets: Tensor, exit_fn=None,
-              input_state: Optional[Tensor] = None) -> HeadResult:
+    def _head(
+        self, stage: LLM, k: int, hidden: Tensor, targets: Tensor, exit_fn=None, input_state: Optional[Tensor] = None
+    ) -> HeadResult:
         self.head_tokens[-1] += hidden.shape[0]
-        return run_exit_head(stage, k, hidden, targets, exit_fn, input_state, keep_logits=self.return_logits,
-                             chunk_tokens=self.chunk_tokens, probe=self.probe)
+        return run_exit_head(
+            stage,
+            k,
+            hidden,
+            targets,
+            exit_fn,
+            input_state,
+            keep_logits=self.return_logits,
+            chunk_tokens=self.chunk_tokens,
+            probe=self.probe,
+        )
 
-    def _decide(self, stage: LLM, k: int, last: bool, reach: Tensor, hidden: Tensor,
-                input_state: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
+    def _decide(
+        self, stage: LLM, k: int, last: bool, reach: Tensor, hidden: Tensor, input_state: Optional[Tensor]
+    ) -> tuple[Tensor, Optional[Tensor]]:
         """Exit decision and scatter for one stage; returns (flat indices, hidden) of continuing tokens."""
         self.head_tokens.append(0)
         decides = self.method != "full" and (not last or (self.last_confidence and self.method == "routed"))
@@ -428,8 +514,16 @@ class _Pass:
         staying = ~self._route(stage, k, last, reach, hidden, input_state, targets)
         return reach[staying], hidden[staying]
 
-    def _route(self, stage: LLM, k: int, last: bool, reach: Tensor, hidden: Tensor,
-               input_state: Optional[Tensor], targets: Tensor) -> Tensor:
+    def _route(
+        self,
+        stage: LLM,
+        k: int,
+        last: bool,
+        reach: Tensor,
+        hidden: Tensor,
+        input_state: Optional[Tensor],
+        targets: Tensor,
+    ) -> Tensor:
         """Decide and record the exiting tokens; return the exit mask over ``reach``."""
         exit_fn = stage.exit_function
         if last:
@@ -438,7 +532,9 @@ class _Pass:
                 head = self._head(stage, k, hidden, targets, scorer, input_state)
                 scores = None
                 if self.last_confidence:
-                    scores = head.confidence if scorer is not None else self._confidence(k, exit_fn, input_state, hidden)
+                    scores = (
+                        head.confidence if scorer is not None else self._confidence(k, exit_fn, input_state, hidden)
+                    )
             with self.probe.span(f"stage{k}.scatter"):
                 if scores is not None:
                     self.stage_conf[k, reach] = scores
@@ -477,8 +573,9 @@ class _Pass:
         with self.probe.span(f"stage{k}.exit_fn"):
             return exit_fn(input_state, hidden, None)
 
-    def _run_stage(self, stage: LLM, k: int, reach: Tensor, state: Optional[Tensor], layouts: list[Layout],
-                   capture: bool) -> tuple[Tensor, Optional[Tensor]]:
+    def _run_stage(
+        self, stage: LLM, k: int, reach: Tensor, state: Optional[Tensor], layouts: list[Layout], capture: bool
+    ) -> tuple[Tensor, Optional[Tensor]]:
         """Run one stage over the tokens in ``reach``; return per-token hidden (and last-layer input)."""
         with self.probe.span(f"stage{k}.gather"):
             ids = self.batch.ids[reach] if k == 0 else None
@@ -489,19 +586,24 @@ class _Pass:
                     position_ids = torch.arange(layout.length, device=reach.device).expand(layout.num_rows, -1)
                 else:
                     position_ids = to_dense(original, layout, fill=0)
-                calls.append(dict(
-                    input_ids=to_dense(ids, layout) if ids is not None else None,
-                    inputs_embeds=to_dense(state, layout) if ids is None else None,
-                    attention_mask=torch.ones(layout.num_rows, layout.length, dtype=torch.long, device=reach.device),
-                    position_ids=position_ids, capture_input_state=capture))
+                calls.append(
+                    dict(
+                        input_ids=to_dense(ids, layout) if ids is not None else None,
+                        inputs_embeds=to_dense(state, layout) if ids is None else None,
+                        attention_mask=torch.ones(
+                            layout.num_rows, layout.length, dtype=torch.long, device=reach.device
+                        ),
+                        position_ids=position_ids,
+                        capture_input_state=capture,
+                    )
+                )
         with self.probe.span(f"stage{k}.layers"):
             outs = [stage(**call) for call in calls]
         del calls
         with self.probe.span(f"stage{k}.scatter"):
             if len(layouts) == 1 and layouts[0].members is None:
                 only = layouts[0]
-                return (from_dense(outs[0].hidden, only),
-                        from_dense(outs[0].input_state, only) if capture else None)
+                return (from_dense(outs[0].hidden, only), from_dense(outs[0].input_state, only) if capture else None)
             hidden = outs[0].hidden.new_empty(reach.numel(), stage.hidden_size)
             input_state = hidden.new_empty(hidden.shape) if capture else None
             for layout, out in zip(layouts, outs):
@@ -531,6 +633,10 @@ class _Pass:
 
 
 def _select(head: HeadResult, keep: Tensor) -> HeadResult:
-    return HeadResult(nll=head.nll[keep], correct=head.correct[keep], prediction=head.prediction[keep],
-                      confidence=None if head.confidence is None else head.confidence[keep],
-                      logits=None if head.logits is None else head.logits[keep])
+    return HeadResult(
+        nll=head.nll[keep],
+        correct=head.correct[keep],
+        prediction=head.prediction[keep],
+        confidence=None if head.confidence is None else head.confidence[keep],
+        logits=None if head.logits is None else head.logits[keep],
+    )

@@ -50,8 +50,13 @@ def binomial_cdf(k: int, n: int, p: float) -> float:
     if p == 1.0:
         return 0.0
     log_p, log_q = math.log(p), math.log1p(-p)
-    terms = torch.tensor([math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * log_p
-                          + (n - i) * log_q for i in range(k + 1)], dtype=torch.float64)
+    terms = torch.tensor(
+        [
+            math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * log_p + (n - i) * log_q
+            for i in range(k + 1)
+        ],
+        dtype=torch.float64,
+    )
     return min(1.0, float(torch.logsumexp(terms, dim=0).exp()))
 
 
@@ -67,7 +72,9 @@ def binomial_upper_bound(k: int, n: int, epsilon: float) -> float:
     return high
 
 
-def fixed_sequence_test(violations: Sequence[int], tokens: int, delta: float, epsilon: float) -> tuple[int, list[float]]:
+def fixed_sequence_test(
+    violations: Sequence[int], tokens: int, delta: float, epsilon: float
+) -> tuple[int, list[float]]:
     """Candidates ordered most cautious first, with ``violations[j]`` of ``tokens`` each: the index
     of the last candidate in the run of rejections of "risk > delta" at level epsilon (-1 if the
     first is not rejected), and every p-value computed on the way."""
@@ -117,11 +124,22 @@ class RiskControlResult:
     first_candidate_bound: float = math.nan
 
     def summary(self) -> dict:
-        return {"risk": self.risk, "delta": self.delta, "epsilon": self.epsilon, "nll_tolerance": self.nll_tolerance,
-                "hard_ratio": self.hard_ratio, "thresholds": list(self.thresholds), "tokens": self.tokens,
-                "violations": self.violations, "empirical_risk": self.empirical_risk,
-                "upper_bound": self.upper_bound, "bound": self.bound, "first_candidate_bound": self.first_candidate_bound,
-                "candidates": list(self.candidates), "p_values": list(self.p_values)}
+        return {
+            "risk": self.risk,
+            "delta": self.delta,
+            "epsilon": self.epsilon,
+            "nll_tolerance": self.nll_tolerance,
+            "hard_ratio": self.hard_ratio,
+            "thresholds": list(self.thresholds),
+            "tokens": self.tokens,
+            "violations": self.violations,
+            "empirical_risk": self.empirical_risk,
+            "upper_bound": self.upper_bound,
+            "bound": self.bound,
+            "first_candidate_bound": self.first_candidate_bound,
+            "candidates": list(self.candidates),
+            "p_values": list(self.p_values),
+        }
 
 
 def full_reference(ensemble: Ensemble, batches: Iterable) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -136,9 +154,15 @@ def full_reference(ensemble: Ensemble, batches: Iterable) -> list[tuple[torch.Te
     return reference
 
 
-def routed_violations(ensemble: Ensemble, batches: Iterable, thresholds: Sequence[float], risk: str = "disagreement",
-                      nll_tolerance: float = 0.0, reference: Optional[Sequence] = None,
-                      **forward_kwargs) -> tuple[int, int]:
+def routed_violations(
+    ensemble: Ensemble,
+    batches: Iterable,
+    thresholds: Sequence[float],
+    risk: str = "disagreement",
+    nll_tolerance: float = 0.0,
+    reference: Optional[Sequence] = None,
+    **forward_kwargs,
+) -> tuple[int, int]:
     """(violations, scored tokens) of the routed pass with ``thresholds`` against the full cascade
     (``reference``: ``full_reference`` of the same batches, else computed here)."""
     if risk not in RISKS:
@@ -149,8 +173,9 @@ def routed_violations(ensemble: Ensemble, batches: Iterable, thresholds: Sequenc
     with evaluation_mode(ensemble), torch.inference_mode():
         for item, (full_prediction, full_nll) in zip(shard(batches), reference, strict=True):
             ids, mask, targets = unpack_batch(item)
-            routed = forward_cascade(ensemble, ids, mask, targets, method="routed", thresholds=thresholds,
-                                     **forward_kwargs)
+            routed = forward_cascade(
+                ensemble, ids, mask, targets, method="routed", thresholds=thresholds, **forward_kwargs
+            )
             scored = routed.scored
             if risk == "disagreement":
                 exit_prediction = routed.stage_prediction.gather(0, routed.exit_stage.clamp(min=0)[None])[0]
@@ -163,16 +188,25 @@ def routed_violations(ensemble: Ensemble, batches: Iterable, thresholds: Sequenc
     return violations, tokens
 
 
-def risk_controlled_thresholds(ensemble: Ensemble, batches: Sequence, delta: float = 0.1, epsilon: float = 0.1,
-                               risk: str = "disagreement", nll_tolerance: float = 0.0,
-                               grid: Sequence[float] = RISK_GRID, **forward_kwargs) -> RiskControlResult:
+def risk_controlled_thresholds(
+    ensemble: Ensemble,
+    batches: Sequence,
+    delta: float = 0.1,
+    epsilon: float = 0.1,
+    risk: str = "disagreement",
+    nll_tolerance: float = 0.0,
+    grid: Sequence[float] = RISK_GRID,
+    **forward_kwargs,
+) -> RiskControlResult:
     """Choose thresholds so that, with probability >= 1 - epsilon, the routed pass's ``risk`` is at
     most ``delta`` (see the module doc); set them on the ensemble and return the record.
     ``batches``: the calibration split, at least 2 batches (even ones calibrate, odd ones test)."""
     batches = list(batches)
     if len(batches) < 2:
-        raise ValueError(f"risk control needs at least 2 calibration batches (one half proposes thresholds, "
-                         f"the other tests them), got {len(batches)}")
+        raise ValueError(
+            f"risk control needs at least 2 calibration batches (one half proposes thresholds, "
+            f"the other tests them), got {len(batches)}"
+        )
     if risk not in RISKS:
         raise ValueError(f"risk must be one of {RISKS}, got {risk!r}")
     if isinstance(nll_tolerance, bool) or not isinstance(nll_tolerance, (int, float)) or nll_tolerance < 0:
@@ -190,8 +224,9 @@ def risk_controlled_thresholds(ensemble: Ensemble, batches: Sequence, delta: flo
     try:
         for ratio in grid:
             thresholds = proposed[ratio]
-            violations, tokens = routed_violations(ensemble, testing, thresholds, risk, nll_tolerance,
-                                                   reference=reference, **forward_kwargs)
+            violations, tokens = routed_violations(
+                ensemble, testing, thresholds, risk, nll_tolerance, reference=reference, **forward_kwargs
+            )
             candidates.append(thresholds)
             counts.append(violations)
             if binomial_cdf(violations, tokens, delta) > epsilon:
@@ -207,7 +242,19 @@ def risk_controlled_thresholds(ensemble: Ensemble, batches: Sequence, delta: flo
         thresholds, ratio, violations = tuple(candidates[chosen]), grid[chosen], counts[chosen]
         bound, upper = "clopper-pearson", binomial_upper_bound(violations, tokens, epsilon)
     ensemble.set_thresholds(list(thresholds))
-    return RiskControlResult(risk=risk, delta=float(delta), epsilon=float(epsilon), nll_tolerance=float(nll_tolerance),
-                             hard_ratio=ratio, thresholds=tuple(thresholds), tokens=tokens, violations=violations,
-                             empirical_risk=violations / tokens, upper_bound=upper, candidates=grid[:len(counts)],
-                             p_values=tuple(p_values), bound=bound, first_candidate_bound=first_bound)
+    return RiskControlResult(
+        risk=risk,
+        delta=float(delta),
+        epsilon=float(epsilon),
+        nll_tolerance=float(nll_tolerance),
+        hard_ratio=ratio,
+        thresholds=tuple(thresholds),
+        tokens=tokens,
+        violations=violations,
+        empirical_risk=violations / tokens,
+        upper_bound=upper,
+        candidates=grid[: len(counts)],
+        p_values=tuple(p_values),
+        bound=bound,
+        first_candidate_bound=first_bound,
+    )

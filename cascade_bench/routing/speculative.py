@@ -69,23 +69,31 @@ class SpeculativeOutput:
         return self.emitted / self.rounds if self.rounds else math.nan
 
 
-def self_speculative_generate(ensemble: Ensemble, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
-                              max_new_tokens: int = 20, *, draft_length: int = 4, draft_stages: int = 1,
-                              eos_token_id: Optional[int] = None, pad_token_id: int = 0,
-                              count_flops: bool = False) -> SpeculativeOutput:
+def self_speculative_generate(
+    ensemble: Ensemble,
+    input_ids: Tensor,
+    attention_mask: Optional[Tensor] = None,
+    max_new_tokens: int = 20,
+    *,
+    draft_length: int = 4,
+    draft_stages: int = 1,
+    eos_token_id: Optional[int] = None,
+    pad_token_id: int = 0,
+    count_flops: bool = False,
+) -> SpeculativeOutput:
     """Greedy generation drafted by the first ``draft_stages`` stages and verified by the full
     cascade (see the module docstring); the tokens equal ``generate(..., method="full")``'s."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     if isinstance(draft_length, bool) or not isinstance(draft_length, int) or draft_length < 1:
         raise ValueError(f"draft_length must be a positive int, got {draft_length!r}")
-    if (isinstance(draft_stages, bool) or not isinstance(draft_stages, int)
-            or not 1 <= draft_stages < len(ensemble)):
-        raise ValueError(f"draft_stages must be an int in [1, {len(ensemble) - 1}] (at least one stage verifies), "
-                         f"got {draft_stages!r}")
+    if isinstance(draft_stages, bool) or not isinstance(draft_stages, int) or not 1 <= draft_stages < len(ensemble):
+        raise ValueError(
+            f"draft_stages must be an int in [1, {len(ensemble) - 1}] (at least one stage verifies), "
+            f"got {draft_stages!r}"
+        )
     ensemble.validate()
-    args = (ensemble, input_ids, attention_mask, max_new_tokens, draft_length, draft_stages, eos_token_id,
-            pad_token_id)
+    args = (ensemble, input_ids, attention_mask, max_new_tokens, draft_length, draft_stages, eos_token_id, pad_token_id)
     if count_flops:
         from torch.utils.flop_counter import FlopCounterMode
 
@@ -99,8 +107,9 @@ def self_speculative_generate(ensemble: Ensemble, input_ids: Tensor, attention_m
 def _full_depth_prefill(stages, caches, input_ids: Tensor, real: Tensor) -> Tensor:
     """Every prompt token through every stage; the last stage's logits of each row's last token."""
     batch, prompt_len = input_ids.shape
-    last_flat = (torch.arange(batch, device=real.device) * prompt_len
-                 + (prompt_len - 1 - real.flip(1).int().argmax(dim=1)))
+    last_flat = torch.arange(batch, device=real.device) * prompt_len + (
+        prompt_len - 1 - real.flip(1).int().argmax(dim=1)
+    )
     found = {}
 
     def decide(k, reach, hidden, input_state, last):
@@ -113,13 +122,15 @@ def _full_depth_prefill(stages, caches, input_ids: Tensor, real: Tensor) -> Tens
     return found["logits"]
 
 
-def _speculate(ensemble, input_ids, attention_mask, max_new_tokens, gamma, draft_stages, eos_token_id,
-               pad_token_id) -> SpeculativeOutput:
+def _speculate(
+    ensemble, input_ids, attention_mask, max_new_tokens, gamma, draft_stages, eos_token_id, pad_token_id
+) -> SpeculativeOutput:
     device = ensemble.device
     input_ids = input_ids.to(device)
     batch = input_ids.shape[0]
-    real = (attention_mask.to(device).bool() if attention_mask is not None
-            else torch.ones_like(input_ids, dtype=torch.bool))
+    real = (
+        attention_mask.to(device).bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+    )
     if not bool(real.any(dim=1).all()):
         raise ValueError("every prompt needs at least one real token (attention_mask row of zeros)")
     stages = list(ensemble.stages)
@@ -161,9 +172,15 @@ def _speculate(ensemble, input_ids, attention_mask, max_new_tokens, gamma, draft
                 state, step_input = None, x[active]
                 for k, stage in enumerate(drafters):
                     kwargs = {"input_ids": step_input[:, None]} if k == 0 else {"inputs_embeds": state[:, None]}
-                    hidden, _ = stage_call(stage, caches[k], rows[active],
-                                           torch.ones(active.numel(), 1, dtype=torch.bool, device=device),
-                                           position, False, **kwargs)
+                    hidden, _ = stage_call(
+                        stage,
+                        caches[k],
+                        rows[active],
+                        torch.ones(active.numel(), 1, dtype=torch.bool, device=device),
+                        position,
+                        False,
+                        **kwargs,
+                    )
                     state = hidden[:, 0]
                 states[active, i] = state
                 x[active] = drafters[-1].logits(state).argmax(-1)
@@ -174,11 +191,13 @@ def _speculate(ensemble, input_ids, attention_mask, max_new_tokens, gamma, draft
             state = states
             valid = torch.arange(span, device=device)[None] < row_span[:, None]
             # slots past a row's span are not real (masked out); their positions repeat its last one
-            positions = length[rows][:, None] + torch.minimum(torch.arange(span, device=device)[None],
-                                                              row_span[:, None] - 1)
+            positions = length[rows][:, None] + torch.minimum(
+                torch.arange(span, device=device)[None], row_span[:, None] - 1
+            )
             for j, stage in enumerate(verifiers):
-                state, _ = stage_call(stage, caches[draft_stages + j], rows, valid, positions, False,
-                                      inputs_embeds=state)
+                state, _ = stage_call(
+                    stage, caches[draft_stages + j], rows, valid, positions, False, inputs_embeds=state
+                )
             full_logits = verifiers[-1].logits(state).float()  # (n, span, V): predictions f_1..f_span
             synchronize(device)
             verify_seconds += time.perf_counter() - verify_start
@@ -217,8 +236,18 @@ def _speculate(ensemble, input_ids, attention_mask, max_new_tokens, gamma, draft
         synchronize(device)
         elapsed = time.perf_counter() - start
     generated = int(emitted.sum())
-    return SpeculativeOutput(tokens=tokens, nll=nll, drafted=drafted, accepted=accepted, rounds=rounds,
-                             seconds_per_token=elapsed / max(generated, 1), verify_seconds=verify_seconds,
-                             draft_length=gamma, draft_stages=draft_stages,
-                             cache_lengths=tuple(c.count.clone() for c in caches), emitted=emitted_total,
-                             loop_rounds=loop_rounds, cache_slots=tuple(c.length for c in caches))
+    return SpeculativeOutput(
+        tokens=tokens,
+        nll=nll,
+        drafted=drafted,
+        accepted=accepted,
+        rounds=rounds,
+        seconds_per_token=elapsed / max(generated, 1),
+        verify_seconds=verify_seconds,
+        draft_length=gamma,
+        draft_stages=draft_stages,
+        cache_lengths=tuple(c.count.clone() for c in caches),
+        emitted=emitted_total,
+        loop_rounds=loop_rounds,
+        cache_slots=tuple(c.length for c in caches),
+    )

@@ -18,7 +18,19 @@ from .llm import LLM
 from .presets import STAGE_PRESETS, build_blocks, build_ensemble, stage_config
 
 __all__ = [
-    "BUILTIN_EXIT_FUNCTIONS", "LLM", "STAGE_PRESETS", "Block", "Ensemble", "ExitFunction", "build_blocks",
-    "build_ensemble", "cut_into_blocks", "evaluation_mode", "resolve_exit_function", "stage_config",
-    "ExitClassifier", "low_rank_max_prob", "top_k_max_prob",
+    "BUILTIN_EXIT_FUNCTIONS",
+    "LLM",
+    "STAGE_PRESETS",
+    "Block",
+    "Ensemble",
+    "ExitFunction",
+    "build_blocks",
+    "build_ensemble",
+    "cut_into_blocks",
+    "evaluation_mode",
+    "resolve_exit_function",
+    "stage_config",
+    "ExitClassifier",
+    "low_rank_max_prob",
+    "top_k_max_prob",
 ]

@@ -104,8 +104,16 @@ class Block(HoldsExitFunction, nn.Module):
     are not registered here: the block's parameters are exactly the ones it runs.
     """
 
-    def __init__(self, model: nn.Module, start: int, end: int, head: ExitHead, reads_tokens: bool,
-                 exit_fn: "str | Callable | ExitFunction" = "max_prob", threshold: float = math.inf):
+    def __init__(
+        self,
+        model: nn.Module,
+        start: int,
+        end: int,
+        head: ExitHead,
+        reads_tokens: bool,
+        exit_fn: "str | Callable | ExitFunction" = "max_prob",
+        threshold: float = math.inf,
+    ):
         super().__init__()
         recipe = layer_slice_recipe(model)
         parts = family_parts(model)
@@ -114,18 +122,22 @@ class Block(HoldsExitFunction, nn.Module):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"block {name} must be an int layer index, got {value!r}")
         if not 0 <= start < end <= total:
-            raise ValueError(f"block layers [{start}, {end}) must satisfy 0 <= start < end <= {total} "
-                             f"(the model has {total} decoder layers)")
+            raise ValueError(
+                f"block layers [{start}, {end}) must satisfy 0 <= start < end <= {total} "
+                f"(the model has {total} decoder layers)"
+            )
         object.__setattr__(self, "source", model)  # a plain reference, not a registered submodule
         self.recipe = recipe
         self.start, self.end = start, end
         self.layers = nn.ModuleList(parts.layers[start:end])  # the same modules, not copies
         base = parts.base_model
         self.embedding = base.get_input_embeddings() if reads_tokens else None
-        self.position_embedding = (getattr(base, recipe.position_embedding)
-                                   if reads_tokens and recipe.position_embedding else None)
-        self.embedding_dropout = (getattr(base, recipe.embedding_dropout)
-                                  if reads_tokens and recipe.embedding_dropout else None)
+        self.position_embedding = (
+            getattr(base, recipe.position_embedding) if reads_tokens and recipe.position_embedding else None
+        )
+        self.embedding_dropout = (
+            getattr(base, recipe.embedding_dropout) if reads_tokens and recipe.embedding_dropout else None
+        )
         self.rotary = getattr(base, recipe.rotary) if recipe.rotary else None
         self.cache_keyword = layer_cache_keyword(self.layers[0])  # what this transformers release calls it
         self.head = head
@@ -180,10 +192,17 @@ class Block(HoldsExitFunction, nn.Module):
         return self.head.macs_per_token
 
     # -- inference ----------------------------------------------------------------------------------
-    def forward(self, input_ids: Optional[Tensor] = None, inputs_embeds: Optional[Tensor] = None,
-                attention_mask: Optional[Tensor] = None, position_ids: Optional[Tensor] = None,
-                capture_input_state: bool = False, logits_at: Optional[Tensor] = None,
-                cache=None, use_cache: bool = False) -> StageOutput:
+    def forward(
+        self,
+        input_ids: Optional[Tensor] = None,
+        inputs_embeds: Optional[Tensor] = None,
+        attention_mask: Optional[Tensor] = None,
+        position_ids: Optional[Tensor] = None,
+        capture_input_state: bool = False,
+        logits_at: Optional[Tensor] = None,
+        cache=None,
+        use_cache: bool = False,
+    ) -> StageOutput:
         """Run the block's layers on token ids (R, L) (first block) or residual states (R, L, d).
 
         For the first block ``inputs_embeds`` are token embeddings (absolute positions are still
@@ -197,8 +216,10 @@ class Block(HoldsExitFunction, nn.Module):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if input_ids is not None:
             if not self.reads_tokens:
-                raise ValueError(f"block [{self.start}, {self.end}) reads the residual stream (inputs_embeds); "
-                                 f"only the model's first block reads token ids")
+                raise ValueError(
+                    f"block [{self.start}, {self.end}) reads the residual stream (inputs_embeds); "
+                    f"only the model's first block reads token ids"
+                )
             hidden = self.embedding(input_ids)
         else:
             hidden = inputs_embeds
@@ -224,8 +245,12 @@ class Block(HoldsExitFunction, nn.Module):
             if capture_input_state and i == len(self.layers) - 1:
                 input_state = hidden
             hidden = layer(hidden, attention_mask=mask, position_ids=position_ids, use_cache=use_cache, **extra)
-        return StageOutput(hidden=hidden, input_state=input_state, logits=logits_at_positions(self, hidden, logits_at),
-                           cache=cache if use_cache else None)
+        return StageOutput(
+            hidden=hidden,
+            input_state=input_state,
+            logits=logits_at_positions(self, hidden, logits_at),
+            cache=cache if use_cache else None,
+        )
 
     def logits(self, hidden: Tensor) -> Tensor:
         """Vocabulary logits (..., V) of residual states (..., d): final norm, then lm_head."""
@@ -239,18 +264,31 @@ class Block(HoldsExitFunction, nn.Module):
 
         config = config_for_layers(self.source.config, self.end, num_layers)
         fresh = AutoModelForCausalLM.from_config(config).to(device=self.device, dtype=self.dtype)
-        return Block(fresh, 0, num_layers, ExitHead(copy.deepcopy(self.head.norm), copy.deepcopy(self.head.lm_head)),
-                     reads_tokens=False, exit_fn=exit_fn)
+        return Block(
+            fresh,
+            0,
+            num_layers,
+            ExitHead(copy.deepcopy(self.head.norm), copy.deepcopy(self.head.lm_head)),
+            reads_tokens=False,
+            exit_fn=exit_fn,
+        )
 
     def extra_repr(self) -> str:
-        return (f"family={self.source.config.model_type}, layers=[{self.start}, {self.end}), "
-                f"hidden={self.hidden_size}, vocab={self.vocab_size}, exit_fn={self.exit_function.name}, "
-                f"threshold={self.threshold}")
+        return (
+            f"family={self.source.config.model_type}, layers=[{self.start}, {self.end}), "
+            f"hidden={self.hidden_size}, vocab={self.vocab_size}, exit_fn={self.exit_function.name}, "
+            f"threshold={self.threshold}"
+        )
 
 
-def cut_into_blocks(model: nn.Module, boundaries: Sequence[int], exit_fn: "str | Callable | ExitFunction" = "max_prob",
-                    thresholds: Optional[Sequence[float]] = None, heads: str = "shared",
-                    translator_rank: Optional[int] = None) -> list[Block]:
+def cut_into_blocks(
+    model: nn.Module,
+    boundaries: Sequence[int],
+    exit_fn: "str | Callable | ExitFunction" = "max_prob",
+    thresholds: Optional[Sequence[float]] = None,
+    heads: str = "shared",
+    translator_rank: Optional[int] = None,
+) -> list[Block]:
     """Blocks of ``model`` cut before each layer index in ``boundaries``.
 
     boundaries: strictly increasing layer indices in (0, num_layers): ``[4, 8]`` on 12 layers gives
@@ -269,8 +307,10 @@ def cut_into_blocks(model: nn.Module, boundaries: Sequence[int], exit_fn: "str |
     if any(isinstance(b, bool) or not isinstance(b, int) for b in cuts):
         raise TypeError(f"boundaries must be ints (layer indices), got {cuts!r}")
     if any(not 0 < b < total for b in cuts) or any(b >= c for b, c in zip(cuts, cuts[1:])):
-        raise ValueError(f"boundaries must be strictly increasing layer indices in (0, {total}) for a model with "
-                         f"{total} decoder layers, got {cuts!r}")
+        raise ValueError(
+            f"boundaries must be strictly increasing layer indices in (0, {total}) for a model with "
+            f"{total} decoder layers, got {cuts!r}"
+        )
     if heads not in HEAD_KINDS:
         raise ValueError(f"heads must be one of {HEAD_KINDS}, got {heads!r}")
     spans = list(zip([0] + cuts, cuts + [total]))
@@ -304,8 +344,10 @@ def head_sharing(blocks: Sequence[Block]) -> str:
     last = blocks[-1].head
     if all(block.head is last for block in blocks[:-1]):
         return "shared"
-    if all(block.head.translator is not None and block.head.norm is last.norm and block.head.lm_head is last.lm_head
-           for block in blocks[:-1]):
+    if all(
+        block.head.translator is not None and block.head.norm is last.norm and block.head.lm_head is last.lm_head
+        for block in blocks[:-1]
+    ):
         return "translator"
     return "own"
 
@@ -323,8 +365,10 @@ def assemble_model(blocks: Sequence[Block]) -> nn.Module:
         raise TypeError(f"assemble_model takes Blocks, got {[type(b).__name__ for b in blocks]}")
     first, last = blocks[0], blocks[-1]
     if not first.reads_tokens or any(b.reads_tokens for b in blocks[1:]):
-        raise ValueError("assemble_model needs block 0 to read token ids and every later block to read the residual "
-                         "stream (blocks of one model in order)")
+        raise ValueError(
+            "assemble_model needs block 0 to read token ids and every later block to read the residual "
+            "stream (blocks of one model in order)"
+        )
     config = copy.deepcopy(first.source.config)
     config.num_hidden_layers = sum(b.num_layers for b in blocks)
     config.tie_word_embeddings = last.head.lm_head.weight is first.embedding.weight
@@ -341,4 +385,3 @@ def assemble_model(blocks: Sequence[Block]) -> nn.Module:
         parts.final_norm.load_state_dict(last.head.norm.state_dict())
         model.get_output_embeddings().load_state_dict(last.head.lm_head.state_dict())
     return model.eval()
-

@@ -43,20 +43,32 @@ class Ensemble(nn.Module):
 
     # -- building -------------------------------------------------------------------------------
     @classmethod
-    def from_blocks(cls, model: nn.Module, boundaries: Sequence[int],
-                    exit_fn: "str | Callable | ExitFunction" = "max_prob",
-                    thresholds: Optional[Sequence[float]] = None, heads: str = "shared",
-                    translator_rank: Optional[int] = None) -> "Ensemble":
+    def from_blocks(
+        cls,
+        model: nn.Module,
+        boundaries: Sequence[int],
+        exit_fn: "str | Callable | ExitFunction" = "max_prob",
+        thresholds: Optional[Sequence[float]] = None,
+        heads: str = "shared",
+        translator_rank: Optional[int] = None,
+    ) -> "Ensemble":
         """Early exit inside one pretrained causal LM: its layers cut before each index in
         ``boundaries`` (``[4, 8]`` on 12 layers: blocks of 4/4/4), weights shared with ``model``.
         Non-last blocks exit through the model's final norm + lm_head (``heads="shared"``) or a
         trainable copy each (``heads="own"``) or a trainable translator in front of the shared ones
         (``heads="translator"``, of ``translator_rank``). See ``blocks.cut_into_blocks``."""
-        return cls(cut_into_blocks(model, boundaries, exit_fn=exit_fn, thresholds=thresholds, heads=heads,
-                                   translator_rank=translator_rank))
+        return cls(
+            cut_into_blocks(
+                model, boundaries, exit_fn=exit_fn, thresholds=thresholds, heads=heads, translator_rank=translator_rank
+            )
+        )
 
-    def add_llm(self, llm: "LLM | Block | nn.Module", exit_fn: "str | Callable | ExitFunction | None" = None,
-                threshold: Optional[float] = None) -> "LLM | Block":
+    def add_llm(
+        self,
+        llm: "LLM | Block | nn.Module",
+        exit_fn: "str | Callable | ExitFunction | None" = None,
+        threshold: Optional[float] = None,
+    ) -> "LLM | Block":
         """Append a stage (an LLM or a Block, or a Hugging Face causal LM that gets wrapped as an
         LLM) and return it.
 
@@ -64,8 +76,11 @@ class Ensemble(nn.Module):
         ``"max_prob"`` and ``+inf``.
         """
         if not isinstance(llm, STAGE_TYPES):
-            llm = LLM(llm, exit_fn=exit_fn if exit_fn is not None else "max_prob",
-                      threshold=threshold if threshold is not None else math.inf)
+            llm = LLM(
+                llm,
+                exit_fn=exit_fn if exit_fn is not None else "max_prob",
+                threshold=threshold if threshold is not None else math.inf,
+            )
         else:
             if exit_fn is not None:
                 llm = _with_exit_fn(llm, exit_fn)
@@ -89,7 +104,9 @@ class Ensemble(nn.Module):
         if not len(self.stages):
             raise ValueError("extend needs at least one stage to copy the config from; use add_llm first")
         last = self.stages[-1]
-        return self.add_llm(last.new_stage_after(num_new_layers, exit_fn if exit_fn is not None else last.exit_function))
+        return self.add_llm(
+            last.new_stage_after(num_new_layers, exit_fn if exit_fn is not None else last.exit_function)
+        )
 
     # -- reading --------------------------------------------------------------------------------
     @property
@@ -101,8 +118,9 @@ class Ensemble(nn.Module):
         """Set the thresholds of stages 0..S-2 (S-1 values) or of every stage (S values)."""
         thresholds = list(thresholds)
         if len(thresholds) not in (len(self) - 1, len(self)):
-            raise ValueError(f"expected {len(self) - 1} or {len(self)} thresholds for {len(self)} stages, "
-                             f"got {len(thresholds)}")
+            raise ValueError(
+                f"expected {len(self) - 1} or {len(self)} thresholds for {len(self)} stages, got {len(thresholds)}"
+            )
         for stage, value in zip(self.stages, thresholds):
             stage.threshold = check_threshold(value)
 

@@ -40,20 +40,25 @@ class ExitClassifier(nn.Module):
 
     needs_logits = False
 
-    def __init__(self, hidden_size: int, hidden_units: int = 0, use_input_state: bool = False,
-                 target: str = "consistency"):
+    def __init__(
+        self, hidden_size: int, hidden_units: int = 0, use_input_state: bool = False, target: str = "consistency"
+    ):
         super().__init__()
         for what, value in (("hidden_size", hidden_size), ("hidden_units", hidden_units)):
             if isinstance(value, bool) or not isinstance(value, int) or value < (1 if what == "hidden_size" else 0):
-                raise ValueError(f"ExitClassifier {what} must be an int >= {1 if what == 'hidden_size' else 0}, "
-                                 f"got {value!r}")
+                raise ValueError(
+                    f"ExitClassifier {what} must be an int >= {1 if what == 'hidden_size' else 0}, got {value!r}"
+                )
         if target not in CLASSIFIER_TARGETS:
             raise ValueError(f"ExitClassifier target must be one of {CLASSIFIER_TARGETS}, got {target!r}")
         self.hidden_size, self.hidden_units = hidden_size, hidden_units
         self.use_input_state, self.target = bool(use_input_state), target
         d_in = hidden_size * (2 if use_input_state else 1)
-        self.net = (nn.Linear(d_in, 1) if hidden_units == 0 else
-                    nn.Sequential(nn.Linear(d_in, hidden_units), nn.GELU(), nn.Linear(hidden_units, 1)))
+        self.net = (
+            nn.Linear(d_in, 1)
+            if hidden_units == 0
+            else nn.Sequential(nn.Linear(d_in, hidden_units), nn.GELU(), nn.Linear(hidden_units, 1))
+        )
         self.rule_name = "classifier" if hidden_units == 0 else "classifier-mlp"
 
     @property
@@ -77,8 +82,13 @@ class ExitClassifier(nn.Module):
         return torch.sigmoid(self.logit(h_in, h_out).float())
 
     def spec(self) -> dict:
-        return {"kind": "classifier", "hidden_size": self.hidden_size, "hidden_units": self.hidden_units,
-                "use_input_state": self.use_input_state, "target": self.target}
+        return {
+            "kind": "classifier",
+            "hidden_size": self.hidden_size,
+            "hidden_units": self.hidden_units,
+            "use_input_state": self.use_input_state,
+            "target": self.target,
+        }
 
 
 class ReducedHeadMaxProb(nn.Module):
@@ -92,8 +102,13 @@ class ReducedHeadMaxProb(nn.Module):
     needs_logits = False
     needs_input_state = False
 
-    def __init__(self, up: nn.Linear, down: Optional[nn.Linear] = None, norm: Optional[nn.Module] = None,
-                 rule_name: str = "reduced"):
+    def __init__(
+        self,
+        up: nn.Linear,
+        down: Optional[nn.Linear] = None,
+        norm: Optional[nn.Module] = None,
+        rule_name: str = "reduced",
+    ):
         super().__init__()
         self.down, self.up = down, up
         object.__setattr__(self, "norm", norm)
@@ -112,9 +127,13 @@ class ReducedHeadMaxProb(nn.Module):
 
     def spec(self) -> dict:
         kind, size = self.rule_name.split(":")
-        return {"kind": kind, "size": int(size), "hidden_size": self.up.in_features if self.down is None
-                else self.down.in_features, "vocab_size": self.up.out_features if kind == "lowrank" else None,
-                "has_bias": self.up.bias is not None}
+        return {
+            "kind": kind,
+            "size": int(size),
+            "hidden_size": self.up.in_features if self.down is None else self.down.in_features,
+            "vocab_size": self.up.out_features if kind == "lowrank" else None,
+            "has_bias": self.up.bias is not None,
+        }
 
 
 def head_parts(stage: nn.Module) -> tuple[Optional[nn.Module], nn.Linear]:
@@ -151,8 +170,10 @@ def top_k_max_prob(stage: nn.Module, candidate_ids: Sequence[int] | Tensor) -> R
     ids = torch.as_tensor(candidate_ids, dtype=torch.long).flatten().cpu()
     _check_size("number of candidate ids", int(ids.numel()), vocab)
     if ids.unique().numel() != ids.numel() or int(ids.min()) < 0 or int(ids.max()) >= vocab:
-        raise ValueError(f"candidate ids must be distinct ids in [0, {vocab}), got {ids.numel()} ids in "
-                         f"[{int(ids.min())}, {int(ids.max())}] with {ids.numel() - ids.unique().numel()} repeats")
+        raise ValueError(
+            f"candidate ids must be distinct ids in [0, {vocab}), got {ids.numel()} ids in "
+            f"[{int(ids.min())}, {int(ids.max())}] with {ids.numel() - ids.unique().numel()} repeats"
+        )
     up = nn.Linear(hidden, ids.numel(), bias=head.bias is not None)
     with torch.no_grad():
         up.weight.copy_(head.weight.detach()[ids.to(head.weight.device)].to(up.weight.dtype))
@@ -178,8 +199,9 @@ def parse_rule_spec(spec: str) -> tuple[str, Optional[int]]:
         return kind, None
     if kind in ("lowrank", "topk"):
         if not size.isdigit() or int(size) < 1:
-            raise ValueError(f"exit rule {spec!r} needs a positive integer size, e.g. '{kind}:64'; "
-                             f"expected one of {RULE_SPECS}")
+            raise ValueError(
+                f"exit rule {spec!r} needs a positive integer size, e.g. '{kind}:64'; expected one of {RULE_SPECS}"
+            )
         return kind, int(size)
     raise ValueError(f"unknown exit rule {spec!r}; expected one of {RULE_SPECS}")
 

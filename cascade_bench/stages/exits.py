@@ -31,8 +31,9 @@ def _log_normalizer(logits: Tensor, log_normalizer: Optional[Tensor]) -> Tensor:
     return torch.logsumexp(logits.float(), dim=-1)
 
 
-def max_prob(h_in, h_out, logits: Tensor, log_normalizer: Optional[Tensor] = None,
-             max_logit: Optional[Tensor] = None) -> Tensor:
+def max_prob(
+    h_in, h_out, logits: Tensor, log_normalizer: Optional[Tensor] = None, max_logit: Optional[Tensor] = None
+) -> Tensor:
     """Softmax maximum per token (LEGO / ASHEM): exp(max logit - logsumexp). (N,) float32."""
     lse = _log_normalizer(logits, log_normalizer)
     top = max_logit if max_logit is not None else logits.amax(dim=-1)
@@ -94,8 +95,14 @@ class ExitFunction:
         """The rule's own module (a learned classifier, a reduced head), or None for a plain function."""
         return self.fn if isinstance(self.fn, nn.Module) else None
 
-    def __call__(self, h_in: Optional[Tensor], h_out: Tensor, logits: Optional[Tensor],
-                 log_normalizer: Optional[Tensor] = None, max_logit: Optional[Tensor] = None) -> Tensor:
+    def __call__(
+        self,
+        h_in: Optional[Tensor],
+        h_out: Tensor,
+        logits: Optional[Tensor],
+        log_normalizer: Optional[Tensor] = None,
+        max_logit: Optional[Tensor] = None,
+    ) -> Tensor:
         if self.accepts_log_normalizer:
             confidence = self.fn(h_in, h_out, logits, log_normalizer=log_normalizer, max_logit=max_logit)
         else:
@@ -103,7 +110,7 @@ class ExitFunction:
         if not isinstance(confidence, Tensor) or confidence.shape != h_out.shape[:1]:
             got = tuple(confidence.shape) if isinstance(confidence, Tensor) else type(confidence).__name__
             raise ValueError(
-                f"exit function {self.name!r} must return one confidence per token, shape ({h_out.shape[0]},), got {got}"
+                f"exit function {self.name!r} must return one confidence per token, shape ({h_out.shape[0]},), got {got}"  # noqa: E501
             )
         return confidence.float()
 
@@ -141,13 +148,20 @@ def resolve_exit_function(exit_fn: "str | Callable | ExitFunction") -> ExitFunct
         needs_input_state = bool(getattr(fn, "needs_input_state", True))
     try:
         parameters = inspect.signature(fn).parameters
-        accepts = "log_normalizer" in parameters and ("max_logit" in parameters or any(
-            p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()))
+        accepts = "log_normalizer" in parameters and (
+            "max_logit" in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+        )
     except (TypeError, ValueError):
         accepts = False
     macs = int(fn.macs_per_token()) if callable(getattr(fn, "macs_per_token", None)) else 0
-    return ExitFunction(name=name, fn=fn, needs_logits=needs_logits,
-                        needs_input_state=needs_input_state, accepts_log_normalizer=accepts, macs_per_token=macs)
+    return ExitFunction(
+        name=name,
+        fn=fn,
+        needs_logits=needs_logits,
+        needs_input_state=needs_input_state,
+        accepts_log_normalizer=accepts,
+        macs_per_token=macs,
+    )
 
 
 class HoldsExitFunction:

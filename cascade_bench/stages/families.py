@@ -52,9 +52,11 @@ def config_for_layers(config, start: int, count: int):
         if kinds is None:
             continue
         if len(kinds) < start + count:
-            raise ValueError(f"{config.model_type!r} config lists {len(kinds)} {name}, too few for layers "
-                             f"[{start}, {start + count}); give the model a longer {name} list")
-        setattr(config, name, list(kinds[start:start + count] if name == "layer_types" else kinds[start:]))
+            raise ValueError(
+                f"{config.model_type!r} config lists {len(kinds)} {name}, too few for layers "
+                f"[{start}, {start + count}); give the model a longer {name} list"
+            )
+        setattr(config, name, list(kinds[start : start + count] if name == "layer_types" else kinds[start:]))
     config.num_hidden_layers = count
     return config
 
@@ -69,6 +71,8 @@ def layer_kinds(config) -> tuple[str, ...]:
     kinds = getattr(config, "layer_kinds", None)
     count = int(config.num_hidden_layers)
     return tuple(kinds[:count]) if kinds is not None else ("attention",) * count
+
+
 _LAYER_NAMES = ("layers", "h", "blocks")
 _NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm")
 
@@ -90,7 +94,9 @@ def family_parts(model: nn.Module) -> FamilyParts:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     base = getattr(model, "base_model", None)
     if base is None or base is model:
-        raise ValueError(f"model of type {type(model).__name__} has no base_model; expected a Hugging Face *ForCausalLM")
+        raise ValueError(
+            f"model of type {type(model).__name__} has no base_model; expected a Hugging Face *ForCausalLM"
+        )
     layer_names, norm_names = _LAYER_NAMES, _NORM_NAMES
     if model_type in FAMILY_PARTS:
         layer_names, norm_names = (FAMILY_PARTS[model_type][0],), (FAMILY_PARTS[model_type][1],)
@@ -114,7 +120,8 @@ class LayerSliceRecipe:
     token embeddings (GPT-2), or None. rotary: base-model attribute computing the rotary (cos, sin)
     for the position ids that actually run, or None. embedding_dropout: dropout applied after the
     embeddings, or None. (The keyword a decoder layer takes its KV cache under is read off the
-    layer's signature: ``models.hf_compat.layer_cache_keyword``.) padding_argument: the keyword a decoder layer takes the (rows, new tokens) bool mask of real
+    layer's signature: ``models.hf_compat.layer_cache_keyword``.) padding_argument: the keyword a decoder layer
+    takes the (rows, new tokens) bool mask of real
     tokens under, for layers that need it beyond the attention mask (memory writes), or None.
     """
 
@@ -143,14 +150,20 @@ def layer_slice_recipe(model: nn.Module) -> LayerSliceRecipe:
             f"cannot cut a {model_type!r} model ({type(model).__name__}) into blocks: "
             f"cascade_bench.stages.families.LAYER_SLICE_RECIPES has no entry for it (it needs: where the decoder "
             f"layers and final norm sit, and how positions enter (absolute embedding or rotary)); "
-            f"supported: {sorted(LAYER_SLICE_RECIPES)}")
+            f"supported: {sorted(LAYER_SLICE_RECIPES)}"
+        )
     recipe = LAYER_SLICE_RECIPES[model_type]
     base = model.base_model
-    for what, name in (("position embedding", recipe.position_embedding), ("rotary embedding", recipe.rotary),
-                       ("embedding dropout", recipe.embedding_dropout)):
+    for what, name in (
+        ("position embedding", recipe.position_embedding),
+        ("rotary embedding", recipe.rotary),
+        ("embedding dropout", recipe.embedding_dropout),
+    ):
         if name is not None and not isinstance(getattr(base, name, None), nn.Module):
-            raise ValueError(f"{model_type!r} model {type(base).__name__} has no {what} {name!r}; this "
-                             f"transformers version lays the family out differently than LAYER_SLICE_RECIPES expects")
+            raise ValueError(
+                f"{model_type!r} model {type(base).__name__} has no {what} {name!r}; this "
+                f"transformers version lays the family out differently than LAYER_SLICE_RECIPES expects"
+            )
     return recipe
 
 
@@ -185,6 +198,13 @@ def layer_shape(config) -> LayerShape:
         inner = config.n_inner if config.n_inner is not None else 4 * hidden
     else:
         inner = config.intermediate_size
-    return LayerShape(hidden_size=hidden, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
-                      intermediate_size=int(inner), mlp_matrices=MLP_MATRICES[model_type],
-                      vocab_size=int(config.vocab_size), num_layers=int(config.num_hidden_layers))
+    return LayerShape(
+        hidden_size=hidden,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        intermediate_size=int(inner),
+        mlp_matrices=MLP_MATRICES[model_type],
+        vocab_size=int(config.vocab_size),
+        num_layers=int(config.num_hidden_layers),
+    )

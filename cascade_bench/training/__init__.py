@@ -12,6 +12,15 @@ from .persistence import load_ensemble, save_ensemble
 from .protocols import PROTOCOLS, Protocol, start_ensemble, train_ensemble, train_protocol
 
 __all__ = [
-    "PROTOCOLS", "Protocol", "TrainConfig", "TrainHistory", "load_ensemble", "save_ensemble",
-    "start_ensemble", "train_ensemble", "train_exit_classifier", "train_llm", "train_protocol",
+    "PROTOCOLS",
+    "Protocol",
+    "TrainConfig",
+    "TrainHistory",
+    "load_ensemble",
+    "save_ensemble",
+    "start_ensemble",
+    "train_ensemble",
+    "train_exit_classifier",
+    "train_llm",
+    "train_protocol",
 ]

@@ -52,8 +52,14 @@ class ExitLabels:
         return float(self.label.mean()) if self.label.numel() else float("nan")
 
 
-def exit_labels(ensemble: Ensemble, stage_index: int, batches: Iterable, target: str = "consistency",
-                use_input_state: bool = False, max_tokens: Optional[int] = None) -> ExitLabels:
+def exit_labels(
+    ensemble: Ensemble,
+    stage_index: int,
+    batches: Iterable,
+    target: str = "consistency",
+    use_input_state: bool = False,
+    max_tokens: Optional[int] = None,
+) -> ExitLabels:
     """Features and labels for stage ``stage_index``'s classifier over ``batches`` (see module doc);
     at most ``max_tokens`` tokens (the first ones), None = all."""
     if isinstance(stage_index, bool) or not isinstance(stage_index, int) or not 0 <= stage_index < len(ensemble) - 1:
@@ -67,8 +73,15 @@ def exit_labels(ensemble: Ensemble, stage_index: int, batches: Iterable, target:
     with evaluation_mode(ensemble), torch.inference_mode():
         for item in batches:
             ids, mask, targets = unpack_batch(item)
-            states = stage_states(ensemble, ids, mask, targets, num_stages=depth, capture_input_state=use_input_state,
-                                  routed_thresholds=routed)
+            states = stage_states(
+                ensemble,
+                ids,
+                mask,
+                targets,
+                num_stages=depth,
+                capture_input_state=use_input_state,
+                routed_thresholds=routed,
+            )
             scored = states.stage_targets[stage_index] >= 0
             targets_k = states.stage_targets[stage_index][scored]
             hidden = states.hidden[stage_index][scored]
@@ -76,8 +89,10 @@ def exit_labels(ensemble: Ensemble, stage_index: int, batches: Iterable, target:
             if target == "consistency":
                 last = len(ensemble) - 1
                 if not torch.equal(states.reach[last], states.reach[stage_index]):
-                    raise RuntimeError("the tokens reaching the last stage are not those reaching stage "
-                                       f"{stage_index}, though nobody exits in between")
+                    raise RuntimeError(
+                        "the tokens reaching the last stage are not those reaching stage "
+                        f"{stage_index}, though nobody exits in between"
+                    )
                 reference = run_exit_head(ensemble[last], last, states.hidden[last][scored], targets_k).prediction
             else:
                 reference = targets_k
@@ -91,8 +106,9 @@ def exit_labels(ensemble: Ensemble, stage_index: int, batches: Iterable, target:
     if not labels:
         raise ValueError("exit_labels got no batches")
     cut = slice(0, max_tokens)
-    return ExitLabels(h_out=torch.cat(outs)[cut], h_in=torch.cat(ins)[cut] if use_input_state else None,
-                      label=torch.cat(labels)[cut])
+    return ExitLabels(
+        h_out=torch.cat(outs)[cut], h_in=torch.cat(ins)[cut] if use_input_state else None, label=torch.cat(labels)[cut]
+    )
 
 
 def classifier_bce(classifier: ExitClassifier, data: ExitLabels, chunk: int = 1 << 15) -> float:
@@ -104,16 +120,26 @@ def classifier_bce(classifier: ExitClassifier, data: ExitLabels, chunk: int = 1 
             stop = start + chunk
             h_in = None if data.h_in is None else data.h_in[start:stop].to(device)
             logit = classifier.logit(h_in, data.h_out[start:stop].to(device)).float()
-            total += float(torch.nn.functional.binary_cross_entropy_with_logits(
-                logit, data.label[start:stop].to(device), reduction="sum"))
+            total += float(
+                torch.nn.functional.binary_cross_entropy_with_logits(
+                    logit, data.label[start:stop].to(device), reduction="sum"
+                )
+            )
     return total / max(data.label.numel(), 1)
 
 
-def train_exit_classifier(ensemble: Ensemble, stage_index: int, train_batches: Iterable, validation_batches: Iterable,
-                          target: str = "consistency", hidden_units: int = 0, use_input_state: bool = False,
-                          config: TrainConfig = CLASSIFIER_TRAIN_CONFIG,
-                          max_tokens: Optional[int] = CLASSIFIER_MAX_TOKENS,
-                          progress: bool = False) -> tuple[ExitClassifier, TrainHistory]:
+def train_exit_classifier(
+    ensemble: Ensemble,
+    stage_index: int,
+    train_batches: Iterable,
+    validation_batches: Iterable,
+    target: str = "consistency",
+    hidden_units: int = 0,
+    use_input_state: bool = False,
+    config: TrainConfig = CLASSIFIER_TRAIN_CONFIG,
+    max_tokens: Optional[int] = CLASSIFIER_MAX_TOKENS,
+    progress: bool = False,
+) -> tuple[ExitClassifier, TrainHistory]:
     """Train a new ``ExitClassifier`` for stage ``stage_index`` (the stages stay frozen and are not
     modified); returns it (on the stage's device and dtype, in eval mode) and its history, whose
     ``val_ppl`` holds the validation BCE per epoch. Attach it with ``ensemble[k].exit_function = clf``."""
@@ -126,7 +152,7 @@ def train_exit_classifier(ensemble: Ensemble, stage_index: int, train_batches: I
     def epoch_batches(epoch: int):
         order = torch.randperm(train.label.numel(), generator=torch.Generator().manual_seed(config.seed + epoch))
         for start in range(0, order.numel(), CLASSIFIER_BATCH_TOKENS):
-            index = order[start:start + CLASSIFIER_BATCH_TOKENS]
+            index = order[start : start + CLASSIFIER_BATCH_TOKENS]
             batch = {"h_out": train.h_out[index], "label": train.label[index]}
             if train.h_in is not None:
                 batch["h_in"] = train.h_in[index]
@@ -137,7 +163,16 @@ def train_exit_classifier(ensemble: Ensemble, stage_index: int, train_batches: I
         loss = torch.nn.functional.binary_cross_entropy_with_logits(logit, batch["label"])
         return loss, int(batch["label"].numel())
 
-    history = fit(list(classifier.parameters()), [classifier], epoch_batches, loss_fn,
-                  lambda: classifier_bce(classifier, validation), config, stage.device, progress=progress,
-                  desc=f"exit classifier stage {stage_index}", metric="BCE")
+    history = fit(
+        list(classifier.parameters()),
+        [classifier],
+        epoch_batches,
+        loss_fn,
+        lambda: classifier_bce(classifier, validation),
+        config,
+        stage.device,
+        progress=progress,
+        desc=f"exit classifier stage {stage_index}",
+        metric="BCE",
+    )
     return classifier.to(dtype=stage.dtype).eval(), history

@@ -40,18 +40,27 @@ def translated_head(model, translators: dict) -> ExitHeadFn:
 def new_translators(model, layers, rank: Optional[int] = None) -> nn.ModuleDict:
     """One identity ``Translator`` per layer (keys are the layer numbers as strings)."""
     weight = model.get_output_embeddings().weight
-    return nn.ModuleDict({str(layer): Translator(weight.shape[1], rank).to(device=weight.device, dtype=weight.dtype)
-                          for layer in layers})
+    return nn.ModuleDict(
+        {str(layer): Translator(weight.shape[1], rank).to(device=weight.device, dtype=weight.dtype) for layer in layers}
+    )
 
 
-def train_translators(model, translators: nn.ModuleDict, train: LayerStates, validation: LayerStates,
-                      config: TrainConfig = TrainConfig(), batch_tokens: int = 256,
-                      progress: bool = True) -> TrainHistory:
+def train_translators(
+    model,
+    translators: nn.ModuleDict,
+    train: LayerStates,
+    validation: LayerStates,
+    config: TrainConfig = TrainConfig(),
+    batch_tokens: int = 256,
+    progress: bool = True,
+) -> TrainHistory:
     """Train ``translators`` (one per layer of ``train.layers``) on the collected states with
     the model frozen; returns the history (validation metric: geometric mean PPL over layers)."""
     if train.layers != validation.layers or sorted(int(k) for k in translators) != list(train.layers):
-        raise ValueError(f"translators for layers {sorted(int(k) for k in translators)} need states of the same "
-                         f"layers; got train {list(train.layers)} and validation {list(validation.layers)}")
+        raise ValueError(
+            f"translators for layers {sorted(int(k) for k in translators)} need states of the same "
+            f"layers; got train {list(train.layers)} and validation {list(validation.layers)}"
+        )
     if isinstance(batch_tokens, bool) or not isinstance(batch_tokens, int) or batch_tokens < 1:
         raise ValueError(f"batch_tokens must be a positive int, got {batch_tokens!r}")
     for parameter in model.parameters():
@@ -80,32 +89,46 @@ def train_translators(model, translators: nn.ModuleDict, train: LayerStates, val
         curve = exit_curve(validation, translated_head(model, by_layer))
         return math.exp(sum(math.log(point.ppl) for point in curve) / len(curve))
 
-    return fit(parameters, list(translators.values()), epoch_batches, loss_fn, validate, config,
-               lm_head.weight.device, progress, desc="exit translators")
+    return fit(
+        parameters,
+        list(translators.values()),
+        epoch_batches,
+        loss_fn,
+        validate,
+        config,
+        lm_head.weight.device,
+        progress,
+        desc="exit translators",
+    )
 
 
 @torch.no_grad()
-def fit_translators_lstsq(model, translators: nn.ModuleDict, train: LayerStates, validation: LayerStates,
-                          ridges=RIDGES) -> dict:
+def fit_translators_lstsq(
+    model, translators: nn.ModuleDict, train: LayerStates, validation: LayerStates, ridges=RIDGES
+) -> dict:
     """Set each full-rank translator to the ridge least-squares map from its layer's stream to the
     last layer's (``train.final_states``), the ridge chosen per layer on ``validation`` (lowest PPL
     through the shared head). Returns {layer: {"ridge", "validation_ppl"}} and the solve's seconds."""
     import time
 
     if train.final_states is None:
-        raise ValueError("least-squares translators need the last layer's states: collect_layer_states(..., "
-                         "keep_final=True)")
+        raise ValueError(
+            "least-squares translators need the last layer's states: collect_layer_states(..., keep_final=True)"
+        )
     if train.layers != validation.layers or sorted(int(k) for k in translators) != list(train.layers):
-        raise ValueError(f"translators for layers {sorted(int(k) for k in translators)} need states of the same "
-                         f"layers; got train {list(train.layers)} and validation {list(validation.layers)}")
+        raise ValueError(
+            f"translators for layers {sorted(int(k) for k in translators)} need states of the same "
+            f"layers; got train {list(train.layers)} and validation {list(validation.layers)}"
+        )
     started = time.perf_counter()
     target = train.final_states.double()
     chosen = {}
     for i, layer in enumerate(train.layers):
         translator = translators[str(layer)]
         if translator.down is not None:
-            raise ValueError(f"the least-squares fit needs full-rank translators; layer {layer}'s has rank "
-                             f"{translator.rank}")
+            raise ValueError(
+                f"the least-squares fit needs full-rank translators; layer {layer}'s has rank {translator.rank}"
+            )
         inputs = train.states[:, i].double()
         augmented = torch.cat([inputs, torch.ones_like(inputs[:, :1])], dim=1)  # (N, d + 1)
         gram, moment = augmented.T @ augmented, augmented.T @ target
@@ -127,5 +150,6 @@ def fit_translators_lstsq(model, translators: nn.ModuleDict, train: LayerStates,
 def _one_layer(states: LayerStates, index: int) -> LayerStates:
     from dataclasses import replace
 
-    return replace(states, layers=(states.layers[index],), states=states.states[:, index:index + 1],
-                   final_states=None)
+    return replace(
+        states, layers=(states.layers[index],), states=states.states[:, index : index + 1], final_states=None
+    )

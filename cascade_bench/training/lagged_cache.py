@@ -62,15 +62,23 @@ def recurrent_nll(model, windows: Tensor, batch_size: int = 64) -> tuple[float, 
     total, count = 0.0, 0
     for rows in windows.split(batch_size):
         logits = model.logits(model.contexts(rows[:, :-1]))
-        total += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), rows[:, 1:].reshape(-1),
-                                                         reduction="sum"))
+        total += float(
+            torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), rows[:, 1:].reshape(-1), reduction="sum")
+        )
         count += rows[:, 1:].numel()
     model.train(was_training)
     return total, count
 
 
-def train_recurrent(model, train: Tensor, validation: Tensor, order: str, config: TrainConfig = TrainConfig(),
-                    batch_size: int = 16, progress: bool = True) -> TrainHistory:
+def train_recurrent(
+    model,
+    train: Tensor,
+    validation: Tensor,
+    order: str,
+    config: TrainConfig = TrainConfig(),
+    batch_size: int = 16,
+    progress: bool = True,
+) -> TrainHistory:
     """Train ``model`` on (N, T + 1) ``train`` windows in ``order`` (see module docstring), early
     stopping on the recurrence's PPL over ``validation`` windows."""
     if order not in RECURRENT_ORDERS:
@@ -79,8 +87,11 @@ def train_recurrent(model, train: Tensor, validation: Tensor, order: str, config
         raise ValueError(f"train must be (windows, T + 1) token ids with T >= 1, got shape {tuple(train.shape)}")
     device = model.embedding.weight.device
     train = train.to(device)
-    cache = (torch.zeros(train.shape[0], train.shape[1] - 1, model.hidden_size, device=device)
-             if order == "lagged-cache" else None)
+    cache = (
+        torch.zeros(train.shape[0], train.shape[1] - 1, model.hidden_size, device=device)
+        if order == "lagged-cache"
+        else None
+    )
     batches = [{"rows": rows} for rows in torch.arange(train.shape[0], device=device).split(batch_size)]
 
     def loss_fn(batch: dict) -> tuple[Tensor, int]:
@@ -98,8 +109,17 @@ def train_recurrent(model, train: Tensor, validation: Tensor, order: str, config
         total, count = recurrent_nll(model, validation.to(device))
         return math.exp(total / count)
 
-    return fit([p for p in model.parameters() if p.requires_grad], [model], shuffled(batches, config.seed), loss_fn,
-               validate, config, device, progress, desc=f"recurrent {order}")
+    return fit(
+        [p for p in model.parameters() if p.requires_grad],
+        [model],
+        shuffled(batches, config.seed),
+        loss_fn,
+        validate,
+        config,
+        device,
+        progress,
+        desc=f"recurrent {order}",
+    )
 
 
 __all__ = ["RECURRENT_ORDERS", "lagged_contexts", "recurrent_nll", "recurrent_windows", "train_recurrent"]

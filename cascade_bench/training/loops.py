@@ -93,12 +93,22 @@ class TrainHistory:
 
     def summary(self) -> dict:
         """JSON-ready: epochs run, best epoch (1-based), stop reason, limits, the PPL curve, speed."""
-        return {"epochs": self.epochs, "best_epoch": self.best_epoch + 1, "best_val_ppl": self.best_val_ppl,
-                "stop_reason": self.stop_reason, "max_epochs": self.max_epochs, "patience": self.patience,
-                "max_steps_per_epoch": self.max_steps_per_epoch, "converged": self.converged,
-                "val_ppl": list(self.val_ppl), "train_loss": list(self.train_loss), "steps": self.steps,
-                "train_tokens_per_s": self.tokens_per_s, "seconds": self.seconds,
-                **({"val_logged": list(self.val_logged)} if any(self.val_logged) else {})}
+        return {
+            "epochs": self.epochs,
+            "best_epoch": self.best_epoch + 1,
+            "best_val_ppl": self.best_val_ppl,
+            "stop_reason": self.stop_reason,
+            "max_epochs": self.max_epochs,
+            "patience": self.patience,
+            "max_steps_per_epoch": self.max_steps_per_epoch,
+            "converged": self.converged,
+            "val_ppl": list(self.val_ppl),
+            "train_loss": list(self.train_loss),
+            "steps": self.steps,
+            "train_tokens_per_s": self.tokens_per_s,
+            "seconds": self.seconds,
+            **({"val_logged": list(self.val_logged)} if any(self.val_logged) else {}),
+        }
 
 
 def _stage_loss(stage: LLM, batch: dict) -> tuple[Tensor, int]:
@@ -109,8 +119,9 @@ def _stage_loss(stage: LLM, batch: dict) -> tuple[Tensor, int]:
     out = stage(input_ids=ids, inputs_embeds=embeds, attention_mask=mask, position_ids=batch.get("position_ids"))
     logits = stage.logits(out.hidden).float()
     targets = batch["targets"]
-    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                             ignore_index=IGNORE_INDEX)
+    loss = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX
+    )
     return loss, int((targets != IGNORE_INDEX).sum())
 
 
@@ -118,10 +129,18 @@ def _to(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
 
 
-def fit(parameters: Sequence[torch.nn.Parameter], modules: Sequence[torch.nn.Module],
-        epoch_batches: Callable[[int], Iterable[dict]], loss_fn: Callable[[dict], tuple[Tensor, int]],
-        validate: Callable[[], float], config: TrainConfig, device: torch.device,
-        progress: bool = True, desc: str = "train", metric: str = "PPL") -> TrainHistory:
+def fit(
+    parameters: Sequence[torch.nn.Parameter],
+    modules: Sequence[torch.nn.Module],
+    epoch_batches: Callable[[int], Iterable[dict]],
+    loss_fn: Callable[[dict], tuple[Tensor, int]],
+    validate: Callable[[], float],
+    config: TrainConfig,
+    device: torch.device,
+    progress: bool = True,
+    desc: str = "train",
+    metric: str = "PPL",
+) -> TrainHistory:
     """The training loop shared by every protocol: AdamW, early stopping on ``validate()`` (a PPL,
     or the validation loss named by ``metric``; lower is better) with patience, best state restored
     at the end. ``epoch_batches(epoch)`` gives that epoch's batches (already shuffled as the caller
@@ -143,7 +162,7 @@ def fit(parameters: Sequence[torch.nn.Parameter], modules: Sequence[torch.nn.Mod
         start = time.perf_counter()
         batches = list(epoch_batches(epoch))
         if config.max_steps_per_epoch is not None:
-            batches = batches[:config.max_steps_per_epoch]
+            batches = batches[: config.max_steps_per_epoch]
         for batch in tqdm(batches, desc=f"{desc} epoch {epoch + 1}", disable=not progress, leave=False):
             loss, scored = loss_fn(_to(batch, device))
             optimizer.zero_grad(set_to_none=True)
@@ -166,8 +185,10 @@ def fit(parameters: Sequence[torch.nn.Parameter], modules: Sequence[torch.nn.Mod
         extras.append({name: float(value) for name, value in logged.items()})
         if progress:
             shown = "".join(f" | {name} {value:.4f}" for name, value in extras[-1].items())
-            print(f"{desc} epoch {epoch + 1}: train loss {losses[-1]:.4f}, validation {metric} {ppl:.4f}{shown}",
-                  flush=True)
+            print(
+                f"{desc} epoch {epoch + 1}: train loss {losses[-1]:.4f}, validation {metric} {ppl:.4f}{shown}",
+                flush=True,
+            )
         if ppl < best_ppl:
             best_ppl, best_epoch, bad = ppl, epoch, 0
             best_state = [copy.deepcopy(m.state_dict()) for m in modules]
@@ -182,23 +203,41 @@ def fit(parameters: Sequence[torch.nn.Parameter], modules: Sequence[torch.nn.Mod
             module.load_state_dict(state)
     for module in modules:
         module.eval()
-    return TrainHistory(train_loss=tuple(losses), val_ppl=tuple(ppls), best_epoch=best_epoch, best_val_ppl=best_ppl,
-                        steps=steps, train_tokens=tokens, tokens_per_s=tokens / elapsed if elapsed else math.nan,
-                        stop_reason=stop_reason, max_epochs=config.max_epochs, patience=config.patience,
-                        max_steps_per_epoch=config.max_steps_per_epoch, seconds=time.perf_counter() - run_start,
-                        val_logged=tuple(extras))
+    return TrainHistory(
+        train_loss=tuple(losses),
+        val_ppl=tuple(ppls),
+        best_epoch=best_epoch,
+        best_val_ppl=best_ppl,
+        steps=steps,
+        train_tokens=tokens,
+        tokens_per_s=tokens / elapsed if elapsed else math.nan,
+        stop_reason=stop_reason,
+        max_epochs=config.max_epochs,
+        patience=config.patience,
+        max_steps_per_epoch=config.max_steps_per_epoch,
+        seconds=time.perf_counter() - run_start,
+        val_logged=tuple(extras),
+    )
 
 
 def shuffled(batches: Sequence, seed: int) -> Callable[[int], list]:
     """Per-epoch batch order, a deterministic permutation of ``batches`` for each epoch."""
+
     def order(epoch: int) -> list:
         generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
         return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
     return order
 
 
-def train_llm(stage: LLM, train_batches: Sequence, validate: Callable[[], float], config: TrainConfig = TrainConfig(),
-              progress: bool = True, desc: str = "stage") -> TrainHistory:
+def train_llm(
+    stage: LLM,
+    train_batches: Sequence,
+    validate: Callable[[], float],
+    config: TrainConfig = TrainConfig(),
+    progress: bool = True,
+    desc: str = "stage",
+) -> TrainHistory:
     """Train one stage on its batches (see module docstring) with AdamW and early stopping on
     ``validate()``; only this stage's parameters that require grad are updated."""
     if not len(train_batches):
@@ -206,8 +245,17 @@ def train_llm(stage: LLM, train_batches: Sequence, validate: Callable[[], float]
     parameters = [p for p in stage.parameters() if p.requires_grad]
     if not parameters:
         raise ValueError("the stage has no trainable parameters (all requires_grad=False)")
-    return fit(parameters, [stage], shuffled(list(train_batches), config.seed),
-               lambda batch: _stage_loss(stage, batch), validate, config, stage.device, progress, desc)
+    return fit(
+        parameters,
+        [stage],
+        shuffled(list(train_batches), config.seed),
+        lambda batch: _stage_loss(stage, batch),
+        validate,
+        config,
+        stage.device,
+        progress,
+        desc,
+    )
 
 
 def exit_loss(ensemble: Ensemble, layer_weights: Sequence[float]) -> Callable[[dict], tuple[Tensor, int]]:
@@ -223,21 +271,29 @@ def exit_loss(ensemble: Ensemble, layer_weights: Sequence[float]) -> Callable[[d
         hidden, total = None, 0.0
         for stage, weight in zip(list(ensemble)[:depth], weights):
             mask = torch.ones(batch["input_ids"].shape, dtype=torch.long, device=targets.device)
-            out = stage(input_ids=batch["input_ids"] if hidden is None else None, inputs_embeds=hidden,
-                        attention_mask=mask)
+            out = stage(
+                input_ids=batch["input_ids"] if hidden is None else None, inputs_embeds=hidden, attention_mask=mask
+            )
             hidden = out.hidden
             if weight:
                 logits = stage.logits(hidden).float()
                 total = total + weight * torch.nn.functional.cross_entropy(
-                    logits.reshape(-1, logits.shape[-1]), targets, ignore_index=IGNORE_INDEX)
+                    logits.reshape(-1, logits.shape[-1]), targets, ignore_index=IGNORE_INDEX
+                )
         return total / sum(weights), int((targets != IGNORE_INDEX).sum())
 
     return loss_fn
 
 
-def train_jointly(ensemble: Ensemble, train_batches: Sequence, validate: Callable[[], float],
-                  layer_weights: Sequence[float], config: TrainConfig = TrainConfig(), progress: bool = True,
-                  desc: str = "joint") -> TrainHistory:
+def train_jointly(
+    ensemble: Ensemble,
+    train_batches: Sequence,
+    validate: Callable[[], float],
+    layer_weights: Sequence[float],
+    config: TrainConfig = TrainConfig(),
+    progress: bool = True,
+    desc: str = "joint",
+) -> TrainHistory:
     """Train all stages together on every token, no routing: loss = sum_k w_k CE(stage k's exit).
 
     ``layer_weights`` (one per stage, LASH style): (0, ..., 0, 1) is the standard last-layer
@@ -245,8 +301,17 @@ def train_jointly(ensemble: Ensemble, train_batches: Sequence, validate: Callabl
     """
     loss_fn = exit_loss(ensemble, layer_weights)
     parameters = [p for p in ensemble.parameters() if p.requires_grad]
-    return fit(parameters, list(ensemble), shuffled(list(train_batches), config.seed), loss_fn, validate, config,
-               ensemble.device, progress, desc)
+    return fit(
+        parameters,
+        list(ensemble),
+        shuffled(list(train_batches), config.seed),
+        loss_fn,
+        validate,
+        config,
+        ensemble.device,
+        progress,
+        desc,
+    )
 
 
 class HardTokens:
@@ -307,10 +372,17 @@ class HardTokens:
             yield self[index]
 
 
-def collect_hard_tokens(ensemble: Ensemble, stage_index: int, batches: Iterable, *,
-                        thresholds: Optional[Sequence[float]] = None, positions: str = "compact",
-                        memory_budget_bytes: int = 1 << 30, spill_dir: "Path | str | None" = None,
-                        progress: bool = False) -> HardTokens:
+def collect_hard_tokens(
+    ensemble: Ensemble,
+    stage_index: int,
+    batches: Iterable,
+    *,
+    thresholds: Optional[Sequence[float]] = None,
+    positions: str = "compact",
+    memory_budget_bytes: int = 1 << 30,
+    spill_dir: "Path | str | None" = None,
+    progress: bool = False,
+) -> HardTokens:
     """Run stages 0..stage_index-1 with routing (their thresholds, or ``thresholds``) over
     ``batches`` and keep, per batch, the tokens that continue past stage_index-1, compacted exactly
     as routed evaluation hands them to stage ``stage_index`` (same order, same positions)."""
@@ -324,12 +396,21 @@ def collect_hard_tokens(ensemble: Ensemble, stage_index: int, batches: Iterable,
     # Eval mode (as routed evaluation) and no_grad, not inference_mode: the collected states feed
     # autograd when stage k trains.
     with evaluation_mode(ensemble), torch.no_grad():
-        for item in tqdm(batches, desc=f"collect hard tokens for stage {stage_index}", disable=not progress,
-                         leave=False):
+        for item in tqdm(
+            batches, desc=f"collect hard tokens for stage {stage_index}", disable=not progress, leave=False
+        ):
             start = time.perf_counter()
             input_ids, attention_mask, targets = unpack_batch(item)
-            out = forward_cascade(ensemble, input_ids, attention_mask, targets, num_stages=stage_index,
-                                  thresholds=list(thresholds), positions=positions, open_end=True)
+            out = forward_cascade(
+                ensemble,
+                input_ids,
+                attention_mask,
+                targets,
+                num_stages=stage_index,
+                thresholds=list(thresholds),
+                positions=positions,
+                open_end=True,
+            )
             index, state = out.continuing_index, out.continuing_state
             collected.flat_indices.append(index.cpu())
             collected.source_tokens += out.num_tokens
@@ -340,8 +421,10 @@ def collect_hard_tokens(ensemble: Ensemble, stage_index: int, batches: Iterable,
             (layout,) = plan_layouts(index, seq_len, batch_size, "padded")
             flat_targets = targets if targets is not None else next_token_targets(input_ids, attention_mask)
             flat_targets = flat_targets.to(index.device).reshape(-1)[index]
-            shard = {"inputs_embeds": to_dense(state, layout).cpu(),
-                     "targets": to_dense(flat_targets, layout, fill=IGNORE_INDEX).cpu()}
+            shard = {
+                "inputs_embeds": to_dense(state, layout).cpu(),
+                "targets": to_dense(flat_targets, layout, fill=IGNORE_INDEX).cpu(),
+            }
             if positions == "original":
                 real = (attention_mask if attention_mask is not None else torch.ones_like(input_ids)).to(index.device)
                 original = (torch.cumsum(real.long(), 1) - 1).reshape(-1)[index]
@@ -351,9 +434,16 @@ def collect_hard_tokens(ensemble: Ensemble, stage_index: int, batches: Iterable,
     return collected
 
 
-def collect_hard_sequences(ensemble: Ensemble, stage_index: int, batches: Iterable, threshold: float, *,
-                           memory_budget_bytes: int = 1 << 30, spill_dir: "Path | str | None" = None,
-                           progress: bool = False) -> HardTokens:
+def collect_hard_sequences(
+    ensemble: Ensemble,
+    stage_index: int,
+    batches: Iterable,
+    threshold: float,
+    *,
+    memory_budget_bytes: int = 1 << 30,
+    spill_dir: "Path | str | None" = None,
+    progress: bool = False,
+) -> HardTokens:
     """Sequence-level hard examples (the ASHEM seed's): every token of every sequence runs through
     stages 0..stage_index-1 with nobody exiting; a sequence is hard when the mean confidence of
     stage stage_index-1 over its scored tokens is below ``threshold`` (the token-level threshold
@@ -368,14 +458,23 @@ def collect_hard_sequences(ensemble: Ensemble, stage_index: int, batches: Iterab
     collected.mean_confidences = []
     everyone = [math.inf] * stage_index
     with evaluation_mode(ensemble), torch.no_grad():
-        for item in tqdm(batches, desc=f"collect hard sequences for stage {stage_index}", disable=not progress,
-                         leave=False):
+        for item in tqdm(
+            batches, desc=f"collect hard sequences for stage {stage_index}", disable=not progress, leave=False
+        ):
             start = time.perf_counter()
             input_ids, attention_mask, targets = unpack_batch(item)
             targets = targets if targets is not None else next_token_targets(input_ids, attention_mask)
             scored = targets != IGNORE_INDEX
-            judged = forward_cascade(ensemble, input_ids, attention_mask, targets, method="routed",
-                                     thresholds=everyone, num_stages=stage_index, confidence_at_last_stage=True)
+            judged = forward_cascade(
+                ensemble,
+                input_ids,
+                attention_mask,
+                targets,
+                method="routed",
+                thresholds=everyone,
+                num_stages=stage_index,
+                confidence_at_last_stage=True,
+            )
             confidence = judged.stage_confidence[stage_index - 1].to(scored.device)
             mean = (confidence.nan_to_num(0.0) * scored).sum(1) / scored.sum(1).clamp(min=1)
             hard = (mean < threshold) & scored.any(1)
@@ -383,15 +482,26 @@ def collect_hard_sequences(ensemble: Ensemble, stage_index: int, batches: Iterab
             collected.flat_indices.append(hard.nonzero().flatten().cpu())
             collected.source_tokens += judged.num_tokens
             if hard.any():
-                out = forward_cascade(ensemble, input_ids, attention_mask, targets, num_stages=stage_index,
-                                      thresholds=everyone, open_end=True)
+                out = forward_cascade(
+                    ensemble,
+                    input_ids,
+                    attention_mask,
+                    targets,
+                    num_stages=stage_index,
+                    thresholds=everyone,
+                    open_end=True,
+                )
                 batch_size, seq_len = input_ids.shape
                 states = out.continuing_state.new_zeros(batch_size * seq_len, out.continuing_state.shape[-1])
                 states[out.continuing_index] = out.continuing_state
                 states = states.view(batch_size, seq_len, -1)
                 rows = hard.to(states.device)
-                collected.add({"inputs_embeds": states[rows].cpu(),
-                               "targets": torch.where(scored, targets, IGNORE_INDEX)[hard].cpu()})
+                collected.add(
+                    {
+                        "inputs_embeds": states[rows].cpu(),
+                        "targets": torch.where(scored, targets, IGNORE_INDEX)[hard].cpu(),
+                    }
+                )
             collected.seconds += time.perf_counter() - start
     return collected
 

@@ -7,7 +7,8 @@ gradient crosses chunks either way). Streams are trained in groups of ``batch_si
 - ``"sequential"``: each group's chunks in stream order, chunk i starting from the memories chunk
   i-1 left in this same pass: every step waits for the one before it.
 - ``"lagged-chunks"`` (lagged chunk memories: Lagged Cache Training's idea at the level of chunks, not
-  its seed's per-position method, which ``training.lagged_cache`` has): steps over (group, chunk) pairs in shuffled order;
+  its seed's per-position method, which ``training.lagged_cache`` has): steps over (group, chunk) pairs in
+  shuffled order;
   chunk i starts from the memories its predecessor left the last time that one was trained (an
   epoch ago, or earlier in this one; empty before that), kept in a cache. No step needs another
   step of the same pass, so chunks batch and shuffle like independent windows; the price is
@@ -41,9 +42,10 @@ def stream_chunks(stream: Tensor, streams: int, chunk_len: int, max_chunks: Opti
     if max_chunks is not None:
         chunks = min(chunks, max_chunks)
     if chunks < 1:
-        raise ValueError(f"a stream of {stream.numel()} tokens cannot make {streams} streams of chunks of "
-                         f"{chunk_len} tokens")
-    return stream[:streams * chunks * chunk_len].view(streams, chunks, chunk_len)
+        raise ValueError(
+            f"a stream of {stream.numel()} tokens cannot make {streams} streams of chunks of {chunk_len} tokens"
+        )
+    return stream[: streams * chunks * chunk_len].view(streams, chunks, chunk_len)
 
 
 def chunk_loss(model, ids: Tensor, memory_state: Optional[dict]) -> tuple[Tensor, Optional[dict]]:
@@ -61,7 +63,7 @@ def streamed_nll(model, chunks: Tensor, batch_size: int = 8) -> tuple[float, int
     model.eval()
     total, tokens = 0.0, 0
     for start in range(0, chunks.shape[0], batch_size):
-        group, state = chunks[start:start + batch_size], None
+        group, state = chunks[start : start + batch_size], None
         for i in range(group.shape[1]):
             loss, state = chunk_loss(model, group[:, i], state)
             n = group.shape[0] * (group.shape[2] - 1)
@@ -98,16 +100,27 @@ def _steps(order: str, groups: int, chunks: int, generator: torch.Generator) -> 
     return [pairs[j] for j in torch.randperm(len(pairs), generator=generator).tolist()]
 
 
-def train_on_streams(model, train: Tensor, validation: Tensor, order: str, batch_size: int = 8, lr: float = 1e-3,
-                     patience: int = 2, max_epochs: int = 30, seed: int = 0) -> StreamTraining:
+def train_on_streams(
+    model,
+    train: Tensor,
+    validation: Tensor,
+    order: str,
+    batch_size: int = 8,
+    lr: float = 1e-3,
+    patience: int = 2,
+    max_epochs: int = 30,
+    seed: int = 0,
+) -> StreamTraining:
     """Train ``model`` on (streams, chunks, T) ids in ``order`` (``TRAINING_ORDERS``) with AdamW until
     the streamed validation PPL has not improved for ``patience`` epochs (or ``max_epochs``); the best
     weights are restored."""
     if order not in TRAINING_ORDERS:
         raise ValueError(f"order must be one of {TRAINING_ORDERS}, got {order!r}")
     if train.dim() != 3 or validation.dim() != 3:
-        raise ValueError(f"train and validation must be (streams, chunks, T) ids, got shapes "
-                         f"{tuple(train.shape)} and {tuple(validation.shape)}")
+        raise ValueError(
+            f"train and validation must be (streams, chunks, T) ids, got shapes "
+            f"{tuple(train.shape)} and {tuple(validation.shape)}"
+        )
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     groups = -(-train.shape[0] // batch_size)
@@ -119,7 +132,7 @@ def train_on_streams(model, train: Tensor, validation: Tensor, order: str, batch
         started = time.perf_counter()
         state = None
         for g, i in _steps(order, groups, train.shape[1], generator):
-            ids = train[g * batch_size:(g + 1) * batch_size, i]
+            ids = train[g * batch_size : (g + 1) * batch_size, i]
             if order == "sequential":
                 state = None if i == 0 else state
                 loss, state = chunk_loss(model, ids, state)

@@ -49,15 +49,19 @@ def save_ensemble(ensemble: Ensemble, folder: "Path | str", tokenizer=None, extr
     folder = Path(folder)
     kinds = {type(stage) for stage in ensemble}
     if kinds not in ({LLM}, {Block}):
-        raise ValueError(f"save_ensemble writes cascades of LLMs or of Blocks, not a mix: stages are "
-                         f"{[type(stage).__name__ for stage in ensemble]}")
+        raise ValueError(
+            f"save_ensemble writes cascades of LLMs or of Blocks, not a mix: stages are "
+            f"{[type(stage).__name__ for stage in ensemble]}"
+        )
     for k, stage in enumerate(ensemble):
         rule = stage.exit_function
         builtin = rule.name in BUILTIN_EXIT_FUNCTIONS and rule.fn is BUILTIN_EXIT_FUNCTIONS[rule.name]
         if not builtin and not callable(getattr(rule.module, "spec", None)):
-            raise ValueError(f"stage {k} uses exit function {rule.name!r}, which is neither a built-in "
-                             f"({sorted(BUILTIN_EXIT_FUNCTIONS)}) nor a rule module of stages.exit_rules; it "
-                             f"cannot be saved")
+            raise ValueError(
+                f"stage {k} uses exit function {rule.name!r}, which is neither a built-in "
+                f"({sorted(BUILTIN_EXIT_FUNCTIONS)}) nor a rule module of stages.exit_rules; it "
+                f"cannot be saved"
+            )
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
@@ -90,8 +94,10 @@ def _stage_entry(stage, k: int, staging: Path) -> dict:
         (staging / "exit_rules").mkdir(exist_ok=True)
         entry["exit_rule"] = rule.spec()
         entry["exit_rule_weights"] = f"exit_rules/stage{k}.safetensors"
-        save_file({name: t.detach().contiguous().cpu() for name, t in rule.state_dict().items()},
-                  str(staging / entry["exit_rule_weights"]))
+        save_file(
+            {name: t.detach().contiguous().cpu() for name, t in rule.state_dict().items()},
+            str(staging / entry["exit_rule_weights"]),
+        )
     return entry
 
 
@@ -128,8 +134,10 @@ def _write_blocks(ensemble: Ensemble, staging: Path) -> dict:
             (staging / "heads").mkdir(exist_ok=True)
             entry["head"] = f"heads/stage{k}.safetensors"
             own = block.head.translator if heads == "translator" else block.head  # not the shared norm and head
-            save_file({name: t.detach().contiguous().cpu() for name, t in own.state_dict().items()},
-                      str(staging / entry["head"]))
+            save_file(
+                {name: t.detach().contiguous().cpu() for name, t in own.state_dict().items()},
+                str(staging / entry["head"]),
+            )
         stages.append(entry)
     boundaries = [sum(block.num_layers for block in blocks[:k]) for k in range(1, len(blocks))]
     entry = {"kind": "blocks", "model": "model", "boundaries": boundaries, "heads": heads, "stages": stages}
@@ -172,9 +180,13 @@ def _read_blocks(folder: Path, manifest: dict, device, dtype) -> Ensemble:
     model = AutoModelForCausalLM.from_pretrained(folder / manifest["model"])
     model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
     entries = manifest["stages"]
-    ensemble = Ensemble.from_blocks(model.eval(), manifest["boundaries"], heads=manifest["heads"],
-                                    thresholds=[float(entry["threshold"]) for entry in entries],
-                                    translator_rank=manifest.get("translator_rank"))
+    ensemble = Ensemble.from_blocks(
+        model.eval(),
+        manifest["boundaries"],
+        heads=manifest["heads"],
+        thresholds=[float(entry["threshold"]) for entry in entries],
+        translator_rank=manifest.get("translator_rank"),
+    )
     for block, entry in zip(ensemble, entries):
         if "head" in entry:
             own = block.head.translator if manifest["heads"] == "translator" else block.head

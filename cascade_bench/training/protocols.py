@@ -50,8 +50,18 @@ from ..stages.blocks import Block
 from ..stages.ensemble import Ensemble, evaluation_mode
 from ..stages.llm import LLM
 from ..stages.presets import build_blocks, build_ensemble
-from .loops import (TrainConfig, TrainHistory, collect_hard_sequences, collect_hard_tokens, exit_loss, fit, freeze,
-                    shuffled, train_jointly, train_llm)
+from .loops import (
+    TrainConfig,
+    TrainHistory,
+    collect_hard_sequences,
+    collect_hard_tokens,
+    exit_loss,
+    fit,
+    freeze,
+    shuffled,
+    train_jointly,
+    train_llm,
+)
 
 #: The kinds of stage a protocol grows: blocks of one model, or separate whole models.
 STAGE_KINDS = {"block": Block, "llm": LLM}
@@ -81,45 +91,69 @@ class Protocol:
     def __post_init__(self):
         n = len(self.layers)
         if n < 1 or len(self.lrs) != n or len(self.patience) != n:
-            raise ValueError(f"protocol {self.name!r}: layers, lrs and patience need one entry per stage, got "
-                             f"{len(self.layers)}, {len(self.lrs)}, {len(self.patience)}")
+            raise ValueError(
+                f"protocol {self.name!r}: layers, lrs and patience need one entry per stage, got "
+                f"{len(self.layers)}, {len(self.lrs)}, {len(self.patience)}"
+            )
         ratios = self.hard_ratio if isinstance(self.hard_ratio, tuple) else (self.hard_ratio,) * (n - 1)
-        if len(ratios) != n - 1 or any(isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 < r < 1.0
-                                       for r in ratios):
-            raise ValueError(f"protocol {self.name!r}: hard_ratio must be one number in (0, 1), or one per stage "
-                             f"boundary ({n - 1} for {n} stages), got {self.hard_ratio!r}")
+        if len(ratios) != n - 1 or any(
+            isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 < r < 1.0 for r in ratios
+        ):
+            raise ValueError(
+                f"protocol {self.name!r}: hard_ratio must be one number in (0, 1), or one per stage "
+                f"boundary ({n - 1} for {n} stages), got {self.hard_ratio!r}"
+            )
         if self.exit_head not in EXIT_HEADS:
-            raise ValueError(f"protocol {self.name!r}: exit_head must be one of {list(EXIT_HEADS)}, got "
-                             f"{self.exit_head!r}")
+            raise ValueError(
+                f"protocol {self.name!r}: exit_head must be one of {list(EXIT_HEADS)}, got {self.exit_head!r}"
+            )
         if self.exit_head == "frozen" and (self.stage_kind != "block" or self.training != "staged"):
-            raise ValueError(f"protocol {self.name!r}: exit_head 'frozen' applies to block stages trained one "
-                             f"by one (a later block exits through a frozen copy of the trained head); got "
-                             f"stage_kind {self.stage_kind!r}, training {self.training!r}")
+            raise ValueError(
+                f"protocol {self.name!r}: exit_head 'frozen' applies to block stages trained one "
+                f"by one (a later block exits through a frozen copy of the trained head); got "
+                f"stage_kind {self.stage_kind!r}, training {self.training!r}"
+            )
         if self.hard_examples not in HARD_EXAMPLES:
-            raise ValueError(f"protocol {self.name!r}: hard_examples must be one of {list(HARD_EXAMPLES)}, got "
-                             f"{self.hard_examples!r}")
+            raise ValueError(
+                f"protocol {self.name!r}: hard_examples must be one of {list(HARD_EXAMPLES)}, got "
+                f"{self.hard_examples!r}"
+            )
         if self.hard_examples != "tokens" and self.training != "staged":
-            raise ValueError(f"protocol {self.name!r}: hard_examples {self.hard_examples!r} applies to staged "
-                             f"training (joint training trains every stage on every token)")
+            raise ValueError(
+                f"protocol {self.name!r}: hard_examples {self.hard_examples!r} applies to staged "
+                f"training (joint training trains every stage on every token)"
+            )
         if self.lr_decay is not None:
-            if isinstance(self.lr_decay, bool) or not isinstance(self.lr_decay, (int, float)) or \
-                    not 0.0 < self.lr_decay <= 1.0:
+            if (
+                isinstance(self.lr_decay, bool)
+                or not isinstance(self.lr_decay, (int, float))
+                or not 0.0 < self.lr_decay <= 1.0
+            ):
                 raise ValueError(f"protocol {self.name!r}: lr_decay must be in (0, 1] or None, got {self.lr_decay!r}")
             expected = decayed_lrs(self.lrs[0], self.lr_decay, n)
             if any(not math.isclose(a, b, rel_tol=1e-9) for a, b in zip(self.lrs, expected)):
-                raise ValueError(f"protocol {self.name!r}: lr_decay {self.lr_decay} gives lrs {expected} from "
-                                 f"stage 0's {self.lrs[0]}, got {self.lrs} (build them with decayed_lrs)")
+                raise ValueError(
+                    f"protocol {self.name!r}: lr_decay {self.lr_decay} gives lrs {expected} from "
+                    f"stage 0's {self.lrs[0]}, got {self.lrs} (build them with decayed_lrs)"
+                )
         if self.stage_kind not in STAGE_KINDS:
-            raise ValueError(f"protocol {self.name!r}: stage_kind must be one of {sorted(STAGE_KINDS)}, got "
-                             f"{self.stage_kind!r}")
+            raise ValueError(
+                f"protocol {self.name!r}: stage_kind must be one of {sorted(STAGE_KINDS)}, got {self.stage_kind!r}"
+            )
         if self.training not in ("staged", "joint"):
             raise ValueError(f"protocol {self.name!r}: training must be 'staged' or 'joint', got {self.training!r}")
         if self.training == "joint":
-            if self.stage_kind != "block" or len(self.layer_weights) != n or len(set(self.lrs)) != 1 or \
-                    len(set(self.patience)) != 1:
-                raise ValueError(f"protocol {self.name!r}: joint training needs block stages, one layer weight per "
-                                 f"stage and one lr and patience for all (got stage_kind {self.stage_kind!r}, "
-                                 f"layer_weights {self.layer_weights}, lrs {self.lrs}, patience {self.patience})")
+            if (
+                self.stage_kind != "block"
+                or len(self.layer_weights) != n
+                or len(set(self.lrs)) != 1
+                or len(set(self.patience)) != 1
+            ):
+                raise ValueError(
+                    f"protocol {self.name!r}: joint training needs block stages, one layer weight per "
+                    f"stage and one lr and patience for all (got stage_kind {self.stage_kind!r}, "
+                    f"layer_weights {self.layer_weights}, lrs {self.lrs}, patience {self.patience})"
+                )
         elif self.layer_weights:
             raise ValueError(f"protocol {self.name!r}: layer_weights apply to joint training only")
 
@@ -134,14 +168,21 @@ class Protocol:
     def grows(self) -> str:
         """In words: what the protocol builds (for reports)."""
         if self.training == "joint":
-            return (f"one model of {sum(self.layers)} layers in blocks of {'/'.join(map(str, self.layers))}, "
-                    f"every block trained at once on every token (exit loss weights {self.layer_weights}), each "
-                    f"non-last block exiting through its own head")
+            return (
+                f"one model of {sum(self.layers)} layers in blocks of {'/'.join(map(str, self.layers))}, "
+                f"every block trained at once on every token (exit loss weights {self.layer_weights}), each "
+                f"non-last block exiting through its own head"
+            )
         if self.stage_kind == "block":
-            head = ("a frozen copy of the trained exit head (only the new layers train: the ASHEM stage spec)"
-                    if self.exit_head == "frozen" else "a trainable copy of the trained exit head")
-            return (f"one model grown block by block (extend: new layers on the residual stream, {head}, embedding "
-                    f"and lower blocks frozen)")
+            head = (
+                "a frozen copy of the trained exit head (only the new layers train: the ASHEM stage spec)"
+                if self.exit_head == "frozen"
+                else "a trainable copy of the trained exit head"
+            )
+            return (
+                f"one model grown block by block (extend: new layers on the residual stream, {head}, embedding "
+                f"and lower blocks frozen)"
+            )
         decay = f"; lr x{self.lr_decay:g} per later model" if self.lr_decay is not None else ""
         return f"separate whole models (stage k+1 reads stage k's final hidden states; its own norm and head{decay})"
 
@@ -157,26 +198,42 @@ class Protocol:
             return tuple(values[:n]) + (values[-1],) * max(0, n - own)
 
         ratios = self.boundary_hard_ratios
-        hard = (self.hard_ratio if not isinstance(self.hard_ratio, tuple) else
-                tuple(ratios[:n - 1]) + (ratios[-1],) * max(0, n - 1 - len(ratios)))
+        hard = (
+            self.hard_ratio
+            if not isinstance(self.hard_ratio, tuple)
+            else tuple(ratios[: n - 1]) + (ratios[-1],) * max(0, n - 1 - len(ratios))
+        )
         lrs = decayed_lrs(self.lrs[0], self.lr_decay, n) if self.lr_decay is not None else grow(self.lrs)
         weights = grow(self.layer_weights) if self.layer_weights else ()
-        return replace(self, layers=layers, lrs=lrs, patience=grow(self.patience), hard_ratio=hard,
-                       layer_weights=weights)
+        return replace(
+            self, layers=layers, lrs=lrs, patience=grow(self.patience), hard_ratio=hard, layer_weights=weights
+        )
 
     def prefix(self, n: int) -> "Protocol":
         """The protocol's first ``n`` stages (same recipes): ``train_ensemble`` on ``prefix(1)`` trains stage
         0 alone, and ``trained_stages=1`` with the whole protocol continues from it."""
         if not 1 <= n <= len(self.layers):
-            raise ValueError(f"protocol {self.name!r} has {len(self.layers)} stages; prefix needs 1..{len(self.layers)}, "
-                             f"got {n}")
-        hard = self.hard_ratio[:n - 1] if isinstance(self.hard_ratio, tuple) else self.hard_ratio
-        return replace(self, layers=self.layers[:n], lrs=self.lrs[:n], patience=self.patience[:n],
-                       layer_weights=self.layer_weights[:n], hard_ratio=hard)
+            raise ValueError(
+                f"protocol {self.name!r} has {len(self.layers)} stages; prefix needs 1..{len(self.layers)}, got {n}"
+            )
+        hard = self.hard_ratio[: n - 1] if isinstance(self.hard_ratio, tuple) else self.hard_ratio
+        return replace(
+            self,
+            layers=self.layers[:n],
+            lrs=self.lrs[:n],
+            patience=self.patience[:n],
+            layer_weights=self.layer_weights[:n],
+            hard_ratio=hard,
+        )
 
     def stage_config(self, k: int, seed: int, max_steps_per_epoch: Optional[int] = None) -> TrainConfig:
-        return TrainConfig(lr=self.lrs[k], patience=self.patience[k], max_epochs=self.max_epochs, seed=seed + k,
-                           max_steps_per_epoch=max_steps_per_epoch)
+        return TrainConfig(
+            lr=self.lrs[k],
+            patience=self.patience[k],
+            max_epochs=self.max_epochs,
+            seed=seed + k,
+            max_steps_per_epoch=max_steps_per_epoch,
+        )
 
 
 #: What stage k trains on: the tokens that continue past stage k-1 (token level, our default), or the
@@ -192,7 +249,7 @@ EXIT_HEADS = ("copy", "frozen")
 
 def decayed_lrs(first: float, decay: float, stages: int) -> tuple[float, ...]:
     """CASCADE's learning rates: stage k trains at ``first * decay**k``."""
-    return tuple(first * decay ** k for k in range(stages))
+    return tuple(first * decay**k for k in range(stages))
 
 
 #: The seeds' recipes. ASHEM: a 2-layer model on all data (lr 1e-3, patience 1), then grown by 2 layers
@@ -202,11 +259,26 @@ def decayed_lrs(first: float, decay: float, stages: int) -> tuple[float, ...]:
 PROTOCOLS: dict[str, Protocol] = {
     "ashem": Protocol("ashem", layers=(2, 2), lrs=(1e-3, 1e-4), patience=(1, 3), hard_ratio=0.5),
     "lego-3": Protocol("lego-3", layers=(2, 2, 2), lrs=(1e-3, 1e-4, 1e-4), patience=(1, 3, 3), hard_ratio=0.5),
-    "cascade": Protocol("cascade", layers=(2, 2), lrs=decayed_lrs(1e-3, 0.5, 2), patience=(1, 3), hard_ratio=0.5,
-                        stage_kind="llm", exit_fn="cos_sim", lr_decay=0.5),
+    "cascade": Protocol(
+        "cascade",
+        layers=(2, 2),
+        lrs=decayed_lrs(1e-3, 0.5, 2),
+        patience=(1, 3),
+        hard_ratio=0.5,
+        stage_kind="llm",
+        exit_fn="cos_sim",
+        lr_decay=0.5,
+    ),
     # Deep supervision (LASH-style weights): one 4-layer model, both exits trained together from scratch.
-    "deep": Protocol("deep", layers=(2, 2), lrs=(1e-3, 1e-3), patience=(1, 1), hard_ratio=0.5,
-                     training="joint", layer_weights=(1.0, 1.0)),
+    "deep": Protocol(
+        "deep",
+        layers=(2, 2),
+        lrs=(1e-3, 1e-3),
+        patience=(1, 1),
+        hard_ratio=0.5,
+        training="joint",
+        layer_weights=(1.0, 1.0),
+    ),
 }
 
 
@@ -243,9 +315,11 @@ def _validation(ensemble: Ensemble, batches, k: int):
     """Stage k's early-stopping score: the routed validation PPL of stages 0..k (later stages are not
     trained yet). From stage 1 on, the PPL of the tokens that continued past stage 0 is logged beside it
     (the seeds' "Val PPL | Hard PPL")."""
+
     def score():
         result = evaluate(ensemble, batches, method="routed", num_stages=k + 1)
         return result.ppl if k == 0 else (result.ppl, {"hard PPL": result.hard_ppl})
+
     return score
 
 
@@ -254,40 +328,74 @@ def _count(parameters) -> int:
     return sum(p.numel() for p in {id(p): p for p in parameters}.values())
 
 
-def start_ensemble(protocol: Protocol, preset: str, exit_fn=None, seed: Optional[int] = 0,
-                   device: "str | torch.device" = "cpu", dtype: torch.dtype = torch.float32,
-                   **overrides) -> Ensemble:
+def start_ensemble(
+    protocol: Protocol,
+    preset: str,
+    exit_fn=None,
+    seed: Optional[int] = 0,
+    device: "str | torch.device" = "cpu",
+    dtype: torch.dtype = torch.float32,
+    **overrides,
+) -> Ensemble:
     """Stage 0 of ``protocol``, freshly initialised from ``preset`` (config overrides in standard
     names, e.g. ``vocab_size``): one block that is a whole small model (``"block"`` protocols) or one
     LLM (``"llm"``). ``train_ensemble`` grows the rest."""
     build = build_blocks if protocol.stage_kind == "block" else build_ensemble
     if protocol.training == "joint":  # every block from the start, non-last ones with their own heads
-        return build_blocks(preset, protocol.layers, exit_fn=exit_fn or protocol.exit_fn, seed=seed, device=device,
-                            dtype=dtype, heads="own", **overrides)
-    return build(preset, (protocol.layers[0],), exit_fn=exit_fn or protocol.exit_fn, seed=seed, device=device,
-                 dtype=dtype, **overrides)
+        return build_blocks(
+            preset,
+            protocol.layers,
+            exit_fn=exit_fn or protocol.exit_fn,
+            seed=seed,
+            device=device,
+            dtype=dtype,
+            heads="own",
+            **overrides,
+        )
+    return build(
+        preset,
+        (protocol.layers[0],),
+        exit_fn=exit_fn or protocol.exit_fn,
+        seed=seed,
+        device=device,
+        dtype=dtype,
+        **overrides,
+    )
 
 
 def _check_start(ensemble: Ensemble, protocol: Protocol, trained_stages: int = 0) -> None:
     kind = STAGE_KINDS[protocol.stage_kind]
     start = max(trained_stages, 1)
     if not 0 <= trained_stages < len(protocol.layers):
-        raise ValueError(f"trained_stages must be in 0..{len(protocol.layers) - 1} for protocol {protocol.name!r}, "
-                         f"got {trained_stages}")
+        raise ValueError(
+            f"trained_stages must be in 0..{len(protocol.layers) - 1} for protocol {protocol.name!r}, "
+            f"got {trained_stages}"
+        )
     if len(ensemble) != start or ensemble.layers_per_stage != protocol.layers[:start]:
-        raise ValueError(f"protocol {protocol.name!r} grows its cascade from stage 0 ({protocol.layers[0]} layers) "
-                         f"to {protocol.layers}; pass stage 0 alone (protocols.start_ensemble) or the stages trained "
-                         f"so far ({protocol.layers[:start]} for trained_stages={trained_stages}), got stages of "
-                         f"{ensemble.layers_per_stage} layers")
+        raise ValueError(
+            f"protocol {protocol.name!r} grows its cascade from stage 0 ({protocol.layers[0]} layers) "
+            f"to {protocol.layers}; pass stage 0 alone (protocols.start_ensemble) or the stages trained "
+            f"so far ({protocol.layers[:start]} for trained_stages={trained_stages}), got stages of "
+            f"{ensemble.layers_per_stage} layers"
+        )
     if not all(isinstance(stage, kind) for stage in ensemble):
-        raise TypeError(f"protocol {protocol.name!r} grows {protocol.stage_kind} stages ({kind.__name__}); got "
-                        f"{[type(s).__name__ for s in ensemble]} (build stage 0 with protocols.start_ensemble)")
+        raise TypeError(
+            f"protocol {protocol.name!r} grows {protocol.stage_kind} stages ({kind.__name__}); got "
+            f"{[type(s).__name__ for s in ensemble]} (build stage 0 with protocols.start_ensemble)"
+        )
 
 
-def train_ensemble(ensemble: Ensemble, train_batches: Sequence, validation_batches: Sequence,
-                   protocol: Protocol = PROTOCOLS["ashem"], seed: int = 0,
-                   max_steps_per_epoch: Optional[int] = None, memory_budget_bytes: int = 1 << 30,
-                   progress: bool = True, trained_stages: int = 0) -> TrainingReport:
+def train_ensemble(
+    ensemble: Ensemble,
+    train_batches: Sequence,
+    validation_batches: Sequence,
+    protocol: Protocol = PROTOCOLS["ashem"],
+    seed: int = 0,
+    max_steps_per_epoch: Optional[int] = None,
+    memory_budget_bytes: int = 1 << 30,
+    progress: bool = True,
+    trained_stages: int = 0,
+) -> TrainingReport:
     """Train stage 0 of ``ensemble`` (freshly built by ``start_ensemble``), then grow and train one
     stage per remaining entry of ``protocol.layers`` (see module docstring). The new stages are
     initialised from ``seed`` (stage k: ``seed + k``). Thresholds of stages 0..S-2 are left calibrated.
@@ -314,57 +422,100 @@ def train_ensemble(ensemble: Ensemble, train_batches: Sequence, validation_batch
             threshold = calibrate_thresholds(ensemble, validation_batches, hard_ratio, stages=[k - 1])[0]
             source = validation_batches if protocol.leaky_seed_protocol else train_batches
             if protocol.hard_examples == "sequences":
-                hard = collect_hard_sequences(ensemble, k, source, threshold, memory_budget_bytes=memory_budget_bytes,
-                                              progress=progress)
+                hard = collect_hard_sequences(
+                    ensemble, k, source, threshold, memory_budget_bytes=memory_budget_bytes, progress=progress
+                )
                 means = torch.cat(hard.mean_confidences)
                 chosen = torch.cat([m[i] for m, i in zip(hard.mean_confidences, hard.flat_indices)])
-                selection = {"hard_sequences": int(chosen.numel()), "sequences": int(means.numel()),
-                             "mean_confidence": float(means.mean()),
-                             "hard_mean_confidence": float(chosen.mean()) if chosen.numel() else math.nan}
+                selection = {
+                    "hard_sequences": int(chosen.numel()),
+                    "sequences": int(means.numel()),
+                    "mean_confidence": float(means.mean()),
+                    "hard_mean_confidence": float(chosen.mean()) if chosen.numel() else math.nan,
+                }
             else:
-                hard = collect_hard_tokens(ensemble, k, source, memory_budget_bytes=memory_budget_bytes,
-                                           progress=progress)
+                hard = collect_hard_tokens(
+                    ensemble, k, source, memory_budget_bytes=memory_budget_bytes, progress=progress
+                )
                 selection = {}
             data, hard_count, spilled = hard, hard.num_tokens, hard.spilled
             if hard_count == 0:
-                raise ValueError(f"no {'sequence' if protocol.hard_examples == 'sequences' else 'token'} was hard "
-                                 f"past stage {k - 1} at hard ratio {hard_ratio}; nothing to train stage {k} on")
+                raise ValueError(
+                    f"no {'sequence' if protocol.hard_examples == 'sequences' else 'token'} was hard "
+                    f"past stage {k - 1} at hard ratio {hard_ratio}; nothing to train stage {k} on"
+                )
             freeze(ensemble.stages[:k])
             if protocol.exit_head == "frozen":
                 freeze([stage.head])
         # Stages after k are not trained yet: route everyone through 0..k only.
-        history = train_llm(stage, data, _validation(ensemble, validation_batches, k), config,
-                            progress=progress, desc=f"{protocol.name} stage {k}")
-        validation = evaluate(ensemble, validation_batches, num_stages=k + 1,
-                              conditions={"split": "validation", "protocol": protocol.name})
-        reports.append(StageReport(stage=k, history=history, threshold_before=threshold, hard_tokens=hard_count,
-                                   hard_tokens_spilled_shards=spilled, validation=validation,
-                                   trainable_parameters=_count(p for p in stage.parameters() if p.requires_grad),
-                                   parameters=_count(ensemble.parameters()), selection=selection))
+        history = train_llm(
+            stage,
+            data,
+            _validation(ensemble, validation_batches, k),
+            config,
+            progress=progress,
+            desc=f"{protocol.name} stage {k}",
+        )
+        validation = evaluate(
+            ensemble,
+            validation_batches,
+            num_stages=k + 1,
+            conditions={"split": "validation", "protocol": protocol.name},
+        )
+        reports.append(
+            StageReport(
+                stage=k,
+                history=history,
+                threshold_before=threshold,
+                hard_tokens=hard_count,
+                hard_tokens_spilled_shards=spilled,
+                validation=validation,
+                trainable_parameters=_count(p for p in stage.parameters() if p.requires_grad),
+                parameters=_count(ensemble.parameters()),
+                selection=selection,
+            )
+        )
     return TrainingReport(protocol=protocol, stages=tuple(reports))
 
 
-def train_joint_protocol(ensemble: Ensemble, train_batches: Sequence, validation_batches: Sequence,
-                         protocol: Protocol, seed: int = 0, max_steps_per_epoch: Optional[int] = None,
-                         progress: bool = True, trained_stages: int = 0, **_unused) -> TrainingReport:
+def train_joint_protocol(
+    ensemble: Ensemble,
+    train_batches: Sequence,
+    validation_batches: Sequence,
+    protocol: Protocol,
+    seed: int = 0,
+    max_steps_per_epoch: Optional[int] = None,
+    progress: bool = True,
+    trained_stages: int = 0,
+    **_unused,
+) -> TrainingReport:
     """Joint training (deep supervision) of every block of ``ensemble`` (built by ``start_ensemble``):
     loss = weighted exits (``protocol.layer_weights``), early stopping on the routed validation PPL
     with thresholds recalibrated at ``protocol.hard_ratio`` after each epoch (left calibrated)."""
     if trained_stages:
-        raise ValueError(f"protocol {protocol.name!r} trains all its blocks at once; trained_stages must be 0, "
-                         f"got {trained_stages}")
+        raise ValueError(
+            f"protocol {protocol.name!r} trains all its blocks at once; trained_stages must be 0, got {trained_stages}"
+        )
     if ensemble.layers_per_stage != protocol.layers or not all(isinstance(s, Block) for s in ensemble):
-        raise ValueError(f"protocol {protocol.name!r} trains blocks of {protocol.layers} layers jointly; build them "
-                         f"with protocols.start_ensemble (got {[type(s).__name__ for s in ensemble]} of "
-                         f"{ensemble.layers_per_stage} layers)")
+        raise ValueError(
+            f"protocol {protocol.name!r} trains blocks of {protocol.layers} layers jointly; build them "
+            f"with protocols.start_ensemble (got {[type(s).__name__ for s in ensemble]} of "
+            f"{ensemble.layers_per_stage} layers)"
+        )
 
     def routed_validation_ppl() -> float:
         calibrate_thresholds(ensemble, validation_batches, protocol.boundary_hard_ratios)
         return evaluate(ensemble, validation_batches, method="routed").ppl
 
-    history = train_jointly(ensemble, train_batches, routed_validation_ppl, protocol.layer_weights,
-                            protocol.stage_config(0, seed, max_steps_per_epoch), progress=progress,
-                            desc=f"{protocol.name} (joint)")
+    history = train_jointly(
+        ensemble,
+        train_batches,
+        routed_validation_ppl,
+        protocol.layer_weights,
+        protocol.stage_config(0, seed, max_steps_per_epoch),
+        progress=progress,
+        desc=f"{protocol.name} (joint)",
+    )
     calibrate_thresholds(ensemble, validation_batches, protocol.boundary_hard_ratios)
     validation = evaluate(ensemble, validation_batches, conditions={"split": "validation", "protocol": protocol.name})
     return TrainingReport(protocol=protocol, joint=history, validation=validation)
@@ -374,33 +525,70 @@ def train_joint_protocol(ensemble: Ensemble, train_batches: Sequence, validation
 TRAINERS = {"staged": train_ensemble, "joint": train_joint_protocol}
 
 
-def train_protocol(ensemble: Ensemble, train_batches: Sequence, validation_batches: Sequence, protocol: Protocol,
-                   seed: int = 0, max_steps_per_epoch: Optional[int] = None, memory_budget_bytes: int = 1 << 30,
-                   progress: bool = True, trained_stages: int = 0) -> TrainingReport:
+def train_protocol(
+    ensemble: Ensemble,
+    train_batches: Sequence,
+    validation_batches: Sequence,
+    protocol: Protocol,
+    seed: int = 0,
+    max_steps_per_epoch: Optional[int] = None,
+    memory_budget_bytes: int = 1 << 30,
+    progress: bool = True,
+    trained_stages: int = 0,
+) -> TrainingReport:
     """Train ``ensemble`` (from ``start_ensemble(protocol, ...)``) the way ``protocol`` says;
     ``trained_stages`` as in ``train_ensemble`` (staged protocols only)."""
-    return TRAINERS[protocol.training](ensemble, train_batches, validation_batches, protocol, seed=seed,
-                                       max_steps_per_epoch=max_steps_per_epoch,
-                                       memory_budget_bytes=memory_budget_bytes, progress=progress,
-                                       trained_stages=trained_stages)
+    return TRAINERS[protocol.training](
+        ensemble,
+        train_batches,
+        validation_batches,
+        protocol,
+        seed=seed,
+        max_steps_per_epoch=max_steps_per_epoch,
+        memory_budget_bytes=memory_budget_bytes,
+        progress=progress,
+        trained_stages=trained_stages,
+    )
 
 
-def train_dense_baseline(model_stage, train_batches: Sequence, validation_batches: Sequence,
-                         config: TrainConfig = TrainConfig(), progress: bool = True) -> TrainHistory:
+def train_dense_baseline(
+    model_stage,
+    train_batches: Sequence,
+    validation_batches: Sequence,
+    config: TrainConfig = TrainConfig(),
+    progress: bool = True,
+) -> TrainHistory:
     """A single stage of the cascade's total depth, trained on all data (the dense baseline)."""
     dense = Ensemble([model_stage])
-    return train_llm(model_stage, train_batches, lambda: evaluate(dense, validation_batches, method="full").ppl,
-                     config, progress=progress, desc="dense")
+    return train_llm(
+        model_stage,
+        train_batches,
+        lambda: evaluate(dense, validation_batches, method="full").ppl,
+        config,
+        progress=progress,
+        desc="dense",
+    )
 
 
-def train_joint_baseline(ensemble: Ensemble, train_batches: Sequence, validation_batches: Sequence,
-                         layer_weights: Sequence[float], config: TrainConfig = TrainConfig(),
-                         progress: bool = True) -> TrainHistory:
+def train_joint_baseline(
+    ensemble: Ensemble,
+    train_batches: Sequence,
+    validation_batches: Sequence,
+    layer_weights: Sequence[float],
+    config: TrainConfig = TrainConfig(),
+    progress: bool = True,
+) -> TrainHistory:
     """Standard (weights 0..0,1) or deep-supervision training of all stages on all data,
     early-stopping on the full-cascade validation PPL (no early exit during training)."""
-    return train_jointly(ensemble, train_batches, lambda: evaluate(ensemble, validation_batches, method="full").ppl,
-                         layer_weights, config, progress=progress,
-                         desc="standard" if list(layer_weights)[:-1] == [0] * (len(ensemble) - 1) else "deep")
+    return train_jointly(
+        ensemble,
+        train_batches,
+        lambda: evaluate(ensemble, validation_batches, method="full").ppl,
+        layer_weights,
+        config,
+        progress=progress,
+        desc="standard" if list(layer_weights)[:-1] == [0] * (len(ensemble) - 1) else "deep",
+    )
 
 
 def exit_heads_ppl(ensemble: Ensemble, batches) -> tuple[float, ...]:
@@ -412,15 +600,21 @@ def exit_heads_ppl(ensemble: Ensemble, batches) -> tuple[float, ...]:
     with evaluation_mode(ensemble), torch.inference_mode():
         for item in batches:
             input_ids, attention_mask, targets = unpack_batch(item)
-            out = forward_cascade(ensemble, input_ids, attention_mask, targets, method="masked",
-                                  thresholds=[math.inf] * num_stages)
+            out = forward_cascade(
+                ensemble, input_ids, attention_mask, targets, method="masked", thresholds=[math.inf] * num_stages
+            )
             nll += out.stage_nll[:-1, out.scored].double().sum(dim=1).cpu()
             count += int(out.scored.sum())
     return tuple(math.exp(float(v) / count) for v in nll)
 
 
-def train_exit_heads(ensemble: Ensemble, train_batches: Sequence, validation_batches: Sequence,
-                     config: TrainConfig = TrainConfig(), progress: bool = True) -> TrainHistory:
+def train_exit_heads(
+    ensemble: Ensemble,
+    train_batches: Sequence,
+    validation_batches: Sequence,
+    config: TrainConfig = TrainConfig(),
+    progress: bool = True,
+) -> TrainHistory:
     """Add early exit to a pretrained model the usual way: the trunk (every layer, embedding and the
     model's own norm + lm_head) frozen and in eval mode; only the non-last blocks' own exit heads
     train, on every token, loss = mean over those heads of their cross-entropy. Early stopping on
@@ -431,11 +625,15 @@ def train_exit_heads(ensemble: Ensemble, train_batches: Sequence, validation_bat
     heads = []
     for k, stage in enumerate(ensemble.stages[:-1]):
         if not isinstance(stage, Block):
-            raise TypeError(f"stage {k} is a {type(stage).__name__}; train_exit_heads trains the exit heads of "
-                            f"Blocks (Ensemble.from_blocks(..., heads='own'))")
+            raise TypeError(
+                f"stage {k} is a {type(stage).__name__}; train_exit_heads trains the exit heads of "
+                f"Blocks (Ensemble.from_blocks(..., heads='own'))"
+            )
         if any(id(p) in last_params for p in stage.head.parameters()):
-            raise ValueError(f"block {k} exits through the model's own norm + lm_head (heads='shared'); training "
-                             f"it would change the model itself: build the blocks with heads='own'")
+            raise ValueError(
+                f"block {k} exits through the model's own norm + lm_head (heads='shared'); training "
+                f"it would change the model itself: build the blocks with heads='own'"
+            )
         heads.append(stage.head)
     for parameter in ensemble.parameters():
         parameter.requires_grad_(False)
@@ -451,8 +649,17 @@ def train_exit_heads(ensemble: Ensemble, train_batches: Sequence, validation_bat
 
     loss_fn = exit_loss(ensemble, [1.0] * (len(ensemble) - 1) + [0.0])
     with evaluation_mode(ensemble):
-        return fit(parameters, heads, shuffled(list(train_batches), config.seed), loss_fn, validate, config,
-                   ensemble.device, progress, desc="exit heads")
+        return fit(
+            parameters,
+            heads,
+            shuffled(list(train_batches), config.seed),
+            loss_fn,
+            validate,
+            config,
+            ensemble.device,
+            progress,
+            desc="exit heads",
+        )
 
 
 def with_leaky_seed_protocol(protocol: Protocol) -> Protocol:
@@ -460,6 +667,23 @@ def with_leaky_seed_protocol(protocol: Protocol) -> Protocol:
     return replace(protocol, name=protocol.name + "-leaky", leaky_seed_protocol=True)
 
 
-__all__ = ["EXIT_HEADS", "HARD_EXAMPLES", "PROTOCOLS", "STAGE_KINDS", "TRAINERS", "Protocol", "StageReport", "TrainingReport", "exit_heads_ppl",
-           "start_ensemble", "train_dense_baseline", "train_ensemble", "train_exit_heads", "train_joint_baseline",
-           "train_joint_protocol", "train_protocol", "with_leaky_seed_protocol", "decayed_lrs"]
+__all__ = [
+    "EXIT_HEADS",
+    "HARD_EXAMPLES",
+    "PROTOCOLS",
+    "STAGE_KINDS",
+    "TRAINERS",
+    "Protocol",
+    "StageReport",
+    "TrainingReport",
+    "exit_heads_ppl",
+    "start_ensemble",
+    "train_dense_baseline",
+    "train_ensemble",
+    "train_exit_heads",
+    "train_joint_baseline",
+    "train_joint_protocol",
+    "train_protocol",
+    "with_leaky_seed_protocol",
+    "decayed_lrs",
+]

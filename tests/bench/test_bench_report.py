@@ -12,22 +12,43 @@ from cascade_bench.cli import main
 
 
 def _bench(params, median, flop_ratio, exit0, shape=(8, 512)):
-    return {"name": "x", "params": params, "stats": {"median": median, "iqr": 0.01, "rounds": 5},
-            "extra_info": {"flop_ratio": flop_ratio, "layer_cost": 1 - exit0 / 2, "exit_ratios": [exit0, 1 - exit0],
-                           "ppl": 100.0, "tokens": 4096, "batch_shape": list(shape), "device": "cpu",
-                           "dtype": "float32"}}
+    return {
+        "name": "x",
+        "params": params,
+        "stats": {"median": median, "iqr": 0.01, "rounds": 5},
+        "extra_info": {
+            "flop_ratio": flop_ratio,
+            "layer_cost": 1 - exit0 / 2,
+            "exit_ratios": [exit0, 1 - exit0],
+            "ppl": 100.0,
+            "tokens": 4096,
+            "batch_shape": list(shape),
+            "device": "cpu",
+            "dtype": "float32",
+        },
+    }
 
 
 @pytest.fixture
 def bench_json(tmp_path):
     path = tmp_path / "run.json"
-    path.write_text(json.dumps({"benchmarks": [
-        _bench({"baseline": "full", "shape_index": 0}, 0.50, 1.0, 0.0),
-        _bench({"method": "routed-padded", "exit_ratio": 0.5, "shape_index": 0}, 0.45, 0.90, 0.5),
-        _bench({"method": "masked", "exit_ratio": 0.5, "shape_index": 0}, 0.60, 1.20, 0.5),
-        {"name": "test_stage0_training_throughput", "params": None, "stats": {"median": 2.0, "iqr": 0, "rounds": 1},
-         "extra_info": {"tokens_per_s": 5000}},
-    ]}))
+    path.write_text(
+        json.dumps(
+            {
+                "benchmarks": [
+                    _bench({"baseline": "full", "shape_index": 0}, 0.50, 1.0, 0.0),
+                    _bench({"method": "routed-padded", "exit_ratio": 0.5, "shape_index": 0}, 0.45, 0.90, 0.5),
+                    _bench({"method": "masked", "exit_ratio": 0.5, "shape_index": 0}, 0.60, 1.20, 0.5),
+                    {
+                        "name": "test_stage0_training_throughput",
+                        "params": None,
+                        "stats": {"median": 2.0, "iqr": 0, "rounds": 1},
+                        "extra_info": {"tokens_per_s": 5000},
+                    },
+                ]
+            }
+        )
+    )
     return path
 
 

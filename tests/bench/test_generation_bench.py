@@ -8,8 +8,15 @@ import math
 import pytest
 import torch
 
-from cascade_bench.bench.decoding import (DecodingRow, ForcedStepExit, bench_decoding, decoding_checks,
-                                          format_decoding_table, teacher_forced_policies, write_decoding_bench)
+from cascade_bench.bench.decoding import (
+    DecodingRow,
+    ForcedStepExit,
+    bench_decoding,
+    decoding_checks,
+    format_decoding_table,
+    teacher_forced_policies,
+    write_decoding_bench,
+)
 from cascade_bench.bench.generation import CHUNK, ForcedExitRate
 from cascade_bench.cli import main
 from cascade_bench.stages.exits import resolve_exit_function
@@ -77,8 +84,9 @@ def test_bench_decoding_reports_every_variant_with_its_quality(text):
         assert 0.0 <= speculative.acceptance_rate <= 1.0
         # 8 decode steps: forced shares are exact; two equal stages: layer cost = 1 - share / 2.
         for kv in ("absent", "propagate"):
-            row = next(r for r in rows if r.batch_size == batch and r.variant.startswith("per_token")
-                       and r.kv_policy == kv)
+            row = next(
+                r for r in rows if r.batch_size == batch and r.variant.startswith("per_token") and r.kv_policy == kv
+            )
             assert row.decode_exit_ratio == 0.5 and row.layer_cost == pytest.approx(0.75)
         assert _variant(rows, batch, "per_token").stage1_rows_per_step == pytest.approx(batch / 2)
         together = _variant(rows, batch, "batch")
@@ -112,20 +120,54 @@ def test_teacher_forced_policies_rank_their_costs(text):
 
 def test_decoding_checks_read_the_bars_from_the_runs_own_rows(tmp_path):
     def row(batch, variant, seconds, full=4.0, speedup=None, exit_policy="per_token", **extra):
-        return DecodingRow(batch, variant, exit_policy, "absent", 0.5, 0.75, 0.5, seconds, full,
-                           full / seconds if speedup is None else speedup, 1.0, 1.0, 2.0, **extra)
+        return DecodingRow(
+            batch,
+            variant,
+            exit_policy,
+            "absent",
+            0.5,
+            0.75,
+            0.5,
+            seconds,
+            full,
+            full / seconds if speedup is None else speedup,
+            1.0,
+            1.0,
+            2.0,
+            **extra,
+        )
 
-    rows = [row(1, "full depth", 4.0, exit_policy="-"), row(1, "stage 0 only (exit/draft step)", 2.0),
-            # ideal: 1 / (0.5 x 0.5 + 0.5) = 4/3; achieved 4 / 3.2 = 1.25: 0.9375 of it
-            row(1, "per_token, 50% forced", 3.2),
-            row(8, "stage 0 only (exit/draft step)", 1.0, full=1.6),
-            row(8, "batch (quorum 1), 50% of steps forced, cos_sim cost", 1.5, full=1.6, exit_policy="batch"),
-            # 2 tokens per round; 4 drafts at 1 / 1.6 of a step + a verify of 0.25 x 2 / 1.6: predicted 2 / 2.8125
-            row(8, "self-speculative, draft 4", 1.0, full=1.6, exit_policy="speculative", acceptance_rate=0.5,
-                mean_accepted_length=2.0, verify_share=0.25, tokens_per_loop_round=1.5),
-            # at batch 1 the loop's rounds are the row's: only the acceptance-based line
-            row(1, "self-speculative, draft 4", 8.0, exit_policy="speculative", acceptance_rate=0.5,
-                mean_accepted_length=2.0, verify_share=0.25, tokens_per_loop_round=2.0)]
+    rows = [
+        row(1, "full depth", 4.0, exit_policy="-"),
+        row(1, "stage 0 only (exit/draft step)", 2.0),
+        # ideal: 1 / (0.5 x 0.5 + 0.5) = 4/3; achieved 4 / 3.2 = 1.25: 0.9375 of it
+        row(1, "per_token, 50% forced", 3.2),
+        row(8, "stage 0 only (exit/draft step)", 1.0, full=1.6),
+        row(8, "batch (quorum 1), 50% of steps forced, cos_sim cost", 1.5, full=1.6, exit_policy="batch"),
+        # 2 tokens per round; 4 drafts at 1 / 1.6 of a step + a verify of 0.25 x 2 / 1.6: predicted 2 / 2.8125
+        row(
+            8,
+            "self-speculative, draft 4",
+            1.0,
+            full=1.6,
+            exit_policy="speculative",
+            acceptance_rate=0.5,
+            mean_accepted_length=2.0,
+            verify_share=0.25,
+            tokens_per_loop_round=1.5,
+        ),
+        # at batch 1 the loop's rounds are the row's: only the acceptance-based line
+        row(
+            1,
+            "self-speculative, draft 4",
+            8.0,
+            exit_policy="speculative",
+            acceptance_rate=0.5,
+            mean_accepted_length=2.0,
+            verify_share=0.25,
+            tokens_per_loop_round=2.0,
+        ),
+    ]
     checks = decoding_checks(rows, draft_length=4)
     assert [met for _, met in checks] == [True, False, True, True, False]
     assert "ideal 1.333x" in checks[0][0] and "= 0.938 >= 0.9" in checks[0][0]
@@ -142,8 +184,29 @@ def test_decoding_checks_read_the_bars_from_the_runs_own_rows(tmp_path):
 
 def test_bench_generate_command_prints_and_stores_the_tables(tmp_path, capsys):
     out = tmp_path / "generate.json"
-    code = main(["bench-generate", "--preset", "gpt2-tiny", "--layers", "1", "1", "--batch-sizes", "1", "2",
-                 "--prompt-len", "8", "--new-tokens", "5", "--repeats", "1", "--warmup", "0", "--json", str(out)])
+    code = main(
+        [
+            "bench-generate",
+            "--preset",
+            "gpt2-tiny",
+            "--layers",
+            "1",
+            "1",
+            "--batch-sizes",
+            "1",
+            "2",
+            "--prompt-len",
+            "8",
+            "--new-tokens",
+            "5",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--json",
+            str(out),
+        ]
+    )
     assert code == 0
     stored = json.loads(out.read_text())
     assert {r["batch_size"] for r in stored["rows"]} == {1, 2}
@@ -174,9 +237,33 @@ def test_bench_generate_exit_ratio_is_the_share_that_exits(tmp_path, monkeypatch
 
     monkeypatch.setattr(calibration, "calibrate_thresholds", spy)
     out = tmp_path / "generate.json"
-    assert main(["bench-generate", "--preset", "gpt2-tiny", "--layers", "1", "1", "--batch-sizes", "1",
-                 "--prompt-len", "8", "--new-tokens", "5", "--repeats", "1", "--warmup", "0", "--exit-ratio", "0.25",
-                 "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench-generate",
+                "--preset",
+                "gpt2-tiny",
+                "--layers",
+                "1",
+                "1",
+                "--batch-sizes",
+                "1",
+                "--prompt-len",
+                "8",
+                "--new-tokens",
+                "5",
+                "--repeats",
+                "1",
+                "--warmup",
+                "0",
+                "--exit-ratio",
+                "0.25",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert asked == [0.75]
     stored = json.loads(out.read_text())
     assert all(abs(r["exit_ratio_stage0"] - 0.25) < 0.15 for r in stored["teacher_forced"])

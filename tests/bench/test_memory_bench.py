@@ -68,7 +68,7 @@ def _split(ids):
 
 def test_benchmark_models_are_the_six_layer_presets():
     model = build_model("hierarchical")
-    assert model.config.layer_kinds[:model.config.num_hidden_layers] == ["hierarchical"] + ["pythia"] * 5
+    assert model.config.layer_kinds[: model.config.num_hidden_layers] == ["hierarchical"] + ["pythia"] * 5
     assert model.config.hidden_size == 128 and model.config.segment_length == 32
 
 
@@ -81,8 +81,10 @@ def test_a_saved_benchmark_model_loads_in_a_fresh_process(tmp_path):
     from cascade_bench.bench.memory import _save
 
     _save(create_model("infini", **TINY), tmp_path / "m", {"epochs": 1})
-    code = ("import sys; from cascade_bench.bench.memory import _saved; "
-            "model, history = _saved(__import__('pathlib').Path(sys.argv[1])); print(type(model).__name__, history)")
+    code = (
+        "import sys; from cascade_bench.bench.memory import _saved; "
+        "model, history = _saved(__import__('pathlib').Path(sys.argv[1])); print(type(model).__name__, history)"
+    )
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m")], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split()[0] == "MemoryLMForCausalLM"

@@ -31,7 +31,8 @@ def test_counted_flops_equal_the_analytic_model(preset, batching, exit_ratio, ex
     threshold = _threshold(ensemble, ids, exit_ratio)
     with torch.inference_mode():
         counted, out = count_pass_flops(
-            lambda probe: forward_cascade(ensemble, ids, thresholds=[threshold], batching=batching, probe=probe), 2)
+            lambda probe: forward_cascade(ensemble, ids, thresholds=[threshold], batching=batching, probe=probe), 2
+        )
     assert out.exit_ratios[0] == pytest.approx(exit_ratio, abs=1 / 120)
     analytic = routed_cost([s.config for s in ensemble], out.stage_batch_shapes, out.head_tokens)
     assert counted.total == sum(a.total for a in analytic)
@@ -64,8 +65,9 @@ def test_analytic_formulas_by_hand():
     assert cost.dense == 2 * 2 * dense_per_token * 24
     assert cost.attention == 2 * 2 * (2 * 4 * 8) * (2 * 100 + 16)
     assert cost.exit_head == 2 * 7 * 32 * 256
-    assert padding_flops(config, [(2, 10)], [10, 6]) == stage_cost(config, [(1, 4)], 0).dense + 2 * 2 * (
-        2 * 4 * 8) * (100 - 36)
+    assert padding_flops(config, [(2, 10)], [10, 6]) == stage_cost(config, [(1, 4)], 0).dense + 2 * 2 * (2 * 4 * 8) * (
+        100 - 36
+    )
 
 
 def test_expected_cost_for_configs_too_large_to_run():
@@ -74,7 +76,7 @@ def test_expected_cost_for_configs_too_large_to_run():
     d, vocab, tokens = 768, 50257, 16 * 1024
     assert costs[0].dense == 2 * 6 * 12 * d * d * tokens
     assert costs[1].dense == costs[0].dense // 2
-    assert costs[0].attention == 2 * 6 * 2 * 16 * d * 1024 ** 2
+    assert costs[0].attention == 2 * 6 * 2 * 16 * d * 1024**2
     assert costs[1].attention == costs[0].attention // 4  # rows half as long
     assert costs[0].exit_head == 2 * tokens * d * vocab and costs[1].exit_head == costs[0].exit_head // 2
     logit_free = expected_cost([small, small], [0.5], 1024, 16, heads_on_all_reaching=False)

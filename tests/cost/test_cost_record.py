@@ -15,8 +15,9 @@ def test_measure_cost_puts_every_witness_in_one_record(text):
     ensemble = tiny_ensemble("gpt_neox-tiny")
     batches = [token_batch(text, 3, 32, offset=4000 * i) for i in range(2)]
     calibrate_thresholds(ensemble, batches, 0.5)
-    record = measure_cost(ensemble, batches, repeats=2, batching="bucketed",
-                          conditions={"dataset": "pydoc topics", "window": 32})
+    record = measure_cost(
+        ensemble, batches, repeats=2, batching="bucketed", conditions={"dataset": "pydoc topics", "window": 32}
+    )
     assert record.flops == record.flops_analytic == record.flops_fvcore_matmul
     assert record.flops_fvcore > record.flops  # fvcore also counts layer_norm
     assert record.macs * 2 == record.flops
@@ -45,14 +46,25 @@ def test_an_uncounted_record_on_a_timed_subset_says_so_and_keeps_quality_and_ana
     batches = [token_batch(text, 3, 32, offset=4000 * i) for i in range(3)]
     thresholds = calibrate_thresholds(ensemble, batches, 0.5)
     full = measure_cost(ensemble, batches, repeats=1, fvcore=False, spans=False, thresholds=thresholds)
-    light = measure_cost(ensemble, batches, repeats=1, fvcore=False, spans=False, thresholds=thresholds,
-                         count_flops=False, timing_batches=1)
+    light = measure_cost(
+        ensemble,
+        batches,
+        repeats=1,
+        fvcore=False,
+        spans=False,
+        thresholds=thresholds,
+        count_flops=False,
+        timing_batches=1,
+    )
     assert light.flops is None and light.macs is None and all(s.flops is None for s in light.stages)
     assert light.flops_analytic == full.flops_analytic == full.flops  # the analytic count covers every batch
     assert light.quality.nll_sum == full.quality.nll_sum == evaluate(ensemble, batches, thresholds=thresholds).nll_sum
     assert light.quality.tokens_entered == full.quality.tokens_entered
-    assert (light.conditions["timed_batches"], light.conditions["timed_tokens"], light.conditions["batches"]) == \
-        (1, 96, 3)
+    assert (light.conditions["timed_batches"], light.conditions["timed_tokens"], light.conditions["batches"]) == (
+        1,
+        96,
+        3,
+    )
     assert light.conditions["flops_counted"] is False and full.conditions["timed_batches"] == 3
     assert light.tokens_per_s > 0 and "not counted" in format_cost(light)
     import pytest
@@ -63,8 +75,21 @@ def test_an_uncounted_record_on_a_timed_subset_says_so_and_keeps_quality_and_ana
 
 def test_cost_command_on_a_preset_and_on_local_folders(tmp_path, capsys):
     out = tmp_path / "cost.json"
-    args = ["cost", "--batch-size", "2", "--seq-len", "24", "--num-batches", "1", "--repeats", "1",
-            "--warmup", "0", "--json", str(out)]
+    args = [
+        "cost",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "24",
+        "--num-batches",
+        "1",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--json",
+        str(out),
+    ]
     assert main([*args, "--preset", "gpt2-tiny", "--layers", "1", "1", "--batching", "bucketed"]) == 0
     record = json.loads(out.read_text())
     assert record["flops"] == record["flops_analytic"] == record["flops_fvcore_matmul"]
@@ -74,8 +99,21 @@ def test_cost_command_on_a_preset_and_on_local_folders(tmp_path, capsys):
     ensemble = tiny_ensemble("llama-tiny")
     for k, stage in enumerate(ensemble):
         stage.model.save_pretrained(tmp_path / f"stage{k}")
-    assert main([*args, "--stage", str(tmp_path / "stage0"), "--stage", str(tmp_path / "stage1"),
-                 "--no-fvcore", "--method", "masked"]) == 0
+    assert (
+        main(
+            [
+                *args,
+                "--stage",
+                str(tmp_path / "stage0"),
+                "--stage",
+                str(tmp_path / "stage1"),
+                "--no-fvcore",
+                "--method",
+                "masked",
+            ]
+        )
+        == 0
+    )
     record = json.loads(out.read_text())
     assert record["method"] == "masked" and record["flops_fvcore"] is None
     assert record["quality"]["layer_cost"] == 1.0

@@ -36,13 +36,21 @@ def _write(folder, files):
 
 
 def test_local_folder_of_split_files(tmp_path):
-    folder = _write(tmp_path / "c", {"wiki.train.raw": "one two\nthree\n", "wiki.valid.raw": "four five\n",
-                                     "wiki.test.raw": "six\n", "README.md": "not a split"})
+    folder = _write(
+        tmp_path / "c",
+        {
+            "wiki.train.raw": "one two\nthree\n",
+            "wiki.valid.raw": "four five\n",
+            "wiki.test.raw": "six\n",
+            "README.md": "not a split",
+        },
+    )
     corpus = load_corpus(folder)
     assert corpus.splits == {"train": ["one two\nthree\n"], "validation": ["four five\n"], "test": ["six\n"]}
     assert corpus.notes == ()
-    explicit = load_corpus({"train": folder / "wiki.train.raw", "validation": folder / "wiki.valid.raw",
-                            "test": folder / "wiki.test.raw"})
+    explicit = load_corpus(
+        {"train": folder / "wiki.train.raw", "validation": folder / "wiki.valid.raw", "test": folder / "wiki.test.raw"}
+    )
     assert explicit.splits == corpus.splits
 
 
@@ -182,8 +190,9 @@ def test_a_single_text_file_is_cut_in_order_at_line_boundaries(tmp_path, text):
     assert all(part[0].endswith("\n") for part in parts[:2])  # cut after a line end
     shares = [len(part[0]) / len(text) for part in parts]
     assert shares[0] == pytest.approx(0.9, abs=0.02) and shares[1] == pytest.approx(0.05, abs=0.02)
-    assert first.notes == ("one file book.txt: train / validation / test = consecutive 90/5/5% of its characters, "
-                           "cut at line boundaries",)
+    assert first.notes == (
+        "one file book.txt: train / validation / test = consecutive 90/5/5% of its characters, cut at line boundaries",
+    )
     folder = tmp_path / "only"
     folder.mkdir()
     (folder / "corpus.txt").write_text(text)
@@ -193,7 +202,7 @@ def test_a_single_text_file_is_cut_in_order_at_line_boundaries(tmp_path, text):
 def test_a_single_jsonl_file_of_documents_is_cut_at_document_boundaries(tmp_path, text):
     import json
 
-    docs = [text[i:i + 300] for i in range(0, 30 * 300, 300)]
+    docs = [text[i : i + 300] for i in range(0, 30 * 300, 300)]
     path = tmp_path / "docs.jsonl"
     path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     corpus = load_corpus(path)

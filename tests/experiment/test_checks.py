@@ -10,13 +10,28 @@ from cascade_bench.experiment.checks import format_checks, run_checks
 
 
 def _stage(stage, epochs, best, reason, cap=40):
-    return {"stage": stage, "epochs": epochs, "best_epoch": best, "stop_reason": reason, "max_epochs": cap,
-            "patience": 1, "max_steps_per_epoch": None, "best_val_ppl": 100.0}
+    return {
+        "stage": stage,
+        "epochs": epochs,
+        "best_epoch": best,
+        "stop_reason": reason,
+        "max_epochs": cap,
+        "patience": 1,
+        "max_steps_per_epoch": None,
+        "best_val_ppl": 100.0,
+    }
 
 
 def _point(point_id, method, ppl, hard_ratio=None, **extra):
-    return {"point_id": point_id, "method": method, "ppl": ppl, "hard_ratio": hard_ratio,
-            "flops": extra.pop("flops", None), "flops_analytic": extra.pop("flops_analytic", 1000), **extra}
+    return {
+        "point_id": point_id,
+        "method": method,
+        "ppl": ppl,
+        "hard_ratio": hard_ratio,
+        "flops": extra.pop("flops", None),
+        "flops_analytic": extra.pop("flops_analytic", 1000),
+        **extra,
+    }
 
 
 def good_records():
@@ -28,8 +43,17 @@ def good_records():
         _point("dense", "dense", 140.0, flops=2000, flops_analytic=2000),
         _point("routed@0.3", "routed", 165.0, 0.3, hard_ppl_stage0=500.0, hard_ppl=400.0, tokens_exited=[700, 300]),
         _point("masked@0.3", "masked", 165.1, 0.3, tokens_exited=[700, 300]),
-        _point("routed@0.5", "routed", 158.0, 0.5, hard_ppl_stage0=420.0, hard_ppl=330.0, tokens_exited=[500, 500],
-               flops=1500, flops_analytic=1500),
+        _point(
+            "routed@0.5",
+            "routed",
+            158.0,
+            0.5,
+            hard_ppl_stage0=420.0,
+            hard_ppl=330.0,
+            tokens_exited=[500, 500],
+            flops=1500,
+            flops_analytic=1500,
+        ),
         _point("masked@0.5", "masked", 158.2, 0.5, tokens_exited=[500, 500], flops=2400, flops_analytic=2400),
         _point("oracle", "oracle", 120.0),
     ]
@@ -74,14 +98,17 @@ def test_a_stage_cut_by_the_epoch_cap_is_flagged():
     assert "dense ran partial epochs (max_steps_per_epoch 10)" in check.detail
 
 
-@pytest.mark.parametrize("change, flag", [
-    (lambda r: r[2].update(ppl=190.0), "dense model worse than stage 0 alone"),
-    (lambda r: r[5].update(hard_ppl=430.0), "hard tokens worse after the later stages"),
-    (lambda r: r[7].update(ppl=3.2), "PPL outside [5, 1000]"),
-    (lambda r: r[1].update(ppl=1450.0), "PPL outside [5, 1000]"),
-    (lambda r: r[4].update(tokens_exited=[699, 301]), "routed and masked stage-0 decisions differ"),
-    (lambda r: r[5].update(flops=1501), "counted FLOPs differ from the analytic count"),
-])
+@pytest.mark.parametrize(
+    "change, flag",
+    [
+        (lambda r: r[2].update(ppl=190.0), "dense model worse than stage 0 alone"),
+        (lambda r: r[5].update(hard_ppl=430.0), "hard tokens worse after the later stages"),
+        (lambda r: r[7].update(ppl=3.2), "PPL outside [5, 1000]"),
+        (lambda r: r[1].update(ppl=1450.0), "PPL outside [5, 1000]"),
+        (lambda r: r[4].update(tokens_exited=[699, 301]), "routed and masked stage-0 decisions differ"),
+        (lambda r: r[5].update(flops=1501), "counted FLOPs differ from the analytic count"),
+    ],
+)
 def test_each_implausible_figure_raises_its_own_flag(change, flag):
     records = good_records()
     change(records)
@@ -95,15 +122,20 @@ def test_flag_details_name_the_figures():
     records[7]["ppl"] = 3.2
     details = {c.name: c.detail for c in run_checks(records)}
     assert details["hard tokens worse after the later stages"].startswith(
-        "hard-token PPL did not improve at hard ratio 0.5 (420.0 -> 430.0)")
-    assert details["routed and masked stage-0 decisions differ"] == \
-        "hard 0.3: routed 700 vs masked 699 tokens exit at stage 0"
+        "hard-token PPL did not improve at hard ratio 0.5 (420.0 -> 430.0)"
+    )
+    assert (
+        details["routed and masked stage-0 decisions differ"]
+        == "hard 0.3: routed 700 vs masked 699 tokens exit at stage 0"
+    )
     assert details["PPL outside [5, 1000]"].startswith("oracle 3.2")
 
 
 def test_checks_that_do_not_apply_say_so():
-    records = [_point("full", "full", 30.0), _point("routed@0.5", "routed", 31.0, 0.5, hard_ppl_stage0=float("nan"),
-                                                     hard_ppl=40.0, tokens_exited=[5, 5])]
+    records = [
+        _point("full", "full", 30.0),
+        _point("routed@0.5", "routed", 31.0, 0.5, hard_ppl_stage0=float("nan"), hard_ppl=40.0, tokens_exited=[5, 5]),
+    ]
     details = {c.name: (c.flagged, c.detail) for c in run_checks(records)}
     assert details["later stage worse than its prefix"] == (False, "n/a: no full and prefix points")
     assert details["training cut before convergence"] == (False, "n/a: nothing was trained in this run")
@@ -114,8 +146,9 @@ def test_checks_that_do_not_apply_say_so():
 
 def _risk_point(rule, realised, delta=0.1):
     control = {"risk": "disagreement", "delta": delta, "epsilon": 0.1, "hard_ratio": 0.4}
-    return _point(f"risk[{rule}]", "risk_controlled", 160.0, 0.4, exit_rule=rule, risk_control=control,
-                  realised_risk=realised)
+    return _point(
+        f"risk[{rule}]", "risk_controlled", 160.0, 0.4, exit_rule=rule, risk_control=control, realised_risk=realised
+    )
 
 
 def test_a_risk_controlled_point_above_its_delta_is_flagged():
@@ -124,7 +157,9 @@ def test_a_risk_controlled_point_above_its_delta_is_flagged():
     assert check.flagged
     assert check.detail == "cos_sim: disagreement 0.130 on test (delta 0.1, epsilon 0.1, hard ratio 0.4)"
     records[-1]["realised_risk"] = 0.1  # at delta is within it
-    assert not {c.name: c for c in run_checks(records)}["risk-controlled point above its delta on the scored split"].flagged
+    assert not {c.name: c for c in run_checks(records)}[
+        "risk-controlled point above its delta on the scored split"
+    ].flagged
 
 
 def test_realised_risk_on_the_batches_risk_control_used_is_labelled_as_no_test():
@@ -132,12 +167,16 @@ def test_realised_risk_on_the_batches_risk_control_used_is_labelled_as_no_test()
     point["conditions"] = {**point.get("conditions", {}), "split": "validation"}
     point["risk_control"]["calibration"] = "shared: the validation batches that also early-stopped training"
     check = {c.name: c for c in run_checks(good_records() + [point])}[
-        "risk-controlled point above its delta on the scored split"]
-    assert check.detail == ("max_prob: disagreement 0.050 on validation (the batches it calibrated on: not an "
-                            "independent test) (delta 0.1, epsilon 0.1, hard ratio 0.4)")
+        "risk-controlled point above its delta on the scored split"
+    ]
+    assert check.detail == (
+        "max_prob: disagreement 0.050 on validation (the batches it calibrated on: not an "
+        "independent test) (delta 0.1, epsilon 0.1, hard ratio 0.4)"
+    )
     point["risk_control"]["calibration"] = "held out: the last 4 validation batches"
     check = {c.name: c for c in run_checks(good_records() + [point])}[
-        "risk-controlled point above its delta on the scored split"]
+        "risk-controlled point above its delta on the scored split"
+    ]
     assert check.detail.startswith("max_prob: disagreement 0.050 on validation (delta")
 
 
@@ -146,6 +185,16 @@ def test_sweep_checks_read_only_the_trained_with_rule():
     for record in records:
         record["conditions"] = {**record["conditions"], "config": {"exit_fn": "max_prob"}}
     # another rule's routed point with hard tokens worse after the later stages and no masked twin
-    records.append(_point("routed[cos_sim]@0.5", "routed", 158.0, 0.5, exit_rule="cos_sim", hard_ppl_stage0=300.0,
-                          hard_ppl=330.0, tokens_exited=[100, 900]))
+    records.append(
+        _point(
+            "routed[cos_sim]@0.5",
+            "routed",
+            158.0,
+            0.5,
+            exit_rule="cos_sim",
+            hard_ppl_stage0=300.0,
+            hard_ppl=330.0,
+            tokens_exited=[100, 900],
+        )
+    )
     assert _flags(records) == set()

@@ -20,13 +20,33 @@ from cascade_bench.experiment.config import ExperimentConfig, make_config
 from cascade_bench.experiment.pipeline import run_experiment
 from cascade_bench.experiment.results_store import SCHEMA_VERSION, ResultsStore
 
-TINY = dict(name="tiny", tokenizer="bpe:300", preset="gpt2-tiny", seq_len=32, batch_size=8, eval_stride=32,
-            max_epochs=1, max_steps_per_epoch=3, hard_ratios=(0.3, 0.6), timing_repeats=1, eval_batches=2,
-            timing_batches=1)
+TINY = dict(
+    name="tiny",
+    tokenizer="bpe:300",
+    preset="gpt2-tiny",
+    seq_len=32,
+    batch_size=8,
+    eval_stride=32,
+    max_epochs=1,
+    max_steps_per_epoch=3,
+    hard_ratios=(0.3, 0.6),
+    timing_repeats=1,
+    eval_batches=2,
+    timing_batches=1,
+)
 #: For tests about something else than exit rules: the trained-with rule only, no risk-controlled points.
 ONE_RULE = dict(exit_rules=("max_prob",), risk="")
-QUALITY = ("ppl", "accuracy", "hard_ppl", "exit_ratios", "tokens_entered", "layer_cost", "flops", "flops_analytic",
-           "thresholds")
+QUALITY = (
+    "ppl",
+    "accuracy",
+    "hard_ppl",
+    "exit_ratios",
+    "tokens_entered",
+    "layer_cost",
+    "flops",
+    "flops_analytic",
+    "thresholds",
+)
 
 
 class Interrupt(Exception):
@@ -44,20 +64,47 @@ def test_run_writes_results_tables_plots_and_report(finished):
     records = list(ResultsStore(paths["results"]))
     ids = [r["point_id"] for r in records]
     rules = ["cos_sim", "classifier", "lowrank:32"]  # the default exit_rules after the trained-with max_prob
-    assert ids == ["full", "prefix-0", "dense", "routed@0.3", "masked@0.3", "routed@0.6", "masked@0.6",
-                   *[f"routed[{rule}]@{r}" for rule in rules for r in ("0.3", "0.6")],
-                   *[f"risk[{rule}]" for rule in ["max_prob", *rules]],
-                   *[f"kv[{policy}]@0.6" for policy in ("absent", "propagate", "recompute")], "oracle"]
+    assert ids == [
+        "full",
+        "prefix-0",
+        "dense",
+        "routed@0.3",
+        "masked@0.3",
+        "routed@0.6",
+        "masked@0.6",
+        *[f"routed[{rule}]@{r}" for rule in rules for r in ("0.3", "0.6")],
+        *[f"risk[{rule}]" for rule in ["max_prob", *rules]],
+        *[f"kv[{policy}]@0.6" for policy in ("absent", "propagate", "recompute")],
+        "oracle",
+    ]
     assert all(r["schema_version"] == SCHEMA_VERSION for r in records)
     routed = next(r for r in records if r["point_id"] == "routed@0.6")
-    for key in ("ppl", "accuracy", "hard_ppl", "easy_ppl", "exit_ratios", "layer_cost", "flops", "flops_analytic",
-                "time_median_s", "time_iqr_s", "tokens_per_s", "peak_memory_bytes"):
+    for key in (
+        "ppl",
+        "accuracy",
+        "hard_ppl",
+        "easy_ppl",
+        "exit_ratios",
+        "layer_cost",
+        "flops",
+        "flops_analytic",
+        "time_median_s",
+        "time_iqr_s",
+        "tokens_per_s",
+        "peak_memory_bytes",
+    ):
         assert routed[key] is not None, key
     # Counted at the anchors (baselines, the hard ratio nearest 0.5), analytic elsewhere: equal where both.
     counted = {r["point_id"] for r in records if r.get("flops") is not None}
-    assert counted == {"full", "prefix-0", "dense", "routed@0.6", "masked@0.6",
-                       *[f"routed[{rule}]@0.6" for rule in rules],
-                       *[f"kv[{policy}]@0.6" for policy in ("absent", "propagate", "recompute")]}
+    assert counted == {
+        "full",
+        "prefix-0",
+        "dense",
+        "routed@0.6",
+        "masked@0.6",
+        *[f"routed[{rule}]@0.6" for rule in rules],
+        *[f"kv[{policy}]@0.6" for policy in ("absent", "propagate", "recompute")],
+    }
     assert all(r["flops"] == r["flops_analytic"] for r in records if r["point_id"] in counted)
     assert routed["conditions"]["timed_batches"] == 1 and routed["conditions"]["batches"] == 2
     assert routed["conditions"]["flops_counted"]
@@ -68,17 +115,45 @@ def test_run_writes_results_tables_plots_and_report(finished):
     assert [s["epochs"] for s in training["stages"]] == [1, 1] and training["stages"][1]["lr"] == 1e-4
     dense = next(r for r in records if r["point_id"] == "dense")
     assert dense["conditions"]["dense_training"]["stop_reason"] == "epoch cap"
-    for key in ("dataset", "split", "window", "stride", "tokenizer", "dtype", "device", "threads", "batch_shapes",
-                "seed", "torch", "transformers", "git_commit"):
+    for key in (
+        "dataset",
+        "split",
+        "window",
+        "stride",
+        "tokenizer",
+        "dtype",
+        "device",
+        "threads",
+        "batch_shapes",
+        "seed",
+        "torch",
+        "transformers",
+        "git_commit",
+    ):
         assert key in routed["conditions"], key
     tables = paths["tables"]
     paper = pd.read_csv(tables / "tiny.paper.csv")
-    assert list(paper.columns) == ["method", "PPL", "accuracy", "exit at stage 0", "layer cost", "FLOP ratio",
-                                   "decision share of FLOPs", "wall ratio", "PPL at matched FLOPs"]
-    assert list(paper.method) == ["full cascade", "stage 0 alone", "dense, same depth", "routed EE @ hard 0.6",
-                                  *[f"routed EE [{rule}] @ hard 0.6" for rule in rules], "masked EE @ hard 0.6",
-                                  *[f"risk-controlled [{rule}]" for rule in ["max_prob", *rules]],
-                                  "oracle bound"]  # 0.6 is nearest 0.5
+    assert list(paper.columns) == [
+        "method",
+        "PPL",
+        "accuracy",
+        "exit at stage 0",
+        "layer cost",
+        "FLOP ratio",
+        "decision share of FLOPs",
+        "wall ratio",
+        "PPL at matched FLOPs",
+    ]
+    assert list(paper.method) == [
+        "full cascade",
+        "stage 0 alone",
+        "dense, same depth",
+        "routed EE @ hard 0.6",
+        *[f"routed EE [{rule}] @ hard 0.6" for rule in rules],
+        "masked EE @ hard 0.6",
+        *[f"risk-controlled [{rule}]" for rule in ["max_prob", *rules]],
+        "oracle bound",
+    ]  # 0.6 is nearest 0.5
     assert paper.iloc[0]["decision share of FLOPs"] == 0.0
     by_id = {r["point_id"]: r for r in records}
     # max_prob decides with stage 0's full head on every token reaching it; logit-free rules do not.
@@ -93,9 +168,15 @@ def test_run_writes_results_tables_plots_and_report(finished):
     assert list(risk["exit rule"]) == ["max_prob", *rules] and set(risk.delta) == {0.1}
     assert {"torch", "transformers", "install", "git_commit"} <= set(by_id["oracle"]["conditions"])
     # risk control tested on the odd batches of its own held-out part of validation (the last 4)
-    data = prepare_data(config.corpus, config.tokenizer, config.seq_len, config.batch_size, config.eval_stride,
-                        cache_dir=paths["tokenizers"])
-    held = data.validation[-config.risk_batches:]
+    data = prepare_data(
+        config.corpus,
+        config.tokenizer,
+        config.seq_len,
+        config.batch_size,
+        config.eval_stride,
+        cache_dir=paths["tokenizers"],
+    )
+    held = data.validation[-config.risk_batches :]
     assert config.risk_batches == 4 and routed["conditions"]["validation_batches_held_out"] == 4
     testing_tokens = sum(int((batch["targets"] != IGNORE_INDEX).sum()) for batch in held[1::2])
     for rule in ["max_prob", *rules]:
@@ -118,8 +199,13 @@ def test_run_writes_results_tables_plots_and_report(finished):
     assert (full["layer cost"], full["FLOP ratio"], full["wall ratio"]) == (1.0, 1.0, 1.0)
     assert paper.iloc[1]["layer cost"] == 0.5  # stage 0 alone: half the layers of the cascade
     sweep = pd.read_csv(tables / "tiny.thresholds.csv")
-    assert len(sweep) == 4 and list(sweep.columns[:5]) == ["method", "hard ratio", "threshold", "exit at stage 0",
-                                                            "PPL"]
+    assert len(sweep) == 4 and list(sweep.columns[:5]) == [
+        "method",
+        "hard ratio",
+        "threshold",
+        "exit at stage 0",
+        "PPL",
+    ]
     assert r"\toprule" in (tables / "tiny.paper.tex").read_text()
     assert "| quantity | this run |" in (tables / "tiny.seed.md").read_text()
     report = paths["report"].read_text()
@@ -127,7 +213,9 @@ def test_run_writes_results_tables_plots_and_report(finished):
     assert "## Exit rules" in report and "## Risk-controlled thresholds" in report
     assert "classifier exit classifier of stage 0" in report  # its training stop is checked too
     assert "Protocol ashem, preset gpt2-tiny: one model grown block by block" in report
-    assert "## Checks" in report and "[FLAG] training cut before convergence: stage 0 stopped at the epoch cap" in report
+    assert (
+        "## Checks" in report and "[FLAG] training cut before convergence: stage 0 stopped at the epoch cap" in report
+    )
     assert "## Training" in report and "| stage 1 | 2 | 0.0001 |" in report
     import matplotlib.image as mpimg
 
@@ -169,8 +257,25 @@ def _same(a, b) -> bool:
 
 def test_a_changed_config_does_not_resume_into_old_records(finished, capsys):
     config, paths = finished
-    argv = ["run", "--out", config.out, "--name", "tiny", "--tokenizer", "bpe:300", "--preset", "gpt2-tiny",
-            "--seq-len", "32", "--batch-size", "8", "--eval-stride", "32", "--max-epochs", "2"]
+    argv = [
+        "run",
+        "--out",
+        config.out,
+        "--name",
+        "tiny",
+        "--tokenizer",
+        "bpe:300",
+        "--preset",
+        "gpt2-tiny",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "8",
+        "--eval-stride",
+        "32",
+        "--max-epochs",
+        "2",
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert "holds points measured with another config" in err and "'max_epochs'" in err and len(err.splitlines()) == 1
@@ -189,8 +294,10 @@ def test_compare_runs_of_two_protocols_at_matched_flops_sharing_one_dense_model(
     table = pd.read_csv(stem.with_suffix(".csv"))
     assert list(table.method) == ["ashem (tiny)", "cascade (tiny-cascade)", "dense, same depth"]
     assert list(table["exit rule"]) == ["max_prob", "cos_sim", "no exit"]  # cascade's own rule (its spec's)
-    assert main(["compare", "tiny", "tiny-cascade", "--out", config.out, "--to", str(stem), "--exit-rule",
-                 "max_prob"]) == 0
+    assert (
+        main(["compare", "tiny", "tiny-cascade", "--out", config.out, "--to", str(stem), "--exit-rule", "max_prob"])
+        == 0
+    )
     same_rule = pd.read_csv(stem.with_suffix(".csv"))
     assert list(same_rule["exit rule"]) == ["max_prob", "max_prob", "no exit"]
     cascade_records = list(ResultsStore(config.out_dir / "results" / "tiny-cascade.jsonl"))
@@ -206,8 +313,9 @@ def test_compare_runs_of_two_protocols_at_matched_flops_sharing_one_dense_model(
     assert list(seed.columns) == ["ASHEM seed (published)", "tiny", "tiny-cascade"]
     assert seed.loc["hard PPL after", "ASHEM seed (published)"] == 668.08
     assert seed.loc["hard tokens trained on", "ASHEM seed (published)"] == 32768 == 256 * 128
-    stage1 = next(s for s in next(iter(ResultsStore(paths["results"])))["conditions"]["training"]["stages"]
-                  if s["stage"] == 1)
+    stage1 = next(
+        s for s in next(iter(ResultsStore(paths["results"])))["conditions"]["training"]["stages"] if s["stage"] == 1
+    )
     assert seed.loc["hard tokens trained on", "tiny"] == stage1["hard_tokens_trained_on"]
     assert seed.loc["stage-1 best epoch", "tiny"] == stage1["best_epoch"]
     assert seed.loc["stage-1 trainable parameters", "tiny"] == stage1["trainable_parameters"] > 0
@@ -233,8 +341,10 @@ def test_leaky_and_leak_free_runs_share_one_trained_stage0(finished, monkeypatch
     run_experiment(leaky, progress=False)
     assert trained == [(1, 1)]  # stage 0 loaded from the first run; only stage 1 trained
     assert (paths["stage0"] / "cascade.json").exists()
-    first, second = (next(r for r in ResultsStore(p) if r["point_id"] == "prefix-0")
-                     for p in (paths["results"], config.out_dir / "results" / "tiny-leaky.jsonl"))
+    first, second = (
+        next(r for r in ResultsStore(p) if r["point_id"] == "prefix-0")
+        for p in (paths["results"], config.out_dir / "results" / "tiny-leaky.jsonl")
+    )
     assert first["conditions"]["training"]["stages"][0] == second["conditions"]["training"]["stages"][0]
     assert second["conditions"]["training"]["stages"][1]["stage"] == 1
 
@@ -267,10 +377,13 @@ def test_protocol_keys_set_from_the_config_and_what_the_empty_ones_mean():
     assert deep.training_protocol.layer_weights == (0.5, 0.5, 1.0)
     decayed = make_config({**TINY, "protocol": "cascade", "lr_decay": 0.25}).training_protocol
     assert decayed.lrs == (1e-3, 2.5e-4) and decayed.lr_decay == 0.25
-    for values, key in (({"layers": "1,1", "layer_weights": "1,1,1"}, "layer_weights"),
-                        ({"protocol": "lego-3", "training_hard_ratios": "0.5,0.4,0.3"}, "training_hard_ratios"),
-                        ({"exit_head": "own"}, "exit_head"), ({"lr_decay": 1.5}, "lr_decay"),
-                        ({"layers": "2,0"}, "layers")):
+    for values, key in (
+        ({"layers": "1,1", "layer_weights": "1,1,1"}, "layer_weights"),
+        ({"protocol": "lego-3", "training_hard_ratios": "0.5,0.4,0.3"}, "training_hard_ratios"),
+        ({"exit_head": "own"}, "exit_head"),
+        ({"lr_decay": 1.5}, "lr_decay"),
+        ({"layers": "2,0"}, "layers"),
+    ):
         with pytest.raises(ValueError, match=f"config key '{key}'"):
             make_config({**TINY, **values})
 
@@ -284,25 +397,30 @@ def test_report_and_plot_commands_reuse_stored_results(finished, capsys):
     assert "cost_vs_ppl.png" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv, key", [
-    (["run", "--seq-len", "-3"], "'seq_len'"),
-    (["run", "--hard-ratios", "0.5,1.5"], "'hard_ratios'"),
-    (["run", "--preset", "gpt5"], "'preset'"),
-    (["run", "--batch-size", "many"], "'batch_size'"),
-    (["run", "--model", "some/folder"], "'boundaries'"),
-    (["run", "--model", "some/folder", "--boundaries", "2"], "'tokenizer'"),
-    (["run", "--boundaries", "2"], "'boundaries'"),
-    (["run", "--model", "some/folder", "--boundaries", "2", "--block-heads", "mine", "--tokenizer", "x"],
-     "'block_heads'"),
-    (["run", "--count-flops", "some"], "'count_flops'"),
-    (["run", "--plausible-ppl", "1000,5"], "'plausible_ppl'"),
-    (["run", "--timing-batches", "-1"], "'timing_batches'"),
-    (["run", "--protocol", "ashem2"], "'protocol'"),
-    (["run", "--kv-policies", "absent,fill"], "'kv_policies'"),
-    (["run", "--patience", "3"], "'patience'"),
-    (["run", "--patience", "3,0"], "'patience'"),
-    (["run", "--protocol", "deep", "--patience", "1,3"], "'patience'"),
-])
+@pytest.mark.parametrize(
+    "argv, key",
+    [
+        (["run", "--seq-len", "-3"], "'seq_len'"),
+        (["run", "--hard-ratios", "0.5,1.5"], "'hard_ratios'"),
+        (["run", "--preset", "gpt5"], "'preset'"),
+        (["run", "--batch-size", "many"], "'batch_size'"),
+        (["run", "--model", "some/folder"], "'boundaries'"),
+        (["run", "--model", "some/folder", "--boundaries", "2"], "'tokenizer'"),
+        (["run", "--boundaries", "2"], "'boundaries'"),
+        (
+            ["run", "--model", "some/folder", "--boundaries", "2", "--block-heads", "mine", "--tokenizer", "x"],
+            "'block_heads'",
+        ),
+        (["run", "--count-flops", "some"], "'count_flops'"),
+        (["run", "--plausible-ppl", "1000,5"], "'plausible_ppl'"),
+        (["run", "--timing-batches", "-1"], "'timing_batches'"),
+        (["run", "--protocol", "ashem2"], "'protocol'"),
+        (["run", "--kv-policies", "absent,fill"], "'kv_policies'"),
+        (["run", "--patience", "3"], "'patience'"),
+        (["run", "--patience", "3,0"], "'patience'"),
+        (["run", "--protocol", "deep", "--patience", "1,3"], "'patience'"),
+    ],
+)
 def test_bad_config_values_are_one_line_errors_naming_the_key(argv, key, capsys, tmp_path):
     assert main([*argv, "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
@@ -314,7 +432,7 @@ def test_config_file_keys_are_checked(tmp_path, capsys):
     path.write_text('name = "x"\nseq_lenn = 64\n')
     assert main(["run", str(path), "--out", str(tmp_path)]) == 2
     assert "unknown config key 'seq_lenn'" in capsys.readouterr().err
-    path.write_text('[data]\nseq_len = 48\neval_stride = 48\n[sweep]\nhard_ratios = [0.25, 0.75]\n')
+    path.write_text("[data]\nseq_len = 48\neval_stride = 48\n[sweep]\nhard_ratios = [0.25, 0.75]\n")
     from cascade_bench.experiment.config import load_config_file
 
     config = make_config(load_config_file(path))
@@ -336,16 +454,57 @@ def test_run_on_a_saved_checkpoint_folder_cuts_it_into_blocks(tmp_path, capsys):
     tokenizer = load_tokenizer("bpe:300", load_corpus("embedded").documents("train"), cache_dir=tmp_path / "cache")
     tokenizer.save_pretrained(folder)
     AutoModelForCausalLM.from_config(stage_config("gpt2-tiny", num_hidden_layers=3, vocab_size=300)).save_pretrained(
-        folder)
+        folder
+    )
     out = tmp_path / "run"
-    argv = ["run", "--model", str(folder), "--tokenizer", str(folder), "--boundaries", "1,2", "--block-heads",
-            "trained", "--name", "blocks", "--seq-len", "32", "--eval-stride", "32", "--batch-size", "8",
-            "--max-epochs", "1", "--max-steps-per-epoch", "2", "--hard-ratios", "0.5", "--timing-repeats", "1",
-            "--eval-batches", "2", "--exit-rules", "max_prob", "--risk", "", "--out", str(out)]
+    argv = [
+        "run",
+        "--model",
+        str(folder),
+        "--tokenizer",
+        str(folder),
+        "--boundaries",
+        "1,2",
+        "--block-heads",
+        "trained",
+        "--name",
+        "blocks",
+        "--seq-len",
+        "32",
+        "--eval-stride",
+        "32",
+        "--batch-size",
+        "8",
+        "--max-epochs",
+        "1",
+        "--max-steps-per-epoch",
+        "2",
+        "--hard-ratios",
+        "0.5",
+        "--timing-repeats",
+        "1",
+        "--eval-batches",
+        "2",
+        "--exit-rules",
+        "max_prob",
+        "--risk",
+        "",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     records = list(ResultsStore(out / "results" / "blocks.jsonl"))
-    assert [r["point_id"] for r in records] == ["full", "prefix-0", "prefix-1", "routed@0.5", "masked@0.5",
-                                                "kv[absent]@0.5", "kv[propagate]@0.5", "kv[recompute]@0.5", "oracle"]
+    assert [r["point_id"] for r in records] == [
+        "full",
+        "prefix-0",
+        "prefix-1",
+        "routed@0.5",
+        "masked@0.5",
+        "kv[absent]@0.5",
+        "kv[propagate]@0.5",
+        "kv[recompute]@0.5",
+        "oracle",
+    ]
     training = records[0]["conditions"]["training"]
     assert training["layers_per_block"] == [1, 1, 1] and training["block_heads"] == "trained"
     assert len(training["exit_heads_val_ppl_after"]) == 2
@@ -370,8 +529,16 @@ def test_shipped_config_files_load_and_the_default_file_is_the_default():
 def test_a_memory_layer_preset_trains_and_evaluates_through_run(tmp_path):
     """The memory family through the whole pipeline: trained, swept, counted == analytic FLOPs, and the
     K/V-policy points it cannot have are named as not run, with the reason, in the report."""
-    config = make_config({**TINY, **ONE_RULE, "preset": "memory-tiny", "name": "memory", "baselines": ("full", "dense"),
-                          "out": str(tmp_path)})
+    config = make_config(
+        {
+            **TINY,
+            **ONE_RULE,
+            "preset": "memory-tiny",
+            "name": "memory",
+            "baselines": ("full", "dense"),
+            "out": str(tmp_path),
+        }
+    )
     paths = run_experiment(config, progress=False)
     records = list(ResultsStore(paths["results"]))
     assert [r["point_id"] for r in records] == ["full", "dense", "routed@0.3", "routed@0.6"]
@@ -382,8 +549,14 @@ def test_a_memory_layer_preset_trains_and_evaluates_through_run(tmp_path):
 
 
 def _flags(values: dict) -> list[str]:
-    return [part for key, value in values.items() for part in
-            ("--" + key.replace("_", "-"), ",".join(map(str, value)) if isinstance(value, tuple) else str(value))]
+    return [
+        part
+        for key, value in values.items()
+        for part in (
+            "--" + key.replace("_", "-"),
+            ",".join(map(str, value)) if isinstance(value, tuple) else str(value),
+        )
+    ]
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
@@ -398,8 +571,19 @@ def test_torchrun_two_ranks_measure_what_one_process_measured(finished, tmp_path
         shutil.copytree(Path(config.out) / folder, out / folder)
     # (a torchrun run trains too, on rank 0; reusing them keeps this test to the sweep)
     values = {**TINY, "name": "tiny-ranks", "timing_batches": 2, "out": str(out)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "cascade_bench", "run", "--quiet", *_flags(values)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "cascade_bench",
+        "run",
+        "--quiet",
+        *_flags(values),
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("tiny-ranks: done in") == 1
@@ -413,4 +597,5 @@ def test_torchrun_two_ranks_measure_what_one_process_measured(finished, tmp_path
         assert record["ppl"] == pytest.approx(single[point_id]["ppl"], rel=1e-9), point_id
     assert "2 processes" in (out / "report.md").read_text()
     assert sorted(p.name for p in (out / "models").iterdir()) == sorted(
-        p.name for p in (Path(config.out) / "models").iterdir())  # nothing trained anew
+        p.name for p in (Path(config.out) / "models").iterdir()
+    )  # nothing trained anew

@@ -22,13 +22,32 @@ def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("pretrained")
     gguf = root / "tiny-llama.F32.gguf"
     write_tiny_llama_gguf(gguf, layers=4)
-    config = make_config({
-        "name": "tiny-gguf", "model": f"gguf:{gguf}", "tokenizer": "model", "seq_len": 32, "eval_stride": 16,
-        "batch_size": 4, "eval_batches": 1, "validation_batches": 1, "exit_layers": [1, 2, 3], "boundaries": [2],
-        "block_heads": "translator", "exit_train_tokens": 512, "exit_rules": ["max_prob", "cos_sim"],
-        "hard_ratios": [0.3, 0.5], "kv_policies": [], "risk": "", "timing_repeats": 1, "timing_batches": 1,
-        "timing_points": "anchors", "baselines": ["full", "prefix", "masked", "oracle"], "out": str(root),
-        "plausible_ppl": [1, 1e6]})
+    config = make_config(
+        {
+            "name": "tiny-gguf",
+            "model": f"gguf:{gguf}",
+            "tokenizer": "model",
+            "seq_len": 32,
+            "eval_stride": 16,
+            "batch_size": 4,
+            "eval_batches": 1,
+            "validation_batches": 1,
+            "exit_layers": [1, 2, 3],
+            "boundaries": [2],
+            "block_heads": "translator",
+            "exit_train_tokens": 512,
+            "exit_rules": ["max_prob", "cos_sim"],
+            "hard_ratios": [0.3, 0.5],
+            "kv_policies": [],
+            "risk": "",
+            "timing_repeats": 1,
+            "timing_batches": 1,
+            "timing_points": "anchors",
+            "baselines": ["full", "prefix", "masked", "oracle"],
+            "out": str(root),
+            "plausible_ppl": [1, 1e6],
+        }
+    )
     paths = run_experiment(config, progress=False)
     return config, paths
 
@@ -54,8 +73,9 @@ def test_the_sweep_counts_what_it_runs_and_times_the_anchors_only(run):
         if record.get("flops") is not None:
             assert record["flops"] == record["flops_analytic"]  # translator matmuls included
     assert records["routed@0.5"]["time_median_s"] > 0 and "wall_ratio_interleaved" in records["routed@0.5"]
-    assert records["routed@0.3"]["conditions"]["timed"] is False and "wall_ratio_interleaved" not in \
-        records["routed@0.3"]
+    assert (
+        records["routed@0.3"]["conditions"]["timed"] is False and "wall_ratio_interleaved" not in records["routed@0.3"]
+    )
     assert records["full"]["conditions"]["training"]["block_heads"] == "translator"
     report = paths["report"].read_text()
     assert "## Where could this model exit?" in report and "not the original float checkpoint" in report

@@ -47,14 +47,13 @@ def _request(kind, *args):
 def test_loglikelihood_is_the_routed_nll_of_the_continuation(setup):
     ensemble, tokenizer, threshold, _ = setup
     model = _model(setup, batch_size=3)
-    pairs = [("The assert statement", " is a convenient way"), ("Assert", " statements"),
-             ("x = 1\nprint(x)", "\n")]
+    pairs = [("The assert statement", " is a convenient way"), ("Assert", " statements"), ("x = 1\nprint(x)", "\n")]
     results = model.loglikelihood([_request("loglikelihood", *pair) for pair in pairs])
     for (context, continuation), (loglikelihood, greedy) in zip(pairs, results):
         ctx, cont = tokenizer.encode(context), tokenizer.encode(continuation)
         whole = torch.tensor([ctx + cont])
         targets = torch.full_like(whole, -100)
-        targets[0, len(ctx) - 1:-1] = torch.tensor(cont)
+        targets[0, len(ctx) - 1 : -1] = torch.tensor(cont)
         with torch.inference_mode():
             out = forward_cascade(ensemble, whole, targets=targets, thresholds=[threshold])
         assert loglikelihood == pytest.approx(-float(out.nll[out.scored].double().sum()), rel=1e-5)
@@ -74,8 +73,9 @@ def test_loglikelihood_rolling_is_the_toolkits_sliding_window_nll(setup):
     nll = 0.0
     for batch in sliding_windows(stream, 16, 16, batch_size=4):
         with torch.inference_mode():
-            out = forward_cascade(ensemble, batch["input_ids"], batch.get("attention_mask"), batch["targets"],
-                                  thresholds=[threshold])
+            out = forward_cascade(
+                ensemble, batch["input_ids"], batch.get("attention_mask"), batch["targets"], thresholds=[threshold]
+            )
         nll += float(out.nll[out.scored].double().sum())
     assert rolling == pytest.approx(-nll, rel=1e-5)  # float32 per token; other batch layouts
 
@@ -83,8 +83,13 @@ def test_loglikelihood_rolling_is_the_toolkits_sliding_window_nll(setup):
 def test_local_tasks_run_offline_through_simple_evaluate_with_cost_columns(setup, tmp_path):
     ensemble, tokenizer, threshold, _ = setup
     write_local_tasks(tmp_path)
-    results = evaluate({"ensemble": ensemble, "tokenizer": tokenizer, "thresholds": str(threshold),
-                        "max_length": 64}, list(TASKS), include_path=str(tmp_path), limit=6, log_samples=False)
+    results = evaluate(
+        {"ensemble": ensemble, "tokenizer": tokenizer, "thresholds": str(threshold), "max_length": 64},
+        list(TASKS),
+        include_path=str(tmp_path),
+        limit=6,
+        log_samples=False,
+    )
     metrics = results["results"]
     assert "word_perplexity,none" in metrics["cascade_embedded_rolling"]
     assert 0.0 <= metrics["cascade_entities_choice"]["acc,none"] <= 1.0
@@ -98,10 +103,24 @@ def test_the_lm_eval_command_runs_a_saved_cascade_and_prints_its_costs(setup, tm
     folder = save_ensemble(ensemble, tmp_path / "cascade", tokenizer=tokenizer)
     write_local_tasks(tmp_path / "tasks")
     costs = tmp_path / "costs.json"
-    assert main(["lm-eval", "--model", "cascade_bench", "--model_args",
-                 f"cascade={folder},thresholds={threshold},max_length=64,cost_json={costs}",
-                 "--tasks", "cascade_entities_choice", "--include_path", str(tmp_path / "tasks"),
-                 "--limit", "4"]) == 0
+    assert (
+        main(
+            [
+                "lm-eval",
+                "--model",
+                "cascade_bench",
+                "--model_args",
+                f"cascade={folder},thresholds={threshold},max_length=64,cost_json={costs}",
+                "--tasks",
+                "cascade_entities_choice",
+                "--include_path",
+                str(tmp_path / "tasks"),
+                "--limit",
+                "4",
+            ]
+        )
+        == 0
+    )
     assert "cascade_entities_choice" in capsys.readouterr().out
     assert json.loads(costs.read_text())["scored_tokens"] > 0
 

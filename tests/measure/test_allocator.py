@@ -33,8 +33,17 @@ print(sorted(faults[2:])[5])
 
 
 def _faults(mode: str) -> tuple[str, int]:
-    out = subprocess.run([sys.executable, "-c", _PROGRAM, mode], capture_output=True, text=True, check=True,
-                         env={**os.environ, "PYTHONWARNINGS": "ignore"}).stdout.strip().splitlines()
+    out = (
+        subprocess.run(
+            [sys.executable, "-c", _PROGRAM, mode],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        )
+        .stdout.strip()
+        .splitlines()
+    )
     return out[-2], int(out[-1])
 
 

@@ -17,8 +17,17 @@ import torch.multiprocessing as mp
 
 from cascade_bench.cost.measurement import measure_cost
 from cascade_bench.data.corpus import embedded_documents
-from cascade_bench.measure.distributed import (ONE_PROCESS, Ranks, first_share, join_launch, leave_launch, shard,
-                                               sharded, summed, unsharded)
+from cascade_bench.measure.distributed import (
+    ONE_PROCESS,
+    Ranks,
+    first_share,
+    join_launch,
+    leave_launch,
+    shard,
+    sharded,
+    summed,
+    unsharded,
+)
 from cascade_bench.routing.calibration import calibrate_thresholds
 from cascade_bench.routing.evaluation import evaluate
 from cascade_bench.routing.oracle import oracle_bound
@@ -71,8 +80,9 @@ def _free_port() -> int:
 def _calls(ensemble, batches) -> dict:
     """Every sharded evaluation function once, on ``batches``."""
     thresholds = calibrate_thresholds(ensemble, batches, 0.4)
-    cost = measure_cost(ensemble, batches, "routed", thresholds=list(thresholds), repeats=1, fvcore=False,
-                        spans=False, timing_batches=2)
+    cost = measure_cost(
+        ensemble, batches, "routed", thresholds=list(thresholds), repeats=1, fvcore=False, spans=False, timing_batches=2
+    )
     risk = risk_controlled_thresholds(ensemble, batches, delta=0.3, epsilon=0.2)
     return {
         "thresholds": thresholds,
@@ -87,8 +97,9 @@ def _calls(ensemble, batches) -> dict:
 def _worker(rank: int, world_size: int, port: int, out: str, device: str = "cpu") -> None:
     import os
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     ranks = join_launch(device)
     text = "\n\n".join(body for _, body in embedded_documents())
@@ -130,8 +141,17 @@ def test_two_ranks_calibrate_the_same_exact_quantiles(two_ranks):
 
 def test_two_ranks_evaluate_every_token_once(two_ranks):
     parallel, single = two_ranks["parallel"]["evaluate"], two_ranks["single"]["evaluate"]
-    for key in ("tokens", "routed_tokens", "hard_tokens", "tokens_entered", "tokens_exited", "exit_ratios",
-                "layer_cost", "padding_waste", "tokens_computed"):
+    for key in (
+        "tokens",
+        "routed_tokens",
+        "hard_tokens",
+        "tokens_entered",
+        "tokens_exited",
+        "exit_ratios",
+        "layer_cost",
+        "padding_waste",
+        "tokens_computed",
+    ):
         assert getattr(parallel, key) == getattr(single, key), key
     assert parallel.nll_sum == pytest.approx(single.nll_sum, rel=1e-12)
     for key in ("ppl", "accuracy", "hard_ppl", "easy_ppl", "hard_ppl_stage0"):

@@ -10,8 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from cascade_bench import Ensemble
-from cascade_bench.measure.layer_exits import (LayerExit, collect_layer_states, exit_curve, layers_needed,
-                                               shared_head)
+from cascade_bench.measure.layer_exits import LayerExit, collect_layer_states, exit_curve, layers_needed, shared_head
 from cascade_bench.routing.passes import forward_cascade
 from cascade_bench.stages.presets import stage_config
 from tests.helpers import INF, ROUTED_FAMILIES, token_batch
@@ -39,15 +38,17 @@ def test_states_and_the_shared_head_are_the_blocks_exits(preset, text):
     assert states.tokens == int(scored.sum()) and states.states.shape == (states.tokens, 2, model.config.hidden_size)
     with torch.inference_mode():
         full = model(batches[0]["input_ids"]).logits[scored]
-        exits = forward_cascade(Ensemble.from_blocks(model, [1]), batches[0]["input_ids"], thresholds=[-INF],
-                                return_logits=True).logits[scored]  # everybody exits after layer 1
+        exits = forward_cascade(
+            Ensemble.from_blocks(model, [1]), batches[0]["input_ids"], thresholds=[-INF], return_logits=True
+        ).logits[scored]  # everybody exits after layer 1
     assert torch.equal(states.final_argmax, full.argmax(-1))
     curve = exit_curve(states, shared_head(model))
     torch.testing.assert_close(curve[0].argmax, exits.argmax(-1), rtol=0, atol=0)
     nll = torch.nn.functional.cross_entropy(exits, states.targets)
     assert math.isclose(curve[0].ppl, math.exp(float(nll)), rel_tol=1e-5)
-    assert math.isclose(states.final_ppl, math.exp(float(torch.nn.functional.cross_entropy(full, states.targets))),
-                        rel_tol=1e-5)
+    assert math.isclose(
+        states.final_ppl, math.exp(float(torch.nn.functional.cross_entropy(full, states.targets))), rel_tol=1e-5
+    )
 
 
 def test_max_tokens_keeps_the_first_scored_positions(text):
@@ -63,8 +64,10 @@ def test_layers_needed_by_hand():
     # token 0: right at 2 and after (first 2, settled 2); token 1: right at 2, wrong at 4, right at 6
     # (first 2, settled 6); token 2: never right (first 8, settled 8); token 3: right only at 6 (6, 6)
     rows = torch.tensor([[7, 7, 7], [7, 1, 7], [1, 1, 1], [1, 2, 7]])
-    curve = [LayerExit(layer=layer, ppl=1.0, accuracy=0.0, agreement=0.0, argmax=rows[:, i])
-             for i, layer in enumerate((2, 4, 6))]
+    curve = [
+        LayerExit(layer=layer, ppl=1.0, accuracy=0.0, agreement=0.0, argmax=rows[:, i])
+        for i, layer in enumerate((2, 4, 6))
+    ]
     needed = layers_needed(curve, final, num_layers=8)
     assert needed.first_agreement == (2 + 2 + 8 + 6) / 4
     assert needed.settled == (2 + 6 + 8 + 6) / 4

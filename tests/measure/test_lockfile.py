@@ -22,7 +22,10 @@ def test_markers_pick_one_pin_per_python():
 
 def test_names_are_canonical_and_comments_skipped():
     assert read_lock(LOCK, {"python_full_version": "3.11.7"}) == {
-        "numpy": "2.4.6", "torch": "2.13.0", "typing-extensions": "4.15.0"}
+        "numpy": "2.4.6",
+        "torch": "2.13.0",
+        "typing-extensions": "4.15.0",
+    }
 
 
 def test_a_local_build_of_the_locked_release_matches():
@@ -34,8 +37,10 @@ def test_a_local_build_of_the_locked_release_matches():
 def test_every_difference_is_named():
     pins = {"torch": "2.13.0", "numpy": "2.4.6", "pandas": "2.3.0"}
     problems = lock_mismatches(pins, {"torch": "2.14.1", "numpy": "2.4.6", "extra-pkg": "1.0"})
-    assert problems == ["extra-pkg 1.0 is installed but not in the lock",
-                        "torch 2.14.1 is installed; the lock pins 2.13.0"]  # pandas not installed: fine
+    assert problems == [
+        "extra-pkg 1.0 is installed but not in the lock",
+        "torch 2.14.1 is installed; the lock pins 2.13.0",
+    ]  # pandas not installed: fine
 
 
 def test_a_line_that_is_not_an_exact_pin_is_refused():

@@ -52,10 +52,10 @@ def test_peak_tensor_bytes_by_hand():
     x = torch.randn(1000, 1000)
 
     def three_temporaries():
-        a = x @ x          # 4 MB alive
-        b = a.relu()       # 8 MB alive: the peak
+        a = x @ x  # 4 MB alive
+        b = a.relu()  # 8 MB alive: the peak
         del a
-        c = b + 1          # 8 MB again
+        c = b + 1  # 8 MB again
         return c.sum()
 
     peak, how, _ = peak_memory_bytes(three_temporaries)

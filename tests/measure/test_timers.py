@@ -44,8 +44,9 @@ def test_time_spans_reports_every_repeat(text):
     ensemble = tiny_ensemble("llama-tiny")
     ids = token_batch(text, 2, 16)
     with torch.inference_mode():
-        wall, spans = time_spans(lambda probe: forward_cascade(ensemble, ids, thresholds=[0.0], probe=probe),
-                                 warmup=1, repeats=3)
+        wall, spans = time_spans(
+            lambda probe: forward_cascade(ensemble, ids, thresholds=[0.0], probe=probe), warmup=1, repeats=3
+        )
     assert len(wall.samples) == 3 and all(len(s.samples) == 3 for s in spans.values())
     assert {"stage0", "stage0.layers", "stage0.exit", "stage0.exit_head", "stage0.exit_fn"} <= set(spans)
     assert "stage1" not in spans  # threshold 0: everyone exits at stage 0, stage 1 does nothing

@@ -98,6 +98,7 @@ def test_memory_updates_leave_no_graph(name):
         elif isinstance(node, list):
             for value in node:
                 yield from tensors(value)
+
     found = list(tensors(out.memory_state))
     assert found and all(t.grad_fn is None and not t.requires_grad for t in found)
     assert model.model.layers[0].attention.qkv.weight.grad is not None
@@ -162,7 +163,7 @@ def test_memory_layers_decode_with_a_fixed_size_cache_as_without_one(kind, chunk
         whole = model(x).logits
         cache, parts, start = DynamicCache(), [], 0
         for size in chunks:
-            out = model(x[:, start:start + size], cache=cache, use_cache=True)
+            out = model(x[:, start : start + size], cache=cache, use_cache=True)
             parts.append(out.logits)
             start += size
             slots = [layer for layer in cache.layers if isinstance(layer, SegmentLayer)]
@@ -185,6 +186,7 @@ def test_memory_layers_generate_with_a_cache_as_without_and_refuse_padding():
 
 
 # -- the compressive memory, by hand -------------------------------------------------------------
+
 
 def test_one_written_token_is_returned_for_any_query():
     memory = CompressiveMemory.empty(1, 3, 1, "cpu", torch.float32)
@@ -223,12 +225,15 @@ def test_padding_writes_nothing():
     assert memory.memory[0, 1].abs().sum() > 0
 
 
-@pytest.mark.parametrize("options, key", [
-    (dict(layer_kinds=("pythia", "mamba")), "layer_kinds"),
-    (dict(hidden_size=30, num_attention_heads=4), "hidden_size"),
-    (dict(segment_length=0), "segment_length"),
-    (dict(segments_per_bank=-1), "segments_per_bank"),
-])
+@pytest.mark.parametrize(
+    "options, key",
+    [
+        (dict(layer_kinds=("pythia", "mamba")), "layer_kinds"),
+        (dict(hidden_size=30, num_attention_heads=4), "hidden_size"),
+        (dict(segment_length=0), "segment_length"),
+        (dict(segments_per_bank=-1), "segments_per_bank"),
+    ],
+)
 def test_bad_config_values_name_the_key(options, key):
     with pytest.raises(ValueError, match=key):
         MemoryLMConfig(**options)

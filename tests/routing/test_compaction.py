@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from cascade_bench.data.batch import IGNORE_INDEX, next_token_targets
-import pytest
-
-from cascade_bench.routing.compaction import (cheapest_grouping, from_dense, plan_layouts, rank_in_sequence,
-                                              scatter_members, to_dense)
+from cascade_bench.routing.compaction import (
+    cheapest_grouping,
+    from_dense,
+    plan_layouts,
+    rank_in_sequence,
+    scatter_members,
+    to_dense,
+)
 
 # B=3 sequences of T=4: sequence 0 keeps t=0,1; sequence 1 keeps t=1; sequence 2 keeps all four.
 REACH = torch.tensor([0, 1, 5, 8, 9, 10, 11])
@@ -40,8 +45,7 @@ def test_rows_without_tokens_are_dropped():
 
 def test_bucketed_layout_groups_by_length_and_round_trips():
     # lengths 2, 1, 4 with tolerance 0.15: each in its own length class (4 / 2 = 2 > 1.15)
-    layouts = plan_layouts(REACH, 4, 3, "bucketed", max_buckets=4, bucket_tolerance=0.15,
-                           call_overhead_slots=0)
+    layouts = plan_layouts(REACH, 4, 3, "bucketed", max_buckets=4, bucket_tolerance=0.15, call_overhead_slots=0)
     shapes = sorted((lay.num_rows, lay.length) for lay in layouts)
     assert shapes == [(1, 1), (1, 2), (1, 4)]
     assert sum(lay.slots for lay in layouts) == REACH.numel()  # no padding at all

@@ -25,7 +25,7 @@ def _teacher_forced(ensemble, ids, mask, generated, thresholds, kv_policy):
     full = torch.zeros(len(rows), width, dtype=torch.long)
     full_mask = torch.zeros_like(full)
     for i, r in enumerate(rows):
-        full[i, :r.numel()], full_mask[i, :r.numel()] = r, 1
+        full[i, : r.numel()], full_mask[i, : r.numel()] = r, 1
     with torch.inference_mode():
         return routed_forward(ensemble, full, full_mask, thresholds=thresholds, kv_policy=kv_policy)
 
@@ -42,8 +42,8 @@ def test_invariant_4_holds_per_kv_policy(kv_policy, kind, preset, exit_fn, text)
     out = generate(ensemble, ids, mask, max_new_tokens=NEW, thresholds=[threshold, threshold], kv_policy=kv_policy)
     tf = _teacher_forced(ensemble, ids, mask, out.tokens, [threshold, threshold], kv_policy)
     for i, n in enumerate(lengths):
-        torch.testing.assert_close(tf.nll[i, n - 1:n - 1 + NEW], out.nll[i], atol=1e-4, rtol=0)
-        assert torch.equal(tf.exit_stage[i, n - 1:n - 1 + NEW], out.exit_stage[i])
+        torch.testing.assert_close(tf.nll[i, n - 1 : n - 1 + NEW], out.nll[i], atol=1e-4, rtol=0)
+        assert torch.equal(tf.exit_stage[i, n - 1 : n - 1 + NEW], out.exit_stage[i])
         fed = n + NEW - 1
         stages = tf.exit_stage[i, :fed]
         for k in range(1, 3):
@@ -67,14 +67,25 @@ def test_counted_flops_of_each_kv_policy_equal_the_analytic_count(kv_policy, kin
     ids = token_batch(text, 3, 16)
     threshold = _median_threshold(ensemble, ids)
     with torch.inference_mode():
-        counted, out = count_pass_flops(lambda probe: forward_cascade(
-            ensemble, ids, thresholds=[threshold, threshold], kv_policy=kv_policy, probe=probe), 3)
-    analytic = routed_cost([s.config for s in ensemble], out.stage_batch_shapes, out.head_tokens,
-                           exit_rule_macs(list(ensemble), out.decided_tokens), out.propagated_tokens)
+        counted, out = count_pass_flops(
+            lambda probe: forward_cascade(
+                ensemble, ids, thresholds=[threshold, threshold], kv_policy=kv_policy, probe=probe
+            ),
+            3,
+        )
+    analytic = routed_cost(
+        [s.config for s in ensemble],
+        out.stage_batch_shapes,
+        out.head_tokens,
+        exit_rule_macs(list(ensemble), out.decided_tokens),
+        out.propagated_tokens,
+    )
     assert [c.total for c in counted.stages] == [a.total for a in analytic]
     if kv_policy == "recompute":
-        assert sum(out.recomputed_tokens) > 0 and out.layer_cost > routed_forward(
-            ensemble, ids, thresholds=[threshold, threshold]).layer_cost
+        assert (
+            sum(out.recomputed_tokens) > 0
+            and out.layer_cost > routed_forward(ensemble, ids, thresholds=[threshold, threshold]).layer_cost
+        )
     if kv_policy == "propagate":
         # Every token that exited at stage e has its K/V in each later stage: stage 2 gets stage 0's and 1's.
         assert out.propagated_tokens == (0, out.tokens_exited[0], out.tokens_exited[0] + out.tokens_exited[1])
@@ -119,15 +130,15 @@ def test_batch_policy_never_splits_a_step_and_follows_the_quorum(text):
     # Some decode step split the rows under per_token (else this test shows nothing).
     assert ((per_token.stage_rows[:, 1] > 0) & (per_token.stage_rows[:, 1] < 4)).any()
     for quorum in (1.0, 0.5, 0.25):
-        out = generate(ensemble, ids, mask, max_new_tokens=12, thresholds=[threshold], exit_policy="batch",
-                       quorum=quorum)
+        out = generate(
+            ensemble, ids, mask, max_new_tokens=12, thresholds=[threshold], exit_policy="batch", quorum=quorum
+        )
         assert set(out.stage_rows[:, 1].tolist()) <= {0, 4}  # all rows exit together or none do
         decode = out.exit_stage[:, 1:]  # the first token comes from the prompt
         assert ((decode == 0).all(dim=0) | (decode == 1).all(dim=0)).all()
     # quorum 1: a step exits only if every row is confident, so never more exits than per_token rows agree on.
     strict = generate(ensemble, ids, mask, max_new_tokens=12, thresholds=[threshold], exit_policy="batch")
-    lenient = generate(ensemble, ids, mask, max_new_tokens=12, thresholds=[threshold], exit_policy="batch",
-                       quorum=0.25)
+    lenient = generate(ensemble, ids, mask, max_new_tokens=12, thresholds=[threshold], exit_policy="batch", quorum=0.25)
     assert strict.exit_counts[0] <= lenient.exit_counts[0]
 
 

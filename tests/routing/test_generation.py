@@ -43,15 +43,16 @@ def _teacher_forced(ensemble, ids, mask, generated, thresholds, positions="compa
     full = torch.zeros(len(rows), width, dtype=torch.long)
     full_mask = torch.zeros_like(full)
     for i, r in enumerate(rows):
-        full[i, :r.numel()], full_mask[i, :r.numel()] = r, 1
+        full[i, : r.numel()], full_mask[i, : r.numel()] = r, 1
     with torch.inference_mode():
         return routed_forward(ensemble, full, full_mask, thresholds=thresholds, positions=positions), rows
 
 
 @pytest.mark.parametrize("preset", FAMILIES)
 @pytest.mark.parametrize("lengths, side", [([12], "left"), ([9, 14, 5, 11], "left"), ([9, 14, 5, 11], "right")])
-@pytest.mark.parametrize("positions, exit_fn", [("compact", "max_prob"), ("original", "max_prob"),
-                                                ("compact", "cos_sim")])
+@pytest.mark.parametrize(
+    "positions, exit_fn", [("compact", "max_prob"), ("original", "max_prob"), ("compact", "cos_sim")]
+)
 @pytest.mark.parametrize("kind", KINDS)
 def test_invariant_4_generation_nll_equals_teacher_forcing(kind, preset, lengths, side, positions, exit_fn, text):
     ensemble = tiny_ensemble(preset, exit_fn=exit_fn, kind=kind)
@@ -60,8 +61,8 @@ def test_invariant_4_generation_nll_equals_teacher_forcing(kind, preset, lengths
     out = generate(ensemble, ids, mask, max_new_tokens=NEW, thresholds=[threshold], positions=positions)
     tf, rows = _teacher_forced(ensemble, ids, mask, out.tokens, [threshold], positions)
     for i, n in enumerate(lengths):
-        torch.testing.assert_close(tf.nll[i, n - 1:n - 1 + NEW], out.nll[i], atol=1e-4, rtol=0)
-        assert torch.equal(tf.exit_stage[i, n - 1:n - 1 + NEW], out.exit_stage[i])
+        torch.testing.assert_close(tf.nll[i, n - 1 : n - 1 + NEW], out.nll[i], atol=1e-4, rtol=0)
+        assert torch.equal(tf.exit_stage[i, n - 1 : n - 1 + NEW], out.exit_stage[i])
         # Stage 1's cache holds exactly the tokens that reached it (everything fed but the last token).
         fed = n + NEW - 1
         assert int(out.cache_lengths[1][i]) == int((tf.exit_stage[i, :fed] >= 1).sum())
@@ -75,9 +76,10 @@ def test_thresholds_minus_inf_is_hf_generate_with_stage_0(preset, text):
     ids, mask = _ragged_prompts(text, [7, 10, 4], "left")
     out = generate(ensemble, ids, mask, max_new_tokens=NEW, thresholds=[-math.inf])
     with torch.inference_mode():
-        hf = ensemble[0].model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False,
-                                        pad_token_id=0, eos_token_id=None)
-    assert torch.equal(out.tokens, hf[:, ids.shape[1]:])
+        hf = ensemble[0].model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0, eos_token_id=None
+        )
+    assert torch.equal(out.tokens, hf[:, ids.shape[1] :])
     assert (out.exit_stage == 0).all() and (out.cache_lengths[1] == 0).all()
 
 
@@ -87,9 +89,10 @@ def test_blocks_at_full_depth_generate_what_hf_generates_with_the_unsplit_model(
     ids, mask = _ragged_prompts(text, [7, 10, 4], "left")
     out = generate(ensemble, ids, mask, max_new_tokens=NEW, method="full")
     with torch.inference_mode():
-        hf = ensemble[0].source.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False,
-                                         pad_token_id=0, eos_token_id=None)
-    assert torch.equal(out.tokens, hf[:, ids.shape[1]:])
+        hf = ensemble[0].source.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0, eos_token_id=None
+        )
+    assert torch.equal(out.tokens, hf[:, ids.shape[1] :])
     # Each block's cache holds its own layers only, and every token reached every block.
     assert all(torch.equal(c, out.cache_lengths[0]) for c in out.cache_lengths)
 
@@ -110,16 +113,34 @@ def test_sampling_eos_and_stats(text):
     ensemble = tiny_ensemble("gpt2-tiny")
     ids = token_batch(text, 3, 10)
     threshold = _median_threshold(ensemble, ids)
-    a = generate(ensemble, ids, max_new_tokens=NEW, thresholds=[threshold], do_sample=True, temperature=0.8,
-                 top_k=50, top_p=0.9, generator=torch.Generator().manual_seed(1))
-    b = generate(ensemble, ids, max_new_tokens=NEW, thresholds=[threshold], do_sample=True, temperature=0.8,
-                 top_k=50, top_p=0.9, generator=torch.Generator().manual_seed(1))
+    a = generate(
+        ensemble,
+        ids,
+        max_new_tokens=NEW,
+        thresholds=[threshold],
+        do_sample=True,
+        temperature=0.8,
+        top_k=50,
+        top_p=0.9,
+        generator=torch.Generator().manual_seed(1),
+    )
+    b = generate(
+        ensemble,
+        ids,
+        max_new_tokens=NEW,
+        thresholds=[threshold],
+        do_sample=True,
+        temperature=0.8,
+        top_k=50,
+        top_p=0.9,
+        generator=torch.Generator().manual_seed(1),
+    )
     assert torch.equal(a.tokens, b.tokens)  # seeded
     greedy = generate(ensemble, ids, max_new_tokens=NEW, thresholds=[threshold])
     eos = int(greedy.tokens[0, 2])
     stopped = generate(ensemble, ids, max_new_tokens=NEW, thresholds=[threshold], eos_token_id=eos, pad_token_id=-1)
     first = int((greedy.tokens[0] == eos).nonzero()[0])
-    assert stopped.tokens[0, first] == eos and (stopped.tokens[0, first + 1:] == -1).all()
+    assert stopped.tokens[0, first] == eos and (stopped.tokens[0, first + 1 :] == -1).all()
     counted = generate(ensemble, ids, max_new_tokens=4, thresholds=[threshold], count_flops=True)
     assert counted.counted_flops > 0 and counted.seconds_per_token > 0 and 0.5 <= counted.layer_cost <= 1.0
     with pytest.raises(ValueError, match="max_new_tokens must be a positive int"):
@@ -128,7 +149,9 @@ def test_sampling_eos_and_stats(text):
         generate(ensemble, ids, method="masked")
 
 
-@pytest.mark.parametrize("kinds", [("infini", "pythia", "pythia", "pythia"), ("pythia", "pythia", "hierarchical", "pythia")])
+@pytest.mark.parametrize(
+    "kinds", [("infini", "pythia", "pythia", "pythia"), ("pythia", "pythia", "hierarchical", "pythia")]
+)
 def test_invariant_4_on_memory_layers_at_batch_1(kinds, text):
     """Blocks of a memory-layer model at batch 1: each block's cache holds exactly the tokens that reached
     it, so a memory layer decodes with its fixed-size cache in block 0 or in a later block, across segment
@@ -141,10 +164,12 @@ def test_invariant_4_on_memory_layers_at_batch_1(kinds, text):
     threshold = _median_threshold(ensemble, ids, mask)
     out = generate(ensemble, ids, mask, max_new_tokens=2 * NEW, thresholds=[threshold])
     tf, _ = _teacher_forced(ensemble, ids, mask, out.tokens, [threshold])
-    torch.testing.assert_close(tf.nll[0, 11:11 + 2 * NEW], out.nll[0], atol=1e-4, rtol=0)
-    assert torch.equal(tf.exit_stage[0, 11:11 + 2 * NEW], out.exit_stage[0])
+    torch.testing.assert_close(tf.nll[0, 11 : 11 + 2 * NEW], out.nll[0], atol=1e-4, rtol=0)
+    assert torch.equal(tf.exit_stage[0, 11 : 11 + 2 * NEW], out.exit_stage[0])
     assert 0 < out.exit_counts[0] < out.decode_tokens
     if kinds[0] == "pythia":
         ids, mask = _ragged_prompts(text, [12, 12, 12], "left")
-        with pytest.raises(NotImplementedError, match="every row has a real token at every step|every row of the batch"):
+        with pytest.raises(
+            NotImplementedError, match="every row has a real token at every step|every row of the batch"
+        ):
             generate(ensemble, ids, mask, max_new_tokens=NEW, thresholds=[threshold])

@@ -23,7 +23,7 @@ def _reference_per_sequence(ensemble, input_ids, exits0, positions="compact"):
     nll = torch.full((batch_size, seq_len), math.nan)
     with torch.inference_mode():
         for b in range(batch_size):
-            ids = input_ids[b:b + 1]
+            ids = input_ids[b : b + 1]
             hidden0 = ensemble[0](input_ids=ids).hidden[0]
             logp0 = torch.log_softmax(ensemble[0].logits(hidden0).float(), dim=-1)
             keep = (~exits0[b]).nonzero().squeeze(1)
@@ -31,8 +31,9 @@ def _reference_per_sequence(ensemble, input_ids, exits0, positions="compact"):
             if keep.numel():
                 pos = keep[None] if positions == "original" else torch.arange(keep.numel())[None]
                 # An explicit all-ones mask: without it HF reads position gaps as packed sequences.
-                hidden1 = ensemble[1](inputs_embeds=hidden0[keep][None], position_ids=pos,
-                                      attention_mask=torch.ones_like(pos)).hidden[0]
+                hidden1 = ensemble[1](
+                    inputs_embeds=hidden0[keep][None], position_ids=pos, attention_mask=torch.ones_like(pos)
+                ).hidden[0]
                 logp1 = torch.log_softmax(ensemble[1].logits(hidden1).float(), dim=-1)
             rank = torch.cumsum((~exits0[b]).long(), 0) - 1
             for t in range(seq_len - 1):
@@ -173,8 +174,14 @@ def test_exited_tokens_never_reach_a_later_stage(kind, preset, batching, text):
     # order per sequence; no exited token's state is among them.
     with torch.inference_mode():
         stage0 = ensemble[0](input_ids=ids).hidden
-    got = sorted((tuple(row[:n].flatten().tolist()) for x in received.embeds for row in x
-                  for n in [int((row.abs().sum(-1) > 0).sum())]))
+    got = sorted(
+        (
+            tuple(row[:n].flatten().tolist())
+            for x in received.embeds
+            for row in x
+            for n in [int((row.abs().sum(-1) > 0).sum())]
+        )
+    )
     want = sorted(tuple(stage0[b][~exits[b]].flatten().tolist()) for b in range(4) if (~exits[b]).any())
     assert len(got) == len(want)
     for g, w in zip(got, want):
@@ -225,8 +232,9 @@ def test_merged_buckets_give_the_same_pass_in_fewer_calls(kind, text):
     ensemble[0].exit_function = _resolve(scripted)
     with torch.inference_mode():
         apart = routed_forward(ensemble, ids, thresholds=[0.5], batching="bucketed", call_overhead_slots=0)
-        merged = routed_forward(ensemble, ids, thresholds=[0.5], batching="bucketed",
-                                call_overhead_slots=shipped_call_overhead)
+        merged = routed_forward(
+            ensemble, ids, thresholds=[0.5], batching="bucketed", call_overhead_slots=shipped_call_overhead
+        )
         padded = routed_forward(ensemble, ids, thresholds=[0.5], batching="padded")
     assert len(apart.stage_batch_shapes[1]) > 1 and len(merged.stage_batch_shapes[1]) == 1
     assert merged.stage_batch_shapes == padded.stage_batch_shapes

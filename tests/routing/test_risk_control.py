@@ -9,16 +9,23 @@ import pytest
 import torch
 
 from cascade_bench.routing.calibration import calibrate_thresholds
-from cascade_bench.routing.risk_control import (RISK_GRID, binomial_cdf, binomial_upper_bound, fixed_sequence_test,
-                                                risk_controlled_thresholds, routed_violations)
+from cascade_bench.routing.risk_control import (
+    RISK_GRID,
+    binomial_cdf,
+    binomial_upper_bound,
+    fixed_sequence_test,
+    risk_controlled_thresholds,
+    routed_violations,
+)
 from tests.helpers import tiny_ensemble, token_batch
 
 
 def test_binomial_cdf_matches_hand_sums():
     assert binomial_cdf(5, 10, 0.5) == pytest.approx(638 / 1024, rel=1e-12)
     assert binomial_cdf(0, 10, 0.5) == pytest.approx(1 / 1024, rel=1e-12)
-    assert binomial_cdf(2, 7, 0.3) == pytest.approx(sum(math.comb(7, i) * 0.3 ** i * 0.7 ** (7 - i)
-                                                        for i in range(3)), rel=1e-12)
+    assert binomial_cdf(2, 7, 0.3) == pytest.approx(
+        sum(math.comb(7, i) * 0.3**i * 0.7 ** (7 - i) for i in range(3)), rel=1e-12
+    )
     assert binomial_cdf(10, 10, 0.9) == 1.0 and binomial_cdf(-1, 10, 0.1) == 0.0
 
 
@@ -74,13 +81,13 @@ def test_risk_controlled_thresholds_on_an_ensemble(text):
     ensemble = tiny_ensemble("gpt2-tiny")
     batches = [token_batch(text, 2, 32, offset=300 * i) for i in range(6)]
     result = risk_controlled_thresholds(ensemble, batches, delta=0.3, epsilon=0.2)
-    assert result.candidates == RISK_GRID[:len(result.p_values)]
+    assert result.candidates == RISK_GRID[: len(result.p_values)]
     if result.hard_ratio is None:
         assert ensemble.thresholds[0] == math.inf
     else:
         assert ensemble.thresholds[:1] == result.thresholds
         assert result.empirical_risk <= result.upper_bound
-        assert all(p <= 0.2 for p in result.p_values[:RISK_GRID.index(result.hard_ratio) + 1])
+        assert all(p <= 0.2 for p in result.p_values[: RISK_GRID.index(result.hard_ratio) + 1])
         # what it certified is what the routed pass does on the testing half
         assert routed_violations(ensemble, batches[1::2], result.thresholds) == (result.violations, result.tokens)
 
@@ -96,7 +103,9 @@ def test_when_no_candidate_passes_nobody_exits_and_the_bound_is_exact(text):
     assert routed_violations(ensemble, batches[1::2], result.thresholds) == (0, result.tokens)
     assert result.first_candidate_bound == binomial_upper_bound(
         routed_violations(ensemble, batches[1::2], calibrate_thresholds(ensemble, batches[0::2], RISK_GRID[0]))[0],
-        result.tokens, 0.1)
+        result.tokens,
+        0.1,
+    )
     assert result.summary()["bound"] == "exact"
 
 

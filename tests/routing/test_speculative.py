@@ -19,8 +19,9 @@ def test_self_speculative_greedy_equals_full_depth_greedy(kind, preset, lengths,
     ids, mask = _ragged_prompts(text, lengths, "left")
     full = generate(ensemble, ids, mask, max_new_tokens=16, method="full")
     for draft_length, draft_stages in ((3, 1), (4, 2)):
-        out = self_speculative_generate(ensemble, ids, mask, max_new_tokens=16, draft_length=draft_length,
-                                        draft_stages=draft_stages)
+        out = self_speculative_generate(
+            ensemble, ids, mask, max_new_tokens=16, draft_length=draft_length, draft_stages=draft_stages
+        )
         assert torch.equal(out.tokens, full.tokens)
         torch.testing.assert_close(out.nll, full.nll, atol=1e-4, rtol=0)
         assert 0.0 <= out.acceptance_rate <= 1.0 and 1.0 <= out.mean_accepted_length <= draft_length
@@ -33,8 +34,9 @@ def test_self_speculative_greedy_equals_full_depth_greedy(kind, preset, lengths,
     # With EOS: rows stop at their first EOS, as full-depth greedy does.
     eos = int(full.tokens[0, 4])
     stopped = generate(ensemble, ids, mask, max_new_tokens=16, method="full", eos_token_id=eos, pad_token_id=-1)
-    out = self_speculative_generate(ensemble, ids, mask, max_new_tokens=16, draft_length=3, eos_token_id=eos,
-                                    pad_token_id=-1)
+    out = self_speculative_generate(
+        ensemble, ids, mask, max_new_tokens=16, draft_length=3, eos_token_id=eos, pad_token_id=-1
+    )
     assert torch.equal(out.tokens, stopped.tokens)
 
 

@@ -49,8 +49,9 @@ def test_blocks_that_never_exit_reproduce_the_unsplit_model(preset, boundaries, 
     with torch.inference_mode():
         reference = model(input_ids=ids, attention_mask=mask).logits
         for method in ("routed", "full", "masked"):
-            out = forward_cascade(ensemble, ids, mask, method=method, return_logits=True,
-                                  thresholds=[INF] * len(ensemble))
+            out = forward_cascade(
+                ensemble, ids, mask, method=method, return_logits=True, thresholds=[INF] * len(ensemble)
+            )
             torch.testing.assert_close(out.logits[real], reference[real], atol=ATOL, rtol=0)
             assert (out.exit_stage[real] == len(boundaries)).all()
 
@@ -99,13 +100,15 @@ class _LayerRows:
 
     def __init__(self, layers):
         self.slots = [0] * len(layers)
-        self.handles = [layer.register_forward_pre_hook(self._hook(i), with_kwargs=True)
-                        for i, layer in enumerate(layers)]
+        self.handles = [
+            layer.register_forward_pre_hook(self._hook(i), with_kwargs=True) for i, layer in enumerate(layers)
+        ]
 
     def _hook(self, index):
         def hook(module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
             self.slots[index] += hidden.shape[0] * hidden.shape[1]
+
         return hook
 
     def close(self):
@@ -146,8 +149,7 @@ def test_counted_flops_of_blocks_equal_the_analytic_model(text):
         probe = forward_cascade(ensemble, ids, thresholds=[INF, INF], confidence_at_last_stage=True)
         thresholds = [float(probe.stage_confidence[k].nanmedian()) for k in range(2)]
         counter, out = count_flops(forward_cascade, ensemble, ids, thresholds=thresholds)
-    analytic = sum(c.total for c in routed_cost([b.config for b in ensemble], out.stage_batch_shapes,
-                                                out.head_tokens))
+    analytic = sum(c.total for c in routed_cost([b.config for b in ensemble], out.stage_batch_shapes, out.head_tokens))
     assert counter.flops == analytic
     assert [b.config.num_hidden_layers for b in ensemble] == [2, 2, 2]
 
@@ -172,8 +174,15 @@ def test_translator_heads_start_as_the_shared_head_and_are_counted(preset, text)
     assert torch.equal(out.exit_stage, a.exit_stage)
     d = model.config.hidden_size
     assert translated[0].head_macs_per_token == d * model.config.vocab_size + d * d
-    analytic = sum(c.total for c in routed_cost([b.config for b in translated], out.stage_batch_shapes,
-                                                out.head_tokens, head_macs=[b.head_macs_per_token for b in translated]))
+    analytic = sum(
+        c.total
+        for c in routed_cost(
+            [b.config for b in translated],
+            out.stage_batch_shapes,
+            out.head_tokens,
+            head_macs=[b.head_macs_per_token for b in translated],
+        )
+    )
     assert counter.flops == analytic
 
 
@@ -210,21 +219,29 @@ def test_block_ensembles_save_as_one_checkpoint_and_load_back(preset, heads, tmp
     with torch.inference_mode():
         conf = forward_cascade(ensemble, ids, mask, thresholds=[INF, INF], confidence_at_last_stage=True)
     finite = lambda t: t[torch.isfinite(t)]  # noqa: E731
-    ensemble.set_thresholds([float(finite(conf.stage_confidence[0]).median()),
-                             float(finite(conf.stage_confidence[1]).median())])
+    ensemble.set_thresholds(
+        [float(finite(conf.stage_confidence[0]).median()), float(finite(conf.stage_confidence[1]).median())]
+    )
     save_ensemble(ensemble, tmp_path / "saved")
     assert ((tmp_path / "saved" / "heads").is_dir()) == (heads != "shared")
     if heads == "translator":  # the translator alone is saved: the norm and lm_head are the model's
         from safetensors.torch import load_file
-        assert sorted(load_file(str(tmp_path / "saved" / "heads" / "stage0.safetensors"))) == \
-            ["linear.bias", "linear.weight"]
+
+        assert sorted(load_file(str(tmp_path / "saved" / "heads" / "stage0.safetensors"))) == [
+            "linear.bias",
+            "linear.weight",
+        ]
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "saved" / "model").eval()
     loaded = load_ensemble(tmp_path / "saved")
     assert [type(b) for b in loaded] == [Block] * 3 and loaded.thresholds == ensemble.thresholds
     assert [b.exit_function.name for b in loaded] == ["cos_sim", "max_prob", "cos_sim"]
     with torch.inference_mode():
-        torch.testing.assert_close(plain(input_ids=ids, attention_mask=mask).logits,
-                                   model(input_ids=ids, attention_mask=mask).logits, atol=ATOL, rtol=0)
+        torch.testing.assert_close(
+            plain(input_ids=ids, attention_mask=mask).logits,
+            model(input_ids=ids, attention_mask=mask).logits,
+            atol=ATOL,
+            rtol=0,
+        )
         a = forward_cascade(ensemble, ids, mask)
         b = forward_cascade(loaded, ids, mask)
     assert 0 < a.tokens_entered[1] < a.tokens_entered[0]
@@ -246,8 +263,16 @@ def test_bad_boundaries_and_unsupported_families_are_named():
         Ensemble.from_blocks(model, [2, 4], thresholds=[0.5])
     from transformers import OPTConfig
 
-    opt = AutoModelForCausalLM.from_config(OPTConfig(num_hidden_layers=2, hidden_size=16, ffn_dim=32,
-                                                     num_attention_heads=2, vocab_size=64, word_embed_proj_dim=16))
+    opt = AutoModelForCausalLM.from_config(
+        OPTConfig(
+            num_hidden_layers=2,
+            hidden_size=16,
+            ffn_dim=32,
+            num_attention_heads=2,
+            vocab_size=64,
+            word_embed_proj_dim=16,
+        )
+    )
     with pytest.raises(ValueError, match="'opt'.*LAYER_SLICE_RECIPES"):
         Ensemble.from_blocks(opt, [1])
     ensemble = Ensemble.from_blocks(model, [2])
@@ -271,8 +296,9 @@ def test_exit_heads_train_with_the_trunk_frozen(text):
     heads_before = [p.detach().clone() for p in ensemble[0].head.parameters()]
     train, validation = _train_batches(text, 6), _train_batches(text, 2, offset=20000)
     ppl_before = exit_heads_ppl(ensemble, validation)
-    history = train_exit_heads(ensemble, train, validation, TrainConfig(lr=1e-2, max_epochs=2, patience=1),
-                               progress=False)
+    history = train_exit_heads(
+        ensemble, train, validation, TrainConfig(lr=1e-2, max_epochs=2, patience=1), progress=False
+    )
     ppl_after = exit_heads_ppl(ensemble, validation)
     for name, p in model.named_parameters():
         assert torch.equal(p, trunk_before[name]), name
@@ -289,8 +315,7 @@ def test_lego_extension_of_a_block_trains_new_layers_on_hard_tokens(text):
     ensemble = Ensemble.from_blocks(_model("gpt2-tiny", layers=2), [])
     first_before = [p.detach().clone() for p in ensemble[0].parameters()]
     train, validation = _train_batches(text, 4), _train_batches(text, 2, offset=20000)
-    protocol = Protocol("lego-blocks", layers=(2, 2), lrs=(1e-3, 1e-3), patience=(1, 1), hard_ratio=0.5,
-                        max_epochs=1)
+    protocol = Protocol("lego-blocks", layers=(2, 2), lrs=(1e-3, 1e-3), patience=(1, 1), hard_ratio=0.5, max_epochs=1)
     report = train_ensemble(ensemble, train, validation, protocol, progress=False)
     new = ensemble[1]
     assert isinstance(new, Block) and not new.reads_tokens and new.num_layers == 2

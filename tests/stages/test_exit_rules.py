@@ -10,8 +10,13 @@ import torch
 from cascade_bench import calibrate_thresholds, measure_cost, routed_forward
 from cascade_bench.measure.flops import count_pass_flops
 from cascade_bench.routing.passes import forward_cascade, stage_states
-from cascade_bench.stages.exit_rules import (ExitClassifier, low_rank_max_prob, parse_rule_spec, rule_from_spec,
-                                             top_k_max_prob)
+from cascade_bench.stages.exit_rules import (
+    ExitClassifier,
+    low_rank_max_prob,
+    parse_rule_spec,
+    rule_from_spec,
+    top_k_max_prob,
+)
 from cascade_bench.stages.exits import max_prob
 from cascade_bench.training.persistence import load_ensemble, save_ensemble
 from tests.helpers import FAMILIES, KINDS, tiny_ensemble, token_batch
@@ -130,12 +135,16 @@ def test_rule_modules_move_with_the_stage_and_detach_when_replaced():
 
 def test_saved_rule_spec_rebuilds_the_same_shape():
     ensemble = tiny_ensemble("gpt2-tiny")
-    for rule in (low_rank_max_prob(ensemble[0], 3), top_k_max_prob(ensemble[0], [5, 1, 7]),
-                 ExitClassifier(ensemble[0].hidden_size, 4, True, "correctness")):
+    for rule in (
+        low_rank_max_prob(ensemble[0], 3),
+        top_k_max_prob(ensemble[0], [5, 1, 7]),
+        ExitClassifier(ensemble[0].hidden_size, 4, True, "correctness"),
+    ):
         rebuilt = rule_from_spec(rule.spec(), ensemble[0])
         assert rebuilt.macs_per_token() == rule.macs_per_token()
-        assert {k: v.shape for k, v in rebuilt.state_dict().items()} == \
-            {k: v.shape for k, v in rule.state_dict().items()}
+        assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {
+            k: v.shape for k, v in rule.state_dict().items()
+        }
 
 
 def test_bad_rule_arguments_name_the_value():

@@ -20,8 +20,9 @@ def test_max_prob_margin_neg_entropy_by_hand():
     h = torch.zeros(2, 4)
     torch.testing.assert_close(max_prob(None, h, LOGITS), torch.tensor([0.5, 0.8]))
     torch.testing.assert_close(margin(None, h, LOGITS), torch.tensor([0.2, 0.7]))
-    expected = torch.tensor([0.5 * math.log(0.5) + 0.3 * math.log(0.3) + 0.2 * math.log(0.2),
-                             2 * 0.1 * math.log(0.1) + 0.8 * math.log(0.8)])
+    expected = torch.tensor(
+        [0.5 * math.log(0.5) + 0.3 * math.log(0.3) + 0.2 * math.log(0.2), 2 * 0.1 * math.log(0.1) + 0.8 * math.log(0.8)]
+    )
     torch.testing.assert_close(neg_entropy(None, h, LOGITS), expected)
 
 
@@ -31,8 +32,9 @@ def test_shift_invariance_and_precomputed_normalizer_agree():
         fn = resolve_exit_function(name)
         plain = fn(None, torch.zeros(5, 2), logits)
         shifted = fn(None, torch.zeros(5, 2), logits + 100.0)
-        given = fn(None, torch.zeros(5, 2), logits, log_normalizer=torch.logsumexp(logits, -1),
-                   max_logit=logits.max(-1).values)
+        given = fn(
+            None, torch.zeros(5, 2), logits, log_normalizer=torch.logsumexp(logits, -1), max_logit=logits.max(-1).values
+        )
         torch.testing.assert_close(plain, shifted, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(plain, given)
 

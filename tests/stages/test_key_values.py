@@ -24,8 +24,12 @@ def test_layer_key_values_equal_the_models_own_cache(kind, preset, overrides, te
     ids = token_batch(text, 2, 10)
     positions = torch.arange(3, 13).expand(2, -1)  # not starting at 0: rotary offsets must match
     inputs = []
-    hooks = [layer.register_forward_pre_hook(lambda _m, a, kw: inputs.append(a[0] if a else kw["hidden_states"]),
-                                             with_kwargs=True) for layer in stage.layers]
+    hooks = [
+        layer.register_forward_pre_hook(
+            lambda _m, a, kw: inputs.append(a[0] if a else kw["hidden_states"]), with_kwargs=True
+        )
+        for layer in stage.layers
+    ]
     with torch.inference_mode():
         state = ensemble[0](input_ids=ids).hidden
         cache = DynamicCache()

@@ -12,16 +12,22 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 
-from cascade_bench.stages.model_source import (convert_gguf, gguf_in_distribution, gguf_quantisation,  # noqa: E402
-                                               parse_model_spec, resolve_model)
+from cascade_bench.stages.model_source import (
+    convert_gguf,
+    gguf_in_distribution,
+    gguf_quantisation,  # noqa: E402
+    parse_model_spec,
+    resolve_model,
+)
 
 MERGES = ["Ġ t", "h e", "Ġt he"]
 
 
 def _byte_alphabet() -> list[str]:
     """GPT-2's byte-to-character table (every byte spelled as one printable character)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     table, extra = {}, 0
     for byte in range(256):
         if byte in printable:
@@ -34,8 +40,9 @@ def _byte_alphabet() -> list[str]:
 
 def _permute(weight: np.ndarray, heads: int) -> np.ndarray:
     """llama.cpp's layout of a rotary projection (halves interleaved per head), which the loader undoes."""
-    return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2) \
-        .reshape(weight.shape)
+    return (
+        weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    )
 
 
 def write_tiny_llama_gguf(path, seed: int = 0, layers: int = 2):
@@ -44,10 +51,20 @@ def write_tiny_llama_gguf(path, seed: int = 0, layers: int = 2):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokens = _byte_alphabet() + ["Ġt", "he", "Ġthe", "<|endoftext|>"]
-    config = LlamaConfig(vocab_size=len(tokens), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True,
-                         bos_token_id=len(tokens) - 1, eos_token_id=len(tokens) - 1)
+    config = LlamaConfig(
+        vocab_size=len(tokens),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        bos_token_id=len(tokens) - 1,
+        eos_token_id=len(tokens) - 1,
+    )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).eval()
     writer = gguf.GGUFWriter(str(path), "llama")
@@ -72,9 +89,17 @@ def write_tiny_llama_gguf(path, seed: int = 0, layers: int = 2):
     writer.add_eos_token_id(len(tokens) - 1)
     state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
     writer.add_tensor("token_embd.weight", state["model.embed_tokens.weight"])
-    names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
-             "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    names = {
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "ffn_norm",
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+    }
     for layer in range(layers):
         for hf, ours in names.items():
             weight = state[f"model.layers.{layer}.{hf}.weight"]

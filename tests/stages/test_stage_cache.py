@@ -12,8 +12,13 @@ from tests.helpers import FAMILIES, tiny_ensemble, token_batch
 def _run(stage, cache, rows, ids, positions, new_valid=None):
     new_valid = torch.ones(ids.shape, dtype=torch.bool) if new_valid is None else new_valid
     past = cache.begin(rows, ids.shape[1])
-    out = stage(input_ids=ids, attention_mask=cache.attention_mask(new_valid), position_ids=positions,
-                cache=past, use_cache=True)
+    out = stage(
+        input_ids=ids,
+        attention_mask=cache.attention_mask(new_valid),
+        position_ids=positions,
+        cache=past,
+        use_cache=True,
+    )
     cache.commit(new_valid)
     return out.hidden
 
@@ -28,7 +33,7 @@ def test_prefill_then_decode_through_the_cache_equals_one_uncached_pass(preset, 
         whole = stage(input_ids=ids).hidden
         steps = [_run(stage, cache, rows, ids[:, :9], torch.arange(9).expand(2, -1))]
         for t in range(9, 12):
-            steps.append(_run(stage, cache, rows, ids[:, t:t + 1], torch.full((2, 1), t)))
+            steps.append(_run(stage, cache, rows, ids[:, t : t + 1], torch.full((2, 1), t)))
     torch.testing.assert_close(torch.cat(steps, dim=1), whole, atol=1e-5, rtol=0)
     assert cache.length == 12 and cache.count.tolist() == [12, 12] and not cache.has_gaps
 
@@ -42,7 +47,7 @@ def test_decode_steps_write_into_the_buffer_and_attend_over_views_of_it(text):
     with torch.inference_mode():
         _run(stage, cache, rows, ids[:, :10], torch.arange(10)[None])
         for t in range(10, 80):
-            _run(stage, cache, rows, ids[:, t:t + 1], torch.full((1, 1), t))
+            _run(stage, cache, rows, ids[:, t : t + 1], torch.full((1, 1), t))
             buffers.add(cache.keys[0].data_ptr())
             layer = cache.hf_cache.layers[0]
             # What the attention read is a view of the stored buffer: no copy of the context.
@@ -64,7 +69,7 @@ def test_a_call_on_some_rows_gives_the_others_invalid_slots_and_a_mask(text):
         assert mask is None  # still no gap among the slots these rows attend over
         cache.commit(torch.ones(2, 1, dtype=torch.bool))
     assert cache.has_gaps and cache.count.tolist() == [5, 4, 5]
-    assert cache.valid[:, :cache.length].tolist() == [[True] * 5, [True] * 4 + [False], [True] * 5]
+    assert cache.valid[:, : cache.length].tolist() == [[True] * 5, [True] * 4 + [False], [True] * 5]
     cache.begin(torch.tensor([1]), 1)
     assert cache.attention_mask(torch.ones(1, 1, dtype=torch.bool)).tolist() == [[1, 1, 1, 1, 0, 1]]
 
@@ -85,8 +90,9 @@ def test_the_finished_4d_mask_gives_what_the_models_own_mask_construction_gives(
             mask = cache.attention_mask(new_valid, stage.dtype if finished else None)
             assert mask.shape == ((3, 1, 2, 8) if finished else (3, 8))
             positions = cache.count[:, None] + torch.arange(2)[None]
-            hidden = stage(input_ids=ids[:, 6:8], attention_mask=mask, position_ids=positions, cache=past,
-                           use_cache=True).hidden
+            hidden = stage(
+                input_ids=ids[:, 6:8], attention_mask=mask, position_ids=positions, cache=past, use_cache=True
+            ).hidden
             cache.commit(new_valid)
         outputs.append(hidden[new_valid])
     torch.testing.assert_close(outputs[1], outputs[0], atol=1e-5, rtol=0)

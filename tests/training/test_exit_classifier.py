@@ -26,8 +26,11 @@ def test_labels_are_stage_argmax_against_full_depth_or_the_target(text, target):
         out = forward_cascade(ensemble, ids, method="masked", thresholds=[float("inf")])
     scored = out.scored.flatten()
     first = out.stage_prediction[0].flatten()[scored]
-    reference = (out.stage_prediction[1].flatten()[scored] if target == "consistency"
-                 else torch.cat([ids[:, 1:], torch.full((2, 1), -1)], dim=1).flatten()[scored])
+    reference = (
+        out.stage_prediction[1].flatten()[scored]
+        if target == "consistency"
+        else torch.cat([ids[:, 1:], torch.full((2, 1), -1)], dim=1).flatten()[scored]
+    )
     assert torch.equal(data.label, (first == reference).float())
     assert data.h_out.shape == (int(scored.sum()), ensemble[0].hidden_size)
 
@@ -38,12 +41,14 @@ def test_training_lowers_the_loss_and_leaves_the_stages_alone(text):
     train, validation = _batches(text), [token_batch(text, 2, 48, offset=5000)]
     config = TrainConfig(lr=1e-2, max_epochs=15, patience=3, weight_decay=0.0)
     torch.manual_seed(0)
-    classifier, history = train_exit_classifier(ensemble, 0, train, validation, use_input_state=True,
-                                                hidden_units=8, config=config)
+    classifier, history = train_exit_classifier(
+        ensemble, 0, train, validation, use_input_state=True, hidden_units=8, config=config
+    )
     assert history.train_loss[-1] < history.train_loss[0]
     assert history.best_val_ppl < history.val_ppl[0]  # validation BCE
-    assert history.best_val_ppl == pytest.approx(classifier_bce(classifier, exit_labels(
-        ensemble, 0, validation, use_input_state=True)))
+    assert history.best_val_ppl == pytest.approx(
+        classifier_bce(classifier, exit_labels(ensemble, 0, validation, use_input_state=True))
+    )
     after = ensemble.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert not classifier.training and all(p.grad is None for p in classifier.parameters())
@@ -67,8 +72,13 @@ def test_later_stage_features_are_the_routed_pass_states_of_the_continuing_token
     with torch.inference_mode():
         for batch in batches:
             # the routed pass at stage 0's threshold; nobody exits from stage 1 on
-            out = forward_cascade(ensemble, batch, method="routed", thresholds=[stage0_threshold, float("inf")],
-                                  confidence_at_last_stage=True)
+            out = forward_cascade(
+                ensemble,
+                batch,
+                method="routed",
+                thresholds=[stage0_threshold, float("inf")],
+                confidence_at_last_stage=True,
+            )
             reached = (out.exit_stage.flatten() >= 1) & out.scored.flatten()
             first = out.stage_prediction[1].flatten()[reached]
             predictions.append(first)
@@ -79,8 +89,9 @@ def test_later_stage_features_are_the_routed_pass_states_of_the_continuing_token
                 reference = torch.cat([batch[:, 1:], torch.full((batch.shape[0], 1), -1)], dim=1).flatten()[reached]
             labels.append((first == reference).float())
     with torch.inference_mode():
-        head = run_exit_head(ensemble[1], 1, data.h_out, torch.full((data.h_out.shape[0],), -1),
-                             exit_function=ensemble[1].exit_function)
+        head = run_exit_head(
+            ensemble[1], 1, data.h_out, torch.full((data.h_out.shape[0],), -1), exit_function=ensemble[1].exit_function
+        )
     assert data.h_out.shape[0] == int(torch.cat(predictions).numel()) < sum(b.numel() for b in batches)
     assert torch.equal(head.prediction, torch.cat(predictions))
     torch.testing.assert_close(head.confidence, torch.cat(confidences), rtol=1e-5, atol=1e-6)

@@ -37,8 +37,15 @@ def test_training_moves_only_the_translators_and_lowers_their_loss(text):
     model, states = _setup(text)
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     translators = new_translators(model, states.layers)
-    history = train_translators(model, translators, states, states, TrainConfig(lr=1e-2, max_epochs=3, patience=3),
-                                batch_tokens=32, progress=False)
+    history = train_translators(
+        model,
+        translators,
+        states,
+        states,
+        TrainConfig(lr=1e-2, max_epochs=3, patience=3),
+        batch_tokens=32,
+        progress=False,
+    )
     assert history.epochs == 3
     assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())  # the trunk is frozen
     trained = exit_curve(states, translated_head(model, {int(k): t for k, t in translators.items()}))

@@ -74,8 +74,15 @@ def test_both_orders_learn_the_recurrence_and_are_deterministic(order):
     runs = []
     for _ in range(2):
         model = _model()
-        history = train_recurrent(model, train, validation, order, TrainConfig(lr=1e-2, max_epochs=3, patience=3),
-                                  batch_size=8, progress=False)
+        history = train_recurrent(
+            model,
+            train,
+            validation,
+            order,
+            TrainConfig(lr=1e-2, max_epochs=3, patience=3),
+            batch_size=8,
+            progress=False,
+        )
         runs.append((history, recurrent_nll(model, validation)))
     (history, after), (again, _) = runs
     assert after[1] == before[1] and after[0] < 0.8 * before[0]  # the recurrence's PPL on validation fell

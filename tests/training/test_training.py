@@ -17,16 +17,24 @@ from cascade_bench.stages.llm import LLM
 from cascade_bench.stages.presets import build_ensemble
 from cascade_bench.training.loops import TrainConfig, collect_hard_sequences, collect_hard_tokens, freeze, train_llm
 from cascade_bench.training.persistence import load_ensemble, load_saved_tokenizer, save_ensemble
-from cascade_bench.training.protocols import (PROTOCOLS, Protocol, decayed_lrs, start_ensemble, train_ensemble,
-                                              train_joint_baseline, with_leaky_seed_protocol)
+from cascade_bench.training.protocols import (
+    PROTOCOLS,
+    Protocol,
+    decayed_lrs,
+    start_ensemble,
+    train_ensemble,
+    train_joint_baseline,
+    with_leaky_seed_protocol,
+)
 
 QUICK = dict(max_epochs=2, max_steps_per_epoch=6)
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    return prepare_data("embedded", tokenizer="bpe:320", seq_len=32, batch_size=8,
-                        cache_dir=tmp_path_factory.mktemp("tok"))
+    return prepare_data(
+        "embedded", tokenizer="bpe:320", seq_len=32, batch_size=8, cache_dir=tmp_path_factory.mktemp("tok")
+    )
 
 
 def _ensemble(data, layers=(1, 1), seed=0):
@@ -42,8 +50,13 @@ def test_training_lowers_validation_ppl_and_is_deterministic(data):
     for _ in range(2):
         ensemble = _ensemble(data)
         before = _stage0_ppl(ensemble, data.validation)
-        history = train_llm(ensemble[0], data.train, lambda e=ensemble: _stage0_ppl(e, data.validation),
-                            TrainConfig(lr=3e-3, **QUICK), progress=False)
+        history = train_llm(
+            ensemble[0],
+            data.train,
+            lambda e=ensemble: _stage0_ppl(e, data.validation),
+            TrainConfig(lr=3e-3, **QUICK),
+            progress=False,
+        )
         runs.append(history)
     assert runs[0].train_loss == runs[1].train_loss and runs[0].val_ppl == runs[1].val_ppl
     assert runs[0].best_val_ppl < 0.8 * before
@@ -59,8 +72,13 @@ def test_early_stopping_restores_the_best_state(data):
         snapshots.append({k: v.clone() for k, v in ensemble[0].state_dict().items()})
         return next(ppls)
 
-    history = train_llm(ensemble[0], data.train, validate, TrainConfig(lr=1e-3, max_epochs=5, patience=1,
-                                                                    max_steps_per_epoch=2), progress=False)
+    history = train_llm(
+        ensemble[0],
+        data.train,
+        validate,
+        TrainConfig(lr=1e-3, max_epochs=5, patience=1, max_steps_per_epoch=2),
+        progress=False,
+    )
     assert history.val_ppl == (50.0, 40.0, 45.0) and history.best_epoch == 1  # patience 1: one bad epoch stops
     for name, value in ensemble[0].state_dict().items():
         assert torch.equal(value, snapshots[1][name])
@@ -110,8 +128,13 @@ def test_frozen_stage_is_unchanged_by_stage_one_training(data):
     before = {k: v.clone() for k, v in ensemble[0].state_dict().items()}
     stage1_before = {k: v.clone() for k, v in ensemble[1].state_dict().items()}
     freeze(ensemble.stages[:1])
-    train_llm(ensemble[1], hard, lambda: evaluate(ensemble, data.validation).ppl,
-              TrainConfig(lr=1e-3, max_epochs=1), progress=False)
+    train_llm(
+        ensemble[1],
+        hard,
+        lambda: evaluate(ensemble, data.validation).ppl,
+        TrainConfig(lr=1e-3, max_epochs=1),
+        progress=False,
+    )
     assert all(not p.requires_grad for p in ensemble[0].parameters())
     assert all(torch.equal(v, before[k]) for k, v in ensemble[0].state_dict().items())
     assert any(not torch.equal(v, stage1_before[k]) for k, v in ensemble[1].state_dict().items())
@@ -227,8 +250,9 @@ def test_lego3_is_ashem_grown_by_one_more_stage_with_the_last_stages_recipe():
 def test_staged_hard_ratios_set_each_boundary_on_the_tokens_that_reach_it(data):
     """LASH's falling thresholds: stage 0 leaves half of all tokens to continue, stage 1 a quarter of
     those that reach it."""
-    protocol = _protocol("block", layers=(1, 1, 1), lrs=(3e-3, 1e-3, 1e-3), patience=(1, 1, 1),
-                         hard_ratio=(0.5, 0.25), max_epochs=1)
+    protocol = _protocol(
+        "block", layers=(1, 1, 1), lrs=(3e-3, 1e-3, 1e-3), patience=(1, 1, 1), hard_ratio=(0.5, 0.25), max_epochs=1
+    )
     ensemble = _start(data, protocol)
     report = train_ensemble(ensemble, data.train, data.validation, protocol, max_steps_per_epoch=3, progress=False)
     final = report.stages[2].validation  # validation: the split the thresholds were calibrated on
@@ -270,8 +294,9 @@ def test_protocol_runs_are_deterministic(data):
     runs = []
     for _ in range(2):
         ensemble = _start(data, protocol, seed=3)
-        report = train_ensemble(ensemble, data.train, data.validation, protocol, seed=3, max_steps_per_epoch=3,
-                                progress=False)
+        report = train_ensemble(
+            ensemble, data.train, data.validation, protocol, seed=3, max_steps_per_epoch=3, progress=False
+        )
         runs.append((report, {k: v.clone() for k, v in ensemble.state_dict().items()}))
     (a, state_a), (b, state_b) = runs
     for x, y in zip(a.stages, b.stages):
@@ -284,15 +309,18 @@ def test_protocol_runs_are_deterministic(data):
 def test_continuing_from_a_saved_stage0_equals_one_uninterrupted_call(data, tmp_path):
     protocol = _protocol("block", layers=(1, 1, 1), lrs=(3e-3, 1e-3, 1e-3), patience=(1, 1, 1))
     whole = _start(data, protocol, seed=3)
-    one_call = train_ensemble(whole, data.train, data.validation, protocol, seed=3, max_steps_per_epoch=3,
-                              progress=False)
+    one_call = train_ensemble(
+        whole, data.train, data.validation, protocol, seed=3, max_steps_per_epoch=3, progress=False
+    )
     first = _start(data, protocol, seed=3)
-    train_ensemble(first, data.train, data.validation, protocol.prefix(1), seed=3, max_steps_per_epoch=3,
-                   progress=False)
+    train_ensemble(
+        first, data.train, data.validation, protocol.prefix(1), seed=3, max_steps_per_epoch=3, progress=False
+    )
     save_ensemble(first, tmp_path / "stage0")
     resumed = load_ensemble(tmp_path / "stage0")
-    rest = train_ensemble(resumed, data.train, data.validation, protocol, seed=3, max_steps_per_epoch=3,
-                          progress=False, trained_stages=1)
+    rest = train_ensemble(
+        resumed, data.train, data.validation, protocol, seed=3, max_steps_per_epoch=3, progress=False, trained_stages=1
+    )
     assert [s.stage for s in rest.stages] == [1, 2]
     for x, y in zip(one_call.stages[1:], rest.stages):
         assert x.history.val_ppl == y.history.val_ppl and x.hard_tokens == y.hard_tokens
@@ -319,8 +347,14 @@ def test_joint_baselines_train_every_stage(data):
     for weights in ((0.0, 1.0), (0.5, 1.0)):
         ensemble = _ensemble(data)
         before = [{k: v.clone() for k, v in s.state_dict().items()} for s in ensemble]
-        history = train_joint_baseline(ensemble, data.train, data.validation, weights,
-                                       TrainConfig(lr=3e-3, max_epochs=1, max_steps_per_epoch=4), progress=False)
+        history = train_joint_baseline(
+            ensemble,
+            data.train,
+            data.validation,
+            weights,
+            TrainConfig(lr=3e-3, max_epochs=1, max_steps_per_epoch=4),
+            progress=False,
+        )
         assert len(history.val_ppl) == 1
         for stage, old in zip(ensemble, before):
             assert any(not torch.equal(v, old[k]) for k, v in stage.state_dict().items())
@@ -360,8 +394,13 @@ def test_sequence_level_hard_examples_are_whole_sequences_below_the_threshold_in
     shards = iter(hard)
     for batch, means, rows in zip(batches, hard.mean_confidences, hard.flat_indices):
         with torch.inference_mode():
-            out = routed_forward(ensemble, batch["input_ids"], targets=batch["targets"],
-                                 thresholds=[float("inf")], confidence_at_last_stage=True)
+            out = routed_forward(
+                ensemble,
+                batch["input_ids"],
+                targets=batch["targets"],
+                thresholds=[float("inf")],
+                confidence_at_last_stage=True,
+            )
             expected = out.stage_confidence[0].mean(dim=1)  # every token of a training window is scored
             states = ensemble[0](input_ids=batch["input_ids"]).hidden
         torch.testing.assert_close(means, expected, rtol=1e-5, atol=1e-6)

@@ -7,5 +7,13 @@ from .presets import MEMORY_PRESETS, create_model
 
 register_memory_lm()
 
-__all__ = ["LAYER_KINDS", "MEMORY_LAYER_KINDS", "MEMORY_PRESETS", "MemoryLMConfig", "MemoryLMForCausalLM",
-           "MemoryLMModel", "create_model", "register_memory_lm"]
+__all__ = [
+    "LAYER_KINDS",
+    "MEMORY_LAYER_KINDS",
+    "MEMORY_PRESETS",
+    "MemoryLMConfig",
+    "MemoryLMForCausalLM",
+    "MemoryLMModel",
+    "create_model",
+    "register_memory_lm",
+]

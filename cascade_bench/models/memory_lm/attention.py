@@ -28,7 +28,7 @@ class RotaryEmbedding(nn.Module):
         signature). The frequencies are computed here, not kept in a buffer: Hugging Face's loader
         leaves non-persistent buffers uninitialised."""
         steps = torch.arange(0, self.dim, 2, dtype=torch.float32, device=position_ids.device) / max(self.dim, 1)
-        inv_freq = 1.0 / (self.theta ** steps)
+        inv_freq = 1.0 / (self.theta**steps)
         angles = position_ids[..., None].float() * inv_freq  # (B, T, dim / 2)
         angles = torch.cat([angles, angles], dim=-1)[:, None]
         return angles.cos().to(x.dtype), angles.sin().to(x.dtype)

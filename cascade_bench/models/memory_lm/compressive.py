@@ -53,16 +53,19 @@ class CompressiveMemory:
 
     @classmethod
     def empty(cls, batch: int, dim: int, banks: int, device, dtype) -> "CompressiveMemory":
-        return cls(torch.zeros(banks, batch, dim, dim, device=device, dtype=dtype),
-                   torch.zeros(banks, batch, dim, device=device, dtype=dtype))
+        return cls(
+            torch.zeros(banks, batch, dim, dim, device=device, dtype=dtype),
+            torch.zeros(banks, batch, dim, device=device, dtype=dtype),
+        )
 
     def read(self, queries: Tensor) -> Tensor:
         """(B, N, d) queries -> (B, N, d) retrieved values, pooled over banks."""
         q = features(queries).to(self.memory.dtype)
         return _retrieved(q, self.memory.sum(dim=0), self.normaliser.sum(dim=0)).to(queries.dtype)
 
-    def written(self, keys: Tensor, values: Tensor, valid: Optional[Tensor], delta_rule: bool,
-                segments_per_bank: int) -> "CompressiveMemory":
+    def written(
+        self, keys: Tensor, values: Tensor, valid: Optional[Tensor], delta_rule: bool, segments_per_bank: int
+    ) -> "CompressiveMemory":
         """The memory after writing one segment's (B, N, d) keys/values (``valid``: (B, N) real
         tokens; padding writes nothing), with the write's graph (the carried state is detached by
         the model, between calls)."""
@@ -86,12 +89,18 @@ class CompressiveMemory:
 
     def state(self) -> dict:
         """Plain tensors (detached) and ints: what ``torch.save`` writes."""
-        return {"memory": self.memory.detach(), "normaliser": self.normaliser.detach(), "bank": self.bank,
-                "filled": self.filled}
+        return {
+            "memory": self.memory.detach(),
+            "normaliser": self.normaliser.detach(),
+            "bank": self.bank,
+            "filled": self.filled,
+        }
 
     @classmethod
     def from_state(cls, state: dict) -> "CompressiveMemory":
         return cls(state["memory"], state["normaliser"], int(state["bank"]), int(state["filled"]))
 
     def nbytes(self) -> int:
-        return self.memory.numel() * self.memory.element_size() + self.normaliser.numel() * self.normaliser.element_size()
+        return (
+            self.memory.numel() * self.memory.element_size() + self.normaliser.numel() * self.normaliser.element_size()
+        )

@@ -31,12 +31,26 @@ class MemoryLMConfig(PretrainedConfig):
 
     model_type = "cascade_memory_lm"
 
-    def __init__(self, vocab_size: int = 1024, hidden_size: int = 128, num_attention_heads: int = 4,
-                 intermediate_size: int = 512, layer_kinds=("pythia",) * 6, max_position_embeddings: int = 16384,
-                 rotary_pct: float = 0.25, rope_theta: float = 10000.0, layer_norm_eps: float = 1e-5,
-                 segment_length: int = 64, delta_rule: bool = False, num_memory_banks: int = 1,
-                 segments_per_bank: int = 0, num_memories: int = 4, initializer_range: float = 0.02,
-                 tie_word_embeddings: bool = False, **kwargs):
+    def __init__(
+        self,
+        vocab_size: int = 1024,
+        hidden_size: int = 128,
+        num_attention_heads: int = 4,
+        intermediate_size: int = 512,
+        layer_kinds=("pythia",) * 6,
+        max_position_embeddings: int = 16384,
+        rotary_pct: float = 0.25,
+        rope_theta: float = 10000.0,
+        layer_norm_eps: float = 1e-5,
+        segment_length: int = 64,
+        delta_rule: bool = False,
+        num_memory_banks: int = 1,
+        segments_per_bank: int = 0,
+        num_memories: int = 4,
+        initializer_range: float = 0.02,
+        tie_word_embeddings: bool = False,
+        **kwargs,
+    ):
         for seed_name, ours in SEED_NAMES.items():
             if seed_name in kwargs:
                 raise TypeError(f"MemoryLMConfig got {seed_name}={kwargs[seed_name]!r}: this family calls it {ours}")
@@ -67,8 +81,16 @@ class MemoryLMConfig(PretrainedConfig):
         def bad(key: str, expected: str):
             raise ValueError(f"MemoryLMConfig {key}: expected {expected}, got {getattr(self, key)!r}")
 
-        for key in ("vocab_size", "hidden_size", "num_attention_heads", "intermediate_size", "segment_length",
-                    "num_memory_banks", "num_memories", "max_position_embeddings"):
+        for key in (
+            "vocab_size",
+            "hidden_size",
+            "num_attention_heads",
+            "intermediate_size",
+            "segment_length",
+            "num_memory_banks",
+            "num_memories",
+            "max_position_embeddings",
+        ):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 bad(key, "a positive int")
@@ -76,11 +98,17 @@ class MemoryLMConfig(PretrainedConfig):
             bad("hidden_size", f"a multiple of num_attention_heads ({self.num_attention_heads})")
         if not self.layer_kinds or any(t not in LAYER_KINDS for t in self.layer_kinds):
             bad("layer_kinds", f"a non-empty list drawn from {list(LAYER_KINDS)}")
-        if isinstance(self.num_hidden_layers, bool) or not isinstance(self.num_hidden_layers, int) \
-                or not 1 <= self.num_hidden_layers <= len(self.layer_kinds):
+        if (
+            isinstance(self.num_hidden_layers, bool)
+            or not isinstance(self.num_hidden_layers, int)
+            or not 1 <= self.num_hidden_layers <= len(self.layer_kinds)
+        ):
             bad("num_hidden_layers", f"an int in [1, len(layer_kinds) = {len(self.layer_kinds)}]")
         if not 0.0 <= self.rotary_pct <= 1.0:
             bad("rotary_pct", "a fraction in [0, 1]")
-        if isinstance(self.segments_per_bank, bool) or not isinstance(self.segments_per_bank, int) \
-                or self.segments_per_bank < 0:
+        if (
+            isinstance(self.segments_per_bank, bool)
+            or not isinstance(self.segments_per_bank, int)
+            or self.segments_per_bank < 0
+        ):
             bad("segments_per_bank", "a non-negative int (0 = one bank, never reset)")

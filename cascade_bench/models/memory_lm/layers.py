@@ -61,10 +61,17 @@ class Layer(nn.Module):
         self.mlp = MLP(config.hidden_size, config.intermediate_size)
         self.config = config
 
-    def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None,
-                position_embeddings: Optional[tuple[Tensor, Tensor]] = None, cache=None,
-                padding_mask: Optional[Tensor] = None, memory: Optional[MemoryContext] = None,
-                position_ids: Optional[Tensor] = None, use_cache: Optional[bool] = None) -> Tensor:
+    def forward(
+        self,
+        hidden_states: Tensor,
+        attention_mask: Optional[Tensor] = None,
+        position_embeddings: Optional[tuple[Tensor, Tensor]] = None,
+        cache=None,
+        padding_mask: Optional[Tensor] = None,
+        memory: Optional[MemoryContext] = None,
+        position_ids: Optional[Tensor] = None,
+        use_cache: Optional[bool] = None,
+    ) -> Tensor:
         """(B, T, d) -> (B, T, d). ``cache``: the model's cache (written when given). Positions
         enter through ``position_embeddings`` (rotary cos/sin); ``position_ids`` and ``use_cache``
         are accepted because block stages pass every family's layers the same keywords, and
@@ -98,8 +105,7 @@ class SegmentMemoryLayer(Layer):
 
     def mix(self, x, attention_mask, position_embeddings, cache, padding_mask, memory) -> Tensor:
         if cache is not None:
-            return self._mix_cached(x, position_embeddings, decode_slot(cache, self.layer_idx),
-                                    padding_mask, memory)
+            return self._mix_cached(x, position_embeddings, decode_slot(cache, self.layer_idx), padding_mask, memory)
         batch, length, dim = x.shape
         n = self.config.segment_length
         q, k, v = self.attention.project(x)
@@ -110,8 +116,9 @@ class SegmentMemoryLayer(Layer):
             part = slice(s, min(s + n, length))
             reads.append(self.read(state, q[:, part], x[:, part]))
             if memory is not None or part.stop < length:  # nobody reads the last write unless the state is kept
-                state = self.write(state, k[:, part], v[:, part], x[:, part],
-                                   None if padding_mask is None else padding_mask[:, part])
+                state = self.write(
+                    state, k[:, part], v[:, part], x[:, part], None if padding_mask is None else padding_mask[:, part]
+                )
         if memory is not None:
             memory.states[self.layer_idx] = state
         return self._mixed(torch.cat(reads, dim=1), local)
@@ -136,13 +143,16 @@ class SegmentMemoryLayer(Layer):
             raise NotImplementedError(
                 f"{kind} layers decode with a cache only when every row has a real token at every step (no "
                 f"padding, no rows left out, no rejected drafts): their segments and memories are per row; run "
-                f"such batches without a cache (use_cache=False)")
+                f"such batches without a cache (use_cache=False)"
+            )
         if slot.memories is None:
             slot.memories = self._initial_state(batch, x, memory)
             slot.batch_size = batch
         elif slot.batch_size != batch:
-            raise NotImplementedError(f"a {kind} layer's cache holds {slot.batch_size} rows, but this call has "
-                                      f"{batch}: memory layers decode with every row of the batch in every call")
+            raise NotImplementedError(
+                f"a {kind} layer's cache holds {slot.batch_size} rows, but this call has "
+                f"{batch}: memory layers decode with every row of the batch in every call"
+            )
         n = self.config.segment_length
         q, k, v = self.attention.project(x)
         cos, sin = position_embeddings
@@ -172,12 +182,20 @@ class SegmentMemoryLayer(Layer):
         segments = -(-length // n)
         pad = segments * n - length
         cos, sin = position_embeddings
-        heads = [apply_rotary(self.attention.heads(q), cos, sin), apply_rotary(self.attention.heads(k), cos, sin),
-                 self.attention.heads(v)]
+        heads = [
+            apply_rotary(self.attention.heads(q), cos, sin),
+            apply_rotary(self.attention.heads(k), cos, sin),
+            self.attention.heads(v),
+        ]
         h, d = self.attention.num_heads, self.attention.head_dim
         # (B, H, T, D) -> (B * S, H, N, D): one causal attention per segment, all in one call
-        heads = [torch.nn.functional.pad(t, (0, 0, 0, pad)).view(batch, h, segments, n, d).transpose(1, 2)
-                 .reshape(batch * segments, h, n, d) for t in heads]
+        heads = [
+            torch.nn.functional.pad(t, (0, 0, 0, pad))
+            .view(batch, h, segments, n, d)
+            .transpose(1, 2)
+            .reshape(batch * segments, h, n, d)
+            for t in heads
+        ]
         allowed = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
         if padding_mask is not None:
             keys = torch.nn.functional.pad(padding_mask.bool(), (0, pad), value=True).view(batch * segments, 1, 1, n)
@@ -245,8 +263,16 @@ class MultiMemoryLayer(SegmentMemoryLayer):
 
     def write(self, state, keys, values, x, valid):
         projected = self.memory_keys_values(x).view(*x.shape[:2], self.config.num_memories, 2, -1)
-        return [memory.written(projected[:, :, i, 0], projected[:, :, i, 1], valid, self.config.delta_rule,
-                               self.config.segments_per_bank) for i, memory in enumerate(state)]
+        return [
+            memory.written(
+                projected[:, :, i, 0],
+                projected[:, :, i, 1],
+                valid,
+                self.config.delta_rule,
+                self.config.segments_per_bank,
+            )
+            for i, memory in enumerate(state)
+        ]
 
 
 class HierarchicalLayer(SegmentMemoryLayer):
@@ -274,10 +300,17 @@ class HierarchicalLayer(SegmentMemoryLayer):
         summary_values = (values * weights[..., None]).sum(dim=1, keepdim=True) / count
         summary_valid = weights.sum(dim=1, keepdim=True) > 0
         c = self.config
-        return {"coarse": state["coarse"].written(summary_keys, summary_values, summary_valid, c.delta_rule,
-                                                  c.segments_per_bank),
-                "fine": state["fine"].written(keys, values, valid, c.delta_rule, c.segments_per_bank)}
+        return {
+            "coarse": state["coarse"].written(
+                summary_keys, summary_values, summary_valid, c.delta_rule, c.segments_per_bank
+            ),
+            "fine": state["fine"].written(keys, values, valid, c.delta_rule, c.segments_per_bank),
+        }
 
 
-LAYER_CLASSES = {"pythia": PythiaLayer, "infini": InfiniLayer, "multi_memory": MultiMemoryLayer,
-                 "hierarchical": HierarchicalLayer}
+LAYER_CLASSES = {
+    "pythia": PythiaLayer,
+    "infini": InfiniLayer,
+    "multi_memory": MultiMemoryLayer,
+    "hierarchical": HierarchicalLayer,
+}

@@ -79,7 +79,7 @@ class MemoryLMModel(MemoryLMPreTrainedModel):
     def __init__(self, config: MemoryLMConfig):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        types = config.layer_kinds[:config.num_hidden_layers]
+        types = config.layer_kinds[: config.num_hidden_layers]
         self.layers = nn.ModuleList(LAYER_CLASSES[t](config, i) for i, t in enumerate(types))
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         head_dim = config.hidden_size // config.num_attention_heads
@@ -93,11 +93,20 @@ class MemoryLMModel(MemoryLMPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
-    def forward(self, input_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
-                position_ids: Optional[Tensor] = None, cache=None, inputs_embeds: Optional[Tensor] = None,
-                use_cache: Optional[bool] = None, memory: Optional[MemoryContext] = None,
-                output_hidden_states: Optional[bool] = None, output_attentions: Optional[bool] = None,
-                return_dict: Optional[bool] = None, past_key_values=None) -> BaseModelOutputWithPast:
+    def forward(
+        self,
+        input_ids: Optional[Tensor] = None,
+        attention_mask: Optional[Tensor] = None,
+        position_ids: Optional[Tensor] = None,
+        cache=None,
+        inputs_embeds: Optional[Tensor] = None,
+        use_cache: Optional[bool] = None,
+        memory: Optional[MemoryContext] = None,
+        output_hidden_states: Optional[bool] = None,
+        output_attentions: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        past_key_values=None,
+    ) -> BaseModelOutputWithPast:
         """(B, T) ids or (B, T, d) embeddings -> final normed states (B, T, d).
 
         ``cache``: the key/value cache to attend over and extend (``past_key_values`` is the same
@@ -123,28 +132,38 @@ class MemoryLMModel(MemoryLMPreTrainedModel):
         rotary = self.rotary(hidden, position_ids)
         states = [hidden]
         for layer in self.layers:
-            hidden = layer(hidden, attention_mask=mask, position_embeddings=rotary,
-                           cache=cache if use_cache else None, padding_mask=padding, memory=memory)
+            hidden = layer(
+                hidden,
+                attention_mask=mask,
+                position_embeddings=rotary,
+                cache=cache if use_cache else None,
+                padding_mask=padding,
+                memory=memory,
+            )
             states.append(hidden)
         hidden = self.norm(hidden)
-        out = BaseModelOutputWithPast(last_hidden_state=hidden,
-                                      hidden_states=tuple(states[:-1]) + (hidden,) if output_hidden_states else None,
-                                      **{cache_keyword(): cache if use_cache else None})
+        out = BaseModelOutputWithPast(
+            last_hidden_state=hidden,
+            hidden_states=tuple(states[:-1]) + (hidden,) if output_hidden_states else None,
+            **{cache_keyword(): cache if use_cache else None},
+        )
         return out if return_dict is not False else out.to_tuple()
 
 
 def _one_cache(cache, past_key_values):
     """The cache given under either of its names (ValueError when given under both)."""
     if cache is not None and past_key_values is not None:
-        raise ValueError("pass the cache once: as cache (transformers >= 5.24) or as past_key_values (earlier "
-                         "releases), not both")
+        raise ValueError(
+            "pass the cache once: as cache (transformers >= 5.24) or as past_key_values (earlier releases), not both"
+        )
     return cache if cache is not None else past_key_values
 
 
 def _refuse_attentions(output_attentions) -> None:
     if output_attentions:
-        raise ValueError("output_attentions=True: memory-layer models do not return attention weights (memory "
-                         "reads have none)")
+        raise ValueError(
+            "output_attentions=True: memory-layer models do not return attention weights (memory reads have none)"
+        )
 
 
 class MemoryLMForCausalLM(MemoryLMPreTrainedModel, GenerationMixin):
@@ -169,7 +188,7 @@ class MemoryLMForCausalLM(MemoryLMPreTrainedModel, GenerationMixin):
 
     @property
     def memory_layers(self) -> list[int]:
-        types = self.config.layer_kinds[:self.config.num_hidden_layers]
+        types = self.config.layer_kinds[: self.config.num_hidden_layers]
         return [i for i, t in enumerate(types) if t in MEMORY_LAYER_KINDS]
 
     # -- memory state ------------------------------------------------------------------------------
@@ -190,8 +209,9 @@ class MemoryLMForCausalLM(MemoryLMPreTrainedModel, GenerationMixin):
         if state is not None:
             unknown = sorted(set(int(k) for k in state) - set(self.memory_layers))
             if unknown:
-                raise ValueError(f"memory state has layers {unknown}, but this model's memory layers are "
-                                 f"{self.memory_layers}")
+                raise ValueError(
+                    f"memory state has layers {unknown}, but this model's memory layers are {self.memory_layers}"
+                )
         self._memory_state = state
         self._start_from_set_state = True
 
@@ -207,15 +227,27 @@ class MemoryLMForCausalLM(MemoryLMPreTrainedModel, GenerationMixin):
             if isinstance(node, (list, tuple)):
                 return sum(size(v) for v in node)
             return 0
+
         return size(state) if state is not None else 0
 
     # -- forward ---------------------------------------------------------------------------------
-    def forward(self, input_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
-                position_ids: Optional[Tensor] = None, cache=None, inputs_embeds: Optional[Tensor] = None,
-                labels: Optional[Tensor] = None, use_cache: Optional[bool] = None,
-                memory_state: Optional[dict] = None, logits_to_keep: int = 0,
-                output_hidden_states: Optional[bool] = None, output_attentions: Optional[bool] = None,
-                return_dict: Optional[bool] = None, past_key_values=None, update_memory=None) -> MemoryLMOutput:
+    def forward(
+        self,
+        input_ids: Optional[Tensor] = None,
+        attention_mask: Optional[Tensor] = None,
+        position_ids: Optional[Tensor] = None,
+        cache=None,
+        inputs_embeds: Optional[Tensor] = None,
+        labels: Optional[Tensor] = None,
+        use_cache: Optional[bool] = None,
+        memory_state: Optional[dict] = None,
+        logits_to_keep: int = 0,
+        output_hidden_states: Optional[bool] = None,
+        output_attentions: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        past_key_values=None,
+        update_memory=None,
+    ) -> MemoryLMOutput:
         """Logits (B, T, V) (the last ``logits_to_keep`` positions when it is > 0), the loss of
         ``labels`` (next-token, -100 ignored), the cache and the memories after this forward.
 
@@ -226,9 +258,11 @@ class MemoryLMForCausalLM(MemoryLMPreTrainedModel, GenerationMixin):
         it in ``output.memory_state``; to leave the model's own state as it was, take it with
         ``get_memory_state`` and ``set_memory_state`` it back. Any other keyword is a TypeError."""
         if update_memory is not None:
-            raise TypeError("update_memory (the seed's name) is not an argument here: a forward always returns the "
-                            "memories after it in output.memory_state; to keep the model's own state, take it with "
-                            "get_memory_state() and give it back with set_memory_state()")
+            raise TypeError(
+                "update_memory (the seed's name) is not an argument here: a forward always returns the "
+                "memories after it in output.memory_state; to keep the model's own state, take it with "
+                "get_memory_state() and give it back with set_memory_state()"
+            )
         cache = _one_cache(cache, past_key_values)
         _refuse_attentions(output_attentions)
         carried = self.carry_memory or self._start_from_set_state
@@ -236,19 +270,32 @@ class MemoryLMForCausalLM(MemoryLMPreTrainedModel, GenerationMixin):
         self._start_from_set_state = False
         device = (input_ids if input_ids is not None else inputs_embeds).device
         context = MemoryContext({int(k): _memories(v, device) for k, v in (start or {}).items()})
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                         memory=context, output_hidden_states=output_hidden_states)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            memory=context,
+            output_hidden_states=output_hidden_states,
+        )
         hidden = out.last_hidden_state
         logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         loss = None
         if labels is not None:
-            loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                                               labels[:, 1:].reshape(-1), ignore_index=-100)
+            loss = nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
+            )
         state = {i: _plain(s) for i, s in context.states.items()} or None
         self._memory_state = state
-        result = MemoryLMOutput(loss=loss, logits=logits, memory_state=state, hidden_states=out.hidden_states,
-                                **{cache_keyword(): out.get(cache_keyword())})
+        result = MemoryLMOutput(
+            loss=loss,
+            logits=logits,
+            memory_state=state,
+            hidden_states=out.hidden_states,
+            **{cache_keyword(): out.get(cache_keyword())},
+        )
         return result if return_dict is not False else result.to_tuple()
 
 

@@ -17,7 +17,9 @@ def create_model(name: str = "pythia", **options) -> MemoryLMForCausalLM:
     """A freshly initialised model of preset ``name`` (``MEMORY_PRESETS``); ``options`` set any
     ``MemoryLMConfig`` field (``layer_kinds`` replaces the preset's layer list)."""
     if name not in MEMORY_PRESETS:
-        raise ValueError(f"unknown memory-LM preset {name!r}; expected one of {sorted(MEMORY_PRESETS)} "
-                         f"(or any layer list drawn from {list(LAYER_KINDS)} as layer_kinds=...)")
+        raise ValueError(
+            f"unknown memory-LM preset {name!r}; expected one of {sorted(MEMORY_PRESETS)} "
+            f"(or any layer list drawn from {list(LAYER_KINDS)} as layer_kinds=...)"
+        )
     options.setdefault("layer_kinds", MEMORY_PRESETS[name])
     return MemoryLMForCausalLM(MemoryLMConfig(**options))

@@ -30,8 +30,9 @@ class SegmentLayer(DynamicLayer):
         self.memories = None
         self.pending: list[tuple[Tensor, Tensor, Tensor]] = []
 
-    def extend(self, key_heads: Tensor, value_heads: Tensor, keys: Tensor, values: Tensor,
-               inputs: Tensor) -> tuple[Tensor, Tensor]:
+    def extend(
+        self, key_heads: Tensor, value_heads: Tensor, keys: Tensor, values: Tensor, inputs: Tensor
+    ) -> tuple[Tensor, Tensor]:
         """Add new tokens to the current segment; return its rotated keys/values (B, H, n, D)."""
         if not self.is_initialized or self.keys is None or self.keys.numel() == 0:
             self.lazy_initialization(key_heads, value_heads)
@@ -61,8 +62,9 @@ class SegmentLayer(DynamicLayer):
         return sum(t.numel() * t.element_size() for t in tensors) + _memory_bytes(self.memories)
 
     def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError("memory layers cannot crop their cache: finished segments are already "
-                                  "folded into the memories")
+        raise NotImplementedError(
+            "memory layers cannot crop their cache: finished segments are already folded into the memories"
+        )
 
 
 def _memory_bytes(memories) -> int:
