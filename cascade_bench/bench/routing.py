@@ -34,7 +34,7 @@ from ..routing import compaction
 from ..routing.calibration import hard_ratio_of_exit_ratio, threshold_for_hard_ratio
 from ..routing.passes import forward_cascade
 from ..stages.ensemble import Ensemble, evaluation_mode
-from ..stages.exit_rules import MLP_HIDDEN_UNITS, ExitClassifier, low_rank_max_prob, parse_rule_spec, top_k_max_prob
+from ..stages.exit_rules import parse_rule_spec, untrained_rule
 
 #: name -> forward_cascade keyword arguments
 BENCH_METHODS: dict[str, dict] = {
@@ -241,22 +241,11 @@ class RuleRow:
 def with_rule(ensemble: Ensemble, spec: str, candidate_ids: Optional[torch.Tensor] = None) -> Ensemble:
     """A copy of ``ensemble`` whose non-last stages use the rule ``spec`` (a classifier keeps its random
     initial weights; ``topk:K`` takes the first K of ``candidate_ids``, default ids 0..K-1)."""
-    kind, size = parse_rule_spec(spec)
+    parse_rule_spec(spec)
     copied = copy.deepcopy(ensemble)
     for k in range(len(copied) - 1):
-        stage = copied[k]
-        if kind in ("classifier", "classifier-mlp"):
-            torch.manual_seed(k)
-            rule = ExitClassifier(stage.hidden_size, MLP_HIDDEN_UNITS if kind == "classifier-mlp" else 0)
-            rule = rule.to(device=stage.device, dtype=stage.dtype)
-        elif kind == "lowrank":
-            rule = low_rank_max_prob(stage, size)
-        elif kind == "topk":
-            ids = candidate_ids[:size] if candidate_ids is not None else torch.arange(size)
-            rule = top_k_max_prob(stage, ids)
-        else:
-            rule = kind
-        stage.exit_function = rule
+        torch.manual_seed(k)  # a classifier's random initial weights, the same on every run
+        copied[k].exit_function = untrained_rule(spec, copied[k], candidate_ids)
     return copied.eval()
 
 

@@ -27,7 +27,7 @@ from ..measure.distributed import gathered, same_parameters, shard
 from ..routing.calibration import calibrate_thresholds
 from ..routing.passes import forward_cascade
 from ..stages.ensemble import Ensemble, evaluation_mode
-from ..stages.exit_rules import MLP_HIDDEN_UNITS, low_rank_max_prob, parse_rule_spec, top_k_max_prob
+from ..stages.exit_rules import MLP_HIDDEN_UNITS, parse_rule_spec, untrained_rule
 from ..training.exit_classifier import (
     CLASSIFIER_BATCH_TOKENS,
     CLASSIFIER_MAX_TOKENS,
@@ -117,12 +117,8 @@ def build_rule(
                 }
             )
         return BuiltRule(spec, per_stage, training)
-    if kind == "lowrank":
-        return BuiltRule(spec, [low_rank_max_prob(cascade[k], size) for k in non_last])
-    if kind == "topk":
-        ids = most_frequent_ids(train, cascade.vocab_size, size)
-        return BuiltRule(spec, [top_k_max_prob(cascade[k], ids) for k in non_last])
-    return BuiltRule(spec, [kind for _ in non_last])
+    ids = most_frequent_ids(train, cascade.vocab_size, size) if kind == "topk" else None
+    return BuiltRule(spec, [untrained_rule(spec, cascade[k], ids) for k in non_last])
 
 
 def _train_classifier(

@@ -188,6 +188,23 @@ def _check_size(what: str, value, upper: int) -> None:
         raise ValueError(f"{what} must be an int in [1, {upper}], got {value!r}")
 
 
+def untrained_rule(spec: str, stage: nn.Module, candidate_ids: Optional[Tensor] = None) -> "str | nn.Module":
+    """The exit rule ``spec`` for ``stage`` before any training, the one place a spec becomes a rule:
+    a built-in rule's name; a fresh classifier (its random initial weights: train it with
+    ``training.exit_classifier``) on the stage's device and dtype; or a reduced head cut from the
+    stage's own (``lowrank:R``; ``topk:K`` from the first K of ``candidate_ids``, default ids 0..K-1)."""
+    kind, size = parse_rule_spec(spec)
+    if kind in ("classifier", "classifier-mlp"):
+        rule = ExitClassifier(stage.hidden_size, MLP_HIDDEN_UNITS if kind == "classifier-mlp" else 0)
+        return rule.to(device=stage.device, dtype=stage.dtype)
+    if kind == "lowrank":
+        return low_rank_max_prob(stage, size)
+    if kind == "topk":
+        ids = candidate_ids[:size] if candidate_ids is not None else torch.arange(size)
+        return top_k_max_prob(stage, ids)
+    return kind
+
+
 def parse_rule_spec(spec: str) -> tuple[str, Optional[int]]:
     """'lowrank:64' -> ('lowrank', 64); 'max_prob' -> ('max_prob', None). ValueError names the spec."""
     if not isinstance(spec, str):

@@ -177,3 +177,24 @@ def test_masked_pass_records_every_stage_prediction(text):
     assert torch.equal(masked.stage_prediction[1], full.stage_prediction[1])
     assert torch.equal(masked.stage_prediction[0], prefix.stage_prediction[0])
     assert bool((masked.stage_prediction >= 0).all())
+
+
+def test_every_spec_becomes_its_rule_in_one_place():
+    """``untrained_rule``: the one constructor the sweep and the benchmarks share."""
+    from cascade_bench.stages.exit_rules import ExitClassifier, ReducedHeadMaxProb, untrained_rule
+
+    stage = tiny_ensemble("gpt2-tiny")[0]
+    assert untrained_rule("cos_sim", stage) == "cos_sim"
+    classifier = untrained_rule("classifier", stage)
+    assert isinstance(classifier, ExitClassifier)
+    assert sum(p.numel() for p in classifier.parameters()) < sum(
+        p.numel() for p in untrained_rule("classifier-mlp", stage).parameters()
+    )
+    low = untrained_rule("lowrank:8", stage)
+    assert isinstance(low, ReducedHeadMaxProb) and low.rule_name == "lowrank:8" and low.down.out_features == 8
+    top = untrained_rule("topk:3", stage, candidate_ids=torch.tensor([7, 2, 9, 4]))
+    head = stage.lm_head.weight
+    assert top.rule_name == "topk:3"
+    torch.testing.assert_close(top.up.weight, head[[7, 2, 9]])  # the first 3 candidates' rows of the head
+    with pytest.raises(ValueError, match="unknown exit rule 'nope'"):
+        untrained_rule("nope", stage)
