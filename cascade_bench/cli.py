@@ -819,6 +819,42 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lm_eval_tasks(args: argparse.Namespace) -> int:
+    from .harness.tasks import write_local_tasks
+
+    for path in write_local_tasks(args.out):
+        print(f"wrote {path}")
+    return 0
+
+
+def _bench_report(args: argparse.Namespace) -> int:
+    from .bench.report import write_bench_report
+
+    if not args.json_file.is_file():
+        raise ValueError(f"missing benchmark JSON {args.json_file}")
+    for path in write_bench_report(args.json_file, args.out):
+        print(f"wrote {path}")
+    return 0
+
+
+#: One handler per command; ``main`` dispatches through this table and turns a ValueError into one line.
+HANDLERS = {
+    "run": _experiment,
+    "report": _experiment,
+    "plot": _experiment,
+    "compare": _compare,
+    "cost": _cost,
+    "bench-routing": _bench_routing,
+    "bench-blocks": _bench_blocks,
+    "bench-generate": _bench_generate,
+    "bench-memory": _bench_memory,
+    "bench-report": _bench_report,
+    "lm-eval": lambda args: _lm_eval(args.harness_args),
+    "lm-eval-tasks": _lm_eval_tasks,
+    "check-lock": lambda args: _check_lock(args.lock_file),
+}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -834,44 +870,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 2
     parser = build_parser()
     args = parser.parse_args(argv)
+    handler = HANDLERS.get(args.command)
+    if handler is None:
+        parser.error(f"unknown command {args.command}")
     try:
-        if args.command == "bench-routing":
-            return _bench_routing(args)
-        if args.command == "bench-blocks":
-            return _bench_blocks(args)
-        if args.command == "bench-generate":
-            return _bench_generate(args)
-        if args.command == "bench-memory":
-            return _bench_memory(args)
-        if args.command == "lm-eval":
-            return _lm_eval(args.harness_args)
-        if args.command == "lm-eval-tasks":
-            from .harness.tasks import write_local_tasks
-
-            for path in write_local_tasks(args.out):
-                print(f"wrote {path}")
-            return 0
-        if args.command == "check-lock":
-            return _check_lock(args.lock_file)
-        if args.command == "cost":
-            return _cost(args)
-        if args.command in ("run", "report", "plot"):
-            return _experiment(args)
-        if args.command == "compare":
-            return _compare(args)
-        if args.command == "bench-report":
-            from .bench.report import write_bench_report
-
-            if not args.json_file.is_file():
-                raise ValueError(f"missing benchmark JSON {args.json_file}")
-            for path in write_bench_report(args.json_file, args.out):
-                print(f"wrote {path}")
-            return 0
+        return handler(args)
     except ValueError as error:
         print(f"cascade-bench: error: {error}", file=sys.stderr)
         return 2
-    parser.error(f"unknown command {args.command}")
-    return 2
 
 
 if __name__ == "__main__":

@@ -213,3 +213,12 @@ def test_device_and_dtype_checks_name_what_is_wrong():
         check_device("gpu0")
     with pytest.raises(ValueError, match="dtype 'float33' is not a torch dtype"):
         check_device("cpu", "float33")
+
+
+def test_every_command_of_the_parser_has_one_handler():
+    import argparse
+
+    from cascade_bench.cli import HANDLERS, build_parser
+
+    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(subparsers.choices) == set(HANDLERS)
