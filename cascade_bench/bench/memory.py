@@ -45,6 +45,7 @@ from ..measure.memory import peak_memory_bytes
 from ..models.hf_compat import with_cache
 from ..stages.families import register_own_families
 from ..stages.presets import stage_config
+from ..training.loops import EarlyStopping
 from ..training.memory_streams import TRAINING_ORDERS, stream_chunks, train_on_streams
 from .lagged_cache import recurrent_part
 
@@ -325,8 +326,8 @@ def train_on_relation(
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     forward = [statement(*pair, "forward") for pair in pairs]
-    best, best_state, waited, history = math.inf, None, 0, []
-    for _epoch in range(1, max_epochs + 1):
+    stopping, history = EarlyStopping([model], patience, min_delta=1e-4), []
+    for epoch in range(1, max_epochs + 1):
         model.train()
         stream = relation_stream(pairs, generator)
         windows = stream[: stream.numel() // window * window].view(-1, window)
@@ -339,19 +340,13 @@ def train_on_relation(
             optimizer.step()
         ppl = answer_ppl(model, forward)
         history.append(ppl)
-        if ppl < best - 1e-4:
-            best, waited = ppl, 0
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        else:
-            waited += 1
-            if waited >= patience:
-                break
-    model.load_state_dict(best_state)
-    model.eval()
+        if stopping.update(ppl, epoch):
+            break
+    stopping.restore()
     return {
         "forward_answer_ppl_per_epoch": history,
         "epochs": len(history),
-        "stopped_by": "early stopping" if len(history) < max_epochs else "epoch cap",
+        "stopped_by": stopping.stop_reason,
     }
 
 

@@ -129,6 +129,38 @@ def _to(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
 
 
+class EarlyStopping:
+    """The early-stopping rule every training loop here shares: a validation score (lower is better)
+    that has not improved by more than ``min_delta`` for ``patience`` epochs stops training, and the
+    best epoch's weights of ``modules`` are kept (copied when scored) and restored at the end."""
+
+    def __init__(self, modules: Sequence[torch.nn.Module], patience: int, min_delta: float = 0.0):
+        self.modules, self.patience, self.min_delta = list(modules), patience, min_delta
+        self.best, self.best_epoch, self.waited = math.inf, -1, 0
+        self.best_state: Optional[list[dict]] = None
+        self.stop_reason = "epoch cap"
+
+    def update(self, score: float, epoch: int) -> bool:
+        """Record ``epoch``'s score; True when training should stop."""
+        if score < self.best - self.min_delta:
+            self.best, self.best_epoch, self.waited = score, epoch, 0
+            self.best_state = [copy.deepcopy(module.state_dict()) for module in self.modules]
+            return False
+        self.waited += 1
+        if self.waited >= self.patience:
+            self.stop_reason = "early stopping"
+            return True
+        return False
+
+    def restore(self) -> None:
+        """Load the best epoch's weights (if any epoch was scored) and leave every module in eval mode."""
+        if self.best_state is not None:
+            for module, state in zip(self.modules, self.best_state):
+                module.load_state_dict(state)
+        for module in self.modules:
+            module.eval()
+
+
 def fit(
     parameters: Sequence[torch.nn.Parameter],
     modules: Sequence[torch.nn.Module],
@@ -150,10 +182,9 @@ def fit(
 
     torch.manual_seed(config.seed)
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
-    best_ppl, best_epoch, best_state, bad = math.inf, -1, None, 0
+    stopping = EarlyStopping(modules, config.patience)
     losses, ppls, extras, steps, tokens = [], [], [], 0, 0
     elapsed = 0.0
-    stop_reason = "epoch cap"
     run_start = time.perf_counter()
     for epoch in range(config.max_epochs):
         for module in modules:
@@ -189,29 +220,19 @@ def fit(
                 f"{desc} epoch {epoch + 1}: train loss {losses[-1]:.4f}, validation {metric} {ppl:.4f}{shown}",
                 flush=True,
             )
-        if ppl < best_ppl:
-            best_ppl, best_epoch, bad = ppl, epoch, 0
-            best_state = [copy.deepcopy(m.state_dict()) for m in modules]
-        else:
-            bad += 1
-            if bad >= config.patience:
-                stop_reason = "early stopping"
-                break
+        if stopping.update(ppl, epoch):
+            break
     optimizer.zero_grad(set_to_none=True)  # no gradient outlives training (memory, and frozen stages stay clean)
-    if best_state is not None:
-        for module, state in zip(modules, best_state):
-            module.load_state_dict(state)
-    for module in modules:
-        module.eval()
+    stopping.restore()
     return TrainHistory(
         train_loss=tuple(losses),
         val_ppl=tuple(ppls),
-        best_epoch=best_epoch,
-        best_val_ppl=best_ppl,
+        best_epoch=stopping.best_epoch,
+        best_val_ppl=stopping.best,
         steps=steps,
         train_tokens=tokens,
         tokens_per_s=tokens / elapsed if elapsed else math.nan,
-        stop_reason=stop_reason,
+        stop_reason=stopping.stop_reason,
         max_epochs=config.max_epochs,
         patience=config.patience,
         max_steps_per_epoch=config.max_steps_per_epoch,

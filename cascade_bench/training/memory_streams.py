@@ -29,6 +29,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .loops import EarlyStopping
+
 TRAINING_ORDERS = ("sequential", "lagged-chunks")
 
 
@@ -126,7 +128,7 @@ def train_on_streams(
     groups = -(-train.shape[0] // batch_size)
     history = StreamTraining(order=order, steps_per_epoch=groups * train.shape[1])
     lagged: dict[tuple[int, int], dict] = {}
-    best, best_state, waited = math.inf, None, 0
+    stopping = EarlyStopping([model], patience)
     for epoch in range(1, max_epochs + 1):
         model.train()
         started = time.perf_counter()
@@ -146,16 +148,8 @@ def train_on_streams(
         nll, tokens = streamed_nll(model, validation, batch_size)
         ppl = math.exp(nll / tokens)
         history.validation_ppl.append(ppl)
-        if ppl < best:
-            best, waited, history.best_epoch = ppl, 0, epoch
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        else:
-            waited += 1
-            if waited >= patience:
-                history.stopped_by = "early stopping"
-                break
-    else:
-        history.stopped_by = "epoch cap"
-    model.load_state_dict(best_state)
-    model.eval()
+        if stopping.update(ppl, epoch):
+            break
+    history.best_epoch, history.stopped_by = stopping.best_epoch, stopping.stop_reason
+    stopping.restore()
     return history

@@ -424,3 +424,27 @@ def test_sequence_level_hard_examples_are_whole_sequences_below_the_threshold_in
         _protocol("block", hard_examples="rows")
     with pytest.raises(ValueError, match="hard_examples 'sequences' applies to staged training"):
         dataclasses.replace(PROTOCOLS["deep"], hard_examples="sequences")
+
+
+def test_one_early_stopping_rule_keeps_the_best_epoch_and_stops_after_patience():
+    """EarlyStopping, shared by fit, the memory streams and the relation benchmark: scores by hand."""
+    from cascade_bench.training.loops import EarlyStopping
+
+    layer = torch.nn.Linear(1, 1, bias=False)
+    stopping = EarlyStopping([layer], patience=2)
+    stops = []
+    for epoch, score in enumerate([5.0, 4.0, 4.5, 4.6, 3.9]):
+        with torch.no_grad():
+            layer.weight.fill_(float(epoch))  # the weights of epoch e are e
+        stops.append(stopping.update(score, epoch))
+        if stops[-1]:
+            break
+    assert stops == [False, False, False, True]  # two epochs without improvement after epoch 1
+    assert (stopping.best, stopping.best_epoch, stopping.stop_reason) == (4.0, 1, "early stopping")
+    stopping.restore()
+    assert layer.weight.item() == 1.0 and not layer.training
+    # an improvement smaller than min_delta does not count
+    strict = EarlyStopping([layer], patience=1, min_delta=0.5)
+    assert strict.update(4.0, 0) is False and strict.update(3.8, 1) is True and strict.best_epoch == 0
+    never = EarlyStopping([layer], patience=3)
+    assert never.update(1.0, 0) is False and never.stop_reason == "epoch cap"
