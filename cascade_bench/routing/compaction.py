@@ -111,9 +111,14 @@ def plan_layouts(
     present = counts > 0
     if batching == "padded" or max_buckets <= 1:
         num_rows, length = torch.stack([present.sum(), counts.max()]).tolist()
-        row_of_seq = torch.cumsum(present, 0) - 1
-        return [Layout(members=None, rows=row_of_seq[seq], cols=rank, num_rows=num_rows, length=length)]
+        return [_one_padded_batch(seq, rank, present, num_rows, length)]
     return _bucketed_layouts(seq, rank, counts, max_buckets, bucket_tolerance, call_overhead_slots)
+
+
+def _one_padded_batch(seq: Tensor, rank: Tensor, present: Tensor, num_rows: int, length: int) -> Layout:
+    """Every routed token in one batch: a row per sequence that has any, in sequence order."""
+    row_of_seq = torch.cumsum(present, 0) - 1
+    return Layout(members=None, rows=row_of_seq[seq], cols=rank, num_rows=num_rows, length=length)
 
 
 def _bucketed_layouts(
@@ -136,8 +141,7 @@ def _bucketed_layouts(
     classes = [(b, rows[b], lengths[b]) for b in range(max_buckets) if rows[b]]
     groups = cheapest_grouping([(r, n) for _, r, n in classes], call_overhead_slots)
     if len(groups) == 1:  # one call holds everyone: the padded layout, no member copy
-        row_of_seq = torch.cumsum(present, 0) - 1
-        return [Layout(members=None, rows=row_of_seq[seq], cols=rank, num_rows=sum(rows), length=max(lengths))]
+        return [_one_padded_batch(seq, rank, present, sum(rows), max(lengths))]
     group_of_class = [0] * max_buckets
     for g, members in enumerate(groups):
         for c in members:
