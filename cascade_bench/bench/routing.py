@@ -284,7 +284,6 @@ def bench_exit_rules(
             for _ in range(repeats):
                 for key, call in calls.items():
                     samples[key].append(wall_time_once(call, input_ids.device))
-            full_time = TimingStats(tuple(samples[("full", "-")])).median
             full_flops = count_flops(calls[("full", "-")])[0].flops
             for (spec, mode), call in calls.items():
                 if spec == "full":
@@ -308,7 +307,7 @@ def bench_exit_rules(
                         median_s=TimingStats(tuple(samples[(spec, mode)])).median,
                         layer_cost=out.layer_cost,
                         flop_ratio=flops.flops / full_flops,
-                        wall_ratio=TimingStats(tuple(samples[(spec, mode)])).median / full_time,
+                        wall_ratio=paired_ratio(samples[(spec, mode)], samples[("full", "-")]),
                         decision_share=decision / flops.flops,
                         rule_macs_per_token=stages[0].exit_function.macs_per_token,
                     )
