@@ -42,8 +42,10 @@ def _ppl(value) -> str:
     return f"{value:,.1f}" if isinstance(value, (int, float)) and math.isfinite(value) else "n/a"
 
 
-def _by_id(records: Sequence[dict]) -> dict:
-    return {r["point_id"]: r for r in records}
+def point_of(records: Sequence[dict], method: str, **fields) -> Optional[dict]:
+    """The first record of ``method`` whose fields equal ``fields`` (None if there is none): points
+    are paired by what they measured, never by rebuilding their ids."""
+    return next((r for r in records if r["method"] == method and all(r.get(k) == v for k, v in fields.items())), None)
 
 
 def main_rule(records: Sequence[dict]) -> str:
@@ -76,8 +78,7 @@ def _training(records: Sequence[dict]) -> Optional[dict]:
 
 def check_prefixes(records: Sequence[dict]) -> Check:
     """Each later stage must not make the cascade worse than the prefix before it."""
-    points = _by_id(records)
-    full = points.get("full")
+    full = point_of(records, "full")
     prefixes = sorted((r for r in records if r["method"] == "prefix"), key=lambda r: r["stages"])
     if full is None or not prefixes:
         return Check("later stage worse than its prefix", False, "n/a: no full and prefix points")
@@ -122,8 +123,7 @@ def check_hard_tokens(records: Sequence[dict]) -> Check:
 
 
 def check_dense(records: Sequence[dict]) -> Check:
-    points = _by_id(records)
-    dense, prefix = points.get("dense"), points.get("prefix-0")
+    dense, prefix = point_of(records, "dense"), point_of(records, "prefix", stages=1)
     if dense is None or prefix is None:
         return Check("dense model worse than stage 0 alone", False, "n/a: no dense or stage-0 point")
     detail = f"dense, same depth PPL {_ppl(dense['ppl'])} vs stage 0 alone {_ppl(prefix['ppl'])}"
@@ -139,7 +139,7 @@ def _stops(records: Sequence[dict]) -> list[tuple[str, dict]]:
     for key, name in (("joint", "all stages (joint)"), ("exit_heads", "exit heads")):
         if key in (training or {}):
             stops.append((name, training[key]))
-    dense = _by_id(records).get("dense")
+    dense = point_of(records, "dense")
     dense_training = ((dense or {}).get("conditions") or {}).get("dense_training")
     if isinstance(dense_training, dict):
         stops.append(("dense", dense_training))
@@ -203,8 +203,9 @@ def _stage0_exits(record: dict) -> Optional[int]:
 
 def check_routed_vs_masked(records: Sequence[dict]) -> Check:
     """Stage 0 sees the same tokens in both methods, so its exits must be the same."""
-    points = _by_id(records)
-    pairs = [(r, points.get(f"masked@{r['hard_ratio']:g}")) for r in main_routed(records)]
+    rule = main_rule(records)
+    masked = [r for r in records if r["method"] == "masked" and is_main_rule(r, rule)]
+    pairs = [(r, next((m for m in masked if m["hard_ratio"] == r["hard_ratio"]), None)) for r in main_routed(records)]
     pairs = [(r, m) for r, m in pairs if m is not None]
     if not pairs:
         return Check("routed and masked stage-0 decisions differ", False, "n/a: no masked points")

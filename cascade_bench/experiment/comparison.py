@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 
 import pandas as pd
 
-from .checks import is_main_rule, main_routed, main_rule
+from .checks import is_main_rule, main_routed, main_rule, point_of
 
 #: Default budgets, as fractions of the dense model's FLOPs per token.
 BUDGETS = (0.7, 0.8, 0.9, 1.0)
@@ -81,21 +81,20 @@ def comparison_table(
         )
     rows = []
     for name, records in runs.items():
-        points = {r["point_id"]: r for r in records}
-        routed = _routed(records, rule)
-        if not routed or "full" not in points:
+        routed, full = _routed(records, rule), point_of(records, "full")
+        if not routed or full is None:
             raise ValueError(
                 f"run {name!r} has no routed sweep{f' of exit rule {rule!r}' if rule else ''} or no "
                 f"full point to compare"
             )
         half = min(routed, key=lambda r: (abs(r["hard_ratio"] - 0.5), r["hard_ratio"]))
         curve = sorted((flops_per_token(r), r["ppl"]) for r in routed)
-        prefix = points.get("prefix-0")
+        prefix = point_of(records, "prefix", stages=1)
         row = {
             "method": f"{_protocol_name(records, name)} ({name})",
             "stage 0 alone PPL": prefix["ppl"] if prefix else math.nan,
-            "full depth PPL": points["full"]["ppl"],
-            "full depth FLOPs ratio": flops_per_token(points["full"]) / reference,
+            "full depth PPL": full["ppl"],
+            "full depth FLOPs ratio": flops_per_token(full) / reference,
             "exit rule": rule or main_rule(records),
             f"routed @ hard {half['hard_ratio']:g} PPL": half["ppl"],
             f"routed @ hard {half['hard_ratio']:g} FLOPs ratio": flops_per_token(half) / reference,

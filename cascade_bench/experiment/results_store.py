@@ -9,12 +9,13 @@ from pathlib import Path
 from typing import Iterator
 
 from ..data.storage import write_text_atomic
+from .records import SCHEMA_VERSION, Record
 
-SCHEMA_VERSION = 2
+__all__ = ["SCHEMA_VERSION", "ResultsStore"]
 
 
 class ResultsStore:
-    """JSON-lines records keyed by ``point_id``."""
+    """JSON-lines records keyed by ``point_id``: appended as ``Record``, read back as dicts."""
 
     def __init__(self, path: "Path | str"):
         self.path = Path(path)
@@ -43,11 +44,14 @@ class ResultsStore:
     def __len__(self) -> int:
         return len(self._records)
 
-    def append(self, record: dict) -> None:
-        if "point_id" not in record:
+    def append(self, record: Record) -> None:
+        """Store one point's record (rewriting the file atomically)."""
+        if not isinstance(record, Record):
+            raise TypeError(f"the results store takes a Record, got {type(record).__name__}")
+        if not record.point_id:
             raise ValueError("a record needs a 'point_id'")
-        if record["point_id"] in self:
-            raise ValueError(f"point {record['point_id']!r} is already stored in {self.path}")
-        record = {"schema_version": SCHEMA_VERSION, **record}
+        if record.point_id in self:
+            raise ValueError(f"point {record.point_id!r} is already stored in {self.path}")
+        record = {"schema_version": SCHEMA_VERSION, **record.as_dict()}
         self._records.append(record)
         write_text_atomic(self.path, "".join(json.dumps(r, default=str) + "\n" for r in self._records))

@@ -15,7 +15,7 @@ import torch
 from cascade_bench.cli import main
 from cascade_bench.data.batch import IGNORE_INDEX
 from cascade_bench.data.prepare import prepare_data
-from cascade_bench.experiment import pipeline as experiment
+from cascade_bench.experiment import cascades
 from cascade_bench.experiment.config import ExperimentConfig, make_config
 from cascade_bench.experiment.pipeline import run_experiment
 from cascade_bench.experiment.results_store import SCHEMA_VERSION, ResultsStore
@@ -329,13 +329,13 @@ def test_compare_runs_of_two_protocols_at_matched_flops_sharing_one_dense_model(
 def test_leaky_and_leak_free_runs_share_one_trained_stage0(finished, monkeypatch):
     config, paths = finished
     trained = []
-    real = experiment.train_protocol
+    real = cascades.train_protocol
 
     def spy(ensemble, *args, **kwargs):
         trained.append((len(ensemble), kwargs.get("trained_stages", 0)))
         return real(ensemble, *args, **kwargs)
 
-    monkeypatch.setattr(experiment, "train_protocol", spy)
+    monkeypatch.setattr(cascades, "train_protocol", spy)
     leaky = make_config({**TINY, **ONE_RULE, "out": config.out, "name": "tiny-leaky", "leaky_seed_protocol": True})
     assert leaky.stage0_key() == config.stage0_key() and leaky.training_key() != config.training_key()
     run_experiment(leaky, progress=False)

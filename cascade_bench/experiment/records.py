@@ -1,0 +1,205 @@
+"""The record every point of a sweep writes: one typed row per point, the oracle included.
+
+Fields come in three groups, and ``as_dict`` writes them by group so the JSON lines keep one shape:
+
+- *core* fields every record has (the oracle's pass-only ones are null: it is a bound, not a pass);
+- *pass* fields every measured pass has (every method but the oracle);
+- *extra* fields that belong to some methods only (a prefix's stage count, a rule's training, a K/V
+  policy's token counts, risk control's summary, the back-to-back wall ratio of a timed point),
+  written when set.
+
+``SCHEMA_VERSION`` is the version the results store writes and reads. ``record_differences``
+compares two runs' records on everything but what the clock decides (wall times, throughput, peak
+memory, the environment): the same config on the same data must give the same records.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+SCHEMA_VERSION = 2
+
+
+def _core(default=None):
+    return field(default=default, metadata={"group": "core"})
+
+
+def _pass(default=None):
+    return field(default=default, metadata={"group": "pass"})
+
+
+def _extra(default=None):
+    return field(default=default, metadata={"group": "extra"})
+
+
+@dataclass
+class Record:
+    """One measured point (``method`` one of full, prefix, dense, routed, masked, risk_controlled,
+    kv_routed, oracle). ``hard_ratio``: the swept ratio, risk control's choice, or None."""
+
+    point_id: str = _core()
+    method: str = _core()
+    hard_ratio: Optional[float] = _core()
+    thresholds: Optional[list] = _pass()
+    layers_per_stage: list = _core()
+    tokens: int = _core()
+    routed_tokens: Optional[int] = _pass()
+    ppl: float = _core()
+    accuracy: Optional[float] = _core()
+    hard_ppl: Optional[float] = _pass()
+    easy_ppl: Optional[float] = _pass()
+    hard_ppl_stage0: Optional[float] = _pass()
+    hard_tokens: Optional[int] = _pass()
+    exit_ratios: list = _core()
+    tokens_entered: list = _core()
+    tokens_exited: Optional[list] = _pass()
+    layer_cost: float = _core()
+    padding_waste: Optional[list] = _pass()
+    flops: Optional[int] = _core()
+    flops_analytic: Optional[int] = _core()
+    time_median_s: Optional[float] = _core()
+    time_iqr_s: Optional[float] = _pass()
+    tokens_per_s: Optional[float] = _pass()
+    peak_memory_bytes: Optional[int] = _pass()
+    memory_measure: Optional[str] = _pass()
+    decision_flops: Optional[int] = _pass()
+    counting_overhead: Optional[float] = _pass()
+    conditions: dict = _core()
+    stages: Optional[int] = _extra()
+    exit_rule: Optional[str] = _extra()
+    rule_training: Optional[dict] = _extra()
+    agreement_with_max_prob: Optional[float] = _extra()
+    risk_control: Optional[dict] = _extra()
+    realised_risk: Optional[float] = _extra()
+    realised_violations: Optional[int] = _extra()
+    kv_policy: Optional[str] = _extra()
+    batching: Optional[str] = _extra()
+    tokens_computed: Optional[list] = _extra()
+    tokens_propagated: Optional[list] = _extra()
+    oracle_tolerance: Optional[float] = _extra()
+    wall_ratio_interleaved: Optional[float] = _extra()
+
+    @classmethod
+    def of_cost(cls, point_id: str, method: str, cost, hard_ratio: Optional[float] = None, **extra) -> "Record":
+        """The record of a measured pass (a ``cost.measurement.CostRecord``)."""
+        q = cost.quality
+        return cls(
+            point_id=point_id,
+            method=method,
+            hard_ratio=hard_ratio,
+            thresholds=list(q.thresholds),
+            layers_per_stage=list(q.layers_per_stage),
+            tokens=q.tokens,
+            routed_tokens=q.routed_tokens,
+            ppl=q.ppl,
+            accuracy=q.accuracy,
+            hard_ppl=q.hard_ppl,
+            easy_ppl=q.easy_ppl,
+            hard_ppl_stage0=q.hard_ppl_stage0,
+            hard_tokens=q.hard_tokens,
+            exit_ratios=list(q.exit_ratios),
+            tokens_entered=list(q.tokens_entered),
+            tokens_exited=list(q.tokens_exited),
+            layer_cost=q.layer_cost,
+            padding_waste=list(q.padding_waste),
+            flops=cost.flops,
+            flops_analytic=cost.flops_analytic,
+            time_median_s=cost.time_median_s,
+            time_iqr_s=cost.time_iqr_s,
+            tokens_per_s=cost.tokens_per_s,
+            peak_memory_bytes=cost.peak_memory_bytes,
+            memory_measure=cost.memory_measure,
+            decision_flops=cost.decision_flops,
+            counting_overhead=cost.counting_overhead,
+            conditions=cost.conditions,
+            **extra,
+        )
+
+    @property
+    def is_pass(self) -> bool:
+        """Whether the record measured a forward pass (everything but the oracle's bound)."""
+        return self.method != "oracle"
+
+    @property
+    def timed(self) -> bool:
+        return bool((self.conditions or {}).get("timed", True))
+
+    def as_dict(self) -> dict:
+        """The JSON line's fields (without the schema version, which the store adds)."""
+        written = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            group = f.metadata["group"]
+            if group == "core" or (group == "pass" and self.is_pass) or value is not None:
+                written[f.name] = value
+        return written
+
+    @classmethod
+    def from_dict(cls, row: dict) -> "Record":
+        """A stored line back as a record; a key this schema does not know is an error."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(row) - known - {"schema_version"})
+        if unknown:
+            raise ValueError(f"record {row.get('point_id')!r} has fields {unknown} that schema {SCHEMA_VERSION} lacks")
+        return cls(**{k: v for k, v in row.items() if k in known})
+
+
+#: What the clock, the allocator or the machine decides: left out when two runs' records are compared.
+MEASURED_BY_THE_CLOCK = frozenset(
+    {
+        "time_median_s",
+        "time_iqr_s",
+        "tokens_per_s",
+        "peak_memory_bytes",
+        "wall_ratio_interleaved",
+        "counting_overhead",
+        "seconds",
+    }
+)
+#: Of ``conditions``, what must be equal for two runs to be the same experiment.
+SAME_EXPERIMENT_CONDITIONS = ("config", "training_key", "seed", "split")
+
+
+def _same(a: Any, b: Any, rel: float) -> bool:
+    if isinstance(a, float) and isinstance(b, float):
+        return (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=rel, abs_tol=0.0)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y, rel) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = (a.keys() | b.keys()) - MEASURED_BY_THE_CLOCK
+        return all(k in a and k in b and _same(a[k], b[k], rel) for k in keys)
+    return a == b
+
+
+def _without_out(value):
+    """A config without its output folder (where a run writes does not change what it measures)."""
+    return {k: v for k, v in value.items() if k != "out"} if isinstance(value, dict) else value
+
+
+def record_differences(before: Sequence[dict], after: Sequence[dict], rel: float = 0.0) -> list[str]:
+    """Every field in which two runs' records differ, point by point (empty: the same records).
+
+    Compared: every field but ``MEASURED_BY_THE_CLOCK`` (at any depth: a rule's training time too),
+    and of the conditions the config (without its output folder), the training key, the seed and
+    the split; a field one side lacks counts as null. ``rel``: relative tolerance for floats (0:
+    bit-equal)."""
+    first = {r["point_id"]: r for r in before}
+    second = {r["point_id"]: r for r in after}
+    found = [f"{p}: only in the first run" for p in first if p not in second]
+    found += [f"{p}: only in the second run" for p in second if p not in first]
+    for point in (p for p in first if p in second):
+        a, b = first[point], second[point]
+        for key in sorted((set(a) | set(b)) - MEASURED_BY_THE_CLOCK - {"conditions", "schema_version"}):
+            if not _same(a.get(key), b.get(key), rel):
+                found.append(f"{point}: {key} {a.get(key)!r} != {b.get(key)!r}")
+        for key in SAME_EXPERIMENT_CONDITIONS:
+            x, y = (_without_out((r.get("conditions") or {}).get(key)) for r in (a, b))
+            if isinstance(x, dict) and isinstance(y, dict):
+                keys = sorted(k for k in x.keys() | y.keys() if not _same(x.get(k), y.get(k), rel))
+                found += [f"{point}: conditions.{key}.{k} {x.get(k)!r} != {y.get(k)!r}" for k in keys]
+            elif not _same(x, y, rel):
+                found.append(f"{point}: conditions.{key} {x!r} != {y!r}")
+    return found

@@ -1,0 +1,185 @@
+"""What every point of one run is measured with, and the loop that measures the points a results
+store still lacks.
+
+A ``Sweep`` holds the trained (or loaded) cascade, the scored and calibration batches and the
+measurement settings, and gives the points what they share, each built once: thresholds per
+(exit rule, hard ratio), calibrated for every swept ratio at once; the other exit rules
+(``rule_sweep.build_rule``); the dense baseline. ``measure`` runs one point with its exit rule in
+place and adds the ratio of its wall time to the full cascade's, timed back to back on the same
+batches; ``run`` measures and stores every point not stored yet (a rerun resumes).
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from ..cost.measurement import CostRecord, measure_cost
+from ..measure.distributed import Ranks, all_ranks, from_main, shard, sharded
+from ..measure.timing import interleaved_ratio
+from ..routing.calibration import calibrate_sweep
+from ..routing.passes import forward_cascade
+from ..stages.ensemble import Ensemble, evaluation_mode
+from .config import ExperimentConfig
+from .points import Point, anchor_ratio
+from .records import Record
+from .results_store import ResultsStore
+from .rule_sweep import BuiltRule, build_rule, decision_agreement, stage0_confidences, using_rule
+
+#: Back-to-back pairs (point, full cascade) per batch behind each wall ratio.
+BACK_TO_BACK_PAIRS = 3
+
+
+class Sweep:
+    """The measurement context of one run's points (see module docstring). ``dense_model``: loads or
+    trains the dense baseline (called once, when a point first needs it); ``train``: the split the
+    other exit rules train on; ``validation``: the batches thresholds are calibrated on;
+    ``risk_calibration``: risk control's own held-out batches (empty: it uses ``validation``)."""
+
+    def __init__(
+        self,
+        config: ExperimentConfig,
+        cascade: Ensemble,
+        train: Sequence,
+        validation: Sequence,
+        test: Sequence,
+        risk_calibration: Sequence,
+        conditions: dict,
+        ranks: Ranks,
+        dense_model: Callable[[], tuple[Ensemble, dict]],
+        timing_batches: int,
+        progress: bool = False,
+    ):
+        self.config, self.cascade, self.conditions, self.ranks = config, cascade, conditions, ranks
+        self.train, self.validation, self.test, self.risk_calibration = train, validation, test, risk_calibration
+        self.progress = progress
+        self.anchor = anchor_ratio(config)
+        self.timed_batches = test[:timing_batches]
+        self.built_rules: dict[str, BuiltRule] = {}
+        self._thresholds: dict[tuple[str, float], list[float]] = {}
+        self._exact_confidences: Optional[torch.Tensor] = None
+        self._load_dense = dense_model
+        self._dense: Optional[tuple[Ensemble, dict]] = None
+        self._cost_settings = dict(
+            warmup=1,
+            repeats=config.timing_repeats,
+            fvcore=False,
+            spans=False,
+            conditions=conditions,
+            timing_batches=timing_batches,
+        )
+
+    def cost(self, model: Ensemble, method: str, **kwargs) -> CostRecord:
+        """``measure_cost`` of ``model`` on the scored batches with the run's settings."""
+        return measure_cost(model, self.test, method, **self._cost_settings, **kwargs)
+
+    def dense_model(self) -> tuple[Ensemble, dict]:
+        """The dense baseline (in eval mode) and its training summary, loaded or trained on first use."""
+        if self._dense is None:
+            model, summary = self._load_dense()
+            self._dense = (model.eval(), summary)
+        return self._dense
+
+    def rule(self, spec: str) -> Optional[BuiltRule]:
+        """The built rule for ``spec``; None for the rule the cascade was trained with (in place)."""
+        if spec == self.config.exit_fn:
+            return None
+        if spec not in self.built_rules:
+            config = self.config
+            self.built_rules[spec] = build_rule(
+                spec,
+                self.cascade,
+                self.train,
+                self.validation,
+                config.classifier_target,
+                config.seed,
+                self.progress,
+                max_epochs=config.max_epochs,
+                max_steps_per_epoch=config.max_steps_per_epoch or None,
+                max_tokens=config.exit_train_tokens or None,
+                anchor_ratio=self.anchor,
+            )
+        return self.built_rules[spec]
+
+    def thresholds_at(self, ratio: float, spec: Optional[str] = None) -> list[float]:
+        """Quantile thresholds on the validation batches under ``spec`` (default: the trained-with
+        rule; the rule must be in place when called), calibrated for every swept ratio at once."""
+        spec = spec or self.config.exit_fn
+        if (spec, ratio) not in self._thresholds:
+            ratios = sorted(set(self.config.hard_ratios) | {ratio})
+            for r, thresholds in calibrate_sweep(self.cascade, self.validation, ratios).items():
+                self._thresholds[(spec, r)] = list(thresholds)
+        return self._thresholds[(spec, ratio)]
+
+    def agreement_with_max_prob(self, ratio: float, spec: str) -> float:
+        """Stage-0 decisions of an approximate max-prob rule (in place) vs exact max_prob's, each at
+        its own thresholds for ``ratio``, over the scored tokens."""
+        cheap = stage0_confidences(self.cascade, self.test)
+        with using_rule(self.cascade, BuiltRule("max_prob", ["max_prob"] * (len(self.cascade) - 1))):
+            if self._exact_confidences is None:
+                self._exact_confidences = stage0_confidences(self.cascade, self.test)
+            reference = self.thresholds_at(ratio, "max_prob")[0]
+        return decision_agreement(cheap, self.thresholds_at(ratio, spec)[0], self._exact_confidences, reference)
+
+    def risk_calibration_note(self) -> str:
+        """Which batches risk control calibrated and tested on, and what else used them."""
+        if self.config.risk_batches:
+            return (
+                f"held out: the last {self.config.risk_batches} validation batches, which nothing else uses "
+                f"(training, early stopping, calibration and scoring never see them)"
+            )
+        return (
+            "shared: the validation batches that also early-stopped training and calibrated the sweep "
+            "(risk_batches = 0), so the guarantee rests on reused data"
+        )
+
+    def _full_calls(self) -> list[Callable[[], object]]:
+        """The full cascade on this rank's timed batches, one call per batch."""
+        return [
+            lambda batch=batch: forward_cascade(
+                self.cascade, batch["input_ids"], batch.get("attention_mask"), batch.get("targets"), method="full"
+            )
+            for batch in shard(self.timed_batches)
+        ]
+
+    def measure(self, point: Point) -> Record:
+        """The point's record (its exit rule in place), with ``wall_ratio_interleaved``: its pass over
+        the full cascade's, each timed batch back to back (median over ranks of the median of
+        ``BACK_TO_BACK_PAIRS`` pairs). Untimed points, the oracle and the full cascade itself (1 by
+        definition) get none."""
+        with using_rule(self.cascade, self.rule(point.exit_rule)):
+            record = point.measure(self)
+            rerun = None
+            if record.timed and point.method != "full":
+                rerun = point.calls(self, shard(self.timed_batches), record)
+            if rerun is not None:
+                with evaluation_mode(self.cascade), torch.inference_mode():
+                    ratio = interleaved_ratio(rerun, self._full_calls(), pairs=BACK_TO_BACK_PAIRS)
+                record.wall_ratio_interleaved = statistics.median(all_ranks(ratio))
+        return record
+
+    def run(
+        self,
+        points: Sequence[Point],
+        store: ResultsStore,
+        on_point: Optional[Callable[[str], None]] = None,
+    ) -> None:
+        """Measure every point ``store`` lacks, in order, appending each record as soon as it is
+        measured (rank 0 writes); the cascade's calibrated thresholds are restored afterwards.
+        ``on_point(point_id)`` is called after each (tests use it to interrupt a sweep)."""
+        from tqdm.auto import tqdm
+
+        calibrated = self.cascade.thresholds
+        with sharded(self.ranks):
+            todo_ids = set(from_main([p.id for p in points if p.id not in store]))  # before rank 0 appends
+            todo = [p for p in points if p.id in todo_ids]
+            progress = self.progress and self.ranks.is_main
+            for point in tqdm(todo, desc=f"sweep {self.config.name}", unit="point", disable=not progress):
+                record = self.measure(point)
+                if self.ranks.is_main:
+                    store.append(record)
+                if on_point is not None:
+                    on_point(point.id)
+        self.cascade.set_thresholds(calibrated)
