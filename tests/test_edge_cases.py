@@ -95,21 +95,21 @@ def test_hidden_size_mismatch_is_a_clear_error():
     ensemble = build_ensemble("gpt2-tiny", (1,))
     other = LLM.from_config(stage_config("gpt2-tiny", hidden_size=48, num_attention_heads=2))
     with pytest.raises(ValueError, match=r"hidden size 48 != 32"):
-        ensemble.add_llm(other)
+        ensemble.add_stage(other)
 
 
 def test_vocab_mismatch_is_a_clear_error():
     ensemble = build_ensemble("gpt2-tiny", (1,))
     other = LLM.from_config(stage_config("gpt2-tiny", vocab_size=300))
     with pytest.raises(ValueError, match=r"vocab size 300 != 256"):
-        ensemble.add_llm(other)
+        ensemble.add_stage(other)
 
 
 def test_dtype_mismatch_is_a_clear_error():
     ensemble = build_ensemble("gpt2-tiny", (1,))
     other = LLM.from_config(stage_config("gpt2-tiny")).to(torch.float64)
     with pytest.raises(ValueError, match=r"dtype torch.float64 != torch.float32"):
-        ensemble.add_llm(other)
+        ensemble.add_stage(other)
 
 
 def test_nan_logits_raise_instead_of_a_silent_perplexity(text):

@@ -24,9 +24,10 @@ from torch import Tensor, nn
 
 from ..models.hf_compat import causal_mask, layer_cache_keyword
 from ..models.masks import new_token_validity
-from .exits import ExitFunction, HoldsExitFunction
+from .exits import ExitFunction
 from .families import config_for_layers, family_parts, layer_slice_recipe
 from .llm import StageOutput, check_threshold, logits_at_positions
+from .stage import StageBase
 
 #: How non-last blocks exit: through the model's own final norm + lm_head ("shared"), a trainable copy
 #: of them ("own"), or the shared ones behind a trainable translator of the residual stream ("translator").
@@ -96,7 +97,7 @@ class _BlockCacheView:
         return self.cache.update(key_states, value_states, layer_idx - self.offset, *args, **kwargs)
 
 
-class Block(HoldsExitFunction, nn.Module):
+class Block(StageBase, nn.Module):
     """Decoder layers ``[start, end)`` of a causal LM as one cascade stage (inference only).
 
     reads_tokens: this block owns the token embedding (and absolute positions): True for the block
@@ -147,36 +148,15 @@ class Block(HoldsExitFunction, nn.Module):
         self._config = config_for_layers(model.config, start, end - start)
         self.eval()
 
-    # -- standard names (the same as LLM's) ---------------------------------------------------------
+    # -- the Stage members a block computes its own way (the rest: StageBase) -------------------------
     @property
     def config(self):
         """The source model's config with ``num_hidden_layers`` = this block's layers."""
         return self._config
 
     @property
-    def hidden_size(self) -> int:
-        return int(self.source.config.hidden_size)
-
-    @property
-    def vocab_size(self) -> int:
-        return int(self.head.lm_head.weight.shape[0])
-
-    @property
     def num_layers(self) -> int:
         return self.end - self.start
-
-    @property
-    def max_positions(self) -> Optional[int]:
-        value = getattr(self.source.config, "max_position_embeddings", None)
-        return int(value) if value is not None else None
-
-    @property
-    def device(self) -> torch.device:
-        return self.head.lm_head.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.head.lm_head.weight.dtype
 
     @property
     def lm_head(self) -> nn.Module:

@@ -12,6 +12,7 @@ from torch import nn
 from .blocks import Block, cut_into_blocks
 from .exits import ExitFunction
 from .llm import LLM, check_threshold
+from .stage import Stage
 
 #: The two kinds of stage (docs/design.md section 1): a whole causal LM, or a block of one model's layers.
 STAGE_TYPES = (LLM, Block)
@@ -25,20 +26,20 @@ class Ensemble(nn.Module):
     Owns no embedding of its own.
     """
 
-    def __init__(self, stages: Sequence["LLM | Block"] = ()):
+    def __init__(self, stages: Sequence["Stage"] = ()):
         super().__init__()
         self.stages = nn.ModuleList()
         for stage in stages:
-            self.add_llm(stage)
+            self.add_stage(stage)
         self.eval()  # inference by default; training functions switch the stages they train
 
     def __len__(self) -> int:
         return len(self.stages)
 
-    def __iter__(self) -> Iterator[LLM]:
+    def __iter__(self) -> Iterator[Stage]:
         return iter(self.stages)
 
-    def __getitem__(self, index: int) -> "LLM | Block":
+    def __getitem__(self, index: int) -> "Stage":
         return self.stages[index]
 
     # -- building -------------------------------------------------------------------------------
@@ -63,35 +64,38 @@ class Ensemble(nn.Module):
             )
         )
 
-    def add_llm(
+    def add_stage(
         self,
-        llm: "LLM | Block | nn.Module",
+        stage: "Stage | nn.Module",
         exit_fn: "str | Callable | ExitFunction | None" = None,
         threshold: Optional[float] = None,
-    ) -> "LLM | Block":
+    ) -> "Stage":
         """Append a stage (an LLM or a Block, or a Hugging Face causal LM that gets wrapped as an
         LLM) and return it.
 
-        ``exit_fn`` / ``threshold`` override the LLM's own; for a raw model they default to
+        ``exit_fn`` / ``threshold`` override the stage's own; for a raw model they default to
         ``"max_prob"`` and ``+inf``.
         """
-        if not isinstance(llm, STAGE_TYPES):
-            llm = LLM(
-                llm,
+        if not isinstance(stage, STAGE_TYPES):
+            stage = LLM(
+                stage,
                 exit_fn=exit_fn if exit_fn is not None else "max_prob",
                 threshold=threshold if threshold is not None else math.inf,
             )
         else:
             if exit_fn is not None:
-                llm = _with_exit_fn(llm, exit_fn)
+                stage = _with_exit_fn(stage, exit_fn)
             if threshold is not None:
-                llm.threshold = check_threshold(threshold)
+                stage.threshold = check_threshold(threshold)
         if len(self.stages):
-            _check_compatible(len(self.stages) - 1, self.stages[-1], llm)
-        self.stages.append(llm)
-        return llm
+            _check_compatible(len(self.stages) - 1, self.stages[-1], stage)
+        self.stages.append(stage)
+        return stage
 
-    def extend(self, num_new_layers: int, exit_fn: "str | Callable | ExitFunction | None" = None) -> "LLM | Block":
+    #: The name this method had before a stage could be a Block too; kept for existing code.
+    add_llm = add_stage
+
+    def extend(self, num_new_layers: int, exit_fn: "str | Callable | ExitFunction | None" = None) -> "Stage":
         """Append a freshly initialised stage of ``num_new_layers`` layers built from the last stage's config.
 
         After an LLM: a new LLM (its own embedding-free input path, norm and lm_head). After a Block:
@@ -102,9 +106,9 @@ class Ensemble(nn.Module):
         if isinstance(num_new_layers, bool) or not isinstance(num_new_layers, int) or num_new_layers < 1:
             raise ValueError(f"num_new_layers must be a positive int, got {num_new_layers!r}")
         if not len(self.stages):
-            raise ValueError("extend needs at least one stage to copy the config from; use add_llm first")
+            raise ValueError("extend needs at least one stage to copy the config from; use add_stage first")
         last = self.stages[-1]
-        return self.add_llm(
+        return self.add_stage(
             last.new_stage_after(num_new_layers, exit_fn if exit_fn is not None else last.exit_function)
         )
 
@@ -143,7 +147,7 @@ class Ensemble(nn.Module):
     def validate(self) -> None:
         """Check every pair of consecutive stages (raises ValueError naming both values)."""
         if not len(self.stages):
-            raise ValueError("the Ensemble has no stages; add one with add_llm")
+            raise ValueError("the Ensemble has no stages; add one with add_stage")
         for k in range(1, len(self.stages)):
             _check_compatible(k - 1, self.stages[k - 1], self.stages[k])
 

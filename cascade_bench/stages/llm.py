@@ -13,8 +13,9 @@ import torch
 from torch import Tensor, nn
 
 from ..models.hf_compat import output_cache, with_cache
-from .exits import ExitFunction, HoldsExitFunction
+from .exits import ExitFunction
 from .families import config_for_layers, family_parts, register_own_families
+from .stage import StageBase
 
 
 @dataclass
@@ -57,7 +58,7 @@ def logits_at_positions(stage: nn.Module, hidden: Tensor, logits_at: Optional[Te
     return stage.logits(hidden[logits_at])
 
 
-class LLM(HoldsExitFunction, nn.Module):
+class LLM(StageBase, nn.Module):
     """A cascade stage: any ``AutoModelForCausalLM`` model, an exit function and a threshold.
 
     A token that reaches this stage exits here iff ``exit_fn(h_in, h_out, logits) >= threshold``
@@ -107,29 +108,8 @@ class LLM(HoldsExitFunction, nn.Module):
         return self.model.config
 
     @property
-    def hidden_size(self) -> int:
-        return int(self.config.hidden_size)
-
-    @property
-    def vocab_size(self) -> int:
-        return int(self.model.get_output_embeddings().weight.shape[0])
-
-    @property
     def num_layers(self) -> int:
         return int(self.config.num_hidden_layers)
-
-    @property
-    def max_positions(self) -> Optional[int]:
-        value = getattr(self.config, "max_position_embeddings", None)
-        return int(value) if value is not None else None
-
-    @property
-    def device(self) -> torch.device:
-        return self.model.get_output_embeddings().weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.model.get_output_embeddings().weight.dtype
 
     @property
     def lm_head(self) -> nn.Module:

@@ -152,7 +152,7 @@ def build_ensemble(
     for layers in layers_per_stage:
         config = stage_config(preset, **{**overrides, "num_hidden_layers": layers})
         stage = LLM.from_config(config, exit_fn=exit_fn, threshold=math.inf)
-        ensemble.add_llm(stage.to(device=device, dtype=dtype))
+        ensemble.add_stage(stage.to(device=device, dtype=dtype))
     return ensemble
 
 

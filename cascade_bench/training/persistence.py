@@ -168,7 +168,7 @@ def load_ensemble(folder: "Path | str", device: str = "cpu", dtype=None) -> Ense
         stage = LLM.from_pretrained(folder / entry["path"], threshold=float(entry["threshold"]))
         stage = stage.to(device=device, dtype=dtype) if dtype is not None else stage.to(device)
         _attach_exit_rule(stage, entry, folder)
-        ensemble.add_llm(stage)
+        ensemble.add_stage(stage)
     return ensemble.eval()
 
 

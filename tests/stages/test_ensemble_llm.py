@@ -1,4 +1,4 @@
-"""Building cascades: LLM wrapping, add_llm, extend, loading from a local folder."""
+"""Building cascades: LLM wrapping, add_stage, extend, loading from a local folder."""
 
 from __future__ import annotations
 
@@ -34,11 +34,11 @@ def test_llm_forward_matches_the_hf_model(preset, text):
 
 def test_add_llm_wraps_raw_models_and_overrides():
     ensemble = Ensemble()
-    first = ensemble.add_llm(
+    first = ensemble.add_stage(
         AutoModelForCausalLM.from_config(stage_config("gpt2-tiny")), exit_fn="margin", threshold=0.3
     )
     assert isinstance(first, LLM) and first.exit_function.name == "margin" and first.threshold == 0.3
-    second = ensemble.add_llm(LLM.from_config(stage_config("gpt2-tiny")), exit_fn="cos_sim")
+    second = ensemble.add_stage(LLM.from_config(stage_config("gpt2-tiny")), exit_fn="cos_sim")
     assert second.exit_function.name == "cos_sim" and math.isinf(second.threshold)
     assert len(ensemble) == 2 and ensemble.layers_per_stage == (2, 2)
 
