@@ -69,7 +69,9 @@ def _add_cascade_args(command: argparse.ArgumentParser) -> None:
         action="store_true",
         help="build the preset as ONE model of sum(--layers) layers cut into blocks of --layers",
     )
-    command.add_argument("--exit-fn", default="max_prob", choices=EXIT_FNS)
+    command.add_argument(
+        "--exit-rule", "--exit-fn", dest="exit_fn", default="max_prob", choices=EXIT_FNS, help="the stages' exit rule"
+    )
     command.add_argument("--device", default="cpu")
     command.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     command.add_argument("--threads", type=_positive_int, default=2)
@@ -278,7 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=[1.0, 0.75, 0.5, 0.25],
         help="fraction of the tokens reaching each non-last block that continue",
     )
-    blocks.add_argument("--exit-fns", nargs="+", choices=EXIT_FNS, default=["max_prob", "cos_sim"])
+    blocks.add_argument(
+        "--exit-rules", "--exit-fns", dest="exit_fns", nargs="+", choices=EXIT_FNS, default=["max_prob", "cos_sim"]
+    )
     blocks.add_argument("--batch-size", type=_positive_int, default=8)
     blocks.add_argument("--seq-len", type=_positive_int, default=512)
     blocks.add_argument("--warmup", type=int, default=1)
@@ -315,7 +319,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="forced share of decode tokens (per_token) or steps (batch) exiting after stage 0",
     )
     decode.add_argument(
-        "--rule", choices=EXIT_FNS, default="max_prob", help="exit rule whose cost the forced rule pays"
+        "--cost-of",
+        "--rule",
+        dest="rule",
+        choices=EXIT_FNS,
+        default="max_prob",
+        help="the exit rule whose cost the forced exits pay",
     )
     decode.add_argument("--quorum", type=_ratio, default=1.0, help="the batch policy's quorum")
     decode.add_argument("--draft-length", type=_positive_int, default=4, help="self-speculative draft tokens per round")

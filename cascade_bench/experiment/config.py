@@ -551,14 +551,17 @@ def load_config_file(path: "Path | str") -> dict:
     return flat
 
 
+#: Flags spelled the way the rest of the CLI spells the concept, before the key's own spelling (kept).
+FLAG_NAMES = {"exit_fn": ("--exit-rule", "--exit-fn")}
+
+
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """One ``--flag`` per config field (``--seq-len``, ``--hard-ratios 0.3,0.5``, ...)."""
     for f in fields(ExperimentConfig):
         default = f.default
         hint = ",".join(map(str, default)) if isinstance(default, tuple) else default
-        parser.add_argument(
-            "--" + f.name.replace("_", "-"), dest=f.name, default=None, metavar="VALUE", help=f"(default {hint})"
-        )
+        names = FLAG_NAMES.get(f.name, ("--" + f.name.replace("_", "-"),))
+        parser.add_argument(*names, dest=f.name, default=None, metavar="VALUE", help=f"(default {hint})")
 
 
 def config_from_args(args: argparse.Namespace, path: Optional[str]) -> ExperimentConfig:
