@@ -497,138 +497,60 @@ def _bench_memory(args: argparse.Namespace) -> int:
 
 
 def _bench_generate(args: argparse.Namespace) -> int:
-    from .bench.decoding import (
-        bench_decoding,
-        decoding_checks,
-        format_decoding_table,
-        format_teacher_forced_table,
-        teacher_forced_policies,
-        write_decoding_bench,
-    )
-    from .measure.environment import environment_conditions
-    from .routing.calibration import calibrate_thresholds, hard_ratio_of_exit_ratio
+    from .bench.decoding import format_decoding_table, format_teacher_forced_table
+    from .bench.decoding_run import run_decoding_bench
 
-    if args.new_tokens < 3:
-        raise ValueError(f"--new-tokens must be at least 3, got {args.new_tokens}")
     ensemble, origin = _build_cascade(args)
-    widest = max(args.batch_sizes)
-    prompt_rows, windows, calibration, data = _decode_prompts(args, ensemble, widest)
-    prompts = {b: prompt_rows[:b].to(ensemble.device) for b in args.batch_sizes}
-    calibrate_thresholds(ensemble, calibration, hard_ratios=hard_ratio_of_exit_ratio(args.exit_ratio))
-    teacher_forced = teacher_forced_policies(ensemble, windows)
-    rows = bench_decoding(
+    rows, teacher_forced, checks, conditions = run_decoding_bench(
         ensemble,
-        prompts,
+        origin,
+        cascade_folder=getattr(args, "cascade", None),
+        batch_sizes=args.batch_sizes,
+        prompt_len=args.prompt_len,
         new_tokens=args.new_tokens,
-        rate=args.exit_ratio,
+        exit_ratio=args.exit_ratio,
         rule=args.rule,
         quorum=args.quorum,
         draft_length=args.draft_length,
         repeats=args.repeats,
         warmup=args.warmup,
         seed=args.seed,
+        json_path=args.json,
     )
-    checks = decoding_checks(rows, args.draft_length, args.exit_ratio)
-    conditions = {
-        **environment_conditions(ensemble.device, ensemble.dtype),
-        "model": origin,
-        "layers_per_stage": list(ensemble.layers_per_stage),
-        "prompt_len": args.prompt_len,
-        "new_tokens": args.new_tokens,
-        "repeats": args.repeats,
-        "warmup": args.warmup,
-        "seed": args.seed,
-        "data": data,
-        "decoding": "greedy",
-        "exit_ratio": args.exit_ratio,
-        "rule": args.rule,
-        "quorum": args.quorum,
-        "draft_length": args.draft_length,
-        "teacher_forced": f"thresholds calibrated so that {args.exit_ratio:.0%} of validation tokens exit "
-        f"after stage 0 (hard ratio {hard_ratio_of_exit_ratio(args.exit_ratio):g}), "
-        f"measured on {len(windows)} test batches",
-    }
-    if args.json is not None:
-        write_decoding_bench(rows, teacher_forced, checks, conditions, args.json)
     print(
         f"\n{origin}, prompts {args.prompt_len} tokens, {args.new_tokens} new tokens, {conditions['dtype']} on "
-        f"{conditions['device_name']} ({conditions['threads']} threads), median of {args.repeats}; {data}\n"
+        f"{conditions['device_name']} ({conditions['threads']} threads), median of {args.repeats}; "
+        f"{conditions['data']}\n"
     )
     print(format_decoding_table(rows))
     print("\nTeacher-forced, per K/V policy (" + conditions["teacher_forced"] + "):\n")
     print(format_teacher_forced_table(teacher_forced))
     print()
-    for text_, met in checks:
-        print(f"[{'met' if met else 'MISSED'}] {text_}")
+    _print_checks(checks)
     return 0
 
 
-def _decode_prompts(args: argparse.Namespace, ensemble, rows: int):
-    """(prompt rows, teacher-forced test batches, calibration batches, what the data is): the embedded
-    test split through the saved cascade's tokenizer when it has one, else UTF-8 bytes as ids."""
-    import torch
-
-    from .data.corpus import byte_token_windows, embedded_documents
-
-    folder = getattr(args, "cascade", None)
-    if folder is not None and (folder / "tokenizer").is_dir():
-        from .data.prepare import prepare_data
-
-        prepared = prepare_data("embedded", tokenizer=str(folder / "tokenizer"), seq_len=args.prompt_len, batch_size=8)
-        test = torch.cat(
-            [
-                b["input_ids"] if "attention_mask" not in b else b["input_ids"][b["attention_mask"].bool().all(dim=1)]
-                for b in prepared.test
-            ]
-        )
-        if test.shape[0] < rows:
-            raise ValueError(
-                f"the test split gives {test.shape[0]} prompts of {args.prompt_len} tokens, fewer than batch {rows}"
-            )
-        return (
-            test,
-            prepared.test[:4],
-            prepared.validation[:4],
-            f"embedded corpus, test split through {folder / 'tokenizer'}",
-        )
-    text = "\n\n".join(body for _, body in embedded_documents())
-    windows = byte_token_windows(text, rows + 16, args.prompt_len)
-    return (
-        windows[:rows],
-        [windows[rows : rows + 8]],
-        [windows[rows + 8 :]],
-        "CPython pydoc_data topics, UTF-8 bytes as token ids (untrained weights unless loaded)",
-    )
+def _print_checks(checks) -> None:
+    for text, met in checks:
+        print(f"[{'met' if met else 'MISSED'}] {text}")
 
 
 def _bench_blocks(args: argparse.Namespace) -> int:
-    from .bench.blocks import bench_blocks, format_block_table, write_block_bench
-    from .data.corpus import byte_token_windows, embedded_documents
-    from .measure.environment import environment_conditions
+    from .bench.blocks import format_block_table, run_block_bench
 
     ensemble, origin = _build_cascade(args)
-    text = "\n\n".join(body for _, body in embedded_documents())
-    windows = byte_token_windows(text, 2 * args.batch_size, args.seq_len).to(ensemble.device)
-    measured, calibration = windows[: args.batch_size], windows[args.batch_size :]
-    rows = bench_blocks(
-        ensemble, measured, calibration, args.hard_ratios, args.exit_fns, warmup=args.warmup, repeats=args.repeats
+    rows, conditions = run_block_bench(
+        ensemble,
+        origin,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        hard_ratios=args.hard_ratios,
+        exit_fns=args.exit_fns,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        seed=args.seed,
+        json_path=args.json,
     )
-    conditions = {
-        **environment_conditions(ensemble.device, ensemble.dtype),
-        "model": origin,
-        "layers_per_block": list(ensemble.layers_per_stage),
-        "batch_size": args.batch_size,
-        "seq_len": args.seq_len,
-        "repeats": args.repeats,
-        "warmup": args.warmup,
-        "seed": args.seed,
-        "data": "CPython pydoc_data topics, UTF-8 bytes as token ids; thresholds calibrated on the "
-        "next batch of windows",
-        "note": "untrained weights unless --model: exit ratios are "
-        "forced by calibration, costs do not depend on what the weights predict",
-    }
-    if args.json is not None:
-        write_block_bench(rows, conditions, args.json)
     print(
         f"\n{origin}, batch {args.batch_size} x {args.seq_len}, {conditions['dtype']} on "
         f"{conditions['device_name']} ({conditions['threads']} threads), median of {args.repeats}\n"
@@ -638,31 +560,19 @@ def _bench_blocks(args: argparse.Namespace) -> int:
 
 
 def _profile_routing(args: argparse.Namespace) -> int:
-    from .bench.routing_profile import format_profile, routing_profile
-    from .data.corpus import byte_token_windows, embedded_documents
-    from .data.storage import write_json_atomic
-    from .measure.environment import environment_conditions
-    from .routing import compaction
+    from .bench.routing_profile import format_profile, profile_path, run_routing_profile
 
     ensemble, origin = _build_cascade(args)
-    text = "\n\n".join(body for _, body in embedded_documents())
-    input_ids = byte_token_windows(text, args.batch_size, args.seq_len).to(ensemble.device)
-    rows = [
-        row
-        for ratio in args.exit_ratios
-        for row in routing_profile(ensemble, input_ids, ratio, warmup=args.warmup, repeats=args.repeats)
-    ]
-    conditions = {
-        **environment_conditions(ensemble.device, ensemble.dtype),
-        "model": str(origin),
-        "layers_per_stage": list(ensemble.layers_per_stage),
-        "batch_size": args.batch_size,
-        "seq_len": args.seq_len,
-        "exit_fn": args.exit_fn,
-        "warmup": args.warmup,
-        "repeats": args.repeats,
-        "call_overhead_slots": compaction.CALL_OVERHEAD_SLOTS,
-    }
+    rows, conditions = run_routing_profile(
+        ensemble,
+        origin,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        exit_ratios=args.exit_ratios,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        json_path=args.json,
+    )
     print(
         f"\n{origin}, batch {args.batch_size} x {args.seq_len}, {conditions['dtype']} on "
         f"{conditions['device_name']} ({conditions['threads']} threads), exit_fn {args.exit_fn}, milliseconds "
@@ -672,9 +582,7 @@ def _profile_routing(args: argparse.Namespace) -> int:
         print(f"exit ratio {ratio:g}:\n")
         print(format_profile([r for r in rows if r["exit ratio"] == ratio]) + "\n")
     if args.json is not None:
-        path = args.json.with_name(args.json.stem + ".profile.json")
-        write_json_atomic(path, {"conditions": conditions, "rows": rows})
-        print(f"wrote {path}")
+        print(f"wrote {profile_path(args.json)}")
     return 0
 
 
@@ -711,49 +619,32 @@ def _bench_routing(args: argparse.Namespace) -> int:
         print("\nRouted early exit per exit rule (decision share: the decision's own FLOPs over the pass's):\n")
         print(format_rule_table(rule_rows))
     print()
-    for text, met in checks:
-        print(f"[{'met' if met else 'MISSED'}] {text}")
+    _print_checks(checks)
     return 0
 
 
 def _cost(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from .cost.measurement import measure_cost
+    from .cost.embedded import embedded_cost
     from .cost.table import format_cost
-    from .data.corpus import byte_token_windows, embedded_documents
     from .data.storage import write_json_atomic
-    from .routing.calibration import calibrate_thresholds
 
     ensemble, origin = _build_cascade(args)
-    text = "\n\n".join(body for _, body in embedded_documents())
-    per_batch = args.batch_size * args.seq_len
-    windows = byte_token_windows(text, 2 * args.num_batches * args.batch_size, args.seq_len)
-    batches = list(windows[: args.num_batches * args.batch_size].split(args.batch_size))
-    calibration = list(windows[args.num_batches * args.batch_size :].split(args.batch_size))
-    thresholds = calibrate_thresholds(ensemble, calibration, args.hard_ratio)
-    conditions = {
-        "dataset": "CPython pydoc_data topics (embedded)",
-        "tokenizer": "UTF-8 bytes as ids",
-        "split": f"first {args.num_batches * per_batch} bytes; calibration on the next {args.num_batches * per_batch}",
-        "window": args.seq_len,
-        "stride": args.seq_len,
-        "batch_size": args.batch_size,
-        "seed": args.seed,
-        "model": origin,
-        "hard_ratio": args.hard_ratio,
-        "calibrated_thresholds": list(thresholds),
-    }
-    record = measure_cost(
+    record = embedded_cost(
         ensemble,
-        batches,
+        origin,
         args.method,
+        num_batches=args.num_batches,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        hard_ratio=args.hard_ratio,
         warmup=args.warmup,
         repeats=args.repeats,
         fvcore=not args.no_fvcore,
-        conditions=conditions,
         batching=args.batching,
         positions=args.positions,
+        seed=args.seed,
     )
     print(format_cost(record))
     if args.json is not None:

@@ -20,7 +20,9 @@ from typing import Sequence
 
 import torch
 
+from ..data.corpus import EMBEDDED_BYTES, embedded_byte_windows
 from ..data.storage import write_json_atomic
+from ..measure.environment import environment_conditions
 from ..measure.flops import count_pass_flops
 from ..measure.timing import wall_time_once
 from ..routing.calibration import calibrate_thresholds
@@ -150,3 +152,39 @@ def write_block_bench(rows: Sequence[BlockBenchRow], conditions: dict, path: "Pa
             "rows": [{**asdict(r), "flop_ratio": r.flop_ratio, "head_share": r.head_share} for r in rows],
         },
     )
+
+
+def run_block_bench(
+    ensemble: Ensemble,
+    origin: str,
+    *,
+    batch_size: int = 8,
+    seq_len: int = 512,
+    hard_ratios: Sequence[float] = (1.0, 0.75, 0.5, 0.25),
+    exit_fns: Sequence[str] = ("max_prob", "cos_sim"),
+    warmup: int = 1,
+    repeats: int = 5,
+    seed: int = 0,
+    json_path: "Path | str | None" = None,
+) -> tuple[list[BlockBenchRow], dict]:
+    """The ``bench-blocks`` job on the embedded text (one batch measured, the next calibrates):
+    (rows, conditions), written to ``json_path``."""
+    windows = embedded_byte_windows(2 * batch_size, seq_len).to(ensemble.device)
+    measured, calibration = windows[:batch_size], windows[batch_size:]
+    rows = bench_blocks(ensemble, measured, calibration, hard_ratios, exit_fns, warmup=warmup, repeats=repeats)
+    conditions = {
+        **environment_conditions(ensemble.device, ensemble.dtype),
+        "model": origin,
+        "layers_per_block": list(ensemble.layers_per_stage),
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        "repeats": repeats,
+        "warmup": warmup,
+        "seed": seed,
+        "data": f"{EMBEDDED_BYTES}; thresholds calibrated on the next batch of windows",
+        "note": "untrained weights unless --model: exit ratios are "
+        "forced by calibration, costs do not depend on what the weights predict",
+    }
+    if json_path is not None:
+        write_block_bench(rows, conditions, json_path)
+    return rows, conditions

@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..data.corpus import byte_token_windows, embedded_documents
+from ..data.corpus import embedded_byte_windows
 from ..data.storage import write_json_atomic
 from ..measure.analytic import decision_flops, exit_rule_macs, head_macs_of, routed_cost
 from ..measure.environment import environment_conditions
@@ -371,8 +371,7 @@ def run_routing_bench(
 ) -> tuple[list[BenchRow], list[tuple[str, bool]], dict, list[RuleRow]]:
     """Run :func:`bench_routing` and :func:`bench_exit_rules` (``rules``; empty = skip) on the embedded
     real text and check the bars; ``model`` describes where the cascade came from, for the conditions."""
-    text = "\n\n".join(text for _, text in embedded_documents())
-    input_ids = byte_token_windows(text, batch_size, seq_len).to(ensemble.device)
+    input_ids = embedded_byte_windows(batch_size, seq_len).to(ensemble.device)
     rows = bench_routing(ensemble, input_ids, exit_ratios, warmup=warmup, repeats=repeats)
     bar = WALL_OVER_FLOP_MAX if ensemble.device.type == "cpu" else GPU_WALL_OVER_FLOP_MAX
     checks = check_bars(rows, wall_over_flop_max=bar)

@@ -15,11 +15,16 @@ and repeats averaged): memory the kernel mapped in again, which ``measure.alloca
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from pathlib import Path
+from typing import Optional, Sequence
 
 import torch
 
+from ..data.corpus import embedded_byte_windows
+from ..data.storage import write_json_atomic
+from ..measure.environment import environment_conditions
 from ..measure.timing import time_spans
+from ..routing import compaction
 from ..routing.passes import forward_cascade
 from ..stages.ensemble import Ensemble, evaluation_mode
 from .routing import BENCH_METHODS, forced_thresholds, stage0_confidence
@@ -131,3 +136,43 @@ def format_profile(rows: Sequence[dict]) -> str:
 
 
 __all__ = ["PHASES", "format_profile", "routing_profile"]
+
+
+def run_routing_profile(
+    ensemble: Ensemble,
+    origin: str,
+    *,
+    batch_size: int = 8,
+    seq_len: int = 512,
+    exit_ratios: Sequence[float] = (0.25, 0.5, 0.75),
+    warmup: int = 2,
+    repeats: int = 7,
+    json_path: Optional[Path] = None,
+) -> tuple[list[dict], dict]:
+    """``bench-routing --profile`` on the embedded text: (rows at every exit ratio, conditions),
+    written to ``json_path`` (the bench's JSON name with ``.profile.json``)."""
+    input_ids = embedded_byte_windows(batch_size, seq_len).to(ensemble.device)
+    rows = [
+        row
+        for ratio in exit_ratios
+        for row in routing_profile(ensemble, input_ids, ratio, warmup=warmup, repeats=repeats)
+    ]
+    conditions = {
+        **environment_conditions(ensemble.device, ensemble.dtype),
+        "model": str(origin),
+        "layers_per_stage": list(ensemble.layers_per_stage),
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        "exit_fn": ensemble[0].exit_function.name,
+        "warmup": warmup,
+        "repeats": repeats,
+        "call_overhead_slots": compaction.CALL_OVERHEAD_SLOTS,
+    }
+    if json_path is not None:
+        write_json_atomic(profile_path(json_path), {"conditions": conditions, "rows": rows})
+    return rows, conditions
+
+
+def profile_path(json_path: Path) -> Path:
+    """Where the profile of a bench whose JSON goes to ``json_path`` is written."""
+    return Path(json_path).with_name(Path(json_path).stem + ".profile.json")

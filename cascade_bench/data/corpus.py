@@ -317,6 +317,16 @@ def load_corpus(
     return Corpus(name, completed, notes)
 
 
+#: What ``embedded_byte_windows`` feeds a cascade, as the benchmarks' conditions name it.
+EMBEDDED_BYTES = "CPython pydoc_data topics, UTF-8 bytes as token ids"
+
+
+def embedded_byte_windows(rows: int, seq_len: int) -> Tensor:
+    """The embedded documents (``embedded_documents``, joined by blank lines) as ``rows`` windows of
+    ``seq_len`` byte ids, shape (rows, seq_len): real text for the speed benchmarks, offline."""
+    return byte_token_windows("\n\n".join(body for _, body in embedded_documents()), rows, seq_len)
+
+
 def byte_token_windows(text: str, batch_size: int, seq_len: int) -> Tensor:
     """The first batch_size * seq_len UTF-8 bytes of ``text`` as token ids 0..255, shape (B, T).
 

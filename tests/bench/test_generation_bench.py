@@ -226,16 +226,16 @@ def test_bench_generate_command_names_bad_arguments(capsys):
 def test_bench_generate_exit_ratio_is_the_share_that_exits(tmp_path, monkeypatch):
     """--exit-ratio 0.25: a quarter of the tokens exit after stage 0, so thresholds are calibrated
     for a hard ratio of 0.75 (it used to pass 0.25 on as the hard ratio: three quarters exited)."""
-    import cascade_bench.routing.calibration as calibration
+    import cascade_bench.bench.decoding_run as decoding_run
 
     asked = []
-    original = calibration.calibrate_thresholds
+    original = decoding_run.calibrate_thresholds
 
     def spy(ensemble, batches, hard_ratios, **kwargs):
         asked.append(hard_ratios)
         return original(ensemble, batches, hard_ratios, **kwargs)
 
-    monkeypatch.setattr(calibration, "calibrate_thresholds", spy)
+    monkeypatch.setattr(decoding_run, "calibrate_thresholds", spy)
     out = tmp_path / "generate.json"
     assert (
         main(
