@@ -45,7 +45,7 @@ from ..measure.memory import peak_memory_bytes
 from ..models.hf_compat import with_cache
 from ..stages.families import register_own_families
 from ..stages.presets import stage_config
-from ..training.loops import EarlyStopping
+from ..training.loops import EarlyStopping, train_epochs
 from ..training.memory_streams import TRAINING_ORDERS, stream_chunks, train_on_streams
 from .lagged_cache import recurrent_part
 
@@ -327,22 +327,20 @@ def train_on_relation(
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     forward = [statement(*pair, "forward") for pair in pairs]
     stopping, history = EarlyStopping([model], patience, min_delta=1e-4), []
-    for epoch in range(1, max_epochs + 1):
-        model.train()
+
+    def epoch_steps(epoch: int):
         stream = relation_stream(pairs, generator)
         windows = stream[: stream.numel() // window * window].view(-1, window)
         windows = windows[torch.randperm(windows.shape[0], generator=generator)]
         for start in range(0, windows.shape[0], batch_size):
             ids = windows[start : start + batch_size]
-            loss = model(input_ids=ids, labels=ids).loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        ppl = answer_ppl(model, forward)
-        history.append(ppl)
-        if stopping.update(ppl, epoch):
-            break
-    stopping.restore()
+            yield lambda ids=ids: (model(input_ids=ids, labels=ids).loss, ids.numel())
+
+    def validate(epoch: int, stats) -> float:
+        history.append(answer_ppl(model, forward))
+        return history[-1]
+
+    train_epochs([model], optimizer, range(1, max_epochs + 1), epoch_steps, validate, stopping)
     return {
         "forward_answer_ppl_per_epoch": history,
         "epochs": len(history),

@@ -161,6 +161,62 @@ class EarlyStopping:
             module.eval()
 
 
+@dataclass
+class EpochStats:
+    """One epoch of ``train_epochs``: the mean training loss over its scored tokens, their count, the
+    optimizer steps taken and the seconds they took (validation not included)."""
+
+    loss_sum: float = 0.0
+    tokens: int = 0
+    steps: int = 0
+    seconds: float = 0.0
+
+    @property
+    def mean_loss(self) -> float:
+        return self.loss_sum / max(self.tokens, 1)
+
+
+def train_epochs(
+    modules: Sequence[torch.nn.Module],
+    optimizer: torch.optim.Optimizer,
+    epochs: Iterable[int],
+    epoch_steps: Callable[[int], Iterable[Callable[[], tuple[Tensor, int]]]],
+    validate: Callable[[int, EpochStats], float],
+    stopping: EarlyStopping,
+    grad_clip: Optional[float] = None,
+) -> None:
+    """The one step loop of every trainer here (``fit``, the memory streams, the relation benchmark).
+
+    Each epoch of ``epochs``: ``modules`` in train mode; every step of ``epoch_steps(epoch)`` (a
+    call returning the loss and how many tokens it scored) is backpropagated and taken (gradients
+    clipped to ``grad_clip`` if set); then ``modules`` in eval mode, and ``validate(epoch, stats)``
+    gives the score (lower is better) that ``stopping`` reads. At the end no gradient is kept and
+    the best epoch's weights are restored."""
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    for epoch in epochs:
+        for module in modules:
+            module.train()
+        stats = EpochStats()
+        start = time.perf_counter()
+        for step in epoch_steps(epoch):
+            loss, scored = step()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
+            optimizer.step()
+            stats.loss_sum += float(loss.detach()) * scored
+            stats.tokens += scored
+            stats.steps += 1
+        stats.seconds = time.perf_counter() - start
+        for module in modules:
+            module.eval()
+        if stopping.update(validate(epoch, stats), epoch):
+            break
+    optimizer.zero_grad(set_to_none=True)  # no gradient outlives training (memory, and frozen stages stay clean)
+    stopping.restore()
+
+
 def fit(
     parameters: Sequence[torch.nn.Parameter],
     modules: Sequence[torch.nn.Module],
@@ -173,63 +229,50 @@ def fit(
     desc: str = "train",
     metric: str = "PPL",
 ) -> TrainHistory:
-    """The training loop shared by every protocol: AdamW, early stopping on ``validate()`` (a PPL,
-    or the validation loss named by ``metric``; lower is better) with patience, best state restored
-    at the end. ``epoch_batches(epoch)`` gives that epoch's batches (already shuffled as the caller
-    wants). ``validate`` may also return ``(score, {name: value})``: the named values are logged beside
-    the score each epoch (``TrainHistory.val_logged``) and do not steer training."""
+    """Training with AdamW and early stopping on ``validate()`` (a PPL, or the validation loss named
+    by ``metric``; lower is better) with patience, best state restored at the end (``train_epochs``).
+    ``epoch_batches(epoch)`` gives that epoch's batches (already shuffled as the caller wants).
+    ``validate`` may also return ``(score, {name: value})``: the named values are logged beside the
+    score each epoch (``TrainHistory.val_logged``) and do not steer training."""
     from tqdm.auto import tqdm
 
     torch.manual_seed(config.seed)
+    parameters = list(parameters)
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
     stopping = EarlyStopping(modules, config.patience)
-    losses, ppls, extras, steps, tokens = [], [], [], 0, 0
-    elapsed = 0.0
+    epochs: list[tuple[EpochStats, float, dict]] = []
     run_start = time.perf_counter()
-    for epoch in range(config.max_epochs):
-        for module in modules:
-            module.train()
-        total, count = 0.0, 0
-        start = time.perf_counter()
+
+    def epoch_steps(epoch: int):
         batches = list(epoch_batches(epoch))
         if config.max_steps_per_epoch is not None:
             batches = batches[: config.max_steps_per_epoch]
         for batch in tqdm(batches, desc=f"{desc} epoch {epoch + 1}", disable=not progress, leave=False):
-            loss, scored = loss_fn(_to(batch, device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip)
-            optimizer.step()
-            total += float(loss.detach()) * scored
-            count += scored
-            steps += 1
-        elapsed += time.perf_counter() - start
-        tokens += count
-        for module in modules:
-            module.eval()
+            yield lambda batch=batch: loss_fn(_to(batch, device))
+
+    def scored(epoch: int, stats: EpochStats) -> float:
         score = validate()
         score, logged = score if isinstance(score, tuple) else (score, {})
-        ppl = float(score)
-        losses.append(total / max(count, 1))
-        ppls.append(ppl)
-        extras.append({name: float(value) for name, value in logged.items()})
+        epochs.append((stats, float(score), {name: float(value) for name, value in logged.items()}))
         if progress:
-            shown = "".join(f" | {name} {value:.4f}" for name, value in extras[-1].items())
+            shown = "".join(f" | {name} {value:.4f}" for name, value in epochs[-1][2].items())
             print(
-                f"{desc} epoch {epoch + 1}: train loss {losses[-1]:.4f}, validation {metric} {ppl:.4f}{shown}",
+                f"{desc} epoch {epoch + 1}: train loss {stats.mean_loss:.4f}, validation {metric} "
+                f"{float(score):.4f}{shown}",
                 flush=True,
             )
-        if stopping.update(ppl, epoch):
-            break
-    optimizer.zero_grad(set_to_none=True)  # no gradient outlives training (memory, and frozen stages stay clean)
-    stopping.restore()
+        return float(score)
+
+    clip = config.grad_clip
+    train_epochs(modules, optimizer, range(config.max_epochs), epoch_steps, scored, stopping, grad_clip=clip)
+    elapsed = sum(stats.seconds for stats, _, _ in epochs)
+    tokens = sum(stats.tokens for stats, _, _ in epochs)
     return TrainHistory(
-        train_loss=tuple(losses),
-        val_ppl=tuple(ppls),
+        train_loss=tuple(stats.mean_loss for stats, _, _ in epochs),
+        val_ppl=tuple(score for _, score, _ in epochs),
         best_epoch=stopping.best_epoch,
         best_val_ppl=stopping.best,
-        steps=steps,
+        steps=sum(stats.steps for stats, _, _ in epochs),
         train_tokens=tokens,
         tokens_per_s=tokens / elapsed if elapsed else math.nan,
         stop_reason=stopping.stop_reason,
@@ -237,7 +280,7 @@ def fit(
         patience=config.patience,
         max_steps_per_epoch=config.max_steps_per_epoch,
         seconds=time.perf_counter() - run_start,
-        val_logged=tuple(extras),
+        val_logged=tuple(logged for _, _, logged in epochs),
     )
 
 

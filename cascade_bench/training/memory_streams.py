@@ -22,14 +22,13 @@ validation stream's chunks in order with carried memories (every token sees its 
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .loops import EarlyStopping
+from .loops import EarlyStopping, train_epochs
 
 TRAINING_ORDERS = ("sequential", "lagged-chunks")
 
@@ -129,27 +128,28 @@ def train_on_streams(
     history = StreamTraining(order=order, steps_per_epoch=groups * train.shape[1])
     lagged: dict[tuple[int, int], dict] = {}
     stopping = EarlyStopping([model], patience)
-    for epoch in range(1, max_epochs + 1):
-        model.train()
-        started = time.perf_counter()
-        state = None
-        for g, i in _steps(order, groups, train.shape[1], generator):
+
+    def epoch_steps(epoch: int):
+        state = None  # sequential order: memories carried from chunk to chunk of one stream group
+
+        def step(g: int, i: int):
+            nonlocal state
             ids = train[g * batch_size : (g + 1) * batch_size, i]
             if order == "sequential":
-                state = None if i == 0 else state
-                loss, state = chunk_loss(model, ids, state)
+                loss, state = chunk_loss(model, ids, None if i == 0 else state)
             else:
-                loss, after = chunk_loss(model, ids, lagged.get((g, i)))
-                lagged[(g, i + 1)] = after
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        history.epoch_seconds.append(time.perf_counter() - started)
+                loss, lagged[(g, i + 1)] = chunk_loss(model, ids, lagged.get((g, i)))
+            return loss, ids.numel()
+
+        for g, i in _steps(order, groups, train.shape[1], generator):
+            yield lambda g=g, i=i: step(g, i)
+
+    def validate(epoch: int, stats) -> float:
+        history.epoch_seconds.append(stats.seconds)
         nll, tokens = streamed_nll(model, validation, batch_size)
-        ppl = math.exp(nll / tokens)
-        history.validation_ppl.append(ppl)
-        if stopping.update(ppl, epoch):
-            break
+        history.validation_ppl.append(math.exp(nll / tokens))
+        return history.validation_ppl[-1]
+
+    train_epochs([model], optimizer, range(1, max_epochs + 1), epoch_steps, validate, stopping)
     history.best_epoch, history.stopped_by = stopping.best_epoch, stopping.stop_reason
-    stopping.restore()
     return history

@@ -448,3 +448,38 @@ def test_one_early_stopping_rule_keeps_the_best_epoch_and_stops_after_patience()
     assert strict.update(4.0, 0) is False and strict.update(3.8, 1) is True and strict.best_epoch == 0
     never = EarlyStopping([layer], patience=3)
     assert never.update(1.0, 0) is False and never.stop_reason == "epoch cap"
+
+
+def test_one_step_loop_takes_every_step_validates_in_eval_mode_and_restores_the_best_epoch():
+    """train_epochs, the step loop of fit, the memory streams and the relation benchmark, by hand:
+    w starts at 0, loss = (w - 3)^2 with SGD lr 0.25 halves the distance to 3 each step."""
+    from cascade_bench.training.loops import EarlyStopping, train_epochs
+
+    layer = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        layer.weight.zero_()
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.25)
+    seen = []
+
+    def epoch_steps(epoch):
+        for _ in range(2):  # two steps per epoch, 5 scored tokens each
+            yield lambda: ((layer.weight[0, 0] - 3.0) ** 2, 5)
+
+    def validate(epoch, stats):
+        seen.append((epoch, layer.training, stats.steps, stats.tokens, layer.weight.item()))
+        return [5.0, 4.0, 4.5, 4.6][epoch]  # best at epoch 1, then two epochs without improvement
+
+    train_epochs([layer], optimizer, range(10), epoch_steps, validate, EarlyStopping([layer], patience=2))
+    # w after each step: 1.5, 2.25 | 2.625, 2.8125 | ...; validated in eval mode after every epoch
+    assert [s[:4] for s in seen] == [(e, False, 2, 10) for e in range(4)]
+    assert [s[4] for s in seen[:2]] == [2.25, 2.8125]
+    assert layer.weight.item() == 2.8125 and layer.weight.grad is None  # epoch 1's weights, no gradient kept
+    clipped = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        clipped.weight.zero_()
+    sgd = torch.optim.SGD(clipped.parameters(), lr=1.0)
+    steps = lambda epoch: [lambda: ((clipped.weight[0, 0] - 3.0) ** 2, 1)]  # noqa: E731  gradient -6
+    train_epochs([clipped], sgd, range(1), steps, lambda e, s: 0.0, EarlyStopping([clipped], 1), grad_clip=0.5)
+    assert clipped.weight.item() == pytest.approx(
+        0.5, abs=1e-6
+    )  # the step of norm 6 clipped to 0.5 (clip_grad_norm_ adds 1e-6)
