@@ -135,7 +135,7 @@ def format_profile(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["PHASES", "format_profile", "routing_profile"]
+__all__ = ["PHASES", "format_profile", "profile_path", "routing_profile", "run_routing_profile"]
 
 
 def run_routing_profile(

@@ -60,6 +60,33 @@ def _stage_summary(protocol, report) -> list[dict]:
     ]
 
 
+def _started(config: ExperimentConfig, protocol, data: PreparedData) -> Ensemble:
+    """The protocol's freshly initialised stages (the first of them for a staged protocol's prefix)."""
+    return start_ensemble(
+        protocol,
+        config.preset,
+        exit_fn=config.exit_fn,
+        seed=config.seed,
+        device=config.device,
+        dtype=_dtype(config),
+        vocab_size=len(data.tokenizer),
+    )
+
+
+def _train(config: ExperimentConfig, ensemble: Ensemble, protocol, data: PreparedData, progress: bool, **kwargs):
+    """``train_protocol`` with the run's seed and step cap (``kwargs``: e.g. ``trained_stages``)."""
+    return train_protocol(
+        ensemble,
+        data.train,
+        data.validation,
+        protocol,
+        seed=config.seed,
+        max_steps_per_epoch=config.max_steps_per_epoch or None,
+        progress=progress,
+        **kwargs,
+    )
+
+
 def _trained_stage0(
     config: ExperimentConfig, protocol, data: PreparedData, folder: Path, progress: bool
 ) -> tuple[Ensemble, list[dict]]:
@@ -68,24 +95,8 @@ def _trained_stage0(
     if (folder / "cascade.json").exists():
         return load_ensemble(folder, config.device, _dtype(config)), load_manifest(folder)["extra"]["stages"]
     first = protocol.prefix(1)
-    ensemble = start_ensemble(
-        first,
-        config.preset,
-        exit_fn=config.exit_fn,
-        seed=config.seed,
-        device=config.device,
-        dtype=_dtype(config),
-        vocab_size=len(data.tokenizer),
-    )
-    report = train_protocol(
-        ensemble,
-        data.train,
-        data.validation,
-        first,
-        seed=config.seed,
-        max_steps_per_epoch=config.max_steps_per_epoch or None,
-        progress=progress,
-    )
+    ensemble = _started(config, first, data)
+    report = _train(config, ensemble, first, data, progress)
     stages = _stage_summary(first, report)
     save_ensemble(ensemble, folder, tokenizer=data.tokenizer, extra={"stages": stages})
     return ensemble, stages
@@ -108,36 +119,11 @@ def trained_cascade(config: ExperimentConfig, data: PreparedData, paths: dict, p
     }
     if protocol.training == "staged":
         ensemble, stages = _trained_stage0(config, protocol, data, paths["stage0"], progress)
-        report = train_protocol(
-            ensemble,
-            data.train,
-            data.validation,
-            protocol,
-            seed=config.seed,
-            max_steps_per_epoch=config.max_steps_per_epoch or None,
-            progress=progress,
-            trained_stages=1,
-        )
+        report = _train(config, ensemble, protocol, data, progress, trained_stages=1)
         summary["stages"] = stages + _stage_summary(protocol, report)
     else:
-        ensemble = start_ensemble(
-            protocol,
-            config.preset,
-            exit_fn=config.exit_fn,
-            seed=config.seed,
-            device=config.device,
-            dtype=_dtype(config),
-            vocab_size=len(data.tokenizer),
-        )
-        report = train_protocol(
-            ensemble,
-            data.train,
-            data.validation,
-            protocol,
-            seed=config.seed,
-            max_steps_per_epoch=config.max_steps_per_epoch or None,
-            progress=progress,
-        )
+        ensemble = _started(config, protocol, data)
+        report = _train(config, ensemble, protocol, data, progress)
         summary["stages"] = []
         summary["joint"] = {
             "layers": sum(protocol.layers),
