@@ -36,6 +36,15 @@ EXIT_FNS = sorted(BUILTIN_EXIT_FUNCTIONS)  # the one registry of built-in rules 
 
 def _add_cascade_args(command: argparse.ArgumentParser) -> None:
     command.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        metavar="RUN.toml",
+        help="take the defaults of the flags below (preset, layers, exit rule, device, dtype, threads, seed, and "
+        "seq-len and batch-size where the command has them) from a `cascade-bench run` config; flags given "
+        "explicitly still win",
+    )
+    command.add_argument(
         "--preset", default="gpt2-cpu", choices=sorted(STAGE_PRESETS), help="stage config preset (default %(default)s)"
     )
     command.add_argument("--layers", type=_positive_int, nargs="+", default=[4, 4], help="layers per preset stage")
@@ -737,6 +746,15 @@ def _bench_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _with_run_config(parser: argparse.ArgumentParser, argv: list, args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` parsed again with the run config's settings as the command's defaults."""
+    from .experiment.config import bench_settings
+
+    command = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
+    command.set_defaults(**{k: v for k, v in bench_settings(args.config).items() if hasattr(args, k)})
+    return parser.parse_args(argv)
+
+
 #: One handler per command; ``main`` dispatches through this table and turns a ValueError into one line.
 HANDLERS = {
     "run": _experiment,
@@ -774,6 +792,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if handler is None:
         parser.error(f"unknown command {args.command}")
     try:
+        if getattr(args, "config", None) is not None:
+            args = _with_run_config(parser, argv, args)
         return handler(args)
     except ValueError as error:
         print(f"cascade-bench: error: {error}", file=sys.stderr)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -237,3 +238,28 @@ def test_an_exit_rule_is_spelled_exit_rule_on_every_command_and_the_old_spelling
     assert blocks.exit_fns == parser.parse_args(["bench-blocks", "--exit-fns", "max_prob", "margin"]).exit_fns
     assert parser.parse_args(["bench-generate", "--cost-of", "margin"]).rule == "margin"
     assert parser.parse_args(["bench-generate", "--rule", "margin"]).rule == "margin"
+
+
+def test_cost_and_bench_commands_read_a_run_config_and_explicit_flags_win(tmp_path, capsys):
+    from cascade_bench.cli import _with_run_config, build_parser
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    parser = build_parser()
+    for argv, expected in (
+        (["bench-routing", "--config", str(configs / "default.toml")], ("gpt2-mini", [2, 2], 128, 8, "max_prob")),
+        (
+            ["bench-routing", "--config", str(configs / "default.toml"), "--seq-len", "64"],
+            ("gpt2-mini", [2, 2], 64, 8, "max_prob"),
+        ),
+        (["cost", "--config", str(configs / "smoke.toml")], ("gpt2-tiny", [2, 2], 64, 8, "max_prob")),
+    ):
+        args = _with_run_config(parser, argv, parser.parse_args(argv))
+        assert (args.preset, args.layers, args.seq_len, args.batch_size, args.exit_fn) == expected, argv
+        parser = build_parser()  # set_defaults stays on the parser it was called on
+    out = tmp_path / "cost.json"
+    argv = ["cost", "--config", str(configs / "smoke.toml"), "--repeats", "1", "--num-batches", "1", "--no-fvcore"]
+    assert main([*argv, "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["conditions"]["window"] == 64  # smoke.toml's seq_len, not the flag's 512
+    capsys.readouterr()
+    assert main(["bench-routing", "--config", str(configs / "smollm2.toml")]) == 2
+    assert "has no preset stages" in capsys.readouterr().err

@@ -1,5 +1,6 @@
-"""Experiment configuration: one frozen dataclass, validated in ``__post_init__``, loadable from
-TOML and overridable from the command line (every field is a ``--flag``)."""
+"""Experiment configuration: one frozen dataclass, validated section by section in ``__post_init__``
+(``config_sections``: the TOML tables and their checks), loadable from TOML and overridable from
+the command line (every field is a ``--flag``)."""
 
 from __future__ import annotations
 
@@ -11,24 +12,36 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Optional
 
-from ..measure.environment import check_device
 from ..routing.cached_pass import KV_POLICIES
-from ..routing.risk_control import RISKS
-from ..stages.exit_rules import CLASSIFIER_TARGETS, RULE_SPECS, parse_rule_spec
-from ..stages.exits import BUILTIN_EXIT_FUNCTIONS
 from ..stages.presets import STAGE_PRESETS
-from ..training.protocols import EXIT_HEADS, HARD_EXAMPLES, PROTOCOLS, decayed_lrs
+from ..training.protocols import PROTOCOLS, decayed_lrs
+from .config_sections import (
+    BLOCK_HEADS,
+    COUNT_FLOPS,
+    METHOD_BASELINES,
+    SECTION_CHECKS,
+    SECTIONS,
+    TIMING_POINTS,
+    TRANSLATOR_FITS,
+    check_section,
+    flatten_tables,
+)
 
-METHOD_BASELINES = ("full", "prefix", "masked", "dense", "oracle")
-#: Exit heads of a pretrained model's non-last blocks: the model's own norm + lm_head, trained copies of
-#: them, or the shared ones behind the translators the exit study trained (``exit_layers``).
-BLOCK_HEADS = ("shared", "trained", "translator")
-#: Where the sweep counts FLOPs with FlopCounterMode: the anchor points (every baseline and, per swept
-#: method, the hard ratio nearest 0.5) or every point. The analytic count is recorded everywhere.
-COUNT_FLOPS = ("anchors", "all")
-#: Where the sweep measures wall time: every point, or the anchors (every baseline but the oracle, and
-#: per swept method the hard ratio nearest 0.5); the others get quality and FLOPs only.
-TIMING_POINTS = ("all", "anchors")
+__all__ = [
+    "BLOCK_HEADS",
+    "COUNT_FLOPS",
+    "METHOD_BASELINES",
+    "SECTIONS",
+    "TIMING_POINTS",
+    "TRANSLATOR_FITS",
+    "ExperimentConfig",
+    "add_config_arguments",
+    "bench_settings",
+    "config_from_args",
+    "load_config_file",
+    "make_config",
+]
+
 #: Tuple keys whose empty default does not tell the element type (or whose default's elements mislead).
 _ELEMENT_TYPES = {
     "boundaries": int,
@@ -40,9 +53,6 @@ _ELEMENT_TYPES = {
     "layer_weights": float,
     "training_hard_ratios": float,
 }
-#: How the exit study fits its translators (``training.exit_translators``): ridge least squares onto the
-#: last layer's stream, or that followed by cross-entropy training through the head.
-TRANSLATOR_FITS = ("lstsq", "lstsq+ce")
 
 
 @dataclass(frozen=True)
@@ -144,219 +154,14 @@ class ExperimentConfig:
     validation_batches: int = 0
 
     def __post_init__(self):
-        def bad(key: str, expected: str):
-            raise ValueError(f"config key {key!r}: expected {expected}, got {getattr(self, key)!r}")
-
         # Keys whose empty value means "what the setting implies", resolved here so the stored config
         # holds what ran: eval_stride 0 = half the window, exit_fn '' = the protocol's rule.
         if self.eval_stride == 0 and isinstance(self.seq_len, int) and not isinstance(self.seq_len, bool):
             object.__setattr__(self, "eval_stride", max(1, self.seq_len // 2))
         if self.exit_fn == "" and self.protocol in PROTOCOLS:
             object.__setattr__(self, "exit_fn", PROTOCOLS[self.protocol].exit_fn)
-        for key in ("seq_len", "batch_size", "eval_stride", "max_epochs", "timing_repeats", "threads"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                bad(key, "a positive integer")
-        for key in (
-            "max_steps_per_epoch",
-            "eval_batches",
-            "timing_batches",
-            "dense_patience",
-            "seed",
-            "exit_train_tokens",
-            "validation_batches",
-            "risk_batches",
-        ):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                bad(key, "a non-negative integer (0 = no limit)" if key != "seed" else "a non-negative integer")
-        if not isinstance(self.patience, tuple) or any(
-            isinstance(p, bool) or not isinstance(p, int) or p < 1 for p in self.patience
-        ):
-            bad("patience", "a list of positive integers, one per stage (empty: the protocol's)")
-        if not isinstance(self.layers, tuple) or any(
-            isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in self.layers
-        ):
-            bad("layers", "a list of positive integers, layers per stage (empty: the protocol's)")
-        for key in ("layer_weights", "training_hard_ratios"):
-            if not isinstance(getattr(self, key), tuple) or any(
-                isinstance(v, bool) or not isinstance(v, (int, float)) for v in getattr(self, key)
-            ):
-                bad(key, "a list of numbers (empty: the protocol's)")
-        if (
-            isinstance(self.lr_decay, bool)
-            or not isinstance(self.lr_decay, (int, float))
-            or not 0 <= self.lr_decay <= 1
-        ):
-            bad("lr_decay", "a number in (0, 1]: stage k trains at stage 0's lr x lr_decay^k (0 = the protocol's)")
-        if self.exit_head not in ("", *EXIT_HEADS):
-            bad("exit_head", f"one of {list(EXIT_HEADS)} ('' = the protocol's)")
-        if self.hard_examples not in ("", *HARD_EXAMPLES):
-            bad("hard_examples", f"one of {list(HARD_EXAMPLES)} ('' = the protocol's)")
-        if self.protocol in PROTOCOLS:
-            stages = len(self.layers or PROTOCOLS[self.protocol].layers)
-            for key in ("patience", "layer_weights"):
-                if getattr(self, key) and len(getattr(self, key)) != stages:
-                    bad(
-                        key,
-                        f"one entry per stage ({stages}: protocol {self.protocol!r}"
-                        f"{' with layers ' + str(list(self.layers)) if self.layers else ''}), or none",
-                    )
-            if self.training_hard_ratios and len(self.training_hard_ratios) not in (1, stages - 1):
-                bad(
-                    "training_hard_ratios",
-                    f"one hard ratio for every stage boundary or one per boundary ({stages - 1}), or none",
-                )
-            try:
-                _ = self.training_protocol  # builds it, raising what a bad key combination makes it raise
-            except ValueError as error:
-                keys = [
-                    k
-                    for k in (
-                        "layers",
-                        "patience",
-                        "layer_weights",
-                        "training_hard_ratios",
-                        "lr_decay",
-                        "exit_head",
-                        "hard_examples",
-                        "exit_fn",
-                    )
-                    if getattr(self, k)
-                ]
-                raise ValueError(f"config key {keys[0] if keys else 'protocol'!r}: {error}") from None
-        if self.eval_stride > self.seq_len:
-            bad("eval_stride", f"at most seq_len ({self.seq_len})")
-        if self.preset not in STAGE_PRESETS:
-            bad("preset", f"one of {sorted(STAGE_PRESETS)}")
-        if self.protocol not in PROTOCOLS:
-            bad("protocol", f"one of {sorted(PROTOCOLS)}")
-        if self.exit_fn not in BUILTIN_EXIT_FUNCTIONS:
-            bad("exit_fn", f"one of {sorted(BUILTIN_EXIT_FUNCTIONS)} ('' = the protocol's)")
-        if (
-            not isinstance(self.exit_rules, tuple)
-            or not self.exit_rules
-            or len(set(self.exit_rules)) != len(self.exit_rules)
-        ):
-            bad("exit_rules", f"a non-empty list of distinct exit rules drawn from {list(RULE_SPECS)}")
-        for spec in self.exit_rules:
-            try:
-                parse_rule_spec(spec)
-            except (TypeError, ValueError) as error:
-                raise ValueError(f"config key 'exit_rules': {error}") from None
-        if self.classifier_target not in CLASSIFIER_TARGETS:
-            bad("classifier_target", f"one of {list(CLASSIFIER_TARGETS)}")
-        if self.risk not in ("", *RISKS):
-            bad("risk", f"one of {list(RISKS)} or '' (no risk-controlled points)")
-        for key in ("risk_delta", "risk_epsilon"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
-                bad(key, "a number strictly between 0 and 1")
-        if (
-            isinstance(self.risk_nll_tolerance, bool)
-            or not isinstance(self.risk_nll_tolerance, (int, float))
-            or self.risk_nll_tolerance < 0
-        ):
-            bad("risk_nll_tolerance", "a non-negative number (nats)")
-        if self.risk_batches == 1:
-            bad(
-                "risk_batches",
-                "0 (risk control on the shared validation batches) or at least 2 (one half "
-                "proposes thresholds, the other tests them)",
-            )
-        if (
-            not isinstance(self.kv_policies, tuple)
-            or len(set(self.kv_policies)) != len(self.kv_policies)
-            or any(policy not in KV_POLICIES for policy in self.kv_policies)
-        ):
-            bad("kv_policies", f"a list of distinct K/V policies drawn from {list(KV_POLICIES)} (empty: none)")
-        if self.eval_split not in ("test", "validation"):
-            bad("eval_split", "'test' or 'validation' (the seeds scored their hard tokens on validation)")
-        if self.count_flops not in COUNT_FLOPS:
-            bad("count_flops", f"one of {list(COUNT_FLOPS)}")
-        if self.timing_points not in TIMING_POINTS:
-            bad("timing_points", f"one of {list(TIMING_POINTS)}")
-        plausible = self.plausible_ppl
-        if (
-            not isinstance(plausible, tuple)
-            or len(plausible) != 2
-            or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in plausible)
-            or not 0 < plausible[0] < plausible[1]
-        ):
-            bad("plausible_ppl", "two numbers low,high with 0 < low < high")
-        if self.batching not in ("padded", "bucketed"):
-            bad("batching", "'padded' or 'bucketed'")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            bad("dtype", "'float32', 'bfloat16' or 'float16'")
-        try:
-            check_device(self.device, self.dtype)
-        except ValueError as error:
-            raise ValueError(f"config key 'device': {error}") from None
-        ratios = self.hard_ratios
-        if (
-            not isinstance(ratios, tuple)
-            or not ratios
-            or any(isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r < 1 for r in ratios)
-        ):
-            bad("hard_ratios", "a non-empty list of fractions strictly between 0 and 1")
-        if not isinstance(self.baselines, tuple) or any(b not in METHOD_BASELINES for b in self.baselines):
-            bad("baselines", f"a list drawn from {list(METHOD_BASELINES)}")
-        if not isinstance(self.oracle_tolerance, (int, float)) or self.oracle_tolerance < 0:
-            bad("oracle_tolerance", "a non-negative number (nats)")
-        if not isinstance(self.tokenizer, str) or not self.tokenizer:
-            bad("tokenizer", "a tokenizer folder, hub name or 'bpe:<vocab size>'")
-        if not isinstance(self.model, str):
-            bad("model", "a checkpoint folder or hub name ('' = train the preset cascade)")
-        if not isinstance(self.boundaries, tuple) or any(
-            isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in self.boundaries
-        ):
-            bad("boundaries", "a list of layer indices >= 1, e.g. 4,8")
-        if self.block_heads not in BLOCK_HEADS:
-            bad("block_heads", f"one of {list(BLOCK_HEADS)}")
-        if not isinstance(self.exit_layers, tuple) or any(
-            isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in self.exit_layers
-        ):
-            bad("exit_layers", "a list of layer indices >= 1 (the exit study's candidates), e.g. 8,16,24")
-        if self.translator_fit not in TRANSLATOR_FITS:
-            bad("translator_fit", f"one of {list(TRANSLATOR_FITS)}")
-        levels = self.auto_boundaries
-        if (
-            not isinstance(levels, tuple)
-            or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1 for v in levels)
-            or list(levels) != sorted(set(levels))
-        ):
-            bad("auto_boundaries", "increasing agreement levels strictly between 0 and 1, e.g. 0.5,0.75")
-        if self.model:
-            if not self.boundaries and not levels:
-                bad(
-                    "boundaries",
-                    "at least one layer index to cut the model at (early exit needs two blocks), or auto_boundaries",
-                )
-            if levels and (self.boundaries or not self.exit_layers or self.block_heads != "translator"):
-                bad(
-                    "auto_boundaries",
-                    "with boundaries unset, exit_layers set and block_heads = 'translator' (it "
-                    "cuts where the exit study's translators reach each agreement level)",
-                )
-            if self.tokenizer.startswith("bpe:"):
-                bad("tokenizer", "the pretrained model's own tokenizer ('model', or a folder), not a new BPE")
-            if self.block_heads == "translator" and not set(self.boundaries) <= set(self.exit_layers):
-                bad(
-                    "boundaries",
-                    f"layers among exit_layers {list(self.exit_layers)} (block_heads = 'translator' "
-                    f"uses the exit study's translators at the boundaries)",
-                )
-        else:
-            for key, unset in (
-                ("boundaries", ()),
-                ("block_heads", "shared"),
-                ("exit_layers", ()),
-                ("auto_boundaries", ()),
-            ):
-                if getattr(self, key) != unset:
-                    bad(key, "to be left unset unless 'model' is set")
-            if self.tokenizer == "model":
-                bad("tokenizer", "a tokenizer folder, hub name or 'bpe:<vocab size>' ('model' needs 'model' set)")
+        for section in SECTION_CHECKS:
+            check_section(section, self)
 
     @property
     def out_dir(self) -> Path:
@@ -529,7 +334,8 @@ def make_config(values: dict) -> ExperimentConfig:
 
 
 def load_config_file(path: "Path | str") -> dict:
-    """Flat key/value pairs from a TOML file (tables are flattened: [data] seq_len -> seq_len)."""
+    """Flat key/value pairs from a TOML file: top-level keys, or keys in the tables of
+    ``config_sections.SECTIONS`` ([data] seq_len -> seq_len; a key under another table is an error)."""
     try:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
@@ -542,13 +348,34 @@ def load_config_file(path: "Path | str") -> dict:
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as error:
         raise ValueError(f"config file {path} is not valid TOML: {error}") from None
-    flat = {}
-    for key, value in raw.items():
-        if isinstance(value, dict):
-            flat.update(value)
-        else:
-            flat[key] = value
-    return flat
+    return flatten_tables(raw, f"config file {path}")
+
+
+#: What the cost and bench commands take from a run's config: their flag's name -> how to read it.
+BENCH_SETTINGS = {
+    "preset": lambda c: c.preset,
+    "layers": lambda c: list(c.training_protocol.layers),
+    "exit_fn": lambda c: c.exit_fn,
+    "device": lambda c: c.device,
+    "dtype": lambda c: c.dtype,
+    "threads": lambda c: c.threads,
+    "seed": lambda c: c.seed,
+    "seq_len": lambda c: c.seq_len,
+    "batch_size": lambda c: c.batch_size,
+}
+
+
+def bench_settings(path: "Path | str") -> dict:
+    """The settings of the run config at ``path`` that the ``cost`` and ``bench-*`` commands share
+    (``BENCH_SETTINGS``): its stages' preset and layers, exit rule, device, dtype, threads, seed,
+    window and batch size. A run of a pretrained model has no preset stages to build: ValueError."""
+    config = make_config(load_config_file(path))
+    if config.model:
+        raise ValueError(
+            f"--config {path}: a run of the pretrained model {config.model!r} has no preset stages; give "
+            f"bench-generate --cascade {path} (its saved blocks) or --model FOLDER --boundaries ..."
+        )
+    return {flag: read(config) for flag, read in BENCH_SETTINGS.items()}
 
 
 #: Flags spelled the way the rest of the CLI spells the concept, before the key's own spelling (kept).

@@ -1,0 +1,73 @@
+"""The config's sections: every key in exactly one TOML table, tables checked on load, and each
+section's checks naming the bad key."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+import pytest
+
+from cascade_bench.experiment.config import ExperimentConfig, load_config_file, make_config
+from cascade_bench.experiment.config_sections import SECTION_CHECKS, SECTIONS, section_of
+
+
+def test_every_key_is_in_exactly_one_section_and_every_section_is_checked():
+    keys = [key for section in SECTIONS.values() for key in section]
+    assert sorted(keys) == sorted(f.name for f in fields(ExperimentConfig)) and len(keys) == len(set(keys))
+    assert set(SECTION_CHECKS) == set(SECTIONS)
+    assert (section_of("seq_len"), section_of("exit_fn"), section_of("threads")) == ("data", "exit_rules", "runtime")
+
+
+def test_tables_and_top_level_keys_give_the_same_config(tmp_path):
+    tables = tmp_path / "tables.toml"
+    tables.write_text('name = "t"\n[data]\nseq_len = 64\n[training]\nmax_epochs = 3\n[sweep]\nhard_ratios = [0.5]\n')
+    flat = tmp_path / "flat.toml"
+    flat.write_text('name = "t"\nseq_len = 64\nmax_epochs = 3\nhard_ratios = [0.5]\n')
+    assert (
+        load_config_file(tables)
+        == load_config_file(flat)
+        == {
+            "name": "t",
+            "seq_len": 64,
+            "max_epochs": 3,
+            "hard_ratios": [0.5],
+        }
+    )
+
+
+def test_a_key_under_another_table_names_its_own_and_an_unknown_table_lists_them(tmp_path):
+    wrong = tmp_path / "wrong.toml"
+    wrong.write_text("[data]\nmax_epochs = 3\n")
+    with pytest.raises(ValueError, match=r"key 'max_epochs' is not a \[data\] key; it belongs in \[training\]"):
+        load_config_file(wrong)
+    unknown = tmp_path / "unknown.toml"
+    unknown.write_text("[optimiser]\nlr = 1\n")
+    with pytest.raises(ValueError, match=r"unknown table \[optimiser\]; the tables are \[data\], \[model\]"):
+        load_config_file(unknown)
+    nowhere = tmp_path / "nowhere.toml"
+    nowhere.write_text("[data]\nwindow = 3\n")
+    with pytest.raises(ValueError, match="unknown config key 'window'"):
+        load_config_file(nowhere)
+
+
+@pytest.mark.parametrize(
+    "section, key, value, expected",
+    [
+        ("data", "eval_stride", 300, "at most seq_len"),
+        ("data", "eval_split", "train", "'test' or 'validation'"),
+        ("model", "preset", "gpt5", "one of"),
+        ("model", "boundaries", "4", "left unset unless 'model' is set"),
+        ("training", "patience", "1,1,1", "one entry per stage"),
+        ("training", "lr_decay", 2, "a number in"),
+        ("sweep", "hard_ratios", "0.5,1.0", "fractions strictly between 0 and 1"),
+        ("sweep", "batching", "ragged", "'padded' or 'bucketed'"),
+        ("exit_rules", "exit_rules", "max_prob,max_prob", "distinct exit rules"),
+        ("risk", "risk_batches", 1, "at least 2"),
+        ("measurement", "count_flops", "some", "one of"),
+        ("runtime", "dtype", "float8", "'float32', 'bfloat16' or 'float16'"),
+    ],
+)
+def test_each_section_rejects_a_bad_key_by_name(section, key, value, expected):
+    assert section_of(key) == section
+    with pytest.raises(ValueError, match=rf"config key '{key}': expected .*{expected}"):
+        make_config({key: value})
