@@ -174,6 +174,15 @@ def build_parser() -> argparse.ArgumentParser:
             help="TOML config file (keys as the flags below, without dashes)",
         )
         command.add_argument("--quiet", action="store_true", help="no progress bars")
+        if name == "report":
+            command.add_argument(
+                "--pages",
+                type=Path,
+                default=None,
+                metavar="DIR",
+                help="also write the tables the documentation pages include (quality, wall, checks, rules, "
+                "risk, kv) as DIR/<block>.md",
+            )
         add_config_arguments(command)
     compare = commands.add_parser(
         "compare",
@@ -693,6 +702,11 @@ def _experiment(args: argparse.Namespace) -> int:
         from .experiment.reports import write_report
 
         print(f"wrote {write_report(records, config, paths)}")
+        if args.pages is not None:
+            from .experiment.published import write_published
+
+            for path in write_published(records, args.pages):
+                print(f"wrote {path}")
     else:
         from .experiment.plots import make_plots
 

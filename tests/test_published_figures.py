@@ -1,12 +1,10 @@
-"""The default run's published figures (README.md, docs/results.md) are the stored records of that run,
-not hand-copied numbers.
+"""The default run's published figures are the stored records of that run, not hand-copied numbers.
 
 ``docs/results/ashem-embedded.jsonl`` holds the records a fresh clone's ``cascade-bench run``
-wrote (the run the README quotes). The paper table is rebuilt from them exactly as ``report.md``
-builds it; its deterministic columns (everything but wall time) and the checks printed at the end
-of the run must appear in docs/results.md as they are (the quality table in README.md too), and so must
-the wall ratios of that run, which a rerun does not reproduce (they are timings) but which must still
-be the stored ones.
+wrote (the run the README quotes). ``cascade-bench report --pages docs/results/ashem-embedded``
+wrote the tables the site's pages include (``experiment.published``) from those records; they must
+be exactly what the command writes from them now, the pages must include them, and the README's
+copy of the quality table (GitHub renders no includes) must match it line for line.
 """
 
 from __future__ import annotations
@@ -16,21 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from cascade_bench.experiment.checks import format_checks, run_checks
-from cascade_bench.experiment.reports import paper_table, records_frame, to_markdown
+from cascade_bench.experiment.published import published_blocks
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDS = ROOT / "docs" / "results" / "ashem-embedded.jsonl"
-
-
-def published_tables(records: list[dict]) -> dict[str, str]:
-    """The Markdown blocks the README quotes from one default run's records."""
-    paper, _ = paper_table(records_frame(records))
-    return {
-        "quality and cost": to_markdown(paper.drop(columns=["wall ratio"])),
-        "wall time": to_markdown(paper[["method", "wall ratio"]]),
-        "checks": format_checks(run_checks(records)),
-    }
+BLOCKS = ROOT / "docs" / "results" / "ashem-embedded"
+#: Which page includes which block.
+INCLUDED = {"docs/results.md": ("quality", "wall", "checks", "kv"), "docs/exit-rules.md": ("rules", "risk")}
 
 
 @pytest.fixture(scope="module")
@@ -52,17 +42,21 @@ def test_the_stored_run_is_the_default_config_on_the_locked_install(records):
         assert not conditions["git_commit"].endswith("+dirty")
 
 
-@pytest.mark.parametrize(
-    "page, block",
-    [
-        ("README.md", "quality and cost"),
-        ("docs/results.md", "quality and cost"),
-        ("docs/results.md", "wall time"),
-        ("docs/results.md", "checks"),
-    ],
-)
-def test_the_published_pages_quote_the_stored_run(records, page, block):
-    text = (ROOT / page).read_text()
-    expected = published_tables(records)[block]
-    missing = [line for line in expected.strip().splitlines() if line.strip() and line not in text]
-    assert not missing, f"{page}'s {block} block differs from {RECORDS.name}; first missing line: {missing[0]}"
+def test_the_published_blocks_are_what_the_command_writes_from_the_stored_run(records):
+    expected = published_blocks(records)
+    assert sorted(path.stem for path in BLOCKS.glob("*.md")) == sorted(expected)
+    for name, text in expected.items():
+        assert (BLOCKS / f"{name}.md").read_text() == text.rstrip("\n") + "\n", (
+            f"{name}.md is not what `cascade-bench report --pages` writes from {RECORDS.name}: rerun it"
+        )
+
+
+@pytest.mark.parametrize("page, block", [(page, block) for page, blocks in INCLUDED.items() for block in blocks])
+def test_the_pages_include_the_published_blocks(page, block):
+    assert f'--8<-- "docs/results/ashem-embedded/{block}.md"' in (ROOT / page).read_text()
+
+
+def test_the_readme_quotes_the_quality_table(records):
+    text = (ROOT / "README.md").read_text()
+    missing = [line for line in published_blocks(records)["quality"].splitlines() if line not in text]
+    assert not missing, f"README.md's quality table differs from {RECORDS.name}; first missing line: {missing[0]}"
