@@ -31,7 +31,7 @@ import torch
 
 from ..data.prepare import hold_out_validation, prepare_data
 from ..data.storage import write_json_atomic
-from ..measure.distributed import gathered, join_launch, main_first, same_parameters, shard, sharded
+from ..measure.distributed import concatenated, join_launch, main_first, same_parameters, sharded
 from ..routing import compaction
 from ..routing.passes import forward_cascade
 from ..stages.ensemble import Ensemble, evaluation_mode
@@ -251,16 +251,17 @@ def _measurement_note(config: ExperimentConfig, timed: int, batches: int) -> str
 
 def _confidences(cascade: Ensemble, batches) -> dict:
     """Histogram of each non-last stage's confidences on the test split (no exit: every token)."""
-    values = [[] for _ in range(len(cascade) - 1)]
+
+    def per_batch(batch) -> tuple:
+        out = evaluate_pass(cascade, batch)
+        confidence = out.stage_confidence[: len(cascade) - 1]
+        return tuple(conf[~torch.isnan(conf)] for conf in confidence)
+
     with evaluation_mode(cascade), torch.inference_mode():
-        for batch in shard(batches):
-            out = evaluate_pass(cascade, batch)
-            for k in range(len(cascade) - 1):
-                conf = out.stage_confidence[k]
-                values[k].append(conf[~torch.isnan(conf)])
+        values = concatenated(per_batch, batches)
     histograms = []
-    for k, parts in enumerate(values):
-        conf = gathered(torch.cat(parts)).float()
+    for k, conf in enumerate(values):
+        conf = conf.float()
         low, high = float(conf.min()), float(conf.max())
         counts = torch.histc(conf, bins=50, min=low, max=high if high > low else low + 1e-6)
         histograms.append(

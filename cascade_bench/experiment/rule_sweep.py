@@ -23,7 +23,7 @@ from typing import Iterable, Optional
 import torch
 
 from ..data.batch import most_frequent_ids, unpack_batch
-from ..measure.distributed import gathered, same_parameters, shard
+from ..measure.distributed import concatenated, same_parameters
 from ..routing.calibration import calibrate_thresholds
 from ..routing.passes import forward_cascade
 from ..stages.ensemble import Ensemble, evaluation_mode
@@ -187,15 +187,15 @@ def using_rule(cascade: Ensemble, rule: Optional[BuiltRule]):
 
 def stage0_confidences(cascade: Ensemble, batches: Iterable) -> torch.Tensor:
     """Stage 0's confidence under its current rule for every scored token of ``batches`` (no exit)."""
-    collected = []
+
+    def per_batch(item) -> torch.Tensor:
+        ids, mask, targets = unpack_batch(item)
+        never = [float("inf")] * (len(cascade) - 1)
+        out = forward_cascade(cascade, ids, mask, targets, method="masked", thresholds=never)
+        return out.stage_confidence[0][out.scored]
+
     with evaluation_mode(cascade), torch.inference_mode():
-        for item in shard(batches):
-            ids, mask, targets = unpack_batch(item)
-            out = forward_cascade(
-                cascade, ids, mask, targets, method="masked", thresholds=[float("inf")] * (len(cascade) - 1)
-            )
-            collected.append(out.stage_confidence[0][out.scored])
-    return gathered(torch.cat(collected))
+        return concatenated(per_batch, batches)
 
 
 def decision_agreement(

@@ -13,6 +13,11 @@ i mod world size), and combine the shares on every rank:
 - times and peak memory as the slowest / largest rank's (a data-parallel pass ends with its
   slowest rank; memory is per process).
 
+The algorithms themselves never name a rank: a per-token quantity over batches goes through
+``concatenated`` and additive totals through ``totals`` (each shards its loop and combines its
+result: the two edges); only the measurement of time and memory, the evaluation totals of
+``routing.evaluation.Totals`` and risk control's per-share reference pass combine explicitly.
+
 Outside ``sharded`` (and in one process) nothing is sharded or combined: training runs on one
 process (``main_first``: rank 0 trains and saves, the others wait and then load what it saved).
 Every rank must make the same calls in the same order inside ``sharded``, as ``run`` does.
@@ -25,7 +30,7 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
@@ -177,6 +182,32 @@ def gathered(tensor: torch.Tensor) -> torch.Tensor:
     gathered from the same passes stay aligned token by token."""
     parts = all_ranks(tensor.detach().cpu())
     return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def concatenated(per_batch: Callable[[Any], Any], batches: Iterable) -> Any:
+    """Per-token values over every batch: ``per_batch(item)`` gives a 1-D tensor (or a tuple of
+    them) per batch; the result is their concatenation (per position of the tuple) over all the
+    batches, on the CPU. Inside ``sharded`` each rank runs its share and gets everyone's values
+    (``gathered``), so an algorithm written with it never sees a rank. ValueError with no batches."""
+    parts = [per_batch(item) for item in shard(batches)]
+    if not parts:
+        raise ValueError("got no batches")
+    if isinstance(parts[0], tuple):
+        return tuple(gathered(torch.cat(column)) for column in zip(*parts))
+    return gathered(torch.cat(parts))
+
+
+def totals(per_batch: Callable[[Any], Sequence], batches: Iterable) -> list:
+    """Element-wise sums over every batch of ``per_batch(item)`` (a list of numbers per batch; ints
+    stay exact): over all ranks' shares inside ``sharded`` (``summed``), so the algorithm never
+    sees a rank. ValueError with no batches."""
+    columns = None
+    for item in shard(batches):
+        values = list(per_batch(item))
+        columns = values if columns is None else [a + b for a, b in zip(columns, values, strict=True)]
+    if columns is None:
+        raise ValueError("got no batches")
+    return summed(columns)
 
 
 def from_main(value: Any) -> Any:

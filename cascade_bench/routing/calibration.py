@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ..data.batch import unpack_batch
-from ..measure.distributed import gathered, shard
+from ..measure.distributed import concatenated
 from ..stages.ensemble import Ensemble, evaluation_mode
 from .passes import forward_cascade
 
@@ -62,8 +62,9 @@ def calibrate_thresholds(
     Stage k's threshold is calibrated on the confidences of the tokens that actually reach it
     under the thresholds already set for stages < k, so ``hard_ratios[i]`` of them continue.
     ``batches`` is iterated once per calibrated stage (pass a list or a re-iterable loader).
-    Inside ``measure.distributed.sharded`` each rank runs its share and the confidences of all are
-    gathered, so the thresholds are the same exact quantiles as in one process.
+    The confidences are collected with ``measure.distributed.concatenated``: inside ``sharded`` each
+    rank runs its share and gets everyone's, so the thresholds are the same exact quantiles as in
+    one process.
     """
     stages = list(range(len(ensemble) - 1)) if stages is None else sorted(stages)
     if any(not 0 <= k < len(ensemble) - 1 for k in stages):
@@ -74,26 +75,9 @@ def calibrate_thresholds(
     ratios = dict(zip(stages, (_check_ratio(r) for r in ratios)))
     thresholds = list(ensemble.thresholds)
     for k in stages:
-        collected = []
         with evaluation_mode(ensemble), torch.inference_mode():
-            for item in shard(batches):
-                input_ids, attention_mask, targets = unpack_batch(item)
-                out = forward_cascade(
-                    ensemble,
-                    input_ids,
-                    attention_mask,
-                    targets,
-                    method="routed",
-                    thresholds=thresholds[:k] + [math.inf],
-                    num_stages=k + 1,
-                    confidence_at_last_stage=True,
-                    **forward_kwargs,
-                )
-                confidence = out.stage_confidence[k]
-                collected.append(confidence[out.exit_stage == k])
-        if not collected:
-            raise ValueError("calibration got no batches")
-        thresholds[k] = threshold_for_hard_ratio(gathered(torch.cat(collected)), ratios[k])
+            confidence = _over_batches(_reaching(ensemble, thresholds[:k], k, forward_kwargs), batches)
+        thresholds[k] = threshold_for_hard_ratio(confidence, ratios[k])
         ensemble[k].threshold = thresholds[k]
     return tuple(thresholds[k] for k in stages)
 
@@ -107,25 +91,9 @@ def calibrate_sweep(
     ratio. The ensemble's thresholds are left as they were."""
     ratios = [_check_ratio(r) for r in hard_ratios]
     before = ensemble.thresholds
-    collected = []
+
     with evaluation_mode(ensemble), torch.inference_mode():
-        for item in shard(batches):
-            input_ids, attention_mask, targets = unpack_batch(item)
-            out = forward_cascade(
-                ensemble,
-                input_ids,
-                attention_mask,
-                targets,
-                method="routed",
-                thresholds=[math.inf],
-                num_stages=1,
-                confidence_at_last_stage=True,
-                **forward_kwargs,
-            )
-            collected.append(out.stage_confidence[0][out.exit_stage == 0])
-    if not collected:
-        raise ValueError("calibration got no batches")
-    confidence = gathered(torch.cat(collected))
+        confidence = _over_batches(_reaching(ensemble, [], 0, forward_kwargs), batches)
     sweep = {}
     try:
         for ratio in ratios:
@@ -140,3 +108,35 @@ def calibrate_sweep(
     finally:
         ensemble.set_thresholds(before)
     return sweep
+
+
+def _reaching(ensemble: Ensemble, earlier: list, k: int, forward_kwargs: dict):
+    """Per batch: stage k's confidence for the tokens that reach it under the ``earlier`` stages'
+    thresholds (the routed pass up to stage k, which exits nobody)."""
+
+    def per_batch(item) -> Tensor:
+        input_ids, attention_mask, targets = unpack_batch(item)
+        out = forward_cascade(
+            ensemble,
+            input_ids,
+            attention_mask,
+            targets,
+            method="routed",
+            thresholds=list(earlier) + [math.inf],
+            num_stages=k + 1,
+            confidence_at_last_stage=True,
+            **forward_kwargs,
+        )
+        return out.stage_confidence[k][out.exit_stage == k]
+
+    return per_batch
+
+
+def _over_batches(per_batch, batches) -> torch.Tensor:
+    """``concatenated`` with calibration's own message when there is nothing to calibrate on."""
+    try:
+        return concatenated(per_batch, batches)
+    except ValueError as error:
+        if str(error) == "got no batches":
+            raise ValueError("calibration got no batches") from None
+        raise

@@ -17,7 +17,7 @@ import torch
 
 from ..data.batch import unpack_batch
 from ..measure.analytic import head_macs_of, routed_cost
-from ..measure.distributed import shard, summed
+from ..measure.distributed import totals
 from ..stages.ensemble import Ensemble, evaluation_mode
 from .passes import forward_cascade
 
@@ -38,31 +38,30 @@ def oracle_bound(ensemble: Ensemble, batches: Iterable, tolerance: float = 0.0) 
     """Oracle exits over ``batches`` (see module docstring)."""
     num_stages = len(ensemble)
     configs = [stage.config for stage in ensemble]
-    nll_sum, scored_total = 0.0, 0
-    entered = [0] * num_stages
-    flops = 0
+
+    def per_batch(item) -> list:
+        """[NLL sum, scored tokens, FLOPs, tokens entering each stage] of one batch's oracle exits."""
+        input_ids, attention_mask, targets = unpack_batch(item)
+        out = forward_cascade(
+            ensemble, input_ids, attention_mask, targets, method="masked", thresholds=[math.inf] * num_stages
+        )
+        stage_nll = out.stage_nll.double()  # (S, B, T), every stage computed for every token
+        real = out.exit_stage >= 0
+        good_enough = stage_nll <= stage_nll[-1] + tolerance
+        exit_stage = torch.where(real, good_enough.int().argmax(dim=0), -1)  # first stage within tolerance
+        chosen = stage_nll.gather(0, exit_stage.clamp(min=0)[None]).squeeze(0)
+        shapes, heads, entered = [], [], []
+        for k in range(num_stages):
+            per_row = ((exit_stage >= k) & real).sum(dim=1)
+            entered.append(int(per_row.sum()))
+            shapes.append([(1, int(n)) for n in per_row.tolist() if n > 0])
+            heads.append(int(per_row.sum()))
+        flops = sum(c.total for c in routed_cost(configs, shapes, heads, head_macs=head_macs_of(ensemble)))
+        return [float(chosen[out.scored].sum()), int(out.scored.sum()), flops, *entered]
+
     with evaluation_mode(ensemble), torch.inference_mode():
-        for item in shard(batches):
-            input_ids, attention_mask, targets = unpack_batch(item)
-            out = forward_cascade(
-                ensemble, input_ids, attention_mask, targets, method="masked", thresholds=[math.inf] * num_stages
-            )
-            stage_nll = out.stage_nll.double()  # (S, B, T), every stage computed for every token
-            real = out.exit_stage >= 0
-            good_enough = stage_nll <= stage_nll[-1] + tolerance
-            exit_stage = torch.where(real, good_enough.int().argmax(dim=0), -1)  # first stage within tolerance
-            chosen = stage_nll.gather(0, exit_stage.clamp(min=0)[None]).squeeze(0)
-            nll_sum += float(chosen[out.scored].sum())
-            scored_total += int(out.scored.sum())
-            shapes, heads = [], []
-            for k in range(num_stages):
-                reaching = (exit_stage >= k) & real
-                per_row = reaching.sum(dim=1)
-                entered[k] += int(per_row.sum())
-                shapes.append([(1, int(n)) for n in per_row.tolist() if n > 0])
-                heads.append(int(per_row.sum()))
-            flops += sum(c.total for c in routed_cost(configs, shapes, heads, head_macs=head_macs_of(ensemble)))
-    nll_sum, scored_total, flops, *entered = summed([nll_sum, scored_total, flops, *entered])
+        nll_sum, scored_total, flops, *entered = totals(per_batch, batches)
+
     layers = [stage.num_layers for stage in ensemble]
     total = entered[0]
     exited = [entered[k] - (entered[k + 1] if k + 1 < num_stages else 0) for k in range(num_stages)]

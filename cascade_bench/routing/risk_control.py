@@ -29,7 +29,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 
 from ..data.batch import unpack_batch
-from ..measure.distributed import shard, summed
+from ..measure.distributed import totals
 from ..stages.ensemble import Ensemble, evaluation_mode
 from .calibration import calibrate_sweep
 from .passes import forward_cascade
@@ -142,16 +142,20 @@ class RiskControlResult:
         }
 
 
-def full_reference(ensemble: Ensemble, batches: Iterable) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The full cascade's (last-stage prediction, NLL) per batch of this rank's shard: what every
-    candidate is compared with, computed once (``routed_violations(reference=...)``)."""
-    reference = []
-    with evaluation_mode(ensemble), torch.inference_mode():
-        for item in shard(batches):
+class FullReference:
+    """The full cascade's (last-stage prediction, NLL) per batch, computed the first time a batch is
+    compared and kept: every candidate of risk control is compared with the same full pass, which
+    runs once per batch (``routed_violations(reference=...)``). Batches are known by their position."""
+
+    def __init__(self, ensemble: Ensemble):
+        self.ensemble, self.per_batch = ensemble, {}
+
+    def __call__(self, index: int, item) -> tuple[torch.Tensor, torch.Tensor]:
+        if index not in self.per_batch:
             ids, mask, targets = unpack_batch(item)
-            full = forward_cascade(ensemble, ids, mask, targets, method="full")
-            reference.append((full.stage_prediction[len(ensemble) - 1], full.nll))
-    return reference
+            full = forward_cascade(self.ensemble, ids, mask, targets, method="full")
+            self.per_batch[index] = (full.stage_prediction[len(self.ensemble) - 1], full.nll)
+        return self.per_batch[index]
 
 
 def routed_violations(
@@ -160,31 +164,30 @@ def routed_violations(
     thresholds: Sequence[float],
     risk: str = "disagreement",
     nll_tolerance: float = 0.0,
-    reference: Optional[Sequence] = None,
+    reference: Optional[FullReference] = None,
     **forward_kwargs,
 ) -> tuple[int, int]:
     """(violations, scored tokens) of the routed pass with ``thresholds`` against the full cascade
-    (``reference``: ``full_reference`` of the same batches, else computed here)."""
+    (``reference``: a ``FullReference`` shared by calls on the same batches, else a fresh one)."""
     if risk not in RISKS:
         raise ValueError(f"risk must be one of {RISKS}, got {risk!r}")
-    batches = list(batches)
-    reference = full_reference(ensemble, batches) if reference is None else list(reference)
-    violations, tokens = 0, 0
+    reference = FullReference(ensemble) if reference is None else reference
+
+    def per_batch(indexed) -> list[int]:
+        index, item = indexed
+        full_prediction, full_nll = reference(index, item)
+        ids, mask, targets = unpack_batch(item)
+        routed = forward_cascade(ensemble, ids, mask, targets, method="routed", thresholds=thresholds, **forward_kwargs)
+        scored = routed.scored
+        if risk == "disagreement":
+            exit_prediction = routed.stage_prediction.gather(0, routed.exit_stage.clamp(min=0)[None])[0]
+            bad = exit_prediction != full_prediction
+        else:
+            bad = routed.nll > full_nll + nll_tolerance
+        return [int((bad & scored).sum()), int(scored.sum())]
+
     with evaluation_mode(ensemble), torch.inference_mode():
-        for item, (full_prediction, full_nll) in zip(shard(batches), reference, strict=True):
-            ids, mask, targets = unpack_batch(item)
-            routed = forward_cascade(
-                ensemble, ids, mask, targets, method="routed", thresholds=thresholds, **forward_kwargs
-            )
-            scored = routed.scored
-            if risk == "disagreement":
-                exit_prediction = routed.stage_prediction.gather(0, routed.exit_stage.clamp(min=0)[None])[0]
-                bad = exit_prediction != full_prediction
-            else:
-                bad = routed.nll > full_nll + nll_tolerance
-            violations += int((bad & scored).sum())
-            tokens += int(scored.sum())
-    violations, tokens = summed([violations, tokens])
+        violations, tokens = totals(per_batch, list(enumerate(batches)))
     return violations, tokens
 
 
@@ -220,7 +223,7 @@ def risk_controlled_thresholds(
     original = ensemble.thresholds
     candidates, counts, tokens = [], [], 0
     proposed = calibrate_sweep(ensemble, proposing, grid)  # one stage-0 pass for every candidate
-    reference = full_reference(ensemble, testing)  # the full cascade on the testing half, once
+    reference = FullReference(ensemble)  # the full cascade on the testing half, once per batch
     try:
         for ratio in grid:
             thresholds = proposed[ratio]

@@ -20,12 +20,14 @@ from cascade_bench.data.corpus import embedded_documents
 from cascade_bench.measure.distributed import (
     ONE_PROCESS,
     Ranks,
+    concatenated,
     first_share,
     join_launch,
     leave_launch,
     shard,
     sharded,
     summed,
+    totals,
     unsharded,
 )
 from cascade_bench.routing.calibration import calibrate_thresholds
@@ -44,6 +46,17 @@ def test_one_process_shards_nothing_and_combines_nothing():
         assert shard(batches) is batches
     assert join_launch() == ONE_PROCESS  # no torchrun environment here
     assert ONE_PROCESS.summary() == {"ranks": 1, "backend": None}
+
+
+def test_per_token_values_and_totals_over_batches_in_one_process():
+    batches = [torch.tensor([1.0, 2.0]), torch.tensor([3.0])]
+    assert torch.equal(concatenated(lambda b: b, batches), torch.tensor([1.0, 2.0, 3.0]))
+    pairs = concatenated(lambda b: (b, 2 * b), batches)
+    assert torch.equal(pairs[1], torch.tensor([2.0, 4.0, 6.0]))
+    assert totals(lambda b: [len(b), float(b.sum())], batches) == [3, 6.0]
+    for combine in (concatenated, totals):
+        with pytest.raises(ValueError, match="got no batches"):
+            combine(lambda b: [b], [])
 
 
 def test_shares_stride_over_ranks_and_every_rank_needs_one(monkeypatch):
@@ -91,7 +104,14 @@ def _calls(ensemble, batches) -> dict:
         "oracle": oracle_bound(ensemble, batches),
         "risk": risk.summary(),
         "violations": routed_violations(ensemble, batches, risk.thresholds),
+        # the two edges every algorithm goes through: per-token values and additive totals per batch
+        "concatenated": concatenated(lambda b: _ids(b).flatten()[:5].float(), batches),
+        "totals": totals(lambda b: [int(_ids(b).sum()), 0.5 * _ids(b).shape[0]], batches),
     }
+
+
+def _ids(batch) -> torch.Tensor:
+    return (batch["input_ids"] if isinstance(batch, dict) else batch).cpu()
 
 
 def _worker(rank: int, world_size: int, port: int, out: str, device: str = "cpu") -> None:
@@ -171,6 +191,13 @@ def test_two_ranks_count_the_same_flops_and_time_the_same_batches(two_ranks):
     assert parallel.conditions["timed_batches"] == 2 and parallel.conditions["batches"] == 5
     assert parallel.conditions["ranks"] == 2
     assert math.isfinite(parallel.time_median_s) and parallel.tokens_per_s > 0
+
+
+def test_two_ranks_gather_every_batch_s_values_and_sum_every_batch_s_totals(two_ranks):
+    parallel, single = two_ranks["parallel"], two_ranks["single"]
+    assert parallel["concatenated"].shape == (25,)  # 5 values from each of the 5 batches
+    assert sorted(parallel["concatenated"].tolist()) == sorted(single["concatenated"].tolist())
+    assert parallel["totals"] == single["totals"] and single["totals"][1] == 7.5  # 5 batches of 3 rows x 0.5
 
 
 def test_two_ranks_give_the_same_oracle_bound(two_ranks):
