@@ -150,10 +150,29 @@ def _build_cascade(args: argparse.Namespace):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .experiment.config import add_config_arguments
-
+    """The ``cascade-bench`` parser: one sub-parser per command, each declared by its own function."""
     parser = argparse.ArgumentParser(prog="cascade-bench", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+    for add in (
+        _add_experiment_command,
+        _add_compare_command,
+        _add_bench_report_command,
+        _add_cost_command,
+        _add_bench_routing_command,
+        _add_bench_blocks_command,
+        _add_bench_generate_command,
+        _add_bench_memory_command,
+        _add_lm_eval_tasks_command,
+        _add_lm_eval_command,
+        _add_check_lock_command,
+    ):
+        add(commands)
+    return parser
+
+
+def _add_experiment_command(commands) -> None:
+    from .experiment.config import add_config_arguments
+
     for name, text in (
         (
             "run",
@@ -184,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
                 "risk, kv) as DIR/<block>.md",
             )
         add_config_arguments(command)
+
+
+def _add_compare_command(commands) -> None:
     compare = commands.add_parser(
         "compare",
         help="several runs (e.g. one per protocol) at matched FLOPs, from their stored records",
@@ -214,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="protocols: PPL at matched FLOPs; seed: the ASHEM report's quantities, the seed's "
         "published figures beside each run",
     )
+
+
+def _add_bench_report_command(commands) -> None:
     bench_report = commands.add_parser(
         "bench-report",
         help="tables and a cost-vs-time plot from a pytest-benchmark JSON file",
@@ -222,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench_report.add_argument("json_file", type=Path, help="the --benchmark-json file")
     bench_report.add_argument("--out", type=Path, default=Path("results"), help="folder for the outputs")
+
+
+def _add_cost_command(commands) -> None:
     cost = commands.add_parser(
         "cost",
         help="full cost breakdown of one method over batches of the embedded text",
@@ -251,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=Path("results/cost.json"),
         help="where to write the record (atomically); default %(default)s",
     )
+
+
+def _add_bench_routing_command(commands) -> None:
     bench = commands.add_parser(
         "bench-routing",
         help="time full cascade vs routed (padded, bucketed) vs masked early exit at forced exit ratios",
@@ -282,6 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=Path("results/bench-routing.json"),
         help="where to write rows, checks and conditions (atomically); default %(default)s",
     )
+
+
+def _add_bench_blocks_command(commands) -> None:
     blocks = commands.add_parser(
         "bench-blocks",
         help="early exit inside one model: blocks vs the unsplit model, max_prob vs cos_sim",
@@ -311,6 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=Path("results/bench-blocks.json"),
         help="where to write rows and conditions (atomically); default %(default)s",
     )
+
+
+def _add_bench_generate_command(commands) -> None:
     decode = commands.add_parser(
         "bench-generate",
         help="decoding policies side by side: speed and quality against full depth",
@@ -361,6 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=Path("results/bench-generate.json"),
         help="where to write rows, checks and conditions (atomically); default %(default)s",
     )
+
+
+def _add_bench_memory_command(commands) -> None:
     memory = commands.add_parser(
         "bench-memory",
         help="the memory-layer presets (sequential vs lagged chunk memories, cost vs context length, "
@@ -407,6 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=Path("memory_bench"),
         help="folder for models, results/ and plots/ (default %(default)s)",
     )
+
+
+def _add_lm_eval_tasks_command(commands) -> None:
     tasks = commands.add_parser(
         "lm-eval-tasks",
         help="write offline lm-evaluation-harness tasks over data that ships with Python",
@@ -415,6 +458,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(generate_until). Use the folder as --include_path.",
     )
     tasks.add_argument("--out", type=Path, default=Path("lm_eval_tasks"), help="folder (default %(default)s)")
+
+
+def _add_lm_eval_command(commands) -> None:
     harness = commands.add_parser(
         "lm-eval",
         add_help=False,
@@ -424,6 +470,9 @@ def build_parser() -> argparse.ArgumentParser:
         "FLOPs, FLOP ratio to full depth).",
     )
     harness.add_argument("harness_args", nargs=argparse.REMAINDER)
+
+
+def _add_check_lock_command(commands) -> None:
     lock = commands.add_parser(
         "check-lock",
         help="is this install the locked one? (exit 1 naming every package that differs)",
@@ -439,7 +488,6 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="LOCK",
         help="lock file (default: requirements.lock of this clone)",
     )
-    return parser
 
 
 def _check_lock(lock_file: Optional[Path]) -> int:
