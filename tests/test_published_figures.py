@@ -1,4 +1,5 @@
-"""The default run's published figures are the stored records of that run, not hand-copied numbers.
+"""Published figures are the stored records of their runs, not hand-copied numbers (the default run
+and the SmolLM2 run, each with its records in docs/results/<run>.jsonl and its blocks beside them).
 
 ``docs/results/ashem-embedded.jsonl`` holds the records a fresh clone's ``cascade-bench run``
 wrote (the run the README quotes). ``cascade-bench report --pages docs/results/ashem-embedded``
@@ -18,9 +19,17 @@ from cascade_bench.experiment.published import published_blocks
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDS = ROOT / "docs" / "results" / "ashem-embedded.jsonl"
-BLOCKS = ROOT / "docs" / "results" / "ashem-embedded"
-#: Which page includes which block.
-INCLUDED = {"docs/results.md": ("quality", "wall", "checks", "kv"), "docs/exit-rules.md": ("rules", "risk")}
+#: Per published run (records in docs/results/<run>.jsonl, blocks in docs/results/<run>/): which page
+#: includes which of its blocks.
+INCLUDED = {
+    "ashem-embedded": {"docs/results.md": ("quality", "wall", "checks", "kv"), "docs/exit-rules.md": ("rules", "risk")},
+    "smollm2-135m": {"docs/pretrained-smollm2.md": ("quality", "wall", "rules", "risk", "kv", "checks")},
+}
+
+
+def _records(run: str) -> list[dict]:
+    path = ROOT / "docs" / "results" / f"{run}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 @pytest.fixture(scope="module")
@@ -42,18 +51,23 @@ def test_the_stored_run_is_the_default_config_on_the_locked_install(records):
         assert not conditions["git_commit"].endswith("+dirty")
 
 
-def test_the_published_blocks_are_what_the_command_writes_from_the_stored_run(records):
-    expected = published_blocks(records)
-    assert sorted(path.stem for path in BLOCKS.glob("*.md")) == sorted(expected)
+@pytest.mark.parametrize("run", sorted(INCLUDED))
+def test_the_published_blocks_are_what_the_command_writes_from_the_stored_run(run):
+    expected = published_blocks(_records(run))
+    blocks = ROOT / "docs" / "results" / run
+    assert sorted(path.stem for path in blocks.glob("*.md")) == sorted(expected)
     for name, text in expected.items():
-        assert (BLOCKS / f"{name}.md").read_text() == text.rstrip("\n") + "\n", (
-            f"{name}.md is not what `cascade-bench report --pages` writes from {RECORDS.name}: rerun it"
+        assert (blocks / f"{name}.md").read_text() == text.rstrip("\n") + "\n", (
+            f"{run}/{name}.md is not what `cascade-bench report --pages` writes from {run}.jsonl: rerun it"
         )
 
 
-@pytest.mark.parametrize("page, block", [(page, block) for page, blocks in INCLUDED.items() for block in blocks])
-def test_the_pages_include_the_published_blocks(page, block):
-    assert f'--8<-- "docs/results/ashem-embedded/{block}.md"' in (ROOT / page).read_text()
+@pytest.mark.parametrize(
+    "run, page, block",
+    [(run, page, block) for run, pages in INCLUDED.items() for page, blocks in pages.items() for block in blocks],
+)
+def test_the_pages_include_the_published_blocks(run, page, block):
+    assert f'--8<-- "docs/results/{run}/{block}.md"' in (ROOT / page).read_text()
 
 
 def test_the_readme_quotes_the_quality_table(records):
