@@ -73,8 +73,10 @@ def _started(config: ExperimentConfig, protocol, data: PreparedData) -> Ensemble
     )
 
 
-def _train(config: ExperimentConfig, ensemble: Ensemble, protocol, data: PreparedData, progress: bool, **kwargs):
-    """``train_protocol`` with the run's seed and step cap (``kwargs``: e.g. ``trained_stages``)."""
+def _train(
+    config: ExperimentConfig, ensemble: Ensemble, protocol, data: PreparedData, progress: bool, trained_stages: int = 0
+):
+    """``train_protocol`` with the run's seed and step cap; ``trained_stages`` as there."""
     return train_protocol(
         ensemble,
         data.train,
@@ -83,7 +85,7 @@ def _train(config: ExperimentConfig, ensemble: Ensemble, protocol, data: Prepare
         seed=config.seed,
         max_steps_per_epoch=config.max_steps_per_epoch or None,
         progress=progress,
-        **kwargs,
+        trained_stages=trained_stages,
     )
 
 

@@ -48,13 +48,19 @@ def point_of(records: Sequence[dict], method: str, **fields) -> Optional[dict]:
     return next((r for r in records if r["method"] == method and all(r.get(k) == v for k, v in fields.items())), None)
 
 
+def stored_config(records: Sequence[dict], key: str, default=None):
+    """``key`` of the config the run stored with its records (the first record that has it), else
+    ``default``."""
+    for record in records:
+        value = ((record.get("conditions") or {}).get("config") or {}).get(key)
+        if value:
+            return value
+    return default
+
+
 def main_rule(records: Sequence[dict]) -> str:
     """The exit rule the run trained with (``exit_fn`` of its stored config; max_prob if absent)."""
-    for record in records:
-        config = (record.get("conditions") or {}).get("config") or {}
-        if config.get("exit_fn"):
-            return config["exit_fn"]
-    return "max_prob"
+    return stored_config(records, "exit_fn", "max_prob")
 
 
 def is_main_rule(record: dict, rule: str) -> bool:

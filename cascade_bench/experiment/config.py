@@ -351,23 +351,9 @@ def load_config_file(path: "Path | str") -> dict:
     return flatten_tables(raw, f"config file {path}")
 
 
-#: What the cost and bench commands take from a run's config: their flag's name -> how to read it.
-BENCH_SETTINGS = {
-    "preset": lambda c: c.preset,
-    "layers": lambda c: list(c.training_protocol.layers),
-    "exit_fn": lambda c: c.exit_fn,
-    "device": lambda c: c.device,
-    "dtype": lambda c: c.dtype,
-    "threads": lambda c: c.threads,
-    "seed": lambda c: c.seed,
-    "seq_len": lambda c: c.seq_len,
-    "batch_size": lambda c: c.batch_size,
-}
-
-
 def bench_settings(path: "Path | str") -> dict:
-    """The settings of the run config at ``path`` that the ``cost`` and ``bench-*`` commands share
-    (``BENCH_SETTINGS``): its stages' preset and layers, exit rule, device, dtype, threads, seed,
+    """The settings of the run config at ``path`` that the ``cost`` and ``bench-*`` commands share,
+    by their flags' names: its stages' preset and layers, exit rule, device, dtype, threads, seed,
     window and batch size. A run of a pretrained model has no preset stages to build: ValueError."""
     config = make_config(load_config_file(path))
     if config.model:
@@ -375,7 +361,17 @@ def bench_settings(path: "Path | str") -> dict:
             f"--config {path}: a run of the pretrained model {config.model!r} has no preset stages; give "
             f"bench-generate --cascade {path} (its saved blocks) or --model FOLDER --boundaries ..."
         )
-    return {flag: read(config) for flag, read in BENCH_SETTINGS.items()}
+    return {
+        "preset": config.preset,
+        "layers": list(config.training_protocol.layers),
+        "exit_fn": config.exit_fn,
+        "device": config.device,
+        "dtype": config.dtype,
+        "threads": config.threads,
+        "seed": config.seed,
+        "seq_len": config.seq_len,
+        "batch_size": config.batch_size,
+    }
 
 
 #: Flags spelled the way the rest of the CLI spells the concept, before the key's own spelling (kept).

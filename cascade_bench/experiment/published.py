@@ -18,30 +18,22 @@ from pathlib import Path
 from typing import Sequence
 
 from ..data.storage import write_text_atomic
-from .checks import PLAUSIBLE_PPL, format_checks, run_checks
+from .checks import PLAUSIBLE_PPL, format_checks, run_checks, stored_config
 from .reports import kv_table, paper_table, records_frame, risk_table, rules_table, to_markdown
 
 #: Every block a run can publish, in page order.
 PAGE_BLOCKS = ("quality", "wall", "checks", "rules", "risk", "kv")
 
 
-def _plausible_ppl(records: Sequence[dict]) -> tuple[float, float]:
-    """The plausible PPL range the run's own config set (the default where it is not recorded)."""
-    for record in records:
-        stored = ((record.get("conditions") or {}).get("config") or {}).get("plausible_ppl")
-        if stored:
-            return tuple(stored)
-    return PLAUSIBLE_PPL
-
-
 def published_blocks(records: Sequence[dict]) -> dict[str, str]:
     """Each block of ``PAGE_BLOCKS`` the records have, as the Markdown a page includes."""
     frame = records_frame(list(records))
+    checks = run_checks(list(records), tuple(stored_config(records, "plausible_ppl", PLAUSIBLE_PPL)))
     paper, _ = paper_table(frame)
     blocks = {
         "quality": to_markdown(paper.drop(columns=["wall ratio"])),
         "wall": to_markdown(paper[["method", "wall ratio"]]),
-        "checks": "```\n" + format_checks(run_checks(list(records), _plausible_ppl(records))) + "```",
+        "checks": "```\n" + format_checks(checks) + "```",
     }
     for name, table in (("rules", rules_table(frame)), ("risk", risk_table(frame)), ("kv", kv_table(frame))):
         if table is not None and not table.empty:

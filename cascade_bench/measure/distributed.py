@@ -184,29 +184,30 @@ def gathered(tensor: torch.Tensor) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def concatenated(per_batch: Callable[[Any], Any], batches: Iterable) -> Any:
+def concatenated(per_batch: Callable[[Any], Any], batches: Iterable, what: str = "this") -> Any:
     """Per-token values over every batch: ``per_batch(item)`` gives a 1-D tensor (or a tuple of
     them) per batch; the result is their concatenation (per position of the tuple) over all the
     batches, on the CPU. Inside ``sharded`` each rank runs its share and gets everyone's values
-    (``gathered``), so an algorithm written with it never sees a rank. ValueError with no batches."""
+    (``gathered``), so an algorithm written with it never sees a rank. ValueError with no batches
+    (``what`` names the caller in it)."""
     parts = [per_batch(item) for item in shard(batches)]
     if not parts:
-        raise ValueError("got no batches")
+        raise ValueError(f"{what} got no batches")
     if isinstance(parts[0], tuple):
         return tuple(gathered(torch.cat(column)) for column in zip(*parts))
     return gathered(torch.cat(parts))
 
 
-def totals(per_batch: Callable[[Any], Sequence], batches: Iterable) -> list:
+def totals(per_batch: Callable[[Any], Sequence], batches: Iterable, what: str = "this") -> list:
     """Element-wise sums over every batch of ``per_batch(item)`` (a list of numbers per batch; ints
     stay exact): over all ranks' shares inside ``sharded`` (``summed``), so the algorithm never
-    sees a rank. ValueError with no batches."""
+    sees a rank. ValueError with no batches (``what`` names the caller in it)."""
     columns = None
     for item in shard(batches):
         values = list(per_batch(item))
         columns = values if columns is None else [a + b for a, b in zip(columns, values, strict=True)]
     if columns is None:
-        raise ValueError("got no batches")
+        raise ValueError(f"{what} got no batches")
     return summed(columns)
 
 

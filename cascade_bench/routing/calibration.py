@@ -76,7 +76,7 @@ def calibrate_thresholds(
     thresholds = list(ensemble.thresholds)
     for k in stages:
         with evaluation_mode(ensemble), torch.inference_mode():
-            confidence = _over_batches(_reaching(ensemble, thresholds[:k], k, forward_kwargs), batches)
+            confidence = concatenated(_reaching(ensemble, thresholds[:k], k, forward_kwargs), batches, "calibration")
         thresholds[k] = threshold_for_hard_ratio(confidence, ratios[k])
         ensemble[k].threshold = thresholds[k]
     return tuple(thresholds[k] for k in stages)
@@ -93,7 +93,7 @@ def calibrate_sweep(
     before = ensemble.thresholds
 
     with evaluation_mode(ensemble), torch.inference_mode():
-        confidence = _over_batches(_reaching(ensemble, [], 0, forward_kwargs), batches)
+        confidence = concatenated(_reaching(ensemble, [], 0, forward_kwargs), batches, "calibration")
     sweep = {}
     try:
         for ratio in ratios:
@@ -130,13 +130,3 @@ def _reaching(ensemble: Ensemble, earlier: list, k: int, forward_kwargs: dict):
         return out.stage_confidence[k][out.exit_stage == k]
 
     return per_batch
-
-
-def _over_batches(per_batch, batches) -> torch.Tensor:
-    """``concatenated`` with calibration's own message when there is nothing to calibrate on."""
-    try:
-        return concatenated(per_batch, batches)
-    except ValueError as error:
-        if str(error) == "got no batches":
-            raise ValueError("calibration got no batches") from None
-        raise
