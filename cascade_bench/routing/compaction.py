@@ -15,8 +15,10 @@ Batching modes (``BATCHING_MODES``):
   stage call it saves (``call_overhead_slots``: a call's fixed cost counted in slots), so small
   batches get one call and large ones keep their buckets.
 
-No Python loop runs over tokens or sequences: planning costs one host sync per stage
-(to learn the dense shapes), gathers and scatters are single indexing ops.
+No Python loop runs over tokens or sequences: planning costs one host sync per stage to learn the
+dense shapes (two when bucketed batching does split the rows into several calls), gathers and
+scatters are single indexing ops. A stage that every token of a full grid reaches (stage 0 of a
+batch without padding) is laid out without planning.
 """
 
 from __future__ import annotations
@@ -105,12 +107,19 @@ def plan_layouts(
         call_overhead_slots = CALL_OVERHEAD_SLOTS
     if isinstance(call_overhead_slots, bool) or not isinstance(call_overhead_slots, int) or call_overhead_slots < 0:
         raise ValueError(f"call_overhead_slots must be an int >= 0, got {call_overhead_slots!r}")
-    if flat_index.numel() == 0:
+    count = flat_index.numel()
+    if count == 0:
         return []
+    if count == batch_size * seq_len:  # every slot of the grid: one batch, no padding, no planning
+        grid = torch.arange(count, device=flat_index.device)
+        rows = torch.div(grid, seq_len, rounding_mode="floor")
+        return [Layout(members=None, rows=rows, cols=grid - rows * seq_len, num_rows=batch_size, length=seq_len)]
     seq, rank, counts = rank_in_sequence(flat_index, seq_len, batch_size)
     present = counts > 0
-    if batching == "padded" or max_buckets <= 1:
-        num_rows, length = torch.stack([present.sum(), counts.max()]).tolist()
+    num_rows, length = torch.stack([present.sum(), counts.max()]).tolist()
+    # One call is the cheapest grouping whenever its padding costs less than a second call: any two
+    # calls cost at least every token plus two calls' overhead (``cheapest_grouping``'s cost).
+    if batching == "padded" or max_buckets <= 1 or num_rows * length - count < call_overhead_slots:
         return [_one_padded_batch(seq, rank, present, num_rows, length)]
     return _bucketed_layouts(seq, rank, counts, max_buckets, bucket_tolerance, call_overhead_slots)
 

@@ -62,44 +62,88 @@ def run_exit_head(
     Raises ValueError if any logit row is not finite. Spans: ``stage{k}.exit_head`` (logits, NLL,
     argmax) and ``stage{k}.exit_fn`` (confidence), once per chunk.
     """
-    head_span, fn_span = f"stage{stage_index}.exit_head", f"stage{stage_index}.exit_fn"
     n = hidden.shape[0]
-    vocab = stage.vocab_size
     if chunk_tokens is None:
-        chunk_tokens = max(MIN_CHUNK_TOKENS, LOGITS_CHUNK_ELEMENTS // vocab)
-    nll = torch.empty(n, dtype=torch.float32, device=hidden.device)
-    correct = torch.empty(n, dtype=torch.bool, device=hidden.device)
-    prediction = torch.empty(n, dtype=torch.long, device=hidden.device)
-    confidence = torch.empty(n, dtype=torch.float32, device=hidden.device) if exit_function is not None else None
-    kept = [] if keep_logits else None
+        chunk_tokens = max(MIN_CHUNK_TOKENS, LOGITS_CHUNK_ELEMENTS // stage.vocab_size)
     safe_targets = targets.clamp(min=0)
-    bad = torch.zeros((), dtype=torch.bool, device=hidden.device)
-    for start in range(0, n, chunk_tokens):
-        stop = min(start + chunk_tokens, n)
-        with probe.span(head_span):
-            logits = stage.logits(hidden[start:stop])
-            logits32 = logits.float()  # no copy when the model already runs in float32
-            # One max pass gives argmax and the logsumexp shift; one temporary for exp(logits - max).
-            max_logit, argmax = logits32.max(dim=-1)
-            log_z = (logits32 - max_logit[:, None]).exp_().sum(dim=-1).log_().add_(max_logit)
-            bad |= ~torch.isfinite(log_z).all()
-            target_logit = logits32.gather(1, safe_targets[start:stop, None]).squeeze(1)
-            nll[start:stop] = log_z - target_logit
-            correct[start:stop] = argmax == targets[start:stop]
-            prediction[start:stop] = argmax
-        if exit_function is not None:
-            with probe.span(fn_span):
-                h_in = input_state[start:stop] if input_state is not None else None
-                confidence[start:stop] = exit_function(
-                    h_in, hidden[start:stop], logits32, log_normalizer=log_z, max_logit=max_logit
-                )
-        if kept is not None:
-            kept.append(logits)
-    if n and bool(bad):
+    chunks = [
+        _reduce_chunk(
+            stage,
+            stage_index,
+            hidden[start : start + chunk_tokens],
+            targets[start : start + chunk_tokens],
+            safe_targets[start : start + chunk_tokens],
+            exit_function,
+            input_state[start : start + chunk_tokens] if input_state is not None else None,
+            keep_logits,
+            probe,
+        )
+        for start in range(0, n, chunk_tokens)
+    ]
+    if not chunks:
+        empty = hidden.new_empty(0, dtype=torch.float32)
+        return HeadResult(
+            nll=empty,
+            correct=empty.bool(),
+            prediction=empty.long(),
+            confidence=empty if exit_function is not None else None,
+            logits=hidden.new_empty(0, stage.vocab_size) if keep_logits else None,
+        )
+    head, finite = chunks[0] if len(chunks) == 1 else _joined(chunks)
+    if not bool(finite):
         raise ValueError(
             f"stage {stage_index} produced non-finite logits (NaN or inf); refusing to report a "
             f"perplexity from them: check the model weights and dtype ({stage.dtype})"
         )
-    return HeadResult(
-        nll=nll, correct=correct, prediction=prediction, confidence=confidence, logits=torch.cat(kept) if kept else None
+    return head
+
+
+def _reduce_chunk(
+    stage: LLM,
+    stage_index: int,
+    hidden: Tensor,
+    targets: Tensor,
+    safe_targets: Tensor,
+    exit_function: Optional[ExitFunction],
+    input_state: Optional[Tensor],
+    keep_logits: bool,
+    probe: Probe,
+) -> tuple[HeadResult, Tensor]:
+    """One chunk's logits reduced to per-token results, and whether every logsumexp is finite."""
+    with probe.span(f"stage{stage_index}.exit_head"):
+        logits = stage.logits(hidden)
+        logits32 = logits.float()  # no copy when the model already runs in float32
+        # One max pass gives argmax and the logsumexp shift; one temporary for exp(logits - max).
+        max_logit, argmax = logits32.max(dim=-1)
+        log_z = (logits32 - max_logit[:, None]).exp_().sum(dim=-1).log_().add_(max_logit)
+        finite = torch.isfinite(log_z).all()
+        nll = log_z - logits32.gather(1, safe_targets[:, None]).squeeze(1)
+    confidence = None
+    if exit_function is not None:
+        with probe.span(f"stage{stage_index}.exit_fn"):
+            confidence = exit_function(input_state, hidden, logits32, log_normalizer=log_z, max_logit=max_logit).float()
+    head = HeadResult(
+        nll=nll,
+        correct=argmax == targets,
+        prediction=argmax,
+        confidence=confidence,
+        logits=logits if keep_logits else None,
     )
+    return head, finite
+
+
+def _joined(chunks: list[tuple[HeadResult, Tensor]]) -> tuple[HeadResult, Tensor]:
+    heads = [head for head, _ in chunks]
+
+    def cat(field: str) -> Optional[Tensor]:
+        parts = [getattr(head, field) for head in heads]
+        return None if parts[0] is None else torch.cat(parts)
+
+    joined = HeadResult(
+        nll=cat("nll"),
+        correct=cat("correct"),
+        prediction=cat("prediction"),
+        confidence=cat("confidence"),
+        logits=cat("logits"),
+    )
+    return joined, torch.stack([finite for _, finite in chunks]).all()

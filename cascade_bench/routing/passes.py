@@ -396,7 +396,7 @@ class _Pass:
                 reach, state = self._decide(stage, k, last, reach, hidden, input_state)
         continuing = None
         if self.open_end:
-            self.exit_stage[reach] = num_stages
+            self._open_end(reach)
             continuing = (reach, state if state is not None else torch.empty(0, self.stages[-1].hidden_size))
         return self._output(continuing)
 
@@ -511,8 +511,8 @@ class _Pass:
                 self.exited.append(int(exits.sum()))
                 self.alive = self.alive & ~exits
             return reach, hidden
-        staying = ~self._route(stage, k, last, reach, hidden, input_state, targets)
-        return reach[staying], hidden[staying]
+        staying = (~self._route(stage, k, last, reach, hidden, input_state, targets)).nonzero().squeeze(1)
+        return reach.index_select(0, staying), hidden.index_select(0, staying)
 
     def _route(
         self,
@@ -551,8 +551,13 @@ class _Pass:
             with self.probe.span(f"stage{k}.scatter"):
                 self.stage_nll[k, reach] = head.nll
                 self.stage_pred[k, reach] = head.prediction
-                leaving = reach[exits]
-                self._record(k, leaving, _select(head, exits))
+                # Every token that reached this stage is recorded as exiting here; the ones that
+                # continue are recorded again where they do exit (``_open_end`` clears what is left),
+                # which writes more than the exiting tokens but selects nothing.
+                self._record(k, reach, head)
+                self.exited.append(int(exits.sum()))
+                self.stage_conf[k, reach] = confidence
+            return exits
         else:
             # Confidence from hidden states alone: lm_head only for the tokens that exit here.
             with self.probe.span(f"stage{k}.exit"):
@@ -622,6 +627,15 @@ class _Pass:
             self.stage_pred[k, flat_index] = head.prediction
         if self.logits is not None and head.logits is not None:
             self.logits[flat_index] = head.logits
+
+    def _open_end(self, continuing: Tensor) -> None:
+        """Tokens that continue past the last stage run exit nowhere yet: exit stage S, no NLL,
+        not correct, no logits (the last stage run recorded them as if they exited there)."""
+        self.exit_stage[continuing] = len(self.stages)
+        self.nll[continuing] = 0.0
+        self.correct[continuing] = False
+        if self.logits is not None:
+            self.logits[continuing] = 0
 
     def _scored(self) -> Tensor:
         scored = torch.zeros_like(self.correct)

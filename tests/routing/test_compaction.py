@@ -114,8 +114,11 @@ def test_a_bad_call_overhead_is_refused(bad):
 
 
 def test_dense_layout_is_a_reshape():
-    (layout,) = plan_layouts(torch.arange(12), 4, 3, "padded")
-    assert layout.is_dense
+    for batching in ("padded", "bucketed"):
+        (layout,) = plan_layouts(torch.arange(12), 4, 3, batching)
+        assert layout.is_dense and (layout.num_rows, layout.length) == (3, 4)
+        # every slot of the grid, row by row: the rows and columns a full layout's readers index with
+        assert layout.rows.tolist() == [0] * 4 + [1] * 4 + [2] * 4 and layout.cols.tolist() == [0, 1, 2, 3] * 3
     values = torch.randn(12, 2)
     assert to_dense(values, layout).data_ptr() == values.data_ptr()
 
@@ -139,3 +142,39 @@ def test_the_call_overhead_can_be_set_from_the_environment(monkeypatch):
     monkeypatch.setenv(CALL_OVERHEAD_ENV, "-4")
     with pytest.raises(ValueError, match=r"CASCADE_BENCH_CALL_OVERHEAD_SLOTS='-4'.*int >= 0"):
         _call_overhead_from_environment()
+
+
+def _slots_and_calls(layouts) -> int:
+    return sum(layout.slots for layout in layouts), len(layouts)
+
+
+def test_one_call_whenever_its_padding_costs_less_than_a_second_call():
+    # counts 16, 2 on T=16: one call pads 14 slots; apart 16 + 2 slots in two calls. With a call worth
+    # 15 slots one call wins (32 + 15 < 18 + 30) however far apart the lengths are; worth 14, a tie
+    # in cost, keeps both calls (less padding), as cheapest_grouping does.
+    reach = torch.cat([torch.arange(16), 16 + torch.arange(2)])
+    assert _slots_and_calls(plan_layouts(reach, 16, 2, "bucketed", call_overhead_slots=15)) == (32, 1)
+    assert _slots_and_calls(plan_layouts(reach, 16, 2, "bucketed", call_overhead_slots=14)) == (18, 2)
+
+
+def test_the_planned_layouts_cost_no_more_than_any_grouping_of_their_length_classes():
+    # Random routing decisions: slots + overhead x calls of the plan is the cheapest grouping's cost
+    # over the length classes (the one-call shortcut never picks a dearer layout than the search).
+    from cascade_bench.routing import compaction
+
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(200):
+        batch, seq_len = 1 + trial % 9, 4 + trial % 29
+        keep = torch.rand(batch * seq_len, generator=generator) < torch.rand(
+            batch, generator=generator
+        ).repeat_interleave(seq_len)
+        reach = keep.nonzero().squeeze(1)
+        if reach.numel() == 0:
+            continue
+        overhead = int(torch.randint(0, 3 * seq_len, (1,), generator=generator))
+        slots, calls = _slots_and_calls(plan_layouts(reach, seq_len, batch, "bucketed", call_overhead_slots=overhead))
+        seq, rank, counts = rank_in_sequence(reach, seq_len, batch)
+        searched = compaction._bucketed_layouts(seq, rank, counts, 4, 0.15, overhead)
+        best_slots, best_calls = _slots_and_calls(searched)
+        assert slots + overhead * calls <= best_slots + overhead * best_calls, (trial, overhead)
+        assert slots >= reach.numel()

@@ -241,3 +241,29 @@ def test_merged_buckets_give_the_same_pass_in_fewer_calls(kind, text):
     assert merged.slots_computed[1] > apart.slots_computed[1]
     torch.testing.assert_close(merged.nll, apart.nll, atol=ATOL, rtol=0)
     assert torch.equal(merged.exit_stage, apart.exit_stage) and torch.equal(merged.correct, apart.correct)
+
+
+@pytest.mark.parametrize("exit_fn", ["max_prob", "cos_sim"])
+def test_tokens_continuing_past_an_open_end_exit_nowhere_and_the_rest_keep_their_stage_results(exit_fn, text):
+    # open_end: the last stage run decides like a middle one; who continues has exit stage S, no NLL,
+    # not correct, no logits, whatever the last stage computed for them (a logit rule computes its
+    # head on every token reaching the stage).
+    from cascade_bench.routing.passes import forward_cascade
+
+    ensemble = tiny_ensemble("gpt2-tiny", exit_fn=exit_fn)
+    ids = token_batch(text, 3, 24)
+    with torch.inference_mode():
+        everyone = forward_cascade(
+            ensemble, ids, num_stages=1, thresholds=[-INF], return_logits=True, confidence_at_last_stage=True
+        )
+        median = float(everyone.stage_confidence[0].nanmedian())
+        out = forward_cascade(ensemble, ids, num_stages=1, thresholds=[median], open_end=True, return_logits=True)
+    continuing = out.exit_stage == 1
+    exited = out.exit_stage == 0
+    assert continuing.any() and exited.any() and bool((continuing | exited).all())
+    assert out.continuing_index.numel() == int(continuing.sum())
+    assert not out.nll[continuing].any() and not out.correct[continuing].any()
+    assert not out.logits[continuing].any()
+    assert torch.equal(out.nll[exited], everyone.nll[exited]) and torch.equal(out.correct, everyone.correct & exited)
+    assert torch.equal(out.logits[exited], everyone.logits[exited])
+    assert out.tokens_exited == (int(exited.sum()),)
