@@ -79,7 +79,9 @@ class CostRecord:
     FLOPs are 2 per multiply-add; ``flops`` / ``macs`` are counted (None when not counted);
     ``flops_fvcore`` is fvcore x2 over every op it counts, ``flops_fvcore_matmul`` the classes both
     tools count alike. Times are seconds for one pass over the timed batches (all of them unless
-    ``timing_batches`` was given; see ``conditions``). ``counting_overhead`` = counted pass time
+    ``timing_batches`` was given; see ``conditions``); ``flops_analytic_timed`` is the analytic
+    count of those batches alone (None when not timed), the FLOPs a wall time compares with.
+    ``counting_overhead`` = counted pass time
     per token / median uncounted pass time per token. ``decision_flops`` (analytic): what the exit
     decisions computed that no token's final prediction uses: the exit rules' own matmuls plus the
     exit-head logits of tokens that did not exit at that stage.
@@ -90,6 +92,7 @@ class CostRecord:
     flops: Optional[int]
     macs: Optional[int]
     flops_analytic: int
+    flops_analytic_timed: Optional[int]
     flops_fvcore: Optional[int]
     flops_fvcore_matmul: Optional[int]
     fvcore_unsupported: dict
@@ -122,6 +125,7 @@ class _Share:
     fvcore: object
     timed_tokens: int
     timed_batches: int
+    timed_analytic: int
     batches: int
     wall: tuple
     spans: dict
@@ -159,6 +163,7 @@ def _combined(shares: list) -> _Share:
         fvcore=fvcore_total,
         timed_tokens=sum(s.timed_tokens for s in shares),
         timed_batches=sum(s.timed_batches for s in shares),
+        timed_analytic=sum(s.timed_analytic for s in shares),
         batches=sum(s.batches for s in shares),
         wall=tuple(slowest),
         spans=spans,
@@ -282,9 +287,10 @@ def measure_cost(
     fv = FvcoreCounter(stages[:num_stages]) if fvcore else None
     fv_total = None
     stage_records = []
+    timed_analytic = 0  # the analytic FLOPs of the timed batches alone: what the wall time is compared with
     for k in range(num_stages):
         analytic_k, padding_k, rule_k, decision_k = 0, 0, 0, 0
-        for out in outputs:
+        for i, out in enumerate(outputs):
             costs = routed_cost(
                 configs,
                 out.stage_batch_shapes,
@@ -294,6 +300,8 @@ def measure_cost(
                 head_macs_of(stages[:num_stages]),
             )
             analytic_k += costs[k].total
+            if timed and i < len(timed_data):
+                timed_analytic += costs[k].total
             padding_k += padding_flops(configs[k], out.stage_batch_shapes[k], _row_lengths(out, k))
             rule_k += costs[k].exit_rule
             decision_k += decision_flops(costs, out.head_tokens, out.tokens_exited)[k]
@@ -329,6 +337,7 @@ def measure_cost(
         fvcore=fv_total,
         timed_tokens=sum(int(out.tokens_entered[0]) for out in outputs[: len(timed_data)]),
         timed_batches=len(timed_data) if timed else 0,
+        timed_analytic=timed_analytic,
         batches=len(data),
         wall=samples,
         spans={name: stats.median for name, stats in span_stats.items()},
@@ -350,6 +359,7 @@ def measure_cost(
         flops=counted and counted.total,
         macs=counted and counted.macs,
         flops_analytic=analytic_total,
+        flops_analytic_timed=share.timed_analytic if share.timed_batches else None,
         flops_fvcore=None if fv_total is None else fv_total.flops,
         flops_fvcore_matmul=None if fv_total is None else fv_total.matmul_flops,
         fvcore_unsupported={} if fv_total is None else dict(sorted(fv_total.unsupported.items())),

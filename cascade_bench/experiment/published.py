@@ -8,6 +8,8 @@ wrote from the records, never a hand copy:
   config on the same install gives the same digits);
 - ``wall``: the paper table's wall ratios (timings: a rerun gives other digits);
 - ``checks``: the plausibility checks, as ``run`` prints them;
+- ``wall_flops``: routed early exit's wall ratio against its FLOP ratio on the same timed batches,
+  per swept hard ratio, with the medians (timings; absent in records without timed FLOPs);
 - ``rules``, ``risk``, ``kv``: the exit-rule, risk-control and K/V-policy tables of ``report.md``
   (absent when the run has no such points).
 """
@@ -19,10 +21,10 @@ from typing import Sequence
 
 from ..data.storage import write_text_atomic
 from .checks import PLAUSIBLE_PPL, format_checks, run_checks, stored_config
-from .reports import kv_table, paper_table, records_frame, risk_table, rules_table, to_markdown
+from .reports import kv_table, paper_table, records_frame, risk_table, rules_table, to_markdown, wall_flops_table
 
 #: Every block a run can publish, in page order.
-PAGE_BLOCKS = ("quality", "wall", "checks", "rules", "risk", "kv")
+PAGE_BLOCKS = ("quality", "wall", "wall_flops", "checks", "rules", "risk", "kv")
 
 
 def published_blocks(records: Sequence[dict]) -> dict[str, str]:
@@ -35,7 +37,13 @@ def published_blocks(records: Sequence[dict]) -> dict[str, str]:
         "wall": to_markdown(paper[["method", "wall ratio"]]),
         "checks": "```\n" + format_checks(checks) + "```",
     }
-    for name, table in (("rules", rules_table(frame)), ("risk", risk_table(frame)), ("kv", kv_table(frame))):
+    tables = (
+        ("wall_flops", wall_flops_table(frame)),
+        ("rules", rules_table(frame)),
+        ("risk", risk_table(frame)),
+        ("kv", kv_table(frame)),
+    )
+    for name, table in tables:
         if table is not None and not table.empty:
             blocks[name] = to_markdown(table)
     return blocks

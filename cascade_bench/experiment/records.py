@@ -60,6 +60,8 @@ class Record:
     padding_waste: Optional[list] = _pass()
     flops: Optional[int] = _core()
     flops_analytic: Optional[int] = _core()
+    #: analytic FLOPs of the timed batches alone (what the wall time covers); None when not timed
+    flops_analytic_timed: Optional[int] = _pass()
     time_median_s: Optional[float] = _core()
     time_iqr_s: Optional[float] = _pass()
     tokens_per_s: Optional[float] = _pass()
@@ -107,6 +109,7 @@ class Record:
             padding_waste=list(q.padding_waste),
             flops=cost.flops,
             flops_analytic=cost.flops_analytic,
+            flops_analytic_timed=cost.flops_analytic_timed,
             time_median_s=cost.time_median_s,
             time_iqr_s=cost.time_iqr_s,
             tokens_per_s=cost.tokens_per_s,

@@ -54,6 +54,12 @@ def records_frame(records: Sequence[dict]) -> pd.DataFrame:
     frame["exit_ratio_0"] = frame.exit_ratios.map(lambda r: r[0] if isinstance(r, list) and r else math.nan)
     flops = frame.flops.where(frame.flops.notna(), frame.flops_analytic).astype(float)
     frame["flop_ratio"] = flops / float(full.flops)
+    # The same ratio over the timed batches alone, which is what a wall ratio compares with (records
+    # written before the field existed have none).
+    if "flops_analytic_timed" in frame and full.get("flops_analytic_timed") is not None:
+        frame["flop_ratio_timed"] = frame.flops_analytic_timed.astype(float) / float(full.flops_analytic_timed)
+    else:
+        frame["flop_ratio_timed"] = math.nan
     # Wall ratio: the back-to-back ratio each point measured against the full cascade where it
     # has one (drift between points stays out), else the ratio of medians timed apart.
     apart = frame.time_median_s.astype(float) / float(full.time_median_s)
@@ -178,6 +184,32 @@ def threshold_table(frame: pd.DataFrame) -> pd.DataFrame:
             "tokens/s": swept.tokens_per_s,
         }
     )
+
+
+def wall_flops_table(frame: pd.DataFrame) -> Optional[pd.DataFrame]:
+    """Routed early exit under the run's own rule at each swept hard ratio: the FLOP ratio and the
+    wall ratio over the same (timed) batches and their difference, what early exit loses in wall
+    time beyond its FLOPs; a last row gives the medians. None without timed FLOPs in the records."""
+    routed = main_routed_frame(frame).sort_values("hard_ratio")
+    routed = routed[routed.flop_ratio_timed.notna() & routed.wall_ratio.notna()]
+    if routed.empty:
+        return None
+    gap = routed.wall_ratio - routed.flop_ratio_timed
+    table = pd.DataFrame(
+        {
+            "hard ratio": routed.hard_ratio.map(lambda r: f"{r:g}"),
+            "FLOP ratio (timed batches)": routed.flop_ratio_timed,
+            "wall ratio": routed.wall_ratio,
+            "wall - FLOP": gap,
+        }
+    )
+    median = {
+        "hard ratio": "median",
+        "FLOP ratio (timed batches)": routed.flop_ratio_timed.median(),
+        "wall ratio": routed.wall_ratio.median(),
+        "wall - FLOP": gap.median(),
+    }
+    return pd.concat([table, pd.DataFrame([median])], ignore_index=True)
 
 
 def _interpolate(curve: pd.DataFrame, cost: float) -> float:
@@ -578,6 +610,9 @@ def write_report(records: Sequence[dict], config, paths: dict) -> Path:
     risks = risk_table(frame)
     if risks is not None:
         write_table(risks, tables / f"{name}.risk", f"{name}: risk-controlled thresholds ({split} split)")
+    wall_flops = wall_flops_table(frame)
+    if wall_flops is not None:
+        write_table(wall_flops, tables / f"{name}.wall_flops", f"{name}: wall time against FLOPs ({split} split)")
     first = records[0].get("conditions", {})
     training = first.get("training") or {}
     trained = training_table(records)
@@ -652,6 +687,7 @@ def write_report(records: Sequence[dict], config, paths: dict) -> Path:
         "## Sweep",
         "",
         to_markdown(thresholds),
+        *(_wall_flops_lines(wall_flops, reference) if wall_flops is not None else []),
         "## Seed-protocol layout",
         "",
         (
@@ -674,3 +710,16 @@ def write_report(records: Sequence[dict], config, paths: dict) -> Path:
     ]
     write_text_atomic(paths["report"], "\n".join(lines) + "\n")
     return paths["report"]
+
+
+def _wall_flops_lines(table: pd.DataFrame, reference: str) -> list[str]:
+    return [
+        "## Wall time against FLOPs",
+        "",
+        f"Routed early exit under the run's own rule, against {reference} on the timed batches alone: the "
+        "FLOP ratio of those batches (the FLOP ratio above covers every scored batch), the wall ratio "
+        "(timed back to back on them) and the difference, the wall time a routed pass spends beyond its "
+        "FLOPs (stage calls' fixed costs, the exit heads' softmax, gathering and scattering).",
+        "",
+        to_markdown(table),
+    ]

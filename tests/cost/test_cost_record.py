@@ -58,6 +58,12 @@ def test_an_uncounted_record_on_a_timed_subset_says_so_and_keeps_quality_and_ana
     )
     assert light.flops is None and light.macs is None and all(s.flops is None for s in light.stages)
     assert light.flops_analytic == full.flops_analytic == full.flops  # the analytic count covers every batch
+    # ... and the timed batches' own count is what the wall time covers: the first batch alone here
+    first = measure_cost(ensemble, batches[:1], repeats=1, fvcore=False, spans=False, thresholds=thresholds)
+    assert light.flops_analytic_timed == first.flops_analytic < light.flops_analytic
+    assert full.flops_analytic_timed == full.flops_analytic
+    untimed = measure_cost(ensemble, batches, fvcore=False, spans=False, thresholds=thresholds, timed=False)
+    assert untimed.flops_analytic_timed is None and untimed.flops_analytic == full.flops_analytic
     assert light.quality.nll_sum == full.quality.nll_sum == evaluate(ensemble, batches, thresholds=thresholds).nll_sum
     assert light.quality.tokens_entered == full.quality.tokens_entered
     assert (light.conditions["timed_batches"], light.conditions["timed_tokens"], light.conditions["batches"]) == (

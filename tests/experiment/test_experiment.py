@@ -107,6 +107,8 @@ def test_run_writes_results_tables_plots_and_report(finished):
     }
     assert all(r["flops"] == r["flops_analytic"] for r in records if r["point_id"] in counted)
     assert routed["conditions"]["timed_batches"] == 1 and routed["conditions"]["batches"] == 2
+    # the FLOPs a wall time compares with: the timed batch alone, a part of the scored batches' count
+    assert 0 < routed["flops_analytic_timed"] < routed["flops_analytic"]
     assert routed["conditions"]["flops_counted"]
     assert "FLOPs counted with FlopCounterMode on the baselines" in routed["conditions"]["measured"]
     training = routed["conditions"]["training"]
@@ -206,11 +208,22 @@ def test_run_writes_results_tables_plots_and_report(finished):
         "exit at stage 0",
         "PPL",
     ]
+    wall_flops = pd.read_csv(tables / "tiny.wall_flops.csv")
+    assert list(wall_flops["hard ratio"]) == ["0.3", "0.6", "median"]
+    for ratio in ("0.3", "0.6"):
+        row = wall_flops.set_index("hard ratio").loc[ratio]
+        point = by_id[f"routed@{ratio}"]
+        assert math.isclose(
+            row["FLOP ratio (timed batches)"], point["flops_analytic_timed"] / by_id["full"]["flops_analytic_timed"]
+        )
+        assert math.isclose(row["wall - FLOP"], row["wall ratio"] - row["FLOP ratio (timed batches)"])
+    assert math.isclose(wall_flops["wall - FLOP"].iloc[-1], wall_flops["wall - FLOP"].iloc[:2].median())
     assert r"\toprule" in (tables / "tiny.paper.tex").read_text()
     assert "| quantity | this run |" in (tables / "tiny.seed.md").read_text()
     report = paths["report"].read_text()
     assert "## Methods" in report and "plots/tiny.cost_vs_ppl.png" in report
     assert "## Exit rules" in report and "## Risk-controlled thresholds" in report
+    assert "## Wall time against FLOPs" in report
     assert "classifier exit classifier of stage 0" in report  # its training stop is checked too
     assert "Protocol ashem, preset gpt2-tiny: one model grown block by block" in report
     assert (
