@@ -105,7 +105,7 @@ def run_experiment(
         pretrained_model(config, paths["converted"], progress) if config.model else (None, None, None)
     )
     with main_first(ranks):  # rank 0 trains (or reads) the tokenizer cache the others then read
-        data = _prepared_data(config, paths, pretrained, model_folder)
+        data = prepared_data(config, paths, pretrained, model_folder)
     # risk control's own batches: nothing below (training, calibration, scoring) sees them
     data, risk_calibration = hold_out_validation(data, config.risk_batches)
     scored = data.test if config.eval_split == "test" else data.validation
@@ -177,7 +177,7 @@ KV_POLICIES_NOT_RUN = (
 )
 
 
-def _prepared_data(config: ExperimentConfig, paths: dict, pretrained, model_folder):
+def prepared_data(config: ExperimentConfig, paths: dict, pretrained, model_folder):
     """The run's corpus tokenized into windows and batches (the pretrained model's tokenizer with
     ``tokenizer = "model"``; windows no longer than its position table)."""
     if pretrained is not None:
