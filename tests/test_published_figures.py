@@ -22,7 +22,10 @@ RECORDS = ROOT / "docs" / "results" / "ashem-embedded.jsonl"
 #: Per published run (records in docs/results/<run>.jsonl, blocks in docs/results/<run>/): which page
 #: includes which of its blocks.
 INCLUDED = {
-    "ashem-embedded": {"docs/results.md": ("quality", "wall", "checks", "kv"), "docs/exit-rules.md": ("rules", "risk")},
+    "ashem-embedded": {
+        "docs/results.md": ("quality", "wall", "wall_flops", "checks", "kv"),
+        "docs/exit-rules.md": ("rules", "risk"),
+    },
     "smollm2-135m": {"docs/pretrained-smollm2.md": ("quality", "wall", "rules", "risk", "kv", "checks")},
 }
 
