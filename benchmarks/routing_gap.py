@@ -11,8 +11,9 @@ the routed pass spends the difference.
 Thresholds are calibrated on the run's validation batches as the run calibrates them, and the
 timed batches are the run's (its first ``timing_batches`` test batches). Each wall ratio is the
 median over ``--pairs`` of routed / full, both timed batch by batch back to back (the run uses 3
-pairs). ``--rows N`` regroups the same timed windows into batches of N rows: the same tokens,
-thresholds and decisions, with each stage call's fixed cost spread over more tokens.
+pairs), on the run's device and dtype (CUDA events on a GPU). ``--rows N`` regroups the same timed
+windows into batches of N rows: the same tokens, thresholds and decisions, with each stage call's
+fixed cost spread over more tokens.
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ def phase_split(cascade, batches: list[dict], thresholds, repeats: int) -> dict[
     for _ in range(repeats + 1):
         for method in METHODS:
             extra = dict(batching="bucketed", thresholds=thresholds) if method == "routed" else {}
-            timer = SpanTimer()
+            timer = SpanTimer(cascade.device)
             with timer.span("pass"):
                 for batch in batches:
                     forward_cascade(
@@ -156,10 +157,13 @@ def main() -> None:
     timed = scored[: config.timing_batches] if config.timing_batches else scored
     if args.rows:
         timed = regrouped(timed, args.rows)
-    cascade = load_ensemble(folder).eval()
+    cascade = load_ensemble(folder, device=config.device, dtype=getattr(torch, config.dtype)).eval()
     ratios = sorted(set(config.hard_ratios) | set(args.spans))
     shapes = sorted({tuple(batch["input_ids"].shape) for batch in timed})
-    print(f"{folder}: {len(timed)} timed batches of shapes {shapes}, {args.pairs} pairs, {config.threads} threads")
+    print(
+        f"{folder}: {len(timed)} timed batches of shapes {shapes}, {args.pairs} pairs, "
+        f"{config.device}/{config.dtype}, {config.threads} threads"
+    )
     print("| hard ratio | FLOP ratio (timed batches) | wall ratio | wall - FLOP |")
     print("| --- | --- | --- | --- |")
     gaps = []
@@ -169,7 +173,8 @@ def main() -> None:
         full_calls = passes(cascade, timed, "full", None)
         for ratio in config.hard_ratios:
             flop_ratio = analytic_flops(cascade, timed, "routed", thresholds[ratio]) / full_flops
-            wall = interleaved_ratio(passes(cascade, timed, "routed", thresholds[ratio]), full_calls, pairs=args.pairs)
+            routed_calls = passes(cascade, timed, "routed", thresholds[ratio])
+            wall = interleaved_ratio(routed_calls, full_calls, pairs=args.pairs, device=cascade.device)
             gaps.append(wall - flop_ratio)
             print(f"| {ratio:g} | {flop_ratio:.3f} | {wall:.3f} | {wall - flop_ratio:.3f} |", flush=True)
         print(f"| median | | | {statistics.median(gaps):.3f} |")
