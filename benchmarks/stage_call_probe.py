@@ -1,7 +1,9 @@
 """What one stage call costs beyond its layers: a later stage of the default run's size (gpt2-mini,
 2 layers, hidden 128) called as the cascade calls it (``LLM.forward`` on hidden states, through
 the Hugging Face model: masks, positions, output objects) against the same decoder layers and
-final norm called directly, and its exit head, at decode shapes (rows x 1 token) and prefill shapes.
+final norm called directly, its exit head, and the same size of stage built as a block of one
+model (``Block.forward``: the layers called without the model wrapper, as the default run's stages
+are), at decode shapes (rows x 1 token) and prefill shapes.
 
     python benchmarks/stage_call_probe.py
 
@@ -18,7 +20,7 @@ import time
 import torch
 
 from cascade_bench.measure.allocator import retain_freed_memory
-from cascade_bench.stages.presets import build_ensemble
+from cascade_bench.stages.presets import build_blocks, build_ensemble
 
 SHAPES = ((1, 1), (4, 1), (8, 1), (4, 64), (8, 128))
 
@@ -38,12 +40,14 @@ def main() -> None:
     retain_freed_memory()
     torch.set_num_threads(2)
     stage = build_ensemble("gpt2-mini", [2, 2], seed=0).eval()[1]
+    # the same layers as the default run's stages are: a block of one model (its layers called directly)
+    block = build_blocks("gpt2-mini", [2, 2], seed=0).eval()[1]
     print(f"gpt2-mini stage of {stage.num_layers} layers, hidden {stage.hidden_size}, torch {torch.__version__}")
     print(
         "| rows x tokens | stage call (ms) | layers + norm called directly (ms) | the rest of the call (ms) "
-        "| exit head (ms) |"
+        "| exit head (ms) | block call (ms) |"
     )
-    print("| --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- |")
     with torch.inference_mode():
         for rows, length in SHAPES:
             states = torch.randn(rows, length, stage.hidden_size)
@@ -58,7 +62,10 @@ def main() -> None:
             whole = median_ms(lambda: stage(inputs_embeds=states))
             layers = median_ms(direct)
             head = median_ms(lambda: stage.logits(states.reshape(-1, stage.hidden_size)))
-            print(f"| {rows} x {length} | {whole:.3f} | {layers:.3f} | {whole - layers:.3f} | {head:.3f} |")
+            sliced = median_ms(lambda: block(inputs_embeds=states))
+            print(
+                f"| {rows} x {length} | {whole:.3f} | {layers:.3f} | {whole - layers:.3f} | {head:.3f} | {sliced:.3f} |"
+            )
 
 
 if __name__ == "__main__":
