@@ -29,6 +29,7 @@ from cascade_bench.data.prepare import hold_out_validation
 from cascade_bench.experiment.config import ExperimentConfig, load_config_file, make_config
 from cascade_bench.experiment.pipeline import experiment_paths, prepared_data
 from cascade_bench.measure.allocator import retain_freed_memory
+from cascade_bench.measure.probes import NO_PROBE, Probe
 from cascade_bench.measure.timing import SpanTimer, interleaved_ratio
 from cascade_bench.routing.calibration import calibrate_sweep
 from cascade_bench.routing.passes import forward_cascade
@@ -46,46 +47,44 @@ def regrouped(batches: list[dict], rows: int) -> list[dict]:
     return [{key: value[start : start + rows] for key, value in joined.items()} for start in range(0, total, rows)]
 
 
-def passes(cascade, batches: list[dict], method: str, thresholds) -> list:
-    extra = dict(batching="bucketed", thresholds=thresholds) if method == "routed" else {}
+def pass_kwargs(method: str, thresholds) -> dict:
+    """How the run measures ``method``: routed early exit with bucketed batching at ``thresholds``."""
+    return dict(batching="bucketed", thresholds=thresholds) if method == "routed" else {}
+
+
+def passes(cascade, batches: list[dict], method: str, thresholds, probe: Probe = NO_PROBE) -> list:
+    """One call per batch of ``method``'s pass."""
+    extra = pass_kwargs(method, thresholds)
     return [
         lambda batch=batch: forward_cascade(
-            cascade, batch["input_ids"], batch.get("attention_mask"), batch.get("targets"), method=method, **extra
+            cascade,
+            batch["input_ids"],
+            batch.get("attention_mask"),
+            batch.get("targets"),
+            method=method,
+            probe=probe,
+            **extra,
         )
         for batch in batches
     ]
 
 
-def analytic_flops(cascade, batches: list[dict], method: str, thresholds) -> int:
-    extra = dict(batching="bucketed", thresholds=thresholds) if method == "routed" else {}
+def flop_counts(cascade, batches: list[dict], method: str, thresholds) -> dict[str, int]:
+    """Analytic FLOPs of the pass over ``batches``: all of them, the exit heads' (2 x a head's
+    multiply-adds per token whose logits it computed) and the layers' (the rest)."""
+    extra = pass_kwargs(method, thresholds)
     cost = measure_cost(cascade, batches, method, timed=False, count_flops=False, fvcore=False, spans=False, **extra)
-    return cost.flops_analytic
+    heads = sum(2 * stage.head_macs_per_token * share.head_tokens for stage, share in zip(cascade.stages, cost.stages))
+    return {"pass": cost.flops_analytic, "exit_head": heads, "layers": cost.flops_analytic - heads}
 
 
-def head_flops(cascade, batches: list[dict], method: str, thresholds) -> int:
-    """Analytic FLOPs of the exit heads (2 x the head's multiply-adds per token whose logits it computed)."""
-    extra = dict(batching="bucketed", thresholds=thresholds) if method == "routed" else {}
-    total = 0
-    for batch in batches:
-        out = forward_cascade(
-            cascade, batch["input_ids"], batch.get("attention_mask"), batch.get("targets"), method=method, **extra
-        )
-        total += sum(2 * stage.head_macs_per_token * n for stage, n in zip(cascade.stages, out.head_tokens))
-    return total
-
-
-def flop_shares(cascade, batches: list[dict], method: str, thresholds, full_flops: int) -> dict[str, float]:
-    """The pass's layer and exit-head FLOPs as shares of the full pass's FLOPs (analytic)."""
-    heads = head_flops(cascade, batches, method, thresholds) / full_flops
-    total = analytic_flops(cascade, batches, method, thresholds) / full_flops
-    return {"layers": total - heads, "exit_head": heads, "pass": total}
-
-
-def print_price_split(split: dict, full_flops: dict, routed_flops: dict) -> None:
+def print_price_split(split: dict, full_counts: dict, routed_counts: dict) -> None:
     """Where the routed pass's wall ratio leaves its FLOP ratio: each part of it priced at what the
     same part costs per FLOP in the full pass (the rest, which has no FLOPs, at the full pass's own
-    rest per pass), and what it costs beyond that. Shares of the full pass's time."""
+    rest per pass), and what it costs beyond that. Shares of the full pass's time and FLOPs."""
     full, routed = split["full"], split["routed"]
+    full_flops = {part: count / full_counts["pass"] for part, count in full_counts.items()}
+    routed_flops = {part: count / full_counts["pass"] for part, count in routed_counts.items()}
     rest = {m: split[m]["pass"] - split[m]["layers"] - split[m]["exit_head"] for m in METHODS}
     print("\nthe routed pass priced at the full pass's time per FLOP (shares of the full pass's time):")
     print("| part | FLOP share | at full-pass prices | measured | beyond |")
@@ -112,19 +111,10 @@ def phase_split(cascade, batches: list[dict], thresholds, repeats: int) -> dict[
     samples: dict[str, list[dict]] = {method: [] for method in METHODS}
     for _ in range(repeats + 1):
         for method in METHODS:
-            extra = dict(batching="bucketed", thresholds=thresholds) if method == "routed" else {}
             timer = SpanTimer(cascade.device)
             with timer.span("pass"):
-                for batch in batches:
-                    forward_cascade(
-                        cascade,
-                        batch["input_ids"],
-                        batch.get("attention_mask"),
-                        batch.get("targets"),
-                        method=method,
-                        probe=timer,
-                        **extra,
-                    )
+                for call in passes(cascade, batches, method, thresholds if method == "routed" else None, timer):
+                    call()
             spans = timer.results()
             parts = {p: sum(v for k, v in spans.items() if k.endswith(f".{p}")) * 1e3 for p in PHASES}
             parts["other"] = spans["pass"] * 1e3 - sum(parts.values())
@@ -169,10 +159,11 @@ def main() -> None:
     gaps = []
     with torch.inference_mode():
         thresholds = calibrate_sweep(cascade, validation, ratios)
-        full_flops = analytic_flops(cascade, timed, "full", None)
+        full_counts = flop_counts(cascade, timed, "full", None)
+        routed_counts = {ratio: flop_counts(cascade, timed, "routed", thresholds[ratio]) for ratio in ratios}
         full_calls = passes(cascade, timed, "full", None)
         for ratio in config.hard_ratios:
-            flop_ratio = analytic_flops(cascade, timed, "routed", thresholds[ratio]) / full_flops
+            flop_ratio = routed_counts[ratio]["pass"] / full_counts["pass"]
             routed_calls = passes(cascade, timed, "routed", thresholds[ratio])
             wall = interleaved_ratio(routed_calls, full_calls, pairs=args.pairs, device=cascade.device)
             gaps.append(wall - flop_ratio)
@@ -186,7 +177,7 @@ def main() -> None:
             for method, parts in split.items():
                 row = " | ".join(f"{parts[p]:.1f}" for p in (*PHASES, "other", "pass"))
                 print(f"| {method} | {row} |")
-            print_price_split(split, *(flop_shares(cascade, timed, m, thresholds[ratio], full_flops) for m in METHODS))
+            print_price_split(split, full_counts, routed_counts[ratio])
 
 
 if __name__ == "__main__":

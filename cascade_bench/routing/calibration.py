@@ -91,7 +91,6 @@ def calibrate_sweep(
     ratio. The ensemble's thresholds are left as they were."""
     ratios = [_check_ratio(r) for r in hard_ratios]
     before = ensemble.thresholds
-
     with evaluation_mode(ensemble), torch.inference_mode():
         confidence = concatenated(_reaching(ensemble, [], 0, forward_kwargs), batches, "calibration")
     sweep = {}
