@@ -62,6 +62,9 @@ def test_bench_routing_writes_rows_checks_and_conditions(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| forced exit | method |" in printed and "routed-bucketed" in printed
     assert "| forced exit | exit rule | batching |" in printed
+    quartiles = [row["wall_ratio_quartiles"] for row in payload["rows"] + payload["rule_rows"]]
+    assert all(q1 == q3 for q1, q3 in quartiles)  # one repeat: both quartiles are its ratio
+    assert payload["rows"][0]["wall_ratio_quartiles"] == [1.0, 1.0]
 
 
 def test_bench_routing_profile_splits_each_pass_into_parts_that_add_up(tmp_path, capsys):
