@@ -170,7 +170,7 @@ def wall_bar_check(label: str, wall_ratio: float, spread: tuple[float, float], f
     most ``bar`` x the FLOP ratio. The description gives the per-repeat ratios' quartiles and says
     when the limit lies between them, where the verdict is one of run-to-run noise."""
     limit = bar * flop_ratio
-    within = " (the limit lies between them: within this run's spread)" if spread[0] <= limit <= spread[1] else ""
+    within = "; the limit lies between them: within this run's spread" if spread[0] <= limit <= spread[1] else ""
     return (
         f"{label}: wall ratio {wall_ratio:.3f} (repeats' quartiles {spread[0]:.3f}-{spread[1]:.3f}{within}) "
         f"<= {bar} x FLOP ratio {flop_ratio:.3f} (= {limit:.3f})",
