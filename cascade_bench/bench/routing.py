@@ -29,7 +29,7 @@ from ..measure.analytic import decision_flops, exit_rule_macs, head_macs_of, rou
 from ..measure.environment import environment_conditions
 from ..measure.flops import count_flops
 from ..measure.memory import peak_memory_bytes
-from ..measure.timing import TimingStats, wall_time_once
+from ..measure.timing import TimingStats, quartiles, wall_time_once
 from ..routing import compaction
 from ..routing.calibration import hard_ratio_of_exit_ratio, threshold_for_hard_ratio
 from ..routing.passes import forward_cascade
@@ -133,10 +133,9 @@ def bench_routing(
                         peak_bytes=peak,
                         layer_cost=out.layer_cost,
                         padding_waste=max(out.padding_waste),
-                        wall_ratio=paired_ratio(samples[m], samples["full"]),
                         flop_ratio=flops / full_flops,
                         memory_ratio=peak / full_peak,
-                        wall_ratio_quartiles=quartiles(paired_ratios(samples[m], samples["full"])),
+                        **wall_ratio_fields(samples[m], samples["full"]),
                     )
                 )
             if progress:
@@ -157,12 +156,11 @@ def paired_ratio(samples: Sequence[float], reference: Sequence[float]) -> float:
     return statistics.median(paired_ratios(samples, reference))
 
 
-def quartiles(values: Sequence[float]) -> tuple[float, float]:
-    """First and third quartile (inclusive method; both equal the value when there is one)."""
-    if len(values) < 2:
-        return (values[0], values[0]) if values else (math.nan, math.nan)
-    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
-    return q1, q3
+def wall_ratio_fields(samples: Sequence[float], reference: Sequence[float]) -> dict:
+    """A row's ``wall_ratio`` (:func:`paired_ratio`) and ``wall_ratio_quartiles``, from one pass
+    over the per-repeat ratios."""
+    ratios = paired_ratios(samples, reference)
+    return dict(wall_ratio=statistics.median(ratios), wall_ratio_quartiles=quartiles(ratios))
 
 
 def wall_bar_check(label: str, wall_ratio: float, spread: tuple[float, float], flop_ratio: float, bar: float):
@@ -340,10 +338,9 @@ def bench_exit_rules(
                         median_s=TimingStats(tuple(samples[(spec, mode)])).median,
                         layer_cost=out.layer_cost,
                         flop_ratio=flops.flops / full_flops,
-                        wall_ratio=paired_ratio(samples[(spec, mode)], samples[("full", "-")]),
                         decision_share=decision / flops.flops,
                         rule_macs_per_token=stages[0].exit_function.macs_per_token,
-                        wall_ratio_quartiles=quartiles(paired_ratios(samples[(spec, mode)], samples[("full", "-")])),
+                        **wall_ratio_fields(samples[(spec, mode)], samples[("full", "-")]),
                     )
                 )
             if progress:

@@ -7,6 +7,7 @@ Warm-up runs are untimed; results are medians and IQRs over repeats.
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from contextlib import contextmanager
@@ -32,8 +33,16 @@ class TimingStats:
     def iqr(self) -> float:
         if len(self.samples) < 2:
             return 0.0
-        q1, _, q3 = statistics.quantiles(self.samples, n=4, method="inclusive")
+        q1, q3 = quartiles(self.samples)
         return q3 - q1
+
+
+def quartiles(values: Sequence[float]) -> tuple[float, float]:
+    """First and third quartile (inclusive method; both equal the value when there is one)."""
+    if len(values) < 2:
+        return (values[0], values[0]) if values else (math.nan, math.nan)
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q3
 
 
 def synchronize(device: "Optional[torch.device | str]") -> None:

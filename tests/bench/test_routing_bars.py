@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from cascade_bench.bench.routing import paired_ratio, paired_ratios, quartiles, wall_bar_check
+from cascade_bench.bench.routing import paired_ratio, paired_ratios, wall_bar_check
+from cascade_bench.measure.timing import quartiles
 
 
 def test_paired_ratios_divide_each_repeat_by_the_full_pass_of_the_same_repeat():
