@@ -92,11 +92,13 @@ class ExitClassifier(nn.Module):
 
 
 class ReducedHeadMaxProb(nn.Module):
-    """Softmax maximum of approximate logits ``up(down(norm(h_out)))`` over the reduced vocabulary.
+    """Softmax maximum of approximate logits ``up(down(norm(translator(h_out))))`` over the reduced
+    vocabulary: the stage's own exit head with its ``lm_head`` replaced by a reduced one.
 
     down: Linear(d, r) or None (candidate vocabulary); up: Linear(r or d, V') with V' = V (low rank)
     or K (candidates). norm: a Block's final norm (its residual stream is not normalised), None for
-    an LLM; held as a plain reference (the stage's own module, not part of this rule's weights).
+    an LLM. translator: a translator-head Block's ``Translator`` (None otherwise). Both are held as
+    plain references (the stage's own modules, not part of this rule's weights).
     """
 
     needs_logits = False
@@ -108,18 +110,23 @@ class ReducedHeadMaxProb(nn.Module):
         down: Optional[nn.Linear] = None,
         norm: Optional[nn.Module] = None,
         rule_name: str = "reduced",
+        translator: Optional[nn.Module] = None,
     ):
         super().__init__()
         self.down, self.up = down, up
         object.__setattr__(self, "norm", norm)
+        object.__setattr__(self, "translator", translator)
         self.rule_name = rule_name
 
     def macs_per_token(self) -> int:
+        """Multiply-adds per token: the translator's (if any), then the reduced head's."""
         down = 0 if self.down is None else self.down.in_features * self.down.out_features
-        return down + self.up.in_features * self.up.out_features
+        translator = 0 if self.translator is None else self.translator.macs_per_token
+        return translator + down + self.up.in_features * self.up.out_features
 
     def forward(self, h_in, h_out: Tensor, logits=None) -> Tensor:
-        x = h_out if self.norm is None else self.norm(h_out)
+        x = h_out if self.translator is None else self.translator(h_out)
+        x = x if self.norm is None else self.norm(x)
         if self.down is not None:
             x = self.down(x)
         z = self.up(x).float()
@@ -136,17 +143,18 @@ class ReducedHeadMaxProb(nn.Module):
         }
 
 
-def head_parts(stage: nn.Module) -> tuple[Optional[nn.Module], nn.Linear]:
-    """(norm applied before lm_head or None, lm_head) of a stage: a Block's exit head is norm +
-    lm_head on the residual stream; an LLM's hidden state is already normalised."""
+def head_parts(stage: nn.Module) -> tuple[Optional[nn.Module], Optional[nn.Module], nn.Linear]:
+    """(translator or None, norm or None, lm_head): what a stage's exit head applies, in order. A
+    Block's exit head is [translator +] norm + lm_head on the residual stream; an LLM's hidden state
+    is already normalised."""
     if isinstance(stage, Block):
-        return stage.head.norm, stage.head.lm_head
-    return None, stage.lm_head
+        return stage.head.translator, stage.head.norm, stage.head.lm_head
+    return None, None, stage.lm_head
 
 
 def low_rank_max_prob(stage: nn.Module, rank: int) -> ReducedHeadMaxProb:
     """Cheap max-prob from the best rank-``rank`` approximation of the stage's lm_head (SVD in float64)."""
-    norm, head = head_parts(stage)
+    translator, norm, head = head_parts(stage)
     vocab, hidden = head.weight.shape
     _check_size("rank", rank, min(vocab, hidden))
     u, s, vh = torch.linalg.svd(head.weight.detach().double(), full_matrices=False)
@@ -158,14 +166,14 @@ def low_rank_max_prob(stage: nn.Module, rank: int) -> ReducedHeadMaxProb:
         up.weight.copy_((u[:, :rank] * root[None, :]).to(up.weight.dtype))
         if head.bias is not None:
             up.bias.copy_(head.bias.detach())
-    rule = ReducedHeadMaxProb(up, down, norm, rule_name=f"lowrank:{rank}")
+    rule = ReducedHeadMaxProb(up, down, norm, rule_name=f"lowrank:{rank}", translator=translator)
     return rule.to(device=head.weight.device, dtype=head.weight.dtype)
 
 
 def top_k_max_prob(stage: nn.Module, candidate_ids: Sequence[int] | Tensor) -> ReducedHeadMaxProb:
     """Cheap max-prob over a candidate vocabulary: the lm_head rows of ``candidate_ids`` (e.g. the K
     most frequent ids of the training split, ``data.batch.most_frequent_ids``)."""
-    norm, head = head_parts(stage)
+    translator, norm, head = head_parts(stage)
     vocab, hidden = head.weight.shape
     ids = torch.as_tensor(candidate_ids, dtype=torch.long).flatten().cpu()
     _check_size("number of candidate ids", int(ids.numel()), vocab)
@@ -179,7 +187,7 @@ def top_k_max_prob(stage: nn.Module, candidate_ids: Sequence[int] | Tensor) -> R
         up.weight.copy_(head.weight.detach()[ids.to(head.weight.device)].to(up.weight.dtype))
         if head.bias is not None:
             up.bias.copy_(head.bias.detach()[ids.to(head.weight.device)])
-    rule = ReducedHeadMaxProb(up, None, norm, rule_name=f"topk:{ids.numel()}")
+    rule = ReducedHeadMaxProb(up, None, norm, rule_name=f"topk:{ids.numel()}", translator=translator)
     return rule.to(device=head.weight.device, dtype=head.weight.dtype)
 
 
@@ -226,7 +234,7 @@ def parse_rule_spec(spec: str) -> tuple[str, Optional[int]]:
 def rule_from_spec(spec: dict, stage: nn.Module) -> nn.Module:
     """An untrained rule module of the saved shape (``ExitClassifier.spec`` / ``ReducedHeadMaxProb.spec``),
     on the stage's device and dtype, ready for ``load_state_dict``."""
-    norm, head = head_parts(stage)
+    translator, norm, head = head_parts(stage)
     kind = spec["kind"]
     if kind == "classifier":
         rule = ExitClassifier(spec["hidden_size"], spec["hidden_units"], spec["use_input_state"], spec["target"])
@@ -234,7 +242,7 @@ def rule_from_spec(spec: dict, stage: nn.Module) -> nn.Module:
         hidden, size, bias = spec["hidden_size"], spec["size"], spec["has_bias"]
         down = nn.Linear(hidden, size, bias=False) if kind == "lowrank" else None
         up = nn.Linear(size, spec["vocab_size"], bias=bias) if kind == "lowrank" else nn.Linear(hidden, size, bias=bias)
-        rule = ReducedHeadMaxProb(up, down, norm, rule_name=f"{kind}:{size}")
+        rule = ReducedHeadMaxProb(up, down, norm, rule_name=f"{kind}:{size}", translator=translator)
     else:
         raise ValueError(f"unknown saved exit rule kind {kind!r}; expected 'classifier', 'lowrank' or 'topk'")
     return rule.to(device=head.weight.device, dtype=head.weight.dtype)

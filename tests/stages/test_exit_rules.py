@@ -18,6 +18,7 @@ from cascade_bench.stages.exit_rules import (
     top_k_max_prob,
 )
 from cascade_bench.stages.exits import max_prob
+from cascade_bench.stages.presets import build_blocks
 from cascade_bench.training.persistence import load_ensemble, save_ensemble
 from tests.helpers import FAMILIES, KINDS, tiny_ensemble, token_batch
 
@@ -40,6 +41,50 @@ def test_full_rank_and_full_vocabulary_equal_exact_max_prob(text, family, kind):
         _, all_ids = _exact_and_cheap(ensemble, top_k_max_prob(ensemble[0], torch.arange(vocab)), ids)
     torch.testing.assert_close(low_rank, exact, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(all_ids, exact, atol=1e-6, rtol=1e-5)
+
+
+#: Every kind of exit head a stage can have: an LLM's own, and a block's shared, own or translated one.
+HEAD_KINDS = (("llm", "shared"), ("block", "shared"), ("block", "own"), ("block", "translator"))
+
+
+def _with_head(kind: str, heads: str):
+    """A tiny Llama cascade whose stage 0 exits through ``heads``; a translator is made non-identity
+    (and an own head different from the shared one), so a rule that skips it gives other numbers."""
+    if kind == "llm":
+        return tiny_ensemble("llama-tiny")
+    ensemble = build_blocks("llama-tiny", (2, 2), heads=heads).eval()
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        head = ensemble[0].head
+        if heads == "translator":
+            weight = head.translator.linear.weight
+            weight.copy_(torch.randn(weight.shape, generator=generator) * 4.0)
+        elif heads == "own":
+            head.lm_head.weight.mul_(8.0)
+    return ensemble
+
+
+@pytest.mark.parametrize("kind,heads", HEAD_KINDS)
+def test_cheap_rules_read_the_stage_s_real_exit_head(text, kind, heads):
+    """At r = min(d, V) and K = V the cheap rule is max_prob of the stage's own exit head, its translator
+    included, and its MACs count the translator."""
+    ensemble = _with_head(kind, heads)
+    ids = token_batch(text, 2, 24)
+    d, vocab = ensemble[0].hidden_size, ensemble.vocab_size
+    low_rank = low_rank_max_prob(ensemble[0], min(d, vocab))
+    all_ids = top_k_max_prob(ensemble[0], torch.arange(vocab))
+    with torch.no_grad():
+        exact, cheap_low_rank = _exact_and_cheap(ensemble, low_rank, ids)
+        _, cheap_all_ids = _exact_and_cheap(ensemble, all_ids, ids)
+        shared = build_blocks("llama-tiny", (2, 2)).eval()
+        untranslated = _exact_and_cheap(shared, top_k_max_prob(shared[0], torch.arange(vocab)), ids)[0]
+    if heads in ("translator", "own"):  # the stage's head is not the plain shared one: the test can tell
+        assert ((exact - untranslated).abs() / exact).max() > 0.1
+    torch.testing.assert_close(cheap_low_rank, exact, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(cheap_all_ids, exact, atol=1e-6, rtol=1e-5)
+    translator = d * d if heads == "translator" else 0
+    assert low_rank.macs_per_token() == translator + min(d, vocab) * (d + vocab)
+    assert all_ids.macs_per_token() == translator + vocab * d
 
 
 def test_reduced_heads_cost_what_their_matrices_say():
