@@ -203,6 +203,23 @@ class ExperimentConfig:
         payload = json.dumps(values, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
+    def saved_cascade_key(self) -> str:
+        """The folder key of the cascade a run saves (``models/<key>/cascade``, what ``bench-generate
+        --cascade`` and lm-eval's ``cascade=`` load). A trained cascade: ``training_key`` (its thresholds
+        come from training). Blocks of a pretrained model also depend on what the sweep calibrates
+        them with: the validation batches (they also choose an automatic cut) and the anchor hard
+        ratio whose thresholds are saved."""
+        if not self.model:
+            return self.training_key()
+        from .points import anchor_ratio
+
+        values = {
+            "training_key": self.training_key(),
+            "validation_batches": self.validation_batches,
+            "anchor_hard_ratio": anchor_ratio(self),
+        }
+        return "blocks-" + hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
+
     @property
     def training_protocol(self):
         """The protocol named by ``protocol`` with the keys that are set in place of its own: ``layers``

@@ -33,7 +33,13 @@ from torch import nn
 
 from ..data.storage import write_json_atomic
 from ..measure.layer_exits import LayerStates, collect_layer_states, exit_curve, layers_needed, shared_head
-from ..training.exit_translators import fit_translators_lstsq, new_translators, train_translators, translated_head
+from ..training.exit_translators import (
+    RIDGES,
+    fit_translators_lstsq,
+    new_translators,
+    train_translators,
+    translated_head,
+)
 from ..training.loops import TrainConfig
 
 STUDY_VERSION = 1
@@ -51,7 +57,8 @@ class ExitStudy:
 
 
 def study_key(config) -> str:
-    """Hash of what trains the translators (the model, data, candidate layers and the recipe)."""
+    """Hash of what trains the translators and chooses their ridges (the model, the data and the
+    validation windows, the candidate layers and the recipe)."""
     keys = (
         "model",
         "corpus",
@@ -59,6 +66,7 @@ def study_key(config) -> str:
         "tokenizer",
         "seq_len",
         "batch_size",
+        "eval_stride",
         "exit_layers",
         "translator_fit",
         "exit_train_tokens",
@@ -70,6 +78,7 @@ def study_key(config) -> str:
     )
     values = {k: getattr(config, k) for k in keys}
     values["lr"], values["patience"] = TRANSLATOR_RECIPE
+    values.update(ridges=list(RIDGES), batch_tokens=TRANSLATOR_BATCH_TOKENS, version=STUDY_VERSION)
     return "translators-" + hashlib.sha256(json.dumps(values, sort_keys=True, default=list).encode()).hexdigest()[:12]
 
 

@@ -51,7 +51,7 @@ def experiment_paths(config: ExperimentConfig) -> dict[str, Path]:
     return {
         "results": out / "results" / f"{config.name}.jsonl",
         "confidence": out / "results" / f"{config.name}.confidence.json",
-        "models": out / "models" / config.training_key(),
+        "models": out / "models" / config.saved_cascade_key(),
         "dense": out / "models" / config.dense_key() / "dense",
         "stage0": out / "models" / config.stage0_key() / "stage0",
         "tables": out / "results",
@@ -66,7 +66,7 @@ def experiment_paths(config: ExperimentConfig) -> dict[str, Path]:
 
 def saved_cascade(spec: "Path | str") -> Path:
     """The folder of a saved cascade: ``spec`` itself, or for a run's TOML config the cascade that
-    run saved (``models/<training key>/cascade`` under its ``out``)."""
+    run saved (``models/<saved cascade key>/cascade`` under its ``out``)."""
     from .config import load_config_file, make_config
 
     spec = Path(spec)
@@ -155,8 +155,12 @@ def run_experiment(
     points = plan_points(config, len(cascade), dense=pretrained is None, kv_policies=kv_runnable)
     sweep.run(points, store, on_point)
     with sharded(ranks):
-        if pretrained is not None and ranks.is_main:
-            _save_blocks(sweep, paths["models"] / "cascade", data.tokenizer, training)
+        if pretrained is not None:
+            # calibrated on every rank (a collective when sharded and not cached, as in a resumed
+            # run); only then does rank 0 alone save
+            anchor_thresholds = sweep.thresholds_at(sweep.anchor)
+            if ranks.is_main:
+                _save_blocks(sweep, anchor_thresholds, paths["models"] / "cascade", data.tokenizer, training)
         confidences = None if paths["confidence"].exists() else _confidences(cascade, test)
     if not ranks.is_main:
         return paths
@@ -198,13 +202,14 @@ def prepared_data(config: ExperimentConfig, paths: dict, pretrained, model_folde
     )
 
 
-def _save_blocks(sweep: Sweep, folder: Path, tokenizer, training: dict) -> None:
-    """The blocks at the anchor's thresholds under the run's own rule, once: what bench-generate
-    --cascade and lm-eval's cascade= load from the run's config."""
+def _save_blocks(sweep: Sweep, thresholds: list, folder: Path, tokenizer, training: dict) -> None:
+    """The blocks at the anchor's ``thresholds`` under the run's own rule, once (the folder is keyed by
+    everything that shapes them: ``saved_cascade_key``): what bench-generate --cascade and lm-eval's
+    cascade= load from the run's config. Runs on one rank: no collective in here."""
     if (folder / "cascade.json").exists():
         return
     cascade, calibrated = sweep.cascade, sweep.cascade.thresholds
-    cascade.set_thresholds(sweep.thresholds_at(sweep.anchor))
+    cascade.set_thresholds(thresholds)
     save_ensemble(
         cascade,
         folder,

@@ -71,3 +71,42 @@ def test_each_section_rejects_a_bad_key_by_name(section, key, value, expected):
     assert section_of(key) == section
     with pytest.raises(ValueError, match=rf"config key '{key}': expected .*{expected}"):
         make_config({key: value})
+
+
+#: A pretrained-model run's config (the model folder is not read until the run starts).
+_PRETRAINED = {"model": "some/folder", "tokenizer": "model", "exit_layers": [2, 4], "boundaries": [2]}
+#: Per saved artefact, a change of one field that shapes it (each must move it to another folder).
+_SHAPING = {
+    "models": {
+        "validation_batches": 3,  # the sweep calibrates the saved thresholds (and an automatic cut) on them
+        "hard_ratios": [0.3, 0.4],  # the saved thresholds are the anchor's (nearest 0.5)
+        "eval_stride": 32,
+        "boundaries": [3],
+        "block_heads": "translator",
+        "exit_fn": "cos_sim",
+        "risk_batches": 2,
+        "seed": 1,
+    },
+    "translators": {
+        "eval_stride": 32,  # the validation windows that choose each ridge and the cut
+        "validation_batches": 3,
+        "exit_layers": [2, 3],
+        "translator_fit": "lstsq+ce",
+        "exit_train_tokens": 100,
+        "seq_len": 64,
+        "seed": 1,
+    },
+}
+
+
+@pytest.mark.parametrize("artefact", sorted(_SHAPING))
+def test_configs_that_differ_in_what_shapes_a_saved_artefact_never_share_its_folder(artefact):
+    from cascade_bench.experiment.pipeline import experiment_paths
+
+    base = experiment_paths(make_config(_PRETRAINED))[artefact]
+    for key, value in _SHAPING[artefact].items():
+        changed = experiment_paths(make_config({**_PRETRAINED, key: value}))[artefact]
+        assert changed != base, f"{artefact} folder ignores {key}"
+    # what does not shape it shares it: another name, timing, another exit rule list
+    same = make_config({**_PRETRAINED, "name": "other", "timing_repeats": 5, "hard_ratios": [0.2, 0.5, 0.8]})
+    assert experiment_paths(same)[artefact] == base
