@@ -319,6 +319,18 @@ class ExperimentConfig:
 
 def _coerce(key: str, value, default):
     """Config value from TOML/CLI to the field's type; ValueError names the key."""
+    number = isinstance(default, (int, float)) and not isinstance(default, bool)
+    numbers = isinstance(default, tuple) and (
+        key in _ELEMENT_TYPES or any(isinstance(x, (int, float)) for x in default)
+    )
+    if (number and isinstance(value, bool)) or (
+        numbers and isinstance(value, (list, tuple)) and any(isinstance(x, bool) for x in value)
+    ):
+        raise ValueError(
+            f"config key {key!r}: expected {'a number' if number else 'numbers'}, got a boolean in {value!r}"
+            if not number
+            else f"config key {key!r}: expected a number, got the boolean {value!r}"
+        )
     try:
         if isinstance(default, bool):
             if isinstance(value, str):

@@ -100,7 +100,15 @@ def flatten_tables(raw: dict, source: str) -> dict:
         for inner in value:
             if inner not in SECTIONS[key]:
                 raise ValueError(f"{source}: key {inner!r} is not a [{key}] key; it belongs in [{section_of(inner)}]")
-        flat.update(value)
+    for key, value in raw.items():
+        if isinstance(value, dict):
+            twice = sorted(set(value) & set(flat))
+            if twice:
+                raise ValueError(
+                    f"{source}: key {twice[0]!r} is set both at the top level ({flat[twice[0]]!r}) and in "
+                    f"[{key}] ({value[twice[0]]!r}); set it once"
+                )
+            flat.update(value)
     return flat
 
 
@@ -197,7 +205,12 @@ def _check_exit_rules(c) -> None:
 
 
 def _check_risk(c) -> None:
-    _integers(c, ("risk_batches",), 0, "a non-negative integer (0 = no limit)")
+    _integers(
+        c,
+        ("risk_batches",),
+        0,
+        "a non-negative integer (0 = risk control shares the validation batches the sweep calibrates on)",
+    )
     if c.risk not in ("", *RISKS):
         _bad(c, "risk", f"one of {list(RISKS)} or '' (no risk-controlled points)")
     for key in ("risk_delta", "risk_epsilon"):
@@ -232,9 +245,13 @@ def _check_sweep(c) -> None:
         or any(isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r < 1 for r in ratios)
     ):
         _bad(c, "hard_ratios", "a non-empty list of fractions strictly between 0 and 1")
+    repeated = sorted({float(r) for r in ratios if sum(float(o) == float(r) for o in ratios) > 1})
+    if repeated:
+        _bad(c, "hard_ratios", f"distinct fractions (each is one point of the sweep; {repeated} given twice)")
     if not isinstance(c.baselines, tuple) or any(b not in METHOD_BASELINES for b in c.baselines):
         _bad(c, "baselines", f"a list drawn from {list(METHOD_BASELINES)}")
-    if not isinstance(c.oracle_tolerance, (int, float)) or c.oracle_tolerance < 0:
+    tolerance = c.oracle_tolerance
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or tolerance < 0:
         _bad(c, "oracle_tolerance", "a non-negative number (nats)")
 
 

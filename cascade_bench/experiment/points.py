@@ -69,6 +69,13 @@ class Point:
         ]
 
 
+def ratio_label(ratio: float) -> str:
+    """A hard ratio as it appears in point ids: short (``0.5``) where that reads back as the same
+    number, else every digit (``0.30000000000000004``), so two distinct ratios never share an id."""
+    short = f"{ratio:g}"
+    return short if float(short) == float(ratio) else repr(float(ratio))
+
+
 def anchor_ratio(config: "ExperimentConfig") -> float:
     """The swept hard ratio nearest 0.5: its routed and masked points are always counted and timed."""
     return min(config.hard_ratios, key=lambda r: (abs(r - 0.5), r))
@@ -89,7 +96,7 @@ def plan_points(
         return config.timing_points == "all" or ratio == anchor
 
     def routed(spec: str, ratio: float) -> Point:
-        label = f"routed@{ratio:g}" if spec == main else f"routed[{spec}]@{ratio:g}"
+        label = f"routed@{ratio_label(ratio)}" if spec == main else f"routed[{spec}]@{ratio_label(ratio)}"
         swept = dict(hard_ratio=ratio, count_flops=counted(ratio), timed=timed(ratio))
         return Point(label, "routed", spec, batching=config.batching, **swept)
 
@@ -104,7 +111,7 @@ def plan_points(
         points.append(routed(main, ratio))
         if "masked" in config.baselines:
             swept = dict(hard_ratio=ratio, count_flops=counted(ratio), timed=timed(ratio))
-            points.append(Point(f"masked@{ratio:g}", "masked", main, **swept))
+            points.append(Point(f"masked@{ratio_label(ratio)}", "masked", main, **swept))
     points += [routed(spec, ratio) for spec in config.exit_rules if spec != main for ratio in config.hard_ratios]
     if config.risk:
         risk = dict(batching=config.batching, count_flops=False, timed=config.timing_points == "all")
@@ -114,7 +121,14 @@ def plan_points(
         ]
     if kv_policies:
         points += [
-            Point(f"kv[{policy}]@{anchor:g}", "kv_routed", main, hard_ratio=anchor, kv_policy=policy, batching="padded")
+            Point(
+                f"kv[{policy}]@{ratio_label(anchor)}",
+                "kv_routed",
+                main,
+                hard_ratio=anchor,
+                kv_policy=policy,
+                batching="padded",
+            )
             for policy in config.kv_policies
         ]
     if "oracle" in config.baselines:

@@ -110,3 +110,42 @@ def test_configs_that_differ_in_what_shapes_a_saved_artefact_never_share_its_fol
     # what does not shape it shares it: another name, timing, another exit rule list
     same = make_config({**_PRETRAINED, "name": "other", "timing_repeats": 5, "hard_ratios": [0.2, 0.5, 0.8]})
     assert experiment_paths(same)[artefact] == base
+
+
+@pytest.mark.parametrize(
+    "values,message",
+    [
+        ({"hard_ratios": [0.5, 0.5]}, r"hard_ratios.*distinct fractions.*\[0.5\] given twice"),
+        ({"hard_ratios": [0.3, 0.1 + 0.2, 0.3]}, r"hard_ratios.*\[0.3\] given twice"),
+        ({"oracle_tolerance": True}, "oracle_tolerance': expected a number, got the boolean True"),
+        ({"risk_delta": False}, "risk_delta': expected a number, got the boolean False"),
+        ({"hard_ratios": [True, 0.5]}, "hard_ratios': expected numbers, got a boolean in"),
+        ({"seq_len": True}, "seq_len': expected a number, got the boolean True"),
+    ],
+)
+def test_repeated_ratios_and_booleans_for_numbers_are_refused(values, message):
+    with pytest.raises(ValueError, match=message):
+        make_config(values)
+
+
+def test_point_ids_are_exact_so_distinct_ratios_never_collide():
+    from cascade_bench.experiment.points import plan_points, ratio_label
+
+    assert ratio_label(0.5) == "0.5" and ratio_label(0.1 + 0.2) == "0.30000000000000004"
+    assert ratio_label(1 / 3) == repr(1 / 3)  # ':g' would print 0.333333 for it and for 0.333333
+    config = make_config({"hard_ratios": [1 / 3, 0.333333, 0.5]})
+    ids = [p.id for p in plan_points(config, 2)]
+    assert len(ids) == len(set(ids))
+    assert {"routed@0.333333", f"routed@{1 / 3!r}", "routed@0.5", "masked@0.5"} <= set(ids)
+
+
+def test_a_key_set_at_the_top_level_and_in_its_table_is_refused(tmp_path):
+    path = tmp_path / "twice.toml"
+    path.write_text("seq_len = 64\n\n[data]\nseq_len = 128\n")
+    with pytest.raises(ValueError, match=r"key 'seq_len' is set both at the top level \(64\) and in \[data\] \(128\)"):
+        load_config_file(path)
+
+
+def test_the_risk_batches_message_says_what_0_means():
+    with pytest.raises(ValueError, match="0 = risk control shares the validation batches"):
+        make_config({"risk_batches": -1})

@@ -54,7 +54,9 @@ def _worker(rank: int, port: int, model: str, out: str) -> None:
     from cascade_bench.experiment.pipeline import run_experiment
     from cascade_bench.measure.distributed import leave_launch
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank)
+    )
     config = make_config(_config(model, out))
     paths = run_experiment(config, progress=False)
     import torch.distributed as dist
