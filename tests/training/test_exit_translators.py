@@ -81,8 +81,7 @@ def test_least_squares_recovers_an_affine_map_of_the_stream(text):
     first = states.states[:, 0]
     train = replace(states, layers=(1,), states=states.states[:, :1], final_states=first @ matrix + shift)
     translators = new_translators(model, (1,))
-    chosen = fit_translators_lstsq(model, translators, train, replace(train, final_states=None), ridges=(1e-12, 1.0))
-    assert chosen["layers"][1]["ridge"] in (1e-12, 1.0)
+    fit_translators_lstsq(model, translators, train, replace(train, final_states=None), ridges=(1e-12, 1.0))
     exact = new_translators(model, (1,))
     fit_translators_lstsq(model, exact, train, replace(train, final_states=None), ridges=(1e-12,))
     with torch.no_grad():
@@ -97,3 +96,49 @@ def test_least_squares_needs_the_last_layers_states(text):
     model, states = _setup(text)
     with pytest.raises(ValueError, match="keep_final=True"):
         fit_translators_lstsq(model, new_translators(model, states.layers), states, states)
+
+
+def test_least_squares_keeps_the_ridge_with_the_lowest_validation_ppl(text):
+    """Validation targets drawn from the exact affine map's own next-token distribution: the near-zero
+    ridge recovers that map, the large one shrinks it away, so the fit must keep the small one, with
+    the validation PPL and the weights of that ridge's own fit (each ridge fitted alone to compare)."""
+    from dataclasses import replace
+
+    from cascade_bench.measure.layer_exits import exit_curve
+    from cascade_bench.training.exit_translators import fit_translators_lstsq
+
+    model, states = _setup(text)
+    with torch.no_grad():  # a peaked head (the random one is near uniform): ridges then differ in PPL
+        model.get_output_embeddings().weight.mul_(100.0)
+    d = model.config.hidden_size
+    generator = torch.Generator().manual_seed(1)
+    matrix = 3.0 * torch.eye(d) + 0.5 * torch.randn(d, d, generator=generator)
+    shift = torch.randn(d, generator=generator)
+    first = states.states[:, 0]
+    train = replace(states, layers=(1,), states=states.states[:, :1], final_states=first @ matrix + shift)
+    with torch.no_grad():
+        teacher = shared_head(model)(1, first @ matrix + shift).float()
+    repeats = 20  # many draws per state: the teacher's own distribution is then the best on them
+    sampled = torch.multinomial(teacher.softmax(-1), repeats, replacement=True, generator=generator).T.reshape(-1)
+    validation = replace(
+        train,
+        states=train.states.repeat(repeats, 1, 1),
+        targets=sampled,
+        final_argmax=train.final_argmax.repeat(repeats),
+        final_nll=train.final_nll.repeat(repeats),
+        final_states=None,
+    )
+    alone = {}
+    for ridge in (1e-12, 1.0):
+        translators = new_translators(model, (1,))
+        record = fit_translators_lstsq(model, translators, train, validation, ridges=(ridge,))
+        head = translated_head(model, {1: translators["1"]})
+        alone[ridge] = (exit_curve(validation, head)[0].ppl, record, translators["1"].state_dict())
+    assert alone[1e-12][0] < 0.95 * alone[1.0][0]  # the large ridge is clearly worse here
+    for order in ((1.0, 1e-12), (1e-12, 1.0)):  # the better one wins wherever it is tried
+        both = new_translators(model, (1,))
+        chosen = fit_translators_lstsq(model, both, train, validation, ridges=order)["layers"][1]
+        assert chosen["ridge"] == 1e-12
+        assert chosen["validation_ppl"] == alone[1e-12][1]["layers"][1]["validation_ppl"] == alone[1e-12][0]
+        for name, value in both["1"].state_dict().items():
+            assert torch.equal(value, alone[1e-12][2][name])
