@@ -65,3 +65,98 @@ INF = math.inf
 #: Every family the router runs: the Hugging Face ones and the toolkit's own memory-layer family
 #: (models.memory_lm; its cached decoding needs every row in every call, so generation tests keep FAMILIES).
 ROUTED_FAMILIES = FAMILIES + ("memory-tiny",)
+
+
+class HostTensorMixups:
+    """Catches on the CPU what fails on a GPU: a tensor made on the default device (a factory call
+    such as ``torch.eye(n)`` without ``device=``, or a batch tensor marked with :meth:`mark`) meeting,
+    in one op, a tensor that lives with the model. On a CUDA machine that op raises "Expected all
+    tensors to be on the same device"; here everything is on the CPU, so this mode tags host-made
+    tensors (tags follow through ops on host tensors only; ``.to(device)`` clears them) and raises
+    on the first op that mixes a tagged and an untagged tensor (0-dim tensors mix freely on CUDA too;
+    a device tensor indexed by a host index is allowed, as on CUDA). Use as a context manager."""
+
+    FACTORIES = (
+        "eye",
+        "full",
+        "zeros",
+        "ones",
+        "arange",
+        "tensor",
+        "empty",
+        "linspace",
+        "randn",
+        "rand",
+        "randint",
+        "as_tensor",
+        "randperm",
+    )
+
+    def __init__(self):
+        from torch.overrides import TorchFunctionMode
+
+        helper = self
+
+        class _Mode(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                return helper._handle(func, args, kwargs or {})
+
+        self._mode = _Mode()
+        self._factories = {getattr(torch, name) for name in self.FACTORIES}
+
+    @staticmethod
+    def mark(tensor: torch.Tensor) -> torch.Tensor:
+        """Tag ``tensor`` as living on the host (a batch from a data loader)."""
+        tensor._on_host = True
+        return tensor
+
+    def __enter__(self):
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._mode.__exit__(*exc)
+
+    @staticmethod
+    def _tensors(value) -> list:
+        if isinstance(value, torch.Tensor):
+            return [value]
+        if isinstance(value, (list, tuple)):
+            return [t for item in value for t in HostTensorMixups._tensors(item)]
+        if isinstance(value, dict):
+            return [t for item in value.values() for t in HostTensorMixups._tensors(item)]
+        return []
+
+    def _handle(self, func, args, kwargs):
+        out = func(*args, **kwargs)
+        name = getattr(func, "__name__", str(func))
+        if func in self._factories:
+            if kwargs.get("device") is None:
+                for tensor in self._tensors(out):
+                    self.mark(tensor)
+            return out
+        inputs = [t for t in self._tensors(args) + self._tensors(kwargs) if t.dim() > 0]
+        if name in ("to", "cuda", "cpu"):
+            moved = (
+                name != "to"
+                or any(isinstance(a, (str, torch.device, torch.Tensor)) for a in args[1:])
+                or "device" in kwargs
+            )
+            if not moved and getattr(args[0], "_on_host", False):
+                for tensor in self._tensors(out):
+                    self.mark(tensor)
+            elif moved and out is args[0] and getattr(out, "_on_host", False):
+                return out.view_as(out)  # on a GPU this is a copy on the device: untagged
+            return out
+        if name in ("copy_", "__get__", "__set__", "detach", "requires_grad_") or not inputs:
+            return out
+        host = [getattr(t, "_on_host", False) for t in inputs]
+        if name == "__getitem__" and not host[0]:
+            return out  # a device tensor indexed by a host index: allowed on CUDA
+        if any(host) and not all(host):
+            shapes = [(tuple(t.shape), "host" if h else "device") for t, h in zip(inputs, host)]
+            raise RuntimeError(f"device mix-up in {name}: {shapes} (a tensor made without device= meets the model's)")
+        if inputs and all(host):
+            for tensor in self._tensors(out):
+                self.mark(tensor)
+        return out

@@ -206,7 +206,7 @@ def layers_needed(curve: Sequence[LayerExit], final_argmax: Tensor, num_layers: 
     """The oracle figures of the module docstring from one ``exit_curve``."""
     grid = tuple(point.layer for point in curve)
     agree = torch.stack([point.argmax == final_argmax for point in curve], dim=1)  # (N, G)
-    depth = torch.tensor(grid + (num_layers,), dtype=torch.float64)
+    depth = torch.tensor(grid + (num_layers,), dtype=torch.float64, device=final_argmax.device)
     agree = torch.cat([agree, torch.ones_like(agree[:, :1])], dim=1)  # full depth always agrees
     first = depth[agree.int().argmax(dim=1)]
     # settled: after the last disagreeing candidate (all later ones agree)
@@ -214,7 +214,7 @@ def layers_needed(curve: Sequence[LayerExit], final_argmax: Tensor, num_layers: 
     last_bad = torch.where(
         disagree.any(dim=1),
         disagree.shape[1] - 1 - disagree.flip(1).int().argmax(dim=1),
-        torch.full((agree.shape[0],), -1),
+        torch.full((agree.shape[0],), -1, device=agree.device),
     )
     settled = depth[(last_bad + 1).clamp(max=len(grid))]
     return LayersNeeded(

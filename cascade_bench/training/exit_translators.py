@@ -135,8 +135,9 @@ def fit_translators_lstsq(
         scale = float(gram.diagonal().mean())
         best = None
         for ridge in ridges:
-            solution = torch.linalg.solve(gram + ridge * scale * torch.eye(gram.shape[0], dtype=gram.dtype), moment)
-            weight = solution[:-1].T - torch.eye(inputs.shape[1], dtype=gram.dtype)  # h + W h + b
+            identity = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+            solution = torch.linalg.solve(gram + ridge * scale * identity, moment)
+            weight = solution[:-1].T - identity[:-1, :-1]  # h + W h + b
             translator.linear.weight.copy_(weight.to(translator.linear.weight.dtype))
             translator.linear.bias.copy_(solution[-1].to(translator.linear.bias.dtype))
             ppl = exit_curve(_one_layer(validation, i), translated_head(model, {layer: translator}))[0].ppl
