@@ -156,7 +156,9 @@ class Sweep:
                 rerun = point.calls(self, shard(self.timed_batches), record)
             if rerun is not None:
                 with evaluation_mode(self.cascade), torch.inference_mode():
-                    ratio = interleaved_ratio(rerun, self._full_calls(), pairs=BACK_TO_BACK_PAIRS)
+                    ratio = interleaved_ratio(
+                        rerun, self._full_calls(), pairs=BACK_TO_BACK_PAIRS, device=self.cascade.device
+                    )
                 record.wall_ratio_interleaved = statistics.median(all_ranks(ratio))
         return record
 

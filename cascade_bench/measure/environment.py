@@ -74,6 +74,10 @@ def check_device(device: "str | torch.device", dtype: "str | torch.dtype" = "flo
             f"device {str(device)!r} does not exist; this machine has {torch.cuda.device_count()} "
             f"CUDA device(s): cuda:0..cuda:{torch.cuda.device_count() - 1}"
         )
+    if resolved.type == "cuda" and resolved.index is None and _torchrun_local_rank() is not None:
+        # under torchrun each rank uses the GPU of its LOCAL_RANK: set it before anything touches
+        # CUDA, or every rank opens a context on GPU 0 first
+        torch.cuda.set_device(_torchrun_local_rank())
     try:  # one small product in the dtype: what every stage runs
         probe = torch.ones(2, 2, dtype=torch_dtype, device=resolved)
         (probe @ probe).sum().item()
@@ -83,6 +87,18 @@ def check_device(device: "str | torch.device", dtype: "str | torch.dtype" = "flo
             f"dtype {name!r} is not supported on device {str(device)!r} here ({first}); use 'float32'"
         ) from None
     return resolved
+
+
+def _torchrun_local_rank() -> "int | None":
+    """This process's LOCAL_RANK when torchrun launched several (WORLD_SIZE > 1), else None."""
+    import os
+
+    try:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    except ValueError:
+        return None  # join_launch names the bad value
+    return local_rank if world_size > 1 else None
 
 
 def device_name(device: torch.device) -> str:

@@ -138,3 +138,23 @@ def test_a_point_reruns_its_pass_at_the_thresholds_its_record_holds():
     assert 0 < rerun.tokens_exited[0] < ids.numel()
     assert rerun.tokens_exited == direct.tokens_exited and torch.equal(rerun.exit_stage, direct.exit_stage)
     assert Point("oracle", "oracle", "max_prob").calls(sweep, [batch], record) is None
+
+
+def test_the_back_to_back_wall_ratio_synchronises_on_the_cascade_s_device(text, monkeypatch):
+    """Every clock read of a point's wall ratio synchronises the cascade's device (on CUDA the reads
+    would otherwise see queued kernels, not finished ones); before, the sweep timed it with no device."""
+    from cascade_bench.experiment.sweep import Sweep
+    from cascade_bench.measure import timing
+    from cascade_bench.measure.distributed import ONE_PROCESS
+    from tests.helpers import token_batch
+
+    synchronised = []
+    monkeypatch.setattr(timing, "synchronize", lambda device=None: synchronised.append(device))
+    config = make_config({**TINY, "hard_ratios": (0.5,), "timing_repeats": 1})
+    cascade = tiny_ensemble("gpt2-tiny")
+    batches = [{"input_ids": token_batch(text, 2, 16, offset=300 * k)} for k in range(2)]
+    sweep = Sweep(config, cascade, [], batches, batches, [], {}, ONE_PROCESS, lambda: None, 1)
+    point = next(p for p in plan_points(config, 2) if p.id == "routed@0.5")
+    record = sweep.measure(point)
+    assert record.wall_ratio_interleaved > 0
+    assert synchronised and all(device == cascade.device for device in synchronised)

@@ -216,3 +216,30 @@ def test_two_nccl_ranks_on_two_gpus_calibrate_and_count_like_one(tmp_path):
     assert parallel.tokens_entered == single.tokens_entered
     assert parallel.ppl == pytest.approx(single.ppl, rel=1e-12)
     assert results["parallel"]["cost"].flops_analytic == results["single"]["cost"].flops_analytic
+
+
+def test_each_torchrun_rank_sets_its_own_gpu_before_the_device_probe(monkeypatch):
+    """Under torchrun, checking device 'cuda' (the config does it before join_launch) must not open a
+    context on GPU 0 from every rank: LOCAL_RANK's GPU is set first. CUDA is faked: it runs on the CPU."""
+    from cascade_bench.measure.environment import check_device
+
+    calls = []
+    real_ones = torch.ones
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: calls.append(("set_device", index)))
+
+    def ones(*shape, device=None, **kwargs):
+        calls.append(("probe", str(device)))
+        return real_ones(*shape, **kwargs)
+
+    monkeypatch.setattr(torch, "ones", ones)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    check_device("cuda")
+    assert calls == [("set_device", 1), ("probe", "cuda")]
+    calls.clear()
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one process: nothing is set, the current device is probed
+    check_device("cuda")
+    assert calls == [("probe", "cuda")]
