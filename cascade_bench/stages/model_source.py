@@ -11,9 +11,11 @@ A model spec is one of:
 A GGUF model is converted once: transformers dequantises it to float, the weights are rebuilt as a
 plain model of the same config (a GGUF-loaded model refuses ``save_pretrained``) and saved with
 its tokenizer into ``<models_dir>/<file stem>-<first 12 hex of the file's sha256>/``, beside
-``source.json``: the file, its sha256, its quantisation, and the sha256 of every weight file
-written. Later runs reuse the folder after checking those weight checksums, so a damaged or
-hand-edited folder is refused (delete it to convert again), never silently used.
+``source.json``: the file, its sha256, its quantisation, and the sha256 of every file written
+(weights, ``config.json``, the generation config, the tokenizer's files). Later runs reuse the
+folder after checking all of those checksums, so a damaged or hand-edited folder (weights, a
+changed rope theta or norm epsilon, an edited tokenizer, a file added or removed) is refused
+(delete it to convert again), never silently used.
 
 The weights are the *dequantised* release: a Q4_1 file gives float weights that carry Q4_1's
 rounding, not the original bf16 ones. ``source.json`` and every report that reads it say so.
@@ -106,13 +108,19 @@ def gguf_quantisation(path: Path) -> str:
     return Counter(t.tensor_type.name for t in reader.tensors).most_common(1)[0][0]
 
 
-def _weight_checksums(folder: Path) -> dict[str, str]:
-    return {p.name: file_sha256(p) for p in sorted(folder.glob("*.safetensors"))}
+def _folder_checksums(folder: Path) -> dict[str, str]:
+    """sha256 of every file the model and its tokenizer are loaded from: the folder's files but
+    ``source.json`` (relative paths)."""
+    return {
+        str(p.relative_to(folder)): file_sha256(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != SOURCE_FILE
+    }
 
 
 def convert_gguf(path: Path, models_dir: Path, progress: bool = False) -> Path:
     """The float checkpoint folder of GGUF file ``path`` under ``models_dir``: converted now, or
-    reused after its weight checksums are verified (ValueError when they differ)."""
+    reused after the checksums of every file in it are verified (ValueError naming the files that differ)."""
     path = Path(path).resolve()
     if not path.is_file():
         raise ValueError(f"GGUF file {str(path)!r} does not exist")
@@ -121,11 +129,18 @@ def convert_gguf(path: Path, models_dir: Path, progress: bool = False) -> Path:
     record = folder / SOURCE_FILE
     if record.is_file():
         source = json.loads(record.read_text())
-        found = _weight_checksums(folder)
-        if found != source.get("weights_sha256"):
+        recorded = source.get("files_sha256")
+        if recorded is None:
             raise ValueError(
-                f"{folder} does not hold the weights converted from {path.name} (checksums differ from "
-                f"{SOURCE_FILE}); delete the folder to convert again"
+                f"{folder} was converted by an earlier cascade_bench that checksummed its weights only; "
+                f"delete the folder to convert again"
+            )
+        found = _folder_checksums(folder)
+        differ = sorted(name for name in set(found) | set(recorded) if found.get(name) != recorded.get(name))
+        if differ:
+            raise ValueError(
+                f"{folder} does not hold what was converted from {path.name}: {differ} changed, appeared or "
+                f"went missing (checksums differ from {SOURCE_FILE}); delete the folder to convert again"
             )
         return folder
     _convert(path, digest, folder, progress)
@@ -164,7 +179,7 @@ def _convert(path: Path, digest: str, folder: Path, progress: bool) -> None:
             f"original float checkpoint",
             "architecture": config.model_type,
             "transformers": transformers.__version__,
-            "weights_sha256": _weight_checksums(staging),
+            "files_sha256": _folder_checksums(staging),
         }
         (staging / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
         if folder.exists():

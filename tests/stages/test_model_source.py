@@ -155,7 +155,34 @@ def test_the_conversion_runs_once_and_refuses_a_damaged_folder(tiny_gguf, tmp_pa
     assert (folder / "model.safetensors").stat().st_mtime_ns == stamp
     weights = folder / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
-    with pytest.raises(ValueError, match="checksums differ"):
+    with pytest.raises(ValueError, match="model.safetensors.*checksums differ"):
+        convert_gguf(path, tmp_path)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    ["config.json", "tokenizer.json", "added.txt", "removed"],
+)
+def test_an_edited_config_or_tokenizer_in_a_converted_folder_is_refused(tiny_gguf, tmp_path, edit):
+    """Not only the weights: a changed rope theta or norm epsilon, an edited tokenizer, a file added
+    or removed, each changes what loads from the folder, so each is refused."""
+    path, _ = tiny_gguf
+    folder = convert_gguf(path, tmp_path)
+    if edit == "config.json":
+        config = json.loads((folder / edit).read_text())
+        config["rope_theta"] = 500000.0
+        (folder / edit).write_text(json.dumps(config))
+        changed = edit
+    elif edit == "tokenizer.json":
+        (folder / edit).write_text((folder / edit).read_text().replace("Ġthe", "Ġteh"))
+        changed = edit
+    elif edit == "added.txt":
+        (folder / edit).write_text("extra")
+        changed = edit
+    else:
+        changed = "generation_config.json" if (folder / "generation_config.json").exists() else "tokenizer_config.json"
+        (folder / changed).unlink()
+    with pytest.raises(ValueError, match=rf"\['{changed}'\] changed, appeared or went missing"):
         convert_gguf(path, tmp_path)
 
 
