@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -29,3 +31,31 @@ def _every_length_class_its_own_call():
 @pytest.fixture(scope="session")
 def text() -> str:
     return "\n\n".join(body for _, body in embedded_documents())
+
+
+class _DeprecationLines(logging.Handler):
+    """transformers' deprecations that arrive as log lines (``logger.warning``), not as warnings."""
+
+    def __init__(self):
+        super().__init__(level=logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if "deprecat" in message.lower():
+            self.lines.append(message)
+
+
+@pytest.fixture(autouse=True)
+def _no_transformers_deprecation_lines():
+    """A deprecation transformers logs about a call of ours fails the test that made it, like the
+    warnings pyproject's ``filterwarnings`` turns into errors (the warnings-as-errors setting never
+    sees a log line)."""
+    handler = _DeprecationLines()
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+    assert not handler.lines, f"transformers logged a deprecation about our call: {handler.lines}"

@@ -23,9 +23,12 @@ equal), ``common_prefix`` (mean length of the prefix equal to it, as a fraction)
 
 from __future__ import annotations
 
+import logging
 import math
 import statistics
+import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -314,6 +317,39 @@ class _HFOutput:
     decode_tokens: int = 0
 
 
+#: transformers' own assisted generation (``candidate_generator``) calls the assistant's ``generate`` with
+#: a ``generation_config`` and ``min_new_tokens``/``max_new_tokens`` together, and ``generate`` then logs
+#: this deprecation about that internal call. Our calls pass plain arguments only.
+_INTERNAL_DEPRECATION = "Passing `generation_config` together with generation-related arguments"
+_CANDIDATE_GENERATOR = "transformers/generation/candidate_generator.py"
+
+
+class _TransformersOwnCall(logging.Filter):
+    """Drops ``_INTERNAL_DEPRECATION`` when transformers' candidate generator made the call (nothing a
+    user of ours can change); the same line from any other caller, ours included, passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(_INTERNAL_DEPRECATION):
+            return True
+        frame = sys._getframe()
+        while frame is not None:
+            if frame.f_code.co_filename.replace(chr(92), "/").endswith(_CANDIDATE_GENERATOR):
+                return False
+            frame = frame.f_back
+        return True
+
+
+@contextmanager
+def _without_transformers_internal_deprecation():
+    logger = logging.getLogger("transformers.generation.utils")
+    own_call = _TransformersOwnCall()
+    logger.addFilter(own_call)
+    try:
+        yield
+    finally:
+        logger.removeFilter(own_call)
+
+
 def _hf_result(model, ids, new_tokens, options, full, repeats, warmup):
     """HF generate timed against our full depth, or None when this transformers version refuses the
     options. The model's layer count is restored after every call: HF's early-exit assistant sets it
@@ -322,7 +358,8 @@ def _hf_result(model, ids, new_tokens, options, full, repeats, warmup):
 
     def run():
         try:
-            seconds, tokens = _hf_seconds_per_token(model, ids, new_tokens, **options)
+            with _without_transformers_internal_deprecation():
+                seconds, tokens = _hf_seconds_per_token(model, ids, new_tokens, **options)
         finally:
             model.config.num_hidden_layers = layers
         return _HFOutput(tokens=tokens, seconds_per_token=seconds)

@@ -267,3 +267,17 @@ def test_bench_generate_exit_ratio_is_the_share_that_exits(tmp_path, monkeypatch
     assert asked == [0.75]
     stored = json.loads(out.read_text())
     assert all(abs(r["exit_ratio_stage0"] - 0.25) < 0.15 for r in stored["teacher_forced"])
+
+
+def test_only_transformers_own_assistant_call_has_its_deprecation_line_dropped(_no_transformers_deprecation_lines):
+    """HF's assisted generation calls ``generate`` with a generation_config and token counts itself, and
+    transformers then logs a deprecation about that internal call: that one line is dropped. The same
+    line from any other caller (ours) still reaches the log, and the tests fail on it."""
+    import logging
+
+    from cascade_bench.bench.decoding import _INTERNAL_DEPRECATION, _without_transformers_internal_deprecation
+
+    with _without_transformers_internal_deprecation():
+        logging.getLogger("transformers.generation.utils").warning(_INTERNAL_DEPRECATION + "=({'x'}) is deprecated")
+    assert _no_transformers_deprecation_lines.lines == [_INTERNAL_DEPRECATION + "=({'x'}) is deprecated"]
+    _no_transformers_deprecation_lines.lines.clear()
