@@ -107,14 +107,37 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_model() -> str:
+    """The CPU's model name as the OS reports it (``/proc/cpuinfo``'s "model name" on Linux), else
+    what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_isa() -> str:
+    """The vector instruction set torch's CPU kernels dispatch to here (``AVX512``, ``AVX2``,
+    ``DEFAULT``, ...; ``ATEN_CPU_CAPABILITY`` lowers it): floating-point reductions, and so the last
+    digits of every CPU result, depend on it."""
+    getter = getattr(getattr(torch.backends, "cpu", None), "get_cpu_capability", None)
+    return getter() if getter is not None else "unknown"
+
+
 def environment_conditions(device: "torch.device | str", dtype: torch.dtype) -> dict:
-    """Device, dtype, threads and library versions as a flat dict of plain values."""
+    """Device, dtype, threads, the CPU (model and the vector ISA torch uses) and library versions as a
+    flat dict of plain values."""
     import transformers
 
     device = torch.device(device)
     return {
         "device": str(device),
         "device_name": device_name(device),
+        "cpu_model": cpu_model(),
+        "cpu_isa": cpu_isa(),
         "dtype": str(dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(),
         "allocator": allocator_setting(),
