@@ -67,3 +67,21 @@ def causal_mask(config, inputs_embeds, attention_mask, cache, position_ids):
         position_ids=position_ids,
         **with_cache(cache),
     )
+
+
+def attention_type_mask(kind: str, function: str, config, inputs_embeds, attention_mask, cache, position_ids):
+    """The mask a layer of attention type ``kind`` reads (``config.layer_types``' names): the
+    ``transformers.masking_utils`` function named ``function`` (``create_causal_mask``,
+    ``create_sliding_window_causal_mask``, ...), called as the model's own forward calls it."""
+    import transformers.masking_utils as masking_utils
+
+    make = getattr(masking_utils, function, None)
+    if make is None:
+        raise ValueError(f"this transformers release has no masking_utils.{function} for {kind!r} layers")
+    return make(
+        config=config,
+        inputs_embeds=inputs_embeds,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        **with_cache(cache),
+    )

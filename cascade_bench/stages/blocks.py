@@ -16,16 +16,17 @@ argument, embedding dropout) comes from ``families.LAYER_SLICE_RECIPES``.
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from ..models.hf_compat import causal_mask, layer_cache_keyword
+from ..models.hf_compat import attention_type_mask, causal_mask, layer_cache_keyword
 from ..models.masks import new_token_validity
 from .exits import ExitFunction
-from .families import config_for_layers, family_parts, layer_slice_recipe
+from .families import LAYER_TYPE_MASKS, config_for_layers, family_parts, layer_slice_recipe
 from .llm import StageOutput, check_threshold, logits_at_positions
 from .stage import StageBase
 
@@ -140,6 +141,13 @@ class Block(StageBase, nn.Module):
             getattr(base, recipe.embedding_dropout) if reads_tokens and recipe.embedding_dropout else None
         )
         self.rotary = getattr(base, recipe.rotary) if recipe.rotary else None
+        # per-layer attention types (sliding vs full, ...): each gets its own mask and, where the rotary
+        # embedding takes a layer type (local vs global RoPE), its own positions
+        types = attention_types(model.config)
+        self.layer_types = tuple(types[start:end]) if types is not None else None
+        self.rotary_per_type = (
+            self.rotary is not None and "layer_type" in inspect.signature(self.rotary.forward).parameters
+        )
         self.cache_keyword = layer_cache_keyword(self.layers[0])  # what this transformers release calls it
         self.head = head
         self.exit_function = exit_fn
@@ -212,10 +220,8 @@ class Block(StageBase, nn.Module):
             hidden = hidden + self.position_embedding(position_ids).to(hidden.dtype)
         if self.embedding_dropout is not None:
             hidden = self.embedding_dropout(hidden)
-        mask = causal_mask(self.source.config, hidden, attention_mask, cache, position_ids)
+        masks, rotary = self._masks(hidden, attention_mask, cache, position_ids), self._rotary(hidden, position_ids)
         extra = {}
-        if self.rotary is not None:
-            extra["position_embeddings"] = self.rotary(hidden, position_ids=position_ids)
         if cache is not None:
             extra[self.cache_keyword] = _BlockCacheView(cache, self.start)
         if self.recipe.padding_argument is not None:
@@ -224,13 +230,34 @@ class Block(StageBase, nn.Module):
         for i, layer in enumerate(self.layers):
             if capture_input_state and i == len(self.layers) - 1:
                 input_state = hidden
-            hidden = layer(hidden, attention_mask=mask, position_ids=position_ids, use_cache=use_cache, **extra)
+            kind = self.layer_types[i] if self.layer_types is not None else None
+            if rotary is not None:
+                extra["position_embeddings"] = rotary[kind] if self.rotary_per_type else rotary
+            hidden = layer(hidden, attention_mask=masks[kind], position_ids=position_ids, use_cache=use_cache, **extra)
         return StageOutput(
             hidden=hidden,
             input_state=input_state,
             logits=logits_at_positions(self, hidden, logits_at),
             cache=cache if use_cache else None,
         )
+
+    def _masks(self, hidden: Tensor, attention_mask, cache, position_ids) -> dict:
+        """{layer type: mask} for this block's layers ({None: mask} when the config lists no types)."""
+        config = self.source.config
+        if self.layer_types is None:
+            return {None: causal_mask(config, hidden, attention_mask, cache, position_ids)}
+        return {
+            kind: attention_type_mask(kind, LAYER_TYPE_MASKS[kind], config, hidden, attention_mask, cache, position_ids)
+            for kind in dict.fromkeys(self.layer_types)
+        }
+
+    def _rotary(self, hidden: Tensor, position_ids: Tensor):
+        """The rotary (cos, sin) for ``position_ids``, per layer type when the embedding takes one."""
+        if self.rotary is None:
+            return None
+        if not self.rotary_per_type:
+            return self.rotary(hidden, position_ids=position_ids)
+        return {kind: self.rotary(hidden, position_ids, kind) for kind in dict.fromkeys(self.layer_types)}
 
     def logits(self, hidden: Tensor) -> Tensor:
         """Vocabulary logits (..., V) of residual states (..., d): final norm, then lm_head."""
@@ -302,6 +329,8 @@ def cut_into_blocks(
     if len(thresholds) != len(spans):
         raise ValueError(f"expected {len(spans) - 1} thresholds for {len(spans)} blocks, got {len(thresholds)}")
     shared = ExitHead(parts.final_norm, model.get_output_embeddings())
+    if layer_slice_recipe(model).derived:
+        check_derived_layout(model, shared)
     blocks = []
     for k, ((start, end), threshold) in enumerate(zip(spans, thresholds)):
         last = k == len(spans) - 1
@@ -315,6 +344,68 @@ def cut_into_blocks(
             head = ExitHead(shared.norm, shared.lm_head, translator)
         blocks.append(Block(model, start, end, head, reads_tokens=k == 0, exit_fn=exit_fn, threshold=threshold))
     return blocks
+
+
+def attention_types(config) -> "list[str] | None":
+    """Each decoder layer's attention type: ``config.layer_types``; else, where the config sets a
+    ``sliding_window`` (the Mistral-style families), every layer slides, as their forwards do; else
+    None (every layer attends causally to everything)."""
+    types = getattr(config, "layer_types", None)
+    if types is not None:
+        return list(types)
+    window = getattr(config, "sliding_window", None)
+    if window is not None and not isinstance(window, bool) and getattr(config, "use_sliding_window", True):
+        return ["sliding_attention"] * int(config.num_hidden_layers)
+    return None
+
+
+#: Families whose derived layout reproduced the unsplit model's logits in this process (checked once each).
+_LAYOUTS_CHECKED: set = set()
+#: Tokens of the layout check.
+LAYOUT_CHECK_TOKENS = 12
+
+
+@torch.no_grad()
+def check_derived_layout(model: nn.Module, head: ExitHead) -> None:
+    """A family cut by the standard layout (not an explicit recipe) must give the unsplit model's
+    logits: blocks [0, 1) and [1, L) (or one block) on a few tokens, against ``model`` itself.
+    ValueError naming the family when they differ (a step of its forward the layout does not
+    know: an embedding scaled in the forward, extra norms, soft-capped logits, ...)."""
+    model_type = model.config.model_type
+    if model_type in _LAYOUTS_CHECKED:
+        return
+    total = len(family_parts(model).layers)
+    weight = head.lm_head.weight
+    vocab = int(weight.shape[0])
+    ids = (torch.arange(LAYOUT_CHECK_TOKENS, device=weight.device) * 7919 + 3).remainder(vocab)[None]
+    cuts = [(0, total)] if total < 2 else [(0, 1), (1, total)]
+    blocks = [Block(model, a, b, head, reads_tokens=a == 0) for a, b in cuts]
+    was_training = model.training
+    model.eval()
+    try:
+        hidden = blocks[0](input_ids=ids).hidden
+        for block in blocks[1:]:
+            hidden = block(inputs_embeds=hidden).hidden
+        mine, theirs = blocks[-1].logits(hidden).float(), model(input_ids=ids).logits.float()
+    except Exception as error:  # a layer that takes other arguments than the layout passes
+        first_line = str(error).splitlines()[0] if str(error) else ""
+        raise ValueError(
+            f"cannot cut a {model_type!r} model into blocks: it looks like the standard decoder layout, but its "
+            f"layers do not run as blocks ({type(error).__name__}: {first_line}); "
+            f"add an explicit entry to cascade_bench.stages.families.LAYER_SLICE_RECIPES"
+        ) from error
+    finally:
+        model.train(was_training)
+    tolerance = (1e-4 if weight.dtype == torch.float32 else 3e-2) * max(1.0, float(theirs.abs().max()))
+    difference = float((mine - theirs).abs().max())
+    if not difference <= tolerance:
+        raise ValueError(
+            f"cannot cut a {model_type!r} model into blocks: it looks like the standard decoder layout, but "
+            f"blocks of it give logits {difference:.3g} away from the unsplit model's (tolerance {tolerance:.3g}); "
+            f"its forward does something the layout does not (an embedding scaled in the forward, extra norms, "
+            f"capped logits): add an explicit entry to cascade_bench.stages.families.LAYER_SLICE_RECIPES"
+        )
+    _LAYOUTS_CHECKED.add(model_type)
 
 
 def head_sharing(blocks: Sequence[Block]) -> str:

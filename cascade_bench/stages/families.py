@@ -129,6 +129,9 @@ class LayerSliceRecipe:
     rotary: "str | None" = None
     embedding_dropout: "str | None" = None
     padding_argument: Optional[str] = None
+    #: Derived from the standard layout (not an explicit entry): checked against the unsplit model's
+    #: logits the first time a model of the family is cut (``blocks.check_derived_layout``).
+    derived: bool = False
 
 
 #: Families whose layers can be cut into blocks. Adding one: an entry here and in FAMILY_PARTS.
@@ -142,17 +145,56 @@ LAYER_SLICE_RECIPES: dict[str, LayerSliceRecipe] = {
 }
 
 
+#: Attention types of ``config.layer_types`` a block can run, each with the transformers mask function it needs.
+LAYER_TYPE_MASKS = {
+    "full_attention": "create_causal_mask",
+    "sliding_attention": "create_sliding_window_causal_mask",
+    "chunked_attention": "create_chunked_causal_mask",
+}
+
+
+def standard_layout_recipe(model: nn.Module) -> "LayerSliceRecipe | None":
+    """The recipe most decoders of transformers 5 share, or None where ``model`` departs from it: the
+    base model holds ``embed_tokens`` (any embedding scale inside it), ``layers``, ``norm`` and an
+    optional ``rotary_emb`` (called per layer type when its forward takes one), every entry of
+    ``config.layer_types`` is an attention type of ``LAYER_TYPE_MASKS``, no absolute position table,
+    and nothing past the final norm but ``lm_head`` (no logit soft-capping). What the layout cannot
+    show (an embedding scaled in the forward, say) the logit check at the first cut catches."""
+    config = getattr(model, "config", None)
+    base = getattr(model, "base_model", None)
+    if config is None or base is None or base is model:
+        return None
+    parts = {name: getattr(base, name, None) for name in ("embed_tokens", "layers", "norm")}
+    if not isinstance(parts["layers"], nn.ModuleList) or not all(isinstance(p, nn.Module) for p in parts.values()):
+        return None
+    if any(
+        isinstance(getattr(base, name, None), nn.Module) for name in ("wpe", "embed_positions", "position_embeddings")
+    ):
+        return None
+    types = getattr(config, "layer_types", None)
+    if types is not None and any(kind not in LAYER_TYPE_MASKS for kind in types):
+        return None
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+        return None
+    rotary = "rotary_emb" if isinstance(getattr(base, "rotary_emb", None), nn.Module) else None
+    return LayerSliceRecipe(rotary=rotary, derived=True)
+
+
 def layer_slice_recipe(model: nn.Module) -> LayerSliceRecipe:
-    """The recipe for cutting ``model`` into blocks; ValueError naming the family if unsupported."""
+    """The recipe for cutting ``model`` into blocks: the family's explicit entry, else the standard
+    layout's (``standard_layout_recipe``); ValueError naming the family if neither applies."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in LAYER_SLICE_RECIPES or model_type not in FAMILY_PARTS:
+    derived = None if model_type in LAYER_SLICE_RECIPES else standard_layout_recipe(model)
+    if derived is None and (model_type not in LAYER_SLICE_RECIPES or model_type not in FAMILY_PARTS):
         raise ValueError(
-            f"cannot cut a {model_type!r} model ({type(model).__name__}) into blocks: "
+            f"cannot cut a {model_type!r} model ({type(model).__name__}) into blocks: it does not follow the "
+            f"standard decoder layout (base model with embed_tokens, layers, norm and an optional rotary_emb, "
+            f"attention-only layer_types, no logit soft-capping) and "
             f"cascade_bench.stages.families.LAYER_SLICE_RECIPES has no entry for it (it needs: where the decoder "
             f"layers and final norm sit, and how positions enter (absolute embedding or rotary)); "
-            f"supported: {sorted(LAYER_SLICE_RECIPES)}"
+            f"explicit entries: {sorted(LAYER_SLICE_RECIPES)}"
         )
-    recipe = LAYER_SLICE_RECIPES[model_type]
+    recipe = derived or LAYER_SLICE_RECIPES[model_type]
     base = model.base_model
     for what, name in (
         ("position embedding", recipe.position_embedding),
