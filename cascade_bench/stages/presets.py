@@ -64,6 +64,21 @@ STAGE_PRESETS: dict[str, dict] = {
         vocab_size=256,
         max_position_embeddings=128,
     ),
+    # Gemma 3's text decoder (a family cut by the standard layout): sliding and full attention layers in
+    # turn, a window shorter than test rows, local and global RoPE, q/k norms, scaled embeddings, tied head.
+    "gemma3-tiny": dict(
+        model_type="gemma3_text",
+        hidden_size=32,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_hidden_layers=2,
+        intermediate_size=64,
+        vocab_size=256,
+        max_position_embeddings=128,
+        sliding_window=6,
+        sliding_window_pattern=2,
+    ),
     "gpt_neox-tiny": dict(
         model_type="gpt_neox",
         hidden_size=32,

@@ -10,7 +10,7 @@ from cascade_bench.stages.presets import build_blocks, build_ensemble
 from tests.helpers import FAMILIES, KINDS, token_batch
 
 #: Every Hugging Face family, and the memory family's softmax-attention (pythia) layers.
-CASES = [(preset, {}) for preset in FAMILIES] + [("memory-tiny", {"layer_kinds": ("pythia",) * 4})]
+CASES = [(preset, {}) for preset in (*FAMILIES, "gemma3-tiny")] + [("memory-tiny", {"layer_kinds": ("pythia",) * 4})]
 
 
 @pytest.mark.parametrize("preset, overrides", CASES, ids=[preset for preset, _ in CASES])
