@@ -202,3 +202,57 @@ def test_a_missing_distribution_or_file_is_named(tmp_path):
 def test_a_folder_spec_is_used_as_is(tmp_path):
     (tmp_path / "source.json").write_text(json.dumps({"note": "x"}))
     assert resolve_model(str(tmp_path), tmp_path / "models") == (str(tmp_path), {"note": "x"})
+
+
+def _fake_distribution(site, name: str, files: dict, requires=()) -> None:
+    """An installed distribution ``name`` in ``site`` (a dist-info folder and the files its RECORD lists)."""
+    package = name.replace("-", "_")
+    info = site / f"{package}-1.0.0.dist-info"
+    info.mkdir(parents=True)
+    metadata = ["Metadata-Version: 2.1", f"Name: {name}", "Version: 1.0.0"]
+    metadata += [f"Requires-Dist: {r}" for r in requires]
+    (info / "METADATA").write_text("\n".join(metadata) + "\n")
+    for relative, data in files.items():
+        (site / package / relative).parent.mkdir(parents=True, exist_ok=True)
+        (site / package / relative).write_bytes(data)
+    record = [f"{package}/{relative},," for relative in files] + [f"{info.name}/METADATA,,", f"{info.name}/RECORD,,"]
+    (info / "RECORD").write_text("\n".join(record) + "\n")
+
+
+def _split_release(tiny_gguf, site, parts: int = 3, corrupt: bool = False, skip: int = -1) -> bytes:
+    """The tiny GGUF as a release split like Gemma 3's wheels: a meta distribution listing the file
+    and its sha256 in SHA256SUMS and requiring one distribution per chunk."""
+    import hashlib
+
+    data = tiny_gguf[0].read_bytes()
+    size = -(-len(data) // parts)
+    chunks = [data[i * size : (i + 1) * size] for i in range(parts)]
+    for k, chunk in enumerate(chunks):
+        if k == skip:
+            continue
+        body = chunk[:-1] + b"\0" if corrupt and k == 1 else chunk
+        _fake_distribution(site, f"tiny-gguf-part{k + 1}", {f"data/tiny.gguf.part{k:02d}": body})
+    digest = hashlib.sha256(data).hexdigest()
+    requires = [f"tiny-gguf-part{k + 1}==1.0.0" for k in range(parts)]
+    _fake_distribution(site, "tiny-gguf", {"data/SHA256SUMS": f"{digest}  tiny.gguf\n".encode()}, requires)
+    return data
+
+
+@pytest.mark.parametrize("case", ["whole", "corrupt", "missing"])
+def test_a_gguf_split_over_several_distributions_is_assembled_and_checked(tiny_gguf, tmp_path, monkeypatch, case):
+    site = tmp_path / "site"
+    data = _split_release(tiny_gguf, site, corrupt=case == "corrupt", skip=2 if case == "missing" else -1)
+    monkeypatch.syspath_prepend(str(site))
+    if case == "corrupt":
+        with pytest.raises(ValueError, match=r"3 chunks of tiny.gguf concatenate to sha256 .* not the .* SHA256SUMS"):
+            gguf_in_distribution("tiny-gguf", tmp_path / "models")
+    elif case == "missing":
+        with pytest.raises(ValueError, match=r"parts \[0, 1\]|tiny-gguf-part3' is not installed"):
+            gguf_in_distribution("tiny-gguf", tmp_path / "models")
+    else:
+        path = gguf_in_distribution("tiny-gguf", tmp_path / "models")
+        assert path == tmp_path / "models" / "assembled" / "tiny.gguf" and path.read_bytes() == data
+        stamp = path.stat().st_mtime_ns
+        assert gguf_in_distribution("tiny-gguf", tmp_path / "models").stat().st_mtime_ns == stamp  # reused
+    if case != "whole":
+        assert not list((tmp_path / "models").rglob("*.gguf*")), "nothing half-written is left behind"
