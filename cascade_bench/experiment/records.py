@@ -162,19 +162,55 @@ MEASURED_BY_THE_CLOCK = frozenset(
         "seconds",
     }
 )
+#: Relative tolerance within which the default run's records agree between two vector ISAs (same
+#: commit and lock; ``tools/same-records --across-cpus``): measured, docs/design.md "Reproducible".
+CROSS_CPU_TOLERANCE = 0.05
 #: Of ``conditions``, what must be equal for two runs to be the same experiment.
 SAME_EXPERIMENT_CONDITIONS = ("config", "training_key", "seed", "split")
 
 
-def _same(a: Any, b: Any, rel: float) -> bool:
-    if isinstance(a, float) and isinstance(b, float):
-        return (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=rel, abs_tol=0.0)
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _same(a: Any, b: Any, rel: float, counts: bool = False) -> bool:
+    """Equal, floats within ``rel``; with ``counts``, integers (token counts, FLOPs) within ``rel`` too."""
+    if isinstance(a, float) and isinstance(b, float) or (counts and _number(a) and _number(b)):
+        nan = isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b)
+        return nan or math.isclose(a, b, rel_tol=rel, abs_tol=0.0)
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y, rel) for x, y in zip(a, b))
+        return len(a) == len(b) and all(_same(x, y, rel, counts) for x, y in zip(a, b))
     if isinstance(a, dict) and isinstance(b, dict):
         keys = (a.keys() | b.keys()) - MEASURED_BY_THE_CLOCK
-        return all(k in a and k in b and _same(a[k], b[k], rel) for k in keys)
+        return all(k in a and k in b and _same(a[k], b[k], rel, counts) for k in keys)
     return a == b
+
+
+def _drift(a: Any, b: Any) -> float:
+    """The largest relative difference between the numbers of ``a`` and ``b`` (0 where they agree
+    exactly, inf where they cannot be compared as numbers: different shapes, text, a missing value)."""
+    if _number(a) and _number(b):
+        if a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b)):
+            return 0.0
+        return abs(a - b) / max(abs(a), abs(b))
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b):
+        return max((_drift(x, y) for x, y in zip(a, b)), default=0.0)
+    if isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys():
+        return max((_drift(a[k], b[k]) for k in a.keys() - MEASURED_BY_THE_CLOCK), default=0.0)
+    return 0.0 if a == b else math.inf
+
+
+def field_drift(before: Sequence[dict], after: Sequence[dict]) -> dict[str, float]:
+    """Per record field compared by ``record_differences``, the largest relative difference over the
+    points both runs hold: how far two runs of one experiment on different CPUs drift, field by field."""
+    first = {r["point_id"]: r for r in before}
+    second = {r["point_id"]: r for r in after}
+    drift: dict[str, float] = {}
+    for point in (p for p in first if p in second):
+        a, b = first[point], second[point]
+        for key in (set(a) | set(b)) - MEASURED_BY_THE_CLOCK - {"conditions", "schema_version"}:
+            drift[key] = max(drift.get(key, 0.0), _drift(a.get(key), b.get(key)))
+    return dict(sorted(drift.items(), key=lambda item: -item[1]))
 
 
 def _without_out(value):
@@ -182,13 +218,16 @@ def _without_out(value):
     return {k: v for k, v in value.items() if k != "out"} if isinstance(value, dict) else value
 
 
-def record_differences(before: Sequence[dict], after: Sequence[dict], rel: float = 0.0) -> list[str]:
+def record_differences(
+    before: Sequence[dict], after: Sequence[dict], rel: float = 0.0, counts: bool = False
+) -> list[str]:
     """Every field in which two runs' records differ, point by point (empty: the same records).
 
     Compared: every field but ``MEASURED_BY_THE_CLOCK`` (at any depth: a rule's training time too),
     and of the conditions the config (without its output folder), the training key, the seed and
     the split; a field one side lacks counts as null. ``rel``: relative tolerance for floats (0:
-    bit-equal)."""
+    bit-equal); ``counts``: integers (tokens per stage, FLOPs) within ``rel`` too, as runs on
+    different CPUs need (their thresholds differ in the last digits, so a few tokens exit elsewhere)."""
     first = {r["point_id"]: r for r in before}
     second = {r["point_id"]: r for r in after}
     found = [f"{p}: only in the first run" for p in first if p not in second]
@@ -196,7 +235,7 @@ def record_differences(before: Sequence[dict], after: Sequence[dict], rel: float
     for point in (p for p in first if p in second):
         a, b = first[point], second[point]
         for key in sorted((set(a) | set(b)) - MEASURED_BY_THE_CLOCK - {"conditions", "schema_version"}):
-            if not _same(a.get(key), b.get(key), rel):
+            if not _same(a.get(key), b.get(key), rel, counts):
                 found.append(f"{point}: {key} {a.get(key)!r} != {b.get(key)!r}")
         for key in SAME_EXPERIMENT_CONDITIONS:
             x, y = (_without_out((r.get("conditions") or {}).get(key)) for r in (a, b))

@@ -116,6 +116,28 @@ def test_record_differences_ignore_the_clock_and_name_every_other_field():
     assert record_differences([_record()], []) == ["routed@0.5: only in the first run"]
 
 
+def test_across_cpus_counts_are_compared_to_the_tolerance_and_every_field_s_drift_is_named():
+    """Runs on two CPUs: a few tokens exit elsewhere (counts and FLOPs move a little), PPL in the last
+    digits; bit-equal comparison names them, the counts mode accepts them within the tolerance, and the
+    drift per field is the largest relative difference over the points (by hand)."""
+    from cascade_bench.experiment.records import field_drift
+
+    a = [_record(tokens=1000, ppl=20.0, exit_ratios=[0.5, 0.5]), _record(point_id="full", tokens=1000, ppl=19.0)]
+    b = [_record(tokens=1010, ppl=20.1, exit_ratios=[0.52, 0.48]), _record(point_id="full", tokens=1000, ppl=19.0)]
+    assert record_differences(a, b, rel=0.05) == ["routed@0.5: tokens 1000 != 1010"]  # counts bit-equal by default
+    assert record_differences(a, b, rel=0.05, counts=True) == []
+    assert record_differences(a, b, rel=0.01, counts=True) == [
+        "routed@0.5: exit_ratios [0.5, 0.5] != [0.52, 0.48]",
+        "routed@0.5: tokens 1000 != 1010",
+    ]
+    drift = field_drift(a, b)
+    assert drift["exit_ratios"] == pytest.approx(0.02 / 0.5)
+    assert drift["tokens"] == pytest.approx(10 / 1010)
+    assert drift["ppl"] == pytest.approx(0.1 / 20.1)
+    assert drift["method"] == 0.0 and list(drift)[0] == "exit_ratios"  # largest first
+    assert field_drift(a, [_record(method="masked")])["method"] == math.inf
+
+
 @pytest.mark.parametrize("path", sorted(PUBLISHED.glob("*.jsonl")), ids=lambda p: p.name)
 def test_every_published_record_reads_as_a_record(path):
     records = list(ResultsStore(path))
