@@ -218,6 +218,35 @@ MLP_MATRICES: dict[str, int] = {
     "qwen2": 3,
     "gemma3_text": 3,
     "cascade_memory_lm": 2,
+    # dense families cut by the standard layout; tests/stages/test_standard_layout.py checks each against
+    # counted FLOPs (mixture-of-experts families are not here: one MLP per token is not their cost)
+    **dict.fromkeys(("apertus", "apertus1p5_text", "arcee", "jais2", "nemotron", "starcoder2"), 2),
+    **dict.fromkeys(
+        (
+            "bitnet",
+            "cwm",
+            "ernie4_5",
+            "exaone",
+            "exaone4",
+            "gemma",
+            "granite",
+            "granite_swa",
+            "helium",
+            "hunyuan_v1_dense",
+            "hyperclovax",
+            "internlm3",
+            "iquestcoder",
+            "ministral",
+            "ministral3",
+            "olmo",
+            "olmo2",
+            "olmo3",
+            "qwen3",
+            "seed_oss",
+            "stablelm",
+        ),
+        3,
+    ),
 }
 
 

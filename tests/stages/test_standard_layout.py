@@ -12,8 +12,8 @@ import warnings
 import pytest
 import torch
 
-from cascade_bench import Ensemble, full_forward, routed_forward
-from cascade_bench.stages.families import LAYER_SLICE_RECIPES, standard_layout_recipe
+from cascade_bench import Ensemble, calibrate_thresholds, full_forward, measure_cost, routed_forward
+from cascade_bench.stages.families import LAYER_SLICE_RECIPES, MLP_MATRICES, standard_layout_recipe
 from tests.helpers import scripted_exit, token_batch
 from tests.routing.test_invariants import _reference_per_sequence
 
@@ -104,6 +104,17 @@ def test_a_standard_layout_family_is_cut_right_or_refused_by_name(model_type, te
     reference = _reference_per_sequence(ensemble, ids, exits)
     assert torch.equal(out.exit_stage, (~exits).long())
     torch.testing.assert_close(out.nll[out.scored], reference[out.scored].float(), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("model_type", [f for f in layout_families() if f in MLP_MATRICES])
+def test_the_analytic_flops_of_a_layout_family_equal_the_counted_ones(model_type, text):
+    """Every family the analytic model knows: counted (FlopCounterMode) == analytic, routed and full."""
+    ensemble = Ensemble.from_blocks(_model(model_type), [2])
+    batches = [token_batch(text, 2, 16)]
+    calibrate_thresholds(ensemble, batches, 0.5)
+    for method in ("full", "routed"):
+        record = measure_cost(ensemble, batches, method, warmup=0, repeats=1, fvcore=False, spans=False)
+        assert record.flops == record.flops_analytic
 
 
 def test_the_named_families_follow_the_layout_and_are_cut():
