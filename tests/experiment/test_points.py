@@ -122,20 +122,27 @@ def test_across_cpus_counts_are_compared_to_the_tolerance_and_every_field_s_drif
     drift per field is the largest relative difference over the points (by hand)."""
     from cascade_bench.experiment.records import field_drift
 
-    a = [_record(tokens=1000, ppl=20.0, exit_ratios=[0.5, 0.5]), _record(point_id="full", tokens=1000, ppl=19.0)]
-    b = [_record(tokens=1010, ppl=20.1, exit_ratios=[0.52, 0.48]), _record(point_id="full", tokens=1000, ppl=19.0)]
-    assert record_differences(a, b, rel=0.05) == ["routed@0.5: tokens 1000 != 1010"]  # counts bit-equal by default
-    assert record_differences(a, b, rel=0.05, counts=True) == []
-    assert record_differences(a, b, rel=0.005, counts=True) == [
-        "routed@0.5: exit_ratios [0.5, 0.5] != [0.52, 0.48]",
-        "routed@0.5: tokens 1000 != 1010",
+    a = [_record(tokens_entered=[1000, 500], ppl=20.0, exit_ratios=[0.5, 0.5]), _record(point_id="full", ppl=19.0)]
+    b = [_record(tokens_entered=[1000, 510], ppl=20.1, exit_ratios=[0.52, 0.48]), _record(point_id="full", ppl=19.0)]
+    assert record_differences(a, b, rel=0.05) == [  # counts bit-equal by default
+        "routed@0.5: tokens_entered [1000, 500] != [1000, 510]"
     ]
+    assert record_differences(a, b, rel=0.05, counts=True) == []
+    assert record_differences(a, b, rel=0.025, counts=True) == ["routed@0.5: exit_ratios [0.5, 0.5] != [0.52, 0.48]"]
+    # what says what was measured stays exact: another number of scored tokens is another experiment
+    assert record_differences(
+        a,
+        [_record(tokens=11, **{k: b[0][k] for k in ("tokens_entered", "ppl", "exit_ratios")}), b[1]],
+        rel=0.5,
+        counts=True,
+    ) == ["routed@0.5: tokens 10 != 11"]
     drift = field_drift(a, b)
     assert drift["exit_ratios"] == pytest.approx(0.02 / 0.5)
-    assert drift["tokens"] == pytest.approx(10 / 1010)
+    assert drift["tokens_entered"] == pytest.approx(10 / 510)
     assert drift["ppl"] == pytest.approx(0.1 / 20.1)
     assert drift["method"] == 0.0 and list(drift)[0] == "exit_ratios"  # largest first
     assert field_drift(a, [_record(method="masked")])["method"] == math.inf
+    assert field_drift([_record(ppl=math.inf)], [_record(ppl=812.0)])["ppl"] == math.inf  # not 0
 
 
 @pytest.mark.parametrize("path", sorted(PUBLISHED.glob("*.jsonl")), ids=lambda p: p.name)

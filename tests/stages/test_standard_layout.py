@@ -32,7 +32,7 @@ TINY = dict(
 #: A family still larger than this at the tiny size ignores it somewhere: not built.
 MAX_PARAMETERS = 5_000_000
 #: Families named here must be among those cut: the layout test cannot pass by skipping them all.
-MUST_CUT = ("gemma", "gemma3_text", "qwen3", "olmo2", "mixtral", "starcoder2", "granite", "phimoe")
+MUST_CUT = ("gemma", "gemma3_text", "qwen3", "olmo2", "mixtral", "starcoder2", "phimoe")
 
 
 def _config(model_type: str):
@@ -135,3 +135,47 @@ def test_a_family_whose_forward_departs_from_the_layout_is_refused(monkeypatch):
     monkeypatch.setattr(model, "forward", lambda *a, **k: type(original(*a, **k))(logits=original(*a, **k).logits * 2))
     with pytest.raises(ValueError, match=r"cannot cut a 'qwen3' model into blocks: .* logits .* away"):
         Ensemble.from_blocks(model, [2])
+
+
+def test_the_layout_check_runs_per_config_not_per_family(monkeypatch):
+    """A second model of a checked family whose config sends its forward down another path (Granite's
+    embedding and logit multipliers) is checked again, and refused, not cut wrong."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from cascade_bench.stages import blocks
+
+    monkeypatch.setattr(blocks, "_LAYOUTS_CHECKED", set())
+    plain = AutoConfig.for_model("granite", **{k: v for k, v in TINY.items() if k != "sliding_window"})
+    plain.embedding_multiplier, plain.logits_scaling = 1.0, 1.0
+    Ensemble.from_blocks(AutoModelForCausalLM.from_config(plain).eval(), [2])
+    scaled = AutoConfig.for_model("granite", **{k: v for k, v in TINY.items() if k != "sliding_window"})
+    scaled.embedding_multiplier, scaled.logits_scaling = 12.0, 8.0
+    with pytest.raises(ValueError, match=r"cannot cut a 'granite' model into blocks: .* logits .* away"):
+        Ensemble.from_blocks(AutoModelForCausalLM.from_config(scaled).eval(), [2])
+
+
+def test_a_prepared_mask_longer_than_the_window_is_refused_by_sliding_layers(text):
+    """A cache with gaps hands blocks a finished 4-D mask (causality and real slots only): within the
+    window it is exact, longer it would let sliding layers see too far, so it is refused."""
+    from cascade_bench.stages.presets import build_blocks
+
+    ensemble = build_blocks("gemma3-tiny", (2, 2)).eval()  # window 6, sliding and full layers
+    block = ensemble[1]
+    hidden = torch.randn(1, 8, block.hidden_size)
+    within = torch.zeros(1, 1, 4, 4)
+    with torch.inference_mode():
+        block(inputs_embeds=hidden[:, :4], attention_mask=within)
+        with pytest.raises(ValueError, match=r"sliding-window layers \(window 6\).*prepared"):
+            block(inputs_embeds=hidden, attention_mask=torch.zeros(1, 1, 8, 8))
+
+
+def test_key_values_of_an_attention_with_parts_we_do_not_know_are_refused():
+    """Hunyuan normalises its keys with a ``key_layernorm``: propagating its keys as a plain Llama's
+    would give wrong keys, so K/V propagation refuses it by name."""
+    from cascade_bench.stages.key_values import layer_key_values
+
+    ensemble = Ensemble.from_blocks(_model("hunyuan_v1_dense"), [2])
+    layer = ensemble[1].layers[0]
+    x = torch.randn(1, 4, ensemble[1].hidden_size)
+    with pytest.raises(ValueError, match="'hunyuan_v1_dense' family's key/value projections"):
+        layer_key_values(ensemble[1], layer, x, torch.arange(4)[None])
