@@ -78,7 +78,8 @@ def study_key(config) -> str:
         "dtype",
     )
     values = {k: getattr(config, k) for k in keys}
-    values["model_fingerprint"] = model_fingerprint(config.model)  # another checkpoint under the same name
+    if config.model:  # another checkpoint under the same name gets other translators
+        values["model_fingerprint"] = model_fingerprint(config.model)
     values["lr"], values["patience"] = TRANSLATOR_RECIPE
     values.update(ridges=list(RIDGES), batch_tokens=TRANSLATOR_BATCH_TOKENS, version=STUDY_VERSION)
     return "translators-" + hashlib.sha256(json.dumps(values, sort_keys=True, default=list).encode()).hexdigest()[:12]

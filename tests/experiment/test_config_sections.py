@@ -167,3 +167,12 @@ def test_another_checkpoint_under_the_same_model_spec_gets_other_folders(tmp_pat
     assert before["models"] != after["models"] and before["translators"] != after["translators"]
     (folder / "model.safetensors").write_bytes(b"\0" * 32)
     assert experiment_paths(make_config(values))["models"] != after["models"]
+
+
+def test_every_config_has_its_paths_with_or_without_a_model():
+    """A trained cascade's config names no model: its keys must not need one (a run with no model
+    failed at once when the model's fingerprint entered the translators' key)."""
+    from cascade_bench.experiment.pipeline import experiment_paths
+
+    assert experiment_paths(make_config({}))["models"].name == make_config({}).training_key()
+    assert experiment_paths(make_config(_PRETRAINED))["translators"].name.startswith("translators-")
