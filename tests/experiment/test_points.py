@@ -143,6 +143,10 @@ def test_across_cpus_counts_are_compared_to_the_tolerance_and_every_field_s_drif
     assert drift["method"] == 0.0 and list(drift)[0] == "exit_ratios"  # largest first
     assert field_drift(a, [_record(method="masked")])["method"] == math.inf
     assert field_drift([_record(ppl=math.inf)], [_record(ppl=812.0)])["ppl"] == math.inf  # not 0
+    # how a rule trained (its epochs) is shown across CPUs, not compared; bit-equal mode still compares it
+    trained = ([_record(rule_training=[{"epochs": 13}])], [_record(rule_training=[{"epochs": 11}])])
+    assert record_differences(*trained, rel=0.15, counts=True) == []
+    assert record_differences(*trained) == ["routed@0.5: rule_training [{'epochs': 13}] != [{'epochs': 11}]"]
 
 
 @pytest.mark.parametrize("path", sorted(PUBLISHED.glob("*.jsonl")), ids=lambda p: p.name)
