@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from ..models.hf_compat import attention_type_mask, causal_mask, layer_cache_keyword
 from ..models.masks import new_token_validity
 from .exits import ExitFunction
-from .families import LAYER_TYPE_MASKS, config_for_layers, family_parts, layer_slice_recipe
+from .families import LAYER_TYPE_MASKS, attention_types, config_for_layers, family_parts, layer_slice_recipe
 from .llm import StageOutput, check_threshold, logits_at_positions
 from .stage import StageBase
 
@@ -353,19 +353,6 @@ def cut_into_blocks(
             head = ExitHead(shared.norm, shared.lm_head, translator)
         blocks.append(Block(model, start, end, head, reads_tokens=k == 0, exit_fn=exit_fn, threshold=threshold))
     return blocks
-
-
-def attention_types(config) -> "list[str] | None":
-    """Each decoder layer's attention type: ``config.layer_types``; else, where the config sets a
-    ``sliding_window`` (the Mistral-style families), every layer slides, as their forwards do; else
-    None (every layer attends causally to everything)."""
-    types = getattr(config, "layer_types", None)
-    if types is not None:
-        return list(types)
-    window = getattr(config, "sliding_window", None)
-    if window is not None and not isinstance(window, bool) and getattr(config, "use_sliding_window", True):
-        return ["sliding_attention"] * int(config.num_hidden_layers)
-    return None
 
 
 #: Families whose derived layout reproduced the unsplit model's logits in this process (checked once each).

@@ -153,6 +153,19 @@ LAYER_TYPE_MASKS = {
 }
 
 
+def attention_types(config) -> "list[str] | None":
+    """Each decoder layer's attention type: ``config.layer_types``; else, where the config sets a
+    ``sliding_window`` (the Mistral-style families), every layer slides, as their forwards do; else
+    None (every layer attends causally to everything)."""
+    types = getattr(config, "layer_types", None)
+    if types is not None:
+        return list(types)
+    window = getattr(config, "sliding_window", None)
+    if window is not None and not isinstance(window, bool) and getattr(config, "use_sliding_window", True):
+        return ["sliding_attention"] * int(config.num_hidden_layers)
+    return None
+
+
 def standard_layout_recipe(model: nn.Module) -> "LayerSliceRecipe | None":
     """The recipe most decoders of transformers 5 share, or None where ``model`` departs from it: the
     base model holds ``embed_tokens`` (any embedding scale inside it), ``layers``, ``norm`` and an
