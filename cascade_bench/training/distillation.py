@@ -67,7 +67,9 @@ class DraftConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"draft {name} must be a positive int, got {value!r}")
         if isinstance(self.vocabulary, bool) or not isinstance(self.vocabulary, int) or self.vocabulary < 0:
-            raise ValueError(f"draft vocabulary must be an int >= 0 (0 = the whole vocabulary), got {self.vocabulary!r}")
+            raise ValueError(
+                f"draft vocabulary must be an int >= 0 (0 = the whole vocabulary), got {self.vocabulary!r}"
+            )
         for name in ("lr", "seconds"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
@@ -257,7 +259,10 @@ def distill(
         losses.append(stats.mean_loss)
         agreements.append(agreed)
         if progress:
-            print(f"draft check {check + 1}: train loss {stats.mean_loss:.4f}, validation agreement {agreed:.4f}", flush=True)
+            print(
+                f"draft check {check + 1}: train loss {stats.mean_loss:.4f}, validation agreement {agreed:.4f}",
+                flush=True,
+            )
         return 1.0 - agreed
 
     began = time.perf_counter()

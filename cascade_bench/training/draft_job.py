@@ -32,7 +32,7 @@ from .distillation import (
 def train_draft(
     teacher_path: str,
     out: Path,
-    config: DraftConfig = DraftConfig(),
+    config: Optional[DraftConfig] = None,
     corpus: Optional[Path] = None,
     cache_dir: Optional[Path] = None,
     teacher_name: Optional[str] = None,
@@ -41,6 +41,7 @@ def train_draft(
     """Distil a draft from the model folder ``teacher_path`` into ``out``; returns its record."""
     from transformers import AutoTokenizer
 
+    config = DraftConfig() if config is None else config
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a folder")

@@ -275,7 +275,7 @@ def test_only_transformers_own_assistant_call_has_its_deprecation_line_dropped(_
     line from any other caller (ours) still reaches the log, and the tests fail on it."""
     import logging
 
-    from cascade_bench.bench.decoding import _INTERNAL_DEPRECATION, _without_transformers_internal_deprecation
+    from cascade_bench.bench.hf_generate import _INTERNAL_DEPRECATION, _without_transformers_internal_deprecation
 
     with _without_transformers_internal_deprecation():
         logging.getLogger("transformers.generation.utils").warning(_INTERNAL_DEPRECATION + "=({'x'}) is deprecated")

@@ -1,0 +1,312 @@
+"""The ``bench-decode`` job: load the real model (and its draft), cut the prompt suite, time every
+method (``decode_suite``), and write one JSON file and one Markdown table per batch size."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from ..data.prompt_suite import PROMPT_SETS, SUITE_VERSION, prompt_suite, read_prompts_file
+from ..data.storage import write_json_atomic, write_text_atomic
+from ..measure.environment import environment_conditions
+from ..routing.draft_verify import speculative_generate
+from ..routing.generation import generate
+from ..routing.speculative import self_speculative_generate
+from ..stages.ensemble import Ensemble
+from ..stages.llm import LLM
+from .decode_suite import (
+    BATCH_ONE_ONLY,
+    METHODS,
+    PLAIN,
+    DecodeRow,
+    left_padded,
+    memory_floor,
+    summarise,
+    timed_rotation,
+)
+from .hf_generate import Call, hf_generate_timed
+
+
+def _ours_greedy(target: LLM, new_tokens: int) -> Callable:
+    ensemble = Ensemble([target])
+
+    def call(ids, mask) -> Call:
+        out = generate(ensemble, ids, mask, max_new_tokens=new_tokens, method="full")
+        per_token = [out.seconds_per_token * new_tokens / (new_tokens - 1)] * out.tokens.numel()
+        # the decode loop ran new_tokens - 1 steps (the first token came from the prompt's pass)
+        return Call(seconds=sum(per_token), tokens=out.tokens, token_seconds=per_token)
+
+    return call
+
+
+def _speculative(target: LLM, new_tokens: int, **options) -> Callable:
+    def call(ids, mask) -> Call:
+        out = speculative_generate(target, ids, mask, max_new_tokens=new_tokens, **options)
+        return Call(
+            seconds=out.seconds,
+            tokens=out.tokens,
+            token_seconds=out.token_seconds,
+            proposed=out.proposed,
+            accepted=out.accepted,
+            rounds=out.rounds,
+            loop_rounds=out.loop_rounds,
+            emitted=out.emitted,
+            draft_calls=out.draft_calls,
+            draft_seconds=out.draft_seconds + out.lookup_seconds,
+            verify_seconds=out.verify_seconds,
+            speculative=True,
+        )
+
+    return call
+
+
+def _self_speculative(blocks: Ensemble, new_tokens: int, draft_length: int) -> Callable:
+    def call(ids, mask) -> Call:
+        out = self_speculative_generate(blocks, ids, mask, max_new_tokens=new_tokens, draft_length=draft_length)
+        seconds = out.seconds_per_token * out.tokens.numel()
+        draft_seconds = seconds - out.verify_seconds
+        return Call(
+            seconds=seconds,
+            tokens=out.tokens,
+            token_seconds=[out.seconds_per_token] * out.tokens.numel(),
+            proposed=out.drafted,
+            accepted=out.accepted,
+            rounds=out.rounds,
+            loop_rounds=out.loop_rounds,
+            emitted=out.emitted,
+            draft_calls=out.loop_rounds * draft_length,
+            draft_seconds=draft_seconds,
+            verify_seconds=out.verify_seconds,
+            speculative=True,
+        )
+
+    return call
+
+
+def _hf(model, new_tokens: int, pad_id: int, **options) -> Callable:
+    return lambda ids, mask: hf_generate_timed(model, ids, mask, new_tokens, pad_id, **options)
+
+
+def _counted_flops(call: Callable, ids, mask) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ..measure.flops import EXTRA_FLOP_FORMULAS
+
+    with FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS) as counter:
+        out = call(ids, mask)
+    return counter.get_total_flops() / out.tokens.numel()
+
+
+def run_decode_bench(
+    target_path: str,
+    origin: str,
+    *,
+    draft_path: Optional[Path] = None,
+    corpus: Optional[Path] = None,
+    prompts_file: Optional[Path] = None,
+    per_set: int = 8,
+    sets: Sequence[str] = PROMPT_SETS,
+    batch_sizes: Sequence[int] = (1, 8),
+    new_tokens: int = 96,
+    draft_length: int = 2,
+    confidence: float = 0.0,
+    lookup: int = 4,
+    hf_lookup: int = 10,
+    early_exit_layer: Optional[int] = None,
+    self_spec_length: int = 4,
+    early_exit_prompts: int = 2,
+    flop_tokens: int = 32,
+    methods: Sequence[str] = METHODS,
+    count_flops: bool = True,
+    device: str = "cpu",
+    json_path: Optional[Path] = None,
+    markdown_path: Optional[Path] = None,
+    progress: bool = True,
+) -> tuple[list[DecodeRow], dict]:
+    """Every method on every prompt set at every batch size (module docstrings); returns the rows
+    and the run's conditions, written to ``json_path`` and ``markdown_path`` atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; expected some of {METHODS}")
+    if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or new_tokens < 2:
+        raise ValueError(f"new_tokens must be an int >= 2, got {new_tokens!r}")
+    if any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in batch_sizes):
+        raise ValueError(f"batch sizes must be positive ints, got {list(batch_sizes)}")
+    needs_draft = {"ours-draft", "ours-lookup+draft", "hf-assisted"} & set(methods)
+    notes: list[str] = []
+    if draft_path is not None and not Path(draft_path).is_dir():
+        raise ValueError(f"--draft {draft_path} is not a folder; expected a draft saved by `cascade-bench train-draft`")
+    if draft_path is None and needs_draft:
+        notes.append(f"no --draft folder: {', '.join(sorted(needs_draft))} skipped")
+        methods = [m for m in methods if m not in needs_draft]
+    tokenizer = AutoTokenizer.from_pretrained(target_path)
+    if prompts_file is not None:
+        suite = read_prompts_file(Path(prompts_file), tokenizer)
+    else:
+        suite, suite_notes = prompt_suite(tokenizer, per_set, corpus, sets)
+        notes.extend(suite_notes)
+    for name, prompts in suite.items():
+        too_few = [b for b in batch_sizes if len(prompts) < b]
+        if too_few:
+            raise ValueError(f"prompt set {name!r} has {len(prompts)} prompts, fewer than batch sizes {too_few}")
+    hf_model = AutoModelForCausalLM.from_pretrained(target_path).to(device).eval()
+    target = LLM(hf_model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    layer = early_exit_layer if early_exit_layer is not None else max(1, round(0.8 * target.num_layers))
+    if not 1 <= layer < target.num_layers:
+        raise ValueError(f"--early-exit-layer must be in [1, {target.num_layers - 1}], got {layer}")
+    draft = vocabulary = None
+    if draft_path is not None and needs_draft & set(methods):
+        from ..training.draft_job import read_draft_vocabulary
+
+        draft = LLM(AutoModelForCausalLM.from_pretrained(draft_path).to(device).eval())
+        vocabulary = read_draft_vocabulary(Path(draft_path))
+        if draft.vocab_size != target.vocab_size:
+            raise ValueError(
+                f"the draft {draft_path} has {draft.vocab_size} ids, the real model {target.vocab_size}: "
+                "a draft must share the real model's tokenizer"
+            )
+    floor = memory_floor(hf_model, device)
+
+    def builders(tokens: int) -> dict[str, Callable[[], Callable]]:
+        """Per method, what builds its call for ``tokens`` new tokens."""
+        return {
+            "ours-greedy": lambda: _ours_greedy(target, tokens),
+            "hf-greedy": lambda: _hf(hf_model, tokens, pad_id),
+            "ours-draft": lambda: _speculative(
+                target,
+                tokens,
+                draft=draft,
+                draft_length=draft_length,
+                confidence=confidence,
+                draft_vocabulary=vocabulary,
+            ),
+            "ours-lookup": lambda: _speculative(target, tokens, lookup=lookup),
+            "ours-lookup+draft": lambda: _speculative(
+                target,
+                tokens,
+                draft=draft,
+                draft_length=draft_length,
+                confidence=confidence,
+                draft_vocabulary=vocabulary,
+                lookup=lookup,
+            ),
+            "ours-self-spec": lambda: _self_speculative(blocks, tokens, self_spec_length),
+            "hf-assisted": lambda: _hf(hf_model, tokens, pad_id, assistant_model=draft.model),
+            "hf-prompt-lookup": lambda: _hf(hf_model, tokens, pad_id, prompt_lookup_num_tokens=hf_lookup),
+            "hf-early-exit": lambda: _hf(hf_model, tokens, pad_id, assistant_early_exit=layer),
+        }
+
+    blocks = Ensemble.from_blocks(hf_model, [layer]) if "ours-self-spec" in methods else None
+    timed, counting = builders(new_tokens), builders(min(flop_tokens, new_tokens))  # counting is slow
+    say = print if progress else (lambda *_: None)
+    rows: list[DecodeRow] = []
+    flops: dict[tuple[str, str], float] = {}
+    for batch in batch_sizes:
+        active = [m for m in methods if batch == 1 or m not in BATCH_ONE_ONLY]
+        for method in methods:
+            if method not in active:
+                notes.append(f"{method} at batch {batch}: not run (Hugging Face supports it at batch 1 only)")
+        calls_of = {m: timed[m]() for m in active}
+        counters = {m: counting[m]() for m in active} if count_flops and batch == 1 else {}
+        for name, prompts in suite.items():
+            batches = [left_padded(prompts[i : i + batch], pad_id) for i in range(0, len(prompts) - batch + 1, batch)]
+            say(f"batch {batch}, {name}: {len(batches)} calls of each of {len(active)} methods")
+            warm_ids, warm_mask = batches[0]
+            for method in active:  # untimed warm-up (first calls allocate and pick kernels)
+                calls_of[method](warm_ids[:, -64:], warm_mask[:, -64:])
+                if count_flops and batch == 1:
+                    flops[(method, name)] = _counted_flops(counters[method], warm_ids, warm_mask)
+            caps = {"hf-early-exit": early_exit_prompts} if batch == 1 else {}
+            calls = timed_rotation(calls_of, batches, caps=caps)
+            plain = {m: calls[m] for m in PLAIN if m in calls}
+            baseline = min(
+                plain, key=lambda m: sum(c.seconds for c in plain[m]) / sum(c.tokens.numel() for c in plain[m])
+            )
+            for method in active:
+                same_as = "hf-greedy" if method.startswith("hf-") and "hf-greedy" in calls else "ours-greedy"
+                rows.append(
+                    summarise(
+                        method,
+                        batch,
+                        name,
+                        calls[method],
+                        baseline,
+                        calls[baseline],
+                        calls[same_as] if same_as in calls else calls[method],
+                        calls.get("ours-greedy", calls[baseline]),
+                        floor,
+                        flops.get((method, name), math.nan),
+                    )
+                )
+    conditions = {
+        **environment_conditions(torch.device(device), hf_model.dtype),
+        "model": origin,
+        "draft": str(draft_path) if draft_path is not None else None,
+        "draft_vocabulary": int(vocabulary.numel()) if vocabulary is not None else None,
+        "suite_version": SUITE_VERSION,
+        "prompt_sets": {name: [p.source for p in prompts] for name, prompts in suite.items()},
+        "prompt_tokens": {name: [len(p.ids) for p in prompts] for name, prompts in suite.items()},
+        "new_tokens": new_tokens,
+        "decoding": "greedy",
+        "draft_length": draft_length,
+        "confidence": confidence,
+        "lookup": lookup,
+        "hf_prompt_lookup_num_tokens": hf_lookup,
+        "early_exit_layer": layer,
+        "self_spec_draft_length": self_spec_length,
+        "hf_early_exit_prompts": early_exit_prompts,
+        "flops": f"counted on each set's first prompt at batch 1 over {min(flop_tokens, new_tokens)} new tokens"
+        if count_flops
+        else "not counted",
+        "floor": floor,
+        "notes": notes,
+    }
+    if json_path is not None:
+        write_json_atomic(json_path, {"rows": [asdict(r) for r in rows], "conditions": conditions})
+    if markdown_path is not None:
+        write_text_atomic(markdown_path, format_decode_tables(rows, conditions))
+    return rows, conditions
+
+
+def _cell(value: float, digits: int = 2) -> str:
+    return "" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+def format_decode_tables(rows: Sequence[DecodeRow], conditions: dict) -> str:
+    """One Markdown table per batch size (rows: method x prompt set)."""
+    parts = []
+    for batch in sorted({r.batch_size for r in rows}):
+        parts.append(
+            f"### Batch {batch}\n\n"
+            "| method | set | tokens/s | speedup (95% CI) | baseline | same tokens | p50 / p95 ms | acceptance | "
+            "tokens / round | c | v | predicted | realisation | GFLOP / token | x floor |\n"
+            "| --- | --- | ---: | --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        )
+        for r in rows:
+            if r.batch_size != batch:
+                continue
+            low, high = r.speedup_interval
+            parts.append(
+                f"| {r.method} | {r.prompt_set} | {r.tokens_per_s:.1f} | {r.speedup:.2f}x "
+                f"({_cell(low)}-{_cell(high)}) | {r.baseline} | {r.same_tokens:.3f} | "
+                f"{r.latency_p50_ms:.1f} / {r.latency_p95_ms:.1f} | {_cell(r.acceptance)} | "
+                f"{_cell(r.tokens_per_round)} | {_cell(r.draft_cost, 3)} | {_cell(r.verify_cost)} | "
+                f"{_cell(r.predicted_speedup)} | {_cell(r.realisation)} | {_cell(r.flops_per_token / 1e9, 3)} | "
+                f"{_cell(r.floor_multiple, 1)} |"
+            )
+        parts.append("")
+    floor = conditions["floor"]
+    parts.append(
+        f"Floor: {floor['weight_bytes'] / 1e6:.0f} MB of weights over {floor['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s "
+        f"= {floor['step_floor_s'] * 1000:.1f} ms per step; float32 matmul {floor['matmul_flops_per_s'] / 1e9:.0f} "
+        "GFLOP/s."
+    )
+    parts.extend(f"Note: {note}" for note in conditions["notes"])
+    return "\n".join(parts) + "\n"

@@ -1,0 +1,265 @@
+"""The ``bench-decode`` benchmark: what speeds up greedy decoding of a real model, beside its peers.
+
+Every method decodes the same prompts (``data.prompt_suite``: documentation, code, prose, or a
+user's file) greedily for ``new_tokens`` tokens, at each batch size (a batch is ``batch_size``
+consecutive prompts of one set, left-padded; batch 1 runs every prompt alone):
+
+- plain greedy, ours (``ours-greedy``: ``routing.generate`` at full depth over our own K/V cache)
+  and Hugging Face's (``hf-greedy``); the faster of the two on a set is that set's **baseline**;
+- ours, lossless: ``ours-draft`` (a separate draft model, ``routing.draft_verify``),
+  ``ours-lookup`` (prompt lookup), ``ours-lookup+draft`` (prompt lookup first, the draft where it
+  finds nothing) and ``ours-self-spec`` (the real model's first ``early_exit_layer`` layers draft
+  through its own head: ``routing.speculative`` on blocks);
+- peers, each Hugging Face's own code path: ``hf-assisted`` (``assistant_model=`` our draft),
+  ``hf-prompt-lookup`` (``prompt_lookup_num_tokens``) and ``hf-early-exit``
+  (``assistant_early_exit`` at ``early_exit_layer``). Hugging Face runs these at batch 1 only; at
+  larger batches their rows say so.
+
+Timing: methods run back to back on each prompt (their order rotates from prompt to prompt), after
+one untimed warm-up of every method; the prompt's own pass is excluded (decode time only).
+``tokens_per_s`` of a set is its generated tokens over the summed decode seconds; ``speedup``
+divides it by the baseline's; its interval is a percentile bootstrap over prompts (of the
+per-prompt ratio's mean, 2,000 resamples, fixed seed). Per-token latency (p50, p95): each
+generated token is charged its round's (or step's) time shared among the tokens it produced.
+
+Speculative rows also give the measured terms of the standard prediction: acceptance ``a``
+(accepted proposals over proposed), mean proposals per round ``k``, the draft's cost per call
+``c`` and the verification's cost per round ``v``, both as fractions of one of our plain greedy
+steps at that batch; the **predicted** speedup is ``(1 - a^(k+1)) / (1 - a)`` tokens per round
+over ``k c + v`` (draft calls per round as measured), and **realisation** is the measured speedup
+over our plain greedy divided by the predicted one (what the loop's own overheads cost).
+
+``same_tokens``: the share of generated tokens equal to the same implementation's plain greedy at
+the same batch size (ours against ``ours-greedy``, Hugging Face's against ``hf-greedy``).
+FLOPs per token are counted (``torch.utils.flop_counter``) on one untimed call per set and
+method at batch 1. The **physical floor**: a decode step must read every weight once, so it takes
+at least the model's weight bytes over the memory bandwidth measured in this run; each row's time
+per token is given as a multiple of that floor (at batch B a step yields B tokens).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from ..data.prompt_suite import Prompt
+from ..measure.timing import synchronize
+from .hf_generate import Call
+
+METHODS = (
+    "ours-greedy",
+    "hf-greedy",
+    "ours-draft",
+    "ours-lookup",
+    "ours-lookup+draft",
+    "ours-self-spec",
+    "hf-assisted",
+    "hf-prompt-lookup",
+    "hf-early-exit",
+)
+PLAIN = ("ours-greedy", "hf-greedy")
+#: Methods whose Hugging Face code path refuses batches larger than one.
+BATCH_ONE_ONLY = ("hf-assisted", "hf-prompt-lookup", "hf-early-exit")
+
+
+@dataclass
+class DecodeRow:
+    """One method at one batch size on one prompt set (see the module docstring for each field)."""
+
+    method: str
+    batch_size: int
+    prompt_set: str
+    prompts: int
+    tokens_per_s: float
+    speedup: float
+    speedup_interval: tuple
+    baseline: str
+    same_tokens: float
+    latency_p50_ms: float
+    latency_p95_ms: float
+    acceptance: float = math.nan
+    proposals_per_round: float = math.nan
+    tokens_per_round: float = math.nan
+    draft_cost: float = math.nan
+    verify_cost: float = math.nan
+    draft_calls_per_round: float = math.nan
+    predicted_speedup: float = math.nan
+    realisation: float = math.nan
+    flops_per_token: float = math.nan
+    floor_multiple: float = math.nan
+    note: str = ""
+    per_prompt_seconds: list = field(default_factory=list)
+
+
+def left_padded(prompts: Sequence[Prompt], pad_id: int) -> tuple[Tensor, Tensor]:
+    """(ids, attention mask) of ``prompts``, left-padded to the longest."""
+    width = max(len(p.ids) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for i, prompt in enumerate(prompts):
+        ids[i, width - len(prompt.ids) :] = torch.tensor(prompt.ids)
+        mask[i, width - len(prompt.ids) :] = 1
+    return ids, mask
+
+
+def memory_floor(model: torch.nn.Module, device) -> dict:
+    """The physical floor of one decode step: the model's weight bytes (each storage once), the
+    memory read bandwidth (best of 5 sums over a 256 MiB buffer) and float32 matmul throughput
+    (best of 3 products of 1024 x 1024 matrices), measured now."""
+    seen, weight_bytes = set(), 0
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        key = tensor.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            weight_bytes += tensor.untyped_storage().nbytes()
+    buffer = torch.ones(64 * 1024 * 1024, dtype=torch.float32, device=device)
+    best = math.inf
+    for _ in range(5):
+        synchronize(device)
+        start = time.perf_counter()
+        buffer.sum()
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    bandwidth = buffer.numel() * 4 / best
+    a = torch.randn(1024, 1024, device=device)
+    fastest = math.inf
+    for _ in range(3):
+        synchronize(device)
+        start = time.perf_counter()
+        a @ a
+        synchronize(device)
+        fastest = min(fastest, time.perf_counter() - start)
+    del buffer
+    return {
+        "weight_bytes": weight_bytes,
+        "bandwidth_bytes_per_s": bandwidth,
+        "matmul_flops_per_s": 2 * 1024**3 / fastest,
+        "step_floor_s": weight_bytes / bandwidth,
+    }
+
+
+def bootstrap_interval(values: Sequence[float], resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Percentile 95% interval of the mean of ``values`` (a single value: itself twice)."""
+    values = [v for v in values if math.isfinite(v)]
+    if not values:
+        return (math.nan, math.nan)
+    if len(values) == 1:
+        return (values[0], values[0])
+    rng = random.Random(seed)
+    means = sorted(statistics.fmean(rng.choices(values, k=len(values))) for _ in range(resamples))
+    return (means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1])
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def predicted_speedup(
+    acceptance: float, proposals: float, draft_cost: float, calls: float, verify_cost: float
+) -> float:
+    """Tokens per round under i.i.d. acceptance, ``(1 - a^(k+1)) / (1 - a)``, over the round's cost
+    in plain steps, ``calls * c + v``."""
+    if not all(math.isfinite(x) for x in (acceptance, proposals, verify_cost)):
+        return math.nan
+    a, k = acceptance, proposals
+    tokens = k + 1 if a >= 1.0 else (1 - a ** (k + 1)) / (1 - a)
+    cost = (calls * draft_cost if math.isfinite(draft_cost) else 0.0) + verify_cost
+    return tokens / cost if cost > 0 else math.nan
+
+
+def summarise(
+    method: str,
+    batch: int,
+    prompt_set: str,
+    calls: list[Call],
+    baseline_name: str,
+    baseline_calls: list[Call],
+    plain_calls: list[Call],
+    our_plain_calls: list[Call],
+    floor: dict,
+    flops_per_token: float,
+) -> DecodeRow:
+    """A row from the method's calls, its baseline's and its implementation's plain greedy calls
+    (on the same batches: a method that ran on the first n batches is compared on those)."""
+    count = len(calls)
+    baseline_calls, plain_calls, our_plain_calls = (
+        baseline_calls[:count],
+        plain_calls[:count],
+        our_plain_calls[:count],
+    )
+    tokens = sum(c.tokens.numel() for c in calls)
+    seconds = sum(c.seconds for c in calls)
+    rate = tokens / seconds
+    base_rate = sum(c.tokens.numel() for c in baseline_calls) / sum(c.seconds for c in baseline_calls)
+    ratios = [b.seconds / c.seconds for c, b in zip(calls, baseline_calls)]
+    same = sum(int((c.tokens == p.tokens).sum()) for c, p in zip(calls, plain_calls)) / tokens
+    latencies = [s for c in calls for s in c.token_seconds]
+    row = DecodeRow(
+        method=method,
+        batch_size=batch,
+        prompt_set=prompt_set,
+        prompts=sum(c.tokens.shape[0] for c in calls),
+        tokens_per_s=rate,
+        speedup=rate / base_rate,
+        speedup_interval=bootstrap_interval(ratios),
+        baseline=baseline_name,
+        same_tokens=same,
+        latency_p50_ms=1000 * _percentile(latencies, 0.5),
+        latency_p95_ms=1000 * _percentile(latencies, 0.95),
+        flops_per_token=flops_per_token,
+        floor_multiple=(seconds / tokens) / (floor["step_floor_s"] / batch),
+        per_prompt_seconds=[c.seconds for c in calls],
+    )
+    if calls[0].speculative:
+        step = sum(c.seconds for c in our_plain_calls) / sum(c.tokens.shape[1] for c in our_plain_calls)
+        rounds = sum(c.rounds for c in calls)
+        loops = sum(c.loop_rounds for c in calls)
+        proposed = sum(c.proposed for c in calls)
+        draft_calls = sum(c.draft_calls for c in calls)
+        row.acceptance = sum(c.accepted for c in calls) / proposed if proposed else math.nan
+        row.proposals_per_round = proposed / rounds
+        row.tokens_per_round = sum(c.emitted for c in calls) / rounds
+        row.draft_calls_per_round = draft_calls / loops
+        row.draft_cost = (sum(c.draft_seconds for c in calls) / draft_calls) / step if draft_calls else math.nan
+        row.verify_cost = (sum(c.verify_seconds for c in calls) / loops) / step
+        row.predicted_speedup = predicted_speedup(
+            row.acceptance if proposed else 0.0,
+            row.proposals_per_round,
+            row.draft_cost,
+            row.draft_calls_per_round,
+            row.verify_cost,
+        )
+        ours_rate = sum(c.tokens.numel() for c in our_plain_calls) / sum(c.seconds for c in our_plain_calls)
+        row.realisation = (rate / ours_rate) / row.predicted_speedup
+    return row
+
+
+def timed_rotation(
+    methods: dict[str, Callable[[Tensor, Tensor], Call]],
+    batches: list[tuple[Tensor, Tensor]],
+    progress: Optional[Callable[[str], None]] = None,
+    caps: Optional[dict[str, int]] = None,
+) -> dict[str, list[Call]]:
+    """Every method on every batch, back to back, the order rotating by one method per batch; a
+    method capped in ``caps`` runs on its first that many batches only."""
+    names = list(methods)
+    caps = caps or {}
+    calls: dict[str, list[Call]] = {name: [] for name in names}
+    for index, (ids, mask) in enumerate(batches):
+        shift = index % len(names)
+        for name in names[shift:] + names[:shift]:
+            if index < caps.get(name, len(batches)):
+                calls[name].append(methods[name](ids, mask))
+        if progress is not None:
+            progress(f"batch {index + 1}/{len(batches)} done")
+    return calls

@@ -1,0 +1,128 @@
+"""``train-draft`` and ``bench-decode`` end to end on a tiny Llama the test writes itself (as a GGUF
+file, converted like a real model): the draft is a plain Hugging Face folder, and every lossless
+method, ours and Hugging Face's, produces its implementation's greedy tokens."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("gguf")
+
+from cascade_bench.bench.decode_suite import BATCH_ONE_ONLY, METHODS, PLAIN  # noqa: E402
+from cascade_bench.cli import main  # noqa: E402
+from tests.stages.test_model_source import write_tiny_llama_gguf  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    root = tmp_path_factory.mktemp("decode")
+    gguf = root / "tiny-llama.F32.gguf"
+    write_tiny_llama_gguf(gguf, layers=3)
+    models = root / "models"
+    draft = root / "draft"
+    common = ["--model", f"gguf:{gguf}", "--models-dir", str(models)]
+    assert (
+        main(
+            [
+                "train-draft",
+                *common,
+                "--out",
+                str(draft),
+                "--layers",
+                "1",
+                "--teacher-tokens",
+                "2048",
+                "--validation-tokens",
+                "512",
+                "--window",
+                "32",
+                "--steps-per-check",
+                "2",
+                "--patience",
+                "1",
+                "--seconds",
+                "60",
+                "--vocabulary",
+                "64",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    out = root / "bench.json"
+    assert (
+        main(
+            [
+                "bench-decode",
+                *common,
+                "--draft",
+                str(draft),
+                "--per-set",
+                "2",
+                "--batch-sizes",
+                "1",
+                "2",
+                "--new-tokens",
+                "6",
+                "--sets",
+                "documentation",
+                "code",
+                "--json",
+                str(out),
+                "--markdown",
+                str(root / "bench.md"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    return draft, json.loads(out.read_text()), (root / "bench.md").read_text()
+
+
+def test_the_draft_is_a_plain_hugging_face_folder_with_its_record(bench):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    draft, _, _ = bench
+    model = AutoModelForCausalLM.from_pretrained(draft)
+    assert model.config.num_hidden_layers == 1
+    AutoTokenizer.from_pretrained(draft)
+    record = json.loads((draft / "draft.json").read_text())
+    assert record["config"]["layers"] == 1 and len(record["vocabulary"]) == 64
+    training = record["training"]
+    assert 0.0 <= training["start_agreement"] <= 1.0 and training["stop_reason"] in ("early stopping", "time budget")
+    assert training["best_agreement"] == max(training["val_agreement"])
+
+
+def test_every_method_is_measured_where_it_can_run_and_lossless_rows_match_plain_greedy(bench):
+    _, payload, markdown = bench
+    rows = payload["rows"]
+    required = {
+        "method",
+        "batch_size",
+        "prompt_set",
+        "tokens_per_s",
+        "speedup",
+        "same_tokens",
+        "acceptance",
+        "realisation",
+        "baseline",
+    }
+    assert all(required <= set(row) for row in rows)
+    for batch in (1, 2):
+        for prompt_set in ("documentation", "code"):
+            got = {r["method"] for r in rows if r["batch_size"] == batch and r["prompt_set"] == prompt_set}
+            expected = set(METHODS) if batch == 1 else set(METHODS) - set(BATCH_ONE_ONLY)
+            assert got == expected
+    for row in rows:
+        assert row["baseline"] in PLAIN
+        assert row["same_tokens"] == 1.0, row["method"]  # every method here is lossless
+        if row["method"] == row["baseline"]:
+            assert row["speedup"] == 1.0
+        if row["method"].startswith("ours-") and row["method"] not in PLAIN:
+            assert 0.0 <= row["acceptance"] <= 1.0 or row["acceptance"] != row["acceptance"]
+            assert row["realisation"] > 0
+    notes = payload["conditions"]["notes"]
+    assert any("hf-assisted at batch 2" in note for note in notes)
+    assert "### Batch 1" in markdown and "### Batch 2" in markdown

@@ -1,0 +1,85 @@
+"""The decoding benchmark's arithmetic, derived by hand: the predicted speedup, the bootstrap
+interval, and a row's speedup, same tokens, floor multiple and realisation from known calls."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from cascade_bench.bench.decode_suite import bootstrap_interval, left_padded, predicted_speedup, summarise
+from cascade_bench.bench.hf_generate import Call
+from cascade_bench.data.prompt_suite import Prompt
+
+
+def test_predicted_speedup_is_expected_tokens_per_round_over_the_round_s_cost():
+    # a = 0.5, k = 2: 1 + 0.5 + 0.25 = 1.75 tokens; 2 draft calls at 0.1 plus a verification at 1.0
+    assert predicted_speedup(0.5, 2, 0.1, 2, 1.0) == pytest.approx(1.75 / 1.2)
+    assert predicted_speedup(1.0, 3, 0.0, 3, 1.0) == 4.0  # every proposal accepted: k + 1 tokens
+    assert predicted_speedup(0.0, 2, math.nan, 0, 1.05) == pytest.approx(1 / 1.05)  # lookup: no draft calls
+    assert math.isnan(predicted_speedup(math.nan, 2, 0.1, 2, 1.0))
+
+
+def test_bootstrap_interval_brackets_the_mean_and_is_degenerate_for_one_value():
+    assert bootstrap_interval([1.3]) == (1.3, 1.3)
+    assert bootstrap_interval([2.0, 2.0, 2.0]) == (2.0, 2.0)
+    low, high = bootstrap_interval([1.0, 1.2, 1.4, 1.6])
+    assert 1.0 <= low < 1.3 < high <= 1.6
+    assert bootstrap_interval([1.0, 1.2, 1.4, 1.6]) == (low, high)  # fixed seed
+
+
+def test_left_padding_puts_every_prompt_at_the_right_edge():
+    ids, mask = left_padded([Prompt("s", "a", (5, 6, 7)), Prompt("s", "b", (8,))], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def _call(seconds, tokens, **counts):
+    return Call(seconds=seconds, tokens=torch.tensor(tokens), token_seconds=[seconds / len(tokens[0])] * 4, **counts)
+
+
+def test_a_row_s_figures_follow_from_its_calls():
+    plain = [_call(2.0, [[1, 2, 3, 4]]), _call(4.0, [[5, 6, 7, 8]])]  # 8 tokens in 6 s: 0.75 s per step
+    spec = [
+        _call(
+            1.0,
+            [[1, 2, 3, 9]],
+            proposed=4,
+            accepted=2,
+            rounds=2,
+            loop_rounds=2,
+            emitted=4,
+            draft_calls=4,
+            draft_seconds=0.3,
+            verify_seconds=0.6,
+            speculative=True,
+        ),
+        _call(
+            2.0,
+            [[5, 6, 7, 8]],
+            proposed=4,
+            accepted=2,
+            rounds=2,
+            loop_rounds=2,
+            emitted=4,
+            draft_calls=4,
+            draft_seconds=0.3,
+            verify_seconds=0.9,
+            speculative=True,
+        ),
+    ]
+    floor = {"step_floor_s": 0.25}
+    row = summarise("ours-draft", 1, "code", spec, "ours-greedy", plain, plain, plain, floor, 1e9)
+    assert row.tokens_per_s == pytest.approx(8 / 3.0)
+    assert row.speedup == pytest.approx((8 / 3.0) / (8 / 6.0))
+    assert row.speedup_interval == (2.0, 2.0)  # each prompt ran twice as fast
+    assert row.same_tokens == 7 / 8
+    assert row.floor_multiple == pytest.approx((3.0 / 8) / 0.25)
+    assert row.acceptance == 0.5 and row.proposals_per_round == 2.0 and row.tokens_per_round == 2.0
+    assert row.draft_calls_per_round == 2.0
+    assert row.draft_cost == pytest.approx((0.6 / 8) / 0.75) and row.verify_cost == pytest.approx((1.5 / 4) / 0.75)
+    expected = (1 - 0.5**3) / 0.5 / (2 * row.draft_cost + row.verify_cost)
+    assert row.predicted_speedup == pytest.approx(expected)
+    assert row.realisation == pytest.approx(2.0 / expected)
+    plain_row = summarise("ours-greedy", 1, "code", plain, "ours-greedy", plain, plain, plain, floor, math.nan)
+    assert plain_row.speedup == 1.0 and plain_row.same_tokens == 1.0 and math.isnan(plain_row.acceptance)
