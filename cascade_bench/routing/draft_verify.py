@@ -19,7 +19,15 @@ tokens that followed it proposed; Saxena's prompt lookup decoding, as Hugging Fa
 3. Rejected slots become invalid in both caches (and slots no row uses are given back), so each
    cache holds exactly a prefix of each row's sequence.
 
-The output equals the real model's greedy decoding, at any batch size, with EOS (up to
+**Lossy variant** (``trust`` < 1): a draft-model proposal whose draft confidence is at least
+``trust`` is kept even where the real model disagrees (it exits at stage 0, as in a routed cascade);
+the real model still reads it in the same verification call, so its cache holds that token's keys
+and values (the ``recompute`` K/V policy: an exited token's later-stage K/V are computed when a later
+token reaches the stage; ``propagate`` has no meaning here, since a separate draft has no state
+of the real model to propagate). ``nll`` then records each generated token's NLL under the real
+model.
+
+Without ``trust`` the output equals the real model's greedy decoding, at any batch size, with EOS (up to
 float ties: verification reads several tokens per call, so its matrix products differ in shape from
 a one-token step's). ``draft_vocabulary``: the draft's head is computed on those ids only.
 """
@@ -66,7 +74,9 @@ class DraftVerifyOutput:
     draft_seconds: float = 0.0
     lookup_seconds: float = 0.0
     generated: int = 0
+    trusted: int = 0
     token_seconds: list = field(default_factory=list)
+    nll: Optional[Tensor] = None
     counted_flops: Optional[int] = None
 
     @property
@@ -101,6 +111,7 @@ def speculative_generate(
     draft_vocabulary: Optional[Tensor] = None,
     lookup: int = 0,
     lookup_ngram: int = 2,
+    trust: Optional[float] = None,
     eos_token_id: Optional[int] = None,
     pad_token_id: int = 0,
     count_flops: bool = False,
@@ -122,6 +133,11 @@ def speculative_generate(
             )
         if draft.device != target.device:
             raise ValueError(f"the draft is on {draft.device}, the real model on {target.device}")
+    if trust is not None:
+        if isinstance(trust, bool) or not isinstance(trust, (int, float)) or not 0.0 <= trust <= 1.0:
+            raise ValueError(f"trust must be a probability in [0, 1] or None (lossless), got {trust!r}")
+        if draft is None:
+            raise ValueError("trust (lossy drafting) needs a draft model")
     if draft_vocabulary is not None:
         if draft is None:
             raise ValueError("draft_vocabulary needs a draft model")
@@ -130,7 +146,9 @@ def speculative_generate(
         ):
             raise ValueError(f"draft_vocabulary must be a 1-D tensor of ids in [0, {target.vocab_size})")
     args = (target, draft, input_ids, attention_mask, max_new_tokens, draft_length, float(confidence))
-    kwargs = dict(vocabulary=draft_vocabulary, lookup=lookup, ngram=lookup_ngram, eos=eos_token_id, pad=pad_token_id)
+    kwargs = dict(
+        vocabulary=draft_vocabulary, lookup=lookup, ngram=lookup_ngram, trust=trust, eos=eos_token_id, pad=pad_token_id
+    )
     if count_flops:
         from torch.utils.flop_counter import FlopCounterMode
 
@@ -176,7 +194,9 @@ class _DraftState:
         return self.ids[index], conf
 
 
-def _run(target, draft, input_ids, attention_mask, max_new, gamma, threshold, vocabulary, lookup, ngram, eos, pad):
+def _run(
+    target, draft, input_ids, attention_mask, max_new, gamma, threshold, vocabulary, lookup, ngram, trust, eos, pad
+):
     device = target.device
     input_ids = input_ids.to(device)
     batch, prompt_len = input_ids.shape
@@ -186,6 +206,8 @@ def _run(target, draft, input_ids, attention_mask, max_new, gamma, threshold, vo
     if not bool(real.any(dim=1).all()):
         raise ValueError("every prompt needs at least one real token (attention_mask row of zeros)")
     out = DraftVerifyOutput(tokens=torch.full((batch, max_new), pad, dtype=torch.long, device=device))
+    if trust is not None:
+        out.nll = torch.zeros(batch, max_new, dtype=torch.float32, device=device)
     # each row's sequence (real prompt tokens, then generated), left-aligned
     history = torch.zeros(batch, prompt_len + max_new, dtype=torch.long, device=device)
     length = real.sum(dim=1)
@@ -217,6 +239,7 @@ def _run(target, draft, input_ids, attention_mask, max_new, gamma, threshold, vo
             out.loop_rounds += 1
             room = (max_new - emitted[rows]).tolist()
             proposals: list[list[int]] = [[] for _ in range(n)]
+            confident: list[list[bool]] = [[] for _ in range(n)]  # lossy: proposals kept regardless
             lookup_rows = [False] * n
             if lookup:
                 begin = time.perf_counter()
@@ -230,8 +253,10 @@ def _run(target, draft, input_ids, attention_mask, max_new, gamma, threshold, vo
                     synchronize(device)
                     begin = time.perf_counter()
                     drafted = _draft(drafter, rows, wants, history, length, room, gamma, threshold, out)
-                    for i, tokens in zip(wants, drafted):
+                    for i, (tokens, levels) in zip(wants, drafted):
                         proposals[i] = tokens
+                        if trust is not None:
+                            confident[i] = [level >= trust for level in levels]
                     synchronize(device)
                     out.draft_seconds += time.perf_counter() - begin
             # Verify: each row's last token and its proposals in one call of the real model.
@@ -248,8 +273,19 @@ def _run(target, draft, input_ids, attention_mask, max_new, gamma, threshold, vo
             valid = offsets <= sizes[:, None]
             position = (length[rows] - 1)[:, None] + torch.minimum(offsets, sizes[:, None])
             hidden, _ = stage_call(target, target_cache, rows, valid, position, False, input_ids=fed)
-            choice = target.logits(hidden).argmax(-1)  # (n, width): the real model's token after each slot
-            agree = ((choice[:, :-1] == fed[:, 1:]) & valid[:, 1:]).long().cumprod(dim=1)
+            logits = target.logits(hidden)
+            choice = logits.argmax(-1)  # (n, width): the real model's token after each slot
+            matches = agreeing = choice[:, :-1] == fed[:, 1:]
+            if trust is not None:
+                kept_anyway = torch.zeros_like(matches)
+                for i, levels in enumerate(confident):
+                    if levels:
+                        kept_anyway[i, : len(levels)] = torch.tensor(levels, device=device)
+                matches = matches | kept_anyway
+                choice = torch.cat([torch.where(matches, fed[:, 1:], choice[:, :-1]), choice[:, -1:]], dim=1)
+            agree = (matches & valid[:, 1:]).long().cumprod(dim=1)
+            if trust is not None:
+                out.trusted += int((agree.bool() & ~agreeing).sum())  # kept though the real model disagreed
             kept = agree.sum(dim=1)
             gain = kept + 1
             take = offsets < gain[:, None]
@@ -270,6 +306,9 @@ def _run(target, draft, input_ids, attention_mask, max_new, gamma, threshold, vo
             row_index = rows[:, None].expand(-1, width)[take]
             out.tokens[row_index, (emitted[rows][:, None] + offsets)[take]] = choice[take]
             history[row_index, (length[rows][:, None] + offsets)[take]] = choice[take]
+            if out.nll is not None:
+                token_nll = -logits.float().log_softmax(-1).gather(2, choice[..., None]).squeeze(2)
+                out.nll[row_index, (emitted[rows][:, None] + offsets)[take]] = token_nll[take]
             if drafter is not None:
                 _rewind(drafter, rows, length, gain)
             gained = gain.tolist()
@@ -313,6 +352,7 @@ def _draft(state: _DraftState, rows: Tensor, wants: list[int], history, length, 
     out.draft_calls += 1
     tokens, conf = state.pick(hidden[:, -1])
     drafts = [[] for _ in wants]
+    levels = [[] for _ in wants]
     active = torch.ones(len(wants), dtype=torch.bool, device=device)
     for step in range(gamma):
         active &= (conf >= threshold) & (limit > step)
@@ -320,6 +360,7 @@ def _draft(state: _DraftState, rows: Tensor, wants: list[int], history, length, 
             break
         for j in active.nonzero().squeeze(1).tolist():
             drafts[j].append(int(tokens[j]))
+            levels[j].append(float(conf[j]))
         if step + 1 >= int(limit[active].max()):
             break  # no active row may draft more: the last proposal needs no draft call
         going = active & (limit > step + 1)
@@ -340,7 +381,7 @@ def _draft(state: _DraftState, rows: Tensor, wants: list[int], history, length, 
         conf = torch.zeros_like(conf)
         tokens[where], conf[where] = next_tokens, next_conf
         active = going
-    return drafts
+    return list(zip(drafts, levels))
 
 
 def _rewind(state: _DraftState, rows: Tensor, length: Tensor, gain: Tensor) -> None:

@@ -42,16 +42,16 @@ class DraftConfig:
     """How a draft is made (see the module docstring). ``teacher_tokens``: training tokens the teacher
     labels; ``validation_tokens``: held-out tokens for early stopping; ``window``: tokens per window."""
 
-    layers: int = 2
+    layers: int = 3
     top_k: int = 16
     window: int = 256
     teacher_tokens: int = 131_072
     validation_tokens: int = 8_192
     batch_size: int = 8
-    lr: float = 5e-4
+    lr: float = 1e-3
     weight_decay: float = 0.0
-    steps_per_check: int = 64
-    patience: int = 2
+    steps_per_check: int = 32
+    patience: int = 3
     seconds: float = 1500.0
     hard_weight: float = 0.0
     vocabulary: int = 8192

@@ -100,3 +100,29 @@ def test_bad_arguments_are_refused_before_any_work():
         speculative_generate(target, ids, draft=gpt2)
     with pytest.raises(ValueError, match="draft_vocabulary needs a draft model"):
         speculative_generate(target, ids, lookup=2, draft_vocabulary=torch.arange(4))
+
+
+def test_lossy_drafting_keeps_confident_drafts_and_scores_them_under_the_real_model(text):
+    """trust = 0 keeps every draft-model proposal: the output is then the draft's own greedy text
+    wherever it drafted, and each token's NLL is the real model's, teacher-forced. trust = 1.0 (no
+    draft is that sure) is lossless."""
+    target = _target("llama-tiny")
+    draft = tiny_ensemble("llama-tiny", layers=(1,), seed=5)[0]
+    ids, mask = _ragged_prompts(text, [9, 14], "left")
+    reference = _greedy(target, ids, mask, 12)
+    exact = speculative_generate(target, ids, mask, 12, draft=draft, draft_length=2, trust=1.0)
+    assert torch.equal(exact.tokens, reference) and exact.trusted == 0
+    lossy = speculative_generate(target, ids, mask, 12, draft=draft, draft_length=2, trust=0.0)
+    assert lossy.acceptance_rate == 1.0 and lossy.trusted > 0
+    assert not torch.equal(lossy.tokens, reference)
+    # each token's NLL is the real model's over the produced text
+    joined = torch.cat([ids, lossy.tokens], dim=1)
+    full_mask = torch.cat([mask, torch.ones_like(lossy.tokens)], dim=1)
+    positions = (full_mask.cumsum(1) - 1).clamp(min=0)
+    with torch.inference_mode():
+        logits = target.logits(target(input_ids=joined, attention_mask=full_mask, position_ids=positions).hidden)
+    start = ids.shape[1] - 1
+    expected = -logits[:, start:-1].float().log_softmax(-1).gather(2, lossy.tokens[..., None]).squeeze(2)
+    torch.testing.assert_close(lossy.nll, expected, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="trust \\(lossy drafting\\) needs a draft model"):
+        speculative_generate(target, ids, mask, 4, lookup=2, trust=0.5)
