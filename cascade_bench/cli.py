@@ -30,6 +30,10 @@ def _ratio(text: str) -> float:
     return value
 
 
+def _confidence(text: str) -> "float | str":
+    return "auto" if text == "auto" else _ratio(text)
+
+
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 EXIT_FNS = sorted(BUILTIN_EXIT_FUNCTIONS)  # the one registry of built-in rules (stages.exits)
 
@@ -491,9 +495,18 @@ def _add_bench_decode_command(commands) -> None:
     decode.add_argument("--new-tokens", type=_positive_int, default=96)
     decode.add_argument("--draft-length", type=_positive_int, default=2, help="most draft-model tokens per round")
     decode.add_argument(
-        "--confidence", type=_ratio, default=0.0, help="a row stops drafting below this draft confidence"
+        "--confidence",
+        type=_confidence,
+        default="auto",
+        help="a row stops drafting below this draft confidence; 'auto' (default) calibrates it so that a "
+        "drafted token is accepted at least as often as its draft call costs (share of a plain step)",
     )
-    decode.add_argument("--lookup", type=int, default=4, help="most prompt-lookup tokens per round (ours)")
+    decode.add_argument(
+        "--lookup", type=int, default=2, help="most prompt-lookup tokens per round (ours); default %(default)s"
+    )
+    decode.add_argument(
+        "--trust", type=_ratio, default=0.8, help="ours-lossy keeps draft tokens at least this confident"
+    )
     decode.add_argument("--hf-lookup", type=_positive_int, default=10, help="HF prompt_lookup_num_tokens")
     decode.add_argument(
         "--early-exit-layer", type=_positive_int, default=None, help="self-speculation's draft depth (default 80%%)"
@@ -792,6 +805,7 @@ def _bench_decode(args: argparse.Namespace) -> int:
         confidence=args.confidence,
         lookup=args.lookup,
         hf_lookup=args.hf_lookup,
+        trust=args.trust,
         early_exit_layer=args.early_exit_layer,
         early_exit_prompts=args.early_exit_prompts,
         flop_tokens=args.flop_tokens,

@@ -38,7 +38,7 @@ def _ours_greedy(target: LLM, new_tokens: int) -> Callable:
         out = generate(ensemble, ids, mask, max_new_tokens=new_tokens, method="full")
         per_token = [out.seconds_per_token * new_tokens / (new_tokens - 1)] * out.tokens.numel()
         # the decode loop ran new_tokens - 1 steps (the first token came from the prompt's pass)
-        return Call(seconds=sum(per_token), tokens=out.tokens, token_seconds=per_token)
+        return Call(seconds=sum(per_token), tokens=out.tokens, token_seconds=per_token, nll=out.nll)
 
     return call
 
@@ -59,6 +59,7 @@ def _speculative(target: LLM, new_tokens: int, **options) -> Callable:
             draft_seconds=out.draft_seconds + out.lookup_seconds,
             verify_seconds=out.verify_seconds,
             speculative=True,
+            nll=out.nll,
         )
 
     return call
@@ -91,6 +92,32 @@ def _hf(model, new_tokens: int, pad_id: int, **options) -> Callable:
     return lambda ids, mask: hf_generate_timed(model, ids, mask, new_tokens, pad_id, **options)
 
 
+def _calibrated_confidence(target: LLM, draft: LLM, vocabulary, tokenizer, new_tokens: int) -> tuple[float, dict]:
+    """``--confidence auto``: the draft call's cost as a share of a plain step, timed on a validation
+    text, then ``calibrate_confidence`` on 8 windows of 128 tokens of the embedded validation split."""
+    from ..data.corpus import embedded_corpus
+    from ..data.windows import encode_documents
+    from ..routing.draft_verify import calibrate_confidence
+
+    stream = encode_documents(tokenizer, embedded_corpus().documents("validation"))
+    windows = stream[: 8 * 128].reshape(8, 128)
+    ids, mask = windows[:1, :64], torch.ones(1, 64, dtype=torch.long)
+    tokens = min(new_tokens, 16)
+    plain = _ours_greedy(target, tokens)
+    drafting = _speculative(target, tokens, draft=draft, draft_length=1, draft_vocabulary=vocabulary)
+    plain(ids, mask), drafting(ids, mask)  # warm-up
+    step = plain(ids, mask).seconds / tokens
+    timed = drafting(ids, mask)
+    cost = (timed.draft_seconds / max(timed.draft_calls, 1)) / step
+    threshold, curve = calibrate_confidence(draft, target, windows, cost, vocabulary)
+    return threshold, {
+        "draft_call_cost": cost,
+        "threshold": threshold,
+        "curve": [{"from_confidence": edge, "agreement": rate} for edge, rate in curve],
+        "text": "embedded validation split, 8 windows of 128 tokens, teacher-forced",
+    }
+
+
 def _counted_flops(call: Callable, ids, mask) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -113,9 +140,10 @@ def run_decode_bench(
     batch_sizes: Sequence[int] = (1, 8),
     new_tokens: int = 96,
     draft_length: int = 2,
-    confidence: float = 0.0,
-    lookup: int = 4,
+    confidence: "float | str" = "auto",
+    lookup: int = 2,
     hf_lookup: int = 10,
+    trust: float = 0.8,
     early_exit_layer: Optional[int] = None,
     self_spec_length: int = 4,
     early_exit_prompts: int = 2,
@@ -138,7 +166,7 @@ def run_decode_bench(
         raise ValueError(f"new_tokens must be an int >= 2, got {new_tokens!r}")
     if any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in batch_sizes):
         raise ValueError(f"batch sizes must be positive ints, got {list(batch_sizes)}")
-    needs_draft = {"ours-draft", "ours-lookup+draft", "hf-assisted"} & set(methods)
+    needs_draft = {"ours-draft", "ours-lookup+draft", "ours-lossy", "hf-assisted"} & set(methods)
     notes: list[str] = []
     if draft_path is not None and not Path(draft_path).is_dir():
         raise ValueError(f"--draft {draft_path} is not a folder; expected a draft saved by `cascade-bench train-draft`")
@@ -173,6 +201,13 @@ def run_decode_bench(
                 "a draft must share the real model's tokenizer"
             )
     floor = memory_floor(hf_model, device)
+    calibration = None
+    if confidence == "auto":
+        confidence, calibration = 0.0, {"note": "no draft: nothing to calibrate"}
+        if draft is not None:
+            confidence, calibration = _calibrated_confidence(target, draft, vocabulary, tokenizer, new_tokens)
+    elif isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0 <= confidence <= 1:
+        raise ValueError(f"confidence must be 'auto' or a probability in [0, 1], got {confidence!r}")
 
     def builders(tokens: int) -> dict[str, Callable[[], Callable]]:
         """Per method, what builds its call for ``tokens`` new tokens."""
@@ -198,6 +233,15 @@ def run_decode_bench(
                 lookup=lookup,
             ),
             "ours-self-spec": lambda: _self_speculative(blocks, tokens, self_spec_length),
+            "ours-lossy": lambda: _speculative(
+                target,
+                tokens,
+                draft=draft,
+                draft_length=draft_length,
+                confidence=confidence,
+                draft_vocabulary=vocabulary,
+                trust=trust,
+            ),
             "hf-assisted": lambda: _hf(hf_model, tokens, pad_id, assistant_model=draft.model),
             "hf-prompt-lookup": lambda: _hf(hf_model, tokens, pad_id, prompt_lookup_num_tokens=hf_lookup),
             "hf-early-exit": lambda: _hf(hf_model, tokens, pad_id, assistant_early_exit=layer),
@@ -257,7 +301,9 @@ def run_decode_bench(
         "decoding": "greedy",
         "draft_length": draft_length,
         "confidence": confidence,
+        "confidence_calibration": calibration,
         "lookup": lookup,
+        "trust": trust,
         "hf_prompt_lookup_num_tokens": hf_lookup,
         "early_exit_layer": layer,
         "self_spec_draft_length": self_spec_length,
@@ -285,9 +331,9 @@ def format_decode_tables(rows: Sequence[DecodeRow], conditions: dict) -> str:
     for batch in sorted({r.batch_size for r in rows}):
         parts.append(
             f"### Batch {batch}\n\n"
-            "| method | set | tokens/s | speedup (95% CI) | baseline | same tokens | p50 / p95 ms | acceptance | "
+            "| method | set | tokens/s | speedup (95% CI) | baseline | same tokens | NLL | p50 / p95 ms | acceptance | "
             "tokens / round | c | v | predicted | realisation | GFLOP / token | x floor |\n"
-            "| --- | --- | ---: | --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+            "| --- | --- | ---: | --- | --- | ---: | ---: | --- |" + " ---: |" * 8
         )
         for r in rows:
             if r.batch_size != batch:
@@ -295,7 +341,7 @@ def format_decode_tables(rows: Sequence[DecodeRow], conditions: dict) -> str:
             low, high = r.speedup_interval
             parts.append(
                 f"| {r.method} | {r.prompt_set} | {r.tokens_per_s:.1f} | {r.speedup:.2f}x "
-                f"({_cell(low)}-{_cell(high)}) | {r.baseline} | {r.same_tokens:.3f} | "
+                f"({_cell(low)}-{_cell(high)}) | {r.baseline} | {r.same_tokens:.3f} | {_cell(r.continuation_nll, 3)} | "
                 f"{r.latency_p50_ms:.1f} / {r.latency_p95_ms:.1f} | {_cell(r.acceptance)} | "
                 f"{_cell(r.tokens_per_round)} | {_cell(r.draft_cost, 3)} | {_cell(r.verify_cost)} | "
                 f"{_cell(r.predicted_speedup)} | {_cell(r.realisation)} | {_cell(r.flops_per_token / 1e9, 3)} | "

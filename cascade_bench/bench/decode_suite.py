@@ -6,6 +6,10 @@ consecutive prompts of one set, left-padded; batch 1 runs every prompt alone):
 
 - plain greedy, ours (``ours-greedy``: ``routing.generate`` at full depth over our own K/V cache)
   and Hugging Face's (``hf-greedy``); the faster of the two on a set is that set's **baseline**;
+- ours, lossy: ``ours-lossy`` (the draft model's proposals kept, without the real model's agreement,
+  where the draft's confidence is at least ``trust``; the real model still reads them, which fills
+  its cache: the ``recompute`` K/V policy), with the continuation's NLL under the real model beside
+  plain greedy's (``continuation_nll``);
 - ours, lossless: ``ours-draft`` (a separate draft model, ``routing.draft_verify``),
   ``ours-lookup`` (prompt lookup), ``ours-lookup+draft`` (prompt lookup first, the draft where it
   finds nothing) and ``ours-self-spec`` (the real model's first ``early_exit_layer`` layers draft
@@ -60,6 +64,7 @@ METHODS = (
     "ours-lookup",
     "ours-lookup+draft",
     "ours-self-spec",
+    "ours-lossy",
     "hf-assisted",
     "hf-prompt-lookup",
     "hf-early-exit",
@@ -94,7 +99,8 @@ class DecodeRow:
     realisation: float = math.nan
     flops_per_token: float = math.nan
     floor_multiple: float = math.nan
-    note: str = ""
+    continuation_nll: float = math.nan
+    lossless: bool = True
     per_prompt_seconds: list = field(default_factory=list)
 
 
@@ -219,7 +225,10 @@ def summarise(
         flops_per_token=flops_per_token,
         floor_multiple=(seconds / tokens) / (floor["step_floor_s"] / batch),
         per_prompt_seconds=[c.seconds for c in calls],
+        lossless=method != "ours-lossy",
     )
+    if all(c.nll is not None for c in calls):
+        row.continuation_nll = float(sum(float(c.nll.double().sum()) for c in calls) / tokens)
     if calls[0].speculative:
         step = sum(c.seconds for c in our_plain_calls) / sum(c.tokens.shape[1] for c in our_plain_calls)
         rounds = sum(c.rounds for c in calls)

@@ -13,6 +13,7 @@ import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -70,6 +71,7 @@ class Call:
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
     speculative: bool = False
+    nll: Optional[Tensor] = None  # (B, N) each token's NLL under the real model, where the method gives it
 
 
 def hf_generate_timed(model, ids: Tensor, mask: Tensor, new_tokens: int, pad_id: int, **options) -> Call:

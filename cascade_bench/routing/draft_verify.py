@@ -400,3 +400,43 @@ def _rewind(state: _DraftState, rows: Tensor, length: Tensor, gain: Tensor) -> N
         cache.has_gaps = True
         cache.trim()
     state.seen[rows] = torch.minimum(state.seen[rows], accepted_len)
+
+
+def calibrate_confidence(
+    draft: LLM,
+    target: LLM,
+    windows: Tensor,
+    cost: float,
+    vocabulary: Optional[Tensor] = None,
+    bins: int = 10,
+) -> tuple[float, list[tuple[float, float]]]:
+    """The draft confidence below which a row stops drafting: teacher-forced on ``windows`` (W, T),
+    tokens are cut into ``bins`` equal-count bins by the draft's confidence, and the threshold is
+    the lower edge of the least confident bin from which every more confident bin agrees with the
+    real model's top-1 at least ``cost`` of the time (a drafted token then pays for its draft call,
+    ``cost`` being that call's share of a plain step). 1.0 (never draft) when no bin does. Returns
+    (threshold, [(bin's lower edge, its agreement)] from the most confident bin down)."""
+    if not 0.0 <= cost:
+        raise ValueError(f"cost must be >= 0, got {cost!r}")
+    state = _DraftState(draft, windows.shape[0], vocabulary)
+    levels, agreeing = [], []
+    with torch.inference_mode():
+        for row in windows.to(target.device):
+            ids = row[None]
+            wanted = target.logits(target(input_ids=ids).hidden).argmax(-1)[0]
+            token, conf = state.pick(draft(input_ids=ids).hidden[0])
+            levels.append(conf.float().cpu())
+            agreeing.append((token == wanted).float().cpu())
+    conf, agree = torch.cat(levels), torch.cat(agreeing)
+    order = torch.argsort(conf, descending=True)
+    curve = []
+    threshold = 1.0
+    for chunk in torch.tensor_split(order, bins):
+        if chunk.numel() == 0:
+            continue
+        edge, rate = float(conf[chunk].min()), float(agree[chunk].mean())
+        curve.append((edge, rate))
+        if rate < cost:
+            break
+        threshold = edge
+    return threshold, curve

@@ -96,8 +96,8 @@ def draft_from_teacher(teacher: LLM, layers: int) -> LLM:
 
 
 def windows_of(stream: Tensor, window: int, limit: int) -> Tensor:
-    """The first ``limit`` tokens of ``stream`` (N,) as disjoint (W, window + 1) rows (inputs and the
-    next token)."""
+    """Disjoint (W, window + 1) rows of ``stream`` (N,): ``window`` inputs and the token after them,
+    covering at most the first ``limit`` input tokens."""
     usable = min(stream.numel() - 1, limit)
     count = usable // window
     if count < 1:

@@ -10,7 +10,7 @@ from cascade_bench.routing.draft_verify import lookup_proposals, speculative_gen
 from cascade_bench.routing.generation import generate
 from cascade_bench.stages.ensemble import Ensemble
 from cascade_bench.training.distillation import draft_from_teacher
-from tests.helpers import FAMILIES, tiny_ensemble
+from tests.helpers import FAMILIES, tiny_ensemble, token_batch
 from tests.routing.test_generation import _ragged_prompts
 
 
@@ -126,3 +126,24 @@ def test_lossy_drafting_keeps_confident_drafts_and_scores_them_under_the_real_mo
     torch.testing.assert_close(lossy.nll, expected, atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="trust \\(lossy drafting\\) needs a draft model"):
         speculative_generate(target, ids, mask, 4, lookup=2, trust=0.5)
+
+
+def test_calibration_stops_drafting_where_agreement_falls_below_the_draft_s_cost(text):
+    """A draft equal to the real model always agrees: every bin passes any cost below 1 and the
+    threshold is the lowest confidence seen; a cost above 1 can never be paid: 1.0 (never draft)."""
+    from cascade_bench.routing.draft_verify import calibrate_confidence
+
+    target = _target("llama-tiny")
+    windows = token_batch(text, 3, 16)
+    threshold, curve = calibrate_confidence(target, target, windows, cost=0.5, bins=4)
+    assert [rate for _, rate in curve] == [1.0] * 4 and threshold == curve[-1][0]
+    assert [edge for edge, _ in curve] == sorted((edge for edge, _ in curve), reverse=True)
+    assert calibrate_confidence(target, target, windows, cost=1.5, bins=4)[0] == 1.0
+    other = tiny_ensemble("llama-tiny", layers=(1,), seed=5)[0]
+    threshold, curve = calibrate_confidence(other, target, windows, cost=0.2, bins=4)
+    # the curve stops at the first bin below the cost; the threshold is the last passing bin's edge
+    assert all(rate >= 0.2 for _, rate in curve[:-1])
+    if curve[-1][1] >= 0.2:
+        assert threshold == curve[-1][0]
+    else:
+        assert threshold == (curve[-2][0] if len(curve) > 1 else 1.0)
