@@ -505,7 +505,7 @@ def _add_bench_decode_command(commands) -> None:
         "--lookup", type=int, default=2, help="most prompt-lookup tokens per round (ours); default %(default)s"
     )
     decode.add_argument(
-        "--trust", type=_ratio, default=0.8, help="ours-lossy keeps draft tokens at least this confident"
+        "--trust", type=_ratio, default=0.5, help="ours-lossy keeps draft tokens at least this confident"
     )
     decode.add_argument("--hf-lookup", type=_positive_int, default=10, help="HF prompt_lookup_num_tokens")
     decode.add_argument(

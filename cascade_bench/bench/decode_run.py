@@ -36,9 +36,10 @@ def _ours_greedy(target: LLM, new_tokens: int) -> Callable:
 
     def call(ids, mask) -> Call:
         out = generate(ensemble, ids, mask, max_new_tokens=new_tokens, method="full")
-        per_token = [out.seconds_per_token * new_tokens / (new_tokens - 1)] * out.tokens.numel()
         # the decode loop ran new_tokens - 1 steps (the first token came from the prompt's pass)
-        return Call(seconds=sum(per_token), tokens=out.tokens, token_seconds=per_token, nll=out.nll)
+        seconds = out.seconds_per_token * out.tokens.numel() * new_tokens / (new_tokens - 1)
+        step = seconds / new_tokens  # a row waits one step for each of its tokens
+        return Call(seconds=seconds, tokens=out.tokens, token_seconds=[step] * out.tokens.numel(), nll=out.nll)
 
     return call
 
@@ -73,7 +74,7 @@ def _self_speculative(blocks: Ensemble, new_tokens: int, draft_length: int) -> C
         return Call(
             seconds=seconds,
             tokens=out.tokens,
-            token_seconds=[out.seconds_per_token] * out.tokens.numel(),
+            token_seconds=[seconds / out.tokens.shape[1]] * out.tokens.numel(),  # its mean: a row waits elapsed / N
             proposed=out.drafted,
             accepted=out.accepted,
             rounds=out.rounds,
@@ -143,7 +144,7 @@ def run_decode_bench(
     confidence: "float | str" = "auto",
     lookup: int = 2,
     hf_lookup: int = 10,
-    trust: float = 0.8,
+    trust: float = 0.5,
     early_exit_layer: Optional[int] = None,
     self_spec_length: int = 4,
     early_exit_prompts: int = 2,
