@@ -266,3 +266,20 @@ def test_cost_and_bench_commands_read_a_run_config_and_explicit_flags_win(tmp_pa
     capsys.readouterr()
     assert main(["bench-routing", "--config", str(configs / "smollm2.toml")]) == 2
     assert "has no preset stages" in capsys.readouterr().err
+
+
+def test_bench_decode_and_train_draft_refuse_bad_paths_before_loading_a_model(tmp_path, capsys):
+    missing = tmp_path / "nowhere"
+    cases = [
+        (["bench-decode", "--draft", str(missing)], f"--draft {missing} is not a folder"),
+        (["bench-decode", "--corpus", str(missing)], f"--corpus {missing} does not exist"),
+        (["bench-decode", "--prompts", str(missing)], f"--prompts {missing} is not a file"),
+        (["bench-decode", "--lookup", "-1"], "--lookup must be >= 0, got -1"),
+        (["train-draft", "--out", str(tmp_path / "d"), "--corpus", str(missing)], f"--corpus {missing} does not exist"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train-draft", "--out", str(tmp_path / "d"), "--layers", "0"])
+    assert "expected a positive integer, got 0" in capsys.readouterr().err
