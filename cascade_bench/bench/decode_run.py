@@ -23,6 +23,7 @@ from .decode_suite import (
     METHODS,
     PLAIN,
     DecodeRow,
+    greedy_agreement,
     left_padded,
     memory_floor,
     summarise,
@@ -167,6 +168,10 @@ def run_decode_bench(
         raise ValueError(f"new_tokens must be an int >= 2, got {new_tokens!r}")
     if any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in batch_sizes):
         raise ValueError(f"batch sizes must be positive ints, got {list(batch_sizes)}")
+    if confidence != "auto" and (
+        isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0 <= confidence <= 1
+    ):
+        raise ValueError(f"confidence must be 'auto' or a probability in [0, 1], got {confidence!r}")
     needs_draft = {"ours-draft", "ours-lookup+draft", "ours-lossy", "hf-assisted"} & set(methods)
     notes: list[str] = []
     if draft_path is not None and not Path(draft_path).is_dir():
@@ -207,8 +212,6 @@ def run_decode_bench(
         confidence, calibration = 0.0, {"note": "no draft: nothing to calibrate"}
         if draft is not None:
             confidence, calibration = _calibrated_confidence(target, draft, vocabulary, tokenizer, new_tokens)
-    elif isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0 <= confidence <= 1:
-        raise ValueError(f"confidence must be 'auto' or a probability in [0, 1], got {confidence!r}")
 
     def builders(tokens: int) -> dict[str, Callable[[], Callable]]:
         """Per method, what builds its call for ``tokens`` new tokens."""
@@ -253,6 +256,7 @@ def run_decode_bench(
     say = print if progress else (lambda *_: None)
     rows: list[DecodeRow] = []
     flops: dict[tuple[str, str], float] = {}
+    agreement: dict[str, float] = {}  # the draft's top-1 against the real model's greedy tokens, per set
     for batch in batch_sizes:
         active = [m for m in methods if batch == 1 or m not in BATCH_ONE_ONLY]
         for method in methods:
@@ -270,6 +274,8 @@ def run_decode_bench(
                     flops[(method, name)] = _counted_flops(counters[method], warm_ids, warm_mask)
             caps = {"hf-early-exit": early_exit_prompts} if batch == 1 else {}
             calls = timed_rotation(calls_of, batches, caps=caps)
+            if batch == 1 and draft is not None and "ours-greedy" in calls:
+                agreement[name] = greedy_agreement(draft, vocabulary, batches, calls["ours-greedy"])
             plain = {m: calls[m] for m in PLAIN if m in calls}
             baseline = min(
                 plain, key=lambda m: sum(c.seconds for c in plain[m]) / sum(c.tokens.numel() for c in plain[m])
@@ -303,6 +309,7 @@ def run_decode_bench(
         "draft_length": draft_length,
         "confidence": confidence,
         "confidence_calibration": calibration,
+        "draft_greedy_agreement": agreement,
         "lookup": lookup,
         "trust": trust,
         "hf_prompt_lookup_num_tokens": hf_lookup,
@@ -355,5 +362,9 @@ def format_decode_tables(rows: Sequence[DecodeRow], conditions: dict) -> str:
         f"= {floor['step_floor_s'] * 1000:.1f} ms per step; float32 matmul {floor['matmul_flops_per_s'] / 1e9:.0f} "
         "GFLOP/s."
     )
+    agreement = conditions.get("draft_greedy_agreement") or {}
+    if agreement:
+        shown = ", ".join(f"{name} {value:.3f}" for name, value in agreement.items())
+        parts.append(f"Draft's top-1 agreement with the real model's greedy tokens (batch 1, teacher-forced): {shown}.")
     parts.extend(f"Note: {note}" for note in conditions["notes"])
     return "\n".join(parts) + "\n"

@@ -272,3 +272,25 @@ def timed_rotation(
         if progress is not None:
             progress(f"batch {index + 1}/{len(batches)} done")
     return calls
+
+
+def greedy_agreement(draft, vocabulary: Optional[Tensor], batches, greedy_calls: Sequence[Call]) -> float:
+    """Share of the real model's greedy tokens (``greedy_calls`` on ``batches``, one prompt each)
+    that the draft's top-1 (over ``vocabulary`` when given) predicts, teacher-forced on the prompt
+    and the greedy continuation."""
+    same = total = 0
+    with torch.inference_mode():
+        for (ids, mask), call in zip(batches, greedy_calls):
+            if ids.shape[0] != 1:
+                raise ValueError("greedy_agreement reads batch-1 calls")
+            joined = torch.cat([ids[mask.bool()][None], call.tokens.to(ids.device)], dim=1).to(draft.device)
+            logits = draft.logits(draft(input_ids=joined).hidden)[0]
+            if vocabulary is not None:
+                vocabulary = vocabulary.to(logits.device)
+                predicted = vocabulary[logits[:, vocabulary].argmax(-1)]
+            else:
+                predicted = logits.argmax(-1)
+            start = joined.shape[1] - call.tokens.shape[1] - 1
+            same += int((predicted[start:-1] == joined[0, start + 1 :]).sum())
+            total += call.tokens.shape[1]
+    return same / total if total else math.nan

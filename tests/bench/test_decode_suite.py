@@ -83,3 +83,23 @@ def test_a_row_s_figures_follow_from_its_calls():
     assert row.realisation == pytest.approx(2.0 / expected)
     plain_row = summarise("ours-greedy", 1, "code", plain, "ours-greedy", plain, plain, plain, floor, math.nan)
     assert plain_row.speedup == 1.0 and plain_row.same_tokens == 1.0 and math.isnan(plain_row.acceptance)
+
+
+def test_greedy_agreement_of_the_real_model_with_itself_is_one(text):
+    from cascade_bench.bench.decode_suite import greedy_agreement
+    from cascade_bench.routing.generation import generate
+    from cascade_bench.stages.ensemble import Ensemble
+    from tests.helpers import tiny_ensemble, token_batch
+
+    target = tiny_ensemble("llama-tiny", layers=(3,))[0]
+    ids = token_batch(text, 2, 12)
+    batches = [(ids[i : i + 1], torch.ones(1, 12, dtype=torch.long)) for i in range(2)]
+    calls = []
+    for one, mask in batches:
+        out = generate(Ensemble([target]), one, mask, max_new_tokens=6, method="full")
+        calls.append(Call(seconds=1.0, tokens=out.tokens))
+    assert greedy_agreement(target, None, batches, calls) == 1.0
+    # over a vocabulary that lacks every greedy token, nothing agrees
+    used = torch.cat([c.tokens for c in calls]).unique()
+    others = torch.tensor([i for i in range(target.vocab_size) if i not in set(used.tolist())])
+    assert greedy_agreement(target, others, batches, calls) == 0.0
