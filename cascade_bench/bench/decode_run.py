@@ -38,7 +38,7 @@ def _ours_greedy(target: LLM, new_tokens: int) -> Callable:
     def call(ids, mask) -> Call:
         out = generate(ensemble, ids, mask, max_new_tokens=new_tokens, method="full")
         # the decode loop ran new_tokens - 1 steps (the first token came from the prompt's pass)
-        seconds = out.seconds_per_token * out.tokens.numel() * new_tokens / (new_tokens - 1)
+        seconds = out.seconds_per_token * out.tokens.numel() * new_tokens / max(new_tokens - 1, 1)
         step = seconds / new_tokens  # a row waits one step for each of its tokens
         return Call(seconds=seconds, tokens=out.tokens, token_seconds=[step] * out.tokens.numel(), nll=out.nll)
 
@@ -54,6 +54,7 @@ def _speculative(target: LLM, new_tokens: int, **options) -> Callable:
             token_seconds=out.token_seconds,
             proposed=out.proposed,
             accepted=out.accepted,
+            rejections=out.rejections,
             rounds=out.rounds,
             loop_rounds=out.loop_rounds,
             emitted=out.emitted,
@@ -70,7 +71,8 @@ def _speculative(target: LLM, new_tokens: int, **options) -> Callable:
 def _self_speculative(blocks: Ensemble, new_tokens: int, draft_length: int) -> Callable:
     def call(ids, mask) -> Call:
         out = self_speculative_generate(blocks, ids, mask, max_new_tokens=new_tokens, draft_length=draft_length)
-        seconds = out.seconds_per_token * out.tokens.numel()
+        # its loop made new_tokens - 1 tokens (the first came from the prompt's pass): scaled as ours-greedy
+        seconds = out.seconds_per_token * out.tokens.numel() * new_tokens / max(new_tokens - 1, 1)
         draft_seconds = seconds - out.verify_seconds
         return Call(
             seconds=seconds,
@@ -78,6 +80,7 @@ def _self_speculative(blocks: Ensemble, new_tokens: int, draft_length: int) -> C
             token_seconds=[seconds / out.tokens.shape[1]] * out.tokens.numel(),  # its mean: a row waits elapsed / N
             proposed=out.drafted,
             accepted=out.accepted,
+            rejections=out.rejections,
             rounds=out.rounds,
             loop_rounds=out.loop_rounds,
             emitted=out.emitted,
@@ -114,20 +117,21 @@ def _calibrated_confidence(target: LLM, draft: LLM, vocabulary, tokenizer, new_t
     threshold, curve = calibrate_confidence(draft, target, windows, cost, vocabulary)
     return threshold, {
         "draft_call_cost": cost,
-        "threshold": threshold,
+        "threshold": threshold if math.isfinite(threshold) else "inf (never draft)",
         "curve": [{"from_confidence": edge, "agreement": rate} for edge, rate in curve],
         "text": "embedded validation split, 8 windows of 128 tokens, teacher-forced",
     }
 
 
 def _counted_flops(call: Callable, ids, mask) -> float:
+    """Counted FLOPs of one untimed call (``torch.utils.flop_counter``)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from ..measure.flops import EXTRA_FLOP_FORMULAS
 
     with FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS) as counter:
-        out = call(ids, mask)
-    return counter.get_total_flops() / out.tokens.numel()
+        call(ids, mask)
+    return counter.get_total_flops()
 
 
 def run_decode_bench(
@@ -164,6 +168,9 @@ def run_decode_bench(
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; expected some of {METHODS}")
+    methods = list(PLAIN) + [m for m in methods if m not in PLAIN]  # the baselines always run
+    if isinstance(flop_tokens, bool) or not isinstance(flop_tokens, int) or flop_tokens < 2:
+        raise ValueError(f"flop_tokens must be an int >= 2 (FLOPs per token difference two calls), got {flop_tokens!r}")
     if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or new_tokens < 2:
         raise ValueError(f"new_tokens must be an int >= 2, got {new_tokens!r}")
     if any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in batch_sizes):
@@ -252,18 +259,20 @@ def run_decode_bench(
         }
 
     blocks = Ensemble.from_blocks(hf_model, [layer]) if "ours-self-spec" in methods else None
-    timed, counting = builders(new_tokens), builders(min(flop_tokens, new_tokens))  # counting is slow
+    flop_span = min(flop_tokens, new_tokens)
+    timed, counting, one_token = builders(new_tokens), builders(flop_span), builders(1)  # counting is slow
     say = print if progress else (lambda *_: None)
     rows: list[DecodeRow] = []
     flops: dict[tuple[str, str], float] = {}
     agreement: dict[str, float] = {}  # the draft's top-1 against the real model's greedy tokens, per set
+    rotation = 0  # the methods' order keeps rotating from one set to the next
     for batch in batch_sizes:
         active = [m for m in methods if batch == 1 or m not in BATCH_ONE_ONLY]
         for method in methods:
             if method not in active:
                 notes.append(f"{method} at batch {batch}: not run (Hugging Face supports it at batch 1 only)")
         calls_of = {m: timed[m]() for m in active}
-        counters = {m: counting[m]() for m in active} if count_flops and batch == 1 else {}
+        counters = {m: (counting[m](), one_token[m]()) for m in active} if count_flops and batch == 1 else {}
         for name, prompts in suite.items():
             batches = [left_padded(prompts[i : i + batch], pad_id) for i in range(0, len(prompts) - batch + 1, batch)]
             say(f"batch {batch}, {name}: {len(batches)} calls of each of {len(active)} methods")
@@ -271,9 +280,14 @@ def run_decode_bench(
             for method in active:  # untimed warm-up (first calls allocate and pick kernels)
                 calls_of[method](warm_ids[:, -64:], warm_mask[:, -64:])
                 if count_flops and batch == 1:
-                    flops[(method, name)] = _counted_flops(counters[method], warm_ids, warm_mask)
+                    long_call, short_call = counters[method]
+                    decoded = _counted_flops(long_call, warm_ids, warm_mask) - _counted_flops(
+                        short_call, warm_ids, warm_mask
+                    )
+                    flops[(method, name)] = decoded / (flop_span - 1)  # the prompt's pass cancels
             caps = {"hf-early-exit": early_exit_prompts} if batch == 1 else {}
-            calls = timed_rotation(calls_of, batches, caps=caps)
+            calls = timed_rotation(calls_of, batches, caps=caps, start=rotation)
+            rotation += len(batches)
             if batch == 1 and draft is not None and "ours-greedy" in calls:
                 agreement[name] = greedy_agreement(draft, vocabulary, batches, calls["ours-greedy"])
             plain = {m: calls[m] for m in PLAIN if m in calls}
@@ -281,7 +295,7 @@ def run_decode_bench(
                 plain, key=lambda m: sum(c.seconds for c in plain[m]) / sum(c.tokens.numel() for c in plain[m])
             )
             for method in active:
-                same_as = "hf-greedy" if method.startswith("hf-") and "hf-greedy" in calls else "ours-greedy"
+                same_as = "hf-greedy" if method.startswith("hf-") else "ours-greedy"
                 rows.append(
                     summarise(
                         method,
@@ -290,10 +304,10 @@ def run_decode_bench(
                         calls[method],
                         baseline,
                         calls[baseline],
-                        calls[same_as] if same_as in calls else calls[method],
-                        calls.get("ours-greedy", calls[baseline]),
+                        calls[same_as],
+                        calls["ours-greedy"],
                         floor,
-                        flops.get((method, name), math.nan),
+                        flops.get((method, name), math.nan) if batch == 1 else math.nan,
                     )
                 )
     conditions = {
@@ -307,7 +321,7 @@ def run_decode_bench(
         "new_tokens": new_tokens,
         "decoding": "greedy",
         "draft_length": draft_length,
-        "confidence": confidence,
+        "confidence": confidence if math.isfinite(confidence) else "inf (never draft)",
         "confidence_calibration": calibration,
         "draft_greedy_agreement": agreement,
         "lookup": lookup,
@@ -316,7 +330,8 @@ def run_decode_bench(
         "early_exit_layer": layer,
         "self_spec_draft_length": self_spec_length,
         "hf_early_exit_prompts": early_exit_prompts,
-        "flops": f"counted on each set's first prompt at batch 1 over {min(flop_tokens, new_tokens)} new tokens"
+        "flops": f"per decoded token, counted at batch 1 on each set's first prompt: (F({flop_span}) - F(1)) / "
+        f"{flop_span - 1}, F(n) the FLOPs of a call generating n tokens"
         if count_flops
         else "not counted",
         "floor": floor,

@@ -22,12 +22,15 @@ consecutive prompts of one set, left-padded; batch 1 runs every prompt alone):
 Timing: methods run back to back on each prompt (their order rotates from prompt to prompt), after
 one untimed warm-up of every method; the prompt's own pass is excluded (decode time only).
 ``tokens_per_s`` of a set is its generated tokens over the summed decode seconds; ``speedup``
-divides it by the baseline's; its interval is a percentile bootstrap over prompts (of the
-per-prompt ratio's mean, 2,000 resamples, fixed seed). Per-token latency (p50, p95): each
+divides it by the baseline's; its interval is a percentile bootstrap of the same ratio over prompts
+resampled with replacement (2,000 resamples, fixed seed; none below 2 calls, as at batch 8 with 8
+prompts per set). Per-token latency (p50, p95): each
 generated token is charged its round's (or step's) time shared among the tokens it produced.
 
-Speculative rows also give the measured terms of the standard prediction: acceptance ``a``
-(accepted proposals over proposed), mean proposals per round ``k``, the draft's cost per call
+Speculative rows also give the measured terms of the standard prediction: ``acceptance`` (accepted
+proposals over proposed), and ``a``, the per-position acceptance probability it estimates (accepted
+over accepted plus rounds with a rejection: a proposal after the first rejected one is never
+judged, so accepted / proposed underestimates it), mean proposals per round ``k``, the draft's cost per call
 ``c`` and the verification's cost per round ``v``, both as fractions of one of our plain greedy
 steps at that batch; the **predicted** speedup is ``(1 - a^(k+1)) / (1 - a)`` tokens per round
 over ``k c + v`` (draft calls per round as measured), and **realisation** is the measured speedup
@@ -35,8 +38,9 @@ over our plain greedy divided by the predicted one (what the loop's own overhead
 
 ``same_tokens``: the share of generated tokens equal to the same implementation's plain greedy at
 the same batch size (ours against ``ours-greedy``, Hugging Face's against ``hf-greedy``).
-FLOPs per token are counted (``torch.utils.flop_counter``) on one untimed call per set and
-method at batch 1. The **physical floor**: a decode step must read every weight once, so it takes
+FLOPs per decoded token are counted (``torch.utils.flop_counter``) at batch 1 on each set's first
+prompt: (F(n) - F(1)) / (n - 1), F(n) being an untimed call generating n tokens, so the prompt's pass
+cancels. The **physical floor**: a decode step must read every weight once, so it takes
 at least the model's weight bytes over the memory bandwidth measured in this run; each row's time
 per token is given as a multiple of that floor (at batch B a step yields B tokens).
 """
@@ -45,7 +49,6 @@ from __future__ import annotations
 
 import math
 import random
-import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
@@ -90,6 +93,7 @@ class DecodeRow:
     latency_p50_ms: float
     latency_p95_ms: float
     acceptance: float = math.nan
+    acceptance_per_position: float = math.nan
     proposals_per_round: float = math.nan
     tokens_per_round: float = math.nan
     draft_cost: float = math.nan
@@ -151,16 +155,21 @@ def memory_floor(model: torch.nn.Module, device) -> dict:
     }
 
 
-def bootstrap_interval(values: Sequence[float], resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """Percentile 95% interval of the mean of ``values`` (a single value: itself twice)."""
-    values = [v for v in values if math.isfinite(v)]
-    if not values:
+def bootstrap_interval(
+    seconds: Sequence[float], baseline_seconds: Sequence[float], resamples: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile 95% interval of the speedup (the baseline's summed seconds over the method's, on the
+    same prompts) over prompts resampled with replacement; (nan, nan) below 2 prompts."""
+    if len(seconds) < 2:
         return (math.nan, math.nan)
-    if len(values) == 1:
-        return (values[0], values[0])
     rng = random.Random(seed)
-    means = sorted(statistics.fmean(rng.choices(values, k=len(values))) for _ in range(resamples))
-    return (means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1])
+    indices = range(len(seconds))
+    ratios = []
+    for _ in range(resamples):
+        picked = rng.choices(indices, k=len(seconds))
+        ratios.append(sum(baseline_seconds[i] for i in picked) / sum(seconds[i] for i in picked))
+    ratios.sort()
+    return (ratios[int(0.025 * resamples)], ratios[int(0.975 * resamples) - 1])
 
 
 def _percentile(values: Sequence[float], q: float) -> float:
@@ -207,7 +216,6 @@ def summarise(
     seconds = sum(c.seconds for c in calls)
     rate = tokens / seconds
     base_rate = sum(c.tokens.numel() for c in baseline_calls) / sum(c.seconds for c in baseline_calls)
-    ratios = [b.seconds / c.seconds for c, b in zip(calls, baseline_calls)]
     same = sum(int((c.tokens == p.tokens).sum()) for c, p in zip(calls, plain_calls)) / tokens
     latencies = [s for c in calls for s in c.token_seconds]
     row = DecodeRow(
@@ -217,7 +225,7 @@ def summarise(
         prompts=sum(c.tokens.shape[0] for c in calls),
         tokens_per_s=rate,
         speedup=rate / base_rate,
-        speedup_interval=bootstrap_interval(ratios),
+        speedup_interval=bootstrap_interval([c.seconds for c in calls], [b.seconds for b in baseline_calls]),
         baseline=baseline_name,
         same_tokens=same,
         latency_p50_ms=1000 * _percentile(latencies, 0.5),
@@ -234,15 +242,18 @@ def summarise(
         rounds = sum(c.rounds for c in calls)
         loops = sum(c.loop_rounds for c in calls)
         proposed = sum(c.proposed for c in calls)
+        accepted = sum(c.accepted for c in calls)
+        judged = accepted + sum(c.rejections for c in calls)  # proposals the real model actually judged
         draft_calls = sum(c.draft_calls for c in calls)
-        row.acceptance = sum(c.accepted for c in calls) / proposed if proposed else math.nan
+        row.acceptance = accepted / proposed if proposed else math.nan
+        row.acceptance_per_position = accepted / judged if judged else math.nan
         row.proposals_per_round = proposed / rounds
         row.tokens_per_round = sum(c.emitted for c in calls) / rounds
         row.draft_calls_per_round = draft_calls / loops
         row.draft_cost = (sum(c.draft_seconds for c in calls) / draft_calls) / step if draft_calls else math.nan
         row.verify_cost = (sum(c.verify_seconds for c in calls) / loops) / step
         row.predicted_speedup = predicted_speedup(
-            row.acceptance if proposed else 0.0,
+            row.acceptance_per_position if judged else 0.0,
             row.proposals_per_round,
             row.draft_cost,
             row.draft_calls_per_round,
@@ -258,14 +269,16 @@ def timed_rotation(
     batches: list[tuple[Tensor, Tensor]],
     progress: Optional[Callable[[str], None]] = None,
     caps: Optional[dict[str, int]] = None,
+    start: int = 0,
 ) -> dict[str, list[Call]]:
-    """Every method on every batch, back to back, the order rotating by one method per batch; a
-    method capped in ``caps`` runs on its first that many batches only."""
+    """Every method on every batch, back to back, the order rotating by one method per batch (from
+    ``start``, so consecutive sets go on rotating); a method capped in ``caps`` runs on its first that
+    many batches only."""
     names = list(methods)
     caps = caps or {}
     calls: dict[str, list[Call]] = {name: [] for name in names}
     for index, (ids, mask) in enumerate(batches):
-        shift = index % len(names)
+        shift = (index + start) % len(names)
         for name in names[shift:] + names[:shift]:
             if index < caps.get(name, len(batches)):
                 calls[name].append(methods[name](ids, mask))

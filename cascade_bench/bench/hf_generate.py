@@ -64,6 +64,7 @@ class Call:
     token_seconds: list = field(default_factory=list)
     proposed: int = 0
     accepted: int = 0
+    rejections: int = 0
     rounds: int = 0
     loop_rounds: int = 0
     emitted: int = 0

@@ -10,9 +10,9 @@ and corpus gets the same prompts (``SUITE_VERSION`` changes when a rule does):
   ``CODE_PROMPT_OFFSET``) gives prompts, the others are training text for draft models
   (:func:`stdlib_sources`), so no prompt is ever trained on. A prompt starts at the file's first
   top-level ``def`` or ``class`` line.
-- ``prose``: WikiText-2's test split from a corpus folder (``--corpus``); articles are cut at their
-  `` = Title = `` lines and a prompt starts at an article's first paragraph. Skipped with a note
-  when no folder is given.
+- ``prose``: WikiText-2's test file from a corpus folder (``--corpus``, the file read whole);
+  articles are cut at their `` = Title = `` lines and a prompt starts at an article's first
+  paragraph. Skipped with a note when no folder is given.
 
 Prompt ``i`` of a set has ``PROMPT_LENGTHS[i % 4]`` tokens (64-256): the sources are taken in order
 and one too short for its length is skipped. A user's own set: :func:`read_prompts_file` (JSON
@@ -86,11 +86,17 @@ def wikitext_articles(text: str) -> list[str]:
 
 
 def _prose_texts(corpus: Path) -> list[tuple[str, str]]:
-    from .corpus import load_corpus
+    """Articles of the test file itself (``corpus`` is the file, or a folder holding one whose name
+    says test), read whole: never through a split rule that would cut it."""
+    from .corpus import _find_split_files
 
-    documents = load_corpus(corpus).documents("test")
-    articles = [a for document in documents for a in (wikitext_articles(document) or [document])]
-    return [(f"{corpus.name} test article {i}", text) for i, text in enumerate(articles)]
+    corpus = Path(corpus)
+    path = corpus if corpus.is_file() else _find_split_files(corpus).get("test")
+    if path is None or path.suffix not in (".txt", ".raw", ".tokens", ".text"):
+        raise ValueError(f"--corpus {corpus}: expected a text file named for the test split (e.g. wiki.test.raw)")
+    text = path.read_text(encoding="utf-8")
+    articles = wikitext_articles(text) or [text]
+    return [(f"{path.name} article {i}", article) for i, article in enumerate(articles)]
 
 
 def _cut(prompt_set: str, texts: list[tuple[str, str]], tokenizer, count: int) -> list[Prompt]:

@@ -52,7 +52,10 @@ from .cached_pass import stage_call
 @dataclass
 class DraftVerifyOutput:
     """tokens: (B, N) generated ids (``pad_token_id`` after EOS). Counts over rows and rounds:
-    ``proposed`` / ``accepted`` proposals (``from_lookup``: of them, by prompt lookup); ``rounds``:
+    ``proposed`` / ``accepted`` proposals (``from_lookup``: of them, by prompt lookup; lossy: accepted
+    includes the ``trusted`` ones the real model disagreed with); ``rejections``: rounds in which a
+    proposal was rejected (accepted / (accepted + rejections) estimates the per-position acceptance
+    probability); ``rounds``:
     verifications summed over rows; ``emitted``: tokens they produced; ``draft_calls``: calls of the
     draft model; ``verify_tokens``: slots the verifier read (real ones). Times in seconds:
     ``seconds`` (the decode loop, the prompt's pass excluded), ``verify_seconds``,
@@ -62,6 +65,7 @@ class DraftVerifyOutput:
     tokens: Tensor
     proposed: int = 0
     accepted: int = 0
+    rejections: int = 0
     from_lookup: int = 0
     accepted_from_lookup: int = 0
     rounds: int = 0
@@ -123,8 +127,12 @@ def speculative_generate(
     _check_int("lookup_ngram", lookup_ngram, 1)
     if draft is None and lookup == 0:
         raise ValueError("speculative_generate needs a draft model, prompt lookup (lookup > 0), or both")
-    if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0.0 <= confidence <= 1.0:
-        raise ValueError(f"confidence must be a probability in [0, 1], got {confidence!r}")
+    if (
+        isinstance(confidence, bool)
+        or not isinstance(confidence, (int, float))
+        or not (0.0 <= confidence <= 1.0 or confidence == math.inf)
+    ):
+        raise ValueError(f"confidence must be a probability in [0, 1] (or inf: never draft), got {confidence!r}")
     if draft is not None:
         if draft.vocab_size != target.vocab_size:
             raise ValueError(
@@ -220,14 +228,18 @@ def _run(
     drafter = _DraftState(draft, batch, vocabulary) if draft is not None else None
     all_rows = torch.arange(batch, device=device)
     with torch.inference_mode():
-        # The prompt: every real token but the last through the real model (the last is read with
-        # the first round's proposals); the draft reads its prompt when it first drafts.
+        # The prompt: every real token but the last through the real model and the draft (the last
+        # is read with the first round's proposals, or by the draft when it first drafts).
         positions = (torch.cumsum(real.long(), dim=1) - 1).clamp(min=0)
         last = prompt_len - 1 - real.flip(1).int().argmax(dim=1)
         before_last = real & (torch.arange(prompt_len, device=device)[None] != last[:, None])
         if bool(before_last.any()):
             stage_call(target, target_cache, all_rows, before_last, positions, False, input_ids=input_ids)
             target_cache.trim()
+            if drafter is not None:  # the draft reads the same prompt tokens, outside the timed loop
+                stage_call(drafter.model, drafter.cache, all_rows, before_last, positions, False, input_ids=input_ids)
+                drafter.cache.trim()
+                drafter.seen = (length - 1).clone()
         emitted = torch.zeros(batch, dtype=torch.long, device=device)
         done = torch.zeros(batch, dtype=torch.bool, device=device)
         synchronize(device)
@@ -284,8 +296,6 @@ def _run(
                 matches = matches | kept_anyway
                 choice = torch.cat([torch.where(matches, fed[:, 1:], choice[:, :-1]), choice[:, -1:]], dim=1)
             agree = (matches & valid[:, 1:]).long().cumprod(dim=1)
-            if trust is not None:
-                out.trusted += int((agree.bool() & ~agreeing).sum())  # kept though the real model disagreed
             kept = agree.sum(dim=1)
             gain = kept + 1
             take = offsets < gain[:, None]
@@ -297,6 +307,8 @@ def _run(
                 finished = (is_eos & take).any(dim=1)
             else:
                 finished = torch.zeros(n, dtype=torch.bool, device=device)
+            if trust is not None:  # kept though the real model disagreed (after the EOS cut)
+                out.trusted += int((take[:, 1:] & agree.bool() & ~agreeing).sum())
             target_cache.reject(rows, gain, width)  # keeps the row's last token and its accepted proposals
             target_cache.trim()
             synchronize(device)
@@ -317,6 +329,7 @@ def _run(
                 used = min(int(kept[i]), gained[i])
                 out.proposed += len(proposals[i])
                 out.accepted += used
+                out.rejections += int(int(kept[i]) < len(proposals[i]))
                 if lookup_rows[i]:
                     out.from_lookup += len(proposals[i])
                     out.accepted_from_lookup += used
@@ -414,7 +427,7 @@ def calibrate_confidence(
     tokens are cut into ``bins`` equal-count bins by the draft's confidence, and the threshold is
     the lower edge of the least confident bin from which every more confident bin agrees with the
     real model's top-1 at least ``cost`` of the time (a drafted token then pays for its draft call,
-    ``cost`` being that call's share of a plain step). 1.0 (never draft) when no bin does. Returns
+    ``cost`` being that call's share of a plain step). ``math.inf`` (never draft) when no bin does. Returns
     (threshold, [(bin's lower edge, its agreement)] from the most confident bin down)."""
     if not 0.0 <= cost:
         raise ValueError(f"cost must be >= 0, got {cost!r}")
@@ -430,7 +443,7 @@ def calibrate_confidence(
     conf, agree = torch.cat(levels), torch.cat(agreeing)
     order = torch.argsort(conf, descending=True)
     curve = []
-    threshold = 1.0
+    threshold = math.inf
     for chunk in torch.tensor_split(order, bins):
         if chunk.numel() == 0:
             continue

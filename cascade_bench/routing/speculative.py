@@ -40,7 +40,8 @@ class SpeculativeOutput:
     round counts only the drafts it could still use); rounds: draft-verify rounds, summed over rows;
     emitted: tokens those rounds produced (the first token comes from the prompt's pass);
     loop_rounds: rounds of the batch's loop, which runs until its slowest row is done (at batch 1,
-    ``rounds``); cache_slots: per stage, the slots its cache holds at the end (real or not);
+    ``rounds``); rejections: rounds (summed over rows) in which a draft was rejected; cache_slots:
+    per stage, the slots its cache holds at the end (real or not);
     seconds_per_token: decode-loop wall time / tokens generated (all rows together);
     verify_seconds: the part of it spent in verification passes."""
 
@@ -58,6 +59,7 @@ class SpeculativeOutput:
     loop_rounds: int
     cache_slots: tuple = ()
     counted_flops: Optional[int] = None
+    rejections: int = 0
 
     @property
     def acceptance_rate(self) -> float:
@@ -138,7 +140,7 @@ def _speculate(
     caches = [StageCache(batch, stage.num_layers, device) for stage in stages]
     tokens = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     nll = torch.zeros(batch, max_new_tokens, dtype=torch.float32, device=device)
-    drafted = accepted = rounds = emitted_total = loop_rounds = 0
+    drafted = accepted = rounds = emitted_total = loop_rounds = rejections = 0
     verify_seconds = 0.0
     with evaluation_mode(ensemble), torch.inference_mode():
         logits = _full_depth_prefill(stages, caches, input_ids, real).float()
@@ -227,6 +229,7 @@ def _speculate(
                 cache.trim()
             drafted += int(row_span.sum())
             accepted += int(torch.minimum(kept, gain).sum())
+            rejections += int((kept < row_span).sum())
             rounds += n
             emitted_total += int(gain.sum())
             emitted[rows] += gain
@@ -250,4 +253,5 @@ def _speculate(
         emitted=emitted_total,
         loop_rounds=loop_rounds,
         cache_slots=tuple(c.length for c in caches),
+        rejections=rejections,
     )

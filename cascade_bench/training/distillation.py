@@ -280,29 +280,56 @@ def distill(
     )
 
 
+def _paragraphs(text: str) -> list[str]:
+    return [p.strip() for p in text.split("\n\n") if p.strip()]
+
+
+def without_paragraphs_of(documents: Sequence[str], excluded: Sequence[str], min_chars: int = 40) -> list[str]:
+    """``documents`` with every paragraph (blank-line separated) of at least ``min_chars`` characters
+    that also occurs in ``excluded`` removed (texts shared between documents: the embedded corpus's
+    aggregate topics repeat whole sections of others)."""
+    seen = {p for text in excluded for p in _paragraphs(text) if len(p) >= min_chars}
+    kept = []
+    for text in documents:
+        pieces = [p for p in _paragraphs(text) if len(p) < min_chars or p not in seen]
+        if pieces:
+            kept.append("\n\n".join(pieces))
+    return kept
+
+
+def _interleaved(groups: Sequence[Sequence[str]]) -> list[str]:
+    mixed = []
+    for i in range(max(len(g) for g in groups)):
+        mixed.extend(g[i] for g in groups if i < len(g))
+    return mixed
+
+
 def draft_text_sources(corpus: Optional[Path] = None) -> tuple[list[str], list[str], list[str]]:
-    """(training documents, validation documents, what they are): the embedded corpus's train split
-    and the standard library's training files, interleaved (documents alternate, so any token
-    budget covers both); validation: the embedded validation split and every 16th training file
-    (held out). A ``corpus`` folder adds its train split (WikiText-2 and the like)."""
+    """(training documents, validation documents, what they are). Training: the embedded corpus's
+    train split, less every paragraph that also occurs in its test split (the decoding benchmark's
+    documentation prompts; the corpus's aggregate topics repeat other topics' sections), and the
+    standard library's training files (``stdlib_sources``), interleaved (documents alternate, so
+    any token budget covers both). Validation, interleaved the same way: the embedded validation
+    split and every 16th training file (held out). A ``corpus`` folder adds its train split."""
     from ..data.corpus import embedded_corpus, load_corpus
     from ..data.prompt_suite import stdlib_sources
 
     embedded = embedded_corpus()
+    test = embedded.documents("test")
     files = stdlib_sources()[1]
     code = [f.read_text(encoding="utf-8", errors="replace") for f in files]
     held = code[::16]
     code = [text for i, text in enumerate(code) if i % 16]
-    groups = [embedded.documents("train"), code]
-    names = ["embedded train split", f"{len(code)} standard-library files (prompt files excluded)"]
+    groups = [without_paragraphs_of(embedded.documents("train"), test), code]
+    names = [
+        "embedded train split less its paragraphs shared with the test split",
+        f"{len(code)} standard-library files (prompt files and every 16th file held out)",
+    ]
     if corpus is not None:
         groups.append(load_corpus(corpus).documents("train"))
         names.append(f"{corpus} train split")
-    mixed = []
-    for i in range(max(len(g) for g in groups)):
-        mixed.extend(g[i] for g in groups if i < len(g))
-    validation = embedded.documents("validation") + held
-    return mixed, validation, names
+    validation = _interleaved([without_paragraphs_of(embedded.documents("validation"), test), held])
+    return _interleaved(groups), validation, names
 
 
 def teacher_vocabulary_check(teacher: LLM, tokenizer) -> None:

@@ -21,12 +21,12 @@ def test_predicted_speedup_is_expected_tokens_per_round_over_the_round_s_cost():
     assert math.isnan(predicted_speedup(math.nan, 2, 0.1, 2, 1.0))
 
 
-def test_bootstrap_interval_brackets_the_mean_and_is_degenerate_for_one_value():
-    assert bootstrap_interval([1.3]) == (1.3, 1.3)
-    assert bootstrap_interval([2.0, 2.0, 2.0]) == (2.0, 2.0)
-    low, high = bootstrap_interval([1.0, 1.2, 1.4, 1.6])
-    assert 1.0 <= low < 1.3 < high <= 1.6
-    assert bootstrap_interval([1.0, 1.2, 1.4, 1.6]) == (low, high)  # fixed seed
+def test_bootstrap_interval_resamples_prompts_for_the_ratio_of_summed_seconds():
+    assert all(math.isnan(x) for x in bootstrap_interval([1.0], [2.0]))  # one call: no interval
+    assert bootstrap_interval([1.0, 2.0], [2.0, 4.0]) == (2.0, 2.0)  # every resample: 2x
+    low, high = bootstrap_interval([1.0, 1.0, 1.0, 1.0], [1.0, 1.2, 1.4, 1.6])
+    assert 1.0 <= low < 1.3 < high <= 1.6  # the point estimate, 5.2 / 4 = 1.3, lies inside
+    assert bootstrap_interval([1.0, 1.0, 1.0, 1.0], [1.0, 1.2, 1.4, 1.6]) == (low, high)  # fixed seed
 
 
 def test_left_padding_puts_every_prompt_at_the_right_edge():
@@ -46,6 +46,7 @@ def test_a_row_s_figures_follow_from_its_calls():
             [[1, 2, 3, 9]],
             proposed=4,
             accepted=2,
+            rejections=1,
             rounds=2,
             loop_rounds=2,
             emitted=4,
@@ -59,6 +60,7 @@ def test_a_row_s_figures_follow_from_its_calls():
             [[5, 6, 7, 8]],
             proposed=4,
             accepted=2,
+            rejections=1,
             rounds=2,
             loop_rounds=2,
             emitted=4,
@@ -76,9 +78,12 @@ def test_a_row_s_figures_follow_from_its_calls():
     assert row.same_tokens == 7 / 8
     assert row.floor_multiple == pytest.approx((3.0 / 8) / 0.25)
     assert row.acceptance == 0.5 and row.proposals_per_round == 2.0 and row.tokens_per_round == 2.0
+    # 4 accepted, 2 rounds with a rejection: the real model judged 6 proposals, accepting 4
+    assert row.acceptance_per_position == pytest.approx(4 / 6)
     assert row.draft_calls_per_round == 2.0
     assert row.draft_cost == pytest.approx((0.6 / 8) / 0.75) and row.verify_cost == pytest.approx((1.5 / 4) / 0.75)
-    expected = (1 - 0.5**3) / 0.5 / (2 * row.draft_cost + row.verify_cost)
+    a = 4 / 6
+    expected = (1 - a**3) / (1 - a) / (2 * row.draft_cost + row.verify_cost)
     assert row.predicted_speedup == pytest.approx(expected)
     assert row.realisation == pytest.approx(2.0 / expected)
     plain_row = summarise("ours-greedy", 1, "code", plain, "ours-greedy", plain, plain, plain, floor, math.nan)

@@ -73,3 +73,29 @@ def test_a_prompts_file_is_read_per_set_and_bad_lines_are_named(tmp_path):
         prompt_suite(WhitespaceTokenizer(), per_set=0)
     with pytest.raises(ValueError, match="unknown prompt sets \\['poetry'\\]"):
         prompt_suite(WhitespaceTokenizer(), sets=("poetry",))
+
+
+def test_no_documentation_prompt_text_is_in_the_draft_s_training_text():
+    """The embedded corpus's aggregate topics repeat other topics' sections, so its train split holds
+    test text; the draft's training text drops those paragraphs (70 of 369 120-character chunks of
+    the test pieces' first 2,400 characters were in the train split before)."""
+    from cascade_bench.data.corpus import embedded_corpus
+
+    documents, _, _ = draft_text_sources()
+    joined = "\n".join(documents)
+    for piece in embedded_corpus().documents("test"):
+        for start in range(0, min(len(piece), 2400) - 120, 120):
+            assert piece[start : start + 120] not in joined
+
+
+def test_prose_prompts_read_the_test_file_whole(tmp_path):
+    folder = tmp_path / "wikitext"
+    folder.mkdir()
+    articles = [f" = Title {i} = \n\n " + " ".join(f"w{i}x{j}" for j in range(300)) + " \n" for i in range(3)]
+    (folder / "wiki.test.raw").write_text("".join(articles))
+    (folder / "wiki.valid.raw").write_text(" = Other = \n\n nothing here \n")
+    suite, _ = prompt_suite(WhitespaceTokenizer(), per_set=2, corpus=folder, sets=("prose",))
+    assert [p.source for p in suite["prose"]] == ["wiki.test.raw article 0", "wiki.test.raw article 1"]
+    (folder / "wiki.test.raw").unlink()
+    with pytest.raises(ValueError, match="expected a text file named for the test split"):
+        prompt_suite(WhitespaceTokenizer(), per_set=1, corpus=folder, sets=("prose",))

@@ -3,6 +3,8 @@ are the real model's greedy tokens at any batch size, padding side, draft and EO
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -45,6 +47,7 @@ def test_draft_verify_equals_the_real_model_s_greedy_decoding(preset, lengths, s
         assert out.accepted <= out.proposed and out.emitted == out.rounds + out.accepted - 0 * out.rounds
         assert out.rounds / len(lengths) <= out.loop_rounds <= out.rounds
         assert out.accepted_from_lookup <= out.from_lookup <= out.proposed
+        assert out.accepted + out.rejections <= out.proposed  # a rejecting round rejects at least one
         if "lookup" not in setting:
             assert out.from_lookup == 0
 
@@ -58,7 +61,7 @@ def test_a_draft_equal_to_the_real_model_is_always_accepted(text):
     ids, mask = _ragged_prompts(text, [10], "left")
     out = speculative_generate(target, ids, mask, max_new_tokens=17, draft=target, draft_length=3)
     assert torch.equal(out.tokens, _greedy(target, ids, mask, 17))
-    assert (out.rounds, out.proposed, out.accepted, out.emitted) == (5, 12, 12, 17)
+    assert (out.rounds, out.proposed, out.accepted, out.emitted, out.rejections) == (5, 12, 12, 17, 0)
     assert out.acceptance_rate == 1.0 and out.tokens_per_round == 17 / 5
     # rounds 1-4 read one unseen token and feed 2 drafts; round 5 has room 1: no drafting at all
     assert out.draft_calls == 4 * 3
@@ -92,7 +95,9 @@ def test_bad_arguments_are_refused_before_any_work():
         speculative_generate(target, ids)
     with pytest.raises(ValueError, match="draft_length must be an int >= 1, got 0"):
         speculative_generate(target, ids, lookup=2, draft_length=0)
-    with pytest.raises(ValueError, match=r"confidence must be a probability in \[0, 1\], got 1.5"):
+    with pytest.raises(
+        ValueError, match=r"confidence must be a probability in \[0, 1\] \(or inf: never draft\), got 1.5"
+    ):
         speculative_generate(target, ids, draft=target, confidence=1.5)
     gpt2 = tiny_ensemble("gpt2-tiny", layers=(1,))[0]
     gpt2.model.resize_token_embeddings(300)
@@ -113,7 +118,7 @@ def test_lossy_drafting_keeps_confident_drafts_and_scores_them_under_the_real_mo
     exact = speculative_generate(target, ids, mask, 12, draft=draft, draft_length=2, trust=1.0)
     assert torch.equal(exact.tokens, reference) and exact.trusted == 0
     lossy = speculative_generate(target, ids, mask, 12, draft=draft, draft_length=2, trust=0.0)
-    assert lossy.acceptance_rate == 1.0 and lossy.trusted > 0
+    assert lossy.acceptance_rate == 1.0 and 0 < lossy.trusted <= lossy.accepted and lossy.rejections == 0
     assert not torch.equal(lossy.tokens, reference)
     # each token's NLL is the real model's over the produced text
     joined = torch.cat([ids, lossy.tokens], dim=1)
@@ -124,6 +129,9 @@ def test_lossy_drafting_keeps_confident_drafts_and_scores_them_under_the_real_mo
     start = ids.shape[1] - 1
     expected = -logits[:, start:-1].float().log_softmax(-1).gather(2, lossy.tokens[..., None]).squeeze(2)
     torch.testing.assert_close(lossy.nll, expected, atol=1e-4, rtol=0)
+    eos = int(lossy.tokens[0, 3])  # rows stop at EOS: nothing past it counts as trusted
+    stopped = speculative_generate(target, ids, mask, 12, draft=draft, draft_length=2, trust=0.0, eos_token_id=eos)
+    assert stopped.trusted <= stopped.accepted <= stopped.proposed
     with pytest.raises(ValueError, match="trust \\(lossy drafting\\) needs a draft model"):
         speculative_generate(target, ids, mask, 4, lookup=2, trust=0.5)
 
@@ -138,7 +146,7 @@ def test_calibration_stops_drafting_where_agreement_falls_below_the_draft_s_cost
     threshold, curve = calibrate_confidence(target, target, windows, cost=0.5, bins=4)
     assert [rate for _, rate in curve] == [1.0] * 4 and threshold == curve[-1][0]
     assert [edge for edge, _ in curve] == sorted((edge for edge, _ in curve), reverse=True)
-    assert calibrate_confidence(target, target, windows, cost=1.5, bins=4)[0] == 1.0
+    assert calibrate_confidence(target, target, windows, cost=1.5, bins=4)[0] == math.inf
     other = tiny_ensemble("llama-tiny", layers=(1,), seed=5)[0]
     threshold, curve = calibrate_confidence(other, target, windows, cost=0.2, bins=4)
     # the curve stops at the first bin below the cost; the threshold is the last passing bin's edge
@@ -146,4 +154,4 @@ def test_calibration_stops_drafting_where_agreement_falls_below_the_draft_s_cost
     if curve[-1][1] >= 0.2:
         assert threshold == curve[-1][0]
     else:
-        assert threshold == (curve[-2][0] if len(curve) > 1 else 1.0)
+        assert threshold == (curve[-2][0] if len(curve) > 1 else math.inf)
