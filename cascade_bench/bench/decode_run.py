@@ -362,9 +362,10 @@ def format_decode_tables(rows: Sequence[DecodeRow], conditions: dict) -> str:
             if r.batch_size != batch:
                 continue
             low, high = r.speedup_interval
+            interval = f" ({low:.2f}-{high:.2f})" if math.isfinite(low) else ""
             parts.append(
                 f"| {r.method} | {r.prompt_set} | {r.tokens_per_s:.1f} | {r.speedup:.2f}x"
-                f"{f' ({low:.2f}-{high:.2f})' if math.isfinite(low) else ''} | {r.baseline} | {r.same_tokens:.3f} | {_cell(r.continuation_nll, 3)} | "
+                f"{interval} | {r.baseline} | {r.same_tokens:.3f} | {_cell(r.continuation_nll, 3)} | "
                 f"{r.latency_p50_ms:.1f} / {r.latency_p95_ms:.1f} | {_cell(r.acceptance)} | "
                 f"{_cell(r.tokens_per_round)} | {_cell(r.draft_cost, 3)} | {_cell(r.verify_cost)} | "
                 f"{_cell(r.predicted_speedup)} | {_cell(r.realisation)} | {_cell(r.flops_per_token / 1e9, 3)} | "
