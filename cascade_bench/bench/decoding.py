@@ -139,9 +139,11 @@ def _hf_model(ensemble: Ensemble):
 
 def _hf_seconds_per_token(model, ids: Tensor, new_tokens: int, **options) -> tuple[float, Tensor]:
     """HF ``generate``, greedy: decode seconds per token (all rows together; the prompt's pass is
-    excluded) and its tokens."""
+    excluded) and its tokens, in our ``generate``'s convention: the decode loop's time (new_tokens - 1
+    steps, the first token comes from the prompt's pass) over every generated token."""
     call = hf_generate_timed(model, ids, torch.ones_like(ids), new_tokens, 0, **options)
-    return call.seconds / call.tokens.numel(), call.tokens
+    loop_share = (new_tokens - 1) / new_tokens  # call.seconds is scaled to all new_tokens steps
+    return call.seconds * loop_share / call.tokens.numel(), call.tokens
 
 
 def bench_decoding(
