@@ -522,6 +522,13 @@ def _add_bench_decode_command(commands) -> None:
     )
     decode.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     decode.add_argument("--no-flops", action="store_true", help="skip the counted FLOPs per token")
+    decode.add_argument(
+        "--tables-from",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="measure nothing: rewrite this bench-decode JSON's whole-suite rows and its Markdown (--markdown)",
+    )
     decode.add_argument("--device", default="cpu")
     decode.add_argument("--json", type=Path, default=Path("results/bench-decode.json"))
     decode.add_argument("--markdown", type=Path, default=Path("results/bench-decode.md"))
@@ -780,8 +787,12 @@ def _train_draft(args: argparse.Namespace) -> int:
 
 
 def _bench_decode(args: argparse.Namespace) -> int:
-    from .bench.decode_run import format_decode_tables, run_decode_bench
+    from .bench.decode_run import format_decode_tables, rewrite_tables, run_decode_bench
 
+    if args.tables_from is not None:
+        rewrite_tables(args.tables_from, args.markdown)
+        print(f"wrote {args.tables_from} and {args.markdown}")
+        return 0
     if args.lookup < 0:
         raise ValueError(f"--lookup must be >= 0, got {args.lookup}")
     if args.draft is not None and not args.draft.is_dir():

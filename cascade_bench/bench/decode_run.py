@@ -3,6 +3,7 @@ method (``decode_suite``), and write one JSON file and one Markdown table per ba
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict
 from pathlib import Path
@@ -28,6 +29,7 @@ from .decode_suite import (
     memory_floor,
     summarise,
     timed_rotation,
+    whole_suite_rows,
 )
 from .hf_generate import Call, hf_generate_timed
 
@@ -310,6 +312,7 @@ def run_decode_bench(
                         flops.get((method, name), math.nan) if batch == 1 else math.nan,
                     )
                 )
+    rows += whole_suite_rows(rows, new_tokens)
     conditions = {
         **environment_conditions(torch.device(device), hf_model.dtype),
         "model": origin,
@@ -366,7 +369,7 @@ def format_decode_tables(rows: Sequence[DecodeRow], conditions: dict) -> str:
             parts.append(
                 f"| {r.method} | {r.prompt_set} | {r.tokens_per_s:.1f} | {r.speedup:.2f}x"
                 f"{interval} | {r.baseline} | {r.same_tokens:.3f} | {_cell(r.continuation_nll, 3)} | "
-                f"{r.latency_p50_ms:.1f} / {r.latency_p95_ms:.1f} | {_cell(r.acceptance)} | "
+                f"{_cell(r.latency_p50_ms, 1)} / {_cell(r.latency_p95_ms, 1)} | {_cell(r.acceptance)} | "
                 f"{_cell(r.tokens_per_round)} | {_cell(r.draft_cost, 3)} | {_cell(r.verify_cost)} | "
                 f"{_cell(r.predicted_speedup)} | {_cell(r.realisation)} | {_cell(r.flops_per_token / 1e9, 3)} | "
                 f"{_cell(r.floor_multiple, 1)} |"
@@ -384,3 +387,24 @@ def format_decode_tables(rows: Sequence[DecodeRow], conditions: dict) -> str:
         parts.append(f"Draft's top-1 agreement with the real model's greedy tokens (batch 1, teacher-forced): {shown}.")
     parts.extend(f"Note: {note}" for note in conditions["notes"])
     return "\n".join(parts) + "\n"
+
+
+def rewrite_tables(json_path: Path, markdown_path: Optional[Path] = None) -> list[DecodeRow]:
+    """Re-read a ``bench-decode`` JSON file, recompute its whole-suite rows from the per-set rows and
+    write the JSON and Markdown again (atomically); nothing is re-measured."""
+    json_path = Path(json_path)
+    if not json_path.is_file():
+        raise ValueError(f"--tables-from {json_path} is not a file; expected a bench-decode JSON")
+    payload = json.loads(json_path.read_text())
+    if not isinstance(payload, dict) or "rows" not in payload or "conditions" not in payload:
+        raise ValueError(f"{json_path} is not a bench-decode JSON (no 'rows' and 'conditions')")
+    rows = [
+        DecodeRow(**{**row, "speedup_interval": tuple(row["speedup_interval"])})
+        for row in payload["rows"]
+        if row["prompt_set"] != "all"
+    ]
+    rows += whole_suite_rows(rows, payload["conditions"]["new_tokens"])
+    write_json_atomic(json_path, {"rows": [asdict(r) for r in rows], "conditions": payload["conditions"]})
+    if markdown_path is not None:
+        write_text_atomic(markdown_path, format_decode_tables(rows, payload["conditions"]))
+    return rows

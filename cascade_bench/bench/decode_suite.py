@@ -307,3 +307,49 @@ def greedy_agreement(draft, vocabulary: Optional[Tensor], batches, greedy_calls:
             same += int((predicted[start:-1] == joined[0, start + 1 :]).sum())
             total += call.tokens.shape[1]
     return same / total if total else math.nan
+
+
+def whole_suite_rows(rows: Sequence[DecodeRow], new_tokens: int) -> list[DecodeRow]:
+    """Per batch size and method, one row over every prompt set together (``prompt_set="all"``): its
+    summed seconds against the plain greedy method fastest over the whole suite, on the same calls
+    (a capped method against the baseline's first calls of each set), with the bootstrap interval
+    over all calls; same tokens weighted by tokens. Other columns stay per set."""
+    out: list[DecodeRow] = []
+    for batch in sorted({r.batch_size for r in rows}):
+        of_batch = [r for r in rows if r.batch_size == batch and r.prompt_set != "all"]
+        sets = sorted({r.prompt_set for r in of_batch})
+        by = {(r.method, r.prompt_set): r for r in of_batch}
+        plain = [m for m in PLAIN if all((m, s) in by for s in sets)]
+        if not plain:
+            continue
+        baseline = min(plain, key=lambda m: sum(sum(by[(m, s)].per_prompt_seconds) for s in sets))
+        for method in dict.fromkeys(r.method for r in of_batch):
+            if not all((method, s) in by for s in sets):
+                continue
+            mine, theirs, same, tokens = [], [], 0.0, 0
+            for s in sets:
+                row = by[(method, s)]
+                count = len(row.per_prompt_seconds)
+                mine += row.per_prompt_seconds
+                theirs += by[(baseline, s)].per_prompt_seconds[:count]
+                called = count * batch * new_tokens
+                same += row.same_tokens * called
+                tokens += called
+            out.append(
+                DecodeRow(
+                    method=method,
+                    batch_size=batch,
+                    prompt_set="all",
+                    prompts=sum(by[(method, s)].prompts for s in sets),
+                    tokens_per_s=tokens / sum(mine),
+                    speedup=sum(theirs) / sum(mine),
+                    speedup_interval=bootstrap_interval(mine, theirs),
+                    baseline=baseline,
+                    same_tokens=same / tokens,
+                    latency_p50_ms=math.nan,
+                    latency_p95_ms=math.nan,
+                    lossless=by[(method, sets[0])].lossless,
+                    per_prompt_seconds=mine,
+                )
+            )
+    return out

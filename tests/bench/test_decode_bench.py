@@ -78,13 +78,13 @@ def bench(tmp_path_factory):
         )
         == 0
     )
-    return draft, json.loads(out.read_text()), (root / "bench.md").read_text()
+    return draft, json.loads(out.read_text()), (root / "bench.md").read_text(), out
 
 
 def test_the_draft_is_a_plain_hugging_face_folder_with_its_record(bench):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    draft, _, _ = bench
+    draft, _, _, _ = bench
     model = AutoModelForCausalLM.from_pretrained(draft)
     assert model.config.num_hidden_layers == 1
     AutoTokenizer.from_pretrained(draft)
@@ -96,8 +96,8 @@ def test_the_draft_is_a_plain_hugging_face_folder_with_its_record(bench):
 
 
 def test_every_method_is_measured_where_it_can_run_and_lossless_rows_match_plain_greedy(bench):
-    _, payload, markdown = bench
-    rows = payload["rows"]
+    _, payload, markdown, _ = bench
+    rows = [r for r in payload["rows"] if r["prompt_set"] != "all"]
     required = {
         "method",
         "batch_size",
@@ -131,3 +131,16 @@ def test_every_method_is_measured_where_it_can_run_and_lossless_rows_match_plain
     notes = payload["conditions"]["notes"]
     assert any("hf-assisted at batch 2" in note for note in notes)
     assert "### Batch 1" in markdown and "### Batch 2" in markdown
+
+
+def test_whole_suite_rows_are_written_and_rewritten_from_the_json_alone(bench, tmp_path):
+    _, payload, _, path = bench
+    suite = [r for r in payload["rows"] if r["prompt_set"] == "all"]
+    assert {(r["method"], r["batch_size"]) for r in suite} == {
+        (r["method"], r["batch_size"]) for r in payload["rows"] if r["prompt_set"] == "code"
+    }
+    copy = tmp_path / "copy.json"
+    copy.write_text(path.read_text())
+    assert main(["bench-decode", "--tables-from", str(copy), "--markdown", str(tmp_path / "t.md"), "--quiet"]) == 0
+    assert json.loads(copy.read_text()) == payload  # nothing re-measured, the same rows recomputed
+    assert "| ours-greedy | all |" in (tmp_path / "t.md").read_text()

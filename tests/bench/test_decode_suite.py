@@ -108,3 +108,30 @@ def test_greedy_agreement_of_the_real_model_with_itself_is_one(text):
     used = torch.cat([c.tokens for c in calls]).unique()
     others = torch.tensor([i for i in range(target.vocab_size) if i not in set(used.tolist())])
     assert greedy_agreement(target, others, batches, calls) == 0.0
+
+
+def test_whole_suite_rows_sum_every_set_against_the_baseline_fastest_over_the_suite():
+    from cascade_bench.bench.decode_suite import DecodeRow, whole_suite_rows
+
+    def row(method, prompt_set, seconds, same=1.0):
+        return DecodeRow(
+            method, 1, prompt_set, len(seconds), 0.0, 0.0, (0, 0), "", same, 0.0, 0.0, per_prompt_seconds=seconds
+        )
+
+    rows = [
+        row("ours-greedy", "a", [2.0, 2.0]),
+        row("hf-greedy", "a", [1.0, 1.0]),  # hf faster on set a
+        row("ours-greedy", "b", [2.0, 2.0]),
+        row("hf-greedy", "b", [4.0, 4.0]),  # ours faster on b
+        row("ours-draft", "a", [1.0, 1.0], same=0.5),
+        row("ours-draft", "b", [1.0, 1.0]),
+        row("hf-early-exit", "a", [5.0]),
+        row("hf-early-exit", "b", [6.0]),  # capped: first call of each
+    ]
+    suite = {r.method: r for r in whole_suite_rows(rows, new_tokens=10)}
+    # over the whole suite ours-greedy takes 8 s, hf-greedy 10 s: ours is the baseline
+    assert {r.baseline for r in suite.values()} == {"ours-greedy"}
+    assert suite["ours-draft"].speedup == 8.0 / 4.0 and suite["ours-draft"].tokens_per_s == 40 / 4.0
+    assert suite["ours-draft"].same_tokens == 0.75  # 20 tokens at 0.5, 20 at 1.0
+    assert suite["hf-early-exit"].speedup == (2.0 + 2.0) / (5.0 + 6.0)  # against the baseline's first calls
+    assert suite["hf-greedy"].speedup == 8.0 / 10.0
