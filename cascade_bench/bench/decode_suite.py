@@ -73,6 +73,8 @@ METHODS = (
     "hf-early-exit",
 )
 PLAIN = ("ours-greedy", "hf-greedy")
+#: Methods that need a draft model (``--draft``).
+NEEDS_DRAFT = ("ours-draft", "ours-lookup+draft", "ours-lossy", "hf-assisted")
 #: Methods whose Hugging Face code path refuses batches larger than one.
 BATCH_ONE_ONLY = ("hf-assisted", "hf-prompt-lookup", "hf-early-exit")
 
