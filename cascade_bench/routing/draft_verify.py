@@ -431,7 +431,7 @@ def calibrate_confidence(
     (threshold, [(bin's lower edge, its agreement)] from the most confident bin down)."""
     if not 0.0 <= cost:
         raise ValueError(f"cost must be >= 0, got {cost!r}")
-    state = _DraftState(draft, windows.shape[0], vocabulary)
+    state = _DraftState(draft, 0, vocabulary)  # its head only: no cache rows
     levels, agreeing = [], []
     with torch.inference_mode():
         for row in windows.to(target.device):

@@ -332,13 +332,6 @@ def draft_text_sources(corpus: Optional[Path] = None) -> tuple[list[str], list[s
     return _interleaved(groups), validation, names
 
 
-def teacher_vocabulary_check(teacher: LLM, tokenizer) -> None:
-    """The draft uses the teacher's tokenizer; refuse one that can emit ids past its head."""
-    from ..data.tokenization import check_vocab_fits
-
-    check_vocab_fits(tokenizer, teacher.vocab_size)
-
-
 def draft_record(config: DraftConfig, history: DraftHistory, teacher: str, vocabulary: Sequence[int], sources) -> dict:
     return {
         "format": "cascade_bench.draft",

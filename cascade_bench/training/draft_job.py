@@ -13,8 +13,10 @@ from typing import Optional
 
 import torch
 
+from ..data.tokenization import check_vocab_fits
 from ..data.windows import encode_documents
 from ..stages.llm import LLM
+from ..stages.model_source import file_sha256, model_fingerprint
 from .distillation import (
     DRAFT_RECORD,
     DraftConfig,
@@ -24,7 +26,6 @@ from .distillation import (
     draft_text_sources,
     frequent_ids,
     teacher_targets,
-    teacher_vocabulary_check,
     windows_of,
 )
 
@@ -47,13 +48,13 @@ def train_draft(
         raise ValueError(f"--out {out} exists and is not a folder")
     teacher = LLM.from_pretrained(teacher_path)
     tokenizer = AutoTokenizer.from_pretrained(teacher_path)
-    teacher_vocabulary_check(teacher, tokenizer)
+    check_vocab_fits(tokenizer, teacher.vocab_size)  # the draft uses the teacher's tokenizer
     draft = draft_from_teacher(teacher, config.layers)  # checks the layer count before any long work
     documents, held_out, sources = draft_text_sources(corpus)
     stream = encode_documents(tokenizer, documents)
     train = windows_of(stream, config.window, config.teacher_tokens)
     validation = windows_of(encode_documents(tokenizer, held_out), config.window, config.validation_tokens)
-    fingerprint = json.dumps(teacher.config.to_dict(), sort_keys=True) + str(teacher_name or teacher_path)
+    fingerprint = _teacher_fingerprint(Path(teacher_path), teacher)
     began = time.perf_counter()
     if progress:
         print(f"teacher labels {train.numel() + validation.numel():,} tokens (top {config.top_k})", flush=True)
@@ -78,6 +79,14 @@ def train_draft(
         if staging.exists():
             shutil.rmtree(staging)
     return record
+
+
+def _teacher_fingerprint(folder: Path, teacher: LLM) -> str:
+    """What shapes the teacher's targets: its folder (config, file names and sizes), the content of
+    its weight files and the dtype it ran in; another checkpoint never reuses cached targets."""
+    weights = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin")) if folder.is_dir() else []
+    contents = ",".join(f"{p.name}:{file_sha256(p)}" for p in weights)
+    return f"{model_fingerprint(str(folder))}|{contents}|{teacher.dtype}"
 
 
 def read_draft_vocabulary(folder: Path) -> Optional[torch.Tensor]:

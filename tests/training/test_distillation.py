@@ -105,3 +105,15 @@ def test_bad_draft_settings_are_refused():
         DraftConfig(vocabulary=-1)
     with pytest.raises(ValueError, match="draft hard_weight must be a number >= 0, got -1"):
         DraftConfig(hard_weight=-1)
+
+
+def test_cached_teacher_targets_are_keyed_by_the_teacher_s_weights(tmp_path):
+    """Two checkpoints of one config, same file names and sizes, differ in their key."""
+    from cascade_bench.training.draft_job import _teacher_fingerprint
+
+    teacher = _teacher()
+    teacher.model.save_pretrained(tmp_path / "a")
+    first = _teacher_fingerprint(tmp_path / "a", teacher)
+    teacher.model.model.embed_tokens.weight.data.add_(1.0)
+    teacher.model.save_pretrained(tmp_path / "a")
+    assert _teacher_fingerprint(tmp_path / "a", teacher) != first
