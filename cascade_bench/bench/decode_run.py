@@ -14,6 +14,7 @@ import torch
 from ..data.prompt_suite import PROMPT_SETS, SUITE_VERSION, prompt_suite, read_prompts_file
 from ..data.storage import write_json_atomic, write_text_atomic
 from ..measure.environment import environment_conditions
+from ..measure.timing import PhaseClock
 from ..routing.draft_verify import speculative_generate
 from ..routing.generation import generate
 from ..routing.speculative import self_speculative_generate
@@ -33,6 +34,9 @@ from .decode_suite import (
     whole_suite_rows,
 )
 from .hf_generate import Call, hf_generate_timed
+
+EARLY_EXIT_METHODS = ("ours-self-spec", "hf-early-exit")  # capped to --early-exit-prompts at batch 1 (slow)
+WARM_UP_TOKENS = 8  # an untimed warm-up call's new tokens: enough to allocate and pick every kernel
 
 
 def _ours_greedy(target: LLM, new_tokens: int) -> Callable:
@@ -156,7 +160,7 @@ def run_decode_bench(
     early_exit_layer: Optional[int] = None,
     self_spec_length: int = 4,
     early_exit_prompts: int = 2,
-    flop_tokens: int = 32,
+    flop_tokens: int = 16,
     methods: Sequence[str] = METHODS,
     count_flops: bool = True,
     device: str = "cpu",
@@ -189,17 +193,20 @@ def run_decode_bench(
     if draft_path is None and needs_draft:
         notes.append(f"no --draft folder: {', '.join(sorted(needs_draft))} skipped")
         methods = [m for m in methods if m not in needs_draft]
+    phases = PhaseClock()
     tokenizer = AutoTokenizer.from_pretrained(target_path)
-    if prompts_file is not None:
-        suite = read_prompts_file(Path(prompts_file), tokenizer)
-    else:
-        suite, suite_notes = prompt_suite(tokenizer, per_set, corpus, sets)
-        notes.extend(suite_notes)
+    with phases("prompt_suite"):
+        if prompts_file is not None:
+            suite = read_prompts_file(Path(prompts_file), tokenizer)
+        else:
+            suite, suite_notes = prompt_suite(tokenizer, per_set, corpus, sets)
+            notes.extend(suite_notes)
     for name, prompts in suite.items():
         too_few = [b for b in batch_sizes if len(prompts) < b]
         if too_few:
             raise ValueError(f"prompt set {name!r} has {len(prompts)} prompts, fewer than batch sizes {too_few}")
-    hf_model = AutoModelForCausalLM.from_pretrained(target_path).to(device).eval()
+    with phases("loading"):
+        hf_model = AutoModelForCausalLM.from_pretrained(target_path).to(device).eval()
     target = LLM(hf_model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     layer = early_exit_layer if early_exit_layer is not None else max(1, round(0.8 * target.num_layers))
@@ -209,19 +216,22 @@ def run_decode_bench(
     if draft_path is not None and needs_draft & set(methods):
         from ..training.draft_job import read_draft_vocabulary
 
-        draft = LLM(AutoModelForCausalLM.from_pretrained(draft_path).to(device).eval())
+        with phases("loading"):
+            draft = LLM(AutoModelForCausalLM.from_pretrained(draft_path).to(device).eval())
         vocabulary = read_draft_vocabulary(Path(draft_path))
         if draft.vocab_size != target.vocab_size:
             raise ValueError(
                 f"the draft {draft_path} has {draft.vocab_size} ids, the real model {target.vocab_size}: "
                 "a draft must share the real model's tokenizer"
             )
-    floor = memory_floor(hf_model, device)
+    with phases("floor"):
+        floor = memory_floor(hf_model, device)
     calibration = None
     if confidence == "auto":
         confidence, calibration = 0.0, {"note": "no draft: nothing to calibrate"}
         if draft is not None:
-            confidence, calibration = _calibrated_confidence(target, draft, vocabulary, tokenizer, new_tokens)
+            with phases("calibration"):
+                confidence, calibration = _calibrated_confidence(target, draft, vocabulary, tokenizer, new_tokens)
 
     def builders(tokens: int) -> dict[str, Callable[[], Callable]]:
         """Per method, what builds its call for ``tokens`` new tokens."""
@@ -263,7 +273,9 @@ def run_decode_bench(
 
     blocks = Ensemble.from_blocks(hf_model, [layer]) if "ours-self-spec" in methods else None
     flop_span = min(flop_tokens, new_tokens)
+    warm_span = min(WARM_UP_TOKENS, new_tokens)
     timed, counting, one_token = builders(new_tokens), builders(flop_span), builders(1)  # counting is slow
+    warming = builders(warm_span)
     say = print if progress else (lambda *_: None)
     rows: list[DecodeRow] = []
     flops: dict[tuple[str, str], float] = {}
@@ -276,23 +288,31 @@ def run_decode_bench(
                 notes.append(f"{method} at batch {batch}: not run (Hugging Face supports it at batch 1 only)")
         calls_of = {m: timed[m]() for m in active}
         counters = {m: (counting[m](), one_token[m]()) for m in active} if count_flops and batch == 1 else {}
+        warmed = False
         for name, prompts in suite.items():
             batches = [left_padded(prompts[i : i + batch], pad_id) for i in range(0, len(prompts) - batch + 1, batch)]
             say(f"batch {batch}, {name}: {len(batches)} calls of each of {len(active)} methods")
             warm_ids, warm_mask = batches[0]
-            for method in active:  # untimed warm-up (first calls allocate and pick kernels)
-                calls_of[method](warm_ids[:, -64:], warm_mask[:, -64:])
-                if count_flops and batch == 1:
-                    long_call, short_call = counters[method]
-                    decoded = _counted_flops(long_call, warm_ids, warm_mask) - _counted_flops(
-                        short_call, warm_ids, warm_mask
-                    )
-                    flops[(method, name)] = decoded / (flop_span - 1)  # the prompt's pass cancels
-            caps = {"hf-early-exit": early_exit_prompts} if batch == 1 else {}
-            calls = timed_rotation(calls_of, batches, caps=caps, start=rotation)
+            if not warmed:  # untimed, once per batch size: first calls allocate and pick kernels
+                with phases("warm_up"):
+                    for method in active:
+                        warming[method]()(warm_ids, warm_mask)
+                warmed = True
+            if count_flops and batch == 1:
+                with phases("flop_counting"):
+                    for method in active:
+                        long_call, short_call = counters[method]
+                        decoded = _counted_flops(long_call, warm_ids, warm_mask) - _counted_flops(
+                            short_call, warm_ids, warm_mask
+                        )
+                        flops[(method, name)] = decoded / (flop_span - 1)  # the prompt's pass cancels
+            caps = dict.fromkeys(EARLY_EXIT_METHODS, early_exit_prompts) if batch == 1 else {}
+            with phases("timed"):
+                calls = timed_rotation(calls_of, batches, caps=caps, start=rotation)
             rotation += len(batches)
             if batch == 1 and draft is not None and "ours-greedy" in calls:
-                agreement[name] = greedy_agreement(draft, vocabulary, batches, calls["ours-greedy"])
+                with phases("draft_agreement"):
+                    agreement[name] = greedy_agreement(draft, vocabulary, batches, calls["ours-greedy"])
             plain = {m: calls[m] for m in PLAIN if m in calls}
             baseline = min(
                 plain, key=lambda m: sum(c.seconds for c in plain[m]) / sum(c.tokens.numel() for c in plain[m])
@@ -333,14 +353,19 @@ def run_decode_bench(
         "hf_prompt_lookup_num_tokens": hf_lookup,
         "early_exit_layer": layer,
         "self_spec_draft_length": self_spec_length,
-        "hf_early_exit_prompts": early_exit_prompts,
+        "early_exit_prompts": f"at batch 1, {' and '.join(EARLY_EXIT_METHODS)} ran on each set's first "
+        f"{early_exit_prompts} prompts",
         "flops": f"per decoded token, counted at batch 1 on each set's first prompt: (F({flop_span}) - F(1)) / "
         f"{flop_span - 1}, F(n) the FLOPs of a call generating n tokens"
         if count_flops
         else "not counted",
         "floor": floor,
+        "warm_up": f"untimed, once per batch size: every method generating {warm_span} tokens for the first "
+        "set's first batch",
+        "phase_seconds": phases.seconds,
         "notes": notes,
     }
+    say("seconds per phase: " + ", ".join(f"{phase} {seconds:.0f}" for phase, seconds in phases.seconds.items()))
     if json_path is not None:
         write_json_atomic(json_path, {"rows": [asdict(r) for r in rows], "conditions": conditions})
     if markdown_path is not None:

@@ -163,3 +163,19 @@ def interleaved_ratio(
             theirs_total += wall_time_once(theirs, device)
         ratios.append(mine_total / theirs_total)
     return statistics.median(ratios)
+
+
+class PhaseClock:
+    """Wall-clock seconds a job spends in each named phase (summed over its entries): where a long
+    run's time goes, recorded beside its results. ``with clock("warm_up"): ...``"""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start

@@ -69,6 +69,8 @@ def bench(tmp_path_factory):
                 "--sets",
                 "documentation",
                 "code",
+                "--early-exit-prompts",
+                "1",
                 "--json",
                 str(out),
                 "--markdown",
@@ -144,3 +146,19 @@ def test_whole_suite_rows_are_written_and_rewritten_from_the_json_alone(bench, t
     assert main(["bench-decode", "--tables-from", str(copy), "--markdown", str(tmp_path / "t.md"), "--quiet"]) == 0
     assert copy.read_text() == path.read_text()  # nothing re-measured, the same rows recomputed
     assert "| ours-greedy | all |" in (tmp_path / "t.md").read_text()
+
+
+def test_early_exit_methods_are_capped_at_batch_one_and_the_run_records_where_its_time_went(bench):
+    _, payload, _, _ = bench
+    for row in payload["rows"]:
+        if row["prompt_set"] == "all":
+            continue
+        capped = row["batch_size"] == 1 and row["method"] in ("ours-self-spec", "hf-early-exit")
+        assert row["prompts"] == (1 if capped else 2), (row["method"], row["batch_size"])
+        assert len(row["per_prompt_seconds"]) * row["batch_size"] == row["prompts"]  # one entry per call
+    phases = payload["conditions"]["phase_seconds"]
+    assert {"prompt_suite", "loading", "floor", "calibration", "warm_up", "flop_counting", "timed"} <= set(phases)
+    assert all(seconds > 0 for seconds in phases.values())
+    # the timed calls' own seconds are part of the timed phase
+    timed = sum(sum(r["per_prompt_seconds"]) for r in payload["rows"] if r["prompt_set"] != "all")
+    assert timed <= phases["timed"]
