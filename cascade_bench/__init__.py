@@ -6,74 +6,75 @@ The package follows the pipeline, each subpackage importing only from those abov
 below are the public API; everything else is importable from its module.
 """
 
-from .cost import CostRecord, format_cost, measure_cost
-from .data import byte_token_windows, embedded_documents, load_corpus, prepare_data
-from .measure import count_flops
-from .models import memory_lm as _memory_lm  # noqa: F401  (registers the memory-layer family with the Auto classes)
-from .routing import (
-    RoutedOutput,
-    calibrate_thresholds,
-    evaluate,
-    forward_cascade,
-    full_forward,
-    generate,
-    masked_forward,
-    risk_controlled_thresholds,
-    routed_forward,
-)
-from .stages import (
-    BUILTIN_EXIT_FUNCTIONS,
-    LLM,
-    Block,
-    Ensemble,
-    ExitClassifier,
-    ExitFunction,
-    build_blocks,
-    build_ensemble,
-    low_rank_max_prob,
-    resolve_exit_function,
-    stage_config,
-    top_k_max_prob,
-)
-from .training import PROTOCOLS, load_ensemble, save_ensemble, start_ensemble, train_exit_classifier, train_protocol
+from __future__ import annotations
+
+import importlib
+import sys
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "BUILTIN_EXIT_FUNCTIONS",
-    "LLM",
-    "PROTOCOLS",
-    "Block",
-    "CostRecord",
-    "Ensemble",
-    "ExitFunction",
-    "RoutedOutput",
-    "__version__",
-    "build_blocks",
-    "build_ensemble",
-    "byte_token_windows",
-    "calibrate_thresholds",
-    "count_flops",
-    "embedded_documents",
-    "evaluate",
-    "format_cost",
-    "forward_cascade",
-    "full_forward",
-    "generate",
-    "load_corpus",
-    "load_ensemble",
-    "masked_forward",
-    "measure_cost",
-    "prepare_data",
-    "resolve_exit_function",
-    "routed_forward",
-    "save_ensemble",
-    "stage_config",
-    "start_ensemble",
-    "train_protocol",
-    "ExitClassifier",
-    "low_rank_max_prob",
-    "top_k_max_prob",
-    "risk_controlled_thresholds",
-    "train_exit_classifier",
-]
+
+def lazy_exports(package: str, exports: dict[str, tuple[str, ...]]):
+    """``(__all__, __getattr__, __dir__)`` for ``package``, whose public names live in its submodules
+    (``exports``: a relative module -> the names it provides) and load on first use (PEP 562).
+    Importing a package then imports nothing heavy: ``cascade-bench --help`` answers without torch,
+    and ``from cascade_bench import Ensemble`` loads what ``Ensemble`` needs, once."""
+    where = {name: module for module, names in exports.items() for name in names}
+
+    def __getattr__(name: str):
+        if name not in where:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(where[name], package), name)
+        setattr(sys.modules[package], name, value)  # the next lookup is a plain attribute
+        return value
+
+    def __dir__() -> list[str]:
+        return sorted(set(vars(sys.modules[package])) | set(where))
+
+    return sorted(where), __getattr__, __dir__
+
+
+# The public API; the memory-layer family registers with the Auto classes wherever a model is built or
+# loaded (``stages.families.register_own_families``).
+_public, __getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        ".cost": ("CostRecord", "format_cost", "measure_cost"),
+        ".data": ("byte_token_windows", "embedded_documents", "load_corpus", "prepare_data"),
+        ".measure": ("count_flops",),
+        ".routing": (
+            "RoutedOutput",
+            "calibrate_thresholds",
+            "evaluate",
+            "forward_cascade",
+            "full_forward",
+            "generate",
+            "masked_forward",
+            "risk_controlled_thresholds",
+            "routed_forward",
+        ),
+        ".stages": (
+            "BUILTIN_EXIT_FUNCTIONS",
+            "LLM",
+            "Block",
+            "Ensemble",
+            "ExitClassifier",
+            "ExitFunction",
+            "build_blocks",
+            "build_ensemble",
+            "low_rank_max_prob",
+            "resolve_exit_function",
+            "stage_config",
+            "top_k_max_prob",
+        ),
+        ".training": (
+            "PROTOCOLS",
+            "load_ensemble",
+            "save_ensemble",
+            "start_ensemble",
+            "train_exit_classifier",
+            "train_protocol",
+        ),
+    },
+)
+__all__ = ["__version__", *_public]

@@ -26,7 +26,7 @@ INCLUDED = {
         "docs/results.md": ("quality", "wall", "wall_flops", "checks", "kv"),
         "docs/exit-rules.md": ("rules", "risk"),
     },
-    "smollm2-135m": {"docs/pretrained-smollm2.md": ("quality", "wall", "rules", "risk", "kv", "checks")},
+    "smollm2-135m": {"docs/pretrained-smollm2.md": ("quality", "wall", "wall_flops", "rules", "risk", "kv", "checks")},
     "gemma3-270m": {"docs/pretrained-gemma3.md": ("quality", "wall", "wall_flops", "rules", "risk", "kv", "checks")},
 }
 

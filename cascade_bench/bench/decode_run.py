@@ -172,6 +172,9 @@ def run_decode_bench(
     and the run's conditions, written to ``json_path`` and ``markdown_path`` atomically."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from ..stages.families import register_own_families
+
+    register_own_families()  # a saved model of our own families loads like any other
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; expected some of {METHODS}")

@@ -58,25 +58,8 @@ from torch import Tensor
 
 from ..data.prompt_suite import Prompt
 from ..measure.timing import synchronize
+from .choices import BATCH_ONE_ONLY, METHODS, NEEDS_DRAFT, PLAIN  # noqa: F401  (re-exported)
 from .hf_generate import Call
-
-METHODS = (
-    "ours-greedy",
-    "hf-greedy",
-    "ours-draft",
-    "ours-lookup",
-    "ours-lookup+draft",
-    "ours-self-spec",
-    "ours-lossy",
-    "hf-assisted",
-    "hf-prompt-lookup",
-    "hf-early-exit",
-)
-PLAIN = ("ours-greedy", "hf-greedy")
-#: Methods that need a draft model (``--draft``).
-NEEDS_DRAFT = ("ours-draft", "ours-lookup+draft", "ours-lossy", "hf-assisted")
-#: Methods whose Hugging Face code path refuses batches larger than one.
-BATCH_ONE_ONLY = ("hf-assisted", "hf-prompt-lookup", "hf-early-exit")
 
 
 @dataclass

@@ -1,7 +1,8 @@
-"""The ``bench-generate`` job: prompts (the embedded test split through a saved cascade's tokenizer,
-or embedded bytes), thresholds calibrated to the forced exit share, every decoding policy timed
-(``decoding.bench_decoding``), the K/V policies teacher-forced, the bars checked, the conditions
-recorded, and everything written atomically as one JSON file."""
+"""The ``bench-generate`` job: prompts (a corpus's test split, the embedded one by default, through
+the model's own tokenizer; embedded bytes for untrained preset stages), thresholds calibrated to the
+forced exit share, every decoding policy timed (``decoding.bench_decoding``), the K/V policies
+teacher-forced, the bars checked, the conditions recorded, and everything written atomically as one
+JSON file."""
 
 from __future__ import annotations
 
@@ -18,25 +19,49 @@ from ..stages.ensemble import Ensemble
 from .decoding import bench_decoding, decoding_checks, teacher_forced_policies, write_decoding_bench
 
 
-def decode_prompts(cascade_folder: Optional[Path], prompt_len: int, rows: int) -> tuple[Tensor, list, list, str]:
-    """(prompt rows, teacher-forced test batches, calibration batches, what the data is): the
-    embedded test split through the saved cascade's tokenizer when it has one, else UTF-8 bytes."""
-    if cascade_folder is not None and (cascade_folder / "tokenizer").is_dir():
+def decode_prompts(
+    tokenizer: Optional[Path],
+    prompt_len: int,
+    rows: int,
+    corpus: "str | Path" = "embedded",
+    corpus_config: Optional[str] = None,
+    prompts_file: Optional[Path] = None,
+) -> tuple[Tensor, list, list, str]:
+    """(prompt rows, teacher-forced test batches, calibration batches, what the data is): the test
+    split of ``corpus`` (``data.corpus.load_corpus``: "embedded", a text file, a folder) through
+    ``tokenizer`` (a folder); without one (untrained preset stages), the embedded text as UTF-8
+    bytes, which only the embedded corpus may be. ``prompts_file`` (JSON lines ``{"text": ...}``, as
+    bench-decode's ``--prompts``) replaces the prompt rows with the last ``prompt_len`` tokens of each
+    of the user's prompts; the teacher-forced and calibration batches still come from ``corpus``."""
+    if prompts_file is not None and tokenizer is None:
+        raise ValueError("--prompts needs a tokenizer, and these stages have none (untrained preset stages read bytes)")
+    if tokenizer is not None:
         from ..data.prepare import prepare_data
 
-        tokenizer = cascade_folder / "tokenizer"
-        prepared = prepare_data("embedded", tokenizer=str(tokenizer), seq_len=prompt_len, batch_size=8)
+        prepared = prepare_data(
+            corpus, tokenizer=str(tokenizer), seq_len=prompt_len, batch_size=8, config=corpus_config or None
+        )
         test = torch.cat(
             [
                 b["input_ids"] if "attention_mask" not in b else b["input_ids"][b["attention_mask"].bool().all(dim=1)]
                 for b in prepared.test
             ]
         )
+        data = f"{prepared.corpus.name}, test split through {tokenizer}"
+        if prompts_file is not None:
+            test = _user_prompt_rows(Path(prompts_file), prepared.tokenizer, prompt_len, rows)
+            data = f"prompts {prompts_file} through {tokenizer}; teacher-forced and calibration text: {data}"
         if test.shape[0] < rows:
             raise ValueError(
-                f"the test split gives {test.shape[0]} prompts of {prompt_len} tokens, fewer than batch {rows}"
+                f"the test split of {prepared.corpus.name} gives {test.shape[0]} prompts of {prompt_len} tokens, "
+                f"fewer than batch {rows}: give more text, or smaller --prompt-len / --batch-sizes"
             )
-        return test, prepared.test[:4], prepared.validation[:4], f"embedded corpus, test split through {tokenizer}"
+        return test, prepared.test[:4], prepared.validation[:4], data
+    if str(corpus) != "embedded":
+        raise ValueError(
+            f"--corpus {corpus}: text other than the embedded corpus needs a tokenizer, and these stages have "
+            "none (untrained preset stages read UTF-8 bytes); give --model, --stage or --cascade folders that hold one"
+        )
     windows = embedded_byte_windows(rows + 16, prompt_len)
     return (
         windows[:rows],
@@ -46,11 +71,29 @@ def decode_prompts(cascade_folder: Optional[Path], prompt_len: int, rows: int) -
     )
 
 
+def _user_prompt_rows(path: Path, tokenizer, prompt_len: int, rows: int) -> Tensor:
+    """The last ``prompt_len`` tokens of every prompt in ``path`` that has that many; ValueError when
+    fewer than ``rows`` do."""
+    from ..data.prompt_suite import read_prompts_file
+
+    prompts = [p for group in read_prompts_file(path, tokenizer).values() for p in group]
+    long_enough = [p.ids[-prompt_len:] for p in prompts if len(p.ids) >= prompt_len]
+    if len(long_enough) < rows:
+        raise ValueError(
+            f"--prompts {path}: {len(long_enough)} of its {len(prompts)} prompts have at least {prompt_len} tokens, "
+            f"fewer than batch {rows}; give longer prompts or a smaller --prompt-len / --batch-sizes"
+        )
+    return torch.tensor(long_enough, dtype=torch.long)
+
+
 def run_decoding_bench(
     ensemble: Ensemble,
     origin: str,
     *,
-    cascade_folder: Optional[Path] = None,
+    tokenizer: Optional[Path] = None,
+    corpus: "str | Path" = "embedded",
+    corpus_config: Optional[str] = None,
+    prompts_file: Optional[Path] = None,
     batch_sizes: Sequence[int] = (1, 8, 32),
     prompt_len: int = 64,
     new_tokens: int = 65,
@@ -66,7 +109,9 @@ def run_decoding_bench(
     """(rows, teacher-forced rows, checks, conditions) of the whole job; written to ``json_path``."""
     if new_tokens < 3:
         raise ValueError(f"--new-tokens must be at least 3, got {new_tokens}")
-    prompt_rows, windows, calibration, data = decode_prompts(cascade_folder, prompt_len, max(batch_sizes))
+    prompt_rows, windows, calibration, data = decode_prompts(
+        tokenizer, prompt_len, max(batch_sizes), corpus, corpus_config, prompts_file
+    )
     prompts = {b: prompt_rows[:b].to(ensemble.device) for b in batch_sizes}
     calibrate_thresholds(ensemble, calibration, hard_ratios=hard_ratio_of_exit_ratio(exit_ratio))
     teacher_forced = teacher_forced_policies(ensemble, windows)

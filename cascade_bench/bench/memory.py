@@ -47,10 +47,10 @@ from ..stages.families import register_own_families
 from ..stages.presets import stage_config
 from ..training.loops import EarlyStopping, train_epochs
 from ..training.memory_streams import TRAINING_ORDERS, stream_chunks, train_on_streams
+from .choices import MEMORY_PARTS, MEMORY_PRESETS
 from .lagged_cache import recurrent_part
 
-PRESETS = ("pythia", "infini", "multi_memory", "hierarchical")
-MEMORY_PARTS = ("training", "context", "reversal", "recurrent")
+PRESETS = MEMORY_PRESETS
 CONTEXT_LENGTHS = (256, 512, 1024, 2048, 4096, 8192)
 
 

@@ -35,6 +35,7 @@ from ..routing.calibration import hard_ratio_of_exit_ratio, threshold_for_hard_r
 from ..routing.passes import forward_cascade
 from ..stages.ensemble import Ensemble, evaluation_mode
 from ..stages.exit_rules import parse_rule_spec, untrained_rule
+from .choices import BENCH_RULES
 
 #: name -> forward_cascade keyword arguments
 BENCH_METHODS: dict[str, dict] = {
@@ -238,8 +239,6 @@ def format_table(rows: Sequence[BenchRow]) -> str:
     return "\n".join(lines)
 
 
-#: The exit rules ``bench-routing`` compares by default.
-BENCH_RULES = ("max_prob", "cos_sim", "classifier", "lowrank:64", "topk:1024")
 #: The learned classifier's bar at 50% exit: FLOP ratio <= layer cost + this (its decision <= 5% of full cost).
 CLASSIFIER_FLOP_MARGIN = 0.05
 

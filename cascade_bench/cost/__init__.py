@@ -5,7 +5,13 @@
 - ``table``: text tables of a ``CostRecord``
 """
 
-from .measurement import CostRecord, measure_cost
-from .table import format_cost
+from cascade_bench import lazy_exports
 
-__all__ = ["CostRecord", "format_cost", "measure_cost"]
+# public names load from their modules on first use (PEP 562): importing the package imports no torch
+__all__, __getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        ".measurement": ("CostRecord", "measure_cost"),
+        ".table": ("format_cost",),
+    },
+)

@@ -8,25 +8,16 @@
 - ``storage``: atomic writes, so a crash never leaves half a file
 """
 
-from .batch import IGNORE_INDEX, TokenBatch, make_token_batch, unpack_batch
-from .corpus import Corpus, byte_token_windows, embedded_documents, load_corpus
-from .prepare import PreparedData, hold_out_validation, prepare_data
-from .storage import write_json_atomic, write_text_atomic
-from .tokenization import load_tokenizer
+from cascade_bench import lazy_exports
 
-__all__ = [
-    "IGNORE_INDEX",
-    "Corpus",
-    "PreparedData",
-    "TokenBatch",
-    "byte_token_windows",
-    "embedded_documents",
-    "hold_out_validation",
-    "load_corpus",
-    "load_tokenizer",
-    "make_token_batch",
-    "prepare_data",
-    "unpack_batch",
-    "write_json_atomic",
-    "write_text_atomic",
-]
+# public names load from their modules on first use (PEP 562): importing the package imports no torch
+__all__, __getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        ".batch": ("IGNORE_INDEX", "TokenBatch", "make_token_batch", "unpack_batch"),
+        ".corpus": ("Corpus", "byte_token_windows", "embedded_documents", "load_corpus"),
+        ".prepare": ("PreparedData", "hold_out_validation", "prepare_data"),
+        ".storage": ("write_json_atomic", "write_text_atomic"),
+        ".tokenization": ("load_tokenizer",),
+    },
+)

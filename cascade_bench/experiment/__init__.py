@@ -5,13 +5,19 @@
 - ``rule_sweep``: the run's exit rules, built on the trained cascade and switched in turn
 - ``results_store``: one JSON line per evaluated point, rewritten atomically
 - ``checks``: plausibility checks on stored results
-- ``reports``: Markdown, LaTeX and CSV tables and ``report.md``
+- ``reports``: Markdown, LaTeX and CSV tables and ``<name>.report.md``
 - ``plots``: cost-vs-PPL, exit ratios and confidence figures
 - ``comparison``: several runs compared at matched FLOPs
 """
 
-from .config import ExperimentConfig, make_config
-from .pipeline import run_experiment
-from .results_store import ResultsStore
+from cascade_bench import lazy_exports
 
-__all__ = ["ExperimentConfig", "ResultsStore", "make_config", "run_experiment"]
+# public names load from their modules on first use (PEP 562): importing the package imports no torch
+__all__, __getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        ".config": ("ExperimentConfig", "make_config"),
+        ".pipeline": ("run_experiment",),
+        ".results_store": ("ResultsStore",),
+    },
+)

@@ -28,14 +28,48 @@ from typing import Optional, Sequence
 PLAUSIBLE_PPL = (5.0, 1000.0)
 
 
+#: Each check is named by what passing means; a flagged one says what it suggests doing.
+PREFIXES = "each later stage improves on the prefix before it"
+HARD_TOKENS = "hard tokens improve after the later stages"
+DENSE = "the dense model beats stage 0 alone"
+TRAINING = "every trained part stopped by early stopping on whole epochs"
+ROUTED_VS_MASKED = "routed and masked early exit make the same stage-0 decisions"
+FLOP_COUNTS = "counted FLOPs equal the analytic count"
+RISK_CONTROL = "every risk-controlled point within its delta on the scored split"
+
+#: What a flag of each check suggests doing.
+ADVICE = {
+    PREFIXES: "train the later stage longer or on more text (see how its training stopped), or cut the cascade "
+    "elsewhere",
+    HARD_TOKENS: "the later stages do not help the tokens routed to them: train them on hard tokens (protocols "
+    "ashem, cascade) or sweep lower hard ratios",
+    DENSE: "a deeper model worse than a shallower one trained the same way: the dense baseline is under-trained "
+    "or overfits; raise max_epochs or dense_patience and rerun",
+    TRAINING: "raise max_epochs (or drop max_steps_per_epoch) and rerun: figures from a model that did not "
+    "converge do not compare",
+    ROUTED_VS_MASKED: "both passes read the same stage-0 states, so this is a routing bug: report it with this "
+    "run's records",
+    FLOP_COUNTS: "an operation one count misses or counts twice: compare the per-operation counts of "
+    "`cascade-bench cost`",
+    RISK_CONTROL: "allowed with probability epsilon; if it recurs across seeds, calibrate on more batches "
+    "(risk_batches)",
+}
+
+
 @dataclass(frozen=True)
 class Check:
-    """One check over a run's records: ``flagged`` when it found something; ``detail`` gives the
-    figures either way (or why it does not apply)."""
+    """One check over a run's records, named by what passing means: ``flagged`` when it did not
+    pass; ``detail`` gives the figures either way (or why it does not apply); ``advice`` what a
+    flag suggests doing."""
 
     name: str
     flagged: bool
     detail: str
+    advice: str = ""
+
+    def __post_init__(self):
+        if self.flagged and not self.advice:
+            object.__setattr__(self, "advice", ADVICE.get(self.name, ""))
 
 
 def _ppl(value) -> str:
@@ -87,15 +121,13 @@ def check_prefixes(records: Sequence[dict]) -> Check:
     full = point_of(records, "full")
     prefixes = sorted((r for r in records if r["method"] == "prefix"), key=lambda r: r["stages"])
     if full is None or not prefixes:
-        return Check("later stage worse than its prefix", False, "n/a: no full and prefix points")
+        return Check(PREFIXES, False, "n/a: no full and prefix points")
     chain = [(f"stages 0..{r['stages'] - 1}" if r["stages"] > 1 else "stage 0 alone", r["ppl"]) for r in prefixes]
     chain.append(("full cascade", full["ppl"]))
     worse = [f"{b} PPL {_ppl(pb)} > {a} {_ppl(pa)}" for (a, pa), (b, pb) in zip(chain, chain[1:]) if pb > pa]
     if worse:
-        return Check("later stage worse than its prefix", True, "; ".join(worse))
-    return Check(
-        "later stage worse than its prefix", False, " -> ".join(f"{name} {_ppl(value)}" for name, value in chain)
-    )
+        return Check(PREFIXES, True, "; ".join(worse))
+    return Check(PREFIXES, False, " -> ".join(f"{name} {_ppl(value)}" for name, value in chain))
 
 
 def check_hard_tokens(records: Sequence[dict]) -> Check:
@@ -109,7 +141,7 @@ def check_hard_tokens(records: Sequence[dict]) -> Check:
     ]
     if not pairs:
         return Check(
-            "hard tokens worse after the later stages",
+            HARD_TOKENS,
             False,
             "n/a: no routed point has stage-0 NLL for its hard tokens (a logit-free exit rule)",
         )
@@ -119,21 +151,19 @@ def check_hard_tokens(records: Sequence[dict]) -> Check:
     if worse:
         listed = ", ".join(f"{h:g} ({_ppl(b)} -> {_ppl(a)})" for h, b, a in worse)
         return Check(
-            "hard tokens worse after the later stages",
+            HARD_TOKENS,
             True,
             f"hard-token PPL did not improve at hard ratio {listed}; {at_half}",
         )
-    return Check(
-        "hard tokens worse after the later stages", False, f"improved at all {len(pairs)} hard ratios; {at_half}"
-    )
+    return Check(HARD_TOKENS, False, f"improved at all {len(pairs)} hard ratios; {at_half}")
 
 
 def check_dense(records: Sequence[dict]) -> Check:
     dense, prefix = point_of(records, "dense"), point_of(records, "prefix", stages=1)
     if dense is None or prefix is None:
-        return Check("dense model worse than stage 0 alone", False, "n/a: no dense or stage-0 point")
+        return Check(DENSE, False, "n/a: no dense or stage-0 point")
     detail = f"dense, same depth PPL {_ppl(dense['ppl'])} vs stage 0 alone {_ppl(prefix['ppl'])}"
-    return Check("dense model worse than stage 0 alone", dense["ppl"] > prefix["ppl"], detail)
+    return Check(DENSE, dense["ppl"] > prefix["ppl"], detail)
 
 
 def _stops(records: Sequence[dict]) -> list[tuple[str, dict]]:
@@ -161,7 +191,7 @@ def check_training_stops(records: Sequence[dict]) -> Check:
     """Every trained part must stop by early stopping on whole epochs."""
     stops = _stops(records)
     if not stops:
-        return Check("training cut before convergence", False, "n/a: nothing was trained in this run")
+        return Check(TRAINING, False, "n/a: nothing was trained in this run")
     cut = [
         f"{name} stopped at the epoch cap ({s['epochs']} of {s['max_epochs']} epochs, best epoch {s['best_epoch']})"
         for name, s in stops
@@ -175,7 +205,7 @@ def check_training_stops(records: Sequence[dict]) -> Check:
     summary = "; ".join(
         f"{name}: {s['epochs']} epochs, best {s['best_epoch']}, {s['stop_reason']}" for name, s in stops
     )
-    return Check("training cut before convergence", bool(cut), "; ".join(cut) if cut else summary)
+    return Check(TRAINING, bool(cut), "; ".join(cut) if cut else summary)
 
 
 def check_ppl_range(records: Sequence[dict], plausible: Sequence[float] = PLAUSIBLE_PPL) -> Check:
@@ -185,12 +215,14 @@ def check_ppl_range(records: Sequence[dict], plausible: Sequence[float] = PLAUSI
         for r in records
         if isinstance(r.get("ppl"), (int, float)) and not low <= r["ppl"] <= high
     ]
-    name = f"PPL outside [{low:g}, {high:g}]"
+    name = f"every PPL within [{low:g}, {high:g}]"
     if outside:
         return Check(
             name,
             True,
-            ", ".join(outside) + f" (below {low:g}: leakage or a broken causal mask? above {high:g}: under-trained?)",
+            ", ".join(outside),
+            f"below {low:g}: look for text shared between splits or a broken causal mask; above {high:g}: "
+            "under-training, or a tokenizer that does not match the model; for another corpus set plausible_ppl",
         )
     values = [r["ppl"] for r in records if isinstance(r.get("ppl"), (int, float))]
     return Check(
@@ -214,14 +246,14 @@ def check_routed_vs_masked(records: Sequence[dict]) -> Check:
     pairs = [(r, next((m for m in masked if m["hard_ratio"] == r["hard_ratio"]), None)) for r in main_routed(records)]
     pairs = [(r, m) for r, m in pairs if m is not None]
     if not pairs:
-        return Check("routed and masked stage-0 decisions differ", False, "n/a: no masked points")
+        return Check(ROUTED_VS_MASKED, False, "n/a: no masked points")
     differ = [
         f"hard {r['hard_ratio']:g}: routed {_stage0_exits(r)} vs masked {_stage0_exits(m)} tokens exit at stage 0"
         for r, m in pairs
         if _stage0_exits(r) != _stage0_exits(m)
     ]
     return Check(
-        "routed and masked stage-0 decisions differ",
+        ROUTED_VS_MASKED,
         bool(differ),
         "; ".join(differ) if differ else f"identical at all {len(pairs)} hard ratios",
     )
@@ -230,14 +262,14 @@ def check_routed_vs_masked(records: Sequence[dict]) -> Check:
 def check_flop_counts(records: Sequence[dict]) -> Check:
     counted = [r for r in records if r.get("flops") is not None and r.get("flops_analytic") is not None]
     if not counted:
-        return Check("counted FLOPs differ from the analytic count", False, "n/a: no counted point")
+        return Check(FLOP_COUNTS, False, "n/a: no counted point")
     differ = [
         f"{r['point_id']}: counted {r['flops']:,} vs analytic {r['flops_analytic']:,}"
         for r in counted
         if r["flops"] != r["flops_analytic"]
     ]
     return Check(
-        "counted FLOPs differ from the analytic count",
+        FLOP_COUNTS,
         bool(differ),
         "; ".join(differ)
         if differ
@@ -249,7 +281,7 @@ def check_risk_control(records: Sequence[dict]) -> Check:
     """Each risk-controlled point's realised risk on the scored split against its delta. When risk
     control calibrated on the very batches the run scores (``risk_batches = 0`` with ``eval_split =
     "validation"``), the realised risk is no test of the guarantee, and the text says so."""
-    name = "risk-controlled point above its delta on the scored split"
+    name = RISK_CONTROL
     points = [r for r in records if r["method"] == "risk_controlled" and r.get("risk_control")]
     if not points:
         return Check(name, False, "n/a: no risk-controlled points")
@@ -287,5 +319,13 @@ def run_checks(records: Sequence[dict], plausible_ppl: Sequence[float] = PLAUSIB
 
 
 def format_checks(checks: Sequence[Check]) -> str:
-    """One line per check: ``[FLAG]`` or ``[ok]``, its name, its figures."""
-    return "\n".join(f"- [{'FLAG' if c.flagged else 'ok'}] {c.name}: {c.detail}" for c in checks) + "\n"
+    """One line per check: ``[ok]`` (it passed, or ``n/a``) or ``[FLAG]``, what passing means, the
+    figures, and for a flag what it suggests doing."""
+    return (
+        "\n".join(
+            f"- [{'FLAG' if c.flagged else 'ok'}] {c.name}: {c.detail}"
+            + (f"; suggests: {c.advice}" if c.flagged and c.advice else "")
+            for c in checks
+        )
+        + "\n"
+    )

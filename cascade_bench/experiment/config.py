@@ -12,10 +12,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Optional
 
-from ..routing.cached_pass import KV_POLICIES
-from ..stages.model_source import model_fingerprint
-from ..stages.presets import STAGE_PRESETS
-from ..training.protocols import PROTOCOLS, decayed_lrs
+from ..routing.policy_names import KV_POLICIES
+from ..stages.preset_configs import STAGE_PRESETS
+from ..training.protocol_specs import PROTOCOLS, decayed_lrs
 from .config_sections import (
     BLOCK_HEADS,
     COUNT_FLOPS,
@@ -200,6 +199,8 @@ class ExperimentConfig:
             )
         values = {k: getattr(self, k) for k in keys}
         if self.model:
+            from ..stages.model_source import model_fingerprint  # loads transformers: only when keyed
+
             values["model_fingerprint"] = model_fingerprint(self.model)  # not only its name
         values["protocol_definition"] = dataclasses.asdict(self.training_protocol)
         values["preset_config"] = STAGE_PRESETS[self.preset]
@@ -410,13 +411,46 @@ def bench_settings(path: "Path | str") -> dict:
 FLAG_NAMES = {"exit_fn": ("--exit-rule", "--exit-fn")}
 
 
+def config_choices() -> dict[str, tuple]:
+    """The values each key with a fixed set of them takes (lists take several, comma-separated)."""
+    from ..routing.policy_names import RISKS
+    from ..stages.rule_specs import CLASSIFIER_TARGETS, EXIT_FUNCTION_NAMES, RULE_SPECS
+    from ..training.protocol_specs import EXIT_HEADS, HARD_EXAMPLES
+
+    return {
+        "eval_split": ("test", "validation"),
+        "preset": tuple(sorted(STAGE_PRESETS)),
+        "block_heads": BLOCK_HEADS,
+        "translator_fit": TRANSLATOR_FITS,
+        "protocol": tuple(sorted(PROTOCOLS)),
+        "exit_head": EXIT_HEADS,
+        "hard_examples": HARD_EXAMPLES,
+        "baselines": METHOD_BASELINES,
+        "batching": ("padded", "bucketed"),
+        "kv_policies": KV_POLICIES,
+        "exit_fn": EXIT_FUNCTION_NAMES,
+        "exit_rules": RULE_SPECS,
+        "classifier_target": CLASSIFIER_TARGETS,
+        "risk": RISKS,
+        "count_flops": COUNT_FLOPS,
+        "timing_points": TIMING_POINTS,
+        "dtype": ("float32", "bfloat16", "float16"),
+    }
+
+
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One ``--flag`` per config field (``--seq-len``, ``--hard-ratios 0.3,0.5``, ...)."""
+    """One ``--flag`` per config field (``--seq-len``, ``--hard-ratios 0.3,0.5``, ...), each with one
+    line of help (``config_help``), its default and its choices."""
+    from .config_help import CONFIG_HELP
+
+    choices = config_choices()
     for f in fields(ExperimentConfig):
         default = f.default
         hint = ",".join(map(str, default)) if isinstance(default, tuple) else default
         names = FLAG_NAMES.get(f.name, ("--" + f.name.replace("_", "-"),))
-        parser.add_argument(*names, dest=f.name, default=None, metavar="VALUE", help=f"(default {hint})")
+        options = f"; one of {', '.join(map(str, choices[f.name]))}" if f.name in choices else ""
+        text = f"{CONFIG_HELP[f.name]} (default {hint!s}{options})".replace("%", "%%")
+        parser.add_argument(*names, dest=f.name, default=None, metavar="VALUE", help=text)
 
 
 def config_from_args(args: argparse.Namespace, path: Optional[str]) -> ExperimentConfig:

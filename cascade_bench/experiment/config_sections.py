@@ -12,13 +12,10 @@ from __future__ import annotations
 
 from typing import Callable
 
-from ..measure.environment import check_device
-from ..routing.cached_pass import KV_POLICIES
-from ..routing.risk_control import RISKS
-from ..stages.exit_rules import CLASSIFIER_TARGETS, RULE_SPECS, parse_rule_spec
-from ..stages.exits import BUILTIN_EXIT_FUNCTIONS
-from ..stages.presets import STAGE_PRESETS
-from ..training.protocols import EXIT_HEADS, HARD_EXAMPLES, PROTOCOLS
+from ..routing.policy_names import KV_POLICIES, RISKS
+from ..stages.preset_configs import STAGE_PRESETS
+from ..stages.rule_specs import CLASSIFIER_TARGETS, EXIT_FUNCTION_NAMES, RULE_SPECS, parse_rule_spec
+from ..training.protocol_specs import EXIT_HEADS, HARD_EXAMPLES, PROTOCOLS
 
 METHOD_BASELINES = ("full", "prefix", "masked", "dense", "oracle")
 #: Exit heads of a pretrained model's non-last blocks: the model's own norm + lm_head, trained copies of
@@ -191,8 +188,8 @@ def _check_training(c) -> None:
 
 def _check_exit_rules(c) -> None:
     _integers(c, ("exit_train_tokens",), 0, "a non-negative integer (0 = no limit)")
-    if c.exit_fn not in BUILTIN_EXIT_FUNCTIONS:
-        _bad(c, "exit_fn", f"one of {sorted(BUILTIN_EXIT_FUNCTIONS)} ('' = the protocol's)")
+    if c.exit_fn not in EXIT_FUNCTION_NAMES:
+        _bad(c, "exit_fn", f"one of {list(EXIT_FUNCTION_NAMES)} ('' = the protocol's)")
     if not isinstance(c.exit_rules, tuple) or not c.exit_rules or len(set(c.exit_rules)) != len(c.exit_rules):
         _bad(c, "exit_rules", f"a non-empty list of distinct exit rules drawn from {list(RULE_SPECS)}")
     for spec in c.exit_rules:
@@ -277,6 +274,8 @@ def _check_runtime(c) -> None:
     _integers(c, ("seed",), 0, "a non-negative integer")
     if c.dtype not in ("float32", "bfloat16", "float16"):
         _bad(c, "dtype", "'float32', 'bfloat16' or 'float16'")
+    from ..measure.environment import check_device  # imports torch: only when a config is made
+
     try:
         check_device(c.device, c.dtype)
     except ValueError as error:

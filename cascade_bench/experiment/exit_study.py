@@ -330,6 +330,19 @@ def plot_exit_curve(summary: dict, stem: Path) -> list[Path]:
     right.set_ylabel("top-1 agreement with full depth")
     right.set_ylim(0, 1)
     right.legend()
+    # whole layers on the x-axis, one layer of margin: a single candidate reads as a labelled point at its
+    # layer, not a line on a 0.96-1.04 axis
+    from matplotlib.ticker import MaxNLocator
+
+    layers = [p["layer"] for p in shared] + [r["layer"] for r in rows]
+    for axis, key in ((left, "trained_ppl"), (right, "trained_agreement")):
+        axis.set_xlim(min(layers) - 1, max(layers) + 1)
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if len(rows) <= 3:
+            for r in rows:
+                axis.annotate(
+                    f"layer {r['layer']}", (r["layer"], r[key]), textcoords="offset points", xytext=(6, 6), fontsize=8
+                )
     fig.suptitle(f"{summary['model']}: where could it exit? ({summary['scored_tokens']:,} scored tokens)")
     paths = _save(fig, stem)
     plt.close(fig)

@@ -1,4 +1,4 @@
-"""``cascade-bench run``: from a config to results, tables, plots and ``report.md``.
+"""``cascade-bench run``: from a config to results, tables, plots and ``<name>.report.md``.
 
 Steps: prepare the data; train the cascade with its protocol and the dense baseline, or load
 them if a run with the same training settings already saved them (``models/<training key>/``),
@@ -41,6 +41,8 @@ from ..training.persistence import save_ensemble
 from .cascades import pretrained_blocks, pretrained_model, trained_cascade, trained_dense
 from .config import ExperimentConfig
 from .exit_study import exit_curve_table, plot_exit_curve, run_exit_study, study_key
+from .first_look import first_look
+from .model_fit import fit_to_model, model_sizes
 from .points import anchor_ratio, plan_points
 from .results_store import ResultsStore
 from .sweep import BACK_TO_BACK_PAIRS, Sweep
@@ -56,7 +58,7 @@ def experiment_paths(config: ExperimentConfig) -> dict[str, Path]:
         "stage0": out / "models" / config.stage0_key() / "stage0",
         "tables": out / "results",
         "plots": out / "plots",
-        "report": out / "report.md",
+        "report": out / f"{config.name}.report.md",
         "tokenizers": out / "cache" / "tokenizers",
         "converted": out / "models" / "converted",
         "translators": out / "models" / study_key(config),
@@ -100,12 +102,25 @@ def run_experiment(
     progress = progress and ranks.is_main
     paths = experiment_paths(config)
     store = ResultsStore(paths["results"])
-    _check_resumable(store, config)
     pretrained, model_folder, model_source = (
         pretrained_model(config, paths["converted"], progress) if config.model else (None, None, None)
     )
     with main_first(ranks):  # rank 0 trains (or reads) the tokenizer cache the others then read
         data = prepared_data(config, paths, pretrained, model_folder)
+    # every model-dependent setting checked against the model before anything is trained or measured
+    config, adapted = fit_to_model(config, model_sizes(config, pretrained, data.tokenizer))
+    for note in adapted if ranks.is_main else ():
+        print(f"note: {note}")
+    paths = experiment_paths(config)
+    _check_resumable(store, config)
+    looked = None
+    if pretrained is not None:  # minutes before the sweep: does the model predict anything?
+        looked, warning = first_look(
+            pretrained, data.validation, model_sizes(config, pretrained, None).vocab_size, config.plausible_ppl
+        )
+        if warning and ranks.is_main:
+            print(f"warning: {warning}")
+        looked["warning"] = warning
     # risk control's own batches: nothing below (training, calibration, scoring) sees them
     data, risk_calibration = hold_out_validation(data, config.risk_batches)
     scored = data.test if config.eval_split == "test" else data.validation
@@ -142,6 +157,8 @@ def run_experiment(
         "call_overhead_slots": compaction.CALL_OVERHEAD_SLOTS,
         "measured": _measurement_note(config, timed, len(test)),
         "not_run": {} if kv_runnable or not config.kv_policies else {"kv[policy]": KV_POLICIES_NOT_RUN},
+        "adapted": adapted,
+        **({"first_look": looked} if looked is not None else {}),
         **ranks.summary(),
     }
 

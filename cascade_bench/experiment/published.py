@@ -10,7 +10,7 @@ wrote from the records, never a hand copy:
 - ``checks``: the plausibility checks, as ``run`` prints them;
 - ``wall_flops``: routed early exit's wall ratio against its FLOP ratio on the same timed batches,
   per swept hard ratio, with the medians (timings; absent in records without timed FLOPs);
-- ``rules``, ``risk``, ``kv``: the exit-rule, risk-control and K/V-policy tables of ``report.md``
+- ``rules``, ``risk``, ``kv``: the exit-rule, risk-control and K/V-policy tables of ``<name>.report.md``
   (absent when the run has no such points).
 """
 

@@ -1,5 +1,5 @@
 """Tables from the results store (pandas), written as Markdown, LaTeX (booktabs) and CSV, and
-``report.md``. Reporting only formats records; every figure comes from the store.
+``<name>.report.md``. Reporting only formats records; every figure comes from the store.
 
 - per-threshold table: routed and masked early exit at each hard ratio of the sweep;
 - paper table: every method, with costs relative to the full cascade, and early exit compared at
@@ -589,8 +589,25 @@ def _translator_fit(heads: dict) -> str:
     return text + (", reused from an earlier run" if heads.get("reused") else "")
 
 
+def _file_list(tables: Sequence[Path], paths: dict, name: str) -> list[str]:
+    """The files of run ``name``: the tables this report wrote, its records and the plots and study
+    files present, as paths relative to the run's folder (another run's files are not listed)."""
+    out = paths["report"].parent
+    present = [paths["results"], paths["confidence"], paths["exit_study"], *sorted(paths["plots"].glob(f"{name}.*"))]
+    files = [*tables, *(path for path in present if path.is_file()), paths["report"]]
+
+    def relative(path: Path) -> str:
+        try:
+            return str(Path(path).relative_to(out))
+        except ValueError:
+            return str(path)
+
+    return [f"- `{relative(path)}`" for path in files]
+
+
 def write_report(records: Sequence[dict], config, paths: dict) -> Path:
-    """Write the three tables (md/tex/csv) and report.md; return report.md's path."""
+    """Write the run's tables (md/tex/csv) and ``<name>.report.md``, which lists every file of the
+    run; return the report's path."""
     frame = records_frame(records)
     tables = paths["tables"]
     name = config.name
@@ -599,20 +616,25 @@ def write_report(records: Sequence[dict], config, paths: dict) -> Path:
     paper, target = paper_table(frame)
     seed, is_seed = seed_table(frame, config)
     split = getattr(config, "eval_split", "test")
-    write_table(thresholds, tables / f"{name}.thresholds", f"{name}: early exit per hard ratio ({split} split)")
-    write_table(paper, tables / f"{name}.paper", f"{name}: methods compared (costs relative to {reference})")
-    write_table(seed, tables / f"{name}.seed", f"{name}: seed-protocol layout")
+    written: list[Path] = []
+    written += write_table(
+        thresholds, tables / f"{name}.thresholds", f"{name}: early exit per hard ratio ({split} split)"
+    )
+    written += write_table(paper, tables / f"{name}.paper", f"{name}: methods compared (costs relative to {reference})")
+    written += write_table(seed, tables / f"{name}.seed", f"{name}: seed-protocol layout")
     rules = rules_table(frame)
-    write_table(rules, tables / f"{name}.rules", f"{name}: exit rules compared ({split} split)")
+    written += write_table(rules, tables / f"{name}.rules", f"{name}: exit rules compared ({split} split)")
     kv = kv_table(frame)
     if kv is not None:
-        write_table(kv, tables / f"{name}.kv", f"{name}: K/V policies for exited tokens ({split} split)")
+        written += write_table(kv, tables / f"{name}.kv", f"{name}: K/V policies for exited tokens ({split} split)")
     risks = risk_table(frame)
     if risks is not None:
-        write_table(risks, tables / f"{name}.risk", f"{name}: risk-controlled thresholds ({split} split)")
+        written += write_table(risks, tables / f"{name}.risk", f"{name}: risk-controlled thresholds ({split} split)")
     wall_flops = wall_flops_table(frame)
     if wall_flops is not None:
-        write_table(wall_flops, tables / f"{name}.wall_flops", f"{name}: wall time against FLOPs ({split} split)")
+        written += write_table(
+            wall_flops, tables / f"{name}.wall_flops", f"{name}: wall time against FLOPs ({split} split)"
+        )
     first = records[0].get("conditions", {})
     training = first.get("training") or {}
     trained = training_table(records)
@@ -642,7 +664,13 @@ def write_report(records: Sequence[dict], config, paths: dict) -> Path:
         f"torch {first.get('torch')}, transformers {first.get('transformers')}, commit {first.get('git_commit')}.",
         "",
         f"How it was measured: {first.get('measured', 'n/a')}."
-        + "".join(f" Not run: {point}, because {reason}." for point, reason in (first.get("not_run") or {}).items()),
+        + "".join(f" Not run: {point}, because {reason}." for point, reason in (first.get("not_run") or {}).items())
+        + "".join(f" Adapted to the model: {note}." for note in first.get("adapted") or ())
+        + (
+            f" Warning before the sweep: {warning}."
+            if (warning := (first.get("first_look") or {}).get("warning"))
+            else ""
+        ),
         "",
         "## Checks",
         "",
@@ -707,6 +735,10 @@ def write_report(records: Sequence[dict], config, paths: dict) -> Path:
         f"![confidences](plots/{name}.confidence.png)",
         "",
         f"Tables as LaTeX (booktabs) and CSV beside the Markdown in `results/`; records in `results/{name}.jsonl`.",
+        "",
+        "## Files of this run",
+        "",
+        *_file_list(written, paths, name),
     ]
     write_text_atomic(paths["report"], "\n".join(lines) + "\n")
     return paths["report"]

@@ -8,27 +8,17 @@
 - ``environment``: the conditions a result was obtained under
 """
 
-from .analytic import expected_cost, routed_cost, stage_cost
-from .environment import environment_conditions
-from .flops import FlopBreakdown, count_flops, count_pass_flops
-from .memory import PeakTensorBytes, peak_memory_bytes
-from .probes import NO_PROBE, Probe
-from .timing import SpanTimer, TimingStats, time_call, time_spans
+from cascade_bench import lazy_exports
 
-__all__ = [
-    "NO_PROBE",
-    "FlopBreakdown",
-    "PeakTensorBytes",
-    "Probe",
-    "SpanTimer",
-    "TimingStats",
-    "count_flops",
-    "count_pass_flops",
-    "environment_conditions",
-    "expected_cost",
-    "peak_memory_bytes",
-    "routed_cost",
-    "stage_cost",
-    "time_call",
-    "time_spans",
-]
+# public names load from their modules on first use (PEP 562): importing the package imports no torch
+__all__, __getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        ".analytic": ("expected_cost", "routed_cost", "stage_cost"),
+        ".environment": ("environment_conditions",),
+        ".flops": ("FlopBreakdown", "count_flops", "count_pass_flops"),
+        ".memory": ("PeakTensorBytes", "peak_memory_bytes"),
+        ".probes": ("NO_PROBE", "Probe"),
+        ".timing": ("SpanTimer", "TimingStats", "time_call", "time_spans"),
+    },
+)

@@ -10,27 +10,17 @@
 - ``generation``: early-exit decoding with one KV cache per stage
 """
 
-from .calibration import calibrate_thresholds, threshold_for_hard_ratio
-from .evaluation import EvalResult, evaluate
-from .generation import GenerationOutput, generate
-from .oracle import OracleResult, oracle_bound
-from .passes import RoutedOutput, forward_cascade, full_forward, masked_forward, routed_forward
-from .risk_control import RiskControlResult, risk_controlled_thresholds
+from cascade_bench import lazy_exports
 
-__all__ = [
-    "EvalResult",
-    "GenerationOutput",
-    "OracleResult",
-    "RiskControlResult",
-    "RoutedOutput",
-    "calibrate_thresholds",
-    "evaluate",
-    "forward_cascade",
-    "full_forward",
-    "generate",
-    "masked_forward",
-    "oracle_bound",
-    "risk_controlled_thresholds",
-    "routed_forward",
-    "threshold_for_hard_ratio",
-]
+# public names load from their modules on first use (PEP 562): importing the package imports no torch
+__all__, __getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        ".calibration": ("calibrate_thresholds", "threshold_for_hard_ratio"),
+        ".evaluation": ("EvalResult", "evaluate"),
+        ".generation": ("GenerationOutput", "generate"),
+        ".oracle": ("OracleResult", "oracle_bound"),
+        ".passes": ("RoutedOutput", "forward_cascade", "full_forward", "masked_forward", "routed_forward"),
+        ".risk_control": ("RiskControlResult", "risk_controlled_thresholds"),
+    },
+)

@@ -32,8 +32,7 @@ from ..measure.probes import NO_PROBE, Probe
 from ..stages.key_values import propagated_key_values
 from ..stages.stage_cache import StageCache
 from .compaction import plan_layouts, rank_in_sequence, to_dense
-
-KV_POLICIES = ("absent", "propagate", "recompute")
+from .policy_names import KV_POLICIES
 
 
 def check_kv_policy(kv_policy) -> str:

@@ -33,8 +33,8 @@ from ..measure.distributed import totals
 from ..stages.ensemble import Ensemble, evaluation_mode
 from .calibration import calibrate_sweep
 from .passes import forward_cascade
+from .policy_names import RISKS
 
-RISKS = ("disagreement", "nll_increase")
 #: Hard ratios tested, most cautious first (the default sweep's ratios).
 RISK_GRID = tuple(round(1 - 0.1 * i, 1) for i in range(1, 10))
 

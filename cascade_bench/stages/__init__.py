@@ -11,29 +11,18 @@
 - ``stage_cache``: the KV cache of one stage during generation
 """
 
-from .blocks import Block, cut_into_blocks
-from .ensemble import Ensemble, evaluation_mode
-from .exit_rules import ExitClassifier, low_rank_max_prob, top_k_max_prob
-from .exits import BUILTIN_EXIT_FUNCTIONS, ExitFunction, resolve_exit_function
-from .llm import LLM
-from .presets import STAGE_PRESETS, build_blocks, build_ensemble, stage_config
-from .stage import Stage
+from cascade_bench import lazy_exports
 
-__all__ = [
-    "BUILTIN_EXIT_FUNCTIONS",
-    "LLM",
-    "STAGE_PRESETS",
-    "Stage",
-    "Block",
-    "Ensemble",
-    "ExitFunction",
-    "build_blocks",
-    "build_ensemble",
-    "cut_into_blocks",
-    "evaluation_mode",
-    "resolve_exit_function",
-    "stage_config",
-    "ExitClassifier",
-    "low_rank_max_prob",
-    "top_k_max_prob",
-]
+# public names load from their modules on first use (PEP 562): importing the package imports no torch
+__all__, __getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        ".blocks": ("Block", "cut_into_blocks"),
+        ".ensemble": ("Ensemble", "evaluation_mode"),
+        ".exit_rules": ("ExitClassifier", "low_rank_max_prob", "top_k_max_prob"),
+        ".exits": ("BUILTIN_EXIT_FUNCTIONS", "ExitFunction", "resolve_exit_function"),
+        ".llm": ("LLM",),
+        ".presets": ("STAGE_PRESETS", "build_blocks", "build_ensemble", "stage_config"),
+        ".stage": ("Stage",),
+    },
+)

@@ -22,12 +22,10 @@ import torch
 from torch import Tensor, nn
 
 from .blocks import Block
-from .exits import BUILTIN_EXIT_FUNCTIONS
+from .rule_specs import CLASSIFIER_TARGETS, RULE_SPECS, parse_rule_spec  # noqa: F401  (re-exported)
 
-CLASSIFIER_TARGETS = ("consistency", "correctness")
 #: Hidden units of ``classifier-mlp``.
 MLP_HIDDEN_UNITS = 64
-RULE_SPECS = (*sorted(BUILTIN_EXIT_FUNCTIONS), "classifier", "classifier-mlp", "lowrank:R", "topk:K")
 
 
 class ExitClassifier(nn.Module):
@@ -211,24 +209,6 @@ def untrained_rule(spec: str, stage: nn.Module, candidate_ids: Optional[Tensor] 
         ids = candidate_ids[:size] if candidate_ids is not None else torch.arange(size)
         return top_k_max_prob(stage, ids)
     return kind
-
-
-def parse_rule_spec(spec: str) -> tuple[str, Optional[int]]:
-    """'lowrank:64' -> ('lowrank', 64); 'max_prob' -> ('max_prob', None). ValueError names the spec."""
-    if not isinstance(spec, str):
-        raise TypeError(f"an exit rule spec is a string, one of {RULE_SPECS}; got {type(spec).__name__}")
-    kind, _, size = spec.partition(":")
-    if kind in BUILTIN_EXIT_FUNCTIONS or kind in ("classifier", "classifier-mlp"):
-        if size:
-            raise ValueError(f"exit rule {spec!r} takes no size; expected one of {RULE_SPECS}")
-        return kind, None
-    if kind in ("lowrank", "topk"):
-        if not size.isdigit() or int(size) < 1:
-            raise ValueError(
-                f"exit rule {spec!r} needs a positive integer size, e.g. '{kind}:64'; expected one of {RULE_SPECS}"
-            )
-        return kind, int(size)
-    raise ValueError(f"unknown exit rule {spec!r}; expected one of {RULE_SPECS}")
 
 
 def rule_from_spec(spec: dict, stage: nn.Module) -> nn.Module:

@@ -6,21 +6,15 @@
 - ``persistence``: saving and loading a trained Ensemble
 """
 
-from .exit_classifier import train_exit_classifier
-from .loops import TrainConfig, TrainHistory, train_llm
-from .persistence import load_ensemble, save_ensemble
-from .protocols import PROTOCOLS, Protocol, start_ensemble, train_ensemble, train_protocol
+from cascade_bench import lazy_exports
 
-__all__ = [
-    "PROTOCOLS",
-    "Protocol",
-    "TrainConfig",
-    "TrainHistory",
-    "load_ensemble",
-    "save_ensemble",
-    "start_ensemble",
-    "train_ensemble",
-    "train_exit_classifier",
-    "train_llm",
-    "train_protocol",
-]
+# public names load from their modules on first use (PEP 562): importing the package imports no torch
+__all__, __getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        ".exit_classifier": ("train_exit_classifier",),
+        ".loops": ("TrainConfig", "TrainHistory", "train_llm"),
+        ".persistence": ("load_ensemble", "save_ensemble"),
+        ".protocols": ("PROTOCOLS", "Protocol", "start_ensemble", "train_ensemble", "train_protocol"),
+    },
+)

@@ -227,7 +227,9 @@ def test_run_writes_results_tables_plots_and_report(finished):
     assert "classifier exit classifier of stage 0" in report  # its training stop is checked too
     assert "Protocol ashem, preset gpt2-tiny: one model grown block by block" in report
     assert (
-        "## Checks" in report and "[FLAG] training cut before convergence: stage 0 stopped at the epoch cap" in report
+        "## Checks" in report
+        and "[FLAG] every trained part stopped by early stopping on whole epochs: stage 0 stopped at the epoch cap"
+        in report
     )
     assert "## Training" in report and "| stage 1 | 2 | 0.0001 |" in report
     import matplotlib.image as mpimg
@@ -523,7 +525,7 @@ def test_run_on_a_saved_checkpoint_folder_cuts_it_into_blocks(tmp_path, capsys):
     assert len(training["exit_heads_val_ppl_after"]) == 2
     routed = next(r for r in records if r["method"] == "routed")
     assert 0 < routed["tokens_entered"][2] < routed["tokens_entered"][0]
-    report = (out / "report.md").read_text()
+    report = (out / "blocks.report.md").read_text()
     assert "unsplit model" in report and "block 0 alone" in report and "cut into blocks" in report
     assert "Costs are relative to the unsplit model" in report
 
@@ -608,7 +610,7 @@ def test_torchrun_two_ranks_measure_what_one_process_measured(finished, tmp_path
         for key in ("tokens", "exit_ratios", "tokens_entered", "thresholds", "flops", "flops_analytic", "layer_cost"):
             assert record.get(key) == single[point_id].get(key), (point_id, key)
         assert record["ppl"] == pytest.approx(single[point_id]["ppl"], rel=1e-9), point_id
-    assert "2 processes" in (out / "report.md").read_text()
+    assert "2 processes" in (out / "tiny-ranks.report.md").read_text()
     assert sorted(p.name for p in (out / "models").iterdir()) == sorted(
         p.name for p in (Path(config.out) / "models").iterdir()
     )  # nothing trained anew

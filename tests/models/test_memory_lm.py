@@ -106,7 +106,7 @@ def test_memory_updates_leave_no_graph(name):
 
 TRANSFER = r"""
 import sys, torch
-import cascade_bench  # registers the family: nothing else needed to load a saved memory model
+import cascade_bench.models.memory_lm  # registers the family: nothing else needed to load a saved memory model
 from transformers import AutoModelForCausalLM
 folder = sys.argv[1]
 model = AutoModelForCausalLM.from_pretrained(folder).eval()
