@@ -1192,8 +1192,8 @@ def _experiment(args: argparse.Namespace) -> int:
 
 
 def _next_steps(config, cascade: Path) -> str:
-    """Where the run saved its cascade and ready-to-paste commands that decode and evaluate it on the
-    same text."""
+    """Where the run saved its cascade, and ready-to-paste commands that decode it on the run's own text
+    and evaluate it on the harness's offline tasks."""
     if not (cascade / "cascade.json").is_file():
         return "no cascade saved by this run"
     corpus = "" if config.corpus == "embedded" else f" --corpus {config.corpus}"
@@ -1202,9 +1202,9 @@ def _next_steps(config, cascade: Path) -> str:
     return (
         f"saved cascade: {cascade}\n"
         f"decode with it:   cascade-bench bench-generate --cascade {cascade}{corpus} --batch-sizes 1 8\n"
-        f"evaluate it:      cascade-bench lm-eval --model cascade_bench --model_args cascade={cascade} "
-        "--tasks cascade_embedded_rolling --include_path lm_eval_tasks   (after `pip install -e .[eval]` and "
-        "`cascade-bench lm-eval-tasks --out lm_eval_tasks`)"
+        f"evaluate it on the harness's offline tasks: cascade-bench lm-eval --model cascade_bench --model_args "
+        f"cascade={cascade} --tasks cascade_embedded_rolling --include_path lm_eval_tasks   (after "
+        "`pip install -e .[eval]` and `cascade-bench lm-eval-tasks --out lm_eval_tasks`)"
     )
 
 

@@ -153,3 +153,20 @@ def test_the_torch_free_names_are_the_registries_they_stand_for():
     assert EXIT_FUNCTION_NAMES == tuple(sorted(BUILTIN_EXIT_FUNCTIONS))
     assert tuple(STAGE_KINDS) == STAGE_KIND_NAMES
     assert all(parse_rule_spec(rule) for rule in BENCH_RULES)
+
+
+@pytest.mark.parametrize(
+    "package",
+    [
+        "cascade_bench",
+        *(f"cascade_bench.{p}" for p in ("data", "stages", "measure", "routing", "training", "cost", "experiment")),
+    ],
+)
+def test_every_public_name_of_every_package_loads_on_first_use(package):
+    import importlib
+
+    module = importlib.import_module(package)
+    assert module.__all__
+    for name in module.__all__:
+        assert getattr(module, name) is not None, f"{package}.{name}"
+        assert name in dir(module)

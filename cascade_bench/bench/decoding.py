@@ -272,7 +272,7 @@ def bench_decoding(
             )
             if hf_model is not None:
                 peers = [("HF generate (unsplit model)", {})]
-                known_failure = HF_EARLY_EXIT_FAILS.get(getattr(hf_model.config, "model_type", ""))
+                known_failure = peers_not_run(ensemble).get("HF assistant_early_exit")
                 if batch == 1 and known_failure:
                     print(f"HF assistant_early_exit={first.num_layers} not run: {known_failure}")
                 elif batch == 1:  # HF's assisted generation takes batch 1 only
@@ -294,6 +294,13 @@ HF_EARLY_EXIT_FAILS = {
     "gpt2": "transformers' assistant_early_exit fails on GPT-2 models (an IndexError in its cache update); "
     "it runs on Llama-style models",
 }
+
+
+def peers_not_run(ensemble: Ensemble) -> dict[str, str]:
+    """The Hugging Face peers the bench does not call on this cascade's model, and why."""
+    model = _hf_model(ensemble)
+    reason = HF_EARLY_EXIT_FAILS.get(getattr(getattr(model, "config", None), "model_type", ""))
+    return {"HF assistant_early_exit": reason} if model is not None and reason else {}
 
 
 @dataclass

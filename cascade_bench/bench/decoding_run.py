@@ -16,7 +16,7 @@ from ..data.corpus import EMBEDDED_BYTES, embedded_byte_windows
 from ..measure.environment import environment_conditions
 from ..routing.calibration import calibrate_thresholds, hard_ratio_of_exit_ratio
 from ..stages.ensemble import Ensemble
-from .decoding import bench_decoding, decoding_checks, teacher_forced_policies, write_decoding_bench
+from .decoding import bench_decoding, decoding_checks, peers_not_run, teacher_forced_policies, write_decoding_bench
 
 
 def decode_prompts(
@@ -76,7 +76,7 @@ def _user_prompt_rows(path: Path, tokenizer, prompt_len: int, rows: int) -> Tens
     fewer than ``rows`` do."""
     from ..data.prompt_suite import read_prompts_file
 
-    prompts = [p for group in read_prompts_file(path, tokenizer).values() for p in group]
+    prompts = [p for group in read_prompts_file(path, tokenizer, max(prompt_len, 1024)).values() for p in group]
     long_enough = [p.ids[-prompt_len:] for p in prompts if len(p.ids) >= prompt_len]
     if len(long_enough) < rows:
         raise ValueError(
@@ -146,6 +146,7 @@ def run_decoding_bench(
         "teacher_forced": f"thresholds calibrated so that {exit_ratio:.0%} of validation tokens exit "
         f"after stage 0 (hard ratio {hard_ratio_of_exit_ratio(exit_ratio):g}), "
         f"measured on {len(windows)} test batches",
+        "not_run": peers_not_run(ensemble),
     }
     if json_path is not None:
         write_decoding_bench(rows, teacher_forced, checks, conditions, json_path)

@@ -318,13 +318,18 @@ def run_checks(records: Sequence[dict], plausible_ppl: Sequence[float] = PLAUSIB
     ]
 
 
+def _state(check: Check) -> str:
+    if check.flagged:
+        return "FLAG"
+    return "n/a" if check.detail.startswith("n/a") else "ok"
+
+
 def format_checks(checks: Sequence[Check]) -> str:
-    """One line per check: ``[ok]`` (it passed, or ``n/a``) or ``[FLAG]``, what passing means, the
-    figures, and for a flag what it suggests doing."""
+    """One line per check: ``[ok]`` (it passed), ``[n/a]`` (nothing to check in this run) or
+    ``[FLAG]``, what passing means, the figures, and for a flag what it suggests doing."""
     return (
         "\n".join(
-            f"- [{'FLAG' if c.flagged else 'ok'}] {c.name}: {c.detail}"
-            + (f"; suggests: {c.advice}" if c.flagged and c.advice else "")
+            f"- [{_state(c)}] {c.name}: {c.detail}" + (f"; suggests: {c.advice}" if c.flagged and c.advice else "")
             for c in checks
         )
         + "\n"

@@ -281,3 +281,18 @@ def test_only_transformers_own_assistant_call_has_its_deprecation_line_dropped(_
         logging.getLogger("transformers.generation.utils").warning(_INTERNAL_DEPRECATION + "=({'x'}) is deprecated")
     assert _no_transformers_deprecation_lines.lines == [_INTERNAL_DEPRECATION + "=({'x'}) is deprecated"]
     _no_transformers_deprecation_lines.lines.clear()
+
+
+def test_a_peer_known_to_fail_is_not_called_and_the_record_says_why():
+    from transformers import AutoModelForCausalLM
+
+    from cascade_bench.bench.decoding import peers_not_run
+    from cascade_bench.stages.ensemble import Ensemble
+    from cascade_bench.stages.presets import stage_config
+
+    def blocks(preset):
+        return Ensemble.from_blocks(AutoModelForCausalLM.from_config(stage_config(preset)), [1])
+
+    reason = peers_not_run(blocks("gpt2-tiny"))["HF assistant_early_exit"]
+    assert "GPT-2" in reason and "IndexError" in reason
+    assert peers_not_run(blocks("llama-tiny")) == {}

@@ -155,6 +155,10 @@ def test_checks_that_do_not_apply_say_so():
         "n/a: nothing was trained in this run",
     )
     assert details["hard tokens improve after the later stages"][1].startswith("n/a")
+    # a check with nothing to check is not reported as passed: its name states what passing means
+    lines = format_checks(run_checks(records)).splitlines()
+    assert "- [n/a] each later stage improves on the prefix before it: n/a: no full and prefix points" in lines
+    assert not any(line.startswith("- [ok]") and ": n/a" in line for line in lines)
     with pytest.raises(ValueError, match="no records"):
         run_checks([])
 
