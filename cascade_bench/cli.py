@@ -584,7 +584,14 @@ def _add_bench_decode_command(commands) -> None:
     decode.add_argument(
         "--corpus", type=Path, default=None, metavar="FOLDER", help="WikiText-2 folder for the prose set"
     )
-    decode.add_argument("--prompts", type=Path, default=None, metavar="FILE", help='JSON lines {"text", "set"}')
+    decode.add_argument(
+        "--prompts",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help='your own prompts instead of the suite: JSON lines {"text": ..., "set": ...} ("set" optional, '
+        'default "user")',
+    )
     decode.add_argument("--per-set", type=_positive_int, default=8, help="prompts per set; default %(default)s")
     decode.add_argument(
         "--sets", nargs="+", choices=PROMPT_SETS, default=list(PROMPT_SETS), help="prompt sets (prose needs --corpus)"
@@ -878,26 +885,19 @@ def _prompt_corpus(args: argparse.Namespace) -> tuple[str, Optional[str]]:
     return "embedded", None
 
 
-def _has_tokenizer(folder: Path) -> bool:
-    return any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
-
-
 def _prompt_tokenizer(args: argparse.Namespace) -> Optional[Path]:
     """The tokenizer folder bench-generate's prompts go through: the saved cascade's, the --model
     folder's (refused without one: a pretrained model reads its own ids, not bytes), the first
     --stage folder's when it has one; None (UTF-8 bytes) for untrained preset stages."""
+    from .data.tokenization import check_tokenizer_folder, has_tokenizer_files
+
     if args.model is not None:
-        if not _has_tokenizer(args.model):
-            raise ValueError(
-                f"--model {args.model} holds no tokenizer (tokenizer.json, tokenizer_config.json or vocab.json): "
-                "its prompts must go through its own tokenizer; save the tokenizer into the folder "
-                "(tokenizer.save_pretrained)"
-            )
+        check_tokenizer_folder(args.model, "--model")
         return args.model
     if args.cascade is not None:
         folder = Path(args.cascade) / "tokenizer"
         return folder if folder.is_dir() else None
-    if args.stage and _has_tokenizer(args.stage[0]):
+    if args.stage and has_tokenizer_files(args.stage[0]):
         return args.stage[0]
     return None
 
@@ -1201,7 +1201,8 @@ def _next_steps(config, cascade: Path) -> str:
         corpus += f" --corpus-config {config.corpus_config}"
     return (
         f"saved cascade: {cascade}\n"
-        f"decode with it:   cascade-bench bench-generate --cascade {cascade}{corpus} --batch-sizes 1 8\n"
+        f"decode with it:   cascade-bench bench-generate --cascade {cascade}{corpus} --batch-sizes 1 8 "
+        "--new-tokens 33 --repeats 3\n"
         f"evaluate it on the harness's offline tasks: cascade-bench lm-eval --model cascade_bench --model_args "
         f"cascade={cascade} --tasks cascade_embedded_rolling --include_path lm_eval_tasks   (after "
         "`pip install -e .[eval]` and `cascade-bench lm-eval-tasks --out lm_eval_tasks`)"

@@ -13,6 +13,7 @@ import torch
 
 from ..data.prompt_suite import PROMPT_SETS, SUITE_VERSION, prompt_suite, read_prompts_file
 from ..data.storage import write_json_atomic, write_text_atomic
+from ..data.tokenization import check_tokenizer_folder
 from ..measure.environment import environment_conditions
 from ..measure.timing import PhaseClock
 from ..routing.draft_verify import speculative_generate
@@ -33,6 +34,7 @@ from .decode_suite import (
     timed_rotation,
     whole_suite_rows,
 )
+from .decoding import HF_EARLY_EXIT_FAILS
 from .hf_generate import Call, hf_generate_timed
 
 EARLY_EXIT_METHODS = ("ours-self-spec", "hf-early-exit")  # capped to --early-exit-prompts at batch 1 (slow)
@@ -197,6 +199,7 @@ def run_decode_bench(
         notes.append(f"no --draft folder: {', '.join(sorted(needs_draft))} skipped")
         methods = [m for m in methods if m not in needs_draft]
     phases = PhaseClock()
+    check_tokenizer_folder(target_path, "the real model's folder")
     tokenizer = AutoTokenizer.from_pretrained(target_path)
     with phases("prompt_suite"):
         if prompts_file is not None:
@@ -212,9 +215,19 @@ def run_decode_bench(
         hf_model = AutoModelForCausalLM.from_pretrained(target_path).to(device).eval()
     target = LLM(hf_model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    layer = early_exit_layer if early_exit_layer is not None else max(1, round(0.8 * target.num_layers))
-    if not 1 <= layer < target.num_layers:
-        raise ValueError(f"--early-exit-layer must be in [1, {target.num_layers - 1}], got {layer}")
+    if early_exit_layer is not None and not 1 <= early_exit_layer < target.num_layers:
+        raise ValueError(f"--early-exit-layer must be in [1, {target.num_layers - 1}], got {early_exit_layer}")
+    # the default, 80% of the depth, kept inside the model (a 2-layer model drafts with its first layer)
+    layer = early_exit_layer or min(max(1, round(0.8 * target.num_layers)), target.num_layers - 1)
+    skipped = {}
+    if target.num_layers < 2:
+        skipped = dict.fromkeys(EARLY_EXIT_METHODS, "a 1-layer model has no earlier layer to draft from")
+    elif getattr(hf_model.config, "model_type", "") in HF_EARLY_EXIT_FAILS:
+        skipped = {"hf-early-exit": HF_EARLY_EXIT_FAILS[hf_model.config.model_type]}
+    for method, reason in skipped.items():
+        if method in methods:
+            notes.append(f"{method} not run: {reason}")
+    methods = [m for m in methods if m not in skipped]
     draft = vocabulary = None
     if draft_path is not None and needs_draft & set(methods):
         from ..training.draft_job import read_draft_vocabulary

@@ -40,6 +40,26 @@ def bpe_cache_path(texts: Sequence[str], vocab_size: int, cache_dir: Path) -> Pa
     return Path(cache_dir) / f"bpe-{vocab_size}-{digest.hexdigest()[:16]}.json"
 
 
+#: Files one of which a folder holds when it holds a tokenizer (``save_pretrained``).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def has_tokenizer_files(folder: "Path | str") -> bool:
+    """Whether ``folder`` holds a saved tokenizer (one of ``TOKENIZER_FILES``)."""
+    return any((Path(folder) / name).is_file() for name in TOKENIZER_FILES)
+
+
+def check_tokenizer_folder(folder: "Path | str", what: str) -> None:
+    """ValueError naming ``folder`` when it is a folder without a tokenizer: a model reads its own ids, so
+    its text must go through its own tokenizer."""
+    if Path(folder).is_dir() and not has_tokenizer_files(folder):
+        raise ValueError(
+            f"{what} {folder} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}): a model reads its own "
+            "ids, so its text must go through its own tokenizer; save it into the folder "
+            "(tokenizer.save_pretrained(folder)) or give a tokenizer folder"
+        )
+
+
 def load_tokenizer(spec: str, train_texts: Optional[Sequence[str]] = None, cache_dir: "Path | str | None" = None):
     """A ``PreTrainedTokenizerFast`` with an EOS token, from ``spec`` (see module docstring).
 
@@ -66,6 +86,7 @@ def load_tokenizer(spec: str, train_texts: Optional[Sequence[str]] = None, cache
         tokenizer.name_or_path = str(path)
         return tokenizer
     if Path(spec).exists() or not spec.startswith((".", "/", "~")):
+        check_tokenizer_folder(spec, "tokenizer folder")
         try:
             tokenizer = AutoTokenizer.from_pretrained(spec)
         except (OSError, ValueError) as error:

@@ -39,14 +39,14 @@ RISK_CONTROL = "every risk-controlled point within its delta on the scored split
 
 #: What a flag of each check suggests doing.
 ADVICE = {
-    PREFIXES: "train the later stage longer or on more text (see how its training stopped), or cut the cascade "
-    "elsewhere",
-    HARD_TOKENS: "the later stages do not help the tokens routed to them: train them on hard tokens (protocols "
-    "ashem, cascade) or sweep lower hard ratios",
+    PREFIXES: "the later stage does not help: for a cascade trained here, train it longer or on more text (see how "
+    "its training stopped); for a pretrained model cut into blocks, check the model itself (its PPL) and the cut",
+    HARD_TOKENS: "the later stages do not help the tokens routed to them: for a cascade trained here, train them on "
+    "hard tokens (protocols ashem, cascade); for a pretrained model, cut it later or sweep lower hard ratios",
     DENSE: "a deeper model worse than a shallower one trained the same way: the dense baseline is under-trained "
     "or overfits; raise max_epochs or dense_patience and rerun",
-    TRAINING: "raise max_epochs (or drop max_steps_per_epoch) and rerun: figures from a model that did not "
-    "converge do not compare",
+    TRAINING: "raise the cap of the part that reached it (max_epochs for the stages and the dense model; drop "
+    "max_steps_per_epoch) and rerun: figures from a model that did not converge do not compare",
     ROUTED_VS_MASKED: "both passes read the same stage-0 states, so this is a routing bug: report it with this "
     "run's records",
     FLOP_COUNTS: "an operation one count misses or counts twice: compare the per-operation counts of "
@@ -161,7 +161,7 @@ def check_hard_tokens(records: Sequence[dict]) -> Check:
 def check_dense(records: Sequence[dict]) -> Check:
     dense, prefix = point_of(records, "dense"), point_of(records, "prefix", stages=1)
     if dense is None or prefix is None:
-        return Check(DENSE, False, "n/a: no dense or stage-0 point")
+        return Check(DENSE, False, "n/a: no dense model in this run" if dense is None else "n/a: no stage-0 point")
     detail = f"dense, same depth PPL {_ppl(dense['ppl'])} vs stage 0 alone {_ppl(prefix['ppl'])}"
     return Check(DENSE, dense["ppl"] > prefix["ppl"], detail)
 

@@ -61,7 +61,8 @@ CONFIG_HELP: dict[str, str] = {
     "risk_delta": "the risk level the controlled thresholds must keep",
     "risk_epsilon": "the probability the guarantee may fail",
     "risk_nll_tolerance": "for risk 'nll': the NLL increase (nats) counted as harm",
-    "risk_batches": "the last N validation batches held out for risk control alone (0 = share the others)",
+    "risk_batches": "the last N validation batches held out for risk control alone: 0 (share the sweep's "
+    "validation batches, at least 2 of them) or at least 2",
     # measurement
     "timing_repeats": "timed repeats per point (the median is reported)",
     "timing_batches": "test batches each point's wall time covers (0 = all)",

@@ -224,6 +224,14 @@ def _check_risk(c) -> None:
             "0 (risk control on the shared validation batches) or at least 2 (one half "
             "proposes thresholds, the other tests them)",
         )
+    if c.risk and c.risk_batches == 0 and c.validation_batches == 1:
+        _bad(
+            c,
+            "risk_batches",
+            "at least 2 when validation_batches is 1 (with risk_batches 0, risk control calibrates on the "
+            "validation batches the sweep uses, and it needs at least 2: one half proposes thresholds, the "
+            "other tests them)",
+        )
 
 
 def _check_sweep(c) -> None:

@@ -245,8 +245,9 @@ def auto_boundaries(levels, validation_curve: list[dict]) -> list[int]:
             best = max(row["agreement"] for row in validation_curve)
             raise ValueError(
                 f"config key 'auto_boundaries': no candidate layer's translator agrees with full depth on "
-                f"{level:g} of the validation tokens (best {best:.3f}); lower the level or add later "
-                f"exit_layers"
+                f"{level:g} of the validation tokens (best {best:.3f}); lower the level (--auto-boundaries "
+                f"{best:.2f}), add later exit_layers, or cut by hand (--boundaries L, with --block-heads "
+                f"shared or translator); the exit curve is written either way (results/<name>.exit_curve.md)"
             )
         cuts.append(reached[0])
     if len(set(cuts)) != len(cuts):

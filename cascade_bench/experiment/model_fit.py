@@ -47,7 +47,10 @@ def rule_misfit(spec: str, sizes: ModelSizes) -> Optional[str]:
     if kind == "lowrank":
         upper = min(sizes.hidden_size, sizes.vocab_size)
         if size > upper:
-            return f"{spec!r} needs a rank in [1, {upper}] (min of {sizes.describe()})"
+            return (
+                f"{spec!r} needs a rank in [1, {upper}] (the smaller of the hidden size {sizes.hidden_size} "
+                f"and the vocabulary {sizes.vocab_size})"
+            )
     if kind == "topk" and size > sizes.vocab_size:
         return f"{spec!r} needs K in [1, {sizes.vocab_size}] (the vocabulary)"
     return None
@@ -61,10 +64,7 @@ def fit_to_model(config: ExperimentConfig, sizes: ModelSizes) -> tuple[Experimen
     if misfits:
         if config.exit_rules != _default("exit_rules"):
             spec, why = next(iter(misfits.items()))
-            raise ValueError(
-                f"config key 'exit_rules': {why}; choose a size that fits or leave {spec!r} out "
-                f"(the model: {sizes.describe()})"
-            )
+            raise ValueError(f"config key 'exit_rules': {why}; choose a size that fits or leave {spec!r} out")
         kept = tuple(spec for spec in config.exit_rules if spec not in misfits)
         for spec, why in misfits.items():
             notes.append(

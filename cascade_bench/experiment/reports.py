@@ -593,14 +593,26 @@ def _file_list(tables: Sequence[Path], paths: dict, name: str) -> list[str]:
     """The files of run ``name``: the tables this report wrote, its records and the plots and study
     files present, as paths relative to the run's folder (another run's files are not listed)."""
     out = paths["report"].parent
-    present = [paths["results"], paths["confidence"], paths["exit_study"], *sorted(paths["plots"].glob(f"{name}.*"))]
-    files = [*tables, *(path for path in present if path.is_file()), paths["report"]]
+    present = [
+        paths["results"],
+        paths["confidence"],
+        paths["exit_study"],
+        *sorted(paths["tables"].glob(f"{name}.exit_curve.*")),
+        *sorted(paths["plots"].glob(f"{name}.*")),
+    ]
+    saved = [
+        paths[key] / "cascade" if key == "models" else paths[key] for key in ("models", "translators") if key in paths
+    ]
+    files = [
+        *tables,
+        *(path for path in present if path.is_file()),
+        *(f"{path}/ (saved models)" for path in saved if Path(path).is_dir()),
+        paths["report"],
+    ]
 
-    def relative(path: Path) -> str:
-        try:
-            return str(Path(path).relative_to(out))
-        except ValueError:
-            return str(path)
+    def relative(path) -> str:
+        text = str(path)
+        return text[len(str(out)) + 1 :] if text.startswith(f"{out}/") else text
 
     return [f"- `{relative(path)}`" for path in files]
 

@@ -162,3 +162,37 @@ def test_early_exit_methods_are_capped_at_batch_one_and_the_run_records_where_it
     # the timed calls' own seconds are part of the timed phase
     timed = sum(sum(r["per_prompt_seconds"]) for r in payload["rows"] if r["prompt_set"] != "all")
     assert timed <= phases["timed"]
+
+
+def test_a_two_layer_gpt2_gets_a_default_draft_layer_inside_it_and_no_call_known_to_fail(tmp_path):
+    """The default early-exit layer (80% of the depth) stays inside a 2-layer model, and Hugging
+    Face's assistant_early_exit, which fails on GPT-2, is not called: the run's notes say why."""
+    from transformers import AutoModelForCausalLM
+
+    from cascade_bench.bench.decode_run import run_decode_bench
+    from cascade_bench.data.corpus import embedded_corpus
+    from cascade_bench.data.tokenization import load_tokenizer
+    from cascade_bench.stages.presets import stage_config
+
+    folder = tmp_path / "gpt2"
+    load_tokenizer("bpe:300", embedded_corpus().documents("train"), cache_dir=tmp_path / "cache").save_pretrained(
+        folder
+    )
+    AutoModelForCausalLM.from_config(stage_config("gpt2-tiny", vocab_size=300)).save_pretrained(folder)
+    rows, conditions = run_decode_bench(
+        str(folder),
+        "tiny gpt2",
+        per_set=1,
+        sets=["documentation"],
+        batch_sizes=[1],
+        new_tokens=3,
+        methods=["ours-self-spec", "hf-early-exit"],
+        count_flops=False,
+        progress=False,
+    )
+    assert conditions["early_exit_layer"] == 1
+    assert {r.method for r in rows} == {"ours-greedy", "hf-greedy", "ours-self-spec"}
+    assert any(
+        note.startswith("hf-early-exit not run: transformers' assistant_early_exit fails on GPT-2")
+        for note in conditions["notes"]
+    )

@@ -216,3 +216,12 @@ def test_a_single_jsonl_file_of_documents_is_cut_at_document_boundaries(tmp_path
     with pytest.raises(ValueError, match="is not a corpus file"):
         (tmp_path / "notes.md").write_text(text)
         load_corpus(tmp_path / "notes.md")
+
+
+def test_a_folder_without_a_tokenizer_is_refused_by_name(tmp_path):
+    from cascade_bench.data.tokenization import has_tokenizer_files, load_tokenizer
+
+    (tmp_path / "config.json").write_text("{}")  # a model folder saved without its tokenizer
+    assert not has_tokenizer_files(tmp_path)
+    with pytest.raises(ValueError, match="holds no tokenizer .*tokenizer.save_pretrained"):
+        load_tokenizer(str(tmp_path))

@@ -74,7 +74,8 @@ def test_a_good_run_raises_no_flag():
     assert "stage 0 alone 180.0 -> full cascade 150.0" in text
     assert "at hard ratio 0.5: 420.0 at stage 0 -> 330.0 after (-21.4%)" in text
     assert "stage 0: 12 epochs, best 11, early stopping" in text and "dense: 14 epochs" in text
-    assert "equal at all 5 counted points" in text and text.count("[ok]") == 8
+    assert "equal at all 5 counted points" in text and text.count("[FLAG]") == 0
+    assert text.count("[ok]") + text.count("[n/a]") == 8
 
 
 def test_a_full_cascade_worse_than_its_prefix_is_flagged_with_its_figures():

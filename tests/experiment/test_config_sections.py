@@ -176,3 +176,10 @@ def test_every_config_has_its_paths_with_or_without_a_model():
 
     assert experiment_paths(make_config({}))["models"].name == make_config({}).training_key()
     assert experiment_paths(make_config(_PRETRAINED))["translators"].name.startswith("translators-")
+
+
+def test_risk_control_on_one_shared_validation_batch_is_refused_before_the_run():
+    with pytest.raises(ValueError, match=r"'risk_batches': expected at least 2 when validation_batches is 1"):
+        make_config({"risk_batches": 0, "validation_batches": 1})
+    make_config({"risk_batches": 0, "validation_batches": 1, "risk": ""})  # no risk control: nothing to refuse
+    make_config({"risk_batches": 2, "validation_batches": 1})
