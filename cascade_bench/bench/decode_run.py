@@ -34,7 +34,7 @@ from .decode_suite import (
     timed_rotation,
     whole_suite_rows,
 )
-from .decoding import HF_EARLY_EXIT_FAILS
+from .decoding import early_exit_failure
 from .hf_generate import Call, hf_generate_timed
 
 EARLY_EXIT_METHODS = ("ours-self-spec", "hf-early-exit")  # capped to --early-exit-prompts at batch 1 (slow)
@@ -222,8 +222,8 @@ def run_decode_bench(
     skipped = {}
     if target.num_layers < 2:
         skipped = dict.fromkeys(EARLY_EXIT_METHODS, "a 1-layer model has no earlier layer to draft from")
-    elif getattr(hf_model.config, "model_type", "") in HF_EARLY_EXIT_FAILS:
-        skipped = {"hf-early-exit": HF_EARLY_EXIT_FAILS[hf_model.config.model_type]}
+    elif early_exit_failure(hf_model):
+        skipped = {"hf-early-exit": early_exit_failure(hf_model)}
     for method, reason in skipped.items():
         if method in methods:
             notes.append(f"{method} not run: {reason}")

@@ -296,11 +296,15 @@ HF_EARLY_EXIT_FAILS = {
 }
 
 
+def early_exit_failure(model) -> Optional[str]:
+    """Why transformers' ``assistant_early_exit`` is not called on ``model`` (None when it may be)."""
+    return HF_EARLY_EXIT_FAILS.get(getattr(getattr(model, "config", None), "model_type", ""))
+
+
 def peers_not_run(ensemble: Ensemble) -> dict[str, str]:
     """The Hugging Face peers the bench does not call on this cascade's model, and why."""
-    model = _hf_model(ensemble)
-    reason = HF_EARLY_EXIT_FAILS.get(getattr(getattr(model, "config", None), "model_type", ""))
-    return {"HF assistant_early_exit": reason} if model is not None and reason else {}
+    reason = early_exit_failure(_hf_model(ensemble))
+    return {"HF assistant_early_exit": reason} if reason else {}
 
 
 @dataclass

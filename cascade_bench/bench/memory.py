@@ -50,7 +50,6 @@ from ..training.memory_streams import TRAINING_ORDERS, stream_chunks, train_on_s
 from .choices import MEMORY_PARTS, MEMORY_PRESETS
 from .lagged_cache import recurrent_part
 
-PRESETS = MEMORY_PRESETS
 CONTEXT_LENGTHS = (256, 512, 1024, 2048, 4096, 8192)
 
 
@@ -97,7 +96,7 @@ def corpus_streams(tokenizer: str = "bpe:1024", cache_dir: "Path | str | None" =
 def training_part(
     streams: dict,
     out: Path,
-    presets: Sequence[str] = PRESETS,
+    presets: Sequence[str] = MEMORY_PRESETS,
     chunk_len: int = 256,
     train_streams: int = 32,
     train_chunks: int = 8,
@@ -215,7 +214,7 @@ def context_costs(model, ids: Tensor, repeats: int = 3) -> dict:
 def context_part(
     streams: dict,
     out: Path,
-    presets: Sequence[str] = PRESETS,
+    presets: Sequence[str] = MEMORY_PRESETS,
     lengths: Sequence[int] = CONTEXT_LENGTHS,
     eval_tokens: int = 16385,
     repeats: int = 3,
@@ -349,7 +348,7 @@ def train_on_relation(
 
 
 def reversal_part(
-    out: Path, presets: Sequence[str] = PRESETS, max_epochs: int = 150, seed: int = 0, progress: bool = True
+    out: Path, presets: Sequence[str] = MEMORY_PRESETS, max_epochs: int = 150, seed: int = 0, progress: bool = True
 ) -> list[dict]:
     pairs = entity_pairs()
     forward = [statement(*pair, "forward") for pair in pairs]
@@ -384,7 +383,7 @@ def reversal_part(
 def run_memory_bench(
     out: "Path | str" = "memory_bench",
     parts: Sequence[str] = MEMORY_PARTS,
-    presets: Sequence[str] = PRESETS,
+    presets: Sequence[str] = MEMORY_PRESETS,
     lengths: Sequence[int] = CONTEXT_LENGTHS,
     max_epochs: Optional[int] = None,
     progress: bool = True,
@@ -399,9 +398,9 @@ def run_memory_bench(
     unknown = sorted(set(parts) - set(MEMORY_PARTS))
     if unknown:
         raise ValueError(f"unknown parts {unknown}; expected some of {list(MEMORY_PARTS)}")
-    bad = sorted(set(presets) - set(PRESETS))
+    bad = sorted(set(presets) - set(MEMORY_PRESETS))
     if bad:
-        raise ValueError(f"unknown presets {bad}; expected some of {list(PRESETS)}")
+        raise ValueError(f"unknown presets {bad}; expected some of {list(MEMORY_PRESETS)}")
     out = Path(out)
     results = out / "results"
     written: dict[str, Path] = {}

@@ -12,9 +12,10 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Optional
 
-from ..routing.policy_names import KV_POLICIES
+from ..routing.policy_names import KV_POLICIES, RISKS
 from ..stages.preset_configs import STAGE_PRESETS
-from ..training.protocol_specs import PROTOCOLS, decayed_lrs
+from ..stages.rule_specs import CLASSIFIER_TARGETS, EXIT_FUNCTION_NAMES, RULE_SPECS
+from ..training.protocol_specs import EXIT_HEADS, HARD_EXAMPLES, PROTOCOLS, decayed_lrs
 from .config_sections import (
     BLOCK_HEADS,
     COUNT_FLOPS,
@@ -413,10 +414,6 @@ FLAG_NAMES = {"exit_fn": ("--exit-rule", "--exit-fn")}
 
 def config_choices() -> dict[str, tuple]:
     """The values each key with a fixed set of them takes (lists take several, comma-separated)."""
-    from ..routing.policy_names import RISKS
-    from ..stages.rule_specs import CLASSIFIER_TARGETS, EXIT_FUNCTION_NAMES, RULE_SPECS
-    from ..training.protocol_specs import EXIT_HEADS, HARD_EXAMPLES
-
     return {
         "eval_split": ("test", "validation"),
         "preset": tuple(sorted(STAGE_PRESETS)),

@@ -32,10 +32,6 @@ class ModelSizes:
     vocab_size: int
     num_layers: Optional[int] = None
 
-    def describe(self) -> str:
-        layers = f", {self.num_layers} layers" if self.num_layers is not None else ""
-        return f"hidden size {self.hidden_size}, vocabulary {self.vocab_size}{layers}"
-
 
 def _default(key: str):
     return ExperimentConfig.__dataclass_fields__[key].default

@@ -600,9 +600,7 @@ def _file_list(tables: Sequence[Path], paths: dict, name: str) -> list[str]:
         *sorted(paths["tables"].glob(f"{name}.exit_curve.*")),
         *sorted(paths["plots"].glob(f"{name}.*")),
     ]
-    saved = [
-        paths[key] / "cascade" if key == "models" else paths[key] for key in ("models", "translators") if key in paths
-    ]
+    saved = [paths["models"] / "cascade", paths["translators"]]
     files = [
         *tables,
         *(path for path in present if path.is_file()),

@@ -66,14 +66,12 @@ from .protocol_specs import (  # noqa: F401  (re-exported: the recipes' torch-fr
     EXIT_HEADS,
     HARD_EXAMPLES,
     PROTOCOLS,
-    STAGE_KIND_NAMES,
     Protocol,
     decayed_lrs,
 )
 
 #: The kinds of stage a protocol grows: blocks of one model, or separate whole models.
 STAGE_KINDS = {"block": Block, "llm": LLM}
-assert tuple(STAGE_KINDS) == STAGE_KIND_NAMES
 
 
 @dataclass(frozen=True)
