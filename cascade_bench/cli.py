@@ -186,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_bench_blocks_command,
         _add_bench_generate_command,
         _add_train_draft_command,
+        _add_train_exits_command,
         _add_bench_decode_command,
         _add_bench_memory_command,
         _add_lm_eval_tasks_command,
@@ -563,6 +564,41 @@ def _add_train_draft_command(commands) -> None:
     )
     draft.add_argument("--seed", type=int, default=defaults.seed, help="seed of data order (default %(default)s)")
     draft.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
+def _add_train_exits_command(commands) -> None:
+    from .training.exit_recipe_specs import EXIT_RECIPES, RECIPE_HELP, RecipeBudget
+
+    defaults = RecipeBudget()
+    exits = commands.add_parser(
+        "train-exits",
+        help="teach a pretrained model to exit early: train every exit recipe (least squares, KL, MLP exit, "
+        "attention adapter, LoRA trunk) on one budget and write one table",
+        description="Read a run config (model, scored split, exit_layers), run the frozen model once over shared "
+        "offline training text (the embedded corpus's train split less its test paragraphs, standard-library "
+        "source; --corpus adds a folder's train split), a held-out validation text and the scored split, fit "
+        "least-squares translators, train each recipe from them within the budget (early stopping on "
+        "held-out agreement), and write results/<name>.exit_recipes.json, its tables (md/tex/csv) and "
+        "plots/<name>.exit_recipes.png. Recipes: " + "; ".join(f"{name}: {text}" for name, text in RECIPE_HELP.items()),
+    )
+    exits.add_argument("config_file", metavar="CONFIG", help="a run config with a pretrained `model` (TOML)")
+    exits.add_argument(
+        "--recipes", nargs="+", default=list(EXIT_RECIPES), choices=EXIT_RECIPES, help="default: all, in this order"
+    )
+    exits.add_argument(
+        "--budget",
+        type=float,
+        default=1.0,
+        help=f"scales the training tokens ({defaults.train_tokens:,}) and each recipe's seconds "
+        f"({defaults.seconds:.0f}); default 1 (about 25 minutes on 2 CPU cores for SmolLM2-135M)",
+    )
+    exits.add_argument(
+        "--layers", nargs="+", type=_positive_int, default=None, help="candidate exit layers (default: exit_layers)"
+    )
+    exits.add_argument(
+        "--corpus", type=Path, default=None, metavar="FOLDER", help="a corpus folder whose train split is added"
+    )
+    exits.add_argument("--quiet", action="store_true", help="no progress lines")
 
 
 def _add_bench_decode_command(commands) -> None:
@@ -963,6 +999,20 @@ def _train_draft(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_exits(args: argparse.Namespace) -> int:
+    from .experiment.config import config_from_args
+    from .experiment.exit_recipe_study import run_exit_recipes
+    from .training.exit_recipe_specs import RecipeBudget
+
+    budget = RecipeBudget().scaled(args.budget)
+    config = config_from_args(argparse.Namespace(), args.config_file)
+    written = run_exit_recipes(
+        config, args.recipes, budget, layers=args.layers, corpus=args.corpus, progress=not args.quiet
+    )
+    print("wrote " + ", ".join(str(path) for path in written.values()))
+    return 0
+
+
 def _bench_decode(args: argparse.Namespace) -> int:
     from .bench.decode_run import format_decode_tables, rewrite_tables, run_decode_bench
 
@@ -1274,6 +1324,7 @@ HANDLERS = {
     "bench-blocks": _bench_blocks,
     "bench-generate": _bench_generate,
     "train-draft": _train_draft,
+    "train-exits": _train_exits,
     "bench-decode": _bench_decode,
     "bench-memory": _bench_memory,
     "bench-report": _bench_report,
