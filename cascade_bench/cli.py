@@ -596,6 +596,9 @@ def _add_train_exits_command(commands) -> None:
         "--layers", nargs="+", type=_positive_int, default=None, help="candidate exit layers (default: exit_layers)"
     )
     exits.add_argument(
+        "--window", type=_positive_int, default=defaults.window, help="tokens per training window (default %(default)s)"
+    )
+    exits.add_argument(
         "--corpus", type=Path, default=None, metavar="FOLDER", help="a corpus folder whose train split is added"
     )
     exits.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -1004,7 +1007,7 @@ def _train_exits(args: argparse.Namespace) -> int:
     from .experiment.exit_recipe_study import run_exit_recipes
     from .training.exit_recipe_specs import RecipeBudget
 
-    budget = RecipeBudget().scaled(args.budget)
+    budget = RecipeBudget(window=args.window).scaled(args.budget)
     config = config_from_args(argparse.Namespace(), args.config_file)
     written = run_exit_recipes(
         config, args.recipes, budget, layers=args.layers, corpus=args.corpus, progress=not args.quiet

@@ -68,6 +68,9 @@ def run_exit_recipes(
     paths = experiment_paths(config)
     model, folder, source = pretrained_model(config, paths["converted"], progress)
     candidates = check_layers(layers or config.exit_layers, int(model.config.num_hidden_layers))
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions is not None and budget.window > positions:
+        raise ValueError(f"--window {budget.window} is longer than the model's {positions} positions")
     data = prepared_data(config, paths, model, folder)
     scored = data.test[: config.eval_batches] if config.eval_batches else data.test
     documents, held_out, sources = draft_text_sources(corpus)
@@ -97,7 +100,7 @@ def run_exit_recipes(
             curve = evaluate_recipe(recipe, test, with_final=True)
             results.append(_recipe_result(recipe, history, curve, test, lstsq if name == "lstsq" else None))
             if name != "lora":
-                trained[name] = (recipe, history.validation_agreement[history.best_check])
+                trained[name] = (recipe, history.kept_agreement)
         finally:
             recipe.close()
         if progress:
@@ -303,7 +306,7 @@ def plot_recipes(record: dict, stem: Path) -> list[Path]:
         left.plot([r["layer"] for r in rows], [r["agreement"] for r in rows], "s-", label=recipe["recipe"])
         training = recipe["training"]
         if len(training["tokens_seen"]) > 1:
-            right.plot(training["tokens_seen"], training["validation_agreement"], ".-", label=recipe["recipe"])
+            right.plot(training["tokens_seen"], training["mean_agreement"], ".-", label=recipe["recipe"])
     left.set_xlabel("exit after layer")
     left.set_ylabel("top-1 agreement with full depth (test)")
     left.set_ylim(0, 1)

@@ -22,16 +22,16 @@ EXIT_RECIPES = tuple(RECIPE_HELP)
 class RecipeBudget:
     """What every recipe gets: the same ``train_tokens`` of offline text (windows of ``window``
     tokens), ``validation_tokens`` held out for early stopping, and at most ``seconds`` of training
-    each (the teacher's pass and the evaluation apart). A check (validation on the held-out windows,
-    early stopping with ``patience`` checks) follows every ``steps_per_check`` steps of
-    ``batch_windows`` windows; one step trains one exit layer (they take turns)."""
+    each (the teacher's pass and the evaluation apart). One step trains one exit layer (they take
+    turns) on ``batch_windows`` windows; a check (validation on the held-out windows, early stopping
+    after ``patience`` checks without a new best) follows ``steps_per_check`` steps per layer."""
 
     train_tokens: int = 32_768
-    validation_tokens: int = 2_048
-    seconds: float = 300.0
+    validation_tokens: int = 4_096
+    seconds: float = 360.0
     window: int = 256
     batch_windows: int = 4
-    steps_per_check: int = 12
+    steps_per_check: int = 8
     patience: int = 3
     top_k: int = 32
     seed: int = 0

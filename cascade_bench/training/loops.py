@@ -181,7 +181,7 @@ def train_epochs(
     optimizer: torch.optim.Optimizer,
     epochs: Iterable[int],
     epoch_steps: Callable[[int], Iterable[Callable[[], tuple[Tensor, int]]]],
-    validate: Callable[[int, EpochStats], float],
+    validate: Callable[[int, EpochStats], "float | Sequence[float]"],
     stopping: EarlyStopping,
     grad_clip: Optional[float] = None,
 ) -> None:
@@ -191,7 +191,8 @@ def train_epochs(
     call returning the loss and how many tokens it scored) is backpropagated and taken (gradients
     clipped to ``grad_clip`` if set); then ``modules`` in eval mode, and ``validate(epoch, stats)``
     gives the score (lower is better) that ``stopping`` reads. At the end no gradient is kept and
-    the best epoch's weights are restored."""
+    the best epoch's weights are restored. A stopping rule that scores parts apart
+    (``exit_recipes.LayerwiseStopping``) takes a sequence of scores from ``validate``."""
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
     for epoch in epochs:
         for module in modules:
