@@ -581,7 +581,18 @@ def _add_train_exits_command(commands) -> None:
         "held-out agreement), and write results/<name>.exit_recipes.json, its tables (md/tex/csv) and "
         "plots/<name>.exit_recipes.png. Recipes: " + "; ".join(f"{name}: {text}" for name, text in RECIPE_HELP.items()),
     )
-    exits.add_argument("config_file", metavar="CONFIG", help="a run config with a pretrained `model` (TOML)")
+    exits.add_argument(
+        "config_file", nargs="?", default=None, metavar="CONFIG", help="a run config with a pretrained `model` (TOML)"
+    )
+    exits.add_argument(
+        "--tables-from",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="write the tables (beside it) and the figure (in --plots) again from a stored <name>.exit_recipes.json; "
+        "trains nothing",
+    )
+    exits.add_argument("--plots", type=Path, default=Path("plots"), help="where --tables-from draws the figure")
     exits.add_argument(
         "--recipes", nargs="+", default=list(EXIT_RECIPES), choices=EXIT_RECIPES, help="default: all, in this order"
     )
@@ -600,6 +611,9 @@ def _add_train_exits_command(commands) -> None:
     )
     exits.add_argument(
         "--corpus", type=Path, default=None, metavar="FOLDER", help="a corpus folder whose train split is added"
+    )
+    exits.add_argument(
+        "--device", default=None, help="where the model and the recipes run (default: the config's `device`)"
     )
     exits.add_argument("--quiet", action="store_true", help="no progress lines")
 
@@ -1007,8 +1021,15 @@ def _train_exits(args: argparse.Namespace) -> int:
     from .experiment.exit_recipe_study import run_exit_recipes
     from .training.exit_recipe_specs import RecipeBudget
 
+    if args.tables_from is not None:
+        from .experiment.exit_recipe_study import rewrite_recipe_outputs
+
+        print("wrote " + ", ".join(str(path) for path in rewrite_recipe_outputs(args.tables_from, args.plots).values()))
+        return 0
+    if args.config_file is None:
+        raise ValueError("train-exits needs a run config (CONFIG), or --tables-from JSON")
     budget = RecipeBudget(window=args.window).scaled(args.budget)
-    config = config_from_args(argparse.Namespace(), args.config_file)
+    config = config_from_args(argparse.Namespace(device=args.device), args.config_file)
     written = run_exit_recipes(
         config, args.recipes, budget, layers=args.layers, corpus=args.corpus, progress=not args.quiet
     )

@@ -78,3 +78,19 @@ def test_the_readme_quotes_the_quality_table(records):
     text = (ROOT / "README.md").read_text()
     missing = [line for line in published_blocks(records)["quality"].splitlines() if line not in text]
     assert not missing, f"README.md's quality table differs from {RECORDS.name}; first missing line: {missing[0]}"
+
+
+@pytest.mark.parametrize(
+    "record", sorted((ROOT / "docs" / "results").glob("*.exit_recipes.json")), ids=lambda p: p.name
+)
+def test_the_published_exit_recipe_tables_are_what_train_exits_writes_from_the_record(record, tmp_path):
+    from cascade_bench.experiment.exit_recipe_study import rewrite_recipe_outputs
+
+    copy = tmp_path / record.name
+    copy.write_text(record.read_text())
+    written = rewrite_recipe_outputs(copy, tmp_path)
+    for key in ("table", "summary"):
+        published = record.parent / written[key].name
+        assert published.read_text() == written[key].read_text(), f"{published.name}: rerun train-exits --tables-from"
+    name = record.name.removesuffix(".json")
+    assert f'--8<-- "docs/results/{name}.md"' in (ROOT / "docs" / "pretrained-smollm2.md").read_text()

@@ -29,7 +29,7 @@ CONFIG_HELP: dict[str, str] = {
     "auto_boundaries": "with model: instead of boundaries, cut at the first candidate whose translator agrees "
     "with full depth on this share of validation tokens",
     "translator_fit": "how the exit study fits translators: ridge least squares (seconds), or that then "
-    "cross-entropy through the head",
+    "trained by KL to the full model's top-k (lstsq+kl: up to 360 s, train-exits' recipe)",
     # training
     "protocol": "the training protocol of the cascade trained here",
     "layers": "layers per stage ('' = the protocol's)",

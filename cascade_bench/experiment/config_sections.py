@@ -29,7 +29,7 @@ COUNT_FLOPS = ("anchors", "all")
 TIMING_POINTS = ("all", "anchors")
 #: How the exit study fits its translators (``training.exit_translators``): ridge least squares onto the
 #: last layer's stream, or that followed by cross-entropy training through the head.
-TRANSLATOR_FITS = ("lstsq", "lstsq+ce")
+TRANSLATOR_FITS = ("lstsq", "lstsq+kl")
 
 #: Every config key, by the TOML table it belongs to.
 SECTIONS: dict[str, tuple[str, ...]] = {

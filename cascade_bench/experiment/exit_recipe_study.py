@@ -30,13 +30,15 @@ import torch
 
 from ..data.storage import write_json_atomic
 from ..data.windows import encode_documents
+from ..measure.environment import environment_conditions
 from ..measure.exit_estimate import at_threshold, calibrated_threshold, exit_costs, token_exits
 from ..measure.layer_exits import check_layers, layers_needed
-from ..training.distillation import draft_text_sources
-from ..training.exit_recipe_specs import RecipeBudget, check_recipes
+from ..training.distillation import offline_text_groups, without_paragraphs_of
+from ..training.exit_recipe_specs import EXIT_RECIPES, RecipeBudget, check_recipes
 from ..training.exit_recipes import build_recipe, evaluate_recipe, scored_head_inputs, train_recipe
 from ..training.exit_translators import fit_translators_lstsq, new_translators
-from ..training.window_states import WindowStates, collect_window_states, token_windows
+from ..training.lora import DEFAULT_TARGETS, lora_targets
+from ..training.window_states import WindowStates, balanced_token_windows, collect_window_states
 
 RECORD_VERSION = 1
 #: PPL tolerance of the routed-exit estimate's threshold (within 5% of full depth on validation).
@@ -71,14 +73,14 @@ def run_exit_recipes(
     positions = getattr(model.config, "max_position_embeddings", None)
     if positions is not None and budget.window > positions:
         raise ValueError(f"--window {budget.window} is longer than the model's {positions} positions")
+    if "lora" in recipes and not lora_targets(model):
+        raise ValueError(
+            f"recipe 'lora' finds none of the projections {list(DEFAULT_TARGETS)} in {type(model).__name__}; "
+            "leave it out (--recipes lstsq lstsq+kl mlp adapter)"
+        )
     data = prepared_data(config, paths, model, folder)
     scored = data.test[: config.eval_batches] if config.eval_batches else data.test
-    documents, held_out, sources = draft_text_sources(corpus)
-    window, rows = budget.window, budget.batch_windows
-    train_batches = token_windows(encode_documents(data.tokenizer, documents), window, budget.train_tokens, rows)
-    validation_batches = token_windows(
-        encode_documents(data.tokenizer, held_out), window, budget.validation_tokens, rows
-    )
+    train_batches, validation_batches, text = _shared_text(data.tokenizer, budget, corpus)
     phases = {"loading": time.perf_counter() - began}
     if progress:
         print(f"the frozen model reads {len(train_batches)} + {len(validation_batches)} + {len(scored)} batches")
@@ -94,6 +96,7 @@ def run_exit_recipes(
     phases["lstsq"] = time.perf_counter() - started
     results, trained = [], {}
     for name in recipes:
+        torch.manual_seed(budget.seed)  # each recipe's initialisation the same whichever ran before it
         recipe = build_recipe(name, model, candidates, fitted)
         try:
             history = train_recipe(recipe, train, validation, budget, progress)
@@ -105,7 +108,7 @@ def run_exit_recipes(
             recipe.close()
         if progress:
             print(_recipe_line(results[-1]), flush=True)
-    estimate = _routing_estimate(model, trained, validation, test, window)
+    estimate = _routing_estimate(model, trained, validation, test)
     record = {
         "version": RECORD_VERSION,
         "kind": "exit_recipes",
@@ -116,7 +119,7 @@ def run_exit_recipes(
         "candidates": list(candidates),
         "budget": {**budget.__dict__, "scale_note": "--budget scales train_tokens and seconds"},
         "text": {
-            "train": sources,
+            **text,
             "train_tokens": train.tokens,
             "validation_tokens": validation.tokens,
             "scored_split": config.eval_split,
@@ -129,9 +132,26 @@ def run_exit_recipes(
         "routing_estimate": estimate,
         "bar": _bar(results),
         "phase_seconds": {**phases, "total": time.perf_counter() - began},
-        "threads": torch.get_num_threads(),
+        "conditions": environment_conditions(model.device, model.dtype),
     }
     return write_recipe_outputs(record, paths["tables"], paths["plots"], config.name)
+
+
+def _shared_text(tokenizer, budget: RecipeBudget, corpus: Optional[Path]) -> tuple[list, list, dict]:
+    """(training batches, validation batches, what they hold): ``offline_text_groups``, each group its
+    own token stream and every group an equal share of the windows while it lasts; the validation
+    text less every paragraph that also occurs in the training text."""
+    train_groups, validation_groups = offline_text_groups(corpus)
+    seen = [text for documents in train_groups.values() for text in documents]
+    validation_groups = {name: without_paragraphs_of(docs, seen) for name, docs in validation_groups.items()}
+    window, rows = budget.window, budget.batch_windows
+
+    def streams(groups: dict) -> dict:
+        return {name: encode_documents(tokenizer, docs) for name, docs in groups.items() if docs}
+
+    train, train_taken = balanced_token_windows(streams(train_groups), window, budget.train_tokens, rows)
+    held, held_taken = balanced_token_windows(streams(validation_groups), window, budget.validation_tokens, rows)
+    return train, held, {"train_by_source": train_taken, "validation_by_source": held_taken}
 
 
 def _recipe_result(recipe, history, curve, test: WindowStates, lstsq: Optional[dict]) -> dict:
@@ -189,7 +209,7 @@ def _shared_rows(model, test: WindowStates) -> list[dict]:
     ]
 
 
-def _routing_estimate(model, trained: dict, validation: WindowStates, test: WindowStates, window: int) -> dict:
+def _routing_estimate(model, trained: dict, validation: WindowStates, test: WindowStates) -> dict:
     """The estimate for the frozen-trunk recipe of best validation agreement: per cut, the threshold
     calibrated on validation; the cut with the lowest validation FLOP ratio; test figures there."""
     from ..training.exit_recipes import _head
@@ -199,20 +219,21 @@ def _routing_estimate(model, trained: dict, validation: WindowStates, test: Wind
     name = max(trained, key=lambda n: trained[n][1])
     recipe = trained[name][0]
     head = _head(model)
-    extra = {layer: _exit_macs(recipe.exits[str(layer)], window) for layer in recipe.layers}
     vocab = model.get_output_embeddings().weight.shape[0]
+
+    def costs(layer: int, states: WindowStates):  # attention over that split's own windows
+        window = int(states.input_ids.shape[1])
+        return exit_costs(model.config, window, _exit_macs(recipe.exits[str(layer)], window), vocab)
+
+    held = scored_head_inputs(recipe, validation, recipe.layers)
+    scored = scored_head_inputs(recipe, test, recipe.layers)
     choices = []
-    held, scored = (
-        scored_head_inputs(recipe, validation, recipe.layers),
-        scored_head_inputs(recipe, test, recipe.layers),
-    )
     for layer in recipe.layers:
-        costs = exit_costs(model.config, window, extra[layer], vocab)
         tokens = token_exits(held, layer, head)
         threshold = calibrated_threshold(tokens, ESTIMATE_TOLERANCE)
-        choices.append((at_threshold(tokens, threshold, layer, costs).flop_ratio, layer, threshold, costs))
-    _, layer, threshold, costs = min(choices, key=lambda c: (c[0], c[1]))
-    estimate = at_threshold(token_exits(scored, layer, head), threshold, layer, costs)
+        choices.append((at_threshold(tokens, threshold, layer, costs(layer, validation)).flop_ratio, layer, threshold))
+    _, layer, threshold = min(choices, key=lambda c: (c[0], c[1]))
+    estimate = at_threshold(token_exits(scored, layer, head), threshold, layer, costs(layer, test))
     return {
         "recipe": name,
         "chosen_on": "validation (recipe: best mean agreement; cut: lowest FLOP ratio; threshold: lowest with PPL "
@@ -281,8 +302,8 @@ def recipe_tables(record: dict):
                 "oracle layers needed": f"{recipe['layers_needed']['first_agreement']:.2f}",
                 "trainable parameters": f"{training['trainable_parameters']:,}",
                 "training tokens": f"{record['text']['train_tokens']:,}",
-                "tokens trained on": f"{training['tokens_seen'][-1]:,}",
-                "seconds": f"{training['seconds']:.0f}",
+                "tokens trained on (all layers)": f"{training['tokens_seen'][-1]:,}",
+                "seconds": f"{recipe['lstsq']['seconds'] if 'lstsq' in recipe else training['seconds']:.0f}",
                 "stopped by": training["stop_reason"],
                 "full depth PPL": f"{adapted['ppl']:.3f} (adapted)" if adapted else f"{record['full_depth_ppl']:.3f}",
             }
@@ -302,11 +323,13 @@ def plot_recipes(record: dict, stem: Path) -> list[Path]:
         [r["layer"] for r in shared], [r["agreement"] for r in shared], "o--", color="tab:gray", label="shared head"
     )
     for recipe in record["recipes"]:
-        rows = [r for r in record["rows"] if r["recipe"] == recipe["recipe"]]
-        left.plot([r["layer"] for r in rows], [r["agreement"] for r in rows], "s-", label=recipe["recipe"])
+        name = recipe["recipe"]
+        color = f"C{EXIT_RECIPES.index(name)}"  # one colour per recipe in both panels
+        rows = [r for r in record["rows"] if r["recipe"] == name]
+        left.plot([r["layer"] for r in rows], [r["agreement"] for r in rows], "s-", color=color, label=name)
         training = recipe["training"]
         if len(training["tokens_seen"]) > 1:
-            right.plot(training["tokens_seen"], training["mean_agreement"], ".-", label=recipe["recipe"])
+            right.plot(training["tokens_seen"], training["mean_agreement"], ".-", color=color, label=name)
     left.set_xlabel("exit after layer")
     left.set_ylabel("top-1 agreement with full depth (test)")
     left.set_ylim(0, 1)
@@ -320,20 +343,37 @@ def plot_recipes(record: dict, stem: Path) -> list[Path]:
     return paths
 
 
-def write_recipe_outputs(record: dict, tables: Path, plots: Path, name: str) -> dict[str, Path]:
-    """The record's JSON, its two tables (md/tex/csv) and its figure."""
+def rewrite_recipe_outputs(json_path: Path, plots: Path) -> dict[str, Path]:
+    """The tables and the figure again from a stored record (``train-exits --tables-from``), beside it
+    and in ``plots``; the record itself is not rewritten."""
+    import json
+
+    json_path = Path(json_path)
+    if not json_path.is_file() or not json_path.name.endswith(".exit_recipes.json"):
+        raise ValueError(f"--tables-from {json_path}: expected a <name>.exit_recipes.json written by train-exits")
+    record = json.loads(json_path.read_text())
+    name = json_path.name.removesuffix(".exit_recipes.json")
+    return _tables_and_plot(record, json_path.parent, Path(plots), name)
+
+
+def _tables_and_plot(record: dict, tables: Path, plots: Path, name: str) -> dict[str, Path]:
     from .reports import write_table
 
+    by_layer, summary = recipe_tables(record)
+    return {
+        "table": write_table(by_layer, tables / f"{name}.exit_recipes", f"{name}: agreement by exit recipe")[0],
+        "summary": write_table(summary, tables / f"{name}.exit_recipes_summary", f"{name}: exit recipes")[0],
+        "plot": plot_recipes(record, plots / f"{name}.exit_recipes")[0],
+    }
+
+
+def write_recipe_outputs(record: dict, tables: Path, plots: Path, name: str) -> dict[str, Path]:
+    """The record's JSON, its two tables (md/tex/csv) and its figure."""
     for row in record["rows"]:
         row["train_tokens"] = record["text"]["train_tokens"]
     json_path = tables / f"{name}.exit_recipes.json"
     write_json_atomic(json_path, record)
-    by_layer, summary = recipe_tables(record)
-    written = {"record": json_path}
-    written["table"] = write_table(by_layer, tables / f"{name}.exit_recipes", f"{name}: agreement by exit recipe")[0]
-    written["summary"] = write_table(summary, tables / f"{name}.exit_recipes_summary", f"{name}: exit recipes")[0]
-    written["plot"] = plot_recipes(record, plots / f"{name}.exit_recipes")[0]
-    return written
+    return {"record": json_path, **_tables_and_plot(record, tables, plots, name)}
 
 
-__all__ = ["plot_recipes", "recipe_tables", "run_exit_recipes", "write_recipe_outputs"]
+__all__ = ["plot_recipes", "recipe_tables", "rewrite_recipe_outputs", "run_exit_recipes", "write_recipe_outputs"]

@@ -7,8 +7,9 @@ and ``exit_layers`` set.
    accuracy and top-1 agreement with the full-depth prediction.
 3. One ``Translator`` per candidate layer of ``exit_layers`` is fitted on states of the train
    split with the model frozen (``translator_fit``: ridge least squares onto the last layer's
-   stream, the ridge chosen on the validation split; optionally then cross-entropy training with
-   early stopping on it); the scored split is never among its tokens. Each candidate gets the
+   stream, the ridge chosen on the validation split; with ``lstsq+kl`` then trained by KL to the
+   full model's top-k, ``training.exit_recipes``' recipe and budget, each layer keeping its best
+   check on the validation split); the scored split is never among its tokens. Each candidate gets the
    same figures through its translator, on the validation split too (what ``auto_boundaries``
    reads: cut points are never chosen on the scored split).
 4. The oracle: the mean number of layers a token needs for the full-depth prediction, with shared
@@ -25,7 +26,7 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -34,14 +35,7 @@ from torch import nn
 from ..data.storage import write_json_atomic
 from ..measure.layer_exits import LayerStates, collect_layer_states, exit_curve, layers_needed, shared_head
 from ..stages.model_source import model_fingerprint
-from ..training.exit_translators import (
-    RIDGES,
-    fit_translators_lstsq,
-    new_translators,
-    train_translators,
-    translated_head,
-)
-from ..training.loops import TrainConfig
+from ..training.exit_translators import RIDGES, fit_translators_lstsq, new_translators, translated_head
 
 STUDY_VERSION = 1
 
@@ -80,16 +74,13 @@ def study_key(config) -> str:
     values = {k: getattr(config, k) for k in keys}
     if config.model:  # another checkpoint under the same name gets other translators
         values["model_fingerprint"] = model_fingerprint(config.model)
-    values["lr"], values["patience"] = TRANSLATOR_RECIPE
-    values.update(ridges=list(RIDGES), batch_tokens=TRANSLATOR_BATCH_TOKENS, version=STUDY_VERSION)
+    values.update(ridges=list(RIDGES), version=STUDY_VERSION)
+    if config.translator_fit == "lstsq+kl":  # what trains them further
+        from ..training.exit_recipe_specs import RecipeBudget
+        from ..training.exit_recipes import TRANSLATOR_LR
+
+        values.update(kl_budget=asdict(RecipeBudget()), kl_lr=TRANSLATOR_LR)
     return "translators-" + hashlib.sha256(json.dumps(values, sort_keys=True, default=list).encode()).hexdigest()[:12]
-
-
-#: (lr, patience) of the cross-entropy stage of translator training ("lstsq+ce"): AdamW, early stopping
-#: on the validation PPLs.
-TRANSLATOR_RECIPE = (1e-4, 1)
-#: Tokens per translator training step.
-TRANSLATOR_BATCH_TOKENS = 256
 
 
 def _curve_rows(curve) -> list[dict]:
@@ -217,22 +208,37 @@ def _fit_translators(
         "collect_seconds": collected,
         "lstsq": lstsq,
     }
-    if config.translator_fit == "lstsq+ce":
-        lr, patience = TRANSLATOR_RECIPE
-        history = train_translators(
-            model,
-            translators,
-            train,
-            validation,
-            TrainConfig(lr=lr, patience=patience, max_epochs=config.max_epochs, seed=config.seed),
-            batch_tokens=TRANSLATOR_BATCH_TOKENS,
-            progress=progress,
-        )
-        training.update(lr=lr, patience=patience, batch_tokens=TRANSLATOR_BATCH_TOKENS, cross_entropy=history.summary())
+    if config.translator_fit == "lstsq+kl":
+        training["kl"] = _train_by_kl(config, model, train_batches, validation_batches, translators, progress)
     by_layer = {int(k): t.eval() for k, t in translators.items()}
     training["validation_curve"] = _curve_rows(exit_curve(validation, translated_head(model, by_layer)))
     training["seconds"] = time.perf_counter() - begin
     return training
+
+
+def _train_by_kl(config, model, train_batches, validation_batches, translators: nn.ModuleDict, progress: bool) -> dict:
+    """The ``lstsq+kl`` recipe of ``training.exit_recipes`` on the run's own train windows (as many
+    whole batches as cover ``exit_train_tokens``) and validation windows, with its default budget;
+    the trained translators are copied back into ``translators``."""
+    from ..training.exit_recipe_specs import RecipeBudget
+    from ..training.exit_recipes import build_recipe, train_recipe
+    from ..training.window_states import collect_window_states
+
+    budget = RecipeBudget(max_checks=config.max_epochs)  # the run's safety cap, as for every part it trains
+    layers = tuple(sorted(int(k) for k in translators))
+    wanted, covered, batches = config.exit_train_tokens or None, 0, []
+    for batch in train_batches:
+        if wanted is not None and covered >= wanted:
+            break
+        batches.append(batch)
+        covered += int((batch["targets"] != -100).sum())
+    train = collect_window_states(model, batches, layers, budget.top_k)
+    validation = collect_window_states(model, validation_batches, layers, budget.top_k)
+    recipe = build_recipe("lstsq+kl", model, layers, {layer: translators[str(layer)] for layer in layers})
+    history = train_recipe(recipe, train, validation, budget, progress)
+    for layer in layers:
+        translators[str(layer)].load_state_dict(recipe.exits[str(layer)].state_dict())
+    return {**history.summary(), "budget": asdict(budget), "train_tokens": train.tokens}
 
 
 def auto_boundaries(levels, validation_curve: list[dict]) -> list[int]:

@@ -42,6 +42,9 @@ class MLPExit(nn.Module):
         self.down = nn.Linear(hidden, size)
         nn.init.zeros_(self.down.weight)
         nn.init.zeros_(self.down.bias)
+        weight = translator.linear.weight
+        for module in (self.norm, self.up, self.down):
+            module.to(device=weight.device, dtype=weight.dtype)
 
     def forward(self, hidden: Tensor) -> Tensor:
         translated = self.translator(hidden)
@@ -88,8 +91,21 @@ class AttentionAdapter(nn.Module):
         object.__setattr__(self, "runner", runner)  # runs the copy; its shared head is not this module's
         self.layer = copied
         self.translator = translator
+        self._train_only_what_is_used()
+
+    def _train_only_what_is_used(self) -> None:
+        """Trainable: the parameters a forward pass reaches (the copy's MLP-side norms feed the
+        removed MLP and are frozen, so the parameter count is what trains)."""
         for parameter in self.parameters():
             parameter.requires_grad_(True)
+        weight = self.translator.linear.weight
+        probe = torch.zeros(1, 2, weight.shape[1], device=weight.device, dtype=weight.dtype)
+        with torch.enable_grad():  # built under no_grad too
+            self(probe, torch.ones(1, 2, dtype=torch.long, device=weight.device)).float().pow(2).sum().backward()
+        for parameter in self.parameters():
+            used = parameter.grad is not None
+            parameter.grad = None
+            parameter.requires_grad_(used)
 
     def forward(self, hidden: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
         return self.translator(self.runner(inputs_embeds=hidden, attention_mask=attention_mask).hidden)

@@ -264,13 +264,13 @@ def _interleaved(groups: Sequence[Sequence[str]]) -> list[str]:
     return mixed
 
 
-def draft_text_sources(corpus: Optional[Path] = None) -> tuple[list[str], list[str], list[str]]:
-    """(training documents, validation documents, what they are). Training: the embedded corpus's
-    train split, less every paragraph that also occurs in its test split (the decoding benchmark's
-    documentation prompts; the corpus's aggregate topics repeat other topics' sections), and the
-    standard library's training files (``stdlib_sources``), interleaved (documents alternate, so
-    any token budget covers both). Validation, interleaved the same way: the embedded validation
-    split and every 16th training file (held out). A ``corpus`` folder adds its train split."""
+def offline_text_groups(corpus: Optional[Path] = None) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """({what: training documents}, {what: validation documents}) of the offline text. Training: the
+    embedded corpus's train split, less every paragraph that also occurs in its test split (the
+    decoding benchmark's documentation prompts; the corpus's aggregate topics repeat other topics'
+    sections), and the standard library's training files (``stdlib_sources``) less every 16th (held
+    out); a ``corpus`` folder adds its train split. Validation: the embedded validation split less
+    its paragraphs shared with the test split, and the held-out files."""
     from ..data.corpus import embedded_corpus, load_corpus
     from ..data.prompt_suite import stdlib_sources
 
@@ -280,16 +280,28 @@ def draft_text_sources(corpus: Optional[Path] = None) -> tuple[list[str], list[s
     code = [f.read_text(encoding="utf-8", errors="replace") for f in files]
     held = code[::16]
     code = [text for i, text in enumerate(code) if i % 16]
-    groups = [without_paragraphs_of(embedded.documents("train"), test), code]
-    names = [
-        "embedded train split less its paragraphs shared with the test split",
-        f"{len(code)} standard-library files (prompt files and every 16th file held out)",
-    ]
+    train = {
+        "embedded train split less its paragraphs shared with the test split": without_paragraphs_of(
+            embedded.documents("train"), test
+        ),
+        f"{len(code)} standard-library files (prompt files and every 16th file held out)": code,
+    }
     if corpus is not None:
-        groups.append(load_corpus(corpus).documents("train"))
-        names.append(f"{corpus} train split")
-    validation = _interleaved([without_paragraphs_of(embedded.documents("validation"), test), held])
-    return _interleaved(groups), validation, names
+        train[f"{corpus} train split"] = load_corpus(corpus).documents("train")
+    validation = {
+        "embedded validation split less its paragraphs shared with the test split": without_paragraphs_of(
+            embedded.documents("validation"), test
+        ),
+        f"{len(held)} held-out standard-library files": held,
+    }
+    return train, validation
+
+
+def draft_text_sources(corpus: Optional[Path] = None) -> tuple[list[str], list[str], list[str]]:
+    """(training documents, validation documents, what they are): ``offline_text_groups``, each side's
+    groups interleaved (documents alternate, so any token budget covers every group)."""
+    train, validation = offline_text_groups(corpus)
+    return _interleaved(list(train.values())), _interleaved(list(validation.values())), list(train)
 
 
 def draft_record(config: DraftConfig, history: DraftHistory, teacher: str, vocabulary: Sequence[int], sources) -> dict:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Optional
 
 #: Every recipe, in the order the table lists them; what each trains (``exit_recipes`` has the detail).
 RECIPE_HELP = {
@@ -21,20 +22,23 @@ EXIT_RECIPES = tuple(RECIPE_HELP)
 @dataclass(frozen=True)
 class RecipeBudget:
     """What every recipe gets: the same ``train_tokens`` of offline text (windows of ``window``
-    tokens), ``validation_tokens`` held out for early stopping, and at most ``seconds`` of training
-    each (the teacher's pass and the evaluation apart). One step trains one exit layer (they take
+    tokens: the scored windows' length, so exits train at the contexts they are scored at),
+    ``validation_tokens`` held out for early stopping, and ``seconds`` of training each, its
+    validation checks included (the teacher's pass and the scoring apart; the last step may run
+    over by a few seconds). One step trains one exit layer (they take
     turns) on ``batch_windows`` windows; a check (validation on the held-out windows, early stopping
     after ``patience`` checks without a new best) follows ``steps_per_check`` steps per layer."""
 
     train_tokens: int = 32_768
     validation_tokens: int = 4_096
     seconds: float = 360.0
-    window: int = 256
-    batch_windows: int = 4
+    window: int = 512
+    batch_windows: int = 2
     steps_per_check: int = 8
     patience: int = 3
     top_k: int = 32
     seed: int = 0
+    max_checks: Optional[int] = None  # a safety cap on checks after the start (None: time and patience only)
 
     def __post_init__(self):
         for name in ("train_tokens", "validation_tokens", "window", "batch_windows", "steps_per_check", "patience"):
@@ -43,6 +47,10 @@ class RecipeBudget:
                 raise ValueError(f"recipe budget {name} must be a positive int, got {value!r}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not 1 <= self.top_k <= 1024:
             raise ValueError(f"recipe budget top_k must be an int in [1, 1024], got {self.top_k!r}")
+        if self.max_checks is not None and (
+            isinstance(self.max_checks, bool) or not isinstance(self.max_checks, int) or self.max_checks < 1
+        ):
+            raise ValueError(f"recipe budget max_checks must be None or a positive int, got {self.max_checks!r}")
         if isinstance(self.seconds, bool) or not isinstance(self.seconds, (int, float)) or not self.seconds > 0:
             raise ValueError(f"recipe budget seconds must be a positive number, got {self.seconds!r}")
         for name in ("train_tokens", "validation_tokens"):

@@ -42,6 +42,16 @@ class LoRALinear(nn.Module):
         return self.base(x) + self.up(self.down(x)) * self.scale
 
 
+def lora_targets(model: nn.Module, targets: Sequence[str] = DEFAULT_TARGETS) -> int:
+    """How many linear layers of ``model`` ``add_lora`` would wrap."""
+    return sum(
+        1
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if name in targets and isinstance(child, nn.Linear)
+    )
+
+
 def add_lora(model: nn.Module, rank: int, alpha: float, targets: Sequence[str] = DEFAULT_TARGETS) -> list[LoRALinear]:
     """Wrap the matching linear layers of ``model`` in place (every parameter of ``model`` frozen,
     the adapters' trainable); ValueError when nothing matches."""
@@ -86,4 +96,4 @@ def lora_norm(adapters: Sequence[LoRALinear]) -> float:
     return math.sqrt(sum(float(((a.up.weight @ a.down.weight) * a.scale).pow(2).sum()) for a in adapters))
 
 
-__all__ = ["DEFAULT_TARGETS", "LoRALinear", "add_lora", "lora_norm", "lora_parameters", "remove_lora"]
+__all__ = ["DEFAULT_TARGETS", "LoRALinear", "add_lora", "lora_norm", "lora_parameters", "lora_targets", "remove_lora"]

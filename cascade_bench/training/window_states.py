@@ -111,12 +111,56 @@ def token_windows(stream: Tensor, window: int, limit: int, batch_size: int) -> l
     ]
 
 
+def _padded(batch: dict, length: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(ids, attention mask, targets) of ``batch`` padded on the right to ``length`` positions: the
+    padding is masked out and not scored, and causal attention keeps it from the real positions."""
+    ids = batch["input_ids"]
+    mask = batch.get("attention_mask")
+    mask = torch.ones_like(ids) if mask is None else mask
+    targets = batch["targets"]
+    extra = length - ids.shape[1]
+    if extra == 0:
+        return ids, mask, targets
+    pad = torch.nn.functional.pad
+    return pad(ids, (0, extra)), pad(mask, (0, extra)), pad(targets, (0, extra), value=IGNORE_INDEX)
+
+
+def balanced_token_windows(
+    streams: dict[str, Tensor], window: int, limit: int, batch_size: int
+) -> tuple[list[dict], dict[str, int]]:
+    """Like ``token_windows``, over several streams taken in turn (a window of each, then the next of
+    each), so every source has an equal share of the ``limit`` tokens while it lasts; also returns
+    the target tokens taken from each stream."""
+    for name, value in (("window", window), ("limit", limit), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    cut = {
+        name: [stream[i * window : (i + 1) * window + 1] for i in range((stream.numel() - 1) // window)]
+        for name, stream in streams.items()
+    }
+    wanted = limit // window
+    rows, taken = [], dict.fromkeys(streams, 0)
+    for index in range(max((len(w) for w in cut.values()), default=0)):
+        for name, windows in cut.items():
+            if len(rows) < wanted and index < len(windows):
+                rows.append(windows[index])
+                taken[name] += window
+    if not rows:
+        raise ValueError(f"the text gives fewer than one window of {window + 1} tokens (or limit {limit} < window)")
+    stacked = torch.stack(rows)
+    batches = [
+        {"input_ids": part[:, :-1].contiguous(), "targets": part[:, 1:].contiguous()}
+        for part in stacked.split(batch_size)
+    ]
+    return batches, taken
+
+
 @torch.inference_mode()
 def collect_window_states(
     model, batches: Sequence[dict], layers: Sequence[int], top_k: int, chunk: int = 1024
 ) -> WindowStates:
     """Run ``model`` (unsplit, frozen) over ``batches`` (dicts with ``input_ids`` (B, T), ``targets``
-    (-100 = not scored), optional ``attention_mask``); windows of every batch must have one length."""
+    (-100 = not scored), optional ``attention_mask``); shorter windows are padded to the longest."""
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise ValueError(f"top_k must be a positive int, got {top_k!r}")
     if not batches:
@@ -129,13 +173,12 @@ def collect_window_states(
     kept: dict[str, list] = {k: [] for k in ("ids", "mask", "targets", "states", "finals", "logp", "top", "nll")}
     captured = {}
     hook = parts.final_norm.register_forward_pre_hook(lambda module, args: captured.__setitem__("x", args[0]))
+    length = max(int(batch["input_ids"].shape[1]) for batch in batches)
     try:
         for batch in batches:
-            ids = batch["input_ids"].to(device)
-            mask = batch.get("attention_mask")
-            mask = torch.ones_like(ids) if mask is None else mask.to(device)
+            ids, mask, targets = _padded(batch, length)
+            ids, mask, targets = ids.to(device), mask.to(device), targets.to(device)
             out = parts.base_model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
-            targets = batch["targets"].to(device)
             final = out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1])
             flat_targets = targets.reshape(-1)
             logp, top, nll = [], [], []
@@ -158,9 +201,6 @@ def collect_window_states(
             kept["nll"].append(torch.cat(nll).reshape(shape))
     finally:
         hook.remove()
-    lengths = {t.shape[1] for t in kept["ids"]}
-    if len(lengths) != 1:
-        raise ValueError(f"every batch's windows must have one length, got lengths {sorted(lengths)}")
     targets = torch.cat(kept["targets"])
     return WindowStates(
         layers=layers,

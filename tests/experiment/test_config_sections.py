@@ -91,7 +91,7 @@ _SHAPING = {
         "eval_stride": 32,  # the validation windows that choose each ridge and the cut
         "validation_batches": 3,
         "exit_layers": [2, 3],
-        "translator_fit": "lstsq+ce",
+        "translator_fit": "lstsq+kl",
         "exit_train_tokens": 100,
         "seq_len": 64,
         "seed": 1,

@@ -26,7 +26,7 @@ def _batches(text: str, offset: int) -> list[dict]:
     return batches
 
 
-@pytest.mark.parametrize("fit", ["lstsq", "lstsq+ce"])
+@pytest.mark.parametrize("fit", ["lstsq", "lstsq+kl"])
 def test_the_exit_study_mixes_no_host_tensor_with_the_model_s(text, tmp_path, fit):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(stage_config("llama-tiny", num_hidden_layers=4)).eval()

@@ -212,7 +212,20 @@ def test_the_budget_and_the_recipe_names_are_checked():
     assert scaled.train_tokens == RecipeBudget().train_tokens // 2 and scaled.seconds == RecipeBudget().seconds / 2
     with pytest.raises(ValueError, match="--budget must be a positive number, got 0"):
         RecipeBudget().scaled(0)
-    with pytest.raises(ValueError, match="recipe budget validation_tokens \\(100\\) must hold one window of 256"):
+    with pytest.raises(ValueError, match="recipe budget validation_tokens \\(100\\) must hold one window of 512"):
         RecipeBudget(validation_tokens=100)
     with pytest.raises(ValueError, match="recipe budget top_k must be an int in \\[1, 1024\\], got 0"):
         RecipeBudget(top_k=0)
+
+
+def test_the_check_cap_stops_training_and_says_so(model, states, fitted):
+    train, validation = states
+    budget = RecipeBudget(
+        train_tokens=1024, validation_tokens=256, seconds=600.0, window=16, batch_windows=4, steps_per_check=2,
+        patience=50, top_k=8, max_checks=2,
+    )  # fmt: skip
+    history = train_recipe(build_recipe("lstsq+kl", model, LAYERS, fitted), train, validation, budget, progress=False)
+    assert history.stop_reason == "check cap" and not history.converged
+    assert len(history.tokens_seen) == 3 and history.tokens_seen[-1] == 2 * 2 * len(LAYERS) * 4 * 16
+    with pytest.raises(ValueError, match="max_checks must be None or a positive int, got 0"):
+        RecipeBudget(max_checks=0)
