@@ -212,13 +212,13 @@ def _shared_rows(model, test: WindowStates) -> list[dict]:
 def _routing_estimate(model, trained: dict, validation: WindowStates, test: WindowStates) -> dict:
     """The estimate for the frozen-trunk recipe of best validation agreement: per cut, the threshold
     calibrated on validation; the cut with the lowest validation FLOP ratio; test figures there."""
-    from ..training.exit_recipes import _head
+    from ..training.exit_recipes import final_head
 
     if not trained:
         return {"not_run": "no frozen-trunk recipe was trained"}
     name = max(trained, key=lambda n: trained[n][1])
     recipe = trained[name][0]
-    head = _head(model)
+    head = final_head(model)
     vocab = model.get_output_embeddings().weight.shape[0]
 
     def costs(layer: int, states: WindowStates):  # attention over that split's own windows

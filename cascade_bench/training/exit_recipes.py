@@ -236,7 +236,8 @@ def build_recipe(name: str, model: nn.Module, layers: Sequence[int], translators
     return RECIPE_CLASSES[name](model, layers, translators)
 
 
-def _head(model: nn.Module):
+def final_head(model: nn.Module):
+    """hidden (..., d) -> logits: the model's own final norm, then its lm_head (shared, frozen)."""
     norm, lm_head = family_parts(model).final_norm, model.get_output_embeddings()
     return lambda hidden: lm_head(norm(hidden))
 
@@ -244,7 +245,7 @@ def _head(model: nn.Module):
 def step_loss(recipe: ExitRecipe, batch: WindowStates, layer: int) -> tuple[Tensor, int]:
     """Mean top-k KL to the full model at ``layer`` over the batch's scored positions (plus, for a
     recipe that adapts the trunk, ``FINAL_WEIGHT`` times the final layer's)."""
-    head = _head(recipe.model)
+    head = final_head(recipe.model)
     final = getattr(recipe, "num_layers", None)
     asked = (layer,) if final is None else (layer, final)
     inputs = recipe.head_inputs(batch, asked)
@@ -284,7 +285,7 @@ def evaluate_recipe(recipe: ExitRecipe, states: WindowStates, with_final: bool =
     """Per layer (and, with ``with_final`` for a trunk recipe, the adapted model's last layer): PPL,
     accuracy and agreement with the original full-depth prediction on the scored positions."""
     flat = scored_head_inputs(recipe, states, recipe_layers(recipe, with_final))
-    head = _head(recipe.model)
+    head = final_head(recipe.model)
     return exit_curve(flat, lambda layer, hidden: head(hidden))
 
 
@@ -427,6 +428,7 @@ __all__ = [
     "ExitRecipe",
     "RecipeHistory",
     "build_recipe",
+    "final_head",
     "evaluate_recipe",
     "recipe_layers",
     "scored_head_inputs",
