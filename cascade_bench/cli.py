@@ -601,7 +601,8 @@ def _add_train_exits_command(commands) -> None:
         type=float,
         default=1.0,
         help=f"scales the training tokens ({defaults.train_tokens:,}) and each recipe's seconds "
-        f"({defaults.seconds:.0f}); default 1 (about 25 minutes on 2 CPU cores for SmolLM2-135M)",
+        f"({defaults.seconds:.0f}); default 1 (about 28 minutes on 2 CPU cores for SmolLM2-135M, of which about 2 "
+        "do not scale: loading and the frozen model's pass)",
     )
     exits.add_argument(
         "--layers", nargs="+", type=_positive_int, default=None, help="candidate exit layers (default: exit_layers)"

@@ -294,12 +294,12 @@ def recipe_tables(record: dict):
         layers_rows.append(line)
     summary_rows = []
     for recipe in record["recipes"]:
-        training = recipe["training"]
+        training, needed = recipe["training"], recipe["layers_needed"]
         adapted = recipe.get("adapted_full_depth")
         summary_rows.append(
             {
                 "recipe": recipe["recipe"],
-                "oracle layers needed": f"{recipe['layers_needed']['first_agreement']:.2f}",
+                f"oracle layers needed (of {record['num_layers']})": f"{needed['first_agreement']:.2f}",
                 "trainable parameters": f"{training['trainable_parameters']:,}",
                 "training tokens": f"{record['text']['train_tokens']:,}",
                 "tokens trained on (all layers)": f"{training['tokens_seen'][-1]:,}",
@@ -336,8 +336,14 @@ def plot_recipes(record: dict, stem: Path) -> list[Path]:
     left.legend(fontsize=8)
     right.set_xlabel("tokens trained on (all exit layers together)")
     right.set_ylabel("validation agreement (mean over layers)")
-    right.legend(fontsize=8)
-    fig.suptitle(f"{record['model']}: exit recipes ({record['text']['scored_tokens']:,} scored tokens)")
+    if right.lines:  # only least squares asked: nothing trained, no curve
+        right.legend(fontsize=8)
+    from matplotlib.ticker import MaxNLocator
+
+    left.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.suptitle(
+        f"{record['config']} ({record['model']}): exit recipes, {record['text']['scored_tokens']:,} scored tokens"
+    )
     paths = _save(fig, stem)
     plt.close(fig)
     return paths
@@ -349,7 +355,9 @@ def rewrite_recipe_outputs(json_path: Path, plots: Path) -> dict[str, Path]:
     import json
 
     json_path = Path(json_path)
-    if not json_path.is_file() or not json_path.name.endswith(".exit_recipes.json"):
+    if not json_path.is_file():
+        raise ValueError(f"--tables-from {json_path}: no such file")
+    if not json_path.name.endswith(".exit_recipes.json"):
         raise ValueError(f"--tables-from {json_path}: expected a <name>.exit_recipes.json written by train-exits")
     record = json.loads(json_path.read_text())
     name = json_path.name.removesuffix(".exit_recipes.json")

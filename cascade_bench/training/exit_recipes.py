@@ -29,10 +29,9 @@ least-squares start on validation (the LoRA trunk's kept check is the best on th
 from __future__ import annotations
 
 import copy
-import math
 import time
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -298,7 +297,7 @@ class RecipeHistory:
     recipe: str
     layers: tuple[int, ...]
     tokens_seen: tuple[int, ...]
-    train_loss: tuple[float, ...]
+    train_loss: tuple[Optional[float], ...]
     validation_agreement: tuple[tuple[float, ...], ...]
     best_checks: tuple[int, ...]
     stop_reason: str
@@ -342,7 +341,7 @@ def train_recipe(
     layers, learned = recipe.layers, recipe.trainable_parameters()
     if not recipe.trains:
         return RecipeHistory(
-            recipe.name, layers, (0,), (math.nan,), (start,), (0,) * len(layers), "closed form", 0.0, learned
+            recipe.name, layers, (0,), (None,), (start,), (0,) * len(layers), "closed form", 0.0, learned
         )
     torch.manual_seed(budget.seed)
     optimizer = torch.optim.AdamW(recipe.parameter_groups(), weight_decay=0.0)
@@ -387,12 +386,13 @@ def train_recipe(
     def validate(check: int, stats: EpochStats):
         agreed = start if check == 0 else tuple(point.agreement for point in evaluate_recipe(recipe, validation))
         seen.append(counter["tokens"])
-        losses.append(stats.mean_loss if stats.tokens else math.nan)
+        losses.append(stats.mean_loss if stats.tokens else None)  # None: no step before this check
         agreements.append(agreed)
         if progress:
             print(
-                f"{recipe.name} check {check}: {counter['tokens']:,} tokens, train loss {losses[-1]:.4f}, "
-                f"validation agreement by layer {' '.join(f'{a:.3f}' for a in agreed)}",
+                f"{recipe.name} check {check}: {counter['tokens']:,} tokens, train loss "
+                f"{'n/a (the start)' if losses[-1] is None else format(losses[-1], '.4f')}, "
+                "validation agreement " + ", ".join(f"{layer}: {a:.3f}" for layer, a in zip(layers, agreed)),
                 flush=True,
             )
         disagreement = [1.0 - a for a in agreed]
