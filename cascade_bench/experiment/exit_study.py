@@ -190,10 +190,15 @@ def _fit_translators(
 ) -> dict:
     """Fit the translators (step 3 of the module docstring); returns what the report says of it."""
     begin = time.perf_counter()
-    train = collect_layer_states(
-        model, train_batches, candidates, max_tokens=config.exit_train_tokens or None, keep_final=True
-    )
-    validation = collect_layer_states(model, validation_batches, candidates)
+    windows = None
+    if config.translator_fit == "lstsq+kl":  # one pass keeps what both fits read: states, top-k, windows
+        windows = _kl_windows(config, model, train_batches, validation_batches, candidates)
+        train, validation = windows[0].as_layer_states(), windows[1].as_layer_states()
+    else:
+        train = collect_layer_states(
+            model, train_batches, candidates, max_tokens=config.exit_train_tokens or None, keep_final=True
+        )
+        validation = collect_layer_states(model, validation_batches, candidates)
     collected = time.perf_counter() - begin
     lstsq = fit_translators_lstsq(model, translators, train, validation)
     parameters = sum(p.numel() for p in translators.parameters())
@@ -208,32 +213,40 @@ def _fit_translators(
         "collect_seconds": collected,
         "lstsq": lstsq,
     }
-    if config.translator_fit == "lstsq+kl":
-        training["kl"] = _train_by_kl(config, model, train_batches, validation_batches, translators, progress)
+    if windows is not None:
+        training["kl"] = _train_by_kl(config, model, *windows, translators, progress)
     by_layer = {int(k): t.eval() for k, t in translators.items()}
     training["validation_curve"] = _curve_rows(exit_curve(validation, translated_head(model, by_layer)))
     training["seconds"] = time.perf_counter() - begin
     return training
 
 
-def _train_by_kl(config, model, train_batches, validation_batches, translators: nn.ModuleDict, progress: bool) -> dict:
-    """The ``lstsq+kl`` recipe of ``training.exit_recipes`` on the run's own train windows (as many
-    whole batches as cover ``exit_train_tokens``) and validation windows, with its default budget;
-    the trained translators are copied back into ``translators``."""
+def _kl_windows(config, model, train_batches, validation_batches, layers):
+    """The teacher's pass for ``lstsq+kl``: as many whole train batches as cover ``exit_train_tokens``,
+    and the validation batches (``training.window_states``)."""
     from ..training.exit_recipe_specs import RecipeBudget
-    from ..training.exit_recipes import build_recipe, train_recipe
     from ..training.window_states import collect_window_states
 
-    budget = RecipeBudget(max_checks=config.max_epochs)  # the run's safety cap, as for every part it trains
-    layers = tuple(sorted(int(k) for k in translators))
     wanted, covered, batches = config.exit_train_tokens or None, 0, []
     for batch in train_batches:
         if wanted is not None and covered >= wanted:
             break
         batches.append(batch)
         covered += int((batch["targets"] != -100).sum())
-    train = collect_window_states(model, batches, layers, budget.top_k)
-    validation = collect_window_states(model, validation_batches, layers, budget.top_k)
+    top_k = RecipeBudget().top_k
+    return collect_window_states(model, batches, layers, top_k), collect_window_states(
+        model, validation_batches, layers, top_k
+    )
+
+
+def _train_by_kl(config, model, train, validation, translators: nn.ModuleDict, progress: bool) -> dict:
+    """The ``lstsq+kl`` recipe of ``training.exit_recipes`` on the run's own train and validation
+    windows, with its default budget; the trained translators are copied back into ``translators``."""
+    from ..training.exit_recipe_specs import RecipeBudget
+    from ..training.exit_recipes import build_recipe, train_recipe
+
+    budget = RecipeBudget(max_checks=config.max_epochs)  # the run's safety cap, as for every part it trains
+    layers = tuple(sorted(int(k) for k in translators))
     recipe = build_recipe("lstsq+kl", model, layers, {layer: translators[str(layer)] for layer in layers})
     history = train_recipe(recipe, train, validation, budget, progress)
     for layer in layers:

@@ -54,7 +54,7 @@ class MLPExit(nn.Module):
 class _NoMLP(nn.Module):
     """Stands in for a copied layer's MLP: adds nothing to the residual stream."""
 
-    def forward(self, hidden: Tensor, *args, **kwargs) -> Tensor:
+    def forward(self, hidden: Tensor) -> Tensor:
         return torch.zeros_like(hidden)
 
 

@@ -42,14 +42,19 @@ class LoRALinear(nn.Module):
         return self.base(x) + self.up(self.down(x)) * self.scale
 
 
-def lora_targets(model: nn.Module, targets: Sequence[str] = DEFAULT_TARGETS) -> int:
-    """How many linear layers of ``model`` ``add_lora`` would wrap."""
-    return sum(
-        1
+def _matching(model: nn.Module, targets: Sequence[str]) -> list[tuple[nn.Module, str, nn.Linear]]:
+    """(parent, attribute name, linear layer) for every ``nn.Linear`` of ``model`` named in ``targets``."""
+    return [
+        (parent, name, child)
         for parent in model.modules()
         for name, child in parent.named_children()
         if name in targets and isinstance(child, nn.Linear)
-    )
+    ]
+
+
+def lora_targets(model: nn.Module, targets: Sequence[str] = DEFAULT_TARGETS) -> int:
+    """How many linear layers of ``model`` ``add_lora`` would wrap."""
+    return len(_matching(model, targets))
 
 
 def add_lora(model: nn.Module, rank: int, alpha: float, targets: Sequence[str] = DEFAULT_TARGETS) -> list[LoRALinear]:
@@ -57,12 +62,7 @@ def add_lora(model: nn.Module, rank: int, alpha: float, targets: Sequence[str] =
     the adapters' trainable); ValueError when nothing matches."""
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    found = [
-        (parent, name, child)
-        for parent in model.modules()
-        for name, child in parent.named_children()
-        if name in targets and isinstance(child, nn.Linear)
-    ]
+    found = _matching(model, targets)
     if not found:
         raise ValueError(f"no linear layer of {type(model).__name__} is named any of {list(targets)}")
     adapters = []

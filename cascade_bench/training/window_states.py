@@ -99,16 +99,7 @@ class WindowStates:
 def token_windows(stream: Tensor, window: int, limit: int, batch_size: int) -> list[dict]:
     """Batches of disjoint windows of ``stream`` (N,) covering at most ``limit`` target tokens, every
     position scored: dicts with ``input_ids`` and ``targets`` (the next token), ``batch_size`` rows."""
-    for name, value in (("window", window), ("limit", limit), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    count = min(stream.numel() - 1, limit) // window
-    if count < 1:
-        raise ValueError(f"the text gives {stream.numel()} tokens, fewer than one window of {window + 1}")
-    rows = torch.stack([stream[i * window : (i + 1) * window + 1] for i in range(count)])
-    return [
-        {"input_ids": part[:, :-1].contiguous(), "targets": part[:, 1:].contiguous()} for part in rows.split(batch_size)
-    ]
+    return balanced_token_windows({"text": stream}, window, limit, batch_size)[0]
 
 
 def _padded(batch: dict, length: int) -> tuple[Tensor, Tensor, Tensor]:
