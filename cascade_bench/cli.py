@@ -616,6 +616,12 @@ def _add_train_exits_command(commands) -> None:
     exits.add_argument(
         "--device", default=None, help="where the model and the recipes run (default: the config's `device`)"
     )
+    exits.add_argument(
+        "--name",
+        default=None,
+        help="name of the outputs (results/<name>.exit_recipes.json, results/<name>.exits/, ...); default: the "
+        "config's `name`",
+    )
     exits.add_argument("--quiet", action="store_true", help="no progress lines")
 
 
@@ -635,6 +641,14 @@ def _add_bench_decode_command(commands) -> None:
     )
     _add_model_args(decode)
     decode.add_argument("--draft", type=Path, default=None, metavar="FOLDER", help="a draft from `train-draft`")
+    decode.add_argument(
+        "--exits",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="trained exits from `train-exits` (results/<name>.exits/<recipe>.pt; lstsq, lstsq_kl or mlp): "
+        "ours-self-spec-trained drafts through the one at --early-exit-layer",
+    )
     decode.add_argument(
         "--corpus", type=Path, default=None, metavar="FOLDER", help="WikiText-2 folder for the prose set"
     )
@@ -678,11 +692,19 @@ def _add_bench_decode_command(commands) -> None:
         "--early-exit-layer", type=_positive_int, default=None, help="self-speculation's draft depth (default 80%%)"
     )
     decode.add_argument(
+        "--self-spec-length",
+        type=_positive_int,
+        default=4,
+        help="most tokens the self-speculation methods (ours-self-spec, ours-self-spec-trained) draft per round; "
+        "default %(default)s",
+    )
+    decode.add_argument(
         "--early-exit-prompts",
         type=_positive_int,
         default=2,
-        help="at batch 1 the two early-exit self-speculation methods (ours-self-spec, hf-early-exit) run on each "
-        "set's first N prompts only (on a frozen trunk both run far below plain greedy); default %(default)s",
+        help="at batch 1 the early-exit self-speculation methods (ours-self-spec, ours-self-spec-trained, "
+        "hf-early-exit) run on each set's first N prompts only (on a frozen trunk they run far below plain "
+        "greedy); default %(default)s",
     )
     decode.add_argument(
         "--flop-tokens",
@@ -1030,7 +1052,7 @@ def _train_exits(args: argparse.Namespace) -> int:
     if args.config_file is None:
         raise ValueError("train-exits needs a run config (CONFIG), or --tables-from JSON")
     budget = RecipeBudget(window=args.window).scaled(args.budget)
-    config = config_from_args(argparse.Namespace(device=args.device), args.config_file)
+    config = config_from_args(argparse.Namespace(device=args.device, name=args.name), args.config_file)
     written = run_exit_recipes(
         config, args.recipes, budget, layers=args.layers, corpus=args.corpus, progress=not args.quiet
     )
@@ -1053,16 +1075,22 @@ def _bench_decode(args: argparse.Namespace) -> int:
         raise ValueError(f"--corpus {args.corpus} does not exist; expected a folder holding WikiText-2's test file")
     if args.prompts is not None and not args.prompts.is_file():
         raise ValueError(f"--prompts {args.prompts} is not a file; expected JSON lines with a 'text' field")
-    from .bench.decode_suite import METHODS, NEEDS_DRAFT
+    from .bench.decode_suite import METHODS, NEEDS_DRAFT, NEEDS_EXITS
 
     asked = [m for m in args.methods if m in NEEDS_DRAFT]
     if args.draft is None and asked and list(args.methods) != list(METHODS):
         raise ValueError(f"--methods {' '.join(asked)} need a draft model: give --draft FOLDER (from `train-draft`)")
+    asked = [m for m in args.methods if m in NEEDS_EXITS]
+    if args.exits is None and asked and list(args.methods) != list(METHODS):
+        raise ValueError(f"--methods {' '.join(asked)} need trained exits: give --exits FILE (from `train-exits`)")
+    if args.exits is not None and not args.exits.is_file():
+        raise ValueError(f"--exits {args.exits} is not a file; expected results/<name>.exits/<recipe>.pt")
     folder, name = _real_model(args)
     rows, conditions = run_decode_bench(
         folder,
         name,
         draft_path=args.draft,
+        exits_path=args.exits,
         corpus=args.corpus,
         prompts_file=args.prompts,
         per_set=args.per_set,
@@ -1075,6 +1103,7 @@ def _bench_decode(args: argparse.Namespace) -> int:
         hf_lookup=args.hf_lookup,
         trust=args.trust,
         early_exit_layer=args.early_exit_layer,
+        self_spec_length=args.self_spec_length,
         early_exit_prompts=args.early_exit_prompts,
         flop_tokens=args.flop_tokens,
         methods=args.methods,

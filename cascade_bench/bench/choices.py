@@ -12,6 +12,7 @@ METHODS = (
     "ours-lookup",
     "ours-lookup+draft",
     "ours-self-spec",
+    "ours-self-spec-trained",
     "ours-lossy",
     "hf-assisted",
     "hf-prompt-lookup",
@@ -21,6 +22,8 @@ METHODS = (
 PLAIN = ("ours-greedy", "hf-greedy")
 #: Methods that need a draft model (``--draft``).
 NEEDS_DRAFT = ("ours-draft", "ours-lookup+draft", "ours-lossy", "hf-assisted")
+#: Methods that need trained exits (``--exits``, from ``train-exits``).
+NEEDS_EXITS = ("ours-self-spec-trained",)
 #: Methods whose Hugging Face code path refuses batches larger than one.
 BATCH_ONE_ONLY = ("hf-assisted", "hf-prompt-lookup", "hf-early-exit")
 #: The exit rules ``bench-routing`` compares by default.

@@ -25,6 +25,7 @@ from .decode_suite import (
     BATCH_ONE_ONLY,
     METHODS,
     NEEDS_DRAFT,
+    NEEDS_EXITS,
     PLAIN,
     DecodeRow,
     greedy_agreement,
@@ -37,7 +38,8 @@ from .decode_suite import (
 from .decoding import early_exit_failure
 from .hf_generate import Call, hf_generate_timed
 
-EARLY_EXIT_METHODS = ("ours-self-spec", "hf-early-exit")  # capped to --early-exit-prompts at batch 1 (slow)
+#: Capped to --early-exit-prompts at batch 1 (slow).
+EARLY_EXIT_METHODS = ("ours-self-spec", "ours-self-spec-trained", "hf-early-exit")
 WARM_UP_TOKENS = 8  # an untimed warm-up call's new tokens: enough to allocate and pick every kernel
 
 
@@ -102,6 +104,19 @@ def _self_speculative(blocks: Ensemble, new_tokens: int, draft_length: int) -> C
     return call
 
 
+def _trained_exit_blocks(model, layer: int, path: Path) -> tuple[Ensemble, str]:
+    """The model cut before ``layer``, its first block exiting through the trained exit saved at
+    ``layer`` in ``path`` (then the model's own final norm and lm_head); and the exit's recipe."""
+    from ..stages.blocks import ExitHead
+    from ..training.saved_exits import load_exits
+
+    recipe, exits = load_exits(path, model, [layer])
+    blocks = Ensemble.from_blocks(model, [layer])
+    shared = blocks[0].head
+    blocks[0].head = ExitHead(shared.norm, shared.lm_head, exits[layer])
+    return blocks, recipe
+
+
 def _hf(model, new_tokens: int, pad_id: int, **options) -> Callable:
     return lambda ids, mask: hf_generate_timed(model, ids, mask, new_tokens, pad_id, **options)
 
@@ -148,6 +163,7 @@ def run_decode_bench(
     origin: str,
     *,
     draft_path: Optional[Path] = None,
+    exits_path: Optional[Path] = None,
     corpus: Optional[Path] = None,
     prompts_file: Optional[Path] = None,
     per_set: int = 8,
@@ -198,6 +214,19 @@ def run_decode_bench(
     if draft_path is None and needs_draft:
         notes.append(f"no --draft folder: {', '.join(sorted(needs_draft))} skipped")
         methods = [m for m in methods if m not in needs_draft]
+    if exits_path is None and set(NEEDS_EXITS) & set(methods):
+        notes.append(f"no --exits file: {', '.join(NEEDS_EXITS)} skipped")
+        methods = [m for m in methods if m not in NEEDS_EXITS]
+    if exits_path is not None:
+        from ..training.saved_exits import PER_TOKEN_RECIPES, read_exits_file
+
+        saved = read_exits_file(Path(exits_path))["recipe"]  # before any long work: a wrong file is named now
+        if saved not in PER_TOKEN_RECIPES:
+            raise ValueError(
+                f"--exits {exits_path} holds {saved!r} exits; self-speculative decoding takes exits that read one "
+                f"position at a time ({', '.join(PER_TOKEN_RECIPES)}): the attention adapter reads earlier "
+                "positions and would need a K/V cache of its own while decoding, which it does not keep"
+            )
     phases = PhaseClock()
     check_tokenizer_folder(target_path, "the real model's folder")
     tokenizer = AutoTokenizer.from_pretrained(target_path)
@@ -273,6 +302,7 @@ def run_decode_bench(
                 lookup=lookup,
             ),
             "ours-self-spec": lambda: _self_speculative(blocks, tokens, self_spec_length),
+            "ours-self-spec-trained": lambda: _self_speculative(trained_blocks, tokens, self_spec_length),
             "ours-lossy": lambda: _speculative(
                 target,
                 tokens,
@@ -288,6 +318,10 @@ def run_decode_bench(
         }
 
     blocks = Ensemble.from_blocks(hf_model, [layer]) if "ours-self-spec" in methods else None
+    trained_blocks, exit_recipe = None, None
+    if "ours-self-spec-trained" in methods:
+        with phases("loading"):
+            trained_blocks, exit_recipe = _trained_exit_blocks(hf_model, layer, Path(exits_path))
     flop_span = min(flop_tokens, new_tokens)
     warm_span = min(WARM_UP_TOKENS, new_tokens)
     timed, counting, one_token = builders(new_tokens), builders(flop_span), builders(1)  # counting is slow
@@ -368,6 +402,7 @@ def run_decode_bench(
         "trust": trust,
         "hf_prompt_lookup_num_tokens": hf_lookup,
         "early_exit_layer": layer,
+        "exits": {"file": str(exits_path), "recipe": exit_recipe} if trained_blocks is not None else None,
         "self_spec_draft_length": self_spec_length,
         "early_exit_prompts": f"at batch 1, {' and '.join(EARLY_EXIT_METHODS)} ran on each set's first "
         f"{early_exit_prompts} prompts",

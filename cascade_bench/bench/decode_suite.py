@@ -13,7 +13,8 @@ consecutive prompts of one set, left-padded; batch 1 runs every prompt alone):
 - ours, lossless: ``ours-draft`` (a separate draft model, ``routing.draft_verify``),
   ``ours-lookup`` (prompt lookup), ``ours-lookup+draft`` (prompt lookup first, the draft where it
   finds nothing) and ``ours-self-spec`` (the real model's first ``early_exit_layer`` layers draft
-  through its own head: ``routing.speculative`` on blocks);
+  through its own head: ``routing.speculative`` on blocks); ``ours-self-spec-trained``, the same
+  through a trained exit saved by ``train-exits`` (``--exits``);
 - peers, each Hugging Face's own code path: ``hf-assisted`` (``assistant_model=`` our draft),
   ``hf-prompt-lookup`` (``prompt_lookup_num_tokens``) and ``hf-early-exit``
   (``assistant_early_exit`` at ``early_exit_layer``). Hugging Face runs these at batch 1 only; at
@@ -58,7 +59,7 @@ from torch import Tensor
 
 from ..data.prompt_suite import Prompt
 from ..measure.timing import synchronize
-from .choices import BATCH_ONE_ONLY, METHODS, NEEDS_DRAFT, PLAIN  # noqa: F401  (re-exported)
+from .choices import BATCH_ONE_ONLY, METHODS, NEEDS_DRAFT, NEEDS_EXITS, PLAIN  # noqa: F401  (re-exported)
 from .hf_generate import Call
 
 

@@ -16,7 +16,9 @@
 
 Writes ``results/<name>.exit_recipes.json`` (rows with ``recipe``, ``layer``, ``agreement``,
 ``ppl``, ``split``, ``train_tokens``, ``seconds``, ...), the tables ``results/<name>.exit_recipes``
-and ``results/<name>.exit_recipes_summary`` (md/tex/csv) and the figure ``plots/<name>.exit_recipes``.
+and ``results/<name>.exit_recipes_summary`` (md/tex/csv), the figure ``plots/<name>.exit_recipes``, and
+each frozen-trunk recipe's trained exits, ``results/<name>.exits/<recipe>.pt`` (``training.saved_exits``:
+``bench-decode --exits`` drafts with them).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from ..training.exit_recipe_specs import EXIT_RECIPES, RecipeBudget, check_recip
 from ..training.exit_recipes import build_recipe, evaluate_recipe, scored_head_inputs, train_recipe
 from ..training.exit_translators import fit_translators_lstsq, new_translators
 from ..training.lora import DEFAULT_TARGETS, lora_targets
+from ..training.saved_exits import SAVED_RECIPES, exits_path, save_exits
 from ..training.window_states import WindowStates, balanced_token_windows, collect_window_states
 
 RECORD_VERSION = 1
@@ -102,6 +105,9 @@ def run_exit_recipes(
             history = train_recipe(recipe, train, validation, budget, progress)
             curve = evaluate_recipe(recipe, test, with_final=True)
             results.append(_recipe_result(recipe, history, curve, test, lstsq if name == "lstsq" else None))
+            if name in SAVED_RECIPES:
+                saved = save_exits(recipe, exits_path(paths["tables"] / f"{config.name}.exits", name), config.model)
+                results[-1]["exits_file"] = str(saved)
             if name != "lora":
                 trained[name] = (recipe, history.kept_agreement)
         finally:

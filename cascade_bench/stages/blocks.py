@@ -66,9 +66,11 @@ class Translator(nn.Module):
 
 class ExitHead(nn.Module):
     """final norm, then ``lm_head``: (..., d) residual stream -> (..., V) logits; with a
-    ``translator``, the stream is translated first."""
+    ``translator``, the stream is translated first. The translator may be any module that maps the
+    stream of one position to a stream and counts its ``macs_per_token`` (a ``Translator``, or a
+    trained per-token exit such as ``exit_adapters.MLPExit``)."""
 
-    def __init__(self, norm: nn.Module, lm_head: nn.Module, translator: Optional[Translator] = None):
+    def __init__(self, norm: nn.Module, lm_head: nn.Module, translator: Optional[nn.Module] = None):
         super().__init__()
         self.norm = norm
         self.lm_head = lm_head

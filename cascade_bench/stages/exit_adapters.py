@@ -50,6 +50,11 @@ class MLPExit(nn.Module):
         translated = self.translator(hidden)
         return translated + self.down(nn.functional.gelu(self.up(self.norm(translated))))
 
+    @property
+    def macs_per_token(self) -> int:
+        """Multiply-adds per token: the translator's, then the MLP's two matrices."""
+        return self.translator.macs_per_token + 2 * self.up.in_features * self.up.out_features
+
 
 class _NoMLP(nn.Module):
     """Stands in for a copied layer's MLP: adds nothing to the residual stream."""

@@ -15,6 +15,26 @@ from cascade_bench.cli import main  # noqa: E402
 from tests.stages.test_model_source import write_tiny_llama_gguf  # noqa: E402
 
 
+def _mlp_exits(models, path, recipe_name="mlp"):
+    """An exits file for the converted tiny model at its default draft layer (2 of 3), with weights
+    that are not the identity (random, as training would leave them), written as `train-exits` does."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from cascade_bench.stages.blocks import Translator
+    from cascade_bench.training.exit_recipes import build_recipe
+    from cascade_bench.training.saved_exits import save_exits
+
+    (config,) = list(models.rglob("config.json"))
+    model = AutoModelForCausalLM.from_pretrained(config.parent)
+    recipe = build_recipe(recipe_name, model, [2], {2: Translator(model.config.hidden_size)})
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for parameter in recipe.exits.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
+    return save_exits(recipe, path, "tiny")
+
+
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     root = tmp_path_factory.mktemp("decode")
@@ -51,6 +71,7 @@ def bench(tmp_path_factory):
         )
         == 0
     )
+    exits = _mlp_exits(models, root / "tiny.exits" / "mlp.pt")
     out = root / "bench.json"
     assert (
         main(
@@ -59,6 +80,10 @@ def bench(tmp_path_factory):
                 *common,
                 "--draft",
                 str(draft),
+                "--exits",
+                str(exits),
+                "--self-spec-length",
+                "3",
                 "--per-set",
                 "2",
                 "--batch-sizes",
@@ -80,13 +105,13 @@ def bench(tmp_path_factory):
         )
         == 0
     )
-    return draft, json.loads(out.read_text()), (root / "bench.md").read_text(), out
+    return draft, json.loads(out.read_text()), (root / "bench.md").read_text(), out, models
 
 
 def test_the_draft_is_a_plain_hugging_face_folder_with_its_record(bench):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    draft, _, _, _ = bench
+    draft, _, _, _, _ = bench
     model = AutoModelForCausalLM.from_pretrained(draft)
     assert model.config.num_hidden_layers == 1
     AutoTokenizer.from_pretrained(draft)
@@ -98,7 +123,7 @@ def test_the_draft_is_a_plain_hugging_face_folder_with_its_record(bench):
 
 
 def test_every_method_is_measured_where_it_can_run_and_lossless_rows_match_plain_greedy(bench):
-    _, payload, markdown, _ = bench
+    _, payload, markdown, _, _ = bench
     rows = [r for r in payload["rows"] if r["prompt_set"] != "all"]
     required = {
         "method",
@@ -136,7 +161,7 @@ def test_every_method_is_measured_where_it_can_run_and_lossless_rows_match_plain
 
 
 def test_whole_suite_rows_are_written_and_rewritten_from_the_json_alone(bench, tmp_path):
-    _, payload, _, path = bench
+    _, payload, _, path, _ = bench
     suite = [r for r in payload["rows"] if r["prompt_set"] == "all"]
     assert {(r["method"], r["batch_size"]) for r in suite} == {
         (r["method"], r["batch_size"]) for r in payload["rows"] if r["prompt_set"] == "code"
@@ -149,11 +174,15 @@ def test_whole_suite_rows_are_written_and_rewritten_from_the_json_alone(bench, t
 
 
 def test_early_exit_methods_are_capped_at_batch_one_and_the_run_records_where_its_time_went(bench):
-    _, payload, _, _ = bench
+    _, payload, _, _, _ = bench
     for row in payload["rows"]:
         if row["prompt_set"] == "all":
             continue
-        capped = row["batch_size"] == 1 and row["method"] in ("ours-self-spec", "hf-early-exit")
+        capped = row["batch_size"] == 1 and row["method"] in (
+            "ours-self-spec",
+            "ours-self-spec-trained",
+            "hf-early-exit",
+        )
         assert row["prompts"] == (1 if capped else 2), (row["method"], row["batch_size"])
         assert len(row["per_prompt_seconds"]) * row["batch_size"] == row["prompts"]  # one entry per call
     phases = payload["conditions"]["phase_seconds"]
@@ -196,3 +225,30 @@ def test_a_two_layer_gpt2_gets_a_default_draft_layer_inside_it_and_no_call_known
         note.startswith("hf-early-exit not run: transformers' assistant_early_exit fails on GPT-2")
         for note in conditions["notes"]
     )
+
+
+def test_the_trained_exit_drafts_exactly_greedy_text_and_the_record_names_it(bench):
+    _, payload, _, _, _ = bench
+    trained = [r for r in payload["rows"] if r["method"] == "ours-self-spec-trained" and r["prompt_set"] != "all"]
+    assert {r["batch_size"] for r in trained} == {1, 2}
+    assert all(r["same_tokens"] == 1.0 and r["lossless"] for r in trained)
+    assert payload["conditions"]["exits"]["recipe"] == "mlp" and payload["conditions"]["self_spec_draft_length"] == 3
+    assert payload["conditions"]["exits"]["file"].endswith("tiny.exits/mlp.pt")
+
+
+def test_exits_that_need_a_cache_or_are_missing_are_refused_before_the_run(bench, tmp_path, capsys):
+    _, _, _, _, models = bench
+    (gguf,) = list(models.parent.glob("*.gguf"))
+    common = ["bench-decode", "--model", f"gguf:{gguf}", "--models-dir", str(models), "--quiet"]
+    common += ["--per-set", "1", "--sets", "code", "--batch-sizes", "1", "--new-tokens", "2", "--no-flops"]
+    adapter = _mlp_exits(models, tmp_path / "adapter.pt", recipe_name="adapter")
+    exits = _mlp_exits(models, tmp_path / "mlp.pt")
+    for extra, message in (
+        (["--exits", str(adapter)], "holds 'adapter' exits; self-speculative decoding takes exits that read one"),
+        (["--methods", "ours-self-spec-trained"], "ours-self-spec-trained need trained exits: give --exits FILE"),
+        (["--exits", str(tmp_path / "missing.pt")], "missing.pt is not a file"),
+        (["--exits", str(exits), "--early-exit-layer", "1"], "has exits at layers [2], not at [1]"),
+    ):
+        capsys.readouterr()
+        assert main([*common, *extra]) == 2, extra
+        assert message in capsys.readouterr().err, extra

@@ -42,10 +42,10 @@ def config(tmp_path_factory):
 
 def test_train_exits_writes_one_row_per_recipe_and_layer(config, capsys):
     root, path = config
-    argv = ["train-exits", str(path), "--budget", "0.02", "--window", "16", "--quiet"]
+    argv = ["train-exits", str(path), "--budget", "0.02", "--window", "16", "--name", "tiny-named", "--quiet"]
     assert main(argv) == 0
     assert "wrote" in capsys.readouterr().out
-    record = json.loads((root / "out" / "results" / "tiny-exits.exit_recipes.json").read_text())
+    record = json.loads((root / "out" / "results" / "tiny-named.exit_recipes.json").read_text())
     assert [(row["recipe"], row["layer"]) for row in record["rows"]] == [(r, l) for r in EXIT_RECIPES for l in (1, 2)]
     for row in record["rows"]:
         assert {"recipe", "layer", "agreement", "ppl", "split", "train_tokens", "seconds"} <= set(row)
@@ -63,8 +63,12 @@ def test_train_exits_writes_one_row_per_recipe_and_layer(config, capsys):
     by_layer, summary = recipe_tables(record)
     assert list(summary["recipe"]) == list(EXIT_RECIPES) and len(by_layer) == 2
     for name in ("exit_recipes.md", "exit_recipes.tex", "exit_recipes.csv", "exit_recipes_summary.md"):
-        assert (root / "out" / "results" / f"tiny-exits.{name}").is_file()
-    assert (root / "out" / "plots" / "tiny-exits.exit_recipes.png").is_file()
+        assert (root / "out" / "results" / f"tiny-named.{name}").is_file()
+    assert (root / "out" / "plots" / "tiny-named.exit_recipes.png").is_file()
+    # every frozen-trunk recipe's exits are kept, as trained (the LoRA trunk is not an exit of this model)
+    saved = sorted(p.name for p in (root / "out" / "results" / "tiny-named.exits").iterdir())
+    assert saved == ["adapter.pt", "lstsq.pt", "lstsq_kl.pt", "mlp.pt"]
+    assert by_recipe["mlp"]["exits_file"].endswith("tiny-named.exits/mlp.pt") and "exits_file" not in by_recipe["lora"]
 
 
 @pytest.mark.parametrize(
