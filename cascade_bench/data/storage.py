@@ -23,6 +23,7 @@ def write_bytes_atomic(path: "Path | str", data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # as open() would have made it (mkstemp makes it owner-only)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -32,3 +33,10 @@ def write_bytes_atomic(path: "Path | str", data: bytes) -> None:
 def write_json_atomic(path: "Path | str", payload) -> None:
     """JSON version of :func:`write_text_atomic` (non-JSON values written with ``str``)."""
     write_text_atomic(path, json.dumps(payload, indent=2, default=str) + "\n")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
