@@ -1083,8 +1083,6 @@ def _bench_decode(args: argparse.Namespace) -> int:
     asked = [m for m in args.methods if m in NEEDS_EXITS]
     if args.exits is None and asked and list(args.methods) != list(METHODS):
         raise ValueError(f"--methods {' '.join(asked)} need trained exits: give --exits FILE (from `train-exits`)")
-    if args.exits is not None and not args.exits.is_file():
-        raise ValueError(f"--exits {args.exits} is not a file; expected results/<name>.exits/<recipe>.pt")
     folder, name = _real_model(args)
     rows, conditions = run_decode_bench(
         folder,

@@ -107,13 +107,12 @@ def _self_speculative(blocks: Ensemble, new_tokens: int, draft_length: int) -> C
 def _trained_exit_blocks(model, layer: int, path: Path) -> tuple[Ensemble, str]:
     """The model cut before ``layer``, its first block exiting through the trained exit saved at
     ``layer`` in ``path`` (then the model's own final norm and lm_head); and the exit's recipe."""
-    from ..stages.blocks import ExitHead
+    from ..stages.blocks import exit_through
     from ..training.saved_exits import load_exits
 
     recipe, exits = load_exits(path, model, [layer])
     blocks = Ensemble.from_blocks(model, [layer])
-    shared = blocks[0].head
-    blocks[0].head = ExitHead(shared.norm, shared.lm_head, exits[layer])
+    exit_through(blocks[0], exits[layer])
     return blocks, recipe
 
 
@@ -217,13 +216,15 @@ def run_decode_bench(
     if exits_path is None and set(NEEDS_EXITS) & set(methods):
         notes.append(f"no --exits file: {', '.join(NEEDS_EXITS)} skipped")
         methods = [m for m in methods if m not in NEEDS_EXITS]
+    saved_exits = None
     if exits_path is not None:
         from ..training.saved_exits import PER_TOKEN_RECIPES, read_exits_file
 
-        saved = read_exits_file(Path(exits_path))["recipe"]  # before any long work: a wrong file is named now
-        if saved not in PER_TOKEN_RECIPES:
+        saved_exits = read_exits_file(Path(exits_path))  # before any long work: a wrong file is named now
+        if saved_exits["recipe"] not in PER_TOKEN_RECIPES:
             raise ValueError(
-                f"--exits {exits_path} holds {saved!r} exits; self-speculative decoding takes exits that read one "
+                f"--exits {exits_path} holds {saved_exits['recipe']!r} exits; self-speculative decoding takes exits "
+                "that read one "
                 f"position at a time ({', '.join(PER_TOKEN_RECIPES)}): the attention adapter reads earlier "
                 "positions and would need a K/V cache of its own while decoding, which it does not keep"
             )
@@ -248,6 +249,15 @@ def run_decode_bench(
         raise ValueError(f"--early-exit-layer must be in [1, {target.num_layers - 1}], got {early_exit_layer}")
     # the default, 80% of the depth, kept inside the model (a 2-layer model drafts with its first layer)
     layer = early_exit_layer or min(max(1, round(0.8 * target.num_layers)), target.num_layers - 1)
+    if saved_exits is not None:
+        from ..training.saved_exits import saved_layers
+
+        held = saved_layers(saved_exits)
+        if layer not in held:
+            raise ValueError(
+                f"--exits {exits_path} has exits at layers {held}, not at the draft layer {layer}: "
+                f"pass --early-exit-layer one of {held}"
+            )
     skipped = {}
     if target.num_layers < 2:
         skipped = dict.fromkeys(EARLY_EXIT_METHODS, "a 1-layer model has no earlier layer to draft from")
@@ -402,7 +412,9 @@ def run_decode_bench(
         "trust": trust,
         "hf_prompt_lookup_num_tokens": hf_lookup,
         "early_exit_layer": layer,
-        "exits": {"file": str(exits_path), "recipe": exit_recipe} if trained_blocks is not None else None,
+        "exits": {"file": str(exits_path), "recipe": exit_recipe, "trained_on": saved_exits["model"]}
+        if trained_blocks is not None
+        else None,
         "self_spec_draft_length": self_spec_length,
         "early_exit_prompts": f"at batch 1, {' and '.join(EARLY_EXIT_METHODS)} ran on each set's first "
         f"{early_exit_prompts} prompts",

@@ -8,6 +8,16 @@ import tempfile
 from pathlib import Path
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+#: The process's umask, read once at import (reading it means setting it for a moment).
+_UMASK = _read_umask()
+
+
 def write_text_atomic(path: "Path | str", text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` through a temporary file in the same folder and an atomic rename."""
     write_bytes_atomic(path, text.encode("utf-8"))
@@ -23,7 +33,7 @@ def write_bytes_atomic(path: "Path | str", data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # as open() would have made it (mkstemp makes it owner-only)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # as a new file from open() would be (mkstemp makes it owner-only)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -33,10 +43,3 @@ def write_bytes_atomic(path: "Path | str", data: bytes) -> None:
 def write_json_atomic(path: "Path | str", payload) -> None:
     """JSON version of :func:`write_text_atomic` (non-JSON values written with ``str``)."""
     write_text_atomic(path, json.dumps(payload, indent=2, default=str) + "\n")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-

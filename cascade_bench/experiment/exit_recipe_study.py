@@ -97,7 +97,7 @@ def run_exit_recipes(
     lstsq = fit_translators_lstsq(model, translators, train.as_layer_states(), validation.as_layer_states())
     fitted = {layer: translators[str(layer)].eval() for layer in candidates}
     phases["lstsq"] = time.perf_counter() - started
-    results, trained = [], {}
+    results, trained, saved = [], {}, {}
     for name in recipes:
         torch.manual_seed(budget.seed)  # each recipe's initialisation the same whichever ran before it
         recipe = build_recipe(name, model, candidates, fitted)
@@ -106,8 +106,9 @@ def run_exit_recipes(
             curve = evaluate_recipe(recipe, test, with_final=True)
             results.append(_recipe_result(recipe, history, curve, test, lstsq if name == "lstsq" else None))
             if name in SAVED_RECIPES:
-                saved = save_exits(recipe, exits_path(paths["tables"] / f"{config.name}.exits", name), config.model)
-                results[-1]["exits_file"] = str(saved)
+                folder = paths["tables"] / f"{config.name}.exits"
+                saved[f"exits {name}"] = save_exits(recipe, exits_path(folder, name), config.model)
+                results[-1]["exits_file"] = str(saved[f"exits {name}"])
             if name != "lora":
                 trained[name] = (recipe, history.kept_agreement)
         finally:
@@ -140,7 +141,7 @@ def run_exit_recipes(
         "phase_seconds": {**phases, "total": time.perf_counter() - began},
         "conditions": environment_conditions(model.device, model.dtype),
     }
-    return write_recipe_outputs(record, paths["tables"], paths["plots"], config.name)
+    return {**write_recipe_outputs(record, paths["tables"], paths["plots"], config.name), **saved}
 
 
 def _shared_text(tokenizer, budget: RecipeBudget, corpus: Optional[Path]) -> tuple[list, list, dict]:

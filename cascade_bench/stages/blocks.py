@@ -83,7 +83,8 @@ class ExitHead(nn.Module):
 
     @property
     def macs_per_token(self) -> int:
-        """Multiply-adds of one token's logits: d x V, plus the translator's d x d."""
+        """Multiply-adds of one token's logits: d x V, plus the translator's own (d x d for a
+        ``Translator``)."""
         weight = self.lm_head.weight
         return int(weight.shape[0] * weight.shape[1]) + (self.translator.macs_per_token if self.translator else 0)
 
@@ -421,11 +422,19 @@ def head_sharing(blocks: Sequence[Block]) -> str:
     if all(block.head is last for block in blocks[:-1]):
         return "shared"
     if all(
-        block.head.translator is not None and block.head.norm is last.norm and block.head.lm_head is last.lm_head
+        isinstance(block.head.translator, Translator)
+        and block.head.norm is last.norm
+        and block.head.lm_head is last.lm_head
         for block in blocks[:-1]
     ):
         return "translator"
     return "own"
+
+
+def exit_through(block: Block, exit_module: nn.Module) -> None:
+    """Make ``block`` exit through ``exit_module`` (a trained per-token exit: a ``Translator``, an
+    ``MLPExit``) in front of the norm and lm_head its head reads now (the model's own, shared)."""
+    block.head = ExitHead(block.head.norm, block.head.lm_head, exit_module)
 
 
 def assemble_model(blocks: Sequence[Block]) -> nn.Module:

@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-from ..stages.blocks import Block, assemble_model, head_sharing
+from ..stages.blocks import Block, Translator, assemble_model, head_sharing
 from ..stages.ensemble import Ensemble
 from ..stages.exit_rules import rule_from_spec
 from ..stages.exits import BUILTIN_EXIT_FUNCTIONS
@@ -125,6 +125,17 @@ def _write_blocks(ensemble: Ensemble, staging: Path) -> dict:
     from safetensors.torch import save_file
 
     blocks = list(ensemble)
+    others = [
+        k
+        for k, b in enumerate(blocks[:-1])
+        if b.head.translator is not None and not isinstance(b.head.translator, Translator)
+    ]
+    if others:
+        raise ValueError(
+            f"blocks {others} exit through a trained exit that is not a Translator "
+            f"({type(blocks[others[0]].head.translator).__name__}); a cascade saves translators only: keep such "
+            "exits with training.saved_exits (train-exits writes them)"
+        )
     assemble_model(blocks).save_pretrained(staging / "model")
     heads = head_sharing(blocks)
     stages = []

@@ -12,6 +12,7 @@ of the original model: it is not saved this way.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Sequence
 
@@ -19,9 +20,8 @@ import torch
 from torch import nn
 
 from ..data.storage import write_bytes_atomic
-from ..stages.blocks import Translator
-from ..stages.families import family_parts
 from .exit_recipes import ExitRecipe, build_recipe
+from .exit_translators import new_translators
 
 FORMAT = "cascade_bench.exits"
 VERSION = 1
@@ -54,8 +54,6 @@ def save_exits(recipe: ExitRecipe, path: Path, model_name: str) -> Path:
             for layer in recipe.layers
         },
     }
-    import io
-
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     write_bytes_atomic(Path(path), buffer.getvalue())
@@ -75,7 +73,16 @@ def read_exits_file(path: Path) -> dict:
         raise ValueError(f"exits file {path} is not a file `train-exits` wrote (no {FORMAT!r} format tag)")
     if payload.get("version") != VERSION:
         raise ValueError(f"exits file {path} has version {payload.get('version')!r}; this release reads {VERSION}")
+    if payload.get("recipe") not in SAVED_RECIPES:
+        raise ValueError(
+            f"exits file {path} names recipe {payload.get('recipe')!r}; expected one of {list(SAVED_RECIPES)}"
+        )
     return payload
+
+
+def saved_layers(payload: dict) -> list[int]:
+    """The layers a saved payload holds exits at, in order."""
+    return sorted(int(layer) for layer in payload["layers"])
 
 
 def load_exits(path: Path, model: nn.Module, layers: Sequence[int] = ()) -> tuple[str, dict[int, nn.Module]]:
@@ -91,21 +98,26 @@ def load_exits(path: Path, model: nn.Module, layers: Sequence[int] = ()) -> tupl
             f"exits file {path} was trained on {payload['model']} ({saved_shape[0]}, width {saved_shape[1]}, "
             f"{saved_shape[2]} layers); this model is {shape[0]}, width {shape[1]}, {shape[2]} layers"
         )
-    saved = sorted(int(layer) for layer in payload["layers"])
+    saved = saved_layers(payload)
     wanted = list(layers) or saved
     missing = [layer for layer in wanted if layer not in saved]
     if missing:
         raise ValueError(f"exits file {path} has exits at layers {saved}, not at {missing}")
-    weight = family_parts(model).final_norm.weight
-    translators = {layer: Translator(shape[1]).to(device=weight.device, dtype=weight.dtype) for layer in wanted}
-    was_frozen = {id(p): p.requires_grad for p in model.parameters()}
-    recipe = build_recipe(payload["recipe"], model, wanted, translators)
+    translators = new_translators(model, wanted)
+    was_trainable = {id(p): p.requires_grad for p in model.parameters()}
+    recipe = build_recipe(payload["recipe"], model, wanted, {layer: translators[str(layer)] for layer in wanted})
     for parameter in model.parameters():  # building a recipe freezes the model; give it back as it was
-        parameter.requires_grad_(was_frozen[id(parameter)])
+        parameter.requires_grad_(was_trainable[id(parameter)])
     exits = {}
     for layer in wanted:
         module = recipe.exits[str(layer)]
-        module.load_state_dict(payload["layers"][str(layer)])
+        try:
+            module.load_state_dict(payload["layers"][str(layer)])
+        except RuntimeError as error:  # another shape: a file of another release's exit sizes
+            raise ValueError(
+                f"exits file {path}, layer {layer}: its weights do not fit this release's "
+                f"{payload['recipe']!r} exit ({str(error).splitlines()[0]})"
+            ) from error
         for parameter in module.parameters():
             parameter.requires_grad_(False)
         exits[layer] = module.eval()
@@ -119,4 +131,5 @@ __all__ = [
     "load_exits",
     "read_exits_file",
     "save_exits",
+    "saved_layers",
 ]

@@ -234,6 +234,7 @@ def test_the_trained_exit_drafts_exactly_greedy_text_and_the_record_names_it(ben
     assert all(r["same_tokens"] == 1.0 and r["lossless"] for r in trained)
     assert payload["conditions"]["exits"]["recipe"] == "mlp" and payload["conditions"]["self_spec_draft_length"] == 3
     assert payload["conditions"]["exits"]["file"].endswith("tiny.exits/mlp.pt")
+    assert payload["conditions"]["exits"]["trained_on"] == "tiny"
 
 
 def test_exits_that_need_a_cache_or_are_missing_are_refused_before_the_run(bench, tmp_path, capsys):
@@ -246,8 +247,11 @@ def test_exits_that_need_a_cache_or_are_missing_are_refused_before_the_run(bench
     for extra, message in (
         (["--exits", str(adapter)], "holds 'adapter' exits; self-speculative decoding takes exits that read one"),
         (["--methods", "ours-self-spec-trained"], "ours-self-spec-trained need trained exits: give --exits FILE"),
-        (["--exits", str(tmp_path / "missing.pt")], "missing.pt is not a file"),
-        (["--exits", str(exits), "--early-exit-layer", "1"], "has exits at layers [2], not at [1]"),
+        (["--exits", str(tmp_path / "missing.pt")], "missing.pt: no such file"),
+        (
+            ["--exits", str(exits), "--early-exit-layer", "1"],
+            "not at the draft layer 1: pass --early-exit-layer one of [2]",
+        ),
     ):
         capsys.readouterr()
         assert main([*common, *extra]) == 2, extra

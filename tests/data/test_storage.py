@@ -13,18 +13,15 @@ from cascade_bench.data.storage import write_bytes_atomic, write_json_atomic, wr
 
 
 def test_text_bytes_and_json_arrive_whole_with_plain_permissions(tmp_path):
-    previous = os.umask(0o022)
-    try:
-        write_text_atomic(tmp_path / "deep" / "a.txt", "héllo\n")
-        write_bytes_atomic(tmp_path / "b.bin", b"\x00\xff")
-        write_json_atomic(tmp_path / "c.json", {"x": 1})
-    finally:
-        os.umask(previous)
+    write_text_atomic(tmp_path / "deep" / "a.txt", "héllo\n")
+    write_bytes_atomic(tmp_path / "b.bin", b"\x00\xff")
+    write_json_atomic(tmp_path / "c.json", {"x": 1})
+    (tmp_path / "plain.txt").write_text("")  # what open() makes under this process's umask
     assert (tmp_path / "deep" / "a.txt").read_bytes() == "héllo\n".encode("utf-8")
     assert (tmp_path / "b.bin").read_bytes() == b"\x00\xff"
     assert (tmp_path / "c.json").read_text() == '{\n  "x": 1\n}\n'
     for name in ("deep/a.txt", "b.bin", "c.json"):
-        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
+        assert (tmp_path / name).stat().st_mode & 0o777 == (tmp_path / "plain.txt").stat().st_mode & 0o777, name
 
 
 def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkeypatch):
@@ -39,3 +36,4 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, mon
         write_text_atomic(path, "new")
     assert path.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["kept.txt"]
+    assert os.path.exists(path)

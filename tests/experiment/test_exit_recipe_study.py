@@ -8,11 +8,13 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from cascade_bench.cli import main
 from cascade_bench.data.corpus import embedded_documents
 from cascade_bench.experiment.exit_recipe_study import recipe_tables
 from cascade_bench.training.exit_recipe_specs import EXIT_RECIPES
+from cascade_bench.training.saved_exits import read_exits_file
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +42,17 @@ def config(tmp_path_factory):
     return root, path
 
 
-def test_train_exits_writes_one_row_per_recipe_and_layer(config, capsys):
+def test_train_exits_writes_one_row_per_recipe_and_layer(config, capsys, monkeypatch):
+    from cascade_bench.experiment import exit_recipe_study
+
+    scored = {}  # each recipe's exits as they were scored (after early stopping kept its best checks)
+    evaluate = exit_recipe_study.evaluate_recipe
+
+    def keep(recipe, states, with_final=False):
+        scored[recipe.name] = {k: v.clone() for k, v in recipe.exits.state_dict().items()}
+        return evaluate(recipe, states, with_final)
+
+    monkeypatch.setattr(exit_recipe_study, "evaluate_recipe", keep)
     root, path = config
     argv = ["train-exits", str(path), "--budget", "0.02", "--window", "16", "--name", "tiny-named", "--quiet"]
     assert main(argv) == 0
@@ -68,6 +80,11 @@ def test_train_exits_writes_one_row_per_recipe_and_layer(config, capsys):
     # every frozen-trunk recipe's exits are kept, as trained (the LoRA trunk is not an exit of this model)
     saved = sorted(p.name for p in (root / "out" / "results" / "tiny-named.exits").iterdir())
     assert saved == ["adapter.pt", "lstsq.pt", "lstsq_kl.pt", "mlp.pt"]
+    for name in ("lstsq+kl", "mlp", "adapter"):
+        payload = read_exits_file(root / "out" / "results" / "tiny-named.exits" / f"{name.replace('+', '_')}.pt")
+        for layer, state in payload["layers"].items():
+            for key, tensor in state.items():
+                torch.testing.assert_close(tensor, scored[name][f"{layer}.{key}"], rtol=0, atol=0)
     assert by_recipe["mlp"]["exits_file"].endswith("tiny-named.exits/mlp.pt") and "exits_file" not in by_recipe["lora"]
 
 

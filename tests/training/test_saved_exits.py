@@ -9,9 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cascade_bench.stages.blocks import ExitHead, Translator
+from cascade_bench.stages.blocks import Translator, exit_through, head_sharing
 from cascade_bench.stages.ensemble import Ensemble
 from cascade_bench.training.exit_recipes import build_recipe
+from cascade_bench.training.persistence import save_ensemble
 from cascade_bench.training.saved_exits import SAVED_RECIPES, exits_path, load_exits, save_exits
 from tests.helpers import tiny_ensemble
 
@@ -83,6 +84,18 @@ def test_files_for_another_model_or_layer_and_foreign_files_are_refused(model, t
     torch.save({"weights": torch.zeros(2)}, foreign)
     with pytest.raises(ValueError, match="not a file `train-exits` wrote"):
         load_exits(foreign, model)
+    lora = tmp_path / "lora.pt"
+    payload = torch.load(path, weights_only=True)
+    torch.save({**payload, "recipe": "lora"}, lora)
+    with pytest.raises(ValueError, match="names recipe 'lora'; expected one of"):
+        load_exits(lora, model)
+    narrow = tmp_path / "narrow.pt"
+    layers = {
+        k: {n: t[..., :1] if n.endswith("up.weight") else t for n, t in v.items()} for k, v in payload["layers"].items()
+    }
+    torch.save({**payload, "layers": layers}, narrow)
+    with pytest.raises(ValueError, match="layer 1: its weights do not fit this release's 'mlp' exit"):
+        load_exits(narrow, model)
     text = tmp_path / "text.pt"
     text.write_text("not a checkpoint")
     with pytest.raises(ValueError, match="not a file `train-exits` wrote"):
@@ -108,8 +121,15 @@ def test_a_trained_exit_drafts_self_speculation_that_is_still_exactly_greedy(mod
     _, exits = load_exits(path, model, [3])
     blocks = Ensemble.from_blocks(model, [3])
     shared = blocks[0].head
-    blocks[0].head = ExitHead(shared.norm, shared.lm_head, exits[3])
+    exit_through(blocks[0], exits[3])
+    assert blocks[0].head.norm is shared.norm and blocks[0].head.lm_head is shared.lm_head
     assert blocks[0].head_macs_per_token == shared.macs_per_token + exits[3].macs_per_token
+    hidden = torch.randn(4, model.config.hidden_size)
+    with torch.no_grad():  # the draft reads the trained exit, then the model's own norm and head
+        torch.testing.assert_close(blocks[0].logits(hidden), shared.lm_head(shared.norm(exits[3](hidden))))
+    assert head_sharing(list(blocks)) == "own"  # not a Translator: a cascade of these is not saved as one
+    with pytest.raises(ValueError, match=r"blocks \[0\] exit through a trained exit that is not a Translator"):
+        save_ensemble(blocks, tmp_path / "cascade")
     size = model.config.hidden_size
     assert exits[3].macs_per_token == size * size + 2 * size * 2 * size  # translator, then the MLP (width 2d)
     ids = torch.randint(0, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(3))
