@@ -7,22 +7,31 @@ import json
 import re
 from pathlib import Path
 
+import pytest
+
 from cascade_bench.bench.decode_run import format_decode_tables
 from cascade_bench.bench.decode_suite import DecodeRow
 
 ROOT = Path(__file__).resolve().parents[2]
 JSON = ROOT / "docs/results/smollm2-135m-decode.json"
+#: Every published bench-decode record (the suite's, and the trained exits' run).
+PUBLISHED = sorted((ROOT / "docs/results").glob("*-decode*.json"))
 
 
-def _rows():
-    payload = json.loads(JSON.read_text())
+def _rows(path: Path = JSON):
+    payload = json.loads(path.read_text())
     rows = [DecodeRow(**{**r, "speedup_interval": tuple(r["speedup_interval"])}) for r in payload["rows"]]
     return rows, payload["conditions"]
 
 
-def test_the_published_tables_are_what_bench_decode_writes_from_the_json():
-    rows, conditions = _rows()
-    assert (ROOT / "docs/results/smollm2-135m-decode.md").read_text() == format_decode_tables(rows, conditions)
+def test_both_published_decoding_records_are_checked():
+    assert [p.name for p in PUBLISHED] == ["smollm2-135m-decode-trained-exits.json", "smollm2-135m-decode.json"]
+
+
+@pytest.mark.parametrize("path", PUBLISHED, ids=lambda p: p.name)
+def test_the_published_tables_are_what_bench_decode_writes_from_the_json(path):
+    rows, conditions = _rows(path)
+    assert path.with_suffix(".md").read_text() == format_decode_tables(rows, conditions)
 
 
 def test_the_readme_s_decoding_figures_are_the_json_s_whole_suite_rows():
