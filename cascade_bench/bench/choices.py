@@ -24,6 +24,10 @@ PLAIN = ("ours-greedy", "hf-greedy")
 NEEDS_DRAFT = ("ours-draft", "ours-lookup+draft", "ours-lossy", "hf-assisted")
 #: Methods that need trained exits (``--exits``, from ``train-exits``).
 NEEDS_EXITS = ("ours-self-spec-trained",)
+#: Methods whose round yields at most its proposals: self-speculation verifies each draft with the
+#: deeper layers over the draft stage's states, so the token after the last draft would need a pass
+#: that has not run (``routing.speculative``). A draft model's round yields up to proposals + 1.
+NO_BONUS_TOKEN = ("ours-self-spec", "ours-self-spec-trained")
 #: Methods whose Hugging Face code path refuses batches larger than one.
 BATCH_ONE_ONLY = ("hf-assisted", "hf-prompt-lookup", "hf-early-exit")
 #: The exit rules ``bench-routing`` compares by default.

@@ -34,6 +34,7 @@ from .decode_suite import (
     summarise,
     timed_rotation,
     whole_suite_rows,
+    with_prediction,
 )
 from .decoding import early_exit_failure
 from .hf_generate import Call, hf_generate_timed
@@ -84,7 +85,6 @@ def _self_speculative(blocks: Ensemble, new_tokens: int, draft_length: int) -> C
         out = self_speculative_generate(blocks, ids, mask, max_new_tokens=new_tokens, draft_length=draft_length)
         # its loop made new_tokens - 1 tokens (the first came from the prompt's pass): scaled as ours-greedy
         seconds = out.seconds_per_token * out.tokens.numel() * new_tokens / max(new_tokens - 1, 1)
-        draft_seconds = seconds - out.verify_seconds
         return Call(
             seconds=seconds,
             tokens=out.tokens,
@@ -96,7 +96,7 @@ def _self_speculative(blocks: Ensemble, new_tokens: int, draft_length: int) -> C
             loop_rounds=out.loop_rounds,
             emitted=out.emitted,
             draft_calls=out.loop_rounds * draft_length,
-            draft_seconds=draft_seconds,
+            draft_seconds=out.draft_seconds,
             verify_seconds=out.verify_seconds,
             speculative=True,
         )
@@ -490,8 +490,9 @@ def format_decode_tables(rows: Sequence[DecodeRow], conditions: dict) -> str:
 
 
 def rewrite_tables(json_path: Path, markdown_path: Optional[Path] = None) -> list[DecodeRow]:
-    """Re-read a ``bench-decode`` JSON file, recompute its whole-suite rows from the per-set rows and
-    write the JSON and Markdown again (atomically); nothing is re-measured."""
+    """Re-read a ``bench-decode`` JSON file, recompute each row's prediction from its measured terms
+    and the whole-suite rows from the per-set rows, and write the JSON and Markdown again
+    (atomically); nothing is re-measured."""
     json_path = Path(json_path)
     if not json_path.is_file():
         raise ValueError(f"--tables-from {json_path} is not a file; expected a bench-decode JSON")
@@ -503,6 +504,12 @@ def rewrite_tables(json_path: Path, markdown_path: Optional[Path] = None) -> lis
         for row in payload["rows"]
         if row["prompt_set"] != "all"
     ]
+    for row in rows:  # the prediction again from the measured terms (its formula may have been corrected)
+        stored = (row.predicted_speedup, row.realisation)
+        if math.isfinite(stored[0]):
+            with_prediction(row, stored[1] * stored[0])
+            if row.predicted_speedup == stored[0]:
+                row.realisation = stored[1]  # the same prediction: the stored figure, not a rounded recomputation
     rows += whole_suite_rows(rows, payload["conditions"]["new_tokens"])
     write_json_atomic(json_path, {"rows": [asdict(r) for r in rows], "conditions": payload["conditions"]})
     if markdown_path is not None:

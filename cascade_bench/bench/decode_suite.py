@@ -34,8 +34,10 @@ over accepted plus rounds with a rejection: a proposal after the first rejected 
 judged, so accepted / proposed underestimates it), mean proposals per round ``k``, the draft's cost per call
 ``c`` and the verification's cost per round ``v``, both as fractions of one of our plain greedy
 steps at that batch; the **predicted** speedup is ``(1 - a^(k+1)) / (1 - a)`` tokens per round
-over ``k c + v`` (draft calls per round as measured), and **realisation** is the measured speedup
-over our plain greedy divided by the predicted one (what the loop's own overheads cost).
+(``(1 - a^k) / (1 - a)`` for self-speculation, whose round yields at most its k drafts:
+``choices.NO_BONUS_TOKEN``) over ``k c + v`` (draft calls per round as measured), and
+**realisation** is the measured speedup over our plain greedy divided by the predicted one (what
+the loop's own overheads cost).
 
 ``same_tokens``: the share of generated tokens equal to the same implementation's plain greedy at
 the same batch size (ours against ``ours-greedy``, Hugging Face's against ``hf-greedy``).
@@ -59,7 +61,7 @@ from torch import Tensor
 
 from ..data.prompt_suite import Prompt
 from ..measure.timing import synchronize
-from .choices import BATCH_ONE_ONLY, METHODS, NEEDS_DRAFT, NEEDS_EXITS, PLAIN  # noqa: F401  (re-exported)
+from .choices import BATCH_ONE_ONLY, METHODS, NEEDS_DRAFT, NEEDS_EXITS, NO_BONUS_TOKEN, PLAIN  # noqa: F401  (re-exported)
 from .hf_generate import Call
 
 
@@ -166,14 +168,16 @@ def _percentile(values: Sequence[float], q: float) -> float:
 
 
 def predicted_speedup(
-    acceptance: float, proposals: float, draft_cost: float, calls: float, verify_cost: float
+    acceptance: float, proposals: float, draft_cost: float, calls: float, verify_cost: float, bonus: bool = True
 ) -> float:
-    """Tokens per round under i.i.d. acceptance, ``(1 - a^(k+1)) / (1 - a)``, over the round's cost
-    in plain steps, ``calls * c + v``."""
+    """Tokens per round under i.i.d. acceptance, ``(1 - a^(k+1)) / (1 - a)`` (with ``bonus``: a
+    round that accepts all k proposals also yields the verifier's next token) or ``(1 - a^k) /
+    (1 - a)`` (without: at most k), over the round's cost in plain steps, ``calls * c + v``."""
     if not all(math.isfinite(x) for x in (acceptance, proposals, verify_cost)):
         return math.nan
     a, k = acceptance, proposals
-    tokens = k + 1 if a >= 1.0 else (1 - a ** (k + 1)) / (1 - a)
+    most = k + 1 if bonus else k
+    tokens = most if a >= 1.0 else (1 - a**most) / (1 - a)
     cost = (calls * draft_cost if math.isfinite(draft_cost) else 0.0) + verify_cost
     return tokens / cost if cost > 0 else math.nan
 
@@ -238,15 +242,25 @@ def summarise(
         row.draft_calls_per_round = draft_calls / loops
         row.draft_cost = (sum(c.draft_seconds for c in calls) / draft_calls) / step if draft_calls else math.nan
         row.verify_cost = (sum(c.verify_seconds for c in calls) / loops) / step
-        row.predicted_speedup = predicted_speedup(
-            row.acceptance_per_position if judged else 0.0,
-            row.proposals_per_round,
-            row.draft_cost,
-            row.draft_calls_per_round,
-            row.verify_cost,
-        )
         ours_rate = sum(c.tokens.numel() for c in our_plain_calls) / sum(c.seconds for c in our_plain_calls)
-        row.realisation = (rate / ours_rate) / row.predicted_speedup
+        with_prediction(row, rate / ours_rate)
+    return row
+
+
+def with_prediction(row: DecodeRow, over_our_greedy: float) -> DecodeRow:
+    """Set the row's predicted speedup from its measured terms (a, k, c, calls, v; a proposal never
+    judged counts as a = 0) and its realisation, ``over_our_greedy`` (its measured speedup over our
+    plain greedy) divided by the prediction. Returns the row."""
+    a = row.acceptance_per_position if math.isfinite(row.acceptance_per_position) else 0.0
+    row.predicted_speedup = predicted_speedup(
+        a,
+        row.proposals_per_round,
+        row.draft_cost,
+        row.draft_calls_per_round,
+        row.verify_cost,
+        bonus=row.method not in NO_BONUS_TOKEN,
+    )
+    row.realisation = over_our_greedy / row.predicted_speedup
     return row
 
 

@@ -43,7 +43,8 @@ class SpeculativeOutput:
     ``rounds``); rejections: rounds (summed over rows) in which a draft was rejected; cache_slots:
     per stage, the slots its cache holds at the end (real or not);
     seconds_per_token: decode-loop wall time / tokens generated (all rows together);
-    verify_seconds: the part of it spent in verification passes."""
+    verify_seconds: the part of it spent in verification passes; draft_seconds: the part spent
+    drafting (the rest is the rounds' bookkeeping: acceptance, cache rejection)."""
 
     tokens: Tensor
     nll: Tensor
@@ -60,6 +61,7 @@ class SpeculativeOutput:
     cache_slots: tuple = ()
     counted_flops: Optional[int] = None
     rejections: int = 0
+    draft_seconds: float = 0.0
 
     @property
     def acceptance_rate(self) -> float:
@@ -141,7 +143,7 @@ def _speculate(
     tokens = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     nll = torch.zeros(batch, max_new_tokens, dtype=torch.float32, device=device)
     drafted = accepted = rounds = emitted_total = loop_rounds = rejections = 0
-    verify_seconds = 0.0
+    verify_seconds = draft_seconds = 0.0
     with evaluation_mode(ensemble), torch.inference_mode():
         logits = _full_depth_prefill(stages, caches, input_ids, real).float()
         log_p = logits.log_softmax(-1)
@@ -164,6 +166,7 @@ def _speculate(
             loop_rounds += 1
             # Draft: up to span tokens per row through the draft stages, one at a time; a row whose
             # span is used up sits out (its slot stays invalid).
+            draft_start = time.perf_counter()  # the loop's condition has just synchronized
             x = next_input[rows].clone()
             hidden_size = drafters[-1].hidden_size
             states = torch.zeros(n, span, hidden_size, device=device, dtype=drafters[-1].dtype)
@@ -190,6 +193,7 @@ def _speculate(
             # Verify: the remaining stages on all drafted positions at once.
             synchronize(device)
             verify_start = time.perf_counter()
+            draft_seconds += verify_start - draft_start
             state = states
             valid = torch.arange(span, device=device)[None] < row_span[:, None]
             # slots past a row's span are not real (masked out); their positions repeat its last one
@@ -247,6 +251,7 @@ def _speculate(
         rounds=rounds,
         seconds_per_token=elapsed / max(generated, 1),
         verify_seconds=verify_seconds,
+        draft_seconds=draft_seconds,
         draft_length=gamma,
         draft_stages=draft_stages,
         cache_lengths=tuple(c.count.clone() for c in caches),

@@ -256,3 +256,40 @@ def test_exits_that_need_a_cache_or_are_missing_are_refused_before_the_run(bench
         capsys.readouterr()
         assert main([*common, *extra]) == 2, extra
         assert message in capsys.readouterr().err, extra
+
+
+def test_tables_from_re_predicts_from_the_measured_terms(bench, tmp_path):
+    """A record whose self-speculation rows were predicted with a round yielding k + 1 tokens (as
+    before the formula was corrected) gets the k-token prediction back, and the measured speedup
+    over our greedy (realisation x predicted) is kept."""
+    from cascade_bench.bench.decode_suite import predicted_speedup
+
+    _, payload, _, _, _ = bench
+    old = json.loads(json.dumps(payload))
+    measured = {}
+    for row in old["rows"]:
+        if row["method"] == "ours-self-spec" and row["prompt_set"] != "all":
+            a = (
+                row["acceptance_per_position"]
+                if row["acceptance_per_position"] == row["acceptance_per_position"]
+                else 0
+            )
+            terms = (a, row["proposals_per_round"], row["draft_cost"], row["draft_calls_per_round"], row["verify_cost"])
+            measured[(row["batch_size"], row["prompt_set"])] = row["realisation"] * row["predicted_speedup"]
+            row["predicted_speedup"] = predicted_speedup(*terms, bonus=True)
+            row["realisation"] = measured[(row["batch_size"], row["prompt_set"])] / row["predicted_speedup"]
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(old))
+    assert main(["bench-decode", "--tables-from", str(path), "--markdown", str(tmp_path / "t.md"), "--quiet"]) == 0
+    for row in json.loads(path.read_text())["rows"]:
+        if (row["batch_size"], row["prompt_set"]) in measured and row["method"] == "ours-self-spec":
+            a = (
+                row["acceptance_per_position"]
+                if row["acceptance_per_position"] == row["acceptance_per_position"]
+                else 0
+            )
+            terms = (a, row["proposals_per_round"], row["draft_cost"], row["draft_calls_per_round"], row["verify_cost"])
+            assert row["predicted_speedup"] == pytest.approx(predicted_speedup(*terms, bonus=False))
+            assert row["realisation"] * row["predicted_speedup"] == pytest.approx(
+                measured[(row["batch_size"], row["prompt_set"])]
+            )

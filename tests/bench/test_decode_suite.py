@@ -19,6 +19,9 @@ def test_predicted_speedup_is_expected_tokens_per_round_over_the_round_s_cost():
     assert predicted_speedup(1.0, 3, 0.0, 3, 1.0) == 4.0  # every proposal accepted: k + 1 tokens
     assert predicted_speedup(0.0, 2, math.nan, 0, 1.05) == pytest.approx(1 / 1.05)  # lookup: no draft calls
     assert math.isnan(predicted_speedup(math.nan, 2, 0.1, 2, 1.0))
+    # self-speculation's round yields at most its k drafts: (1 - a^k) / (1 - a) tokens
+    assert predicted_speedup(0.5, 2, 0.1, 2, 1.0, bonus=False) == pytest.approx(1.5 / 1.2)
+    assert predicted_speedup(1.0, 3, 0.0, 3, 1.0, bonus=False) == 3.0
 
 
 def test_bootstrap_interval_resamples_prompts_for_the_ratio_of_summed_seconds():

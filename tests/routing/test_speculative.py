@@ -46,6 +46,9 @@ def test_block_drafts_get_accepted_and_rejected(text):
     ids, mask = _ragged_prompts(text, [9, 14, 5, 11], "left")
     out = self_speculative_generate(ensemble, ids, mask, max_new_tokens=20, draft_length=3)
     assert 0.0 < out.acceptance_rate < 1.0 and out.accepted < out.drafted
+    # drafting and verifying are timed apart, and together they are part of the loop's time
+    assert out.draft_seconds > 0 and out.verify_seconds > 0
+    assert out.draft_seconds + out.verify_seconds <= out.seconds_per_token * out.tokens.numel() + 1e-9
 
 
 def test_speculative_input_errors(text):
