@@ -578,8 +578,9 @@ def _add_train_exits_command(commands) -> None:
         "offline training text (the embedded corpus's train split less its test paragraphs, standard-library "
         "source; --corpus adds a folder's train split), a held-out validation text and the scored split, fit "
         "least-squares translators, train each recipe from them within the budget (early stopping on "
-        "held-out agreement), and write results/<name>.exit_recipes.json, its tables (md/tex/csv) and "
-        "plots/<name>.exit_recipes.png. Recipes: " + "; ".join(f"{name}: {text}" for name, text in RECIPE_HELP.items()),
+        "held-out agreement), and write results/<name>.exit_recipes.json, its tables (md/tex/csv), "
+        "plots/<name>.exit_recipes.png and the trained exits, results/<name>.exits/<recipe>.pt (for bench-decode "
+        "--exits). Recipes: " + "; ".join(f"{name}: {text}" for name, text in RECIPE_HELP.items()),
     )
     exits.add_argument(
         "config_file", nargs="?", default=None, metavar="CONFIG", help="a run config with a pretrained `model` (TOML)"
@@ -1082,7 +1083,7 @@ def _bench_decode(args: argparse.Namespace) -> int:
         raise ValueError(f"--methods {' '.join(asked)} need a draft model: give --draft FOLDER (from `train-draft`)")
     asked = [m for m in args.methods if m in NEEDS_EXITS]
     if args.exits is None and asked and list(args.methods) != list(METHODS):
-        raise ValueError(f"--methods {' '.join(asked)} need trained exits: give --exits FILE (from `train-exits`)")
+        raise ValueError(f"--methods {' '.join(asked)}: needs trained exits: give --exits FILE (from `train-exits`)")
     folder, name = _real_model(args)
     rows, conditions = run_decode_bench(
         folder,

@@ -213,6 +213,8 @@ def run_decode_bench(
     if draft_path is None and needs_draft:
         notes.append(f"no --draft folder: {', '.join(sorted(needs_draft))} skipped")
         methods = [m for m in methods if m not in needs_draft]
+    if exits_path is not None and not set(NEEDS_EXITS) & set(methods):
+        notes.append(f"--exits {exits_path} not used: none of {', '.join(NEEDS_EXITS)} was asked for")
     if exits_path is None and set(NEEDS_EXITS) & set(methods):
         notes.append(f"no --exits file: {', '.join(NEEDS_EXITS)} skipped")
         methods = [m for m in methods if m not in NEEDS_EXITS]
@@ -394,6 +396,7 @@ def run_decode_bench(
                     )
                 )
     rows += whole_suite_rows(rows, new_tokens)
+    capped = " and ".join(m for m in EARLY_EXIT_METHODS if m in methods) or "none of " + ", ".join(EARLY_EXIT_METHODS)
     conditions = {
         **environment_conditions(torch.device(device), hf_model.dtype),
         "model": origin,
@@ -416,8 +419,7 @@ def run_decode_bench(
         if trained_blocks is not None
         else None,
         "self_spec_draft_length": self_spec_length,
-        "early_exit_prompts": f"at batch 1, {' and '.join(EARLY_EXIT_METHODS)} ran on each set's first "
-        f"{early_exit_prompts} prompts",
+        "early_exit_prompts": f"at batch 1, {capped} ran on each set's first {early_exit_prompts} prompts",
         "flops": f"per decoded token, counted at batch 1 on each set's first prompt: (F({flop_span}) - F(1)) / "
         f"{flop_span - 1}, F(n) the FLOPs of a call generating n tokens"
         if count_flops
@@ -485,6 +487,12 @@ def format_decode_tables(rows: Sequence[DecodeRow], conditions: dict) -> str:
     if agreement:
         shown = ", ".join(f"{name} {value:.3f}" for name, value in agreement.items())
         parts.append(f"Draft's top-1 agreement with the real model's greedy tokens (batch 1, teacher-forced): {shown}.")
+    exits = conditions.get("exits")
+    if exits:
+        parts.append(
+            f"ours-self-spec-trained drafts from layer {conditions['early_exit_layer']} through the trained "
+            f"{exits['recipe']} exit in {exits['file']}."
+        )
     parts.extend(f"Note: {note}" for note in conditions["notes"])
     return "\n".join(parts) + "\n"
 

@@ -63,12 +63,20 @@ def save_exits(recipe: ExitRecipe, path: Path, model_name: str) -> Path:
 def read_exits_file(path: Path) -> dict:
     """The saved payload, checked for its format; ValueError naming the file otherwise."""
     path = Path(path)
+    if path.is_dir():
+        held = sorted(p.name for p in path.glob("*.pt"))
+        raise ValueError(
+            f"exits file {path} is a folder; pass one of its files ({', '.join(held) or 'it holds no .pt'})"
+        )
     if not path.is_file():
         raise ValueError(f"exits file {path}: no such file; expected <name>.exits/<recipe>.pt from `train-exits`")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise ValueError(f"exits file {path} is not a file `train-exits` wrote: {error}") from error
+    except Exception as error:  # torch's own message advises weights_only=False: not for a file of ours
+        raise ValueError(
+            f"exits file {path} is not a file `train-exits` wrote (not a checkpoint of plain tensors: "
+            f"{type(error).__name__})"
+        ) from error
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"exits file {path} is not a file `train-exits` wrote (no {FORMAT!r} format tag)")
     if payload.get("version") != VERSION:

@@ -246,7 +246,7 @@ def test_exits_that_need_a_cache_or_are_missing_are_refused_before_the_run(bench
     exits = _mlp_exits(models, tmp_path / "mlp.pt")
     for extra, message in (
         (["--exits", str(adapter)], "holds 'adapter' exits; self-speculative decoding takes exits that read one"),
-        (["--methods", "ours-self-spec-trained"], "ours-self-spec-trained need trained exits: give --exits FILE"),
+        (["--methods", "ours-self-spec-trained"], "ours-self-spec-trained: needs trained exits: give --exits FILE"),
         (["--exits", str(tmp_path / "missing.pt")], "missing.pt: no such file"),
         (
             ["--exits", str(exits), "--early-exit-layer", "1"],
