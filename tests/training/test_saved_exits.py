@@ -96,7 +96,9 @@ def test_files_for_another_model_or_layer_and_foreign_files_are_refused(model, t
     torch.save({**payload, "layers": layers}, narrow)
     with pytest.raises(ValueError, match="layer 1: its weights do not fit this release's 'mlp' exit"):
         load_exits(narrow, model)
-    with pytest.raises(ValueError, match=r"is a folder; pass one of its files \(foreign.pt, mlp.pt"):
+    with pytest.raises(
+        ValueError, match=r"is a folder; pass one of its files \(foreign.pt, lora.pt, mlp.pt, narrow.pt\)"
+    ):
         load_exits(tmp_path, model)
     text = tmp_path / "text.pt"
     text.write_text("not a checkpoint")
