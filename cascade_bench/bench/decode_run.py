@@ -104,13 +104,14 @@ def _self_speculative(blocks: Ensemble, new_tokens: int, draft_length: int) -> C
     return call
 
 
-def _trained_exit_blocks(model, layer: int, path: Path) -> tuple[Ensemble, str]:
-    """The model cut before ``layer``, its first block exiting through the trained exit saved at
-    ``layer`` in ``path`` (then the model's own final norm and lm_head); and the exit's recipe."""
+def _trained_exit_blocks(model, layer: int, saved: dict, path: Path) -> tuple[Ensemble, str]:
+    """The model cut before ``layer``, its first block exiting through the trained exit at ``layer``
+    of the ``saved`` exits read from ``path`` (then the model's own final norm and lm_head); and the
+    exit's recipe."""
     from ..stages.blocks import exit_through
-    from ..training.saved_exits import load_exits
+    from ..training.saved_exits import exits_from_payload
 
-    recipe, exits = load_exits(path, model, [layer])
+    recipe, exits = exits_from_payload(saved, model, [layer], path)
     blocks = Ensemble.from_blocks(model, [layer])
     exit_through(blocks[0], exits[layer])
     return blocks, recipe
@@ -220,15 +221,14 @@ def run_decode_bench(
         methods = [m for m in methods if m not in NEEDS_EXITS]
     saved_exits = None
     if exits_path is not None:
-        from ..training.saved_exits import PER_TOKEN_RECIPES, read_exits_file
+        from ..training.saved_exits import PER_TOKEN_RECIPES, read_exits_file, saved_layers
 
         saved_exits = read_exits_file(Path(exits_path))  # before any long work: a wrong file is named now
         if saved_exits["recipe"] not in PER_TOKEN_RECIPES:
             raise ValueError(
                 f"--exits {exits_path} holds {saved_exits['recipe']!r} exits; self-speculative decoding takes exits "
-                "that read one "
-                f"position at a time ({', '.join(PER_TOKEN_RECIPES)}): the attention adapter reads earlier "
-                "positions and would need a K/V cache of its own while decoding, which it does not keep"
+                f"that read one position at a time ({', '.join(PER_TOKEN_RECIPES)}): the attention adapter reads "
+                "earlier positions and would need a K/V cache of its own while decoding, which it does not keep"
             )
     phases = PhaseClock()
     check_tokenizer_folder(target_path, "the real model's folder")
@@ -252,8 +252,6 @@ def run_decode_bench(
     # the default, 80% of the depth, kept inside the model (a 2-layer model drafts with its first layer)
     layer = early_exit_layer or min(max(1, round(0.8 * target.num_layers)), target.num_layers - 1)
     if saved_exits is not None:
-        from ..training.saved_exits import saved_layers
-
         held = saved_layers(saved_exits)
         if layer not in held:
             raise ValueError(
@@ -333,7 +331,7 @@ def run_decode_bench(
     trained_blocks, exit_recipe = None, None
     if "ours-self-spec-trained" in methods:
         with phases("loading"):
-            trained_blocks, exit_recipe = _trained_exit_blocks(hf_model, layer, Path(exits_path))
+            trained_blocks, exit_recipe = _trained_exit_blocks(hf_model, layer, saved_exits, Path(exits_path))
     flop_span = min(flop_tokens, new_tokens)
     warm_span = min(WARM_UP_TOKENS, new_tokens)
     timed, counting, one_token = builders(new_tokens), builders(flop_span), builders(1)  # counting is slow

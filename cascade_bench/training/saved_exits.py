@@ -97,7 +97,13 @@ def load_exits(path: Path, model: nn.Module, layers: Sequence[int] = ()) -> tupl
     """The recipe's name and its exit modules per layer (``layers``: those only; default all saved),
     on ``model``'s device and dtype, in eval mode. ValueError when the file was trained on a model of
     another shape or lacks a layer asked for."""
-    payload = read_exits_file(path)
+    return exits_from_payload(read_exits_file(path), model, layers, path)
+
+
+def exits_from_payload(
+    payload: dict, model: nn.Module, layers: Sequence[int] = (), path: "Path | str" = "(payload)"
+) -> tuple[str, dict[int, nn.Module]]:
+    """``load_exits`` of a payload already read by ``read_exits_file`` (``path`` names it in errors)."""
     config = model.config
     shape = (str(config.model_type), int(config.hidden_size), int(config.num_hidden_layers))
     saved_shape = (payload["model_type"], payload["hidden_size"], payload["num_layers"])
@@ -135,6 +141,7 @@ def load_exits(path: Path, model: nn.Module, layers: Sequence[int] = ()) -> tupl
 __all__ = [
     "PER_TOKEN_RECIPES",
     "SAVED_RECIPES",
+    "exits_from_payload",
     "exits_path",
     "load_exits",
     "read_exits_file",
