@@ -176,3 +176,82 @@ def test_sideways_between_training_and_cost_is_refused():
 @pytest.mark.parametrize("name", cascade_bench.__all__)
 def test_public_api_is_importable_from_the_top(name):
     assert getattr(cascade_bench, name) is not None
+
+
+def _runtime_source(source: str) -> str:
+    """``source`` without its ``if TYPE_CHECKING:`` blocks (imports for annotations only never run)."""
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and getattr(node.test, "id", getattr(node.test, "attr", None)) == "TYPE_CHECKING":
+            node.body = [ast.Pass()]
+    return ast.unparse(tree)
+
+
+def import_graph(sources: dict[str, str]) -> dict[str, set[str]]:
+    """Module -> the cascade_bench modules it imports when run (function-level imports included, a
+    package named as itself: ``cascade_bench.routing`` is its ``__init__``)."""
+
+    def known(target: str) -> "str | None":
+        for name in (target, f"{target}.__init__", target.rsplit(".", 1)[0]):
+            if name in sources:
+                return name
+        return None
+
+    return {
+        module: {known(t) for t in imported_modules(_runtime_source(source), module) if t.startswith("cascade_bench")}
+        - {None, module}
+        for module, source in sources.items()
+    }
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every group of modules that import each other, directly or through others (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[list[str]] = []
+
+    def visit(module: str) -> None:
+        index[module] = low[module] = len(index)
+        stack.append(module)
+        for target in sorted(graph.get(module, ())):
+            if target not in index:
+                visit(target)
+                low[module] = min(low[module], low[target])
+            elif target in stack:
+                low[module] = min(low[module], index[target])
+        if low[module] == index[module]:
+            group = []
+            while True:
+                top = stack.pop()
+                group.append(top)
+                if top == module:
+                    break
+            if len(group) > 1:
+                cycles.append(sorted(group))
+
+    for module in sorted(graph):
+        if module not in index:
+            visit(module)
+    return cycles
+
+
+def test_no_import_cycle_hides_behind_a_function_level_import():
+    """A module pair that import each other works only while one import waits inside a function: the
+    layering test cannot see such a cycle within one package, so it is refused here."""
+    sources = {module_name(path): path.read_text() for path in package_modules()}
+    assert import_cycles(import_graph(sources)) == []
+
+
+def test_the_cycle_finder_sees_a_cycle_through_a_lazy_import_and_not_through_type_checking():
+    sources = {
+        "cascade_bench.experiment.reports": "from .plots import draw\n",
+        "cascade_bench.experiment.plots": "def draw():\n    from .reports import table\n",
+        "cascade_bench.experiment.sweep": "from .points import Point\n",
+        "cascade_bench.experiment.points": (
+            "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .sweep import Sweep\n"
+        ),
+    }
+    assert import_cycles(import_graph(sources)) == [
+        ["cascade_bench.experiment.plots", "cascade_bench.experiment.reports"]
+    ]

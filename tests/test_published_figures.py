@@ -10,12 +10,13 @@ copy of the quality table (GitHub renders no includes) must match it line for li
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
 from cascade_bench.experiment.published import published_blocks
+from cascade_bench.experiment.records import Record
+from cascade_bench.experiment.results_store import ResultsStore
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDS = ROOT / "docs" / "results" / "ashem-embedded.jsonl"
@@ -31,14 +32,13 @@ INCLUDED = {
 }
 
 
-def _records(run: str) -> list[dict]:
-    path = ROOT / "docs" / "results" / f"{run}.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def _records(run: str) -> list[Record]:
+    return list(ResultsStore(ROOT / "docs" / "results" / f"{run}.jsonl"))
 
 
 @pytest.fixture(scope="module")
-def records() -> list[dict]:
-    return [json.loads(line) for line in RECORDS.read_text().splitlines() if line.strip()]
+def records() -> list[Record]:
+    return list(ResultsStore(RECORDS))
 
 
 def test_the_stored_run_is_the_default_config_on_the_locked_install(records):
@@ -46,10 +46,10 @@ def test_the_stored_run_is_the_default_config_on_the_locked_install(records):
 
     default = {k: v for k, v in ExperimentConfig().as_dict().items() if k != "out"}
     for record in records:
-        conditions = record["conditions"]
+        conditions = record.conditions
         stored = {k: v for k, v in conditions["config"].items() if k != "out"}
         assert stored == default, "the stored run is not the default config: rerun it and store its records"
-        if record["method"] == "oracle" and "install" not in conditions:
+        if record.method == "oracle" and "install" not in conditions:
             continue  # the oracle's record carries no environment before ff54488's successor (analytic only)
         assert conditions["install"] == "matches requirements.lock"
         assert not conditions["git_commit"].endswith("+dirty")

@@ -40,6 +40,7 @@ from ..data.batch import IGNORE_INDEX
 from ..data.relations import entity_pairs, statement
 from ..data.storage import write_json_atomic
 from ..data.windows import sliding_windows
+from ..experiment.plots import pyplot, save_figure
 from ..measure.flops import count_flops
 from ..measure.memory import peak_memory_bytes
 from ..models.hf_compat import with_cache
@@ -246,9 +247,7 @@ def context_part(
 
 def plot_context(rows: Sequence[dict], stem: Path) -> list[Path]:
     """Cost against context length per model type: FLOPs, wall time, cache bytes and PPL per token."""
-    from ..experiment.plots import _pyplot, _save
-
-    plt = _pyplot()
+    plt = pyplot()
     panels = (
         ("FLOPs / token", "counted FLOPs per token"),
         ("ms / token", "wall ms per token (CPU)"),
@@ -266,7 +265,7 @@ def plot_context(rows: Sequence[dict], stem: Path) -> list[Path]:
         ax.set_title(title, fontsize=10)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    return _save(fig, stem)
+    return save_figure(fig, stem)
 
 
 # -- reversal curse -----------------------------------------------------------------------------------

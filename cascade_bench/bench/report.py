@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..experiment.plots import COLORS, _pyplot, _save
+from ..experiment.plots import COLORS, pyplot, save_figure
 from ..experiment.reports import write_table
 
 _NAME = re.compile(r"test_(?P<kind>\w+)\[(?P<params>[^\]]*)\]")
@@ -70,7 +70,7 @@ def benchmark_frame(path: "Path | str") -> pd.DataFrame:
 
 def plot_cost_vs_time(frame: pd.DataFrame, stem: Path) -> list[Path]:
     """Wall ratio against FLOP ratio, one marker per method, with the wall = FLOP line."""
-    plt = _pyplot()
+    plt = pyplot()
     shapes = sorted(frame["shape"].unique())
     fig, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), 4.5), squeeze=False)
     interleaved = frame["wall ratio (interleaved)"].notna().any()
@@ -89,7 +89,7 @@ def plot_cost_vs_time(frame: pd.DataFrame, stem: Path) -> list[Path]:
         ax.set_title(f"batch {shape}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    paths = _save(fig, stem)
+    paths = save_figure(fig, stem)
     plt.close(fig)
     return paths
 

@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..stages.llm import LLM
+from ..stages.stage import Stage
 
 #: fvcore operator classes that count the same matrix products as FlopCounterMode.
 MATMUL_OPS = frozenset({"linear", "addmm", "mm", "bmm", "matmul", "einsum", "scaled_dot_product_attention"})
@@ -102,7 +102,7 @@ def _analyse(module: nn.Module, inputs: tuple) -> FvcoreCount:
 class FvcoreCounter:
     """fvcore counts per stage, traced once per (stage, shape) and reused."""
 
-    def __init__(self, stages: Sequence[LLM]):
+    def __init__(self, stages: Sequence[Stage]):
         self.stages = list(stages)
         self._cache: dict[tuple, FvcoreCount] = {}
 

@@ -24,6 +24,8 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+from .records import Method, Record
+
 #: Default plausible perplexity range for the corpora this toolkit ships with (see module docstring).
 PLAUSIBLE_PPL = (5.0, 1000.0)
 
@@ -76,64 +78,64 @@ def _ppl(value) -> str:
     return f"{value:,.1f}" if isinstance(value, (int, float)) and math.isfinite(value) else "n/a"
 
 
-def point_of(records: Sequence[dict], method: str, **fields) -> Optional[dict]:
+def point_of(records: Sequence[Record], method: Method, **fields) -> Optional[Record]:
     """The first record of ``method`` whose fields equal ``fields`` (None if there is none): points
     are paired by what they measured, never by rebuilding their ids."""
-    return next((r for r in records if r["method"] == method and all(r.get(k) == v for k, v in fields.items())), None)
+    return next((r for r in records if r.method == method and all(getattr(r, k) == v for k, v in fields.items())), None)
 
 
-def stored_config(records: Sequence[dict], key: str, default=None):
+def stored_config(records: Sequence[Record], key: str, default=None):
     """``key`` of the config the run stored with its records (the first record that has it), else
     ``default``."""
     for record in records:
-        value = ((record.get("conditions") or {}).get("config") or {}).get(key)
+        value = ((record.conditions or {}).get("config") or {}).get(key)
         if value:
             return value
     return default
 
 
-def main_rule(records: Sequence[dict]) -> str:
+def main_rule(records: Sequence[Record]) -> str:
     """The exit rule the run trained with (``exit_fn`` of its stored config; max_prob if absent)."""
     return stored_config(records, "exit_fn", "max_prob")
 
 
-def is_main_rule(record: dict, rule: str) -> bool:
+def is_main_rule(record: Record, rule: str) -> bool:
     """A record of the run's own exit rule (records from before exit rules were recorded count as it)."""
-    return record.get("exit_rule") in (None, rule)
+    return record.exit_rule in (None, rule)
 
 
-def main_routed(records: Sequence[dict]) -> list[dict]:
+def main_routed(records: Sequence[Record]) -> list[Record]:
     """The routed points of the run's own exit rule."""
     rule = main_rule(records)
-    return [r for r in records if r["method"] == "routed" and is_main_rule(r, rule)]
+    return [r for r in records if r.method == Method.ROUTED and is_main_rule(r, rule)]
 
 
-def _training(records: Sequence[dict]) -> Optional[dict]:
+def _training(records: Sequence[Record]) -> Optional[dict]:
     for record in records:
-        training = (record.get("conditions") or {}).get("training")
+        training = (record.conditions or {}).get("training")
         if isinstance(training, dict):
             return training
     return None
 
 
-def check_prefixes(records: Sequence[dict]) -> Check:
+def check_prefixes(records: Sequence[Record]) -> Check:
     """Each later stage must not make the cascade worse than the prefix before it."""
-    full = point_of(records, "full")
-    prefixes = sorted((r for r in records if r["method"] == "prefix"), key=lambda r: r["stages"])
+    full = point_of(records, Method.FULL)
+    prefixes = sorted((r for r in records if r.method == Method.PREFIX), key=lambda r: r.stages)
     if full is None or not prefixes:
         return Check(PREFIXES, False, "n/a: no full and prefix points")
-    chain = [(f"stages 0..{r['stages'] - 1}" if r["stages"] > 1 else "stage 0 alone", r["ppl"]) for r in prefixes]
-    chain.append(("full cascade", full["ppl"]))
+    chain = [(f"stages 0..{r.stages - 1}" if r.stages > 1 else "stage 0 alone", r.ppl) for r in prefixes]
+    chain.append(("full cascade", full.ppl))
     worse = [f"{b} PPL {_ppl(pb)} > {a} {_ppl(pa)}" for (a, pa), (b, pb) in zip(chain, chain[1:]) if pb > pa]
     if worse:
         return Check(PREFIXES, True, "; ".join(worse))
     return Check(PREFIXES, False, " -> ".join(f"{name} {_ppl(value)}" for name, value in chain))
 
 
-def check_hard_tokens(records: Sequence[dict]) -> Check:
+def check_hard_tokens(records: Sequence[Record]) -> Check:
     """Hard-token PPL after the later stages vs at stage 0, at every swept hard ratio."""
-    routed = sorted(main_routed(records), key=lambda r: r["hard_ratio"])
-    pairs = [(r["hard_ratio"], r.get("hard_ppl_stage0"), r.get("hard_ppl")) for r in routed]
+    routed = sorted(main_routed(records), key=lambda r: r.hard_ratio)
+    pairs = [(r.hard_ratio, r.hard_ppl_stage0, r.hard_ppl) for r in routed]
     pairs = [
         (h, before, after)
         for h, before, after in pairs
@@ -158,15 +160,15 @@ def check_hard_tokens(records: Sequence[dict]) -> Check:
     return Check(HARD_TOKENS, False, f"improved at all {len(pairs)} hard ratios; {at_half}")
 
 
-def check_dense(records: Sequence[dict]) -> Check:
-    dense, prefix = point_of(records, "dense"), point_of(records, "prefix", stages=1)
+def check_dense(records: Sequence[Record]) -> Check:
+    dense, prefix = point_of(records, Method.DENSE), point_of(records, Method.PREFIX, stages=1)
     if dense is None or prefix is None:
         return Check(DENSE, False, "n/a: no dense model in this run" if dense is None else "n/a: no stage-0 point")
-    detail = f"dense, same depth PPL {_ppl(dense['ppl'])} vs stage 0 alone {_ppl(prefix['ppl'])}"
-    return Check(DENSE, dense["ppl"] > prefix["ppl"], detail)
+    detail = f"dense, same depth PPL {_ppl(dense.ppl)} vs stage 0 alone {_ppl(prefix.ppl)}"
+    return Check(DENSE, dense.ppl > prefix.ppl, detail)
 
 
-def _stops(records: Sequence[dict]) -> list[tuple[str, dict]]:
+def _stops(records: Sequence[Record]) -> list[tuple[str, dict]]:
     stops = []
     training = _training(records)
     for stage in (training or {}).get("stages", []):
@@ -175,19 +177,19 @@ def _stops(records: Sequence[dict]) -> list[tuple[str, dict]]:
     for key, name in (("joint", "all stages (joint)"), ("exit_heads", "exit heads")):
         if key in (training or {}):
             stops.append((name, training[key]))
-    dense = point_of(records, "dense")
-    dense_training = ((dense or {}).get("conditions") or {}).get("dense_training")
+    dense = point_of(records, Method.DENSE)
+    dense_training = (dense.conditions or {}).get("dense_training") if dense is not None else None
     if isinstance(dense_training, dict):
         stops.append(("dense", dense_training))
     classifiers = {}
     for record in records:
-        for part in record.get("rule_training") or []:
+        for part in record.rule_training or []:
             classifiers[(part["rule"], part["stage"])] = part
     stops += [(f"{rule} exit classifier of stage {stage}", part) for (rule, stage), part in sorted(classifiers.items())]
     return stops
 
 
-def check_training_stops(records: Sequence[dict]) -> Check:
+def check_training_stops(records: Sequence[Record]) -> Check:
     """Every trained part must stop by early stopping on whole epochs."""
     stops = _stops(records)
     if not stops:
@@ -208,12 +210,10 @@ def check_training_stops(records: Sequence[dict]) -> Check:
     return Check(TRAINING, bool(cut), "; ".join(cut) if cut else summary)
 
 
-def check_ppl_range(records: Sequence[dict], plausible: Sequence[float] = PLAUSIBLE_PPL) -> Check:
+def check_ppl_range(records: Sequence[Record], plausible: Sequence[float] = PLAUSIBLE_PPL) -> Check:
     low, high = plausible
     outside = [
-        f"{r['point_id']} {_ppl(r['ppl'])}"
-        for r in records
-        if isinstance(r.get("ppl"), (int, float)) and not low <= r["ppl"] <= high
+        f"{r.point_id} {_ppl(r.ppl)}" for r in records if isinstance(r.ppl, (int, float)) and not low <= r.ppl <= high
     ]
     name = f"every PPL within [{low:g}, {high:g}]"
     if outside:
@@ -224,7 +224,7 @@ def check_ppl_range(records: Sequence[dict], plausible: Sequence[float] = PLAUSI
             f"below {low:g}: look for text shared between splits or a broken causal mask; above {high:g}: "
             "under-training, or a tokenizer that does not match the model; for another corpus set plausible_ppl",
         )
-    values = [r["ppl"] for r in records if isinstance(r.get("ppl"), (int, float))]
+    values = [r.ppl for r in records if isinstance(r.ppl, (int, float))]
     return Check(
         name,
         False,
@@ -234,21 +234,21 @@ def check_ppl_range(records: Sequence[dict], plausible: Sequence[float] = PLAUSI
     )
 
 
-def _stage0_exits(record: dict) -> Optional[int]:
-    exited = record.get("tokens_exited") or []
+def _stage0_exits(record: Record) -> Optional[int]:
+    exited = record.tokens_exited or []
     return exited[0] if exited else None
 
 
-def check_routed_vs_masked(records: Sequence[dict]) -> Check:
+def check_routed_vs_masked(records: Sequence[Record]) -> Check:
     """Stage 0 sees the same tokens in both methods, so its exits must be the same."""
     rule = main_rule(records)
-    masked = [r for r in records if r["method"] == "masked" and is_main_rule(r, rule)]
-    pairs = [(r, next((m for m in masked if m["hard_ratio"] == r["hard_ratio"]), None)) for r in main_routed(records)]
+    masked = [r for r in records if r.method == Method.MASKED and is_main_rule(r, rule)]
+    pairs = [(r, next((m for m in masked if m.hard_ratio == r.hard_ratio), None)) for r in main_routed(records)]
     pairs = [(r, m) for r, m in pairs if m is not None]
     if not pairs:
         return Check(ROUTED_VS_MASKED, False, "n/a: no masked points")
     differ = [
-        f"hard {r['hard_ratio']:g}: routed {_stage0_exits(r)} vs masked {_stage0_exits(m)} tokens exit at stage 0"
+        f"hard {r.hard_ratio:g}: routed {_stage0_exits(r)} vs masked {_stage0_exits(m)} tokens exit at stage 0"
         for r, m in pairs
         if _stage0_exits(r) != _stage0_exits(m)
     ]
@@ -259,50 +259,50 @@ def check_routed_vs_masked(records: Sequence[dict]) -> Check:
     )
 
 
-def check_flop_counts(records: Sequence[dict]) -> Check:
-    counted = [r for r in records if r.get("flops") is not None and r.get("flops_analytic") is not None]
+def check_flop_counts(records: Sequence[Record]) -> Check:
+    counted = [r for r in records if r.flops is not None and r.flops_analytic is not None]
     if not counted:
         return Check(FLOP_COUNTS, False, "n/a: no counted point")
     differ = [
-        f"{r['point_id']}: counted {r['flops']:,} vs analytic {r['flops_analytic']:,}"
+        f"{r.point_id}: counted {r.flops:,} vs analytic {r.flops_analytic:,}"
         for r in counted
-        if r["flops"] != r["flops_analytic"]
+        if r.flops != r.flops_analytic
     ]
     return Check(
         FLOP_COUNTS,
         bool(differ),
         "; ".join(differ)
         if differ
-        else f"equal at all {len(counted)} counted points ({', '.join(r['point_id'] for r in counted)})",
+        else f"equal at all {len(counted)} counted points ({', '.join(r.point_id for r in counted)})",
     )
 
 
-def check_risk_control(records: Sequence[dict]) -> Check:
+def check_risk_control(records: Sequence[Record]) -> Check:
     """Each risk-controlled point's realised risk on the scored split against its delta. When risk
     control calibrated on the very batches the run scores (``risk_batches = 0`` with ``eval_split =
     "validation"``), the realised risk is no test of the guarantee, and the text says so."""
     name = RISK_CONTROL
-    points = [r for r in records if r["method"] == "risk_controlled" and r.get("risk_control")]
+    points = [r for r in records if r.method == Method.RISK_CONTROLLED and r.risk_control]
     if not points:
         return Check(name, False, "n/a: no risk-controlled points")
     parts, over = [], []
     for r in points:
-        control = r["risk_control"]
-        split = (r.get("conditions") or {}).get("split", "test")
+        control = r.risk_control
+        split = (r.conditions or {}).get("split", "test")
         reused = split == "validation" and str(control.get("calibration", "")).startswith("shared")
         where = f"on {split}" + (" (the batches it calibrated on: not an independent test)" if reused else "")
         text = (
-            f"{r.get('exit_rule')}: {control['risk']} {r['realised_risk']:.3f} {where} "
+            f"{r.exit_rule}: {control['risk']} {r.realised_risk:.3f} {where} "
             f"(delta {control['delta']:g}, epsilon {control['epsilon']:g}, hard ratio "
             f"{'none passed' if control['hard_ratio'] is None else format(control['hard_ratio'], 'g')})"
         )
         parts.append(text)
-        if r["realised_risk"] > control["delta"]:
+        if r.realised_risk > control["delta"]:
             over.append(text)
     return Check(name, bool(over), "; ".join(over or parts))
 
 
-def run_checks(records: Sequence[dict], plausible_ppl: Sequence[float] = PLAUSIBLE_PPL) -> list[Check]:
+def run_checks(records: Sequence[Record], plausible_ppl: Sequence[float] = PLAUSIBLE_PPL) -> list[Check]:
     """Every check above over one run's records, in a fixed order."""
     if not records:
         raise ValueError("no records to check; run `cascade-bench run` first")

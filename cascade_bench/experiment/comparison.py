@@ -17,25 +17,26 @@ from typing import Optional, Sequence
 import pandas as pd
 
 from .checks import is_main_rule, main_routed, main_rule, point_of
+from .records import Method, Record
 
 #: Default budgets, as fractions of the dense model's FLOPs per token.
 BUDGETS = (0.7, 0.8, 0.9, 1.0)
 
 
-def flops_per_token(record: dict) -> float:
-    return float(record["flops_analytic"]) / float(record["tokens_entered"][0])
+def flops_per_token(record: Record) -> float:
+    return float(record.flops_analytic) / float(record.tokens_entered[0])
 
 
-def _routed(records: Sequence[dict], rule: Optional[str]) -> list[dict]:
+def _routed(records: Sequence[Record], rule: Optional[str]) -> list[Record]:
     """The run's routed sweep under ``rule`` (None: the run's own exit rule)."""
     if rule is None:
         return main_routed(records)
     return [
         r
         for r in records
-        if r["method"] == "routed"
+        if r.method == Method.ROUTED
         and is_main_rule(r, rule)
-        and (r.get("exit_rule") is not None or main_rule(records) == rule)
+        and (r.exit_rule is not None or main_rule(records) == rule)
     ]
 
 
@@ -52,16 +53,16 @@ def ppl_at(curve: Sequence[tuple[float, float]], budget: float) -> float:
     return best
 
 
-def _protocol_name(records: Sequence[dict], fallback: str) -> str:
+def _protocol_name(records: Sequence[Record], fallback: str) -> str:
     for record in records:
-        training = (record.get("conditions") or {}).get("training") or {}
+        training = (record.conditions or {}).get("training") or {}
         if training.get("protocol"):
             return training["protocol"]
     return fallback
 
 
 def comparison_table(
-    runs: dict[str, Sequence[dict]], budgets: Sequence[float] = BUDGETS, rule: Optional[str] = None
+    runs: dict[str, Sequence[Record]], budgets: Sequence[float] = BUDGETS, rule: Optional[str] = None
 ) -> pd.DataFrame:
     """One row per run (its protocol's routed early exit) plus the dense model; columns: stage 0 alone,
     full depth, the exit rule, routed at hard ratio 0.5, and PPL at each budget (fraction of the dense
@@ -69,61 +70,62 @@ def comparison_table(
     the ``exit rule`` column names)."""
     if not runs:
         raise ValueError("compare needs at least one run")
-    dense = next((r for records in runs.values() for r in records if r["method"] == "dense"), None)
+    dense = next((r for records in runs.values() for r in records if r.method == Method.DENSE), None)
     if dense is None:
         raise ValueError(f"none of the runs {sorted(runs)} has a dense point to set the FLOP budgets")
     reference = flops_per_token(dense)
-    test_tokens = {name: next(r["tokens"] for r in records if r["method"] == "full") for name, records in runs.items()}
-    if len(set(test_tokens.values()) | {dense["tokens"]}) != 1:
+    test_tokens = {name: next(r.tokens for r in records if r.method == Method.FULL) for name, records in runs.items()}
+    if len(set(test_tokens.values()) | {dense.tokens}) != 1:
         raise ValueError(
-            f"runs were scored on different test tokens ({test_tokens}, dense {dense['tokens']}); "
+            f"runs were scored on different test tokens ({test_tokens}, dense {dense.tokens}); "
             f"compare runs of the same data and windows only"
         )
     rows = []
     for name, records in runs.items():
-        routed, full = _routed(records, rule), point_of(records, "full")
+        routed, full = _routed(records, rule), point_of(records, Method.FULL)
         if not routed or full is None:
             raise ValueError(
                 f"run {name!r} has no routed sweep{f' of exit rule {rule!r}' if rule else ''} or no "
                 f"full point to compare"
             )
-        half = min(routed, key=lambda r: (abs(r["hard_ratio"] - 0.5), r["hard_ratio"]))
-        curve = sorted((flops_per_token(r), r["ppl"]) for r in routed)
-        prefix = point_of(records, "prefix", stages=1)
+        half = min(routed, key=lambda r: (abs(r.hard_ratio - 0.5), r.hard_ratio))
+        curve = sorted((flops_per_token(r), r.ppl) for r in routed)
+        prefix = point_of(records, Method.PREFIX, stages=1)
         row = {
             "method": f"{_protocol_name(records, name)} ({name})",
-            "stage 0 alone PPL": prefix["ppl"] if prefix else math.nan,
-            "full depth PPL": full["ppl"],
+            "stage 0 alone PPL": prefix.ppl if prefix else math.nan,
+            "full depth PPL": full.ppl,
             "full depth FLOPs ratio": flops_per_token(full) / reference,
             "exit rule": rule or main_rule(records),
-            f"routed @ hard {half['hard_ratio']:g} PPL": half["ppl"],
-            f"routed @ hard {half['hard_ratio']:g} FLOPs ratio": flops_per_token(half) / reference,
+            f"routed @ hard {half.hard_ratio:g} PPL": half.ppl,
+            f"routed @ hard {half.hard_ratio:g} FLOPs ratio": flops_per_token(half) / reference,
         }
         row.update({f"PPL @ {b:g}x FLOPs": ppl_at(curve, b * reference) for b in budgets})
         rows.append(row)
     dense_row = {
         "method": "dense, same depth",
         "stage 0 alone PPL": math.nan,
-        "full depth PPL": dense["ppl"],
+        "full depth PPL": dense.ppl,
         "full depth FLOPs ratio": 1.0,
         "exit rule": "no exit",
     }
-    dense_row.update({f"PPL @ {b:g}x FLOPs": dense["ppl"] if b == 1.0 else math.nan for b in budgets})
+    dense_row.update({f"PPL @ {b:g}x FLOPs": dense.ppl if b == 1.0 else math.nan for b in budgets})
     rows.append(dense_row)
     return pd.DataFrame(rows)
 
 
-def seed_comparison_table(runs: dict[str, Sequence[dict]]) -> pd.DataFrame:
+def seed_comparison_table(runs: dict[str, Sequence[Record]]) -> pd.DataFrame:
     """The ASHEM report's layout (``reports.seed_table``) for each run side by side, with the seed's
     published figures in the first column."""
     from .config import make_config
-    from .reports import ASHEM_SEED_FIGURES, records_frame, seed_table
+    from .frames import records_frame
+    from .reports import ASHEM_SEED_FIGURES, seed_table
 
     if not runs:
         raise ValueError("compare needs at least one run")
     table = None
     for name, records in runs.items():
-        stored = dict((records[0].get("conditions") or {}).get("config") or {})
+        stored = dict((records[0].conditions or {}).get("config") or {})
         if not stored:
             raise ValueError(f"run {name!r} stores no config in its records; rerun it with this version")
         ours, _ = seed_table(records_frame(records), make_config(stored))

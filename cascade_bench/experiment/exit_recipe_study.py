@@ -42,6 +42,8 @@ from ..training.exit_translators import fit_translators_lstsq, new_translators
 from ..training.lora import DEFAULT_TARGETS, lora_targets
 from ..training.saved_exits import SAVED_RECIPES, exits_path, save_exits
 from ..training.window_states import WindowStates, balanced_token_windows, collect_window_states
+from .plots import pyplot, save_figure
+from .reports import write_table
 
 RECORD_VERSION = 1
 #: PPL tolerance of the routed-exit estimate's threshold (within 5% of full depth on validation).
@@ -321,9 +323,7 @@ def recipe_tables(record: dict):
 def plot_recipes(record: dict, stem: Path) -> list[Path]:
     """Agreement with full depth per candidate layer, one line per recipe (and the shared head), and
     each trained recipe's validation agreement against the tokens it trained on."""
-    from .plots import _pyplot, _save
-
-    plt = _pyplot()
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
     shared = record["shared_head"]
     left.plot(
@@ -351,7 +351,7 @@ def plot_recipes(record: dict, stem: Path) -> list[Path]:
     fig.suptitle(
         f"{record['config']} ({record['model']}): exit recipes, {record['text']['scored_tokens']:,} scored tokens"
     )
-    paths = _save(fig, stem)
+    paths = save_figure(fig, stem)
     plt.close(fig)
     return paths
 
@@ -372,8 +372,6 @@ def rewrite_recipe_outputs(json_path: Path, plots: Path) -> dict[str, Path]:
 
 
 def _tables_and_plot(record: dict, tables: Path, plots: Path, name: str) -> dict[str, Path]:
-    from .reports import write_table
-
     by_layer, summary = recipe_tables(record)
     return {
         "table": write_table(by_layer, tables / f"{name}.exit_recipes", f"{name}: agreement by exit recipe")[0],

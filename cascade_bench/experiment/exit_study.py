@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -277,96 +276,4 @@ def auto_boundaries(levels, validation_curve: list[dict]) -> list[int]:
     return cuts
 
 
-def _ppl_text(value: float) -> str:
-    """A PPL for the table: 3 decimals, or 3 significant digits once it is astronomically large."""
-    return "n/a" if value is None or math.isnan(value) else (f"{value:.3g}" if value >= 1e5 else f"{value:,.3f}")
-
-
-def exit_curve_table(summary: dict):
-    """One row per candidate layer: shared vs trained PPL and agreement (a pandas DataFrame)."""
-    import pandas as pd
-
-    rows = [
-        {
-            "exit after layer": str(r["layer"]),
-            "PPL, shared head": _ppl_text(r["shared_ppl"]),
-            "PPL, translator": _ppl_text(r["trained_ppl"]),
-            "agreement, shared head": r["shared_agreement"],
-            "agreement, translator": r["trained_agreement"],
-        }
-        for r in summary["candidate_rows"]
-    ]
-    rows.append(
-        {
-            "exit after layer": f"{summary['num_layers']} (full depth)",
-            "PPL, shared head": _ppl_text(summary["full_depth_ppl"]),
-            "PPL, translator": "n/a",
-            "agreement, shared head": 1.0,
-            "agreement, translator": math.nan,
-        }
-    )
-    return pd.DataFrame(rows)
-
-
-def plot_exit_curve(summary: dict, stem: Path) -> list[Path]:
-    """PPL (log) and agreement per layer: the shared head at every layer, translators at the candidates."""
-    from .plots import _pyplot, _save
-
-    plt = _pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
-    shared = summary["shared_curve"]
-    rows = summary["candidate_rows"]
-    left.semilogy(
-        [p["layer"] for p in shared],
-        [p["ppl"] for p in shared],
-        "o-",
-        color="tab:gray",
-        ms=3,
-        label="shared norm + lm_head",
-    )
-    left.semilogy(
-        [r["layer"] for r in rows], [r["trained_ppl"] for r in rows], "s-", color="tab:blue", label="trained translator"
-    )
-    left.axhline(summary["full_depth_ppl"], color="black", ls="--", lw=1, label="full depth")
-    left.set_xlabel("exit after layer")
-    left.set_ylabel("PPL (log scale)")
-    left.legend()
-    right.plot(
-        [p["layer"] for p in shared],
-        [p["agreement"] for p in shared],
-        "o-",
-        color="tab:gray",
-        ms=3,
-        label="shared norm + lm_head",
-    )
-    right.plot(
-        [r["layer"] for r in rows],
-        [r["trained_agreement"] for r in rows],
-        "s-",
-        color="tab:blue",
-        label="trained translator",
-    )
-    right.set_xlabel("exit after layer")
-    right.set_ylabel("top-1 agreement with full depth")
-    right.set_ylim(0, 1)
-    right.legend()
-    # whole layers on the x-axis, one layer of margin: a single candidate reads as a labelled point at its
-    # layer, not a line on a 0.96-1.04 axis
-    from matplotlib.ticker import MaxNLocator
-
-    layers = [p["layer"] for p in shared] + [r["layer"] for r in rows]
-    for axis, key in ((left, "trained_ppl"), (right, "trained_agreement")):
-        axis.set_xlim(min(layers) - 1, max(layers) + 1)
-        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-        if len(rows) <= 3:
-            for r in rows:
-                axis.annotate(
-                    f"layer {r['layer']}", (r["layer"], r[key]), textcoords="offset points", xytext=(6, 6), fontsize=8
-                )
-    fig.suptitle(f"{summary['model']}: where could it exit? ({summary['scored_tokens']:,} scored tokens)")
-    paths = _save(fig, stem)
-    plt.close(fig)
-    return paths
-
-
-__all__ = ["ExitStudy", "auto_boundaries", "exit_curve_table", "plot_exit_curve", "run_exit_study", "study_key"]
+__all__ = ["ExitStudy", "auto_boundaries", "run_exit_study", "study_key"]

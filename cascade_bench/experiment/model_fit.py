@@ -40,16 +40,7 @@ def _default(key: str):
 def rule_misfit(spec: str, sizes: ModelSizes) -> Optional[str]:
     """Why exit rule ``spec`` cannot run on a model of ``sizes`` (None when it can)."""
     kind, size = parse_rule_spec(spec)
-    if kind == "lowrank":
-        upper = min(sizes.hidden_size, sizes.vocab_size)
-        if size > upper:
-            return (
-                f"{spec!r} needs a rank in [1, {upper}] (the smaller of the hidden size {sizes.hidden_size} "
-                f"and the vocabulary {sizes.vocab_size})"
-            )
-    if kind == "topk" and size > sizes.vocab_size:
-        return f"{spec!r} needs K in [1, {sizes.vocab_size}] (the vocabulary)"
-    return None
+    return kind.misfit(size, sizes.hidden_size, sizes.vocab_size)
 
 
 def fit_to_model(config: ExperimentConfig, sizes: ModelSizes) -> tuple[ExperimentConfig, list[str]]:

@@ -40,10 +40,12 @@ from ..stages.presets import STAGE_PRESETS
 from ..training.persistence import save_ensemble
 from .cascades import pretrained_blocks, pretrained_model, trained_cascade, trained_dense
 from .config import ExperimentConfig
-from .exit_study import exit_curve_table, plot_exit_curve, run_exit_study, study_key
+from .exit_study import run_exit_study, study_key
 from .first_look import first_look
 from .model_fit import fit_to_model, model_sizes
+from .plots import make_plots, plot_exit_curve
 from .points import anchor_ratio, plan_points
+from .reports import exit_curve_table, write_report, write_table
 from .results_store import ResultsStore
 from .sweep import BACK_TO_BACK_PAIRS, Sweep
 
@@ -81,7 +83,7 @@ def _check_resumable(store: ResultsStore, config: ExperimentConfig) -> None:
     """Stored points are reused only when they were measured under this very config."""
     current = {k: v for k, v in config.as_dict().items() if k != "out"}
     for record in store:
-        stored = {k: v for k, v in ((record.get("conditions") or {}).get("config") or {}).items() if k != "out"}
+        stored = {k: v for k, v in ((record.conditions or {}).get("config") or {}).items() if k != "out"}
         differ = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
         if differ:
             raise ValueError(
@@ -167,7 +169,17 @@ def run_experiment(
             return trained_dense(config, data, paths["dense"], sum(cascade.layers_per_stage), progress)
 
     sweep = Sweep(
-        config, cascade, data.train, validation, test, risk_calibration, conditions, ranks, dense_model, timed, progress
+        config,
+        cascade,
+        train=data.train,
+        validation=validation,
+        test=test,
+        risk_calibration=risk_calibration,
+        conditions=conditions,
+        ranks=ranks,
+        dense_model=dense_model,
+        timing_batches=timed,
+        progress=progress,
     )
     points = plan_points(config, len(cascade), dense=pretrained is None, kv_policies=kv_runnable)
     sweep.run(points, store, on_point)
@@ -183,9 +195,6 @@ def run_experiment(
         return paths
     if confidences is not None:
         write_json_atomic(paths["confidence"], confidences)
-    from .plots import make_plots
-    from .reports import write_report
-
     make_plots(list(store), paths["confidence"], paths["plots"], config.name)
     write_report(list(store), config, paths)
     return paths
@@ -238,8 +247,6 @@ def _save_blocks(sweep: Sweep, thresholds: list, folder: Path, tokenizer, traini
 
 def _write_exit_study(summary: dict, paths: dict, name: str) -> None:
     """The exit study's JSON, table (md/tex/csv) and figure."""
-    from .reports import write_table
-
     write_json_atomic(paths["exit_study"], summary)
     write_table(
         exit_curve_table(summary),

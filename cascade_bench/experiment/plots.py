@@ -14,13 +14,16 @@ import json
 from pathlib import Path
 from typing import Sequence
 
+from .frames import records_frame
+from .records import Method, Record
+
 COLORS = {
-    "routed": "tab:blue",
-    "masked": "tab:orange",
-    "full": "black",
-    "prefix": "tab:gray",
-    "dense": "tab:green",
-    "oracle": "tab:red",
+    Method.ROUTED: "tab:blue",
+    Method.MASKED: "tab:orange",
+    Method.FULL: "black",
+    Method.PREFIX: "tab:gray",
+    Method.DENSE: "tab:green",
+    Method.ORACLE: "tab:red",
 }
 #: Colours of the routed curves of the other exit rules, in the order of ``exit_rules``.
 RULE_COLORS = ("tab:purple", "tab:cyan", "tab:olive", "tab:brown", "tab:pink", "goldenrod")
@@ -33,7 +36,8 @@ PANELS = (
 )
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -51,7 +55,8 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     return front
 
 
-def _save(fig, stem: Path) -> list[Path]:
+def save_figure(fig, stem: Path) -> list[Path]:
+    """``fig`` as ``<stem>.png`` and ``<stem>.pdf``, each written atomically; their paths."""
     stem.parent.mkdir(parents=True, exist_ok=True)
     paths = [stem.parent / f"{stem.name}.png", stem.parent / f"{stem.name}.pdf"]
     for path in paths:
@@ -62,17 +67,17 @@ def _save(fig, stem: Path) -> list[Path]:
 
 
 def plot_cost_vs_ppl(frame, stem: Path) -> list[Path]:
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5), sharey=True)
     for ax, (column, xlabel) in zip(axes, PANELS):
-        for method in ("routed", "masked"):
+        for method in (Method.ROUTED, Method.MASKED):
             curve = frame[(frame.method == method) & frame.main].sort_values("hard_ratio")
             curve = curve[curve[column].notna()]
             if curve.empty:
                 continue
-            rule = f" ({curve.exit_rule.iloc[0]})" if method == "routed" else ""
+            rule = f" ({curve.exit_rule.iloc[0]})" if method == Method.ROUTED else ""
             ax.plot(curve[column], curve.ppl, "o-", color=COLORS[method], label=f"{method} early exit{rule}")
-            if method == "routed":
+            if method == Method.ROUTED:
                 front = pareto_front(list(zip(curve[column], curve.ppl)))
                 ax.scatter(
                     curve[column].iloc[front],
@@ -83,11 +88,11 @@ def plot_cost_vs_ppl(frame, stem: Path) -> list[Path]:
                     linewidths=1.5,
                     label="Pareto front (routed)",
                 )
-        others = frame[(frame.method == "routed") & ~frame.main & frame[column].notna()]
+        others = frame[(frame.method == Method.ROUTED) & ~frame.main & frame[column].notna()]
         for color, rule in zip(RULE_COLORS, dict.fromkeys(others.exit_rule)):
             curve = others[others.exit_rule == rule].sort_values("hard_ratio")
             ax.plot(curve[column], curve.ppl, "^--", color=color, label=f"routed early exit ({rule})")
-        kv = frame[(frame.method == "kv_routed") & frame[column].notna()] if "kv_policy" in frame else None
+        kv = frame[(frame.method == Method.KV_ROUTED) & frame[column].notna()] if "kv_policy" in frame else None
         for policy, marker in zip(kv.kv_policy if kv is not None else (), KV_MARKERS):
             point = kv[kv.kv_policy == policy]
             ax.scatter(
@@ -99,7 +104,7 @@ def plot_cost_vs_ppl(frame, stem: Path) -> list[Path]:
                 zorder=3,
                 label=f"K/V {policy} (padded, hard {point.hard_ratio.iloc[0]:g})",
             )
-        for method, marker in (("full", "s"), ("prefix", "v"), ("dense", "D"), ("oracle", "*")):
+        for method, marker in ((Method.FULL, "s"), (Method.PREFIX, "v"), (Method.DENSE, "D"), (Method.ORACLE, "*")):
             part = frame[(frame.method == method) & frame[column].notna()]
             if not part.empty:
                 ax.scatter(
@@ -110,10 +115,10 @@ def plot_cost_vs_ppl(frame, stem: Path) -> list[Path]:
                     color=COLORS[method],
                     zorder=3,
                     label={
-                        "full": part.label.iloc[0],  # "full cascade" or "unsplit model"
-                        "prefix": "prefix alone",
-                        "dense": "dense, same depth",
-                        "oracle": "oracle bound",
+                        Method.FULL: part.label.iloc[0],  # "full cascade" or "unsplit model"
+                        Method.PREFIX: "prefix alone",
+                        Method.DENSE: "dense, same depth",
+                        Method.ORACLE: "oracle bound",
                     }[method],
                 )
         ax.set_xlabel(xlabel)
@@ -121,14 +126,14 @@ def plot_cost_vs_ppl(frame, stem: Path) -> list[Path]:
     axes[0].set_ylabel("test perplexity")
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="upper center", ncol=4, frameon=False, bbox_to_anchor=(0.5, 1.08))
-    paths = _save(fig, stem)
+    paths = save_figure(fig, stem)
     plt.close(fig)
     return paths
 
 
 def plot_exit_ratios(frame, stem: Path) -> list[Path]:
-    plt = _pyplot()
-    routed = frame[(frame.method == "routed") & frame.main].sort_values("hard_ratio")
+    plt = pyplot()
+    routed = frame[(frame.method == Method.ROUTED) & frame.main].sort_values("hard_ratio")
     fig, ax = plt.subplots(figsize=(6, 4))
     bottom = [0.0] * len(routed)
     labels = [f"{r:g}" for r in routed.hard_ratio]
@@ -141,16 +146,16 @@ def plot_exit_ratios(frame, stem: Path) -> list[Path]:
     ax.set_ylabel("fraction of test tokens")
     ax.set_ylim(0, 1)
     ax.legend()
-    paths = _save(fig, stem)
+    paths = save_figure(fig, stem)
     plt.close(fig)
     return paths
 
 
 def plot_confidences(histograms: dict, frame, stem: Path) -> list[Path]:
-    plt = _pyplot()
+    plt = pyplot()
     stages = histograms["histograms"]
     fig, axes = plt.subplots(1, max(1, len(stages)), figsize=(6 * max(1, len(stages)), 4), squeeze=False)
-    routed = frame[(frame.method == "routed") & frame.main].sort_values("hard_ratio")
+    routed = frame[(frame.method == Method.ROUTED) & frame.main].sort_values("hard_ratio")
     for ax, hist in zip(axes[0], stages):
         counts = hist["counts"]
         width = (hist["max"] - hist["min"]) / len(counts) or 1e-6
@@ -163,14 +168,13 @@ def plot_confidences(histograms: dict, frame, stem: Path) -> list[Path]:
         ax.set_xlabel(f"stage {hist['stage']} confidence ({hist['exit_fn']})")
         ax.set_ylabel("test tokens")
         ax.set_title("calibrated thresholds (red) labelled by hard ratio", fontsize=9)
-    paths = _save(fig, stem)
+    paths = save_figure(fig, stem)
     plt.close(fig)
     return paths
 
 
-def make_plots(records: Sequence[dict], confidence_path: Path, plots_dir: Path, name: str) -> list[Path]:
-    from .reports import records_frame
-
+def make_plots(records: Sequence[Record], confidence_path: Path, plots_dir: Path, name: str) -> list[Path]:
+    """The run's plots (cost vs PPL, exit ratios, stage-0 confidences) from its records."""
     frame = records_frame(records)
     paths = plot_cost_vs_ppl(frame, plots_dir / f"{name}.cost_vs_ppl")
     paths += plot_exit_ratios(frame, plots_dir / f"{name}.exit_ratios")
@@ -178,4 +182,63 @@ def make_plots(records: Sequence[dict], confidence_path: Path, plots_dir: Path, 
         paths += plot_confidences(
             json.loads(Path(confidence_path).read_text()), frame, plots_dir / f"{name}.confidence"
         )
+    return paths
+
+
+def plot_exit_curve(summary: dict, stem: Path) -> list[Path]:
+    """PPL (log) and agreement per layer: the shared head at every layer, translators at the candidates."""
+    plt = pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
+    shared = summary["shared_curve"]
+    rows = summary["candidate_rows"]
+    left.semilogy(
+        [p["layer"] for p in shared],
+        [p["ppl"] for p in shared],
+        "o-",
+        color="tab:gray",
+        ms=3,
+        label="shared norm + lm_head",
+    )
+    left.semilogy(
+        [r["layer"] for r in rows], [r["trained_ppl"] for r in rows], "s-", color="tab:blue", label="trained translator"
+    )
+    left.axhline(summary["full_depth_ppl"], color="black", ls="--", lw=1, label="full depth")
+    left.set_xlabel("exit after layer")
+    left.set_ylabel("PPL (log scale)")
+    left.legend()
+    right.plot(
+        [p["layer"] for p in shared],
+        [p["agreement"] for p in shared],
+        "o-",
+        color="tab:gray",
+        ms=3,
+        label="shared norm + lm_head",
+    )
+    right.plot(
+        [r["layer"] for r in rows],
+        [r["trained_agreement"] for r in rows],
+        "s-",
+        color="tab:blue",
+        label="trained translator",
+    )
+    right.set_xlabel("exit after layer")
+    right.set_ylabel("top-1 agreement with full depth")
+    right.set_ylim(0, 1)
+    right.legend()
+    # whole layers on the x-axis, one layer of margin: a single candidate reads as a labelled point at its
+    # layer, not a line on a 0.96-1.04 axis
+    from matplotlib.ticker import MaxNLocator
+
+    layers = [p["layer"] for p in shared] + [r["layer"] for r in rows]
+    for axis, key in ((left, "trained_ppl"), (right, "trained_agreement")):
+        axis.set_xlim(min(layers) - 1, max(layers) + 1)
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if len(rows) <= 3:
+            for r in rows:
+                axis.annotate(
+                    f"layer {r['layer']}", (r["layer"], r[key]), textcoords="offset points", xytext=(6, 6), fontsize=8
+                )
+    fig.suptitle(f"{summary['model']}: where could it exit? ({summary['scored_tokens']:,} scored tokens)")
+    paths = save_figure(fig, stem)
+    plt.close(fig)
     return paths

@@ -21,13 +21,15 @@ from typing import Sequence
 
 from ..data.storage import write_text_atomic
 from .checks import PLAUSIBLE_PPL, format_checks, run_checks, stored_config
-from .reports import kv_table, paper_table, records_frame, risk_table, rules_table, to_markdown, wall_flops_table
+from .frames import records_frame
+from .records import Record
+from .reports import kv_table, paper_table, risk_table, rules_table, to_markdown, wall_flops_table
 
 #: Every block a run can publish, in page order.
 PAGE_BLOCKS = ("quality", "wall", "wall_flops", "checks", "rules", "risk", "kv")
 
 
-def published_blocks(records: Sequence[dict]) -> dict[str, str]:
+def published_blocks(records: Sequence[Record]) -> dict[str, str]:
     """Each block of ``PAGE_BLOCKS`` the records have, as the Markdown a page includes."""
     frame = records_frame(list(records))
     checks = run_checks(list(records), tuple(stored_config(records, "plausible_ppl", PLAUSIBLE_PPL)))
@@ -49,7 +51,7 @@ def published_blocks(records: Sequence[dict]) -> dict[str, str]:
     return blocks
 
 
-def write_published(records: Sequence[dict], folder: "Path | str") -> list[Path]:
+def write_published(records: Sequence[Record], folder: "Path | str") -> list[Path]:
     """Write every block of ``published_blocks`` to ``folder/<block>.md``; returns the paths."""
     folder = Path(folder)
     written = []

@@ -18,9 +18,34 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Optional, Sequence
 
 SCHEMA_VERSION = 2
+
+
+class Method(str, Enum):
+    """What a point measures. A ``str`` so records, tables and JSON lines keep the plain name."""
+
+    FULL = "full"
+    PREFIX = "prefix"
+    DENSE = "dense"
+    ROUTED = "routed"
+    MASKED = "masked"
+    RISK_CONTROLLED = "risk_controlled"
+    KV_ROUTED = "kv_routed"
+    ORACLE = "oracle"
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+
+    @classmethod
+    def of(cls, name: "str | Method") -> "Method":
+        """The method named ``name``; ValueError listing the methods for an unknown one."""
+        try:
+            return cls(name)
+        except ValueError:
+            raise ValueError(f"unknown method {name!r}; expected one of {[m.value for m in cls]}") from None
 
 
 def _core(default=None):
@@ -41,7 +66,7 @@ class Record:
     kv_routed, oracle). ``hard_ratio``: the swept ratio, risk control's choice, or None."""
 
     point_id: str = _core()
-    method: str = _core()
+    method: Method = _core()
     hard_ratio: Optional[float] = _core()
     thresholds: Optional[list] = _pass()
     layers_per_stage: list = _core()
@@ -85,46 +110,20 @@ class Record:
     wall_ratio_interleaved: Optional[float] = _extra()
 
     @classmethod
-    def of_cost(cls, point_id: str, method: str, cost, hard_ratio: Optional[float] = None, **extra) -> "Record":
-        """The record of a measured pass (a ``cost.measurement.CostRecord``)."""
-        q = cost.quality
-        return cls(
-            point_id=point_id,
-            method=method,
-            hard_ratio=hard_ratio,
-            thresholds=list(q.thresholds),
-            layers_per_stage=list(q.layers_per_stage),
-            tokens=q.tokens,
-            routed_tokens=q.routed_tokens,
-            ppl=q.ppl,
-            accuracy=q.accuracy,
-            hard_ppl=q.hard_ppl,
-            easy_ppl=q.easy_ppl,
-            hard_ppl_stage0=q.hard_ppl_stage0,
-            hard_tokens=q.hard_tokens,
-            exit_ratios=list(q.exit_ratios),
-            tokens_entered=list(q.tokens_entered),
-            tokens_exited=list(q.tokens_exited),
-            layer_cost=q.layer_cost,
-            padding_waste=list(q.padding_waste),
-            flops=cost.flops,
-            flops_analytic=cost.flops_analytic,
-            flops_analytic_timed=cost.flops_analytic_timed,
-            time_median_s=cost.time_median_s,
-            time_iqr_s=cost.time_iqr_s,
-            tokens_per_s=cost.tokens_per_s,
-            peak_memory_bytes=cost.peak_memory_bytes,
-            memory_measure=cost.memory_measure,
-            decision_flops=cost.decision_flops,
-            counting_overhead=cost.counting_overhead,
-            conditions=cost.conditions,
-            **extra,
-        )
+    def of_cost(cls, point_id: str, method: Method, cost, hard_ratio: Optional[float] = None, **extra) -> "Record":
+        """The record of a measured pass (a ``cost.measurement.CostRecord``): ``QUALITY_FIELDS`` from
+        its quality, ``COST_FIELDS`` from the cost, ``extra`` as given."""
+        taken = {name: _plain(getattr(cost.quality, name)) for name in QUALITY_FIELDS}
+        taken.update({name: getattr(cost, name) for name in COST_FIELDS})
+        return cls(point_id=point_id, method=Method.of(method), hard_ratio=hard_ratio, **taken, **extra)
+
+    def __post_init__(self):
+        self.method = Method.of(self.method)
 
     @property
     def is_pass(self) -> bool:
         """Whether the record measured a forward pass (everything but the oracle's bound)."""
-        return self.method != "oracle"
+        return self.method != Method.ORACLE
 
     @property
     def timed(self) -> bool:
@@ -137,7 +136,7 @@ class Record:
             value = getattr(self, f.name)
             group = f.metadata["group"]
             if group == "core" or (group == "pass" and self.is_pass) or value is not None:
-                written[f.name] = value
+                written[f.name] = value.value if isinstance(value, Method) else value
         return written
 
     @classmethod
@@ -148,6 +147,45 @@ class Record:
         if unknown:
             raise ValueError(f"record {row.get('point_id')!r} has fields {unknown} that schema {SCHEMA_VERSION} lacks")
         return cls(**{k: v for k, v in row.items() if k in known})
+
+
+#: The fields of a measured pass's record read from its quality (``routing.evaluation.EvalResult``).
+QUALITY_FIELDS = (
+    "thresholds",
+    "layers_per_stage",
+    "tokens",
+    "routed_tokens",
+    "ppl",
+    "accuracy",
+    "hard_ppl",
+    "easy_ppl",
+    "hard_ppl_stage0",
+    "hard_tokens",
+    "exit_ratios",
+    "tokens_entered",
+    "tokens_exited",
+    "layer_cost",
+    "padding_waste",
+)
+#: The fields read from the pass's cost (``cost.measurement.CostRecord``).
+COST_FIELDS = (
+    "flops",
+    "flops_analytic",
+    "flops_analytic_timed",
+    "time_median_s",
+    "time_iqr_s",
+    "tokens_per_s",
+    "peak_memory_bytes",
+    "memory_measure",
+    "decision_flops",
+    "counting_overhead",
+    "conditions",
+)
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists, as a JSON line reads back."""
+    return list(value) if isinstance(value, tuple) else value
 
 
 #: What the clock, the allocator or the machine decides: left out when two runs' records are compared.
@@ -211,11 +249,14 @@ def _drift(a: Any, b: Any) -> float:
     return 0.0 if a == b else math.inf
 
 
-def field_drift(before: Sequence[dict], after: Sequence[dict]) -> dict[str, float]:
+def _by_point(records: Sequence[Record]) -> dict[str, dict]:
+    return {r.point_id: r.as_dict() for r in records}
+
+
+def field_drift(before: Sequence[Record], after: Sequence[Record]) -> dict[str, float]:
     """Per record field compared by ``record_differences``, the largest relative difference over the
     points both runs hold: how far two runs of one experiment on different CPUs drift, field by field."""
-    first = {r["point_id"]: r for r in before}
-    second = {r["point_id"]: r for r in after}
+    first, second = _by_point(before), _by_point(after)
     drift: dict[str, float] = {}
     for point in (p for p in first if p in second):
         a, b = first[point], second[point]
@@ -230,7 +271,7 @@ def _without_out(value):
 
 
 def record_differences(
-    before: Sequence[dict], after: Sequence[dict], rel: float = 0.0, counts: bool = False
+    before: Sequence[Record], after: Sequence[Record], rel: float = 0.0, counts: bool = False
 ) -> list[str]:
     """Every field in which two runs' records differ, point by point (empty: the same records).
 
@@ -240,8 +281,7 @@ def record_differences(
     bit-equal); ``counts``: integers (tokens per stage, FLOPs) within ``rel`` too, as runs on
     different CPUs need (their thresholds differ in the last digits, so a few tokens exit elsewhere),
     and ``ACROSS_CPUS_UNCOMPARED`` left out."""
-    first = {r["point_id"]: r for r in before}
-    second = {r["point_id"]: r for r in after}
+    first, second = _by_point(before), _by_point(after)
     found = [f"{p}: only in the first run" for p in first if p not in second]
     found += [f"{p}: only in the second run" for p in second if p not in first]
     for point in (p for p in first if p in second):

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Optional, Sequence
@@ -18,7 +19,10 @@ from typing import Optional, Sequence
 import pandas as pd
 
 from ..data.storage import write_text_atomic
-from .checks import format_checks, main_rule, run_checks
+from .checks import format_checks, run_checks
+from .config import ExperimentConfig
+from .frames import main_routed_frame, records_frame
+from .records import Method, Record
 
 #: ASHEM's published WikiText-2 figures (docs/design.md section 4).
 ASHEM_SEED_FIGURES = {
@@ -37,79 +41,6 @@ ASHEM_SEED_FIGURES = {
     "stage-1 best epoch": 7,
     "stage-1 epochs run": 10,
 }
-
-
-def records_frame(records: Sequence[dict]) -> pd.DataFrame:
-    """One row per point, with costs relative to the full cascade (layer_cost, flop_ratio, wall_ratio)."""
-    if not records:
-        raise ValueError("no results to report; run `cascade-bench run` first")
-    frame = pd.DataFrame(records)
-    full = frame[frame.method == "full"]
-    if full.empty:
-        raise ValueError("the results have no 'full' point; relative costs need the full-cascade baseline")
-    full = full.iloc[0]
-    # Layer cost relative to the full cascade's depth (a prefix of 2 of 4 layers costs 0.5).
-    full_layers = sum(full.layers_per_stage)
-    frame["layer_cost"] = frame.layer_cost * frame.layers_per_stage.map(sum) / full_layers
-    frame["exit_ratio_0"] = frame.exit_ratios.map(lambda r: r[0] if isinstance(r, list) and r else math.nan)
-    flops = frame.flops.where(frame.flops.notna(), frame.flops_analytic).astype(float)
-    frame["flop_ratio"] = flops / float(full.flops)
-    # The same ratio over the timed batches alone, which is what a wall ratio compares with (records
-    # written before the field existed have none).
-    if "flops_analytic_timed" in frame and full.get("flops_analytic_timed") is not None:
-        frame["flop_ratio_timed"] = frame.flops_analytic_timed.astype(float) / float(full.flops_analytic_timed)
-    else:
-        frame["flop_ratio_timed"] = math.nan
-    # Wall ratio: the back-to-back ratio each point measured against the full cascade where it
-    # has one (drift between points stays out), else the ratio of medians timed apart.
-    apart = frame.time_median_s.astype(float) / float(full.time_median_s)
-    if "wall_ratio_interleaved" in frame:
-        frame["wall_ratio"] = frame.wall_ratio_interleaved.astype(float).where(
-            frame.wall_ratio_interleaved.notna(), apart
-        )
-        frame.loc[frame.method == "full", "wall_ratio"] = 1.0
-    else:
-        frame["wall_ratio"] = apart
-    rule = main_rule(records)
-    if "exit_rule" not in frame:
-        frame["exit_rule"] = None
-    frame["main"] = frame.exit_rule.isna() | (frame.exit_rule == rule)
-    frame["exit_rule"] = frame.exit_rule.where(frame.exit_rule.notna(), rule)
-    if "decision_flops" not in frame:
-        frame["decision_flops"] = math.nan
-    frame["decision_share"] = frame.decision_flops.astype(float) / flops
-    frame["label"] = frame.apply(_label, axis=1)
-    return frame
-
-
-def main_routed_frame(frame: pd.DataFrame) -> pd.DataFrame:
-    """The routed points of the run's own exit rule."""
-    return frame[(frame.method == "routed") & frame.main]
-
-
-def _pretrained_model(row) -> Optional[str]:
-    """The checkpoint a record's blocks were cut from (None for a trained cascade)."""
-    conditions = row.get("conditions")
-    training = conditions.get("training") if isinstance(conditions, dict) else None
-    return training.get("model") if isinstance(training, dict) else None
-
-
-def _label(row) -> str:
-    blocks = _pretrained_model(row) is not None
-    part = "block" if blocks else "stage"
-    if row.method == "prefix":
-        stages = int(row.get("stages", 1))
-        return f"{part} 0 alone" if stages == 1 else f"{part}s 0..{stages - 1} alone"
-    if row.method in ("routed", "masked"):
-        rule = "" if row.get("main", True) else f" [{row.exit_rule}]"
-        return f"{row.method} EE{rule} @ hard {row.hard_ratio:g}"
-    if row.method == "kv_routed":
-        return f"routed EE, K/V {row.kv_policy} (padded) @ hard {row.hard_ratio:g}"
-    if row.method == "risk_controlled":
-        return f"risk-controlled [{row.exit_rule}]"
-    if row.method == "full" and blocks:
-        return "unsplit model"
-    return {"full": "full cascade", "dense": "dense, same depth", "oracle": "oracle bound"}.get(row.method, row.method)
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -168,7 +99,7 @@ def write_table(frame: pd.DataFrame, stem: Path, caption: str) -> list[Path]:
 
 
 def threshold_table(frame: pd.DataFrame) -> pd.DataFrame:
-    swept = frame[frame.method.isin(["routed", "masked"]) & frame.main].sort_values(["method", "hard_ratio"])
+    swept = frame[frame.method.isin([Method.ROUTED, Method.MASKED]) & frame.main].sort_values(["method", "hard_ratio"])
     return pd.DataFrame(
         {
             "method": swept.method,
@@ -227,10 +158,10 @@ def _nearest(part: pd.DataFrame, hard_ratio: float):
 
 def _swept_curves(frame: pd.DataFrame) -> list[pd.DataFrame]:
     """Routed curves (the run's own rule first, then each other rule), then masked, each non-empty."""
-    routed = frame[frame.method == "routed"]
+    routed = frame[frame.method == Method.ROUTED]
     rules = list(dict.fromkeys([*routed[routed.main].exit_rule, *routed.exit_rule]))
     curves = [routed[routed.exit_rule == rule] for rule in rules]
-    curves.append(frame[(frame.method == "masked") & frame.main])
+    curves.append(frame[(frame.method == Method.MASKED) & frame.main])
     return [curve for curve in curves if not curve.empty]
 
 
@@ -241,12 +172,15 @@ def paper_table(frame: pd.DataFrame, match_hard_ratio: float = 0.5) -> tuple[pd.
     routed = main_routed_frame(frame)
     target = float(_nearest(routed, match_hard_ratio).flop_ratio) if not routed.empty else None
     rows = []
-    for method in ("full", "prefix", "dense"):
+    for method in (Method.FULL, Method.PREFIX, Method.DENSE):
         rows += [_paper_row(row, math.nan) for _, row in frame[frame.method == method].iterrows()]
     for curve in _swept_curves(frame):
         matched = _interpolate(curve, target) if target is not None else math.nan
         rows.append(_paper_row(_nearest(curve, match_hard_ratio), matched))
-    rows += [_paper_row(row, math.nan) for _, row in frame[frame.method.isin(["risk_controlled", "oracle"])].iterrows()]
+    rows += [
+        _paper_row(row, math.nan)
+        for _, row in frame[frame.method.isin([Method.RISK_CONTROLLED, Method.ORACLE])].iterrows()
+    ]
     return pd.DataFrame(rows), target
 
 
@@ -274,7 +208,7 @@ def rules_table(frame: pd.DataFrame, match_hard_ratio: float = 0.5) -> pd.DataFr
     interpolated at fixed FLOP budgets (n/a where its curve does not reach one)."""
     rows = []
     for curve in _swept_curves(frame):
-        if curve.method.iloc[0] != "routed":
+        if curve.method.iloc[0] != Method.ROUTED:
             continue
         point = _nearest(curve, match_hard_ratio)
         agreement = point.get("agreement_with_max_prob", math.nan)
@@ -296,7 +230,7 @@ def rules_table(frame: pd.DataFrame, match_hard_ratio: float = 0.5) -> pd.DataFr
 def kv_table(frame: pd.DataFrame) -> Optional[pd.DataFrame]:
     """One row per K/V policy for exited tokens, at the same thresholds: what later stages' caches
     held, its PPL and costs, and the extra work (tokens recomputed, K/V propagated)."""
-    points = frame[frame.method == "kv_routed"]
+    points = frame[frame.method == Method.KV_ROUTED]
     if points.empty:
         return None
     return pd.DataFrame(
@@ -318,7 +252,7 @@ def _risk_calibration(frame: pd.DataFrame) -> str:
     """What the risk-controlled points calibrated on, as their records say."""
     notes = {
         point.risk_control.get("calibration", "the validation batches (not recorded which)")
-        for _, point in frame[frame.method == "risk_controlled"].iterrows()
+        for _, point in frame[frame.method == Method.RISK_CONTROLLED].iterrows()
     }
     return "; ".join(sorted(notes))
 
@@ -326,7 +260,7 @@ def _risk_calibration(frame: pd.DataFrame) -> str:
 def risk_table(frame: pd.DataFrame) -> Optional[pd.DataFrame]:
     """Risk-controlled points: what was bounded, the level, the point chosen, its bound on the
     calibration split's testing half and the realised risk on the scored split."""
-    points = frame[frame.method == "risk_controlled"]
+    points = frame[frame.method == Method.RISK_CONTROLLED]
     if points.empty:
         return None
     rows = []
@@ -356,7 +290,7 @@ def seed_table(frame: pd.DataFrame, config) -> tuple[pd.DataFrame, bool]:
     seed's own variant is sequence-level hard examples and a frozen exit head (``hard_examples``,
     ``exit_head``); its accuracies are given in the order it lists them (16.03%, 15.77%)."""
     routed = main_routed_frame(frame)
-    prefix = frame[(frame.method == "prefix") & (frame.get("stages", 1) == 1)] if "stages" in frame else frame[:0]
+    prefix = frame[(frame.method == Method.PREFIX) & (frame.get("stages", 1) == 1)] if "stages" in frame else frame[:0]
     if routed.empty:
         raise ValueError("the results have no routed point for the seed-protocol table")
     point = routed.iloc[(routed.hard_ratio - 0.5).abs().argsort().iloc[0]]
@@ -394,12 +328,12 @@ def seed_table(frame: pd.DataFrame, config) -> tuple[pd.DataFrame, bool]:
     return table, is_seed
 
 
-def training_table(records: Sequence[dict]) -> Optional[pd.DataFrame]:
+def training_table(records: Sequence[Record]) -> Optional[pd.DataFrame]:
     """Per trained part (each stage, the exit heads, the dense baseline): epochs run, best epoch, how it
     stopped. None when nothing was trained (blocks of a pretrained model with shared heads)."""
     training, dense = None, None
     for record in records:
-        conditions = record.get("conditions") or {}
+        conditions = record.conditions or {}
         training = training or conditions.get("training")
         dense = dense or conditions.get("dense_training")
     parts = [(f"stage {s['stage']}", s) for s in (training or {}).get("stages", []) if "stop_reason" in s]
@@ -433,10 +367,10 @@ def training_table(records: Sequence[dict]) -> Optional[pd.DataFrame]:
     )
 
 
-def epoch_log_lines(records: Sequence[dict]) -> list[str]:
+def epoch_log_lines(records: Sequence[Record]) -> list[str]:
     """Per later stage, its validation PPL and the PPL of the tokens past stage 0 ("hard PPL") after
     every epoch: the seeds' "Val PPL | Hard PPL" log."""
-    training = next((r["conditions"]["training"] for r in records if (r.get("conditions") or {}).get("training")), {})
+    training = next((r.conditions["training"] for r in records if (r.conditions or {}).get("training")), {})
     lines = []
     for part in training.get("stages", []):
         logged = part.get("val_logged") or []
@@ -458,10 +392,10 @@ def epoch_log_lines(records: Sequence[dict]) -> list[str]:
     )
 
 
-def _rule_training_lines(records: Sequence[dict]) -> list[str]:
+def _rule_training_lines(records: Sequence[Record]) -> list[str]:
     trained = {}
     for record in records:
-        for part in record.get("rule_training") or []:
+        for part in record.rule_training or []:
             trained[(part["rule"], part["stage"])] = part
     if not trained:
         return []
@@ -521,9 +455,9 @@ def _kv_lines(kv: pd.DataFrame, reference: str) -> list[str]:
     ]
 
 
-def _processes(records: list[dict]) -> str:
+def _processes(records: Sequence[Record]) -> str:
     """How many processes evaluated the points (torchrun data-parallel runs record their ranks)."""
-    counts = sorted({(r.get("conditions") or {}).get("ranks") or 1 for r in records})
+    counts = sorted({(r.conditions or {}).get("ranks") or 1 for r in records})
     if counts == [1]:
         return "1 process"
     if len(counts) == 1:
@@ -533,10 +467,6 @@ def _processes(records: list[dict]) -> str:
 
 def _exit_study_lines(paths: dict) -> list[str]:
     """The exit study's section (see ``experiment.exit_study``), when the run made one."""
-    import json
-
-    from .exit_study import exit_curve_table
-
     path = paths.get("exit_study")
     if path is None or not Path(path).is_file():
         return []
@@ -615,17 +545,17 @@ def _file_list(tables: Sequence[Path], paths: dict, name: str) -> list[str]:
     return [f"- `{relative(path)}`" for path in files]
 
 
-def write_report(records: Sequence[dict], config, paths: dict) -> Path:
+def write_report(records: Sequence[Record], config: ExperimentConfig, paths: dict) -> Path:
     """Write the run's tables (md/tex/csv) and ``<name>.report.md``, which lists every file of the
     run; return the report's path."""
     frame = records_frame(records)
     tables = paths["tables"]
     name = config.name
-    reference = "the unsplit model" if getattr(config, "model", "") else "the full cascade"
+    reference = "the unsplit model" if config.model else "the full cascade"
     thresholds = threshold_table(frame)
     paper, target = paper_table(frame)
     seed, is_seed = seed_table(frame, config)
-    split = getattr(config, "eval_split", "test")
+    split = config.eval_split
     written: list[Path] = []
     written += write_table(
         thresholds, tables / f"{name}.thresholds", f"{name}: early exit per hard ratio ({split} split)"
@@ -645,10 +575,10 @@ def write_report(records: Sequence[dict], config, paths: dict) -> Path:
         written += write_table(
             wall_flops, tables / f"{name}.wall_flops", f"{name}: wall time against FLOPs ({split} split)"
         )
-    first = records[0].get("conditions", {})
+    first = records[0].conditions or {}
     training = first.get("training") or {}
     trained = training_table(records)
-    checks = run_checks(records, getattr(config, "plausible_ppl", (5.0, 1000.0)))
+    checks = run_checks(records, config.plausible_ppl)
     lines = [
         f"# {name}",
         "",
@@ -765,3 +695,32 @@ def _wall_flops_lines(table: pd.DataFrame, reference: str) -> list[str]:
         "",
         to_markdown(table),
     ]
+
+
+def _ppl_text(value: float) -> str:
+    """A PPL for the table: 3 decimals, or 3 significant digits once it is astronomically large."""
+    return "n/a" if value is None or math.isnan(value) else (f"{value:.3g}" if value >= 1e5 else f"{value:,.3f}")
+
+
+def exit_curve_table(summary: dict) -> pd.DataFrame:
+    """One row per candidate layer: shared vs trained PPL and agreement (a pandas DataFrame)."""
+    rows = [
+        {
+            "exit after layer": str(r["layer"]),
+            "PPL, shared head": _ppl_text(r["shared_ppl"]),
+            "PPL, translator": _ppl_text(r["trained_ppl"]),
+            "agreement, shared head": r["shared_agreement"],
+            "agreement, translator": r["trained_agreement"],
+        }
+        for r in summary["candidate_rows"]
+    ]
+    rows.append(
+        {
+            "exit after layer": f"{summary['num_layers']} (full depth)",
+            "PPL, shared head": _ppl_text(summary["full_depth_ppl"]),
+            "PPL, translator": "n/a",
+            "agreement, shared head": 1.0,
+            "agreement, translator": math.nan,
+        }
+    )
+    return pd.DataFrame(rows)

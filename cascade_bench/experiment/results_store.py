@@ -15,11 +15,13 @@ __all__ = ["SCHEMA_VERSION", "ResultsStore"]
 
 
 class ResultsStore:
-    """JSON-lines records keyed by ``point_id``: appended as ``Record``, read back as dicts."""
+    """JSON-lines records keyed by ``point_id``: appended and read back as ``Record``s (a line this
+    schema does not know is a ValueError naming the file and line)."""
 
     def __init__(self, path: "Path | str"):
         self.path = Path(path)
-        self._records: list[dict] = []
+        self._records: list[Record] = []
+        self._lines: list[str] = []
         if self.path.exists():
             for number, line in enumerate(self.path.read_text().splitlines(), 1):
                 if not line.strip():
@@ -33,12 +35,16 @@ class ResultsStore:
                         f"{self.path}:{number} has schema_version {record.get('schema_version')!r}, "
                         f"this cascade_bench reads {SCHEMA_VERSION}"
                     )
-                self._records.append(record)
+                try:
+                    self._records.append(Record.from_dict(record))
+                except (TypeError, ValueError) as error:
+                    raise ValueError(f"{self.path}:{number}: {error}") from None
+                self._lines.append(line + "\n")
 
     def __contains__(self, point_id: str) -> bool:
-        return any(r["point_id"] == point_id for r in self._records)
+        return any(r.point_id == point_id for r in self._records)
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[Record]:
         return iter(list(self._records))
 
     def __len__(self) -> int:
@@ -52,6 +58,7 @@ class ResultsStore:
             raise ValueError("a record needs a 'point_id'")
         if record.point_id in self:
             raise ValueError(f"point {record.point_id!r} is already stored in {self.path}")
-        record = {"schema_version": SCHEMA_VERSION, **record.as_dict()}
-        self._records.append(record)
-        write_text_atomic(self.path, "".join(json.dumps(r, default=str) + "\n" for r in self._records))
+        line = json.dumps({"schema_version": SCHEMA_VERSION, **record.as_dict()}, default=str)
+        write_text_atomic(self.path, "".join(self._lines) + line + "\n")
+        self._lines.append(line + "\n")
+        self._records.append(Record.from_dict(json.loads(line)))  # as a later read gives it back

@@ -27,7 +27,8 @@ from ..measure.distributed import concatenated, same_parameters
 from ..routing.calibration import calibrate_thresholds
 from ..routing.passes import forward_cascade
 from ..stages.ensemble import Ensemble, evaluation_mode
-from ..stages.exit_rules import MLP_HIDDEN_UNITS, parse_rule_spec, untrained_rule
+from ..stages.exit_rules import untrained_rule
+from ..stages.rule_specs import TOP_K_HEAD, RuleKind, parse_rule_spec
 from ..training.exit_classifier import (
     CLASSIFIER_BATCH_TOKENS,
     CLASSIFIER_MAX_TOKENS,
@@ -46,7 +47,7 @@ class BuiltRule:
 
     @property
     def approximates_max_prob(self) -> bool:
-        return parse_rule_spec(self.spec)[0] in ("lowrank", "topk")
+        return parse_rule_spec(self.spec)[0].approximates_max_prob
 
 
 def build_rule(
@@ -68,7 +69,7 @@ def build_rule(
     features come from at most this many tokens of each split (the first ones; default its own cap)."""
     kind, size = parse_rule_spec(spec)
     non_last = range(len(cascade) - 1)
-    if kind in ("classifier", "classifier-mlp"):
+    if kind.trained:
         per_stage, training = [], []
         for k in non_last:
             torch.manual_seed(seed + k)
@@ -117,7 +118,7 @@ def build_rule(
                 }
             )
         return BuiltRule(spec, per_stage, training)
-    ids = most_frequent_ids(train, cascade.vocab_size, size) if kind == "topk" else None
+    ids = most_frequent_ids(train, cascade.vocab_size, size) if kind.family == TOP_K_HEAD else None
     return BuiltRule(spec, [untrained_rule(spec, cascade[k], ids) for k in non_last])
 
 
@@ -127,7 +128,7 @@ def _train_classifier(
     train: list,
     validation: list,
     target: str,
-    kind: str,
+    kind: RuleKind,
     progress: bool,
     seed: int,
     max_tokens: int,
@@ -147,7 +148,7 @@ def _train_classifier(
         train,
         validation,
         target=target,
-        hidden_units=MLP_HIDDEN_UNITS if kind == "classifier-mlp" else 0,
+        hidden_units=kind.hidden_units,
         progress=progress,
         max_tokens=max_tokens,
         config=config,

@@ -23,8 +23,9 @@ from ..routing.calibration import calibrate_sweep
 from ..routing.passes import forward_cascade
 from ..stages.ensemble import Ensemble, evaluation_mode
 from .config import ExperimentConfig
+from .point_measures import METHODS
 from .points import Point, anchor_ratio
-from .records import Record
+from .records import Method, Record
 from .results_store import ResultsStore
 from .rule_sweep import BuiltRule, build_rule, decision_agreement, stage0_confidences, using_rule
 
@@ -42,6 +43,7 @@ class Sweep:
         self,
         config: ExperimentConfig,
         cascade: Ensemble,
+        *,
         train: Sequence,
         validation: Sequence,
         test: Sequence,
@@ -135,25 +137,32 @@ class Sweep:
             "(risk_batches = 0), so the guarantee rests on reused data"
         )
 
-    def _full_calls(self) -> list[Callable[[], object]]:
-        """The full cascade on this rank's timed batches, one call per batch."""
+    def _calls(self, model: Ensemble, arguments: dict) -> list[Callable[[], object]]:
+        """One call per timed batch of this rank that reruns a measured pass of ``model``
+        (``arguments``: its ``forward_cascade`` keywords)."""
         return [
             lambda batch=batch: forward_cascade(
-                self.cascade, batch["input_ids"], batch.get("attention_mask"), batch.get("targets"), method="full"
+                model, batch["input_ids"], batch.get("attention_mask"), batch.get("targets"), **arguments
             )
             for batch in shard(self.timed_batches)
         ]
+
+    def _full_calls(self) -> list[Callable[[], object]]:
+        """The full cascade on this rank's timed batches, one call per batch."""
+        return self._calls(self.cascade, {"method": "full"})
 
     def measure(self, point: Point) -> Record:
         """The point's record (its exit rule in place), with ``wall_ratio_interleaved``: its pass over
         the full cascade's, each timed batch back to back (median over ranks of the median of
         ``BACK_TO_BACK_PAIRS`` pairs). Untimed points, the oracle and the full cascade itself (1 by
         definition) get none."""
+        run = METHODS[point.method]
         with using_rule(self.cascade, self.rule(point.exit_rule)):
-            record = point.measure(self)
+            record = run.measure(point, self)
             rerun = None
-            if record.timed and point.method != "full":
-                rerun = point.calls(self, shard(self.timed_batches), record)
+            if record.timed and point.method != Method.FULL and run.pass_arguments is not None:
+                model = self.dense_model()[0] if point.method == Method.DENSE else self.cascade
+                rerun = self._calls(model, run.pass_arguments(point, record))
             if rerun is not None:
                 with evaluation_mode(self.cascade), torch.inference_mode():
                     ratio = interleaved_ratio(

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ..measure.probes import NO_PROBE, Probe
 from ..stages.exits import ExitFunction
-from ..stages.llm import LLM
+from ..stages.stage import Stage
 
 #: Default logits chunk: about 8 MiB of float32 logits at a time. Small enough to stay in the
 #: allocator's heap (a fresh 64 MiB block per chunk costs more in page faults than its math).
@@ -45,7 +45,7 @@ class HeadResult:
 
 
 def run_exit_head(
-    stage: LLM,
+    stage: Stage,
     stage_index: int,
     hidden: Tensor,
     targets: Tensor,
@@ -99,7 +99,7 @@ def run_exit_head(
 
 
 def _reduce_chunk(
-    stage: LLM,
+    stage: Stage,
     stage_index: int,
     hidden: Tensor,
     targets: Tensor,

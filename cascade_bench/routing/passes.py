@@ -29,7 +29,8 @@ from torch import Tensor
 from ..data.batch import TokenBatch, make_token_batch
 from ..measure.probes import NO_PROBE, Probe
 from ..stages.ensemble import Ensemble
-from ..stages.llm import LLM, check_threshold
+from ..stages.llm import check_threshold
+from ..stages.stage import Stage
 from ..stages.stage_cache import StageCache
 from .cached_pass import cached_pass, check_kv_policy
 from .compaction import Layout, from_dense, plan_layouts, scatter_members, to_dense
@@ -184,7 +185,7 @@ def forward_cascade(
     num_stages = len(ensemble) if num_stages is None else num_stages
     if isinstance(num_stages, bool) or not isinstance(num_stages, int) or not 1 <= num_stages <= len(ensemble):
         raise ValueError(f"num_stages must be an int in [1, {len(ensemble)}], got {num_stages!r}")
-    stages: list[LLM] = list(ensemble.stages)[:num_stages]
+    stages: list[Stage] = list(ensemble.stages)[:num_stages]
     thresholds = resolve_thresholds(ensemble, thresholds, num_stages)
     batch = make_token_batch(input_ids, attention_mask, targets, vocab_size=ensemble.vocab_size, device=ensemble.device)
     _check_lengths(stages, batch, positions)
@@ -304,7 +305,7 @@ def stage_states(
     )
 
 
-def _check_lengths(stages: list[LLM], batch: TokenBatch, positions: str) -> None:
+def _check_lengths(stages: list[Stage], batch: TokenBatch, positions: str) -> None:
     # Compact positions never exceed T-1; original positions are at most T-1 too.
     for k, stage in enumerate(stages):
         if stage.max_positions is not None and batch.seq_len > stage.max_positions:
@@ -318,7 +319,7 @@ def _check_lengths(stages: list[LLM], batch: TokenBatch, positions: str) -> None
 class _Pass:
     """One forward pass; holds the per-token result buffers while stages run."""
 
-    stages: list[LLM]
+    stages: list[Stage]
     batch: TokenBatch
     method: str
     batching: str
@@ -466,7 +467,7 @@ class _Pass:
         )
 
     def _head(
-        self, stage: LLM, k: int, hidden: Tensor, targets: Tensor, exit_fn=None, input_state: Optional[Tensor] = None
+        self, stage: Stage, k: int, hidden: Tensor, targets: Tensor, exit_fn=None, input_state: Optional[Tensor] = None
     ) -> HeadResult:
         self.head_tokens[-1] += hidden.shape[0]
         return run_exit_head(
@@ -482,7 +483,7 @@ class _Pass:
         )
 
     def _decide(
-        self, stage: LLM, k: int, last: bool, reach: Tensor, hidden: Tensor, input_state: Optional[Tensor]
+        self, stage: Stage, k: int, last: bool, reach: Tensor, hidden: Tensor, input_state: Optional[Tensor]
     ) -> tuple[Tensor, Optional[Tensor]]:
         """Exit decision and scatter for one stage; returns (flat indices, hidden) of continuing tokens."""
         self.head_tokens.append(0)
@@ -516,7 +517,7 @@ class _Pass:
 
     def _route(
         self,
-        stage: LLM,
+        stage: Stage,
         k: int,
         last: bool,
         reach: Tensor,
@@ -579,7 +580,7 @@ class _Pass:
             return exit_fn(input_state, hidden, None)
 
     def _run_stage(
-        self, stage: LLM, k: int, reach: Tensor, state: Optional[Tensor], layouts: list[Layout], capture: bool
+        self, stage: Stage, k: int, reach: Tensor, state: Optional[Tensor], layouts: list[Layout], capture: bool
     ) -> tuple[Tensor, Optional[Tensor]]:
         """Run one stage over the tokens in ``reach``; return per-token hidden (and last-layer input)."""
         with self.probe.span(f"stage{k}.gather"):

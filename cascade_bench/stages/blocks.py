@@ -27,8 +27,8 @@ from ..models.hf_compat import attention_type_mask, causal_mask, layer_cache_key
 from ..models.masks import new_token_validity
 from .exits import ExitFunction
 from .families import LAYER_TYPE_MASKS, attention_types, config_for_layers, family_parts, layer_slice_recipe
-from .llm import StageOutput, check_threshold, logits_at_positions
-from .stage import StageBase
+from .llm import check_threshold, logits_at_positions
+from .stage import StageBase, StageOutput
 
 #: How non-last blocks exit: through the model's own final norm + lm_head ("shared"), a trainable copy
 #: of them ("own"), or the shared ones behind a trainable translator of the residual stream ("translator").

@@ -10,8 +10,8 @@ need **no logits**: a stage using one computes its ``lm_head`` only for the toke
   of ``lm_head`` (SVD; ``r*(d+V)`` MACs per token) or from the rows of a candidate vocabulary (the K
   most frequent ids; ``K*d`` MACs). An approximation of ``max_prob``: exact at r = min(d, V) or K = V.
 
-Rules are named by a spec string (``RULE_SPECS``): a built-in name, ``classifier``,
-``classifier-mlp``, ``lowrank:R`` or ``topk:K``.
+Rules are named by a spec string whose kind is one of ``rule_specs.RULE_KINDS`` (``untrained_rule``
+turns a spec into a rule, ``rule_from_spec`` a saved rule's shape into a module).
 """
 
 from __future__ import annotations
@@ -22,10 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .blocks import Block
-from .rule_specs import CLASSIFIER_TARGETS, RULE_SPECS, parse_rule_spec  # noqa: F401  (re-exported)
-
-#: Hidden units of ``classifier-mlp``.
-MLP_HIDDEN_UNITS = 64
+from .rule_specs import BUILTIN, CLASSIFIER, CLASSIFIER_TARGETS, LOW_RANK_HEAD, RULE_KINDS, parse_rule_spec
 
 
 class ExitClassifier(nn.Module):
@@ -200,29 +197,29 @@ def untrained_rule(spec: str, stage: nn.Module, candidate_ids: Optional[Tensor] 
     ``training.exit_classifier``) on the stage's device and dtype; or a reduced head cut from the
     stage's own (``lowrank:R``; ``topk:K`` from the first K of ``candidate_ids``, default ids 0..K-1)."""
     kind, size = parse_rule_spec(spec)
-    if kind in ("classifier", "classifier-mlp"):
-        rule = ExitClassifier(stage.hidden_size, MLP_HIDDEN_UNITS if kind == "classifier-mlp" else 0)
-        return rule.to(device=stage.device, dtype=stage.dtype)
-    if kind == "lowrank":
+    if kind.family == BUILTIN:
+        return kind.name
+    if kind.family == CLASSIFIER:
+        return ExitClassifier(stage.hidden_size, kind.hidden_units).to(device=stage.device, dtype=stage.dtype)
+    if kind.family == LOW_RANK_HEAD:
         return low_rank_max_prob(stage, size)
-    if kind == "topk":
-        ids = candidate_ids[:size] if candidate_ids is not None else torch.arange(size)
-        return top_k_max_prob(stage, ids)
-    return kind
+    return top_k_max_prob(stage, candidate_ids[:size] if candidate_ids is not None else torch.arange(size))
 
 
 def rule_from_spec(spec: dict, stage: nn.Module) -> nn.Module:
     """An untrained rule module of the saved shape (``ExitClassifier.spec`` / ``ReducedHeadMaxProb.spec``),
     on the stage's device and dtype, ready for ``load_state_dict``."""
     translator, norm, head = head_parts(stage)
-    kind = spec["kind"]
-    if kind == "classifier":
+    kind = RULE_KINDS.get(spec["kind"])
+    saved = [name for name, k in RULE_KINDS.items() if k.family != BUILTIN and not k.hidden_units]
+    if kind is None or kind.family == BUILTIN:
+        raise ValueError(f"unknown saved exit rule kind {spec['kind']!r}; expected one of {saved}")
+    if kind.family == CLASSIFIER:
         rule = ExitClassifier(spec["hidden_size"], spec["hidden_units"], spec["use_input_state"], spec["target"])
-    elif kind in ("lowrank", "topk"):
-        hidden, size, bias = spec["hidden_size"], spec["size"], spec["has_bias"]
-        down = nn.Linear(hidden, size, bias=False) if kind == "lowrank" else None
-        up = nn.Linear(size, spec["vocab_size"], bias=bias) if kind == "lowrank" else nn.Linear(hidden, size, bias=bias)
-        rule = ReducedHeadMaxProb(up, down, norm, rule_name=f"{kind}:{size}", translator=translator)
     else:
-        raise ValueError(f"unknown saved exit rule kind {kind!r}; expected 'classifier', 'lowrank' or 'topk'")
+        hidden, size, bias = spec["hidden_size"], spec["size"], spec["has_bias"]
+        low_rank = kind.family == LOW_RANK_HEAD
+        down = nn.Linear(hidden, size, bias=False) if low_rank else None
+        up = nn.Linear(size, spec["vocab_size"], bias=bias) if low_rank else nn.Linear(hidden, size, bias=bias)
+        rule = ReducedHeadMaxProb(up, down, norm, rule_name=f"{kind.name}:{size}", translator=translator)
     return rule.to(device=head.weight.device, dtype=head.weight.dtype)

@@ -62,14 +62,21 @@ def cos_sim(h_in: Tensor, h_out: Tensor, logits=None) -> Tensor:
     return torch.nn.functional.cosine_similarity(h_in.float(), h_out.float(), dim=-1)
 
 
-cos_sim.needs_logits = False  # type: ignore[attr-defined]
-
 BUILTIN_EXIT_FUNCTIONS: dict[str, Callable] = {
     "max_prob": max_prob,
     "cos_sim": cos_sim,
     "margin": margin,
     "neg_entropy": neg_entropy,
 }
+# What each built-in needs, declared on the function as a user's callable declares it (``exit_function``
+# reads these attributes): cos_sim reads the two states and no logits; the others the logits alone.
+for _fn, _logits, _input_state in (
+    (max_prob, True, False),
+    (margin, True, False),
+    (neg_entropy, True, False),
+    (cos_sim, False, True),
+):
+    _fn.needs_logits, _fn.needs_input_state = _logits, _input_state  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)
@@ -140,12 +147,7 @@ def resolve_exit_function(exit_fn: "str | Callable | ExitFunction") -> ExitFunct
             f"fn(h_in, h_out, logits), got {type(exit_fn).__name__}"
         )
     needs_logits = bool(getattr(fn, "needs_logits", True))
-    if fn is cos_sim:
-        needs_input_state = True
-    elif fn in BUILTIN_EXIT_FUNCTIONS.values():
-        needs_input_state = False
-    else:
-        needs_input_state = bool(getattr(fn, "needs_input_state", True))
+    needs_input_state = bool(getattr(fn, "needs_input_state", True))
     try:
         parameters = inspect.signature(fn).parameters
         accepts = "log_normalizer" in parameters and (

@@ -6,7 +6,6 @@ Inference only: training, timing and counting live in functions outside this cla
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -15,25 +14,7 @@ from torch import Tensor, nn
 from ..models.hf_compat import output_cache, with_cache
 from .exits import ExitFunction
 from .families import config_for_layers, family_parts, register_own_families
-from .stage import StageBase
-
-
-@dataclass
-class StageOutput:
-    """What one stage returns for a (R, L) batch.
-
-    hidden: (R, L, d) the state the next stage reads as ``inputs_embeds`` and ``stage.logits`` turns
-        into logits: an LLM's final hidden states after its final norm (``hidden_states[-1]``), a
-        Block's residual stream (its exit head applies the norm).
-    input_state: (R, L, d) input of the stage's last decoder layer, or None if not captured.
-    logits: (n, V) logits at the positions asked for (``logits_at``), in row-major order, or None.
-    cache: the extended key/value cache when the call used one, else None.
-    """
-
-    hidden: Tensor
-    input_state: Optional[Tensor] = None
-    logits: Optional[Tensor] = None
-    cache: object = None
+from .stage import StageBase, StageOutput
 
 
 def check_threshold(threshold) -> float:

@@ -8,12 +8,31 @@ a new kind of stage needs exactly them (``tests/stages/test_stage_protocol.py`` 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
 from .exits import ExitFunction, HoldsExitFunction
+
+
+@dataclass
+class StageOutput:
+    """What one stage returns for a (R, L) batch.
+
+    hidden: (R, L, d) the state the next stage reads as ``inputs_embeds`` and ``stage.logits`` turns
+        into logits: an LLM's final hidden states after its final norm (``hidden_states[-1]``), a
+        Block's residual stream (its exit head applies the norm).
+    input_state: (R, L, d) input of the stage's last decoder layer, or None if not captured.
+    logits: (n, V) logits at the positions asked for (``logits_at``), in row-major order, or None.
+    cache: the extended key/value cache when the call used one, else None.
+    """
+
+    hidden: Tensor
+    input_state: Optional[Tensor] = None
+    logits: Optional[Tensor] = None
+    cache: object = None
 
 
 @runtime_checkable
@@ -55,7 +74,21 @@ class Stage(Protocol):
     @property
     def layers(self) -> nn.ModuleList: ...
 
-    def forward(self, *args, **kwargs): ...
+    def forward(
+        self,
+        input_ids: Optional[Tensor] = None,
+        inputs_embeds: Optional[Tensor] = None,
+        attention_mask: Optional[Tensor] = None,
+        position_ids: Optional[Tensor] = None,
+        capture_input_state: bool = False,
+        logits_at: Optional[Tensor] = None,
+        cache=None,
+        use_cache: bool = False,
+    ) -> StageOutput:
+        """Token ids (R, L) (the first stage) or hidden states (R, L, d); ``capture_input_state``:
+        keep the input of the last layer (cos_sim reads it); ``logits_at``: a bool (R, L) mask of the
+        positions whose logits to return; ``cache``/``use_cache``: extend a key/value cache."""
+        ...
 
     def logits(self, hidden: Tensor) -> Tensor: ...
 

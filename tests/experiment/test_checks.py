@@ -6,7 +6,14 @@ import copy
 
 import pytest
 
-from cascade_bench.experiment.checks import format_checks, run_checks
+from cascade_bench.experiment import checks as checks_module
+from cascade_bench.experiment.checks import format_checks
+from cascade_bench.experiment.records import Record
+
+
+def run_checks(rows):
+    """The checks over hand-built rows (dicts, easy to edit in a test), read as the store reads them."""
+    return checks_module.run_checks([Record.from_dict(row) for row in rows])
 
 
 def _stage(stage, epochs, best, reason, cap=40):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import subprocess
@@ -62,7 +63,7 @@ def finished(tmp_path_factory):
 def test_run_writes_results_tables_plots_and_report(finished):
     config, paths = finished
     records = list(ResultsStore(paths["results"]))
-    ids = [r["point_id"] for r in records]
+    ids = [r.point_id for r in records]
     rules = ["cos_sim", "classifier", "lowrank:32"]  # the default exit_rules after the trained-with max_prob
     assert ids == [
         "full",
@@ -77,8 +78,9 @@ def test_run_writes_results_tables_plots_and_report(finished):
         *[f"kv[{policy}]@0.6" for policy in ("absent", "propagate", "recompute")],
         "oracle",
     ]
-    assert all(r["schema_version"] == SCHEMA_VERSION for r in records)
-    routed = next(r for r in records if r["point_id"] == "routed@0.6")
+    lines = [json.loads(line) for line in paths["results"].read_text().splitlines()]
+    assert all(line["schema_version"] == SCHEMA_VERSION for line in lines) and len(lines) == len(records)
+    routed = next(r for r in records if r.point_id == "routed@0.6")
     for key in (
         "ppl",
         "accuracy",
@@ -93,9 +95,9 @@ def test_run_writes_results_tables_plots_and_report(finished):
         "tokens_per_s",
         "peak_memory_bytes",
     ):
-        assert routed[key] is not None, key
+        assert getattr(routed, key) is not None, key
     # Counted at the anchors (baselines, the hard ratio nearest 0.5), analytic elsewhere: equal where both.
-    counted = {r["point_id"] for r in records if r.get("flops") is not None}
+    counted = {r.point_id for r in records if r.flops is not None}
     assert counted == {
         "full",
         "prefix-0",
@@ -105,18 +107,18 @@ def test_run_writes_results_tables_plots_and_report(finished):
         *[f"routed[{rule}]@0.6" for rule in rules],
         *[f"kv[{policy}]@0.6" for policy in ("absent", "propagate", "recompute")],
     }
-    assert all(r["flops"] == r["flops_analytic"] for r in records if r["point_id"] in counted)
-    assert routed["conditions"]["timed_batches"] == 1 and routed["conditions"]["batches"] == 2
+    assert all(r.flops == r.flops_analytic for r in records if r.point_id in counted)
+    assert routed.conditions["timed_batches"] == 1 and routed.conditions["batches"] == 2
     # the FLOPs a wall time compares with: the timed batch alone, a part of the scored batches' count
-    assert 0 < routed["flops_analytic_timed"] < routed["flops_analytic"]
-    assert routed["conditions"]["flops_counted"]
-    assert "FLOPs counted with FlopCounterMode on the baselines" in routed["conditions"]["measured"]
-    training = routed["conditions"]["training"]
+    assert 0 < routed.flops_analytic_timed < routed.flops_analytic
+    assert routed.conditions["flops_counted"]
+    assert "FLOPs counted with FlopCounterMode on the baselines" in routed.conditions["measured"]
+    training = routed.conditions["training"]
     assert training["protocol"] == "ashem" and training["stage_kind"] == "block"
     assert [s["stop_reason"] for s in training["stages"]] == ["epoch cap", "epoch cap"]
     assert [s["epochs"] for s in training["stages"]] == [1, 1] and training["stages"][1]["lr"] == 1e-4
-    dense = next(r for r in records if r["point_id"] == "dense")
-    assert dense["conditions"]["dense_training"]["stop_reason"] == "epoch cap"
+    dense = next(r for r in records if r.point_id == "dense")
+    assert dense.conditions["dense_training"]["stop_reason"] == "epoch cap"
     for key in (
         "dataset",
         "split",
@@ -132,7 +134,7 @@ def test_run_writes_results_tables_plots_and_report(finished):
         "transformers",
         "git_commit",
     ):
-        assert key in routed["conditions"], key
+        assert key in routed.conditions, key
     tables = paths["tables"]
     paper = pd.read_csv(tables / "tiny.paper.csv")
     assert list(paper.columns) == [
@@ -157,18 +159,18 @@ def test_run_writes_results_tables_plots_and_report(finished):
         "oracle bound",
     ]  # 0.6 is nearest 0.5
     assert paper.iloc[0]["decision share of FLOPs"] == 0.0
-    by_id = {r["point_id"]: r for r in records}
+    by_id = {r.point_id: r for r in records}
     # max_prob decides with stage 0's full head on every token reaching it; logit-free rules do not.
-    assert by_id["routed@0.6"]["decision_flops"] > by_id["routed[cos_sim]@0.6"]["decision_flops"] == 0
-    assert 0 < by_id["routed[classifier]@0.6"]["decision_flops"] < by_id["routed@0.6"]["decision_flops"]
+    assert by_id["routed@0.6"].decision_flops > by_id["routed[cos_sim]@0.6"].decision_flops == 0
+    assert 0 < by_id["routed[classifier]@0.6"].decision_flops < by_id["routed@0.6"].decision_flops
     # rank 32 = the tiny preset's hidden size: the low-rank head is exact, so it decides like max_prob
-    assert by_id["routed[lowrank:32]@0.6"]["agreement_with_max_prob"] == 1.0
-    assert by_id["routed[lowrank:32]@0.6"]["tokens_exited"] == by_id["routed@0.6"]["tokens_exited"]
+    assert by_id["routed[lowrank:32]@0.6"].agreement_with_max_prob == 1.0
+    assert by_id["routed[lowrank:32]@0.6"].tokens_exited == by_id["routed@0.6"].tokens_exited
     rules_table = pd.read_csv(tables / "tiny.rules.csv")
     assert list(rules_table["exit rule"]) == ["max_prob (trained with)", *rules]
     risk = pd.read_csv(tables / "tiny.risk.csv")
     assert list(risk["exit rule"]) == ["max_prob", *rules] and set(risk.delta) == {0.1}
-    assert {"torch", "transformers", "install", "git_commit"} <= set(by_id["oracle"]["conditions"])
+    assert {"torch", "transformers", "install", "git_commit"} <= set(by_id["oracle"].conditions)
     # risk control tested on the odd batches of its own held-out part of validation (the last 4)
     data = prepare_data(
         config.corpus,
@@ -179,20 +181,20 @@ def test_run_writes_results_tables_plots_and_report(finished):
         cache_dir=paths["tokenizers"],
     )
     held = data.validation[-config.risk_batches :]
-    assert config.risk_batches == 4 and routed["conditions"]["validation_batches_held_out"] == 4
+    assert config.risk_batches == 4 and routed.conditions["validation_batches_held_out"] == 4
     testing_tokens = sum(int((batch["targets"] != IGNORE_INDEX).sum()) for batch in held[1::2])
     for rule in ["max_prob", *rules]:
-        control = by_id[f"risk[{rule}]"]["risk_control"]
+        control = by_id[f"risk[{rule}]"].risk_control
         assert control["tokens"] == testing_tokens and control["calibration"].startswith("held out: the last 4")
         assert control["empirical_risk"] <= control["upper_bound"] or control["bound"] == "exact"
-        assert 0 <= by_id[f"risk[{rule}]"]["realised_risk"] <= 1
+        assert 0 <= by_id[f"risk[{rule}]"].realised_risk <= 1
     # K/V policies at the routed point's thresholds: padded batching decides exactly as bucketed does,
     # stage 0 is the same under every policy, and each policy's extra work is what it says.
     kv = pd.read_csv(tables / "tiny.kv.csv").set_index("K/V policy")
     routed_06 = by_id["routed@0.6"]
-    assert math.isclose(kv.loc["absent", "PPL"], routed_06["ppl"], rel_tol=1e-6)
-    assert set(kv["exit at stage 0"]) == {routed_06["exit_ratios"][0]}
-    assert kv.loc["propagate", "propagated K/V (token x stage)"] == routed_06["tokens_exited"][0]
+    assert math.isclose(kv.loc["absent", "PPL"], routed_06.ppl, rel_tol=1e-6)
+    assert set(kv["exit at stage 0"]) == {routed_06.exit_ratios[0]}
+    assert kv.loc["propagate", "propagated K/V (token x stage)"] == routed_06.tokens_exited[0]
     assert kv.loc["recompute", "recomputed tokens"] > 0 == kv.loc["absent", "recomputed tokens"]
     assert kv.loc["recompute", "layer cost"] > kv.loc["absent", "layer cost"] == kv.loc["propagate", "layer cost"]
     assert kv.loc["propagate", "FLOP ratio"] > kv.loc["absent", "FLOP ratio"]
@@ -214,7 +216,7 @@ def test_run_writes_results_tables_plots_and_report(finished):
         row = wall_flops.set_index("hard ratio").loc[ratio]
         point = by_id[f"routed@{ratio}"]
         assert math.isclose(
-            row["FLOP ratio (timed batches)"], point["flops_analytic_timed"] / by_id["full"]["flops_analytic_timed"]
+            row["FLOP ratio (timed batches)"], point.flops_analytic_timed / by_id["full"].flops_analytic_timed
         )
         assert math.isclose(row["wall - FLOP"], row["wall ratio"] - row["FLOP ratio (timed batches)"])
     assert math.isclose(wall_flops["wall - FLOP"].iloc[-1], wall_flops["wall - FLOP"].iloc[:2].median())
@@ -255,12 +257,12 @@ def test_an_interrupted_sweep_resumes_to_the_same_records(finished, tmp_path):
     partial = ResultsStore(tmp_path / "results" / "tiny.jsonl")
     assert len(partial) == 3
     run_experiment(resumed, progress=False)  # picks up where it stopped
-    again = {r["point_id"]: r for r in ResultsStore(tmp_path / "results" / "tiny.jsonl")}
-    whole = {r["point_id"]: r for r in ResultsStore(paths["results"])}
+    again = {r.point_id: r for r in ResultsStore(tmp_path / "results" / "tiny.jsonl")}
+    whole = {r.point_id: r for r in ResultsStore(paths["results"])}
     assert list(again) == list(whole)
     for point_id, record in whole.items():
         for key in QUALITY:
-            assert _same(again[point_id].get(key), record.get(key)), (point_id, key)
+            assert _same(getattr(again[point_id], key), getattr(record, key)), (point_id, key)
 
 
 def _same(a, b) -> bool:
@@ -303,7 +305,7 @@ def test_compare_runs_of_two_protocols_at_matched_flops_sharing_one_dense_model(
     dense_folders = list((config.out_dir / "models").glob("dense-*"))
     assert len(dense_folders) == 1  # trained once, reused by the second protocol
     records = list(ResultsStore(config.out_dir / "results" / "tiny-cascade.jsonl"))
-    assert records[0]["conditions"]["training"]["stage_kind"] == "llm"
+    assert records[0].conditions["training"]["stage_kind"] == "llm"
     stem = tmp_path / "cmp"
     assert main(["compare", "tiny", "tiny-cascade", "--out", config.out, "--to", str(stem)]) == 0
     table = pd.read_csv(stem.with_suffix(".csv"))
@@ -316,10 +318,10 @@ def test_compare_runs_of_two_protocols_at_matched_flops_sharing_one_dense_model(
     same_rule = pd.read_csv(stem.with_suffix(".csv"))
     assert list(same_rule["exit rule"]) == ["max_prob", "max_prob", "no exit"]
     cascade_records = list(ResultsStore(config.out_dir / "results" / "tiny-cascade.jsonl"))
-    by_rule = {r["exit_rule"]: r for r in cascade_records if r["method"] == "routed" and r["hard_ratio"] == 0.6}
+    by_rule = {r.exit_rule: r for r in cascade_records if r.method == "routed" and r.hard_ratio == 0.6}
     assert set(by_rule) == {"max_prob", "cos_sim"}
-    assert same_rule.loc[1, "routed @ hard 0.6 PPL"] == pytest.approx(by_rule["max_prob"]["ppl"])
-    assert table.loc[1, "routed @ hard 0.6 PPL"] == pytest.approx(by_rule["cos_sim"]["ppl"])
+    assert same_rule.loc[1, "routed @ hard 0.6 PPL"] == pytest.approx(by_rule["max_prob"].ppl)
+    assert table.loc[1, "routed @ hard 0.6 PPL"] == pytest.approx(by_rule["cos_sim"].ppl)
     assert table["full depth FLOPs ratio"].tolist() == [1.0, 1.0, 1.0]  # same layers, one head at the end
     assert table.loc[2, "PPL @ 1x FLOPs"] == table.loc[2, "full depth PPL"]
     assert "| method |" in capsys.readouterr().out
@@ -329,13 +331,13 @@ def test_compare_runs_of_two_protocols_at_matched_flops_sharing_one_dense_model(
     assert seed.loc["hard PPL after", "ASHEM seed (published)"] == 668.08
     assert seed.loc["hard tokens trained on", "ASHEM seed (published)"] == 32768 == 256 * 128
     stage1 = next(
-        s for s in next(iter(ResultsStore(paths["results"])))["conditions"]["training"]["stages"] if s["stage"] == 1
+        s for s in next(iter(ResultsStore(paths["results"]))).conditions["training"]["stages"] if s["stage"] == 1
     )
     assert seed.loc["hard tokens trained on", "tiny"] == stage1["hard_tokens_trained_on"]
     assert seed.loc["stage-1 best epoch", "tiny"] == stage1["best_epoch"]
     assert seed.loc["stage-1 trainable parameters", "tiny"] == stage1["trainable_parameters"] > 0
-    prefix = next(r for r in ResultsStore(paths["results"]) if r["point_id"] == "prefix-0")
-    assert seed.loc["stage-0 PPL", "tiny"] == pytest.approx(prefix["ppl"])
+    prefix = next(r for r in ResultsStore(paths["results"]) if r.point_id == "prefix-0")
+    assert seed.loc["stage-0 PPL", "tiny"] == pytest.approx(prefix.ppl)
     capsys.readouterr()
     assert main(["compare", "tiny", "missing", "--out", config.out]) == 2
     assert "no results for run 'missing'" in capsys.readouterr().err
@@ -357,11 +359,11 @@ def test_leaky_and_leak_free_runs_share_one_trained_stage0(finished, monkeypatch
     assert trained == [(1, 1)]  # stage 0 loaded from the first run; only stage 1 trained
     assert (paths["stage0"] / "cascade.json").exists()
     first, second = (
-        next(r for r in ResultsStore(p) if r["point_id"] == "prefix-0")
+        next(r for r in ResultsStore(p) if r.point_id == "prefix-0")
         for p in (paths["results"], config.out_dir / "results" / "tiny-leaky.jsonl")
     )
-    assert first["conditions"]["training"]["stages"][0] == second["conditions"]["training"]["stages"][0]
-    assert second["conditions"]["training"]["stages"][1]["stage"] == 1
+    assert first.conditions["training"]["stages"][0] == second.conditions["training"]["stages"][0]
+    assert second.conditions["training"]["stages"][1]["stage"] == 1
 
 
 def test_patience_replaces_the_protocols_and_keys_what_it_trains():
@@ -509,7 +511,7 @@ def test_run_on_a_saved_checkpoint_folder_cuts_it_into_blocks(tmp_path, capsys):
     ]
     assert main(argv) == 0
     records = list(ResultsStore(out / "results" / "blocks.jsonl"))
-    assert [r["point_id"] for r in records] == [
+    assert [r.point_id for r in records] == [
         "full",
         "prefix-0",
         "prefix-1",
@@ -520,11 +522,11 @@ def test_run_on_a_saved_checkpoint_folder_cuts_it_into_blocks(tmp_path, capsys):
         "kv[recompute]@0.5",
         "oracle",
     ]
-    training = records[0]["conditions"]["training"]
+    training = records[0].conditions["training"]
     assert training["layers_per_block"] == [1, 1, 1] and training["block_heads"] == "trained"
     assert len(training["exit_heads_val_ppl_after"]) == 2
-    routed = next(r for r in records if r["method"] == "routed")
-    assert 0 < routed["tokens_entered"][2] < routed["tokens_entered"][0]
+    routed = next(r for r in records if r.method == "routed")
+    assert 0 < routed.tokens_entered[2] < routed.tokens_entered[0]
     report = (out / "blocks.report.md").read_text()
     assert "unsplit model" in report and "block 0 alone" in report and "cut into blocks" in report
     assert "Costs are relative to the unsplit model" in report
@@ -556,9 +558,9 @@ def test_a_memory_layer_preset_trains_and_evaluates_through_run(tmp_path):
     )
     paths = run_experiment(config, progress=False)
     records = list(ResultsStore(paths["results"]))
-    assert [r["point_id"] for r in records] == ["full", "dense", "routed@0.3", "routed@0.6"]
-    assert all(r["flops"] == r["flops_analytic"] for r in records if r.get("flops") is not None)
-    assert all(math.isfinite(r["ppl"]) for r in records)
+    assert [r.point_id for r in records] == ["full", "dense", "routed@0.3", "routed@0.6"]
+    assert all(r.flops == r.flops_analytic for r in records if r.flops is not None)
+    assert all(math.isfinite(r.ppl) for r in records)
     report = paths["report"].read_text()
     assert "preset memory-tiny" in report and "Not run: kv[policy], because K/V policies need every layer" in report
 
@@ -602,14 +604,14 @@ def test_torchrun_two_ranks_measure_what_one_process_measured(finished, tmp_path
     done = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("tiny-ranks: done in") == 1
-    single = {r["point_id"]: r for r in ResultsStore(paths["results"])}
-    parallel = {r["point_id"]: r for r in ResultsStore(out / "results" / "tiny-ranks.jsonl")}
+    single = {r.point_id: r for r in ResultsStore(paths["results"])}
+    parallel = {r.point_id: r for r in ResultsStore(out / "results" / "tiny-ranks.jsonl")}
     assert list(parallel) == list(single)
     for point_id, record in parallel.items():
-        assert record["conditions"]["ranks"] == 2 and single[point_id]["conditions"].get("ranks", 1) == 1
+        assert record.conditions["ranks"] == 2 and single[point_id].conditions.get("ranks", 1) == 1
         for key in ("tokens", "exit_ratios", "tokens_entered", "thresholds", "flops", "flops_analytic", "layer_cost"):
-            assert record.get(key) == single[point_id].get(key), (point_id, key)
-        assert record["ppl"] == pytest.approx(single[point_id]["ppl"], rel=1e-9), point_id
+            assert getattr(record, key) == getattr(single[point_id], key), (point_id, key)
+        assert record.ppl == pytest.approx(single[point_id].ppl, rel=1e-9), point_id
     assert "2 processes" in (out / "tiny-ranks.report.md").read_text()
     assert sorted(p.name for p in (out / "models").iterdir()) == sorted(
         p.name for p in (Path(config.out) / "models").iterdir()

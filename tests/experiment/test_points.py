@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import json
 import math
-import types
 from pathlib import Path
 
 import pytest
 import torch
 
 from cascade_bench.experiment.config import make_config
+from cascade_bench.experiment.point_measures import METHODS
 from cascade_bench.experiment.points import Point, anchor_ratio, plan_points
-from cascade_bench.experiment.records import Record, record_differences
+from cascade_bench.experiment.records import Method, Record, record_differences
 from cascade_bench.experiment.results_store import SCHEMA_VERSION, ResultsStore
 from cascade_bench.routing.passes import forward_cascade
 from tests.experiment.test_experiment import TINY
@@ -69,9 +69,9 @@ def test_blocks_have_no_dense_point_and_memory_layers_no_kv_points():
     assert "dense" not in ids and not any(i.startswith("kv[") for i in ids) and ids[-1] == "oracle"
 
 
-def _record(**fields) -> dict:
+def _record(**fields) -> Record:
     base = dict(point_id="routed@0.5", method="routed", hard_ratio=0.5, ppl=12.5, tokens=10, time_median_s=0.1)
-    return {**base, **fields}
+    return Record(**{**base, **fields})
 
 
 def test_the_oracle_writes_no_pass_fields_and_a_pass_writes_all_of_them():
@@ -105,7 +105,7 @@ def test_record_differences_ignore_the_clock_and_name_every_other_field():
         )
     ]
     assert record_differences(a, b) == []
-    assert record_differences(a, [_record(ppl=12.5000001, conditions=a[0]["conditions"])]) == [
+    assert record_differences(a, [_record(ppl=12.5000001, conditions=a[0].conditions)]) == [
         "routed@0.5: ppl 12.5 != 12.5000001",
         "routed@0.5: rule_training [{'seconds': 1.0}] != None",
     ]
@@ -132,7 +132,7 @@ def test_across_cpus_counts_are_compared_to_the_tolerance_and_every_field_s_drif
     # what says what was measured stays exact: another number of scored tokens is another experiment
     assert record_differences(
         a,
-        [_record(tokens=11, **{k: b[0][k] for k in ("tokens_entered", "ppl", "exit_ratios")}), b[1]],
+        [_record(tokens=11, **{k: getattr(b[0], k) for k in ("tokens_entered", "ppl", "exit_ratios")}), b[1]],
         rel=0.5,
         counts=True,
     ) == ["routed@0.5: tokens 10 != 11"]
@@ -152,7 +152,7 @@ def test_across_cpus_counts_are_compared_to_the_tolerance_and_every_field_s_drif
 @pytest.mark.parametrize("path", sorted(PUBLISHED.glob("*.jsonl")), ids=lambda p: p.name)
 def test_every_published_record_reads_as_a_record(path):
     records = list(ResultsStore(path))
-    assert records and all(Record.from_dict(r).point_id == r["point_id"] for r in records)
+    assert records and all(isinstance(r, Record) and Record.from_dict(r.as_dict()) == r for r in records)
 
 
 def test_a_point_reruns_its_pass_at_the_thresholds_its_record_holds():
@@ -162,15 +162,16 @@ def test_a_point_reruns_its_pass_at_the_thresholds_its_record_holds():
         confidence = forward_cascade(cascade, ids, None, ids, thresholds=[math.inf, math.inf]).stage_confidence[0]
     thresholds = [float(confidence.median()), math.inf]  # about half the tokens exit at stage 0
     batch = {"input_ids": ids, "targets": ids}
-    sweep = types.SimpleNamespace(cascade=cascade)
     point = Point("routed@0.5", "routed", "max_prob", hard_ratio=0.5, batching="padded")
     record = Record(point_id=point.id, method="routed", thresholds=thresholds)
-    (call,) = point.calls(sweep, [batch], record)
+    arguments = METHODS[point.method].pass_arguments(point, record)
     with torch.no_grad():
-        rerun, direct = call(), forward_cascade(cascade, ids, None, ids, thresholds=thresholds, batching="padded")
+        rerun = forward_cascade(cascade, batch["input_ids"], None, batch["targets"], **arguments)
+        direct = forward_cascade(cascade, ids, None, ids, thresholds=thresholds, batching="padded")
     assert 0 < rerun.tokens_exited[0] < ids.numel()
     assert rerun.tokens_exited == direct.tokens_exited and torch.equal(rerun.exit_stage, direct.exit_stage)
-    assert Point("oracle", "oracle", "max_prob").calls(sweep, [batch], record) is None
+    assert METHODS[Method.ORACLE].pass_arguments is None
+    assert set(METHODS) == set(Method)
 
 
 def test_the_back_to_back_wall_ratio_synchronises_on_the_cascade_s_device(text, monkeypatch):
@@ -186,7 +187,18 @@ def test_the_back_to_back_wall_ratio_synchronises_on_the_cascade_s_device(text, 
     config = make_config({**TINY, "hard_ratios": (0.5,), "timing_repeats": 1})
     cascade = tiny_ensemble("gpt2-tiny")
     batches = [{"input_ids": token_batch(text, 2, 16, offset=300 * k)} for k in range(2)]
-    sweep = Sweep(config, cascade, [], batches, batches, [], {}, ONE_PROCESS, lambda: None, 1)
+    sweep = Sweep(
+        config,
+        cascade,
+        train=[],
+        validation=batches,
+        test=batches,
+        risk_calibration=[],
+        conditions={},
+        ranks=ONE_PROCESS,
+        dense_model=lambda: None,
+        timing_batches=1,
+    )
     point = next(p for p in plan_points(config, 2) if p.id == "routed@0.5")
     record = sweep.measure(point)
     assert record.wall_ratio_interleaved > 0

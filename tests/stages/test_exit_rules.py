@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 from cascade_bench import calibrate_thresholds, measure_cost, routed_forward
 from cascade_bench.measure.flops import count_pass_flops
@@ -16,9 +17,11 @@ from cascade_bench.stages.exit_rules import (
     parse_rule_spec,
     rule_from_spec,
     top_k_max_prob,
+    untrained_rule,
 )
 from cascade_bench.stages.exits import max_prob
 from cascade_bench.stages.presets import build_blocks
+from cascade_bench.stages.rule_specs import RULE_KINDS
 from cascade_bench.training.persistence import load_ensemble, save_ensemble
 from tests.helpers import FAMILIES, KINDS, tiny_ensemble, token_batch
 
@@ -207,8 +210,8 @@ def test_bad_rule_arguments_name_the_value():
         parse_rule_spec("softmax")
     with pytest.raises(ValueError, match="target must be one of"):
         ExitClassifier(d, target="agreement")
-    assert parse_rule_spec("topk:128") == ("topk", 128)
-    assert parse_rule_spec("classifier") == ("classifier", None)
+    assert parse_rule_spec("topk:128") == (RULE_KINDS["topk"], 128)
+    assert parse_rule_spec("classifier") == (RULE_KINDS["classifier"], None)
     assert math.isfinite(float(low_rank_max_prob(ensemble[0], 2).macs_per_token()))
 
 
@@ -243,3 +246,22 @@ def test_every_spec_becomes_its_rule_in_one_place():
     torch.testing.assert_close(top.up.weight, head[[7, 2, 9]])  # the first 3 candidates' rows of the head
     with pytest.raises(ValueError, match="unknown exit rule 'nope'"):
         untrained_rule("nope", stage)
+
+
+def test_every_rule_kind_builds_a_rule_and_says_what_it_is():
+    """The registry is the one place a kind is described: each builds, and each answers the questions
+    the sweep, the config and the cost model ask (trained? approximates max_prob? what bounds a size?)."""
+    stage = tiny_ensemble("gpt2-tiny")[0]
+    for name, kind in RULE_KINDS.items():
+        spec = f"{name}:4" if kind.size else name
+        rule = untrained_rule(spec, stage)
+        assert (rule == name) if kind.family == "builtin" else isinstance(rule, nn.Module), name
+        assert kind.trained == isinstance(rule, ExitClassifier), name
+        assert kind.approximates_max_prob == (kind.family in ("low_rank_head", "top_k_head")), name
+    assert RULE_KINDS["lowrank"].misfit(17, hidden_size=16, vocab_size=300) == (
+        "'lowrank:17' needs a rank in [1, 16] (the smaller of the hidden size 16 and the vocabulary 300)"
+    )
+    assert RULE_KINDS["topk"].misfit(300, hidden_size=16, vocab_size=300) is None
+    assert RULE_KINDS["max_prob"].misfit(None, hidden_size=16, vocab_size=300) is None
+    with pytest.raises(ValueError, match=r"unknown exit rule 'lowrnk:4'; expected one of .*'lowrank:R'"):
+        parse_rule_spec("lowrnk:4")
