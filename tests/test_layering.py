@@ -29,6 +29,7 @@ LAYERS = (
     "experiment",
     "bench",
     "harness",
+    "commands",
     "cli",
     "__main__",
 )
@@ -45,9 +46,10 @@ ALLOWED: dict[str, frozenset[str]] = {
     "experiment": frozenset({"data", "models", "stages", "measure", "routing", "training", "cost"}),
     "bench": frozenset({"data", "models", "stages", "measure", "routing", "training", "cost", "experiment"}),
     "harness": frozenset({"data", "models", "stages", "measure", "routing", "training", "cost", "experiment"}),
-    "cli": frozenset(
+    "commands": frozenset(
         {"data", "models", "stages", "measure", "routing", "training", "cost", "experiment", "bench", "harness"}
     ),
+    "cli": frozenset({"measure", "commands", "experiment"}),
     "__init__": frozenset({"data", "models", "stages", "measure", "routing", "training", "cost"}),
     "__main__": frozenset({"cli"}),  # ``python -m cascade_bench`` (and torchrun -m): the CLI only
 }
