@@ -21,6 +21,7 @@ from typing import Sequence
 import torch
 
 from ..data.corpus import EMBEDDED_BYTES, embedded_byte_windows
+from ..data.markdown import markdown_table
 from ..data.storage import write_json_atomic
 from ..measure.environment import environment_conditions
 from ..measure.flops import count_pass_flops
@@ -128,19 +129,27 @@ def bench_blocks(
 
 def format_block_table(rows: Sequence[BlockBenchRow]) -> str:
     """Markdown table of the rows."""
-    lines = [
-        "| exit rule | hard ratio per block | exits per block | layer cost | GFLOPs | FLOP ratio | "
-        "exit-head GFLOPs | heads' share | routed ms | unsplit ms | wall ratio |",
-        "|" + "|".join([" --- "] * 11) + "|",
-    ]
-    for r in rows:
-        exits = " / ".join(f"{e:.0%}" for e in r.exit_ratios)
-        lines.append(
-            f"| {r.exit_fn} | {r.hard_ratio:g} | {exits} | {r.layer_cost:.3f} | {r.flops / 1e9:.2f} | "
-            f"{r.flop_ratio:.3f} | {r.head_flops / 1e9:.2f} | {r.head_share:.1%} | "
-            f"{r.median_s * 1e3:.1f} | {r.median_s_unsplit * 1e3:.1f} | {r.wall_ratio:.3f} |"
-        )
-    return "\n".join(lines)
+    header = (
+        "exit rule, hard ratio per block, exits per block, layer cost, GFLOPs, FLOP ratio, exit-head GFLOPs, "
+        "heads' share, routed ms, unsplit ms, wall ratio"
+    ).split(", ")
+    cells = (
+        [
+            r.exit_fn,
+            f"{r.hard_ratio:g}",
+            " / ".join(f"{e:.0%}" for e in r.exit_ratios),
+            f"{r.layer_cost:.3f}",
+            f"{r.flops / 1e9:.2f}",
+            f"{r.flop_ratio:.3f}",
+            f"{r.head_flops / 1e9:.2f}",
+            f"{r.head_share:.1%}",
+            f"{r.median_s * 1e3:.1f}",
+            f"{r.median_s_unsplit * 1e3:.1f}",
+            f"{r.wall_ratio:.3f}",
+        ]
+        for r in rows
+    )
+    return markdown_table(header, cells)
 
 
 def write_block_bench(rows: Sequence[BlockBenchRow], conditions: dict, path: "Path | str") -> None:

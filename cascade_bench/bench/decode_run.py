@@ -11,6 +11,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from ..data.markdown import markdown_table
 from ..data.prompt_suite import PROMPT_SETS, SUITE_VERSION, prompt_suite, read_prompts_file
 from ..data.storage import write_json_atomic, write_text_atomic
 from ..data.tokenization import check_tokenizer_folder
@@ -444,31 +445,44 @@ def _cell(value: float, digits: int = 2) -> str:
     return "" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
 
 
+#: The decode table's columns, and which of them are right-aligned (the numbers).
+DECODE_COLUMNS = (
+    "method, set, tokens/s, speedup (95% CI), baseline, same tokens, NLL, p50 / p95 ms, acceptance, tokens / round, "
+    "c, v, predicted, realisation, GFLOP / token, x floor"
+).split(", ")
+_RIGHT = [False, False, True, False, False, True, True, False] + [True] * 8
+
+
+def _decode_cells(r: DecodeRow) -> list[str]:
+    low, high = r.speedup_interval
+    interval = f" ({low:.2f}-{high:.2f})" if math.isfinite(low) else ""
+    latency = f"{r.latency_p50_ms:.1f} / {r.latency_p95_ms:.1f}" if math.isfinite(r.latency_p50_ms) else ""
+    return [
+        r.method,
+        r.prompt_set,
+        f"{r.tokens_per_s:.1f}",
+        f"{r.speedup:.2f}x{interval}",
+        r.baseline,
+        f"{r.same_tokens:.3f}",
+        _cell(r.continuation_nll, 3),
+        latency,
+        _cell(r.acceptance),
+        _cell(r.tokens_per_round),
+        _cell(r.draft_cost, 3),
+        _cell(r.verify_cost),
+        _cell(r.predicted_speedup),
+        _cell(r.realisation),
+        _cell(r.flops_per_token / 1e9, 3),
+        _cell(r.floor_multiple, 1),
+    ]
+
+
 def format_decode_tables(rows: Sequence[DecodeRow], conditions: dict) -> str:
     """One Markdown table per batch size (rows: method x prompt set)."""
     parts = []
     for batch in sorted({r.batch_size for r in rows}):
-        parts.append(
-            f"### Batch {batch}\n\n"
-            "| method | set | tokens/s | speedup (95% CI) | baseline | same tokens | NLL | p50 / p95 ms | acceptance | "
-            "tokens / round | c | v | predicted | realisation | GFLOP / token | x floor |\n"
-            "| --- | --- | ---: | --- | --- | ---: | ---: | --- |" + " ---: |" * 8
-        )
-        for r in rows:
-            if r.batch_size != batch:
-                continue
-            low, high = r.speedup_interval
-            interval = f" ({low:.2f}-{high:.2f})" if math.isfinite(low) else ""
-            latency = f"{r.latency_p50_ms:.1f} / {r.latency_p95_ms:.1f}" if math.isfinite(r.latency_p50_ms) else ""
-            parts.append(
-                f"| {r.method} | {r.prompt_set} | {r.tokens_per_s:.1f} | {r.speedup:.2f}x"
-                f"{interval} | {r.baseline} | {r.same_tokens:.3f} | {_cell(r.continuation_nll, 3)} | "
-                f"{latency} | {_cell(r.acceptance)} | "
-                f"{_cell(r.tokens_per_round)} | {_cell(r.draft_cost, 3)} | {_cell(r.verify_cost)} | "
-                f"{_cell(r.predicted_speedup)} | {_cell(r.realisation)} | {_cell(r.flops_per_token / 1e9, 3)} | "
-                f"{_cell(r.floor_multiple, 1)} |"
-            )
-        parts.append("")
+        table = markdown_table(DECODE_COLUMNS, (_decode_cells(r) for r in rows if r.batch_size == batch), _RIGHT)
+        parts += [f"### Batch {batch}\n\n{table}", ""]
     floor = conditions["floor"]
     parts.append(
         f"Floor: {floor['weight_bytes'] / 1e6:.0f} MB of weights over {floor['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s "

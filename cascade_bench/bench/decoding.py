@@ -32,6 +32,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
+from ..data.markdown import markdown_table
 from ..data.storage import write_json_atomic
 from ..routing.generation import generate
 from ..routing.passes import forward_cascade
@@ -434,40 +435,55 @@ SPEEDUP_CAPTION = (
 )
 
 
+def _shown(value, spec: str) -> str:
+    return "n/a" if isinstance(value, float) and math.isnan(value) else format(value, spec)
+
+
 def format_decoding_table(rows: Sequence[DecodingRow]) -> str:
-    lines = [
-        "| batch | variant | K/V | exit after stage 0 | layer cost | stage-1 rows/step | ms/token | "
-        "tokens/s | speedup vs full | full / this | same tokens | common prefix | continuation NLL | acceptance |",
-        "|" + "|".join([" --- "] * 14) + "|",
-    ]
-    for r in rows:
-
-        def show(x, fmt):
-            return "n/a" if isinstance(x, float) and math.isnan(x) else format(x, fmt)
-
-        lines.append(
-            f"| {r.batch_size} | {r.variant} | {r.kv_policy if r.exit_policy == 'per_token' else '-'} | "
-            f"{show(r.decode_exit_ratio, '.1%')} | {show(r.layer_cost, '.3f')} | "
-            f"{show(r.stage1_rows_per_step, '.2f')} | {r.seconds_per_token * 1e3:.3f} | "
-            f"{1 / r.seconds_per_token:,.0f} | {r.speedup:.3f} | "
-            f"{r.seconds_per_token_full / r.seconds_per_token:.3f} | {r.same_tokens:.3f} | "
-            f"{r.common_prefix:.3f} | {r.continuation_nll:.3f} | {show(r.acceptance_rate, '.1%')} |"
-        )
-    return "\n".join(lines)
+    header = (
+        "batch, variant, K/V, exit after stage 0, layer cost, stage-1 rows/step, ms/token, tokens/s, speedup vs "
+        "full, full / this, same tokens, common prefix, continuation NLL, acceptance"
+    ).split(", ")
+    cells = (
+        [
+            r.batch_size,
+            r.variant,
+            r.kv_policy if r.exit_policy == "per_token" else "-",
+            _shown(r.decode_exit_ratio, ".1%"),
+            _shown(r.layer_cost, ".3f"),
+            _shown(r.stage1_rows_per_step, ".2f"),
+            f"{r.seconds_per_token * 1e3:.3f}",
+            f"{1 / r.seconds_per_token:,.0f}",
+            f"{r.speedup:.3f}",
+            f"{r.seconds_per_token_full / r.seconds_per_token:.3f}",
+            f"{r.same_tokens:.3f}",
+            f"{r.common_prefix:.3f}",
+            f"{r.continuation_nll:.3f}",
+            _shown(r.acceptance_rate, ".1%"),
+        ]
+        for r in rows
+    )
+    return markdown_table(header, cells)
 
 
 def format_teacher_forced_table(rows: Sequence[TeacherForcedRow]) -> str:
-    lines = [
-        "| K/V policy | PPL | exit at stage 0 | layer cost | counted FLOP ratio | recomputed tokens | "
-        "propagated K/V (token x stage) |",
-        "|" + "|".join([" --- "] * 7) + "|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r.kv_policy} | {r.ppl:.3f} | {r.exit_ratio_stage0:.3f} | {r.layer_cost:.3f} | "
-            f"{r.flop_ratio:.3f} | {r.recomputed_tokens:,} | {r.propagated_tokens:,} |"
-        )
-    return "\n".join(lines)
+    header = (
+        "K/V policy, PPL, exit at stage 0, layer cost, counted FLOP ratio, recomputed tokens, "
+        "propagated K/V (token x stage)"
+    ).split(", ")
+    cells = (
+        [
+            r.kv_policy,
+            f"{r.ppl:.3f}",
+            f"{r.exit_ratio_stage0:.3f}",
+            f"{r.layer_cost:.3f}",
+            f"{r.flop_ratio:.3f}",
+            f"{r.recomputed_tokens:,}",
+            f"{r.propagated_tokens:,}",
+        ]
+        for r in rows
+    )
+    return markdown_table(header, cells)
 
 
 def write_decoding_bench(rows, teacher_forced, checks, conditions: dict, path: "Path | str") -> None:

@@ -24,6 +24,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..data.corpus import embedded_byte_windows
+from ..data.markdown import markdown_table
 from ..data.storage import write_json_atomic
 from ..measure.analytic import decision_flops, exit_rule_macs, head_macs_of, routed_cost
 from ..measure.environment import environment_conditions
@@ -224,19 +225,29 @@ def check_bars(rows: Sequence[BenchRow], wall_over_flop_max: float = WALL_OVER_F
 def format_table(rows: Sequence[BenchRow]) -> str:
     """A Markdown table of the rows."""
     header = (
-        "| forced exit | method | exit at stage 0 | median ms | IQR ms | tokens/s | wall ratio | wall ratio "
-        "quartiles | FLOP ratio | wall/FLOP | layer cost | padding | peak MiB | memory ratio |"
+        "forced exit, method, exit at stage 0, median ms, IQR ms, tokens/s, wall ratio, wall ratio quartiles, "
+        "FLOP ratio, wall/FLOP, layer cost, padding, peak MiB, memory ratio"
+    ).split(", ")
+    cells = (
+        [
+            f"{r.target_exit_ratio:.0%}",
+            r.method,
+            f"{r.exit_ratio:.1%}",
+            f"{r.median_s * 1e3:.1f}",
+            f"{r.iqr_s * 1e3:.1f}",
+            f"{r.tokens_per_s:,.0f}",
+            f"{r.wall_ratio:.3f}",
+            f"{r.wall_ratio_quartiles[0]:.3f}-{r.wall_ratio_quartiles[1]:.3f}",
+            f"{r.flop_ratio:.3f}",
+            f"{r.wall_over_flop:.3f}",
+            f"{r.layer_cost:.3f}",
+            f"{r.padding_waste:.1%}",
+            f"{r.peak_bytes / 2**20:.1f}",
+            f"{r.memory_ratio:.3f}",
+        ]
+        for r in rows
     )
-    lines = [header, "|" + "|".join([" --- "] * 14) + "|"]
-    for r in rows:
-        lines.append(
-            f"| {r.target_exit_ratio:.0%} | {r.method} | {r.exit_ratio:.1%} | {r.median_s * 1e3:.1f} | "
-            f"{r.iqr_s * 1e3:.1f} | "
-            f"{r.tokens_per_s:,.0f} | {r.wall_ratio:.3f} | {r.wall_ratio_quartiles[0]:.3f}-"
-            f"{r.wall_ratio_quartiles[1]:.3f} | {r.flop_ratio:.3f} | {r.wall_over_flop:.3f} | "
-            f"{r.layer_cost:.3f} | {r.padding_waste:.1%} | {r.peak_bytes / 2**20:.1f} | {r.memory_ratio:.3f} |"
-        )
-    return "\n".join(lines)
+    return markdown_table(header, cells)
 
 
 #: The learned classifier's bar at 50% exit: FLOP ratio <= layer cost + this (its decision <= 5% of full cost).
@@ -375,19 +386,28 @@ def check_rule_bars(rows: Sequence[RuleRow], wall_over_flop_max: float = WALL_OV
 
 def format_rule_table(rows: Sequence[RuleRow]) -> str:
     """A Markdown table of the exit-rule rows."""
-    lines = [
-        "| forced exit | exit rule | batching | exit at stage 0 | rule MACs/token | median ms | layer cost | "
-        "FLOP ratio | decision share | wall ratio | wall ratio quartiles | wall/FLOP |",
-        "|" + "|".join([" --- "] * 12) + "|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r.target_exit_ratio:.0%} | {r.rule} | {r.batching} | {r.exit_ratio:.1%} | "
-            f"{r.rule_macs_per_token:,} | {r.median_s * 1e3:.1f} | {r.layer_cost:.3f} | {r.flop_ratio:.3f} | "
-            f"{r.decision_share:.1%} | {r.wall_ratio:.3f} | {r.wall_ratio_quartiles[0]:.3f}-"
-            f"{r.wall_ratio_quartiles[1]:.3f} | {r.wall_over_flop:.3f} |"
-        )
-    return "\n".join(lines)
+    header = (
+        "forced exit, exit rule, batching, exit at stage 0, rule MACs/token, median ms, layer cost, FLOP ratio, "
+        "decision share, wall ratio, wall ratio quartiles, wall/FLOP"
+    ).split(", ")
+    cells = (
+        [
+            f"{r.target_exit_ratio:.0%}",
+            r.rule,
+            r.batching,
+            f"{r.exit_ratio:.1%}",
+            f"{r.rule_macs_per_token:,}",
+            f"{r.median_s * 1e3:.1f}",
+            f"{r.layer_cost:.3f}",
+            f"{r.flop_ratio:.3f}",
+            f"{r.decision_share:.1%}",
+            f"{r.wall_ratio:.3f}",
+            f"{r.wall_ratio_quartiles[0]:.3f}-{r.wall_ratio_quartiles[1]:.3f}",
+            f"{r.wall_over_flop:.3f}",
+        ]
+        for r in rows
+    )
+    return markdown_table(header, cells)
 
 
 def run_routing_bench(

@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..data.corpus import embedded_byte_windows
+from ..data.markdown import markdown_table
 from ..data.storage import write_json_atomic
 from ..measure.environment import environment_conditions
 from ..measure.timing import time_spans
@@ -124,15 +125,14 @@ def minor_page_faults() -> float:
 def format_profile(rows: Sequence[dict]) -> str:
     """Markdown: milliseconds per phase (n/a where a phase does not apply)."""
     header = ["method", "stage", *PHASES, "total", "layers share", "page faults per pass"]
-    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    table = []
     for row in rows:
         cells = [row["method"], row["stage"]]
         cells += ["n/a" if math.isnan(row[p]) else f"{row[p]:.3f}" for p in PHASES]
         cells += [f"{row['total']:.3f}", "n/a" if math.isnan(row["layers share"]) else f"{row['layers share']:.2f}"]
         faults = row.get("page faults", math.nan)
-        cells.append("" if math.isnan(faults) else f"{faults:,.0f}")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        table.append([*cells, "" if math.isnan(faults) else f"{faults:,.0f}"])
+    return markdown_table(header, table)
 
 
 __all__ = ["PHASES", "format_profile", "profile_path", "routing_profile", "run_routing_profile"]

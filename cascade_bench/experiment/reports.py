@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 
 import pandas as pd
 
+from ..data.markdown import markdown_table
 from ..data.storage import write_text_atomic
 from .checks import format_checks, run_checks
 from .config import ExperimentConfig
@@ -60,10 +61,8 @@ def _fmt(value, digits: int = 3) -> str:
 
 
 def to_markdown(frame: pd.DataFrame) -> str:
-    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "|".join([" --- "] * len(frame.columns)) + "|"]
-    for _, row in frame.iterrows():
-        lines.append("| " + " | ".join(_fmt(v) for v in row.values) + " |")
-    return "\n".join(lines) + "\n"
+    """The frame as a Markdown table, each value formatted for reading (``_fmt``)."""
+    return markdown_table(frame.columns, ([_fmt(v) for v in row.values] for _, row in frame.iterrows())) + "\n"
 
 
 def _latex_escape(text: str) -> str:
