@@ -34,7 +34,11 @@ def test_bench_routing_writes_rows_checks_and_conditions(tmp_path, capsys):
             "--json",
             str(out),
             "--exit-rules",
-            "max_prob,cos_sim,classifier,lowrank:8,topk:64",
+            "max_prob",
+            "cos_sim",
+            "classifier",
+            "lowrank:8",
+            "topk:64",
         ]
     )
     assert code == 0
@@ -112,7 +116,8 @@ def test_bench_routing_profile_splits_each_pass_into_parts_that_add_up(tmp_path,
 
 def test_bench_routing_names_a_bad_exit_rule(capsys):
     assert (
-        main(["bench-routing", "--preset", "gpt2-tiny", "--layers", "1", "1", "--exit-rules", "max_prob,lowrank"]) == 2
+        main(["bench-routing", "--preset", "gpt2-tiny", "--layers", "1", "1", "--exit-rules", "max_prob", "lowrank"])
+        == 2
     )
     assert "exit rule 'lowrank' needs a positive integer size" in capsys.readouterr().err
 

@@ -42,7 +42,7 @@ def _run_args(root, folder, text, *extra):
     return [
         "run",
         "--model", str(folder), "--tokenizer", "model", "--corpus", str(text),
-        "--boundaries", "2", "--exit-layers", "1,2",
+        "--boundaries", "2", "--exit-layers", "1", "2",
         "--seq-len", "32", "--batch-size", "4",
         "--eval-batches", "2", "--validation-batches", "1", "--risk-batches", "2", "--exit-train-tokens", "2048",
         "--hard-ratios", "0.5", "--timing-repeats", "1", "--timing-batches", "1",
@@ -53,7 +53,7 @@ def _run_args(root, folder, text, *extra):
 
 def test_a_chosen_rule_that_cannot_fit_stops_before_anything_is_measured(mine, capsys):
     root, folder, text = mine
-    assert main(_run_args(root, folder, text, "--exit-rules", "max_prob,lowrank:64", "--name", "too-wide")) == 2
+    assert main(_run_args(root, folder, text, "--exit-rules", "max_prob", "lowrank:64", "--name", "too-wide")) == 2
     error = capsys.readouterr().err
     assert "config key 'exit_rules': 'lowrank:64' needs a rank in [1, 16]" in error
     assert not (root / "out" / "results" / "too-wide.jsonl").exists()

@@ -89,9 +89,10 @@ def _add_bench_routing_command(commands) -> None:
     bench.add_argument("--repeats", type=positive_int, default=7, help=HELP["repeats"])
     bench.add_argument(
         "--exit-rules",
-        default=",".join(BENCH_RULES),
-        metavar="RULES",
-        help="comma-separated exit rules for the per-rule table ('' = skip it); default %(default)s",
+        nargs="*",
+        default=list(BENCH_RULES),
+        metavar="RULE",
+        help="exit rules for the per-rule table, space-separated (none: skip it); default %(default)s",
     )
     bench.add_argument(
         "--profile",
@@ -193,7 +194,7 @@ def _bench_routing(args: argparse.Namespace) -> int:
     if args.profile:
         return _profile_routing(args)
 
-    rules = [spec.strip() for spec in args.exit_rules.split(",") if spec.strip()]
+    rules = [spec for spec in args.exit_rules if spec.strip()]
     for spec in rules:
         parse_rule_spec(spec)
     ensemble, origin = build_cascade(args)

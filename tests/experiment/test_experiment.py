@@ -369,13 +369,13 @@ def test_leaky_and_leak_free_runs_share_one_trained_stage0(finished, monkeypatch
 def test_patience_replaces_the_protocols_and_keys_what_it_trains():
     config = make_config(TINY)
     assert config.training_protocol.patience == (1, 3) and config.dense_recipe[1] == 1
-    patient = make_config({**TINY, "patience": "3,3"})
+    patient = make_config({**TINY, "patience": [3, 3]})
     assert patient.training_protocol.patience == (3, 3) and patient.dense_recipe[1] == 3
     assert patient.training_protocol.lrs == config.training_protocol.lrs
     # stage 0, the dense model and the cascade all train differently, so none is shared with the default
     for key in ("training_key", "stage0_key", "dense_key"):
         assert getattr(patient, key)() != getattr(config, key)()
-    assert make_config({**TINY, "patience": "3,3", "dense_patience": 2}).dense_recipe[1] == 2
+    assert make_config({**TINY, "patience": [3, 3], "dense_patience": 2}).dense_recipe[1] == 2
 
 
 def test_protocol_keys_set_from_the_config_and_what_the_empty_ones_mean():
@@ -385,21 +385,21 @@ def test_protocol_keys_set_from_the_config_and_what_the_empty_ones_mean():
     for key in ("training_key", "stage0_key", "dense_key"):  # validation windows steer early stopping
         assert getattr(make_config({**TINY, "eval_stride": 16}), key)() != getattr(config, key)()
     assert config.exit_fn == "max_prob" and make_config({**TINY, "protocol": "cascade"}).exit_fn == "cos_sim"
-    lash = make_config({**TINY, "layers": "2,2,2", "training_hard_ratios": "0.5,0.25", "exit_head": "frozen"})
+    lash = make_config({**TINY, "layers": [2, 2, 2], "training_hard_ratios": [0.5, 0.25], "exit_head": "frozen"})
     protocol = lash.training_protocol
     assert (protocol.layers, protocol.boundary_hard_ratios, protocol.exit_head) == ((2, 2, 2), (0.5, 0.25), "frozen")
     assert protocol.lrs == (1e-3, 1e-4, 1e-4) and protocol.patience == (1, 3, 3)  # the last stage's recipe again
     assert lash.training_key() != config.training_key() and lash.stage0_key() == config.stage0_key()
-    deep = make_config({**TINY, "protocol": "deep", "layers": "1,1,1", "layer_weights": "0.5,0.5,1"})
+    deep = make_config({**TINY, "protocol": "deep", "layers": [1, 1, 1], "layer_weights": [0.5, 0.5, 1]})
     assert deep.training_protocol.layer_weights == (0.5, 0.5, 1.0)
     decayed = make_config({**TINY, "protocol": "cascade", "lr_decay": 0.25}).training_protocol
     assert decayed.lrs == (1e-3, 2.5e-4) and decayed.lr_decay == 0.25
     for values, key in (
-        ({"layers": "1,1", "layer_weights": "1,1,1"}, "layer_weights"),
-        ({"protocol": "lego-3", "training_hard_ratios": "0.5,0.4,0.3"}, "training_hard_ratios"),
+        ({"layers": [1, 1], "layer_weights": [1, 1, 1]}, "layer_weights"),
+        ({"protocol": "lego-3", "training_hard_ratios": [0.5, 0.4, 0.3]}, "training_hard_ratios"),
         ({"exit_head": "own"}, "exit_head"),
         ({"lr_decay": 1.5}, "lr_decay"),
-        ({"layers": "2,0"}, "layers"),
+        ({"layers": [2, 0]}, "layers"),
     ):
         with pytest.raises(ValueError, match=f"config key '{key}'"):
             make_config({**TINY, **values})
@@ -418,7 +418,7 @@ def test_report_and_plot_commands_reuse_stored_results(finished, capsys):
     "argv, key",
     [
         (["run", "--seq-len", "-3"], "'seq_len'"),
-        (["run", "--hard-ratios", "0.5,1.5"], "'hard_ratios'"),
+        (["run", "--hard-ratios", "0.5", "1.5"], "'hard_ratios'"),
         (["run", "--preset", "gpt5"], "'preset'"),
         (["run", "--batch-size", "many"], "'batch_size'"),
         (["run", "--model", "some/folder"], "'boundaries'"),
@@ -429,13 +429,13 @@ def test_report_and_plot_commands_reuse_stored_results(finished, capsys):
             "'block_heads'",
         ),
         (["run", "--count-flops", "some"], "'count_flops'"),
-        (["run", "--plausible-ppl", "1000,5"], "'plausible_ppl'"),
+        (["run", "--plausible-ppl", "1000", "5"], "'plausible_ppl'"),
         (["run", "--timing-batches", "-1"], "'timing_batches'"),
         (["run", "--protocol", "ashem2"], "'protocol'"),
-        (["run", "--kv-policies", "absent,fill"], "'kv_policies'"),
+        (["run", "--kv-policies", "absent", "fill"], "'kv_policies'"),
         (["run", "--patience", "3"], "'patience'"),
-        (["run", "--patience", "3,0"], "'patience'"),
-        (["run", "--protocol", "deep", "--patience", "1,3"], "'patience'"),
+        (["run", "--patience", "3", "0"], "'patience'"),
+        (["run", "--protocol", "deep", "--patience", "1", "3"], "'patience'"),
     ],
 )
 def test_bad_config_values_are_one_line_errors_naming_the_key(argv, key, capsys, tmp_path):
@@ -481,7 +481,8 @@ def test_run_on_a_saved_checkpoint_folder_cuts_it_into_blocks(tmp_path, capsys):
         "--tokenizer",
         str(folder),
         "--boundaries",
-        "1,2",
+        "1",
+        "2",
         "--block-heads",
         "trained",
         "--name",
@@ -569,10 +570,7 @@ def _flags(values: dict) -> list[str]:
     return [
         part
         for key, value in values.items()
-        for part in (
-            "--" + key.replace("_", "-"),
-            ",".join(map(str, value)) if isinstance(value, tuple) else str(value),
-        )
+        for part in ("--" + key.replace("_", "-"), *(map(str, value) if isinstance(value, tuple) else [str(value)]))
     ]
 
 
