@@ -233,19 +233,22 @@ def test_every_command_of_the_parser_has_one_handler():
     assert set(subparsers.choices) == set(HANDLERS)
 
 
-def test_an_exit_rule_is_spelled_exit_rule_on_every_command_and_the_old_spellings_still_parse():
+def test_an_exit_rule_is_spelled_exit_rule_on_every_command_and_the_old_spellings_are_gone(capsys):
     from cascade_bench.cli import build_parser
 
     parser = build_parser()
-    for command in ("bench-routing", "bench-blocks", "bench-generate", "cost"):
-        new, old = (parser.parse_args([command, flag, "cos_sim"]) for flag in ("--exit-rule", "--exit-fn"))
-        assert new.exit_fn == old.exit_fn == "cos_sim", command
-    assert parser.parse_args(["run", "--exit-rule", "cos_sim"]).exit_fn == "cos_sim"
-    assert parser.parse_args(["run", "--exit-fn", "cos_sim"]).exit_fn == "cos_sim"
-    blocks = parser.parse_args(["bench-blocks", "--exit-rules", "max_prob", "margin"])
-    assert blocks.exit_fns == parser.parse_args(["bench-blocks", "--exit-fns", "max_prob", "margin"]).exit_fns
+    for command in ("bench-routing", "bench-blocks", "bench-generate", "cost", "run"):
+        assert parser.parse_args([command, "--exit-rule", "cos_sim"]).exit_fn == "cos_sim", command
+    assert parser.parse_args(["bench-blocks", "--exit-rules", "max_prob", "margin"]).exit_fns == ["max_prob", "margin"]
     assert parser.parse_args(["bench-generate", "--cost-of", "margin"]).rule == "margin"
-    assert parser.parse_args(["bench-generate", "--rule", "margin"]).rule == "margin"
+    for old in (
+        ["cost", "--exit-fn", "cos_sim"],
+        ["bench-blocks", "--exit-fns", "max_prob"],
+        ["bench-generate", "--rule", "margin"],
+    ):
+        with pytest.raises(SystemExit):
+            parser.parse_args(old)
+        assert "unrecognized arguments" in capsys.readouterr().err
 
 
 def test_cost_and_bench_commands_read_a_run_config_and_explicit_flags_win(tmp_path, capsys):

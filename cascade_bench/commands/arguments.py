@@ -89,7 +89,7 @@ def add_cascade_args(command: argparse.ArgumentParser) -> None:
         help="build the preset as ONE model of sum(--layers) layers cut into blocks of --layers",
     )
     command.add_argument(
-        "--exit-rule", "--exit-fn", dest="exit_fn", default="max_prob", choices=EXIT_FNS, help="the stages' exit rule"
+        "--exit-rule", dest="exit_fn", default="max_prob", choices=EXIT_FNS, help="the stages' exit rule"
     )
     command.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default %(default)s)")
     command.add_argument(

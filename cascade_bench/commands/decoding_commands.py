@@ -74,7 +74,6 @@ def _add_bench_generate_command(commands) -> None:
     )
     decode.add_argument(
         "--cost-of",
-        "--rule",
         dest="rule",
         choices=EXIT_FNS,
         default="max_prob",

@@ -127,7 +127,6 @@ def _add_bench_blocks_command(commands) -> None:
     )
     blocks.add_argument(
         "--exit-rules",
-        "--exit-fns",
         dest="exit_fns",
         nargs="+",
         choices=EXIT_FNS,

@@ -424,7 +424,7 @@ def bench_settings(path: "Path | str") -> dict:
 
 
 #: Flags spelled the way the rest of the CLI spells the concept, before the key's own spelling (kept).
-FLAG_NAMES = {"exit_fn": ("--exit-rule", "--exit-fn")}
+FLAG_NAMES = {"exit_fn": ("--exit-rule",)}
 
 
 def config_choices() -> dict[str, tuple]:

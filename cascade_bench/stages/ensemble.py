@@ -93,7 +93,6 @@ class Ensemble(nn.Module):
         return stage
 
     #: The name this method had before a stage could be a Block too; kept for existing code.
-    add_llm = add_stage
 
     def extend(self, num_new_layers: int, exit_fn: "str | Callable | ExitFunction | None" = None) -> "Stage":
         """Append a freshly initialised stage of ``num_new_layers`` layers built from the last stage's config.

@@ -32,7 +32,7 @@ def test_llm_forward_matches_the_hf_model(preset, text):
     assert (stage.num_layers, stage.hidden_size, stage.vocab_size) == (2, 32, 256)
 
 
-def test_add_llm_wraps_raw_models_and_overrides():
+def test_add_stage_wraps_raw_models_and_overrides():
     ensemble = Ensemble()
     first = ensemble.add_stage(
         AutoModelForCausalLM.from_config(stage_config("gpt2-tiny")), exit_fn="margin", threshold=0.3

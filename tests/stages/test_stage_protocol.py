@@ -45,5 +45,5 @@ def test_an_object_without_the_members_is_not_a_stage():
     assert not isinstance(torch.nn.Linear(2, 2), Stage)
 
 
-def test_add_llm_is_the_old_name_of_add_stage():
-    assert Ensemble.add_llm is Ensemble.add_stage
+def test_add_stage_is_the_one_name_for_appending_a_stage():
+    assert not hasattr(Ensemble, "add_llm")
