@@ -56,6 +56,39 @@ _ELEMENT_TYPES = {
 }
 
 
+#: The config keys whose values shape each saved artefact, declared once: its folder key hashes them
+#: (with what else it names). Every artefact reads the same data keys, and the run keys that cap or
+#: seed its training; ``blocks`` are added to the training key of blocks of a pretrained model.
+_DATA_KEYS = ("corpus", "corpus_config", "tokenizer", "seq_len", "batch_size", "eval_stride")
+_RUN_KEYS = ("max_epochs", "max_steps_per_epoch", "seed", "dtype", "risk_batches")
+ARTEFACT_KEYS: dict[str, tuple[str, ...]] = {
+    "training": (*_DATA_KEYS, "preset", "protocol", "leaky_seed_protocol", "exit_fn", *_RUN_KEYS),
+    "blocks": (
+        "model",
+        "boundaries",
+        "block_heads",
+        "exit_layers",
+        "auto_boundaries",
+        "translator_fit",
+        "exit_train_tokens",
+    ),
+    "dense": (*_DATA_KEYS, "preset", *_RUN_KEYS),
+    "stage0": (*_DATA_KEYS, "preset", "exit_fn", *_RUN_KEYS),
+    "exit_study": (
+        "model",
+        *_DATA_KEYS,
+        "exit_layers",
+        "translator_fit",
+        "exit_train_tokens",
+        "validation_batches",
+        "risk_batches",
+        "max_epochs",
+        "seed",
+        "dtype",
+    ),
+}
+
+
 @dataclass(frozen=True)
 class ExperimentConfig:
     """What ``cascade-bench run`` does. Defaults: the embedded corpus, a 2-stage ASHEM cascade of
@@ -171,33 +204,7 @@ class ExperimentConfig:
     def training_key(self) -> str:
         """Hash of everything that changes the trained models (not the sweep or timing): the config keys
         that feed training, the protocol's definition and the preset's config."""
-        keys = (
-            "corpus",
-            "corpus_config",
-            "tokenizer",
-            "seq_len",
-            "batch_size",
-            "eval_stride",
-            "preset",
-            "protocol",
-            "leaky_seed_protocol",
-            "exit_fn",
-            "max_epochs",
-            "max_steps_per_epoch",
-            "seed",
-            "dtype",
-            "risk_batches",
-        )
-        if self.model:
-            keys += (
-                "model",
-                "boundaries",
-                "block_heads",
-                "exit_layers",
-                "auto_boundaries",
-                "translator_fit",
-                "exit_train_tokens",
-            )
+        keys = ARTEFACT_KEYS["training"] + (ARTEFACT_KEYS["blocks"] if self.model else ())
         values = {k: getattr(self, k) for k in keys}
         if self.model:
             from ..stages.model_source import model_fingerprint  # loads transformers: only when keyed
@@ -264,20 +271,7 @@ class ExperimentConfig:
         """Hash of what trains the dense baseline: the data, preset, seed and caps, the cascade's total
         depth and stage 0's recipe (lr, patience), but not the rest of the protocol, so runs of different
         protocols with the same depth and stage-0 recipe share one dense model."""
-        keys = (
-            "corpus",
-            "corpus_config",
-            "tokenizer",
-            "seq_len",
-            "batch_size",
-            "eval_stride",
-            "preset",
-            "max_epochs",
-            "max_steps_per_epoch",
-            "seed",
-            "dtype",
-            "risk_batches",
-        )
+        keys = ARTEFACT_KEYS["dense"]
         protocol = self.training_protocol
         values = {k: getattr(self, k) for k in keys}
         values.update(
@@ -292,21 +286,7 @@ class ExperimentConfig:
         """Hash of what trains stage 0 of a staged protocol: the data, preset, seed, caps, exit rule and
         stage 0's kind and recipe (layers, lr, patience), but not the later stages nor the data protocol,
         so e.g. the leaky and leak-free runs of one setting, or ``ashem`` and ``lego-3``, share stage 0."""
-        keys = (
-            "corpus",
-            "corpus_config",
-            "tokenizer",
-            "seq_len",
-            "batch_size",
-            "eval_stride",
-            "preset",
-            "exit_fn",
-            "max_epochs",
-            "max_steps_per_epoch",
-            "seed",
-            "dtype",
-            "risk_batches",
-        )
+        keys = ARTEFACT_KEYS["stage0"]
         protocol = self.training_protocol
         values = {k: getattr(self, k) for k in keys}
         values.update(

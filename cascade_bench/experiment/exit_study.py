@@ -35,6 +35,7 @@ from ..data.storage import write_json_atomic
 from ..measure.layer_exits import LayerStates, collect_layer_states, exit_curve, layers_needed, shared_head
 from ..stages.model_source import model_fingerprint
 from ..training.exit_translators import RIDGES, fit_translators_lstsq, new_translators, translated_head
+from .config import ARTEFACT_KEYS
 
 STUDY_VERSION = 1
 
@@ -53,23 +54,7 @@ class ExitStudy:
 def study_key(config) -> str:
     """Hash of what trains the translators and chooses their ridges (the model, the data and the
     validation windows, the candidate layers and the recipe)."""
-    keys = (
-        "model",
-        "corpus",
-        "corpus_config",
-        "tokenizer",
-        "seq_len",
-        "batch_size",
-        "eval_stride",
-        "exit_layers",
-        "translator_fit",
-        "exit_train_tokens",
-        "validation_batches",
-        "risk_batches",
-        "max_epochs",
-        "seed",
-        "dtype",
-    )
+    keys = ARTEFACT_KEYS["exit_study"]
     values = {k: getattr(config, k) for k in keys}
     if config.model:  # another checkpoint under the same name gets other translators
         values["model_fingerprint"] = model_fingerprint(config.model)

@@ -194,3 +194,13 @@ def test_a_list_key_has_one_grammar_and_the_old_comma_form_is_refused_by_name():
         ValueError, match=r"give its values space-separated .*`--exit-rules a b`\); got \['max_prob,cos_sim'\]"
     ):
         make_config({"exit_rules": ["max_prob,cos_sim"]})
+
+
+def test_every_artefact_key_is_a_config_key_and_each_artefact_reads_the_data_keys():
+    from cascade_bench.experiment.config import ARTEFACT_KEYS
+
+    fields = set(ExperimentConfig.__dataclass_fields__)
+    for artefact, keys in ARTEFACT_KEYS.items():
+        assert set(keys) <= fields and len(set(keys)) == len(keys), artefact
+    data = {"corpus", "corpus_config", "tokenizer", "seq_len", "batch_size", "eval_stride"}
+    assert all(data <= set(ARTEFACT_KEYS[a]) for a in ("training", "dense", "stage0", "exit_study"))
