@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -544,41 +545,62 @@ def _file_list(tables: Sequence[Path], paths: dict, name: str) -> list[str]:
     return [f"- `{relative(path)}`" for path in files]
 
 
-def write_report(records: Sequence[Record], config: ExperimentConfig, paths: dict) -> Path:
-    """Write the run's tables (md/tex/csv) and ``<name>.report.md``, which lists every file of the
-    run; return the report's path."""
-    frame = records_frame(records)
-    tables = paths["tables"]
-    name = config.name
-    reference = "the unsplit model" if config.model else "the full cascade"
-    thresholds = threshold_table(frame)
+@dataclass(frozen=True)
+class _RunTables:
+    """The tables of one run's report, each built once from its records' frame."""
+
+    thresholds: pd.DataFrame
+    paper: pd.DataFrame
+    target: Optional[float]
+    seed: pd.DataFrame
+    is_seed: bool
+    rules: pd.DataFrame
+    kv: Optional[pd.DataFrame]
+    risks: Optional[pd.DataFrame]
+    wall_flops: Optional[pd.DataFrame]
+
+
+def _run_tables(frame: pd.DataFrame, config: ExperimentConfig) -> _RunTables:
     paper, target = paper_table(frame)
     seed, is_seed = seed_table(frame, config)
-    split = config.eval_split
-    written: list[Path] = []
-    written += write_table(
-        thresholds, tables / f"{name}.thresholds", f"{name}: early exit per hard ratio ({split} split)"
+    return _RunTables(
+        threshold_table(frame),
+        paper,
+        target,
+        seed,
+        is_seed,
+        rules_table(frame),
+        kv_table(frame),
+        risk_table(frame),
+        wall_flops_table(frame),
     )
-    written += write_table(paper, tables / f"{name}.paper", f"{name}: methods compared (costs relative to {reference})")
-    written += write_table(seed, tables / f"{name}.seed", f"{name}: seed-protocol layout")
-    rules = rules_table(frame)
-    written += write_table(rules, tables / f"{name}.rules", f"{name}: exit rules compared ({split} split)")
-    kv = kv_table(frame)
-    if kv is not None:
-        written += write_table(kv, tables / f"{name}.kv", f"{name}: K/V policies for exited tokens ({split} split)")
-    risks = risk_table(frame)
-    if risks is not None:
-        written += write_table(risks, tables / f"{name}.risk", f"{name}: risk-controlled thresholds ({split} split)")
-    wall_flops = wall_flops_table(frame)
-    if wall_flops is not None:
-        written += write_table(
-            wall_flops, tables / f"{name}.wall_flops", f"{name}: wall time against FLOPs ({split} split)"
-        )
+
+
+def _write_run_tables(t: _RunTables, config: ExperimentConfig, folder: Path, reference: str) -> list[Path]:
+    """Every table of the report as Markdown, LaTeX and CSV in ``folder``, with its caption."""
+    name, split = config.name, config.eval_split
+    captions = [
+        (t.thresholds, "thresholds", f"early exit per hard ratio ({split} split)"),
+        (t.paper, "paper", f"methods compared (costs relative to {reference})"),
+        (t.seed, "seed", "seed-protocol layout"),
+        (t.rules, "rules", f"exit rules compared ({split} split)"),
+        (t.kv, "kv", f"K/V policies for exited tokens ({split} split)"),
+        (t.risks, "risk", f"risk-controlled thresholds ({split} split)"),
+        (t.wall_flops, "wall_flops", f"wall time against FLOPs ({split} split)"),
+    ]
+    written: list[Path] = []
+    for table, stem, caption in captions:
+        if table is not None:
+            written += write_table(table, folder / f"{name}.{stem}", f"{name}: {caption}")
+    return written
+
+
+def _opening_lines(records: Sequence[Record], config: ExperimentConfig) -> list[str]:
+    """The title, what ran on what data with which install, and how it was measured."""
+    name, split = config.name, config.eval_split
     first = records[0].conditions or {}
     training = first.get("training") or {}
-    trained = training_table(records)
-    checks = run_checks(records, config.plausible_ppl)
-    lines = [
+    return [
         f"# {name}",
         "",
         f"Dataset {first.get('dataset')} ({', '.join(first.get('split_notes') or []) or 'its own splits'}), "
@@ -611,6 +633,13 @@ def write_report(records: Sequence[Record], config: ExperimentConfig, paths: dic
             else ""
         ),
         "",
+    ]
+
+
+def _checks_and_training_lines(records: Sequence[Record], config: ExperimentConfig) -> list[str]:
+    checks = run_checks(records, config.plausible_ppl)
+    trained = training_table(records)
+    return [
         "## Checks",
         "",
         "Flags are findings to explain, with the figures that raised them; none stops the run.",
@@ -627,6 +656,13 @@ def write_report(records: Sequence[Record], config: ExperimentConfig, paths: dic
         ),
         *epoch_log_lines(records),
         "",
+    ]
+
+
+def _method_lines(t: _RunTables, reference: str) -> list[str]:
+    """The methods compared (paper table) and the exit rules compared (rules table), with what they mean."""
+    target, paper, rules = t.target, t.paper, t.rules
+    return [
         "## Methods",
         "",
         f"Costs are relative to {reference}; wall ratios were timed back to back with it. "
@@ -647,6 +683,22 @@ def write_report(records: Sequence[Record], config: ExperimentConfig, paths: dic
         "decision is the same as exact max_prob's, each at its own calibrated threshold.",
         "",
         to_markdown(rules),
+    ]
+
+
+def write_report(records: Sequence[Record], config: ExperimentConfig, paths: dict) -> Path:
+    """Write the run's tables (md/tex/csv) and ``<name>.report.md``, which lists every file of the
+    run; return the report's path."""
+    frame = records_frame(records)
+    name = config.name
+    reference = "the unsplit model" if config.model else "the full cascade"
+    t = _run_tables(frame, config)
+    written = _write_run_tables(t, config, paths["tables"], reference)
+    thresholds, seed, is_seed, kv, risks, wall_flops = t.thresholds, t.seed, t.is_seed, t.kv, t.risks, t.wall_flops
+    lines = [
+        *_opening_lines(records, config),
+        *_checks_and_training_lines(records, config),
+        *_method_lines(t, reference),
         *_rule_training_lines(records),
         *(_kv_lines(kv, reference) if kv is not None else []),
         *(_risk_lines(risks, _risk_calibration(frame)) if risks is not None else []),
