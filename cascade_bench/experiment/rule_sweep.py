@@ -95,31 +95,34 @@ def build_rule(
                 )
             same_parameters([classifier])  # data-parallel runs: every rank trained it alike; rank 0's counts
             per_stage.append(classifier)
-            summary = history.summary()
-            training.append(
-                {
-                    "stage": k,
-                    "rule": spec,
-                    "target": classifier_target,
-                    "features": (
-                        "every token (stage 0 sees all)"
-                        if k == 0
-                        else f"routed: the tokens continuing past stages 0..{k - 1} at hard ratio "
-                        f"{anchor_ratio:g} under this rule"
-                    ),
-                    "epochs": summary["epochs"],
-                    "best_epoch": summary["best_epoch"],
-                    "best_validation_bce": summary["best_val_ppl"],
-                    "stop_reason": summary["stop_reason"],
-                    "max_epochs": summary["max_epochs"],
-                    "patience": summary["patience"],
-                    "seconds": summary["seconds"],
-                    "validation_bce": summary["val_ppl"],
-                }
-            )
+            training.append(_classifier_training(k, spec, classifier_target, anchor_ratio, history.summary()))
         return BuiltRule(spec, per_stage, training)
     ids = most_frequent_ids(train, cascade.vocab_size, size) if kind.family == TOP_K_HEAD else None
     return BuiltRule(spec, [untrained_rule(spec, cascade[k], ids) for k in non_last])
+
+
+def _classifier_training(k: int, spec: str, target: str, anchor_ratio: float, summary: dict) -> dict:
+    """What training stage ``k``'s classifier took, as its record's ``rule_training`` entry (its
+    early-stopping summary, with BCE where a stage's summary says PPL)."""
+    features = (
+        "every token (stage 0 sees all)"
+        if k == 0
+        else f"routed: the tokens continuing past stages 0..{k - 1} at hard ratio {anchor_ratio:g} under this rule"
+    )
+    return {
+        "stage": k,
+        "rule": spec,
+        "target": target,
+        "features": features,
+        "epochs": summary["epochs"],
+        "best_epoch": summary["best_epoch"],
+        "best_validation_bce": summary["best_val_ppl"],
+        "stop_reason": summary["stop_reason"],
+        "max_epochs": summary["max_epochs"],
+        "patience": summary["patience"],
+        "seconds": summary["seconds"],
+        "validation_bce": summary["val_ppl"],
+    }
 
 
 def _train_classifier(
