@@ -66,61 +66,67 @@ def save_figure(fig, stem: Path) -> list[Path]:
     return paths
 
 
+def _draw_cost_panel(ax, frame, column: str) -> None:
+    """One panel of the cost-vs-PPL figure: PPL against ``column`` for the swept curves (the routed
+    curve's Pareto front ringed), the other exit rules, the K/V policies and the baselines."""
+    for method in (Method.ROUTED, Method.MASKED):
+        curve = frame[(frame.method == method) & frame.main].sort_values("hard_ratio")
+        curve = curve[curve[column].notna()]
+        if curve.empty:
+            continue
+        rule = f" ({curve.exit_rule.iloc[0]})" if method == Method.ROUTED else ""
+        ax.plot(curve[column], curve.ppl, "o-", color=COLORS[method], label=f"{method} early exit{rule}")
+        if method == Method.ROUTED:
+            front = pareto_front(list(zip(curve[column], curve.ppl)))
+            ax.scatter(
+                curve[column].iloc[front],
+                curve.ppl.iloc[front],
+                s=160,
+                facecolors="none",
+                edgecolors=COLORS[method],
+                linewidths=1.5,
+                label="Pareto front (routed)",
+            )
+    others = frame[(frame.method == Method.ROUTED) & ~frame.main & frame[column].notna()]
+    for color, rule in zip(RULE_COLORS, dict.fromkeys(others.exit_rule)):
+        curve = others[others.exit_rule == rule].sort_values("hard_ratio")
+        ax.plot(curve[column], curve.ppl, "^--", color=color, label=f"routed early exit ({rule})")
+    kv = frame[(frame.method == Method.KV_ROUTED) & frame[column].notna()] if "kv_policy" in frame else None
+    for policy, marker in zip(kv.kv_policy if kv is not None else (), KV_MARKERS):
+        point = kv[kv.kv_policy == policy]
+        ax.scatter(
+            point[column],
+            point.ppl,
+            marker=marker,
+            s=70,
+            color="tab:blue",
+            zorder=3,
+            label=f"K/V {policy} (padded, hard {point.hard_ratio.iloc[0]:g})",
+        )
+    for method, marker in ((Method.FULL, "s"), (Method.PREFIX, "v"), (Method.DENSE, "D"), (Method.ORACLE, "*")):
+        part = frame[(frame.method == method) & frame[column].notna()]
+        if not part.empty:
+            ax.scatter(
+                part[column],
+                part.ppl,
+                marker=marker,
+                s=90,
+                color=COLORS[method],
+                zorder=3,
+                label={
+                    Method.FULL: part.label.iloc[0],  # "full cascade" or "unsplit model"
+                    Method.PREFIX: "prefix alone",
+                    Method.DENSE: "dense, same depth",
+                    Method.ORACLE: "oracle bound",
+                }[method],
+            )
+
+
 def plot_cost_vs_ppl(frame, stem: Path) -> list[Path]:
     plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5), sharey=True)
     for ax, (column, xlabel) in zip(axes, PANELS):
-        for method in (Method.ROUTED, Method.MASKED):
-            curve = frame[(frame.method == method) & frame.main].sort_values("hard_ratio")
-            curve = curve[curve[column].notna()]
-            if curve.empty:
-                continue
-            rule = f" ({curve.exit_rule.iloc[0]})" if method == Method.ROUTED else ""
-            ax.plot(curve[column], curve.ppl, "o-", color=COLORS[method], label=f"{method} early exit{rule}")
-            if method == Method.ROUTED:
-                front = pareto_front(list(zip(curve[column], curve.ppl)))
-                ax.scatter(
-                    curve[column].iloc[front],
-                    curve.ppl.iloc[front],
-                    s=160,
-                    facecolors="none",
-                    edgecolors=COLORS[method],
-                    linewidths=1.5,
-                    label="Pareto front (routed)",
-                )
-        others = frame[(frame.method == Method.ROUTED) & ~frame.main & frame[column].notna()]
-        for color, rule in zip(RULE_COLORS, dict.fromkeys(others.exit_rule)):
-            curve = others[others.exit_rule == rule].sort_values("hard_ratio")
-            ax.plot(curve[column], curve.ppl, "^--", color=color, label=f"routed early exit ({rule})")
-        kv = frame[(frame.method == Method.KV_ROUTED) & frame[column].notna()] if "kv_policy" in frame else None
-        for policy, marker in zip(kv.kv_policy if kv is not None else (), KV_MARKERS):
-            point = kv[kv.kv_policy == policy]
-            ax.scatter(
-                point[column],
-                point.ppl,
-                marker=marker,
-                s=70,
-                color="tab:blue",
-                zorder=3,
-                label=f"K/V {policy} (padded, hard {point.hard_ratio.iloc[0]:g})",
-            )
-        for method, marker in ((Method.FULL, "s"), (Method.PREFIX, "v"), (Method.DENSE, "D"), (Method.ORACLE, "*")):
-            part = frame[(frame.method == method) & frame[column].notna()]
-            if not part.empty:
-                ax.scatter(
-                    part[column],
-                    part.ppl,
-                    marker=marker,
-                    s=90,
-                    color=COLORS[method],
-                    zorder=3,
-                    label={
-                        Method.FULL: part.label.iloc[0],  # "full cascade" or "unsplit model"
-                        Method.PREFIX: "prefix alone",
-                        Method.DENSE: "dense, same depth",
-                        Method.ORACLE: "oracle bound",
-                    }[method],
-                )
+        _draw_cost_panel(ax, frame, column)
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("test perplexity")
