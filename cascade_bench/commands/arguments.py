@@ -20,15 +20,21 @@ HELP = {
 }
 
 
+def _one_value(text: str) -> str:
+    if "," in text:
+        raise argparse.ArgumentTypeError(f"give several values space-separated (e.g. 1 8), got {text!r}")
+    return text
+
+
 def positive_int(text: str) -> int:
-    value = int(text)
+    value = int(_one_value(text))
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
     return value
 
 
 def fraction(text: str) -> float:
-    value = float(text)
+    value = float(_one_value(text))
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {text}")
     return value

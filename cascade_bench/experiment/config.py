@@ -328,14 +328,30 @@ def _coerce(key: str, value, default):
         if isinstance(default, tuple):
             items = value
             element = _ELEMENT_TYPES.get(key) or (type(default[0]) if default else str)
-            return tuple(element(x.strip()) if isinstance(x, str) else x for x in items if str(x).strip())
+            return tuple(_list_item(key, element, x) for x in items if str(x).strip())
         if isinstance(default, int) and isinstance(value, str):
             return int(value)
         if isinstance(default, float) and isinstance(value, (str, int)):
             return float(value)
         return value
+    except _ItemError:
+        raise
     except (TypeError, ValueError):
         raise ValueError(f"config key {key!r}: cannot read {value!r} as {type(default).__name__}") from None
+
+
+class _ItemError(ValueError):
+    """One item of a list key does not read (its message names it)."""
+
+
+def _list_item(key: str, element: type, item):
+    """One item of list key ``key`` as ``element``; ValueError naming the item that does not read."""
+    if not isinstance(item, str):
+        return item
+    try:
+        return element(item.strip())
+    except ValueError:
+        raise _ItemError(f"config key {key!r}: cannot read the item {item!r} as {element.__name__}") from None
 
 
 def _list_items(key: str, value) -> list:
@@ -343,11 +359,18 @@ def _list_items(key: str, value) -> list:
     string, or an item with a comma in it, is the old comma grammar: refused with the one that reads."""
     flag = "--" + key.replace("_", "-")
     example = f"TOML `{key} = [a, b]`, command line `{flag} a b`"
-    if isinstance(value, str):
-        raise ValueError(f"config key {key!r} is a list ({example}); got the string {value!r}")
+    if not isinstance(value, (list, tuple)):
+        kind = "the string" if isinstance(value, str) else "the single value"
+        raise ValueError(f"config key {key!r} is a list ({example}); got {kind} {value!r}")
     items = list(value)
     if any(isinstance(item, str) and "," in item for item in items):
         raise ValueError(f"config key {key!r}: give its values space-separated ({example}); got {items!r}")
+    config_file = next((item for item in items if isinstance(item, str) and item.endswith(".toml")), None)
+    if config_file is not None:
+        raise ValueError(
+            f"config key {key!r}: {config_file!r} was read as one of its values; a list flag takes every value "
+            f"after it, so give the config file first (`cascade-bench run {config_file} {flag} a b`)"
+        )
     return items
 
 

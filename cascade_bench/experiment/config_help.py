@@ -21,7 +21,7 @@ CONFIG_HELP: dict[str, str] = {
     "preset": "the stages' architecture when the cascade is trained here",
     "model": "early exit inside a pretrained causal LM instead: a local folder, a hub name, gguf:FILE or "
     "pypi:DISTRIBUTION ('' = train the preset cascade)",
-    "boundaries": "with model: cut before these layer indices (e.g. 4,8 on 12 layers gives 4/4/4)",
+    "boundaries": "with model: cut before these layer indices (e.g. 4 8 on 12 layers gives 4/4/4)",
     "block_heads": "with model: how non-last blocks exit: the model's own norm + head, heads trained here, or "
     "the exit study's translators",
     "exit_layers": "with model: the exit study's candidate layers (every layer through the shared head, a "
@@ -60,7 +60,7 @@ CONFIG_HELP: dict[str, str] = {
     "risk": "the risk to control with one risk-controlled point per rule ('' = none)",
     "risk_delta": "the risk level the controlled thresholds must keep",
     "risk_epsilon": "the probability the guarantee may fail",
-    "risk_nll_tolerance": "for risk 'nll': the NLL increase (nats) counted as harm",
+    "risk_nll_tolerance": "for risk 'nll_increase': the NLL increase (nats) counted as harm",
     "risk_batches": "the last N validation batches held out for risk control alone: 0 (share the sweep's "
     "validation batches, at least 2 of them) or at least 2",
     # measurement
@@ -68,7 +68,7 @@ CONFIG_HELP: dict[str, str] = {
     "timing_batches": "test batches each point's wall time covers (0 = all)",
     "count_flops": "where FLOPs are counted by running (the analytic count is everywhere)",
     "timing_points": "where wall time is measured",
-    "plausible_ppl": "low,high: perplexities outside are flagged in the checks",
+    "plausible_ppl": "low high: perplexities outside are flagged in the checks",
     # runtime
     "name": "the run's name: its results, plots and report are named by it",
     "out": "the folder for results/, plots/, models/ and the report",

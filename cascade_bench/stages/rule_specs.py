@@ -91,6 +91,11 @@ def parse_rule_spec(spec: str) -> tuple[RuleKind, Optional[int]]:
     names the spec and lists the forms that exist."""
     if not isinstance(spec, str):
         raise TypeError(f"an exit rule spec is a string, one of {RULE_SPECS}; got {type(spec).__name__}")
+    if "," in spec:
+        raise ValueError(
+            f"exit rule {spec!r} holds a comma; give several rules space-separated (`--exit-rules max_prob "
+            f'cos_sim`, TOML `exit_rules = ["max_prob", "cos_sim"]`), each one of {RULE_SPECS}'
+        )
     name, colon, size = spec.partition(":")
     kind = RULE_KINDS.get(name)
     if kind is None:

@@ -204,3 +204,9 @@ def test_every_artefact_key_is_a_config_key_and_each_artefact_reads_the_data_key
         assert set(keys) <= fields and len(set(keys)) == len(keys), artefact
     data = {"corpus", "corpus_config", "tokenizer", "seq_len", "batch_size", "eval_stride"}
     assert all(data <= set(ARTEFACT_KEYS[a]) for a in ("training", "dense", "stage0", "exit_study"))
+    with pytest.raises(ValueError, match=r"'hard_ratios' is a list .*; got the single value 0.5"):
+        make_config({"hard_ratios": 0.5})  # a TOML scalar: an error naming the key, not a TypeError
+    with pytest.raises(ValueError, match=r"'smoke.toml' was read as one of its values; .* give the config file first"):
+        make_config({"hard_ratios": ["0.3", "smoke.toml"]})  # `run --hard-ratios 0.3 smoke.toml`
+    with pytest.raises(ValueError, match=r"'hard_ratios': cannot read the item '0.5x' as float"):
+        make_config({"hard_ratios": ["0.5", "0.5x"]})

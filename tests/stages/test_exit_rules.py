@@ -265,3 +265,5 @@ def test_every_rule_kind_builds_a_rule_and_says_what_it_is():
     assert RULE_KINDS["max_prob"].misfit(None, hidden_size=16, vocab_size=300) is None
     with pytest.raises(ValueError, match=r"unknown exit rule 'lowrnk:4'; expected one of .*'lowrank:R'"):
         parse_rule_spec("lowrnk:4")
+    with pytest.raises(ValueError, match=r"holds a comma; give several rules space-separated \(`--exit-rules max_prob"):
+        parse_rule_spec("max_prob,cos_sim")
