@@ -219,3 +219,16 @@ def run_header(
     device and threads from its recorded ``conditions``, then ``after`` (how it was timed)."""
     where = f"{conditions['dtype']} on {conditions['device_name']} ({conditions['threads']} threads)"
     return "\n" + ", ".join([str(subject), *before, where, *after]) + "\n"
+
+
+def add_timing_args(command: argparse.ArgumentParser, warmup: int, repeats: int) -> None:
+    """``--warmup`` and ``--repeats``, as every timed command declares them (their defaults its own)."""
+    command.add_argument("--warmup", type=int, default=warmup, help=HELP["warmup"])
+    command.add_argument("--repeats", type=positive_int, default=repeats, help=HELP["repeats"])
+
+
+def add_json_arg(command: argparse.ArgumentParser, default: str, holds: str) -> None:
+    """``--json``: where the command writes ``holds``, atomically."""
+    command.add_argument(
+        "--json", type=Path, default=Path(default), help=f"where to write {holds} (atomically); default %(default)s"
+    )

@@ -7,9 +7,10 @@ from pathlib import Path
 
 from .arguments import (
     EXIT_FNS,
-    HELP,
     add_cascade_args,
+    add_json_arg,
     add_model_args,
+    add_timing_args,
     build_cascade,
     confidence,
     fraction,
@@ -90,14 +91,8 @@ def _add_bench_generate_command(commands) -> None:
         default=65,
         help="tokens generated per row (default %(default)s: 64 decode steps)",
     )
-    decode.add_argument("--warmup", type=int, default=1, help=HELP["warmup"])
-    decode.add_argument("--repeats", type=positive_int, default=15, help=HELP["repeats"])
-    decode.add_argument(
-        "--json",
-        type=Path,
-        default=Path("results/bench-generate.json"),
-        help="where to write rows, checks and conditions (atomically); default %(default)s",
-    )
+    add_timing_args(decode, warmup=1, repeats=15)
+    add_json_arg(decode, "results/bench-generate.json", "rows, checks and conditions")
 
 
 def _add_bench_decode_command(commands) -> None:
@@ -203,12 +198,7 @@ def _add_bench_decode_command(commands) -> None:
         help="measure nothing: rewrite this bench-decode JSON's whole-suite rows and its Markdown (--markdown)",
     )
     decode.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default %(default)s)")
-    decode.add_argument(
-        "--json",
-        type=Path,
-        default=Path("results/bench-decode.json"),
-        help="where the rows and conditions go (atomically; default %(default)s)",
-    )
+    add_json_arg(decode, "results/bench-decode.json", "the rows and conditions")
     decode.add_argument(
         "--markdown",
         type=Path,

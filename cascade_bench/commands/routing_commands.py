@@ -10,6 +10,8 @@ from .arguments import (
     EXIT_FNS,
     HELP,
     add_cascade_args,
+    add_json_arg,
+    add_timing_args,
     build_cascade,
     fraction,
     positive_int,
@@ -56,15 +58,9 @@ def _add_cost_command(commands) -> None:
     cost.add_argument(
         "--num-batches", type=positive_int, default=2, help="batches of text measured (default %(default)s)"
     )
-    cost.add_argument("--warmup", type=int, default=1, help=HELP["warmup"])
-    cost.add_argument("--repeats", type=positive_int, default=5, help=HELP["repeats"])
+    add_timing_args(cost, warmup=1, repeats=5)
     cost.add_argument("--no-fvcore", action="store_true", help="skip the fvcore cross-check")
-    cost.add_argument(
-        "--json",
-        type=Path,
-        default=Path("results/cost.json"),
-        help="where to write the record (atomically); default %(default)s",
-    )
+    add_json_arg(cost, "results/cost.json", "the record")
 
 
 def _add_bench_routing_command(commands) -> None:
@@ -85,8 +81,7 @@ def _add_bench_routing_command(commands) -> None:
         default=[0.25, 0.5, 0.75],
         help="shares of tokens forced to exit after stage 0, one point each (default %(default)s)",
     )
-    bench.add_argument("--warmup", type=int, default=2, help=HELP["warmup"])
-    bench.add_argument("--repeats", type=positive_int, default=7, help=HELP["repeats"])
+    add_timing_args(bench, warmup=2, repeats=7)
     bench.add_argument(
         "--exit-rules",
         nargs="*",
@@ -100,12 +95,7 @@ def _add_bench_routing_command(commands) -> None:
         help="instead of the bench: where each pass spends its time, per stage and phase (layers, "
         "gather, exit head, exit rule, scatter, the rest), written beside --json as .profile.json",
     )
-    bench.add_argument(
-        "--json",
-        type=Path,
-        default=Path("results/bench-routing.json"),
-        help="where to write rows, checks and conditions (atomically); default %(default)s",
-    )
+    add_json_arg(bench, "results/bench-routing.json", "rows, checks and conditions")
 
 
 def _add_bench_blocks_command(commands) -> None:
@@ -135,14 +125,8 @@ def _add_bench_blocks_command(commands) -> None:
     )
     blocks.add_argument("--batch-size", type=positive_int, default=8, help=HELP["batch_size"])
     blocks.add_argument("--seq-len", type=positive_int, default=512, help=HELP["seq_len"])
-    blocks.add_argument("--warmup", type=int, default=1, help=HELP["warmup"])
-    blocks.add_argument("--repeats", type=positive_int, default=5, help=HELP["repeats"])
-    blocks.add_argument(
-        "--json",
-        type=Path,
-        default=Path("results/bench-blocks.json"),
-        help="where to write rows and conditions (atomically); default %(default)s",
-    )
+    add_timing_args(blocks, warmup=1, repeats=5)
+    add_json_arg(blocks, "results/bench-blocks.json", "rows and conditions")
 
 
 def _add_bench_report_command(commands) -> None:
