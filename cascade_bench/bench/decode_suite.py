@@ -228,23 +228,29 @@ def summarise(
     if all(c.nll is not None for c in calls):
         row.continuation_nll = float(sum(float(c.nll.double().sum()) for c in calls) / tokens)
     if calls[0].speculative:
-        step = sum(c.seconds for c in our_plain_calls) / sum(c.tokens.shape[1] for c in our_plain_calls)
-        rounds = sum(c.rounds for c in calls)
-        loops = sum(c.loop_rounds for c in calls)
-        proposed = sum(c.proposed for c in calls)
-        accepted = sum(c.accepted for c in calls)
-        judged = accepted + sum(c.rejections for c in calls)  # proposals the real model actually judged
-        draft_calls = sum(c.draft_calls for c in calls)
-        row.acceptance = accepted / proposed if proposed else math.nan
-        row.acceptance_per_position = accepted / judged if judged else math.nan
-        row.proposals_per_round = proposed / rounds
-        row.tokens_per_round = sum(c.emitted for c in calls) / rounds
-        row.draft_calls_per_round = draft_calls / loops
-        row.draft_cost = (sum(c.draft_seconds for c in calls) / draft_calls) / step if draft_calls else math.nan
-        row.verify_cost = (sum(c.verify_seconds for c in calls) / loops) / step
-        ours_rate = sum(c.tokens.numel() for c in our_plain_calls) / sum(c.seconds for c in our_plain_calls)
-        with_prediction(row, rate / ours_rate)
+        _add_speculative_terms(row, calls, our_plain_calls, rate)
     return row
+
+
+def _add_speculative_terms(row: DecodeRow, calls: list[Call], our_plain_calls: list[Call], rate: float) -> None:
+    """A speculative method's terms on ``row``: acceptance, tokens and draft calls per round, the draft
+    and verify costs in plain steps of its own implementation, and the speedup they predict."""
+    step = sum(c.seconds for c in our_plain_calls) / sum(c.tokens.shape[1] for c in our_plain_calls)
+    rounds = sum(c.rounds for c in calls)
+    loops = sum(c.loop_rounds for c in calls)
+    proposed = sum(c.proposed for c in calls)
+    accepted = sum(c.accepted for c in calls)
+    judged = accepted + sum(c.rejections for c in calls)  # proposals the real model actually judged
+    draft_calls = sum(c.draft_calls for c in calls)
+    row.acceptance = accepted / proposed if proposed else math.nan
+    row.acceptance_per_position = accepted / judged if judged else math.nan
+    row.proposals_per_round = proposed / rounds
+    row.tokens_per_round = sum(c.emitted for c in calls) / rounds
+    row.draft_calls_per_round = draft_calls / loops
+    row.draft_cost = (sum(c.draft_seconds for c in calls) / draft_calls) / step if draft_calls else math.nan
+    row.verify_cost = (sum(c.verify_seconds for c in calls) / loops) / step
+    ours_rate = sum(c.tokens.numel() for c in our_plain_calls) / sum(c.seconds for c in our_plain_calls)
+    with_prediction(row, rate / ours_rate)
 
 
 def with_prediction(row: DecodeRow, over_our_greedy: float) -> DecodeRow:

@@ -42,6 +42,8 @@ from ..training.exit_translators import fit_translators_lstsq, new_translators
 from ..training.lora import DEFAULT_TARGETS, lora_targets
 from ..training.saved_exits import SAVED_RECIPES, exits_path, save_exits
 from ..training.window_states import WindowStates, balanced_token_windows, collect_window_states
+from .cascades import pretrained_model
+from .pipeline import experiment_paths, prepared_data
 from .plots import pyplot, save_figure
 from .reports import write_table
 
@@ -52,29 +54,9 @@ ESTIMATE_TOLERANCE = 0.05
 BAR_LAYERS = (12, 16, 20)
 
 
-def run_exit_recipes(
-    config,
-    recipes: Sequence[str],
-    budget: RecipeBudget,
-    layers: Optional[Sequence[int]] = None,
-    corpus: Optional[Path] = None,
-    progress: bool = True,
-) -> dict[str, Path]:
-    """Steps 1-5 of the module docstring; returns the paths written."""
-    from .cascades import pretrained_model
-    from .pipeline import experiment_paths, prepared_data
-
-    recipes = check_recipes(recipes)
-    if not config.model:
-        raise ValueError("train-exits needs a pretrained model: set config key 'model' (e.g. configs/smollm2.toml)")
-    if corpus is not None and not Path(corpus).is_dir():
-        raise ValueError(f"--corpus {corpus} is not a folder")
-    torch.set_num_threads(config.threads)
-    torch.manual_seed(config.seed)
-    began = time.perf_counter()
-    paths = experiment_paths(config)
-    model, folder, source = pretrained_model(config, paths["converted"], progress)
-    candidates = check_layers(layers or config.exit_layers, int(model.config.num_hidden_layers))
+def _check_model_fits(model, budget: RecipeBudget, recipes: Sequence[str]) -> None:
+    """ValueError before the teacher's pass when the windows are longer than the model's positions, or
+    LoRA finds none of its projections in the model."""
     positions = getattr(model.config, "max_position_embeddings", None)
     if positions is not None and budget.window > positions:
         raise ValueError(f"--window {budget.window} is longer than the model's {positions} positions")
@@ -83,42 +65,32 @@ def run_exit_recipes(
             f"recipe 'lora' finds none of the projections {list(DEFAULT_TARGETS)} in {type(model).__name__}; "
             "leave it out (--recipes lstsq lstsq+kl mlp adapter)"
         )
-    data = prepared_data(config, paths, model, folder)
-    scored = data.test[: config.eval_batches] if config.eval_batches else data.test
-    train_batches, validation_batches, text = _shared_text(data.tokenizer, budget, corpus)
-    phases = {"loading": time.perf_counter() - began}
-    if progress:
-        print(f"the frozen model reads {len(train_batches)} + {len(validation_batches)} + {len(scored)} batches")
-    started = time.perf_counter()
-    train = collect_window_states(model, train_batches, candidates, budget.top_k)
-    validation = collect_window_states(model, validation_batches, candidates, budget.top_k)
-    test = collect_window_states(model, scored, candidates, budget.top_k)
-    phases["teacher"] = time.perf_counter() - started
-    started = time.perf_counter()
-    translators = new_translators(model, candidates)
-    lstsq = fit_translators_lstsq(model, translators, train.as_layer_states(), validation.as_layer_states())
-    fitted = {layer: translators[str(layer)].eval() for layer in candidates}
-    phases["lstsq"] = time.perf_counter() - started
-    results, trained, saved = [], {}, {}
-    for name in recipes:
-        torch.manual_seed(budget.seed)  # each recipe's initialisation the same whichever ran before it
-        recipe = build_recipe(name, model, candidates, fitted)
-        try:
-            history = train_recipe(recipe, train, validation, budget, progress)
-            curve = evaluate_recipe(recipe, test, with_final=True)
-            results.append(_recipe_result(recipe, history, curve, test, lstsq if name == "lstsq" else None))
-            if name in SAVED_RECIPES:
-                folder = paths["tables"] / f"{config.name}.exits"
-                saved[f"exits {name}"] = save_exits(recipe, exits_path(folder, name), config.model)
-                results[-1]["exits_file"] = str(saved[f"exits {name}"])
-            if name != "lora":
-                trained[name] = (recipe, history.kept_agreement)
-        finally:
-            recipe.close()
-        if progress:
-            print(_recipe_line(results[-1]), flush=True)
-    estimate = _routing_estimate(model, trained, validation, test)
-    record = {
+
+
+def _run_recipe(name: str, model, candidates, fitted: dict, states, budget: RecipeBudget, lstsq: dict, exits, progress):
+    """Recipe ``name`` built from the least-squares translators ``fitted``, trained on the train and
+    validation states and scored on the test states: its result, with the file its exits were saved
+    to (``exits``: the folder and the model's name) for a recipe that saves them, and (the recipe,
+    its kept agreement) for the routing estimate. The recipe is closed however it ends."""
+    train, validation, test = states
+    torch.manual_seed(budget.seed)  # each recipe's initialisation the same whichever ran before it
+    recipe = build_recipe(name, model, candidates, fitted)
+    try:
+        history = train_recipe(recipe, train, validation, budget, progress)
+        curve = evaluate_recipe(recipe, test, with_final=True)
+        result = _recipe_result(recipe, history, curve, test, lstsq if name == "lstsq" else None)
+        if name in SAVED_RECIPES:
+            folder, model_name = exits
+            result["exits_file"] = str(save_exits(recipe, exits_path(folder, name), model_name))
+        return result, (recipe, history.kept_agreement)
+    finally:
+        recipe.close()
+
+
+def _recipe_record(config, model, source, candidates, budget: RecipeBudget, text: dict, states, results) -> dict:
+    """The job's record, up to its rows and recipes (the estimate, bar, phases and conditions follow)."""
+    train, validation, test = states
+    return {
         "version": RECORD_VERSION,
         "kind": "exit_recipes",
         "model": config.model,
@@ -138,11 +110,63 @@ def run_exit_recipes(
         "shared_head": _shared_rows(model, test),
         "rows": [row for result in results for row in result["rows"]],
         "recipes": [{k: v for k, v in result.items() if k != "rows"} for result in results],
-        "routing_estimate": estimate,
-        "bar": _bar(results),
-        "phase_seconds": {**phases, "total": time.perf_counter() - began},
-        "conditions": environment_conditions(model.device, model.dtype),
     }
+
+
+def run_exit_recipes(
+    config,
+    recipes: Sequence[str],
+    budget: RecipeBudget,
+    layers: Optional[Sequence[int]] = None,
+    corpus: Optional[Path] = None,
+    progress: bool = True,
+) -> dict[str, Path]:
+    """Steps 1-5 of the module docstring; returns the paths written."""
+    recipes = check_recipes(recipes)
+    if not config.model:
+        raise ValueError("train-exits needs a pretrained model: set config key 'model' (e.g. configs/smollm2.toml)")
+    if corpus is not None and not Path(corpus).is_dir():
+        raise ValueError(f"--corpus {corpus} is not a folder")
+    torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    began = time.perf_counter()
+    paths = experiment_paths(config)
+    model, folder, source = pretrained_model(config, paths["converted"], progress)
+    candidates = check_layers(layers or config.exit_layers, int(model.config.num_hidden_layers))
+    _check_model_fits(model, budget, recipes)
+    data = prepared_data(config, paths, model, folder)
+    scored = data.test[: config.eval_batches] if config.eval_batches else data.test
+    train_batches, validation_batches, text = _shared_text(data.tokenizer, budget, corpus)
+    phases = {"loading": time.perf_counter() - began}
+    if progress:
+        print(f"the frozen model reads {len(train_batches)} + {len(validation_batches)} + {len(scored)} batches")
+    started = time.perf_counter()
+    train = collect_window_states(model, train_batches, candidates, budget.top_k)
+    validation = collect_window_states(model, validation_batches, candidates, budget.top_k)
+    test = collect_window_states(model, scored, candidates, budget.top_k)
+    phases["teacher"] = time.perf_counter() - started
+    started = time.perf_counter()
+    translators = new_translators(model, candidates)
+    lstsq = fit_translators_lstsq(model, translators, train.as_layer_states(), validation.as_layer_states())
+    fitted = {layer: translators[str(layer)].eval() for layer in candidates}
+    phases["lstsq"] = time.perf_counter() - started
+    exits = (paths["tables"] / f"{config.name}.exits", config.model)
+    results, trained, saved = [], {}, {}
+    for name in recipes:
+        states = (train, validation, test)
+        result, kept = _run_recipe(name, model, candidates, fitted, states, budget, lstsq, exits, progress)
+        results.append(result)
+        if "exits_file" in result:
+            saved[f"exits {name}"] = Path(result["exits_file"])
+        if name != "lora":
+            trained[name] = kept
+        if progress:
+            print(_recipe_line(result), flush=True)
+    estimate = _routing_estimate(model, trained, validation, test)
+    record = _recipe_record(config, model, source, candidates, budget, text, (train, validation, test), results)
+    record.update(routing_estimate=estimate, bar=_bar(results))
+    record["phase_seconds"] = {**phases, "total": time.perf_counter() - began}
+    record["conditions"] = environment_conditions(model.device, model.dtype)
     return {**write_recipe_outputs(record, paths["tables"], paths["plots"], config.name), **saved}
 
 

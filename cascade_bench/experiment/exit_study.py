@@ -84,6 +84,38 @@ def _columns(states: LayerStates, layers) -> LayerStates:
     )
 
 
+def _saved_or_fitted(config, model, splits, translators: nn.ModuleDict, folder: Path, progress: bool) -> dict:
+    """The translators' training record: read with their weights from ``folder`` when a run with the
+    same ``study_key`` saved them there (``reused``), else fitted on ``splits`` (train, validation
+    batches) and saved there."""
+    from safetensors.torch import load_file, save_file
+
+    weights, record = folder / "translators.safetensors", folder / "translators.json"
+    if weights.is_file() and record.is_file():
+        translators.load_state_dict(load_file(str(weights)))
+        return {**json.loads(record.read_text()), "reused": True}
+    candidates = tuple(int(layer) for layer in translators)
+    training = _fit_translators(config, model, *splits, candidates, translators, progress)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in translators.state_dict().items()}, str(weights))
+    write_json_atomic(record, training)
+    return {**training, "reused": False}
+
+
+def _candidate_row(base, point) -> dict:
+    """One candidate layer's row: the shared head (``base``) against its translator (``point``)."""
+    return {
+        "layer": point.layer,
+        "shared_ppl": base.ppl,
+        "trained_ppl": point.ppl,
+        "ppl_ratio": point.ppl / base.ppl,
+        "shared_agreement": base.agreement,
+        "trained_agreement": point.agreement,
+        "shared_accuracy": base.accuracy,
+        "trained_accuracy": point.accuracy,
+    }
+
+
 def run_exit_study(
     config,
     model,
@@ -96,8 +128,6 @@ def run_exit_study(
 ) -> ExitStudy:
     """Steps 1-4 of the module docstring; translators are read from ``folder`` when a run with the
     same ``study_key`` saved them there, else trained and saved."""
-    from safetensors.torch import load_file, save_file
-
     num_layers = int(model.config.num_hidden_layers)
     candidates = tuple(sorted(config.exit_layers))
     started = time.perf_counter()
@@ -106,38 +136,14 @@ def run_exit_study(
     shared = exit_curve(every, shared_head(model))
     shared_s = time.perf_counter() - started - collect_s
     translators = new_translators(model, candidates)
-    weights, record = folder / "translators.safetensors", folder / "translators.json"
-    if weights.is_file() and record.is_file():
-        translators.load_state_dict(load_file(str(weights)))
-        training = json.loads(record.read_text())
-        training["reused"] = True
-    else:
-        training = _fit_translators(config, model, train_batches, validation_batches, candidates, translators, progress)
-        folder.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous().cpu() for k, v in translators.state_dict().items()}, str(weights))
-        write_json_atomic(record, training)
-        training["reused"] = False
+    training = _saved_or_fitted(config, model, (train_batches, validation_batches), translators, folder, progress)
     for parameter in translators.parameters():
         parameter.requires_grad_(False)
     by_layer = {int(k): t.eval() for k, t in translators.items()}
     subset = _columns(every, candidates)
     trained = exit_curve(subset, translated_head(model, by_layer))
     shared_at = {p.layer: p for p in shared}
-    rows = []
-    for point in trained:
-        base = shared_at[point.layer]
-        rows.append(
-            {
-                "layer": point.layer,
-                "shared_ppl": base.ppl,
-                "trained_ppl": point.ppl,
-                "ppl_ratio": point.ppl / base.ppl,
-                "shared_agreement": base.agreement,
-                "trained_agreement": point.agreement,
-                "shared_accuracy": base.accuracy,
-                "trained_accuracy": point.accuracy,
-            }
-        )
+    rows = [_candidate_row(shared_at[point.layer], point) for point in trained]
     oracle_shared = layers_needed(shared, every.final_argmax, num_layers)
     oracle_trained = layers_needed(trained, every.final_argmax, num_layers)
     summary = {

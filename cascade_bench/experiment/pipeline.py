@@ -115,35 +115,12 @@ def run_experiment(
         print(f"note: {note}")
     paths = experiment_paths(config)
     _check_resumable(store, config)
-    looked = None
-    if pretrained is not None:  # minutes before the sweep: does the model predict anything?
-        looked, warning = first_look(
-            pretrained, data.validation, model_sizes(config, pretrained, None).vocab_size, config.plausible_ppl
-        )
-        if warning and ranks.is_main:
-            print(f"warning: {warning}")
-        looked["warning"] = warning
-    # risk control's own batches: nothing below (training, calibration, scoring) sees them
-    data, risk_calibration = hold_out_validation(data, config.risk_batches)
-    scored = data.test if config.eval_split == "test" else data.validation
-    # what the sweep calibrates, risk-controls and early-stops its exit rules on
-    validation = data.validation[: config.validation_batches] if config.validation_batches else data.validation
-    test = scored[: config.eval_batches] if config.eval_batches else scored
+    looked = _first_look(config, pretrained, data, ranks) if pretrained is not None else None
+    data, risk_calibration, validation, test = _sweep_splits(config, data)
     if pretrained is not None:
-        study = None
-        if config.exit_layers:
-            with main_first(ranks):  # rank 0 trains and saves the translators; the others load them
-                study = run_exit_study(
-                    config, pretrained, data.train, validation, test, paths["translators"], progress, model_source
-                )
-            if ranks.is_main:
-                _write_exit_study(study.summary, paths, config.name)
-        cascade, training = pretrained_blocks(config, pretrained, data, progress, study)  # on every rank alike
-        if model_source is not None:
-            training["model_source"] = model_source
-        if config.block_heads == "trained":
-            with sharded(ranks):
-                same_parameters([cascade])  # rank 0's trained heads on every rank
+        cascade, training = _pretrained_cascade(
+            config, pretrained, model_source, (data, validation, test), paths, ranks, progress
+        )
     else:
         with main_first(ranks):  # rank 0 trains and saves; the others load what it saved
             cascade, training = trained_cascade(config, data, paths, progress)
@@ -152,13 +129,7 @@ def run_experiment(
     conditions = {
         **data.conditions,
         "split": config.eval_split,
-        "config": config.as_dict(),
-        "training_key": config.training_key(),
-        "training": training,
-        "seed": config.seed,
-        "call_overhead_slots": compaction.CALL_OVERHEAD_SLOTS,
-        "measured": _measurement_note(config, timed, len(test)),
-        "not_run": {} if kv_runnable or not config.kv_policies else {"kv[policy]": KV_POLICIES_NOT_RUN},
+        **_run_conditions(config, training, _measurement_note(config, timed, len(test)), kv_runnable),
         "adapted": adapted,
         **({"first_look": looked} if looked is not None else {}),
         **ranks.summary(),
@@ -168,36 +139,92 @@ def run_experiment(
         with main_first(ranks):
             return trained_dense(config, data, paths["dense"], sum(cascade.layers_per_stage), progress)
 
-    sweep = Sweep(
-        config,
-        cascade,
-        train=data.train,
-        validation=validation,
-        test=test,
-        risk_calibration=risk_calibration,
-        conditions=conditions,
-        ranks=ranks,
-        dense_model=dense_model,
-        timing_batches=timed,
-        progress=progress,
-    )
+    splits = dict(train=data.train, validation=validation, test=test, risk_calibration=risk_calibration)
+    measured = dict(conditions=conditions, ranks=ranks, dense_model=dense_model, timing_batches=timed)
+    sweep = Sweep(config, cascade, **splits, **measured, progress=progress)
     points = plan_points(config, len(cascade), dense=pretrained is None, kv_policies=kv_runnable)
     sweep.run(points, store, on_point)
+    _finish_run(sweep, store, paths, blocks_tokenizer=data.tokenizer if pretrained is not None else None)
+    return paths
+
+
+def _finish_run(sweep: Sweep, store: ResultsStore, paths: dict, blocks_tokenizer=None) -> None:
+    """After the sweep: blocks of a pretrained model saved at the anchor ratio's thresholds (with
+    ``blocks_tokenizer``), stage 0's confidences kept, then (rank 0) the plots and the report."""
+    config, ranks, training = sweep.config, sweep.ranks, sweep.conditions["training"]
     with sharded(ranks):
-        if pretrained is not None:
+        if blocks_tokenizer is not None:
             # calibrated on every rank (a collective when sharded and not cached, as in a resumed
             # run); only then does rank 0 alone save
             anchor_thresholds = sweep.thresholds_at(sweep.anchor)
             if ranks.is_main:
-                _save_blocks(sweep, anchor_thresholds, paths["models"] / "cascade", data.tokenizer, training)
-        confidences = None if paths["confidence"].exists() else _confidences(cascade, test)
+                _save_blocks(sweep, anchor_thresholds, paths["models"] / "cascade", blocks_tokenizer, training)
+        confidences = None if paths["confidence"].exists() else _confidences(sweep.cascade, sweep.test)
     if not ranks.is_main:
-        return paths
+        return
     if confidences is not None:
         write_json_atomic(paths["confidence"], confidences)
     make_plots(list(store), paths["confidence"], paths["plots"], config.name)
     write_report(list(store), config, paths)
-    return paths
+
+
+def _first_look(config: ExperimentConfig, pretrained, data, ranks) -> dict:
+    """Minutes before the sweep: does the pretrained model predict anything? (its PPL on two
+    validation batches, with a warning printed and kept when it does not look plausible)."""
+    looked, warning = first_look(
+        pretrained, data.validation, model_sizes(config, pretrained, None).vocab_size, config.plausible_ppl
+    )
+    if warning and ranks.is_main:
+        print(f"warning: {warning}")
+    looked["warning"] = warning
+    return looked
+
+
+def _sweep_splits(config: ExperimentConfig, data):
+    """(data without risk control's held-out batches, those batches, the batches the sweep calibrates,
+    risk-controls and early-stops its exit rules on, the scored batches). Nothing but risk control
+    sees the held-out batches: not training, calibration nor scoring."""
+    data, risk_calibration = hold_out_validation(data, config.risk_batches)
+    scored = data.test if config.eval_split == "test" else data.validation
+    validation = data.validation[: config.validation_batches] if config.validation_batches else data.validation
+    test = scored[: config.eval_batches] if config.eval_batches else scored
+    return data, risk_calibration, validation, test
+
+
+def _pretrained_cascade(config, pretrained, model_source, splits, paths: dict, ranks, progress: bool):
+    """Blocks of the pretrained model, and their training summary: the exit study first when the
+    config asks for one (rank 0 trains and saves the translators; the others load them), then the
+    blocks on every rank alike (trained heads: rank 0's on every rank)."""
+    data, validation, test = splits
+    study = None
+    if config.exit_layers:
+        with main_first(ranks):
+            study = run_exit_study(
+                config, pretrained, data.train, validation, test, paths["translators"], progress, model_source
+            )
+        if ranks.is_main:
+            _write_exit_study(study.summary, paths, config.name)
+    cascade, training = pretrained_blocks(config, pretrained, data, progress, study)
+    if model_source is not None:
+        training["model_source"] = model_source
+    if config.block_heads == "trained":
+        with sharded(ranks):
+            same_parameters([cascade])
+    return cascade, training
+
+
+def _run_conditions(config: ExperimentConfig, training: dict, measured: str, kv_runnable: bool) -> dict:
+    """What every record of the run states about the experiment: its config and training key, how
+    the cascade was trained, the seed, what was measured how, and what was not run."""
+    return {
+        "config": config.as_dict(),
+        "training_key": config.training_key(),
+        "training": training,
+        "seed": config.seed,
+        "call_overhead_slots": compaction.CALL_OVERHEAD_SLOTS,
+        "measured": measured,
+        "not_run": {} if kv_runnable or not config.kv_policies else {"kv[policy]": KV_POLICIES_NOT_RUN},
+    }
 
 
 #: Why a cascade with memory layers gets no K/V-policy points.

@@ -239,10 +239,14 @@ def same_parameters(modules: Iterable) -> None:
 
 
 def leave_launch() -> None:
-    """Leave the process group ``join_launch`` joined (no-op in one process)."""
+    """Leave the process group ``join_launch`` joined, every rank together (no-op in one process):
+    rank 0 still writes the report when the others are done, and a rank that tore the group down
+    while a peer was still connected was seen to abort (``terminate called without an active
+    exception`` in one CI run of the two-rank test)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
