@@ -123,7 +123,7 @@ class ExperimentConfig:
     ``kv_policies`` adds one point per K/V policy for exited tokens (``routing.cached_pass``) at the
     anchor hard ratio (nearest 0.5), all with padded batching so their costs compare (points
     ``kv[policy]@r``); () skips them. ``patience`` (one entry per stage) replaces the protocol's
-    early-stopping patience, e.g. 3,3 where the seeds' patience 1 stops stage 0 at a one-epoch upturn;
+    early-stopping patience, e.g. [3, 3] where the seeds' patience 1 stops stage 0 at a one-epoch upturn;
     the dense baseline follows stage 0's unless ``dense_patience`` is set. ``validation_batches``: the
     sweep calibrates thresholds, risk-controls and early-stops its exit rules (and the exit study
     chooses its translators) on the first N validation batches (0 = all); training the cascade

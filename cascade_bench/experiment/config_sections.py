@@ -298,13 +298,13 @@ def _check_model(c) -> None:
     if not isinstance(c.boundaries, tuple) or any(
         isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in c.boundaries
     ):
-        _bad(c, "boundaries", "a list of layer indices >= 1, e.g. 4,8")
+        _bad(c, "boundaries", "a list of layer indices >= 1, e.g. [4, 8]")
     if c.block_heads not in BLOCK_HEADS:
         _bad(c, "block_heads", f"one of {list(BLOCK_HEADS)}")
     if not isinstance(c.exit_layers, tuple) or any(
         isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in c.exit_layers
     ):
-        _bad(c, "exit_layers", "a list of layer indices >= 1 (the exit study's candidates), e.g. 8,16,24")
+        _bad(c, "exit_layers", "a list of layer indices >= 1 (the exit study's candidates), e.g. [8, 16, 24]")
     if c.translator_fit not in TRANSLATOR_FITS:
         _bad(c, "translator_fit", f"one of {list(TRANSLATOR_FITS)}")
     levels = c.auto_boundaries
@@ -313,7 +313,7 @@ def _check_model(c) -> None:
         or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1 for v in levels)
         or list(levels) != sorted(set(levels))
     ):
-        _bad(c, "auto_boundaries", "increasing agreement levels strictly between 0 and 1, e.g. 0.5,0.75")
+        _bad(c, "auto_boundaries", "increasing agreement levels strictly between 0 and 1, e.g. [0.5, 0.75]")
     if c.model:
         if not c.boundaries and not levels:
             _bad(

@@ -84,17 +84,18 @@ def _columns(states: LayerStates, layers) -> LayerStates:
     )
 
 
-def _saved_or_fitted(config, model, splits, translators: nn.ModuleDict, folder: Path, progress: bool) -> dict:
+def _saved_or_fitted(
+    config, model, splits, candidates, translators: nn.ModuleDict, folder: Path, progress: bool
+) -> dict:
     """The translators' training record: read with their weights from ``folder`` when a run with the
-    same ``study_key`` saved them there (``reused``), else fitted on ``splits`` (train, validation
-    batches) and saved there."""
+    same ``study_key`` saved them there (``reused``), else fitted at ``candidates`` on ``splits``
+    (train, validation batches) and saved there."""
     from safetensors.torch import load_file, save_file
 
     weights, record = folder / "translators.safetensors", folder / "translators.json"
     if weights.is_file() and record.is_file():
         translators.load_state_dict(load_file(str(weights)))
         return {**json.loads(record.read_text()), "reused": True}
-    candidates = tuple(int(layer) for layer in translators)
     training = _fit_translators(config, model, *splits, candidates, translators, progress)
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous().cpu() for k, v in translators.state_dict().items()}, str(weights))
@@ -136,7 +137,8 @@ def run_exit_study(
     shared = exit_curve(every, shared_head(model))
     shared_s = time.perf_counter() - started - collect_s
     translators = new_translators(model, candidates)
-    training = _saved_or_fitted(config, model, (train_batches, validation_batches), translators, folder, progress)
+    splits = (train_batches, validation_batches)
+    training = _saved_or_fitted(config, model, splits, candidates, translators, folder, progress)
     for parameter in translators.parameters():
         parameter.requires_grad_(False)
     by_layer = {int(k): t.eval() for k, t in translators.items()}
