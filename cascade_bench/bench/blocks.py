@@ -63,6 +63,18 @@ class BlockBenchRow:
         return self.head_flops / self.flops
 
 
+def _back_to_back(routed, unsplit, warmup: int, repeats: int, device) -> tuple[list[float], list[float]]:
+    """Seconds of the routed pass and of the unsplit model, timed back to back in each repeat after
+    ``warmup`` untimed pairs."""
+    for _ in range(warmup):
+        routed(), unsplit()
+    mine, theirs = [], []
+    for _ in range(repeats):
+        mine.append(wall_time_once(routed, device))
+        theirs.append(wall_time_once(unsplit, device))
+    return mine, theirs
+
+
 def bench_blocks(
     ensemble: Ensemble,
     input_ids: torch.Tensor,
@@ -100,12 +112,7 @@ def bench_blocks(
                         return forward_cascade(ensemble, input_ids, thresholds=thresholds, batching=batching, **kwargs)
 
                     counted, out = count_pass_flops(routed, num_stages)
-                    for _ in range(warmup):
-                        routed(), unsplit()
-                    mine, theirs = [], []
-                    for _ in range(repeats):
-                        mine.append(wall_time_once(routed, input_ids.device))
-                        theirs.append(wall_time_once(unsplit, input_ids.device))
+                    mine, theirs = _back_to_back(routed, unsplit, warmup, repeats, input_ids.device)
                     rows.append(
                         BlockBenchRow(
                             exit_fn=name,

@@ -290,6 +290,34 @@ def with_rule(ensemble: Ensemble, spec: str, candidate_ids: Optional[torch.Tenso
     return copied.eval()
 
 
+def _rule_row(ratio: float, spec: str, mode: str, call, stages: list, timed: tuple, full_flops: int) -> RuleRow:
+    """The row of rule ``spec`` in batching ``mode`` at forced exit ``ratio``: its pass counted once
+    (``call``), its decision's own FLOPs from the analytic cost of the stages it ran, and its wall
+    time against the full cascade's from the interleaved repeats (``timed``: its samples, the full's)."""
+    flops, out = count_flops(call)
+    costs = routed_cost(
+        [s.config for s in stages],
+        out.stage_batch_shapes,
+        out.head_tokens,
+        exit_rule_macs(stages, out.decided_tokens),
+        head_macs=head_macs_of(stages),
+    )
+    decision = sum(decision_flops(costs, out.head_tokens, out.tokens_exited))
+    mine, full = timed
+    return RuleRow(
+        target_exit_ratio=ratio,
+        rule=spec,
+        batching=mode,
+        exit_ratio=out.exit_ratios[0],
+        median_s=TimingStats(tuple(mine)).median,
+        layer_cost=out.layer_cost,
+        flop_ratio=flops.flops / full_flops,
+        decision_share=decision / flops.flops,
+        rule_macs_per_token=stages[0].exit_function.macs_per_token,
+        **wall_ratio_fields(mine, full),
+    )
+
+
 def bench_exit_rules(
     ensemble: Ensemble,
     input_ids: torch.Tensor,
@@ -327,32 +355,9 @@ def bench_exit_rules(
                     samples[key].append(wall_time_once(call, input_ids.device))
             full_flops = count_flops(calls[("full", "-")])[0].flops
             for (spec, mode), call in calls.items():
-                if spec == "full":
-                    continue
-                flops, out = count_flops(call)
-                stages = list(cascades[spec])
-                costs = routed_cost(
-                    [s.config for s in stages],
-                    out.stage_batch_shapes,
-                    out.head_tokens,
-                    exit_rule_macs(stages, out.decided_tokens),
-                    head_macs=head_macs_of(stages),
-                )
-                decision = sum(decision_flops(costs, out.head_tokens, out.tokens_exited))
-                rows.append(
-                    RuleRow(
-                        target_exit_ratio=ratio,
-                        rule=spec,
-                        batching=mode,
-                        exit_ratio=out.exit_ratios[0],
-                        median_s=TimingStats(tuple(samples[(spec, mode)])).median,
-                        layer_cost=out.layer_cost,
-                        flop_ratio=flops.flops / full_flops,
-                        decision_share=decision / flops.flops,
-                        rule_macs_per_token=stages[0].exit_function.macs_per_token,
-                        **wall_ratio_fields(samples[(spec, mode)], samples[("full", "-")]),
-                    )
-                )
+                if spec != "full":
+                    timed = (samples[(spec, mode)], samples[("full", "-")])
+                    rows.append(_rule_row(ratio, spec, mode, call, list(cascades[spec]), timed, full_flops))
             if progress:
                 print(f"  exit rules at exit ratio {ratio:.2f}: done", flush=True)
     return rows
