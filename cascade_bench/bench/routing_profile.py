@@ -35,6 +35,23 @@ from .routing import BENCH_METHODS, forced_thresholds, stage0_confidence
 PHASES = ("gather", "layers", "exit_head", "exit_fn", "exit other", "scatter", "stage other")
 
 
+def _stage_row(method: str, exit_ratio: float, k: int, ms: dict) -> dict:
+    """Stage ``k``'s row from one repeat's span milliseconds ``ms``: each phase, what the exit spent
+    beyond its head and rule, what the stage spent beyond its phases, and the layers' share."""
+    stage = ms.get(f"stage{k}", 0.0)
+    part = {p: ms.get(f"stage{k}.{p}", 0.0) for p in ("gather", "layers", "exit_head", "exit_fn", "scatter")}
+    part["exit other"] = ms.get(f"stage{k}.exit", 0.0) - part["exit_head"] - part["exit_fn"]
+    part["stage other"] = stage - part["gather"] - part["layers"] - ms.get(f"stage{k}.exit", 0.0) - part["scatter"]
+    return {
+        "method": method,
+        "exit ratio": exit_ratio,
+        "stage": str(k),
+        **part,
+        "total": stage,
+        "layers share": part["layers"] / stage if stage else math.nan,
+    }
+
+
 def routing_profile(
     ensemble: Ensemble,
     input_ids: torch.Tensor,
@@ -68,25 +85,8 @@ def routing_profile(
             ms = {name: stats.samples[pick] * 1e3 for name, stats in spans.items() if len(stats.samples) == len(order)}
             inside = 0.0
             for k in range(len(ensemble)):
-                stage = ms.get(f"stage{k}", 0.0)
-                inside += stage
-                part = {
-                    p: ms.get(f"stage{k}.{p}", 0.0) for p in ("gather", "layers", "exit_head", "exit_fn", "scatter")
-                }
-                part["exit other"] = ms.get(f"stage{k}.exit", 0.0) - part["exit_head"] - part["exit_fn"]
-                part["stage other"] = (
-                    stage - part["gather"] - part["layers"] - ms.get(f"stage{k}.exit", 0.0) - part["scatter"]
-                )
-                rows.append(
-                    {
-                        "method": method,
-                        "exit ratio": exit_ratio,
-                        "stage": str(k),
-                        **part,
-                        "total": stage,
-                        "layers share": part["layers"] / stage if stage else math.nan,
-                    }
-                )
+                inside += ms.get(f"stage{k}", 0.0)
+                rows.append(_stage_row(method, exit_ratio, k, ms))
             total = wall.samples[pick] * 1e3
             rows.append(
                 {
