@@ -694,29 +694,28 @@ def write_report(records: Sequence[Record], config: ExperimentConfig, paths: dic
     reference = "the unsplit model" if config.model else "the full cascade"
     t = _run_tables(frame, config)
     written = _write_run_tables(t, config, paths["tables"], reference)
-    thresholds, seed, is_seed, kv, risks, wall_flops = t.thresholds, t.seed, t.is_seed, t.kv, t.risks, t.wall_flops
     lines = [
         *_opening_lines(records, config),
         *_checks_and_training_lines(records, config),
         *_method_lines(t, reference),
         *_rule_training_lines(records),
-        *(_kv_lines(kv, reference) if kv is not None else []),
-        *(_risk_lines(risks, _risk_calibration(frame)) if risks is not None else []),
+        *(_kv_lines(t.kv, reference) if t.kv is not None else []),
+        *(_risk_lines(t.risks, _risk_calibration(frame)) if t.risks is not None else []),
         *_exit_study_lines(paths),
         "## Sweep",
         "",
-        to_markdown(thresholds),
-        *(_wall_flops_lines(wall_flops, reference) if wall_flops is not None else []),
+        to_markdown(t.thresholds),
+        *(_wall_flops_lines(t.wall_flops, reference) if t.wall_flops is not None else []),
         "## Seed-protocol layout",
         "",
         (
             "Seed figures beside ours: this config reproduces the seed."
-            if is_seed
+            if t.is_seed
             else "This config is not the seed's (ASHEM, WikiText-2, leaky seed protocol), so the seed's published "
             "figures are not shown beside it."
         ),
         "",
-        to_markdown(seed),
+        to_markdown(t.seed),
         "## Plots",
         "",
         f"![cost vs PPL](plots/{name}.cost_vs_ppl.png)",

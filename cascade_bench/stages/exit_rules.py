@@ -211,8 +211,8 @@ def rule_from_spec(spec: dict, stage: nn.Module) -> nn.Module:
     on the stage's device and dtype, ready for ``load_state_dict``."""
     translator, norm, head = head_parts(stage)
     kind = RULE_KINDS.get(spec["kind"])
-    saved = [name for name, k in RULE_KINDS.items() if k.family != BUILTIN and not k.hidden_units]
     if kind is None or kind.family == BUILTIN:
+        saved = [name for name, k in RULE_KINDS.items() if k.family != BUILTIN and not k.hidden_units]
         raise ValueError(f"unknown saved exit rule kind {spec['kind']!r}; expected one of {saved}")
     if kind.family == CLASSIFIER:
         rule = ExitClassifier(spec["hidden_size"], spec["hidden_units"], spec["use_input_state"], spec["target"])
