@@ -20,7 +20,7 @@ from cascade_bench.measure.flops import count_flops, count_pass_flops
 from cascade_bench.measure.timing import interleaved_ratio, synchronize
 from cascade_bench.routing.calibration import calibrate_thresholds
 from cascade_bench.routing.passes import forward_cascade
-from cascade_bench.stages.exits import resolve_exit_function
+from cascade_bench.stages.exits import resolve_exit_rule
 
 HARD_RATIOS = (0.75, 0.5, 0.25)
 
@@ -63,14 +63,14 @@ def test_unsplit_model(benchmark, bench_preset, blocks, block_batch):
 
 
 @pytest.mark.parametrize("hard_ratio", HARD_RATIOS)
-@pytest.mark.parametrize("exit_fn", ["max_prob", "cos_sim"])
-def test_routed_blocks(benchmark, bench_preset, blocks, block_batch, exit_fn, hard_ratio):
+@pytest.mark.parametrize("exit_rule", ["max_prob", "cos_sim"])
+def test_routed_blocks(benchmark, bench_preset, blocks, block_batch, exit_rule, hard_ratio):
     ids, calibration, unsplit_flops = block_batch
     benchmark.group = f"blocks {'/'.join(map(str, bench_preset.block_layers))}, {tuple(ids.shape)}"
-    saved = [(b.exit_function, b.threshold) for b in blocks]
+    saved = [(b.exit_rule, b.threshold) for b in blocks]
     try:
         for block in blocks:
-            block.exit_function = resolve_exit_function(exit_fn)
+            block.exit_rule = resolve_exit_rule(exit_rule)
         thresholds = list(calibrate_thresholds(blocks, [calibration], hard_ratio))
         routed = _forward(blocks, ids, bench_preset.device, thresholds=thresholds)
         out = benchmark.pedantic(routed, rounds=5, warmup_rounds=1)
@@ -83,8 +83,8 @@ def test_routed_blocks(benchmark, bench_preset, blocks, block_batch, exit_fn, ha
             benchmark.extra_info["wall_ratio_interleaved"] = interleaved_ratio(routed, unsplit, pairs=2)
     finally:
         for block, (fn, threshold) in zip(blocks, saved):
-            block.exit_function, block.threshold = fn, threshold
-    heads = sum(s.exit_head + s.exit_fn for s in counted.stages)
+            block.exit_rule, block.threshold = fn, threshold
+    heads = sum(s.exit_head + s.exit_rule for s in counted.stages)
     benchmark.extra_info.update(
         counted_flops=counted.total,
         flop_ratio=counted.total / unsplit_flops,
@@ -92,11 +92,11 @@ def test_routed_blocks(benchmark, bench_preset, blocks, block_batch, exit_fn, ha
         layer_cost=out.layer_cost,
         exit_ratios=list(out.exit_ratios),
         tokens=out.num_tokens,
-        exit_fn=exit_fn,
+        exit_rule=exit_rule,
         hard_ratio=hard_ratio,
     )
     assert out.tokens_entered[1] < out.tokens_entered[0] and out.layer_cost < 1.0
-    if exit_fn == "cos_sim":  # logit-free: each token's head runs once, at the block it leaves
+    if exit_rule == "cos_sim":  # logit-free: each token's head runs once, at the block it leaves
         assert sum(out.head_tokens) == out.num_tokens
     else:  # every token reaching a non-last block pays the head there
         assert sum(out.head_tokens) == sum(out.tokens_entered)

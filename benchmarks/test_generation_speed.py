@@ -19,7 +19,7 @@ import pytest
 from cascade_bench.bench.generation import ForcedExitRate
 from cascade_bench.data.corpus import byte_token_windows
 from cascade_bench.routing.generation import generate
-from cascade_bench.stages.exits import resolve_exit_function
+from cascade_bench.stages.exits import resolve_exit_rule
 
 NEW_TOKENS = 33  # 32 decode steps
 PROMPT = 64
@@ -39,8 +39,8 @@ def test_decode_throughput(benchmark, bench_preset, decode_setup, batch, exit_ra
     cascade, prompts = decode_setup
     benchmark.group = f"decode, batch {batch}, {rule} cost"
     ids = prompts[batch]
-    original = cascade[0].exit_function
-    cascade[0].exit_function = resolve_exit_function(ForcedExitRate(exit_ratio, rule))
+    original = cascade[0].exit_rule
+    cascade[0].exit_rule = resolve_exit_rule(ForcedExitRate(exit_ratio, rule))
     try:
 
         def routed():
@@ -65,7 +65,7 @@ def test_decode_throughput(benchmark, bench_preset, decode_setup, batch, exit_ra
             info["decode_speedup_vs_full_back_to_back"] = statistics.median(f / r for r, f in pairs)
         benchmark.extra_info.update(info)
     finally:
-        cascade[0].exit_function = original
+        cascade[0].exit_rule = original
     # The forced running total stays within one decision of rate x decisions, so any window of them
     # (here the decode steps after the prompt's) is within two.
     assert out.tokens.shape == (batch, NEW_TOKENS)
@@ -84,10 +84,10 @@ def _policy_run(cascade, ids, policy: str):
         schedule = [stages - 1] * ((NEW_TOKENS - 1) // 2) + [0]
         return lambda: generate(cascade, ids, max_new_tokens=NEW_TOKENS, exit_policy="schedule", exit_schedule=schedule)
     if policy == "batch":
-        cascade[0].exit_function = resolve_exit_function(ForcedStepExit(0.5, "cos_sim"))
+        cascade[0].exit_rule = resolve_exit_rule(ForcedStepExit(0.5, "cos_sim"))
         return lambda: generate(cascade, ids, max_new_tokens=NEW_TOKENS, thresholds=[0.5], exit_policy="batch")
     kv = policy.split(":")[1]
-    cascade[0].exit_function = resolve_exit_function(ForcedExitRate(0.5, "cos_sim"))
+    cascade[0].exit_rule = resolve_exit_rule(ForcedExitRate(0.5, "cos_sim"))
     return lambda: generate(cascade, ids, max_new_tokens=NEW_TOKENS, thresholds=[0.5], kv_policy=kv)
 
 
@@ -102,7 +102,7 @@ def test_decode_policy_throughput(benchmark, decode_setup, batch, policy):
     cascade, prompts = decode_setup
     benchmark.group = f"decode policies, batch {batch}"
     ids = prompts[batch]
-    original = cascade[0].exit_function
+    original = cascade[0].exit_rule
     try:
         run = _policy_run(cascade, ids, policy)
         out = benchmark.pedantic(run, rounds=3, warmup_rounds=1, iterations=1)
@@ -116,7 +116,7 @@ def test_decode_policy_throughput(benchmark, decode_setup, batch, policy):
             info["decode_speedup_vs_full_back_to_back"] = statistics.median(f / r for r, f in pairs)
         benchmark.extra_info.update(info)
     finally:
-        cascade[0].exit_function = original
+        cascade[0].exit_rule = original
     assert out.tokens.shape == (batch, NEW_TOKENS)
     if policy == "self-speculative":  # lossless: the full-depth greedy tokens
         assert out.tokens.equal(generate(cascade, ids, max_new_tokens=NEW_TOKENS, method="full").tokens)

@@ -247,7 +247,7 @@ def test_exit_rules(benchmark, bench_preset, cascades, setup, rule_cascades, rul
         method="routed",
         batching="bucketed",
     )
-    benchmark.extra_info["rule_macs_per_token"] = ruled[0].exit_function.macs_per_token
+    benchmark.extra_info["rule_macs_per_token"] = ruled[0].exit_rule.macs_per_token
     assert out.exit_ratios[0] == pytest.approx(0.5, abs=1 / out.num_tokens)
     if rule == "classifier":
         assert flops / full_flops <= out.layer_cost + 0.05  # counted FLOPs: deterministic, not a timing

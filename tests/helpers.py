@@ -1,5 +1,5 @@
 """Test helpers: tiny from_config cascades of every supported family, real-text token batches,
-and a scripted exit function."""
+and a scripted exit rule."""
 
 from __future__ import annotations
 
@@ -21,14 +21,14 @@ def token_batch(text: str, batch_size: int, seq_len: int, offset: int = 0) -> to
     return byte_token_windows(text[offset:], batch_size, seq_len)
 
 
-def tiny_ensemble(preset: str, layers=(2, 2), exit_fn="max_prob", seed=0, kind: str = "llm"):
+def tiny_ensemble(preset: str, layers=(2, 2), exit_rule="max_prob", seed=0, kind: str = "llm"):
     """A tiny cascade: one model per stage (``kind="llm"``) or one model cut into blocks."""
     build = build_ensemble if kind == "llm" else build_blocks
-    return build(preset, layers, exit_fn=exit_fn, seed=seed).eval()
+    return build(preset, layers, exit_rule=exit_rule, seed=seed).eval()
 
 
 class ScriptedExit:
-    """A test exit function with scripted per-token confidences.
+    """A test exit rule with scripted per-token confidences.
 
     It recognises each token by its exact stage output (nearest probe hidden state, computed
     beforehand on the same dense batch) and returns the confidence scripted for that (b, t).
@@ -52,7 +52,7 @@ def scripted_exit(ensemble, input_ids: torch.Tensor, exits: torch.Tensor):
 
     Tokens whose stage-0 state is identical (same prefix in two sequences: causal attention makes
     them the same token to the model) must share a decision; they take the first one's. Returns
-    (exit function, the decisions actually scripted (B, T) bool).
+    (exit rule, the decisions actually scripted (B, T) bool).
     """
     with torch.inference_mode():
         hidden = ensemble[0](input_ids=input_ids).hidden.reshape(-1, ensemble[0].hidden_size)

@@ -97,10 +97,10 @@ def test_bench_routing_profile_splits_each_pass_into_parts_that_add_up(tmp_path,
     )
     assert code == 0
     out = capsys.readouterr().out
-    assert "| method | stage | gather | layers | exit_head | exit_fn | exit other | scatter | stage other |" in out
+    assert "| method | stage | gather | layers | exit_head | exit_rule | exit other | scatter | stage other |" in out
     rows = json.loads((tmp_path / "bench.profile.json").read_text())["rows"]
     assert {r["method"] for r in rows} == {"full", "routed-padded", "routed-bucketed"}
-    parts = ("gather", "layers", "exit_head", "exit_fn", "exit other", "scatter", "stage other")
+    parts = ("gather", "layers", "exit_head", "exit_rule", "exit other", "scatter", "stage other")
     for method in ("full", "routed-padded", "routed-bucketed"):
         mine = {r["stage"]: r for r in rows if r["method"] == method}
         assert set(mine) == {"0", "1", "outside", "pass"}
@@ -111,7 +111,7 @@ def test_bench_routing_profile_splits_each_pass_into_parts_that_add_up(tmp_path,
             mine["pass"]["total"]
         )
     # the last stage decides nothing: no confidence is computed there
-    assert all(r["exit_fn"] == 0.0 for r in rows if r["stage"] == "1")
+    assert all(r["exit_rule"] == 0.0 for r in rows if r["stage"] == "1")
 
 
 def test_bench_routing_names_a_bad_exit_rule(capsys):
@@ -155,13 +155,13 @@ def test_bench_blocks_compares_blocks_with_the_unsplit_model(tmp_path, capsys):
     )
     assert code == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["exit_fn"], r["hard_ratio"]) for r in rows] == [
+    assert [(r["exit_rule"], r["hard_ratio"]) for r in rows] == [
         ("max_prob", 1.0),
         ("max_prob", 0.5),
         ("cos_sim", 1.0),
         ("cos_sim", 0.5),
     ]
-    by = {(r["exit_fn"], r["hard_ratio"]): r for r in rows}
+    by = {(r["exit_rule"], r["hard_ratio"]): r for r in rows}
     # cos_sim with nobody exiting runs exactly the unsplit model (one head at the end); max_prob pays
     # the shared lm_head at every block on top of it.
     assert by[("cos_sim", 1.0)]["flop_ratio"] == 1.0 and by[("max_prob", 1.0)]["flop_ratio"] > 1.0
@@ -238,8 +238,11 @@ def test_an_exit_rule_is_spelled_exit_rule_on_every_command_and_the_old_spelling
 
     parser = build_parser()
     for command in ("bench-routing", "bench-blocks", "bench-generate", "cost", "run"):
-        assert parser.parse_args([command, "--exit-rule", "cos_sim"]).exit_fn == "cos_sim", command
-    assert parser.parse_args(["bench-blocks", "--exit-rules", "max_prob", "margin"]).exit_fns == ["max_prob", "margin"]
+        assert parser.parse_args([command, "--exit-rule", "cos_sim"]).exit_rule == "cos_sim", command
+    assert parser.parse_args(["bench-blocks", "--exit-rules", "max_prob", "margin"]).exit_rules == [
+        "max_prob",
+        "margin",
+    ]
     assert parser.parse_args(["bench-generate", "--cost-of", "margin"]).rule == "margin"
     for old in (
         ["cost", "--exit-fn", "cos_sim"],
@@ -265,7 +268,7 @@ def test_cost_and_bench_commands_read_a_run_config_and_explicit_flags_win(tmp_pa
         (["cost", "--config", str(configs / "smoke.toml")], ("gpt2-tiny", [2, 2], 64, 8, "max_prob")),
     ):
         args = _with_run_config(parser, argv, parser.parse_args(argv))
-        assert (args.preset, args.layers, args.seq_len, args.batch_size, args.exit_fn) == expected, argv
+        assert (args.preset, args.layers, args.seq_len, args.batch_size, args.exit_rule) == expected, argv
         parser = build_parser()  # set_defaults stays on the parser it was called on
     out = tmp_path / "cost.json"
     argv = ["cost", "--config", str(configs / "smoke.toml"), "--repeats", "1", "--num-batches", "1", "--no-fvcore"]

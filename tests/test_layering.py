@@ -143,7 +143,7 @@ def test_every_imported_module_exists():
 
 def test_the_checker_sees_upward_and_lazy_imports():
     source = (
-        "from .exits import ExitFunction\n"
+        "from .exits import ExitRule\n"
         "def f():\n"
         "    from ..routing.passes import forward_cascade\n"
         "    import cascade_bench.experiment.config\n"

@@ -145,12 +145,12 @@ def test_help_imports_no_torch_so_it_answers_at_once():
 def test_the_torch_free_names_are_the_registries_they_stand_for():
     from cascade_bench.bench.routing import BENCH_RULES
     from cascade_bench.stages.exit_rules import parse_rule_spec
-    from cascade_bench.stages.exits import BUILTIN_EXIT_FUNCTIONS
-    from cascade_bench.stages.rule_specs import EXIT_FUNCTION_NAMES
+    from cascade_bench.stages.exits import BUILTIN_EXIT_RULES
+    from cascade_bench.stages.rule_specs import BUILTIN_RULE_NAMES
     from cascade_bench.training.protocol_specs import STAGE_KIND_NAMES
     from cascade_bench.training.protocols import STAGE_KINDS
 
-    assert EXIT_FUNCTION_NAMES == tuple(sorted(BUILTIN_EXIT_FUNCTIONS))
+    assert BUILTIN_RULE_NAMES == tuple(sorted(BUILTIN_EXIT_RULES))
     assert tuple(STAGE_KINDS) == STAGE_KIND_NAMES
     assert all(parse_rule_spec(rule) for rule in BENCH_RULES)
 

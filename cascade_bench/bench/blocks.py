@@ -29,7 +29,7 @@ from ..measure.timing import wall_time_once
 from ..routing.calibration import calibrate_thresholds
 from ..routing.passes import forward_cascade
 from ..stages.ensemble import Ensemble, evaluation_mode
-from ..stages.exits import resolve_exit_function
+from ..stages.exits import resolve_exit_rule
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ class BlockBenchRow:
     the confidence is elementwise and counts 0). wall_ratio: median over repeats of routed time /
     unsplit time, the two timed back to back."""
 
-    exit_fn: str
+    exit_rule: str
     hard_ratio: float
     exit_ratios: tuple[float, ...]
     layer_cost: float
@@ -80,14 +80,14 @@ def bench_blocks(
     input_ids: torch.Tensor,
     calibration_ids: torch.Tensor,
     hard_ratios: Sequence[float] = (1.0, 0.75, 0.5, 0.25),
-    exit_fns: Sequence[str] = ("max_prob", "cos_sim"),
+    exit_rules: Sequence[str] = ("max_prob", "cos_sim"),
     warmup: int = 1,
     repeats: int = 5,
     batching: str = "bucketed",
 ) -> list[BlockBenchRow]:
     """Measure the routed pass against the unsplit model (see module docstring). The blocks'
-    exit functions and thresholds are restored afterwards."""
-    saved = [(stage.exit_function, stage.threshold) for stage in ensemble]
+    exit rules and thresholds are restored afterwards."""
+    saved = [(stage.exit_rule, stage.threshold) for stage in ensemble]
     num_stages = len(ensemble)
     rows = []
     try:
@@ -98,9 +98,9 @@ def bench_blocks(
                 return forward_cascade(ensemble, input_ids, method="full", **kwargs)
 
             unsplit_flops, _ = count_pass_flops(unsplit, num_stages)
-            for name in exit_fns:
+            for name in exit_rules:
                 for stage in ensemble:
-                    stage.exit_function = resolve_exit_function(name)
+                    stage.exit_rule = resolve_exit_rule(name)
                 for ratio in hard_ratios:
                     if ratio >= 1.0:
                         thresholds = [math.inf] * (num_stages - 1)
@@ -115,14 +115,14 @@ def bench_blocks(
                     mine, theirs = _back_to_back(routed, unsplit, warmup, repeats, input_ids.device)
                     rows.append(
                         BlockBenchRow(
-                            exit_fn=name,
+                            exit_rule=name,
                             hard_ratio=ratio,
                             exit_ratios=out.exit_ratios,
                             layer_cost=out.layer_cost,
                             flops=counted.total,
                             flops_unsplit=unsplit_flops.total,
-                            head_flops=sum(s.exit_head + s.exit_fn for s in counted.stages),
-                            head_flops_unsplit=sum(s.exit_head + s.exit_fn for s in unsplit_flops.stages),
+                            head_flops=sum(s.exit_head + s.exit_rule for s in counted.stages),
+                            head_flops_unsplit=sum(s.exit_head + s.exit_rule for s in unsplit_flops.stages),
                             median_s=statistics.median(mine),
                             median_s_unsplit=statistics.median(theirs),
                             wall_ratio=statistics.median(a / b for a, b in zip(mine, theirs)),
@@ -130,7 +130,7 @@ def bench_blocks(
                     )
     finally:
         for stage, (fn, threshold) in zip(ensemble, saved):
-            stage.exit_function, stage.threshold = fn, threshold
+            stage.exit_rule, stage.threshold = fn, threshold
     return rows
 
 
@@ -142,7 +142,7 @@ def format_block_table(rows: Sequence[BlockBenchRow]) -> str:
     ).split(", ")
     cells = (
         [
-            r.exit_fn,
+            r.exit_rule,
             f"{r.hard_ratio:g}",
             " / ".join(f"{e:.0%}" for e in r.exit_ratios),
             f"{r.layer_cost:.3f}",
@@ -177,7 +177,7 @@ def run_block_bench(
     batch_size: int = 8,
     seq_len: int = 512,
     hard_ratios: Sequence[float] = (1.0, 0.75, 0.5, 0.25),
-    exit_fns: Sequence[str] = ("max_prob", "cos_sim"),
+    exit_rules: Sequence[str] = ("max_prob", "cos_sim"),
     warmup: int = 1,
     repeats: int = 5,
     seed: int = 0,
@@ -187,7 +187,7 @@ def run_block_bench(
     (rows, conditions), written to ``json_path``."""
     windows = embedded_byte_windows(2 * batch_size, seq_len).to(ensemble.device)
     measured, calibration = windows[:batch_size], windows[batch_size:]
-    rows = bench_blocks(ensemble, measured, calibration, hard_ratios, exit_fns, warmup=warmup, repeats=repeats)
+    rows = bench_blocks(ensemble, measured, calibration, hard_ratios, exit_rules, warmup=warmup, repeats=repeats)
     conditions = {
         **environment_conditions(ensemble.device, ensemble.dtype),
         "model": origin,

@@ -38,7 +38,7 @@ from ..routing.generation import generate
 from ..routing.passes import forward_cascade
 from ..routing.speculative import self_speculative_generate
 from ..stages.ensemble import Ensemble
-from ..stages.exits import resolve_exit_function
+from ..stages.exits import resolve_exit_rule
 from .generation import ForcedExitRate
 from .hf_generate import hf_generate_timed
 
@@ -161,13 +161,13 @@ def bench_decoding(
     hf_peer: bool = True,
 ) -> list[DecodingRow]:
     """Every decoding variant at every batch size (see the module docstring). ``prompts`` maps a
-    batch size to its (B, P) prompt ids. Stage 0's exit function is restored afterwards."""
+    batch size to its (B, P) prompt ids. Stage 0's exit rule is restored afterwards."""
     if len(ensemble) < 2:
         raise ValueError(f"the decoding benchmark needs at least 2 stages, got {len(ensemble)}")
     if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or new_tokens < 3:
         raise ValueError(f"new_tokens must be an int >= 3, got {new_tokens!r}")
     first = ensemble[0]
-    saved = first.exit_function
+    saved = first.exit_rule
     exit_at_0 = [0.5] + [math.inf] * (len(ensemble) - 2)
     steps = new_tokens - 1
     schedule = [len(ensemble) - 1] * (steps // 2) + [0]
@@ -214,7 +214,7 @@ def bench_decoding(
                 return _paired(make, full, repeats, warmup, lambda o: o.seconds_per_token)
 
             record("full depth", timed(full), exit_policy="-")
-            first.exit_function = resolve_exit_function(ForcedExitRate(0.0, rule))
+            first.exit_rule = resolve_exit_rule(ForcedExitRate(0.0, rule))
             record(
                 "stage 0 only (exit/draft step)",
                 timed(
@@ -222,7 +222,7 @@ def bench_decoding(
                 ),
             )
             for kv in ("absent", "propagate", "recompute"):
-                first.exit_function = resolve_exit_function(ForcedExitRate(rate, rule, seed=seed))
+                first.exit_rule = resolve_exit_rule(ForcedExitRate(rate, rule, seed=seed))
                 record(
                     f"per_token, {rate:.0%} forced",
                     timed(
@@ -233,7 +233,7 @@ def bench_decoding(
                     kv_policy=kv,
                 )
             for cost in dict.fromkeys((rule, "cos_sim")):  # the named rule's cost, and the cheapest rule's
-                first.exit_function = resolve_exit_function(ForcedStepExit(rate, cost, seed=seed))
+                first.exit_rule = resolve_exit_rule(ForcedStepExit(rate, cost, seed=seed))
                 record(
                     f"batch (quorum {quorum:g}), {rate:.0%} of steps forced, {cost} cost",
                     timed(
@@ -248,7 +248,7 @@ def bench_decoding(
                     ),
                     exit_policy="batch",
                 )
-            first.exit_function = saved
+            first.exit_rule = saved
             record(
                 f"schedule: {steps // 2} steps full, then stage 0",
                 timed(
@@ -285,7 +285,7 @@ def bench_decoding(
                     if result is not None:
                         record(name, result, exit_policy="hf")
     finally:
-        first.exit_function = saved
+        first.exit_rule = saved
     return rows
 
 

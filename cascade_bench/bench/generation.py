@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..stages.exits import ExitFunction, resolve_exit_function
+from ..stages.exits import ExitRule, resolve_exit_rule
 
 #: Decisions are drawn in chunks of this many: each chunk exits exactly its share, in seeded order.
 CHUNK = 8
@@ -31,11 +31,11 @@ class ForcedExitRate:
     over). Returns 1.0 (exit) or 0.0 (continue): use it with threshold 0.5.
     """
 
-    def __init__(self, rate: float, rule: "str | ExitFunction" = "max_prob", seed: int = 0):
+    def __init__(self, rate: float, rule: "str | ExitRule" = "max_prob", seed: int = 0):
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate <= 1.0:
             raise ValueError(f"rate must be a fraction in [0, 1], got {rate!r}")
         self.rate = float(rate)
-        self.rule = resolve_exit_function(rule)
+        self.rule = resolve_exit_rule(rule)
         self.needs_logits = self.rule.needs_logits
         self.needs_input_state = self.rule.needs_input_state
         self.__name__ = f"forced {self.rate:g} ({self.rule.name} cost)"

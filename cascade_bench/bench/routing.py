@@ -286,7 +286,7 @@ def with_rule(ensemble: Ensemble, spec: str, candidate_ids: Optional[torch.Tenso
     copied = copy.deepcopy(ensemble)
     for k in range(len(copied) - 1):
         torch.manual_seed(k)  # a classifier's random initial weights, the same on every run
-        copied[k].exit_function = untrained_rule(spec, copied[k], candidate_ids)
+        copied[k].exit_rule = untrained_rule(spec, copied[k], candidate_ids)
     return copied.eval()
 
 
@@ -313,7 +313,7 @@ def _rule_row(ratio: float, spec: str, mode: str, call, stages: list, timed: tup
         layer_cost=out.layer_cost,
         flop_ratio=flops.flops / full_flops,
         decision_share=decision / flops.flops,
-        rule_macs_per_token=stages[0].exit_function.macs_per_token,
+        rule_macs_per_token=stages[0].exit_rule.macs_per_token,
         **wall_ratio_fields(mine, full),
     )
 
@@ -443,7 +443,7 @@ def run_routing_bench(
         "layers_per_stage": list(ensemble.layers_per_stage),
         "batch_size": batch_size,
         "seq_len": seq_len,
-        "exit_fn": ensemble[0].exit_function.name,
+        "exit_rule": ensemble[0].exit_rule.name,
         "warmup": warmup,
         "repeats": repeats,
         "seed": seed,

@@ -3,7 +3,7 @@
 ``routing_profile`` times the full cascade and routed early exit (each batching mode) on one batch
 with a ``SpanTimer`` in the pass: per stage the router's own spans (``measure.probes``) ``gather``
 (laying out the tokens that reached the stage: masks, indices, compaction), ``layers`` (the stage's
-model), ``exit_head`` (lm_head and NLL), ``exit_fn`` (the confidence), the rest of ``exit`` (the
+model), ``exit_head`` (lm_head and NLL), ``exit_rule`` (the confidence), the rest of ``exit`` (the
 decision and its bookkeeping), ``scatter`` (results back to original positions, continuing tokens
 split off) and what the stage span holds beyond those; then the time outside every stage span
 (setting up the pass, assembling the output). Milliseconds of the repeat whose pass time is the
@@ -32,15 +32,15 @@ from .routing import BENCH_METHODS, forced_thresholds, stage0_confidence
 
 #: The columns of the profile, in pass order; "exit other" and "stage other" are what the enclosing
 #: span holds beyond its named parts.
-PHASES = ("gather", "layers", "exit_head", "exit_fn", "exit other", "scatter", "stage other")
+PHASES = ("gather", "layers", "exit_head", "exit_rule", "exit other", "scatter", "stage other")
 
 
 def _stage_row(method: str, exit_ratio: float, k: int, ms: dict) -> dict:
     """Stage ``k``'s row from one repeat's span milliseconds ``ms``: each phase, what the exit spent
     beyond its head and rule, what the stage spent beyond its phases, and the layers' share."""
     stage = ms.get(f"stage{k}", 0.0)
-    part = {p: ms.get(f"stage{k}.{p}", 0.0) for p in ("gather", "layers", "exit_head", "exit_fn", "scatter")}
-    part["exit other"] = ms.get(f"stage{k}.exit", 0.0) - part["exit_head"] - part["exit_fn"]
+    part = {p: ms.get(f"stage{k}.{p}", 0.0) for p in ("gather", "layers", "exit_head", "exit_rule", "scatter")}
+    part["exit other"] = ms.get(f"stage{k}.exit", 0.0) - part["exit_head"] - part["exit_rule"]
     part["stage other"] = stage - part["gather"] - part["layers"] - ms.get(f"stage{k}.exit", 0.0) - part["scatter"]
     return {
         "method": method,
@@ -163,7 +163,7 @@ def run_routing_profile(
         "layers_per_stage": list(ensemble.layers_per_stage),
         "batch_size": batch_size,
         "seq_len": seq_len,
-        "exit_fn": ensemble[0].exit_function.name,
+        "exit_rule": ensemble[0].exit_rule.name,
         "warmup": warmup,
         "repeats": repeats,
         "call_overhead_slots": compaction.CALL_OVERHEAD_SLOTS,

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..stages.preset_configs import STAGE_PRESETS
-from ..stages.rule_specs import EXIT_FUNCTION_NAMES
+from ..stages.rule_specs import BUILTIN_RULE_NAMES
 
 #: Help of flags several commands share.
 HELP = {
@@ -47,7 +47,7 @@ def confidence(text: str) -> "float | str":
 DTYPES = ("bfloat16", "float16", "float32")
 
 
-EXIT_FNS = sorted(EXIT_FUNCTION_NAMES)  # the built-in rules' names (stages.exits holds the functions)
+BUILTIN_RULE_CHOICES = sorted(BUILTIN_RULE_NAMES)  # the built-in rules' names (stages.exits holds the functions)
 
 
 def add_cascade_args(command: argparse.ArgumentParser) -> None:
@@ -95,7 +95,7 @@ def add_cascade_args(command: argparse.ArgumentParser) -> None:
         help="build the preset as ONE model of sum(--layers) layers cut into blocks of --layers",
     )
     command.add_argument(
-        "--exit-rule", dest="exit_fn", default="max_prob", choices=EXIT_FNS, help="the stages' exit rule"
+        "--exit-rule", dest="exit_rule", default="max_prob", choices=BUILTIN_RULE_CHOICES, help="the stages' exit rule"
     )
     command.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default %(default)s)")
     command.add_argument(
@@ -147,7 +147,7 @@ def build_cascade(args: argparse.Namespace):
     spec = CascadeSpec(
         preset=args.preset,
         layers=tuple(args.layers),
-        exit_fn=args.exit_fn,
+        exit_rule=args.exit_rule,
         device=args.device,
         dtype=args.dtype,
         threads=args.threads,

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from .arguments import (
-    EXIT_FNS,
+    BUILTIN_RULE_CHOICES,
     add_cascade_args,
     add_json_arg,
     add_model_args,
@@ -76,7 +76,7 @@ def _add_bench_generate_command(commands) -> None:
     decode.add_argument(
         "--cost-of",
         dest="rule",
-        choices=EXIT_FNS,
+        choices=BUILTIN_RULE_CHOICES,
         default="max_prob",
         help="the exit rule whose cost the forced exits pay",
     )

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..bench.choices import BENCH_RULES
 from .arguments import (
-    EXIT_FNS,
+    BUILTIN_RULE_CHOICES,
     HELP,
     add_cascade_args,
     add_json_arg,
@@ -117,9 +117,9 @@ def _add_bench_blocks_command(commands) -> None:
     )
     blocks.add_argument(
         "--exit-rules",
-        dest="exit_fns",
+        dest="exit_rules",
         nargs="+",
-        choices=EXIT_FNS,
+        choices=BUILTIN_RULE_CHOICES,
         default=["max_prob", "cos_sim"],
         help="exit rules measured, one table block each (default %(default)s)",
     )
@@ -193,7 +193,7 @@ def _bench_routing(args: argparse.Namespace) -> int:
         json_path=args.json,
         rules=rules,
     )
-    timing = (f"exit_fn {args.exit_fn}", f"median of {args.repeats}")
+    timing = (f"exit_rule {args.exit_rule}", f"median of {args.repeats}")
     print(run_header(origin, conditions, (f"batch {args.batch_size} x {args.seq_len}",), timing))
     print(format_table(rows))
     if rule_rows:
@@ -218,7 +218,7 @@ def _profile_routing(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         json_path=args.json,
     )
-    timing = (f"exit_fn {args.exit_fn}", f"milliseconds of the median of {args.repeats} repeats")
+    timing = (f"exit_rule {args.exit_rule}", f"milliseconds of the median of {args.repeats} repeats")
     print(run_header(origin, conditions, (f"batch {args.batch_size} x {args.seq_len}",), timing))
     for ratio in args.exit_ratios:
         print(f"exit ratio {ratio:g}:\n")
@@ -238,7 +238,7 @@ def _bench_blocks(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         seq_len=args.seq_len,
         hard_ratios=args.hard_ratios,
-        exit_fns=args.exit_fns,
+        exit_rules=args.exit_rules,
         warmup=args.warmup,
         repeats=args.repeats,
         seed=args.seed,

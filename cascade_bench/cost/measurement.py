@@ -64,11 +64,11 @@ class StageCostRecord:
     layers_flops: Optional[int]
     attention_flops: Optional[int]
     exit_head_flops: Optional[int]
-    exit_fn_flops: Optional[int]
+    exit_rule_flops: Optional[int]
     other_flops: Optional[int]
     padding_flops: int
     analytic_flops: int
-    exit_rule_flops: int = 0
+    analytic_exit_rule_flops: int = 0
     decision_flops: int = 0
 
 
@@ -317,11 +317,11 @@ def measure_cost(
                 layers_flops=c and c.layers,
                 attention_flops=c and c.attention,
                 exit_head_flops=c and c.exit_head,
-                exit_fn_flops=c and c.exit_fn,
+                exit_rule_flops=c and c.exit_rule,
                 other_flops=c and c.other,
                 padding_flops=padding_k,
                 analytic_flops=analytic_k,
-                exit_rule_flops=rule_k,
+                analytic_exit_rule_flops=rule_k,
                 decision_flops=decision_k,
             )
         )

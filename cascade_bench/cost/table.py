@@ -40,7 +40,7 @@ def format_cost(record: CostRecord) -> str:
     ).split(", ")
     stages = (
         [s.stage, s.layers_in_stage, s.tokens_entered, s.slots_computed, s.head_tokens]
-        + [_g(f) for f in (s.flops, s.layers_flops, s.attention_flops, s.exit_head_flops, s.exit_fn_flops)]
+        + [_g(f) for f in (s.flops, s.layers_flops, s.attention_flops, s.exit_head_flops, s.exit_rule_flops)]
         + [_g(s.other_flops), _g(s.padding_flops), _g(s.analytic_flops)]
         for s in record.stages
     )

@@ -28,7 +28,7 @@ class CascadeSpec:
 
     preset: str = "gpt2-cpu"
     layers: Sequence[int] = (4, 4)
-    exit_fn: str = "max_prob"
+    exit_rule: str = "max_prob"
     device: str = "cpu"
     dtype: str = "float32"
     threads: int = 2
@@ -65,7 +65,7 @@ class CascadeSpec:
             return self._cut_model(dtype)
         if self.as_blocks:
             ensemble = build_blocks(
-                self.preset, layers, exit_fn=self.exit_fn, seed=self.seed, device=self.device, dtype=dtype
+                self.preset, layers, exit_rule=self.exit_rule, seed=self.seed, device=self.device, dtype=dtype
             )
             shape = "/".join(map(str, layers))
             origin = f"preset {self.preset} as one {sum(layers)}-layer model in blocks of {shape}, seed {self.seed}"
@@ -79,10 +79,12 @@ class CascadeSpec:
             return load_ensemble(self.cascade, device=self.device, dtype=dtype), f"trained cascade {self.cascade}"
         if self.stages:
             torch.manual_seed(self.seed)
-            stages = [LLM.from_pretrained(path, exit_fn=self.exit_fn).to(self.device, dtype) for path in self.stages]
+            stages = [
+                LLM.from_pretrained(path, exit_rule=self.exit_rule).to(self.device, dtype) for path in self.stages
+            ]
             return Ensemble(stages), [str(path) for path in self.stages]
         ensemble = build_ensemble(
-            self.preset, layers, exit_fn=self.exit_fn, seed=self.seed, device=self.device, dtype=dtype
+            self.preset, layers, exit_rule=self.exit_rule, seed=self.seed, device=self.device, dtype=dtype
         )
         return ensemble, f"preset {self.preset}, layers {'+'.join(map(str, layers))}, seed {self.seed}"
 
@@ -94,5 +96,5 @@ class CascadeSpec:
         register_own_families()
         model = AutoModelForCausalLM.from_pretrained(self.model, dtype=dtype).to(self.device).eval()
         boundaries = list(self.boundaries)
-        ensemble = Ensemble.from_blocks(model, boundaries, exit_fn=self.exit_fn)
+        ensemble = Ensemble.from_blocks(model, boundaries, exit_rule=self.exit_rule)
         return ensemble, f"{self.model} cut before layers {boundaries}"

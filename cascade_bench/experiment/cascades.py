@@ -36,7 +36,7 @@ def _dtype(config: ExperimentConfig) -> torch.dtype:
 
 
 def _protocol(config: ExperimentConfig):
-    protocol = dataclasses.replace(config.training_protocol, max_epochs=config.max_epochs, exit_fn=config.exit_fn)
+    protocol = dataclasses.replace(config.training_protocol, max_epochs=config.max_epochs, exit_rule=config.exit_rule)
     return with_leaky_seed_protocol(protocol) if config.leaky_seed_protocol else protocol
 
 
@@ -65,7 +65,7 @@ def _started(config: ExperimentConfig, protocol, data: PreparedData) -> Ensemble
     return start_ensemble(
         protocol,
         config.preset,
-        exit_fn=config.exit_fn,
+        exit_rule=config.exit_rule,
         seed=config.seed,
         device=config.device,
         dtype=_dtype(config),
@@ -163,7 +163,7 @@ def pretrained_blocks(
     boundaries = list(config.boundaries) or auto_boundaries(
         config.auto_boundaries, study.summary["translators"]["validation_curve"]
     )
-    ensemble = Ensemble.from_blocks(model, boundaries, exit_fn=config.exit_fn, heads=heads)
+    ensemble = Ensemble.from_blocks(model, boundaries, exit_rule=config.exit_rule, heads=heads)
     summary = {
         "model": config.model,
         "boundaries": boundaries,
@@ -217,7 +217,7 @@ def trained_dense(
     dense = build_ensemble(
         config.preset,
         (total_layers,),
-        exit_fn=config.exit_fn,
+        exit_rule=config.exit_rule,
         seed=config.seed,
         device=config.device,
         dtype=_dtype(config),

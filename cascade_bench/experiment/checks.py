@@ -95,8 +95,8 @@ def stored_config(records: Sequence[Record], key: str, default=None):
 
 
 def main_rule(records: Sequence[Record]) -> str:
-    """The exit rule the run trained with (``exit_fn`` of its stored config; max_prob if absent)."""
-    return stored_config(records, "exit_fn", "max_prob")
+    """The exit rule the run trained with (``exit_rule`` of its stored config; max_prob if absent)."""
+    return stored_config(records, "exit_rule", "max_prob")
 
 
 def is_main_rule(record: Record, rule: str) -> bool:

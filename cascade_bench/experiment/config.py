@@ -12,9 +12,10 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Optional
 
+from ..data.renamed_keys import read_renamed
 from ..routing.policy_names import KV_POLICIES, RISKS
 from ..stages.preset_configs import STAGE_PRESETS
-from ..stages.rule_specs import CLASSIFIER_TARGETS, EXIT_FUNCTION_NAMES, RULE_SPECS
+from ..stages.rule_specs import BUILTIN_RULE_NAMES, CLASSIFIER_TARGETS, RULE_SPECS
 from ..training.protocol_specs import EXIT_HEADS, HARD_EXAMPLES, PROTOCOLS, decayed_lrs
 from .config_sections import (
     BLOCK_HEADS,
@@ -62,7 +63,7 @@ _ELEMENT_TYPES = {
 _DATA_KEYS = ("corpus", "corpus_config", "tokenizer", "seq_len", "batch_size", "eval_stride")
 _RUN_KEYS = ("max_epochs", "max_steps_per_epoch", "seed", "dtype", "risk_batches")
 ARTEFACT_KEYS: dict[str, tuple[str, ...]] = {
-    "training": (*_DATA_KEYS, "preset", "protocol", "leaky_seed_protocol", "exit_fn", *_RUN_KEYS),
+    "training": (*_DATA_KEYS, "preset", "protocol", "leaky_seed_protocol", "exit_rule", *_RUN_KEYS),
     "blocks": (
         "model",
         "boundaries",
@@ -73,7 +74,7 @@ ARTEFACT_KEYS: dict[str, tuple[str, ...]] = {
         "exit_train_tokens",
     ),
     "dense": (*_DATA_KEYS, "preset", *_RUN_KEYS),
-    "stage0": (*_DATA_KEYS, "preset", "exit_fn", *_RUN_KEYS),
+    "stage0": (*_DATA_KEYS, "preset", "exit_rule", *_RUN_KEYS),
     "exit_study": (
         "model",
         *_DATA_KEYS,
@@ -115,7 +116,7 @@ class ExperimentConfig:
     ``eval_stride`` 0 (the default) is half the window: validation and test are scored by sliding
     windows, each token after at least half a window of context.
 
-    ``exit_fn`` ('' = the protocol's) is the rule the cascade trains and is swept with (points ``routed@r``,
+    ``exit_rule`` ('' = the protocol's) is the rule the cascade trains and is swept with (points ``routed@r``,
     ``masked@r``);
     every other rule in ``exit_rules`` is swept over the same hard ratios on the same trained
     cascade (points ``routed[rule]@r``). ``risk`` (with ``risk_delta``, ``risk_epsilon``) adds one
@@ -149,7 +150,7 @@ class ExperimentConfig:
     exit_head: str = ""
     hard_examples: str = ""
     leaky_seed_protocol: bool = False
-    exit_fn: str = ""
+    exit_rule: str = ""
     exit_rules: tuple = ("max_prob", "cos_sim", "classifier", "lowrank:32")
     classifier_target: str = "consistency"
     risk: str = "disagreement"
@@ -189,11 +190,11 @@ class ExperimentConfig:
 
     def __post_init__(self):
         # Keys whose empty value means "what the setting implies", resolved here so the stored config
-        # holds what ran: eval_stride 0 = half the window, exit_fn '' = the protocol's rule.
+        # holds what ran: eval_stride 0 = half the window, exit_rule '' = the protocol's rule.
         if self.eval_stride == 0 and isinstance(self.seq_len, int) and not isinstance(self.seq_len, bool):
             object.__setattr__(self, "eval_stride", max(1, self.seq_len // 2))
-        if self.exit_fn == "" and self.protocol in PROTOCOLS:
-            object.__setattr__(self, "exit_fn", PROTOCOLS[self.protocol].exit_fn)
+        if self.exit_rule == "" and self.protocol in PROTOCOLS:
+            object.__setattr__(self, "exit_rule", PROTOCOLS[self.protocol].exit_rule)
         for section in SECTION_CHECKS:
             check_section(section, self)
 
@@ -400,7 +401,9 @@ def load_config_file(path: "Path | str") -> dict:
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as error:
         raise ValueError(f"config file {path} is not valid TOML: {error}") from None
-    return flatten_tables(raw, f"config file {path}")
+    source = f"config file {path}"
+    raw = {k: read_renamed(v, f"{source} [{k}]") if isinstance(v, dict) else v for k, v in raw.items()}
+    return flatten_tables(read_renamed(raw, source), source)
 
 
 def bench_settings(path: "Path | str") -> dict:
@@ -416,7 +419,7 @@ def bench_settings(path: "Path | str") -> dict:
     return {
         "preset": config.preset,
         "layers": list(config.training_protocol.layers),
-        "exit_fn": config.exit_fn,
+        "exit_rule": config.exit_rule,
         "device": config.device,
         "dtype": config.dtype,
         "threads": config.threads,
@@ -427,7 +430,7 @@ def bench_settings(path: "Path | str") -> dict:
 
 
 #: Flags spelled the way the rest of the CLI spells the concept, before the key's own spelling (kept).
-FLAG_NAMES = {"exit_fn": ("--exit-rule",)}
+FLAG_NAMES = {"exit_rule": ("--exit-rule",)}
 
 
 def config_choices() -> dict[str, tuple]:
@@ -443,7 +446,7 @@ def config_choices() -> dict[str, tuple]:
         "baselines": METHOD_BASELINES,
         "batching": ("padded", "bucketed"),
         "kv_policies": KV_POLICIES,
-        "exit_fn": EXIT_FUNCTION_NAMES,
+        "exit_rule": BUILTIN_RULE_NAMES,
         "exit_rules": RULE_SPECS,
         "classifier_target": CLASSIFIER_TARGETS,
         "risk": RISKS,

@@ -51,7 +51,7 @@ CONFIG_HELP: dict[str, str] = {
     "batching": "how the tokens continuing to a stage are batched: padded rows, or buckets of similar length",
     "kv_policies": "K/V policies for exited tokens, one point each at the anchor hard ratio (none given: none)",
     # exit rules
-    "exit_fn": "the rule the cascade trains and is swept with ('' = the protocol's)",
+    "exit_rule": "the rule the cascade trains and is swept with ('' = the protocol's)",
     "exit_rules": "every rule swept on the trained cascade (lowrank:R needs R <= the hidden size; topk:K needs "
     "K <= the vocabulary)",
     "classifier_target": "what a learned exit classifier predicts",

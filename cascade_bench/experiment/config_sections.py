@@ -14,7 +14,7 @@ from typing import Callable
 
 from ..routing.policy_names import KV_POLICIES, RISKS
 from ..stages.preset_configs import STAGE_PRESETS
-from ..stages.rule_specs import CLASSIFIER_TARGETS, EXIT_FUNCTION_NAMES, RULE_SPECS, parse_rule_spec
+from ..stages.rule_specs import BUILTIN_RULE_NAMES, CLASSIFIER_TARGETS, RULE_SPECS, parse_rule_spec
 from ..training.protocol_specs import EXIT_HEADS, HARD_EXAMPLES, PROTOCOLS
 
 METHOD_BASELINES = ("full", "prefix", "masked", "dense", "oracle")
@@ -68,7 +68,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "max_steps_per_epoch",
     ),
     "sweep": ("hard_ratios", "baselines", "oracle_tolerance", "batching", "kv_policies"),
-    "exit_rules": ("exit_fn", "exit_rules", "classifier_target", "exit_train_tokens"),
+    "exit_rules": ("exit_rule", "exit_rules", "classifier_target", "exit_train_tokens"),
     "risk": ("risk", "risk_delta", "risk_epsilon", "risk_nll_tolerance", "risk_batches"),
     "measurement": ("timing_repeats", "timing_batches", "count_flops", "timing_points", "plausible_ppl"),
     "runtime": ("name", "out", "device", "dtype", "threads", "seed"),
@@ -179,7 +179,7 @@ def _check_training(c) -> None:
                 "lr_decay",
                 "exit_head",
                 "hard_examples",
-                "exit_fn",
+                "exit_rule",
             )
             if getattr(c, k)
         ]
@@ -188,8 +188,8 @@ def _check_training(c) -> None:
 
 def _check_exit_rules(c) -> None:
     _integers(c, ("exit_train_tokens",), 0, "a non-negative integer (0 = no limit)")
-    if c.exit_fn not in EXIT_FUNCTION_NAMES:
-        _bad(c, "exit_fn", f"one of {list(EXIT_FUNCTION_NAMES)} ('' = the protocol's)")
+    if c.exit_rule not in BUILTIN_RULE_NAMES:
+        _bad(c, "exit_rule", f"one of {list(BUILTIN_RULE_NAMES)} ('' = the protocol's)")
     if not isinstance(c.exit_rules, tuple) or not c.exit_rules or len(set(c.exit_rules)) != len(c.exit_rules):
         _bad(c, "exit_rules", f"a non-empty list of distinct exit rules drawn from {list(RULE_SPECS)}")
     for spec in c.exit_rules:

@@ -267,7 +267,7 @@ def _save_blocks(sweep: Sweep, thresholds: list, folder: Path, tokenizer, traini
         cascade,
         folder,
         tokenizer=tokenizer,
-        extra={**training, "thresholds_for": f"hard ratio {sweep.anchor:g}, {sweep.config.exit_fn}"},
+        extra={**training, "thresholds_for": f"hard ratio {sweep.anchor:g}, {sweep.config.exit_rule}"},
     )
     cascade.set_thresholds(calibrated)
 
@@ -323,7 +323,7 @@ def _confidences(cascade: Ensemble, batches) -> dict:
         histograms.append(
             {
                 "stage": k,
-                "exit_fn": cascade[k].exit_function.name,
+                "exit_rule": cascade[k].exit_rule.name,
                 "min": low,
                 "max": high,
                 "counts": counts.long().tolist(),

@@ -171,7 +171,7 @@ def plot_confidences(histograms: dict, frame, stem: Path) -> list[Path]:
             threshold = row.thresholds[hist["stage"]]
             ax.axvline(threshold, color="tab:red", alpha=0.5, linewidth=1)
             ax.text(threshold, max(counts) * 0.95, f"{row.hard_ratio:g}", rotation=90, fontsize=7, color="tab:red")
-        ax.set_xlabel(f"stage {hist['stage']} confidence ({hist['exit_fn']})")
+        ax.set_xlabel(f"stage {hist['stage']} confidence ({hist['exit_rule']})")
         ax.set_ylabel("test tokens")
         ax.set_title("calibrated thresholds (red) labelled by hard ratio", fontsize=9)
     paths = save_figure(fig, stem)

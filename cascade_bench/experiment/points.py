@@ -58,7 +58,7 @@ def plan_points(
     """Every point of a run, in the order it measures and stores them. ``dense``: whether a dense
     baseline exists (not for blocks of a pretrained model, whose full point is the unsplit model);
     ``kv_policies``: whether the cascade's layers admit K/V policies."""
-    anchor, main = anchor_ratio(config), config.exit_fn
+    anchor, main = anchor_ratio(config), config.exit_rule
 
     def counted(ratio: float) -> bool:
         return config.count_flops == "all" or ratio == anchor

@@ -620,7 +620,7 @@ def _opening_lines(records: Sequence[Record], config: ExperimentConfig) -> list[
             f"{' (leaky seed protocol: hard tokens collected from validation and scored there)' if config.leaky_seed_protocol else ''}"  # noqa: E501
             f", preset {config.preset}: {training.get('grows', 'n/a')}"
         )
-        + f". Exit rule {config.exit_fn}, "
+        + f". Exit rule {config.exit_rule}, "
         f"{config.device}/{config.dtype}, {config.threads} threads, {_processes(records)}, seed {config.seed}, "
         f"torch {first.get('torch')}, transformers {first.get('transformers')}, commit {first.get('git_commit')}.",
         "",

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Iterator
 
+from ..data.renamed_keys import RENAMED, read_renamed
 from ..data.storage import write_text_atomic
 from .records import SCHEMA_VERSION, Record
 
@@ -35,6 +36,7 @@ class ResultsStore:
                         f"{self.path}:{number} has schema_version {record.get('schema_version')!r}, "
                         f"this cascade_bench reads {SCHEMA_VERSION}"
                     )
+                line = _renamed_config(record, line, f"{self.path}:{number}")
                 try:
                     self._records.append(Record.from_dict(record))
                 except (TypeError, ValueError) as error:
@@ -62,3 +64,14 @@ class ResultsStore:
         write_text_atomic(self.path, "".join(self._lines) + line + "\n")
         self._lines.append(line + "\n")
         self._records.append(Record.from_dict(json.loads(line)))  # as a later read gives it back
+
+
+def _renamed_config(record: dict, line: str, source: str) -> str:
+    """The stored line of ``record``, its run config's renamed keys read under their new names (in
+    ``record`` too), so the next append writes them so and the old name is read once."""
+    conditions = record.get("conditions") or {}
+    config = conditions.get("config")
+    if not isinstance(config, dict) or not set(config) & set(RENAMED):
+        return line
+    record["conditions"] = {**conditions, "config": read_renamed(config, f"{source} (its run config)")}
+    return json.dumps(record)

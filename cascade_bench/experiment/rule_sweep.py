@@ -1,6 +1,6 @@
 """The exit rules of one run, built on the trained cascade and switched in turn (``run`` sweeps each).
 
-A rule spec (``stages.exit_rules.RULE_SPECS``) becomes one exit function per non-last stage:
+A rule spec (``stages.exit_rules.RULE_SPECS``) becomes one exit rule per non-last stage:
 built-ins by name; ``classifier`` / ``classifier-mlp`` trained per stage with everything else frozen
 (train split, early stopping on the validation split); ``lowrank:R`` from the SVD of each stage's
 lm_head; ``topk:K`` from the K most frequent ids of the training split.
@@ -39,7 +39,7 @@ from ..training.exit_classifier import (
 
 @dataclass
 class BuiltRule:
-    """One exit function per non-last stage, and what building it took (classifier training)."""
+    """One exit rule per non-last stage, and what building it took (classifier training)."""
 
     spec: str
     per_stage: list
@@ -160,7 +160,7 @@ def _train_classifier(
 
 @contextmanager
 def routing_through(cascade: Ensemble, earlier: list, validation: list, hard_ratio: float):
-    """Inside the block the first ``len(earlier)`` stages use those exit functions, at thresholds
+    """Inside the block the first ``len(earlier)`` stages use those exit rules, at thresholds
     calibrated on ``validation`` to ``hard_ratio``; the later stages never exit. Everything is
     restored after it (``using_rule``)."""
     with using_rule(cascade, BuiltRule("routing", list(earlier))):
@@ -174,18 +174,18 @@ def routing_through(cascade: Ensemble, earlier: list, validation: list, hard_rat
 @contextmanager
 def using_rule(cascade: Ensemble, rule: Optional[BuiltRule]):
     """The non-last stages use ``rule`` inside the block (None: leave them as they are); their own
-    exit functions and thresholds are restored after it."""
+    exit rules and thresholds are restored after it."""
     if rule is None:
         yield cascade
         return
-    saved = [(stage.exit_function, stage.threshold) for stage in cascade]
+    saved = [(stage.exit_rule, stage.threshold) for stage in cascade]
     try:
-        for stage, exit_fn in zip(cascade, rule.per_stage):
-            stage.exit_function = exit_fn
+        for stage, exit_rule in zip(cascade, rule.per_stage):
+            stage.exit_rule = exit_rule
         yield cascade
     finally:
-        for stage, (exit_fn, threshold) in zip(cascade, saved):
-            stage.exit_function = exit_fn
+        for stage, (exit_rule, threshold) in zip(cascade, saved):
+            stage.exit_rule = exit_rule
             stage.threshold = threshold
 
 

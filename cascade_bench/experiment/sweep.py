@@ -86,7 +86,7 @@ class Sweep:
 
     def rule(self, spec: str) -> Optional[BuiltRule]:
         """The built rule for ``spec``; None for the rule the cascade was trained with (in place)."""
-        if spec == self.config.exit_fn:
+        if spec == self.config.exit_rule:
             return None
         if spec not in self.built_rules:
             config = self.config
@@ -108,7 +108,7 @@ class Sweep:
     def thresholds_at(self, ratio: float, spec: Optional[str] = None) -> list[float]:
         """Quantile thresholds on the validation batches under ``spec`` (default: the trained-with
         rule; the rule must be in place when called), calibrated for every swept ratio at once."""
-        spec = spec or self.config.exit_fn
+        spec = spec or self.config.exit_rule
         if (spec, ratio) not in self._thresholds:
             ratios = sorted(set(self.config.hard_ratios) | {ratio})
             for r, thresholds in calibrate_sweep(self.cascade, self.validation, ratios).items():

@@ -13,7 +13,7 @@ Model arguments (``key=value`` pairs; lists with ``;``):
   that exit through its own head, ``tokenizer`` its tokenizer folder (default: ``pretrained``);
 - ``thresholds``: per non-last stage, overriding the saved ones (``inf`` = never exit);
 - ``max_length`` (default: the smallest ``max_position_embeddings`` of the stages, at most 2048),
-  ``batch_size`` (default 8), ``device``, ``dtype``, ``exit_fn`` (blocks of ``pretrained``),
+  ``batch_size`` (default 8), ``device``, ``dtype``, ``exit_rule`` (blocks of ``pretrained``),
   ``max_gen_toks`` (default 256), ``cost_json``.
 
 ``loglikelihood``: context + continuation (left-truncated to ``max_length + 1`` tokens), summed NLL
@@ -113,7 +113,7 @@ class EarlyExitLM(LM):
         boundaries=None,
         tokenizer: Optional[str] = None,
         thresholds=None,
-        exit_fn: str = "max_prob",
+        exit_rule: str = "max_prob",
         max_length: Optional[int] = None,
         batch_size=8,
         max_batch_size=None,
@@ -136,7 +136,7 @@ class EarlyExitLM(LM):
         device = str(check_device(device or "cpu", dtype))
         torch_dtype = getattr(torch, dtype)
         self.ensemble, self.tokenizer = self._load(
-            cascade, pretrained, boundaries, tokenizer, exit_fn, device, torch_dtype, ensemble
+            cascade, pretrained, boundaries, tokenizer, exit_rule, device, torch_dtype, ensemble
         )
         self.thresholds = (
             _floats(thresholds, "thresholds") if thresholds is not None else list(self.ensemble.thresholds[:-1])
@@ -174,7 +174,7 @@ class EarlyExitLM(LM):
         return cls(**arg_dict, **extra)
 
     @staticmethod
-    def _load(cascade, pretrained, boundaries, tokenizer, exit_fn, device, dtype, ensemble):
+    def _load(cascade, pretrained, boundaries, tokenizer, exit_rule, device, dtype, ensemble):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from ..training.persistence import load_ensemble, load_saved_tokenizer
@@ -201,7 +201,7 @@ class EarlyExitLM(LM):
         model = AutoModelForCausalLM.from_pretrained(pretrained, dtype=dtype).to(device).eval()
         cuts = [int(b) for b in _floats(boundaries, "boundaries")]
         return (
-            Ensemble.from_blocks(model, cuts, exit_fn=exit_fn).eval(),
+            Ensemble.from_blocks(model, cuts, exit_rule=exit_rule).eval(),
             AutoTokenizer.from_pretrained(tokenizer or pretrained),
         )
 

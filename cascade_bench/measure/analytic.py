@@ -142,7 +142,7 @@ def head_macs_of(stages: Sequence) -> list[int]:
 
 def exit_rule_macs(stages: Sequence, decided_tokens: Sequence[int]) -> list[int]:
     """Per stage, the multiply-adds its exit rule spent: tokens decided x ``macs_per_token``."""
-    return [n * stage.exit_function.macs_per_token for stage, n in zip(stages, decided_tokens)]
+    return [n * stage.exit_rule.macs_per_token for stage, n in zip(stages, decided_tokens)]
 
 
 def decision_flops(costs: Sequence[StageCost], head_tokens: Sequence[int], tokens_exited: Sequence[int]) -> list[int]:

@@ -69,7 +69,7 @@ class StageFlops:
     """Counted FLOPs of one stage, split by the router's spans (see ``probes``).
 
     layers: the stage's model (attention included); attention: the part of ``layers`` spent in
-    attention kernels; exit_head: lm_head and NLL; exit_fn: the confidence; other: everything
+    attention kernels; exit_head: lm_head and NLL; exit_rule: the confidence; other: everything
     else inside the stage span (gather, scatter, threshold: 0 unless an op there has a formula).
     """
 
@@ -78,11 +78,11 @@ class StageFlops:
     layers: int
     attention: int
     exit_head: int
-    exit_fn: int
+    exit_rule: int
 
     @property
     def other(self) -> int:
-        return self.total - self.layers - self.exit_head - self.exit_fn
+        return self.total - self.layers - self.exit_head - self.exit_rule
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,7 @@ class FlopBreakdown:
                 a.layers + b.layers,
                 a.attention + b.attention,
                 a.exit_head + b.exit_head,
-                a.exit_fn + b.exit_fn,
+                a.exit_rule + b.exit_rule,
             )
             for a, b in zip(self.stages, other.stages)
         )
@@ -169,7 +169,7 @@ def count_pass_flops(run_pass: Callable[[Probe], object], num_stages: int) -> tu
                 layers=spent(".layers"),
                 attention=attention,
                 exit_head=spent(".exit_head"),
-                exit_fn=spent(".exit_fn"),
+                exit_rule=spent(".exit_rule"),
             )
         )
     outside = total.flops - sum(s.total for s in stages)

@@ -3,7 +3,7 @@
 The router marks its phases with ``probe.span(name)``: per stage k, ``stage{k}`` containing
 ``stage{k}.gather`` (laying out the tokens that reached the stage), ``stage{k}.layers`` (the
 stage's model), ``stage{k}.exit`` (the exit decision, containing ``stage{k}.exit_head``: lm_head
-and NLL, and ``stage{k}.exit_fn``: the confidence) and ``stage{k}.scatter`` (per-token results
+and NLL, and ``stage{k}.exit_rule``: the confidence) and ``stage{k}.scatter`` (per-token results
 back to original positions, continuing tokens split off). A span name may occur several times
 in one pass (chunks, buckets); users of the spans add the occurrences up.
 

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ..measure.probes import NO_PROBE, Probe
-from ..stages.exits import ExitFunction
+from ..stages.exits import ExitRule
 from ..stages.stage import Stage
 
 #: Default logits chunk: about 8 MiB of float32 logits at a time. Small enough to stay in the
@@ -49,7 +49,7 @@ def run_exit_head(
     stage_index: int,
     hidden: Tensor,
     targets: Tensor,
-    exit_function: Optional[ExitFunction] = None,
+    exit_rule: Optional[ExitRule] = None,
     input_state: Optional[Tensor] = None,
     keep_logits: bool = False,
     chunk_tokens: Optional[int] = None,
@@ -57,10 +57,10 @@ def run_exit_head(
 ) -> HeadResult:
     """Project ``hidden`` (n, d) through the stage's lm_head and reduce per token.
 
-    targets: (n,) token ids, negative = not scored. If ``exit_function`` is given, its confidence
+    targets: (n,) token ids, negative = not scored. If ``exit_rule`` is given, its confidence
     is computed on the same logits chunk (``input_state`` (n, d) passed through).
     Raises ValueError if any logit row is not finite. Spans: ``stage{k}.exit_head`` (logits, NLL,
-    argmax) and ``stage{k}.exit_fn`` (confidence), once per chunk.
+    argmax) and ``stage{k}.exit_rule`` (confidence), once per chunk.
     """
     n = hidden.shape[0]
     if chunk_tokens is None:
@@ -73,7 +73,7 @@ def run_exit_head(
             hidden[start : start + chunk_tokens],
             targets[start : start + chunk_tokens],
             safe_targets[start : start + chunk_tokens],
-            exit_function,
+            exit_rule,
             input_state[start : start + chunk_tokens] if input_state is not None else None,
             keep_logits,
             probe,
@@ -86,7 +86,7 @@ def run_exit_head(
             nll=empty,
             correct=empty.bool(),
             prediction=empty.long(),
-            confidence=empty if exit_function is not None else None,
+            confidence=empty if exit_rule is not None else None,
             logits=hidden.new_empty(0, stage.vocab_size) if keep_logits else None,
         )
     head, finite = chunks[0] if len(chunks) == 1 else _joined(chunks)
@@ -104,7 +104,7 @@ def _reduce_chunk(
     hidden: Tensor,
     targets: Tensor,
     safe_targets: Tensor,
-    exit_function: Optional[ExitFunction],
+    exit_rule: Optional[ExitRule],
     input_state: Optional[Tensor],
     keep_logits: bool,
     probe: Probe,
@@ -119,9 +119,9 @@ def _reduce_chunk(
         finite = torch.isfinite(log_z).all()
         nll = log_z - logits32.gather(1, safe_targets[:, None]).squeeze(1)
     confidence = None
-    if exit_function is not None:
-        with probe.span(f"stage{stage_index}.exit_fn"):
-            confidence = exit_function(input_state, hidden, logits32, log_normalizer=log_z, max_logit=max_logit).float()
+    if exit_rule is not None:
+        with probe.span(f"stage{stage_index}.exit_rule"):
+            confidence = exit_rule(input_state, hidden, logits32, log_normalizer=log_z, max_logit=max_logit).float()
     head = HeadResult(
         nll=nll,
         correct=argmax == targets,

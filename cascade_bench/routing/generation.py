@@ -300,13 +300,13 @@ def _generate(
 def _decide(stage, hidden: Tensor, input_state: Optional[Tensor], threshold: float) -> tuple[Tensor, Optional[Tensor]]:
     """Exit mask (n,) for one token per row at a non-last stage, and every row's logits (n, V) when
     the rule needed them to decide (None otherwise: the head then runs for exiting rows only)."""
-    fn = stage.exit_function
+    fn = stage.exit_rule
     logits = stage.logits(hidden) if fn.needs_logits else None
     return fn(input_state, hidden, logits.float() if logits is not None else None) >= threshold, logits
 
 
 def _capture(stage, k: int, last: bool, plan: _Plan) -> bool:
-    return not last and plan.levels[k] != math.inf and plan.schedule is None and stage.exit_function.needs_input_state
+    return not last and plan.levels[k] != math.inf and plan.schedule is None and stage.exit_rule.needs_input_state
 
 
 def _prefill(stages, caches, input_ids, real, plan: _Plan, pending) -> tuple[Tensor, Tensor]:

@@ -387,7 +387,7 @@ class _Pass:
                         )
                 last = k == num_stages - 1 and not self.open_end
                 decides = (not last or self.last_confidence) and self.method != "full"
-                capture = (decides and stage.exit_function.needs_input_state) or bool(self.kept)
+                capture = (decides and stage.exit_rule.needs_input_state) or bool(self.kept)
                 hidden, input_state = self._run_stage(stage, k, reach, state, layouts, capture)
                 if self.kept is not None:
                     self.states.append((reach, hidden, input_state if self.kept else None))
@@ -407,7 +407,7 @@ class _Pass:
         batch, num_stages = self.batch, len(self.stages)
         caches = [StageCache(batch.batch_size, stage.num_layers, batch.ids.device) for stage in self.stages]
         capture = [
-            (k < num_stages - 1 or self.last_confidence) and stage.exit_function.needs_input_state
+            (k < num_stages - 1 or self.last_confidence) and stage.exit_rule.needs_input_state
             for k, stage in enumerate(self.stages)
         ]
         real = torch.zeros(batch.batch_size * batch.seq_len, dtype=torch.bool, device=batch.ids.device)
@@ -467,7 +467,13 @@ class _Pass:
         )
 
     def _head(
-        self, stage: Stage, k: int, hidden: Tensor, targets: Tensor, exit_fn=None, input_state: Optional[Tensor] = None
+        self,
+        stage: Stage,
+        k: int,
+        hidden: Tensor,
+        targets: Tensor,
+        exit_rule=None,
+        input_state: Optional[Tensor] = None,
     ) -> HeadResult:
         self.head_tokens[-1] += hidden.shape[0]
         return run_exit_head(
@@ -475,7 +481,7 @@ class _Pass:
             k,
             hidden,
             targets,
-            exit_fn,
+            exit_rule,
             input_state,
             keep_logits=self.return_logits,
             chunk_tokens=self.chunk_tokens,
@@ -490,7 +496,7 @@ class _Pass:
         decides = self.method != "full" and (not last or (self.last_confidence and self.method == "routed"))
         self.decided.append(reach.numel() if decides else 0)
         targets = self.batch.targets[reach]
-        exit_fn = stage.exit_function
+        exit_rule = stage.exit_rule
         if self.method == "full":
             if last:
                 with self.probe.span(f"stage{k}.exit"):
@@ -501,7 +507,7 @@ class _Pass:
             return reach, hidden
         if self.method == "masked":
             with self.probe.span(f"stage{k}.exit"):
-                head = self._head(stage, k, hidden, targets, None if last else exit_fn, input_state)
+                head = self._head(stage, k, hidden, targets, None if last else exit_rule, input_state)
                 exits = self.alive if last else self.alive & (head.confidence >= self.thresholds[k])
             with self.probe.span(f"stage{k}.scatter"):
                 self.stage_nll[k, reach] = head.nll
@@ -526,15 +532,15 @@ class _Pass:
         targets: Tensor,
     ) -> Tensor:
         """Decide and record the exiting tokens; return the exit mask over ``reach``."""
-        exit_fn = stage.exit_function
+        exit_rule = stage.exit_rule
         if last:
             with self.probe.span(f"stage{k}.exit"):
-                scorer = exit_fn if self.last_confidence and exit_fn.needs_logits else None
+                scorer = exit_rule if self.last_confidence and exit_rule.needs_logits else None
                 head = self._head(stage, k, hidden, targets, scorer, input_state)
                 scores = None
                 if self.last_confidence:
                     scores = (
-                        head.confidence if scorer is not None else self._confidence(k, exit_fn, input_state, hidden)
+                        head.confidence if scorer is not None else self._confidence(k, exit_rule, input_state, hidden)
                     )
             with self.probe.span(f"stage{k}.scatter"):
                 if scores is not None:
@@ -544,9 +550,9 @@ class _Pass:
                 self._record(k, reach, head)
                 self.exited.append(reach.numel())
             return torch.ones_like(reach, dtype=torch.bool)
-        if exit_fn.needs_logits:
+        if exit_rule.needs_logits:
             with self.probe.span(f"stage{k}.exit"):
-                head = self._head(stage, k, hidden, targets, exit_fn, input_state)
+                head = self._head(stage, k, hidden, targets, exit_rule, input_state)
                 confidence = head.confidence
                 exits = confidence >= self.thresholds[k]
             with self.probe.span(f"stage{k}.scatter"):
@@ -562,7 +568,7 @@ class _Pass:
         else:
             # Confidence from hidden states alone: lm_head only for the tokens that exit here.
             with self.probe.span(f"stage{k}.exit"):
-                confidence = self._confidence(k, exit_fn, input_state, hidden)
+                confidence = self._confidence(k, exit_rule, input_state, hidden)
                 exits = confidence >= self.thresholds[k]
                 head = self._head(stage, k, hidden[exits], targets[exits])
             with self.probe.span(f"stage{k}.scatter"):
@@ -575,9 +581,9 @@ class _Pass:
             self.exited.append(leaving.numel())
             return exits
 
-    def _confidence(self, k: int, exit_fn, input_state: Optional[Tensor], hidden: Tensor) -> Tensor:
-        with self.probe.span(f"stage{k}.exit_fn"):
-            return exit_fn(input_state, hidden, None)
+    def _confidence(self, k: int, exit_rule, input_state: Optional[Tensor], hidden: Tensor) -> Tensor:
+        with self.probe.span(f"stage{k}.exit_rule"):
+            return exit_rule(input_state, hidden, None)
 
     def _run_stage(
         self, stage: Stage, k: int, reach: Tensor, state: Optional[Tensor], layouts: list[Layout], capture: bool

@@ -1,7 +1,7 @@
 """Stages: the models a cascade is made of (inference only; imports nothing of ours).
 
 - ``families``: the one adapter that knows where each Hugging Face family keeps its parts
-- ``exits``: exit functions, per-token confidence
+- ``exits``: exit rules, per-token confidence
 - ``exit_rules``: exit rules with weights: the learned exit classifier, cheap max-prob heads
 - ``stage``: the ``Stage`` protocol every stage implements, and the members they share (``StageBase``)
 - ``llm``: ``LLM``, one whole causal LM as a stage
@@ -20,7 +20,7 @@ __all__, __getattr__, __dir__ = lazy_exports(
         ".blocks": ("Block", "cut_into_blocks"),
         ".ensemble": ("Ensemble", "evaluation_mode"),
         ".exit_rules": ("ExitClassifier", "low_rank_max_prob", "top_k_max_prob"),
-        ".exits": ("BUILTIN_EXIT_FUNCTIONS", "ExitFunction", "resolve_exit_function"),
+        ".exits": ("BUILTIN_EXIT_RULES", "ExitRule", "resolve_exit_rule"),
         ".llm": ("LLM",),
         ".presets": ("STAGE_PRESETS", "build_blocks", "build_ensemble", "stage_config"),
         ".stage": ("Stage",),

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from ..models.hf_compat import attention_type_mask, causal_mask, layer_cache_keyword
 from ..models.masks import new_token_validity
-from .exits import ExitFunction
+from .exits import ExitRule
 from .families import LAYER_TYPE_MASKS, attention_types, config_for_layers, family_parts, layer_slice_recipe
 from .llm import check_threshold, logits_at_positions
 from .stage import StageBase, StageOutput
@@ -116,7 +116,7 @@ class Block(StageBase, nn.Module):
         end: int,
         head: ExitHead,
         reads_tokens: bool,
-        exit_fn: "str | Callable | ExitFunction" = "max_prob",
+        exit_rule: "str | Callable | ExitRule" = "max_prob",
         threshold: float = math.inf,
     ):
         super().__init__()
@@ -153,7 +153,7 @@ class Block(StageBase, nn.Module):
         )
         self.cache_keyword = layer_cache_keyword(self.layers[0])  # what this transformers release calls it
         self.head = head
-        self.exit_function = exit_fn
+        self.exit_rule = exit_rule
         self.threshold = check_threshold(threshold)
         # The cost model reads layer shapes and the layer count from this block's config.
         self._config = config_for_layers(model.config, start, end - start)
@@ -275,7 +275,7 @@ class Block(StageBase, nn.Module):
         """Vocabulary logits (..., V) of residual states (..., d): final norm, then lm_head."""
         return self.head(hidden)
 
-    def new_stage_after(self, num_layers: int, exit_fn) -> "Block":
+    def new_stage_after(self, num_layers: int, exit_rule) -> "Block":
         """A block of ``num_layers`` freshly initialised layers (the source config, continuing its
         per-layer type list after this block; torch's current RNG) reading this block's residual
         stream; its exit head is a trainable copy of this block's."""
@@ -289,13 +289,13 @@ class Block(StageBase, nn.Module):
             num_layers,
             ExitHead(copy.deepcopy(self.head.norm), copy.deepcopy(self.head.lm_head)),
             reads_tokens=False,
-            exit_fn=exit_fn,
+            exit_rule=exit_rule,
         )
 
     def extra_repr(self) -> str:
         return (
             f"family={self.source.config.model_type}, layers=[{self.start}, {self.end}), "
-            f"hidden={self.hidden_size}, vocab={self.vocab_size}, exit_fn={self.exit_function.name}, "
+            f"hidden={self.hidden_size}, vocab={self.vocab_size}, exit_rule={self.exit_rule.name}, "
             f"threshold={self.threshold}"
         )
 
@@ -303,7 +303,7 @@ class Block(StageBase, nn.Module):
 def cut_into_blocks(
     model: nn.Module,
     boundaries: Sequence[int],
-    exit_fn: "str | Callable | ExitFunction" = "max_prob",
+    exit_rule: "str | Callable | ExitRule" = "max_prob",
     thresholds: Optional[Sequence[float]] = None,
     heads: str = "shared",
     translator_rank: Optional[int] = None,
@@ -354,7 +354,7 @@ def cut_into_blocks(
             weight = shared.lm_head.weight
             translator = Translator(weight.shape[1], translator_rank).to(device=weight.device, dtype=weight.dtype)
             head = ExitHead(shared.norm, shared.lm_head, translator)
-        blocks.append(Block(model, start, end, head, reads_tokens=k == 0, exit_fn=exit_fn, threshold=threshold))
+        blocks.append(Block(model, start, end, head, reads_tokens=k == 0, exit_rule=exit_rule, threshold=threshold))
     return blocks
 
 

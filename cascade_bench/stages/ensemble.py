@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .blocks import Block, cut_into_blocks
-from .exits import ExitFunction
+from .exits import ExitRule
 from .llm import LLM, check_threshold
 from .stage import Stage
 
@@ -48,7 +48,7 @@ class Ensemble(nn.Module):
         cls,
         model: nn.Module,
         boundaries: Sequence[int],
-        exit_fn: "str | Callable | ExitFunction" = "max_prob",
+        exit_rule: "str | Callable | ExitRule" = "max_prob",
         thresholds: Optional[Sequence[float]] = None,
         heads: str = "shared",
         translator_rank: Optional[int] = None,
@@ -60,31 +60,36 @@ class Ensemble(nn.Module):
         (``heads="translator"``, of ``translator_rank``). See ``blocks.cut_into_blocks``."""
         return cls(
             cut_into_blocks(
-                model, boundaries, exit_fn=exit_fn, thresholds=thresholds, heads=heads, translator_rank=translator_rank
+                model,
+                boundaries,
+                exit_rule=exit_rule,
+                thresholds=thresholds,
+                heads=heads,
+                translator_rank=translator_rank,
             )
         )
 
     def add_stage(
         self,
         stage: "Stage | nn.Module",
-        exit_fn: "str | Callable | ExitFunction | None" = None,
+        exit_rule: "str | Callable | ExitRule | None" = None,
         threshold: Optional[float] = None,
     ) -> "Stage":
         """Append a stage (an LLM or a Block, or a Hugging Face causal LM that gets wrapped as an
         LLM) and return it.
 
-        ``exit_fn`` / ``threshold`` override the stage's own; for a raw model they default to
+        ``exit_rule`` / ``threshold`` override the stage's own; for a raw model they default to
         ``"max_prob"`` and ``+inf``.
         """
         if not isinstance(stage, STAGE_TYPES):
             stage = LLM(
                 stage,
-                exit_fn=exit_fn if exit_fn is not None else "max_prob",
+                exit_rule=exit_rule if exit_rule is not None else "max_prob",
                 threshold=threshold if threshold is not None else math.inf,
             )
         else:
-            if exit_fn is not None:
-                stage = _with_exit_fn(stage, exit_fn)
+            if exit_rule is not None:
+                stage = _with_exit_rule(stage, exit_rule)
             if threshold is not None:
                 stage.threshold = check_threshold(threshold)
         if len(self.stages):
@@ -94,13 +99,13 @@ class Ensemble(nn.Module):
 
     #: The name this method had before a stage could be a Block too; kept for existing code.
 
-    def extend(self, num_new_layers: int, exit_fn: "str | Callable | ExitFunction | None" = None) -> "Stage":
+    def extend(self, num_new_layers: int, exit_rule: "str | Callable | ExitRule | None" = None) -> "Stage":
         """Append a freshly initialised stage of ``num_new_layers`` layers built from the last stage's config.
 
         After an LLM: a new LLM (its own embedding-free input path, norm and lm_head). After a Block:
         a Block of new layers reading the residual stream, with a trainable copy of the last block's
         exit head. The new stage is on the last stage's device and dtype and inherits its exit
-        function unless ``exit_fn`` is given. Weights come from ``from_config`` (torch's current RNG).
+        function unless ``exit_rule`` is given. Weights come from ``from_config`` (torch's current RNG).
         """
         if isinstance(num_new_layers, bool) or not isinstance(num_new_layers, int) or num_new_layers < 1:
             raise ValueError(f"num_new_layers must be a positive int, got {num_new_layers!r}")
@@ -108,7 +113,7 @@ class Ensemble(nn.Module):
             raise ValueError("extend needs at least one stage to copy the config from; use add_stage first")
         last = self.stages[-1]
         return self.add_stage(
-            last.new_stage_after(num_new_layers, exit_fn if exit_fn is not None else last.exit_function)
+            last.new_stage_after(num_new_layers, exit_rule if exit_rule is not None else last.exit_rule)
         )
 
     # -- reading --------------------------------------------------------------------------------
@@ -151,8 +156,8 @@ class Ensemble(nn.Module):
             _check_compatible(k - 1, self.stages[k - 1], self.stages[k])
 
 
-def _with_exit_fn(llm: LLM, exit_fn) -> LLM:
-    llm.exit_function = exit_fn
+def _with_exit_rule(llm: LLM, exit_rule) -> LLM:
+    llm.exit_rule = exit_rule
     return llm
 
 

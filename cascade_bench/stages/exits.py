@@ -1,6 +1,6 @@
-"""Exit functions: per-token confidence, higher = easier (docs/design.md section 1).
+"""Exit rules: per-token confidence, higher = easier (docs/design.md section 1).
 
-Every exit function has the signature ``confidence = fn(h_in, h_out, logits)``:
+Every exit rule has the signature ``confidence = fn(h_in, h_out, logits)``:
 
 - ``h_in``  (N, d): hidden state entering the stage's last layer (CASCADE's
   ``hidden_history[-2]``), or ``None`` when the function does not need it;
@@ -62,13 +62,13 @@ def cos_sim(h_in: Tensor, h_out: Tensor, logits=None) -> Tensor:
     return torch.nn.functional.cosine_similarity(h_in.float(), h_out.float(), dim=-1)
 
 
-BUILTIN_EXIT_FUNCTIONS: dict[str, Callable] = {
+BUILTIN_EXIT_RULES: dict[str, Callable] = {
     "max_prob": max_prob,
     "cos_sim": cos_sim,
     "margin": margin,
     "neg_entropy": neg_entropy,
 }
-# What each built-in needs, declared on the function as a user's callable declares it (``exit_function``
+# What each built-in needs, declared on the function as a user's callable declares it (``exit_rule``
 # reads these attributes): cos_sim reads the two states and no logits; the others the logits alone.
 for _fn, _logits, _input_state in (
     (max_prob, True, False),
@@ -80,8 +80,8 @@ for _fn, _logits, _input_state in (
 
 
 @dataclass(frozen=True)
-class ExitFunction:
-    """An exit function plus what it needs, resolved once (not per call).
+class ExitRule:
+    """An exit rule plus what it needs, resolved once (not per call).
 
     ``needs_logits``: the stage must compute logits for every token that reaches it
     before deciding; if False, logits are computed only for tokens that exit there.
@@ -117,34 +117,34 @@ class ExitFunction:
         if not isinstance(confidence, Tensor) or confidence.shape != h_out.shape[:1]:
             got = tuple(confidence.shape) if isinstance(confidence, Tensor) else type(confidence).__name__
             raise ValueError(
-                f"exit function {self.name!r} must return one confidence per token, shape ({h_out.shape[0]},), got {got}"  # noqa: E501
+                f"exit rule {self.name!r} must return one confidence per token, shape ({h_out.shape[0]},), got {got}"  # noqa: E501
             )
         return confidence.float()
 
 
-def resolve_exit_function(exit_fn: "str | Callable | ExitFunction") -> ExitFunction:
-    """Turn a built-in name, a callable ``fn(h_in, h_out, logits)`` or an ExitFunction into an ExitFunction.
+def resolve_exit_rule(exit_rule: "str | Callable | ExitRule") -> ExitRule:
+    """Turn a built-in name, a callable ``fn(h_in, h_out, logits)`` or an ExitRule into an ExitRule.
 
     A user callable is assumed to need logits and the input state unless it carries the attributes
     ``needs_logits = False`` / ``needs_input_state = False``; one with a ``macs_per_token()`` method
     (the rule modules in ``exit_rules``) reports its own cost.
     """
-    if isinstance(exit_fn, ExitFunction):
-        return exit_fn
-    if isinstance(exit_fn, str):
-        if exit_fn not in BUILTIN_EXIT_FUNCTIONS:
+    if isinstance(exit_rule, ExitRule):
+        return exit_rule
+    if isinstance(exit_rule, str):
+        if exit_rule not in BUILTIN_EXIT_RULES:
             raise ValueError(
-                f"unknown exit function {exit_fn!r}; expected one of {sorted(BUILTIN_EXIT_FUNCTIONS)} or a callable"
+                f"unknown exit rule {exit_rule!r}; expected one of {sorted(BUILTIN_EXIT_RULES)} or a callable"
             )
-        fn = BUILTIN_EXIT_FUNCTIONS[exit_fn]
-        name = exit_fn
-    elif callable(exit_fn):
-        fn = exit_fn
-        name = getattr(exit_fn, "rule_name", None) or getattr(exit_fn, "__name__", type(exit_fn).__name__)
+        fn = BUILTIN_EXIT_RULES[exit_rule]
+        name = exit_rule
+    elif callable(exit_rule):
+        fn = exit_rule
+        name = getattr(exit_rule, "rule_name", None) or getattr(exit_rule, "__name__", type(exit_rule).__name__)
     else:
         raise TypeError(
-            f"exit_fn must be a name in {sorted(BUILTIN_EXIT_FUNCTIONS)} or a callable "
-            f"fn(h_in, h_out, logits), got {type(exit_fn).__name__}"
+            f"exit_rule must be a name in {sorted(BUILTIN_EXIT_RULES)} or a callable "
+            f"fn(h_in, h_out, logits), got {type(exit_rule).__name__}"
         )
     needs_logits = bool(getattr(fn, "needs_logits", True))
     needs_input_state = bool(getattr(fn, "needs_input_state", True))
@@ -156,7 +156,7 @@ def resolve_exit_function(exit_fn: "str | Callable | ExitFunction") -> ExitFunct
     except (TypeError, ValueError):
         accepts = False
     macs = int(fn.macs_per_token()) if callable(getattr(fn, "macs_per_token", None)) else 0
-    return ExitFunction(
+    return ExitRule(
         name=name,
         fn=fn,
         needs_logits=needs_logits,
@@ -166,22 +166,22 @@ def resolve_exit_function(exit_fn: "str | Callable | ExitFunction") -> ExitFunct
     )
 
 
-class HoldsExitFunction:
-    """Mixin for stage modules: ``exit_function`` resolves what it is given, and a rule with its own
-    module (``ExitFunction.module``) is registered as the submodule ``exit_rule``, so it moves with the
+class HoldsExitRule:
+    """Mixin for stage modules: ``exit_rule`` resolves what it is given, and a rule with its own
+    module (``ExitRule.module``) is registered as the submodule ``exit_rule``, so it moves with the
     stage's ``.to()`` and shows in its parameters. Assign a name, a callable, a rule module or an
-    ExitFunction."""
+    ExitRule."""
 
     @property
-    def exit_function(self) -> ExitFunction:
-        return self.__dict__["_exit_function"]
+    def exit_rule(self) -> ExitRule:
+        return self.__dict__["_exit_rule"]
 
     def __setattr__(self, name, value):
-        if name != "exit_function":
+        if name != "exit_rule":
             super().__setattr__(name, value)
             return
-        resolved = resolve_exit_function(value)
-        self.__dict__["_exit_function"] = resolved
+        resolved = resolve_exit_rule(value)
+        self.__dict__["_exit_rule"] = resolved
         if resolved.module is not None:
             super().__setattr__("exit_rule", resolved.module)
         elif "exit_rule" in self._modules:

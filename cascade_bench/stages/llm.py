@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ..models.hf_compat import output_cache, with_cache
-from .exits import ExitFunction
+from .exits import ExitRule
 from .families import config_for_layers, family_parts, register_own_families
 from .stage import StageBase, StageOutput
 
@@ -40,14 +40,14 @@ def logits_at_positions(stage: nn.Module, hidden: Tensor, logits_at: Optional[Te
 
 
 class LLM(StageBase, nn.Module):
-    """A cascade stage: any ``AutoModelForCausalLM`` model, an exit function and a threshold.
+    """A cascade stage: any ``AutoModelForCausalLM`` model, an exit rule and a threshold.
 
-    A token that reaches this stage exits here iff ``exit_fn(h_in, h_out, logits) >= threshold``
+    A token that reaches this stage exits here iff ``exit_rule(h_in, h_out, logits) >= threshold``
     (the last stage of an Ensemble always exits). The stage starts in eval mode.
     """
 
     def __init__(
-        self, model: nn.Module, exit_fn: "str | Callable | ExitFunction" = "max_prob", threshold: float = math.inf
+        self, model: nn.Module, exit_rule: "str | Callable | ExitRule" = "max_prob", threshold: float = math.inf
     ):
         super().__init__()
         if not isinstance(model, nn.Module) or not hasattr(model, "get_output_embeddings"):
@@ -56,32 +56,32 @@ class LLM(StageBase, nn.Module):
             raise ValueError(f"{type(model).__name__} has no lm_head; expected a *ForCausalLM model")
         self.model = model
         self.parts = family_parts(model)
-        self.exit_function = exit_fn
+        self.exit_rule = exit_rule
         self.threshold = check_threshold(threshold)
         self.eval()
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
-    def from_config(cls, config, exit_fn="max_prob", threshold: float = math.inf, **model_kwargs) -> "LLM":
+    def from_config(cls, config, exit_rule="max_prob", threshold: float = math.inf, **model_kwargs) -> "LLM":
         """Build a freshly initialised stage from a Hugging Face config (uses torch's current RNG)."""
         from transformers import AutoModelForCausalLM
 
         register_own_families()
-        return cls(AutoModelForCausalLM.from_config(config, **model_kwargs), exit_fn=exit_fn, threshold=threshold)
+        return cls(AutoModelForCausalLM.from_config(config, **model_kwargs), exit_rule=exit_rule, threshold=threshold)
 
     @classmethod
-    def from_pretrained(cls, path, exit_fn="max_prob", threshold: float = math.inf, **model_kwargs) -> "LLM":
+    def from_pretrained(cls, path, exit_rule="max_prob", threshold: float = math.inf, **model_kwargs) -> "LLM":
         """Load a stage from a local folder saved with ``save_pretrained`` (or a hub name when online)."""
         from transformers import AutoModelForCausalLM
 
         register_own_families()
-        return cls(AutoModelForCausalLM.from_pretrained(path, **model_kwargs), exit_fn=exit_fn, threshold=threshold)
+        return cls(AutoModelForCausalLM.from_pretrained(path, **model_kwargs), exit_rule=exit_rule, threshold=threshold)
 
-    def new_stage_after(self, num_layers: int, exit_fn) -> "LLM":
+    def new_stage_after(self, num_layers: int, exit_rule) -> "LLM":
         """A freshly initialised LLM of ``num_layers`` layers from this stage's config (torch's current
         RNG), on this stage's device and dtype (what ``Ensemble.extend`` appends)."""
         config = config_for_layers(self.config, 0, num_layers)
-        return LLM.from_config(config, exit_fn=exit_fn).to(device=self.device, dtype=self.dtype)
+        return LLM.from_config(config, exit_rule=exit_rule).to(device=self.device, dtype=self.dtype)
 
     # -- standard config names ------------------------------------------------------------------
     @property
@@ -164,5 +164,5 @@ class LLM(StageBase, nn.Module):
     def extra_repr(self) -> str:
         return (
             f"family={self.config.model_type}, layers={self.num_layers}, hidden={self.hidden_size}, "
-            f"vocab={self.vocab_size}, exit_fn={self.exit_function.name}, threshold={self.threshold}"
+            f"vocab={self.vocab_size}, exit_rule={self.exit_rule.name}, threshold={self.threshold}"
         )

@@ -35,7 +35,7 @@ def stage_config(preset: str, **overrides):
 def build_ensemble(
     preset: str,
     layers_per_stage: Sequence[int] = (4, 4),
-    exit_fn="max_prob",
+    exit_rule="max_prob",
     seed: Optional[int] = 0,
     device: "str | torch.device" = "cpu",
     dtype: torch.dtype = torch.float32,
@@ -52,7 +52,7 @@ def build_ensemble(
     ensemble = Ensemble()
     for layers in layers_per_stage:
         config = stage_config(preset, **{**overrides, "num_hidden_layers": layers})
-        stage = LLM.from_config(config, exit_fn=exit_fn, threshold=math.inf)
+        stage = LLM.from_config(config, exit_rule=exit_rule, threshold=math.inf)
         ensemble.add_stage(stage.to(device=device, dtype=dtype))
     return ensemble
 
@@ -60,7 +60,7 @@ def build_ensemble(
 def build_blocks(
     preset: str,
     layers_per_block: Sequence[int] = (4, 4, 4),
-    exit_fn="max_prob",
+    exit_rule="max_prob",
     seed: Optional[int] = 0,
     device: "str | torch.device" = "cpu",
     dtype: torch.dtype = torch.float32,
@@ -79,4 +79,4 @@ def build_blocks(
     config = stage_config(preset, **{**overrides, "num_hidden_layers": sum(sizes)})
     model = AutoModelForCausalLM.from_config(config).to(device=device, dtype=dtype).eval()
     boundaries = [sum(sizes[:k]) for k in range(1, len(sizes))]
-    return Ensemble.from_blocks(model, boundaries, exit_fn=exit_fn, heads=heads)
+    return Ensemble.from_blocks(model, boundaries, exit_rule=exit_rule, heads=heads)

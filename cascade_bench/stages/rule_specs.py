@@ -80,8 +80,8 @@ RULE_KINDS: dict[str, RuleKind] = {
         RuleKind("topk", TOP_K_HEAD, "max_prob over the K most frequent tokens' rows of the head", size="K"),
     )
 }
-#: The built-in exit functions' names (``exits.BUILTIN_EXIT_FUNCTIONS``, which is checked against this).
-EXIT_FUNCTION_NAMES = tuple(name for name, kind in RULE_KINDS.items() if kind.family == BUILTIN)
+#: The built-in exit rules' names (``exits.BUILTIN_EXIT_RULES``, which is checked against this).
+BUILTIN_RULE_NAMES = tuple(name for name, kind in RULE_KINDS.items() if kind.family == BUILTIN)
 #: Every spec form, as the command line and the config's messages list them.
 RULE_SPECS = tuple(kind.spec_form for kind in RULE_KINDS.values())
 

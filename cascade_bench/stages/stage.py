@@ -14,7 +14,7 @@ from typing import Optional, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from .exits import ExitFunction, HoldsExitFunction
+from .exits import ExitRule, HoldsExitRule
 
 
 @dataclass
@@ -39,9 +39,9 @@ class StageOutput:
 class Stage(Protocol):
     """A cascade stage. ``forward`` runs the stage's layers on token ids (the first stage) or hidden
     states (R, L, d) and returns a ``StageOutput``; ``logits`` applies its exit head; a token that
-    reaches it exits iff ``exit_function(h_in, h_out, logits) >= threshold``."""
+    reaches it exits iff ``exit_rule(h_in, h_out, logits) >= threshold``."""
 
-    exit_function: ExitFunction
+    exit_rule: ExitRule
     threshold: float
 
     @property
@@ -92,10 +92,10 @@ class Stage(Protocol):
 
     def logits(self, hidden: Tensor) -> Tensor: ...
 
-    def new_stage_after(self, num_layers: int, exit_fn) -> "Stage": ...
+    def new_stage_after(self, num_layers: int, exit_rule) -> "Stage": ...
 
 
-class StageBase(HoldsExitFunction):
+class StageBase(HoldsExitRule):
     """Members of ``Stage`` that every kind of stage computes alike: sizes from its ``config``
     (the layers it runs), where it lives and its precision from its ``lm_head``."""
 

@@ -52,7 +52,7 @@ def draft_from_teacher(teacher: LLM, layers: int) -> LLM:
     if missing:
         raise ValueError(f"the draft's weights {missing[:3]} have no counterpart in the teacher")
     model.load_state_dict(copied)
-    return LLM(model, exit_fn="max_prob").to(teacher.device)
+    return LLM(model, exit_rule="max_prob").to(teacher.device)
 
 
 def windows_of(stream: Tensor, window: int, limit: int) -> Tensor:

@@ -142,7 +142,7 @@ def train_exit_classifier(
 ) -> tuple[ExitClassifier, TrainHistory]:
     """Train a new ``ExitClassifier`` for stage ``stage_index`` (the stages stay frozen and are not
     modified); returns it (on the stage's device and dtype, in eval mode) and its history, whose
-    ``val_ppl`` holds the validation BCE per epoch. Attach it with ``ensemble[k].exit_function = clf``."""
+    ``val_ppl`` holds the validation BCE per epoch. Attach it with ``ensemble[k].exit_rule = clf``."""
     stage = ensemble[stage_index]
     train = exit_labels(ensemble, stage_index, train_batches, target, use_input_state, max_tokens)
     validation = exit_labels(ensemble, stage_index, validation_batches, target, use_input_state, max_tokens)

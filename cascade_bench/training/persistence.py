@@ -21,18 +21,20 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
+from ..data.renamed_keys import read_renamed
 from ..stages.blocks import Block, Translator, assemble_model, head_sharing
 from ..stages.ensemble import Ensemble
 from ..stages.exit_rules import rule_from_spec
-from ..stages.exits import BUILTIN_EXIT_FUNCTIONS
+from ..stages.exits import BUILTIN_EXIT_RULES
 from ..stages.families import register_own_families
 from ..stages.llm import LLM
 
 MANIFEST = "cascade.json"
 FORMAT = "cascade_bench.ensemble"
-#: Version 2 adds block ensembles ("kind": "blocks"); version 1 manifests (LLM stages) still load.
-VERSION = 2
-READABLE_VERSIONS = (1, 2)
+#: Version 2 adds block ensembles ("kind": "blocks"); version 3 names each stage's rule ``exit_rule``
+#: alone (versions 1 and 2 stored a built-in's name as ``exit_fn``: read once under the new name).
+VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 
 
 def _number(value: float):
@@ -42,7 +44,7 @@ def _number(value: float):
 def save_ensemble(ensemble: Ensemble, folder: "Path | str", tokenizer=None, extra: Optional[dict] = None) -> Path:
     """Write ``folder/stage{k}/`` (save_pretrained), ``folder/tokenizer/`` and ``folder/cascade.json``.
 
-    Built-in exit functions are saved by name, rule modules (``stages.exit_rules``) by spec and
+    Built-in exit rules are saved by name, rule modules (``stages.exit_rules``) by spec and
     weights; any other callable has no portable form and is refused. An existing folder is replaced
     only once the new one is complete.
     """
@@ -54,12 +56,12 @@ def save_ensemble(ensemble: Ensemble, folder: "Path | str", tokenizer=None, extr
             f"{[type(stage).__name__ for stage in ensemble]}"
         )
     for k, stage in enumerate(ensemble):
-        rule = stage.exit_function
-        builtin = rule.name in BUILTIN_EXIT_FUNCTIONS and rule.fn is BUILTIN_EXIT_FUNCTIONS[rule.name]
+        rule = stage.exit_rule
+        builtin = rule.name in BUILTIN_EXIT_RULES and rule.fn is BUILTIN_EXIT_RULES[rule.name]
         if not builtin and not callable(getattr(rule.module, "spec", None)):
             raise ValueError(
-                f"stage {k} uses exit function {rule.name!r}, which is neither a built-in "
-                f"({sorted(BUILTIN_EXIT_FUNCTIONS)}) nor a rule module of stages.exit_rules; it "
+                f"stage {k} uses exit rule {rule.name!r}, which is neither a built-in "
+                f"({sorted(BUILTIN_EXIT_RULES)}) nor a rule module of stages.exit_rules; it "
                 f"cannot be saved"
             )
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -86,8 +88,10 @@ def save_ensemble(ensemble: Ensemble, folder: "Path | str", tokenizer=None, extr
 
 
 def _stage_entry(stage, k: int, staging: Path) -> dict:
-    entry = {"exit_fn": stage.exit_function.name, "threshold": _number(stage.threshold), "layers": stage.num_layers}
-    rule = stage.exit_function.module
+    """A stage's manifest entry: its exit rule (a built-in's name, or a rule module's spec with its
+    weights' file), threshold and depth."""
+    entry = {"exit_rule": stage.exit_rule.name, "threshold": _number(stage.threshold), "layers": stage.num_layers}
+    rule = stage.exit_rule.module
     if rule is not None:
         from safetensors.torch import save_file
 
@@ -102,15 +106,16 @@ def _stage_entry(stage, k: int, staging: Path) -> dict:
 
 
 def _attach_exit_rule(stage, entry: dict, folder: Path) -> None:
-    """Rebuild a saved rule module on ``stage`` (manifest entry with ``exit_rule``), or its built-in."""
-    if "exit_rule" not in entry:
-        stage.exit_function = entry["exit_fn"]
+    """Put the saved exit rule back on ``stage``: a built-in by name, a rule module from its spec and
+    weights (``exit_rule_weights``)."""
+    if "exit_rule_weights" not in entry:
+        stage.exit_rule = entry["exit_rule"]
         return
     from safetensors.torch import load_file
 
     rule = rule_from_spec(entry["exit_rule"], stage)
     rule.load_state_dict(load_file(str(folder / entry["exit_rule_weights"])))
-    stage.exit_function = rule.eval()
+    stage.exit_rule = rule.eval()
 
 
 def _write_llms(ensemble: Ensemble, staging: Path) -> dict:
@@ -164,12 +169,22 @@ def load_manifest(folder: "Path | str") -> dict:
     manifest = json.loads(path.read_text())
     if manifest.get("format") != FORMAT or manifest.get("version") not in READABLE_VERSIONS:
         raise ValueError(f"{path} is not a {FORMAT} manifest of version {' or '.join(map(str, READABLE_VERSIONS))}")
+    if manifest["version"] < 3:
+        manifest["stages"] = [_old_stage_entry(entry, path) for entry in manifest["stages"]]
     return manifest
+
+
+def _old_stage_entry(entry: dict, path: Path) -> dict:
+    """A version 1 or 2 stage entry in version 3's form: ``exit_fn`` (a built-in's name) is
+    ``exit_rule``, unless the entry already names a rule module there (its spec, with weights)."""
+    if "exit_rule_weights" in entry:
+        return {k: v for k, v in entry.items() if k != "exit_fn"}
+    return read_renamed(entry, str(path))
 
 
 def load_ensemble(folder: "Path | str", device: str = "cpu", dtype=None) -> Ensemble:
     """Load what :func:`save_ensemble` wrote: stages (LLMs, or blocks of one model with their own exit
-    heads), exit functions and thresholds."""
+    heads), exit rules and thresholds."""
     folder = Path(folder)
     manifest = load_manifest(folder)
     if manifest.get("kind", "llms") == "blocks":

@@ -26,7 +26,7 @@ class Protocol:
     lrs: tuple[float, ...]
     patience: tuple[int, ...]
     hard_ratio: "float | tuple[float, ...]" = 0.5
-    exit_fn: str = "max_prob"
+    exit_rule: str = "max_prob"
     max_epochs: int = 10
     leaky_seed_protocol: bool = False
     stage_kind: str = "block"
@@ -216,7 +216,7 @@ PROTOCOLS: dict[str, Protocol] = {
         patience=(1, 3),
         hard_ratio=0.5,
         stage_kind="llm",
-        exit_fn="cos_sim",
+        exit_rule="cos_sim",
         lr_decay=0.5,
     ),
     # Deep supervision (LASH-style weights): one 4-layer model, both exits trained together from scratch.

@@ -123,7 +123,7 @@ def _count(parameters) -> int:
 def start_ensemble(
     protocol: Protocol,
     preset: str,
-    exit_fn=None,
+    exit_rule=None,
     seed: Optional[int] = 0,
     device: "str | torch.device" = "cpu",
     dtype: torch.dtype = torch.float32,
@@ -137,7 +137,7 @@ def start_ensemble(
         return build_blocks(
             preset,
             protocol.layers,
-            exit_fn=exit_fn or protocol.exit_fn,
+            exit_rule=exit_rule or protocol.exit_rule,
             seed=seed,
             device=device,
             dtype=dtype,
@@ -147,7 +147,7 @@ def start_ensemble(
     return build(
         preset,
         (protocol.layers[0],),
-        exit_fn=exit_fn or protocol.exit_fn,
+        exit_rule=exit_rule or protocol.exit_rule,
         seed=seed,
         device=device,
         dtype=dtype,

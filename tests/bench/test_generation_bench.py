@@ -19,7 +19,7 @@ from cascade_bench.bench.decoding import (
 )
 from cascade_bench.bench.generation import CHUNK, ForcedExitRate
 from cascade_bench.cli import main
-from cascade_bench.stages.exits import resolve_exit_function
+from cascade_bench.stages.exits import resolve_exit_rule
 from tests.helpers import tiny_ensemble, token_batch
 
 
@@ -49,7 +49,7 @@ def test_forced_rate_pays_the_rule_it_names_and_places_exits_by_seed():
         return torch.zeros(h_out.shape[0])
 
     spy.needs_logits = False
-    ForcedExitRate(0.5, resolve_exit_function(spy))(h, h, None)
+    ForcedExitRate(0.5, resolve_exit_rule(spy))(h, h, None)
     assert calls == [64]  # the named rule ran on every token
 
 
@@ -73,10 +73,10 @@ def _variant(rows, batch, start):
 
 def test_bench_decoding_reports_every_variant_with_its_quality(text):
     ensemble = tiny_ensemble("gpt2-tiny")
-    original = ensemble[0].exit_function
+    original = ensemble[0].exit_rule
     prompts = {1: token_batch(text, 1, 16), 2: token_batch(text, 2, 16)}
     rows = bench_decoding(ensemble, prompts, new_tokens=9, repeats=1, warmup=0)
-    assert ensemble[0].exit_function is original
+    assert ensemble[0].exit_rule is original
     for batch in (1, 2):
         assert _variant(rows, batch, "full depth").same_tokens == 1.0
         speculative = _variant(rows, batch, "self-speculative")

@@ -23,10 +23,10 @@ def _threshold(ensemble, ids, exit_ratio):
 @pytest.mark.parametrize("preset", ROUTED_FAMILIES)
 @pytest.mark.parametrize("batching", BATCHING)
 @pytest.mark.parametrize("exit_ratio", [0.0, 0.5, 1.0])
-@pytest.mark.parametrize("exit_fn", ["max_prob", "cos_sim"])
-def test_counted_flops_equal_the_analytic_model(preset, batching, exit_ratio, exit_fn, text):
+@pytest.mark.parametrize("exit_rule", ["max_prob", "cos_sim"])
+def test_counted_flops_equal_the_analytic_model(preset, batching, exit_ratio, exit_rule, text):
     # Exactly equal: both count matrix products only (norms, activations, rotary, softmax excluded).
-    ensemble = tiny_ensemble(preset, exit_fn=exit_fn)
+    ensemble = tiny_ensemble(preset, exit_rule=exit_rule)
     ids = token_batch(text, 5, 24, offset=123)
     threshold = _threshold(ensemble, ids, exit_ratio)
     with torch.inference_mode():
@@ -37,7 +37,7 @@ def test_counted_flops_equal_the_analytic_model(preset, batching, exit_ratio, ex
     analytic = routed_cost([s.config for s in ensemble], out.stage_batch_shapes, out.head_tokens)
     assert counted.total == sum(a.total for a in analytic)
     for c, a in zip(counted.stages, analytic):
-        assert (c.layers, c.attention, c.exit_head, c.exit_fn, c.other) == (a.layers, a.attention, a.exit_head, 0, 0)
+        assert (c.layers, c.attention, c.exit_head, c.exit_rule, c.other) == (a.layers, a.attention, a.exit_head, 0, 0)
 
 
 @pytest.mark.parametrize("preset", ROUTED_FAMILIES)

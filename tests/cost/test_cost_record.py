@@ -23,7 +23,7 @@ def test_measure_cost_puts_every_witness_in_one_record(text):
     assert record.macs * 2 == record.flops
     assert sum(s.flops for s in record.stages) == record.flops
     for s in record.stages:
-        assert s.flops == s.layers_flops + s.exit_head_flops + s.exit_fn_flops + s.other_flops
+        assert s.flops == s.layers_flops + s.exit_head_flops + s.exit_rule_flops + s.other_flops
         assert s.analytic_flops == s.flops and 0 <= s.padding_flops < s.layers_flops
     # Calibrated at hard ratio 0.5: at most half continue (tied confidences exit).
     reached = record.stages[1].tokens_entered

@@ -210,7 +210,7 @@ def test_realised_risk_on_the_batches_risk_control_used_is_labelled_as_no_test()
 def test_sweep_checks_read_only_the_trained_with_rule():
     records = good_records()
     for record in records:
-        record["conditions"] = {**record["conditions"], "config": {"exit_fn": "max_prob"}}
+        record["conditions"] = {**record["conditions"], "config": {"exit_rule": "max_prob"}}
     # another rule's routed point with hard tokens worse after the later stages and no masked twin
     records.append(
         _point(

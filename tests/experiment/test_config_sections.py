@@ -15,7 +15,7 @@ def test_every_key_is_in_exactly_one_section_and_every_section_is_checked():
     keys = [key for section in SECTIONS.values() for key in section]
     assert sorted(keys) == sorted(f.name for f in fields(ExperimentConfig)) and len(keys) == len(set(keys))
     assert set(SECTION_CHECKS) == set(SECTIONS)
-    assert (section_of("seq_len"), section_of("exit_fn"), section_of("threads")) == ("data", "exit_rules", "runtime")
+    assert (section_of("seq_len"), section_of("exit_rule"), section_of("threads")) == ("data", "exit_rules", "runtime")
 
 
 def test_tables_and_top_level_keys_give_the_same_config(tmp_path):
@@ -83,7 +83,7 @@ _SHAPING = {
         "eval_stride": 32,
         "boundaries": [3],
         "block_heads": "translator",
-        "exit_fn": "cos_sim",
+        "exit_rule": "cos_sim",
         "risk_batches": 2,
         "seed": 1,
     },

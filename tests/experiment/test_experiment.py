@@ -384,7 +384,7 @@ def test_protocol_keys_set_from_the_config_and_what_the_empty_ones_mean():
     assert ExperimentConfig().eval_stride == ExperimentConfig().seq_len // 2 == 64
     for key in ("training_key", "stage0_key", "dense_key"):  # validation windows steer early stopping
         assert getattr(make_config({**TINY, "eval_stride": 16}), key)() != getattr(config, key)()
-    assert config.exit_fn == "max_prob" and make_config({**TINY, "protocol": "cascade"}).exit_fn == "cos_sim"
+    assert config.exit_rule == "max_prob" and make_config({**TINY, "protocol": "cascade"}).exit_rule == "cos_sim"
     lash = make_config({**TINY, "layers": [2, 2, 2], "training_hard_ratios": [0.5, 0.25], "exit_head": "frozen"})
     protocol = lash.training_protocol
     assert (protocol.layers, protocol.boundary_hard_ratios, protocol.exit_head) == ((2, 2, 2), (0.5, 0.25), "frozen")

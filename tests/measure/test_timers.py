@@ -19,14 +19,14 @@ def _check_nesting(spans: dict, num_stages: int) -> None:
         children = sum(spans.get(f"stage{k}.{c}", 0.0) for c in CHILDREN)
         assert 0 < children <= parent
         assert spans[f"stage{k}.layers"] > 0
-        inner = spans.get(f"stage{k}.exit_head", 0.0) + spans.get(f"stage{k}.exit_fn", 0.0)
+        inner = spans.get(f"stage{k}.exit_head", 0.0) + spans.get(f"stage{k}.exit_rule", 0.0)
         assert inner <= spans[f"stage{k}.exit"]
 
 
 @pytest.mark.parametrize("batching", ["padded", "bucketed"])
-@pytest.mark.parametrize("exit_fn", ["max_prob", "cos_sim"])
-def test_cpu_spans_nest_and_sum_to_the_wall_time(batching, exit_fn, text):
-    ensemble = tiny_ensemble("gpt2-tiny", layers=(2, 2, 2), exit_fn=exit_fn)
+@pytest.mark.parametrize("exit_rule", ["max_prob", "cos_sim"])
+def test_cpu_spans_nest_and_sum_to_the_wall_time(batching, exit_rule, text):
+    ensemble = tiny_ensemble("gpt2-tiny", layers=(2, 2, 2), exit_rule=exit_rule)
     ids = token_batch(text, 8, 96)
     calibrate_thresholds(ensemble, [ids], 0.5)  # half continue at each stage: all three do work
     with torch.inference_mode():
@@ -48,7 +48,7 @@ def test_time_spans_reports_every_repeat(text):
             lambda probe: forward_cascade(ensemble, ids, thresholds=[0.0], probe=probe), warmup=1, repeats=3
         )
     assert len(wall.samples) == 3 and all(len(s.samples) == 3 for s in spans.values())
-    assert {"stage0", "stage0.layers", "stage0.exit", "stage0.exit_head", "stage0.exit_fn"} <= set(spans)
+    assert {"stage0", "stage0.layers", "stage0.exit", "stage0.exit_head", "stage0.exit_rule"} <= set(spans)
     assert "stage1" not in spans  # threshold 0: everyone exits at stage 0, stage 1 does nothing
 
 

@@ -33,9 +33,9 @@ def _teacher_forced(ensemble, ids, mask, generated, thresholds, kv_policy):
 @pytest.mark.parametrize("preset", FAMILIES)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("kv_policy", POLICIES)
-@pytest.mark.parametrize("exit_fn", ["max_prob", "cos_sim"])
-def test_invariant_4_holds_per_kv_policy(kv_policy, kind, preset, exit_fn, text):
-    ensemble = tiny_ensemble(preset, layers=(2, 2, 2), exit_fn=exit_fn, kind=kind)
+@pytest.mark.parametrize("exit_rule", ["max_prob", "cos_sim"])
+def test_invariant_4_holds_per_kv_policy(kv_policy, kind, preset, exit_rule, text):
+    ensemble = tiny_ensemble(preset, layers=(2, 2, 2), exit_rule=exit_rule, kind=kind)
     lengths = [9, 14, 5, 11]
     ids, mask = _ragged_prompts(text, lengths, "left")
     threshold = _median_threshold(ensemble, ids, mask)

@@ -32,8 +32,8 @@ def test_chunks_are_never_smaller_than_the_minimum_and_change_nothing(monkeypatc
     targets = torch.randint(0, stage.vocab_size, (tokens,))
     probe = CountingProbe()
     with torch.inference_mode():
-        chunked = run_exit_head(stage, 0, hidden, targets, exit_function=stage.exit_function, probe=probe)
-        whole = run_exit_head(stage, 0, hidden, targets, exit_function=stage.exit_function, chunk_tokens=tokens)
+        chunked = run_exit_head(stage, 0, hidden, targets, exit_rule=stage.exit_rule, probe=probe)
+        whole = run_exit_head(stage, 0, hidden, targets, exit_rule=stage.exit_rule, chunk_tokens=tokens)
     assert probe.names.count("stage0.exit_head") == 3  # 256 + 256 + 88 tokens, not 300 chunks of 2
     assert torch.equal(chunked.prediction, whole.prediction)
     torch.testing.assert_close(chunked.nll, whole.nll)
@@ -47,9 +47,9 @@ def test_one_chunk_and_many_agree_and_no_tokens_give_empty_results():
     targets = torch.randint(0, stage.vocab_size, (50,))
     targets[::7] = -100  # not scored: the NLL there is meaningless, the rest must not change
     with torch.inference_mode():
-        whole = run_exit_head(stage, 0, hidden, targets, stage.exit_function, keep_logits=True)
-        pieces = run_exit_head(stage, 0, hidden, targets, stage.exit_function, keep_logits=True, chunk_tokens=16)
-        none = run_exit_head(stage, 0, hidden[:0], targets[:0], stage.exit_function, keep_logits=True)
+        whole = run_exit_head(stage, 0, hidden, targets, stage.exit_rule, keep_logits=True)
+        pieces = run_exit_head(stage, 0, hidden, targets, stage.exit_rule, keep_logits=True, chunk_tokens=16)
+        none = run_exit_head(stage, 0, hidden[:0], targets[:0], stage.exit_rule, keep_logits=True)
     # chunks change the matmul's blocking, so logits may differ in the last bits; nothing else changes
     assert torch.equal(whole.prediction, pieces.prediction) and torch.equal(whole.correct, pieces.correct)
     for field in ("nll", "confidence", "logits"):

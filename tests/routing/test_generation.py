@@ -51,11 +51,11 @@ def _teacher_forced(ensemble, ids, mask, generated, thresholds, positions="compa
 @pytest.mark.parametrize("preset", FAMILIES)
 @pytest.mark.parametrize("lengths, side", [([12], "left"), ([9, 14, 5, 11], "left"), ([9, 14, 5, 11], "right")])
 @pytest.mark.parametrize(
-    "positions, exit_fn", [("compact", "max_prob"), ("original", "max_prob"), ("compact", "cos_sim")]
+    "positions, exit_rule", [("compact", "max_prob"), ("original", "max_prob"), ("compact", "cos_sim")]
 )
 @pytest.mark.parametrize("kind", KINDS)
-def test_invariant_4_generation_nll_equals_teacher_forcing(kind, preset, lengths, side, positions, exit_fn, text):
-    ensemble = tiny_ensemble(preset, exit_fn=exit_fn, kind=kind)
+def test_invariant_4_generation_nll_equals_teacher_forcing(kind, preset, lengths, side, positions, exit_rule, text):
+    ensemble = tiny_ensemble(preset, exit_rule=exit_rule, kind=kind)
     ids, mask = _ragged_prompts(text, lengths, side)
     threshold = _median_threshold(ensemble, ids, mask)
     out = generate(ensemble, ids, mask, max_new_tokens=NEW, thresholds=[threshold], positions=positions)

@@ -44,10 +44,10 @@ def _reference_per_sequence(ensemble, input_ids, exits0, positions="compact"):
 
 @pytest.mark.parametrize("preset", ROUTED_FAMILIES)
 @pytest.mark.parametrize("batching", BATCHING)
-@pytest.mark.parametrize("exit_fn", ["max_prob", "cos_sim"])
+@pytest.mark.parametrize("exit_rule", ["max_prob", "cos_sim"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_invariant_1_extreme_thresholds(kind, preset, batching, exit_fn, text):
-    ensemble = tiny_ensemble(preset, exit_fn=exit_fn, kind=kind)
+def test_invariant_1_extreme_thresholds(kind, preset, batching, exit_rule, text):
+    ensemble = tiny_ensemble(preset, exit_rule=exit_rule, kind=kind)
     ids = token_batch(text, 3, 24)
     with torch.inference_mode():
         stage0 = full_forward(ensemble, ids, num_stages=1)
@@ -74,7 +74,7 @@ def test_invariant_2_batched_equals_one_sequence_at_a_time(kind, preset, batchin
     exits = torch.rand(5, 16) < 0.5
     exits[0], exits[1] = True, False
     scripted, exits = scripted_exit(ensemble, ids, exits)
-    ensemble[0].exit_function = _resolve(scripted)
+    ensemble[0].exit_rule = _resolve(scripted)
     with torch.inference_mode():
         out = routed_forward(ensemble, ids, thresholds=[0.5], batching=batching, positions=positions)
     assert torch.equal(out.exit_stage, (~exits).long())
@@ -151,7 +151,7 @@ def test_exited_tokens_never_reach_a_later_stage(kind, preset, batching, text):
     exits = torch.rand(4, 12) < 0.6
     exits[2] = True  # one sequence sends nothing on
     scripted, exits = scripted_exit(ensemble, ids, exits)
-    ensemble[0].exit_function = _resolve(scripted)
+    ensemble[0].exit_rule = _resolve(scripted)
     received = _Received(ensemble[1])
     try:
         with torch.inference_mode():
@@ -204,9 +204,9 @@ def test_invariant_3_counted_flops_follow_tokens_reaching_a_stage(kind, preset, 
             exits[:, :keep] = False  # every sequence sends exactly `keep` tokens on: no padding
             scripted, scripted_exits = scripted_exit(ensemble, ids, exits)
             assert torch.equal(scripted_exits, exits)  # distinct first tokens: no twin states
-            ensemble[0].exit_function = _resolve(scripted)
+            ensemble[0].exit_rule = _resolve(scripted)
             both, out = count_flops(routed_forward, ensemble, ids, thresholds=[0.5])
-            ensemble[0].exit_function = _resolve("max_prob")
+            ensemble[0].exit_rule = _resolve("max_prob")
             alone, _ = count_flops(ensemble[1], inputs_embeds=torch.zeros(4, keep, d))
             head1 = 2 * 4 * keep * d * vocab
             head0_saved = 2 * 4 * keep * d * vocab  # stage-0 lm_head runs only on exiting tokens (logit-free rule)
@@ -215,9 +215,9 @@ def test_invariant_3_counted_flops_follow_tokens_reaching_a_stage(kind, preset, 
 
 
 def _resolve(fn):
-    from cascade_bench.stages.exits import resolve_exit_function
+    from cascade_bench.stages.exits import resolve_exit_rule
 
-    return resolve_exit_function(fn)
+    return resolve_exit_rule(fn)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -229,7 +229,7 @@ def test_merged_buckets_give_the_same_pass_in_fewer_calls(kind, text):
     ids = token_batch(text, 6, 24, offset=300)
     exits = torch.rand(6, 24) < torch.linspace(0.1, 0.9, 6)[:, None]  # rows of very different lengths
     scripted, exits = scripted_exit(ensemble, ids, exits)
-    ensemble[0].exit_function = _resolve(scripted)
+    ensemble[0].exit_rule = _resolve(scripted)
     with torch.inference_mode():
         apart = routed_forward(ensemble, ids, thresholds=[0.5], batching="bucketed", call_overhead_slots=0)
         merged = routed_forward(
@@ -243,14 +243,14 @@ def test_merged_buckets_give_the_same_pass_in_fewer_calls(kind, text):
     assert torch.equal(merged.exit_stage, apart.exit_stage) and torch.equal(merged.correct, apart.correct)
 
 
-@pytest.mark.parametrize("exit_fn", ["max_prob", "cos_sim"])
-def test_tokens_continuing_past_an_open_end_exit_nowhere_and_the_rest_keep_their_stage_results(exit_fn, text):
+@pytest.mark.parametrize("exit_rule", ["max_prob", "cos_sim"])
+def test_tokens_continuing_past_an_open_end_exit_nowhere_and_the_rest_keep_their_stage_results(exit_rule, text):
     # open_end: the last stage run decides like a middle one; who continues has exit stage S, no NLL,
     # not correct, no logits, whatever the last stage computed for them (a logit rule computes its
     # head on every token reaching the stage).
     from cascade_bench.routing.passes import forward_cascade
 
-    ensemble = tiny_ensemble("gpt2-tiny", exit_fn=exit_fn)
+    ensemble = tiny_ensemble("gpt2-tiny", exit_rule=exit_rule)
     ids = token_batch(text, 3, 24)
     with torch.inference_mode():
         everyone = forward_cascade(

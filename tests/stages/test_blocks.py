@@ -190,7 +190,7 @@ def test_a_saved_and_reloaded_checkpoint_folder_cuts_into_blocks(tmp_path, text)
     model = _model("llama-tiny", layers=4)
     model.save_pretrained(tmp_path / "checkpoint")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint").eval()
-    ensemble = Ensemble.from_blocks(reloaded, [2], exit_fn="cos_sim")
+    ensemble = Ensemble.from_blocks(reloaded, [2], exit_rule="cos_sim")
     ids, mask = _ragged(text)
     with torch.inference_mode():
         reference = model(input_ids=ids, attention_mask=mask).logits
@@ -206,8 +206,8 @@ def test_block_ensembles_save_as_one_checkpoint_and_load_back(preset, heads, tmp
     from cascade_bench.training.persistence import load_ensemble, save_ensemble
 
     model = _model(preset, layers=4)
-    ensemble = Ensemble.from_blocks(model, [1, 3], exit_fn="cos_sim", heads=heads)
-    ensemble[1].exit_function = __import__("cascade_bench").resolve_exit_function("max_prob")
+    ensemble = Ensemble.from_blocks(model, [1, 3], exit_rule="cos_sim", heads=heads)
+    ensemble[1].exit_rule = __import__("cascade_bench").resolve_exit_rule("max_prob")
     if heads == "own":
         with torch.no_grad():
             ensemble[0].head.lm_head.weight.mul_(1.5)  # an exit head that differs from the model's
@@ -234,7 +234,7 @@ def test_block_ensembles_save_as_one_checkpoint_and_load_back(preset, heads, tmp
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "saved" / "model").eval()
     loaded = load_ensemble(tmp_path / "saved")
     assert [type(b) for b in loaded] == [Block] * 3 and loaded.thresholds == ensemble.thresholds
-    assert [b.exit_function.name for b in loaded] == ["cos_sim", "max_prob", "cos_sim"]
+    assert [b.exit_rule.name for b in loaded] == ["cos_sim", "max_prob", "cos_sim"]
     with torch.inference_mode():
         torch.testing.assert_close(
             plain(input_ids=ids, attention_mask=mask).logits,

@@ -35,20 +35,20 @@ def test_llm_forward_matches_the_hf_model(preset, text):
 def test_add_stage_wraps_raw_models_and_overrides():
     ensemble = Ensemble()
     first = ensemble.add_stage(
-        AutoModelForCausalLM.from_config(stage_config("gpt2-tiny")), exit_fn="margin", threshold=0.3
+        AutoModelForCausalLM.from_config(stage_config("gpt2-tiny")), exit_rule="margin", threshold=0.3
     )
-    assert isinstance(first, LLM) and first.exit_function.name == "margin" and first.threshold == 0.3
-    second = ensemble.add_stage(LLM.from_config(stage_config("gpt2-tiny")), exit_fn="cos_sim")
-    assert second.exit_function.name == "cos_sim" and math.isinf(second.threshold)
+    assert isinstance(first, LLM) and first.exit_rule.name == "margin" and first.threshold == 0.3
+    second = ensemble.add_stage(LLM.from_config(stage_config("gpt2-tiny")), exit_rule="cos_sim")
+    assert second.exit_rule.name == "cos_sim" and math.isinf(second.threshold)
     assert len(ensemble) == 2 and ensemble.layers_per_stage == (2, 2)
 
 
 def test_extend_builds_a_new_block_from_the_last_config(text):
-    ensemble = build_ensemble("llama-tiny", (2,), exit_fn="neg_entropy")
+    ensemble = build_ensemble("llama-tiny", (2,), exit_rule="neg_entropy")
     new = ensemble.extend(3)
     assert ensemble.layers_per_stage == (2, 3)
     assert new.config.model_type == "llama" and new.hidden_size == ensemble[0].hidden_size
-    assert new.exit_function.name == "neg_entropy"
+    assert new.exit_rule.name == "neg_entropy"
     assert new.config is not ensemble[0].config and ensemble[0].num_layers == 2
     with torch.inference_mode():
         out = routed_forward(ensemble.eval(), token_batch(text, 2, 8), thresholds=[math.inf])

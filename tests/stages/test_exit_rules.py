@@ -109,13 +109,13 @@ def _fresh_classifier(ensemble, use_input_state=False, hidden_units=0):
 def test_rules_without_logits_run_the_head_only_for_exiting_tokens(text, kind, rule_name):
     ensemble = tiny_ensemble("gpt2-tiny", kind=kind)
     if rule_name == "classifier":
-        ensemble[0].exit_function = _fresh_classifier(ensemble)
+        ensemble[0].exit_rule = _fresh_classifier(ensemble)
     elif rule_name == "classifier-mlp-input":
-        ensemble[0].exit_function = _fresh_classifier(ensemble, use_input_state=True, hidden_units=8)
+        ensemble[0].exit_rule = _fresh_classifier(ensemble, use_input_state=True, hidden_units=8)
     elif rule_name == "lowrank":
-        ensemble[0].exit_function = low_rank_max_prob(ensemble[0], 4)
+        ensemble[0].exit_rule = low_rank_max_prob(ensemble[0], 4)
     else:
-        ensemble[0].exit_function = "cos_sim"
+        ensemble[0].exit_rule = "cos_sim"
     ids = token_batch(text, 3, 32)
     calibrate_thresholds(ensemble, [ids], 0.5)
     d, vocab = ensemble[0].hidden_size, ensemble.vocab_size
@@ -125,20 +125,20 @@ def test_rules_without_logits_run_the_head_only_for_exiting_tokens(text, kind, r
     assert 0 < exited < reached
     # Counted, not read from bookkeeping: stage 0's head ran on exactly the exiting tokens.
     assert counted.stages[0].exit_head == 2 * d * vocab * exited
-    assert counted.stages[0].exit_fn == 2 * ensemble[0].exit_function.macs_per_token * reached
+    assert counted.stages[0].exit_rule == 2 * ensemble[0].exit_rule.macs_per_token * reached
     assert out.decided_tokens == (reached, 0)
 
 
 @pytest.mark.parametrize("method", ["routed", "masked"])
 def test_counted_flops_equal_the_analytic_count_with_a_rule_module(text, method):
     ensemble = tiny_ensemble("llama-tiny")
-    ensemble[0].exit_function = _fresh_classifier(ensemble, use_input_state=True, hidden_units=8)
+    ensemble[0].exit_rule = _fresh_classifier(ensemble, use_input_state=True, hidden_units=8)
     batches = [token_batch(text, 2, 32), token_batch(text, 2, 32, offset=500)]
     calibrate_thresholds(ensemble, batches, 0.4)
     record = measure_cost(ensemble, batches, method, warmup=0, repeats=1)
     assert record.flops == record.flops_analytic
-    rule = ensemble[0].exit_function.macs_per_token
-    assert record.stages[0].exit_rule_flops == 2 * rule * record.stages[0].tokens_entered
+    rule = ensemble[0].exit_rule.macs_per_token
+    assert record.stages[0].analytic_exit_rule_flops == 2 * rule * record.stages[0].tokens_entered
 
 
 def test_decision_flops_of_max_prob_are_the_heads_of_continuing_tokens(text):
@@ -156,15 +156,15 @@ def test_decision_flops_of_max_prob_are_the_heads_of_continuing_tokens(text):
 @pytest.mark.parametrize("kind", KINDS)
 def test_rule_modules_save_and_load_exactly(text, tmp_path, kind):
     ensemble = tiny_ensemble("gpt2-tiny", layers=(1, 1, 1), kind=kind)
-    ensemble[0].exit_function = _fresh_classifier(ensemble, use_input_state=True, hidden_units=8)
-    ensemble[1].exit_function = low_rank_max_prob(ensemble[1], 5)
+    ensemble[0].exit_rule = _fresh_classifier(ensemble, use_input_state=True, hidden_units=8)
+    ensemble[1].exit_rule = low_rank_max_prob(ensemble[1], 5)
     ids = token_batch(text, 2, 24)
     calibrate_thresholds(ensemble, [ids], 0.5)
     save_ensemble(ensemble, tmp_path / "saved")
     loaded = load_ensemble(tmp_path / "saved")
     for before, after in zip(ensemble, loaded):
-        assert after.exit_function.name == before.exit_function.name
-        assert after.exit_function.macs_per_token == before.exit_function.macs_per_token
+        assert after.exit_rule.name == before.exit_rule.name
+        assert after.exit_rule.macs_per_token == before.exit_rule.macs_per_token
     with torch.inference_mode():
         a, b = routed_forward(ensemble, ids), routed_forward(loaded, ids)
     assert torch.equal(a.exit_stage, b.exit_stage)
@@ -173,11 +173,11 @@ def test_rule_modules_save_and_load_exactly(text, tmp_path, kind):
 
 def test_rule_modules_move_with_the_stage_and_detach_when_replaced():
     ensemble = tiny_ensemble("gpt2-tiny")
-    ensemble[0].exit_function = _fresh_classifier(ensemble)
+    ensemble[0].exit_rule = _fresh_classifier(ensemble)
     assert "exit_rule" in dict(ensemble[0].named_children())
     ensemble.to(torch.float64)
-    assert ensemble[0].exit_function.module.net.weight.dtype == torch.float64
-    ensemble[0].exit_function = "max_prob"
+    assert ensemble[0].exit_rule.module.net.weight.dtype == torch.float64
+    ensemble[0].exit_rule = "max_prob"
     assert "exit_rule" not in dict(ensemble[0].named_children())
 
 

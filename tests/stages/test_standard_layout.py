@@ -98,7 +98,7 @@ def test_a_standard_layout_family_is_cut_right_or_refused_by_name(model_type, te
     exits = torch.rand(3, 16) < 0.5
     exits[0] = True
     scripted, exits = scripted_exit(ensemble, ids, exits)
-    ensemble[0].exit_function = scripted
+    ensemble[0].exit_rule = scripted
     with torch.inference_mode():
         out = routed_forward(ensemble, ids, thresholds=[0.5])
     reference = _reference_per_sequence(ensemble, ids, exits)

@@ -52,7 +52,7 @@ def test_training_lowers_the_loss_and_leaves_the_stages_alone(text):
     after = ensemble.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert not classifier.training and all(p.grad is None for p in classifier.parameters())
-    ensemble[0].exit_function = classifier
+    ensemble[0].exit_rule = classifier
     calibrate_thresholds(ensemble, validation, 0.5)
     with torch.inference_mode():
         out = routed_forward(ensemble, validation[0])
@@ -90,7 +90,7 @@ def test_later_stage_features_are_the_routed_pass_states_of_the_continuing_token
             labels.append((first == reference).float())
     with torch.inference_mode():
         head = run_exit_head(
-            ensemble[1], 1, data.h_out, torch.full((data.h_out.shape[0],), -1), exit_function=ensemble[1].exit_function
+            ensemble[1], 1, data.h_out, torch.full((data.h_out.shape[0],), -1), exit_rule=ensemble[1].exit_rule
         )
     assert data.h_out.shape[0] == int(torch.cat(predictions).numel()) < sum(b.numel() for b in batches)
     assert torch.equal(head.prediction, torch.cat(predictions))
@@ -113,8 +113,8 @@ def test_a_three_stage_classifier_rule_trains_stage_1_on_routed_states_and_resto
     ensemble = tiny_ensemble("gpt2-tiny", layers=(1, 1, 1))
     batches = _batches(text, 2)
     calibrate_thresholds(ensemble, batches, [0.5, 0.5])
-    before = [(stage.exit_function, stage.threshold) for stage in ensemble]
+    before = [(stage.exit_rule, stage.threshold) for stage in ensemble]
     rule = build_rule("classifier", ensemble, batches, batches, max_epochs=1, max_steps_per_epoch=2)
     assert [part["stage"] for part in rule.training] == [0, 1] and len(rule.per_stage) == 2
     assert rule.training[1]["features"].startswith("routed: the tokens continuing past stages 0..0 at hard ratio 0.5")
-    assert [(stage.exit_function, stage.threshold) for stage in ensemble] == before
+    assert [(stage.exit_rule, stage.threshold) for stage in ensemble] == before

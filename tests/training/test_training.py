@@ -222,7 +222,7 @@ def test_named_protocols_grow_the_kind_of_stage_the_seeds_grow(data, name):
     kind = Block if protocol.stage_kind == "block" else LLM
     assert isinstance(ensemble[0], kind)
     expected = ("llm", (1e-3, 5e-4), "cos_sim") if name == "cascade" else ("block", (1e-3, 1e-4), "max_prob")
-    assert (protocol.stage_kind, protocol.lrs[:2], protocol.exit_fn) == expected
+    assert (protocol.stage_kind, protocol.lrs[:2], protocol.exit_rule) == expected
     assert protocol.patience[:2] == (1, 3)
 
 
@@ -376,7 +376,7 @@ def test_configuration_errors_name_the_value(data, tmp_path):
     with pytest.raises(TypeError, match="grows block stages \\(Block\\); got \\['LLM'\\]"):
         train_ensemble(_ensemble(data, layers=(1,)), data.train, data.validation, _protocol("block"))
     ensemble = _ensemble(data)
-    ensemble[0].exit_function = __import__("cascade_bench").resolve_exit_function(lambda a, b, c: c.amax(-1))
+    ensemble[0].exit_rule = __import__("cascade_bench").resolve_exit_rule(lambda a, b, c: c.amax(-1))
     with pytest.raises(ValueError, match="neither a built-in .* nor a rule module"):
         save_ensemble(ensemble, tmp_path / "bad")
     assert not (tmp_path / "bad").exists()

@@ -1,0 +1,34 @@
+"""Keys renamed since an earlier release, read once from what was stored under the old name.
+
+Stored files outlive a rename: a run config, the config a results file records, a saved cascade's
+manifest. Each is read through :func:`read_renamed` at the one place it is loaded, which renames the
+old key with a ``FutureWarning`` that names the file and the new key; nothing past the loader knows
+the old names. ``RENAMED`` lists them, old -> new.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Mapping
+
+#: old key -> new key (one name per concept: "exit rule", not "exit function").
+RENAMED: dict[str, str] = {"exit_fn": "exit_rule"}
+
+
+def read_renamed(values: Mapping, source: str) -> dict:
+    """``values`` with every old key of ``RENAMED`` under its new name. A file holding both names is
+    refused (ValueError naming both); each old name read warns once per call, naming ``source``."""
+    renamed = dict(values)
+    for old, new in RENAMED.items():
+        if old not in renamed:
+            continue
+        if new in renamed:
+            raise ValueError(f"{source}: holds both {old!r} and its new name {new!r}; keep {new!r} only")
+        renamed[new] = renamed.pop(old)
+        warnings.warn(
+            f"{source}: key {old!r} is now called {new!r}; read as {new} = {renamed[new]!r}. "
+            f"Rename it there: the old name will not be read in a later release.",
+            FutureWarning,
+            stacklevel=2,
+        )
+    return renamed
