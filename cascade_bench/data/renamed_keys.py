@@ -13,6 +13,30 @@ from typing import Mapping
 
 #: old key -> new key (one name per concept: "exit rule", not "exit function").
 RENAMED: dict[str, str] = {"exit_fn": "exit_rule"}
+#: old run-config table -> new table (each table is named as its section is, and none as a key is).
+RENAMED_TABLES: dict[str, str] = {"model": "stages", "exit_rules": "exits", "risk": "risk_control"}
+
+
+def read_renamed_tables(raw: Mapping, source: str) -> dict:
+    """A parsed run config with every old table of ``RENAMED_TABLES`` under its new name (a warning
+    naming ``source``), and the renamed keys in it and in each table read as ``read_renamed`` does."""
+    tables = {}
+    for name, value in read_renamed(raw, source).items():
+        if not isinstance(value, Mapping):
+            tables[name] = value
+            continue
+        new = RENAMED_TABLES.get(name, name)
+        if new != name:
+            if new in raw:
+                raise ValueError(f"{source}: holds both the table [{name}] and its new name [{new}]; keep [{new}] only")
+            warnings.warn(
+                f"{source}: the table [{name}] is now called [{new}]; read as [{new}]. Rename it there: "
+                f"the old name will not be read in a later release.",
+                FutureWarning,
+                stacklevel=2,
+            )
+        tables[new] = read_renamed(value, f"{source} [{new}]")
+    return tables
 
 
 def read_renamed(values: Mapping, source: str) -> dict:

@@ -1,6 +1,6 @@
-"""Experiment configuration: one frozen dataclass, validated section by section in ``__post_init__``
-(``config_sections``: the TOML tables and their checks), loadable from TOML and overridable from
-the command line (every field is a ``--flag``)."""
+"""Experiment configuration: ``ExperimentConfig``, composed of one section per TOML table
+(``config_sections``: each key declared once, each section checking itself), loadable from TOML and
+overridable from the command line (every key is a ``--flag``), read by its flat key names."""
 
 from __future__ import annotations
 
@@ -8,25 +8,34 @@ import argparse
 import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from ..data.renamed_keys import read_renamed
-from ..routing.policy_names import KV_POLICIES, RISKS
+from ..data.renamed_keys import RENAMED, read_renamed_tables
 from ..stages.preset_configs import STAGE_PRESETS
-from ..stages.rule_specs import BUILTIN_RULE_NAMES, CLASSIFIER_TARGETS, RULE_SPECS
-from ..training.protocol_specs import EXIT_HEADS, HARD_EXAMPLES, PROTOCOLS, decayed_lrs
+from ..training.protocol_specs import PROTOCOLS
 from .config_sections import (
     BLOCK_HEADS,
     COUNT_FLOPS,
+    KEY_FIELDS,
+    KEY_SECTIONS,
     METHOD_BASELINES,
-    SECTION_CHECKS,
+    SECTION_TYPES,
     SECTIONS,
     TIMING_POINTS,
     TRANSLATOR_FITS,
-    check_section,
+    DataSection,
+    ExitsSection,
+    MeasurementSection,
+    RiskControlSection,
+    RuntimeSection,
+    StagesSection,
+    SweepSection,
+    TrainingSection,
+    check_across_sections,
     flatten_tables,
+    section_of,
 )
 
 __all__ = [
@@ -43,19 +52,6 @@ __all__ = [
     "load_config_file",
     "make_config",
 ]
-
-#: Tuple keys whose empty default does not tell the element type (or whose default's elements mislead).
-_ELEMENT_TYPES = {
-    "boundaries": int,
-    "plausible_ppl": float,
-    "patience": int,
-    "exit_layers": int,
-    "auto_boundaries": float,
-    "layers": int,
-    "layer_weights": float,
-    "training_hard_ratios": float,
-}
-
 
 #: The config keys whose values shape each saved artefact, declared once: its folder key hashes them
 #: (with what else it names). Every artefact reads the same data keys, and the run keys that cap or
@@ -88,6 +84,14 @@ ARTEFACT_KEYS: dict[str, tuple[str, ...]] = {
         "dtype",
     ),
 }
+
+
+#: Renamed keys are hashed into artefact keys under their old names (``renamed_keys.RENAMED``).
+_HASHED_AS = {new: old for old, new in RENAMED.items()}
+
+
+def _hashed_names(values: dict) -> dict:
+    return {_HASHED_AS.get(key, key): value for key, value in values.items()}
 
 
 @dataclass(frozen=True)
@@ -134,69 +138,44 @@ class ExperimentConfig:
     ``eval_split = "validation"`` run does not score them); 0 = risk control calibrates on the
     validation batches the rest uses, and the report says its guarantee rests on reused data."""
 
-    name: str = "ashem-embedded"
-    corpus: str = "embedded"
-    corpus_config: str = ""
-    tokenizer: str = "bpe:1024"
-    seq_len: int = 128
-    batch_size: int = 8
-    eval_stride: int = 0
-    preset: str = "gpt2-mini"
-    protocol: str = "ashem"
-    layers: tuple = ()
-    layer_weights: tuple = ()
-    training_hard_ratios: tuple = ()
-    lr_decay: float = 0.0
-    exit_head: str = ""
-    hard_examples: str = ""
-    leaky_seed_protocol: bool = False
-    exit_rule: str = ""
-    exit_rules: tuple = ("max_prob", "cos_sim", "classifier", "lowrank:32")
-    classifier_target: str = "consistency"
-    risk: str = "disagreement"
-    risk_delta: float = 0.1
-    risk_epsilon: float = 0.1
-    risk_nll_tolerance: float = 0.0
-    risk_batches: int = 4
-    kv_policies: tuple = KV_POLICIES
-    patience: tuple = ()
-    dense_patience: int = 0
-    max_epochs: int = 40
-    max_steps_per_epoch: int = 0
-    hard_ratios: tuple = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-    baselines: tuple = METHOD_BASELINES
-    oracle_tolerance: float = 0.0
-    batching: str = "bucketed"
-    timing_repeats: int = 3
-    eval_split: str = "test"
-    timing_batches: int = 8
-    count_flops: str = "anchors"
-    timing_points: str = "all"
-    plausible_ppl: tuple = (5.0, 1000.0)
-    eval_batches: int = 0
-    device: str = "cpu"
-    dtype: str = "float32"
-    threads: int = 2
-    seed: int = 0
-    out: str = "."
-    model: str = ""
-    boundaries: tuple = ()
-    block_heads: str = "shared"
-    exit_layers: tuple = ()
-    auto_boundaries: tuple = ()
-    translator_fit: str = "lstsq"
-    exit_train_tokens: int = 0
-    validation_batches: int = 0
+    data: DataSection = field(default_factory=DataSection)
+    stages: StagesSection = field(default_factory=StagesSection)
+    training: TrainingSection = field(default_factory=TrainingSection)
+    sweep: SweepSection = field(default_factory=SweepSection)
+    exits: ExitsSection = field(default_factory=ExitsSection)
+    risk_control: RiskControlSection = field(default_factory=RiskControlSection)
+    measurement: MeasurementSection = field(default_factory=MeasurementSection)
+    runtime: RuntimeSection = field(default_factory=RuntimeSection)
 
     def __post_init__(self):
-        # Keys whose empty value means "what the setting implies", resolved here so the stored config
-        # holds what ran: eval_stride 0 = half the window, exit_rule '' = the protocol's rule.
-        if self.eval_stride == 0 and isinstance(self.seq_len, int) and not isinstance(self.seq_len, bool):
-            object.__setattr__(self, "eval_stride", max(1, self.seq_len // 2))
-        if self.exit_rule == "" and self.protocol in PROTOCOLS:
-            object.__setattr__(self, "exit_rule", PROTOCOLS[self.protocol].exit_rule)
-        for section in SECTION_CHECKS:
-            check_section(section, self)
+        # exit_rule '' = the protocol's rule, resolved here so the stored config holds what ran
+        if self.exits.exit_rule == "":
+            exits = dataclasses.replace(self.exits, exit_rule=PROTOCOLS[self.training.protocol].exit_rule)
+            object.__setattr__(self, "exits", exits)
+        check_across_sections(self)
+
+    def __getattr__(self, key: str):
+        """A key by its flat name (``config.seq_len`` is ``config.data.seq_len``): the records, the
+        flags and the artefact keys all speak the flat names."""
+        table = KEY_SECTIONS.get(key)
+        if table is None or key.startswith("__"):
+            raise AttributeError(f"{type(self).__name__} has no key or attribute {key!r}")
+        return getattr(object.__getattribute__(self, table), key)
+
+    def replace(self, **changes) -> "ExperimentConfig":
+        """This config with the flat keys in ``changes`` set (the sections they change made and
+        checked again)."""
+        tables: dict[str, dict] = {}
+        for key, value in changes.items():
+            tables.setdefault(section_of(key), {})[key] = value
+        return dataclasses.replace(
+            self, **{table: dataclasses.replace(getattr(self, table), **keys) for table, keys in tables.items()}
+        )
+
+    def artefact_values(self, artefact: str) -> dict:
+        """The values of the keys that shape ``artefact`` (``ARTEFACT_KEYS``), by the names they are
+        hashed under (a renamed key keeps its old name there, so a rename orphans no saved artefact)."""
+        return _hashed_names({key: getattr(self, key) for key in ARTEFACT_KEYS[artefact]})
 
     @property
     def out_dir(self) -> Path:
@@ -205,13 +184,14 @@ class ExperimentConfig:
     def training_key(self) -> str:
         """Hash of everything that changes the trained models (not the sweep or timing): the config keys
         that feed training, the protocol's definition and the preset's config."""
-        keys = ARTEFACT_KEYS["training"] + (ARTEFACT_KEYS["blocks"] if self.model else ())
-        values = {k: getattr(self, k) for k in keys}
+        values = self.artefact_values("training")
+        if self.model:
+            values.update(self.artefact_values("blocks"))
         if self.model:
             from ..stages.model_source import model_fingerprint  # loads transformers: only when keyed
 
             values["model_fingerprint"] = model_fingerprint(self.model)  # not only its name
-        values["protocol_definition"] = dataclasses.asdict(self.training_protocol)
+        values["protocol_definition"] = _hashed_names(dataclasses.asdict(self.training_protocol))
         values["preset_config"] = STAGE_PRESETS[self.preset]
         payload = json.dumps(values, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
@@ -235,32 +215,9 @@ class ExperimentConfig:
 
     @property
     def training_protocol(self):
-        """The protocol named by ``protocol`` with the keys that are set in place of its own: ``layers``
-        (stages beyond the protocol's follow its last stage's recipe: ``Protocol.with_stages``),
-        ``patience``, ``layer_weights`` (joint training), ``training_hard_ratios`` (one, or one per stage
-        boundary: LASH's staged thresholds), ``lr_decay`` (stage k at stage 0's lr x lr_decay^k) and
-        ``exit_head`` ("copy" or "frozen") and ``hard_examples`` ("tokens" or "sequences")."""
-        protocol = PROTOCOLS[self.protocol]
-        if self.layers:
-            protocol = protocol.with_stages(self.layers)
-        changes = {}
-        if self.patience:
-            changes["patience"] = self.patience
-        if self.layer_weights:
-            changes["layer_weights"] = tuple(float(w) for w in self.layer_weights)
-        if self.training_hard_ratios:
-            ratios = tuple(float(r) for r in self.training_hard_ratios)
-            changes["hard_ratio"] = ratios[0] if len(ratios) == 1 else ratios
-        if self.lr_decay:
-            changes.update(
-                lr_decay=float(self.lr_decay),
-                lrs=decayed_lrs(protocol.lrs[0], float(self.lr_decay), len(protocol.layers)),
-            )
-        if self.exit_head:
-            changes["exit_head"] = self.exit_head
-        if self.hard_examples:
-            changes["hard_examples"] = self.hard_examples
-        return dataclasses.replace(protocol, **changes) if changes else protocol
+        """The training protocol with the keys that are set in place of its own
+        (``TrainingSection.training_protocol``)."""
+        return self.training.training_protocol
 
     @property
     def dense_recipe(self) -> tuple[float, int]:
@@ -272,9 +229,8 @@ class ExperimentConfig:
         """Hash of what trains the dense baseline: the data, preset, seed and caps, the cascade's total
         depth and stage 0's recipe (lr, patience), but not the rest of the protocol, so runs of different
         protocols with the same depth and stage-0 recipe share one dense model."""
-        keys = ARTEFACT_KEYS["dense"]
         protocol = self.training_protocol
-        values = {k: getattr(self, k) for k in keys}
+        values = self.artefact_values("dense")
         values.update(
             dense_layers=sum(protocol.layers),
             lr=protocol.lrs[0],
@@ -287,9 +243,8 @@ class ExperimentConfig:
         """Hash of what trains stage 0 of a staged protocol: the data, preset, seed, caps, exit rule and
         stage 0's kind and recipe (layers, lr, patience), but not the later stages nor the data protocol,
         so e.g. the leaky and leak-free runs of one setting, or ``ashem`` and ``lego-3``, share stage 0."""
-        keys = ARTEFACT_KEYS["stage0"]
         protocol = self.training_protocol
-        values = {k: getattr(self, k) for k in keys}
+        values = self.artefact_values("stage0")
         values.update(
             stage_kind=protocol.stage_kind,
             layers=protocol.layers[0],
@@ -300,15 +255,17 @@ class ExperimentConfig:
         return "stage0-" + hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
 
     def as_dict(self) -> dict:
-        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in fields(self)}
+        """Every key by its flat name, lists as lists (what the records store)."""
+        return {key: list(v) if isinstance(v := getattr(self, key), tuple) else v for key in KEY_SECTIONS}
 
 
-def _coerce(key: str, value, default):
-    """Config value from TOML/CLI to the field's type; ValueError names the key."""
+def _coerce(key: str, value):
+    """Config value from TOML/CLI to the key's type (its default's; a list's elements by its
+    annotation); ValueError names the key."""
+    default = KEY_FIELDS[key].default
+    element = SECTION_TYPES[KEY_SECTIONS[key]].element_type(key) if isinstance(default, tuple) else None
     number = isinstance(default, (int, float)) and not isinstance(default, bool)
-    numbers = isinstance(default, tuple) and (
-        key in _ELEMENT_TYPES or any(isinstance(x, (int, float)) for x in default)
-    )
+    numbers = element in (int, float)
     if (number and isinstance(value, bool)) or (
         numbers and isinstance(value, (list, tuple)) and any(isinstance(x, bool) for x in value)
     ):
@@ -327,9 +284,7 @@ def _coerce(key: str, value, default):
                 return value.lower() in ("true", "1", "yes")
             return value
         if isinstance(default, tuple):
-            items = value
-            element = _ELEMENT_TYPES.get(key) or (type(default[0]) if default else str)
-            return tuple(_list_item(key, element, x) for x in items if str(x).strip())
+            return tuple(_list_item(key, element, x) for x in value if str(x).strip())
         if isinstance(default, int) and isinstance(value, str):
             return int(value)
         if isinstance(default, float) and isinstance(value, (str, int)):
@@ -376,14 +331,15 @@ def _list_items(key: str, value) -> list:
 
 
 def make_config(values: dict) -> ExperimentConfig:
-    """ExperimentConfig from a flat dict; unknown keys are errors naming the key."""
-    defaults = ExperimentConfig()
-    known = {f.name for f in fields(ExperimentConfig)}
-    unknown = sorted(set(values) - known)
+    """ExperimentConfig from a flat dict (each value read as its key's type, each section made and
+    checked in turn); unknown keys are errors naming the key."""
+    unknown = sorted(set(values) - set(KEY_SECTIONS))
     if unknown:
-        raise ValueError(f"unknown config key {unknown[0]!r}; known keys: {sorted(known)}")
-    coerced = {k: _coerce(k, v, getattr(defaults, k)) for k, v in values.items()}
-    return ExperimentConfig(**coerced)
+        raise ValueError(f"unknown config key {unknown[0]!r}; known keys: {sorted(KEY_SECTIONS)}")
+    tables: dict[str, dict] = {name: {} for name in SECTION_TYPES}
+    for key, value in values.items():
+        tables[KEY_SECTIONS[key]][key] = _coerce(key, value)
+    return ExperimentConfig(**{name: SECTION_TYPES[name](**keys) for name, keys in tables.items()})
 
 
 def load_config_file(path: "Path | str") -> dict:
@@ -402,8 +358,7 @@ def load_config_file(path: "Path | str") -> dict:
     except tomllib.TOMLDecodeError as error:
         raise ValueError(f"config file {path} is not valid TOML: {error}") from None
     source = f"config file {path}"
-    raw = {k: read_renamed(v, f"{source} [{k}]") if isinstance(v, dict) else v for k, v in raw.items()}
-    return flatten_tables(read_renamed(raw, source), source)
+    return flatten_tables(read_renamed_tables(raw, source), source)
 
 
 def bench_settings(path: "Path | str") -> dict:
@@ -429,60 +384,31 @@ def bench_settings(path: "Path | str") -> dict:
     }
 
 
-#: Flags spelled the way the rest of the CLI spells the concept, before the key's own spelling (kept).
-FLAG_NAMES = {"exit_rule": ("--exit-rule",)}
-
-
-def config_choices() -> dict[str, tuple]:
-    """The values each key with a fixed set of them takes (lists take several, space-separated)."""
-    return {
-        "eval_split": ("test", "validation"),
-        "preset": tuple(sorted(STAGE_PRESETS)),
-        "block_heads": BLOCK_HEADS,
-        "translator_fit": TRANSLATOR_FITS,
-        "protocol": tuple(sorted(PROTOCOLS)),
-        "exit_head": EXIT_HEADS,
-        "hard_examples": HARD_EXAMPLES,
-        "baselines": METHOD_BASELINES,
-        "batching": ("padded", "bucketed"),
-        "kv_policies": KV_POLICIES,
-        "exit_rule": BUILTIN_RULE_NAMES,
-        "exit_rules": RULE_SPECS,
-        "classifier_target": CLASSIFIER_TARGETS,
-        "risk": RISKS,
-        "count_flops": COUNT_FLOPS,
-        "timing_points": TIMING_POINTS,
-        "dtype": ("float32", "bfloat16", "float16"),
-    }
-
-
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One ``--flag`` per config field (``--seq-len 256``, ``--hard-ratios 0.3 0.5``: a list key takes
-    space-separated values, none for an empty list), each with one line of help (``config_help``), its
-    default and its choices."""
-    from .config_help import CONFIG_HELP
-
-    choices = config_choices()
-    for f in fields(ExperimentConfig):
-        default = f.default
+    """One ``--flag`` per config key (``--seq-len 256``, ``--hard-ratios 0.3 0.5``: a list key takes
+    space-separated values, none for an empty list), each with its one line of help, its default and
+    its choices (all declared on the key's field in its section)."""
+    for key, declared in KEY_FIELDS.items():
+        default, choices = declared.default, declared.metadata["choices"]
         listed = isinstance(default, tuple)
         hint = (" ".join(map(str, default)) or "none") if listed else default
-        names = FLAG_NAMES.get(f.name, ("--" + f.name.replace("_", "-"),))
-        options = f"; one of {', '.join(map(str, choices[f.name]))}" if f.name in choices else ""
-        text = f"{CONFIG_HELP[f.name]} (default {hint!s}{options})".replace("%", "%%")
+        options = f"; one of {', '.join(map(str, choices))}" if choices else ""
+        text = f"{declared.metadata['help']} (default {hint!s}{options})".replace("%", "%%")
         parser.add_argument(
-            *names, dest=f.name, default=None, metavar="VALUE", nargs="*" if listed else None, help=text
+            "--" + key.replace("_", "-"),
+            dest=key,
+            default=None,
+            metavar="VALUE",
+            nargs="*" if listed else None,
+            help=text,
         )
 
 
 def config_from_args(args: argparse.Namespace, path: Optional[str]) -> ExperimentConfig:
+    """The config file at ``path`` (if any), with the keys given on the command line in place."""
     values = load_config_file(path) if path else {}
-    for f in fields(ExperimentConfig):
-        value = getattr(args, f.name, None)
+    for key in KEY_SECTIONS:
+        value = getattr(args, key, None)
         if value is not None:
-            values[f.name] = value
+            values[key] = value
     return make_config(values)
-
-
-def replace_config(config: ExperimentConfig, **changes) -> ExperimentConfig:
-    return dataclasses.replace(config, **changes)

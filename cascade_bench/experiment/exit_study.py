@@ -35,7 +35,6 @@ from ..data.storage import write_json_atomic
 from ..measure.layer_exits import LayerStates, collect_layer_states, exit_curve, layers_needed, shared_head
 from ..stages.model_source import model_fingerprint
 from ..training.exit_translators import RIDGES, fit_translators_lstsq, new_translators, translated_head
-from .config import ARTEFACT_KEYS
 
 STUDY_VERSION = 1
 
@@ -54,8 +53,7 @@ class ExitStudy:
 def study_key(config) -> str:
     """Hash of what trains the translators and chooses their ridges (the model, the data and the
     validation windows, the candidate layers and the recipe)."""
-    keys = ARTEFACT_KEYS["exit_study"]
-    values = {k: getattr(config, k) for k in keys}
+    values = config.artefact_values("exit_study")
     if config.model:  # another checkpoint under the same name gets other translators
         values["model_fingerprint"] = model_fingerprint(config.model)
     values.update(ridges=list(RIDGES), version=STUDY_VERSION)

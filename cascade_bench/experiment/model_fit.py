@@ -20,7 +20,8 @@ from typing import Optional
 from ..data.tokenization import tokenizer_vocab_size
 from ..stages.preset_configs import STAGE_PRESETS
 from ..stages.rule_specs import parse_rule_spec
-from .config import ExperimentConfig, replace_config
+from .config import ExperimentConfig
+from .config_sections import KEY_FIELDS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +35,7 @@ class ModelSizes:
 
 
 def _default(key: str):
-    return ExperimentConfig.__dataclass_fields__[key].default
+    return KEY_FIELDS[key].default
 
 
 def rule_misfit(spec: str, sizes: ModelSizes) -> Optional[str]:
@@ -58,7 +59,7 @@ def fit_to_model(config: ExperimentConfig, sizes: ModelSizes) -> tuple[Experimen
                 f"exit_rules: the default rule {spec!r} dropped: {why}; set --exit-rules to choose the rules "
                 f"(now {', '.join(kept)})"
             )
-        config = replace_config(config, exit_rules=kept)
+        config = config.replace(exit_rules=kept)
     if sizes.num_layers is not None:
         for key in ("boundaries", "exit_layers"):
             outside = [layer for layer in getattr(config, key) if not 1 <= layer <= sizes.num_layers - 1]

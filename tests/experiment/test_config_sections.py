@@ -8,14 +8,75 @@ from dataclasses import fields
 import pytest
 
 from cascade_bench.experiment.config import ExperimentConfig, load_config_file, make_config
-from cascade_bench.experiment.config_sections import SECTION_CHECKS, SECTIONS, section_of
+from cascade_bench.experiment.config_sections import (
+    KEY_FIELDS,
+    SECTION_TYPES,
+    SECTIONS,
+    DataSection,
+    RiskControlSection,
+    section_of,
+)
 
 
-def test_every_key_is_in_exactly_one_section_and_every_section_is_checked():
+def test_every_key_is_declared_once_in_exactly_one_section_with_its_help_and_the_config_is_composed_of_them():
     keys = [key for section in SECTIONS.values() for key in section]
-    assert sorted(keys) == sorted(f.name for f in fields(ExperimentConfig)) and len(keys) == len(set(keys))
-    assert set(SECTION_CHECKS) == set(SECTIONS)
-    assert (section_of("seq_len"), section_of("exit_rule"), section_of("threads")) == ("data", "exit_rules", "runtime")
+    assert len(keys) == len(set(keys)) == len(KEY_FIELDS)
+    assert [f.name for f in fields(ExperimentConfig)] == list(SECTION_TYPES)  # one field per table
+    assert all(isinstance(getattr(ExperimentConfig(), name), kind) for name, kind in SECTION_TYPES.items())
+    assert all(f.metadata["help"] and "\n" not in f.metadata["help"] for f in KEY_FIELDS.values())
+    assert (section_of("seq_len"), section_of("exit_rule"), section_of("threads")) == ("data", "exits", "runtime")
+    assert ExperimentConfig().seq_len == ExperimentConfig().data.seq_len == 128  # read by its flat name
+    with pytest.raises(AttributeError, match="no key or attribute 'seqlen'"):
+        _ = ExperimentConfig().seqlen
+
+
+def test_a_section_checks_itself_when_made_and_the_config_checks_what_ties_sections():
+    with pytest.raises(ValueError, match="config key 'seq_len': expected a positive integer, got 0"):
+        DataSection(seq_len=0)
+    with pytest.raises(ValueError, match="config key 'risk_batches': expected 0 .* or at least 2"):
+        RiskControlSection(risk_batches=1)
+    assert DataSection(seq_len=32).eval_stride == 16  # 0 = half the window, resolved by the section
+    # risk_batches 0 is fine for the risk section alone; with one validation batch (data) it is not
+    assert RiskControlSection(risk_batches=0).risk_batches == 0
+    with pytest.raises(ValueError, match="'risk_batches': expected at least 2 when validation_batches is 1"):
+        make_config({"risk_batches": 0, "validation_batches": 1})
+    changed = ExperimentConfig().replace(seq_len=64, exit_rules=("margin",))
+    assert (changed.seq_len, changed.exit_rules, changed.data.batch_size) == (64, ("margin",), 8)
+    with pytest.raises(ValueError, match="unknown config key 'seqlen'"):
+        ExperimentConfig().replace(seqlen=64)
+
+
+def test_old_table_names_are_read_once_with_a_note(tmp_path):
+    old = tmp_path / "old.toml"
+    old.write_text('[model]\npreset = "gpt2-mini"\n[exit_rules]\nexit_fn = "margin"\n[risk]\nrisk_batches = 2\n')
+    with pytest.warns(FutureWarning) as caught:
+        values = load_config_file(old)
+    notes = [str(w.message).split(": ", 1)[1] for w in caught]
+    assert [note.split(";")[0] for note in notes] == [
+        "the table [model] is now called [stages]",
+        "the table [exit_rules] is now called [exits]",
+        "key 'exit_fn' is now called 'exit_rule'",
+        "the table [risk] is now called [risk_control]",
+    ]
+    assert values == {"preset": "gpt2-mini", "exit_rule": "margin", "risk_batches": 2}
+    both = tmp_path / "both.toml"
+    both.write_text("[model]\nmodel = ''\n[stages]\npreset = 'gpt2-mini'\n")
+    with pytest.raises(ValueError, match=r"both the table \[model\] and its new name \[stages\]"):
+        load_config_file(both)
+
+
+def test_a_renamed_key_keeps_its_artefact_folders():
+    """Saved models are found by a hash of the keys that shaped them; a renamed key is hashed under
+    its old name, so these keys are the ones the release before the rename gave (``exit_fn``)."""
+    config = make_config({"protocol": "lego-3", "exit_rule": "margin"})
+    assert config.artefact_values("stage0")["exit_fn"] == "margin" and "exit_rule" not in config.artefact_values(
+        "stage0"
+    )
+    assert (config.training_key(), config.dense_key(), config.stage0_key()) == (
+        "28a0da0da1c5",
+        "dense-8e6098057be9",
+        "stage0-ae2a632d9bee",
+    )
 
 
 def test_tables_and_top_level_keys_give_the_same_config(tmp_path):
@@ -42,7 +103,7 @@ def test_a_key_under_another_table_names_its_own_and_an_unknown_table_lists_them
         load_config_file(wrong)
     unknown = tmp_path / "unknown.toml"
     unknown.write_text("[optimiser]\nlr = 1\n")
-    with pytest.raises(ValueError, match=r"unknown table \[optimiser\]; the tables are \[data\], \[model\]"):
+    with pytest.raises(ValueError, match=r"unknown table \[optimiser\]; the tables are \[data\], \[stages\]"):
         load_config_file(unknown)
     nowhere = tmp_path / "nowhere.toml"
     nowhere.write_text("[data]\nwindow = 3\n")
@@ -55,14 +116,14 @@ def test_a_key_under_another_table_names_its_own_and_an_unknown_table_lists_them
     [
         ("data", "eval_stride", 300, "at most seq_len"),
         ("data", "eval_split", "train", "'test' or 'validation'"),
-        ("model", "preset", "gpt5", "one of"),
-        ("model", "boundaries", [4], "left unset unless 'model' is set"),
+        ("stages", "preset", "gpt5", "one of"),
+        ("stages", "boundaries", [4], "left unset unless 'model' is set"),
         ("training", "patience", [1, 1, 1], "one entry per stage"),
         ("training", "lr_decay", 2, "a number in"),
         ("sweep", "hard_ratios", [0.5, 1.0], "fractions strictly between 0 and 1"),
         ("sweep", "batching", "ragged", "'padded' or 'bucketed'"),
-        ("exit_rules", "exit_rules", ["max_prob", "max_prob"], "distinct exit rules"),
-        ("risk", "risk_batches", 1, "at least 2"),
+        ("exits", "exit_rules", ["max_prob", "max_prob"], "distinct exit rules"),
+        ("risk_control", "risk_batches", 1, "at least 2"),
         ("measurement", "count_flops", "some", "one of"),
         ("runtime", "dtype", "float8", "'float32', 'bfloat16' or 'float16'"),
     ],
@@ -199,7 +260,7 @@ def test_a_list_key_has_one_grammar_and_the_old_comma_form_is_refused_by_name():
 def test_every_artefact_key_is_a_config_key_and_each_artefact_reads_the_data_keys():
     from cascade_bench.experiment.config import ARTEFACT_KEYS
 
-    fields = set(ExperimentConfig.__dataclass_fields__)
+    fields = set(KEY_FIELDS)
     for artefact, keys in ARTEFACT_KEYS.items():
         assert set(keys) <= fields and len(set(keys)) == len(keys), artefact
     data = {"corpus", "corpus_config", "tokenizer", "seq_len", "batch_size", "eval_stride"}
