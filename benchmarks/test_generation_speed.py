@@ -33,14 +33,14 @@ def decode_setup(bench_preset, cascades, text):
 
 
 @pytest.mark.parametrize("batch", [1, 8])
-@pytest.mark.parametrize("exit_ratio", [0.0, 0.5, 0.9])
+@pytest.mark.parametrize("hard_ratio", [1.0, 0.5, 0.1])
 @pytest.mark.parametrize("rule", ["max_prob", "cos_sim"])
-def test_decode_throughput(benchmark, bench_preset, decode_setup, batch, exit_ratio, rule):
+def test_decode_throughput(benchmark, bench_preset, decode_setup, batch, hard_ratio, rule):
     cascade, prompts = decode_setup
     benchmark.group = f"decode, batch {batch}, {rule} cost"
     ids = prompts[batch]
     original = cascade[0].exit_rule
-    cascade[0].exit_rule = resolve_exit_rule(ForcedExitRate(exit_ratio, rule))
+    cascade[0].exit_rule = resolve_exit_rule(ForcedExitRate(1 - hard_ratio, rule))
     try:
 
         def routed():
@@ -69,7 +69,7 @@ def test_decode_throughput(benchmark, bench_preset, decode_setup, batch, exit_ra
     # The forced running total stays within one decision of rate x decisions, so any window of them
     # (here the decode steps after the prompt's) is within two.
     assert out.tokens.shape == (batch, NEW_TOKENS)
-    assert abs(info["decode_exit_at_stage_0"] - exit_ratio) < 2 / out.decode_tokens
+    assert abs(info["decode_exit_at_stage_0"] - (1 - hard_ratio)) < 2 / out.decode_tokens
 
 
 def _policy_run(cascade, ids, policy: str):

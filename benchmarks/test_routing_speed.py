@@ -1,5 +1,5 @@
 """Full cascade, routed early exit (both batching modes), masked early exit and the dense
-same-depth model, at exit ratios 0/25/50/75/100% after stage 0 and two batch shapes; plus the
+same-depth model, at hard ratios 100/75/50/25/0% past stage 0 and two batch shapes; plus the
 routing primitives (exit decision, gather, scatter) alone.
 
     pytest benchmarks/ --benchmark-only                        # CPU preset
@@ -28,7 +28,7 @@ from cascade_bench.routing.calibration import threshold_for_hard_ratio
 from cascade_bench.routing.compaction import from_dense, plan_layouts, to_dense
 from cascade_bench.routing.passes import forward_cascade
 
-EXIT_RATIOS = (0.0, 0.25, 0.5, 0.75, 1.0)
+HARD_RATIOS = (1.0, 0.75, 0.5, 0.25, 0.0)
 EE_METHODS = {
     "routed-padded": dict(method="routed", batching="padded"),
     "routed-bucketed": dict(method="routed", batching="bucketed"),
@@ -39,7 +39,7 @@ SHAPE_INDEX = (0, 1)
 
 @pytest.fixture(scope="module")
 def setup(bench_preset, cascades, text):
-    """Per batch shape: input ids, stage-0 thresholds for each exit ratio, full-cascade FLOPs."""
+    """Per batch shape: input ids, stage-0 thresholds for each hard ratio, full-cascade FLOPs."""
     cascade, dense = cascades
     prepared = {}
     with torch.inference_mode():
@@ -47,7 +47,7 @@ def setup(bench_preset, cascades, text):
             ids = byte_token_windows(text, *bench_preset.shapes[index]).to(bench_preset.device)
             probe = forward_cascade(cascade, ids, num_stages=1, confidence_at_last_stage=True)
             confidence = probe.stage_confidence[0]
-            thresholds = {r: threshold_for_hard_ratio(confidence, 1.0 - r) for r in EXIT_RATIOS}
+            thresholds = {r: threshold_for_hard_ratio(confidence, r) for r in HARD_RATIOS}
             full_flops = count_flops(forward_cascade, cascade, ids, method="full")[0].flops
             prepared[index] = (ids, thresholds, full_flops)
     return prepared
@@ -117,12 +117,12 @@ def test_baselines(benchmark, bench_preset, cascades, setup, shape_index, baseli
 
 
 @pytest.mark.parametrize("shape_index", SHAPE_INDEX)
-@pytest.mark.parametrize("exit_ratio", EXIT_RATIOS)
+@pytest.mark.parametrize("hard_ratio", HARD_RATIOS)
 @pytest.mark.parametrize("method", list(EE_METHODS))
-def test_early_exit(benchmark, bench_preset, cascades, setup, shape_index, exit_ratio, method):
+def test_early_exit(benchmark, bench_preset, cascades, setup, shape_index, hard_ratio, method):
     cascade, _ = cascades
     ids, thresholds, full_flops = setup[shape_index]
-    benchmark.group = f"{tuple(bench_preset.shapes[shape_index])}: exit {exit_ratio:.0%} after stage 0"
+    benchmark.group = f"{tuple(bench_preset.shapes[shape_index])}: {hard_ratio:.0%} continue past stage 0"
     out, flops = _run(
         benchmark,
         cascade,
@@ -130,13 +130,13 @@ def test_early_exit(benchmark, bench_preset, cascades, setup, shape_index, exit_
         full_flops,
         bench_preset.device,
         full_cascade=cascade,
-        thresholds=[thresholds[exit_ratio]],
+        thresholds=[thresholds[hard_ratio]],
         **EE_METHODS[method],
     )
-    assert out.exit_ratios[0] == pytest.approx(exit_ratio, abs=1 / out.num_tokens)
+    assert out.exit_ratios[0] == pytest.approx(1 - hard_ratio, abs=1 / out.num_tokens)
     if method.startswith("routed"):
-        assert out.layer_cost == pytest.approx(1 - exit_ratio / 2, abs=1e-3)
-        assert out.tokens_entered[1] == round((1 - exit_ratio) * out.num_tokens)
+        assert out.layer_cost == pytest.approx((1 + hard_ratio) / 2, abs=1e-3)
+        assert out.tokens_entered[1] == round(hard_ratio * out.num_tokens)
     else:
         assert out.layer_cost == 1.0 and flops > full_flops  # every stage, plus the stage-0 head
 

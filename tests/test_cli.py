@@ -25,7 +25,7 @@ def test_bench_routing_writes_rows_checks_and_conditions(tmp_path, capsys):
             "2",
             "--seq-len",
             "32",
-            "--exit-ratios",
+            "--hard-ratios",
             "0.5",
             "--repeats",
             "1",
@@ -64,8 +64,8 @@ def test_bench_routing_writes_rows_checks_and_conditions(tmp_path, capsys):
     for key in ("device", "dtype", "threads", "torch", "transformers", "git_commit", "seq_len", "data"):
         assert key in payload["conditions"]
     printed = capsys.readouterr().out
-    assert "| forced exit | method |" in printed and "routed-bucketed" in printed
-    assert "| forced exit | exit rule | batching |" in printed
+    assert "| hard ratio | method |" in printed and "routed-bucketed" in printed
+    assert "| hard ratio | exit rule | batching |" in printed
     quartiles = [row["wall_ratio_quartiles"] for row in payload["rows"] + payload["rule_rows"]]
     assert all(q1 == q3 for q1, q3 in quartiles)  # one repeat: both quartiles are its ratio
     assert payload["rows"][0]["wall_ratio_quartiles"] == [1.0, 1.0]
@@ -85,7 +85,7 @@ def test_bench_routing_profile_splits_each_pass_into_parts_that_add_up(tmp_path,
             "--seq-len",
             "32",
             "--profile",
-            "--exit-ratios",
+            "--hard-ratios",
             "0.5",
             "--repeats",
             "3",

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ..data.corpus import EMBEDDED_BYTES, embedded_byte_windows
 from ..measure.environment import environment_conditions
-from ..routing.calibration import calibrate_thresholds, hard_ratio_of_exit_ratio
+from ..routing.calibration import calibrate_thresholds
 from ..stages.ensemble import Ensemble
 from .decoding import bench_decoding, decoding_checks, peers_not_run, teacher_forced_policies, write_decoding_bench
 
@@ -97,7 +97,7 @@ def run_decoding_bench(
     batch_sizes: Sequence[int] = (1, 8, 32),
     prompt_len: int = 64,
     new_tokens: int = 65,
-    exit_ratio: float = 0.5,
+    hard_ratio: float = 0.5,
     rule: str = "max_prob",
     quorum: float = 1.0,
     draft_length: int = 4,
@@ -113,13 +113,14 @@ def run_decoding_bench(
         tokenizer, prompt_len, max(batch_sizes), corpus, corpus_config, prompts_file
     )
     prompts = {b: prompt_rows[:b].to(ensemble.device) for b in batch_sizes}
-    calibrate_thresholds(ensemble, calibration, hard_ratios=hard_ratio_of_exit_ratio(exit_ratio))
+    calibrate_thresholds(ensemble, calibration, hard_ratio)
+    exit_rate = 1.0 - hard_ratio  # the share of decode tokens (or steps) the forced rule exits
     teacher_forced = teacher_forced_policies(ensemble, windows)
     rows = bench_decoding(
         ensemble,
         prompts,
         new_tokens=new_tokens,
-        rate=exit_ratio,
+        rate=exit_rate,
         rule=rule,
         quorum=quorum,
         draft_length=draft_length,
@@ -127,7 +128,7 @@ def run_decoding_bench(
         warmup=warmup,
         seed=seed,
     )
-    checks = decoding_checks(rows, draft_length, exit_ratio)
+    checks = decoding_checks(rows, draft_length, exit_rate)
     conditions = {
         **environment_conditions(ensemble.device, ensemble.dtype),
         "model": origin,
@@ -139,12 +140,12 @@ def run_decoding_bench(
         "seed": seed,
         "data": data,
         "decoding": "greedy",
-        "exit_ratio": exit_ratio,
+        "hard_ratio": hard_ratio,
         "rule": rule,
         "quorum": quorum,
         "draft_length": draft_length,
-        "teacher_forced": f"thresholds calibrated so that {exit_ratio:.0%} of validation tokens exit "
-        f"after stage 0 (hard ratio {hard_ratio_of_exit_ratio(exit_ratio):g}), "
+        "teacher_forced": f"thresholds calibrated so that {hard_ratio:.0%} of validation tokens continue "
+        f"past stage 0 (hard ratio {hard_ratio:g}), "
         f"measured on {len(windows)} test batches",
         "not_run": peers_not_run(ensemble),
     }

@@ -1,7 +1,7 @@
 """Tables and a cost-vs-time plot from a pytest-benchmark JSON file (``--benchmark-json``).
 
 Each benchmark of ``benchmarks/test_routing_speed.py`` becomes one row: its group (batch shape
-and exit ratio), method, median and IQR wall time, and from ``extra_info`` the counted FLOPs,
+and hard ratio), method, median and IQR wall time, and from ``extra_info`` the counted FLOPs,
 FLOP ratio, layer cost, exit ratios, PPL. Wall ratios are against the full-cascade benchmark of
 the same batch shape in the same file (sequential medians, so machine drift enters them) and, where
 recorded, the interleaved ratio each benchmark measured back to back against the full cascade;
@@ -41,7 +41,7 @@ def benchmark_frame(path: "Path | str") -> pd.DataFrame:
             {
                 "shape": "x".join(map(str, info.get("batch_shape", []))),
                 "method": method,
-                "exit ratio": params.get("exit_ratio"),
+                "hard ratio": params.get("hard_ratio"),
                 "median ms": bench["stats"]["median"] * 1e3,
                 "IQR ms": bench["stats"]["iqr"] * 1e3,
                 "rounds": bench["stats"]["rounds"],
@@ -65,7 +65,7 @@ def benchmark_frame(path: "Path | str") -> pd.DataFrame:
     frame["wall ratio"] = frame.apply(lambda r: r["median ms"] / full.get(r["shape"], float("nan")), axis=1)
     frame["wall/FLOP"] = frame["wall ratio"] / frame["FLOP ratio"]
     frame["interleaved wall/FLOP"] = frame["wall ratio (interleaved)"] / frame["FLOP ratio"]
-    return frame.sort_values(["shape", "exit ratio", "method"], na_position="first").reset_index(drop=True)
+    return frame.sort_values(["shape", "hard ratio", "method"], na_position="first").reset_index(drop=True)
 
 
 def plot_cost_vs_time(frame: pd.DataFrame, stem: Path) -> list[Path]:

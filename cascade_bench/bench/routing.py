@@ -1,7 +1,7 @@
 """Routing benchmark: full cascade vs routed early exit (each batching mode) vs masked early exit,
 and routed early exit under each exit rule.
 
-All methods run on one batch in one process, with exit ratios after stage 0 forced by
+All methods run on one batch in one process, with hard ratios after stage 0 forced by
 calibrating stage 0's threshold on that batch. Timed repeats are interleaved across methods
 so that machine noise hits them alike; FLOPs and peak memory are measured in separate,
 untimed passes. Every ratio in the table comes from this one run.
@@ -32,7 +32,7 @@ from ..measure.flops import count_flops
 from ..measure.memory import peak_memory_bytes
 from ..measure.timing import TimingStats, quartiles, wall_time_once
 from ..routing import compaction
-from ..routing.calibration import hard_ratio_of_exit_ratio, threshold_for_hard_ratio
+from ..routing.calibration import threshold_for_hard_ratio
 from ..routing.passes import forward_cascade
 from ..stages.ensemble import Ensemble, evaluation_mode
 from ..stages.exit_rules import parse_rule_spec, untrained_rule
@@ -49,9 +49,10 @@ BENCH_METHODS: dict[str, dict] = {
 
 @dataclass(frozen=True)
 class BenchRow:
-    """One method at one forced exit ratio. Ratios are against ``full`` at the same exit ratio."""
+    """One method at one forced hard ratio (``exit_ratio``: the share that left at stage 0). Ratios are
+    against ``full`` at the same hard ratio."""
 
-    target_exit_ratio: float
+    hard_ratio: float
     method: str
     exit_ratio: float
     median_s: float
@@ -73,15 +74,15 @@ class BenchRow:
 
 
 def stage0_confidence(ensemble: Ensemble, input_ids: torch.Tensor) -> torch.Tensor:
-    """Stage 0's confidence of every token of the batch (flat), to force exit ratios from."""
+    """Stage 0's confidence of every token of the batch (flat), to force hard ratios from."""
     probe = forward_cascade(ensemble, input_ids, method="routed", num_stages=1, confidence_at_last_stage=True)
     return probe.stage_confidence[0].reshape(-1)
 
 
-def forced_thresholds(ensemble: Ensemble, confidence: torch.Tensor, exit_ratio: float) -> list[float]:
-    """Thresholds that make ``exit_ratio`` of the batch exit at stage 0; later stages keep everyone."""
+def forced_thresholds(ensemble: Ensemble, confidence: torch.Tensor, hard_ratio: float) -> list[float]:
+    """Thresholds that make ``hard_ratio`` of the batch continue past stage 0; later stages keep everyone."""
     return [
-        threshold_for_hard_ratio(confidence, hard_ratio_of_exit_ratio(exit_ratio)),
+        threshold_for_hard_ratio(confidence, hard_ratio),
         *[math.inf] * (len(ensemble) - 2),
     ]
 
@@ -89,13 +90,13 @@ def forced_thresholds(ensemble: Ensemble, confidence: torch.Tensor, exit_ratio: 
 def bench_routing(
     ensemble: Ensemble,
     input_ids: torch.Tensor,
-    exit_ratios: Sequence[float] = (0.25, 0.5, 0.75),
+    hard_ratios: Sequence[float] = (0.25, 0.5, 0.75),
     methods: Sequence[str] = tuple(BENCH_METHODS),
     warmup: int = 2,
     repeats: int = 7,
     progress: bool = True,
 ) -> list[BenchRow]:
-    """Measure every method at every forced exit ratio after stage 0 (see module docstring)."""
+    """Measure every method at every forced hard ratio after stage 0 (see module docstring)."""
     unknown = [m for m in methods if m not in BENCH_METHODS]
     if unknown or "full" not in methods:
         raise ValueError(f"methods must include 'full' and come from {list(BENCH_METHODS)}, got {list(methods)}")
@@ -103,7 +104,7 @@ def bench_routing(
     rows: list[BenchRow] = []
     with evaluation_mode(ensemble), torch.inference_mode():
         confidence = stage0_confidence(ensemble, input_ids)
-        for ratio in exit_ratios:
+        for ratio in hard_ratios:
             thresholds = forced_thresholds(ensemble, confidence, ratio)
             calls = {
                 m: (lambda kw=BENCH_METHODS[m]: forward_cascade(ensemble, input_ids, thresholds=thresholds, **kw))
@@ -125,7 +126,7 @@ def bench_routing(
             for m, (stats, flops, peak, out) in measured.items():
                 rows.append(
                     BenchRow(
-                        target_exit_ratio=ratio,
+                        hard_ratio=ratio,
                         method=m,
                         exit_ratio=out.exit_ratios[0],
                         median_s=stats.median,
@@ -141,7 +142,7 @@ def bench_routing(
                     )
                 )
             if progress:
-                print(f"  exit ratio {ratio:.2f}: done", flush=True)
+                print(f"  hard ratio {ratio:.2f}: done", flush=True)
     return rows
 
 
@@ -190,14 +191,14 @@ def check_bars(rows: Sequence[BenchRow], wall_over_flop_max: float = WALL_OVER_F
     checks = []
     by_ratio: dict[float, dict[str, BenchRow]] = {}
     for row in rows:
-        by_ratio.setdefault(row.target_exit_ratio, {})[row.method] = row
+        by_ratio.setdefault(row.hard_ratio, {})[row.method] = row
     for ratio, group in sorted(by_ratio.items()):
         for name, row in group.items():
             if not name.startswith("routed"):
                 continue
             checks.append(
                 wall_bar_check(
-                    f"exit {ratio:.0%} {name}",
+                    f"hard {ratio:.0%} {name}",
                     row.wall_ratio,
                     row.wall_ratio_quartiles,
                     row.flop_ratio,
@@ -207,14 +208,14 @@ def check_bars(rows: Sequence[BenchRow], wall_over_flop_max: float = WALL_OVER_F
             if "masked" in group:
                 checks.append(
                     (
-                        f"exit {ratio:.0%} {name}: {row.median_s * 1e3:.1f} ms not slower than masked "
+                        f"hard {ratio:.0%} {name}: {row.median_s * 1e3:.1f} ms not slower than masked "
                         f"{group['masked'].median_s * 1e3:.1f} ms",
                         row.median_s <= group["masked"].median_s,
                     )
                 )
             checks.append(
                 (
-                    f"exit {ratio:.0%} {name}: peak memory {row.peak_bytes / 2**20:.1f} MiB <= full "
+                    f"hard {ratio:.0%} {name}: peak memory {row.peak_bytes / 2**20:.1f} MiB <= full "
                     f"{group['full'].peak_bytes / 2**20:.1f} MiB",
                     row.peak_bytes <= group["full"].peak_bytes,
                 )
@@ -225,12 +226,12 @@ def check_bars(rows: Sequence[BenchRow], wall_over_flop_max: float = WALL_OVER_F
 def format_table(rows: Sequence[BenchRow]) -> str:
     """A Markdown table of the rows."""
     header = (
-        "forced exit, method, exit at stage 0, median ms, IQR ms, tokens/s, wall ratio, wall ratio quartiles, "
+        "hard ratio, method, exit at stage 0, median ms, IQR ms, tokens/s, wall ratio, wall ratio quartiles, "
         "FLOP ratio, wall/FLOP, layer cost, padding, peak MiB, memory ratio"
     ).split(", ")
     cells = (
         [
-            f"{r.target_exit_ratio:.0%}",
+            f"{r.hard_ratio:.0%}",
             r.method,
             f"{r.exit_ratio:.1%}",
             f"{r.median_s * 1e3:.1f}",
@@ -250,18 +251,18 @@ def format_table(rows: Sequence[BenchRow]) -> str:
     return markdown_table(header, cells)
 
 
-#: The learned classifier's bar at 50% exit: FLOP ratio <= layer cost + this (its decision <= 5% of full cost).
+#: The learned classifier's bar at hard ratio 0.5: FLOP ratio <= layer cost + this (its decision <= 5% of full cost).
 CLASSIFIER_FLOP_MARGIN = 0.05
 
 
 @dataclass(frozen=True)
 class RuleRow:
-    """Routed early exit under one exit rule at one forced exit ratio; ratios against ``full``.
+    """Routed early exit under one exit rule at one forced hard ratio; ratios against ``full``.
 
     decision_share: the decision's own FLOPs (the rule's matmuls and the logits of tokens that did
     not exit where they were computed, analytic) over the routed pass's counted FLOPs."""
 
-    target_exit_ratio: float
+    hard_ratio: float
     rule: str
     batching: str
     exit_ratio: float
@@ -305,7 +306,7 @@ def _rule_row(ratio: float, spec: str, mode: str, call, stages: list, timed: tup
     decision = sum(decision_flops(costs, out.head_tokens, out.tokens_exited))
     mine, full = timed
     return RuleRow(
-        target_exit_ratio=ratio,
+        hard_ratio=ratio,
         rule=spec,
         batching=mode,
         exit_ratio=out.exit_ratios[0],
@@ -322,14 +323,14 @@ def bench_exit_rules(
     ensemble: Ensemble,
     input_ids: torch.Tensor,
     rules: Sequence[str] = BENCH_RULES,
-    exit_ratios: Sequence[float] = (0.25, 0.5, 0.75),
+    hard_ratios: Sequence[float] = (0.25, 0.5, 0.75),
     batching: Sequence[str] = ("padded", "bucketed"),
     warmup: int = 2,
     repeats: int = 7,
     progress: bool = True,
 ) -> list[RuleRow]:
     """Routed early exit under every rule (each batching mode) against the full cascade, at every
-    forced exit ratio after stage 0; timed repeats interleaved across all of them."""
+    forced hard ratio after stage 0; timed repeats interleaved across all of them."""
     from ..data.batch import most_frequent_ids
 
     candidates = most_frequent_ids([input_ids], ensemble.vocab_size, ensemble.vocab_size)
@@ -338,7 +339,7 @@ def bench_exit_rules(
     with torch.inference_mode():
         for cascade in cascades.values():
             cascade.eval()
-        for ratio in exit_ratios:
+        for ratio in hard_ratios:
             calls = {("full", "-"): lambda: forward_cascade(ensemble, input_ids, method="full")}
             for spec, cascade in cascades.items():
                 thresholds = forced_thresholds(cascade, stage0_confidence(cascade, input_ids), ratio)
@@ -359,27 +360,27 @@ def bench_exit_rules(
                     timed = (samples[(spec, mode)], samples[("full", "-")])
                     rows.append(_rule_row(ratio, spec, mode, call, list(cascades[spec]), timed, full_flops))
             if progress:
-                print(f"  exit rules at exit ratio {ratio:.2f}: done", flush=True)
+                print(f"  exit rules at hard ratio {ratio:.2f}: done", flush=True)
     return rows
 
 
 def check_rule_bars(rows: Sequence[RuleRow], wall_over_flop_max: float = WALL_OVER_FLOP_MAX) -> list[tuple[str, bool]]:
-    """Issue 15's bars at 50% exit for the learned classifier: FLOP ratio <= layer cost + 0.05 and
+    """Issue 15's bars at hard ratio 0.5 for the learned classifier: FLOP ratio <= layer cost + 0.05 and
     wall ratio <= ``wall_over_flop_max`` x FLOP ratio (each batching mode)."""
     checks = []
     for row in rows:
-        if row.rule != "classifier" or abs(row.target_exit_ratio - 0.5) > 1e-9:
+        if row.rule != "classifier" or abs(row.hard_ratio - 0.5) > 1e-9:
             continue
         checks.append(
             (
-                f"exit 50% classifier ({row.batching}): FLOP ratio {row.flop_ratio:.3f} <= layer cost "
+                f"hard 50% classifier ({row.batching}): FLOP ratio {row.flop_ratio:.3f} <= layer cost "
                 f"{row.layer_cost:.3f} + {CLASSIFIER_FLOP_MARGIN} (= {row.layer_cost + CLASSIFIER_FLOP_MARGIN:.3f})",
                 row.flop_ratio <= row.layer_cost + CLASSIFIER_FLOP_MARGIN,
             )
         )
         checks.append(
             wall_bar_check(
-                f"exit 50% classifier ({row.batching})",
+                f"hard 50% classifier ({row.batching})",
                 row.wall_ratio,
                 row.wall_ratio_quartiles,
                 row.flop_ratio,
@@ -392,12 +393,12 @@ def check_rule_bars(rows: Sequence[RuleRow], wall_over_flop_max: float = WALL_OV
 def format_rule_table(rows: Sequence[RuleRow]) -> str:
     """A Markdown table of the exit-rule rows."""
     header = (
-        "forced exit, exit rule, batching, exit at stage 0, rule MACs/token, median ms, layer cost, FLOP ratio, "
+        "hard ratio, exit rule, batching, exit at stage 0, rule MACs/token, median ms, layer cost, FLOP ratio, "
         "decision share, wall ratio, wall ratio quartiles, wall/FLOP"
     ).split(", ")
     cells = (
         [
-            f"{r.target_exit_ratio:.0%}",
+            f"{r.hard_ratio:.0%}",
             r.rule,
             r.batching,
             f"{r.exit_ratio:.1%}",
@@ -420,7 +421,7 @@ def run_routing_bench(
     model: str,
     batch_size: int = 8,
     seq_len: int = 512,
-    exit_ratios: Sequence[float] = (0.25, 0.5, 0.75),
+    hard_ratios: Sequence[float] = (0.25, 0.5, 0.75),
     warmup: int = 2,
     repeats: int = 7,
     seed: int = 0,
@@ -430,11 +431,11 @@ def run_routing_bench(
     """Run :func:`bench_routing` and :func:`bench_exit_rules` (``rules``; empty = skip) on the embedded
     real text and check the bars; ``model`` describes where the cascade came from, for the conditions."""
     input_ids = embedded_byte_windows(batch_size, seq_len).to(ensemble.device)
-    rows = bench_routing(ensemble, input_ids, exit_ratios, warmup=warmup, repeats=repeats)
+    rows = bench_routing(ensemble, input_ids, hard_ratios, warmup=warmup, repeats=repeats)
     bar = WALL_OVER_FLOP_MAX if ensemble.device.type == "cpu" else GPU_WALL_OVER_FLOP_MAX
     checks = check_bars(rows, wall_over_flop_max=bar)
     rule_rows = (
-        bench_exit_rules(ensemble, input_ids, rules, exit_ratios, warmup=warmup, repeats=repeats) if rules else []
+        bench_exit_rules(ensemble, input_ids, rules, hard_ratios, warmup=warmup, repeats=repeats) if rules else []
     )
     checks += check_rule_bars(rule_rows, wall_over_flop_max=bar)
     conditions = {

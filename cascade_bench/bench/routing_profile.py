@@ -35,7 +35,7 @@ from .routing import BENCH_METHODS, forced_thresholds, stage0_confidence
 PHASES = ("gather", "layers", "exit_head", "exit_rule", "exit other", "scatter", "stage other")
 
 
-def _stage_row(method: str, exit_ratio: float, k: int, ms: dict) -> dict:
+def _stage_row(method: str, hard_ratio: float, k: int, ms: dict) -> dict:
     """Stage ``k``'s row from one repeat's span milliseconds ``ms``: each phase, what the exit spent
     beyond its head and rule, what the stage spent beyond its phases, and the layers' share."""
     stage = ms.get(f"stage{k}", 0.0)
@@ -44,7 +44,7 @@ def _stage_row(method: str, exit_ratio: float, k: int, ms: dict) -> dict:
     part["stage other"] = stage - part["gather"] - part["layers"] - ms.get(f"stage{k}.exit", 0.0) - part["scatter"]
     return {
         "method": method,
-        "exit ratio": exit_ratio,
+        "hard ratio": hard_ratio,
         "stage": str(k),
         **part,
         "total": stage,
@@ -55,7 +55,7 @@ def _stage_row(method: str, exit_ratio: float, k: int, ms: dict) -> dict:
 def routing_profile(
     ensemble: Ensemble,
     input_ids: torch.Tensor,
-    exit_ratio: float = 0.5,
+    hard_ratio: float = 0.5,
     methods: Sequence[str] = ("full", "routed-padded", "routed-bucketed"),
     warmup: int = 2,
     repeats: int = 7,
@@ -67,7 +67,7 @@ def routing_profile(
         raise ValueError(f"methods must come from {list(BENCH_METHODS)}, got {list(methods)}")
     rows = []
     with evaluation_mode(ensemble), torch.inference_mode():
-        thresholds = forced_thresholds(ensemble, stage0_confidence(ensemble, input_ids), exit_ratio)
+        thresholds = forced_thresholds(ensemble, stage0_confidence(ensemble, input_ids), hard_ratio)
         for method in methods:
             faults_before = minor_page_faults()
             wall, spans = time_spans(
@@ -86,12 +86,12 @@ def routing_profile(
             inside = 0.0
             for k in range(len(ensemble)):
                 inside += ms.get(f"stage{k}", 0.0)
-                rows.append(_stage_row(method, exit_ratio, k, ms))
+                rows.append(_stage_row(method, hard_ratio, k, ms))
             total = wall.samples[pick] * 1e3
             rows.append(
                 {
                     "method": method,
-                    "exit ratio": exit_ratio,
+                    "hard ratio": hard_ratio,
                     "stage": "outside",
                     **{p: math.nan for p in PHASES},
                     "total": total - inside,
@@ -102,7 +102,7 @@ def routing_profile(
             rows.append(
                 {
                     "method": method,
-                    "exit ratio": exit_ratio,
+                    "hard ratio": hard_ratio,
                     "stage": "pass",
                     **{p: math.nan for p in PHASES},
                     "total": total,
@@ -144,17 +144,17 @@ def run_routing_profile(
     *,
     batch_size: int = 8,
     seq_len: int = 512,
-    exit_ratios: Sequence[float] = (0.25, 0.5, 0.75),
+    hard_ratios: Sequence[float] = (0.25, 0.5, 0.75),
     warmup: int = 2,
     repeats: int = 7,
     json_path: Optional[Path] = None,
 ) -> tuple[list[dict], dict]:
-    """``bench-routing --profile`` on the embedded text: (rows at every exit ratio, conditions),
+    """``bench-routing --profile`` on the embedded text: (rows at every hard ratio, conditions),
     written to ``json_path`` (the bench's JSON name with ``.profile.json``)."""
     input_ids = embedded_byte_windows(batch_size, seq_len).to(ensemble.device)
     rows = [
         row
-        for ratio in exit_ratios
+        for ratio in hard_ratios
         for row in routing_profile(ensemble, input_ids, ratio, warmup=warmup, repeats=repeats)
     ]
     conditions = {

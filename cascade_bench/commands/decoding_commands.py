@@ -68,10 +68,11 @@ def _add_bench_generate_command(commands) -> None:
         help="rows decoded together, one table block each (default %(default)s)",
     )
     decode.add_argument(
-        "--exit-ratio",
+        "--hard-ratio",
         type=fraction,
         default=0.5,
-        help="forced share of decode tokens (per_token) or steps (batch) exiting after stage 0",
+        help="forced share of decode tokens (per_token) or steps (batch) that continue past stage 0 "
+        "(the rest exit after it)",
     )
     decode.add_argument(
         "--cost-of",
@@ -225,7 +226,7 @@ def _bench_generate(args: argparse.Namespace) -> int:
         batch_sizes=args.batch_sizes,
         prompt_len=args.prompt_len,
         new_tokens=args.new_tokens,
-        exit_ratio=args.exit_ratio,
+        hard_ratio=args.hard_ratio,
         rule=args.rule,
         quorum=args.quorum,
         draft_length=args.draft_length,

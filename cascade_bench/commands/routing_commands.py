@@ -66,20 +66,20 @@ def _add_cost_command(commands) -> None:
 def _add_bench_routing_command(commands) -> None:
     bench = commands.add_parser(
         "bench-routing",
-        help="time full cascade vs routed (padded, bucketed) vs masked early exit at forced exit ratios",
+        help="time full cascade vs routed (padded, bucketed) vs masked early exit at forced hard ratios",
         description="Full cascade vs routed early exit vs masked early exit on one batch of real text, "
-        "exit ratio after stage 0 forced by calibration; wall time, counted FLOPs, peak memory, "
+        "hard ratio after stage 0 forced by calibration; wall time, counted FLOPs, peak memory, "
         "all ratios from one run.",
     )
     add_cascade_args(bench)
     bench.add_argument("--batch-size", type=positive_int, default=8, help=HELP["batch_size"])
     bench.add_argument("--seq-len", type=positive_int, default=512, help=HELP["seq_len"])
     bench.add_argument(
-        "--exit-ratios",
+        "--hard-ratios",
         type=fraction,
         nargs="+",
         default=[0.25, 0.5, 0.75],
-        help="shares of tokens forced to exit after stage 0, one point each (default %(default)s)",
+        help="shares of tokens forced to continue past stage 0, one point each (default %(default)s)",
     )
     add_timing_args(bench, warmup=2, repeats=7)
     bench.add_argument(
@@ -186,7 +186,7 @@ def _bench_routing(args: argparse.Namespace) -> int:
         str(origin),
         batch_size=args.batch_size,
         seq_len=args.seq_len,
-        exit_ratios=args.exit_ratios,
+        hard_ratios=args.hard_ratios,
         warmup=args.warmup,
         repeats=args.repeats,
         seed=args.seed,
@@ -213,16 +213,16 @@ def _profile_routing(args: argparse.Namespace) -> int:
         origin,
         batch_size=args.batch_size,
         seq_len=args.seq_len,
-        exit_ratios=args.exit_ratios,
+        hard_ratios=args.hard_ratios,
         warmup=args.warmup,
         repeats=args.repeats,
         json_path=args.json,
     )
     timing = (f"exit_rule {args.exit_rule}", f"milliseconds of the median of {args.repeats} repeats")
     print(run_header(origin, conditions, (f"batch {args.batch_size} x {args.seq_len}",), timing))
-    for ratio in args.exit_ratios:
-        print(f"exit ratio {ratio:g}:\n")
-        print(format_profile([r for r in rows if r["exit ratio"] == ratio]) + "\n")
+    for ratio in args.hard_ratios:
+        print(f"hard ratio {ratio:g}:\n")
+        print(format_profile([r for r in rows if r["hard ratio"] == ratio]) + "\n")
     if args.json is not None:
         print(f"wrote {profile_path(args.json)}")
     return 0

@@ -22,15 +22,6 @@ def _check_ratio(hard_ratio) -> float:
     return float(hard_ratio)
 
 
-def hard_ratio_of_exit_ratio(exit_ratio: float) -> float:
-    """The hard ratio (share of tokens that continue past stage 0) that makes ``exit_ratio`` of them
-    exit there: 1 - exit_ratio. The one place the two are converted; flags, fields and tables name
-    which of the two they mean."""
-    if isinstance(exit_ratio, bool) or not isinstance(exit_ratio, (int, float)) or not 0.0 <= exit_ratio <= 1.0:
-        raise ValueError(f"exit ratio must be a number in [0, 1] (fraction of tokens that exit), got {exit_ratio!r}")
-    return 1.0 - float(exit_ratio)
-
-
 def threshold_for_hard_ratio(confidence: Tensor, hard_ratio: float) -> float:
     """Threshold t over per-token confidences (N,) such that ceil(hard_ratio * N) tokens have
     confidence < t (they continue) and the rest exit (confidence >= t).
@@ -53,14 +44,15 @@ def threshold_for_hard_ratio(confidence: Tensor, hard_ratio: float) -> float:
 def calibrate_thresholds(
     ensemble: Ensemble,
     batches: Iterable,
-    hard_ratios: "float | Sequence[float]",
+    hard_ratio: "float | Sequence[float]",
     stages: Optional[Sequence[int]] = None,
     **forward_kwargs,
 ) -> tuple[float, ...]:
     """Set and return the thresholds of ``stages`` (default: 0..S-2), in increasing order.
 
     Stage k's threshold is calibrated on the confidences of the tokens that actually reach it
-    under the thresholds already set for stages < k, so ``hard_ratios[i]`` of them continue.
+    under the thresholds already set for stages < k, so the hard ratio of them continue: ``hard_ratio``
+    is one for every calibrated stage, or one per stage (``hard_ratio[i]`` for ``stages[i]``).
     ``batches`` is iterated once per calibrated stage (pass a list or a re-iterable loader).
     The confidences are collected with ``measure.distributed.concatenated``: inside ``sharded`` each
     rank runs its share and gets everyone's, so the thresholds are the same exact quantiles as in
@@ -69,7 +61,7 @@ def calibrate_thresholds(
     stages = list(range(len(ensemble) - 1)) if stages is None else sorted(stages)
     if any(not 0 <= k < len(ensemble) - 1 for k in stages):
         raise ValueError(f"can calibrate stages 0..{len(ensemble) - 2} (the last always exits), got {stages}")
-    ratios = [hard_ratios] * len(stages) if isinstance(hard_ratios, (int, float)) else list(hard_ratios)
+    ratios = [hard_ratio] * len(stages) if isinstance(hard_ratio, (int, float)) else list(hard_ratio)
     if len(ratios) != len(stages):
         raise ValueError(f"expected {len(stages)} hard ratios for stages {stages}, got {len(ratios)}")
     ratios = dict(zip(stages, (_check_ratio(r) for r in ratios)))

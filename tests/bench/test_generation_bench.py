@@ -223,17 +223,17 @@ def test_bench_generate_command_names_bad_arguments(capsys):
     assert "is not a saved cascade (no cascade.json)" in capsys.readouterr().err
 
 
-def test_bench_generate_exit_ratio_is_the_share_that_exits(tmp_path, monkeypatch):
-    """--exit-ratio 0.25: a quarter of the tokens exit after stage 0, so thresholds are calibrated
-    for a hard ratio of 0.75 (it used to pass 0.25 on as the hard ratio: three quarters exited)."""
+def test_bench_generate_hard_ratio_is_the_share_that_continues(tmp_path, monkeypatch):
+    """--hard-ratio 0.75: three quarters of the tokens continue past stage 0 (a quarter exit after
+    it), so thresholds are calibrated for a hard ratio of 0.75, as ``run`` calibrates its points."""
     import cascade_bench.bench.decoding_run as decoding_run
 
     asked = []
     original = decoding_run.calibrate_thresholds
 
-    def spy(ensemble, batches, hard_ratios, **kwargs):
-        asked.append(hard_ratios)
-        return original(ensemble, batches, hard_ratios, **kwargs)
+    def spy(ensemble, batches, hard_ratio, **kwargs):
+        asked.append(hard_ratio)
+        return original(ensemble, batches, hard_ratio, **kwargs)
 
     monkeypatch.setattr(decoding_run, "calibrate_thresholds", spy)
     out = tmp_path / "generate.json"
@@ -256,8 +256,8 @@ def test_bench_generate_exit_ratio_is_the_share_that_exits(tmp_path, monkeypatch
                 "1",
                 "--warmup",
                 "0",
-                "--exit-ratio",
-                "0.25",
+                "--hard-ratio",
+                "0.75",
                 "--json",
                 str(out),
             ]

@@ -31,14 +31,14 @@ def test_quartiles_inclusive():
 
 def test_wall_bar_is_met_by_the_median_and_says_when_the_limit_lies_within_the_spread():
     # FLOP ratio 0.8 and bar 1.05: the limit is 0.84.
-    description, met = wall_bar_check("exit 50% routed", 0.85, (0.83, 0.87), 0.8, 1.05)
+    description, met = wall_bar_check("hard 50% routed", 0.85, (0.83, 0.87), 0.8, 1.05)
     assert not met
     assert (
         "wall ratio 0.850 (repeats' quartiles 0.830-0.870; the limit lies between them: within this run's spread)"
         in description
     )
     assert "(= 0.840)" in description
-    description, met = wall_bar_check("exit 50% routed", 0.82, (0.81, 0.83), 0.8, 1.05)
+    description, met = wall_bar_check("hard 50% routed", 0.82, (0.81, 0.83), 0.8, 1.05)
     assert met and "limit lies between" not in description
-    description, met = wall_bar_check("exit 50% routed", 0.90, (0.88, 0.92), 0.8, 1.05)
+    description, met = wall_bar_check("hard 50% routed", 0.90, (0.88, 0.92), 0.8, 1.05)
     assert not met and "limit lies between" not in description
