@@ -209,9 +209,9 @@ def test_routing_primitives(benchmark, bench_preset, cascades, mid_route, primit
 
 @pytest.fixture(scope="module")
 def rule_cascades(cascades, setup):
-    """The cascade under each exit rule of ``bench-routing`` (copies; see ``bench.routing.with_rule``),
+    """The cascade under each exit rule of ``bench-routing`` (copies; see ``bench.routing.copy_with_rule``),
     with stage 0's threshold for 50% exit on the first batch shape."""
-    from cascade_bench.bench.routing import BENCH_RULES, with_rule
+    from cascade_bench.bench.routing import BENCH_RULES, copy_with_rule
     from cascade_bench.data.batch import most_frequent_ids
 
     cascade, _ = cascades
@@ -220,7 +220,7 @@ def rule_cascades(cascades, setup):
     prepared = {}
     with torch.inference_mode():
         for spec in BENCH_RULES:
-            ruled = with_rule(cascade, spec, candidates)
+            ruled = copy_with_rule(cascade, spec, candidates)
             probe = forward_cascade(ruled, ids, num_stages=1, confidence_at_last_stage=True)
             prepared[spec] = (ruled, threshold_for_hard_ratio(probe.stage_confidence[0], 0.5))
     return prepared

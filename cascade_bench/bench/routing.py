@@ -280,9 +280,11 @@ class RuleRow:
         return self.wall_ratio / self.flop_ratio
 
 
-def with_rule(ensemble: Ensemble, spec: str, candidate_ids: Optional[torch.Tensor] = None) -> Ensemble:
+def copy_with_rule(ensemble: Ensemble, spec: str, candidate_ids: Optional[torch.Tensor] = None) -> Ensemble:
     """A copy of ``ensemble`` whose non-last stages use the rule ``spec`` (a classifier keeps its random
-    initial weights; ``topk:K`` takes the first K of ``candidate_ids``, default ids 0..K-1)."""
+    initial weights; ``topk:K`` takes the first K of ``candidate_ids``, default ids 0..K-1). A copy,
+    not ``experiment.rule_sweep.using_rule``'s switch in place: the interleaved repeats time every
+    rule's cascade in turn, so all of them exist at once."""
     parse_rule_spec(spec)
     copied = copy.deepcopy(ensemble)
     for k in range(len(copied) - 1):
@@ -334,7 +336,7 @@ def bench_exit_rules(
     from ..data.batch import most_frequent_ids
 
     candidates = most_frequent_ids([input_ids], ensemble.vocab_size, ensemble.vocab_size)
-    cascades = {spec: with_rule(ensemble, spec, candidates) for spec in rules}
+    cascades = {spec: copy_with_rule(ensemble, spec, candidates) for spec in rules}
     rows: list[RuleRow] = []
     with torch.inference_mode():
         for cascade in cascades.values():

@@ -118,13 +118,13 @@ def run_experiment(
     looked = _first_look(config, pretrained, data, ranks) if pretrained is not None else None
     data, risk_calibration, validation, test = _sweep_splits(config, data)
     if pretrained is not None:
-        cascade, training = _pretrained_cascade(
+        ensemble, training = _pretrained_cascade(
             config, pretrained, model_source, (data, validation, test), paths, ranks, progress
         )
     else:
         with main_first(ranks):  # rank 0 trains and saves; the others load what it saved
-            cascade, training = trained_cascade(config, data, paths, progress)
-    kv_runnable = all(kind in PER_TOKEN_CACHE_KINDS for stage in cascade for kind in layer_kinds(stage.config))
+            ensemble, training = trained_cascade(config, data, paths, progress)
+    kv_runnable = all(kind in PER_TOKEN_CACHE_KINDS for stage in ensemble for kind in layer_kinds(stage.config))
     timed = min(config.timing_batches, len(test)) if config.timing_batches else len(test)
     conditions = {
         **data.conditions,
@@ -137,12 +137,12 @@ def run_experiment(
 
     def dense_model() -> tuple[Ensemble, dict]:
         with main_first(ranks):
-            return trained_dense(config, data, paths["dense"], sum(cascade.layers_per_stage), progress)
+            return trained_dense(config, data, paths["dense"], sum(ensemble.layers_per_stage), progress)
 
     splits = dict(train=data.train, validation=validation, test=test, risk_calibration=risk_calibration)
     measured = dict(conditions=conditions, ranks=ranks, dense_model=dense_model, timing_batches=timed)
-    sweep = Sweep(config, cascade, **splits, **measured, progress=progress)
-    points = plan_points(config, len(cascade), dense=pretrained is None, kv_policies=kv_runnable)
+    sweep = Sweep(config, ensemble, **splits, **measured, progress=progress)
+    points = plan_points(config, len(ensemble), dense=pretrained is None, kv_policies=kv_runnable)
     sweep.run(points, store, on_point)
     _finish_run(sweep, store, paths, blocks_tokenizer=data.tokenizer if pretrained is not None else None)
     return paths
@@ -159,7 +159,7 @@ def _finish_run(sweep: Sweep, store: ResultsStore, paths: dict, blocks_tokenizer
             anchor_thresholds = sweep.thresholds_at(sweep.anchor)
             if ranks.is_main:
                 _save_blocks(sweep, anchor_thresholds, paths["models"] / "cascade", blocks_tokenizer, training)
-        confidences = None if paths["confidence"].exists() else _confidences(sweep.cascade, sweep.test)
+        confidences = None if paths["confidence"].exists() else _confidences(sweep.ensemble, sweep.test)
     if not ranks.is_main:
         return
     if confidences is not None:
@@ -204,13 +204,13 @@ def _pretrained_cascade(config, pretrained, model_source, splits, paths: dict, r
             )
         if ranks.is_main:
             _write_exit_study(study.summary, paths, config.name)
-    cascade, training = pretrained_blocks(config, pretrained, data, progress, study)
+    ensemble, training = pretrained_blocks(config, pretrained, data, progress, study)
     if model_source is not None:
         training["model_source"] = model_source
     if config.block_heads == "trained":
         with sharded(ranks):
-            same_parameters([cascade])
-    return cascade, training
+            same_parameters([ensemble])
+    return ensemble, training
 
 
 def _run_conditions(config: ExperimentConfig, training: dict, measured: str, kv_runnable: bool) -> dict:
@@ -261,15 +261,15 @@ def _save_blocks(sweep: Sweep, thresholds: list, folder: Path, tokenizer, traini
     cascade= load from the run's config. Runs on one rank: no collective in here."""
     if (folder / "cascade.json").exists():
         return
-    cascade, calibrated = sweep.cascade, sweep.cascade.thresholds
-    cascade.set_thresholds(thresholds)
+    ensemble, calibrated = sweep.ensemble, sweep.ensemble.thresholds
+    ensemble.set_thresholds(thresholds)
     save_ensemble(
-        cascade,
+        ensemble,
         folder,
         tokenizer=tokenizer,
         extra={**training, "thresholds_for": f"hard ratio {sweep.anchor:g}, {sweep.config.exit_rule}"},
     )
-    cascade.set_thresholds(calibrated)
+    ensemble.set_thresholds(calibrated)
 
 
 def _write_exit_study(summary: dict, paths: dict, name: str) -> None:
@@ -305,15 +305,15 @@ def _measurement_note(config: ExperimentConfig, timed: int, batches: int) -> str
     )
 
 
-def _confidences(cascade: Ensemble, batches) -> dict:
+def _confidences(ensemble: Ensemble, batches) -> dict:
     """Histogram of each non-last stage's confidences on the test split (no exit: every token)."""
 
     def per_batch(batch) -> tuple:
-        out = evaluate_pass(cascade, batch)
-        confidence = out.stage_confidence[: len(cascade) - 1]
+        out = evaluate_pass(ensemble, batch)
+        confidence = out.stage_confidence[: len(ensemble) - 1]
         return tuple(conf[~torch.isnan(conf)] for conf in confidence)
 
-    with evaluation_mode(cascade), torch.inference_mode():
+    with evaluation_mode(ensemble), torch.inference_mode():
         values = concatenated(per_batch, batches)
     histograms = []
     for k, conf in enumerate(values):
@@ -323,7 +323,7 @@ def _confidences(cascade: Ensemble, batches) -> dict:
         histograms.append(
             {
                 "stage": k,
-                "exit_rule": cascade[k].exit_rule.name,
+                "exit_rule": ensemble[k].exit_rule.name,
                 "min": low,
                 "max": high,
                 "counts": counts.long().tolist(),
@@ -333,11 +333,11 @@ def _confidences(cascade: Ensemble, batches) -> dict:
     return {"histograms": histograms}
 
 
-def evaluate_pass(cascade: Ensemble, batch: dict):
+def evaluate_pass(ensemble: Ensemble, batch: dict):
     return forward_cascade(
-        cascade,
+        ensemble,
         batch["input_ids"],
         batch.get("attention_mask"),
         batch.get("targets"),
-        thresholds=[math.inf] * len(cascade),
+        thresholds=[math.inf] * len(ensemble),
     )

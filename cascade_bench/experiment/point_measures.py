@@ -19,11 +19,11 @@ if TYPE_CHECKING:
 
 
 def _measure_full(point: Point, sweep: Sweep) -> Record:
-    return Record.of_cost(point.id, Method.FULL, sweep.cost(sweep.cascade, "full"))
+    return Record.of_cost(point.id, Method.FULL, sweep.cost(sweep.ensemble, "full"))
 
 
 def _measure_prefix(point: Point, sweep: Sweep) -> Record:
-    cost = sweep.cost(sweep.cascade, "full", num_stages=point.stages)
+    cost = sweep.cost(sweep.ensemble, "full", num_stages=point.stages)
     return Record.of_cost(point.id, Method.PREFIX, cost, stages=point.stages)
 
 
@@ -41,14 +41,14 @@ def _swept(point: Point, sweep: Sweep) -> dict:
 
 
 def _measure_masked(point: Point, sweep: Sweep) -> Record:
-    cost = sweep.cost(sweep.cascade, "masked", **_swept(point, sweep))
+    cost = sweep.cost(sweep.ensemble, "masked", **_swept(point, sweep))
     return Record.of_cost(point.id, Method.MASKED, cost, hard_ratio=point.hard_ratio, exit_rule=point.exit_rule)
 
 
 def _measure_routed(point: Point, sweep: Sweep) -> Record:
     """Routed early exit at a swept hard ratio under the point's exit rule, with that rule's training
     and, for a rule that approximates max_prob, how often its stage-0 decisions agree with it."""
-    cost = sweep.cost(sweep.cascade, "routed", batching=point.batching, **_swept(point, sweep))
+    cost = sweep.cost(sweep.ensemble, "routed", batching=point.batching, **_swept(point, sweep))
     extra: dict = {"exit_rule": point.exit_rule}
     built = sweep.built_rules.get(point.exit_rule)
     if built is not None:
@@ -61,7 +61,7 @@ def _measure_routed(point: Point, sweep: Sweep) -> Record:
 def _measure_risk_controlled(point: Point, sweep: Sweep) -> Record:
     config = sweep.config
     result = risk_controlled_thresholds(
-        sweep.cascade,
+        sweep.ensemble,
         sweep.risk_calibration or sweep.validation,
         config.risk_delta,
         config.risk_epsilon,
@@ -70,7 +70,7 @@ def _measure_risk_controlled(point: Point, sweep: Sweep) -> Record:
         batching=point.batching,
     )
     cost = sweep.cost(
-        sweep.cascade,
+        sweep.ensemble,
         Method.ROUTED,
         thresholds=list(result.thresholds),
         batching=point.batching,
@@ -78,7 +78,7 @@ def _measure_risk_controlled(point: Point, sweep: Sweep) -> Record:
         timed=point.timed,
     )
     violations, tokens = routed_violations(
-        sweep.cascade, sweep.test, result.thresholds, config.risk, config.risk_nll_tolerance, batching=point.batching
+        sweep.ensemble, sweep.test, result.thresholds, config.risk, config.risk_nll_tolerance, batching=point.batching
     )
     built = sweep.built_rules.get(point.exit_rule)
     return Record.of_cost(
@@ -96,7 +96,7 @@ def _measure_risk_controlled(point: Point, sweep: Sweep) -> Record:
 
 def _measure_kv_routed(point: Point, sweep: Sweep) -> Record:
     cost = sweep.cost(
-        sweep.cascade,
+        sweep.ensemble,
         Method.ROUTED,
         thresholds=sweep.thresholds_at(point.hard_ratio, point.exit_rule),
         batching=point.batching,
@@ -119,8 +119,8 @@ def _measure_kv_routed(point: Point, sweep: Sweep) -> Record:
 
 
 def _measure_oracle(point: Point, sweep: Sweep) -> Record:
-    result = oracle_bound(sweep.cascade, sweep.test, sweep.config.oracle_tolerance)
-    parameter = next(iter(sweep.cascade.parameters()))
+    result = oracle_bound(sweep.ensemble, sweep.test, sweep.config.oracle_tolerance)
+    parameter = next(iter(sweep.ensemble.parameters()))
     return Record(
         point_id=point.id,
         method=Method.ORACLE,
@@ -135,7 +135,7 @@ def _measure_oracle(point: Point, sweep: Sweep) -> Record:
         time_median_s=None,
         tokens=result.tokens,
         oracle_tolerance=result.tolerance,
-        layers_per_stage=list(sweep.cascade.layers_per_stage),
+        layers_per_stage=list(sweep.ensemble.layers_per_stage),
         conditions={
             **sweep.conditions,
             **environment_conditions(parameter.device, parameter.dtype),

@@ -52,7 +52,7 @@ class BuiltRule:
 
 def build_rule(
     spec: str,
-    cascade: Ensemble,
+    ensemble: Ensemble,
     train: list,
     validation: list,
     classifier_target: str = "consistency",
@@ -68,14 +68,14 @@ def build_rule(
     step cap, it also sees only the tokens those steps can use. ``max_tokens``: a classifier's
     features come from at most this many tokens of each split (the first ones; default its own cap)."""
     kind, size = parse_rule_spec(spec)
-    non_last = range(len(cascade) - 1)
+    non_last = range(len(ensemble) - 1)
     if kind.trained:
         per_stage, training = [], []
         for k in non_last:
             torch.manual_seed(seed + k)
-            with routing_through(cascade, per_stage, validation, anchor_ratio):
+            with routing_through(ensemble, per_stage, validation, anchor_ratio):
                 classifier, history = _train_classifier(
-                    cascade,
+                    ensemble,
                     k,
                     train,
                     validation,
@@ -97,8 +97,8 @@ def build_rule(
             per_stage.append(classifier)
             training.append(_classifier_training(k, spec, classifier_target, anchor_ratio, history.summary()))
         return BuiltRule(spec, per_stage, training)
-    ids = most_frequent_ids(train, cascade.vocab_size, size) if kind.family == TOP_K_HEAD else None
-    return BuiltRule(spec, [untrained_rule(spec, cascade[k], ids) for k in non_last])
+    ids = most_frequent_ids(train, ensemble.vocab_size, size) if kind.family == TOP_K_HEAD else None
+    return BuiltRule(spec, [untrained_rule(spec, ensemble[k], ids) for k in non_last])
 
 
 def _classifier_training(k: int, spec: str, target: str, anchor_ratio: float, summary: dict) -> dict:
@@ -126,7 +126,7 @@ def _classifier_training(k: int, spec: str, target: str, anchor_ratio: float, su
 
 
 def _train_classifier(
-    cascade: Ensemble,
+    ensemble: Ensemble,
     k: int,
     train: list,
     validation: list,
@@ -146,7 +146,7 @@ def _train_classifier(
         max_steps_per_epoch=max_steps_per_epoch,
     )
     return train_exit_classifier(
-        cascade,
+        ensemble,
         k,
         train,
         validation,
@@ -159,46 +159,46 @@ def _train_classifier(
 
 
 @contextmanager
-def routing_through(cascade: Ensemble, earlier: list, validation: list, hard_ratio: float):
+def routing_through(ensemble: Ensemble, earlier: list, validation: list, hard_ratio: float):
     """Inside the block the first ``len(earlier)`` stages use those exit rules, at thresholds
     calibrated on ``validation`` to ``hard_ratio``; the later stages never exit. Everything is
     restored after it (``using_rule``)."""
-    with using_rule(cascade, BuiltRule("routing", list(earlier))):
-        for stage in cascade:
+    with using_rule(ensemble, BuiltRule("routing", list(earlier))):
+        for stage in ensemble:
             stage.threshold = math.inf
         if earlier:
-            calibrate_thresholds(cascade, validation, hard_ratio, stages=range(len(earlier)))
-        yield cascade
+            calibrate_thresholds(ensemble, validation, hard_ratio, stages=range(len(earlier)))
+        yield ensemble
 
 
 @contextmanager
-def using_rule(cascade: Ensemble, rule: Optional[BuiltRule]):
+def using_rule(ensemble: Ensemble, rule: Optional[BuiltRule]):
     """The non-last stages use ``rule`` inside the block (None: leave them as they are); their own
     exit rules and thresholds are restored after it."""
     if rule is None:
-        yield cascade
+        yield ensemble
         return
-    saved = [(stage.exit_rule, stage.threshold) for stage in cascade]
+    saved = [(stage.exit_rule, stage.threshold) for stage in ensemble]
     try:
-        for stage, exit_rule in zip(cascade, rule.per_stage):
+        for stage, exit_rule in zip(ensemble, rule.per_stage):
             stage.exit_rule = exit_rule
-        yield cascade
+        yield ensemble
     finally:
-        for stage, (exit_rule, threshold) in zip(cascade, saved):
+        for stage, (exit_rule, threshold) in zip(ensemble, saved):
             stage.exit_rule = exit_rule
             stage.threshold = threshold
 
 
-def stage0_confidences(cascade: Ensemble, batches: Iterable) -> torch.Tensor:
+def stage0_confidences(ensemble: Ensemble, batches: Iterable) -> torch.Tensor:
     """Stage 0's confidence under its current rule for every scored token of ``batches`` (no exit)."""
 
     def per_batch(item) -> torch.Tensor:
         ids, mask, targets = unpack_batch(item)
-        never = [float("inf")] * (len(cascade) - 1)
-        out = forward_cascade(cascade, ids, mask, targets, method="masked", thresholds=never)
+        never = [float("inf")] * (len(ensemble) - 1)
+        out = forward_cascade(ensemble, ids, mask, targets, method="masked", thresholds=never)
         return out.stage_confidence[0][out.scored]
 
-    with evaluation_mode(cascade), torch.inference_mode():
+    with evaluation_mode(ensemble), torch.inference_mode():
         return concatenated(per_batch, batches)
 
 

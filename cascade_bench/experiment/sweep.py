@@ -42,7 +42,7 @@ class Sweep:
     def __init__(
         self,
         config: ExperimentConfig,
-        cascade: Ensemble,
+        ensemble: Ensemble,
         *,
         train: Sequence,
         validation: Sequence,
@@ -54,7 +54,7 @@ class Sweep:
         timing_batches: int,
         progress: bool = False,
     ):
-        self.config, self.cascade, self.conditions, self.ranks = config, cascade, conditions, ranks
+        self.config, self.ensemble, self.conditions, self.ranks = config, ensemble, conditions, ranks
         self.train, self.validation, self.test, self.risk_calibration = train, validation, test, risk_calibration
         self.progress = progress
         self.anchor = anchor_ratio(config)
@@ -92,7 +92,7 @@ class Sweep:
             config = self.config
             self.built_rules[spec] = build_rule(
                 spec,
-                self.cascade,
+                self.ensemble,
                 self.train,
                 self.validation,
                 config.classifier_target,
@@ -111,17 +111,17 @@ class Sweep:
         spec = spec or self.config.exit_rule
         if (spec, ratio) not in self._thresholds:
             ratios = sorted(set(self.config.hard_ratios) | {ratio})
-            for r, thresholds in calibrate_sweep(self.cascade, self.validation, ratios).items():
+            for r, thresholds in calibrate_sweep(self.ensemble, self.validation, ratios).items():
                 self._thresholds[(spec, r)] = list(thresholds)
         return self._thresholds[(spec, ratio)]
 
     def agreement_with_max_prob(self, ratio: float, spec: str) -> float:
         """Stage-0 decisions of an approximate max-prob rule (in place) vs exact max_prob's, each at
         its own thresholds for ``ratio``, over the scored tokens."""
-        cheap = stage0_confidences(self.cascade, self.test)
-        with using_rule(self.cascade, BuiltRule("max_prob", ["max_prob"] * (len(self.cascade) - 1))):
+        cheap = stage0_confidences(self.ensemble, self.test)
+        with using_rule(self.ensemble, BuiltRule("max_prob", ["max_prob"] * (len(self.ensemble) - 1))):
             if self._exact_confidences is None:
-                self._exact_confidences = stage0_confidences(self.cascade, self.test)
+                self._exact_confidences = stage0_confidences(self.ensemble, self.test)
             reference = self.thresholds_at(ratio, "max_prob")[0]
         return decision_agreement(cheap, self.thresholds_at(ratio, spec)[0], self._exact_confidences, reference)
 
@@ -149,7 +149,7 @@ class Sweep:
 
     def _full_calls(self) -> list[Callable[[], object]]:
         """The full cascade on this rank's timed batches, one call per batch."""
-        return self._calls(self.cascade, {"method": "full"})
+        return self._calls(self.ensemble, {"method": "full"})
 
     def measure(self, point: Point) -> Record:
         """The point's record (its exit rule in place), with ``wall_ratio_interleaved``: its pass over
@@ -157,16 +157,16 @@ class Sweep:
         ``BACK_TO_BACK_PAIRS`` pairs). Untimed points, the oracle and the full cascade itself (1 by
         definition) get none."""
         run = METHODS[point.method]
-        with using_rule(self.cascade, self.rule(point.exit_rule)):
+        with using_rule(self.ensemble, self.rule(point.exit_rule)):
             record = run.measure(point, self)
             rerun = None
             if record.timed and point.method != Method.FULL and run.pass_arguments is not None:
-                model = self.dense_model()[0] if point.method == Method.DENSE else self.cascade
+                model = self.dense_model()[0] if point.method == Method.DENSE else self.ensemble
                 rerun = self._calls(model, run.pass_arguments(point, record))
             if rerun is not None:
-                with evaluation_mode(self.cascade), torch.inference_mode():
+                with evaluation_mode(self.ensemble), torch.inference_mode():
                     ratio = interleaved_ratio(
-                        rerun, self._full_calls(), pairs=BACK_TO_BACK_PAIRS, device=self.cascade.device
+                        rerun, self._full_calls(), pairs=BACK_TO_BACK_PAIRS, device=self.ensemble.device
                     )
                 record.wall_ratio_interleaved = statistics.median(all_ranks(ratio))
         return record
@@ -182,7 +182,7 @@ class Sweep:
         ``on_point(point_id)`` is called after each (tests use it to interrupt a sweep)."""
         from tqdm.auto import tqdm
 
-        calibrated = self.cascade.thresholds
+        calibrated = self.ensemble.thresholds
         with sharded(self.ranks):
             todo_ids = set(from_main([p.id for p in points if p.id not in store]))  # before rank 0 appends
             todo = [p for p in points if p.id in todo_ids]
@@ -193,4 +193,4 @@ class Sweep:
                     store.append(record)
                 if on_point is not None:
                     on_point(point.id)
-        self.cascade.set_thresholds(calibrated)
+        self.ensemble.set_thresholds(calibrated)
