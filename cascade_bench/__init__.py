@@ -47,11 +47,8 @@ _public, __getattr__, __dir__ = lazy_exports(
             "calibrate_thresholds",
             "evaluate",
             "forward_cascade",
-            "full_forward",
             "generate",
-            "masked_forward",
             "risk_controlled_thresholds",
-            "routed_forward",
         ),
         ".stages": (
             "BUILTIN_EXIT_RULES",

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from cascade_bench import LLM, Ensemble, forward_cascade, full_forward, masked_forward, routed_forward
+from cascade_bench import LLM, Ensemble, forward_cascade
 from cascade_bench.stages.presets import build_ensemble, stage_config
 from tests.helpers import BATCHING, FAMILIES, INF, tiny_ensemble, token_batch
 
@@ -19,8 +19,8 @@ def test_sequence_length_one_and_batch_of_one(preset, batching, text):
     with torch.inference_mode():
         for ids in (token_batch(text, 3, 1), token_batch(text, 1, 7), token_batch(text, 1, 1)):
             for threshold in (-INF, 0.0, INF):
-                out = routed_forward(ensemble, ids, thresholds=[threshold], batching=batching)
-                reference = full_forward(ensemble, ids, num_stages=1 if threshold == -INF else 2)
+                out = forward_cascade(ensemble, ids, thresholds=[threshold], batching=batching)
+                reference = forward_cascade(ensemble, ids, num_stages=1 if threshold == -INF else 2, method="full")
                 if threshold != 0.0:
                     torch.testing.assert_close(out.nll, reference.nll, atol=1e-5, rtol=0)
                 assert out.exit_stage.shape == ids.shape
@@ -33,12 +33,12 @@ def test_per_stage_thresholds_three_stages(preset, text):
     ensemble = tiny_ensemble(preset, layers=(1, 1, 1))
     ids = token_batch(text, 4, 20)
     with torch.inference_mode():
-        probe = routed_forward(ensemble, ids, num_stages=1, confidence_at_last_stage=True)
+        probe = forward_cascade(ensemble, ids, num_stages=1, confidence_at_last_stage=True)
         t0 = float(probe.stage_confidence[0].quantile(0.4))  # 40% continue past stage 0
-        probe1 = routed_forward(ensemble, ids, thresholds=[t0, INF], num_stages=2, confidence_at_last_stage=True)
+        probe1 = forward_cascade(ensemble, ids, thresholds=[t0, INF], num_stages=2, confidence_at_last_stage=True)
         reached1 = probe1.exit_stage == 1
         t1 = float(probe1.stage_confidence[1][reached1].median())
-        out = routed_forward(ensemble, ids, thresholds=[t0, t1])
+        out = forward_cascade(ensemble, ids, thresholds=[t0, t1])
     conf0 = probe.stage_confidence[0]
     conf1 = probe1.stage_confidence[1]
     expected = torch.where(conf0 >= t0, 0, torch.where(conf1 >= t1, 1, 2))
@@ -50,7 +50,7 @@ def test_per_stage_thresholds_three_stages(preset, text):
     # thresholds set on the stages are what routing uses by default
     ensemble.set_thresholds([t0, t1])
     with torch.inference_mode():
-        again = routed_forward(ensemble, ids)
+        again = forward_cascade(ensemble, ids)
     assert torch.equal(again.exit_stage, out.exit_stage)
 
 
@@ -58,14 +58,14 @@ def test_masked_baseline_same_stage0_decisions_full_cost(text):
     ensemble = tiny_ensemble("gpt2-tiny")
     ids = token_batch(text, 3, 16)
     with torch.inference_mode():
-        probe = routed_forward(ensemble, ids, num_stages=1, confidence_at_last_stage=True)
+        probe = forward_cascade(ensemble, ids, num_stages=1, confidence_at_last_stage=True)
         threshold = float(probe.stage_confidence[0].median())
-        routed = routed_forward(ensemble, ids, thresholds=[threshold])
-        masked = masked_forward(ensemble, ids, thresholds=[threshold])
-        masked_none = masked_forward(ensemble, ids, thresholds=[-INF])
-        masked_all = masked_forward(ensemble, ids, thresholds=[INF])
-        stage0 = full_forward(ensemble, ids, num_stages=1)
-        cascade = full_forward(ensemble, ids)
+        routed = forward_cascade(ensemble, ids, thresholds=[threshold])
+        masked = forward_cascade(ensemble, ids, thresholds=[threshold], method="masked")
+        masked_none = forward_cascade(ensemble, ids, thresholds=[-INF], method="masked")
+        masked_all = forward_cascade(ensemble, ids, thresholds=[INF], method="masked")
+        stage0 = forward_cascade(ensemble, ids, num_stages=1, method="full")
+        cascade = forward_cascade(ensemble, ids, method="full")
     assert torch.equal(masked.exit_stage, routed.exit_stage)
     easy = routed.exit_stage == 0
     torch.testing.assert_close(masked.nll[easy], routed.nll[easy])
@@ -79,9 +79,9 @@ def test_full_vocab_logits_only_on_request(text):
     ensemble = tiny_ensemble("llama-tiny")
     ids = token_batch(text, 2, 10)
     with torch.inference_mode():
-        plain = routed_forward(ensemble, ids, thresholds=[0.0])
-        with_logits = routed_forward(ensemble, ids, thresholds=[0.0], return_logits=True)
-        cascade = full_forward(ensemble, ids, return_logits=True)
+        plain = forward_cascade(ensemble, ids, thresholds=[0.0])
+        with_logits = forward_cascade(ensemble, ids, thresholds=[0.0], return_logits=True)
+        cascade = forward_cascade(ensemble, ids, return_logits=True, method="full")
     assert plain.logits is None
     assert with_logits.logits.shape == (2, 10, ensemble.vocab_size)
     logp = torch.log_softmax(with_logits.logits.float(), -1)
@@ -118,7 +118,7 @@ def test_nan_logits_raise_instead_of_a_silent_perplexity(text):
         ensemble[1].parts.final_norm.weight[0] = math.nan
     ids = token_batch(text, 2, 8)
     with torch.inference_mode(), pytest.raises(ValueError, match=r"stage 1 produced non-finite logits"):
-        routed_forward(ensemble, ids, thresholds=[INF])
+        forward_cascade(ensemble, ids, thresholds=[INF])
 
 
 @pytest.mark.parametrize(
@@ -141,22 +141,22 @@ def test_bad_arguments_name_the_value(bad, match, text):
 def test_bad_inputs_name_the_value():
     ensemble = tiny_ensemble("gpt2-tiny")
     with pytest.raises(ValueError, match=r"token ids must lie in \[0, 256\).*300"):
-        routed_forward(ensemble, torch.tensor([[1, 2, 300]]))
+        forward_cascade(ensemble, torch.tensor([[1, 2, 300]]))
     with pytest.raises(ValueError, match=r"shape \(B, T\)"):
-        routed_forward(ensemble, torch.tensor([1, 2, 3]))
+        forward_cascade(ensemble, torch.tensor([1, 2, 3]))
     with pytest.raises(TypeError, match=r"torch.Tensor"):
-        routed_forward(ensemble, [[1, 2, 3]])
+        forward_cascade(ensemble, [[1, 2, 3]])
     with pytest.raises(ValueError, match=r"attention_mask must have the shape"):
-        routed_forward(ensemble, torch.tensor([[1, 2, 3]]), torch.ones(1, 2))
+        forward_cascade(ensemble, torch.tensor([[1, 2, 3]]), torch.ones(1, 2))
     with pytest.raises(ValueError, match=r"exceeds stage 0's max_position_embeddings 128"):
-        routed_forward(ensemble, torch.zeros(1, 129, dtype=torch.long))
+        forward_cascade(ensemble, torch.zeros(1, 129, dtype=torch.long))
     with pytest.raises(ValueError, match=r"marks no token as real"):
-        routed_forward(ensemble, torch.tensor([[1, 2]]), torch.zeros(1, 2))
+        forward_cascade(ensemble, torch.tensor([[1, 2]]), torch.zeros(1, 2))
 
 
 def test_empty_ensemble_and_bad_threshold_types():
     with pytest.raises(ValueError, match="no stages"):
-        routed_forward(Ensemble(), torch.tensor([[1, 2]]))
+        forward_cascade(Ensemble(), torch.tensor([[1, 2]]))
     ensemble = tiny_ensemble("gpt2-tiny")
     with pytest.raises(TypeError, match="threshold must be a real number"):
         ensemble.set_thresholds(["high"])
@@ -172,10 +172,10 @@ def test_half_precision_routes_like_float32(dtype, text):
     reference = tiny_ensemble("llama-tiny")
     half = tiny_ensemble("llama-tiny").to(dtype)
     with torch.inference_mode():
-        probe = routed_forward(reference, ids, num_stages=1, confidence_at_last_stage=True)
+        probe = forward_cascade(reference, ids, num_stages=1, confidence_at_last_stage=True)
         threshold = float(probe.stage_confidence[0].median())
-        a = routed_forward(reference, ids, thresholds=[threshold])
-        b = routed_forward(half, ids, thresholds=[threshold])
+        a = forward_cascade(reference, ids, thresholds=[threshold])
+        b = forward_cascade(half, ids, thresholds=[threshold])
     assert b.nll.dtype == torch.float32 and b.stage_confidence.dtype == torch.float32
     agree = (a.exit_stage == b.exit_stage).float().mean()
     assert agree > 0.8  # tokens near the threshold may flip

@@ -19,7 +19,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from cascade_bench import full_forward, generate, routed_forward  # noqa: E402
+from cascade_bench import forward_cascade, generate  # noqa: E402
 from cascade_bench.routing.speculative import self_speculative_generate  # noqa: E402
 from tests.helpers import FAMILIES, KINDS, ROUTED_FAMILIES, tiny_ensemble  # noqa: E402
 
@@ -53,7 +53,7 @@ def ragged_batch(draw, max_rows: int = 4, max_len: int = 20):
 
 def _threshold(ensemble, ids, mask, quantile: float) -> float:
     with torch.inference_mode():
-        probe = routed_forward(ensemble, ids, mask, num_stages=1, confidence_at_last_stage=True)
+        probe = forward_cascade(ensemble, ids, mask, num_stages=1, confidence_at_last_stage=True)
     confidence = probe.stage_confidence[0]
     values = confidence[~torch.isnan(confidence)].sort().values
     # between two neighbouring confidences (no token on the threshold), or below/above all of them
@@ -80,10 +80,10 @@ def test_batched_routing_equals_one_row_at_a_time(preset, kind, batch, batching,
     ids, mask = batch
     threshold = _threshold(ensemble, ids, mask, quantile)
     with torch.inference_mode():
-        together = routed_forward(ensemble, ids, mask, thresholds=[threshold], batching=batching)
+        together = forward_cascade(ensemble, ids, mask, thresholds=[threshold], batching=batching)
         for row in range(ids.shape[0]):
             real = mask[row].bool()
-            alone = routed_forward(ensemble, ids[row : row + 1, real], thresholds=[threshold], batching=batching)
+            alone = forward_cascade(ensemble, ids[row : row + 1, real], thresholds=[threshold], batching=batching)
             assert torch.equal(together.exit_stage[row, real], alone.exit_stage[0])
             scored = together.scored[row, real]
             torch.testing.assert_close(together.nll[row, real][scored], alone.nll[0][scored], atol=ATOL, rtol=0)
@@ -97,10 +97,10 @@ def test_extreme_thresholds_are_the_prefix_and_the_full_cascade(preset, kind, ba
     ids, mask = batch
     real = mask.bool()
     with torch.inference_mode():
-        stage0 = full_forward(ensemble, ids, mask, num_stages=1)
-        full = full_forward(ensemble, ids, mask)
-        nobody = routed_forward(ensemble, ids, mask, thresholds=[-math.inf])
-        everyone = routed_forward(ensemble, ids, mask, thresholds=[math.inf])
+        stage0 = forward_cascade(ensemble, ids, mask, num_stages=1, method="full")
+        full = forward_cascade(ensemble, ids, mask, method="full")
+        nobody = forward_cascade(ensemble, ids, mask, thresholds=[-math.inf])
+        everyone = forward_cascade(ensemble, ids, mask, thresholds=[math.inf])
     scored = stage0.scored & real
     torch.testing.assert_close(nobody.nll[scored], stage0.nll[scored], atol=ATOL, rtol=0)
     torch.testing.assert_close(everyone.nll[scored], full.nll[scored], atol=ATOL, rtol=0)
@@ -161,7 +161,7 @@ def test_generation_matches_teacher_forcing_under_every_kv_policy(preset, kind, 
     for i, s in enumerate(sequences):
         fed[i, : s.numel()], fed_mask[i, : s.numel()] = s, 1
     with torch.inference_mode():
-        forced = routed_forward(ensemble, fed, fed_mask, thresholds=[threshold], kv_policy=kv_policy)
+        forced = forward_cascade(ensemble, fed, fed_mask, thresholds=[threshold], kv_policy=kv_policy)
     for i, n in enumerate(lengths):
         span = slice(n - 1, n - 1 + new_tokens)
         assert torch.equal(forced.exit_stage[i, span], out.exit_stage[i])

@@ -20,7 +20,7 @@ __all__, __getattr__, __dir__ = lazy_exports(
         ".evaluation": ("EvalResult", "evaluate"),
         ".generation": ("GenerationOutput", "generate"),
         ".oracle": ("OracleResult", "oracle_bound"),
-        ".passes": ("RoutedOutput", "forward_cascade", "full_forward", "masked_forward", "routed_forward"),
+        ".passes": ("RoutedOutput", "forward_cascade"),
         ".risk_control": ("RiskControlResult", "risk_controlled_thresholds"),
     },
 )

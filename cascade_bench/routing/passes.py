@@ -206,31 +206,6 @@ def forward_cascade(
     return runner.run() if kv_policy == "absent" else runner.run_cached(kv_policy)
 
 
-def routed_forward(
-    ensemble: Ensemble, input_ids: Tensor, attention_mask: Optional[Tensor] = None, **kwargs
-) -> RoutedOutput:
-    """True early exit (``method="routed"``)."""
-    return forward_cascade(ensemble, input_ids, attention_mask, method="routed", **kwargs)
-
-
-def masked_forward(
-    ensemble: Ensemble, input_ids: Tensor, attention_mask: Optional[Tensor] = None, **kwargs
-) -> RoutedOutput:
-    """Naive compute-then-mask early exit (``method="masked"``)."""
-    return forward_cascade(ensemble, input_ids, attention_mask, method="masked", **kwargs)
-
-
-def full_forward(
-    ensemble: Ensemble,
-    input_ids: Tensor,
-    attention_mask: Optional[Tensor] = None,
-    num_stages: Optional[int] = None,
-    **kwargs,
-) -> RoutedOutput:
-    """No early exit: the full cascade, or the first ``num_stages`` stages alone (a prefix)."""
-    return forward_cascade(ensemble, input_ids, attention_mask, method="full", num_stages=num_stages, **kwargs)
-
-
 @dataclass
 class StageStates:
     """Per-token states of each stage over the tokens that stage ran on.

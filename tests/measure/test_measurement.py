@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cascade_bench import full_forward, routed_forward
+from cascade_bench import forward_cascade
 from cascade_bench.measure.flops import count_flops
 from cascade_bench.measure.memory import peak_memory_bytes
 from cascade_bench.measure.timing import TimingStats, time_call
@@ -14,7 +14,7 @@ from tests.helpers import tiny_ensemble, token_batch
 
 def _confidence(ensemble, ids):
     with torch.inference_mode():
-        return routed_forward(ensemble, ids, num_stages=1, confidence_at_last_stage=True).stage_confidence[0]
+        return forward_cascade(ensemble, ids, num_stages=1, confidence_at_last_stage=True).stage_confidence[0]
 
 
 def _median_confidence(ensemble, ids) -> float:
@@ -27,7 +27,7 @@ def test_gpt2_counted_flops_equal_the_hand_formula(text):
     ensemble = tiny_ensemble("gpt2-tiny")
     batch, seq, d, vocab, layers = 3, 16, 32, 256, 4
     with torch.inference_mode():
-        counted, _ = count_flops(full_forward, ensemble, token_batch(text, batch, seq))
+        counted, _ = count_flops(forward_cascade, ensemble, token_batch(text, batch, seq), method="full")
     tokens = batch * seq
     macs = layers * (12 * d * d * tokens + 2 * batch * seq * seq * d) + tokens * d * vocab
     assert counted.flops == 2 * macs
@@ -41,10 +41,8 @@ def test_routed_flops_never_exceed_masked(text):
     confidence = _confidence(ensemble, ids)
     with torch.inference_mode():
         for threshold in (0.0, *confidence.quantile(torch.tensor([0.25, 0.5, 0.75])).tolist(), 1.0):
-            routed, _ = count_flops(routed_forward, ensemble, ids, thresholds=[threshold])
-            from cascade_bench import masked_forward
-
-            masked, _ = count_flops(masked_forward, ensemble, ids, thresholds=[threshold])
+            routed, _ = count_flops(forward_cascade, ensemble, ids, thresholds=[threshold])
+            masked, _ = count_flops(forward_cascade, ensemble, ids, thresholds=[threshold], method="masked")
             assert routed.flops <= masked.flops
 
 
@@ -72,14 +70,15 @@ def test_peak_tensor_bytes_by_hand():
 def test_routed_peak_memory_not_above_masked(text):
     # Against the full cascade the answer depends on the widths (the stage-0 exit head over every
     # token can dominate a tiny model); the benchmark reports that ratio for the CPU preset.
-    from cascade_bench import masked_forward
 
     ensemble = tiny_ensemble("gpt2-tiny")
     ids = token_batch(text, 4, 64)
     threshold = _median_confidence(ensemble, ids)
     with torch.inference_mode():
-        masked, _, _ = peak_memory_bytes(lambda: masked_forward(ensemble, ids, thresholds=[threshold]))
-        routed, _, out = peak_memory_bytes(lambda: routed_forward(ensemble, ids, thresholds=[threshold]))
+        masked, _, _ = peak_memory_bytes(
+            lambda: forward_cascade(ensemble, ids, thresholds=[threshold], method="masked")
+        )
+        routed, _, out = peak_memory_bytes(lambda: forward_cascade(ensemble, ids, thresholds=[threshold]))
     assert 0 < out.tokens_entered[1] < out.tokens_entered[0]
     assert 0 < routed <= masked
 

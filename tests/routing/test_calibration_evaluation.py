@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from cascade_bench import routed_forward
+from cascade_bench import forward_cascade
 from cascade_bench.routing.calibration import calibrate_thresholds, threshold_for_hard_ratio
 from cascade_bench.routing.evaluation import evaluate
 from tests.helpers import tiny_ensemble, token_batch
@@ -35,7 +35,7 @@ def test_calibration_hits_the_ratio_on_its_own_data(text):
     batches = [token_batch(text, 4, 32, offset=2000 * i) for i in range(3)]
     thresholds = calibrate_thresholds(ensemble, batches, [0.5, 0.25])
     assert ensemble.thresholds[:2] == thresholds
-    out = [routed_forward(ensemble, b) for b in batches]
+    out = [forward_cascade(ensemble, b) for b in batches]
     total = sum(o.num_tokens for o in out)
     reached1 = sum(o.tokens_entered[1] for o in out)
     reached2 = sum(o.tokens_entered[2] for o in out)
@@ -48,7 +48,7 @@ def test_evaluate_aggregates_like_a_hand_computation(text):
     batches = [token_batch(text, 2, 24, offset=500 * i) for i in range(3)]
     calibrate_thresholds(ensemble, batches, 0.5)
     result = evaluate(ensemble, batches, conditions={"dataset": "pydoc topics"})
-    outs = [routed_forward(ensemble, b) for b in batches]
+    outs = [forward_cascade(ensemble, b) for b in batches]
     nll = torch.cat([o.nll[o.scored] for o in outs])
     exit_stage = torch.cat([o.exit_stage[o.scored] for o in outs])
     stage0 = torch.cat([o.stage_nll[0][o.scored] for o in outs])

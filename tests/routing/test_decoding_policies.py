@@ -11,7 +11,7 @@ import torch
 from cascade_bench.measure.analytic import exit_rule_macs, routed_cost
 from cascade_bench.measure.flops import count_pass_flops
 from cascade_bench.routing.generation import generate
-from cascade_bench.routing.passes import forward_cascade, routed_forward
+from cascade_bench.routing.passes import forward_cascade
 from tests.helpers import FAMILIES, KINDS, tiny_ensemble, token_batch
 from tests.routing.test_generation import _median_threshold, _ragged_prompts
 
@@ -27,7 +27,7 @@ def _teacher_forced(ensemble, ids, mask, generated, thresholds, kv_policy):
     for i, r in enumerate(rows):
         full[i, : r.numel()], full_mask[i, : r.numel()] = r, 1
     with torch.inference_mode():
-        return routed_forward(ensemble, full, full_mask, thresholds=thresholds, kv_policy=kv_policy)
+        return forward_cascade(ensemble, full, full_mask, thresholds=thresholds, kv_policy=kv_policy)
 
 
 @pytest.mark.parametrize("preset", FAMILIES)
@@ -84,7 +84,7 @@ def test_counted_flops_of_each_kv_policy_equal_the_analytic_count(kv_policy, kin
     if kv_policy == "recompute":
         assert (
             sum(out.recomputed_tokens) > 0
-            and out.layer_cost > routed_forward(ensemble, ids, thresholds=[threshold, threshold]).layer_cost
+            and out.layer_cost > forward_cascade(ensemble, ids, thresholds=[threshold, threshold]).layer_cost
         )
     if kv_policy == "propagate":
         # Every token that exited at stage e has its K/V in each later stage: stage 2 gets stage 0's and 1's.
@@ -97,7 +97,7 @@ def test_no_exit_is_full_depth_under_every_kv_policy(kv_policy, text):
     ids = token_batch(text, 2, 12)
     with torch.inference_mode():
         full = forward_cascade(ensemble, ids, method="full")
-        routed = routed_forward(ensemble, ids, thresholds=[math.inf], kv_policy=kv_policy)
+        routed = forward_cascade(ensemble, ids, thresholds=[math.inf], kv_policy=kv_policy)
     torch.testing.assert_close(routed.nll, full.nll, atol=1e-5, rtol=0)
 
 
@@ -105,9 +105,9 @@ def test_kv_policy_input_errors(text):
     ensemble = tiny_ensemble("gpt2-tiny")
     ids = token_batch(text, 2, 8)
     with pytest.raises(ValueError, match="kv_policy must be one of"):
-        routed_forward(ensemble, ids, kv_policy="lazy")
+        forward_cascade(ensemble, ids, kv_policy="lazy")
     with pytest.raises(ValueError, match="kv_policy='recompute' needs method='routed', batching='padded'"):
-        routed_forward(ensemble, ids, kv_policy="recompute", batching="bucketed")
+        forward_cascade(ensemble, ids, kv_policy="recompute", batching="bucketed")
     with pytest.raises(ValueError, match="kv_policy must be one of"):
         generate(ensemble, ids, kv_policy="copy")
 
@@ -172,7 +172,7 @@ def test_recompute_equals_masked_early_exit_where_tokens_exit(kind, preset, text
     ids, mask = _ragged_prompts(text, [9, 14, 5, 11], "right")
     threshold = _median_threshold(ensemble, ids, mask)
     with torch.inference_mode():
-        recomputed = routed_forward(ensemble, ids, mask, thresholds=[threshold, threshold], kv_policy="recompute")
+        recomputed = forward_cascade(ensemble, ids, mask, thresholds=[threshold, threshold], kv_policy="recompute")
         masked = forward_cascade(ensemble, ids, mask, thresholds=[threshold, threshold], method="masked")
     assert 0 < recomputed.tokens_exited[0] < recomputed.num_tokens and sum(recomputed.recomputed_tokens) > 0
     assert torch.equal(recomputed.exit_stage, masked.exit_stage)
@@ -187,7 +187,7 @@ def test_padding_waste_counts_only_padding(kv_policy, text):
     ids, mask = _ragged_prompts(text, [9, 14, 5, 11], "right")
     threshold = _median_threshold(ensemble, ids, mask)
     with torch.inference_mode():
-        out = routed_forward(ensemble, ids, mask, thresholds=[threshold, threshold], kv_policy=kv_policy)
+        out = forward_cascade(ensemble, ids, mask, thresholds=[threshold, threshold], kv_policy=kv_policy)
     assert 0 < out.tokens_exited[0] < out.num_tokens
     for k, (slots, shapes) in enumerate(zip(out.slots_computed, out.stage_batch_shapes)):
         assert slots == sum(rows * length for rows, length, *_ in shapes)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cascade_bench.routing.generation import generate
-from cascade_bench.routing.passes import routed_forward
+from cascade_bench.routing.passes import forward_cascade
 from tests.helpers import FAMILIES, KINDS, tiny_ensemble, token_batch
 
 NEW = 8
@@ -16,7 +16,7 @@ NEW = 8
 
 def _median_threshold(ensemble, ids, mask=None):
     with torch.inference_mode():
-        probe = routed_forward(ensemble, ids, mask, num_stages=1, confidence_at_last_stage=True)
+        probe = forward_cascade(ensemble, ids, mask, num_stages=1, confidence_at_last_stage=True)
     conf = probe.stage_confidence[0]
     values = conf[~torch.isnan(conf)].sort().values
     middle = values.numel() // 2
@@ -45,7 +45,7 @@ def _teacher_forced(ensemble, ids, mask, generated, thresholds, positions="compa
     for i, r in enumerate(rows):
         full[i, : r.numel()], full_mask[i, : r.numel()] = r, 1
     with torch.inference_mode():
-        return routed_forward(ensemble, full, full_mask, thresholds=thresholds, positions=positions), rows
+        return forward_cascade(ensemble, full, full_mask, thresholds=thresholds, positions=positions), rows
 
 
 @pytest.mark.parametrize("preset", FAMILIES)

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from cascade_bench import full_forward, routed_forward
+from cascade_bench import forward_cascade
 from cascade_bench.measure.flops import count_flops
 from tests.helpers import BATCHING, INF, KINDS, ROUTED_FAMILIES, scripted_exit, tiny_ensemble, token_batch
 
@@ -50,10 +50,10 @@ def test_invariant_1_extreme_thresholds(kind, preset, batching, exit_rule, text)
     ensemble = tiny_ensemble(preset, exit_rule=exit_rule, kind=kind)
     ids = token_batch(text, 3, 24)
     with torch.inference_mode():
-        stage0 = full_forward(ensemble, ids, num_stages=1)
-        cascade = full_forward(ensemble, ids)
-        nobody_continues = routed_forward(ensemble, ids, thresholds=[-INF], batching=batching)
-        everyone_continues = routed_forward(ensemble, ids, thresholds=[INF], batching=batching)
+        stage0 = forward_cascade(ensemble, ids, num_stages=1, method="full")
+        cascade = forward_cascade(ensemble, ids, method="full")
+        nobody_continues = forward_cascade(ensemble, ids, thresholds=[-INF], batching=batching)
+        everyone_continues = forward_cascade(ensemble, ids, thresholds=[INF], batching=batching)
     torch.testing.assert_close(nobody_continues.nll, stage0.nll, atol=ATOL, rtol=0)
     torch.testing.assert_close(everyone_continues.nll, cascade.nll, atol=ATOL, rtol=0)
     assert torch.equal(nobody_continues.correct, stage0.correct)
@@ -76,7 +76,7 @@ def test_invariant_2_batched_equals_one_sequence_at_a_time(kind, preset, batchin
     scripted, exits = scripted_exit(ensemble, ids, exits)
     ensemble[0].exit_rule = _resolve(scripted)
     with torch.inference_mode():
-        out = routed_forward(ensemble, ids, thresholds=[0.5], batching=batching, positions=positions)
+        out = forward_cascade(ensemble, ids, thresholds=[0.5], batching=batching, positions=positions)
     assert torch.equal(out.exit_stage, (~exits).long())
     reference = _reference_per_sequence(ensemble, ids, exits, positions)
     scored = out.scored
@@ -94,16 +94,16 @@ def test_invariant_2_padding_changes_nothing(kind, preset, batching, text):
     lengths = [9, 16, 4]
     rows = [token_batch(text, 1, n, offset=300 * i)[0] for i, n in enumerate(lengths)]
     with torch.inference_mode():
-        probe = routed_forward(ensemble, token_batch(text, 1, 16), num_stages=1, confidence_at_last_stage=True)
+        probe = forward_cascade(ensemble, token_batch(text, 1, 16), num_stages=1, confidence_at_last_stage=True)
         threshold = float(probe.stage_confidence[0].median())
-        alone = [routed_forward(ensemble, r[None], thresholds=[threshold], batching=batching) for r in rows]
+        alone = [forward_cascade(ensemble, r[None], thresholds=[threshold], batching=batching) for r in rows]
         for side in ("right", "left"):
             ids = torch.zeros(3, 16, dtype=torch.long)
             mask = torch.zeros(3, 16, dtype=torch.long)
             for i, r in enumerate(rows):
                 where = slice(0, len(r)) if side == "right" else slice(16 - len(r), 16)
                 ids[i, where], mask[i, where] = r, 1
-            out = routed_forward(ensemble, ids, mask, thresholds=[threshold], batching=batching)
+            out = forward_cascade(ensemble, ids, mask, thresholds=[threshold], batching=batching)
             for i, r in enumerate(rows):
                 where = slice(0, len(r)) if side == "right" else slice(16 - len(r), 16)
                 torch.testing.assert_close(out.nll[i, where], alone[i].nll[0], atol=ATOL, rtol=0)
@@ -155,7 +155,7 @@ def test_exited_tokens_never_reach_a_later_stage(kind, preset, batching, text):
     received = _Received(ensemble[1])
     try:
         with torch.inference_mode():
-            out = routed_forward(ensemble, ids, thresholds=[0.5], batching=batching)
+            out = forward_cascade(ensemble, ids, thresholds=[0.5], batching=batching)
     finally:
         received.close()
     continuing = int((~exits).sum())
@@ -198,14 +198,14 @@ def test_invariant_3_counted_flops_follow_tokens_reaching_a_stage(kind, preset, 
     ids[:, 0] = torch.tensor([65, 66, 67, 68])  # distinct first tokens, so no two sequences share a state
     d, vocab = ensemble[0].hidden_size, ensemble.vocab_size
     with torch.inference_mode():
-        nobody, _ = count_flops(routed_forward, ensemble, ids, thresholds=[-INF])
+        nobody, _ = count_flops(forward_cascade, ensemble, ids, thresholds=[-INF])
         for keep in (3, 8, 16):
             exits = torch.ones(4, 16, dtype=torch.bool)
             exits[:, :keep] = False  # every sequence sends exactly `keep` tokens on: no padding
             scripted, scripted_exits = scripted_exit(ensemble, ids, exits)
             assert torch.equal(scripted_exits, exits)  # distinct first tokens: no twin states
             ensemble[0].exit_rule = _resolve(scripted)
-            both, out = count_flops(routed_forward, ensemble, ids, thresholds=[0.5])
+            both, out = count_flops(forward_cascade, ensemble, ids, thresholds=[0.5])
             ensemble[0].exit_rule = _resolve("max_prob")
             alone, _ = count_flops(ensemble[1], inputs_embeds=torch.zeros(4, keep, d))
             head1 = 2 * 4 * keep * d * vocab
@@ -231,11 +231,11 @@ def test_merged_buckets_give_the_same_pass_in_fewer_calls(kind, text):
     scripted, exits = scripted_exit(ensemble, ids, exits)
     ensemble[0].exit_rule = _resolve(scripted)
     with torch.inference_mode():
-        apart = routed_forward(ensemble, ids, thresholds=[0.5], batching="bucketed", call_overhead_slots=0)
-        merged = routed_forward(
+        apart = forward_cascade(ensemble, ids, thresholds=[0.5], batching="bucketed", call_overhead_slots=0)
+        merged = forward_cascade(
             ensemble, ids, thresholds=[0.5], batching="bucketed", call_overhead_slots=shipped_call_overhead
         )
-        padded = routed_forward(ensemble, ids, thresholds=[0.5], batching="padded")
+        padded = forward_cascade(ensemble, ids, thresholds=[0.5], batching="padded")
     assert len(apart.stage_batch_shapes[1]) > 1 and len(merged.stage_batch_shapes[1]) == 1
     assert merged.stage_batch_shapes == padded.stage_batch_shapes
     assert merged.slots_computed[1] > apart.slots_computed[1]

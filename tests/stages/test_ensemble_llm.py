@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from cascade_bench import LLM, Ensemble, full_forward, routed_forward
+from cascade_bench import LLM, Ensemble, forward_cascade
 from cascade_bench.stages.presets import build_ensemble, stage_config
 from tests.helpers import FAMILIES, tiny_ensemble, token_batch
 
@@ -51,7 +51,7 @@ def test_extend_builds_a_new_block_from_the_last_config(text):
     assert new.exit_rule.name == "neg_entropy"
     assert new.config is not ensemble[0].config and ensemble[0].num_layers == 2
     with torch.inference_mode():
-        out = routed_forward(ensemble.eval(), token_batch(text, 2, 8), thresholds=[math.inf])
+        out = forward_cascade(ensemble.eval(), token_batch(text, 2, 8), thresholds=[math.inf])
     assert out.tokens_entered == (16, 16)
     with pytest.raises(ValueError, match="num_new_layers must be a positive int"):
         ensemble.extend(0)
@@ -66,8 +66,8 @@ def test_stage_loaded_from_a_local_folder_routes_like_the_original(tmp_path, tex
     loaded = Ensemble([LLM.from_pretrained(tmp_path / f"stage{k}") for k in range(2)])
     ids = token_batch(text, 2, 16)
     with torch.inference_mode():
-        a = routed_forward(ensemble, ids, thresholds=[0.01])
-        b = routed_forward(loaded, ids, thresholds=[0.01])
+        a = forward_cascade(ensemble, ids, thresholds=[0.01])
+        b = forward_cascade(loaded, ids, thresholds=[0.01])
     assert torch.equal(a.exit_stage, b.exit_stage)
     torch.testing.assert_close(a.nll, b.nll)
 
@@ -103,10 +103,10 @@ def test_routing_on_cuda_matches_cpu(text):
     ensemble = tiny_ensemble("gpt2-tiny")
     ids = token_batch(text, 4, 32)
     with torch.inference_mode():
-        cpu = routed_forward(ensemble, ids, thresholds=[0.01], batching="bucketed")
+        cpu = forward_cascade(ensemble, ids, thresholds=[0.01], batching="bucketed")
         ensemble.cuda()
-        gpu = routed_forward(ensemble, ids.cuda(), thresholds=[0.01], batching="bucketed")
-        full = full_forward(ensemble, ids.cuda())
+        gpu = forward_cascade(ensemble, ids.cuda(), thresholds=[0.01], batching="bucketed")
+        full = forward_cascade(ensemble, ids.cuda(), method="full")
     assert full.nll.is_cuda
     assert torch.equal(cpu.exit_stage, gpu.exit_stage.cpu())
     torch.testing.assert_close(cpu.nll, gpu.nll.cpu(), atol=1e-4, rtol=1e-4)

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from cascade_bench import calibrate_thresholds, measure_cost, routed_forward
+from cascade_bench import calibrate_thresholds, forward_cascade, measure_cost
 from cascade_bench.measure.flops import count_pass_flops
-from cascade_bench.routing.passes import forward_cascade, stage_states
+from cascade_bench.routing.passes import stage_states
 from cascade_bench.stages.exit_rules import (
     ExitClassifier,
     low_rank_max_prob,
@@ -120,7 +120,7 @@ def test_rules_without_logits_run_the_head_only_for_exiting_tokens(text, kind, r
     calibrate_thresholds(ensemble, [ids], 0.5)
     d, vocab = ensemble[0].hidden_size, ensemble.vocab_size
     with torch.inference_mode():
-        counted, out = count_pass_flops(lambda probe: routed_forward(ensemble, ids, probe=probe), 2)
+        counted, out = count_pass_flops(lambda probe: forward_cascade(ensemble, ids, probe=probe), 2)
     exited, reached = out.tokens_exited[0], out.tokens_entered[0]
     assert 0 < exited < reached
     # Counted, not read from bookkeeping: stage 0's head ran on exactly the exiting tokens.
@@ -166,7 +166,7 @@ def test_rule_modules_save_and_load_exactly(text, tmp_path, kind):
         assert after.exit_rule.name == before.exit_rule.name
         assert after.exit_rule.macs_per_token == before.exit_rule.macs_per_token
     with torch.inference_mode():
-        a, b = routed_forward(ensemble, ids), routed_forward(loaded, ids)
+        a, b = forward_cascade(ensemble, ids), forward_cascade(loaded, ids)
     assert torch.equal(a.exit_stage, b.exit_stage)
     assert torch.equal(a.stage_confidence.nan_to_num(-1), b.stage_confidence.nan_to_num(-1))
 

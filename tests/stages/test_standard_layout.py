@@ -12,7 +12,7 @@ import warnings
 import pytest
 import torch
 
-from cascade_bench import Ensemble, calibrate_thresholds, full_forward, measure_cost, routed_forward
+from cascade_bench import Ensemble, calibrate_thresholds, forward_cascade, measure_cost
 from cascade_bench.stages.families import LAYER_SLICE_RECIPES, MLP_MATRICES, standard_layout_recipe
 from tests.helpers import scripted_exit, token_batch
 from tests.routing.test_invariants import _reference_per_sequence
@@ -92,7 +92,7 @@ def test_a_standard_layout_family_is_cut_right_or_refused_by_name(model_type, te
         return
     ids = token_batch(text, 3, 16, offset=900)
     with torch.inference_mode():
-        blocks = full_forward(ensemble, ids, return_logits=True).logits
+        blocks = forward_cascade(ensemble, ids, return_logits=True, method="full").logits
         unsplit = model(input_ids=ids).logits
     torch.testing.assert_close(blocks, unsplit, atol=2e-5, rtol=1e-4)
     exits = torch.rand(3, 16) < 0.5
@@ -100,7 +100,7 @@ def test_a_standard_layout_family_is_cut_right_or_refused_by_name(model_type, te
     scripted, exits = scripted_exit(ensemble, ids, exits)
     ensemble[0].exit_rule = scripted
     with torch.inference_mode():
-        out = routed_forward(ensemble, ids, thresholds=[0.5])
+        out = forward_cascade(ensemble, ids, thresholds=[0.5])
     reference = _reference_per_sequence(ensemble, ids, exits)
     assert torch.equal(out.exit_stage, (~exits).long())
     torch.testing.assert_close(out.nll[out.scored], reference[out.scored].float(), atol=1e-4, rtol=0)

@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cascade_bench import calibrate_thresholds, routed_forward
+from cascade_bench import calibrate_thresholds, forward_cascade
 from cascade_bench.routing.exit_head import run_exit_head
-from cascade_bench.routing.passes import forward_cascade
 from cascade_bench.training.exit_classifier import classifier_bce, exit_labels, train_exit_classifier
 from cascade_bench.training.loops import TrainConfig
 from tests.helpers import tiny_ensemble, token_batch
@@ -55,7 +54,7 @@ def test_training_lowers_the_loss_and_leaves_the_stages_alone(text):
     ensemble[0].exit_rule = classifier
     calibrate_thresholds(ensemble, validation, 0.5)
     with torch.inference_mode():
-        out = routed_forward(ensemble, validation[0])
+        out = forward_cascade(ensemble, validation[0])
     assert out.tokens_exited[0] == pytest.approx(0.5 * out.tokens_entered[0], abs=2)
 
 

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from cascade_bench import routed_forward
+from cascade_bench import forward_cascade
 from cascade_bench.data.prepare import prepare_data
 from cascade_bench.routing.calibration import calibrate_thresholds
 from cascade_bench.routing.evaluation import evaluate
@@ -91,7 +91,7 @@ def test_hard_tokens_are_exactly_the_routed_ones(data):
     hard = collect_hard_tokens(ensemble, 1, batches)
     for batch, index, shard in zip(batches, hard.flat_indices, hard):
         with torch.inference_mode():
-            out = routed_forward(ensemble, batch["input_ids"], batch.get("attention_mask"), targets=batch["targets"])
+            out = forward_cascade(ensemble, batch["input_ids"], batch.get("attention_mask"), targets=batch["targets"])
             stage0 = ensemble[0](input_ids=batch["input_ids"]).hidden
         expected = (out.exit_stage.reshape(-1) == 1).nonzero().squeeze(1)
         assert torch.equal(index, expected)
@@ -171,8 +171,8 @@ def test_staged_protocol_end_to_end_and_save_load_round_trip(data, tmp_path, kin
     assert loaded.thresholds == ensemble.thresholds and math.isinf(loaded.thresholds[-1])
     batch = data.test[0]
     with torch.inference_mode():
-        a = routed_forward(ensemble, batch["input_ids"], targets=batch["targets"])
-        b = routed_forward(loaded, batch["input_ids"], targets=batch["targets"])
+        a = forward_cascade(ensemble, batch["input_ids"], targets=batch["targets"])
+        b = forward_cascade(loaded, batch["input_ids"], targets=batch["targets"])
     assert torch.equal(a.exit_stage, b.exit_stage) and torch.equal(a.nll, b.nll)
     assert load_saved_tokenizer(tmp_path / "run")("def f():")["input_ids"] == data.tokenizer("def f():")["input_ids"]
     save_ensemble(loaded, tmp_path / "run")  # replacing an existing save
@@ -394,7 +394,7 @@ def test_sequence_level_hard_examples_are_whole_sequences_below_the_threshold_in
     shards = iter(hard)
     for batch, means, rows in zip(batches, hard.mean_confidences, hard.flat_indices):
         with torch.inference_mode():
-            out = routed_forward(
+            out = forward_cascade(
                 ensemble,
                 batch["input_ids"],
                 targets=batch["targets"],
