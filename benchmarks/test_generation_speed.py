@@ -16,7 +16,7 @@ import statistics
 
 import pytest
 
-from cascade_bench.bench.generation import ForcedExitRate
+from cascade_bench.bench.forced_exits import ForcedExitRate
 from cascade_bench.data.corpus import byte_token_windows
 from cascade_bench.routing.generation import generate
 from cascade_bench.stages.exits import resolve_exit_rule

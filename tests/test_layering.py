@@ -257,3 +257,13 @@ def test_the_cycle_finder_sees_a_cycle_through_a_lazy_import_and_not_through_typ
     assert import_cycles(import_graph(sources)) == [
         ["cascade_bench.experiment.plots", "cascade_bench.experiment.reports"]
     ]
+
+
+def test_no_two_modules_share_a_name():
+    """A module's name says what it holds: no two modules of the package share a file name (a reader
+    meeting ``memory.py`` should not have to ask which one)."""
+    names: dict[str, list[str]] = {}
+    for path in PACKAGE_ROOT.rglob("*.py"):
+        if path.name not in ("__init__.py", "__main__.py"):
+            names.setdefault(path.name, []).append(str(path.relative_to(PACKAGE_ROOT)))
+    assert {name: paths for name, paths in names.items() if len(paths) > 1} == {}

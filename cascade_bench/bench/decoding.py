@@ -39,7 +39,7 @@ from ..routing.passes import forward_cascade
 from ..routing.speculative import self_speculative_generate
 from ..stages.ensemble import Ensemble
 from ..stages.exits import resolve_exit_rule
-from .generation import ForcedExitRate
+from .forced_exits import ForcedExitRate
 from .hf_generate import hf_generate_timed
 
 

@@ -64,7 +64,7 @@ def _add_bench_memory_command(commands) -> None:
 def _bench_memory(args: argparse.Namespace) -> int:
     import torch
 
-    from ..bench.memory import run_memory_bench
+    from ..bench.memory_family import run_memory_bench
 
     torch.set_num_threads(args.threads)
     for path in run_memory_bench(args.out, args.parts, args.presets, args.contexts, args.max_epochs).values():

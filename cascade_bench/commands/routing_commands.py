@@ -229,7 +229,7 @@ def _profile_routing(args: argparse.Namespace) -> int:
 
 
 def _bench_blocks(args: argparse.Namespace) -> int:
-    from ..bench.blocks import format_block_table, run_block_bench
+    from ..bench.model_blocks import format_block_table, run_block_bench
 
     ensemble, origin = build_cascade(args)
     rows, conditions = run_block_bench(

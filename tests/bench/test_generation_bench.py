@@ -17,7 +17,7 @@ from cascade_bench.bench.decoding import (
     teacher_forced_policies,
     write_decoding_bench,
 )
-from cascade_bench.bench.generation import CHUNK, ForcedExitRate
+from cascade_bench.bench.forced_exits import CHUNK, ForcedExitRate
 from cascade_bench.cli import main
 from cascade_bench.stages.exits import resolve_exit_rule
 from tests.helpers import tiny_ensemble, token_batch

@@ -1,4 +1,4 @@
-"""Pieces of the memory-family benchmark (``bench.memory``): cache bytes, sliding-window PPL,
+"""Pieces of the memory-family benchmark (``bench.memory_family``): cache bytes, sliding-window PPL,
 the relation stream of the reversal-curse evaluation."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from cascade_bench.bench.memory import EOS_BYTE, build_model, cache_bytes, relation_stream, sliding_ppl
+from cascade_bench.bench.memory_family import EOS_BYTE, build_model, cache_bytes, relation_stream, sliding_ppl
 from cascade_bench.data.relations import entity_pairs, statement
 from cascade_bench.models.memory_lm import create_model
 
@@ -78,11 +78,11 @@ def test_a_saved_benchmark_model_loads_in_a_fresh_process(tmp_path):
     import subprocess
     import sys
 
-    from cascade_bench.bench.memory import _save
+    from cascade_bench.bench.memory_family import _save
 
     _save(create_model("infini", **TINY), tmp_path / "m", {"epochs": 1})
     code = (
-        "import sys; from cascade_bench.bench.memory import _saved; "
+        "import sys; from cascade_bench.bench.memory_family import _saved; "
         "model, history = _saved(__import__('pathlib').Path(sys.argv[1])); print(type(model).__name__, history)"
     )
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m")], capture_output=True, text=True, timeout=300)

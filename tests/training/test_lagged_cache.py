@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cascade_bench.bench.lagged_cache import recurrent_part
+from cascade_bench.bench.lagged_cache_comparison import recurrent_part
 from cascade_bench.models.recurrent_context import RecurrentContextLM
 from cascade_bench.training.lagged_cache import lagged_contexts, recurrent_nll, recurrent_windows, train_recurrent
 from cascade_bench.training.loops import TrainConfig

@@ -2,8 +2,8 @@
 family with the Hugging Face Auto classes."""
 
 from .configuration import LAYER_KINDS, MEMORY_LAYER_KINDS, MemoryLMConfig
+from .memory_presets import MEMORY_PRESETS, create_model
 from .modeling import MemoryLMForCausalLM, MemoryLMModel, register_memory_lm
-from .presets import MEMORY_PRESETS, create_model
 
 register_memory_lm()
 

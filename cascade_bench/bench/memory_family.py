@@ -19,7 +19,7 @@ Three parts, each on the four presets of ``models.memory_lm.MEMORY_PRESETS`` at 
   seen) and, as a control, backward statements with a wrong answer (another pair's), each over the
   answer tokens only; bytes as token ids.
 - ``recurrent``: Lagged Cache Training as its seed describes it, against training through the
-  recurrence, on a recurrent context model (``bench.lagged_cache``); not a memory-layer preset.
+  recurrence, on a recurrent context model (``bench.lagged_cache_comparison``); not a memory-layer preset.
 
 Models, histories and tables go under ``out``; a part that finds its trained model there reuses it.
 """
@@ -49,7 +49,7 @@ from ..stages.presets import stage_config
 from ..training.loops import EarlyStopping, train_epochs
 from ..training.memory_streams import TRAINING_ORDERS, stream_chunks, train_on_streams
 from .choices import MEMORY_PARTS, MEMORY_PRESETS
-from .lagged_cache import recurrent_part
+from .lagged_cache_comparison import recurrent_part
 
 CONTEXT_LENGTHS = (256, 512, 1024, 2048, 4096, 8192)
 
