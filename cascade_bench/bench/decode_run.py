@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -159,6 +159,264 @@ def _counted_flops(call: Callable, ids, mask) -> float:
     return counter.get_total_flops()
 
 
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How the speculative methods draft: ``draft_length`` tokens of the draft model above
+    ``confidence``, ``lookup`` tokens from the prompt (``hf_lookup`` for Hugging Face's), lossy
+    acceptance at ``trust``, and the self-speculative draft length."""
+
+    draft_length: int = 2
+    confidence: float = 0.0
+    lookup: int = 2
+    hf_lookup: int = 10
+    trust: float = 0.5
+    self_spec_length: int = 4
+
+
+@dataclass
+class DecodeModels:
+    """What the methods run on: the real model (as loaded and as an ``LLM``), its pad id, the layer the
+    early-exit methods draft from, the draft model and its vocabulary, and the cut models of the
+    self-speculative methods (untrained exit, trained exit and that exit's recipe)."""
+
+    hf_model: object
+    target: LLM
+    pad_id: int
+    layer: int
+    draft: Optional[LLM] = None
+    vocabulary: Optional[torch.Tensor] = None
+    blocks: Optional[Ensemble] = None
+    trained_blocks: Optional[Ensemble] = None
+    exit_recipe: Optional[str] = None
+
+    def builders(self, tokens: int, options: DecodeOptions) -> dict[str, Callable[[], Callable]]:
+        """Per method, what builds its call for ``tokens`` new tokens."""
+        target, hf_model, pad_id = self.target, self.hf_model, self.pad_id
+        drafting = dict(
+            draft=self.draft,
+            draft_length=options.draft_length,
+            confidence=options.confidence,
+            draft_vocabulary=self.vocabulary,
+        )
+        return {
+            "ours-greedy": lambda: _ours_greedy(target, tokens),
+            "hf-greedy": lambda: _hf(hf_model, tokens, pad_id),
+            "ours-draft": lambda: _speculative(target, tokens, **drafting),
+            "ours-lookup": lambda: _speculative(target, tokens, lookup=options.lookup),
+            "ours-lookup+draft": lambda: _speculative(target, tokens, **drafting, lookup=options.lookup),
+            "ours-self-spec": lambda: _self_speculative(self.blocks, tokens, options.self_spec_length),
+            "ours-self-spec-trained": lambda: _self_speculative(self.trained_blocks, tokens, options.self_spec_length),
+            "ours-lossy": lambda: _speculative(target, tokens, **drafting, trust=options.trust),
+            "hf-assisted": lambda: _hf(hf_model, tokens, pad_id, assistant_model=self.draft.model),
+            "hf-prompt-lookup": lambda: _hf(hf_model, tokens, pad_id, prompt_lookup_num_tokens=options.hf_lookup),
+            "hf-early-exit": lambda: _hf(hf_model, tokens, pad_id, assistant_early_exit=self.layer),
+        }
+
+
+def _checked_methods(methods, flop_tokens, new_tokens, batch_sizes, confidence) -> list[str]:
+    """The methods asked for, the plain baselines first (they always run); ValueError naming a bad
+    argument before anything loads."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; expected some of {METHODS}")
+    if isinstance(flop_tokens, bool) or not isinstance(flop_tokens, int) or flop_tokens < 2:
+        raise ValueError(f"flop_tokens must be an int >= 2 (FLOPs per token difference two calls), got {flop_tokens!r}")
+    if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or new_tokens < 2:
+        raise ValueError(f"new_tokens must be an int >= 2, got {new_tokens!r}")
+    if any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in batch_sizes):
+        raise ValueError(f"batch sizes must be positive ints, got {list(batch_sizes)}")
+    if confidence != "auto" and (
+        isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0 <= confidence <= 1
+    ):
+        raise ValueError(f"confidence must be 'auto' or a probability in [0, 1], got {confidence!r}")
+    return list(PLAIN) + [m for m in methods if m not in PLAIN]
+
+
+def _with_inputs(methods: list[str], draft_path, exits_path, notes: list[str]) -> tuple[list[str], Optional[dict]]:
+    """The methods whose inputs were given (a draft folder, an exits file; the others skipped with a
+    note) and the exits file read (a wrong one refused now, before any long work)."""
+    needs_draft = set(NEEDS_DRAFT) & set(methods)
+    if draft_path is not None and not Path(draft_path).is_dir():
+        raise ValueError(f"--draft {draft_path} is not a folder; expected a draft saved by `cascade-bench train-draft`")
+    if draft_path is None and needs_draft:
+        notes.append(f"no --draft folder: {', '.join(sorted(needs_draft))} skipped")
+        methods = [m for m in methods if m not in needs_draft]
+    if exits_path is not None and not set(NEEDS_EXITS) & set(methods):
+        notes.append(f"--exits {exits_path} not used: none of {', '.join(NEEDS_EXITS)} was asked for")
+    if exits_path is None and set(NEEDS_EXITS) & set(methods):
+        notes.append(f"no --exits file: {', '.join(NEEDS_EXITS)} skipped")
+        methods = [m for m in methods if m not in NEEDS_EXITS]
+    if exits_path is None:
+        return methods, None
+    from ..training.saved_exits import PER_TOKEN_RECIPES, read_exits_file
+
+    saved_exits = read_exits_file(Path(exits_path))
+    if saved_exits["recipe"] not in PER_TOKEN_RECIPES:
+        raise ValueError(
+            f"--exits {exits_path} holds {saved_exits['recipe']!r} exits; self-speculative decoding takes exits "
+            f"that read one position at a time ({', '.join(PER_TOKEN_RECIPES)}): the attention adapter reads "
+            "earlier positions and would need a K/V cache of its own while decoding, which it does not keep"
+        )
+    return methods, saved_exits
+
+
+def _read_suite(tokenizer, prompts_file, per_set, corpus, sets, batch_sizes, notes: list[str]) -> dict:
+    """The prompt sets (from ``prompts_file``, or cut from the corpus); a set with fewer prompts than
+    a batch size is refused."""
+    if prompts_file is not None:
+        suite = read_prompts_file(Path(prompts_file), tokenizer)
+    else:
+        suite, suite_notes = prompt_suite(tokenizer, per_set, corpus, sets)
+        notes.extend(suite_notes)
+    for name, prompts in suite.items():
+        too_few = [b for b in batch_sizes if len(prompts) < b]
+        if too_few:
+            raise ValueError(f"prompt set {name!r} has {len(prompts)} prompts, fewer than batch sizes {too_few}")
+    return suite
+
+
+def _draft_layer(target: LLM, early_exit_layer: Optional[int], saved_exits: Optional[dict], exits_path) -> int:
+    """The layer the early-exit methods draft from: ``early_exit_layer``, or 80% of the depth kept
+    inside the model (a 2-layer model drafts with its first layer); one the exits file holds."""
+    if early_exit_layer is not None and not 1 <= early_exit_layer < target.num_layers:
+        raise ValueError(f"--early-exit-layer must be in [1, {target.num_layers - 1}], got {early_exit_layer}")
+    layer = early_exit_layer or min(max(1, round(0.8 * target.num_layers)), target.num_layers - 1)
+    if saved_exits is not None:
+        from ..training.saved_exits import saved_layers
+
+        held = saved_layers(saved_exits)
+        if layer not in held:
+            raise ValueError(
+                f"--exits {exits_path} has exits at layers {held}, not at the draft layer {layer}: "
+                f"pass --early-exit-layer one of {held}"
+            )
+    return layer
+
+
+def _runnable(methods: list[str], target: LLM, hf_model, notes: list[str]) -> list[str]:
+    """The methods this model can run (a 1-layer model has no earlier layer; Hugging Face's early exit
+    refuses some families), the others noted."""
+    skipped = {}
+    if target.num_layers < 2:
+        skipped = dict.fromkeys(EARLY_EXIT_METHODS, "a 1-layer model has no earlier layer to draft from")
+    elif early_exit_failure(hf_model):
+        skipped = {"hf-early-exit": early_exit_failure(hf_model)}
+    for method, reason in skipped.items():
+        if method in methods:
+            notes.append(f"{method} not run: {reason}")
+    return [m for m in methods if m not in skipped]
+
+
+def _load_draft(models: DecodeModels, draft_path: Path, device: str) -> None:
+    """The draft model and its vocabulary on ``models``; refused unless it shares the real model's ids."""
+    from transformers import AutoModelForCausalLM
+
+    from ..training.draft_job import read_draft_vocabulary
+
+    models.draft = LLM(AutoModelForCausalLM.from_pretrained(draft_path).to(device).eval())
+    models.vocabulary = read_draft_vocabulary(Path(draft_path))
+    if models.draft.vocab_size != models.target.vocab_size:
+        raise ValueError(
+            f"the draft {draft_path} has {models.draft.vocab_size} ids, the real model {models.target.vocab_size}: "
+            "a draft must share the real model's tokenizer"
+        )
+
+
+@dataclass(frozen=True)
+class SuiteMeasure:
+    """How the suite is measured: new tokens per timed call, FLOPs counted over ``flop_span`` tokens
+    (at batch 1, when ``count_flops``), the untimed warm-up's tokens, and how many prompts per set the
+    slow early-exit methods run at batch 1."""
+
+    new_tokens: int
+    flop_span: int
+    warm_span: int
+    count_flops: bool
+    early_exit_prompts: int
+
+
+def _measure_suite(
+    models: DecodeModels,
+    options: DecodeOptions,
+    methods: list[str],
+    suite: dict,
+    batch_sizes: Sequence[int],
+    measure: SuiteMeasure,
+    floor,
+    phases: PhaseClock,
+    notes: list[str],
+    say: Callable,
+) -> tuple[list[DecodeRow], dict[str, float]]:
+    """Every method on every prompt set at every batch size: the rows (each against the fastest plain
+    baseline of its set) and the draft's greedy agreement per set."""
+    timed, counting = models.builders(measure.new_tokens, options), models.builders(measure.flop_span, options)
+    one_token, warming = models.builders(1, options), models.builders(measure.warm_span, options)
+    rows: list[DecodeRow] = []
+    agreement: dict[str, float] = {}  # the draft's top-1 against the real model's greedy tokens, per set
+    rotation = 0  # the methods' order keeps rotating from one set to the next
+    for batch in batch_sizes:
+        active = [m for m in methods if batch == 1 or m not in BATCH_ONE_ONLY]
+        for method in methods:
+            if method not in active:
+                notes.append(f"{method} at batch {batch}: not run (Hugging Face supports it at batch 1 only)")
+        counted = measure.count_flops and batch == 1
+        calls_of = {m: timed[m]() for m in active}
+        counters = {m: (counting[m](), one_token[m]()) for m in active} if counted else {}
+        warmed = False
+        for name, prompts in suite.items():
+            batches = [
+                left_padded(prompts[i : i + batch], models.pad_id) for i in range(0, len(prompts) - batch + 1, batch)
+            ]
+            say(f"batch {batch}, {name}: {len(batches)} calls of each of {len(active)} methods")
+            if not warmed:  # untimed, once per batch size: first calls allocate and pick kernels
+                with phases("warm_up"):
+                    for method in active:
+                        warming[method]()(*batches[0])
+                warmed = True
+            flops = _decoded_flops(counters, batches[0], measure.flop_span, phases) if counted else {}
+            caps = dict.fromkeys(EARLY_EXIT_METHODS, measure.early_exit_prompts) if batch == 1 else {}
+            with phases("timed"):
+                calls = timed_rotation(calls_of, batches, caps=caps, start=rotation)
+            rotation += len(batches)
+            if batch == 1 and models.draft is not None and "ours-greedy" in calls:
+                with phases("draft_agreement"):
+                    agreement[name] = greedy_agreement(models.draft, models.vocabulary, batches, calls["ours-greedy"])
+            rows += _set_rows(calls, active, batch, name, floor, flops)
+    return rows, agreement
+
+
+def _decoded_flops(counters: dict, batch: tuple, flop_span: int, phases: PhaseClock) -> dict[str, float]:
+    """Per method, counted FLOPs per decoded token on ``batch``: (F(span) - F(1)) / (span - 1), so the
+    prompt's pass cancels."""
+    with phases("flop_counting"):
+        return {
+            method: (_counted_flops(long_call, *batch) - _counted_flops(short_call, *batch)) / (flop_span - 1)
+            for method, (long_call, short_call) in counters.items()
+        }
+
+
+def _set_rows(calls: dict, active: list[str], batch: int, name: str, floor, flops: dict) -> list[DecodeRow]:
+    """One set's rows at one batch size: each method against the fastest plain baseline measured in the
+    same rotation, its tokens checked against its own family's greedy tokens."""
+    plain = {m: calls[m] for m in PLAIN if m in calls}
+    baseline = min(plain, key=lambda m: sum(c.seconds for c in plain[m]) / sum(c.tokens.numel() for c in plain[m]))
+    return [
+        summarise(
+            method,
+            batch,
+            name,
+            calls[method],
+            baseline,
+            calls[baseline],
+            calls["hf-greedy" if method.startswith("hf-") else "ours-greedy"],
+            calls["ours-greedy"],
+            floor,
+            flops.get(method, math.nan),
+        )
+        for method in active
+    ]
+
+
 def run_decode_bench(
     target_path: str,
     origin: str,
@@ -194,247 +452,115 @@ def run_decode_bench(
     from ..stages.families import register_own_families
 
     register_own_families()  # a saved model of our own families loads like any other
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"unknown methods {unknown}; expected some of {METHODS}")
-    methods = list(PLAIN) + [m for m in methods if m not in PLAIN]  # the baselines always run
-    if isinstance(flop_tokens, bool) or not isinstance(flop_tokens, int) or flop_tokens < 2:
-        raise ValueError(f"flop_tokens must be an int >= 2 (FLOPs per token difference two calls), got {flop_tokens!r}")
-    if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or new_tokens < 2:
-        raise ValueError(f"new_tokens must be an int >= 2, got {new_tokens!r}")
-    if any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in batch_sizes):
-        raise ValueError(f"batch sizes must be positive ints, got {list(batch_sizes)}")
-    if confidence != "auto" and (
-        isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0 <= confidence <= 1
-    ):
-        raise ValueError(f"confidence must be 'auto' or a probability in [0, 1], got {confidence!r}")
-    needs_draft = set(NEEDS_DRAFT) & set(methods)
     notes: list[str] = []
-    if draft_path is not None and not Path(draft_path).is_dir():
-        raise ValueError(f"--draft {draft_path} is not a folder; expected a draft saved by `cascade-bench train-draft`")
-    if draft_path is None and needs_draft:
-        notes.append(f"no --draft folder: {', '.join(sorted(needs_draft))} skipped")
-        methods = [m for m in methods if m not in needs_draft]
-    if exits_path is not None and not set(NEEDS_EXITS) & set(methods):
-        notes.append(f"--exits {exits_path} not used: none of {', '.join(NEEDS_EXITS)} was asked for")
-    if exits_path is None and set(NEEDS_EXITS) & set(methods):
-        notes.append(f"no --exits file: {', '.join(NEEDS_EXITS)} skipped")
-        methods = [m for m in methods if m not in NEEDS_EXITS]
-    saved_exits = None
-    if exits_path is not None:
-        from ..training.saved_exits import PER_TOKEN_RECIPES, read_exits_file, saved_layers
-
-        saved_exits = read_exits_file(Path(exits_path))  # before any long work: a wrong file is named now
-        if saved_exits["recipe"] not in PER_TOKEN_RECIPES:
-            raise ValueError(
-                f"--exits {exits_path} holds {saved_exits['recipe']!r} exits; self-speculative decoding takes exits "
-                f"that read one position at a time ({', '.join(PER_TOKEN_RECIPES)}): the attention adapter reads "
-                "earlier positions and would need a K/V cache of its own while decoding, which it does not keep"
-            )
+    methods = _checked_methods(methods, flop_tokens, new_tokens, batch_sizes, confidence)
+    methods, saved_exits = _with_inputs(methods, draft_path, exits_path, notes)
     phases = PhaseClock()
     check_tokenizer_folder(target_path, "the real model's folder")
     tokenizer = AutoTokenizer.from_pretrained(target_path)
     with phases("prompt_suite"):
-        if prompts_file is not None:
-            suite = read_prompts_file(Path(prompts_file), tokenizer)
-        else:
-            suite, suite_notes = prompt_suite(tokenizer, per_set, corpus, sets)
-            notes.extend(suite_notes)
-    for name, prompts in suite.items():
-        too_few = [b for b in batch_sizes if len(prompts) < b]
-        if too_few:
-            raise ValueError(f"prompt set {name!r} has {len(prompts)} prompts, fewer than batch sizes {too_few}")
+        suite = _read_suite(tokenizer, prompts_file, per_set, corpus, sets, batch_sizes, notes)
     with phases("loading"):
         hf_model = AutoModelForCausalLM.from_pretrained(target_path).to(device).eval()
     target = LLM(hf_model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    if early_exit_layer is not None and not 1 <= early_exit_layer < target.num_layers:
-        raise ValueError(f"--early-exit-layer must be in [1, {target.num_layers - 1}], got {early_exit_layer}")
-    # the default, 80% of the depth, kept inside the model (a 2-layer model drafts with its first layer)
-    layer = early_exit_layer or min(max(1, round(0.8 * target.num_layers)), target.num_layers - 1)
-    if saved_exits is not None:
-        held = saved_layers(saved_exits)
-        if layer not in held:
-            raise ValueError(
-                f"--exits {exits_path} has exits at layers {held}, not at the draft layer {layer}: "
-                f"pass --early-exit-layer one of {held}"
-            )
-    skipped = {}
-    if target.num_layers < 2:
-        skipped = dict.fromkeys(EARLY_EXIT_METHODS, "a 1-layer model has no earlier layer to draft from")
-    elif early_exit_failure(hf_model):
-        skipped = {"hf-early-exit": early_exit_failure(hf_model)}
-    for method, reason in skipped.items():
-        if method in methods:
-            notes.append(f"{method} not run: {reason}")
-    methods = [m for m in methods if m not in skipped]
-    draft = vocabulary = None
-    if draft_path is not None and needs_draft & set(methods):
-        from ..training.draft_job import read_draft_vocabulary
-
+    layer = _draft_layer(target, early_exit_layer, saved_exits, exits_path)
+    methods = _runnable(methods, target, hf_model, notes)
+    models = DecodeModels(hf_model, target, pad_id, layer)
+    if draft_path is not None and set(NEEDS_DRAFT) & set(methods):
         with phases("loading"):
-            draft = LLM(AutoModelForCausalLM.from_pretrained(draft_path).to(device).eval())
-        vocabulary = read_draft_vocabulary(Path(draft_path))
-        if draft.vocab_size != target.vocab_size:
-            raise ValueError(
-                f"the draft {draft_path} has {draft.vocab_size} ids, the real model {target.vocab_size}: "
-                "a draft must share the real model's tokenizer"
-            )
+            _load_draft(models, draft_path, device)
     with phases("floor"):
         floor = memory_floor(hf_model, device)
     calibration = None
     if confidence == "auto":
         confidence, calibration = 0.0, {"note": "no draft: nothing to calibrate"}
-        if draft is not None:
+        if models.draft is not None:
             with phases("calibration"):
-                confidence, calibration = _calibrated_confidence(target, draft, vocabulary, tokenizer, new_tokens)
-
-    def builders(tokens: int) -> dict[str, Callable[[], Callable]]:
-        """Per method, what builds its call for ``tokens`` new tokens."""
-        return {
-            "ours-greedy": lambda: _ours_greedy(target, tokens),
-            "hf-greedy": lambda: _hf(hf_model, tokens, pad_id),
-            "ours-draft": lambda: _speculative(
-                target,
-                tokens,
-                draft=draft,
-                draft_length=draft_length,
-                confidence=confidence,
-                draft_vocabulary=vocabulary,
-            ),
-            "ours-lookup": lambda: _speculative(target, tokens, lookup=lookup),
-            "ours-lookup+draft": lambda: _speculative(
-                target,
-                tokens,
-                draft=draft,
-                draft_length=draft_length,
-                confidence=confidence,
-                draft_vocabulary=vocabulary,
-                lookup=lookup,
-            ),
-            "ours-self-spec": lambda: _self_speculative(blocks, tokens, self_spec_length),
-            "ours-self-spec-trained": lambda: _self_speculative(trained_blocks, tokens, self_spec_length),
-            "ours-lossy": lambda: _speculative(
-                target,
-                tokens,
-                draft=draft,
-                draft_length=draft_length,
-                confidence=confidence,
-                draft_vocabulary=vocabulary,
-                trust=trust,
-            ),
-            "hf-assisted": lambda: _hf(hf_model, tokens, pad_id, assistant_model=draft.model),
-            "hf-prompt-lookup": lambda: _hf(hf_model, tokens, pad_id, prompt_lookup_num_tokens=hf_lookup),
-            "hf-early-exit": lambda: _hf(hf_model, tokens, pad_id, assistant_early_exit=layer),
-        }
-
-    blocks = Ensemble.from_blocks(hf_model, [layer]) if "ours-self-spec" in methods else None
-    trained_blocks, exit_recipe = None, None
+                confidence, calibration = _calibrated_confidence(
+                    target, models.draft, models.vocabulary, tokenizer, new_tokens
+                )
+    options = DecodeOptions(draft_length, confidence, lookup, hf_lookup, trust, self_spec_length)
+    if "ours-self-spec" in methods:
+        models.blocks = Ensemble.from_blocks(hf_model, [layer])
     if "ours-self-spec-trained" in methods:
         with phases("loading"):
-            trained_blocks, exit_recipe = _trained_exit_blocks(hf_model, layer, saved_exits, Path(exits_path))
-    flop_span = min(flop_tokens, new_tokens)
-    warm_span = min(WARM_UP_TOKENS, new_tokens)
-    timed, counting, one_token = builders(new_tokens), builders(flop_span), builders(1)  # counting is slow
-    warming = builders(warm_span)
-    say = print if progress else (lambda *_: None)
-    rows: list[DecodeRow] = []
-    flops: dict[tuple[str, str], float] = {}
-    agreement: dict[str, float] = {}  # the draft's top-1 against the real model's greedy tokens, per set
-    rotation = 0  # the methods' order keeps rotating from one set to the next
-    for batch in batch_sizes:
-        active = [m for m in methods if batch == 1 or m not in BATCH_ONE_ONLY]
-        for method in methods:
-            if method not in active:
-                notes.append(f"{method} at batch {batch}: not run (Hugging Face supports it at batch 1 only)")
-        calls_of = {m: timed[m]() for m in active}
-        counters = {m: (counting[m](), one_token[m]()) for m in active} if count_flops and batch == 1 else {}
-        warmed = False
-        for name, prompts in suite.items():
-            batches = [left_padded(prompts[i : i + batch], pad_id) for i in range(0, len(prompts) - batch + 1, batch)]
-            say(f"batch {batch}, {name}: {len(batches)} calls of each of {len(active)} methods")
-            warm_ids, warm_mask = batches[0]
-            if not warmed:  # untimed, once per batch size: first calls allocate and pick kernels
-                with phases("warm_up"):
-                    for method in active:
-                        warming[method]()(warm_ids, warm_mask)
-                warmed = True
-            if count_flops and batch == 1:
-                with phases("flop_counting"):
-                    for method in active:
-                        long_call, short_call = counters[method]
-                        decoded = _counted_flops(long_call, warm_ids, warm_mask) - _counted_flops(
-                            short_call, warm_ids, warm_mask
-                        )
-                        flops[(method, name)] = decoded / (flop_span - 1)  # the prompt's pass cancels
-            caps = dict.fromkeys(EARLY_EXIT_METHODS, early_exit_prompts) if batch == 1 else {}
-            with phases("timed"):
-                calls = timed_rotation(calls_of, batches, caps=caps, start=rotation)
-            rotation += len(batches)
-            if batch == 1 and draft is not None and "ours-greedy" in calls:
-                with phases("draft_agreement"):
-                    agreement[name] = greedy_agreement(draft, vocabulary, batches, calls["ours-greedy"])
-            plain = {m: calls[m] for m in PLAIN if m in calls}
-            baseline = min(
-                plain, key=lambda m: sum(c.seconds for c in plain[m]) / sum(c.tokens.numel() for c in plain[m])
+            models.trained_blocks, models.exit_recipe = _trained_exit_blocks(
+                hf_model, layer, saved_exits, Path(exits_path)
             )
-            for method in active:
-                same_as = "hf-greedy" if method.startswith("hf-") else "ours-greedy"
-                rows.append(
-                    summarise(
-                        method,
-                        batch,
-                        name,
-                        calls[method],
-                        baseline,
-                        calls[baseline],
-                        calls[same_as],
-                        calls["ours-greedy"],
-                        floor,
-                        flops.get((method, name), math.nan) if batch == 1 else math.nan,
-                    )
-                )
+    measure = SuiteMeasure(
+        new_tokens, min(flop_tokens, new_tokens), min(WARM_UP_TOKENS, new_tokens), count_flops, early_exit_prompts
+    )
+    say = print if progress else (lambda *_: None)
+    rows, agreement = _measure_suite(models, options, methods, suite, batch_sizes, measure, floor, phases, notes, say)
     rows += whole_suite_rows(rows, new_tokens)
-    capped = " and ".join(m for m in EARLY_EXIT_METHODS if m in methods) or "none of " + ", ".join(EARLY_EXIT_METHODS)
-    conditions = {
-        **environment_conditions(torch.device(device), hf_model.dtype),
-        "model": origin,
-        "draft": str(draft_path) if draft is not None else None,
-        "draft_vocabulary": int(vocabulary.numel()) if vocabulary is not None else None,
-        "suite_version": SUITE_VERSION,
-        "prompt_sets": {name: [p.source for p in prompts] for name, prompts in suite.items()},
-        "prompt_tokens": {name: [len(p.ids) for p in prompts] for name, prompts in suite.items()},
-        "new_tokens": new_tokens,
-        "decoding": "greedy",
-        "draft_length": draft_length,
-        "confidence": confidence if math.isfinite(confidence) else "inf (never draft)",
-        "confidence_calibration": calibration,
-        "draft_greedy_agreement": agreement,
-        "lookup": lookup,
-        "trust": trust,
-        "hf_prompt_lookup_num_tokens": hf_lookup,
-        "early_exit_layer": layer,
-        "exits": {"file": str(exits_path), "recipe": exit_recipe, "trained_on": saved_exits["model"]}
-        if trained_blocks is not None
-        else None,
-        "self_spec_draft_length": self_spec_length,
-        "early_exit_prompts": f"at batch 1, {capped} ran on each set's first {early_exit_prompts} prompts",
-        "flops": f"per decoded token, counted at batch 1 on each set's first prompt: (F({flop_span}) - F(1)) / "
-        f"{flop_span - 1}, F(n) the FLOPs of a call generating n tokens"
-        if count_flops
-        else "not counted",
-        "floor": floor,
-        "warm_up": f"untimed, once per batch size: every method generating {warm_span} tokens for the first "
-        "set's first batch",
-        "phase_seconds": phases.seconds,
-        "notes": notes,
-    }
+    run = dict(
+        device=device, draft_path=draft_path, exits_path=exits_path, saved_exits=saved_exits, calibration=calibration
+    )
+    conditions = _conditions(models, options, measure, methods, suite, floor, agreement, phases, notes, origin, run)
     say("seconds per phase: " + ", ".join(f"{phase} {seconds:.0f}" for phase, seconds in phases.seconds.items()))
     if json_path is not None:
         write_json_atomic(json_path, {"rows": [asdict(r) for r in rows], "conditions": conditions})
     if markdown_path is not None:
         write_text_atomic(markdown_path, format_decode_tables(rows, conditions))
     return rows, conditions
+
+
+def _conditions(
+    models: DecodeModels,
+    options: DecodeOptions,
+    measure: SuiteMeasure,
+    methods: list[str],
+    suite: dict,
+    floor,
+    agreement: dict,
+    phases: PhaseClock,
+    notes: list[str],
+    origin: str,
+    run: dict,
+) -> dict:
+    """What the run measured and how: the machine, the models, the prompt sets, every option, the
+    FLOP counting, the memory floor, the seconds per phase and the notes (``run``: the draft folder,
+    the device asked for, the exits file and what was read from it, the confidence calibration)."""
+    capped = " and ".join(m for m in EARLY_EXIT_METHODS if m in methods) or "none of " + ", ".join(EARLY_EXIT_METHODS)
+    span, draft, vocabulary, confidence = measure.flop_span, models.draft, models.vocabulary, options.confidence
+    return {
+        **environment_conditions(torch.device(run["device"]), models.hf_model.dtype),
+        "model": origin,
+        "draft": str(run["draft_path"]) if draft is not None else None,
+        "draft_vocabulary": int(vocabulary.numel()) if vocabulary is not None else None,
+        "suite_version": SUITE_VERSION,
+        "prompt_sets": {name: [p.source for p in prompts] for name, prompts in suite.items()},
+        "prompt_tokens": {name: [len(p.ids) for p in prompts] for name, prompts in suite.items()},
+        "new_tokens": measure.new_tokens,
+        "decoding": "greedy",
+        "draft_length": options.draft_length,
+        "confidence": confidence if math.isfinite(confidence) else "inf (never draft)",
+        "confidence_calibration": run["calibration"],
+        "draft_greedy_agreement": agreement,
+        "lookup": options.lookup,
+        "trust": options.trust,
+        "hf_prompt_lookup_num_tokens": options.hf_lookup,
+        "early_exit_layer": models.layer,
+        "exits": {
+            "file": str(run["exits_path"]),
+            "recipe": models.exit_recipe,
+            "trained_on": run["saved_exits"]["model"],
+        }
+        if models.trained_blocks is not None
+        else None,
+        "self_spec_draft_length": options.self_spec_length,
+        "early_exit_prompts": f"at batch 1, {capped} ran on each set's first {measure.early_exit_prompts} prompts",
+        "flops": f"per decoded token, counted at batch 1 on each set's first prompt: (F({span}) - F(1)) / "
+        f"{span - 1}, F(n) the FLOPs of a call generating n tokens"
+        if measure.count_flops
+        else "not counted",
+        "floor": floor,
+        "warm_up": f"untimed, once per batch size: every method generating {measure.warm_span} tokens for the first "
+        "set's first batch",
+        "phase_seconds": phases.seconds,
+        "notes": notes,
+    }
 
 
 def _level(value) -> str:
