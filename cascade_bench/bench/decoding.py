@@ -147,6 +147,22 @@ def _hf_seconds_per_token(model, ids: Tensor, new_tokens: int, **options) -> tup
     return call.seconds * loop_share / call.tokens.numel(), call.tokens
 
 
+@dataclass(frozen=True)
+class DecodingSettings:
+    """What ``bench_decoding`` times: ``new_tokens`` per call, ``rate`` of decode tokens (or steps)
+    forced to exit after stage 0 under ``rule``'s cost, the batch policy's ``quorum``, the
+    self-speculative ``draft_length``, and ``repeats`` pairs (after ``warmup``) per variant."""
+
+    new_tokens: int = 65
+    rate: float = 0.5
+    rule: str = "max_prob"
+    quorum: float = 1.0
+    draft_length: int = 4
+    repeats: int = 15
+    warmup: int = 1
+    seed: int = 0
+
+
 def bench_decoding(
     ensemble: Ensemble,
     prompts: dict[int, Tensor],
@@ -166,127 +182,157 @@ def bench_decoding(
         raise ValueError(f"the decoding benchmark needs at least 2 stages, got {len(ensemble)}")
     if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or new_tokens < 3:
         raise ValueError(f"new_tokens must be an int >= 3, got {new_tokens!r}")
-    first = ensemble[0]
-    saved = first.exit_rule
-    exit_at_0 = [0.5] + [math.inf] * (len(ensemble) - 2)
-    steps = new_tokens - 1
-    schedule = [len(ensemble) - 1] * (steps // 2) + [0]
+    settings = DecodingSettings(new_tokens, rate, rule, quorum, draft_length, repeats, warmup, seed)
     hf_model = _hf_model(ensemble) if hf_peer else None
+    saved = ensemble[0].exit_rule
     rows: list[DecodingRow] = []
     try:
         for batch, ids in prompts.items():
-
-            def full():
-                return generate(ensemble, ids, max_new_tokens=new_tokens, method="full")
-
-            reference = full().tokens
-            full()  # a second untimed pass: the first variant's pairs must not pay for warming up
-
-            def record(variant, out, exit_policy="per_token", kv_policy="absent", **extra):
-                out_, mine, theirs, speedup = out
-                same, prefix, nll = _quality(ensemble, ids, out_.tokens, reference)
-                stage_rows = getattr(out_, "stage_rows", None)
-                decode = getattr(out_, "decode_tokens", 0)
-                rows.append(
-                    DecodingRow(
-                        batch_size=batch,
-                        variant=variant,
-                        exit_policy=exit_policy,
-                        kv_policy=kv_policy,
-                        decode_exit_ratio=out_.exit_counts[0] / decode if decode else math.nan,
-                        layer_cost=getattr(out_, "layer_cost", math.nan),
-                        stage1_rows_per_step=(
-                            float(stage_rows[:, 1].float().mean())
-                            if stage_rows is not None and stage_rows.numel()
-                            else math.nan
-                        ),
-                        seconds_per_token=mine,
-                        seconds_per_token_full=theirs,
-                        speedup=speedup,
-                        same_tokens=same,
-                        common_prefix=prefix,
-                        continuation_nll=nll,
-                        **extra,
-                    )
-                )
-
-            def timed(make):
-                return _paired(make, full, repeats, warmup, lambda o: o.seconds_per_token)
-
-            record("full depth", timed(full), exit_policy="-")
-            first.exit_rule = resolve_exit_rule(ForcedExitRate(0.0, rule))
-            record(
-                "stage 0 only (exit/draft step)",
-                timed(
-                    lambda: generate(ensemble, ids, max_new_tokens=new_tokens, thresholds=[-math.inf] + exit_at_0[1:])
-                ),
-            )
-            for kv in ("absent", "propagate", "recompute"):
-                first.exit_rule = resolve_exit_rule(ForcedExitRate(rate, rule, seed=seed))
-                record(
-                    f"per_token, {rate:.0%} forced",
-                    timed(
-                        lambda kv=kv: generate(
-                            ensemble, ids, max_new_tokens=new_tokens, thresholds=exit_at_0, kv_policy=kv
-                        )
-                    ),
-                    kv_policy=kv,
-                )
-            for cost in dict.fromkeys((rule, "cos_sim")):  # the named rule's cost, and the cheapest rule's
-                first.exit_rule = resolve_exit_rule(ForcedStepExit(rate, cost, seed=seed))
-                record(
-                    f"batch (quorum {quorum:g}), {rate:.0%} of steps forced, {cost} cost",
-                    timed(
-                        lambda: generate(
-                            ensemble,
-                            ids,
-                            max_new_tokens=new_tokens,
-                            thresholds=exit_at_0,
-                            exit_policy="batch",
-                            quorum=quorum,
-                        )
-                    ),
-                    exit_policy="batch",
-                )
-            first.exit_rule = saved
-            record(
-                f"schedule: {steps // 2} steps full, then stage 0",
-                timed(
-                    lambda: generate(
-                        ensemble, ids, max_new_tokens=new_tokens, exit_policy="schedule", exit_schedule=schedule
-                    )
-                ),
-                exit_policy="schedule",
-            )
-            spec = timed(
-                lambda: self_speculative_generate(ensemble, ids, max_new_tokens=new_tokens, draft_length=draft_length)
-            )
-            out = spec[0]
-            record(
-                f"self-speculative, draft {draft_length}",
-                spec,
-                exit_policy="speculative",
-                acceptance_rate=out.acceptance_rate,
-                mean_accepted_length=out.mean_accepted_length,
-                verify_share=out.verify_seconds / (out.seconds_per_token * out.tokens.numel()),
-                tokens_per_loop_round=(out.tokens.shape[1] - 1) / out.loop_rounds,
-            )
-            if hf_model is not None:
-                peers = [("HF generate (unsplit model)", {})]
-                known_failure = peers_not_run(ensemble).get("HF assistant_early_exit")
-                if batch == 1 and known_failure:
-                    print(f"HF assistant_early_exit={first.num_layers} not run: {known_failure}")
-                elif batch == 1:  # HF's assisted generation takes batch 1 only
-                    peers.append(
-                        (f"HF assistant_early_exit={first.num_layers}", {"assistant_early_exit": first.num_layers})
-                    )
-                for name, options in peers:
-                    result = _hf_result(hf_model, ids, new_tokens, options, full, repeats, warmup)
-                    if result is not None:
-                        record(name, result, exit_policy="hf")
+            rows += _batch_rows(ensemble, ids, batch, settings, hf_model, saved)
     finally:
-        first.exit_rule = saved
+        ensemble[0].exit_rule = saved
     return rows
+
+
+def _batch_rows(ensemble: Ensemble, ids: Tensor, batch: int, s: DecodingSettings, hf_model, saved) -> list[DecodingRow]:
+    """Every variant on one batch of prompts, each paired with the full-depth decode of the same batch
+    (stage 0's rule set per variant; ``saved``, the ensemble's own, where none is forced)."""
+
+    def full():
+        return generate(ensemble, ids, max_new_tokens=s.new_tokens, method="full")
+
+    reference = full().tokens
+    full()  # a second untimed pass: the first variant's pairs must not pay for warming up
+    rows: list[DecodingRow] = []
+
+    def record(variant: str, timed_out: tuple, exit_policy: str = "per_token", kv_policy: str = "absent", **extra):
+        rows.append(_decoding_row(ensemble, ids, reference, batch, variant, timed_out, exit_policy, kv_policy, extra))
+
+    def timed(make):
+        return _paired(make, full, s.repeats, s.warmup, lambda o: o.seconds_per_token)
+
+    for variant, rule, make, fields in _forced_variants(ensemble, ids, s, full):
+        ensemble[0].exit_rule = rule if rule is not None else saved
+        record(variant, timed(make), **fields)
+    ensemble[0].exit_rule = saved
+    spec = timed(
+        lambda: self_speculative_generate(ensemble, ids, max_new_tokens=s.new_tokens, draft_length=s.draft_length)
+    )
+    out = spec[0]
+    record(
+        f"self-speculative, draft {s.draft_length}",
+        spec,
+        exit_policy="speculative",
+        acceptance_rate=out.acceptance_rate,
+        mean_accepted_length=out.mean_accepted_length,
+        verify_share=out.verify_seconds / (out.seconds_per_token * out.tokens.numel()),
+        tokens_per_loop_round=(out.tokens.shape[1] - 1) / out.loop_rounds,
+    )
+    if hf_model is not None:
+        for name, result in _hf_peer_results(ensemble, hf_model, ids, batch, s, full):
+            record(name, result, exit_policy="hf")
+    return rows
+
+
+def _forced_variants(ensemble: Ensemble, ids: Tensor, s: DecodingSettings, full: Callable) -> list[tuple]:
+    """(variant, stage 0's rule for it or None for the ensemble's own, the call, the row's policy
+    fields) of every variant the forced rules make: full depth, stage 0 alone, the per-token policy
+    under each K/V policy, the batch policy under the named rule's cost and the cheapest rule's, and
+    the schedule. Each forced rule is a fresh instance (they keep a running count)."""
+    n, exit_at_0 = s.new_tokens, [0.5] + [math.inf] * (len(ensemble) - 2)
+    steps = n - 1
+    schedule = [len(ensemble) - 1] * (steps // 2) + [0]
+    variants: list[tuple] = [
+        ("full depth", None, full, {"exit_policy": "-"}),
+        (
+            "stage 0 only (exit/draft step)",
+            resolve_exit_rule(ForcedExitRate(0.0, s.rule)),
+            lambda: generate(ensemble, ids, max_new_tokens=n, thresholds=[-math.inf] + exit_at_0[1:]),
+            {},
+        ),
+    ]
+    for kv in ("absent", "propagate", "recompute"):
+        variants.append(
+            (
+                f"per_token, {s.rate:.0%} forced",
+                resolve_exit_rule(ForcedExitRate(s.rate, s.rule, seed=s.seed)),
+                lambda kv=kv: generate(ensemble, ids, max_new_tokens=n, thresholds=exit_at_0, kv_policy=kv),
+                {"kv_policy": kv},
+            )
+        )
+    for cost in dict.fromkeys((s.rule, "cos_sim")):  # the named rule's cost, and the cheapest rule's
+        variants.append(
+            (
+                f"batch (quorum {s.quorum:g}), {s.rate:.0%} of steps forced, {cost} cost",
+                resolve_exit_rule(ForcedStepExit(s.rate, cost, seed=s.seed)),
+                lambda: generate(
+                    ensemble, ids, max_new_tokens=n, thresholds=exit_at_0, exit_policy="batch", quorum=s.quorum
+                ),
+                {"exit_policy": "batch"},
+            )
+        )
+    variants.append(
+        (
+            f"schedule: {steps // 2} steps full, then stage 0",
+            None,
+            lambda: generate(ensemble, ids, max_new_tokens=n, exit_policy="schedule", exit_schedule=schedule),
+            {"exit_policy": "schedule"},
+        )
+    )
+    return variants
+
+
+def _hf_peer_results(ensemble: Ensemble, hf_model, ids: Tensor, batch: int, s: DecodingSettings, full: Callable):
+    """(name, timed result) of Hugging Face's ``generate`` on the unsplit model and, at batch 1 where
+    it runs, its ``assistant_early_exit`` at stage 0's depth."""
+    depth = ensemble[0].num_layers
+    peers = [("HF generate (unsplit model)", {})]
+    known_failure = peers_not_run(ensemble).get("HF assistant_early_exit")
+    if batch == 1 and known_failure:
+        print(f"HF assistant_early_exit={depth} not run: {known_failure}")
+    elif batch == 1:  # HF's assisted generation takes batch 1 only
+        peers.append((f"HF assistant_early_exit={depth}", {"assistant_early_exit": depth}))
+    for name, options in peers:
+        result = _hf_result(hf_model, ids, s.new_tokens, options, full, s.repeats, s.warmup)
+        if result is not None:
+            yield name, result
+
+
+def _decoding_row(
+    ensemble: Ensemble,
+    ids: Tensor,
+    reference: Tensor,
+    batch: int,
+    variant: str,
+    timed_out: tuple,
+    exit_policy: str,
+    kv_policy: str,
+    extra: dict,
+) -> DecodingRow:
+    """One variant's row: its timed pair (output, its seconds per token, full depth's, the speedup),
+    its decode exit share and stage-1 rows per step, and its tokens against full depth's."""
+    out, mine, theirs, speedup = timed_out
+    same, prefix, nll = _quality(ensemble, ids, out.tokens, reference)
+    stage_rows = getattr(out, "stage_rows", None)
+    decode = getattr(out, "decode_tokens", 0)
+    return DecodingRow(
+        batch_size=batch,
+        variant=variant,
+        exit_policy=exit_policy,
+        kv_policy=kv_policy,
+        decode_exit_ratio=out.exit_counts[0] / decode if decode else math.nan,
+        layer_cost=getattr(out, "layer_cost", math.nan),
+        stage1_rows_per_step=(
+            float(stage_rows[:, 1].float().mean()) if stage_rows is not None and stage_rows.numel() else math.nan
+        ),
+        seconds_per_token=mine,
+        seconds_per_token_full=theirs,
+        speedup=speedup,
+        same_tokens=same,
+        common_prefix=prefix,
+        continuation_nll=nll,
+        **extra,
+    )
 
 
 #: Model families on which transformers' ``assistant_early_exit`` is known to fail, and why: the
