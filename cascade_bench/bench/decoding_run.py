@@ -6,6 +6,7 @@ JSON file."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -16,7 +17,14 @@ from ..data.corpus import EMBEDDED_BYTES, embedded_byte_windows
 from ..measure.environment import environment_conditions
 from ..routing.calibration import calibrate_thresholds
 from ..stages.ensemble import Ensemble
-from .decoding import bench_decoding, decoding_checks, peers_not_run, teacher_forced_policies, write_decoding_bench
+from .decoding import (
+    DecodingSettings,
+    bench_decoding,
+    decoding_checks,
+    peers_not_run,
+    teacher_forced_policies,
+    write_decoding_bench,
+)
 
 
 def decode_prompts(
@@ -114,21 +122,11 @@ def run_decoding_bench(
     )
     prompts = {b: prompt_rows[:b].to(ensemble.device) for b in batch_sizes}
     calibrate_thresholds(ensemble, calibration, hard_ratio)
-    exit_rate = 1.0 - hard_ratio  # the share of decode tokens (or steps) the forced rule exits
+    # the forced rule exits the rest: 1 - hard_ratio of decode tokens (or steps)
+    settings = DecodingSettings(new_tokens, 1.0 - hard_ratio, rule, quorum, draft_length, repeats, warmup, seed)
     teacher_forced = teacher_forced_policies(ensemble, windows)
-    rows = bench_decoding(
-        ensemble,
-        prompts,
-        new_tokens=new_tokens,
-        rate=exit_rate,
-        rule=rule,
-        quorum=quorum,
-        draft_length=draft_length,
-        repeats=repeats,
-        warmup=warmup,
-        seed=seed,
-    )
-    checks = decoding_checks(rows, draft_length, exit_rate)
+    rows = bench_decoding(ensemble, prompts, **asdict(settings))
+    checks = decoding_checks(rows, draft_length, settings.rate)
     conditions = {
         **environment_conditions(ensemble.device, ensemble.dtype),
         "model": origin,
@@ -145,8 +143,7 @@ def run_decoding_bench(
         "quorum": quorum,
         "draft_length": draft_length,
         "teacher_forced": f"thresholds calibrated so that {hard_ratio:.0%} of validation tokens continue "
-        f"past stage 0 (hard ratio {hard_ratio:g}), "
-        f"measured on {len(windows)} test batches",
+        f"past stage 0, measured on {len(windows)} test batches",
         "not_run": peers_not_run(ensemble),
     }
     if json_path is not None:
