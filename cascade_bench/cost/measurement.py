@@ -33,7 +33,7 @@ import resource
 import time
 import warnings
 from dataclasses import dataclass, field, fields
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 
@@ -238,78 +238,116 @@ def measure_cost(
         isinstance(timing_batches, bool) or not isinstance(timing_batches, int) or timing_batches < 1
     ):
         raise ValueError(f"timing_batches must be None (all) or a positive int, got {timing_batches!r}")
-    device = ensemble.device
-    batches = list(batches)
-    data = _prepared(shard(batches), device)
+    data = _prepared(shard(list(batches)), ensemble.device)
     timed_data = data[: first_share(timing_batches)] if timing_batches else data
     stages = list(ensemble.stages)
     num_stages = forward_kwargs.get("num_stages") or len(stages)
 
-    def one_pass(probe: Probe = NO_PROBE, over=timed_data) -> list[RoutedOutput]:
-        return [
-            forward_cascade(ensemble, ids, mask, targets, method=method, probe=probe, **forward_kwargs)
-            for ids, mask, targets in over
-        ]
+    def run(ids, mask, targets, probe: Probe = NO_PROBE) -> RoutedOutput:
+        return forward_cascade(ensemble, ids, mask, targets, method=method, probe=probe, **forward_kwargs)
 
     with evaluation_mode(ensemble), torch.inference_mode():
-        totals = Totals(device)
-        counted: Optional[FlopBreakdown] = None
-        outputs: list[RoutedOutput] = []
-        start = time.perf_counter_ns()
-        for ids, mask, targets in data:
-            if count_flops:
-                breakdown, out = count_pass_flops(
-                    lambda probe: forward_cascade(
-                        ensemble, ids, mask, targets, method=method, probe=probe, **forward_kwargs
-                    ),
-                    num_stages,
-                )
-                counted = breakdown if counted is None else counted + breakdown
-            else:
-                out = forward_cascade(ensemble, ids, mask, targets, method=method, **forward_kwargs)
-            totals.add(out)
-            outputs.append(out)
-        counted_pass_s = (time.perf_counter_ns() - start) / 1e9 if count_flops else math.nan
-        samples = time_call(one_pass, warmup=warmup, repeats=repeats, device=device).samples if timed else (math.nan,)
-        span_wall, span_stats = (
-            time_spans(one_pass, device=device, warmup=0, repeats=repeats) if spans and timed else (None, {})
-        )
-        peak, how = 0, "" if timed else "not timed"
-        for ids, mask, targets in timed_data if timed else ():
-            bytes_, how, _ = peak_memory_bytes(
-                lambda: forward_cascade(ensemble, ids, mask, targets, method=method, **forward_kwargs), device
-            )
-            peak = max(peak, bytes_)
-        syncs = _count_host_syncs(one_pass, device) if timed else None
+        totals, counted, outputs, counted_pass_s = _quality_pass(run, data, count_flops, num_stages, ensemble.device)
+        clock = _timed(run, timed_data, ensemble.device, warmup, repeats, spans) if timed else _NOT_TIMED
     quality = totals.result(ensemble, method, conditions)
+    stage_records, timed_analytic = _stage_records(
+        stages[:num_stages], outputs, counted, len(timed_data) if timed else 0
+    )
+    share = _Share(
+        counted=counted,
+        stages=stage_records,
+        fvcore=_fvcore_total(stages[:num_stages], outputs) if fvcore else None,
+        timed_tokens=sum(int(out.tokens_entered[0]) for out in outputs[: len(timed_data)]),
+        timed_batches=len(timed_data) if timed else 0,
+        timed_analytic=timed_analytic,
+        batches=len(data),
+        wall=clock.samples,
+        spans={name: stats.median for name, stats in clock.span_stats.items()},
+        span_wall=clock.span_wall.median if clock.span_wall is not None else math.nan,
+        counted_pass_s=counted_pass_s,
+        peak=clock.peak,
+        peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        syncs=clock.syncs,
+    )
+    settings = {"warmup": warmup, "repeats": repeats, "flops_counted": count_flops, "timed": timed}
+    return _cost_record(method, quality, _combined(all_ranks(share)), clock.memory_measure, ensemble.device, settings)
 
-    configs = [stage.config for stage in stages[:num_stages]]
-    fv = FvcoreCounter(stages[:num_stages]) if fvcore else None
-    fv_total = None
-    stage_records = []
-    timed_analytic = 0  # the analytic FLOPs of the timed batches alone: what the wall time is compared with
-    for k in range(num_stages):
-        analytic_k, padding_k, rule_k, decision_k = 0, 0, 0, 0
-        for i, out in enumerate(outputs):
-            costs = routed_cost(
-                configs,
-                out.stage_batch_shapes,
-                out.head_tokens,
-                exit_rule_macs(stages[:num_stages], out.decided_tokens),
-                out.propagated_tokens,
-                head_macs_of(stages[:num_stages]),
-            )
-            analytic_k += costs[k].total
-            if timed and i < len(timed_data):
-                timed_analytic += costs[k].total
-            padding_k += padding_flops(configs[k], out.stage_batch_shapes[k], _row_lengths(out, k))
-            rule_k += costs[k].exit_rule
-            decision_k += decision_flops(costs, out.head_tokens, out.tokens_exited)[k]
+
+def _quality_pass(run: Callable, data: list, count_flops: bool, num_stages: int, device) -> tuple:
+    """One pass over every batch: (quality totals, counted FLOPs or None, each batch's output, the
+    pass's seconds when counted, else NaN)."""
+    totals = Totals(device)
+    counted: Optional[FlopBreakdown] = None
+    outputs: list[RoutedOutput] = []
+    start = time.perf_counter_ns()
+    for ids, mask, targets in data:
+        if count_flops:
+            breakdown, out = count_pass_flops(lambda probe: run(ids, mask, targets, probe), num_stages)
+            counted = breakdown if counted is None else counted + breakdown
+        else:
+            out = run(ids, mask, targets)
+        totals.add(out)
+        outputs.append(out)
+    counted_pass_s = (time.perf_counter_ns() - start) / 1e9 if count_flops else math.nan
+    return totals, counted, outputs, counted_pass_s
+
+
+@dataclass(frozen=True)
+class _Clock:
+    """What the timed batches gave: the wall time samples of the whole pass, the span-timed pass's
+    wall time and spans (None / empty when not span-timed), the peak memory and how it was read, and
+    the host-device syncs of one pass (None when not timed)."""
+
+    samples: tuple
+    span_wall: Optional[TimingStats]
+    span_stats: dict
+    peak: int
+    memory_measure: str
+    syncs: Optional[int]
+
+
+_NOT_TIMED = _Clock(samples=(math.nan,), span_wall=None, span_stats={}, peak=0, memory_measure="not timed", syncs=None)
+
+
+def _timed(run: Callable, timed_data: list, device, warmup: int, repeats: int, spans: bool) -> _Clock:
+    """Wall time (median of ``repeats`` after ``warmup``), span times, peak memory per batch and host
+    syncs of the pass over ``timed_data``."""
+
+    def one_pass(probe: Probe = NO_PROBE) -> list[RoutedOutput]:
+        return [run(ids, mask, targets, probe) for ids, mask, targets in timed_data]
+
+    samples = time_call(one_pass, warmup=warmup, repeats=repeats, device=device).samples
+    span_wall, span_stats = time_spans(one_pass, device=device, warmup=0, repeats=repeats) if spans else (None, {})
+    peak, how = 0, ""
+    for ids, mask, targets in timed_data:
+        bytes_, how, _ = peak_memory_bytes(lambda: run(ids, mask, targets), device)
+        peak = max(peak, bytes_)
+    return _Clock(samples, span_wall, span_stats, peak, how, _count_host_syncs(one_pass, device))
+
+
+def _stage_records(stages: list, outputs: list[RoutedOutput], counted, timed_batches: int) -> tuple[list, int]:
+    """Each stage's record (counted FLOPs from ``counted``, analytic ones from each output's shapes) and
+    the analytic FLOPs of the first ``timed_batches`` outputs alone: what the wall time covers."""
+    configs = [stage.config for stage in stages]
+    costs = [
+        routed_cost(
+            configs,
+            out.stage_batch_shapes,
+            out.head_tokens,
+            exit_rule_macs(stages, out.decided_tokens),
+            out.propagated_tokens,
+            head_macs_of(stages),
+        )
+        for out in outputs
+    ]
+    timed_analytic = sum(cost.total for per_stage in costs[:timed_batches] for cost in per_stage)
+    records = []
+    for k, stage in enumerate(stages):
         c = counted.stages[k] if counted is not None else None
-        stage_records.append(
+        records.append(
             StageCostRecord(
                 stage=k,
-                layers_in_stage=stages[k].num_layers,
+                layers_in_stage=stage.num_layers,
                 tokens_entered=sum(o.tokens_entered[k] for o in outputs),
                 slots_computed=sum(o.slots_computed[k] for o in outputs),
                 head_tokens=sum(o.head_tokens[k] for o in outputs),
@@ -319,37 +357,34 @@ def measure_cost(
                 exit_head_flops=c and c.exit_head,
                 exit_rule_flops=c and c.exit_rule,
                 other_flops=c and c.other,
-                padding_flops=padding_k,
-                analytic_flops=analytic_k,
-                analytic_exit_rule_flops=rule_k,
-                decision_flops=decision_k,
+                padding_flops=sum(
+                    padding_flops(configs[k], out.stage_batch_shapes[k], _row_lengths(out, k)) for out in outputs
+                ),
+                analytic_flops=sum(per_stage[k].total for per_stage in costs),
+                analytic_exit_rule_flops=sum(per_stage[k].exit_rule for per_stage in costs),
+                decision_flops=sum(
+                    decision_flops(per_stage, out.head_tokens, out.tokens_exited)[k]
+                    for per_stage, out in zip(costs, outputs)
+                ),
             )
         )
-    if fv is not None:
-        from .fvcore_check import FvcoreCount
+    return records, timed_analytic
 
-        fv_total = FvcoreCount()
-        for out in outputs:
-            fv_total.add(fv.count(out.stage_batch_shapes, out.head_tokens))
-    share = _Share(
-        counted=counted,
-        stages=stage_records,
-        fvcore=fv_total,
-        timed_tokens=sum(int(out.tokens_entered[0]) for out in outputs[: len(timed_data)]),
-        timed_batches=len(timed_data) if timed else 0,
-        timed_analytic=timed_analytic,
-        batches=len(data),
-        wall=samples,
-        spans={name: stats.median for name, stats in span_stats.items()},
-        span_wall=span_wall.median if span_wall is not None else math.nan,
-        counted_pass_s=counted_pass_s,
-        peak=peak,
-        peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        syncs=syncs,
-    )
-    share = _combined(all_ranks(share))
-    counted, fv_total, stage_records, wall = share.counted, share.fvcore, share.stages, TimingStats(share.wall)
-    analytic_total = sum(record.analytic_flops for record in stage_records)
+
+def _fvcore_total(stages: list, outputs: list[RoutedOutput]):
+    """fvcore's count of the same pass, batch by batch (``fvcore_check``)."""
+    from .fvcore_check import FvcoreCount
+
+    counter, total = FvcoreCounter(stages), FvcoreCount()
+    for out in outputs:
+        total.add(counter.count(out.stage_batch_shapes, out.head_tokens))
+    return total
+
+
+def _cost_record(method: str, quality, share: _Share, memory_measure: str, device, settings: dict) -> CostRecord:
+    """The record of a pass from the quality and every rank's measured share combined (``settings``:
+    warmup, repeats, whether FLOPs were counted and time measured)."""
+    counted, fv_total, wall, timed = share.counted, share.fvcore, TimingStats(share.wall), settings["timed"]
     timed_tokens, syncs = share.timed_tokens, share.syncs
     # Seconds per token of the counted pass over those of the median uncounted pass.
     overhead = (share.counted_pass_s / quality.routed_tokens) / (wall.median / timed_tokens)
@@ -358,12 +393,12 @@ def measure_cost(
         quality=quality,
         flops=counted and counted.total,
         macs=counted and counted.macs,
-        flops_analytic=analytic_total,
+        flops_analytic=sum(record.analytic_flops for record in share.stages),
         flops_analytic_timed=share.timed_analytic if share.timed_batches else None,
         flops_fvcore=None if fv_total is None else fv_total.flops,
         flops_fvcore_matmul=None if fv_total is None else fv_total.matmul_flops,
         fvcore_unsupported={} if fv_total is None else dict(sorted(fv_total.unsupported.items())),
-        stages=tuple(stage_records),
+        stages=tuple(share.stages),
         flops_by_op=counted.by_op if counted is not None else {},
         time_median_s=wall.median,
         time_iqr_s=wall.iqr if timed else math.nan,
@@ -373,18 +408,18 @@ def measure_cost(
         counted_pass_s=share.counted_pass_s,
         counting_overhead=overhead,
         peak_memory_bytes=share.peak,
-        memory_measure=how,
+        memory_measure=memory_measure,
         peak_rss_bytes=share.peak_rss,
         host_syncs_per_forward=None if syncs is None or not share.timed_batches else syncs / share.timed_batches,
         conditions={
             **quality.conditions,
-            "warmup": warmup,
-            "repeats": repeats,
+            "warmup": settings["warmup"],
+            "repeats": settings["repeats"],
             "timer": "cuda_events" if device.type == "cuda" else "perf_counter_ns",
             "timed_batches": share.timed_batches,
             "timed_tokens": timed_tokens if timed else 0,
             "batches": share.batches,
-            "flops_counted": count_flops,
+            "flops_counted": settings["flops_counted"],
             "timed": timed,
         },
     )
