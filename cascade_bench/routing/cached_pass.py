@@ -136,6 +136,13 @@ class CachedPassCounts:
     propagated: list = field(default_factory=list)
     shapes: list = field(default_factory=list)
 
+    def add(self, entered: int, computed: int, propagated: int, shapes: tuple) -> None:
+        """One more stage's counts."""
+        self.entered.append(entered)
+        self.computed.append(computed)
+        self.propagated.append(propagated)
+        self.shapes.append(shapes)
+
 
 #: decide(k, flat_index, hidden, input_state, last) -> bool exit mask; at the last stage all True.
 Decide = Callable[[int, Tensor, Tensor, Optional[Tensor], bool], Tensor]
@@ -153,90 +160,110 @@ def cached_pass(
     pending: Optional[list[Optional[Pending]]] = None,
     probe: Probe = NO_PROBE,
 ) -> CachedPassCounts:
-    """Route every real token of ``input_ids`` (B, T) (``real``: (B, T) bool) through ``stages``,
-    filling the empty ``caches`` under ``kv_policy`` (see the module doc). ``decide`` is asked at
-    every stage for the tokens that reached it; ``capture[k]``: hand it stage k's last-layer
-    input. ``pending``: under ``recompute``, per stage (None for stage 0), receives the tokens
-    left waiting to enter it."""
+    """Route every real token of ``input_ids`` (B, T) (``real``: (B, T) bool) through ``stages``, filling
+    the empty ``caches`` under ``kv_policy`` (module doc). ``decide`` is asked at every stage for the
+    tokens that reached it (``capture[k]``: with stage k's last-layer input). ``pending``: under
+    ``recompute``, per stage (None for stage 0), receives the tokens left waiting to enter it."""
     batch, seq_len = input_ids.shape
-    device = input_ids.device
     flat_real = real.reshape(-1).nonzero().squeeze(1)
     original = (torch.cumsum(real.long(), dim=1) - 1).reshape(-1)
     live, live_state = flat_real, None  # tokens that reached the current stage, and their input states
     run, run_state = flat_real, None  # tokens its layers run on (recompute: each row's prefix)
-    exited = flat_real[:0]  # propagate: tokens that exited so far, their exit states
-    exited_state: Optional[Tensor] = None
+    exited, exited_state = flat_real[:0], None  # propagate: tokens that exited so far, their exit states
     counts = CachedPassCounts()
     for k, stage in enumerate(stages):
-        last = k == len(stages) - 1
-        cache = caches[k]
+        last, cache = k == len(stages) - 1, caches[k]
         with probe.span(f"stage{k}"):
-            propagated, shapes = 0, []
-            key_block = None
+            propagated, key_block = 0, None
             if kv_policy == "propagate" and exited.numel():
                 with probe.span(f"stage{k}.layers"):
                     key_block = _propagate_block(stage, cache, exited, exited_state, original, seq_len, batch)
                 propagated = exited.numel()
             tokens, states = (run, run_state) if kv_policy == "recompute" else (live, live_state)
             if tokens.numel() == 0:
-                counts.entered.append(0), counts.computed.append(0), counts.propagated.append(propagated)
-                counts.shapes.append(())
+                counts.add(0, 0, propagated, ())
                 continue
             with probe.span(f"stage{k}.gather"):
-                (layout,) = plan_layouts(tokens, seq_len, batch, "padded")
-                rows = torch.div(tokens, seq_len, rounding_mode="floor").unique()
-                new_valid = to_dense(torch.ones_like(tokens, dtype=torch.bool), layout, fill=False)
-                if positions == "compact" and kv_policy == "absent":
-                    position_ids = torch.arange(layout.length, device=device).expand(layout.num_rows, -1)
-                else:
-                    position_ids = to_dense(original[tokens], layout, fill=0)
-                kwargs = (
-                    {"input_ids": to_dense(input_ids.reshape(-1)[tokens], layout)}
-                    if k == 0
-                    else {"inputs_embeds": to_dense(states, layout)}
+                layout, rows, new_valid, position_ids, mask, keys, inputs = _gathered(
+                    stage, k, tokens, states, input_ids, original, key_block, positions, kv_policy
                 )
-                mask, keys = None, layout.length
-                if key_block is not None:
-                    key_positions, key_valid = key_block
-                    mask = _position_mask(
-                        torch.cat([key_positions[rows], position_ids], dim=1),
-                        torch.cat([key_valid[rows], new_valid], dim=1),
-                        position_ids,
-                        stage.dtype,
-                    )
-                    keys += key_positions.shape[1]
             with probe.span(f"stage{k}.layers"):
                 hidden, input_state = stage_call(
-                    stage, cache, rows, new_valid, position_ids, capture[k], attention_mask=mask, **kwargs
+                    stage, cache, rows, new_valid, position_ids, capture[k], attention_mask=mask, **inputs
                 )
             hidden = hidden[layout.rows, layout.cols]
             input_state = input_state[layout.rows, layout.cols] if capture[k] else None
-            shapes.append(
-                (layout.num_rows, layout.length) if keys == layout.length else (layout.num_rows, layout.length, keys)
+            shape = (layout.num_rows, layout.length) + ((keys,) if keys != layout.length else ())
+            live_hidden, live_input = (
+                _at(tokens, live, hidden, input_state) if kv_policy == "recompute" else (hidden, input_state)
             )
-            if kv_policy == "recompute":
-                at = torch.searchsorted(tokens, live)
-                live_hidden = hidden[at]
-                live_input = input_state[at] if input_state is not None else None
-            else:
-                live_hidden, live_input = hidden, input_state
             exits = decide(k, live, live_hidden, live_input, last)
-            counts.entered.append(live.numel()), counts.computed.append(tokens.numel())
-            counts.propagated.append(propagated), counts.shapes.append(tuple(shapes))
+            counts.add(live.numel(), tokens.numel(), propagated, (shape,))
             if kv_policy == "propagate" and not last and bool(exits.any()):
-                exited, order = torch.cat([exited, live[exits]]).sort()
-                joined = live_hidden[exits] if exited_state is None else torch.cat([exited_state, live_hidden[exits]])
-                exited_state = joined[order]
+                exited, exited_state = _with_exits(exited, exited_state, live[exits], live_hidden[exits])
             live, live_state = live[~exits], live_hidden[~exits]
             if kv_policy == "recompute" and not last:
-                last_position = torch.full((batch,), -1, dtype=torch.long, device=device)
-                live_rows = torch.div(live, seq_len, rounding_mode="floor")
-                last_position.scatter_reduce_(0, live_rows, original[live], reduce="amax")
-                keep = original[tokens] <= last_position[torch.div(tokens, seq_len, rounding_mode="floor")]
+                keep = _recomputed_prefix(tokens, live, original, batch, seq_len)
                 if pending is not None and pending[k + 1] is not None:
                     pending[k + 1].push_flat(tokens[~keep], hidden[~keep], original[tokens[~keep]], seq_len)
                 run, run_state = tokens[keep], hidden[keep]
     return counts
+
+
+def _at(tokens: Tensor, live: Tensor, hidden: Tensor, input_state: Optional[Tensor]) -> tuple:
+    """The rows of ``hidden`` (and ``input_state``) of the ``live`` tokens among the sorted ``tokens``
+    a stage ran on (under ``recompute`` it also ran on their prefixes)."""
+    at = torch.searchsorted(tokens, live)
+    return hidden[at], input_state[at] if input_state is not None else None
+
+
+def _with_exits(exited: Tensor, exited_state: Optional[Tensor], new: Tensor, new_state: Tensor) -> tuple:
+    """The tokens that exited so far and their exit states, with ``new`` ones added, kept sorted."""
+    exited, order = torch.cat([exited, new]).sort()
+    joined = new_state if exited_state is None else torch.cat([exited_state, new_state])
+    return exited, joined[order]
+
+
+def _gathered(
+    stage, k: int, tokens: Tensor, states, input_ids: Tensor, original: Tensor, key_block, positions, kv_policy
+):
+    """Stage ``k``'s padded input from the flat ``tokens`` it runs on: (layout, the batch rows they sit
+    in, which slots are new, position ids, the attention mask over the propagated keys and the new
+    ones (None without propagated keys), the key count, and its inputs: token ids at stage 0, else
+    the input states)."""
+    batch, seq_len = input_ids.shape
+    (layout,) = plan_layouts(tokens, seq_len, batch, "padded")
+    rows = torch.div(tokens, seq_len, rounding_mode="floor").unique()
+    new_valid = to_dense(torch.ones_like(tokens, dtype=torch.bool), layout, fill=False)
+    if positions == "compact" and kv_policy == "absent":
+        position_ids = torch.arange(layout.length, device=input_ids.device).expand(layout.num_rows, -1)
+    else:
+        position_ids = to_dense(original[tokens], layout, fill=0)
+    inputs = (
+        {"input_ids": to_dense(input_ids.reshape(-1)[tokens], layout)}
+        if k == 0
+        else {"inputs_embeds": to_dense(states, layout)}
+    )
+    mask, keys = None, layout.length
+    if key_block is not None:
+        key_positions, key_valid = key_block
+        mask = _position_mask(
+            torch.cat([key_positions[rows], position_ids], dim=1),
+            torch.cat([key_valid[rows], new_valid], dim=1),
+            position_ids,
+            stage.dtype,
+        )
+        keys += key_positions.shape[1]
+    return layout, rows, new_valid, position_ids, mask, keys, inputs
+
+
+def _recomputed_prefix(tokens: Tensor, live: Tensor, original: Tensor, batch: int, seq_len: int) -> Tensor:
+    """Under ``recompute``, which of the ``tokens`` a stage ran on the next stage runs again: in each
+    row, those up to the last token still live there (the prefix its keys and values need)."""
+    last_position = torch.full((batch,), -1, dtype=torch.long, device=tokens.device)
+    live_rows = torch.div(live, seq_len, rounding_mode="floor")
+    last_position.scatter_reduce_(0, live_rows, original[live], reduce="amax")
+    return original[tokens] <= last_position[torch.div(tokens, seq_len, rounding_mode="floor")]
 
 
 def _propagate_block(

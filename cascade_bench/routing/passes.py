@@ -132,6 +132,23 @@ def resolve_thresholds(ensemble: Ensemble, thresholds: Optional[Sequence[float]]
     return tuple(values)
 
 
+def _check_pass_options(method: str, batching: str, positions: str, open_end: bool, kv_policy: str) -> None:
+    """ValueError naming a method, position mode or K/V policy that does not exist, or a combination
+    the pass does not run (a K/V policy or an open end outside padded routed passes)."""
+    check_kv_policy(kv_policy)
+    if kv_policy != "absent" and (method != "routed" or batching != "padded" or open_end):
+        raise ValueError(
+            f"kv_policy={kv_policy!r} needs method='routed', batching='padded' and no open_end; got "
+            f"method={method!r}, batching={batching!r}, open_end={open_end!r}"
+        )
+    if open_end and method != "routed":
+        raise ValueError(f"open_end needs method='routed', got {method!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if positions not in POSITION_MODES:
+        raise ValueError(f"positions must be one of {POSITION_MODES}, got {positions!r}")
+
+
 def forward_cascade(
     ensemble: Ensemble,
     input_ids: Tensor,
@@ -169,18 +186,7 @@ def forward_cascade(
     merge where the padding costs less (``compaction.plan_layouts``; None = ``CALL_OVERHEAD_SLOTS``,
     0 keeps every class apart).
     """
-    check_kv_policy(kv_policy)
-    if kv_policy != "absent" and (method != "routed" or batching != "padded" or open_end):
-        raise ValueError(
-            f"kv_policy={kv_policy!r} needs method='routed', batching='padded' and no open_end; got "
-            f"method={method!r}, batching={batching!r}, open_end={open_end!r}"
-        )
-    if open_end and method != "routed":
-        raise ValueError(f"open_end needs method='routed', got {method!r}")
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if positions not in POSITION_MODES:
-        raise ValueError(f"positions must be one of {POSITION_MODES}, got {positions!r}")
+    _check_pass_options(method, batching, positions, open_end, kv_policy)
     ensemble.validate()
     num_stages = len(ensemble) if num_stages is None else num_stages
     if isinstance(num_stages, bool) or not isinstance(num_stages, int) or not 1 <= num_stages <= len(ensemble):

@@ -191,20 +191,9 @@ def routed_violations(
     return violations, tokens
 
 
-def risk_controlled_thresholds(
-    ensemble: Ensemble,
-    batches: Sequence,
-    delta: float = 0.1,
-    epsilon: float = 0.1,
-    risk: str = "disagreement",
-    nll_tolerance: float = 0.0,
-    grid: Sequence[float] = RISK_GRID,
-    **forward_kwargs,
-) -> RiskControlResult:
-    """Choose thresholds so that, with probability >= 1 - epsilon, the routed pass's ``risk`` is at
-    most ``delta`` (see the module doc); set them on the ensemble and return the record.
-    ``batches``: the calibration split, at least 2 batches (even ones calibrate, odd ones test)."""
-    batches = list(batches)
+def _checked_arguments(batches: list, delta, epsilon, risk: str, nll_tolerance, grid: Sequence[float]) -> tuple:
+    """The grid of hard ratios as floats, after every argument of ``risk_controlled_thresholds`` is
+    checked (ValueError naming the bad one)."""
     if len(batches) < 2:
         raise ValueError(
             f"risk control needs at least 2 calibration batches (one half proposes thresholds, "
@@ -219,6 +208,24 @@ def risk_controlled_thresholds(
     grid = tuple(float(r) for r in grid)
     if list(grid) != sorted(grid, reverse=True):
         raise ValueError(f"the grid of hard ratios must go from the most cautious (largest) down, got {list(grid)}")
+    return grid
+
+
+def risk_controlled_thresholds(
+    ensemble: Ensemble,
+    batches: Sequence,
+    delta: float = 0.1,
+    epsilon: float = 0.1,
+    risk: str = "disagreement",
+    nll_tolerance: float = 0.0,
+    grid: Sequence[float] = RISK_GRID,
+    **forward_kwargs,
+) -> RiskControlResult:
+    """Choose thresholds so that, with probability >= 1 - epsilon, the routed pass's ``risk`` is at
+    most ``delta`` (see the module doc); set them on the ensemble and return the record.
+    ``batches``: the calibration split, at least 2 batches (even ones calibrate, odd ones test)."""
+    batches = list(batches)
+    grid = _checked_arguments(batches, delta, epsilon, risk, nll_tolerance, grid)
     proposing, testing = batches[0::2], batches[1::2]
     original = ensemble.thresholds
     candidates, counts, tokens = [], [], 0
