@@ -137,33 +137,11 @@ def generate(
     runs the whole call under FlopCounterMode (its time per token then includes counting).
     exit_policy / quorum / exit_schedule and kv_policy: see the module docstring.
     """
-    if method not in ("routed", "full"):
-        raise ValueError(f"method must be 'routed' or 'full', got {method!r}")
-    if positions not in ("compact", "original"):
-        raise ValueError(f"positions must be 'compact' or 'original', got {positions!r}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     if do_sample and not temperature > 0:
         raise ValueError(f"temperature must be > 0 when sampling, got {temperature!r}")
-    if exit_policy not in EXIT_POLICIES:
-        raise ValueError(f"exit_policy must be one of {EXIT_POLICIES}, got {exit_policy!r}")
-    if isinstance(quorum, bool) or not isinstance(quorum, (int, float)) or not 0.0 < quorum <= 1.0:
-        raise ValueError(f"quorum must be a fraction in (0, 1], got {quorum!r}")
-    check_kv_policy(kv_policy)
-    ensemble.validate()
-    schedule = None
-    if exit_policy == "schedule":
-        if exit_schedule is None:
-            raise ValueError("exit_policy='schedule' needs exit_schedule (one exit stage per decode step)")
-        schedule = check_exit_schedule(exit_schedule, len(ensemble))
-    elif exit_schedule is not None:
-        raise ValueError(f"exit_schedule is only read with exit_policy='schedule', got exit_policy={exit_policy!r}")
-    levels = resolve_thresholds(ensemble, thresholds, len(ensemble))
-    if method == "full" or schedule is not None:  # the schedule's prompt runs at full depth
-        levels = tuple(math.inf for _ in levels)
-    if method == "full":
-        schedule = None
-    plan = _Plan(levels, positions, exit_policy, float(quorum), schedule, kv_policy)
+    plan = _Plan.of(ensemble, method, thresholds, positions, exit_policy, quorum, exit_schedule, kv_policy)
     args = (
         ensemble,
         input_ids,
@@ -199,6 +177,34 @@ class _Plan:
     schedule: Optional[tuple]
     kv_policy: str
 
+    @classmethod
+    def of(cls, ensemble, method, thresholds, positions, exit_policy, quorum, exit_schedule, kv_policy) -> "_Plan":
+        """The plan of a ``generate`` call's arguments (ValueError naming a bad one): the thresholds
+        (all infinite at full depth, and for the schedule's prompt), the policies and the schedule."""
+        if method not in ("routed", "full"):
+            raise ValueError(f"method must be 'routed' or 'full', got {method!r}")
+        if positions not in ("compact", "original"):
+            raise ValueError(f"positions must be 'compact' or 'original', got {positions!r}")
+        if exit_policy not in EXIT_POLICIES:
+            raise ValueError(f"exit_policy must be one of {EXIT_POLICIES}, got {exit_policy!r}")
+        if isinstance(quorum, bool) or not isinstance(quorum, (int, float)) or not 0.0 < quorum <= 1.0:
+            raise ValueError(f"quorum must be a fraction in (0, 1], got {quorum!r}")
+        check_kv_policy(kv_policy)
+        ensemble.validate()
+        schedule = None
+        if exit_policy == "schedule":
+            if exit_schedule is None:
+                raise ValueError("exit_policy='schedule' needs exit_schedule (one exit stage per decode step)")
+            schedule = check_exit_schedule(exit_schedule, len(ensemble))
+        elif exit_schedule is not None:
+            raise ValueError(f"exit_schedule is only read with exit_policy='schedule', got exit_policy={exit_policy!r}")
+        levels = resolve_thresholds(ensemble, thresholds, len(ensemble))
+        if method == "full" or schedule is not None:  # the schedule's prompt runs at full depth
+            levels = tuple(math.inf for _ in levels)
+        if method == "full":
+            schedule = None
+        return cls(levels, positions, exit_policy, float(quorum), schedule, kv_policy)
+
     def forced_stage(self, step: int) -> Optional[int]:
         if self.schedule is None:
             return None
@@ -222,18 +228,9 @@ def _generate(
     device = ensemble.device
     input_ids = input_ids.to(device)
     batch, prompt_len = input_ids.shape
-    real = (
-        attention_mask.to(device).bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
-    )
-    if not bool(real.any(dim=1).all()):
-        raise ValueError("every prompt needs at least one real token (attention_mask row of zeros)")
+    real = _real_tokens(input_ids, attention_mask)
     stages = list(ensemble.stages)
-    caches = [StageCache(batch, stage.num_layers, device) for stage in stages]
-    pending = (
-        [None] + [Pending(batch, stages[k - 1].hidden_size, device, stages[k - 1].dtype) for k in range(1, len(stages))]
-        if plan.kv_policy == "recompute"
-        else None
-    )
+    caches, pending = _new_caches(stages, batch, device, plan.kv_policy)
     with evaluation_mode(ensemble), torch.inference_mode():
         logits, produced_by = _prefill(stages, caches, input_ids, real, plan, pending)
         tokens = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
@@ -249,12 +246,8 @@ def _generate(
         start = time.perf_counter()
         for step in range(max_new_tokens):
             token, token_nll = _pick(logits, do_sample, temperature, top_k, top_p, generator)
-            if all_alive:
-                tokens[:, step], nll[:, step], exit_stage[:, step] = token, token_nll, produced_by
-            else:
-                tokens[alive, step] = token[alive]
-                nll[alive, step] = token_nll[alive]
-                exit_stage[alive, step] = produced_by[alive]
+            for written, value in ((tokens, token), (nll, token_nll), (exit_stage, produced_by)):
+                _write_step(written, step, value, None if all_alive else alive)
             if eos_token_id is not None:
                 alive = alive & (token != eos_token_id)
                 still = int(alive.sum())
@@ -275,6 +268,41 @@ def _generate(
             step_rows.append(counts)
         synchronize(device)
         elapsed = time.perf_counter() - start
+    return _output(stages, caches, plan, tokens, nll, exit_stage, step_rows, extra, fed, elapsed)
+
+
+def _real_tokens(input_ids: Tensor, attention_mask: Optional[Tensor]) -> Tensor:
+    """(B, P) bool: the prompts' real tokens (all, without a mask); a prompt with none is refused."""
+    if attention_mask is None:
+        return torch.ones_like(input_ids, dtype=torch.bool)
+    real = attention_mask.to(input_ids.device).bool()
+    if not bool(real.any(dim=1).all()):
+        raise ValueError("every prompt needs at least one real token (attention_mask row of zeros)")
+    return real
+
+
+def _write_step(written: Tensor, step: int, value: Tensor, alive: Optional[Tensor]) -> None:
+    """Column ``step`` of ``written`` (B, N) from ``value`` (B,): every row, or the ``alive`` ones."""
+    if alive is None:
+        written[:, step] = value
+    else:
+        written[alive, step] = value[alive]
+
+
+def _new_caches(stages: list, batch: int, device, kv_policy: str) -> tuple[list, Optional[list]]:
+    """An empty cache per stage, and under ``recompute`` per stage past the first the tokens left
+    waiting to enter it (None otherwise)."""
+    caches = [StageCache(batch, stage.num_layers, device) for stage in stages]
+    if kv_policy != "recompute":
+        return caches, None
+    return caches, [None] + [
+        Pending(batch, stages[k - 1].hidden_size, device, stages[k - 1].dtype) for k in range(1, len(stages))
+    ]
+
+
+def _output(stages, caches, plan, tokens, nll, exit_stage, step_rows, extra, fed: int, elapsed: float):
+    """The ``GenerationOutput`` of a decode: its tokens, their NLL and exit stages, and the counts
+    (exits per stage, layer cost over the ``fed`` decode tokens, recomputed and propagated tokens)."""
     layers = [s.num_layers for s in stages]
     reached = [sum(c[k] for c in step_rows) for k in range(len(stages))]
     exits = [reached[k] - (reached[k + 1] if k + 1 < len(stages) else 0) for k in range(len(stages))]
@@ -368,25 +396,12 @@ def _decode_step(
         counts[k] = n
         whole = n == batch
         capture = _capture(stage, k, last, plan)
+        fed = token if k == 0 else state
+        hidden, input_state, position, new_valid, newest = _stage_step(
+            stage, cache, k, active, whole, fed, length, plan, pending, capture
+        )
         if plan.kv_policy == "recompute" and k > 0:
-            states, position, new_valid = pending[k].take(active)
-            hidden, input_state = stage_call(stage, cache, active, new_valid, position, capture, inputs_embeds=states)
-            newest = new_valid.sum(dim=1) - 1
             extra[0][k] += int(newest.sum())
-        else:
-            if plan.kv_policy == "absent" and plan.positions == "compact":
-                position = cache.count if whole else cache.count[active]
-            else:
-                position = length if whole else length[active]
-            position = position[:, None]
-            new_valid = torch.ones(n, 1, dtype=torch.bool, device=active.device)
-            kwargs = (
-                {"input_ids": (token if whole else token[active])[:, None]}
-                if k == 0
-                else {"inputs_embeds": state[:, None]}
-            )
-            hidden, input_state = stage_call(stage, cache, active, new_valid, position, capture, **kwargs)
-            newest = torch.zeros(n, dtype=torch.long, device=active.device)
         if plan.kv_policy == "recompute" and not last:
             pending[k + 1].push(active, hidden, position, new_valid)
         if plan.kv_policy == "propagate" and gone:
@@ -396,14 +411,9 @@ def _decode_step(
         if last:
             exited.append((active, stage.logits(hidden), k))
             break
-        if forced is not None or plan.levels[k] == math.inf:  # no exit rule computed here
-            leaving = n if forced == k else 0
-            exits, stage_logits = None, None
-        else:
-            exits, stage_logits = _decide(stage, hidden, input_state[at, newest] if capture else None, plan.levels[k])
-            leaving = int(exits.sum())
-            if plan.exit_policy == "batch":
-                leaving = n if leaving >= plan.quorum * n else 0
+        exits, stage_logits, leaving = _leaving(
+            stage, k, plan, forced, hidden, input_state[at, newest] if capture else None
+        )
         if leaving == 0:
             state = hidden
             continue
@@ -416,15 +426,56 @@ def _decode_step(
         exited.append((active[out], stage_logits[out] if stage_logits is not None else stage.logits(hidden[out]), k))
         gone.append((active[out], hidden[out]))
         active, state = active[stay], hidden[stay]
+    return (*_step_logits(exited, batch), counts)
+
+
+def _stage_step(stage, cache, k: int, active: Tensor, whole: bool, fed: Tensor, length: Tensor, plan, pending, capture):
+    """Stage ``k``'s call for the ``active`` rows of one decode step (``whole``: every row): the new
+    token (``fed``: its ids at stage 0, else the state it reached this stage with), or under
+    ``recompute`` past stage 0 the tokens left waiting to enter it. Returns (hidden, input state,
+    position ids, which slots are new, the index of each row's newest slot)."""
+    if plan.kv_policy == "recompute" and k > 0:
+        states, position, new_valid = pending[k].take(active)
+        hidden, input_state = stage_call(stage, cache, active, new_valid, position, capture, inputs_embeds=states)
+        return hidden, input_state, position, new_valid, new_valid.sum(dim=1) - 1
+    if plan.kv_policy == "absent" and plan.positions == "compact":
+        position = cache.count if whole else cache.count[active]
+    else:
+        position = length if whole else length[active]
+    position = position[:, None]
+    n = active.numel()
+    new_valid = torch.ones(n, 1, dtype=torch.bool, device=active.device)
+    inputs = {"input_ids": (fed if whole else fed[active])[:, None]} if k == 0 else {"inputs_embeds": fed[:, None]}
+    hidden, input_state = stage_call(stage, cache, active, new_valid, position, capture, **inputs)
+    return hidden, input_state, position, new_valid, torch.zeros(n, dtype=torch.long, device=active.device)
+
+
+def _leaving(stage, k: int, plan, forced: Optional[int], hidden: Tensor, input_state: Optional[Tensor]) -> tuple:
+    """(exit mask or None, the logits the rule computed or None, how many rows leave) at non-last
+    stage ``k``: all or none where the stage is forced or never exits, else the rule's decision
+    (under the batch policy, all rows once the quorum of them would exit)."""
+    n = hidden.shape[0]
+    if forced is not None or plan.levels[k] == math.inf:  # no exit rule computed here
+        return None, None, n if forced == k else 0
+    exits, stage_logits = _decide(stage, hidden, input_state, plan.levels[k])
+    leaving = int(exits.sum())
+    if plan.exit_policy == "batch":
+        leaving = n if leaving >= plan.quorum * n else 0
+    return exits, stage_logits, leaving
+
+
+def _step_logits(exited: list[tuple[Tensor, Tensor, int]], batch: int) -> tuple[Tensor, Tensor]:
+    """Every row's next-token logits (B, V) and the stage that produced them (-1 for rows that did not
+    run), from the (rows, logits, stage) of each exit; no scatter when all rows left at one stage."""
     if len(exited) == 1 and exited[0][0].numel() == batch:  # every row exited at one stage
         _, logits, k = exited[0]
-        return logits, torch.full((batch,), k, dtype=torch.long, device=logits.device), counts
+        return logits, torch.full((batch,), k, dtype=torch.long, device=logits.device)
     logits = exited[0][1].new_zeros(batch, exited[0][1].shape[-1])
     produced_by = torch.full((batch,), -1, dtype=torch.long, device=logits.device)
     for where, stage_logits, k in exited:
         logits[where] = stage_logits
         produced_by[where] = k
-    return logits, produced_by, counts
+    return logits, produced_by
 
 
 def _propagate(stage, cache: StageCache, gone: list[tuple[Tensor, Tensor]], length: Tensor, called: bool) -> int:
