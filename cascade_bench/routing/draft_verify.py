@@ -103,30 +103,10 @@ def _check_int(name: str, value, low: int) -> int:
     return value
 
 
-def speculative_generate(
-    target: LLM,
-    input_ids: Tensor,
-    attention_mask: Optional[Tensor] = None,
-    max_new_tokens: int = 20,
-    *,
-    draft: Optional[LLM] = None,
-    draft_length: int = 2,
-    confidence: float = 0.0,
-    draft_vocabulary: Optional[Tensor] = None,
-    lookup: int = 0,
-    lookup_ngram: int = 2,
-    trust: Optional[float] = None,
-    eos_token_id: Optional[int] = None,
-    pad_token_id: int = 0,
-    count_flops: bool = False,
-) -> DraftVerifyOutput:
-    """Greedy generation with ``target``, proposals from ``draft`` and/or prompt lookup (module doc)."""
-    _check_int("max_new_tokens", max_new_tokens, 1)
-    _check_int("draft_length", draft_length, 1)
-    _check_int("lookup", lookup, 0)
-    _check_int("lookup_ngram", lookup_ngram, 1)
-    if draft is None and lookup == 0:
-        raise ValueError("speculative_generate needs a draft model, prompt lookup (lookup > 0), or both")
+def _check_drafting(target: LLM, draft: Optional[LLM], confidence, trust, draft_vocabulary) -> None:
+    """ValueError naming a drafting argument of ``speculative_generate`` that does not fit: the
+    confidence, a draft of another vocabulary or device, lossy trust or a draft vocabulary without a
+    draft."""
     if (
         isinstance(confidence, bool)
         or not isinstance(confidence, (int, float))
@@ -153,6 +133,33 @@ def speculative_generate(
             ((draft_vocabulary >= 0) & (draft_vocabulary < target.vocab_size)).all()
         ):
             raise ValueError(f"draft_vocabulary must be a 1-D tensor of ids in [0, {target.vocab_size})")
+
+
+def speculative_generate(
+    target: LLM,
+    input_ids: Tensor,
+    attention_mask: Optional[Tensor] = None,
+    max_new_tokens: int = 20,
+    *,
+    draft: Optional[LLM] = None,
+    draft_length: int = 2,
+    confidence: float = 0.0,
+    draft_vocabulary: Optional[Tensor] = None,
+    lookup: int = 0,
+    lookup_ngram: int = 2,
+    trust: Optional[float] = None,
+    eos_token_id: Optional[int] = None,
+    pad_token_id: int = 0,
+    count_flops: bool = False,
+) -> DraftVerifyOutput:
+    """Greedy generation with ``target``, proposals from ``draft`` and/or prompt lookup (module doc)."""
+    _check_int("max_new_tokens", max_new_tokens, 1)
+    _check_int("draft_length", draft_length, 1)
+    _check_int("lookup", lookup, 0)
+    _check_int("lookup_ngram", lookup_ngram, 1)
+    if draft is None and lookup == 0:
+        raise ValueError("speculative_generate needs a draft model, prompt lookup (lookup > 0), or both")
+    _check_drafting(target, draft, confidence, trust, draft_vocabulary)
     args = (target, draft, input_ids, attention_mask, max_new_tokens, draft_length, float(confidence))
     kwargs = dict(
         vocabulary=draft_vocabulary, lookup=lookup, ngram=lookup_ngram, trust=trust, eos=eos_token_id, pad=pad_token_id
@@ -207,39 +214,16 @@ def _run(
 ):
     device = target.device
     input_ids = input_ids.to(device)
-    batch, prompt_len = input_ids.shape
-    real = (
-        attention_mask.to(device).bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
-    )
-    if not bool(real.any(dim=1).all()):
-        raise ValueError("every prompt needs at least one real token (attention_mask row of zeros)")
+    batch = input_ids.shape[0]
+    real = _real_tokens(input_ids, attention_mask)
     out = DraftVerifyOutput(tokens=torch.full((batch, max_new), pad, dtype=torch.long, device=device))
     if trust is not None:
         out.nll = torch.zeros(batch, max_new, dtype=torch.float32, device=device)
-    # each row's sequence (real prompt tokens, then generated), left-aligned
-    history = torch.zeros(batch, prompt_len + max_new, dtype=torch.long, device=device)
-    length = real.sum(dim=1)
-    order = torch.argsort((~real).long(), dim=1, stable=True)
-    history[:, :prompt_len] = input_ids.gather(1, order) * (
-        torch.arange(prompt_len, device=device)[None] < length[:, None]
-    )
-    lists = [history[r, : int(length[r])].tolist() for r in range(batch)]
+    history, length, lists = _histories(input_ids, real, max_new)
     target_cache = StageCache(batch, target.num_layers, device)
     drafter = _DraftState(draft, batch, vocabulary) if draft is not None else None
-    all_rows = torch.arange(batch, device=device)
     with torch.inference_mode():
-        # The prompt: every real token but the last through the real model and the draft (the last
-        # is read with the first round's proposals, or by the draft when it first drafts).
-        positions = (torch.cumsum(real.long(), dim=1) - 1).clamp(min=0)
-        last = prompt_len - 1 - real.flip(1).int().argmax(dim=1)
-        before_last = real & (torch.arange(prompt_len, device=device)[None] != last[:, None])
-        if bool(before_last.any()):
-            stage_call(target, target_cache, all_rows, before_last, positions, False, input_ids=input_ids)
-            target_cache.trim()
-            if drafter is not None:  # the draft reads the same prompt tokens, outside the timed loop
-                stage_call(drafter.model, drafter.cache, all_rows, before_last, positions, False, input_ids=input_ids)
-                drafter.cache.trim()
-                drafter.seen = (length - 1).clone()
+        _read_prompt(target, target_cache, drafter, input_ids, real, length)
         emitted = torch.zeros(batch, dtype=torch.long, device=device)
         done = torch.zeros(batch, dtype=torch.bool, device=device)
         synchronize(device)
@@ -247,104 +231,189 @@ def _run(
         while not bool(done.all()):
             round_start = time.perf_counter()
             rows = (~done).nonzero().squeeze(1)
-            n = rows.numel()
             out.loop_rounds += 1
             room = (max_new - emitted[rows]).tolist()
-            proposals: list[list[int]] = [[] for _ in range(n)]
-            confident: list[list[bool]] = [[] for _ in range(n)]  # lossy: proposals kept regardless
-            lookup_rows = [False] * n
-            if lookup:
-                begin = time.perf_counter()
-                for i, r in enumerate(rows.tolist()):
-                    found = lookup_proposals(lists[r], ngram, min(lookup, room[i] - 1))
-                    proposals[i], lookup_rows[i] = found, bool(found)
-                out.lookup_seconds += time.perf_counter() - begin
-            if drafter is not None:
-                wants = [i for i in range(n) if not lookup_rows[i] and room[i] > 1]
-                if wants:
-                    synchronize(device)
-                    begin = time.perf_counter()
-                    drafted = _draft(drafter, rows, wants, history, length, room, gamma, threshold, out)
-                    for i, (tokens, levels) in zip(wants, drafted):
-                        proposals[i] = tokens
-                        if trust is not None:
-                            confident[i] = [level >= trust for level in levels]
-                    synchronize(device)
-                    out.draft_seconds += time.perf_counter() - begin
-            # Verify: each row's last token and its proposals in one call of the real model.
+            proposals, confident, lookup_rows = _proposals(
+                drafter, rows, lists, history, length, room, lookup, ngram, gamma, threshold, trust, out
+            )
             synchronize(device)
             begin = time.perf_counter()
-            sizes = torch.tensor([len(p) for p in proposals], dtype=torch.long, device=device)
-            width = int(sizes.max()) + 1
-            fed = torch.zeros(n, width, dtype=torch.long, device=device)
-            fed[:, 0] = history[rows, length[rows] - 1]
-            for i, p in enumerate(proposals):
-                if p:
-                    fed[i, 1 : 1 + len(p)] = torch.tensor(p, device=device)
-            offsets = torch.arange(width, device=device)[None]
-            valid = offsets <= sizes[:, None]
-            position = (length[rows] - 1)[:, None] + torch.minimum(offsets, sizes[:, None])
-            hidden, _ = stage_call(target, target_cache, rows, valid, position, False, input_ids=fed)
-            logits = target.logits(hidden)
-            choice = logits.argmax(-1)  # (n, width): the real model's token after each slot
-            matches = agreeing = choice[:, :-1] == fed[:, 1:]
-            if trust is not None:
-                kept_anyway = torch.zeros_like(matches)
-                for i, levels in enumerate(confident):
-                    if levels:
-                        kept_anyway[i, : len(levels)] = torch.tensor(levels, device=device)
-                matches = matches | kept_anyway
-                choice = torch.cat([torch.where(matches, fed[:, 1:], choice[:, :-1]), choice[:, -1:]], dim=1)
-            agree = (matches & valid[:, 1:]).long().cumprod(dim=1)
-            kept = agree.sum(dim=1)
-            gain = kept + 1
-            take = offsets < gain[:, None]
-            if eos is not None:
-                is_eos = (choice == eos) & take
-                before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()
-                take &= before == 0
-                gain = take.sum(dim=1)
-                finished = (is_eos & take).any(dim=1)
-            else:
-                finished = torch.zeros(n, dtype=torch.bool, device=device)
-            if trust is not None:  # kept though the real model disagreed (after the EOS cut)
-                out.trusted += int((take[:, 1:] & agree.bool() & ~agreeing).sum())
-            target_cache.reject(rows, gain, width)  # keeps the row's last token and its accepted proposals
-            target_cache.trim()
+            verdict = _verify(target, target_cache, rows, history, length, proposals, confident, trust, eos)
             synchronize(device)
             out.verify_seconds += time.perf_counter() - begin
-            out.verify_tokens += int(valid.sum())
-            # Bookkeeping: tokens, history, counts.
-            row_index = rows[:, None].expand(-1, width)[take]
-            out.tokens[row_index, (emitted[rows][:, None] + offsets)[take]] = choice[take]
-            history[row_index, (length[rows][:, None] + offsets)[take]] = choice[take]
-            if out.nll is not None:
-                token_nll = -logits.float().log_softmax(-1).gather(2, choice[..., None]).squeeze(2)
-                out.nll[row_index, (emitted[rows][:, None] + offsets)[take]] = token_nll[take]
+            out.verify_tokens += int(verdict.valid.sum())
             if drafter is not None:
-                _rewind(drafter, rows, length, gain)
-            gained = gain.tolist()
-            for i, r in enumerate(rows.tolist()):
-                lists[r].extend(choice[i, : gained[i]].tolist())
-                used = min(int(kept[i]), gained[i])
-                out.proposed += len(proposals[i])
-                out.accepted += used
-                out.rejections += int(int(kept[i]) < len(proposals[i]))
-                if lookup_rows[i]:
-                    out.from_lookup += len(proposals[i])
-                    out.accepted_from_lookup += used
-            emitted[rows] += gain
-            length[rows] += gain
-            out.rounds += n
-            out.emitted += int(gain.sum())
-            done[rows] |= finished | (emitted[rows] >= max_new)
+                _rewind(drafter, rows, length, verdict.gain)  # before ``length`` moves on
+            _keep(out, verdict, rows, emitted, history, length, lists, proposals, lookup_rows)
+            done[rows] |= verdict.finished | (emitted[rows] >= max_new)
             synchronize(device)
             elapsed = time.perf_counter() - round_start
-            out.token_seconds.extend(elapsed / g for g in gained if g for _ in range(g))
+            out.token_seconds.extend(elapsed / g for g in verdict.gain.tolist() if g for _ in range(g))
         synchronize(device)
         out.seconds = time.perf_counter() - start
     out.generated = int(emitted.sum())
     return out
+
+
+def _real_tokens(input_ids: Tensor, attention_mask: Optional[Tensor]) -> Tensor:
+    """(B, P) bool: the prompts' real tokens (all, without a mask); a prompt with none is refused."""
+    if attention_mask is None:
+        return torch.ones_like(input_ids, dtype=torch.bool)
+    real = attention_mask.to(input_ids.device).bool()
+    if not bool(real.any(dim=1).all()):
+        raise ValueError("every prompt needs at least one real token (attention_mask row of zeros)")
+    return real
+
+
+def _histories(input_ids: Tensor, real: Tensor, max_new: int) -> tuple[Tensor, Tensor, list[list[int]]]:
+    """Each row's sequence so far (its real prompt tokens left-aligned, room for ``max_new`` more),
+    its length, and the same as Python lists (what prompt lookup searches)."""
+    batch, prompt_len = input_ids.shape
+    device = input_ids.device
+    history = torch.zeros(batch, prompt_len + max_new, dtype=torch.long, device=device)
+    length = real.sum(dim=1)
+    order = torch.argsort((~real).long(), dim=1, stable=True)
+    history[:, :prompt_len] = input_ids.gather(1, order) * (
+        torch.arange(prompt_len, device=device)[None] < length[:, None]
+    )
+    return history, length, [history[r, : int(length[r])].tolist() for r in range(batch)]
+
+
+def _read_prompt(target, target_cache: StageCache, drafter, input_ids: Tensor, real: Tensor, length: Tensor) -> None:
+    """Every real prompt token but the last through the real model and the draft (the last is read
+    with the first round's proposals, or by the draft when it first drafts), outside the timed loop."""
+    batch, prompt_len = input_ids.shape
+    device = input_ids.device
+    all_rows = torch.arange(batch, device=device)
+    positions = (torch.cumsum(real.long(), dim=1) - 1).clamp(min=0)
+    last = prompt_len - 1 - real.flip(1).int().argmax(dim=1)
+    before_last = real & (torch.arange(prompt_len, device=device)[None] != last[:, None])
+    if not bool(before_last.any()):
+        return
+    stage_call(target, target_cache, all_rows, before_last, positions, False, input_ids=input_ids)
+    target_cache.trim()
+    if drafter is not None:
+        stage_call(drafter.model, drafter.cache, all_rows, before_last, positions, False, input_ids=input_ids)
+        drafter.cache.trim()
+        drafter.seen = (length - 1).clone()
+
+
+def _proposals(drafter, rows, lists, history, length, room, lookup, ngram, gamma, threshold, trust, out) -> tuple:
+    """One round's proposals per row (prompt lookup first, then the draft for the rows lookup left
+    empty), which draft proposals lossy drafting keeps regardless (at ``trust``), and which rows'
+    proposals came from lookup; the seconds each took are added to ``out``."""
+    n = rows.numel()
+    proposals: list[list[int]] = [[] for _ in range(n)]
+    confident: list[list[bool]] = [[] for _ in range(n)]  # lossy: proposals kept regardless
+    lookup_rows = [False] * n
+    if lookup:
+        begin = time.perf_counter()
+        for i, r in enumerate(rows.tolist()):
+            found = lookup_proposals(lists[r], ngram, min(lookup, room[i] - 1))
+            proposals[i], lookup_rows[i] = found, bool(found)
+        out.lookup_seconds += time.perf_counter() - begin
+    wants = [i for i in range(n) if not lookup_rows[i] and room[i] > 1] if drafter is not None else []
+    if wants:
+        synchronize(rows.device)
+        begin = time.perf_counter()
+        drafted = _draft(drafter, rows, wants, history, length, room, gamma, threshold, out)
+        for i, (tokens, levels) in zip(wants, drafted):
+            proposals[i] = tokens
+            if trust is not None:
+                confident[i] = [level >= trust for level in levels]
+        synchronize(rows.device)
+        out.draft_seconds += time.perf_counter() - begin
+    return proposals, confident, lookup_rows
+
+
+@dataclass
+class _Verdict:
+    """The real model's verdict on one round: its token after each slot (``choice``, (n, width)),
+    its logits, which slots were fed (``valid``) and are taken (``take``), the proposals it agreed
+    with per row (``kept``), the tokens each row gains, and the rows that reached EOS."""
+
+    choice: Tensor
+    logits: Tensor
+    valid: Tensor
+    take: Tensor
+    kept: Tensor
+    gain: Tensor
+    finished: Tensor
+    #: lossy drafting: tokens kept though the real model disagreed (after the EOS cut)
+    trusted: int = 0
+
+
+def _verify(target, target_cache: StageCache, rows, history, length, proposals, confident, trust, eos) -> _Verdict:
+    """Each row's last token and its proposals in one call of the real model; the longest agreeing
+    prefix of proposals is kept (lossy drafting also keeps the confident ones), cut after an EOS, and
+    the cache keeps the row's last token and its accepted proposals."""
+    n, device = rows.numel(), rows.device
+    sizes = torch.tensor([len(p) for p in proposals], dtype=torch.long, device=device)
+    width = int(sizes.max()) + 1
+    fed = torch.zeros(n, width, dtype=torch.long, device=device)
+    fed[:, 0] = history[rows, length[rows] - 1]
+    for i, p in enumerate(proposals):
+        if p:
+            fed[i, 1 : 1 + len(p)] = torch.tensor(p, device=device)
+    offsets = torch.arange(width, device=device)[None]
+    valid = offsets <= sizes[:, None]
+    position = (length[rows] - 1)[:, None] + torch.minimum(offsets, sizes[:, None])
+    hidden, _ = stage_call(target, target_cache, rows, valid, position, False, input_ids=fed)
+    logits = target.logits(hidden)
+    choice = logits.argmax(-1)  # (n, width): the real model's token after each slot
+    matches = agreeing = choice[:, :-1] == fed[:, 1:]
+    if trust is not None:
+        kept_anyway = torch.zeros_like(matches)
+        for i, levels in enumerate(confident):
+            if levels:
+                kept_anyway[i, : len(levels)] = torch.tensor(levels, device=device)
+        matches = matches | kept_anyway
+        choice = torch.cat([torch.where(matches, fed[:, 1:], choice[:, :-1]), choice[:, -1:]], dim=1)
+    agree = (matches & valid[:, 1:]).long().cumprod(dim=1)
+    kept = agree.sum(dim=1)
+    gain = kept + 1
+    take = offsets < gain[:, None]
+    finished = torch.zeros(n, dtype=torch.bool, device=device)
+    if eos is not None:
+        is_eos = (choice == eos) & take
+        before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()
+        take &= before == 0
+        gain = take.sum(dim=1)
+        finished = (is_eos & take).any(dim=1)
+    target_cache.reject(rows, gain, width)  # keeps the row's last token and its accepted proposals
+    target_cache.trim()
+    trusted = int((take[:, 1:] & agree.bool() & ~agreeing).sum()) if trust is not None else 0
+    return _Verdict(choice, logits, valid, take, kept, gain, finished, trusted)
+
+
+def _keep(out, verdict: _Verdict, rows, emitted, history, length, lists, proposals, lookup_rows) -> None:
+    """Write what the real model took this round: the tokens (and their NLL) into ``out`` and the
+    histories, and the counts of proposals, acceptances, rejections, lookup's share, trusted
+    tokens; advances ``emitted`` and ``length``."""
+    choice, take, gain, kept = verdict.choice, verdict.take, verdict.gain, verdict.kept
+    width = choice.shape[1]
+    offsets = torch.arange(width, device=choice.device)[None]
+    out.trusted += verdict.trusted
+    row_index = rows[:, None].expand(-1, width)[take]
+    out.tokens[row_index, (emitted[rows][:, None] + offsets)[take]] = choice[take]
+    history[row_index, (length[rows][:, None] + offsets)[take]] = choice[take]
+    if out.nll is not None:
+        token_nll = -verdict.logits.float().log_softmax(-1).gather(2, choice[..., None]).squeeze(2)
+        out.nll[row_index, (emitted[rows][:, None] + offsets)[take]] = token_nll[take]
+    gained = gain.tolist()
+    for i, r in enumerate(rows.tolist()):
+        lists[r].extend(choice[i, : gained[i]].tolist())
+        used = min(int(kept[i]), gained[i])
+        out.proposed += len(proposals[i])
+        out.accepted += used
+        out.rejections += int(int(kept[i]) < len(proposals[i]))
+        if lookup_rows[i]:
+            out.from_lookup += len(proposals[i])
+            out.accepted_from_lookup += used
+    emitted[rows] += gain
+    length[rows] += gain
+    out.rounds += rows.numel()
+    out.emitted += int(gain.sum())
 
 
 def _draft(state: _DraftState, rows: Tensor, wants: list[int], history, length, room, gamma, threshold, out):
