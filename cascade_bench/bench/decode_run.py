@@ -307,6 +307,17 @@ def _runnable(methods: list[str], target: LLM, hf_model, notes: list[str]) -> li
     return [m for m in methods if m not in skipped]
 
 
+def _cut_models(models: DecodeModels, methods: list[str], saved_exits, exits_path) -> None:
+    """The model cut at the draft layer for the self-speculative methods that run: drafting through
+    its own head (``ours-self-spec``) or through the trained exit (``ours-self-spec-trained``)."""
+    if "ours-self-spec" in methods:
+        models.blocks = Ensemble.from_blocks(models.hf_model, [models.layer])
+    if "ours-self-spec-trained" in methods:
+        models.trained_blocks, models.exit_recipe = _trained_exit_blocks(
+            models.hf_model, models.layer, saved_exits, Path(exits_path)
+        )
+
+
 def _load_draft(models: DecodeModels, draft_path: Path, device: str) -> None:
     """The draft model and its vocabulary on ``models``; refused unless it shares the real model's ids."""
     from transformers import AutoModelForCausalLM
@@ -417,6 +428,8 @@ def _set_rows(calls: dict, active: list[str], batch: int, name: str, floor, flop
     ]
 
 
+# Over 60 lines for its signature: one keyword per ``bench-decode`` flag, so a call reads like the
+# command; the body is one step per line, each step a function of its own.
 def run_decode_bench(
     target_path: str,
     origin: str,
@@ -464,9 +477,8 @@ def run_decode_bench(
         hf_model = AutoModelForCausalLM.from_pretrained(target_path).to(device).eval()
     target = LLM(hf_model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    layer = _draft_layer(target, early_exit_layer, saved_exits, exits_path)
+    models = DecodeModels(hf_model, target, pad_id, _draft_layer(target, early_exit_layer, saved_exits, exits_path))
     methods = _runnable(methods, target, hf_model, notes)
-    models = DecodeModels(hf_model, target, pad_id, layer)
     if draft_path is not None and set(NEEDS_DRAFT) & set(methods):
         with phases("loading"):
             _load_draft(models, draft_path, device)
@@ -481,13 +493,8 @@ def run_decode_bench(
                     target, models.draft, models.vocabulary, tokenizer, new_tokens
                 )
     options = DecodeOptions(draft_length, confidence, lookup, hf_lookup, trust, self_spec_length)
-    if "ours-self-spec" in methods:
-        models.blocks = Ensemble.from_blocks(hf_model, [layer])
-    if "ours-self-spec-trained" in methods:
-        with phases("loading"):
-            models.trained_blocks, models.exit_recipe = _trained_exit_blocks(
-                hf_model, layer, saved_exits, Path(exits_path)
-            )
+    with phases("loading"):
+        _cut_models(models, methods, saved_exits, exits_path)
     measure = SuiteMeasure(
         new_tokens, min(flop_tokens, new_tokens), min(WARM_UP_TOKENS, new_tokens), count_flops, early_exit_prompts
     )

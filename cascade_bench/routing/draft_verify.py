@@ -46,7 +46,7 @@ from ..measure.flops import EXTRA_FLOP_FORMULAS
 from ..measure.timing import synchronize
 from ..stages.llm import LLM
 from ..stages.stage_cache import StageCache
-from .cached_pass import stage_call
+from .cached_pass import cut_after_eos, real_tokens, stage_call
 
 
 @dataclass
@@ -215,7 +215,7 @@ def _run(
     device = target.device
     input_ids = input_ids.to(device)
     batch = input_ids.shape[0]
-    real = _real_tokens(input_ids, attention_mask)
+    real = real_tokens(input_ids, attention_mask)
     out = DraftVerifyOutput(tokens=torch.full((batch, max_new), pad, dtype=torch.long, device=device))
     if trust is not None:
         out.nll = torch.zeros(batch, max_new, dtype=torch.float32, device=device)
@@ -253,16 +253,6 @@ def _run(
         out.seconds = time.perf_counter() - start
     out.generated = int(emitted.sum())
     return out
-
-
-def _real_tokens(input_ids: Tensor, attention_mask: Optional[Tensor]) -> Tensor:
-    """(B, P) bool: the prompts' real tokens (all, without a mask); a prompt with none is refused."""
-    if attention_mask is None:
-        return torch.ones_like(input_ids, dtype=torch.bool)
-    real = attention_mask.to(input_ids.device).bool()
-    if not bool(real.any(dim=1).all()):
-        raise ValueError("every prompt needs at least one real token (attention_mask row of zeros)")
-    return real
 
 
 def _histories(input_ids: Tensor, real: Tensor, max_new: int) -> tuple[Tensor, Tensor, list[list[int]]]:
@@ -371,15 +361,7 @@ def _verify(target, target_cache: StageCache, rows, history, length, proposals, 
         choice = torch.cat([torch.where(matches, fed[:, 1:], choice[:, :-1]), choice[:, -1:]], dim=1)
     agree = (matches & valid[:, 1:]).long().cumprod(dim=1)
     kept = agree.sum(dim=1)
-    gain = kept + 1
-    take = offsets < gain[:, None]
-    finished = torch.zeros(n, dtype=torch.bool, device=device)
-    if eos is not None:
-        is_eos = (choice == eos) & take
-        before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()
-        take &= before == 0
-        gain = take.sum(dim=1)
-        finished = (is_eos & take).any(dim=1)
+    take, gain, finished = cut_after_eos(choice, offsets < (kept + 1)[:, None], eos)
     target_cache.reject(rows, gain, width)  # keeps the row's last token and its accepted proposals
     target_cache.trim()
     trusted = int((take[:, 1:] & agree.bool() & ~agreeing).sum()) if trust is not None else 0

@@ -38,7 +38,7 @@ from ..measure.timing import synchronize
 from ..stages.ensemble import Ensemble, evaluation_mode
 from ..stages.key_values import propagated_key_values
 from ..stages.stage_cache import StageCache
-from .cached_pass import Pending, cached_pass, check_kv_policy, stage_call
+from .cached_pass import Pending, cached_pass, check_kv_policy, real_tokens, stage_call
 from .passes import resolve_thresholds
 
 EXIT_POLICIES = ("per_token", "batch", "schedule")
@@ -228,7 +228,7 @@ def _generate(
     device = ensemble.device
     input_ids = input_ids.to(device)
     batch, prompt_len = input_ids.shape
-    real = _real_tokens(input_ids, attention_mask)
+    real = real_tokens(input_ids, attention_mask)
     stages = list(ensemble.stages)
     caches, pending = _new_caches(stages, batch, device, plan.kv_policy)
     with evaluation_mode(ensemble), torch.inference_mode():
@@ -269,16 +269,6 @@ def _generate(
         synchronize(device)
         elapsed = time.perf_counter() - start
     return _output(stages, caches, plan, tokens, nll, exit_stage, step_rows, extra, fed, elapsed)
-
-
-def _real_tokens(input_ids: Tensor, attention_mask: Optional[Tensor]) -> Tensor:
-    """(B, P) bool: the prompts' real tokens (all, without a mask); a prompt with none is refused."""
-    if attention_mask is None:
-        return torch.ones_like(input_ids, dtype=torch.bool)
-    real = attention_mask.to(input_ids.device).bool()
-    if not bool(real.any(dim=1).all()):
-        raise ValueError("every prompt needs at least one real token (attention_mask row of zeros)")
-    return real
 
 
 def _write_step(written: Tensor, step: int, value: Tensor, alive: Optional[Tensor]) -> None:

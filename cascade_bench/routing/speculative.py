@@ -30,7 +30,7 @@ from ..measure.flops import EXTRA_FLOP_FORMULAS
 from ..measure.timing import synchronize
 from ..stages.ensemble import Ensemble, evaluation_mode
 from ..stages.stage_cache import StageCache
-from .cached_pass import cached_pass, stage_call
+from .cached_pass import cached_pass, cut_after_eos, real_tokens, stage_call
 
 
 @dataclass
@@ -132,24 +132,17 @@ def _speculate(
     device = ensemble.device
     input_ids = input_ids.to(device)
     batch = input_ids.shape[0]
-    real = (
-        attention_mask.to(device).bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
-    )
-    if not bool(real.any(dim=1).all()):
-        raise ValueError("every prompt needs at least one real token (attention_mask row of zeros)")
+    real = real_tokens(input_ids, attention_mask)
     stages = list(ensemble.stages)
-    drafters, verifiers = stages[:draft_stages], stages[draft_stages:]
     caches = [StageCache(batch, stage.num_layers, device) for stage in stages]
     tokens = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     nll = torch.zeros(batch, max_new_tokens, dtype=torch.float32, device=device)
-    drafted = accepted = rounds = emitted_total = loop_rounds = rejections = 0
-    verify_seconds = draft_seconds = 0.0
+    counts = _Counts()
     with evaluation_mode(ensemble), torch.inference_mode():
         logits = _full_depth_prefill(stages, caches, input_ids, real).float()
-        log_p = logits.log_softmax(-1)
         first = logits.argmax(-1)
         tokens[:, 0] = first
-        nll[:, 0] = -log_p.gather(1, first[:, None]).squeeze(1)
+        nll[:, 0] = -logits.log_softmax(-1).gather(1, first[:, None]).squeeze(1)
         emitted = torch.ones(batch, dtype=torch.long, device=device)
         done = (first == eos_token_id) if eos_token_id is not None else torch.zeros_like(emitted, dtype=torch.bool)
         done |= emitted >= max_new_tokens
@@ -159,104 +152,115 @@ def _speculate(
         start = time.perf_counter()
         while not bool(done.all()):
             rows = (~done).nonzero().squeeze(1)
-            n = rows.numel()
-            room = max_new_tokens - emitted[rows]
-            row_span = torch.clamp(room, max=gamma)  # drafts per row: never past what is left to generate
+            row_span = torch.clamp(max_new_tokens - emitted[rows], max=gamma)  # never past what is left
             span = int(row_span.max())
-            loop_rounds += 1
-            # Draft: up to span tokens per row through the draft stages, one at a time; a row whose
-            # span is used up sits out (its slot stays invalid).
+            counts.loop_rounds += 1
             draft_start = time.perf_counter()  # the loop's condition has just synchronized
-            x = next_input[rows].clone()
-            hidden_size = drafters[-1].hidden_size
-            states = torch.zeros(n, span, hidden_size, device=device, dtype=drafters[-1].dtype)
-            drafts_t = torch.zeros(n, span, dtype=torch.long, device=device)
-            for i in range(span):
-                active = (row_span > i).nonzero().squeeze(1)  # rows still drafting at step i
-                position = (length[rows[active]] + i)[:, None]
-                state, step_input = None, x[active]
-                for k, stage in enumerate(drafters):
-                    kwargs = {"input_ids": step_input[:, None]} if k == 0 else {"inputs_embeds": state[:, None]}
-                    hidden, _ = stage_call(
-                        stage,
-                        caches[k],
-                        rows[active],
-                        torch.ones(active.numel(), 1, dtype=torch.bool, device=device),
-                        position,
-                        False,
-                        **kwargs,
-                    )
-                    state = hidden[:, 0]
-                states[active, i] = state
-                x[active] = drafters[-1].logits(state).argmax(-1)
-                drafts_t[active, i] = x[active]
-            # Verify: the remaining stages on all drafted positions at once.
+            states, drafts = _drafted(stages[:draft_stages], caches, rows, next_input, row_span, length)
             synchronize(device)
             verify_start = time.perf_counter()
-            draft_seconds += verify_start - draft_start
-            state = states
-            valid = torch.arange(span, device=device)[None] < row_span[:, None]
-            # slots past a row's span are not real (masked out); their positions repeat its last one
-            positions = length[rows][:, None] + torch.minimum(
-                torch.arange(span, device=device)[None], row_span[:, None] - 1
-            )
-            for j, stage in enumerate(verifiers):
-                state, _ = stage_call(
-                    stage, caches[draft_stages + j], rows, valid, positions, False, inputs_embeds=state
-                )
-            full_logits = verifiers[-1].logits(state).float()  # (n, span, V): predictions f_1..f_span
+            counts.draft_seconds += verify_start - draft_start
+            full_logits, valid = _verified(stages, caches, draft_stages, rows, states, row_span, length)
             synchronize(device)
-            verify_seconds += time.perf_counter() - verify_start
-            choice = full_logits.argmax(-1)
-            agree = ((choice == drafts_t) & valid).long().cumprod(dim=1)
-            kept = agree.sum(dim=1)  # accepted drafts per row
-            gain = torch.minimum(kept + 1, row_span)  # tokens this round: accepted + the verifier's own
-            chosen = choice  # equal to the drafts on the accepted prefix
-            token_nll = -full_logits.log_softmax(-1).gather(2, chosen[..., None]).squeeze(2)
+            counts.verify_seconds += time.perf_counter() - verify_start
+            choice = full_logits.argmax(-1)  # equal to the drafts on the accepted prefix
+            kept = ((choice == drafts) & valid).long().cumprod(dim=1).sum(dim=1)  # accepted drafts per row
             offsets = torch.arange(span, device=device)[None]
-            take = offsets < gain[:, None]
-            if eos_token_id is not None:  # cut after the first EOS
-                is_eos = (chosen == eos_token_id) & take
-                before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()
-                take &= before == 0
-                gain = take.sum(dim=1)
-                finished = (is_eos & take).any(dim=1)
-            else:
-                finished = torch.zeros(n, dtype=torch.bool, device=device)
-            row_index = rows[:, None].expand(-1, span)[take]
-            slot = (emitted[rows][:, None] + offsets)[take]
-            tokens[row_index, slot] = chosen[take]
-            nll[row_index, slot] = token_nll[take]
-            # The fed inputs x_0..x_{gain-1} stay in every cache; the rest were rejected.
-            for cache in caches:
+            # tokens this round: the accepted drafts and the verifier's own, cut after an EOS
+            take, gain, finished = cut_after_eos(
+                choice, offsets < torch.minimum(kept + 1, row_span)[:, None], eos_token_id
+            )
+            token_nll = -full_logits.log_softmax(-1).gather(2, choice[..., None]).squeeze(2)
+            row_index, slot = rows[:, None].expand(-1, span)[take], (emitted[rows][:, None] + offsets)[take]
+            tokens[row_index, slot], nll[row_index, slot] = choice[take], token_nll[take]
+            for cache in caches:  # the fed inputs x_0..x_{gain-1} stay in every cache; the rest were rejected
                 cache.reject(rows, gain, span)
                 cache.trim()
-            drafted += int(row_span.sum())
-            accepted += int(torch.minimum(kept, gain).sum())
-            rejections += int((kept < row_span).sum())
-            rounds += n
-            emitted_total += int(gain.sum())
+            counts.add_round(row_span, kept, gain)
             emitted[rows] += gain
             length[rows] += gain
-            next_input[rows] = chosen.gather(1, (gain - 1).clamp(min=0)[:, None]).squeeze(1)
+            next_input[rows] = choice.gather(1, (gain - 1).clamp(min=0)[:, None]).squeeze(1)
             done[rows] |= finished | (emitted[rows] >= max_new_tokens)
         synchronize(device)
         elapsed = time.perf_counter() - start
-    generated = int(emitted.sum())
-    return SpeculativeOutput(
-        tokens=tokens,
-        nll=nll,
-        drafted=drafted,
-        accepted=accepted,
-        rounds=rounds,
-        seconds_per_token=elapsed / max(generated, 1),
-        verify_seconds=verify_seconds,
-        draft_seconds=draft_seconds,
-        draft_length=gamma,
-        draft_stages=draft_stages,
-        cache_lengths=tuple(c.count.clone() for c in caches),
-        emitted=emitted_total,
-        loop_rounds=loop_rounds,
-        cache_slots=tuple(c.length for c in caches),
-        rejections=rejections,
-    )
+    return counts.output(tokens, nll, elapsed / max(int(emitted.sum()), 1), gamma, draft_stages, caches)
+
+
+@dataclass
+class _Counts:
+    """What a self-speculative decode counts over its rounds."""
+
+    drafted: int = 0
+    accepted: int = 0
+    rounds: int = 0
+    emitted: int = 0
+    loop_rounds: int = 0
+    rejections: int = 0
+    verify_seconds: float = 0.0
+    draft_seconds: float = 0.0
+
+    def add_round(self, row_span: Tensor, kept: Tensor, gain: Tensor) -> None:
+        """One round of the rows that drafted ``row_span`` tokens each, ``kept`` of them agreeing with
+        the verifier, and gained ``gain`` tokens."""
+        self.drafted += int(row_span.sum())
+        self.accepted += int(torch.minimum(kept, gain).sum())
+        self.rejections += int((kept < row_span).sum())
+        self.rounds += row_span.numel()
+        self.emitted += int(gain.sum())
+
+    def output(
+        self, tokens, nll, seconds_per_token: float, gamma: int, draft_stages: int, caches
+    ) -> "SpeculativeOutput":
+        return SpeculativeOutput(
+            tokens=tokens,
+            nll=nll,
+            drafted=self.drafted,
+            accepted=self.accepted,
+            rounds=self.rounds,
+            seconds_per_token=seconds_per_token,
+            verify_seconds=self.verify_seconds,
+            draft_seconds=self.draft_seconds,
+            draft_length=gamma,
+            draft_stages=draft_stages,
+            cache_lengths=tuple(c.count.clone() for c in caches),
+            emitted=self.emitted,
+            loop_rounds=self.loop_rounds,
+            cache_slots=tuple(c.length for c in caches),
+            rejections=self.rejections,
+        )
+
+
+def _drafted(drafters: list, caches: list, rows: Tensor, next_input: Tensor, row_span: Tensor, length: Tensor):
+    """Up to ``row_span`` tokens per row, drafted greedily through the draft stages one at a time (a
+    row whose span is used up sits out: its slot stays invalid); returns the last draft stage's
+    states (n, span, d) and the drafted tokens (n, span)."""
+    n, span, device = rows.numel(), int(row_span.max()), rows.device
+    x = next_input[rows].clone()
+    states = torch.zeros(n, span, drafters[-1].hidden_size, device=device, dtype=drafters[-1].dtype)
+    drafts = torch.zeros(n, span, dtype=torch.long, device=device)
+    for i in range(span):
+        active = (row_span > i).nonzero().squeeze(1)  # rows still drafting at step i
+        position = (length[rows[active]] + i)[:, None]
+        state, step_input = None, x[active]
+        for k, stage in enumerate(drafters):
+            inputs = {"input_ids": step_input[:, None]} if k == 0 else {"inputs_embeds": state[:, None]}
+            one = torch.ones(active.numel(), 1, dtype=torch.bool, device=device)
+            hidden, _ = stage_call(stage, caches[k], rows[active], one, position, False, **inputs)
+            state = hidden[:, 0]
+        states[active, i] = state
+        x[active] = drafters[-1].logits(state).argmax(-1)
+        drafts[active, i] = x[active]
+    return states, drafts
+
+
+def _verified(stages: list, caches: list, draft_stages: int, rows, states, row_span, length) -> tuple[Tensor, Tensor]:
+    """The verifying stages on every drafted position at once: full depth's logits (n, span, V), the
+    predictions f_1..f_span, and which slots are real (slots past a row's span are masked out, their
+    positions repeating its last one)."""
+    span, device = states.shape[1], rows.device
+    valid = torch.arange(span, device=device)[None] < row_span[:, None]
+    positions = length[rows][:, None] + torch.minimum(torch.arange(span, device=device)[None], row_span[:, None] - 1)
+    state = states
+    for j, stage in enumerate(stages[draft_stages:]):
+        state, _ = stage_call(stage, caches[draft_stages + j], rows, valid, positions, False, inputs_embeds=state)
+    return stages[-1].logits(state).float(), valid
