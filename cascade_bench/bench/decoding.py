@@ -166,23 +166,16 @@ class DecodingSettings:
 def bench_decoding(
     ensemble: Ensemble,
     prompts: dict[int, Tensor],
-    new_tokens: int = 65,
-    rate: float = 0.5,
-    rule: str = "max_prob",
-    quorum: float = 1.0,
-    draft_length: int = 4,
-    repeats: int = 15,
-    warmup: int = 1,
-    seed: int = 0,
+    settings: DecodingSettings = DecodingSettings(),
     hf_peer: bool = True,
 ) -> list[DecodingRow]:
-    """Every decoding variant at every batch size (see the module docstring). ``prompts`` maps a
-    batch size to its (B, P) prompt ids. Stage 0's exit rule is restored afterwards."""
+    """Every decoding variant at every batch size (see the module docstring), as ``settings`` say.
+    ``prompts`` maps a batch size to its (B, P) prompt ids. Stage 0's exit rule is restored afterwards."""
     if len(ensemble) < 2:
         raise ValueError(f"the decoding benchmark needs at least 2 stages, got {len(ensemble)}")
+    new_tokens = settings.new_tokens
     if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or new_tokens < 3:
         raise ValueError(f"new_tokens must be an int >= 3, got {new_tokens!r}")
-    settings = DecodingSettings(new_tokens, rate, rule, quorum, draft_length, repeats, warmup, seed)
     hf_model = _hf_model(ensemble) if hf_peer else None
     saved = ensemble[0].exit_rule
     rows: list[DecodingRow] = []

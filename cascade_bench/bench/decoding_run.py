@@ -6,7 +6,6 @@ JSON file."""
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -125,7 +124,7 @@ def run_decoding_bench(
     # the forced rule exits the rest: 1 - hard_ratio of decode tokens (or steps)
     settings = DecodingSettings(new_tokens, 1.0 - hard_ratio, rule, quorum, draft_length, repeats, warmup, seed)
     teacher_forced = teacher_forced_policies(ensemble, windows)
-    rows = bench_decoding(ensemble, prompts, **asdict(settings))
+    rows = bench_decoding(ensemble, prompts, settings)
     checks = decoding_checks(rows, draft_length, settings.rate)
     conditions = {
         **environment_conditions(ensemble.device, ensemble.dtype),

@@ -72,13 +72,24 @@ class GenerationOutput:
     kv_policy: str = "absent"
 
 
-def _pick(
-    logits: Tensor, do_sample: bool, temperature: float, top_k: int, top_p: float, generator: Optional[torch.Generator]
-) -> tuple[Tensor, Tensor]:
+@dataclass(frozen=True)
+class _Sampling:
+    """How a token is picked: greedily, or sampled at ``temperature`` from the ``top_k`` / ``top_p``
+    tokens with ``generator``."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    generator: Optional[torch.Generator] = None
+
+
+def _pick(logits: Tensor, sampling: _Sampling) -> tuple[Tensor, Tensor]:
     """Next token per row and its NLL under the distribution it was drawn from (float32)."""
     logits = logits.float()
-    if do_sample:
-        logits = logits / temperature
+    top_k, top_p = sampling.top_k, sampling.top_p
+    if sampling.do_sample:
+        logits = logits / sampling.temperature
         if top_k:
             kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
             logits = logits.masked_fill(logits < kth, -math.inf)
@@ -88,7 +99,7 @@ def _pick(
             drop = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the smallest set reaching top_p
             logits = logits.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), -math.inf)
         log_p = logits.log_softmax(-1)
-        token = torch.multinomial(log_p.exp(), 1, generator=generator).squeeze(1)
+        token = torch.multinomial(log_p.exp(), 1, generator=sampling.generator).squeeze(1)
     else:
         log_p = logits.log_softmax(-1)
         token = logits.argmax(-1)
@@ -142,20 +153,8 @@ def generate(
     if do_sample and not temperature > 0:
         raise ValueError(f"temperature must be > 0 when sampling, got {temperature!r}")
     plan = _Plan.of(ensemble, method, thresholds, positions, exit_policy, quorum, exit_schedule, kv_policy)
-    args = (
-        ensemble,
-        input_ids,
-        attention_mask,
-        max_new_tokens,
-        plan,
-        do_sample,
-        temperature,
-        top_k,
-        top_p,
-        eos_token_id,
-        pad_token_id,
-        generator,
-    )
+    sampling = _Sampling(do_sample, temperature, top_k, top_p, generator)
+    args = (ensemble, input_ids, attention_mask, max_new_tokens, plan, sampling, eos_token_id, pad_token_id)
     if count_flops:
         from torch.utils.flop_counter import FlopCounterMode
 
@@ -217,13 +216,9 @@ def _generate(
     attention_mask,
     max_new_tokens,
     plan: _Plan,
-    do_sample,
-    temperature,
-    top_k,
-    top_p,
+    sampling: _Sampling,
     eos_token_id,
     pad_token_id,
-    generator,
 ) -> GenerationOutput:
     device = ensemble.device
     input_ids = input_ids.to(device)
@@ -245,7 +240,7 @@ def _generate(
         synchronize(device)
         start = time.perf_counter()
         for step in range(max_new_tokens):
-            token, token_nll = _pick(logits, do_sample, temperature, top_k, top_p, generator)
+            token, token_nll = _pick(logits, sampling)
             for written, value in ((tokens, token), (nll, token_nll), (exit_stage, produced_by)):
                 _write_step(written, step, value, None if all_alive else alive)
             if eos_token_id is not None:

@@ -10,6 +10,7 @@ import torch
 
 from cascade_bench.bench.decoding import (
     DecodingRow,
+    DecodingSettings,
     ForcedStepExit,
     bench_decoding,
     decoding_checks,
@@ -75,7 +76,7 @@ def test_bench_decoding_reports_every_variant_with_its_quality(text):
     ensemble = tiny_ensemble("gpt2-tiny")
     original = ensemble[0].exit_rule
     prompts = {1: token_batch(text, 1, 16), 2: token_batch(text, 2, 16)}
-    rows = bench_decoding(ensemble, prompts, new_tokens=9, repeats=1, warmup=0)
+    rows = bench_decoding(ensemble, prompts, DecodingSettings(new_tokens=9, repeats=1, warmup=0))
     assert ensemble[0].exit_rule is original
     for batch in (1, 2):
         assert _variant(rows, batch, "full depth").same_tokens == 1.0
@@ -102,7 +103,7 @@ def test_bench_decoding_reports_every_variant_with_its_quality(text):
 
 def test_block_cascades_get_hugging_faces_generate_on_the_unsplit_model(text):
     ensemble = tiny_ensemble("llama-tiny", kind="block")
-    rows = bench_decoding(ensemble, {1: token_batch(text, 1, 8)}, new_tokens=5, repeats=1, warmup=0)
+    rows = bench_decoding(ensemble, {1: token_batch(text, 1, 8)}, DecodingSettings(new_tokens=5, repeats=1, warmup=0))
     hf = _variant(rows, 1, "HF generate (unsplit model)")
     assert hf.same_tokens == 1.0  # the unsplit model's greedy tokens are full-depth greedy tokens
 
