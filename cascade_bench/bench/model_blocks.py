@@ -25,7 +25,7 @@ from ..data.markdown import markdown_table
 from ..data.storage import write_json_atomic
 from ..measure.environment import environment_conditions
 from ..measure.flops import count_pass_flops
-from ..measure.timing import wall_time_once
+from ..measure.timing import back_to_back_times
 from ..routing.calibration import calibrate_thresholds
 from ..routing.passes import forward_cascade
 from ..stages.ensemble import Ensemble, evaluation_mode
@@ -61,18 +61,6 @@ class BlockBenchRow:
     def head_share(self) -> float:
         """Fraction of the routed pass's FLOPs spent in exit heads."""
         return self.head_flops / self.flops
-
-
-def _back_to_back(routed, unsplit, warmup: int, repeats: int, device) -> tuple[list[float], list[float]]:
-    """Seconds of the routed pass and of the unsplit model, timed back to back in each repeat after
-    ``warmup`` untimed pairs."""
-    for _ in range(warmup):
-        routed(), unsplit()
-    mine, theirs = [], []
-    for _ in range(repeats):
-        mine.append(wall_time_once(routed, device))
-        theirs.append(wall_time_once(unsplit, device))
-    return mine, theirs
 
 
 def bench_blocks(
@@ -112,7 +100,7 @@ def bench_blocks(
                         return forward_cascade(ensemble, input_ids, thresholds=thresholds, batching=batching, **kwargs)
 
                     counted, out = count_pass_flops(routed, num_stages)
-                    mine, theirs = _back_to_back(routed, unsplit, warmup, repeats, input_ids.device)
+                    mine, theirs = back_to_back_times(routed, unsplit, repeats, input_ids.device, warmup=warmup)
                     rows.append(
                         BlockBenchRow(
                             exit_rule=name,

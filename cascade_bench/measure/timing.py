@@ -144,6 +144,19 @@ def interleaved_ratio(
     ``fn`` and ``reference`` may be equally long sequences of calls (one per batch): each pair then
     times ``fn[i]`` and ``reference[i]`` back to back for every i and compares the sums, so the two
     sides are never more than one batch apart in time."""
+    mine, theirs = back_to_back_times(fn, reference, pairs, device)
+    return statistics.median(a / b for a, b in zip(mine, theirs))
+
+
+def back_to_back_times(
+    fn: "Callable[[], object] | Sequence[Callable[[], object]]",
+    reference: "Callable[[], object] | Sequence[Callable[[], object]]",
+    pairs: int = 3,
+    device: Optional[torch.device] = None,
+    warmup: int = 1,
+) -> tuple[list[float], list[float]]:
+    """Seconds of ``fn`` and of ``reference`` in each of ``pairs`` repeats, the two timed back to back
+    after ``warmup`` untimed calls of each (sequences: summed over their calls, timed in turn)."""
     if pairs < 1:
         raise ValueError(f"pairs must be >= 1, got {pairs}")
     mine_calls = [fn] if callable(fn) else list(fn)
@@ -153,16 +166,18 @@ def interleaved_ratio(
             f"fn and reference must be one call each or equally long sequences, got "
             f"{len(mine_calls)} and {len(their_calls)}"
         )
-    for mine, theirs in zip(mine_calls, their_calls):
-        mine(), theirs()
-    ratios = []
+    for _ in range(warmup):
+        for mine, theirs in zip(mine_calls, their_calls):
+            mine(), theirs()
+    mine_times, their_times = [], []
     for _ in range(pairs):
         mine_total = theirs_total = 0.0
         for mine, theirs in zip(mine_calls, their_calls):
             mine_total += wall_time_once(mine, device)
             theirs_total += wall_time_once(theirs, device)
-        ratios.append(mine_total / theirs_total)
-    return statistics.median(ratios)
+        mine_times.append(mine_total)
+        their_times.append(theirs_total)
+    return mine_times, their_times
 
 
 class PhaseClock:
