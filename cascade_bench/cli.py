@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from typing import Optional, Sequence
 
 # Only torch-free modules at the top: the parser (and ``--help``) needs names, not models.
@@ -76,9 +77,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if getattr(args, "config", None) is not None:
             args = _with_run_config(parser, argv, args)
-        return HANDLERS[args.command](args)
+        with warnings.catch_warnings():  # a warning reads as one line of the command's output
+            warnings.showwarning = _one_line
+            return HANDLERS[args.command](args)
     except ValueError as error:
         return _error(error)
+
+
+def _one_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as the command line shows it: its category and message, not a source excerpt."""
+    print(f"{category.__name__}: {message}", file=sys.stderr if file is None else file)
 
 
 if __name__ == "__main__":

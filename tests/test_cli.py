@@ -64,8 +64,8 @@ def test_bench_routing_writes_rows_checks_and_conditions(tmp_path, capsys):
     for key in ("device", "dtype", "threads", "torch", "transformers", "git_commit", "seq_len", "data"):
         assert key in payload["conditions"]
     printed = capsys.readouterr().out
-    assert "| hard ratio | method |" in printed and "routed-bucketed" in printed
-    assert "| hard ratio | exit rule | batching |" in printed
+    assert "| hard ratio (set) | method | exit at stage 0 (measured) |" in printed and "routed-bucketed" in printed
+    assert "| hard ratio (set) | exit rule | batching |" in printed
     quartiles = [row["wall_ratio_quartiles"] for row in payload["rows"] + payload["rule_rows"]]
     assert all(q1 == q3 for q1, q3 in quartiles)  # one repeat: both quartiles are its ratio
     assert payload["rows"][0]["wall_ratio_quartiles"] == [1.0, 1.0]
@@ -301,3 +301,16 @@ def test_bench_decode_refuses_a_missing_model_folder_and_draft_methods_without_a
     assert "no such folder; expected a model folder, gguf:FILE or pypi:DISTRIBUTION" in capsys.readouterr().err
     assert main(["bench-decode", "--methods", "ours-draft"]) == 2
     assert "--methods ours-draft need a draft model: give --draft FOLDER" in capsys.readouterr().err
+
+
+def test_bench_routing_drops_a_default_rule_that_does_not_fit_and_refuses_a_chosen_one(capsys):
+    from cascade_bench.bench.choices import BENCH_RULES
+    from cascade_bench.commands.routing_commands import _fitting_rules
+    from tests.helpers import tiny_ensemble
+
+    ensemble = tiny_ensemble("gpt2-tiny", layers=(1, 1))  # hidden size 32: lowrank:64 cannot run
+    kept = _fitting_rules(list(BENCH_RULES), ensemble, chosen=False)
+    assert "lowrank:64" in BENCH_RULES and "lowrank:64" not in kept and {"max_prob", "cos_sim"} <= set(kept)
+    assert "note: the default exit rule 'lowrank:64' dropped" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--exit-rules lowrank:64: .*choose a size that fits"):
+        _fitting_rules(["lowrank:64"], ensemble, chosen=True)

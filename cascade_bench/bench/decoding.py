@@ -247,7 +247,7 @@ def _forced_variants(ensemble: Ensemble, ids: Tensor, s: DecodingSettings, full:
     for kv in ("absent", "propagate", "recompute"):
         variants.append(
             (
-                f"per_token, {s.rate:.0%} forced",
+                f"per_token, {s.rate:.0%} forced to exit",
                 resolve_exit_rule(ForcedExitRate(s.rate, s.rule, seed=s.seed)),
                 lambda kv=kv: generate(ensemble, ids, max_new_tokens=n, thresholds=exit_at_0, kv_policy=kv),
                 {"kv_policy": kv},
@@ -256,7 +256,7 @@ def _forced_variants(ensemble: Ensemble, ids: Tensor, s: DecodingSettings, full:
     for cost in dict.fromkeys((s.rule, "cos_sim")):  # the named rule's cost, and the cheapest rule's
         variants.append(
             (
-                f"batch (quorum {s.quorum:g}), {s.rate:.0%} of steps forced, {cost} cost",
+                f"batch (quorum {s.quorum:g}), {s.rate:.0%} of steps forced to exit, {cost} cost",
                 resolve_exit_rule(ForcedStepExit(s.rate, cost, seed=s.seed)),
                 lambda: generate(
                     ensemble, ids, max_new_tokens=n, thresholds=exit_at_0, exit_policy="batch", quorum=s.quorum

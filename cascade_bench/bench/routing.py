@@ -226,8 +226,8 @@ def check_bars(rows: Sequence[BenchRow], wall_over_flop_max: float = WALL_OVER_F
 def format_table(rows: Sequence[BenchRow]) -> str:
     """A Markdown table of the rows."""
     header = (
-        "hard ratio, method, exit at stage 0, median ms, IQR ms, tokens/s, wall ratio, wall ratio quartiles, "
-        "FLOP ratio, wall/FLOP, layer cost, padding, peak MiB, memory ratio"
+        "hard ratio (set), method, exit at stage 0 (measured), median ms, IQR ms, tokens/s, wall ratio, "
+        "wall ratio quartiles, FLOP ratio, wall/FLOP, layer cost, padding, peak MiB, memory ratio"
     ).split(", ")
     cells = (
         [
@@ -395,8 +395,8 @@ def check_rule_bars(rows: Sequence[RuleRow], wall_over_flop_max: float = WALL_OV
 def format_rule_table(rows: Sequence[RuleRow]) -> str:
     """A Markdown table of the exit-rule rows."""
     header = (
-        "hard ratio, exit rule, batching, exit at stage 0, rule MACs/token, median ms, layer cost, FLOP ratio, "
-        "decision share, wall ratio, wall ratio quartiles, wall/FLOP"
+        "hard ratio (set), exit rule, batching, exit at stage 0 (measured), rule MACs/token, median ms, layer cost, "
+        "FLOP ratio, decision share, wall ratio, wall ratio quartiles, wall/FLOP"
     ).split(", ")
     cells = (
         [

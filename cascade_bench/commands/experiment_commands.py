@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from pathlib import Path
 
@@ -27,7 +28,9 @@ def _add_experiment_command(commands) -> None:
             nargs="?",
             default=None,
             metavar="CONFIG",
-            help="TOML config file (keys as the flags below, without dashes)",
+            help="TOML config file: each key as the flag below spelled with underscores (--seq-len: seq_len), at the "
+            "top level or under its table ([data], [stages], [training], [sweep], [exits], [risk_control], "
+            "[measurement], [runtime]; configs/default.toml writes every key under its table)",
         )
         command.add_argument("--quiet", action="store_true", help="no progress bars")
         if name == "report":
@@ -87,7 +90,8 @@ def _experiment(args: argparse.Namespace) -> int:
         from ..measure.distributed import join_launch, leave_launch
 
         start = time.perf_counter()
-        written = run_experiment(config, progress=not args.quiet)
+        with _transformers_bars(shown=not args.quiet):
+            written = run_experiment(config, progress=not args.quiet)
         ranks = join_launch(config.device)
         leave_launch()
         if not ranks.is_main:  # under torchrun, rank 0 reports
@@ -178,3 +182,18 @@ HANDLERS = {
     "plot": _experiment,
     "compare": _compare,
 }
+
+
+@contextlib.contextmanager
+def _transformers_bars(shown: bool):
+    """transformers' own progress bars (writing a checkpoint's shards) off inside, unless ``shown``."""
+    from transformers.utils import logging as transformers_logging
+
+    was = transformers_logging.is_progress_bar_enabled()
+    if not shown:
+        transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was and not shown:
+            transformers_logging.enable_progress_bar()

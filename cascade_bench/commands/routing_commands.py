@@ -85,9 +85,10 @@ def _add_bench_routing_command(commands) -> None:
     bench.add_argument(
         "--exit-rules",
         nargs="*",
-        default=list(BENCH_RULES),
+        default=None,
         metavar="RULE",
-        help="exit rules for the per-rule table, space-separated (none: skip it); default %(default)s",
+        help=f"exit rules for the per-rule table, space-separated (none: skip it); default {' '.join(BENCH_RULES)} "
+        "(a default one that does not fit the model is dropped with a note)",
     )
     bench.add_argument(
         "--profile",
@@ -177,10 +178,12 @@ def _bench_routing(args: argparse.Namespace) -> int:
     if args.profile:
         return _profile_routing(args)
 
-    rules = [spec for spec in args.exit_rules if spec.strip()]
+    chosen = args.exit_rules is not None
+    rules = [spec for spec in (args.exit_rules if chosen else BENCH_RULES) if spec.strip()]
     for spec in rules:
         parse_rule_spec(spec)
     ensemble, origin = build_cascade(args)
+    rules = _fitting_rules(rules, ensemble, chosen)
     rows, checks, conditions, rule_rows = run_routing_bench(
         ensemble,
         str(origin),
@@ -202,6 +205,24 @@ def _bench_routing(args: argparse.Namespace) -> int:
     print()
     print_checks(checks)
     return 0
+
+
+def _fitting_rules(rules: list[str], ensemble, chosen: bool) -> list[str]:
+    """The rules that fit the cascade's narrowest exiting stage and its vocabulary: a default one that
+    does not is dropped with a note; one the user chose stops the bench with what fits."""
+    from ..experiment.model_fit import ModelSizes, rule_misfit
+
+    sizes = ModelSizes(min(stage.hidden_size for stage in list(ensemble)[:-1]), ensemble.vocab_size)
+    kept = []
+    for spec in rules:
+        why = rule_misfit(spec, sizes)
+        if why is None:
+            kept.append(spec)
+        elif chosen:
+            raise ValueError(f"--exit-rules {spec}: {why}; choose a size that fits or leave it out")
+        else:
+            print(f"note: the default exit rule {spec!r} dropped: {why}; --exit-rules chooses the rules")
+    return kept
 
 
 def _profile_routing(args: argparse.Namespace) -> int:

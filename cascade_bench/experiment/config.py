@@ -36,6 +36,7 @@ from .config_sections import (
     check_across_sections,
     flatten_tables,
     section_of,
+    unknown_key,
 )
 
 __all__ = [
@@ -335,7 +336,7 @@ def make_config(values: dict) -> ExperimentConfig:
     checked in turn); unknown keys are errors naming the key."""
     unknown = sorted(set(values) - set(KEY_SECTIONS))
     if unknown:
-        raise ValueError(f"unknown config key {unknown[0]!r}; known keys: {sorted(KEY_SECTIONS)}")
+        raise ValueError(unknown_key(unknown[0]))
     tables: dict[str, dict] = {name: {} for name in SECTION_TYPES}
     for key, value in values.items():
         tables[KEY_SECTIONS[key]][key] = _coerce(key, value)

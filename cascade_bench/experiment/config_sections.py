@@ -528,8 +528,20 @@ KEY_FIELDS: dict[str, dataclasses.Field] = {f.name: f for section in SECTION_TYP
 def section_of(key: str) -> str:
     """The table ``key`` belongs to (ValueError for a key no section holds)."""
     if key not in KEY_SECTIONS:
-        raise ValueError(f"unknown config key {key!r}; known keys: {sorted(KEY_SECTIONS)}")
+        raise ValueError(unknown_key(key))
     return KEY_SECTIONS[key]
+
+
+def unknown_key(key: str) -> str:
+    """The message for a key no section holds: the nearest known keys, and where all are listed."""
+    import difflib
+
+    near = difflib.get_close_matches(key, KEY_SECTIONS, n=3)
+    hint = f"did you mean {' or '.join(repr(k) for k in near)}? " if near else ""
+    return (
+        f"unknown config key {key!r}; {hint}every key is a flag of `cascade-bench run --help`, and "
+        f"configs/default.toml writes each under its table"
+    )
 
 
 def flatten_tables(raw: dict, source: str) -> dict:

@@ -142,9 +142,9 @@ def test_decoding_checks_read_the_bars_from_the_runs_own_rows(tmp_path):
         row(1, "full depth", 4.0, exit_policy="-"),
         row(1, "stage 0 only (exit/draft step)", 2.0),
         # ideal: 1 / (0.5 x 0.5 + 0.5) = 4/3; achieved 4 / 3.2 = 1.25: 0.9375 of it
-        row(1, "per_token, 50% forced", 3.2),
+        row(1, "per_token, 50% forced to exit", 3.2),
         row(8, "stage 0 only (exit/draft step)", 1.0, full=1.6),
-        row(8, "batch (quorum 1), 50% of steps forced, cos_sim cost", 1.5, full=1.6, exit_policy="batch"),
+        row(8, "batch (quorum 1), 50% of steps forced to exit, cos_sim cost", 1.5, full=1.6, exit_policy="batch"),
         # 2 tokens per round; 4 drafts at 1 / 1.6 of a step + a verify of 0.25 x 2 / 1.6: predicted 2 / 2.8125
         row(
             8,

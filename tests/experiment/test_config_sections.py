@@ -271,3 +271,19 @@ def test_every_artefact_key_is_a_config_key_and_each_artefact_reads_the_data_key
         make_config({"hard_ratios": ["0.3", "smoke.toml"]})  # `run --hard-ratios 0.3 smoke.toml`
     with pytest.raises(ValueError, match=r"'hard_ratios': cannot read the item '0.5x' as float"):
         make_config({"hard_ratios": ["0.5", "0.5x"]})
+
+
+def test_the_default_config_file_writes_every_key_under_its_table_with_its_default():
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "configs" / "default.toml"
+    raw = tomllib.loads(path.read_text())
+    assert {table: sorted(raw[table]) for table in SECTIONS} == {
+        table: sorted(keys) for table, keys in SECTIONS.items()
+    }
+    assert make_config(load_config_file(path)) == ExperimentConfig()
+    assert raw["data"]["eval_stride"] == 0  # half the window, so a copy that changes seq_len keeps the meaning
