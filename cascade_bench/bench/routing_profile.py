@@ -144,7 +144,7 @@ def run_routing_profile(
     *,
     batch_size: int = 8,
     seq_len: int = 512,
-    hard_ratios: Sequence[float] = (0.25, 0.5, 0.75),
+    hard_ratios: Sequence[float] = (0.75, 0.5, 0.25),
     warmup: int = 2,
     repeats: int = 7,
     json_path: Optional[Path] = None,

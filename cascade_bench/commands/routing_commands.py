@@ -78,7 +78,7 @@ def _add_bench_routing_command(commands) -> None:
         "--hard-ratios",
         type=fraction,
         nargs="+",
-        default=[0.25, 0.5, 0.75],
+        default=[0.75, 0.5, 0.25],
         help="shares of tokens forced to continue past stage 0, one point each (default %(default)s)",
     )
     add_timing_args(bench, warmup=2, repeats=7)

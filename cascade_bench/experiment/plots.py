@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 from typing import Sequence
 
+from ..data.renamed_keys import read_renamed
 from .frames import records_frame
 from .records import Method, Record
 
@@ -185,10 +186,15 @@ def make_plots(records: Sequence[Record], confidence_path: Path, plots_dir: Path
     paths = plot_cost_vs_ppl(frame, plots_dir / f"{name}.cost_vs_ppl")
     paths += plot_exit_ratios(frame, plots_dir / f"{name}.exit_ratios")
     if Path(confidence_path).exists():
-        paths += plot_confidences(
-            json.loads(Path(confidence_path).read_text()), frame, plots_dir / f"{name}.confidence"
-        )
+        paths += plot_confidences(_read_confidences(Path(confidence_path)), frame, plots_dir / f"{name}.confidence")
     return paths
+
+
+def _read_confidences(path: Path) -> dict:
+    """The stored confidence histograms; one written before a key's rename is read under the new name."""
+    stored = json.loads(path.read_text())
+    stored["histograms"] = [read_renamed(hist, str(path)) for hist in stored.get("histograms", [])]
+    return stored
 
 
 def plot_exit_curve(summary: dict, stem: Path) -> list[Path]:

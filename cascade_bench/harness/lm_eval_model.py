@@ -171,7 +171,9 @@ class EarlyExitLM(LM):
         extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
         if "device" in extra:
             extra["harness_device"] = extra.pop("device")
-        return cls(**arg_dict, **extra)
+        from ..data.renamed_keys import read_renamed
+
+        return cls(**read_renamed(arg_dict, "lm_eval --model_args"), **extra)
 
     @staticmethod
     def _load(cascade, pretrained, boundaries, tokenizer, exit_rule, device, dtype, ensemble):

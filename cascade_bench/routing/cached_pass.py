@@ -288,8 +288,9 @@ def _propagate_block(
 def real_tokens(input_ids: Tensor, attention_mask: Optional[Tensor]) -> Tensor:
     """(B, P) bool: the prompts' real tokens (all, without a mask); a prompt with none is refused."""
     if attention_mask is None:
-        return torch.ones_like(input_ids, dtype=torch.bool)
-    real = attention_mask.to(input_ids.device).bool()
+        real = torch.ones_like(input_ids, dtype=torch.bool)
+    else:
+        real = attention_mask.to(input_ids.device).bool()
     if not bool(real.any(dim=1).all()):
         raise ValueError("every prompt needs at least one real token (attention_mask row of zeros)")
     return real

@@ -156,7 +156,7 @@ def _speculate(
             span = int(row_span.max())
             counts.loop_rounds += 1
             draft_start = time.perf_counter()  # the loop's condition has just synchronized
-            states, drafts = _drafted(stages[:draft_stages], caches, rows, next_input, row_span, length)
+            states, drafts = _drafted(stages[:draft_stages], caches, rows, next_input, row_span, span, length)
             synchronize(device)
             verify_start = time.perf_counter()
             counts.draft_seconds += verify_start - draft_start
@@ -230,11 +230,11 @@ class _Counts:
         )
 
 
-def _drafted(drafters: list, caches: list, rows: Tensor, next_input: Tensor, row_span: Tensor, length: Tensor):
+def _drafted(drafters: list, caches: list, rows: Tensor, next_input: Tensor, row_span: Tensor, span: int, length):
     """Up to ``row_span`` tokens per row, drafted greedily through the draft stages one at a time (a
     row whose span is used up sits out: its slot stays invalid); returns the last draft stage's
     states (n, span, d) and the drafted tokens (n, span)."""
-    n, span, device = rows.numel(), int(row_span.max()), rows.device
+    n, device = rows.numel(), rows.device  # ``span``: row_span's largest, read before the clock started
     x = next_input[rows].clone()
     states = torch.zeros(n, span, drafters[-1].hidden_size, device=device, dtype=drafters[-1].dtype)
     drafts = torch.zeros(n, span, dtype=torch.long, device=device)

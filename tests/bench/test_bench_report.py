@@ -37,8 +37,8 @@ def bench_json(tmp_path):
             {
                 "benchmarks": [
                     _bench({"baseline": "full", "shape_index": 0}, 0.50, 1.0, 0.0),
-                    _bench({"method": "routed-padded", "exit_ratio": 0.5, "shape_index": 0}, 0.45, 0.90, 0.5),
-                    _bench({"method": "masked", "exit_ratio": 0.5, "shape_index": 0}, 0.60, 1.20, 0.5),
+                    _bench({"method": "routed-padded", "hard_ratio": 0.5, "shape_index": 0}, 0.45, 0.90, 0.5),
+                    _bench({"method": "masked", "hard_ratio": 0.5, "shape_index": 0}, 0.60, 1.20, 0.5),
                     {
                         "name": "test_stage0_training_throughput",
                         "params": None,
@@ -72,3 +72,20 @@ def test_command_writes_tables_and_plot(bench_json, tmp_path, capsys):
     empty.write_text(json.dumps({"benchmarks": []}))
     assert main(["bench-report", str(empty)]) == 2
     assert "no routing benchmarks" in capsys.readouterr().err
+
+
+def test_benchmarks_recorded_with_the_old_exit_ratio_parameter_read_as_hard_ratios(tmp_path):
+    path = tmp_path / "old.json"
+    path.write_text(
+        json.dumps(
+            {
+                "benchmarks": [
+                    _bench({"method": "full", "shape_index": 0}, 1.0, 1.0, 0.0),
+                    _bench({"method": "routed-padded", "exit_ratio": 0.25, "shape_index": 0}, 0.8, 0.9, 0.25),
+                ]
+            }
+        )
+    )
+    with pytest.warns(FutureWarning, match="read as hard_ratio = 1 - exit_ratio"):
+        frame = benchmark_frame(path)
+    assert frame[frame.method == "routed-padded"]["hard ratio"].tolist() == [0.75]

@@ -58,3 +58,26 @@ def test_a_cascade_saved_under_manifest_version_2_loads_its_rules(tmp_path):
     with pytest.warns(FutureWarning, match="key 'exit_fn' is now called 'exit_rule'"):
         loaded = load_ensemble(folder)
     assert [stage.exit_rule.name for stage in loaded] == ["margin", "margin"]
+
+
+def test_confidence_histograms_stored_under_the_old_key_still_plot(tmp_path):
+    from cascade_bench.experiment.plots import _read_confidences
+
+    path = tmp_path / "run.confidence.json"
+    path.write_text(
+        json.dumps({"histograms": [{"stage": 0, "exit_fn": "max_prob", "counts": [1], "min": 0, "max": 1}]})
+    )
+    with pytest.warns(FutureWarning, match="run.confidence.json: key 'exit_fn' is now called 'exit_rule'"):
+        stored = _read_confidences(path)
+    assert stored["histograms"][0]["exit_rule"] == "max_prob"
+
+
+def test_a_prompt_without_a_real_token_is_refused_with_or_without_a_mask():
+    import torch
+
+    from cascade_bench.routing.cached_pass import real_tokens
+
+    for mask in (None, torch.zeros(1, 3, dtype=torch.long)):
+        ids = torch.zeros(1, 0 if mask is None else 3, dtype=torch.long)
+        with pytest.raises(ValueError, match="every prompt needs at least one real token"):
+            real_tokens(ids, mask)
