@@ -39,9 +39,10 @@ def read_renamed_tables(raw: Mapping, source: str) -> dict:
     return tables
 
 
-def read_renamed(values: Mapping, source: str) -> dict:
+def read_renamed(values: Mapping, source: str, warn: bool = True) -> dict:
     """``values`` with every old key of ``RENAMED`` under its new name. A file holding both names is
-    refused (ValueError naming both); each old name read warns once per call, naming ``source``."""
+    refused (ValueError naming both); each old name read warns once per call, naming ``source``
+    (``warn=False``: the caller warns once for many, e.g. every line of a results file)."""
     renamed = dict(values)
     for old, new in RENAMED.items():
         if old not in renamed:
@@ -49,6 +50,8 @@ def read_renamed(values: Mapping, source: str) -> dict:
         if new in renamed:
             raise ValueError(f"{source}: holds both {old!r} and its new name {new!r}; keep {new!r} only")
         renamed[new] = renamed.pop(old)
+        if not warn:
+            continue
         warnings.warn(
             f"{source}: key {old!r} is now called {new!r}; read as {new} = {renamed[new]!r}. "
             f"Rename it there: the old name will not be read in a later release.",

@@ -5,6 +5,7 @@ resumes by skipping the points already stored."""
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -23,6 +24,7 @@ class ResultsStore:
         self.path = Path(path)
         self._records: list[Record] = []
         self._lines: list[str] = []
+        renamed_lines = 0
         if self.path.exists():
             for number, line in enumerate(self.path.read_text().splitlines(), 1):
                 if not line.strip():
@@ -36,12 +38,22 @@ class ResultsStore:
                         f"{self.path}:{number} has schema_version {record.get('schema_version')!r}, "
                         f"this cascade_bench reads {SCHEMA_VERSION}"
                     )
+                before = line
                 line = _renamed_config(record, line, f"{self.path}:{number}")
+                renamed_lines += line is not before
                 try:
                     self._records.append(Record.from_dict(record))
                 except (TypeError, ValueError) as error:
                     raise ValueError(f"{self.path}:{number}: {error}") from None
                 self._lines.append(line + "\n")
+        if renamed_lines:
+            warnings.warn(
+                f"{self.path}: the run config of {renamed_lines} record{'s' if renamed_lines > 1 else ''} holds keys "
+                f"renamed since ({', '.join(f'{old} -> {new}' for old, new in RENAMED.items())}); read under the new names, "
+                f"and written so at the next append",
+                FutureWarning,
+                stacklevel=2,
+            )
 
     def __contains__(self, point_id: str) -> bool:
         return any(r.point_id == point_id for r in self._records)
@@ -73,5 +85,5 @@ def _renamed_config(record: dict, line: str, source: str) -> str:
     config = conditions.get("config")
     if not isinstance(config, dict) or not set(config) & set(RENAMED):
         return line
-    record["conditions"] = {**conditions, "config": read_renamed(config, f"{source} (its run config)")}
+    record["conditions"] = {**conditions, "config": read_renamed(config, source, warn=False)}
     return json.dumps(record)

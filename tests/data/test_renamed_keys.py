@@ -38,7 +38,9 @@ def test_a_results_file_with_the_old_config_key_is_read_once_and_rewritten_with_
     old = Record(point_id="full", method="full", conditions={"config": {"exit_rule": "margin"}})
     store.append(old)
     path.write_text(path.read_text().replace('"exit_rule"', '"exit_fn"'))
-    with pytest.warns(FutureWarning, match=r"run\.jsonl:1 \(its run config\)"):
+    with pytest.warns(
+        FutureWarning, match=r"run\.jsonl: the run config of 1 record holds keys renamed since \(exit_fn -> exit_rule\)"
+    ):
         store = ResultsStore(path)
     assert [r.conditions["config"] for r in store] == [{"exit_rule": "margin"}]
     store.append(Record(point_id="prefix", method="prefix", conditions={"config": {"exit_rule": "margin"}}))
