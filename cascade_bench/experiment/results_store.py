@@ -49,8 +49,8 @@ class ResultsStore:
         if renamed_lines:
             warnings.warn(
                 f"{self.path}: the run config of {renamed_lines} record{'s' if renamed_lines > 1 else ''} holds keys "
-                f"renamed since ({', '.join(f'{old} -> {new}' for old, new in RENAMED.items())}); read under the new names, "
-                f"and written so at the next append",
+                f"renamed since ({', '.join(f'{old} -> {new}' for old, new in RENAMED.items())}); read under the "
+                f"new names, and written so at the next append",
                 FutureWarning,
                 stacklevel=2,
             )
