@@ -44,6 +44,12 @@ def _key(default: Any, help: str, choices: tuple = ()) -> Any:
     return field(default=default, metadata={"help": help, "choices": tuple(choices)})
 
 
+def refuse(holder, key: str, expected: str):
+    """ValueError naming config key ``key`` (read from ``holder``: a section or the config), what was
+    expected and what it holds."""
+    raise ValueError(f"config key {key!r}: expected {expected}, got {getattr(holder, key)!r}")
+
+
 class Section:
     """What every section shares: it checks itself when made (``check``), names its keys and their
     element types, and writes them flat."""
@@ -64,7 +70,7 @@ class Section:
         return typing.get_args(typing.get_type_hints(cls)[key])[0]
 
     def _bad(self, key: str, expected: str):
-        raise ValueError(f"config key {key!r}: expected {expected}, got {getattr(self, key)!r}")
+        refuse(self, key, expected)
 
     def _integers(self, keys, minimum: int, expected: str) -> None:
         for key in keys:
@@ -574,15 +580,13 @@ def check_across_sections(config) -> None:
     """The checks that tie two sections together (each section has checked its own keys): the
     tokenizer a pretrained model needs, and the validation batches risk control needs."""
 
-    def bad(key: str, expected: str):
-        raise ValueError(f"config key {key!r}: expected {expected}, got {getattr(config, key)!r}")
-
     if config.model and config.tokenizer.startswith("bpe:"):
-        bad("tokenizer", "the pretrained model's own tokenizer ('model', or a folder), not a new BPE")
+        refuse(config, "tokenizer", "the pretrained model's own tokenizer ('model', or a folder), not a new BPE")
     if not config.model and config.tokenizer == "model":
-        bad("tokenizer", "a tokenizer folder, hub name or 'bpe:<vocab size>' ('model' needs 'model' set)")
+        refuse(config, "tokenizer", "a tokenizer folder, hub name or 'bpe:<vocab size>' ('model' needs 'model' set)")
     if config.risk and config.risk_batches == 0 and config.validation_batches == 1:
-        bad(
+        refuse(
+            config,
             "risk_batches",
             "at least 2 when validation_batches is 1 (with risk_batches 0, risk control calibrates on the "
             "validation batches the sweep uses, and it needs at least 2: one half proposes thresholds, the "

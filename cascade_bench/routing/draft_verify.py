@@ -46,7 +46,8 @@ from ..measure.flops import EXTRA_FLOP_FORMULAS
 from ..measure.timing import synchronize
 from ..stages.llm import LLM
 from ..stages.stage_cache import StageCache
-from .cached_pass import cut_after_eos, real_tokens, stage_call
+from .cached_pass import stage_call
+from .decode_steps import cut_after_eos, real_tokens
 
 
 @dataclass

@@ -38,7 +38,8 @@ from ..measure.timing import synchronize
 from ..stages.ensemble import Ensemble, evaluation_mode
 from ..stages.key_values import propagated_key_values
 from ..stages.stage_cache import StageCache
-from .cached_pass import Pending, cached_pass, check_kv_policy, real_tokens, stage_call
+from .cached_pass import Pending, cached_pass, check_kv_policy, stage_call
+from .decode_steps import real_tokens
 from .passes import resolve_thresholds
 
 EXIT_POLICIES = ("per_token", "batch", "schedule")
@@ -241,8 +242,11 @@ def _generate(
         start = time.perf_counter()
         for step in range(max_new_tokens):
             token, token_nll = _pick(logits, sampling)
-            for written, value in ((tokens, token), (nll, token_nll), (exit_stage, produced_by)):
-                _write_step(written, step, value, None if all_alive else alive)
+            if all_alive:
+                tokens[:, step], nll[:, step], exit_stage[:, step] = token, token_nll, produced_by
+            else:
+                for written, value in ((tokens, token), (nll, token_nll), (exit_stage, produced_by)):
+                    written[alive, step] = value[alive]
             if eos_token_id is not None:
                 alive = alive & (token != eos_token_id)
                 still = int(alive.sum())
@@ -264,14 +268,6 @@ def _generate(
         synchronize(device)
         elapsed = time.perf_counter() - start
     return _output(stages, caches, plan, tokens, nll, exit_stage, step_rows, extra, fed, elapsed)
-
-
-def _write_step(written: Tensor, step: int, value: Tensor, alive: Optional[Tensor]) -> None:
-    """Column ``step`` of ``written`` (B, N) from ``value`` (B,): every row, or the ``alive`` ones."""
-    if alive is None:
-        written[:, step] = value
-    else:
-        written[alive, step] = value[alive]
 
 
 def _new_caches(stages: list, batch: int, device, kv_policy: str) -> tuple[list, Optional[list]]:

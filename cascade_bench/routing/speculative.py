@@ -30,7 +30,8 @@ from ..measure.flops import EXTRA_FLOP_FORMULAS
 from ..measure.timing import synchronize
 from ..stages.ensemble import Ensemble, evaluation_mode
 from ..stages.stage_cache import StageCache
-from .cached_pass import cached_pass, cut_after_eos, real_tokens, stage_call
+from .cached_pass import cached_pass, stage_call
+from .decode_steps import cut_after_eos, real_tokens
 
 
 @dataclass

@@ -77,7 +77,7 @@ def test_confidence_histograms_stored_under_the_old_key_still_plot(tmp_path):
 def test_a_prompt_without_a_real_token_is_refused_with_or_without_a_mask():
     import torch
 
-    from cascade_bench.routing.cached_pass import real_tokens
+    from cascade_bench.routing.decode_steps import real_tokens
 
     for mask in (None, torch.zeros(1, 3, dtype=torch.long)):
         ids = torch.zeros(1, 0 if mask is None else 3, dtype=torch.long)
