@@ -74,10 +74,10 @@ def test_the_pages_include_the_published_blocks(run, page, block):
     assert f'--8<-- "docs/results/{run}/{block}.md"' in (ROOT / page).read_text()
 
 
-def test_the_readme_quotes_the_quality_table(records):
+def test_the_readme_quotes_the_paper_table(records):
     text = (ROOT / "README.md").read_text()
-    missing = [line for line in published_blocks(records)["quality"].splitlines() if line not in text]
-    assert not missing, f"README.md's quality table differs from {RECORDS.name}; first missing line: {missing[0]}"
+    missing = [line for line in published_blocks(records)["paper"].splitlines() if line not in text]
+    assert not missing, f"README.md's paper table differs from {RECORDS.name}; first missing line: {missing[0]}"
 
 
 @pytest.mark.parametrize(

@@ -29,6 +29,7 @@ from .decode_suite import (
     NEEDS_EXITS,
     PLAIN,
     DecodeRow,
+    bootstrap_interval,
     greedy_agreement,
     left_padded,
     memory_floor,
@@ -580,13 +581,31 @@ def _cell(value: float, digits: int = 2) -> str:
 
 #: The decode table's columns, and which of them are right-aligned (the numbers).
 DECODE_COLUMNS = (
-    "method, set, tokens/s, speedup (95% CI), baseline, same tokens, NLL, p50 / p95 ms, acceptance, tokens / round, "
-    "c, v, predicted, realisation, GFLOP / token, x floor"
+    "method, set, tokens/s, speedup (95% CI), baseline, same tokens, NLL, p50 / p95 ms, acceptance (95% CI), "
+    "tokens / round, c, v, predicted, realisation, GFLOP / token, realised / FLOP-predicted, x floor"
 ).split(", ")
-_RIGHT = [False, False, True, False, False, True, True, False] + [True] * 8
+_RIGHT = [False, False, True, False, False, True, True, False] + [True] * 9
 
 
-def _decode_cells(r: DecodeRow) -> list[str]:
+def _with_interval(value: float, interval: tuple, digits: int = 2) -> str:
+    low, high = interval
+    text = _cell(value, digits)
+    return f"{text} ({low:.{digits}f}-{high:.{digits}f})" if text and math.isfinite(low) else text
+
+
+def flop_realisation(row: DecodeRow, flops: dict) -> float:
+    """The row's measured speedup over the one its FLOPs per token predict against its baseline's
+    (``flops``: (method, set) -> FLOPs per token, counted at batch 1); NaN where either is not counted."""
+    mine, theirs = (
+        flops.get((row.method, row.prompt_set), math.nan),
+        flops.get((row.baseline, row.prompt_set), math.nan),
+    )
+    if not (math.isfinite(mine) and math.isfinite(theirs)) or mine <= 0:
+        return math.nan
+    return row.speedup / (theirs / mine)
+
+
+def _decode_cells(r: DecodeRow, flops: dict) -> list[str]:
     low, high = r.speedup_interval
     interval = f" ({low:.2f}-{high:.2f})" if math.isfinite(low) else ""
     latency = f"{r.latency_p50_ms:.1f} / {r.latency_p95_ms:.1f}" if math.isfinite(r.latency_p50_ms) else ""
@@ -599,13 +618,14 @@ def _decode_cells(r: DecodeRow) -> list[str]:
         f"{r.same_tokens:.3f}",
         _cell(r.continuation_nll, 3),
         latency,
-        _cell(r.acceptance),
+        _with_interval(r.acceptance, getattr(r, "acceptance_interval", (math.nan, math.nan))),
         _cell(r.tokens_per_round),
         _cell(r.draft_cost, 3),
         _cell(r.verify_cost),
         _cell(r.predicted_speedup),
         _cell(r.realisation),
         _cell(r.flops_per_token / 1e9, 3),
+        _cell(flop_realisation(r, flops)),
         _cell(r.floor_multiple, 1),
     ]
 
@@ -614,7 +634,9 @@ def format_decode_tables(rows: Sequence[DecodeRow], conditions: dict) -> str:
     """One Markdown table per batch size (rows: method x prompt set)."""
     parts = []
     for batch in sorted({r.batch_size for r in rows}):
-        table = markdown_table(DECODE_COLUMNS, (_decode_cells(r) for r in rows if r.batch_size == batch), _RIGHT)
+        flops = {(r.method, r.prompt_set): r.flops_per_token for r in rows if r.batch_size == 1}
+        cells = (_decode_cells(r, flops) for r in rows if r.batch_size == batch)
+        table = markdown_table(DECODE_COLUMNS, cells, _RIGHT)
         parts += [f"### Batch {batch}\n\n{table}", ""]
     floor = conditions["floor"]
     parts.append(
@@ -653,7 +675,13 @@ def rewrite_tables(json_path: Path, markdown_path: Optional[Path] = None) -> lis
     if not isinstance(payload, dict) or "rows" not in payload or "conditions" not in payload:
         raise ValueError(f"{json_path} is not a bench-decode JSON (no 'rows' and 'conditions')")
     rows = [
-        DecodeRow(**{**row, "speedup_interval": tuple(row["speedup_interval"])})
+        DecodeRow(
+            **{
+                **row,
+                "speedup_interval": tuple(row["speedup_interval"]),
+                "acceptance_interval": tuple(row.get("acceptance_interval", (math.nan, math.nan))),
+            }
+        )
         for row in payload["rows"]
         if row["prompt_set"] != "all"
     ]
@@ -663,6 +691,12 @@ def rewrite_tables(json_path: Path, markdown_path: Optional[Path] = None) -> lis
             with_prediction(row, stored[1] * stored[0])
             if row.predicted_speedup == stored[0]:
                 row.realisation = stored[1]  # the same prediction: the stored figure, not a rounded recomputation
+    by = {(r.method, r.prompt_set, r.batch_size): r for r in rows}
+    for row in rows:  # the speedup's interval again from the stored per-call seconds (its method may have changed)
+        base = by.get((row.baseline, row.prompt_set, row.batch_size))
+        if base is not None and row.per_prompt_seconds:
+            count = len(row.per_prompt_seconds)
+            row.speedup_interval = bootstrap_interval(row.per_prompt_seconds, base.per_prompt_seconds[:count])
     rows += whole_suite_rows(rows, payload["conditions"]["new_tokens"])
     write_json_atomic(json_path, {"rows": [asdict(r) for r in rows], "conditions": payload["conditions"]})
     if markdown_path is not None:

@@ -23,13 +23,14 @@ consecutive prompts of one set, left-padded; batch 1 runs every prompt alone):
 Timing: methods run back to back on each prompt (their order rotates from prompt to prompt), after
 one untimed warm-up of every method; the prompt's own pass is excluded (decode time only).
 ``tokens_per_s`` of a set is its generated tokens over the summed decode seconds; ``speedup``
-divides it by the baseline's; its interval is a percentile bootstrap of the same ratio over prompts
-resampled with replacement (2,000 resamples, fixed seed; none below 2 calls, as at batch 8 with 8
+divides it by the baseline's; its interval is a BCa bootstrap (``scipy.stats.bootstrap`` through
+``measure.intervals``) of the same ratio over calls resampled with replacement, the method's and the
+baseline's seconds paired (2,000 resamples, fixed seed; none below 2 calls, as at batch 8 with 8
 prompts per set). Per-token latency (p50, p95): each
 generated token is charged its round's (or step's) time shared among the tokens it produced.
 
 Speculative rows also give the measured terms of the standard prediction: ``acceptance`` (accepted
-proposals over proposed), and ``a``, the per-position acceptance probability it estimates (accepted
+proposals over proposed, with its BCa interval over calls), and ``a``, the per-position acceptance probability it estimates (accepted
 over accepted plus rounds with a rejection: a proposal after the first rejected one is never
 judged, so accepted / proposed underestimates it), mean proposals per round ``k``, the draft's cost per call
 ``c`` and the verification's cost per round ``v``, both as fractions of one of our plain greedy
@@ -51,7 +52,6 @@ per token is given as a multiple of that floor (at batch B a step yields B token
 from __future__ import annotations
 
 import math
-import random
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
@@ -60,6 +60,7 @@ import torch
 from torch import Tensor
 
 from ..data.prompt_suite import Prompt
+from ..measure.intervals import IntervalSettings, ratio_interval
 from ..measure.timing import synchronize
 from .choices import BATCH_ONE_ONLY, METHODS, NEEDS_DRAFT, NEEDS_EXITS, NO_BONUS_TOKEN, PLAIN  # noqa: F401  (re-exported)
 from .hf_generate import Call
@@ -81,6 +82,8 @@ class DecodeRow:
     latency_p50_ms: float
     latency_p95_ms: float
     acceptance: float = math.nan
+    #: BCa 95% interval of ``acceptance`` over calls (accepted / proposed summed over resampled calls)
+    acceptance_interval: tuple = (math.nan, math.nan)
     acceptance_per_position: float = math.nan
     proposals_per_round: float = math.nan
     tokens_per_round: float = math.nan
@@ -146,18 +149,13 @@ def memory_floor(model: torch.nn.Module, device) -> dict:
 def bootstrap_interval(
     seconds: Sequence[float], baseline_seconds: Sequence[float], resamples: int = 2000, seed: int = 0
 ) -> tuple[float, float]:
-    """Percentile 95% interval of the speedup (the baseline's summed seconds over the method's, on the
-    same prompts) over prompts resampled with replacement; (nan, nan) below 2 prompts."""
+    """BCa 95% interval of the speedup (the baseline's summed seconds over the method's, on the same
+    prompts) over calls resampled with replacement, the two sides paired (``measure.intervals``,
+    ``scipy.stats.bootstrap``); (nan, nan) below 2 calls."""
     if len(seconds) < 2:
         return (math.nan, math.nan)
-    rng = random.Random(seed)
-    indices = range(len(seconds))
-    ratios = []
-    for _ in range(resamples):
-        picked = rng.choices(indices, k=len(seconds))
-        ratios.append(sum(baseline_seconds[i] for i in picked) / sum(seconds[i] for i in picked))
-    ratios.sort()
-    return (ratios[int(0.025 * resamples)], ratios[int(0.975 * resamples) - 1])
+    low, high = ratio_interval(baseline_seconds, seconds, IntervalSettings(resamples, 0.95, seed))
+    return (low, high)
 
 
 def _percentile(values: Sequence[float], q: float) -> float:
@@ -243,6 +241,9 @@ def _add_speculative_terms(row: DecodeRow, calls: list[Call], our_plain_calls: l
     judged = accepted + sum(c.rejections for c in calls)  # proposals the real model actually judged
     draft_calls = sum(c.draft_calls for c in calls)
     row.acceptance = accepted / proposed if proposed else math.nan
+    if len(calls) >= 2 and proposed:
+        per_call = ([c.accepted for c in calls], [c.proposed for c in calls])
+        row.acceptance_interval = tuple(ratio_interval(*per_call, IntervalSettings(2000, 0.95, 0)))
     row.acceptance_per_position = accepted / judged if judged else math.nan
     row.proposals_per_round = proposed / rounds
     row.tokens_per_round = sum(c.emitted for c in calls) / rounds

@@ -102,6 +102,7 @@ def _experiment(args: argparse.Namespace) -> int:
             f"{config.name}: done in {time.perf_counter() - start:.0f} s; report {paths['report']}, "
             f"records {paths['results']}, plots in {paths['plots']}"
         )
+        print(_time_split(written["run"]))
         print(_next_steps(config, written["models"] / "cascade"))
         return 0
     records = list(ResultsStore(paths["results"]))
@@ -122,6 +123,15 @@ def _experiment(args: argparse.Namespace) -> int:
         for path in make_plots(records, paths["confidence"], paths["plots"], config.name):
             print(f"wrote {path}")
     return 0
+
+
+def _time_split(path) -> str:
+    """One line: where the run's time went (``results/<name>.run.json``)."""
+    import json
+
+    run = json.loads(Path(path).read_text())
+    parts = ", ".join(f"{name} {seconds:.0f} s ({run['shares'][name]:.0%})" for name, seconds in run["seconds"].items())
+    return f"time: {parts} ({path})"
 
 
 def _next_steps(config, cascade: Path) -> str:

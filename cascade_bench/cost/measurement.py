@@ -25,6 +25,7 @@ ranks ran.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -43,9 +44,10 @@ from ..measure.distributed import all_ranks, first_share, shard
 from ..measure.flops import FlopBreakdown, count_pass_flops
 from ..measure.memory import peak_memory_bytes
 from ..measure.probes import NO_PROBE, Probe
-from ..measure.timing import TimingStats, time_call, time_spans
+from ..measure.timing import PhaseClock, TimingStats, time_call, time_spans
 from ..routing.evaluation import EvalResult, Totals
 from ..routing.passes import RoutedOutput, forward_cascade
+from ..routing.stage_reuse import RuleReuse, reuse_for
 from ..stages.ensemble import Ensemble, evaluation_mode
 from .fvcore_check import FvcoreCounter
 
@@ -224,6 +226,8 @@ def measure_cost(
     count_flops: bool = True,
     timing_batches: Optional[int] = None,
     timed: bool = True,
+    reuse: Optional[RuleReuse] = None,
+    clock: Optional[PhaseClock] = None,
     **forward_kwargs,
 ) -> CostRecord:
     """Quality and the full cost breakdown of ``method`` over ``batches`` (see module docstring).
@@ -232,6 +236,9 @@ def measure_cost(
     ``count_flops=False`` skips FlopCounterMode (the analytic count remains). ``timing_batches``:
     time only the first n batches (None: all). ``timed=False`` measures no time and no peak memory
     at all (NaN and 0 in the record, "not timed" in its conditions): quality and FLOPs only.
+    ``reuse``: the sweep's ``stage_reuse`` under the exit rule in place: the quality pass reads it when
+    not counted; a counted one runs every op and only adds to it; timed passes never see it. ``clock``: the wall-time
+    measurements (not the quality pass) are added to its ``timing`` phase.
     ``batches`` items are (B, T) tensors, (input_ids, attention_mask, targets) tuples or dicts;
     they are materialised once and moved to the ensemble's device. ``forward_kwargs`` go to
     ``forward_cascade`` (batching, positions, thresholds, ...).
@@ -240,17 +247,24 @@ def measure_cost(
         isinstance(timing_batches, bool) or not isinstance(timing_batches, int) or timing_batches < 1
     ):
         raise ValueError(f"timing_batches must be None (all) or a positive int, got {timing_batches!r}")
-    data = _prepared(shard(list(batches)), ensemble.device)
+    batches = list(batches)
+    data = _prepared(shard(batches), ensemble.device)
+    indices = shard(list(range(len(batches))))  # each batch's place in the whole list (reuse's key)
     timed_data = data[: first_share(timing_batches)] if timing_batches else data
     stages = list(ensemble.stages)
     num_stages = forward_kwargs.get("num_stages") or len(stages)
 
-    def run(ids, mask, targets, probe: Probe = NO_PROBE) -> RoutedOutput:
-        return forward_cascade(ensemble, ids, mask, targets, method=method, probe=probe, **forward_kwargs)
+    def run(ids, mask, targets, probe: Probe = NO_PROBE, batch_reuse=None) -> RoutedOutput:
+        return forward_cascade(
+            ensemble, ids, mask, targets, method=method, probe=probe, reuse=batch_reuse, **forward_kwargs
+        )
 
     with evaluation_mode(ensemble), torch.inference_mode():
-        totals, counted, outputs, counted_pass_s = _quality_pass(run, data, count_flops, num_stages, ensemble.device)
-        clock = _timed(run, timed_data, ensemble.device, warmup, repeats, spans) if timed else _NOT_TIMED
+        totals, counted, outputs, counted_pass_s = _quality_pass(
+            run, data, count_flops, num_stages, ensemble.device, (reuse, indices)
+        )
+        with clock("timing") if clock is not None else contextlib.nullcontext():
+            timings = _timed(run, timed_data, ensemble.device, warmup, repeats, spans) if timed else _NOT_TIMED
     quality = totals.result(ensemble, method, conditions)
     stage_records, timed_analytic = _stage_records(
         stages[:num_stages], outputs, counted, len(timed_data) if timed else 0
@@ -263,31 +277,36 @@ def measure_cost(
         timed_batches=len(timed_data) if timed else 0,
         timed_analytic=timed_analytic,
         batches=len(data),
-        wall=clock.samples,
-        spans={name: stats.median for name, stats in clock.span_stats.items()},
-        span_wall=clock.span_wall.median if clock.span_wall is not None else math.nan,
+        wall=timings.samples,
+        spans={name: stats.median for name, stats in timings.span_stats.items()},
+        span_wall=timings.span_wall.median if timings.span_wall is not None else math.nan,
         counted_pass_s=counted_pass_s,
-        peak=clock.peak,
+        peak=timings.peak,
         peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        syncs=clock.syncs,
+        syncs=timings.syncs,
     )
     settings = {"warmup": warmup, "repeats": repeats, "flops_counted": count_flops, "timed": timed}
-    return _cost_record(method, quality, _combined(all_ranks(share)), clock.memory_measure, ensemble.device, settings)
+    return _cost_record(method, quality, _combined(all_ranks(share)), timings.memory_measure, ensemble.device, settings)
 
 
-def _quality_pass(run: Callable, data: list, count_flops: bool, num_stages: int, device) -> tuple:
+def _quality_pass(
+    run: Callable, data: list, count_flops: bool, num_stages: int, device, reuse: Optional[tuple] = None
+) -> tuple:
     """One pass over every batch: (quality totals, counted FLOPs or None, each batch's output, the
-    pass's seconds when counted, else NaN)."""
+    pass's seconds when counted, else NaN). ``reuse``: (``RuleReuse`` or None, each batch's index in
+    the whole list): an uncounted pass reads and keeps, a counted one only keeps what it computed."""
+    kept, indices = reuse if reuse is not None else (None, range(len(data)))
     totals = Totals(device)
     counted: Optional[FlopBreakdown] = None
     outputs: list[RoutedOutput] = []
     start = time.perf_counter_ns()
-    for ids, mask, targets in data:
+    for index, (ids, mask, targets) in zip(indices, data):
         if count_flops:
-            breakdown, out = count_pass_flops(lambda probe: run(ids, mask, targets, probe), num_stages)
+            keep = reuse_for(kept, index, reading=False)
+            breakdown, out = count_pass_flops(lambda probe: run(ids, mask, targets, probe, keep), num_stages)
             counted = breakdown if counted is None else counted + breakdown
         else:
-            out = run(ids, mask, targets)
+            out = run(ids, mask, targets, batch_reuse=reuse_for(kept, index))
         totals.add(out)
         outputs.append(out)
     counted_pass_s = (time.perf_counter_ns() - start) / 1e9 if count_flops else math.nan

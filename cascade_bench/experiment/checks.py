@@ -118,18 +118,41 @@ def _training(records: Sequence[Record]) -> Optional[dict]:
     return None
 
 
+def _difference_from_full(record: Record) -> Optional[list]:
+    """The record's paired interval of PPL - full depth's PPL (None when it has none)."""
+    found = ((record.intervals or {}).get("difference_from_full") or {}).get("ppl")
+    return found["interval"] if isinstance(found, dict) else None
+
+
 def check_prefixes(records: Sequence[Record]) -> Check:
-    """Each later stage must not make the cascade worse than the prefix before it."""
+    """Each later stage must make the cascade better than the prefix before it. The full cascade is
+    better than a prefix only where the paired interval of their PPL difference lies above 0; a chain
+    link between two prefixes (no paired interval between them) compares the PPLs themselves."""
     full = point_of(records, Method.FULL)
     prefixes = sorted((r for r in records if r.method == Method.PREFIX), key=lambda r: r.stages)
     if full is None or not prefixes:
         return Check(PREFIXES, False, "n/a: no full and prefix points")
     chain = [(f"stages 0..{r.stages - 1}" if r.stages > 1 else "stage 0 alone", r.ppl) for r in prefixes]
     chain.append(("full cascade", full.ppl))
-    worse = [f"{b} PPL {_ppl(pb)} > {a} {_ppl(pa)}" for (a, pa), (b, pb) in zip(chain, chain[1:]) if pb > pa]
+    worse = [f"{b} PPL {_ppl(pb)} > {a} {_ppl(pa)}" for (a, pa), (b, pb) in zip(chain, chain[1:-1]) if pb > pa]
+    last, (name, value) = prefixes[-1], chain[-2]
+    interval = _difference_from_full(last)
+    if interval is None:
+        if full.ppl > value:
+            worse.append(f"full cascade PPL {_ppl(full.ppl)} > {name} {_ppl(value)}")
+        shown = " -> ".join(f"{n} {_ppl(v)}" for n, v in chain)
+    else:
+        low, high = interval
+        if not low > 0:
+            verdict = "worse" if high < 0 else "not distinguishable"
+            worse.append(
+                f"full cascade PPL {_ppl(full.ppl)} vs {name} {_ppl(value)}: {verdict} (paired interval of "
+                f"{name} - full [{low:+.3g}, {high:+.3g}])"
+            )
+        shown = " -> ".join(f"{n} {_ppl(v)}" for n, v in chain) + f" ({name} - full [{low:+.3g}, {high:+.3g}])"
     if worse:
         return Check(PREFIXES, True, "; ".join(worse))
-    return Check(PREFIXES, False, " -> ".join(f"{name} {_ppl(value)}" for name, value in chain))
+    return Check(PREFIXES, False, shown)
 
 
 def check_hard_tokens(records: Sequence[Record]) -> Check:
@@ -165,7 +188,14 @@ def check_dense(records: Sequence[Record]) -> Check:
     if dense is None or prefix is None:
         return Check(DENSE, False, "n/a: no dense model in this run" if dense is None else "n/a: no stage-0 point")
     detail = f"dense, same depth PPL {_ppl(dense.ppl)} vs stage 0 alone {_ppl(prefix.ppl)}"
-    return Check(DENSE, dense.ppl > prefix.ppl, detail)
+    mine, theirs = ((r.intervals or {}).get("ppl") for r in (dense, prefix))
+    if not (isinstance(mine, list) and isinstance(theirs, list)):
+        return Check(DENSE, dense.ppl > prefix.ppl, detail)
+    # no paired interval between the two: better only where their intervals do not overlap (conservative)
+    detail += f" ([{_ppl(mine[0])}, {_ppl(mine[1])}] vs [{_ppl(theirs[0])}, {_ppl(theirs[1])}])"
+    if mine[1] < theirs[0]:
+        return Check(DENSE, False, detail)
+    return Check(DENSE, True, detail + ("; the intervals overlap: not distinguishable" if mine[0] <= theirs[1] else ""))
 
 
 def _stops(records: Sequence[Record]) -> list[tuple[str, dict]]:
@@ -296,8 +326,15 @@ def check_risk_control(records: Sequence[Record]) -> Check:
             f"(delta {control['delta']:g}, epsilon {control['epsilon']:g}, hard ratio "
             f"{'none passed' if control['hard_ratio'] is None else format(control['hard_ratio'], 'g')})"
         )
+        interval = (r.intervals or {}).get("realised_risk")
+        if isinstance(interval, list):
+            # over its delta only where the interval says so; within sampling error it is not
+            text += f", interval [{interval[0]:.3f}, {interval[1]:.3f}]"
+            is_over = interval[0] > control["delta"]
+        else:
+            is_over = r.realised_risk > control["delta"]
         parts.append(text)
-        if r.realised_risk > control["delta"]:
+        if is_over:
             over.append(text)
     return Check(name, bool(over), "; ".join(over or parts))
 

@@ -31,6 +31,9 @@ COUNT_FLOPS = ("anchors", "all")
 #: Where the sweep measures wall time: every point, or the anchors (every baseline but the oracle, and
 #: per swept method the hard ratio nearest 0.5); the others get quality and FLOPs only.
 TIMING_POINTS = ("all", "anchors")
+#: How LaTeX tables write a value with its interval: ``33.56 \pm 0.21`` (half the interval's width,
+#: which is symmetric only approximately: the Markdown and CSV tables keep both ends) or ``33.56 [33.35, 33.77]``.
+LATEX_INTERVALS = ("pm", "brackets")
 #: How the exit study fits its translators (``training.exit_translators``): ridge least squares onto the
 #: last layer's stream, or that followed by cross-entropy training through the head.
 TRANSLATOR_FITS = ("lstsq", "lstsq+kl")
@@ -473,8 +476,22 @@ class MeasurementSection(Section):
     )
     timing_points: str = _key("all", "where wall time is measured", choices=TIMING_POINTS)
     plausible_ppl: tuple[float, ...] = _key((5.0, 1000.0), "low high: perplexities outside are flagged in the checks")
+    interval_resamples: int = _key(2000, "bootstrap resamples behind every confidence interval (seeded by seed)")
+    interval_level: float = _key(0.95, "confidence level of every interval")
+    latex_intervals: str = _key(
+        "pm", "LaTeX tables write an interval as x \\pm h ('pm') or x [lo, hi]", choices=LATEX_INTERVALS
+    )
+    reuse_memory_mb: int = _key(
+        2048, "MiB the sweep may keep of stage work shared by its points (0 = none; the records are the same)"
+    )
 
     def check(self) -> None:
+        self._integers(("interval_resamples",), 100, "an integer >= 100")
+        self._integers(("reuse_memory_mb",), 0, "a non-negative integer (0 = keep nothing)")
+        self._one_of("latex_intervals", LATEX_INTERVALS)
+        level = self.interval_level
+        if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0.5 <= level < 1:
+            self._bad("interval_level", "a number in [0.5, 1)")
         self._integers(("timing_repeats",), 1, "a positive integer")
         self._integers(("timing_batches",), 0, "a non-negative integer (0 = no limit)")
         self._one_of("count_flops", COUNT_FLOPS)

@@ -32,6 +32,7 @@ import torch
 from ..data.prepare import hold_out_validation, prepare_data
 from ..data.storage import write_json_atomic
 from ..measure.distributed import concatenated, join_launch, main_first, same_parameters, sharded
+from ..measure.timing import PhaseClock
 from ..routing import compaction
 from ..routing.passes import forward_cascade
 from ..stages.ensemble import Ensemble, evaluation_mode
@@ -45,6 +46,7 @@ from .first_look import first_look
 from .model_fit import fit_to_model, model_sizes
 from .plots import make_plots, plot_exit_curve
 from .points import anchor_ratio, plan_points
+from .records import measured_config
 from .reports import exit_curve_table, write_report, write_table
 from .results_store import ResultsStore
 from .sweep import BACK_TO_BACK_PAIRS, Sweep
@@ -65,6 +67,7 @@ def experiment_paths(config: ExperimentConfig) -> dict[str, Path]:
         "converted": out / "models" / "converted",
         "translators": out / "models" / study_key(config),
         "exit_study": out / "results" / f"{config.name}.exit_study.json",
+        "run": out / "results" / f"{config.name}.run.json",
     }
 
 
@@ -81,9 +84,9 @@ def saved_cascade(spec: "Path | str") -> Path:
 
 def _check_resumable(store: ResultsStore, config: ExperimentConfig) -> None:
     """Stored points are reused only when they were measured under this very config."""
-    current = {k: v for k, v in config.as_dict().items() if k != "out"}
+    current = measured_config(config.as_dict())
     for record in store:
-        stored = {k: v for k, v in ((record.conditions or {}).get("config") or {}).items() if k != "out"}
+        stored = measured_config((record.conditions or {}).get("config") or {})
         differ = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
         if differ:
             raise ValueError(
@@ -100,30 +103,33 @@ def run_experiment(
     after each new point is stored (tests use it to interrupt a sweep)."""
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
+    clock = PhaseClock()
     ranks = join_launch(config.device)
     progress = progress and ranks.is_main
     paths = experiment_paths(config)
     store = ResultsStore(paths["results"])
-    pretrained, model_folder, model_source = (
-        pretrained_model(config, paths["converted"], progress) if config.model else (None, None, None)
-    )
-    with main_first(ranks):  # rank 0 trains (or reads) the tokenizer cache the others then read
-        data = prepared_data(config, paths, pretrained, model_folder)
-    # every model-dependent setting checked against the model before anything is trained or measured
-    config, adapted = fit_to_model(config, model_sizes(config, pretrained, data.tokenizer))
-    for note in adapted if ranks.is_main else ():
-        print(f"note: {note}")
-    paths = experiment_paths(config)
-    _check_resumable(store, config)
-    looked = _first_look(config, pretrained, data, ranks) if pretrained is not None else None
-    data, risk_calibration, validation, test = _sweep_splits(config, data)
-    if pretrained is not None:
-        ensemble, training = _pretrained_cascade(
-            config, pretrained, model_source, (data, validation, test), paths, ranks, progress
+    with clock("preparation"):
+        pretrained, model_folder, model_source = (
+            pretrained_model(config, paths["converted"], progress) if config.model else (None, None, None)
         )
-    else:
-        with main_first(ranks):  # rank 0 trains and saves; the others load what it saved
-            ensemble, training = trained_cascade(config, data, paths, progress)
+        with main_first(ranks):  # rank 0 trains (or reads) the tokenizer cache the others then read
+            data = prepared_data(config, paths, pretrained, model_folder)
+        # every model-dependent setting checked against the model before anything is trained or measured
+        config, adapted = fit_to_model(config, model_sizes(config, pretrained, data.tokenizer))
+        for note in adapted if ranks.is_main else ():
+            print(f"note: {note}")
+        paths = experiment_paths(config)
+        _check_resumable(store, config)
+        looked = _first_look(config, pretrained, data, ranks) if pretrained is not None else None
+        data, risk_calibration, validation, test = _sweep_splits(config, data)
+    with clock("training"):
+        if pretrained is not None:
+            ensemble, training = _pretrained_cascade(
+                config, pretrained, model_source, (data, validation, test), paths, ranks, progress
+            )
+        else:
+            with main_first(ranks):  # rank 0 trains and saves; the others load what it saved
+                ensemble, training = trained_cascade(config, data, paths, progress)
     kv_runnable = all(kind in PER_TOKEN_CACHE_KINDS for stage in ensemble for kind in layer_kinds(stage.config))
     timed = min(config.timing_batches, len(test)) if config.timing_batches else len(test)
     conditions = {
@@ -141,11 +147,40 @@ def run_experiment(
 
     splits = dict(train=data.train, validation=validation, test=test, risk_calibration=risk_calibration)
     measured = dict(conditions=conditions, ranks=ranks, dense_model=dense_model, timing_batches=timed)
-    sweep = Sweep(config, ensemble, **splits, **measured, progress=progress)
+    sweep = Sweep(config, ensemble, **splits, **measured, progress=progress, clock=clock)
     points = plan_points(config, len(ensemble), dense=pretrained is None, kv_policies=kv_runnable)
-    sweep.run(points, store, on_point)
-    _finish_run(sweep, store, paths, blocks_tokenizer=data.tokenizer if pretrained is not None else None)
+    with clock("sweep"):
+        sweep.run(points, store, on_point)
+    with clock("report"):
+        _finish_run(sweep, store, paths, blocks_tokenizer=data.tokenizer if pretrained is not None else None)
+    if ranks.is_main:
+        write_json_atomic(paths["run"], run_summary(clock, sweep))
     return paths
+
+
+def run_summary(clock: PhaseClock, sweep: Sweep) -> dict:
+    """The run's own conditions (``results/<name>.run.json``): where this invocation's time went and
+    what the sweep reused. ``seconds``: wall seconds per phase, exclusive (training inside the sweep,
+    the dense model and the other exit rules' training, counts as training; the wall-time
+    measurements inside the sweep as timing); ``sweep``: quality, FLOPs, calibration, risk control,
+    the oracle and the intervals."""
+    spent = clock.seconds
+    inside = spent.get("training_in_sweep", 0.0) + spent.get("timing", 0.0)
+    seconds = {
+        "preparation": spent.get("preparation", 0.0),
+        "training": spent.get("training", 0.0) + spent.get("training_in_sweep", 0.0),
+        "sweep": spent.get("sweep", 0.0) - inside,
+        "timing": spent.get("timing", 0.0),
+        "report": spent.get("report", 0.0),
+    }
+    total = sum(seconds.values())
+    return {
+        "seconds": {name: round(value, 1) for name, value in seconds.items()},
+        "total_s": round(total, 1),
+        "shares": {name: round(value / total, 3) if total else 0.0 for name, value in seconds.items()},
+        "note": "this invocation only: a resumed run's earlier points and a reused trained model cost nothing here",
+        "stage_reuse": sweep.reuse.summary() if sweep.reuse is not None else "off (reuse_memory_mb = 0)",
+    }
 
 
 def _finish_run(sweep: Sweep, store: ResultsStore, paths: dict, blocks_tokenizer=None) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..data.renamed_keys import read_renamed
+from .estimates import estimate, interval_note
 from .frames import records_frame
 from .records import Method, Record
 
@@ -67,6 +68,34 @@ def save_figure(fig, stem: Path) -> list[Path]:
     return paths
 
 
+def _interval_ends(part, name: str) -> tuple[list, list]:
+    """Per row of ``part``, the low and high ends of its interval of ``name`` (NaN where it has none)."""
+    lows, highs = [], []
+    for _, row in part.iterrows():
+        found = estimate(row, name)
+        lows.append(found.low)
+        highs.append(found.high)
+    return lows, highs
+
+
+def _error_bars(ax, part, column: str, color) -> None:
+    """The points' PPL intervals as vertical bars (and, on the wall-ratio panel, the wall ratio's
+    interval as horizontal ones); points without an interval get none."""
+    import numpy as np
+
+    lows, highs = _interval_ends(part, "ppl")
+    ppl = part.ppl.astype(float).to_numpy()
+    yerr = np.array([ppl - np.array(lows), np.array(highs) - ppl])
+    xerr = None
+    if column == "wall_ratio":
+        left, right = _interval_ends(part, "wall_ratio")
+        x = part[column].astype(float).to_numpy()
+        xerr = np.nan_to_num(np.array([x - np.array(left), np.array(right) - x]), nan=0.0)
+    if np.isfinite(yerr).any() or (xerr is not None and xerr.any()):
+        yerr = np.nan_to_num(yerr, nan=0.0)
+        ax.errorbar(part[column], ppl, yerr=yerr, xerr=xerr, fmt="none", ecolor=color, alpha=0.5, capsize=2)
+
+
 def _draw_cost_panel(ax, frame, column: str) -> None:
     """One panel of the cost-vs-PPL figure: PPL against ``column`` for the swept curves (the routed
     curve's Pareto front ringed), the other exit rules, the K/V policies and the baselines."""
@@ -77,6 +106,7 @@ def _draw_cost_panel(ax, frame, column: str) -> None:
             continue
         rule = f" ({curve.exit_rule.iloc[0]})" if method == Method.ROUTED else ""
         ax.plot(curve[column], curve.ppl, "o-", color=COLORS[method], label=f"{method} early exit{rule}")
+        _error_bars(ax, curve, column, COLORS[method])
         if method == Method.ROUTED:
             front = pareto_front(list(zip(curve[column], curve.ppl)))
             ax.scatter(
@@ -92,6 +122,7 @@ def _draw_cost_panel(ax, frame, column: str) -> None:
     for color, rule in zip(RULE_COLORS, dict.fromkeys(others.exit_rule)):
         curve = others[others.exit_rule == rule].sort_values("hard_ratio")
         ax.plot(curve[column], curve.ppl, "^--", color=color, label=f"routed early exit ({rule})")
+        _error_bars(ax, curve, column, color)
     kv = frame[(frame.method == Method.KV_ROUTED) & frame[column].notna()] if "kv_policy" in frame else None
     for policy, marker in zip(kv.kv_policy if kv is not None else (), KV_MARKERS):
         point = kv[kv.kv_policy == policy]
@@ -107,6 +138,7 @@ def _draw_cost_panel(ax, frame, column: str) -> None:
     for method, marker in ((Method.FULL, "s"), (Method.PREFIX, "v"), (Method.DENSE, "D"), (Method.ORACLE, "*")):
         part = frame[(frame.method == method) & frame[column].notna()]
         if not part.empty:
+            _error_bars(ax, part, column, COLORS[method])
             ax.scatter(
                 part[column],
                 part.ppl,
@@ -131,6 +163,13 @@ def plot_cost_vs_ppl(frame, stem: Path) -> list[Path]:
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("test perplexity")
+    note = interval_note(frame)
+    if note:
+        shown = note.split(", paired")[0].replace("[lo, hi]: ", "")
+        text = (
+            f"bars: each point's own PPL interval ({shown}; the paired differences from full depth are in the tables)"
+        )
+        fig.text(0.5, -0.04, text, ha="center", fontsize=7, wrap=True)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="upper center", ncol=4, frameon=False, bbox_to_anchor=(0.5, 1.08))
     paths = save_figure(fig, stem)

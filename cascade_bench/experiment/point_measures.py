@@ -9,8 +9,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Optional
 
 from ..measure.environment import environment_conditions
+from ..measure.intervals import ratio_interval
 from ..routing.oracle import oracle_bound
-from ..routing.risk_control import risk_controlled_thresholds, routed_violations
+from ..routing.risk_control import risk_controlled_thresholds, violations_per_window
 from .points import Point
 from .records import Method, Record
 
@@ -37,7 +38,7 @@ def _measure_dense(point: Point, sweep: Sweep) -> Record:
 def _swept(point: Point, sweep: Sweep) -> dict:
     """The cost settings of a point at a swept hard ratio: its thresholds under its exit rule."""
     thresholds = sweep.thresholds_at(point.hard_ratio, point.exit_rule)
-    return dict(thresholds=thresholds, count_flops=point.count_flops, timed=point.timed)
+    return dict(thresholds=thresholds, count_flops=point.count_flops, timed=point.timed, reuse=sweep.reuse_for(point))
 
 
 def _measure_masked(point: Point, sweep: Sweep) -> Record:
@@ -76,10 +77,18 @@ def _measure_risk_controlled(point: Point, sweep: Sweep) -> Record:
         batching=point.batching,
         count_flops=point.count_flops,
         timed=point.timed,
+        reuse=sweep.reuse_for(point),
     )
-    violations, tokens = routed_violations(
-        sweep.ensemble, sweep.test, result.thresholds, config.risk, config.risk_nll_tolerance, batching=point.batching
+    per_window, window_tokens = violations_per_window(
+        sweep.ensemble,
+        sweep.test,
+        result.thresholds,
+        config.risk,
+        config.risk_nll_tolerance,
+        reuse=sweep.reuse_for(point),
+        batching=point.batching,
     )
+    violations, tokens = int(per_window.sum()), int(window_tokens.sum())
     built = sweep.built_rules.get(point.exit_rule)
     return Record.of_cost(
         point.id,
@@ -91,6 +100,7 @@ def _measure_risk_controlled(point: Point, sweep: Sweep) -> Record:
         realised_risk=violations / tokens,
         realised_violations=violations,
         rule_training=built.training if built is not None else None,
+        intervals={"realised_risk": ratio_interval(per_window, window_tokens, sweep.interval_settings)},
     )
 
 
@@ -103,6 +113,7 @@ def _measure_kv_routed(point: Point, sweep: Sweep) -> Record:
         kv_policy=point.kv_policy,
         count_flops=point.count_flops,
         timed=point.timed,
+        reuse=sweep.reuse_for(point) if point.kv_policy == "absent" else None,
     )
     q = cost.quality
     return Record.of_cost(

@@ -4,9 +4,12 @@
 the site's pages include them (``--8<--`` snippets), so a published table is whatever the command
 wrote from the records, never a hand copy:
 
-- ``quality``: the paper table without its wall-time column (deterministic: a rerun of the same
-  config on the same install gives the same digits);
-- ``wall``: the paper table's wall ratios (timings: a rerun gives other digits);
+- ``paper``: the whole paper table (the README quotes it);
+- ``quality``: the paper table without its wall-time columns, with every quality figure's interval
+  and the paired difference from full depth (deterministic: a rerun of the same config on the same
+  install gives the same digits; records that predate intervals show none);
+- ``wall``: the paper table's wall ratios with their intervals and the realisation columns (timings:
+  a rerun gives other digits);
 - ``checks``: the plausibility checks, as ``run`` prints them;
 - ``wall_flops``: routed early exit's wall ratio against its FLOP ratio on the same timed batches,
   per swept hard ratio, with the medians (timings; absent in records without timed FLOPs);
@@ -25,8 +28,22 @@ from .frames import records_frame
 from .records import Record
 from .reports import kv_table, paper_table, risk_table, rules_table, to_markdown, wall_flops_table
 
+#: The paper table's columns that the clock decides (the ``wall`` block; the ``quality`` block is the rest).
+TIMING_COLUMNS = ("wall ratio", "realised / FLOP-predicted", "realised / layer ideal")
+#: Columns left out of a published table whose records predate intervals (every cell n/a).
+UNMEASURED_WITHOUT_INTERVALS = ("PPL - full", "vs full")
+
+
+def _any_value(column) -> bool:
+    for cell in column:
+        value = getattr(cell, "value", cell)
+        if isinstance(value, float) and value == value or (isinstance(value, str) and value != "n/a"):
+            return True
+    return False
+
+
 #: Every block a run can publish, in page order.
-PAGE_BLOCKS = ("quality", "wall", "wall_flops", "checks", "rules", "risk", "kv")
+PAGE_BLOCKS = ("paper", "quality", "wall", "wall_flops", "checks", "rules", "risk", "kv")
 
 
 def published_blocks(records: Sequence[Record]) -> dict[str, str]:
@@ -34,9 +51,12 @@ def published_blocks(records: Sequence[Record]) -> dict[str, str]:
     frame = records_frame(list(records))
     checks = run_checks(list(records), tuple(stored_config(records, "plausible_ppl", PLAUSIBLE_PPL)))
     paper, _ = paper_table(frame)
+    paper = paper.drop(columns=[c for c in UNMEASURED_WITHOUT_INTERVALS if not _any_value(paper[c])])
+    timing = [c for c in TIMING_COLUMNS if c in paper]
     blocks = {
-        "quality": to_markdown(paper.drop(columns=["wall ratio"])),
-        "wall": to_markdown(paper[["method", "wall ratio"]]),
+        "paper": to_markdown(paper),
+        "quality": to_markdown(paper.drop(columns=timing)),
+        "wall": to_markdown(paper[["method", *timing]]),
         "checks": "```\n" + format_checks(checks) + "```",
     }
     tables = (

@@ -8,7 +8,7 @@ Fields come in three groups, and ``as_dict`` writes them by group so the JSON li
   policy's token counts, risk control's summary, the back-to-back wall ratio of a timed point),
   written when set.
 
-``SCHEMA_VERSION`` is the version the results store writes and reads. ``record_differences``
+``SCHEMA_VERSION`` is the version the results store writes (it reads ``READ_SCHEMA_VERSIONS``). ``record_differences``
 compares two runs' records on everything but what the clock decides (wall times, throughput, peak
 memory, the environment): the same config on the same data must give the same records.
 """
@@ -21,7 +21,10 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Optional, Sequence
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+#: Versions the store reads: 2 lacks the intervals and the wall ratio's pairs (its records read with
+#: them None; the tables then show no interval).
+READ_SCHEMA_VERSIONS = (2, 3)
 
 
 class Method(str, Enum):
@@ -108,6 +111,12 @@ class Record:
     tokens_propagated: Optional[list] = _extra()
     oracle_tolerance: Optional[float] = _extra()
     wall_ratio_interleaved: Optional[float] = _extra()
+    #: every back-to-back pair's wall ratio (all ranks), sorted, and a bootstrap interval of their median
+    wall_ratio_pairs: Optional[list] = _extra()
+    wall_ratio_interval: Optional[list] = _extra()
+    #: confidence intervals of the quality figures over evaluation windows and of the paired differences
+    #: from full depth (``measure.intervals.quality_intervals``); risk control adds its realised risk's
+    intervals: Optional[dict] = _extra()
 
     @classmethod
     def of_cost(cls, point_id: str, method: Method, cost, hard_ratio: Optional[float] = None, **extra) -> "Record":
@@ -196,6 +205,8 @@ MEASURED_BY_THE_CLOCK = frozenset(
         "tokens_per_s",
         "peak_memory_bytes",
         "wall_ratio_interleaved",
+        "wall_ratio_pairs",
+        "wall_ratio_interval",
         "counting_overhead",
         "seconds",
     }
@@ -265,9 +276,14 @@ def field_drift(before: Sequence[Record], after: Sequence[Record]) -> dict[str, 
     return dict(sorted(drift.items(), key=lambda item: -item[1]))
 
 
-def _without_out(value):
-    """A config without its output folder (where a run writes does not change what it measures)."""
-    return {k: v for k, v in value.items() if k != "out"} if isinstance(value, dict) else value
+#: Config keys that change where a run writes, how much memory it spends or how its tables are typeset,
+#: never what it measures: left out when two runs' configs are compared (and when a run resumes).
+RESULT_NEUTRAL_KEYS = frozenset({"out", "reuse_memory_mb", "latex_intervals"})
+
+
+def measured_config(value):
+    """A config without the keys that do not change what it measures (``RESULT_NEUTRAL_KEYS``)."""
+    return {k: v for k, v in value.items() if k not in RESULT_NEUTRAL_KEYS} if isinstance(value, dict) else value
 
 
 def record_differences(
@@ -293,7 +309,7 @@ def record_differences(
             if not _same(a.get(key), b.get(key), rel, counts and key not in STRUCTURAL_FIELDS):
                 found.append(f"{point}: {key} {a.get(key)!r} != {b.get(key)!r}")
         for key in SAME_EXPERIMENT_CONDITIONS:
-            x, y = (_without_out((r.get("conditions") or {}).get(key)) for r in (a, b))
+            x, y = (measured_config((r.get("conditions") or {}).get(key)) for r in (a, b))
             if isinstance(x, dict) and isinstance(y, dict):
                 keys = sorted(k for k in x.keys() | y.keys() if not _same(x.get(k), y.get(k), rel))
                 found += [f"{point}: conditions.{key}.{k} {x.get(k)!r} != {y.get(k)!r}" for k in keys]

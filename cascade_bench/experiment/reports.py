@@ -23,6 +23,7 @@ from ..data.markdown import markdown_table
 from ..data.storage import write_text_atomic
 from .checks import format_checks, run_checks
 from .config import ExperimentConfig
+from .estimates import Estimate, difference, estimate, interval_note, verdict
 from .frames import main_routed_frame, records_frame
 from .records import Method, Record
 
@@ -46,6 +47,8 @@ ASHEM_SEED_FIGURES = {
 
 
 def _fmt(value, digits: int = 3) -> str:
+    if isinstance(value, Estimate):
+        return _fmt_estimate(value, digits)
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
     if isinstance(value, str):
@@ -61,6 +64,23 @@ def _fmt(value, digits: int = 3) -> str:
     return f"{value:,.{digits}f}"
 
 
+def _fmt_signed(value: float, digits: int, signed: bool) -> str:
+    text = _fmt(value, digits)
+    return f"+{text}" if signed and isinstance(value, float) and value > 0 else text
+
+
+def _fmt_estimate(value: Estimate, digits: int = 3, latex: str = "") -> str:
+    """The value, then its interval: ``[lo, hi]`` (Markdown, CSV-less views and ``latex="brackets"``) or
+    ``\\pm h`` (``latex="pm"``: half the interval's width, which a BCa interval is only roughly)."""
+    text = _fmt_signed(value.value, digits, value.signed)
+    if not value.has_interval or text == "n/a":
+        return text
+    if latex == "pm":
+        return f"{text} $\\pm$ {_fmt(value.half_width, digits)}"
+    low, high = (_fmt_signed(v, digits, value.signed) for v in (value.low, value.high))
+    return f"{text} [{low}, {high}]"
+
+
 def to_markdown(frame: pd.DataFrame) -> str:
     """The frame as a Markdown table, each value formatted for reading (``_fmt``)."""
     return markdown_table(frame.columns, ([_fmt(v) for v in row.values] for _, row in frame.iterrows())) + "\n"
@@ -72,8 +92,9 @@ def _latex_escape(text: str) -> str:
     return text
 
 
-def to_latex(frame: pd.DataFrame, caption: str) -> str:
-    """A booktabs table (needs \\usepackage{booktabs})."""
+def to_latex(frame: pd.DataFrame, caption: str, intervals: str = "pm") -> str:
+    """A booktabs table (needs \\usepackage{booktabs}); ``intervals``: how a value with an interval is
+    written ("pm" or "brackets", ``config_sections.LATEX_INTERVALS``)."""
     align = "l" + "r" * (len(frame.columns) - 1)
     lines = [
         r"\begin{table}[t]",
@@ -85,16 +106,41 @@ def to_latex(frame: pd.DataFrame, caption: str) -> str:
         r"\midrule",
     ]
     for _, row in frame.iterrows():
-        lines.append(" & ".join(_latex_escape(_fmt(v)) for v in row.values) + r" \\")
+        cells = [
+            _fmt_estimate(v, latex=intervals) if isinstance(v, Estimate) else _latex_escape(_fmt(v)) for v in row.values
+        ]
+        lines.append(" & ".join(cells) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
     return "\n".join(lines) + "\n"
 
 
-def write_table(frame: pd.DataFrame, stem: Path, caption: str) -> list[Path]:
+def to_csv_frame(frame: pd.DataFrame) -> pd.DataFrame:
+    """The frame with each column of ``Estimate`` cells as three numeric columns: the value (under the
+    column's name), ``<name> low`` and ``<name> high``."""
+    columns = {}
+    for name in frame.columns:
+        cells = list(frame[name])
+        if any(isinstance(cell, Estimate) for cell in cells):
+            parts = [cell if isinstance(cell, Estimate) else Estimate(_csv_number(cell)) for cell in cells]
+            columns[name] = [p.value for p in parts]
+            columns[f"{name} low"] = [p.low for p in parts]
+            columns[f"{name} high"] = [p.high for p in parts]
+        else:
+            columns[name] = cells
+    return pd.DataFrame(columns)
+
+
+def _csv_number(value) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+
+
+def write_table(frame: pd.DataFrame, stem: Path, caption: str, latex_intervals: str = "pm") -> list[Path]:
+    """The table as ``<stem>.md``, ``.tex`` (intervals written as ``latex_intervals`` says) and ``.csv``
+    (every interval as two more columns)."""
     paths = [stem.parent / f"{stem.name}.{suffix}" for suffix in ("md", "tex", "csv")]
     write_text_atomic(paths[0], to_markdown(frame))
-    write_text_atomic(paths[1], to_latex(frame, caption))
-    write_text_atomic(paths[2], frame.to_csv(index=False))
+    write_text_atomic(paths[1], to_latex(frame, caption, latex_intervals))
+    write_text_atomic(paths[2], to_csv_frame(frame).to_csv(index=False))
     return paths
 
 
@@ -106,15 +152,21 @@ def threshold_table(frame: pd.DataFrame) -> pd.DataFrame:
             "hard ratio": swept.hard_ratio,
             "threshold": swept.thresholds.map(lambda t: t[0]),
             "exit at stage 0": swept.exit_ratio_0,
-            "PPL": swept.ppl,
-            "hard PPL": swept.hard_ppl,
-            "easy PPL": swept.easy_ppl,
+            "PPL": _estimates(swept, "ppl"),
+            "PPL - full": [difference(row, "ppl") for _, row in swept.iterrows()],
+            "hard PPL": _estimates(swept, "hard_ppl"),
+            "easy PPL": _estimates(swept, "easy_ppl"),
             "layer cost": swept.layer_cost,
             "FLOP ratio": swept.flop_ratio,
-            "wall ratio": swept.wall_ratio,
+            "wall ratio": _estimates(swept, "wall_ratio"),
             "tokens/s": swept.tokens_per_s,
         }
     )
+
+
+def _estimates(frame: pd.DataFrame, name: str) -> list[Estimate]:
+    """Column ``name`` of ``frame`` with each row's interval (index kept aligned by position)."""
+    return [estimate(row, name) for _, row in frame.iterrows()]
 
 
 def wall_flops_table(frame: pd.DataFrame) -> Optional[pd.DataFrame]:
@@ -185,17 +237,33 @@ def paper_table(frame: pd.DataFrame, match_hard_ratio: float = 0.5) -> tuple[pd.
 
 
 def _paper_row(row, matched: float) -> dict:
+    change = difference(row, "ppl")
     return {
         "method": row.label,
-        "PPL": row.ppl,
-        "accuracy": row.accuracy if row.accuracy is not None else math.nan,
+        "PPL": estimate(row, "ppl"),
+        "PPL - full": change,
+        "vs full": verdict(change),
+        "accuracy": estimate(row, "accuracy") if row.accuracy is not None else math.nan,
         "exit at stage 0": row.exit_ratio_0,
         "layer cost": row.layer_cost,
         "FLOP ratio": row.flop_ratio,
         "decision share of FLOPs": row.decision_share,
-        "wall ratio": row.wall_ratio,
+        "wall ratio": estimate(row, "wall_ratio"),
+        **realisation(row),
         "PPL at matched FLOPs": matched,
     }
+
+
+def realisation(row) -> dict:
+    """How much of the theoretical saving the measured wall time realises: the measured speedup
+    (1 / wall ratio) over the speedup the FLOPs of the timed batches predict (1 / their FLOP ratio),
+    and over the ideal from layers used (1 / layer cost). 1 = all of it; below 1, overheads (gathers,
+    small batches, the exit decision) eat into it; n/a without a wall ratio or for the full cascade."""
+    wall, layers = float(row.wall_ratio), float(row.layer_cost)
+    flops = float(row.get("flop_ratio_timed", math.nan))
+    if row.method in (Method.FULL, Method.ORACLE) or not math.isfinite(wall) or wall <= 0:
+        return {"realised / FLOP-predicted": math.nan, "realised / layer ideal": math.nan}
+    return {"realised / FLOP-predicted": flops / wall, "realised / layer ideal": layers / wall}
 
 
 #: FLOP budgets (fractions of the full cascade's) at which the rules table compares the exit rules.
@@ -212,14 +280,18 @@ def rules_table(frame: pd.DataFrame, match_hard_ratio: float = 0.5) -> pd.DataFr
             continue
         point = _nearest(curve, match_hard_ratio)
         agreement = point.get("agreement_with_max_prob", math.nan)
+        change = difference(point, "ppl")
         row = {
             "exit rule": point.exit_rule + (" (trained with)" if point.main else ""),
             "hard ratio": point.hard_ratio,
-            "PPL": point.ppl,
+            "PPL": estimate(point, "ppl"),
+            "PPL - full": change,
+            "vs full": verdict(change),
             "layer cost": point.layer_cost,
             "FLOP ratio": point.flop_ratio,
             "decision share of FLOPs": point.decision_share,
-            "wall ratio": point.wall_ratio,
+            "wall ratio": estimate(point, "wall_ratio"),
+            **realisation(point),
             "agreement with max_prob": agreement if isinstance(agreement, float) else math.nan,
         }
         row.update({f"PPL @ {b:g}x FLOPs": _interpolate(curve, b) for b in RULE_BUDGETS})
@@ -237,7 +309,7 @@ def kv_table(frame: pd.DataFrame) -> Optional[pd.DataFrame]:
         {
             "K/V policy": points.kv_policy,
             "hard ratio": points.hard_ratio,
-            "PPL": points.ppl,
+            "PPL": _estimates(points, "ppl"),
             "exit at stage 0": points.exit_ratio_0,
             "layer cost": points.layer_cost,
             "FLOP ratio": points.flop_ratio,
@@ -275,10 +347,10 @@ def risk_table(frame: pd.DataFrame) -> Optional[pd.DataFrame]:
                 "hard ratio chosen": control["hard_ratio"] if control["hard_ratio"] is not None else "none",
                 "calibration risk": control["empirical_risk"],
                 "upper bound (1-eps)": control["upper_bound"],
-                "realised risk": point.realised_risk,
-                "PPL": point.ppl,
+                "realised risk": estimate(point, "realised_risk"),
+                "PPL": estimate(point, "ppl"),
                 "FLOP ratio": point.flop_ratio,
-                "wall ratio": point.wall_ratio,
+                "wall ratio": estimate(point, "wall_ratio"),
             }
         )
     return pd.DataFrame(rows)
@@ -558,6 +630,7 @@ class _RunTables:
     kv: Optional[pd.DataFrame]
     risks: Optional[pd.DataFrame]
     wall_flops: Optional[pd.DataFrame]
+    frame: pd.DataFrame
 
 
 def _run_tables(frame: pd.DataFrame, config: ExperimentConfig) -> _RunTables:
@@ -573,6 +646,7 @@ def _run_tables(frame: pd.DataFrame, config: ExperimentConfig) -> _RunTables:
         kv_table(frame),
         risk_table(frame),
         wall_flops_table(frame),
+        frame,
     )
 
 
@@ -588,10 +662,12 @@ def _write_run_tables(t: _RunTables, config: ExperimentConfig, folder: Path, ref
         (t.risks, "risk", f"risk-controlled thresholds ({split} split)"),
         (t.wall_flops, "wall_flops", f"wall time against FLOPs ({split} split)"),
     ]
+    note = interval_note(t.frame)
     written: list[Path] = []
     for table, stem, caption in captions:
         if table is not None:
-            written += write_table(table, folder / f"{name}.{stem}", f"{name}: {caption}")
+            full_caption = f"{name}: {caption}" + (f"; {note}" if note else "")
+            written += write_table(table, folder / f"{name}.{stem}", full_caption, config.latex_intervals)
     return written
 
 
@@ -668,8 +744,14 @@ def _method_lines(t: _RunTables, reference: str) -> list[str]:
         f"Costs are relative to {reference}; wall ratios were timed back to back with it. "
         f"'PPL at matched FLOPs' interpolates each swept curve at "
         f"the FLOP ratio of routed early exit at the hard ratio nearest 0.5 ({_fmt(target)}); n/a where the "
-        f"curve never reaches that cost. The oracle's cost is analytic and it has no wall time.",
+        f"curve never reaches that cost. The oracle's cost is analytic and it has no wall time. "
+        f"'PPL - full' is the paired difference from {reference} on the same windows; 'vs full' says "
+        "whether its interval excludes 0 (better, worse) or not (not distinguishable). 'realised / "
+        "FLOP-predicted' is the measured speedup (1 / wall ratio) over the one the timed batches' FLOPs "
+        "predict, 'realised / layer ideal' over the one from layers used (1 / layer cost): 1 when the "
+        "implementation realises the whole saving.",
         "",
+        *([f"Intervals: {interval_note(t.frame)}.", ""] if interval_note(t.frame) else []),
         to_markdown(paper),
         "## Exit rules",
         "",

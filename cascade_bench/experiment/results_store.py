@@ -11,7 +11,7 @@ from typing import Iterator
 
 from ..data.renamed_keys import RENAMED, read_renamed
 from ..data.storage import write_text_atomic
-from .records import SCHEMA_VERSION, Record
+from .records import READ_SCHEMA_VERSIONS, SCHEMA_VERSION, Record
 
 __all__ = ["SCHEMA_VERSION", "ResultsStore"]
 
@@ -33,10 +33,10 @@ class ResultsStore:
                     record = json.loads(line)
                 except json.JSONDecodeError as error:
                     raise ValueError(f"{self.path}:{number} is not a JSON record ({error})") from None
-                if record.get("schema_version") != SCHEMA_VERSION:
+                if record.get("schema_version") not in READ_SCHEMA_VERSIONS:
                     raise ValueError(
                         f"{self.path}:{number} has schema_version {record.get('schema_version')!r}, "
-                        f"this cascade_bench reads {SCHEMA_VERSION}"
+                        f"this cascade_bench reads {list(READ_SCHEMA_VERSIONS)}"
                     )
                 before = line
                 line = _renamed_config(record, line, f"{self.path}:{number}")

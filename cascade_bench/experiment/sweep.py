@@ -18,9 +18,11 @@ import torch
 
 from ..cost.measurement import CostRecord, measure_cost
 from ..measure.distributed import Ranks, all_ranks, from_main, shard, sharded
-from ..measure.timing import interleaved_ratio
+from ..measure.intervals import IntervalSettings, median_interval, quality_intervals
+from ..measure.timing import PhaseClock, back_to_back_times
 from ..routing.calibration import calibrate_sweep
 from ..routing.passes import forward_cascade
+from ..routing.stage_reuse import RuleReuse, StageReuse
 from ..stages.ensemble import Ensemble, evaluation_mode
 from .config import ExperimentConfig
 from .point_measures import METHODS
@@ -53,15 +55,22 @@ class Sweep:
         dense_model: Callable[[], tuple[Ensemble, dict]],
         timing_batches: int,
         progress: bool = False,
+        clock: Optional[PhaseClock] = None,
     ):
         self.config, self.ensemble, self.conditions, self.ranks = config, ensemble, conditions, ranks
         self.train, self.validation, self.test, self.risk_calibration = train, validation, test, risk_calibration
         self.progress = progress
+        self.clock = clock or PhaseClock()
         self.anchor = anchor_ratio(config)
         self.timed_batches = test[:timing_batches]
         self.built_rules: dict[str, BuiltRule] = {}
         self._thresholds: dict[tuple[str, float], list[float]] = {}
-        self._exact_confidences: Optional[torch.Tensor] = None
+        self._stage0_confidences: dict[str, torch.Tensor] = {}
+        self.reuse = StageReuse(config.reuse_memory_mb << 20) if config.reuse_memory_mb else None
+        self.interval_settings = IntervalSettings(config.interval_resamples, config.interval_level, config.seed)
+        #: the window sums of the last pass ``cost`` measured, and of the full-depth pass (paired intervals)
+        self.last_windows: tuple = ()
+        self._full_windows: Optional[tuple] = None
         self._load_dense = dense_model
         self._dense: Optional[tuple[Ensemble, dict]] = None
         self._cost_settings = dict(
@@ -71,16 +80,34 @@ class Sweep:
             spans=False,
             conditions=conditions,
             timing_batches=timing_batches,
+            clock=self.clock,
         )
 
+    def reuse_for(self, point: Point) -> Optional[RuleReuse]:
+        """What the passes over the scored batches keep under the point's exit rule (``stage_reuse``;
+        None with ``reuse_memory_mb = 0``: every pass computes everything)."""
+        return None if self.reuse is None else self.reuse.for_rule(point.exit_rule)
+
     def cost(self, model: Ensemble, method: str, **kwargs) -> CostRecord:
-        """``measure_cost`` of ``model`` on the scored batches with the run's settings."""
-        return measure_cost(model, self.test, method, **self._cost_settings, **kwargs)
+        """``measure_cost`` of ``model`` on the scored batches with the run's settings (its window sums
+        kept in ``last_windows`` for the point's intervals)."""
+        cost = measure_cost(model, self.test, method, **self._cost_settings, **kwargs)
+        self.last_windows = cost.quality.window_sums
+        return cost
+
+    def full_windows(self) -> tuple:
+        """The full-depth pass's window sums: the full point's, or (a resumed run whose full point is
+        stored) a quality pass of its own, neither timed nor counted."""
+        if self._full_windows is None:
+            self.cost(self.ensemble, "full", count_flops=False, timed=False)
+            self._full_windows = self.last_windows
+        return self._full_windows
 
     def dense_model(self) -> tuple[Ensemble, dict]:
         """The dense baseline (in eval mode) and its training summary, loaded or trained on first use."""
         if self._dense is None:
-            model, summary = self._load_dense()
+            with self.clock("training_in_sweep"):
+                model, summary = self._load_dense()
             self._dense = (model.eval(), summary)
         return self._dense
 
@@ -89,21 +116,25 @@ class Sweep:
         if spec == self.config.exit_rule:
             return None
         if spec not in self.built_rules:
-            config = self.config
-            self.built_rules[spec] = build_rule(
-                spec,
-                self.ensemble,
-                self.train,
-                self.validation,
-                config.classifier_target,
-                config.seed,
-                self.progress,
-                max_epochs=config.max_epochs,
-                max_steps_per_epoch=config.max_steps_per_epoch or None,
-                max_tokens=config.exit_train_tokens or None,
-                anchor_ratio=self.anchor,
-            )
+            with self.clock("training_in_sweep"):
+                self.built_rules[spec] = self._build_rule(spec)
         return self.built_rules[spec]
+
+    def _build_rule(self, spec: str) -> BuiltRule:
+        config = self.config
+        return build_rule(
+            spec,
+            self.ensemble,
+            self.train,
+            self.validation,
+            config.classifier_target,
+            config.seed,
+            self.progress,
+            max_epochs=config.max_epochs,
+            max_steps_per_epoch=config.max_steps_per_epoch or None,
+            max_tokens=config.exit_train_tokens or None,
+            anchor_ratio=self.anchor,
+        )
 
     def thresholds_at(self, ratio: float, spec: Optional[str] = None) -> list[float]:
         """Quantile thresholds on the validation batches under ``spec`` (default: the trained-with
@@ -118,12 +149,17 @@ class Sweep:
     def agreement_with_max_prob(self, ratio: float, spec: str) -> float:
         """Stage-0 decisions of an approximate max-prob rule (in place) vs exact max_prob's, each at
         its own thresholds for ``ratio``, over the scored tokens."""
-        cheap = stage0_confidences(self.ensemble, self.test)
+        cheap = self._stage0_confidences_under(spec)
         with using_rule(self.ensemble, BuiltRule("max_prob", ["max_prob"] * (len(self.ensemble) - 1))):
-            if self._exact_confidences is None:
-                self._exact_confidences = stage0_confidences(self.ensemble, self.test)
+            exact = self._stage0_confidences_under("max_prob")
             reference = self.thresholds_at(ratio, "max_prob")[0]
-        return decision_agreement(cheap, self.thresholds_at(ratio, spec)[0], self._exact_confidences, reference)
+        return decision_agreement(cheap, self.thresholds_at(ratio, spec)[0], exact, reference)
+
+    def _stage0_confidences_under(self, spec: str) -> torch.Tensor:
+        """Stage 0's confidences over the scored tokens under ``spec`` (in place), computed once per rule."""
+        if spec not in self._stage0_confidences:
+            self._stage0_confidences[spec] = stage0_confidences(self.ensemble, self.test)
+        return self._stage0_confidences[spec]
 
     def risk_calibration_note(self) -> str:
         """Which batches risk control calibrated and tested on, and what else used them."""
@@ -158,18 +194,34 @@ class Sweep:
         definition) get none."""
         run = METHODS[point.method]
         with using_rule(self.ensemble, self.rule(point.exit_rule)):
+            self.last_windows = ()
             record = run.measure(point, self)
+            windows = self.last_windows
+            if point.method == Method.FULL:
+                self._full_windows = windows
+            if windows:
+                quality = quality_intervals(windows, self.full_windows(), self.interval_settings)
+                record.intervals = {**quality, **(record.intervals or {})}
             rerun = None
             if record.timed and point.method != Method.FULL and run.pass_arguments is not None:
                 model = self.dense_model()[0] if point.method == Method.DENSE else self.ensemble
                 rerun = self._calls(model, run.pass_arguments(point, record))
             if rerun is not None:
-                with evaluation_mode(self.ensemble), torch.inference_mode():
-                    ratio = interleaved_ratio(
-                        rerun, self._full_calls(), pairs=BACK_TO_BACK_PAIRS, device=self.ensemble.device
-                    )
-                record.wall_ratio_interleaved = statistics.median(all_ranks(ratio))
+                self._wall_ratio(record, rerun)
         return record
+
+    def _wall_ratio(self, record: Record, rerun: list) -> None:
+        """The record's back-to-back wall ratio to the full cascade (median over ranks of each rank's
+        median pair), the quartiles of every pair's ratio and a bootstrap interval of their median."""
+        with evaluation_mode(self.ensemble), torch.inference_mode(), self.clock("timing"):
+            mine, theirs = back_to_back_times(
+                rerun, self._full_calls(), pairs=BACK_TO_BACK_PAIRS, device=self.ensemble.device
+            )
+        per_rank = all_ranks([a / b for a, b in zip(mine, theirs)])
+        record.wall_ratio_interleaved = statistics.median(statistics.median(ratios) for ratios in per_rank)
+        pairs = sorted(ratio for ratios in per_rank for ratio in ratios)
+        record.wall_ratio_pairs = pairs
+        record.wall_ratio_interval = median_interval(pairs, self.interval_settings)
 
     def run(
         self,

@@ -25,6 +25,9 @@ class EvalResult:
     a logit-free exit rule). ``layer_cost`` is docs/design.md section 3's ratio over real tokens, with
     the tokens a stage computed (``tokens_computed``: reached + recomputed under the ``recompute``
     K/V policy); ``tokens_propagated``: exited tokens whose keys/values entered each stage.
+    ``window_sums``: per evaluation window (a row of a batch) with a scored token, its sums in the
+    order of ``measure.intervals.WINDOW_FIELDS`` (scored tokens, NLL, correct, hard tokens, hard NLL,
+    easy NLL): what the confidence intervals resample.
     """
 
     method: str
@@ -48,6 +51,7 @@ class EvalResult:
     kv_policy: str = "absent"
     tokens_computed: tuple[int, ...] = ()
     tokens_propagated: tuple[int, ...] = ()
+    window_sums: tuple[tuple[float, ...], ...] = ()
 
 
 def _ppl(nll_sum: float, count: float) -> float:
@@ -94,6 +98,7 @@ class Totals:
         self.exited: Optional[list[int]] = None
         self.slots: Optional[list[int]] = None
         self.shapes: set = set()
+        self.windows: list[torch.Tensor] = []
         self.last = None
 
     def add(self, out) -> None:
@@ -120,6 +125,7 @@ class Totals:
             .double()
             .to(self.sums.device)
         )
+        self.windows.append(_window_sums(out.nll.double(), scored, out.correct, hard, easy))
         self.entered = _add(self.entered, out.tokens_entered)
         self.computed = _add(self.computed, out.tokens_computed)
         self.propagated = _add(self.propagated, out.propagated_tokens or (0,) * len(out.tokens_entered))
@@ -136,13 +142,15 @@ class Totals:
         stages = len(self.entered)
         parts = [[int(n) for n in rest[i * stages : (i + 1) * stages]] for i in range(len(counts))]
         shapes = set().union(*all_ranks(self.shapes))
-        return (sums, *parts, shapes)
+        mine = torch.cat(self.windows).cpu() if self.windows else torch.zeros(0, 6, dtype=torch.float64)
+        windows = tuple(tuple(row) for part in all_ranks(mine[mine[:, 0] > 0].tolist()) for row in part)
+        return (sums, *parts, shapes, windows)
 
     def result(self, ensemble: Ensemble, method: str, conditions: Optional[dict] = None) -> EvalResult:
         out = self.last
         if out is None:
             raise ValueError("evaluate got no batches")
-        sums, entered, computed, propagated, exited, slots, shapes = self._combined()
+        sums, entered, computed, propagated, exited, slots, shapes, windows = self._combined()
         tokens, nll_sum, correct, hard_n, hard_sum, easy_sum, hard0_n, hard0_sum = sums
         routed = entered[0]
         total_layers = sum(out.layers_per_stage)
@@ -174,7 +182,15 @@ class Totals:
             kv_policy=out.kv_policy,
             tokens_computed=tuple(computed),
             tokens_propagated=tuple(propagated),
+            window_sums=windows,
         )
+
+
+def _window_sums(nll: torch.Tensor, scored, correct, hard, easy) -> torch.Tensor:
+    """(B, 6) float64: per row, ``measure.intervals.WINDOW_FIELDS`` (``nll`` is 0 where not scored)."""
+    return torch.stack(
+        [scored.sum(1), nll.sum(1), correct.sum(1), hard.sum(1), (nll * hard).sum(1), (nll * easy).sum(1)], dim=1
+    ).double()
 
 
 def _add(total: Optional[list[int]], values: tuple[int, ...]) -> list[int]:

@@ -35,6 +35,7 @@ from ..stages.stage_cache import StageCache
 from .cached_pass import cached_pass, check_kv_policy
 from .compaction import Layout, from_dense, plan_layouts, scatter_members, to_dense
 from .exit_head import HeadResult, run_exit_head
+from .stage_reuse import BatchReuse
 
 METHODS = ("routed", "masked", "full")
 POSITION_MODES = ("compact", "original")
@@ -169,6 +170,7 @@ def forward_cascade(
     open_end: bool = False,
     kv_policy: str = "absent",
     call_overhead_slots: Optional[int] = None,
+    reuse: Optional[BatchReuse] = None,
 ) -> RoutedOutput:
     """Run ``method`` over the batch. See the module docstring for the methods.
 
@@ -187,8 +189,13 @@ def forward_cascade(
     call_overhead_slots: with bucketed batching, a stage call's fixed cost in slots: length classes
     merge where the padding costs less (``compaction.plan_layouts``; None = ``CALL_OVERHEAD_SLOTS``,
     0 keeps every class apart).
+    reuse: this batch's ``stage_reuse.BatchReuse``: stage outputs and exit-head results over every
+    real token are read from it or kept in it (the same bits as computing them; untimed, uncounted
+    passes only: refused with a probe, logits or a K/V policy).
     """
     _check_pass_options(method, batching, positions, open_end, kv_policy)
+    if reuse is not None:
+        _check_reuse(reuse, probe, return_logits, kv_policy)
     ensemble.validate()
     num_stages = len(ensemble) if num_stages is None else num_stages
     if isinstance(num_stages, bool) or not isinstance(num_stages, int) or not 1 <= num_stages <= len(ensemble):
@@ -197,6 +204,8 @@ def forward_cascade(
     thresholds = resolve_thresholds(ensemble, thresholds, num_stages)
     batch = make_token_batch(input_ids, attention_mask, targets, vocab_size=ensemble.vocab_size, device=ensemble.device)
     _check_lengths(stages, batch, positions)
+    if reuse is not None:
+        reuse.bind(input_ids=batch.ids, tokens=batch.tokens, targets=batch.targets)
     runner = _Pass(
         stages,
         batch,
@@ -210,8 +219,20 @@ def forward_cascade(
         probe,
         open_end,
         call_overhead_slots=call_overhead_slots,
+        reuse=reuse,
     )
     return runner.run() if kv_policy == "absent" else runner.run_cached(kv_policy)
+
+
+def _check_reuse(reuse: BatchReuse, probe: Probe, return_logits: bool, kv_policy: str) -> None:
+    """ValueError for a pass that must not reuse: a counted or span-timed one that would read (its
+    probe must see every op; it may keep what it computes), one that returns logits (they are not
+    kept) or one under a K/V policy."""
+    if (probe is not NO_PROBE and reuse.reading) or return_logits or kv_policy != "absent":
+        raise ValueError(
+            f"reuse is for plain untimed passes: got a probe ({type(probe).__name__}), return_logits="
+            f"{return_logits!r}, kv_policy={kv_policy!r} (expected no probe, False, 'absent')"
+        )
 
 
 @dataclass
@@ -317,6 +338,7 @@ class _Pass:
     #: ``states``, capturing the input state when True (``stage_states``)
     kept: Optional[bool] = None
     call_overhead_slots: Optional[int] = None
+    reuse: Optional[BatchReuse] = None
     states: list[tuple] = field(default_factory=list)
     entered: list[int] = field(default_factory=list)
     exited: list[int] = field(default_factory=list)
@@ -371,7 +393,7 @@ class _Pass:
                 last = k == num_stages - 1 and not self.open_end
                 decides = (not last or self.last_confidence) and self.method != "full"
                 capture = (decides and stage.exit_rule.needs_input_state) or bool(self.kept)
-                hidden, input_state = self._run_stage(stage, k, reach, state, layouts, capture)
+                hidden, input_state = self._stage_output(stage, k, reach, state, layouts, capture)
                 if self.kept is not None:
                     self.states.append((reach, hidden, input_state if self.kept else None))
                 self.entered.append(reach.numel())
@@ -449,6 +471,24 @@ class _Pass:
             continuing_state=None if continuing is None else continuing[1],
         )
 
+    def _whole_key(self, k: int, reach: Tensor) -> Optional[tuple]:
+        """The reuse key of stage k's work when every real token reaches it (None: no reuse, or a
+        subset reaches it, whose states depend on which tokens continue)."""
+        if self.reuse is None or reach.numel() != self.batch.tokens.numel():
+            return None
+        layout = self.batching if self.method == "routed" else "padded"
+        return (k, layout, self.positions, self.call_overhead_slots)
+
+    def _stage_output(
+        self, stage: Stage, k: int, reach: Tensor, state: Optional[Tensor], layouts: list[Layout], capture: bool
+    ) -> tuple[Tensor, Optional[Tensor]]:
+        """``_run_stage``, read from or kept in the batch's reuse when every real token reaches stage k."""
+        key = self._whole_key(k, reach)
+        if key is None:
+            return self._run_stage(stage, k, reach, state, layouts, capture)
+        hidden, input_state = self.reuse.state(key, lambda: self._run_stage(stage, k, reach, state, layouts, True))
+        return hidden, input_state if capture else None
+
     def _head(
         self,
         stage: Stage,
@@ -457,19 +497,28 @@ class _Pass:
         targets: Tensor,
         exit_rule=None,
         input_state: Optional[Tensor] = None,
+        reach: Optional[Tensor] = None,
     ) -> HeadResult:
+        """The exit head over ``hidden``; ``reach``: the tokens it covers, given where reuse may serve it."""
         self.head_tokens[-1] += hidden.shape[0]
-        return run_exit_head(
-            stage,
-            k,
-            hidden,
-            targets,
-            exit_rule,
-            input_state,
-            keep_logits=self.return_logits,
-            chunk_tokens=self.chunk_tokens,
-            probe=self.probe,
-        )
+
+        def compute() -> HeadResult:
+            return run_exit_head(
+                stage,
+                k,
+                hidden,
+                targets,
+                exit_rule,
+                input_state,
+                keep_logits=self.return_logits,
+                chunk_tokens=self.chunk_tokens,
+                probe=self.probe,
+            )
+
+        key = None if reach is None else self._whole_key(k, reach)
+        if key is None:
+            return compute()
+        return self.reuse.head((*key, "head", exit_rule is not None, self.chunk_tokens), compute)
 
     def _decide(
         self, stage: Stage, k: int, last: bool, reach: Tensor, hidden: Tensor, input_state: Optional[Tensor]
@@ -483,14 +532,14 @@ class _Pass:
         if self.method == "full":
             if last:
                 with self.probe.span(f"stage{k}.exit"):
-                    head = self._head(stage, k, hidden, targets)
+                    head = self._head(stage, k, hidden, targets, reach=reach)
                 with self.probe.span(f"stage{k}.scatter"):
                     self._record(k, reach, head)
             self.exited.append(reach.numel() if last else 0)
             return reach, hidden
         if self.method == "masked":
             with self.probe.span(f"stage{k}.exit"):
-                head = self._head(stage, k, hidden, targets, None if last else exit_rule, input_state)
+                head = self._head(stage, k, hidden, targets, None if last else exit_rule, input_state, reach)
                 exits = self.alive if last else self.alive & (head.confidence >= self.thresholds[k])
             with self.probe.span(f"stage{k}.scatter"):
                 self.stage_nll[k, reach] = head.nll
@@ -519,7 +568,7 @@ class _Pass:
         if last:
             with self.probe.span(f"stage{k}.exit"):
                 scorer = exit_rule if self.last_confidence and exit_rule.needs_logits else None
-                head = self._head(stage, k, hidden, targets, scorer, input_state)
+                head = self._head(stage, k, hidden, targets, scorer, input_state, reach)
                 scores = None
                 if self.last_confidence:
                     scores = (
@@ -535,7 +584,7 @@ class _Pass:
             return torch.ones_like(reach, dtype=torch.bool)
         if exit_rule.needs_logits:
             with self.probe.span(f"stage{k}.exit"):
-                head = self._head(stage, k, hidden, targets, exit_rule, input_state)
+                head = self._head(stage, k, hidden, targets, exit_rule, input_state, reach)
                 confidence = head.confidence
                 exits = confidence >= self.thresholds[k]
             with self.probe.span(f"stage{k}.scatter"):
@@ -551,7 +600,7 @@ class _Pass:
         else:
             # Confidence from hidden states alone: lm_head only for the tokens that exit here.
             with self.probe.span(f"stage{k}.exit"):
-                confidence = self._confidence(k, exit_rule, input_state, hidden)
+                confidence = self._confidence(k, exit_rule, input_state, hidden, reach)
                 exits = confidence >= self.thresholds[k]
                 head = self._head(stage, k, hidden[exits], targets[exits])
             with self.probe.span(f"stage{k}.scatter"):
@@ -564,9 +613,17 @@ class _Pass:
             self.exited.append(leaving.numel())
             return exits
 
-    def _confidence(self, k: int, exit_rule, input_state: Optional[Tensor], hidden: Tensor) -> Tensor:
-        with self.probe.span(f"stage{k}.exit_rule"):
-            return exit_rule(input_state, hidden, None)
+    def _confidence(
+        self, k: int, exit_rule, input_state: Optional[Tensor], hidden: Tensor, reach: Optional[Tensor] = None
+    ) -> Tensor:
+        """A logit-free rule's confidence; ``reach``: the tokens it covers, given where reuse may serve it."""
+
+        def compute() -> Tensor:
+            with self.probe.span(f"stage{k}.exit_rule"):
+                return exit_rule(input_state, hidden, None)
+
+        key = None if reach is None else self._whole_key(k, reach)
+        return compute() if key is None else self.reuse.head((*key, "confidence"), compute)
 
     def _run_stage(
         self, stage: Stage, k: int, reach: Tensor, state: Optional[Tensor], layouts: list[Layout], capture: bool

@@ -29,11 +29,12 @@ from typing import Iterable, Optional, Sequence
 import torch
 
 from ..data.batch import unpack_batch
-from ..measure.distributed import totals
+from ..measure.distributed import concatenated
 from ..stages.ensemble import Ensemble, evaluation_mode
 from .calibration import calibrate_sweep
 from .passes import forward_cascade
 from .policy_names import RISKS
+from .stage_reuse import RuleReuse, reuse_for
 
 #: Hard ratios tested, most cautious first (the default sweep's ratios).
 RISK_GRID = tuple(round(1 - 0.1 * i, 1) for i in range(1, 10))
@@ -150,10 +151,10 @@ class FullReference:
     def __init__(self, ensemble: Ensemble):
         self.ensemble, self.per_batch = ensemble, {}
 
-    def __call__(self, index: int, item) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, index: int, item, reuse: Optional[RuleReuse] = None) -> tuple[torch.Tensor, torch.Tensor]:
         if index not in self.per_batch:
             ids, mask, targets = unpack_batch(item)
-            full = forward_cascade(self.ensemble, ids, mask, targets, method="full")
+            full = forward_cascade(self.ensemble, ids, mask, targets, method="full", reuse=reuse_for(reuse, index))
             self.per_batch[index] = (full.stage_prediction[len(self.ensemble) - 1], full.nll)
         return self.per_batch[index]
 
@@ -165,30 +166,60 @@ def routed_violations(
     risk: str = "disagreement",
     nll_tolerance: float = 0.0,
     reference: Optional[FullReference] = None,
+    reuse: Optional[RuleReuse] = None,
     **forward_kwargs,
 ) -> tuple[int, int]:
     """(violations, scored tokens) of the routed pass with ``thresholds`` against the full cascade
-    (``reference``: a ``FullReference`` shared by calls on the same batches, else a fresh one)."""
+    (``reference``: a ``FullReference`` shared by calls on the same batches, else a fresh one;
+    ``reuse``: ``stage_reuse`` kept for ``batches`` under the rule in place)."""
+    violations, tokens = violations_per_window(
+        ensemble, batches, thresholds, risk, nll_tolerance, reference, reuse, **forward_kwargs
+    )
+    return int(violations.sum()), int(tokens.sum())
+
+
+def violations_per_window(
+    ensemble: Ensemble,
+    batches: Iterable,
+    thresholds: Sequence[float],
+    risk: str = "disagreement",
+    nll_tolerance: float = 0.0,
+    reference: Optional[FullReference] = None,
+    reuse: Optional[RuleReuse] = None,
+    **forward_kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``routed_violations`` per evaluation window (a row of a batch): (violations, scored tokens),
+    two int64 tensors of one entry per window of every batch (all ranks'), windows without a
+    scored token left out."""
     if risk not in RISKS:
         raise ValueError(f"risk must be one of {RISKS}, got {risk!r}")
     reference = FullReference(ensemble) if reference is None else reference
 
-    def per_batch(indexed) -> list[int]:
+    def per_batch(indexed) -> tuple[torch.Tensor, torch.Tensor]:
         index, item = indexed
-        full_prediction, full_nll = reference(index, item)
+        full_prediction, full_nll = reference(index, item, reuse)
         ids, mask, targets = unpack_batch(item)
-        routed = forward_cascade(ensemble, ids, mask, targets, method="routed", thresholds=thresholds, **forward_kwargs)
+        routed = forward_cascade(
+            ensemble,
+            ids,
+            mask,
+            targets,
+            method="routed",
+            thresholds=thresholds,
+            reuse=reuse_for(reuse, index),
+            **forward_kwargs,
+        )
         scored = routed.scored
         if risk == "disagreement":
             exit_prediction = routed.stage_prediction.gather(0, routed.exit_stage.clamp(min=0)[None])[0]
             bad = exit_prediction != full_prediction
         else:
             bad = routed.nll > full_nll + nll_tolerance
-        return [int((bad & scored).sum()), int(scored.sum())]
+        return (bad & scored).sum(dim=1).cpu(), scored.sum(dim=1).cpu()
 
     with evaluation_mode(ensemble), torch.inference_mode():
-        violations, tokens = totals(per_batch, list(enumerate(batches)))
-    return violations, tokens
+        violations, tokens = concatenated(per_batch, list(enumerate(batches)), "routed_violations")
+    return violations[tokens > 0], tokens[tokens > 0]
 
 
 def _checked_arguments(batches: list, delta, epsilon, risk: str, nll_tolerance, grid: Sequence[float]) -> tuple:

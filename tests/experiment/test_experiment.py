@@ -19,6 +19,7 @@ from cascade_bench.data.prepare import prepare_data
 from cascade_bench.experiment import cascades
 from cascade_bench.experiment.config import ExperimentConfig, make_config
 from cascade_bench.experiment.pipeline import run_experiment
+from cascade_bench.experiment.records import record_differences
 from cascade_bench.experiment.results_store import SCHEMA_VERSION, ResultsStore
 
 TINY = dict(
@@ -139,15 +140,37 @@ def test_run_writes_results_tables_plots_and_report(finished):
     paper = pd.read_csv(tables / "tiny.paper.csv")
     assert list(paper.columns) == [
         "method",
-        "PPL",
-        "accuracy",
+        *("PPL", "PPL low", "PPL high"),
+        *("PPL - full", "PPL - full low", "PPL - full high"),
+        "vs full",
+        *("accuracy", "accuracy low", "accuracy high"),
         "exit at stage 0",
         "layer cost",
         "FLOP ratio",
         "decision share of FLOPs",
-        "wall ratio",
+        *("wall ratio", "wall ratio low", "wall ratio high"),
+        "realised / FLOP-predicted",
+        "realised / layer ideal",
         "PPL at matched FLOPs",
     ]
+    passes = paper[paper.method != "oracle bound"]
+    assert (passes["PPL low"] <= passes.PPL).all() and (passes.PPL <= passes["PPL high"]).all()
+    assert (passes["PPL - full low"] <= passes["PPL - full high"]).all()
+    assert paper.iloc[0]["vs full"] == "same" and paper.iloc[0]["PPL - full"] == 0.0
+    assert set(passes["vs full"][1:]) <= {"better", "worse", "not distinguishable"}
+    for _, row in passes[1:].iterrows():  # the verdict is what the paired interval says
+        low, high = row["PPL - full low"], row["PPL - full high"]
+        expected = "worse" if low > 0 else "better" if high < 0 else "not distinguishable"
+        assert row["vs full"] == expected, row.method
+    timed = passes[passes["wall ratio"].notna() & (passes.method != "full cascade")]
+    routed_row = timed[timed.method == "routed EE @ hard 0.6"].iloc[0]
+    assert routed_row["realised / layer ideal"] == pytest.approx(routed_row["layer cost"] / routed_row["wall ratio"])
+    intervals = next(r for r in records if r.point_id == "routed@0.6").intervals
+    assert intervals["unit"] == "window" and intervals["units"] == 16 and intervals["resamples"] == 2000
+    assert r"$\pm$" in (tables / "tiny.paper.tex").read_text()
+    run = json.loads((tables / "tiny.run.json").read_text())
+    assert set(run["seconds"]) == {"preparation", "training", "sweep", "timing", "report"}
+    assert run["stage_reuse"]["reused_calls"] > 0 and run["stage_reuse"]["refused_bytes"] == 0
     assert list(paper.method) == [
         "full cascade",
         "stage 0 alone",
@@ -263,6 +286,19 @@ def test_an_interrupted_sweep_resumes_to_the_same_records(finished, tmp_path):
     for point_id, record in whole.items():
         for key in QUALITY:
             assert _same(getattr(again[point_id], key), getattr(record, key)), (point_id, key)
+
+
+def test_the_sweep_measures_the_same_records_with_and_without_stage_reuse(finished, tmp_path):
+    """The default config's sweep keeps stage work shared by its points (``routing.stage_reuse``); with
+    ``reuse_memory_mb = 0`` every pass computes everything, as before reuse existed: same records."""
+    config, paths = finished
+    for folder in ("models", "cache"):  # the same trained cascade, dense model and tokenizer
+        shutil.copytree(config.out_dir / folder, tmp_path / folder)
+    plain = make_config({**TINY, "out": str(tmp_path), "reuse_memory_mb": 0})
+    run_experiment(plain, progress=False)
+    with_reuse, without = (list(ResultsStore(p)) for p in (paths["results"], tmp_path / "results" / "tiny.jsonl"))
+    assert len(with_reuse) == len(without) > 10
+    assert record_differences(with_reuse, without) == []
 
 
 def _same(a, b) -> bool:
@@ -531,6 +567,12 @@ def test_run_on_a_saved_checkpoint_folder_cuts_it_into_blocks(tmp_path, capsys):
     report = (out / "blocks.report.md").read_text()
     assert "unsplit model" in report and "block 0 alone" in report and "cut into blocks" in report
     assert "Costs are relative to the unsplit model" in report
+    # the same blocks measured without stage reuse: the same records
+    plain = tmp_path / "plain"
+    assert main([*argv[:-1], str(plain), "--reuse-memory-mb", "0"]) == 0
+    without = list(ResultsStore(plain / "results" / "blocks.jsonl"))
+    assert record_differences(records, without) == []
+    assert json.loads((out / "results" / "blocks.run.json").read_text())["stage_reuse"]["reused_calls"] > 0
 
 
 def test_shipped_config_files_load_and_the_default_file_is_the_default():
