@@ -188,14 +188,14 @@ def check_dense(records: Sequence[Record]) -> Check:
     if dense is None or prefix is None:
         return Check(DENSE, False, "n/a: no dense model in this run" if dense is None else "n/a: no stage-0 point")
     detail = f"dense, same depth PPL {_ppl(dense.ppl)} vs stage 0 alone {_ppl(prefix.ppl)}"
-    mine, theirs = ((r.intervals or {}).get("ppl") for r in (dense, prefix))
-    if not (isinstance(mine, list) and isinstance(theirs, list)):
+    paired = ((dense.intervals or {}).get("difference_from_stage0") or {}).get("ppl")
+    if not isinstance(paired, dict):
         return Check(DENSE, dense.ppl > prefix.ppl, detail)
-    # no paired interval between the two: better only where their intervals do not overlap (conservative)
-    detail += f" ([{_ppl(mine[0])}, {_ppl(mine[1])}] vs [{_ppl(theirs[0])}, {_ppl(theirs[1])}])"
-    if mine[1] < theirs[0]:
+    low, high = paired["interval"]
+    detail += f" (paired interval of dense - stage 0 [{low:+.3g}, {high:+.3g}])"
+    if high < 0:  # better only where the interval says so
         return Check(DENSE, False, detail)
-    return Check(DENSE, True, detail + ("; the intervals overlap: not distinguishable" if mine[0] <= theirs[1] else ""))
+    return Check(DENSE, True, detail + ("" if low > 0 else ": not distinguishable"))
 
 
 def _stops(records: Sequence[Record]) -> list[tuple[str, dict]]:

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-from ..measure.intervals import contains_zero
+from ..measure.intervals import contains_zero, median_coverage
 
 #: What a difference from full depth whose interval excludes 0 says, by sign, for a figure where
 #: lower is better (PPL) and where higher is (accuracy).
@@ -84,22 +84,29 @@ def verdict(change: Estimate, lower_is_better: bool = True) -> str:
     return "better" if lower == lower_is_better else "worse"
 
 
-def interval_level(rows) -> Optional[float]:
-    """The confidence level the rows' intervals were made at (None when none has one)."""
-    for intervals in rows:
-        if isinstance(intervals, dict) and "level" in intervals:
-            return float(intervals["level"])
-    return None
-
-
-def interval_note(frame) -> str:
-    """What the tables' intervals are, from a records frame's ``intervals`` (empty when none has one)."""
+def interval_note(frame, latex: str = "") -> str:
+    """What the tables' intervals are, from a records frame's ``intervals`` (empty when none has one);
+    ``latex``: the LaTeX style the note describes ("pm": values as x \\pm h, differences in brackets)."""
     described = next((i for i in frame.get("intervals", []) if isinstance(i, dict) and "level" in i), None)
     if described is None:
         return ""
+    pairs = next((len(p) for p in frame.get("wall_ratio_pairs", []) if isinstance(p, list) and p), 0)
+    written = (
+        "x \\pm h: h is half the interval's width (BCa intervals are not symmetric: the CSV has both ends); "
+        "differences in brackets, "
+        if latex == "pm"
+        else "[lo, hi]: "
+    )
+    wall = (
+        f"; wall ratio: percentile bootstrap of the median of its {pairs} back-to-back pairs, which with {pairs} "
+        f"pairs is about their range and covers the true median with probability {median_coverage(pairs):.0%}, "
+        f"not {described['level']:.0%}"
+        if pairs
+        else ""
+    )
     return (
-        f"[lo, hi]: {described['level']:.0%} {described['method']} bootstrap intervals over the "
+        f"{written}{described['level']:.0%} {described['method']} bootstrap intervals over the "
         f"{described['units']} scored {described['unit']}s ({described['resamples']:,} resamples, seed "
-        f"{described['seed']}), paired with full depth for differences (PPL - full); wall ratio: percentile "
-        f"interval of the median of its back-to-back pairs; FLOP ratios and layer cost are exact counts"
+        f"{described['seed']}), paired with full depth for differences (PPL - full){wall}; FLOP ratios and "
+        f"layer cost are exact counts"
     )

@@ -92,7 +92,9 @@ def _error_bars(ax, part, column: str, color) -> None:
         x = part[column].astype(float).to_numpy()
         xerr = np.nan_to_num(np.array([x - np.array(left), np.array(right) - x]), nan=0.0)
     if np.isfinite(yerr).any() or (xerr is not None and xerr.any()):
-        yerr = np.nan_to_num(yerr, nan=0.0)
+        # a bar never goes negative: where an interval's end crosses its value (rare with BCa) it stops there
+        yerr = np.clip(np.nan_to_num(yerr, nan=0.0), 0.0, None)
+        xerr = None if xerr is None else np.clip(xerr, 0.0, None)
         ax.errorbar(part[column], ppl, yerr=yerr, xerr=xerr, fmt="none", ecolor=color, alpha=0.5, capsize=2)
 
 

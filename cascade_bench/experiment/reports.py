@@ -75,7 +75,7 @@ def _fmt_estimate(value: Estimate, digits: int = 3, latex: str = "") -> str:
     text = _fmt_signed(value.value, digits, value.signed)
     if not value.has_interval or text == "n/a":
         return text
-    if latex == "pm":
+    if latex == "pm" and not value.signed:  # a difference keeps both ends: its verdict reads off them
         return f"{text} $\\pm$ {_fmt(value.half_width, digits)}"
     low, high = (_fmt_signed(v, digits, value.signed) for v in (value.low, value.high))
     return f"{text} [{low}, {high}]"
@@ -662,7 +662,7 @@ def _write_run_tables(t: _RunTables, config: ExperimentConfig, folder: Path, ref
         (t.risks, "risk", f"risk-controlled thresholds ({split} split)"),
         (t.wall_flops, "wall_flops", f"wall time against FLOPs ({split} split)"),
     ]
-    note = interval_note(t.frame)
+    note = interval_note(t.frame, config.latex_intervals)
     written: list[Path] = []
     for table, stem, caption in captions:
         if table is not None:

@@ -18,7 +18,7 @@ import torch
 
 from ..cost.measurement import CostRecord, measure_cost
 from ..measure.distributed import Ranks, all_ranks, from_main, shard, sharded
-from ..measure.intervals import IntervalSettings, median_interval, quality_intervals
+from ..measure.intervals import IntervalSettings, median_interval, paired_difference, quality_intervals
 from ..measure.timing import PhaseClock, back_to_back_times
 from ..routing.calibration import calibrate_sweep
 from ..routing.passes import forward_cascade
@@ -71,6 +71,7 @@ class Sweep:
         #: the window sums of the last pass ``cost`` measured, and of the full-depth pass (paired intervals)
         self.last_windows: tuple = ()
         self._full_windows: Optional[tuple] = None
+        self._stage0_windows: Optional[tuple] = None
         self._load_dense = dense_model
         self._dense: Optional[tuple[Ensemble, dict]] = None
         self._cost_settings = dict(
@@ -102,6 +103,14 @@ class Sweep:
             self.cost(self.ensemble, "full", count_flops=False, timed=False)
             self._full_windows = self.last_windows
         return self._full_windows
+
+    def stage0_windows(self) -> tuple:
+        """Stage 0 alone's window sums: its prefix point's, or a quality pass of its own (neither timed
+        nor counted) when that point is not measured in this invocation."""
+        if self._stage0_windows is None:
+            self.cost(self.ensemble, "full", num_stages=1, count_flops=False, timed=False)
+            self._stage0_windows = self.last_windows
+        return self._stage0_windows
 
     def dense_model(self) -> tuple[Ensemble, dict]:
         """The dense baseline (in eval mode) and its training summary, loaded or trained on first use."""
@@ -199,9 +208,14 @@ class Sweep:
             windows = self.last_windows
             if point.method == Method.FULL:
                 self._full_windows = windows
+            if point.method == Method.PREFIX and point.stages == 1:
+                self._stage0_windows = windows
             if windows:
                 quality = quality_intervals(windows, self.full_windows(), self.interval_settings)
                 record.intervals = {**quality, **(record.intervals or {})}
+            if point.method == Method.DENSE and windows:  # what the check "dense beats stage 0" reads
+                stage0 = paired_difference(windows, self.stage0_windows(), self.interval_settings, "ppl")
+                record.intervals["difference_from_stage0"] = {"ppl": stage0}
             rerun = None
             if record.timed and point.method != Method.FULL and run.pass_arguments is not None:
                 model = self.dense_model()[0] if point.method == Method.DENSE else self.ensemble

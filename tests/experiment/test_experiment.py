@@ -572,7 +572,8 @@ def test_run_on_a_saved_checkpoint_folder_cuts_it_into_blocks(tmp_path, capsys):
     assert main([*argv[:-1], str(plain), "--reuse-memory-mb", "0"]) == 0
     without = list(ResultsStore(plain / "results" / "blocks.jsonl"))
     assert record_differences(records, without) == []
-    assert json.loads((out / "results" / "blocks.run.json").read_text())["stage_reuse"]["reused_calls"] > 0
+    kept = json.loads((out / "results" / "blocks.run.json").read_text())["stage_reuse"]
+    assert kept["kept_bytes"] > 0 and kept["reused_calls"] == 0  # every point here is counted: keeps, never reads
 
 
 def test_shipped_config_files_load_and_the_default_file_is_the_default():
