@@ -34,11 +34,11 @@ proposals over proposed, with its BCa interval over calls), and ``a``, the per-p
 probability it estimates (accepted over accepted plus rounds with a rejection: a proposal after the
 first rejected one is never judged, so accepted / proposed underestimates it), mean proposals per
 round ``k``, the draft's cost per call ``c`` and the verification's cost per round ``v``, both as
-fractions of one of our plain greedy steps at that batch; the **predicted** speedup is ``(1 - a^(k+1)) / (1 - a)`` tokens per round
-(``(1 - a^k) / (1 - a)`` for self-speculation, whose round yields at most its k drafts:
-``choices.NO_BONUS_TOKEN``) over ``k c + v`` (draft calls per round as measured), and
-**realisation** is the measured speedup over our plain greedy divided by the predicted one (what
-the loop's own overheads cost).
+fractions of one of our plain greedy steps at that batch; the **predicted** speedup is ``(1 -
+a^(k+1)) / (1 - a)`` tokens per round (``(1 - a^k) / (1 - a)`` for self-speculation, whose round
+yields at most its k drafts: ``choices.NO_BONUS_TOKEN``) over ``k c + v`` (draft calls per round as
+measured), and **realisation** is the measured speedup over our plain greedy divided by the
+predicted one (what the loop's own overheads cost).
 
 ``same_tokens``: the share of generated tokens equal to the same implementation's plain greedy at
 the same batch size (ours against ``ours-greedy``, Hugging Face's against ``hf-greedy``).
