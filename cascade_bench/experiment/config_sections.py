@@ -178,8 +178,14 @@ class StagesSection(Section):
         "full model's top-k (lstsq+kl: up to 360 s, train-exits' recipe)",
         choices=TRANSLATOR_FITS,
     )
+    exit_study_batches: int = _key(
+        0,
+        "with model: the exit study's curve on the first N scored batches (0 = every scored batch); each "
+        "costs one pass through every layer's head",
+    )
 
     def check(self) -> None:
+        self._integers(("exit_study_batches",), 0, "a non-negative integer (0 = every scored batch)")
         self._one_of("preset", tuple(STAGE_PRESETS), f"one of {sorted(STAGE_PRESETS)}")
         if not isinstance(self.model, str):
             self._bad("model", "a checkpoint folder or hub name ('' = train the preset cascade)")

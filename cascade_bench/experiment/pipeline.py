@@ -35,6 +35,7 @@ from ..measure.distributed import concatenated, join_launch, main_first, same_pa
 from ..measure.timing import PhaseClock
 from ..routing import compaction
 from ..routing.passes import forward_cascade
+from ..routing.stage_reuse import BatchReuse, RuleReuse, reuse_for
 from ..stages.ensemble import Ensemble, evaluation_mode
 from ..stages.families import PER_TOKEN_CACHE_KINDS, layer_kinds
 from ..stages.presets import STAGE_PRESETS
@@ -194,7 +195,8 @@ def _finish_run(sweep: Sweep, store: ResultsStore, paths: dict, blocks_tokenizer
             anchor_thresholds = sweep.thresholds_at(sweep.anchor)
             if ranks.is_main:
                 _save_blocks(sweep, anchor_thresholds, paths["models"] / "cascade", blocks_tokenizer, training)
-        confidences = None if paths["confidence"].exists() else _confidences(sweep.ensemble, sweep.test)
+        main_reuse = None if sweep.reuse is None else sweep.reuse.for_rule(config.exit_rule)
+        confidences = None if paths["confidence"].exists() else _confidences(sweep.ensemble, sweep.test, main_reuse)
     if not ranks.is_main:
         return
     if confidences is not None:
@@ -234,8 +236,9 @@ def _pretrained_cascade(config, pretrained, model_source, splits, paths: dict, r
     study = None
     if config.exit_layers:
         with main_first(ranks):
+            studied = test[: config.exit_study_batches] if config.exit_study_batches else test
             study = run_exit_study(
-                config, pretrained, data.train, validation, test, paths["translators"], progress, model_source
+                config, pretrained, data.train, validation, studied, paths["translators"], progress, model_source
             )
         if ranks.is_main:
             _write_exit_study(study.summary, paths, config.name)
@@ -340,16 +343,18 @@ def _measurement_note(config: ExperimentConfig, timed: int, batches: int) -> str
     )
 
 
-def _confidences(ensemble: Ensemble, batches) -> dict:
-    """Histogram of each non-last stage's confidences on the test split (no exit: every token)."""
+def _confidences(ensemble: Ensemble, batches, reuse: Optional[RuleReuse] = None) -> dict:
+    """Histogram of each non-last stage's confidences on the test split (no exit: every token;
+    ``reuse``: what the sweep kept for these batches under the cascade's own rule)."""
 
-    def per_batch(batch) -> tuple:
-        out = evaluate_pass(ensemble, batch)
+    def per_batch(indexed) -> tuple:
+        index, batch = indexed
+        out = evaluate_pass(ensemble, batch, reuse_for(reuse, index))
         confidence = out.stage_confidence[: len(ensemble) - 1]
         return tuple(conf[~torch.isnan(conf)] for conf in confidence)
 
     with evaluation_mode(ensemble), torch.inference_mode():
-        values = concatenated(per_batch, batches)
+        values = concatenated(per_batch, list(enumerate(batches)))
     histograms = []
     for k, conf in enumerate(values):
         conf = conf.float()
@@ -368,11 +373,12 @@ def _confidences(ensemble: Ensemble, batches) -> dict:
     return {"histograms": histograms}
 
 
-def evaluate_pass(ensemble: Ensemble, batch: dict):
+def evaluate_pass(ensemble: Ensemble, batch: dict, reuse: Optional[BatchReuse] = None):
     return forward_cascade(
         ensemble,
         batch["input_ids"],
         batch.get("attention_mask"),
         batch.get("targets"),
         thresholds=[math.inf] * len(ensemble),
+        reuse=reuse,
     )

@@ -68,6 +68,7 @@ def _measure_risk_controlled(point: Point, sweep: Sweep) -> Record:
         config.risk_epsilon,
         config.risk,
         config.risk_nll_tolerance,
+        reuse=sweep.risk_reuse_for(point),
         batching=point.batching,
     )
     cost = sweep.cost(

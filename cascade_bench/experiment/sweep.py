@@ -89,6 +89,11 @@ class Sweep:
         None with ``reuse_memory_mb = 0``: every pass computes everything)."""
         return None if self.reuse is None else self.reuse.for_rule(point.exit_rule)
 
+    def risk_reuse_for(self, point: Point) -> Optional[RuleReuse]:
+        """The same for risk control's calibration batches (kept apart from the scored ones)."""
+        reuse = self.reuse_for(point)
+        return None if reuse is None else reuse.within("risk calibration")
+
     def cost(self, model: Ensemble, method: str, **kwargs) -> CostRecord:
         """``measure_cost`` of ``model`` on the scored batches with the run's settings (its window sums
         kept in ``last_windows`` for the point's intervals)."""
@@ -228,8 +233,9 @@ class Sweep:
         """The record's back-to-back wall ratio to the full cascade (median over ranks of each rank's
         median pair), the quartiles of every pair's ratio and a bootstrap interval of their median."""
         with evaluation_mode(self.ensemble), torch.inference_mode(), self.clock("timing"):
+            # no warm-up of their own: the point's timed passes have just run, the full cascade's before
             mine, theirs = back_to_back_times(
-                rerun, self._full_calls(), pairs=BACK_TO_BACK_PAIRS, device=self.ensemble.device
+                rerun, self._full_calls(), pairs=BACK_TO_BACK_PAIRS, device=self.ensemble.device, warmup=0
             )
         per_rank = all_ranks([a / b for a, b in zip(mine, theirs)])
         record.wall_ratio_interleaved = statistics.median(statistics.median(ratios) for ratios in per_rank)

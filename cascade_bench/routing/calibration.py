@@ -12,6 +12,7 @@ from ..data.batch import unpack_batch
 from ..measure.distributed import concatenated
 from ..stages.ensemble import Ensemble, evaluation_mode
 from .passes import forward_cascade
+from .stage_reuse import RuleReuse, reuse_for
 
 
 def _check_ratio(hard_ratio) -> float:
@@ -68,23 +69,31 @@ def calibrate_thresholds(
     thresholds = list(ensemble.thresholds)
     for k in stages:
         with evaluation_mode(ensemble), torch.inference_mode():
-            confidence = concatenated(_reaching(ensemble, thresholds[:k], k, forward_kwargs), batches, "calibration")
+            confidence = concatenated(
+                _reaching(ensemble, thresholds[:k], k, forward_kwargs), list(enumerate(batches)), "calibration"
+            )
         thresholds[k] = threshold_for_hard_ratio(confidence, ratios[k])
         ensemble[k].threshold = thresholds[k]
     return tuple(thresholds[k] for k in stages)
 
 
 def calibrate_sweep(
-    ensemble: Ensemble, batches: Iterable, hard_ratios: Sequence[float], **forward_kwargs
+    ensemble: Ensemble,
+    batches: Iterable,
+    hard_ratios: Sequence[float],
+    reuse: Optional[RuleReuse] = None,
+    **forward_kwargs,
 ) -> dict[float, tuple[float, ...]]:
     """{ratio: thresholds} for every ratio of a sweep, each equal to what ``calibrate_thresholds``
     gives for that ratio alone (same order statistics), but stage 0's confidences are collected
     once for all ratios (they do not depend on any threshold); later stages are calibrated per
-    ratio. The ensemble's thresholds are left as they were."""
+    ratio. The ensemble's thresholds are left as they were. ``reuse``: ``stage_reuse`` kept for
+    ``batches`` under the rule in place (stage 0's pass over them reads it)."""
     ratios = [_check_ratio(r) for r in hard_ratios]
     before = ensemble.thresholds
     with evaluation_mode(ensemble), torch.inference_mode():
-        confidence = concatenated(_reaching(ensemble, [], 0, forward_kwargs), batches, "calibration")
+        stage0 = _reaching(ensemble, [], 0, forward_kwargs, reuse)
+        confidence = concatenated(stage0, list(enumerate(batches)), "calibration")
     sweep = {}
     try:
         for ratio in ratios:
@@ -101,11 +110,12 @@ def calibrate_sweep(
     return sweep
 
 
-def _reaching(ensemble: Ensemble, earlier: list, k: int, forward_kwargs: dict):
-    """Per batch: stage k's confidence for the tokens that reach it under the ``earlier`` stages'
-    thresholds (the routed pass up to stage k, which exits nobody)."""
+def _reaching(ensemble: Ensemble, earlier: list, k: int, forward_kwargs: dict, reuse: Optional[RuleReuse] = None):
+    """Per (index, batch): stage k's confidence for the tokens that reach it under the ``earlier``
+    stages' thresholds (the routed pass up to stage k, which exits nobody)."""
 
-    def per_batch(item) -> Tensor:
+    def per_batch(indexed) -> Tensor:
+        index, item = indexed
         input_ids, attention_mask, targets = unpack_batch(item)
         out = forward_cascade(
             ensemble,
@@ -116,6 +126,7 @@ def _reaching(ensemble: Ensemble, earlier: list, k: int, forward_kwargs: dict):
             thresholds=list(earlier) + [math.inf],
             num_stages=k + 1,
             confidence_at_last_stage=True,
+            reuse=reuse_for(reuse, index),
             **forward_kwargs,
         )
         return out.stage_confidence[k][out.exit_stage == k]

@@ -250,23 +250,35 @@ def risk_controlled_thresholds(
     risk: str = "disagreement",
     nll_tolerance: float = 0.0,
     grid: Sequence[float] = RISK_GRID,
+    reuse: Optional[RuleReuse] = None,
     **forward_kwargs,
 ) -> RiskControlResult:
     """Choose thresholds so that, with probability >= 1 - epsilon, the routed pass's ``risk`` is at
     most ``delta`` (see the module doc); set them on the ensemble and return the record.
-    ``batches``: the calibration split, at least 2 batches (even ones calibrate, odd ones test)."""
+    ``batches``: the calibration split, at least 2 batches (even ones calibrate, odd ones test);
+    ``reuse``: ``stage_reuse`` kept for ``batches`` under the rule in place (its halves kept apart)."""
     batches = list(batches)
     grid = _checked_arguments(batches, delta, epsilon, risk, nll_tolerance, grid)
     proposing, testing = batches[0::2], batches[1::2]
     original = ensemble.thresholds
     candidates, counts, tokens = [], [], 0
-    proposed = calibrate_sweep(ensemble, proposing, grid)  # one stage-0 pass for every candidate
+    proposing_reuse, testing_reuse = (
+        (None, None) if reuse is None else (reuse.within("proposing"), reuse.within("testing"))
+    )
+    proposed = calibrate_sweep(ensemble, proposing, grid, proposing_reuse)  # one stage-0 pass for every candidate
     reference = FullReference(ensemble)  # the full cascade on the testing half, once per batch
     try:
         for ratio in grid:
             thresholds = proposed[ratio]
             violations, tokens = routed_violations(
-                ensemble, testing, thresholds, risk, nll_tolerance, reference=reference, **forward_kwargs
+                ensemble,
+                testing,
+                thresholds,
+                risk,
+                nll_tolerance,
+                reference=reference,
+                reuse=testing_reuse,
+                **forward_kwargs,
             )
             candidates.append(thresholds)
             counts.append(violations)

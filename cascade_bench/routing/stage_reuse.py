@@ -129,13 +129,13 @@ class StageReuse:
         """The view the passes under exit rule ``rule`` read and write."""
         return RuleReuse(self, rule)
 
-    def batch(self, rule: str, index: int, reading: bool = True) -> BatchReuse:
-        """Batch ``index``'s entries as the passes under ``rule`` see them (``reading=False``: a pass that
-        only adds what it computes)."""
+    def batch(self, rule: str, index: int, reading: bool = True, part: str = "") -> BatchReuse:
+        """Batch ``index`` of the list ``part`` names ("": the scored batches) as the passes under
+        ``rule`` see it (``reading=False``: a pass that only adds what it computes)."""
         return BatchReuse(
-            self._batches.setdefault(index, {}),
-            self._states.setdefault(index, {}),
-            self._heads.setdefault((rule, index), {}),
+            self._batches.setdefault((part, index), {}),
+            self._states.setdefault((part, index), {}),
+            self._heads.setdefault((rule, part, index), {}),
             self.budget,
             reading,
         )
@@ -158,9 +158,14 @@ class RuleReuse:
 
     owner: StageReuse
     rule: str
+    part: str = ""
 
     def batch(self, index: int, reading: bool = True) -> BatchReuse:
-        return self.owner.batch(self.rule, index, reading)
+        return self.owner.batch(self.rule, index, reading, self.part)
+
+    def within(self, part: str) -> "RuleReuse":
+        """The same rule's view of another list of batches (``part`` names it: risk control's halves)."""
+        return RuleReuse(self.owner, self.rule, part)
 
 
 def reuse_for(reuse: Optional[RuleReuse], index: int, reading: bool = True) -> Optional[BatchReuse]:
