@@ -313,7 +313,7 @@ def kv_table(frame: pd.DataFrame) -> Optional[pd.DataFrame]:
             "exit at stage 0": points.exit_ratio_0,
             "layer cost": points.layer_cost,
             "FLOP ratio": points.flop_ratio,
-            "wall ratio": points.wall_ratio,
+            "wall ratio": _estimates(points, "wall_ratio"),
             "recomputed tokens": [sum(c) - sum(e) for c, e in zip(points.tokens_computed, points.tokens_entered)],
             "propagated K/V (token x stage)": points.tokens_propagated.map(sum),
         }
