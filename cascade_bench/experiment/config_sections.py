@@ -482,8 +482,10 @@ class MeasurementSection(Section):
     )
     timing_points: str = _key("all", "where wall time is measured", choices=TIMING_POINTS)
     plausible_ppl: tuple[float, ...] = _key((5.0, 1000.0), "low high: perplexities outside are flagged in the checks")
-    interval_resamples: int = _key(2000, "bootstrap resamples behind every confidence interval (seeded by seed)")
-    interval_level: float = _key(0.95, "confidence level of every interval")
+    interval_resamples: int = _key(
+        2000, "bootstrap resamples behind every confidence interval, >= 100 (seeded by seed)"
+    )
+    interval_level: float = _key(0.95, "confidence level of every interval, in [0.5, 1)")
     latex_intervals: str = _key(
         "pm", "LaTeX tables write an interval as x \\pm h ('pm') or x [lo, hi]", choices=LATEX_INTERVALS
     )

@@ -93,7 +93,7 @@ def interval_note(frame, latex: str = "") -> str:
     pairs = next((len(p) for p in frame.get("wall_ratio_pairs", []) if isinstance(p, list) and p), 0)
     written = (
         "x \\pm h: h is half the interval's width (BCa intervals are not symmetric: the CSV has both ends); "
-        "differences in brackets, "
+        "differences and skewed intervals in brackets, "
         if latex == "pm"
         else "[lo, hi]: "
     )

@@ -169,7 +169,8 @@ def plot_cost_vs_ppl(frame, stem: Path) -> list[Path]:
     if note:
         shown = note.split(", paired")[0].replace("[lo, hi]: ", "")
         text = (
-            f"bars: each point's own PPL interval ({shown}; the paired differences from full depth are in the tables)"
+            f"bars: each point's own PPL interval ({shown}; the paired differences from full depth are in the "
+            "tables); horizontal, on the wall panel: the wall ratio's interval over its 3 back-to-back pairs (75%)"
         )
         fig.text(0.5, -0.04, text, ha="center", fontsize=7, wrap=True)
     handles, labels = axes[0].get_legend_handles_labels()

@@ -69,13 +69,20 @@ def _fmt_signed(value: float, digits: int, signed: bool) -> str:
     return f"+{text}" if signed and isinstance(value, float) and value > 0 else text
 
 
+def _near_symmetric(value: Estimate) -> bool:
+    """Whether ``x \\pm h`` describes the interval fairly: its two sides within a quarter of its half-width."""
+    below, above = value.value - value.low, value.high - value.value
+    return below >= 0 and above >= 0 and abs(above - below) <= 0.25 * value.half_width
+
+
 def _fmt_estimate(value: Estimate, digits: int = 3, latex: str = "") -> str:
     """The value, then its interval: ``[lo, hi]`` (Markdown, CSV-less views and ``latex="brackets"``) or
     ``\\pm h`` (``latex="pm"``: half the interval's width, which a BCa interval is only roughly)."""
     text = _fmt_signed(value.value, digits, value.signed)
     if not value.has_interval or text == "n/a":
         return text
-    if latex == "pm" and not value.signed:  # a difference keeps both ends: its verdict reads off them
+    if latex == "pm" and not value.signed and _near_symmetric(value):
+        # a difference keeps both ends (its verdict reads off them), and so does a skewed interval
         return f"{text} $\\pm$ {_fmt(value.half_width, digits)}"
     low, high = (_fmt_signed(v, digits, value.signed) for v in (value.low, value.high))
     return f"{text} [{low}, {high}]"
