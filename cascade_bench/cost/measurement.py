@@ -34,7 +34,7 @@ import resource
 import time
 import warnings
 from dataclasses import dataclass, field, fields
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
@@ -261,7 +261,7 @@ def measure_cost(
 
     with evaluation_mode(ensemble), torch.inference_mode():
         totals, counted, outputs, counted_pass_s = _quality_pass(
-            run, data, count_flops, num_stages, ensemble.device, (reuse, indices)
+            run, data, count_flops, num_stages, ensemble.device, reuse, indices
         )
         with clock("timing") if clock is not None else contextlib.nullcontext():
             timings = _timed(run, timed_data, ensemble.device, warmup, repeats, spans) if timed else _NOT_TIMED
@@ -290,23 +290,29 @@ def measure_cost(
 
 
 def _quality_pass(
-    run: Callable, data: list, count_flops: bool, num_stages: int, device, reuse: Optional[tuple] = None
+    run: Callable,
+    data: list,
+    count_flops: bool,
+    num_stages: int,
+    device,
+    reuse: Optional[RuleReuse] = None,
+    indices: Optional[Sequence[int]] = None,
 ) -> tuple:
     """One pass over every batch: (quality totals, counted FLOPs or None, each batch's output, the
-    pass's seconds when counted, else NaN). ``reuse``: (``RuleReuse`` or None, each batch's index in
-    the whole list): an uncounted pass reads and keeps, a counted one only keeps what it computed."""
-    kept, indices = reuse if reuse is not None else (None, range(len(data)))
+    pass's seconds when counted, else NaN). ``reuse``: kept stage work, read by an uncounted pass and
+    only added to by a counted one; ``indices``: each batch's place in the whole list (its key there)."""
+    indices = range(len(data)) if indices is None else indices
     totals = Totals(device)
     counted: Optional[FlopBreakdown] = None
     outputs: list[RoutedOutput] = []
     start = time.perf_counter_ns()
     for index, (ids, mask, targets) in zip(indices, data):
         if count_flops:
-            keep = reuse_for(kept, index, reading=False)
+            keep = reuse_for(reuse, index, reading=False)
             breakdown, out = count_pass_flops(lambda probe: run(ids, mask, targets, probe, keep), num_stages)
             counted = breakdown if counted is None else counted + breakdown
         else:
-            out = run(ids, mask, targets, batch_reuse=reuse_for(kept, index))
+            out = run(ids, mask, targets, batch_reuse=reuse_for(reuse, index))
         totals.add(out)
         outputs.append(out)
     counted_pass_s = (time.perf_counter_ns() - start) / 1e9 if count_flops else math.nan

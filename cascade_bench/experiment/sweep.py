@@ -33,6 +33,12 @@ from .rule_sweep import BuiltRule, build_rule, decision_agreement, stage0_confid
 
 #: Back-to-back pairs (point, full cascade) per batch behind each wall ratio.
 BACK_TO_BACK_PAIRS = 3
+#: The passes paired intervals compare with: which point is each one, and the ``full`` pass's keywords
+#: that run it when that point is not measured in this invocation.
+REFERENCES: dict[str, tuple[Callable[[Point], bool], dict]] = {
+    "full": (lambda point: point.method == Method.FULL, {}),
+    "stage0": (lambda point: point.method == Method.PREFIX and point.stages == 1, {"num_stages": 1}),
+}
 
 
 class Sweep:
@@ -68,10 +74,9 @@ class Sweep:
         self._stage0_confidences: dict[str, torch.Tensor] = {}
         self.reuse = StageReuse(config.reuse_memory_mb << 20) if config.reuse_memory_mb else None
         self.interval_settings = IntervalSettings(config.interval_resamples, config.interval_level, config.seed)
-        #: the window sums of the last pass ``cost`` measured, and of the full-depth pass (paired intervals)
+        #: the window sums of the last pass ``cost`` measured, and of the references paired intervals read
         self.last_windows: tuple = ()
-        self._full_windows: Optional[tuple] = None
-        self._stage0_windows: Optional[tuple] = None
+        self._reference_windows: dict[str, tuple] = {}
         self._load_dense = dense_model
         self._dense: Optional[tuple[Ensemble, dict]] = None
         self._cost_settings = dict(
@@ -101,21 +106,14 @@ class Sweep:
         self.last_windows = cost.quality.window_sums
         return cost
 
-    def full_windows(self) -> tuple:
-        """The full-depth pass's window sums: the full point's, or (a resumed run whose full point is
-        stored) a quality pass of its own, neither timed nor counted."""
-        if self._full_windows is None:
-            self.cost(self.ensemble, "full", count_flops=False, timed=False)
-            self._full_windows = self.last_windows
-        return self._full_windows
-
-    def stage0_windows(self) -> tuple:
-        """Stage 0 alone's window sums: its prefix point's, or a quality pass of its own (neither timed
-        nor counted) when that point is not measured in this invocation."""
-        if self._stage0_windows is None:
-            self.cost(self.ensemble, "full", num_stages=1, count_flops=False, timed=False)
-            self._stage0_windows = self.last_windows
-        return self._stage0_windows
+    def reference_windows(self, reference: str) -> tuple:
+        """The window sums of a reference pass (``REFERENCES``: "full" depth, "stage0" alone): its point's,
+        or, when that point is not measured in this invocation (a resumed run), a quality pass of its
+        own, neither timed nor counted."""
+        if reference not in self._reference_windows:
+            self.cost(self.ensemble, "full", count_flops=False, timed=False, **REFERENCES[reference][1])
+            self._reference_windows[reference] = self.last_windows
+        return self._reference_windows[reference]
 
     def dense_model(self) -> tuple[Ensemble, dict]:
         """The dense baseline (in eval mode) and its training summary, loaded or trained on first use."""
@@ -211,15 +209,14 @@ class Sweep:
             self.last_windows = ()
             record = run.measure(point, self)
             windows = self.last_windows
-            if point.method == Method.FULL:
-                self._full_windows = windows
-            if point.method == Method.PREFIX and point.stages == 1:
-                self._stage0_windows = windows
+            for reference, (is_reference, _) in REFERENCES.items():
+                if is_reference(point):
+                    self._reference_windows[reference] = windows
             if windows:
-                quality = quality_intervals(windows, self.full_windows(), self.interval_settings)
+                quality = quality_intervals(windows, self.reference_windows("full"), self.interval_settings)
                 record.intervals = {**quality, **(record.intervals or {})}
             if point.method == Method.DENSE and windows:  # what the check "dense beats stage 0" reads
-                stage0 = paired_difference(windows, self.stage0_windows(), self.interval_settings, "ppl")
+                stage0 = paired_difference(windows, self.reference_windows("stage0"), self.interval_settings, "ppl")
                 record.intervals["difference_from_stage0"] = {"ppl": stage0}
             rerun = None
             if record.timed and point.method != Method.FULL and run.pass_arguments is not None:

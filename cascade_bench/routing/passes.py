@@ -194,8 +194,6 @@ def forward_cascade(
     passes only: refused with a probe, logits or a K/V policy).
     """
     _check_pass_options(method, batching, positions, open_end, kv_policy)
-    if reuse is not None:
-        _check_reuse(reuse, probe, return_logits, kv_policy)
     ensemble.validate()
     num_stages = len(ensemble) if num_stages is None else num_stages
     if isinstance(num_stages, bool) or not isinstance(num_stages, int) or not 1 <= num_stages <= len(ensemble):
@@ -205,6 +203,7 @@ def forward_cascade(
     batch = make_token_batch(input_ids, attention_mask, targets, vocab_size=ensemble.vocab_size, device=ensemble.device)
     _check_lengths(stages, batch, positions)
     if reuse is not None:
+        _check_reuse(reuse, probe, return_logits, kv_policy)
         reuse.bind(input_ids=batch.ids, tokens=batch.tokens, targets=batch.targets)
     runner = _Pass(
         stages,
